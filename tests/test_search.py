@@ -1,0 +1,152 @@
+"""Search against a brute-force implementation of the definition, on random features and masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from vfs.masks import grid_mask
+from vfs.search import ArrayFeatures, RegionQuery, plan_query, search_regions
+
+
+def brute_force(features: np.ndarray, query: np.ndarray, mask: np.ndarray):
+    """Loop over every image and placement: cos(vec(f_q ⊙ m), vec(f_d ⊙ m)) on the cropped box."""
+    rows, cols = np.nonzero(mask > 0)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    m = mask[y0:y1, x0:x1, None].astype(np.float64)
+    q = (query[y0:y1, x0:x1].astype(np.float64) * m).ravel()
+    n, h, w, _ = features.shape
+    mh, mw = y1 - y0, x1 - x0
+    best = np.full(n, -np.inf)
+    where = np.zeros((n, 2), dtype=int)
+    for i in range(n):
+        for y in range(h - mh + 1):
+            for x in range(w - mw + 1):
+                r = (features[i, y:y + mh, x:x + mw].astype(np.float64) * m).ravel()
+                denom = np.linalg.norm(q) * np.linalg.norm(r)
+                s = q @ r / denom if denom > 0 else 0.0
+                if s > best[i]:
+                    best[i], where[i] = s, (y, x)
+    return best, where
+
+
+def random_features(rng, n, h, w, c):
+    """Post-ReLU-like features, rounded to fp16 as the cache stores them."""
+    return np.maximum(rng.standard_normal((n, h, w, c)), 0).astype(np.float16)
+
+
+def soft_blob(rng, h, w):
+    m = np.zeros((h, w), np.float32)
+    y, x = rng.integers(0, h), rng.integers(0, w)
+    dy, dx = rng.integers(1, max(2, h // 2) + 1), rng.integers(1, max(2, w // 2) + 1)
+    m[y:y + dy, x:x + dx] = rng.uniform(0.05, 1.0, size=m[y:y + dy, x:x + dx].shape)
+    m[rng.random((h, w)) < 0.2] = 0
+    if not m.any():
+        m[y, x] = 1
+    return m
+
+
+MASKS = {
+    "one cell": lambda rng, h, w: np.eye(1, h * w, rng.integers(h * w), dtype=np.float32).reshape(h, w),
+    "full grid": lambda rng, h, w: np.ones((h, w), np.float32),
+    "soft blob": soft_blob,
+    "border": lambda rng, h, w: np.pad(np.full((2, 1), 0.5, np.float32), ((h - 2, 0), (w - 1, 0))),
+    "corner square": lambda rng, h, w: np.pad(np.ones((2, 2), np.float32), ((0, h - 2), (0, w - 2))),
+}
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_matches_brute_force(grid, kind):
+    rng = np.random.default_rng(abs(hash((grid, kind))) % 2**32)
+    h, w = grid
+    feats = random_features(rng, 60, h, w, 24)
+    query = feats[3].astype(np.float32)
+    mask = MASKS[kind](rng, h, w)
+    ref, ref_where = brute_force(feats, query, mask)
+
+    result = search_regions(feats, query, mask, k=10, device="cpu")
+    np.testing.assert_allclose(result.scores, ref, atol=2e-3)
+    top = result.top
+    assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
+    np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
+    for i, box in zip(top["index"], top["grid_box"]):
+        assert box[:2] == tuple(ref_where[i])
+    assert top["index"].iloc[0] == 3 and top["score"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_masks_both_forms_agree(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(2, 10, size=2)
+    feats = random_features(rng, 40, h, w, 16)
+    query = np.maximum(rng.standard_normal((h, w, 16)), 0).astype(np.float32)
+    mask = soft_blob(rng, h, w)
+    ref, _ = brute_force(feats, query, mask)
+    results = {}
+    for method in ("cells", "rows"):
+        monkeypatch.setattr("vfs.search.plan_query",
+                            lambda q, g, d, m=method: __import__("vfs.search").search.QueryPlan(m, 0, 0))
+        results[method] = search_regions(feats, query, mask, k=10, device="cpu")
+        np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
+        assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
+
+
+def test_plan_prefers_cells_for_small_masks_and_rows_for_large():
+    rng = np.random.default_rng(0)
+    f = rng.random((7, 7, 8)).astype(np.float32)
+    small = np.zeros((7, 7), np.float32)
+    small[2:5, 2:5] = 1
+    assert plan_query(RegionQuery.create(f, small), (7, 7), torch.device("cpu")).method == "cells"
+    assert plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method == "rows"
+
+
+def test_exclude_candidates_and_heat_map():
+    rng = np.random.default_rng(1)
+    feats = random_features(rng, 50, 6, 6, 8)
+    mask = grid_mask(np.pad(np.ones((40, 40)), ((20, 60), (30, 50))), (6, 6))
+    result = search_regions(feats, 7, mask, k=5, exclude=7, device="cpu")
+    assert 7 not in set(result.top["index"]) and len(result.top) == 5
+    allowed = np.zeros(50, bool)
+    allowed[10:20] = True
+    only = search_regions(feats, 7, mask, k=20, candidates=allowed, device="cpu")
+    assert set(only.top["index"]) == set(range(10, 20))
+    i = int(result.top["index"].iloc[0])
+    heat = result.placement_scores(i)
+    assert heat.max() == pytest.approx(result.scores[i], abs=1e-5)
+    assert np.unravel_index(heat.argmax(), heat.shape) == tuple(result.placements[i])
+
+
+def test_per_domain_keeps_at_most_n_per_domain():
+    rng = np.random.default_rng(2)
+    src = ArrayFeatures(random_features(rng, 40, 5, 5, 8))
+    src.domains = np.array(["a", "b", "c", "d"] * 10)
+    mask = np.zeros((5, 5), np.float32)
+    mask[1:3, 1:3] = 1
+    result = search_regions(src, 0, mask, k=6, per_domain=1, device="cpu")
+    assert len(result.top) == 4
+    assert sorted(src.domains[result.top["index"]]) == ["a", "b", "c", "d"]
+    full = search_regions(src, 0, mask, k=40, device="cpu")
+    # each domain's kept image is that domain's best
+    for i in result.top["index"]:
+        same = np.flatnonzero(src.domains == src.domains[i])
+        assert i == same[np.argmax(full.scores[same])]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((5, 5), np.float32), "empty"),
+    (np.ones((4, 5), np.float32), "does not match"),
+    (np.full((5, 5), np.nan, np.float32), "NaN"),
+])
+def test_bad_masks_are_refused_with_a_reason(bad, message):
+    feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
+    with pytest.raises(ValueError, match=message):
+        search_regions(feats, 0, bad, device="cpu")
+
+
+def test_zero_windows_score_zero_and_zero_query_is_refused():
+    feats = random_features(np.random.default_rng(4), 6, 4, 4, 8)
+    feats[2] = 0
+    mask = np.ones((4, 4), np.float32)
+    assert search_regions(feats, 0, mask, device="cpu").scores[2] == 0
+    with pytest.raises(ValueError, match="all zero"):
+        search_regions(feats, 2, mask, device="cpu")

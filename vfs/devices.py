@@ -1,0 +1,23 @@
+"""Where computation runs: one rule for builds and searches."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" → cuda, then mps, then cpu; anything else must exist here."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or mps") from error
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if resolved.type in available and not available[resolved.type]():
+        raise ValueError(f"device {device!r} is not available on this machine")
+    return resolved

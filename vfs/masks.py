@@ -1,0 +1,101 @@
+"""Drawn regions → soft masks on a feature grid.
+
+A user paints on the image the model saw; the search works on the layer's h×w grid. Each grid
+cell gets the fraction of its area covered by paint (area averaging), so a stroke that touches
+part of a cell gives it a fractional weight — the paper's soft mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _area_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) matrix whose row i averages the source pixels under output cell i by overlap."""
+    edges = np.arange(dst + 1) * (src / dst)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pix = np.arange(src)[None, :]
+    overlap = np.clip(np.minimum(hi, pix + 1) - np.maximum(lo, pix), 0.0, None)
+    return overlap / (src / dst)
+
+
+def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
+    """Paint coverage in [0, 1]: alpha of RGBA, grey of L, or a bool / float array."""
+    if isinstance(drawn, Image.Image):
+        drawn = np.asarray(drawn.getchannel("A") if "A" in drawn.getbands() else drawn.convert("L"))
+    a = np.asarray(drawn)
+    if a.ndim == 3:
+        if a.shape[2] not in (2, 4):
+            raise ValueError(f"a drawing needs an alpha channel; got {a.shape[2]} channels")
+        a = a[..., -1]
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"a drawing must be a 2-D array or an image; got shape {a.shape}")
+    if a.dtype == np.bool_:
+        return a.astype(np.float64)
+    if np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.float64) / np.iinfo(a.dtype).max
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("the drawing contains NaN or inf")
+    return np.clip(a, 0.0, 1.0)
+
+
+def grid_mask(drawn: np.ndarray | Image.Image, grid: tuple[int, int]) -> np.ndarray:
+    """Area-average a drawing of any size onto the (h, w) feature grid → float32 weights in [0, 1]."""
+    h, w = grid
+    cover = _as_coverage(drawn)
+    mask = _area_weights(cover.shape[0], h) @ cover @ _area_weights(cover.shape[1], w).T
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CroppedMask:
+    """A mask cut to its bounding box: the window that slides over each dataset image."""
+
+    weights: np.ndarray  # (mh, mw) float32, the bounding box of the nonzero cells
+    origin: tuple[int, int]  # (y0, x0) of the box in the query's grid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weights.shape  # type: ignore[return-value]
+
+    def query_box(self) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1), end-exclusive, of the box in the query grid."""
+        (y0, x0), (mh, mw) = self.origin, self.shape
+        return y0, x0, y0 + mh, x0 + mw
+
+
+def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
+    """Crop to the nonzero bounding box; refuse masks that select nothing, with a reason."""
+    m = np.asarray(mask, dtype=np.float32)
+    if m.ndim != 2:
+        raise ValueError(f"a mask must be 2-D (h, w); got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("the mask contains NaN or inf")
+    if (m < 0).any():
+        raise ValueError("mask weights must be ≥ 0")
+    rows, cols = np.nonzero(m > min_weight)
+    if rows.size == 0:
+        raise ValueError("the region is empty: draw over the image (it may be too thin to cover any feature cell)")
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return CroppedMask(np.ascontiguousarray(m[y0:y1, x0:x1]), (int(y0), int(x0)))
+
+
+def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
+    """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        m = np.load(path, allow_pickle=False)
+        if m.shape != tuple(grid):
+            raise ValueError(f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}")
+        return m.astype(np.float32)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return grid_mask(im, grid)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path.name}: cannot read the mask image ({e})") from e

@@ -1,0 +1,332 @@
+"""Exact region search: the cosine similarity of a masked query window against every
+placement of that window in every dataset image, each image keeping its best placement.
+
+score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
+
+Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+- "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
+  shift-and-add over the K offsets;
+- "rows": per horizontal placement, one product of the window's columns (n·h × mw·C, a strided
+  view, no copy) with the mask's mh rows, then a diagonal add over the rows.
+Both run fp16 operands with fp32 accumulation. Where a product's output is rounded to fp16 (on
+CPU), each term's error is below 2⁻¹¹ of its size, and the terms' sizes sum to at most ‖q‖·‖r‖
+(Cauchy–Schwarz), so every fast score is within `FAST_SCORE_ERROR` of the exact one. The images
+that bound cannot separate from the top-k are re-scored exactly in fp32, so the returned top-k and
+its scores are exact; the other images' scores are within that bound.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .devices import resolve_device
+from .masks import CroppedMask, crop_mask
+
+# fp16 output rounding (2^-11) plus fp32 accumulation error, with margin.
+FAST_SCORE_ERROR = 1e-3
+# How many output columns a narrow product takes before it stops being memory-bound.
+_FREE_COLUMNS = {"cpu": 16, "cuda": 96, "mps": 32}
+_EPS = 1e-12
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """What search reads: a cache, or arrays in memory (see `ArrayFeatures`)."""
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]: ...
+
+    def chunks(self, device: torch.device, memory_budget: int | None = None
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(start, fp16 features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`."""
+        ...
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """fp16 features of some images, (m, h, w, C) — for exact re-scoring."""
+        ...
+
+
+class ArrayFeatures:
+    """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
+
+    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = 64 << 20):
+        t = torch.as_tensor(features)
+        if t.ndim != 4:
+            raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
+        self._fp16 = t.to(torch.float16).contiguous()
+        if not torch.isfinite(self._fp16).all():
+            raise ValueError("the features contain NaN or inf (fp16 overflow?)")
+        self._sqnorm = self._fp16.float().square().sum(-1)
+        self._per_chunk = max(1, chunk_bytes // max(1, self._fp16[0].numel() * 2))
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self._fp16.shape)  # type: ignore[return-value]
+
+    def chunks(self, device, memory_budget=None):
+        if device not in self._on:
+            self._on[device] = (self._fp16.to(device), self._sqnorm.to(device))
+        x, s = self._on[device]
+        for start in range(0, x.shape[0], self._per_chunk):
+            yield start, x[start:start + self._per_chunk], s[start:start + self._per_chunk]
+
+    def rows(self, indices):
+        return self._fp16[torch.as_tensor(indices, dtype=torch.long)].numpy()
+
+
+@dataclass(frozen=True)
+class RegionQuery:
+    """A query prepared once: the cropped soft mask and the weighted query cells."""
+
+    features: np.ndarray  # (h, w, C) float32, the query image's feature map
+    mask: CroppedMask
+
+    @classmethod
+    def create(cls, features: np.ndarray, mask: np.ndarray) -> "RegionQuery":
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 3:
+            raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
+        if np.shape(mask) != f.shape[:2]:
+            raise ValueError(f"the mask's shape {np.shape(mask)} does not match the feature grid {f.shape[:2]}")
+        if not np.isfinite(f).all():
+            raise ValueError("the query features contain NaN or inf")
+        q = cls(f, crop_mask(mask))
+        if q.norm <= 0:
+            raise ValueError("the query region's features are all zero: nothing to compare (try another region or layer)")
+        return q
+
+    @property
+    def kernel(self) -> np.ndarray:
+        """(mh, mw, C): m² ⊙ query features inside the box (zero where m = 0)."""
+        y0, x0, y1, x1 = self.mask.query_box()
+        return self.mask.weights[..., None] ** 2 * self.features[y0:y1, x0:x1]
+
+    @property
+    def norm(self) -> float:
+        y0, x0, y1, x1 = self.mask.query_box()
+        box = self.features[y0:y1, x0:x1].astype(np.float64)
+        return float(np.sqrt((self.mask.weights.astype(np.float64) ** 2 * (box ** 2).sum(-1)).sum()))
+
+    def placements(self, grid: tuple[int, int]) -> tuple[int, int]:
+        (h, w), (mh, mw) = grid, self.mask.shape
+        if mh > h or mw > w:
+            raise ValueError(f"the region ({mh}×{mw} cells) does not fit the dataset's {h}×{w} grid")
+        return h - mh + 1, w - mw + 1
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Which exact form to run, and why (its relative cost)."""
+
+    method: str  # "cells" | "rows"
+    cost_cells: float
+    cost_rows: float
+
+
+def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) -> QueryPlan:
+    """Pick the cheaper form. Cost = cells read × how far the product's width exceeds what is free."""
+    (h, w), (mh, mw) = grid, query.mask.shape
+    _, pw = query.placements(grid)
+    free = _FREE_COLUMNS.get(device.type, 16)
+    k = int((query.mask.weights > 0).sum())
+    cells = h * w * max(1.0, k / free)
+    rows = h * pw * mw * max(1.0, mh / free)
+    return QueryPlan("cells" if cells <= rows else "rows", cells, rows)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
+class _Scorer:
+    """The per-chunk numerator, window norms and scores of one query on one device."""
+
+    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan):
+        self.grid, self.plan = grid, plan
+        self.ph, self.pw = query.placements(grid)
+        self.mh, self.mw = query.mask.shape
+        kernel = torch.from_numpy(query.kernel)  # (mh, mw, C) fp32
+        c = kernel.shape[-1]
+        self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
+        if plan.method == "cells":
+            ky, kx = zip(*self.cells)
+            self.weights = kernel[list(ky), list(kx)].T.contiguous().to(device, torch.float16)  # (C, K)
+        else:
+            self.weights = kernel.reshape(self.mh, self.mw * c).T.contiguous().to(device, torch.float16)  # (mw·C, mh)
+        m2 = torch.from_numpy(query.mask.weights ** 2)
+        self.m2 = m2[None, None].to(device)
+        self.qnorm = query.norm
+
+    def numerator(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        out = torch.zeros(n, self.ph, self.pw, device=x.device, dtype=torch.float32)
+        if self.plan.method == "cells":
+            g = _matmul(x.reshape(n * h * w, c), self.weights).view(n, h, w, -1)
+            for k, (ky, kx) in enumerate(self.cells):
+                out += g[:, ky:ky + self.ph, kx:kx + self.pw, k]
+        else:
+            flat = x.reshape(n * h, w * c)
+            for px in range(self.pw):
+                g = _matmul(flat[:, px * c:(px + self.mw) * c], self.weights).view(n, h, self.mh)
+                for ky in range(self.mh):
+                    out[:, :, px] += g[:, ky:ky + self.ph, ky]
+        return out
+
+    def scores(self, x: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
+        """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
+        wnorm = F.conv2d(sqnorm.float()[:, None], self.m2)[:, 0].clamp_min(0).sqrt()
+        return self.numerator(x) / (self.qnorm * wnorm).clamp_min(_EPS)
+
+
+def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
+    """(m, Ph, Pw) scores of some images in fp32 straight from the definition (via a convolution)."""
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).permute(0, 3, 1, 2)
+    kernel = torch.from_numpy(query.kernel).permute(2, 0, 1)[None]
+    num = F.conv2d(x, kernel)[:, 0]
+    m2 = torch.from_numpy(query.mask.weights ** 2)[None, None]
+    wnorm = F.conv2d(x.square().sum(1, keepdim=True), m2)[:, 0].clamp_min(0).sqrt()
+    return (num / (query.norm * wnorm).clamp_min(_EPS)).numpy()
+
+
+@dataclass
+class SearchResult:
+    """Every image's best score and placement, and the ranked top-k."""
+
+    scores: np.ndarray  # (N,) float32, each image's best score
+    placements: np.ndarray  # (N, 2) int, top-left grid cell (y, x) of each image's best window
+    top: pd.DataFrame  # rank, index, score, grid_box, (pixel_box, path, label, domain where known)
+    query: RegionQuery
+    grid: tuple[int, int]
+    method: str
+    device: str
+    elapsed_ms: float
+    rescored: int  # images re-scored exactly because the fast bound could not rank them
+    source: FeatureSource = field(repr=False)
+
+    def grid_box(self, index: int) -> tuple[int, int, int, int]:
+        y, x = self.placements[index]
+        mh, mw = self.query.mask.shape
+        return int(y), int(x), int(y + mh), int(x + mw)
+
+    def placement_scores(self, index: int) -> np.ndarray:
+        """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map."""
+        return exact_scores(self.source.rows(np.array([index])), self.query)[0]
+
+
+def _select(scores: np.ndarray, eligible: np.ndarray, k: int,
+            domains: np.ndarray | None, per_domain: int | None) -> np.ndarray:
+    """Indices of the top k eligible images, best first, with at most `per_domain` per domain."""
+    order = np.flatnonzero(eligible)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    if per_domain is None or domains is None:
+        return order[:k]
+    taken: dict[object, int] = {}
+    picked = []
+    for i in order:
+        d = domains[i]
+        if taken.get(d, 0) < per_domain:
+            taken[d] = taken.get(d, 0) + 1
+            picked.append(i)
+            if len(picked) == k:
+                break
+    return np.asarray(picked, dtype=np.int64)
+
+
+def search_regions(
+    source: FeatureSource | np.ndarray | torch.Tensor,
+    query: np.ndarray | int,
+    mask: np.ndarray,
+    k: int = 10,
+    exclude: int | Iterable[int] | None = None,
+    per_domain: int | None = None,
+    candidates: np.ndarray | None = None,
+    device: str | torch.device = "auto",
+    memory_budget: int | None = None,
+) -> SearchResult:
+    """Rank every image of `source` by its best placement of the masked query region.
+
+    `query` is an (h, w, C) feature map or the index of an image in `source`; `mask` is the
+    (h, w) soft mask (see `vfs.masks.grid_mask`). `candidates` (bool, N) limits which images may
+    be returned (e.g. a label filter); `exclude` removes images (e.g. the query itself).
+    `per_domain=n` keeps at most n results per domain (needs a source with domains).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(source, FeatureSource):
+        source = ArrayFeatures(source)
+    n, h, w, c = source.shape
+    if isinstance(query, (int, np.integer)):
+        if not 0 <= query < n:
+            raise ValueError(f"query index {query} is outside 0..{n - 1}")
+        query = source.rows(np.array([int(query)]))[0]
+    rq = query if isinstance(query, RegionQuery) else RegionQuery.create(query, mask)
+    if rq.features.shape[-1] != c:
+        raise ValueError(f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?")
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    dev = resolve_device(device)
+    plan = plan_query(rq, (h, w), dev)
+    scorer = _Scorer(rq, (h, w), dev, plan)
+
+    best = torch.empty(n, dtype=torch.float32)
+    where = torch.empty(n, dtype=torch.int64)
+    with torch.inference_mode():
+        for start, x, sq in source.chunks(dev, memory_budget):
+            s = scorer.scores(x, sq).flatten(1)
+            val, arg = s.max(1)
+            best[start:start + len(val)] = val.cpu()
+            where[start:start + len(val)] = arg.cpu()
+    scores, flat = best.numpy(), where.numpy()
+    placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
+
+    eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
+    if eligible.shape != (n,):
+        raise ValueError(f"candidates must be a boolean array of length {n}")
+    if exclude is not None:
+        eligible[np.atleast_1d(np.asarray(exclude if np.isscalar(exclude) else list(exclude), dtype=np.int64))] = False
+    domains = getattr(source, "domains", None)
+    if per_domain is not None and domains is None:
+        raise ValueError("per_domain needs a dataset with a domain column")
+    picked = _select(scores, eligible, k, domains, per_domain)
+    rescored = 0
+    if len(picked):
+        # Fast scores are within FAST_SCORE_ERROR: re-score exactly whatever could still enter the top-k.
+        near = np.flatnonzero(eligible & (scores >= scores[picked[-1]] - 2 * FAST_SCORE_ERROR))
+        for part in np.array_split(near, max(1, len(near) // 256)):
+            if len(part):
+                exact = exact_scores(source.rows(part), rq).reshape(len(part), -1)
+                scores[part] = exact.max(1)
+                placements[part] = np.stack(np.divmod(exact.argmax(1), scorer.pw), axis=1)
+        rescored = len(near)
+        picked = _select(scores, eligible, k, domains, per_domain)
+
+    result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
+                          0.0, rescored, source)
+    result.top = _top_table(result, picked, source)
+    result.elapsed_ms = (time.perf_counter() - t0) * 1e3
+    return result
+
+
+def _top_table(result: SearchResult, picked: np.ndarray, source: FeatureSource) -> pd.DataFrame:
+    """The ranked table: what the pages show and the CLI prints."""
+    table = pd.DataFrame({
+        "rank": np.arange(1, len(picked) + 1),
+        "index": picked.astype(np.int64),
+        "score": result.scores[picked].astype(float),
+        "grid_box": [result.grid_box(i) for i in picked],
+    })
+    describe = getattr(source, "describe_rows", None)
+    if describe is not None:
+        table = pd.concat([table, describe(picked, table["grid_box"].tolist()).reset_index(drop=True)], axis=1)
+    return table
