@@ -1,0 +1,387 @@
+"""Tests for vfs.data: dataset sources, safe image decoding, and the DataLoader adaptor.
+
+All inputs are generated under tmp_path; the real sets in shared/data are optional.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from vfs.data import (
+    EMBEDDED_DATASET,
+    DataSpec,
+    DatasetUnavailable,
+    ImageError,
+    TorchImageDataset,
+    collate_skipping,
+    label_values,
+    load_image,
+    open_dataset,
+    split_labels,
+)
+
+SHARED_DATA = Path(os.environ.get("VFS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data at {SHARED_DATA}")
+
+
+def save(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def solid(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (12, 10)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size but holds no pixel data (empty IDAT): tiny file, huge header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_folder_with_class_subfolders(tmp_path: Path) -> None:
+    save(tmp_path / "dogs" / "b.PNG", solid())
+    save(tmp_path / "cats" / "x" / "a.jpg", solid())
+    save(tmp_path / "root.png", solid())
+    (tmp_path / "notes.txt").write_text("not an image")
+    save(tmp_path / "cats" / ".hidden.png", solid())
+
+    ds = open_dataset(str(tmp_path))
+
+    assert ds.records["path"].tolist() == ["cats/x/a.jpg", "dogs/b.PNG", "root.png"]
+    assert ds.label_col == "label" and ds.domain_col is None
+    assert ds.records["label"].tolist()[:2] == ["cats", "dogs"]
+    assert pd.isna(ds.records["label"].iloc[2])  # root files: missing label, not a class ""
+    assert label_values(ds.records, "label") == ["cats", "dogs"]
+    assert ds.load(0).mode == "RGB" and ds.load(0).size == (12, 10)
+
+
+def test_folder_without_subfolders_has_no_label(tmp_path: Path) -> None:
+    for name in ("b.png", "a.bmp", "c.webp"):
+        save(tmp_path / name, solid())
+    ds = open_dataset(str(tmp_path))
+    assert ds.records.columns.tolist() == ["path"]
+    assert ds.records["path"].tolist() == ["a.bmp", "b.png", "c.webp"]
+    assert ds.label_col is None
+
+
+def test_folder_labels_skip_shared_wrapper_folder(tmp_path: Path) -> None:
+    save(tmp_path / "unzipped" / "cat" / "1.png", solid())
+    save(tmp_path / "unzipped" / "dog" / "2.png", solid())
+    ds = open_dataset(str(tmp_path))
+    assert ds.records["label"].tolist() == ["cat", "dog"]
+    assert ds.records["path"].tolist() == ["unzipped/cat/1.png", "unzipped/dog/2.png"]
+
+
+def test_empty_folder_and_unknown_source_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no images"):
+        open_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset source"):
+        open_dataset(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest_keeps_columns_and_resolves_relative_paths(tmp_path: Path, suffix: str) -> None:
+    save(tmp_path / "img" / "a.png", solid((0, 0, 255)))
+    save(tmp_path / "img" / "b.png", solid())
+    table = pd.DataFrame(
+        {
+            "label": ["x", "y"],
+            "path": ["img/a.png", str(tmp_path / "img" / "b.png")],
+            "domain": ["d1", "d2"],
+            "age": [3, 4],
+        }
+    )
+    manifest = tmp_path / f"manifest{suffix}"
+    if suffix == ".csv":
+        table.to_csv(manifest, index=False)
+    else:
+        table.to_parquet(manifest)
+
+    ds = open_dataset(str(manifest))
+
+    assert ds.records.columns.tolist() == ["path", "label", "domain", "age"]
+    assert ds.records["age"].tolist() == [3, 4]
+    assert (ds.label_col, ds.domain_col) == ("label", "domain")
+    assert ds.load(0).getpixel((0, 0)) == (0, 0, 255)
+    assert ds.load(1).getpixel((0, 0)) == (200, 30, 30)  # absolute path inside the root is fine
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "img/../../outside.png", "/etc/passwd"])
+def test_manifest_path_escaping_root_is_refused(tmp_path: Path, bad: str) -> None:
+    root = tmp_path / "data"
+    save(root / "img" / "a.png", solid())
+    save(tmp_path / "outside.png", solid())
+    pd.DataFrame({"path": ["img/a.png", bad]}).to_csv(root / "m.csv", index=False)
+    with pytest.raises(ValueError, match="outside the dataset root") as info:
+        open_dataset(str(root / "m.csv"))
+    assert bad in str(info.value)
+
+
+def test_manifest_without_path_column(tmp_path: Path) -> None:
+    pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match="no 'path' column"):
+        open_dataset(str(tmp_path / "m.csv"))
+
+
+def test_columns_validated_spec_roundtrip_and_limit(tmp_path: Path) -> None:
+    for i in range(3):
+        save(tmp_path / "ab"[i % 2] / f"{i}.png", solid())
+    with pytest.raises(ValueError, match=r"label column 'species' not found; available columns: path, label"):
+        open_dataset(str(tmp_path), label_col="species")
+
+    ds = open_dataset(str(tmp_path))
+    assert DataSpec.from_dict({**ds.spec.to_dict(), "future_key": 1}) == ds.spec == DataSpec(str(tmp_path), "label")
+    small = ds.limit(2)
+    assert len(small) == 2 and len(ds) == 3 and small.spec == ds.spec
+
+
+def test_split_labels_nih_style() -> None:
+    assert split_labels("Cardiomegaly|Effusion") == ["Cardiomegaly", "Effusion"]
+    assert split_labels("No Finding") == ["No Finding"]
+    assert split_labels(None) == [] and split_labels(float("nan")) == [] and split_labels(pd.NA) == []
+    assert split_labels(3) == ["3"]
+    records = pd.DataFrame({"label": ["Effusion|Cardiomegaly", "No Finding", None, "Cardiomegaly"]})
+    assert label_values(records, "label") == ["Cardiomegaly", "Effusion", "No Finding"]
+
+
+def test_embedded_skimage() -> None:
+    ds = open_dataset(EMBEDDED_DATASET)
+    counts = ds.records["label"].value_counts()
+    assert (counts["face"], counts["not face"]) == (100, 100)
+    assert counts["photo"] >= 10 and len(ds) == 200 + counts["photo"]
+    assert (ds.label_col, ds.domain_col) == ("label", "source")
+    assert ds.records.columns.tolist() == ["path", "label", "source", "name"]
+    assert {"samples/astronaut", "lfw/face_000", "lfw/nonface_099"} <= set(ds.records["path"])
+    for i in range(len(ds)):
+        image = ds.load(i)
+        assert image.mode == "RGB"
+    assert ds.load(int(ds.records.index[ds.records["path"] == "lfw/face_000"][0])).size == (25, 25)
+
+
+def test_torchvision_offline_raises_dataset_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # offline even where a network exists
+    with pytest.raises(DatasetUnavailable, match="embedded:skimage") as info:
+        open_dataset(f"torchvision:CIFAR10?root={tmp_path}&split=test")
+    assert "CIFAR10" in str(info.value) and "No internet" in str(info.value)
+
+
+def test_torchvision_source_from_cached_files(tmp_path: Path) -> None:
+    """A tiny fake MNIST in the cache: download=True finds it, so no network is touched."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[1] = 255
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 3, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, 3) + bytes([7, 0, 7]))
+
+    ds = open_dataset(f"torchvision:MNIST?root={tmp_path}&split=test")
+
+    assert ds.records["path"].tolist() == ["MNIST/test/0", "MNIST/test/1", "MNIST/test/2"]
+    assert ds.records["label"].tolist() == ["7 - seven", "0 - zero", "7 - seven"]
+    assert ds.load(1).mode == "RGB" and ds.load(1).getpixel((5, 5)) == (255, 255, 255)
+    assert pickle.loads(pickle.dumps(ds)).load(0).size == (28, 28)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("torchvision:NoSuchSet", "unknown torchvision dataset"),
+        ("torchvision:CIFAR10?split=val", "only has 'train' and 'test'"),
+        ("torchvision:CIFAR10?colour=1", "no option"),
+    ],
+)
+def test_torchvision_bad_specs(source: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_dataset(source)
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("zero.png", b"", "empty file"),
+        ("text.jpg", b"hello, I am not a JPEG\n" * 4, "cannot identify"),
+        ("garbage.tif", b"II*\x00" + bytes(range(256)) * 2, "cannot identify"),
+        ("icon.svg", b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>", "cannot identify"),
+        ("bad_header.bmp", b"BM" + bytes(60), "unsupported"),
+    ],
+)
+def test_bad_files_raise_image_error(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        load_image(path)
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = jpeg_bytes(noise)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated image"):
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="cannot read file"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_pixel_limit_checked_before_decoding(tmp_path: Path) -> None:
+    save(tmp_path / "small.png", solid(size=(20, 20)))
+    with pytest.raises(ImageError, match="400 pixels exceeds the limit of 100"):
+        load_image(tmp_path / "small.png", max_pixels=100)
+    # Header-only files: a full decode would fail differently, so these prove the size check comes first.
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageError, match="pixels exceeds the limit"):
+        load_image(png_header(10_000, 10_000))  # 1e8 px: PIL only warns, our limit refuses
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        load_image(png_header(30_000, 30_000))  # 9e8 px: PIL's own guard fires inside Image.open
+
+
+# --------------------------------------------------------------------------- odd but valid images
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    path = save(tmp_path / "deep.png", Image.fromarray(values))
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")  # really stored as 16-bit
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (4, 3, 3)
+    assert pixels[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_cmyk_jpeg() -> None:
+    image = load_image(jpeg_bytes(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), quality=95))
+    r, g, b = image.getpixel((8, 8))
+    assert image.mode == "RGB" and r > 230 and g < 30 and b < 30
+
+
+def test_palette_with_transparency_composited_on_white(tmp_path: Path) -> None:
+    image = Image.new("P", (4, 2))
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 1)  # red; every other pixel is index 0 = transparent black
+    path = save(tmp_path / "pal.png", image, transparency=0)
+    rgb = load_image(path)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 0, 0) and rgb.getpixel((3, 1)) == (255, 255, 255)
+
+
+def test_greyscale_and_la(tmp_path: Path) -> None:
+    assert load_image(save(tmp_path / "g.png", Image.new("L", (3, 3), 100))).getpixel((1, 1)) == (100, 100, 100)
+    la = Image.new("LA", (2, 1), (0, 255))
+    la.putpixel((1, 0), (0, 0))  # fully transparent black
+    rgb = load_image(save(tmp_path / "la.png", la))
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_applied() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    stream = io.BytesIO(jpeg_bytes(image, exif=exif, quality=95))
+
+    rgb = load_image(stream)
+
+    assert not stream.closed  # a caller's stream is read, not closed
+    assert rgb.size == (20, 40)
+    top, bottom = rgb.getpixel((10, 5)), rgb.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 50  # the left (red) half is now on top
+    assert bottom[2] > 200 and bottom[0] < 50
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("PNG", (5000, 60)), ("JPEG", (9000, 64))])
+def test_huge_legal_image_is_downscaled(tmp_path: Path, fmt: str, size: tuple[int, int]) -> None:
+    path = save(tmp_path / f"wide.{fmt.lower()}", Image.new("RGB", size, (10, 200, 10)), format=fmt)
+    image = load_image(path)
+    assert max(image.size) == 4096 and image.width / image.height == pytest.approx(size[0] / size[1], rel=0.05)
+    assert image.getpixel((100, 10))[1] > 180
+
+
+# --------------------------------------------------------------------------- DataLoader adaptor
+
+TO_TENSOR = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
+
+
+def test_dataloader_workers_skip_bad_file(tmp_path: Path) -> None:
+    for i in range(5):
+        save(tmp_path / f"{i}.png", solid((i * 40, 0, 0)))
+    (tmp_path / "2b.png").write_bytes(b"")  # sorts between 2.png and 3.png -> index 3
+    dataset = TorchImageDataset(open_dataset(str(tmp_path)), TO_TENSOR)
+    assert len(pickle.loads(pickle.dumps(dataset))) == 6  # what spawn/forkserver workers need
+
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_skipping)
+    batches = list(loader)
+
+    assert [b[0] for b in batches] == [[0, 1, 2, 3], [4, 5]]
+    indices, stacked, good, failures = batches[0]
+    assert good == [0, 1, 2] and failures == [(3, "empty file")]
+    assert isinstance(stacked, torch.Tensor) and stacked.shape == (3, 3, 8, 8)
+    assert batches[1][2] == [4, 5] and batches[1][3] == []
+
+
+def test_collate_all_failed() -> None:
+    assert collate_skipping([(7, None, "truncated image")]) == ([7], None, [], [(7, "truncated image")])
+
+
+def test_embedded_dataset_pickles() -> None:
+    dataset = TorchImageDataset(open_dataset(EMBEDDED_DATASET).limit(3), TO_TENSOR)
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone[2][1].shape == (3, 8, 8) and clone[2][2] is None
+
+
+# --------------------------------------------------------------------------- real data (optional)
+
+
+@needs_shared
+def test_shared_nih_manifest() -> None:
+    ds = open_dataset(str(SHARED_DATA / "nih_cxr_kcr64" / "manifest.csv"))
+    assert len(ds) == 1000 and ds.label_col == "label"
+    assert "Cardiomegaly" in label_values(ds.records, "label")
+    assert sum("Cardiomegaly" in split_labels(v) for v in ds.records["label"]) == 83
+    assert ds.load(0).mode == "RGB"
+
+
+@needs_shared
+def test_shared_pacs_domains() -> None:
+    ds = open_dataset(str(SHARED_DATA / "pacs_mini" / "manifest.csv"), domain_col="domain")
+    assert ds.domain_col == "domain" and len(ds) == 560
+    assert label_values(ds.records, "domain") == ["art_painting", "cartoon", "photo", "sketch"]
+    assert ds.load(len(ds) - 1).mode == "RGB"

@@ -1,0 +1,448 @@
+"""Image datasets: where images come from, and how each one is decoded safely.
+
+A dataset is a table of records (``path`` first, then labels and metadata) plus a
+*reader* that turns a record's ``path`` into an RGB image.  Sources:
+
+* a folder of images (recursive; label = first-level sub-folder),
+* a ``.csv`` / ``.parquet`` manifest with a ``path`` column (other columns kept),
+* ``embedded:skimage`` - an offline demo built from scikit-image's bundled images,
+* ``torchvision:<Dataset>[?root=DIR&split=S&...]`` - downloaded by torchvision.
+
+Images come from users and the internet, so :func:`load_image` treats every file
+as hostile: it refuses decompression bombs before decoding, turns every decoder
+failure into one :class:`ImageError` with a short reason, and normalises the many
+PIL modes (16-bit, palette, CMYK, alpha, EXIF rotation) to plain RGB.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qsl
+
+import numpy as np
+import pandas as pd
+import skimage.data
+import torch
+import torchvision.datasets
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import default_collate
+
+EMBEDDED_DATASET = "embedded:skimage"
+TORCHVISION_PREFIX = "torchvision:"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet"})
+LABEL_SEPARATOR = "|"
+
+MAX_IMAGE_PIXELS: int = int(os.environ.get("VFS_MAX_IMAGE_PIXELS", "89478485"))
+"""Decompression-bomb guard (PIL's default); larger images are refused before decoding."""
+
+MAX_DECODED_SIDE = 4096
+"""Legal but huge images are shrunk to this long side: models see at most ~1024 px,
+so keeping more only costs memory (a 20k x 20k RGB raster is 1.2 GB)."""
+
+TORCHVISION_ROOT = Path("~/.cache/vfs/datasets")
+
+# scikit-image sample photos that ship inside the wheel (no pooch download needed).
+_SKIMAGE_PHOTOS = (
+    "astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
+)  # fmt: skip
+_LFW_FACES = 100  # skimage.data.lfw_subset(): first 100 images are faces, last 100 are not
+
+
+class ImageError(ValueError):
+    """One image could not be used; the message is a short human-readable reason."""
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset source cannot be reached (typically: a download without internet)."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_image(source: str | Path | bytes | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image to RGB, or raise :class:`ImageError` saying why it cannot be used.
+
+    ``max_pixels`` defaults to :data:`MAX_IMAGE_PIXELS`; the check reads only the header,
+    so a bomb never gets its raster allocated.  Files we open are always closed; a
+    caller's stream is read but left open.
+    """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb") as fp:
+                return _decode(fp, limit)
+        except OSError as e:
+            raise ImageError(f"cannot read file ({e.strerror or e})") from e
+    return _decode(io.BytesIO(source if isinstance(source, bytes) else source.read()), limit)
+
+
+def _decode(fp: BinaryIO, limit: int) -> Image.Image:
+    """Decode a seekable binary file; PIL plugins raise many exception types, all mapped here."""
+    if not fp.read(1):
+        raise ImageError("empty file")
+    fp.seek(0)
+    try:
+        with Image.open(fp) as im:
+            width, height = im.size
+            if width * height > limit:
+                raise ImageError(f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels")
+            if max(im.size) > MAX_DECODED_SIDE:
+                # JPEG only: decode at 1/2..1/8 scale directly, never holding the full raster.
+                im.draft(None, (MAX_DECODED_SIDE, MAX_DECODED_SIDE))
+            im.load()
+            rgb = to_rgb(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError("not an image (cannot identify format)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's own guard fires inside Image.open beyond twice its limit, before our check.
+        raise ImageError(f"image size exceeds the limit of PIL's decompression-bomb guard ({e})") from e
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ...
+        if "truncated" in str(e).lower():
+            raise ImageError("truncated image") from e
+        raise ImageError(f"corrupt or unsupported image ({type(e).__name__}: {e})") from e
+    rgb.thumbnail((MAX_DECODED_SIDE, MAX_DECODED_SIDE))
+    return rgb
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB the way a viewer would show it.
+
+    High-bit-depth greys are rescaled (PIL's own convert clips them to 255); anything
+    transparent is composited on white, since black would invent dark backgrounds.
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = Image.fromarray(_grey_to_uint8(np.asarray(im)))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return im.convert("RGB")
+
+
+def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map integer images as 16-bit (the usual source: 16-bit PNG/TIFF) and floats by their range."""
+    if np.issubdtype(values.dtype, np.integer):
+        scaled = np.clip(values, 0, 65535) / 257.0
+    else:
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        scaled = (np.nan_to_num(values, nan=lo) - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+    return np.round(scaled).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def split_labels(value: Any) -> list[str]:
+    """Split a '|'-joined multi-label value (NIH style "Cardiomegaly|Effusion"); missing -> []."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return []
+    return [part.strip() for part in str(value).split(LABEL_SEPARATOR) if part.strip()]
+
+
+def label_values(records: pd.DataFrame, column: str) -> list[str]:
+    """Sorted distinct single labels of a column, with multi-label values split."""
+    return sorted({label for value in records[column] for label in split_labels(value)})
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to open: enough to reopen the same dataset later (saved with an index)."""
+
+    source: str
+    label_col: str | None = None
+    domain_col: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        """Build from a dict, ignoring unknown keys so older/newer saved specs still load."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Records plus a reader; ``spec`` holds the resolved label/domain columns."""
+
+    spec: DataSpec
+    records: pd.DataFrame
+    reader: Callable[[str], Image.Image]  # record path -> RGB image; picklable for DataLoader workers
+
+    def __post_init__(self) -> None:
+        if list(self.records.columns[:1]) != ["path"]:
+            raise ValueError("records must have 'path' as their first column")
+        for role, column in (("label", self.label_col), ("domain", self.domain_col)):
+            if column is not None and column not in self.records.columns:
+                available = ", ".join(map(str, self.records.columns))
+                raise ValueError(f"{role} column {column!r} not found; available columns: {available}")
+
+    @property
+    def label_col(self) -> str | None:
+        return self.spec.label_col
+
+    @property
+    def domain_col(self) -> str | None:
+        return self.spec.domain_col
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> Image.Image:
+        """RGB image of record ``i``; raises :class:`ImageError` for an unusable image."""
+        return self.reader(str(self.records["path"].iat[i]))
+
+    def limit(self, n: int) -> ImageDataset:
+        """The first ``n`` records (quick runs, ``--limit``)."""
+        if n < 0:
+            raise ValueError(f"limit must be >= 0, got {n}")
+        return replace(self, records=self.records.iloc[:n].reset_index(drop=True))
+
+
+def open_dataset(source: str, label_col: str | None = None, domain_col: str | None = None) -> ImageDataset:
+    """Open a dataset source (folder, manifest, ``embedded:skimage`` or ``torchvision:...``).
+
+    Without explicit columns, ``label`` is the label column when present and the domain
+    column is ``domain`` (``source`` for the embedded demo) when present.
+    """
+    default_domain = "domain"
+    if source == EMBEDDED_DATASET:
+        records, reader = _skimage_records(), SkimageReader()
+        default_domain = "source"
+    elif source.startswith(TORCHVISION_PREFIX):
+        records, reader = _torchvision_records(source[len(TORCHVISION_PREFIX) :])
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            records, reader = _folder_records(path), FileReader(path.resolve())
+        elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
+            records, reader = _manifest_records(path)
+        else:
+            raise ValueError(
+                f"unknown dataset source {source!r}: expected an image folder, a .csv/.parquet manifest, "
+                f"{EMBEDDED_DATASET!r} or 'torchvision:<Dataset>[?split=...]'"
+            )
+    label_col = label_col or ("label" if "label" in records.columns else None)
+    domain_col = domain_col or (default_domain if default_domain in records.columns else None)
+    return ImageDataset(DataSpec(source, label_col, domain_col), records, reader)
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """Reads record paths relative to ``root``; refuses any path that leaves it."""
+
+    root: Path
+
+    def resolve(self, path: str) -> Path:
+        """Lexical check (no symlink resolution): ``..`` and outside absolute paths are refused,
+        while symlinks placed inside the root by the data's owner keep working."""
+        full = Path(os.path.normpath(self.root / path))
+        if not full.is_relative_to(self.root):
+            raise ValueError(f"image path {path!r} resolves outside the dataset root {str(self.root)!r}")
+        return full
+
+    def __call__(self, path: str) -> Image.Image:
+        return load_image(self.resolve(path))
+
+
+def _folder_records(root: Path) -> pd.DataFrame:
+    """Images under ``root`` in sorted order; hidden files (e.g. macOS ``._x.jpg``) skipped.
+
+    ``label`` is the first sub-folder below the folders that *all* images share, so that
+    ``root/dataset/cat/1.jpg`` (an unzipped archive) still gives "cat".  Images directly
+    in that shared folder get a missing label (None) rather than "" so they never form a
+    class of their own; with no sub-folders at all there is no ``label`` column.
+    """
+    paths = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not paths:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {str(root)!r}")
+    records = pd.DataFrame({"path": paths})
+    shared = os.path.commonpath([os.path.dirname(p) for p in paths])
+    below = [p[len(shared) + 1 :] if shared else p for p in paths]
+    if any("/" in p for p in below):
+        records["label"] = [p.split("/", 1)[0] if "/" in p else None for p in below]
+    return records
+
+
+def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
+    """Read a manifest; every path is checked up front so a hostile one fails at open time."""
+    records = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
+    if "path" not in records.columns:
+        raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {', '.join(records.columns)})")
+    missing = records.index[records["path"].isna()].tolist()
+    if missing:
+        raise ValueError(f"manifest {str(manifest)!r} has rows without a path: {missing[:5]}")
+    reader = FileReader(manifest.parent.resolve())
+    records["path"] = records["path"].astype(str)
+    for path in records["path"]:
+        reader.resolve(path)
+    columns = ["path", *(c for c in records.columns if c != "path")]
+    return records[columns].reset_index(drop=True), reader
+
+
+@cache
+def _lfw_subset() -> np.ndarray:
+    """LFW subset as uint8 (skimage gives floats in [0, 1]); cached per process."""
+    return np.round(skimage.data.lfw_subset() * 255).astype(np.uint8)
+
+
+def _skimage_records() -> pd.DataFrame:
+    lfw = [("face", i) for i in range(_LFW_FACES)] + [("nonface", i) for i in range(_LFW_FACES)]
+    rows = [(f"samples/{name}", "photo", "samples", name) for name in _SKIMAGE_PHOTOS] + [
+        (f"lfw/{kind}_{i:03d}", "face" if kind == "face" else "not face", "lfw", f"{kind}_{i:03d}")
+        for kind, i in lfw
+    ]
+    return pd.DataFrame(rows, columns=["path", "label", "source", "name"])
+
+
+@dataclass(frozen=True)
+class SkimageReader:
+    """Reader for ``embedded:skimage`` virtual paths (``samples/<name>``, ``lfw/<kind>_<i>``)."""
+
+    def __call__(self, path: str) -> Image.Image:
+        import skimage.data
+
+        group, _, name = path.partition("/")
+        if group == "samples" and name in _SKIMAGE_PHOTOS:
+            return to_rgb(Image.fromarray(getattr(skimage.data, name)()))
+        kind, _, number = name.partition("_")
+        if group == "lfw" and kind in ("face", "nonface") and number.isdigit() and int(number) < _LFW_FACES:
+            return to_rgb(Image.fromarray(_lfw_subset()[int(number) + (_LFW_FACES if kind == "nonface" else 0)]))
+        raise ImageError(f"no embedded image {path!r}")
+
+
+@dataclass(frozen=True)
+class TorchvisionReader:
+    """Reader for ``<Dataset>/<split>/<index>`` paths of a constructed torchvision dataset."""
+
+    dataset: torch.utils.data.Dataset
+
+    def __call__(self, path: str) -> Image.Image:
+        image = self.dataset[int(path.rsplit("/", 1)[1])][0]
+        if not isinstance(image, Image.Image):
+            raise ImageError(f"torchvision returned {type(image).__name__}, not an image")
+        return to_rgb(image)
+
+
+def _torchvision_records(spec: str) -> tuple[pd.DataFrame, TorchvisionReader]:
+    """Build ``torchvision:<Dataset>?root=&split=&<other constructor args>`` with download=True.
+
+    ``split`` maps to ``train=`` for datasets like CIFAR10 that only take a boolean.
+    """
+    name, _, query = spec.partition("?")
+    options = dict(parse_qsl(query))
+    cls = getattr(torchvision.datasets, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset)):
+        raise ValueError(f"unknown torchvision dataset {name!r} (e.g. CIFAR10, Imagenette, STL10)")
+    root = Path(options.pop("root", TORCHVISION_ROOT)).expanduser()
+    params = inspect.signature(cls).parameters
+    if "download" not in params:
+        raise ValueError(f"torchvision dataset {name} cannot be downloaded; use a folder or manifest instead")
+    kwargs: dict[str, Any] = {}
+    split = options.pop("split", None)
+    if "split" in params:
+        split = split or params["split"].default
+        if split is inspect.Parameter.empty:
+            raise ValueError(f"{name} needs a split, e.g. torchvision:{name}?split=train")
+        kwargs["split"] = split
+    elif "train" in params:
+        split = split or "train"
+        if split not in ("train", "test"):
+            raise ValueError(f"{name} only has 'train' and 'test' splits, not {split!r}")
+        kwargs["train"] = split == "train"
+    elif split is not None:
+        raise ValueError(f"{name} takes no split")
+    unknown = set(options) - set(params)
+    if unknown:
+        raise ValueError(f"{name} has no option(s) {sorted(unknown)}; it takes {sorted(params)}")
+    kwargs.update(options)
+    try:
+        dataset = cls(root=str(root), download=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - urllib/HTTP/checksum/extraction errors all mean "not available"
+        raise DatasetUnavailable(
+            f"could not download torchvision dataset {name} into {str(root)!r} ({type(e).__name__}: {e}). "
+            f"No internet? Use an offline source instead: a folder of images, a .csv/.parquet manifest, "
+            f"or {EMBEDDED_DATASET!r}."
+        ) from e
+    split_name = split or "all"
+    classes = [c[0] if isinstance(c, tuple) else str(c) for c in getattr(dataset, "classes", [])]
+    targets = [int(t) for t in _torchvision_targets(dataset)]
+    records = pd.DataFrame(
+        {
+            "path": [f"{name}/{split_name}/{i}" for i in range(len(targets))],
+            "label": [classes[t] if 0 <= t < len(classes) else str(t) for t in targets],
+        }
+    )
+    return records, TorchvisionReader(dataset)
+
+
+def _torchvision_targets(dataset: torch.utils.data.Dataset) -> list[Any]:
+    """Class indices without decoding images; torchvision stores them under varying names."""
+    for attr in ("targets", "labels", "_labels"):
+        if getattr(dataset, attr, None) is not None:
+            return list(np.asarray(getattr(dataset, attr)).ravel())
+    for attr in ("samples", "_samples"):
+        if hasattr(dataset, attr):
+            return [target for _, target in getattr(dataset, attr)]
+    return [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- torch adaptor
+
+
+class TorchImageDataset(torch.utils.data.Dataset):
+    """DataLoader view of an :class:`ImageDataset` that reports bad images instead of crashing.
+
+    Items are ``(i, transform(image), None)`` or ``(i, None, reason)``; use
+    :func:`collate_skipping` as ``collate_fn``.  Pickles as long as ``transform`` does.
+    """
+
+    def __init__(self, dataset: ImageDataset, transform: Callable[[Image.Image], Any]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        try:
+            image = self.dataset.load(i)
+        except ImageError as e:
+            return i, None, str(e)
+        return i, self.transform(image), None
+
+
+def collate_skipping(
+    batch: list[tuple[int, Any, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """Collate a batch, dropping failed items.
+
+    Returns ``(indices, stacked, good_indices, failures)``: all indices in the batch, the
+    good items collated (``None`` when none succeeded), their indices in the same order,
+    and ``(index, reason)`` for each failure.
+    """
+    good = [(i, value) for i, value, error in batch if error is None]
+    failures = [(i, error) for i, _, error in batch if error is not None]
+    stacked = default_collate([value for _, value in good]) if good else None
+    return [i for i, _, _ in batch], stacked, [i for i, _ in good], failures
