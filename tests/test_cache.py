@@ -1,0 +1,144 @@
+"""Cache format v1: write, resume, open, refuse; streaming equals resident."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+
+from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
+from vfs.search import search_regions
+
+SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(4, 5),
+                 channels=8, preprocess={"input_size": 32}, data={"source": "x", "label_col": "label", "domain_col": "dom"})
+
+
+def candidates(n):
+    return pd.DataFrame({"path": [f"img/{i}.png" for i in range(n)],
+                         "label": [("cat|dog" if i % 3 else None) for i in range(n)],
+                         "dom": [f"d{i % 2}" for i in range(n)]})
+
+
+def fill(writer, items, rng_seed=0, bad=()):
+    rng = np.random.default_rng(rng_seed)
+    feats = np.maximum(rng.standard_normal((100, 4, 5, 8)), 0).astype(np.float16)
+    for i in items:
+        if i in bad:
+            writer.skip(i, "truncated image")
+        else:
+            writer.add(i, feats[i], np.full((32, 32, 3), i, np.uint8))
+    return feats
+
+
+def build(path, n, bad=(), chunk_bytes=None, monkeypatch=None):
+    w = CacheWriter.open(path, SPEC, candidates(n), 32)
+    feats = fill(w, range(n), bad=bad)
+    w.finish(candidates(n))
+    return feats
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr("vfs.cache.CHUNK_BYTES", 4 * 5 * 8 * 2 * 7)  # 7 images a chunk
+
+
+def test_round_trip(tmp_path):
+    feats = build(tmp_path / "c.zarr", 30, bad={4, 17})
+    c = open_cache(tmp_path / "c.zarr")
+    assert c.complete and c.n == 28 and c.shape == (28, 4, 5, 8)
+    keep = [i for i in range(30) if i not in (4, 17)]
+    np.testing.assert_array_equal(c.features[:], feats[keep])
+    np.testing.assert_allclose(c.sqnorm[:], np.square(feats[keep].astype(np.float32)).sum(-1))
+    assert list(c.manifest["path"]) == [f"img/{i}.png" for i in keep]
+    assert c.manifest["label"].iloc[0] is None and c.manifest["label"].iloc[1] == "cat|dog"
+    assert c.thumb(5)[0, 0, 0] == keep[5]
+    assert [s["path"] for s in c.report["skipped"]] == ["img/4.png", "img/17.png"]
+    assert c.report["skipped"][0]["reason"] == "truncated image"
+    assert list(c.domains[:2]) == ["d0", "d1"]
+    assert "candidates" not in c.group
+    json.dumps(c.info())
+
+
+def test_killed_build_resumes_to_identical_cache(tmp_path):
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    # a build that dies after item 20: the pending partial chunk is lost, progress is not
+    w = CacheWriter.open(tmp_path / "killed.zarr", SPEC, candidates(30), 32)
+    fill(w, range(21), bad={9})
+    assert w.next_item < 21 and w.rows % 7 == 0
+    resumed = CacheWriter.open(tmp_path / "killed.zarr", SPEC, candidates(30), 32)
+    assert (resumed.rows, resumed.next_item) == (w.rows, w.next_item)
+    fill(resumed, range(resumed.next_item, 30), bad={9})
+    resumed.finish(candidates(30))
+    a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "killed.zarr")
+    for name in ("features", "sqnorm", "thumbs"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+    pd.testing.assert_frame_equal(a.manifest, b.manifest)
+    assert a.report == b.report
+
+
+def test_resume_refuses_another_spec(tmp_path):
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
+    fill(w, range(8))
+    other = CacheSpec(**{**SPEC.to_dict(), "layer": "blocks.6", "grid": (4, 5)})
+    with pytest.raises(CacheError, match="layer: 'blocks.5' ≠ 'blocks.6'"):
+        CacheWriter.open(tmp_path / "c.zarr", other, candidates(10), 32)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda g: g.attrs.update({"format_version": 99}), "format version 99"),
+    (lambda g: g.attrs.update({"format": "other"}), "not a VFS feature cache"),
+    (lambda g: g.__delitem__("sqnorm"), "missing the array"),
+])
+def test_open_refuses_damaged_caches(tmp_path, damage, message):
+    build(tmp_path / "c.zarr", 10)
+    damage(zarr.open_group(str(tmp_path / "c.zarr"), mode="r+"))
+    with pytest.raises(CacheError, match=message):
+        open_cache(tmp_path / "c.zarr")
+
+
+def test_open_missing_path(tmp_path):
+    with pytest.raises(CacheError, match="no cache"):
+        open_cache(tmp_path / "nothing.zarr")
+
+
+def test_list_caches_reports_partial_and_broken(tmp_path):
+    build(tmp_path / "done.zarr", 10)
+    w = CacheWriter.open(tmp_path / "partial.zarr", SPEC, candidates(10), 32)
+    fill(w, range(8))
+    (tmp_path / "junk.zarr").mkdir()
+    rows = {r["name"]: r for r in list_caches(tmp_path)}
+    assert rows["done"]["complete"] and rows["done"]["n"] == 10 and rows["done"]["size_bytes"] > 0
+    assert not rows["partial"]["complete"]
+    assert rows["junk"]["error"]
+
+
+def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
+    out = tmp_path / "c.zarr"
+    with BuildLock(out):
+        with pytest.raises(CacheError, match="another build"):
+            BuildLock(out).__enter__()
+    # a lock left by a dead process is taken over
+    Path = type(tmp_path)
+    Path(f"{out}.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
+    with BuildLock(out):
+        pass
+    assert not Path(f"{out}.lock").exists()
+
+
+def test_streaming_equals_resident(tmp_path):
+    build(tmp_path / "c.zarr", 40)
+    mask = np.zeros((4, 5), np.float32)
+    mask[1:3, 1:4] = [[0.3, 1, 1], [1, 0.5, 0]]
+    streamed = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu", memory_budget=2000)
+    resident = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu")
+    np.testing.assert_array_equal(streamed.scores, resident.scores)
+    pd.testing.assert_frame_equal(streamed.top, resident.top)
+    assert list(resident.top.columns) == ["rank", "index", "score", "grid_box", "path", "pixel_box", "label", "domain"]
+    assert resident.top["pixel_box"].iloc[0] == tuple(
+        round(v * 32 / d) for v, d in zip(resident.top["grid_box"].iloc[0], (4, 5, 4, 5)))
+    # per-domain through the cache's domain column
+    one_each = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, per_domain=1, device="cpu")
+    assert sorted(one_each.top["domain"]) == ["d0", "d1"]
