@@ -1,0 +1,115 @@
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vfs import render
+
+
+def cell_centres(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel (row, col) of each grid cell's centre, as an (h, w) index pair."""
+    rows = ((np.arange(grid[0]) + 0.5) * size[0] / grid[0]).astype(int)
+    cols = ((np.arange(grid[1]) + 0.5) * size[1] / grid[1]).astype(int)
+    return np.ix_(rows, cols)
+
+
+def test_grid_box_to_pixels_non_square_grid():
+    assert render.grid_box_to_pixels((1, 2, 3, 5), (7, 14), (224, 224)) == (32, 32, 96, 80)
+    assert render.grid_box_to_pixels((0, 0, 1, 1), (4, 8), (64, 128)) == (0, 0, 16, 16)
+    assert render.grid_box_to_pixels((0, 0, 3, 5), (3, 5), (100, 100)) == (0, 0, 100, 100)
+    assert render.grid_box_to_pixels((1, 1, 2, 2), (3, 5), (100, 100)) == (33, 20, 67, 40)
+
+
+def test_outline_draws_border_only():
+    thumb = np.full((224, 224, 3), 100, dtype=np.uint8)
+    color = (255, 64, 0)
+    image = np.asarray(render.outline(thumb, (32, 32, 96, 80), color=color, width=2))
+    assert image.shape == thumb.shape
+    for y, x in [(32, 50), (33, 50), (95, 50), (60, 32), (60, 79)]:
+        assert tuple(image[y, x]) == color
+    interior = image[34:94, 34:78]
+    assert (interior == 100).all()
+    assert (image[:31] == 100).all() and (image[97:] == 100).all()
+
+
+def test_mask_overlay_changes_only_masked_cells():
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    mask = np.zeros((4, 6))
+    mask[1, 2] = 1.0
+    mask[3, 5] = 0.5
+    image = np.asarray(render.mask_overlay(thumb, mask, color=(0, 160, 255), alpha=0.5)).astype(int)
+    centres = cell_centres(mask.shape, thumb.shape[:2])
+    change = np.abs(image[centres] - thumb[centres].astype(int)).sum(axis=-1)
+    assert (change[mask == 0] == 0).all()
+    assert (change[mask > 0] > 0).all()
+    expected = np.rint(0.5 * thumb[centres][1, 2] + 0.5 * np.array([0, 160, 255]))
+    assert np.abs(image[centres][1, 2] - expected).max() <= 1
+
+
+def test_heatmap_overlay_brightest_cells_are_argmax_placement():
+    grid, mask_shape = (6, 8), (2, 3)
+    rng = np.random.default_rng(3)
+    placements = rng.random((grid[0] - mask_shape[0] + 1, grid[1] - mask_shape[1] + 1))
+    placements[0, 0] = np.nan
+    thumb = np.zeros((96, 128, 3), dtype=np.uint8)
+    image = np.asarray(render.heatmap_overlay(thumb, placements, mask_shape, grid)).astype(int)
+    assert image.shape == thumb.shape
+    brightness = image[cell_centres(grid, thumb.shape[:2])].sum(axis=-1)
+    i, j = np.unravel_index(np.nanargmax(placements), placements.shape)
+    expected = np.zeros(grid, dtype=bool)
+    expected[i : i + mask_shape[0], j : j + mask_shape[1]] = True
+    assert ((brightness == brightness.max()) == expected).all()
+
+
+def test_heatmap_overlay_leaves_uncovered_cells_and_checks_shape():
+    thumb = np.full((40, 40, 3), 7, dtype=np.uint8)
+    placements = np.array([[0.5, np.nan], [np.nan, np.nan]])
+    image = np.asarray(render.heatmap_overlay(thumb, placements, (1, 1), (2, 2)))
+    assert (image[30, 30] == 7).all()
+    assert (image[10, 10] != 7).any()
+    with pytest.raises(ValueError):
+        render.heatmap_overlay(thumb, placements, (2, 2), (2, 2))
+
+
+def test_results_figure_and_png_bytes():
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((4, 4))
+    mask[1:3, 1:3] = 1
+    matches = [
+        {"thumb": thumb, "box": (0, 0, 2, 2), "score": 0.8734, "caption": "Cardiomegaly|Effusion, a long label"},
+        {"thumb": thumb, "box": (1, 1, 3, 4), "score": 0.5},
+        {"thumb": thumb, "box": (2, 2, 4, 4), "score": 0.25, "caption": "No Finding"},
+    ]
+    figure = render.results_figure(thumb, mask, matches, (4, 4), columns=2, title="Cardiomegaly query")
+    assert figure.width > 3 * 64 and figure.height > 2 * 64
+    decoded = Image.open(io.BytesIO(render.png_bytes(figure)))
+    assert decoded.format == "PNG" and decoded.size == figure.size
+    assert render._caption(1, matches[0]).startswith("1. score 0.87 · Cardiomegaly")
+
+
+@pytest.mark.parametrize("kind", ["box", "violin", "strip"])
+def test_distribution_figure_one_trace_per_group(kind):
+    long = pd.DataFrame(
+        {
+            "index": [0, 1, 2, 0, 3],
+            "group": ["True", "True", "False", "Effusion", "False"],
+            "score": [0.9, 0.7, 0.2, 0.9, 0.1],
+        }
+    )
+    figure = render.distribution_figure(long, kind=kind, title="scores")
+    assert sorted(trace.name for trace in figure.data) == ["Effusion", "False", "True"]
+
+
+def test_distribution_figure_rejects_unknown_kind():
+    with pytest.raises(ValueError):
+        render.distribution_figure(pd.DataFrame({"index": [], "group": [], "score": []}), kind="pie")
+
+
+def test_comparison_figure_has_both_models():
+    rng = np.random.default_rng(0)
+    figure = render.comparison_figure(rng.random(30), rng.random(30), ("dino", "clip"))
+    assert [trace.name for trace in figure.data] == ["dino", "clip"]

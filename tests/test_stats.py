@@ -1,0 +1,114 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from vfs import stats
+
+
+def brute_force_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    pos, neg = scores[positive], scores[~positive]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 6, size=40).astype(float)  # many ties
+        positive = rng.random(40) < 0.4
+        assert stats.auroc(scores, positive) == pytest.approx(brute_force_auroc(scores, positive))
+
+
+def test_auroc_separation_and_empty_class():
+    scores = np.array([0.1, 0.2, 0.8, 0.9])
+    assert stats.auroc(scores, np.array([False, False, True, True])) == 1.0
+    assert stats.auroc(scores, np.array([True, True, False, False])) == 0.0
+    assert np.isnan(stats.auroc(scores, np.zeros(4, dtype=bool)))
+    assert np.isnan(stats.auroc(scores, np.ones(4, dtype=bool)))
+
+
+NIH = pd.DataFrame(
+    {"finding": ["Cardiomegaly|Effusion", "No Finding", "Effusion", "Cardiomegaly"]}, index=[10, 11, 12, 13]
+)
+
+
+def test_label_groups_multi_label():
+    groups = stats.label_groups(NIH, "finding")
+    assert sorted(groups.columns) == ["Cardiomegaly", "Effusion", "No Finding"]
+    assert (groups.index == NIH.index).all()
+    assert groups.dtypes.eq(bool).all()
+    assert groups["Cardiomegaly"].tolist() == [True, False, False, True]
+    assert groups["Effusion"].tolist() == [True, False, True, False]
+    assert groups["No Finding"].tolist() == [False, True, False, False]
+
+
+def test_label_groups_plain_categories_with_missing():
+    records = pd.DataFrame({"view": ["PA", "AP", "PA", None]})
+    groups = stats.label_groups(records, "view")
+    assert sorted(groups.columns) == ["(missing)", "AP", "PA"]
+    assert groups["PA"].tolist() == [True, False, True, False]
+    assert groups["(missing)"].tolist() == [False, False, False, True]
+    assert groups.sum(axis=1).eq(1).all()
+
+
+@pytest.mark.parametrize("values", [[True, False, True], ["true", "FALSE", "True"], np.array([1, 0, 1], dtype=bool)])
+def test_label_groups_booleans(values):
+    groups = stats.label_groups(pd.DataFrame({"flag": values}), "flag")
+    assert sorted(groups.columns) == ["False", "True"]
+    assert groups["True"].tolist() == [True, False, True]
+
+
+def test_presence():
+    assert stats.presence(NIH, "finding", "Cardiomegaly").tolist() == [True, False, False, True]
+    absent = stats.presence(NIH, "finding", "Hernia")
+    assert absent.tolist() == [False] * 4
+    assert (absent.index == NIH.index).all()
+
+
+def test_group_table_columns_sorting_and_p_values():
+    scores = np.array([0.9, 0.1, 0.5, 0.8])
+    groups = stats.label_groups(NIH, "finding")
+    table = stats.group_table(scores, groups)
+    assert list(table.columns) == ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    assert table["auroc"].is_monotonic_decreasing
+    assert table["group"].iloc[0] == "Cardiomegaly"
+    for row in table.itertuples():
+        member = groups[row.group].to_numpy()
+        expected = sps.mannwhitneyu(scores[member], scores[~member], alternative="two-sided").pvalue
+        assert row.p_value == pytest.approx(expected)
+        assert row.n == member.sum()
+        assert row.median == pytest.approx(np.median(scores[member]))
+    cardio = table.set_index("group").loc["Cardiomegaly"]
+    assert cardio["auroc"] == 1.0
+    assert cardio["mean"] == pytest.approx(0.85)
+
+
+def test_group_table_empty_group_has_nan_statistics():
+    groups = pd.DataFrame({"all": [True, True], "none": [False, False]})
+    table = stats.group_table(np.array([0.2, 0.4]), groups).set_index("group")
+    assert table.loc["none", "n"] == 0
+    assert np.isnan(table.loc["none", "median"])
+    assert table[["auroc", "p_value"]].isna().all().all()
+    assert table.loc["all", "median"] == pytest.approx(0.3)
+
+
+def test_long_scores_repeats_multi_label_images():
+    scores = np.array([0.9, 0.1, 0.5, 0.8])
+    long = stats.long_scores(scores, stats.label_groups(NIH, "finding"))
+    assert list(long.columns) == ["index", "group", "score"]
+    assert len(long) == 5  # image 10 is in two groups
+    assert sorted(long.loc[long["index"] == 10, "group"]) == ["Cardiomegaly", "Effusion"]
+    assert long.loc[long["index"] == 10, "score"].eq(0.9).all()
+
+
+def test_rank_agreement():
+    scores = np.random.default_rng(1).random(50)
+    same = stats.rank_agreement(scores, scores, k=10)
+    assert same["topk_overlap"] == 1.0
+    assert same["spearman"] == pytest.approx(1.0)
+    assert same["kendall"] == pytest.approx(1.0)
+    reversed_ = stats.rank_agreement(scores, -scores, k=10)
+    assert reversed_["spearman"] == pytest.approx(-1.0)
+    assert reversed_["topk_overlap"] == 0.0
+    assert stats.rank_agreement(scores, scores, k=500)["topk_overlap"] == 1.0

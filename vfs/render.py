@@ -1,0 +1,216 @@
+"""Pictures of search results: matched windows, region masks, placement heat maps and paper figures.
+
+Thumbnails are uint8 (S, S, 3) arrays of the model-input view, so a feature grid (h, w) lies evenly
+over them; every grid-to-pixel conversion goes through `_edges` so boxes, masks and heat maps agree.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import plotly.colors
+import plotly.express as px
+import plotly.graph_objects as go
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageDraw, ImageFont
+
+Box = tuple[int, int, int, int]
+Color = tuple[int, int, int]
+
+_VIRIDIS = (
+    np.asarray(plotly.colors.sample_colorscale("Viridis", np.linspace(0, 1, 256), colortype="tuple")) * 255
+).round()
+
+
+def _edges(cells: int, pixels: int) -> np.ndarray:
+    """Pixel boundaries of `cells` grid cells over `pixels` pixels (rounded, so cells differ by at most 1 px)."""
+    return np.rint(np.arange(cells + 1) * pixels / cells).astype(int)
+
+
+def _upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (h, w, ...) grid to (H, W, ...) on the same edges as the boxes."""
+    rows = np.diff(_edges(cells.shape[0], size[0]))
+    cols = np.diff(_edges(cells.shape[1], size[1]))
+    return np.repeat(np.repeat(cells, rows, axis=0), cols, axis=1)
+
+
+def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int]) -> Box:
+    """Pixel box (y0, x0, y1, x1), end-exclusive, covered by the grid-cell box `box` on an image of size (H, W)."""
+    y0, x0, y1, x1 = box
+    rows = _edges(grid[0], size[0])
+    cols = _edges(grid[1], size[1])
+    return int(rows[y0]), int(cols[x0]), int(rows[y1]), int(cols[x1])
+
+
+def outline(thumb: np.ndarray, box_px: Box, color: Color = (255, 64, 0), width: int | None = None) -> Image.Image:
+    """The thumbnail with the matched window's border drawn inside `box_px`, leaving its content visible."""
+    image = Image.fromarray(thumb).convert("RGB")
+    if width is None:
+        width = max(1, round(min(image.size) / 100))
+    y0, x0, y1, x1 = box_px
+    ImageDraw.Draw(image).rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
+    return image
+
+
+def _grid_lines(image: np.ndarray, grid: tuple[int, int], strength: float = 0.25) -> np.ndarray:
+    """Lighten the inner cell boundaries faintly so the feature cells can be told apart."""
+    out = image.astype(float)
+    rows = _edges(grid[0], image.shape[0])[1:-1]
+    cols = _edges(grid[1], image.shape[1])[1:-1]
+    out[rows, :] += strength * (255 - out[rows, :])
+    out[:, cols] += strength * (255 - out[:, cols])
+    return out
+
+
+def mask_overlay(
+    thumb: np.ndarray, mask: np.ndarray, color: Color = (0, 160, 255), alpha: float = 0.5
+) -> Image.Image:
+    """Blend the soft grid mask (h, w) in [0, 1] over the thumbnail.
+
+    Shows which feature cells the drawn region selects and with what weight; faint grid lines mark the cells.
+    """
+    weight = alpha * _upsample(np.clip(np.asarray(mask, dtype=float), 0, 1), thumb.shape[:2])[..., None]
+    blended = (1 - weight) * thumb[..., :3] + weight * np.asarray(color, dtype=float)
+    lined = _grid_lines(blended, mask.shape)
+    return Image.fromarray(np.clip(lined, 0, 255).round().astype(np.uint8))
+
+
+def _cell_max(placement_scores: np.ndarray, mask_shape: tuple[int, int]) -> np.ndarray:
+    """Per grid cell, the best score among the mask placements covering it (NaN where none is finite).
+
+    Placement (i, j) covers cells [i, i + mh) x [j, j + mw); padding by mh-1 / mw-1 NaN on each side
+    turns "placements covering cell (y, x)" into one sliding window starting at (y, x).
+    """
+    mh, mw = mask_shape
+    padded = np.pad(
+        np.asarray(placement_scores, dtype=float), ((mh - 1, mh - 1), (mw - 1, mw - 1)), constant_values=np.nan
+    )
+    return np.fmax.reduce(sliding_window_view(padded, (mh, mw)), axis=(2, 3))
+
+
+def heatmap_overlay(
+    thumb: np.ndarray,
+    placement_scores: np.ndarray,
+    mask_shape: tuple[int, int],
+    grid: tuple[int, int],
+    alpha: float = 0.55,
+) -> Image.Image:
+    """Viridis heat map of where the query region matches: each cell shows the max score of the placements covering it.
+
+    Colours are scaled to the image's own finite score range; cells no finite placement covers stay uncoloured.
+    """
+    placement_scores = np.asarray(placement_scores, dtype=float)
+    expected = (grid[0] - mask_shape[0] + 1, grid[1] - mask_shape[1] + 1)
+    if tuple(placement_scores.shape) != expected:
+        raise ValueError(
+            f"placement_scores shape {placement_scores.shape} != {expected} for mask {mask_shape} on grid {grid}"
+        )
+    cells = _cell_max(placement_scores, mask_shape)
+    finite = np.isfinite(cells)
+    low, high = (cells[finite].min(), cells[finite].max()) if finite.any() else (0.0, 0.0)
+    scaled = np.where(finite, (cells - low) / (high - low) if high > low else 1.0, 0.0)
+    colors = _VIRIDIS[(scaled * 255).round().astype(int)]
+    weight = alpha * finite[..., None].astype(float)
+    size = thumb.shape[:2]
+    blended = (1 - _upsample(weight, size)) * thumb[..., :3] + _upsample(weight * colors, size)
+    return Image.fromarray(np.clip(blended, 0, 255).round().astype(np.uint8))
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """Shorten `text` with an ellipsis so a caption never spills into the next tile."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _caption(rank: int, match: dict) -> str:
+    """The paper's caption: "rank. score 0.87 · label"."""
+    text = f"{rank}. score {match['score']:.2f}"
+    return f"{text} · {match['caption']}" if match.get("caption") else text
+
+
+def results_figure(
+    query_thumb: np.ndarray,
+    query_mask: np.ndarray,
+    matches: list[dict],
+    grid: tuple[int, int],
+    columns: int = 5,
+    title: str | None = None,
+) -> Image.Image:
+    """The paper's figure: the query with its mask on the left, then the matches with their windows outlined.
+
+    `matches` are dicts with thumb (uint8 array), box (grid box), score and optional caption, in rank
+    order; each match tile is scaled to the query thumbnail's size so the rows line up.
+    """
+    tile_h, tile_w = query_thumb.shape[:2]
+    pad = max(4, tile_w // 32)
+    font_size = max(10, tile_w // 16)
+    font = ImageFont.load_default(size=font_size)
+    caption_h = font_size + pad
+    title_h = font_size + 2 * pad if title else 0
+    columns = max(1, min(columns, len(matches)))
+    rows = max(1, -(-len(matches) // columns))
+    cell_w, cell_h = tile_w + pad, tile_h + caption_h + pad
+    width = pad + (columns + 1) * cell_w + pad
+    height = title_h + pad + rows * cell_h
+
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    if title:
+        draw.text((pad, pad), _fit_text(draw, title, font, width - 2 * pad), fill="black", font=font)
+
+    def place(tile: Image.Image, text: str, left: int, top: int) -> None:
+        figure.paste(tile.resize((tile_w, tile_h)), (left, top))
+        draw.text((left, top + tile_h + pad // 2), _fit_text(draw, text, font, tile_w), fill="black", font=font)
+
+    top = title_h + pad
+    place(mask_overlay(query_thumb, query_mask), "query", pad, top)
+    for i, match in enumerate(matches):
+        thumb = match["thumb"]
+        box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])
+        row, col = divmod(i, columns)
+        place(outline(thumb, box_px), _caption(i + 1, match), pad + (col + 1) * cell_w + pad, top + row * cell_h)
+    return figure
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG encoding of `image`, for download buttons and saved figures."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_DISTRIBUTION_PLOTS = {"box": px.box, "violin": partial(px.violin, box=True), "strip": px.strip}
+
+
+def distribution_figure(long: pd.DataFrame, kind: str = "box", title: str | None = None) -> go.Figure:
+    """Score distribution per group (one trace each) from `long_scores` rows; kind is box, violin or strip."""
+    if kind not in _DISTRIBUTION_PLOTS:
+        raise ValueError(f"kind must be one of {sorted(_DISTRIBUTION_PLOTS)}, not {kind!r}")
+    order = list(dict.fromkeys(long["group"]))
+    figure = _DISTRIBUTION_PLOTS[kind](
+        data_frame=long,
+        x="group",
+        y="score",
+        color="group",
+        hover_data=["index"],
+        category_orders={"group": order},
+        title=title,
+    )
+    return figure.update_layout(showlegend=False, yaxis_title="cosine similarity")
+
+
+def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[str, str]) -> go.Figure:
+    """Two models' score distributions on the same dataset as overlaid density histograms."""
+    figure = go.Figure(
+        [
+            go.Histogram(x=np.asarray(scores, dtype=float), name=name, opacity=0.6, histnorm="probability density")
+            for scores, name in zip((scores_a, scores_b), names)
+        ]
+    )
+    return figure.update_layout(barmode="overlay", xaxis_title="cosine similarity", yaxis_title="density")

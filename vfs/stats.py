@@ -1,0 +1,123 @@
+"""Per-label statistics of search scores: how well a region's similarity separates labelled groups.
+
+Used for the paper's distribution study (e.g. the best-region score of every chest X-ray, grouped by
+"Cardiomegaly present") and for comparing the rankings two models give the same dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+MISSING = "(missing)"
+SEPARATOR = "|"
+
+
+def _labels(values: pd.Series) -> pd.Series:
+    """Normalise a label column to strings so one splitter handles every kind of column.
+
+    Booleans and true/false strings become "True"/"False" (so `bool` and CSV-loaded columns group
+    alike), whitespace around '|' is dropped, and missing values get their own visible group.
+    """
+    text = values.astype("string").str.strip()
+    present = text.dropna().str.lower()
+    if not present.empty and present.isin(["true", "false"]).all():
+        text = text.str.capitalize()
+    return text.str.replace(r"\s*\|\s*", SEPARATOR, regex=True).fillna(MISSING)
+
+
+def label_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Boolean membership table (index = records.index, one column per group) for `column`.
+
+    '|'-joined multi-label values (NIH "Cardiomegaly|Effusion") make one group per finding, meaning
+    "finding present"; plain values make one group per distinct value. Splitting on '|' covers both,
+    since a value without '|' is a single finding.
+    """
+    return _labels(records[column]).str.get_dummies(sep=SEPARATOR).astype(bool)
+
+
+def presence(records: pd.DataFrame, column: str, value: str) -> pd.Series:
+    """Whether `value` is among each row's (possibly '|'-joined) labels: the "F present: True/False" split."""
+    groups = label_groups(records, column)
+    if value in groups.columns:
+        return groups[value]
+    return pd.Series(False, index=records.index, name=value)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` as a detector of `positive`, from the Mann-Whitney U.
+
+    Ties count one half (average ranks), matching the pairwise definition P(s+ > s-) + P(s+ = s-)/2.
+    NaN when either class is empty, where the AUROC is undefined.
+    """
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _p_value(inside: np.ndarray, outside: np.ndarray) -> float:
+    """Two-sided Mann-Whitney p-value of a group against the rest; NaN when a side is empty."""
+    if inside.size == 0 or outside.size == 0:
+        return float("nan")
+    return float(stats.mannwhitneyu(inside, outside, alternative="two-sided").pvalue)
+
+
+def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
+    """One row per group: n, median, mean, std, AUROC and p-value of the score, group vs the rest.
+
+    Sorted by AUROC descending so the groups the query region best picks out come first.
+    """
+    scores = np.asarray(scores, dtype=float)
+    rows = []
+    for name in groups.columns:
+        member = groups[name].to_numpy(dtype=bool)
+        inside = pd.Series(scores[member])
+        rows.append(
+            {
+                "group": name,
+                "n": int(member.sum()),
+                "median": inside.median(),
+                "mean": inside.mean(),
+                "std": inside.std(),
+                "auroc": auroc(scores, member),
+                "p_value": _p_value(scores[member], scores[~member]),
+            }
+        )
+    columns = ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def long_scores(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
+    """Tidy (index, group, score) rows for box/violin/strip plots; an image appears once per group it is in."""
+    wide = groups.astype(bool).assign(**{"__score": np.asarray(scores, dtype=float)})
+    tidy = wide.reset_index(names="index").melt(
+        id_vars=["index", "__score"], var_name="group", value_name="__member"
+    )
+    tidy = tidy[tidy["__member"]].rename(columns={"__score": "score"})
+    return tidy[["index", "group", "score"]].reset_index(drop=True)
+
+
+def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
+    """How similarly two models rank the same images: top-k overlap, Spearman rho and Kendall tau.
+
+    k is capped at the number of images so identical rankings always overlap fully.
+    """
+    scores_a = np.asarray(scores_a, dtype=float)
+    scores_b = np.asarray(scores_b, dtype=float)
+    k = min(k, scores_a.size)
+    top_a = np.argsort(-scores_a, kind="stable")[:k]
+    top_b = np.argsort(-scores_b, kind="stable")[:k]
+    overlap = np.intersect1d(top_a, top_b).size / k if k > 0 else float("nan")
+    return {
+        "topk_overlap": float(overlap),
+        "spearman": float(stats.spearmanr(scores_a, scores_b).statistic),
+        "kendall": float(stats.kendalltau(scores_a, scores_b).statistic),
+    }
