@@ -1,0 +1,194 @@
+"""`python -m vfs`: list models and layers, build caches, inspect them, search them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+JSON_SCHEMA_VERSION = 1
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB', '512 MiB', '1e9' → bytes (decimal and binary units)."""
+    m = re.fullmatch(r"\s*([\d.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _cmd_models(args) -> None:
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+    print("Offline (weights inside installed packages):")
+    for spec in EMBEDDED_MODELS:
+        print(f"  {spec}{'   (default)' if spec == DEFAULT_MODEL else ''}")
+    print("""Any other model (weights downloaded when online):
+  timm:<name>                      e.g. timm:resnet50, timm:vit_base_patch16_224
+  timm:<name>?pretrained=false     random init, a useful control
+  torchvision:<name>[@<weights>]   e.g. torchvision:resnet50@IMAGENET1K_V2
+  file:<checkpoint>?arch=<name>    a local state dict / .safetensors (timm name or torchvision:<name>)
+  python:<module>:<function>       your code, returning an nn.Module (optionally with its Preprocess)
+List a model's layers with: python -m vfs layers SPEC""")
+
+
+def _cmd_layers(args) -> None:
+    from .models import list_layers
+    layers = list_layers(args.spec, args.image_size)
+    if args.json:
+        print(json.dumps([{"name": l.name, "grid": [l.height, l.width], "channels": l.channels} for l in layers], indent=1))
+        return
+    width = max((len(l.name) for l in layers), default=5)
+    for l in layers:
+        print(f"{l.name:<{width}}  {l.height}×{l.width}×{l.channels}")
+
+
+def _cmd_build(args) -> None:
+    from tqdm import tqdm
+
+    from .jobs import BuildJob, build_cache
+    flags = {k: getattr(args, k) for k in ("model", "layer", "data", "out", "label_col", "domain_col",
+                                           "image_size", "batch_size", "device", "workers", "limit")}
+    if args.job:
+        job = BuildJob.from_toml(args.job, **flags)
+    else:
+        missing = [f"--{k}" for k in ("layer", "data", "out") if flags[k] is None]
+        if missing:
+            raise ValueError(f"build needs a job file or {', '.join(missing)}")
+        job = BuildJob(**{k: v for k, v in flags.items() if v is not None})
+    bar = tqdm(unit="img", dynamic_ncols=True, desc=Path(job.out).name)
+
+    def show(p) -> None:
+        bar.total = p.total
+        bar.n = p.done
+        bar.set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
+        bar.refresh()
+
+    cache = build_cache(job, progress=show, cancel=threading.Event())
+    bar.close()
+    report = cache.report
+    print(f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
+          f"{len(report.get('skipped', []))} skipped")
+    for s in report.get("skipped", []):
+        print(f"  skipped {s['path']}: {s['reason']}")
+
+
+def _cmd_info(args) -> None:
+    from .cache import open_cache
+    cache = open_cache(args.cache)
+    info = cache.info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    s = cache.spec
+    print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'})")
+    print(f"  model {s.model}  layer {s.layer}  input {s.input_size}px  grid {s.grid[0]}×{s.grid[1]}×{s.channels}")
+    print(f"  images {cache.n}  data {s.data.get('source')}  labels {s.data.get('label_col')}  domains {s.data.get('domain_col')}")
+    print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
+    for sk in cache.report.get("skipped", []):
+        print(f"  skipped {sk['path']}: {sk['reason']}")
+
+
+def search_json(cache, result, query_desc: dict) -> dict:
+    """The stable JSON form of a search (documented in docs/cli.md)."""
+    rows = []
+    for r in result.top.to_dict("records"):
+        rows.append({"rank": int(r["rank"]), "index": int(r["index"]), "path": r.get("path"),
+                     "score": round(float(r["score"]), 6), "grid_box": list(r["grid_box"]),
+                     "pixel_box": list(r["pixel_box"]) if r.get("pixel_box") is not None else None,
+                     "label": r.get("label"), "domain": r.get("domain")})
+    return {
+        "schema": JSON_SCHEMA_VERSION, "cache": cache.location, "model": cache.spec.model,
+        "layer": cache.spec.layer, "grid": list(result.grid), "query": query_desc,
+        "mask": {"box": list(result.query.mask.query_box()), "cells": int((result.query.mask.weights > 0).sum())},
+        "method": result.method, "device": result.device, "elapsed_ms": round(result.elapsed_ms, 3),
+        "results": rows,
+    }
+
+
+def _cmd_search(args) -> None:
+    from .cache import open_cache
+    from .data import load_image
+    from .masks import load_mask
+    from .models import load_extractor
+    from .search import search_regions
+    cache = open_cache(args.cache)
+    mask = load_mask(args.mask, cache.spec.grid)
+    if args.image:
+        ex = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+        cache.check_extractor(ex.describe())
+        try:
+            image = load_image(args.image)
+        except ValueError as e:
+            raise ValueError(f"{args.image}: {e}") from e
+        query, exclude, desc = ex.features(image), None, {"image": str(args.image)}
+    else:
+        query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
+    result = search_regions(cache, query, mask, k=args.k, exclude=None if args.include_query else exclude,
+                            per_domain=args.per_domain, device=args.device, memory_budget=args.memory_budget)
+    if args.json:
+        print(json.dumps(search_json(cache, result, desc), indent=1, default=str))
+        return
+    print(f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})")
+    cols = [c for c in ("rank", "index", "score", "label", "domain", "path", "grid_box") if c in result.top]
+    print(result.top[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vfs", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list model specs")
+    lp = sub.add_parser("layers", help="list a model's spatial layers with (h, w, C)")
+    lp.add_argument("spec")
+    lp.add_argument("--image-size", type=int)
+    lp.add_argument("--json", action="store_true")
+    bp = sub.add_parser("build", help="build or resume a feature cache")
+    bp.add_argument("job", nargs="?", help="a job file (TOML with a [build] table); flags override it")
+    bp.add_argument("--model")
+    bp.add_argument("--layer")
+    bp.add_argument("--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>")
+    bp.add_argument("--out")
+    bp.add_argument("--label-col")
+    bp.add_argument("--domain-col")
+    bp.add_argument("--image-size", type=int)
+    bp.add_argument("--batch-size", type=int)
+    bp.add_argument("--device")
+    bp.add_argument("--workers", type=int)
+    bp.add_argument("--limit", type=int)
+    ip = sub.add_parser("info", help="describe a cache")
+    ip.add_argument("cache")
+    ip.add_argument("--json", action="store_true")
+    sp = sub.add_parser("search", help="rank a cache's images by similarity to a masked query region")
+    sp.add_argument("cache")
+    q = sp.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query-index", type=int)
+    q.add_argument("--image", type=Path)
+    sp.add_argument("--mask", required=True, type=Path, help="PNG (alpha or grey, any size) or .npy of the grid's shape")
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--per-domain", type=int)
+    sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+COMMANDS = {"models": _cmd_models, "layers": _cmd_layers, "build": _cmd_build, "info": _cmd_info, "search": _cmd_search}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,162 @@
+"""Building a cache: dataset → model → cache, resumable, with progress and cancel.
+
+Decoding and resizing run in DataLoader workers; the model sees uint8 views moved to the
+device (pinned, non-blocking) and normalised there; chunk writes run on a writer thread while
+the next batch is computed. Nothing holds an fp32 copy of the whole cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import tomllib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
+from .data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping, open_dataset
+from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
+from .devices import resolve_device
+
+THUMB_MAX = 224
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything a build needs; a job file (TOML, table [build]) holds the same fields."""
+
+    layer: str
+    data: str
+    out: str
+    model: str = DEFAULT_MODEL
+    label_col: str | None = None
+    domain_col: str | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 0
+    limit: int | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "BuildJob":
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("build")
+        if table is None:
+            raise ValueError(f"{path}: a job file needs a [build] table")
+        unknown = set(table) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        return replace(cls(**table), **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    done: int  # candidates handled (stored or skipped), this run and before
+    total: int
+    stored: int
+    skipped: int
+    images_per_s: float
+    eta_s: float | None
+
+
+class _View:
+    """Worker-side transform: the exact model-input view as a uint8 (3, S, S) tensor."""
+
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return TF.pil_to_tensor(self.preprocess.view(image))
+
+
+def _thumbs(views: torch.Tensor, size: int) -> np.ndarray:
+    if views.shape[-1] != size:
+        views = TF.resize(views, [size, size], antialias=True)
+    return views.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _normalise(views: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    x = TF.to_dtype(views, torch.float32, scale=True)
+    return TF.normalize(x, list(preprocess.mean), list(preprocess.std))
+
+
+def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
+    d = extractor.describe()
+    data = DataSpec(dataset.spec.source, dataset.label_col, dataset.domain_col).to_dict()
+    return CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=tuple(d["grid"]),
+                     channels=d["channels"], preprocess=d["preprocess"], data=data)
+
+
+def build_cache(
+    job: BuildJob,
+    progress: Callable[[BuildProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    extractor: Extractor | None = None,
+) -> FeatureCache | None:
+    """Build (or resume) the cache `job.out`; returns it opened, or None when cancelled."""
+    dataset = open_dataset(job.data, job.label_col, job.domain_col)
+    if job.limit is not None:
+        dataset = dataset.limit(job.limit)
+    device = resolve_device(job.device)
+    extractor = extractor or load_extractor(job.model, job.layer, job.image_size, device=str(device))
+    spec = cache_spec(extractor, dataset)
+    thumb = min(THUMB_MAX, spec.input_size)
+    with BuildLock(job.out):
+        writer = CacheWriter.open(job.out, spec, dataset.records, thumb)
+        _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
+        if cancel is not None and cancel.is_set():
+            return None
+        writer.finish(dataset.records)
+    return open_cache(job.out)
+
+
+def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
+    start = writer.next_item
+    remaining = torch.utils.data.Subset(TorchImageDataset(dataset, _View(extractor.preprocess)),
+                                        range(start, len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        remaining, batch_size=job.batch_size, num_workers=job.workers, collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    t0, done, failed = time.perf_counter(), 0, 0
+    stored0, skipped0 = writer.rows, len(writer.skipped)
+    with ThreadPoolExecutor(1, thread_name_prefix="vfs-writer") as pool:
+        pending: Future | None = None
+        for items, views, good, failures in loader:
+            if cancel is not None and cancel.is_set():
+                break
+            feats = None
+            if views is not None:
+                x = _normalise(views.to(device, non_blocking=True), extractor.preprocess)
+                feats = extractor.features_batch(x).to(torch.float16).cpu().numpy()
+                thumbs = _thumbs(views, thumb)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write, writer, items, good, feats, thumbs if feats is not None else None,
+                                  dict(failures))
+            done += len(items)
+            failed += len(failures)
+            if progress is not None:
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                left = len(dataset) - start - done
+                progress(BuildProgress(start + done, len(dataset), stored0 + done - failed, skipped0 + failed,
+                                       rate, left / rate if rate > 0 else None))
+        if pending is not None:
+            pending.result()
+
+
+def _write(writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str]) -> None:
+    """Hand a batch to the writer in candidate order (stored and skipped interleaved)."""
+    row = {item: k for k, item in enumerate(good)}
+    for item in items:
+        if item in failures:
+            writer.skip(item, failures[item])
+        else:
+            writer.add(item, feats[row[item]], thumbs[row[item]])
