@@ -19,7 +19,8 @@ SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_si
 def candidates(n):
     return pd.DataFrame({"path": [f"img/{i}.png" for i in range(n)],
                          "label": [("cat|dog" if i % 3 else None) for i in range(n)],
-                         "dom": [f"d{i % 2}" for i in range(n)]})
+                         "dom": [f"d{i % 2}" for i in range(n)],
+                         "age": np.arange(n) * 1.5, "sick": np.arange(n) % 2 == 0})
 
 
 def fill(writer, items, rng_seed=0, bad=()):
@@ -55,6 +56,8 @@ def test_round_trip(tmp_path):
     assert list(c.manifest["path"]) == [f"img/{i}.png" for i in keep]
     assert c.manifest["label"].iloc[0] is None and c.manifest["label"].iloc[1] == "cat|dog"
     assert c.thumb(5)[0, 0, 0] == keep[5]
+    assert c.manifest["age"].dtype.kind == "f" and c.manifest["age"].iloc[2] == 3.0
+    assert c.manifest["sick"].tolist()[:3] == [True, False, True]
     assert [s["path"] for s in c.report["skipped"]] == ["img/4.png", "img/17.png"]
     assert c.report["skipped"][0]["reason"] == "truncated image"
     assert list(c.domains[:2]) == ["d0", "d1"]

@@ -134,9 +134,7 @@ class FeatureCache:
         if self._manifest is None:
             if "manifest" not in self.group:
                 raise CacheError(f"{self.location} has no manifest: the build did not finish")
-            g = self.group["manifest"]
-            cols = g.attrs["columns"]
-            self._manifest = pd.DataFrame({c: g[c][: self.n] for c in cols}).replace("\x00", None)
+            self._manifest = _read_table(self.group, "manifest", self.n)
         return self._manifest
 
     @property
@@ -438,8 +436,19 @@ def _write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
         if len(table):
             arr[:] = values.to_numpy(dtype=str)
     g.attrs["columns"] = [str(c) for c in table.columns]
+    g.attrs["kinds"] = {str(c): table[c].dtype.kind for c in table.columns}
 
 
-def _read_table(group: zarr.Group, name: str) -> pd.DataFrame:
+def _read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFrame:
+    """Back to a DataFrame, numbers and booleans restored from their stored kind."""
     g = group[name]
-    return pd.DataFrame({c: g[c][:] for c in g.attrs["columns"]}).replace("\x00", None)
+    kinds = g.attrs.get("kinds", {})
+    out = {}
+    for c in g.attrs["columns"]:
+        col = pd.Series(g[c][:n], dtype=object).replace("\x00", None)
+        if kinds.get(c) in ("i", "u", "f"):
+            col = pd.to_numeric(col)
+        elif kinds.get(c) == "b":
+            col = col.map({"True": True, "False": False})
+        out[c] = col
+    return pd.DataFrame(out)
