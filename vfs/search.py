@@ -165,8 +165,7 @@ class _Scorer:
             self.weights = kernel[list(ky), list(kx)].T.contiguous().to(device, torch.float16)  # (C, K)
         else:
             self.weights = kernel.reshape(self.mh, self.mw * c).T.contiguous().to(device, torch.float16)  # (mw·C, mh)
-        m2 = torch.from_numpy(query.mask.weights ** 2)
-        self.m2 = m2[None, None].to(device)
+        self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.qnorm = query.norm
 
     def numerator(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,8 +185,10 @@ class _Scorer:
 
     def scores(self, x: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
         """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
-        wnorm = F.conv2d(sqnorm.float()[:, None], self.m2)[:, 0].clamp_min(0).sqrt()
-        return self.numerator(x) / (self.qnorm * wnorm).clamp_min(_EPS)
+        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=torch.float32)
+        for w2, (ky, kx) in zip(self.m2, self.cells):
+            wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
+        return self.numerator(x).div_(wnorm.sqrt_().mul_(self.qnorm).clamp_min_(_EPS))
 
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
