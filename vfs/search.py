@@ -146,7 +146,10 @@ def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA)."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: fp16 output, covered by the re-scoring bound
+            pass
     return a @ b
 
 
