@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
 from .devices import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,7 +107,11 @@ class Preprocess:
 
     def to_tensor(self, view: PIL.Image.Image) -> torch.Tensor:
         """A view as a normalized (3, S, S) float32 tensor."""
-        tensor = TF.to_dtype(TF.pil_to_tensor(view), torch.float32, scale=True)
+        return self.normalize(TF.pil_to_tensor(view))
+
+    def normalize(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 views (…, 3, S, S) → normalized float32, on the views' device (builds do it on the GPU)."""
+        tensor = TF.to_dtype(views, torch.float32, scale=True)
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
     def to_dict(self) -> dict[str, Any]:
