@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,12 +26,28 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
+from zarr.core.sync import sync
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to a pid file
+    fcntl = None
 
 FORMAT = "vfs-feature-cache"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 << 20  # features per chunk: large enough to stream well, small enough to resume often
 CHUNK_MAX_IMAGES = 256
 DEFAULT_MEMORY_BUDGET = 4 << 30
+MAX_CHUNK_BYTES = 1 << 30
+"""Largest chunk a cache may declare (VFS writes ≈ 4 MB of features, ≤ 40 MB of thumbnails): a chunk is
+decoded whole, so a hostile cache declaring huge chunks would otherwise make each read allocate that much."""
+FSYNC = os.environ.get("VFS_FSYNC", "1") != "0"
+"""Flush each chunk's files to disk before its progress is recorded (power-loss safety; `VFS_FSYNC=0` skips it)."""
+# Codecs a cache's arrays may use. Caches come from strangers (URLs, shared folders): anything
+# else (a plugin codec, an object codec) is refused before a byte of data is decoded.
+SAFE_CODECS = frozenset({"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "vlen-utf8", "vlen-bytes",
+                         "sharding_indexed"})
+_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
 
 
 class CacheError(ValueError):
@@ -78,9 +97,16 @@ def _is_url(path: str | Path) -> bool:
 
 
 class FeatureCache:
-    """A cache opened for reading: arrays, spec, manifest, and search access (see vfs.search)."""
+    """A cache opened for reading: arrays, spec, manifest, and search access (see vfs.search).
 
-    def __init__(self, group: zarr.Group, location: str):
+    Reads that fail (a chunk file deleted or truncated, a remote store that stops answering)
+    raise `CacheError` naming the cache and the rows, never a raw zarr / codec error; a chunk
+    file that is missing is an error too (zarr alone would read it as zeros). An incomplete cache
+    (its build is running or was interrupted) opens, for its description and a resume, but is
+    searched only when opened with `allow_partial=True`: then it holds the images stored so far.
+    """
+
+    def __init__(self, group: zarr.Group, location: str, allow_partial: bool = False):
         self.group, self.location = group, location
         attrs = dict(group.attrs)
         if attrs.get("format") != FORMAT:
@@ -88,13 +114,26 @@ class FeatureCache:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{location} has format version {attrs.get('format_version')}; this VFS reads version {FORMAT_VERSION}")
         self.attrs = attrs
-        self.spec = CacheSpec.from_dict(attrs["spec"])
+        self.allow_partial = allow_partial
+        try:
+            self.spec = CacheSpec.from_dict(attrs["spec"])
+            self.n = int(attrs["n"])
+            if not self.complete and allow_partial:
+                self.n = int(attrs["progress"]["rows"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
         try:
             self.features, self.sqnorm, self.thumbs = group["features"], group["sqnorm"], group["thumbs"]
         except KeyError as e:
             raise CacheError(f"{location} is missing the array {e}") from e
+        except Exception as e:  # noqa: BLE001 - metadata zarr cannot parse (unknown codec, data type, ...)
+            raise CacheError(f"{location}: an array's metadata cannot be read ({type(e).__name__}: {e})") from e
+        for arr, dtype in ((self.features, "float16"), (self.sqnorm, "float32"), (self.thumbs, "uint8")):
+            _check_array(arr, location, dtype)
+            if int(np.prod(arr.chunks)) * arr.dtype.itemsize > MAX_CHUNK_BYTES:
+                raise CacheError(f"{location}: array {arr.path!r} declares chunks {arr.chunks} of more than "
+                                 f"{MAX_CHUNK_BYTES >> 20} MiB each; VFS does not read such caches")
         h, w = self.spec.grid
-        self.n = int(attrs["n"])
         expect = (self.features.shape[0], h, w, self.spec.channels)
         if self.features.shape != expect or self.sqnorm.shape != expect[:3] or self.features.shape[0] < self.n:
             raise CacheError(f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} do not match the spec {expect}")
@@ -108,17 +147,26 @@ class FeatureCache:
         return bool(self.attrs.get("complete"))
 
     @property
+    def stored(self) -> int:
+        """Images stored so far: all of them once complete, the build's progress before."""
+        return self.n if self.complete else int(self.attrs.get("progress", {}).get("rows", 0))
+
+    @property
     def report(self) -> dict:
         return self.attrs.get("report", {})
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """(N, h, w, C) of what can be searched: refused (CacheError) for an incomplete cache not
+        opened with allow_partial, so that a search says why rather than finding no images."""
+        self.check_searchable()
         h, w = self.spec.grid
         return self.n, h, w, self.spec.channels
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * 2
+        h, w = self.spec.grid
+        return self.n * h * w * self.spec.channels * 2
 
     @property
     def label_col(self) -> str | None:
@@ -132,9 +180,17 @@ class FeatureCache:
     def manifest(self) -> pd.DataFrame:
         """Relative path and every label / domain / metadata column, one row per image."""
         if self._manifest is None:
-            if "manifest" not in self.group:
-                raise CacheError(f"{self.location} has no manifest: the build did not finish")
-            self._manifest = _read_table(self.group, "manifest", self.n)
+            with self._reading("the manifest"):
+                if self.complete:
+                    if "manifest" not in self.group:
+                        raise CacheError(f"{self.location} has no manifest although it is marked complete")
+                    self._manifest = _read_table(self.group, "manifest", self.n)
+                elif self.allow_partial and "candidates" in self.group:
+                    _check_array(self.group["source_index"], self.location, "int64")
+                    index = self.group["source_index"][: self.n]
+                    self._manifest = _read_table(self.group, "candidates").iloc[index].reset_index(drop=True)
+                else:
+                    raise CacheError(f"{self.location} has no manifest: the build did not finish")
         return self._manifest
 
     @property
@@ -145,28 +201,102 @@ class FeatureCache:
         """A JSON-able summary (the CLI's `info --json`)."""
         return {
             "location": self.location, "format_version": FORMAT_VERSION, "complete": self.complete,
-            "n": self.n, "spec": self.spec.to_dict(), "chunk": self.features.chunks[0],
+            "n": self.n, "stored": self.stored, "spec": self.spec.to_dict(), "chunk": self.features.chunks[0],
             "nbytes_features": self.nbytes, "report": self.report,
             "created": self.attrs.get("created"), "versions": self.attrs.get("versions", {}),
         }
 
     def check_extractor(self, description: dict) -> None:
-        """Refuse an extractor that is not the one the cache was built with."""
-        for key in ("spec", "layer", "input_size"):
-            mine = {"spec": self.spec.model, "layer": self.spec.layer, "input_size": self.spec.input_size}[key]
-            if description.get(key) != mine:
-                raise CacheError(f"the cache was built with {key} {mine!r}, not {description.get(key)!r}")
+        """Refuse an extractor that is not the one the cache was built with (model, layer, input size, grid)."""
+        mine = {"spec": self.spec.model, "layer": self.spec.layer, "input_size": self.spec.input_size,
+                "grid": list(self.spec.grid), "channels": self.spec.channels}
+        for key, value in mine.items():
+            theirs = description.get(key)
+            if key == "grid" and theirs is not None:
+                theirs = list(theirs)
+            if key in ("spec", "layer", "input_size") or theirs is not None:
+                if theirs != value:
+                    raise CacheError(f"the cache {self.location} was built with {key} {value!r}, "
+                                     f"not {theirs!r}: its features cannot be compared with this extractor's")
+
+    def check_searchable(self) -> None:
+        """Refuse to search an incomplete cache unless it was opened with `allow_partial=True`."""
+        if not self.complete and not self.allow_partial:
+            total = self.features.shape[0]
+            raise CacheError(
+                f"{self.location} is incomplete: its build is running or was interrupted ({self.stored} of "
+                f"{total} images stored). Finish the build (rerun the same build to resume it), or open it "
+                f"with allow_partial=True to search the images stored so far.")
 
     # --- reading ----------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn whatever zarr, a codec or a store raises into a CacheError saying where and what."""
+        try:
+            yield
+        except CacheError:
+            raise
+        except Exception as e:  # zarr, numcodecs, fsspec and OSError all surface here
+            raise CacheError(f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}); "
+                             f"the cache is damaged or unreachable: rebuild or re-download it") from e
+
+    def _check_chunks(self, rows: np.ndarray | range, arrays: tuple[str, ...] = ("features", "sqnorm")) -> None:
+        """A chunk file that is missing reads as zeros in zarr: refuse it instead, naming the rows.
+
+        Only for caches whose writer stored every chunk (`all_chunks_stored`); older ones may
+        legitimately lack all-zero chunks."""
+        if not self.attrs.get("all_chunks_stored"):
+            return
+        for name in arrays:
+            arr = self.group[name]
+            per = arr.chunks[0]
+            ids = sorted({int(r) // per for r in rows})
+            tail = (0,) * (arr.ndim - 1)
+            keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((i, *tail))}" for i in ids]
+            store = arr.store
+            if isinstance(store, zarr.storage.LocalStore):
+                present = [(Path(store.root) / k).is_file() for k in keys]
+            else:
+                async def _exists(ks=keys, st=store):
+                    import asyncio
+                    return await asyncio.gather(*(st.exists(k) for k in ks))
+                present = sync(_exists())
+            missing = [i for i, ok in zip(ids, present) if not ok]
+            if missing:
+                i = missing[0]
+                raise CacheError(
+                    f"the cache at {self.location} is damaged: {name} rows {i * per}..{min((i + 1) * per, self.n) - 1} "
+                    f"are missing (chunk {keys[ids.index(i)]!r}; {len(missing)} chunk(s) missing); rebuild it")
+
     def thumb(self, index: int) -> np.ndarray:
-        return self.thumbs[int(index)]
+        index = int(index)
+        if not 0 <= index < self.n:
+            raise IndexError(f"image {index} is outside 0..{self.n - 1}")
+        self._check_chunks([index], ("thumbs",))
+        with self._reading(f"the thumbnail of row {index}"):
+            return self.thumbs[index]
+
+    def thumbs_at(self, indices) -> np.ndarray:
+        """(m, S, S, 3) thumbnails of some images in one read (each chunk decoded once), with the
+        same checks as `thumb` (missing chunk → CacheError, read errors → CacheError)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"images outside 0..{self.n - 1}")
+        self._check_chunks(idx, ("thumbs",))
+        with self._reading(f"the thumbnails of rows {_describe_rows(idx)}"):
+            return self.thumbs.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
+        self.check_searchable()
         idx = np.asarray(indices, dtype=np.int64)
         cpu = self._resident.get(torch.device("cpu"))
         if cpu is not None:
             return cpu[0][torch.from_numpy(idx)].numpy()
-        return self.features.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"rows outside 0..{self.n - 1}")
+        self._check_chunks(idx, ("features",))
+        with self._reading(f"the features of rows {_describe_rows(idx)}"):
+            return self.features.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
@@ -183,13 +313,20 @@ class FeatureCache:
         return out
 
     def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.features[start:stop], self.sqnorm[start:stop]
+        self._check_chunks(range(start, stop))
+        with self._reading(f"rows {start}..{stop - 1}"):
+            f, q = self.features[start:stop], self.sqnorm[start:stop]
+        if not np.isfinite(q).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
+            raise CacheError(f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it")
+        return f, q
 
     def _chunk_ranges(self, rows_per_chunk: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows_per_chunk, self.n)) for a in range(0, self.n, rows_per_chunk)]
 
     def resident(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache as fp16 / fp32 tensors on `device`, loaded once, chunk by chunk."""
+        self.check_searchable()
         with self._lock:
             if device not in self._resident:
                 x = torch.empty(self.shape, dtype=torch.float16, device=device)
@@ -212,6 +349,7 @@ class FeatureCache:
     def chunks(self, device: torch.device, memory_budget: int | None = None
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Resident when it fits the budget; otherwise streamed from storage with one chunk prefetched."""
+        self.check_searchable()
         rows = max(self.features.chunks[0], (64 << 20) // max(1, int(np.prod(self.shape[1:])) * 2))
         if device in self._resident or self.fits(device, memory_budget):
             x, s = self.resident(device)
@@ -234,8 +372,12 @@ class FeatureCache:
                 del f, q, x, s
 
 
-def open_cache(location: str | Path) -> FeatureCache:
-    """Open a cache read-only from a local path or a URL (http(s)://, s3://, … through fsspec)."""
+def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:
+    """Open a cache read-only from a local path or a URL (http(s)://, s3://, … through fsspec).
+
+    An incomplete cache opens too (`.complete` is False) but refuses to be searched unless
+    `allow_partial=True`, which searches the images its build has stored so far.
+    """
     location = str(location)
     try:
         if _is_url(location):
@@ -244,12 +386,13 @@ def open_cache(location: str | Path) -> FeatureCache:
             if not Path(location).exists():
                 raise CacheError(f"no cache at {location}")
             store = zarr.storage.LocalStore(location, read_only=True)
-        group = zarr.open_group(store, mode="r")
+        group = zarr.open_group(store, mode="r", zarr_format=3)  # never zarr 2 (its codecs include pickle)
     except CacheError:
         raise
     except Exception as e:  # zarr / fsspec raise many kinds; the user needs the reason
-        raise CacheError(f"cannot open the cache at {location}: {e}") from e
-    return FeatureCache(group, location)
+        raise CacheError(f"cannot open the cache at {location} (a VFS cache is a zarr 3 group): "
+                         f"{type(e).__name__}: {e}") from e
+    return FeatureCache(group, location, allow_partial=allow_partial)
 
 
 def list_caches(root: str | Path) -> list[dict]:
@@ -262,7 +405,7 @@ def list_caches(root: str | Path) -> list[dict]:
             out.append({"name": p.stem, "path": str(p), "model": c.spec.model, "layer": c.spec.layer,
                         "grid": "×".join(map(str, c.spec.grid)), "channels": c.spec.channels, "n": c.n,
                         "labels": c.label_col, "domains": c.domain_col, "complete": c.complete,
-                        "size_bytes": size, "error": None})
+                        "stored": c.stored, "size_bytes": size, "error": None})
         except CacheError as e:
             out.append({"name": p.stem, "path": str(p), "complete": False, "error": str(e)})
     return out
@@ -270,23 +413,55 @@ def list_caches(root: str | Path) -> list[dict]:
 
 # --- writing ---------------------------------------------------------------------------------
 class BuildLock:
-    """One build per output: a lock file holding the owner's pid, ignored once that process is dead."""
+    """One build per output. `<out>.lock` is locked with flock(2), which the kernel releases when
+    the owner exits or is killed, so a dead build never blocks the next one (and a reused pid
+    cannot fake an owner); the file names the owner (pid, host) for the refusal message.
+    Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored."""
 
     def __init__(self, out: str | Path):
         self.path = Path(f"{out}.lock")  # beside the cache, so it can be taken before the cache exists
+        self._fd: int | None = None
+
+    def _refuse(self, owner: str) -> CacheError:
+        return CacheError(f"another build is writing {self.path.with_suffix('')} (lock {self.path}: "
+                          f"{owner.strip() or 'owner unknown'}); wait for it to finish or stop it first")
 
     def __enter__(self) -> "BuildLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+        if fcntl is None:
+            return self._enter_pidfile(owner)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: held by a live process
+                text = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise self._refuse(text) from None
+            try:  # the previous owner may have removed the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, owner)
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise CacheError(f"cannot take the build lock {self.path}")
+
+    def _enter_pidfile(self, owner: bytes) -> "BuildLock":
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 if self._owner_alive():
-                    raise CacheError(f"another build is writing {self.path.with_suffix('')} (lock {self.path}: {self.path.read_text().strip()})")
+                    raise self._refuse(self.path.read_text()) from None
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            os.write(fd, owner)
+            os.close(fd)
             return self
         raise CacheError(f"cannot take the build lock {self.path}")
 
@@ -301,12 +476,15 @@ class BuildLock:
             os.kill(int(owner["pid"]), 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except (PermissionError, OverflowError, ValueError):
             return True
         return True
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -319,7 +497,15 @@ class _Pending:
 
 @dataclass
 class CacheWriter:
-    """Appends images' features to a cache in whole chunks; progress is written after the data."""
+    """Appends images' features to a cache in whole chunks; progress is written after the data.
+
+    Crash safety: the cache is created in `<out>.creating` and renamed into place once it is
+    whole, so a build killed while creating leaves nothing that blocks the rerun. A chunk counts
+    as written only once its files are on disk (written by zarr through a temporary file and a
+    rename, then fsync'ed with their folders, unless `VFS_FSYNC=0`); only then is the progress
+    attribute rewritten (zarr.json, also by rename, then fsync'ed). A kill at any moment leaves
+    the last recorded progress true, and a resume redoes at most the chunk in flight.
+    """
 
     path: Path
     group: zarr.Group
@@ -331,8 +517,12 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, spec: CacheSpec, candidates: pd.DataFrame, thumb_size: int,
-             resume: bool = True) -> "CacheWriter":
-        """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise)."""
+             resume: bool = True, chunk_images: int | None = None) -> "CacheWriter":
+        """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
+
+        `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
+        CHUNK_MAX_IMAGES); it applies when the cache is created, a resume keeps the cache's own.
+        """
         path = Path(path)
         if path.exists() and resume:
             return cls._resume(path, spec, candidates)
@@ -340,8 +530,15 @@ class CacheWriter:
             raise CacheError(f"{path} exists; remove it or resume the build")
         h, w = spec.grid
         n = len(candidates)
-        per = max(1, min(n, CHUNK_MAX_IMAGES, CHUNK_BYTES // (h * w * spec.channels * 2)))
-        g = zarr.open_group(zarr.storage.LocalStore(path), mode="w-")
+        if chunk_images is not None and chunk_images < 1:
+            raise ValueError(f"chunk_images must be at least 1, not {chunk_images}")
+        if chunk_images is None:
+            chunk_images = min(CHUNK_MAX_IMAGES, CHUNK_BYTES // (h * w * spec.channels * 2))
+        per = max(1, min(n, chunk_images))
+        staging = path.with_name(path.name + ".creating")
+        if staging.exists():  # a creation killed half-way: nothing in it was ever progress
+            shutil.rmtree(staging)
+        g = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-")
         g.create_array("features", shape=(n, h, w, spec.channels), chunks=(per, h, w, spec.channels),
                        dtype="float16", compressors=None, fill_value=0)
         g.create_array("sqnorm", shape=(n, h, w), chunks=(per, h, w), dtype="float32", fill_value=0)
@@ -353,13 +550,22 @@ class CacheWriter:
             "format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(), "n": 0,
             "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": []},
             "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
         })
-        return cls(path, g, spec)
+        if FSYNC:
+            _fsync([*(p for p in staging.rglob("*") if p.is_file()), *(p for p in staging.rglob("*") if p.is_dir()), staging])
+        staging.rename(path)
+        if FSYNC:
+            _fsync([path.parent])
+        return cls(path, zarr.open_group(zarr.storage.LocalStore(path), mode="r+"), spec)
 
     @classmethod
     def _resume(cls, path: Path, spec: CacheSpec, candidates: pd.DataFrame) -> "CacheWriter":
-        g = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
-        attrs = dict(g.attrs)
+        try:
+            g = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+            attrs = dict(g.attrs)
+        except Exception as e:  # noqa: BLE001 - not a zarr group, unreadable metadata, ...
+            raise CacheError(f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output") from e
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
         reason = CacheSpec.from_dict(attrs["spec"]).mismatch(spec)
@@ -369,6 +575,9 @@ class CacheWriter:
             raise CacheError(f"{path} is already complete")
         if "candidates" in g and len(_read_table(g, "candidates")) != len(candidates):
             raise CacheError(f"{path} was started on a dataset of another size; choose another output")
+        for leftover in path.rglob("*.partial"):  # zarr's temporary files from writes a kill interrupted
+            if _ZARR_TEMP.search(leftover.name):
+                leftover.unlink(missing_ok=True)
         p = attrs["progress"]
         return cls(path, g, spec, rows=p["rows"], next_item=p["next_item"], skipped=list(p["skipped"]))
 
@@ -377,6 +586,9 @@ class CacheWriter:
         return self.group["features"].chunks[0]
 
     def add(self, item: int, features: np.ndarray, thumb: np.ndarray) -> None:
+        if not np.isfinite(features).all():  # fp16 overflows to inf beyond ±65504: unsearchable
+            self.skip(item, "its features contain NaN or inf (activations beyond the float16 range?)")
+            return
         self._pending.append(_Pending(item, features, thumb))
         self._flush(whole_chunks_only=True)
 
@@ -401,17 +613,46 @@ class CacheWriter:
         a, b = self.rows, self.rows + len(good)
         if good:
             x = np.stack([p.features for p in good]).astype(np.float16)
-            self.group["features"][a:b] = x
-            self.group["sqnorm"][a:b] = np.square(x, dtype=np.float32).sum(-1)
-            self.group["thumbs"][a:b] = np.stack([p.thumb for p in good])
-            self.group["source_index"][a:b] = np.array([p.item for p in good], dtype=np.int64)
+            self._array("features")[a:b] = x
+            self._array("sqnorm")[a:b] = np.square(x, dtype=np.float32).sum(-1)
+            self._array("thumbs")[a:b] = np.stack([p.thumb for p in good])
+            self._array("source_index")[a:b] = np.array([p.item for p in good], dtype=np.int64)
+            self._sync_rows(a, b)
         self.rows, self.next_item = b, batch[-1].item + 1
         self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if p.reason is not None]
-        # Progress only after the data: a kill before this line redoes the chunk.
+        # Progress only after the data is on disk: a kill before this line redoes the chunk.
         self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped}
+        self._sync_attrs()
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array that stores every chunk, even one equal to the fill value (zarr skips those by
+        default), so that a reader can tell a missing chunk file from a chunk of zeros."""
+        return self.group[name].with_config({"write_empty_chunks": True})
+
+    def _sync_rows(self, a: int, b: int) -> None:
+        """fsync the chunk files holding rows a..b-1 of every array, and the folders naming them."""
+        if not FSYNC:
+            return
+        files, folders = [], set()
+        for name in ("features", "sqnorm", "thumbs", "source_index"):
+            arr = self.group[name]
+            per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
+            for i in range(a // per, (b - 1) // per + 1):
+                f = self.path / name / arr.metadata.encode_chunk_key((i, *tail))
+                files.append(f)
+                folders.update(d for d in f.parents if d.is_relative_to(self.path / name))
+        _fsync(files + sorted(folders, key=lambda d: -len(d.parts)))
+
+    def _sync_attrs(self) -> None:
+        if FSYNC:
+            _fsync([self.path / "zarr.json", self.path])
 
     def finish(self, candidates: pd.DataFrame, extra_report: dict | None = None) -> None:
-        """Store what is left, write the manifest of the stored images, and mark the cache complete."""
+        """Store what is left, write the manifest of the stored images, and mark the cache complete.
+
+        Every step can be redone: a build killed here resumes with nothing left to compute and
+        finishes again; `complete` is set last, in one write with `n` and the report.
+        """
         self._flush(whole_chunks_only=False)
         index = self.group["source_index"][: self.rows]
         manifest = candidates.iloc[index].reset_index(drop=True)
@@ -419,12 +660,38 @@ class CacheWriter:
         for name in ("features", "sqnorm", "thumbs", "source_index"):
             arr = self.group[name]
             arr.resize((self.rows, *arr.shape[1:]))
+        if "candidates" in self.group:
+            del self.group["candidates"]
         paths = candidates["path"].astype(str).to_numpy()
         report = {"candidates": len(candidates), "stored": self.rows,
                   "skipped": [{"path": paths[s["item"]], "reason": s["reason"]} for s in self.skipped]}
+        if FSYNC:
+            _fsync([p for p in (self.path / "manifest").rglob("*") if p.is_file()]
+                   + [self.path / name / "zarr.json" for name in ("features", "sqnorm", "thumbs", "source_index")])
         self.group.attrs.update({"n": self.rows, "report": report | (extra_report or {}), "complete": True})
-        if "candidates" in self.group:
-            del self.group["candidates"]
+        self._sync_attrs()
+
+
+def _fsync(paths) -> None:
+    """Flush files (and folders: their entries) to disk; a folder that cannot be opened is skipped (Windows)."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except (IsADirectoryError, PermissionError, FileNotFoundError):
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some file systems refuse fsync on folders
+        finally:
+            os.close(fd)
+
+
+def _describe_rows(idx: np.ndarray) -> str:
+    if len(idx) == 0:
+        return "(none)"
+    shown = ", ".join(map(str, idx[:5].tolist()))
+    return shown + (f", … ({len(idx)} rows)" if len(idx) > 5 else "")
 
 
 def _write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
@@ -439,12 +706,36 @@ def _write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
     g.attrs["kinds"] = {str(c): table[c].dtype.kind for c in table.columns}
 
 
+def _codec_names(codecs: list) -> list[str]:
+    names = []
+    for codec in codecs:
+        d = codec if isinstance(codec, dict) else codec.to_dict()
+        names.append(d.get("name"))
+        inner = d.get("configuration") or {}
+        names += _codec_names(inner.get("codecs", [])) + _codec_names(inner.get("index_codecs", []))
+    return names
+
+
+def _check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> None:
+    """Refuse an array this VFS would not write: another zarr format, an unknown codec, another dtype."""
+    meta = arr.metadata
+    if meta.zarr_format != 3:
+        raise CacheError(f"{location}: array {arr.path!r} is zarr format {meta.zarr_format}; VFS reads zarr 3 only")
+    unsafe = sorted({str(c) for c in _codec_names(list(meta.to_dict().get("codecs", []))) if c not in SAFE_CODECS})
+    if unsafe:
+        raise CacheError(f"{location}: array {arr.path!r} uses codec(s) {', '.join(unsafe)}, which VFS does not read "
+                         f"(allowed: {', '.join(sorted(SAFE_CODECS))})")
+    if dtype is not None and str(arr.dtype) != dtype:
+        raise CacheError(f"{location}: array {arr.path!r} holds {arr.dtype}, not {dtype}")
+
+
 def _read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFrame:
     """Back to a DataFrame, numbers and booleans restored from their stored kind."""
     g = group[name]
     kinds = g.attrs.get("kinds", {})
     out = {}
     for c in g.attrs["columns"]:
+        _check_array(g[c], str(group.store_path))
         col = pd.Series(g[c][:n], dtype=object).replace("\x00", None)
         if kinds.get(c) in ("i", "u", "f"):
             col = pd.to_numeric(col)

@@ -43,6 +43,7 @@ class BuildJob:
     device: str = "auto"
     workers: int = 0
     limit: int | None = None
+    chunk_images: int | None = None  # images per stored chunk (default ≈ 4 MB of features); set at creation
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "BuildJob":
@@ -109,7 +110,7 @@ def build_cache(
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
     with BuildLock(job.out):
-        writer = CacheWriter.open(job.out, spec, dataset.records, thumb)
+        writer = CacheWriter.open(job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images)
         _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
         if cancel is not None and cancel.is_set():
             return None
@@ -119,8 +120,12 @@ def build_cache(
 
 def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
     start = writer.next_item
+    # A resume starts on the batch boundary an uninterrupted build would have used, recomputing the
+    # few images of that batch already stored: a model's output for an image can differ in its last
+    # bits with the batch it is computed in, and a resumed cache must equal an uninterrupted one.
+    first = start - start % job.batch_size
     remaining = torch.utils.data.Subset(TorchImageDataset(dataset, _View(extractor.preprocess)),
-                                        range(start, len(dataset)))
+                                        range(first, len(dataset)))
     loader = torch.utils.data.DataLoader(
         remaining, batch_size=job.batch_size, num_workers=job.workers, collate_fn=collate_skipping,
         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -140,9 +145,9 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             if pending is not None:
                 pending.result()
             pending = pool.submit(_write, writer, items, good, feats, thumbs if feats is not None else None,
-                                  dict(failures))
-            done += len(items)
-            failed += len(failures)
+                                  dict(failures), start)
+            done += sum(1 for i in items if i >= start)
+            failed += sum(1 for i, _ in failures if i >= start)
             if progress is not None:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 left = len(dataset) - start - done
@@ -152,10 +157,13 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             pending.result()
 
 
-def _write(writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str]) -> None:
-    """Hand a batch to the writer in candidate order (stored and skipped interleaved)."""
+def _write(writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str], start: int = 0) -> None:
+    """Hand a batch to the writer in candidate order (stored and skipped interleaved); items
+    before `start` (the part of a resume's first batch stored before) are left out."""
     row = {item: k for k, item in enumerate(good)}
     for item in items:
+        if item < start:
+            continue
         if item in failures:
             writer.skip(item, failures[item])
         else:

@@ -3,10 +3,17 @@
 A user paints on the image the model saw; the search works on the layer's h×w grid. Each grid
 cell gets the fraction of its area covered by paint (area averaging), so a stroke that touches
 part of a cell gives it a fractional weight — the paper's soft mask.
+
+Area averaging is exact (the mask's mean equals the drawing's mean coverage), so any paint at
+all gives its cells a weight above zero: a stroke much thinner than a cell is kept, with a small
+weight, never rounded away. Only a mask with no weight anywhere is refused ("empty"). Scores are
+invariant to the mask's overall scale, so `crop_mask` rescales the weights to a peak of 1: a
+faint mask then cannot underflow in the search's float16 products.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +77,12 @@ class CroppedMask:
 
 
 def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
-    """Crop to the nonzero bounding box; refuse masks that select nothing, with a reason."""
-    m = np.asarray(mask, dtype=np.float32)
+    """Crop to the nonzero bounding box, weights rescaled to a peak of 1 (scores do not change);
+    refuse masks that select nothing, with a reason."""
+    try:
+        m = np.asarray(mask, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a mask must be a 2-D array of numbers ({e})") from e
     if m.ndim != 2:
         raise ValueError(f"a mask must be 2-D (h, w); got shape {m.shape}")
     if not np.isfinite(m).all():
@@ -80,22 +91,37 @@ def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
         raise ValueError("mask weights must be ≥ 0")
     rows, cols = np.nonzero(m > min_weight)
     if rows.size == 0:
-        raise ValueError("the region is empty: draw over the image (it may be too thin to cover any feature cell)")
+        raise ValueError("the region is empty: nothing is painted (draw over the image)")
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    return CroppedMask(np.ascontiguousarray(m[y0:y1, x0:x1]), (int(y0), int(x0)))
+    box = m[y0:y1, x0:x1]
+    return CroppedMask(np.ascontiguousarray(box / box.max(), dtype=np.float32), (int(y0), int(x0)))
 
 
 def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
     """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        m = np.load(path, allow_pickle=False)
+        try:
+            m = np.load(path, allow_pickle=False)  # never unpickle: a .npy can carry code
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path.name}: cannot read the mask ({e})") from e
+        if m.dtype.kind not in "biuf":
+            raise ValueError(f"{path.name}: a .npy mask must hold numbers, not {m.dtype}")
         if m.shape != tuple(grid):
             raise ValueError(f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}")
         return m.astype(np.float32)
+    from .data import MAX_IMAGE_PIXELS
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            return grid_mask(im, grid)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path.name}: cannot read the mask image ({e})") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
+            with Image.open(path) as im:
+                width, height = im.size  # from the header: a bomb is refused before decoding
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+                im.load()
+                return grid_mask(im, grid)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL decoders raise OSError, SyntaxError, struct.error, ...
+        raise ValueError(f"{path.name}: cannot read the mask image ({type(e).__name__}: {e})") from e

@@ -1,0 +1,488 @@
+"""Bad input gets a clear message and the rest of the work goes on.
+
+A corpus of broken, odd-but-legal and hostile files is generated here (nothing downloaded) and
+pushed through a real build with the embedded EfficientNet-Lite0 (64 px input for speed), the
+CLI, queries and damaged caches:
+
+- images: good ones are stored; odd but legal ones (16-bit, CMYK, palette with transparency,
+  greyscale, grey+alpha, float TIFF, EXIF-rotated, 1×1, GIF, huge but legal) are stored after
+  normalisation; broken ones (zero-byte, truncated, text named .jpg, unsupported formats,
+  decompression bombs) are skipped and listed in the build report with the reason;
+- the CLI's `search --image <bad file>` and bad mask files exit 2 with one `error:` line;
+- queries: empty, thin, faint, wrong-shape and non-finite masks, non-finite features;
+- caches: another model/layer/size than the extractor, an unsupported format version, missing
+  or truncated chunk files, a NaN cache, manifests that point outside their root.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from PIL import Image
+
+from vfs.cache import CacheError, open_cache
+from vfs.cli import main
+from vfs.data import ImageError, load_image, open_dataset
+from vfs.jobs import BuildJob, build_cache
+from vfs.masks import crop_mask, grid_mask, load_mask
+from vfs.search import ArrayFeatures, RegionQuery, search_regions
+
+SIZE = 64  # model input: Lite0 blocks.5 gives a 2×2 grid
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size but holds no pixel data: tiny file, huge header (a bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def two_colour(size=(48, 24)) -> Image.Image:
+    """Left half red, right half blue: shows which way an image was rotated."""
+    image = Image.new("RGB", size, (255, 0, 0))
+    image.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def corpus() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, tuple[bytes, str]]]:
+    """(good, odd but legal, bad with the expected reason), as file name → bytes."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    png, jpeg = encode(noise, "PNG"), encode(noise, "JPEG", quality=90)
+    gradient = Image.fromarray(np.broadcast_to(np.linspace(0, 255, 90, dtype=np.uint8)[None, :, None], (70, 90, 3)).copy())
+
+    palette = Image.new("P", (40, 30))
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 20, 30))  # left half red, right half index 0 = transparent
+    grey_alpha = Image.new("LA", (40, 30), (90, 255))
+    grey_alpha.paste((0, 0), (20, 0, 40, 30))  # right half fully transparent
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90° clockwise
+    gif = Image.new("P", (30, 30))
+    gif.putpalette([0, 128, 0] * 256)
+
+    good = {
+        "good_noise.png": png,
+        "good_noise.jpg": jpeg,
+        "sub/good_gradient.jpg": encode(gradient, "JPEG", quality=95),
+    }
+    odd = {
+        "deep16.png": encode(Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)), "PNG"),
+        "cmyk.jpg": encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG", quality=95),
+        "palette_transparent.png": encode(palette, "PNG", transparency=0),
+        "grey.png": encode(Image.new("L", (40, 30), 100), "PNG"),
+        "grey_alpha.png": encode(grey_alpha, "PNG"),
+        "float.tif": encode(Image.fromarray(rng.random((30, 40)).astype(np.float32)), "TIFF"),
+        "exif_rotated.jpg": encode(two_colour(), "JPEG", exif=exif, quality=95),
+        "one_pixel.png": encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"),
+        "animated.gif": encode(gif, "GIF", save_all=True, append_images=[gif.copy()]),
+        "huge_legal.jpg": encode(Image.new("RGB", (8192, 4800), (20, 160, 40)), "JPEG", quality=75),
+        "wide_legal.png": encode(Image.new("RGB", (6000, 40), (20, 160, 40)), "PNG"),
+    }
+    bad = {
+        "zero.jpg": (b"", "empty file"),
+        "zero.png": (b"", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated image"),
+        "truncated.png": (png[: len(png) // 2], "truncated image"),
+        "truncated_header.png": (png[:40], "not an image"),
+        "text.jpg": (b"hello, I am not a JPEG\n" * 8, "not an image"),
+        "vector.png": (b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>", "not an image"),
+        "phone.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "not an image"),  # HEIC
+        "bad_header.bmp": (b"BM" + bytes(60), "corrupt or unsupported"),
+        "bomb.png": (png_header(10_000, 10_000), "exceeds the limit"),  # 1e8 px: over VFS's limit
+        "bomb_huge.png": (png_header(40_000, 40_000), "exceeds the limit"),  # PIL's own guard fires
+    }
+    return good, odd, bad
+
+
+def write(folder: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real build over the whole corpus; returns (cache, folder, good, odd, bad)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    good, odd, bad = corpus()
+    write(folder, good | odd | {name: content for name, (content, _) in bad.items()})
+    (folder / "not_an_image.txt").write_text("ignored: not an image extension")
+    (folder / "folder.jpg").mkdir()  # a folder with an image's name is not a candidate
+    out = tmp_path_factory.mktemp("caches") / "corpus.zarr"
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL warns about bomb.png; VFS refuses it
+        cache = build_cache(BuildJob(layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE,
+                                     batch_size=8, device="cpu"))
+    return cache, folder, good, odd, bad
+
+
+# --------------------------------------------------------------------------- images in a build
+
+
+def test_build_stores_good_and_odd_images_and_reports_bad_ones(built):
+    cache, _, good, odd, bad = built
+    assert cache.complete
+    stored = set(cache.manifest["path"])
+    assert stored == set(good) | set(odd)
+    skipped = {s["path"]: s["reason"] for s in cache.report["skipped"]}
+    assert set(skipped) == set(bad)
+    for name, (_, reason) in bad.items():
+        assert reason in skipped[name], (name, skipped[name])
+        assert "\n" not in skipped[name] and len(skipped[name]) < 300
+    assert cache.report["candidates"] == len(good) + len(odd) + len(bad) == cache.n + len(bad)
+    x = cache.features[:]
+    assert np.isfinite(x.astype(np.float32)).all() and (cache.sqnorm[:] > 0).all()
+
+
+def test_odd_images_are_normalised_in_the_stored_view(built):
+    cache, *_ = built
+    row = {p: i for i, p in enumerate(cache.manifest["path"])}
+    rotated = cache.thumb(row["exif_rotated.jpg"]).astype(int)  # 48×24 landscape shown as 24×48 portrait
+    assert rotated[4, SIZE // 2, 0] > 200 and rotated[4, SIZE // 2, 2] < 60  # the red half is on top
+    assert rotated[-5, SIZE // 2, 2] > 200 and rotated[-5, SIZE // 2, 0] < 60
+    grey = cache.thumb(row["grey.png"]).astype(int)
+    assert (grey == 100).all()
+    palette = cache.thumb(row["palette_transparent.png"]).astype(int)
+    assert tuple(palette[32, 2]) == (255, 0, 0) and tuple(palette[32, -3]) == (255, 255, 255)  # transparent → white
+    cmyk = cache.thumb(row["cmyk.jpg"]).astype(int)
+    assert cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 60
+    deep = cache.thumb(row["deep16.png"]).astype(int)
+    assert deep.max() > 200 and deep.std() > 20  # 16-bit scaled down, not clipped to white
+    assert (cache.thumb(row["huge_legal.jpg"]).astype(int)[..., 1] > 120).all()
+
+
+def test_huge_legal_image_is_decoded_small(built):
+    folder = built[1]
+    image = load_image(folder / "huge_legal.jpg")
+    assert image.size == (4096, 2400)  # drafted at half scale by the JPEG decoder: never 39 Mpx in memory
+    assert max(load_image(folder / "wide_legal.png").size) == 4096
+    with pytest.raises(ImageError, match="exceeds the limit of 1000000 pixels"):
+        load_image(folder / "huge_legal.jpg", max_pixels=1_000_000)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from vfs.models import load_extractor
+    return load_extractor("embedded:efficientnet_lite0", "blocks.5", SIZE)
+
+
+@pytest.fixture
+def shared_extractor(extractor, monkeypatch):
+    """The CLI loads the cache's extractor on each call; share one loaded model between the calls."""
+    monkeypatch.setattr("vfs.models.load_extractor", lambda spec, layer, size=None, device="cpu": extractor)
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def mask_file(built, tmp_path_factory):
+    path = tmp_path_factory.mktemp("masks") / "all.npy"
+    np.save(path, np.ones(built[0].spec.grid, np.float32))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("name", ["zero.jpg", "truncated.jpg", "text.jpg", "phone.jpg", "bomb.png", "missing.png"])
+def test_cli_search_with_a_bad_query_image_is_one_error_line(built, mask_file, shared_extractor, name, capsys):
+    cache, folder, *_ = built
+    code = main(["search", cache.location, "--image", str(folder / name), "--mask", str(mask_file)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mask,content,message", [
+    ("text.png", b"not a png", "cannot read the mask image"),
+    ("truncated.png", None, "cannot read the mask image"),
+    ("bomb.png", png_header(10_000, 10_000), "exceeds the limit"),
+    ("pickled.npy", None, "cannot read the mask"),
+    ("strings.npy", None, "must hold numbers"),
+    ("wrong_shape.npy", None, "grid's shape"),
+    ("zeros.npy", None, "empty"),
+    ("nan.npy", None, "NaN"),
+])
+def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, content, message):
+    cache = built[0]
+    path = tmp_path / mask
+    if mask == "truncated.png":
+        content = encode(Image.new("L", (64, 64), 255), "PNG")[:60]
+    if content is not None:
+        path.write_bytes(content)
+    elif mask == "pickled.npy":
+        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    elif mask == "strings.npy":
+        np.save(path, np.array([["a", "b"], ["c", "d"]]))
+    else:
+        np.save(path, {"wrong_shape.npy": np.ones((3, 3)), "zeros.npy": np.zeros((2, 2)),
+                       "nan.npy": np.full((2, 2), np.nan)}[mask])
+    code = main(["search", cache.location, "--query-index", "0", "--mask", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_a_manifest_pointing_outside_its_root(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path,label\n../outside.png,x\n")
+    code = main(["build", "--data", str(manifest), "--layer", "blocks.5", "--out", str(tmp_path / "c.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "outside the dataset root" in err and not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "sub/../../outside.png", "/etc/hostname", "~/x.png"])
+def test_manifest_paths_outside_the_root_are_refused(tmp_path, bad):
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "m.csv"
+    pd.DataFrame({"path": ["ok.png", bad]}).to_csv(manifest, index=False)
+    if bad.startswith("~"):  # a literal "~" folder inside the root is fine: it is not expanded
+        assert open_dataset(str(manifest)).reader.resolve(bad).is_relative_to(tmp_path / "data")
+        return
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        open_dataset(str(manifest))
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def features(seed=0, n=12, grid=(5, 6), c=8):
+    return np.maximum(np.random.default_rng(seed).standard_normal((n, *grid, c)), 0).astype(np.float16)
+
+
+@pytest.mark.parametrize("mask,message", [
+    (np.zeros((5, 6)), "region is empty"),
+    (np.ones((4, 6)), "does not match the feature grid"),
+    (np.ones((5, 6, 1)), "does not match the feature grid"),
+    (np.full((5, 6), np.nan), "NaN or inf"),
+    (np.where(np.eye(5, 6) > 0, np.inf, 0), "NaN or inf"),
+    (-np.ones((5, 6)), "≥ 0"),
+])
+def test_bad_masks_are_refused_with_a_reason(mask, message):
+    with pytest.raises(ValueError, match=message):
+        search_regions(features(), 0, mask, device="cpu")
+
+
+def test_a_stroke_thinner_than_a_cell_is_kept_with_small_weights():
+    drawing = np.zeros((224, 224), bool)
+    drawing[100, 40:180] = True  # one pixel high: 1/32 of a 7×7 cell
+    mask = grid_mask(drawing, (7, 7))
+    assert mask.max() == pytest.approx(1 / 32) and (mask > 0).sum() == 5
+    assert mask.mean() == pytest.approx(drawing.mean())
+    x = features(1, 20, (7, 7), 16)
+    thin = search_regions(x, 3, mask, k=5, device="cpu")
+    scaled = search_regions(x, 3, mask * 32, k=5, device="cpu")  # the same shape at full strength
+    assert thin.top["index"].tolist() == scaled.top["index"].tolist() and thin.top["index"].iloc[0] == 3
+    np.testing.assert_allclose(thin.scores, scaled.scores, atol=1e-6)
+
+
+def test_a_faint_mask_does_not_underflow():
+    """Scores do not depend on the mask's scale: 1e-5 × a mask must search like the mask itself,
+    on the fast float16 path (the weights are rescaled to a peak of 1, nothing underflows)."""
+    mask = np.zeros((5, 6), np.float32)
+    mask[1:4, 2:5] = [[1, 0.5, 0.2], [0.7, 1, 0.3], [0.1, 0.9, 1]]
+    x = features(2, 40)
+    ref = search_regions(x, 7, mask, k=5, device="cpu")
+    faint = search_regions(x, 7, mask * 1e-5, k=5, device="cpu")
+    assert faint.top["index"].tolist() == ref.top["index"].tolist()
+    np.testing.assert_array_equal(faint.scores, ref.scores)
+    assert faint.rescored == ref.rescored < 40
+    assert crop_mask(mask * 1e-30).weights.max() == 1
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused(value):
+    x = features(3).astype(np.float32)
+    q = x[0].copy()
+    q[2, 3, 1] = value
+    mask = np.ones((5, 6), np.float32)
+    with pytest.raises(ValueError, match="query features contain NaN or inf"):
+        search_regions(x, q, mask, device="cpu")
+    x[4, 1, 1, 0] = value
+    with pytest.raises(ValueError, match="features contain NaN or inf"):
+        ArrayFeatures(x)
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        RegionQuery.create(q, mask)
+
+
+def test_fp16_overflow_is_refused():
+    x = features(4).astype(np.float32)
+    x[2, 0, 0, 0] = 1e6  # beyond float16: becomes inf in the cache's dtype
+    with pytest.raises(ValueError, match="NaN or inf"):
+        search_regions(x, 0, np.ones((5, 6)), device="cpu")
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def test_cache_of_another_model_layer_or_size_is_refused(built):
+    cache = built[0]
+    d = {"spec": cache.spec.model, "layer": cache.spec.layer, "input_size": SIZE,
+         "grid": list(cache.spec.grid), "channels": cache.spec.channels}
+    cache.check_extractor(d)
+    for key, other, message in [("spec", "timm:resnet50", "spec 'embedded:efficientnet_lite0', not 'timm:resnet50'"),
+                                ("layer", "blocks.6", "layer 'blocks.5', not 'blocks.6'"),
+                                ("input_size", 224, "input_size 64, not 224"),
+                                ("channels", 320, "channels 192, not 320")]:
+        with pytest.raises(CacheError, match=message):
+            cache.check_extractor(d | {key: other})
+
+
+def test_cache_of_another_layer_refused_for_a_real_extractor(built, extractor, tmp_path, capsys):
+    from vfs.models import load_extractor
+    ex = load_extractor("embedded:efficientnet_lite0", "blocks.4", SIZE)
+    with pytest.raises(CacheError, match="layer 'blocks.5', not 'blocks.4'"):
+        built[0].check_extractor(ex.describe())
+    built[0].check_extractor(extractor.describe())  # its own extractor is accepted
+
+
+def copy_cache(built, tmp_path) -> Path:
+    import shutil
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(built[0].location, dst)
+    return dst
+
+
+def chunk_file(cache_path: Path, array: str, chunk: int) -> Path:
+    arr = zarr.open_array(str(cache_path / array), mode="r")
+    return cache_path / array / arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+
+
+@pytest.fixture
+def small_chunked(tmp_path):
+    """A 30-image cache written in 7-image chunks (through the real writer)."""
+    from vfs.cache import CacheSpec, CacheWriter
+    spec = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(2, 3),
+                     channels=4, preprocess={}, data={"source": "x"})
+    cand = pd.DataFrame({"path": [f"{i}.png" for i in range(30)]})
+    w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 8, chunk_images=7)
+    x = features(5, 30, (2, 3), 4)
+    x[8:14] = 0  # an all-zero chunk's worth of rows: still stored, so "missing" is never ambiguous
+    for i in range(30):
+        w.add(i, x[i], np.full((8, 8, 3), i, np.uint8))
+    w.finish(cand)
+    return tmp_path / "c.zarr", x
+
+
+@pytest.mark.parametrize("array,damage", [("features", "delete"), ("features", "truncate"),
+                                          ("sqnorm", "delete"), ("sqnorm", "truncate")])
+def test_missing_or_truncated_chunks_are_a_clear_error(small_chunked, array, damage):
+    path, x = small_chunked
+    ok = search_regions(open_cache(path), 0, np.ones((2, 3)), k=3, device="cpu")
+    f = chunk_file(path, array, 2)  # rows 14..20
+    assert f.is_file()
+    if damage == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    for budget in (None, 1000):  # resident and streamed reads
+        with pytest.raises(CacheError, match=r"copy|c\.zarr") as e:
+            search_regions(open_cache(path), 0, np.ones((2, 3)), k=3, device="cpu", memory_budget=budget)
+        assert "rows 14.." in str(e.value) and str(path) in str(e.value)  # streamed reads are smaller
+        assert ("missing" if damage == "delete" else "cannot read") in str(e.value)
+    # rows elsewhere still read: the damage is reported where it is
+    np.testing.assert_array_equal(open_cache(path).rows(np.array([0, 1])), x[[0, 1]])
+    assert ok.top["index"].iloc[0] == 0
+
+
+def test_damaged_thumbs_and_manifest_are_a_clear_error(small_chunked):
+    path, _ = small_chunked
+    chunk_file(path, "thumbs", 1).unlink()
+    cache = open_cache(path)
+    assert cache.thumb(0)[0, 0, 0] == 0
+    with pytest.raises(CacheError, match="thumbs rows 7..13 are missing"):
+        cache.thumb(9)
+    with pytest.raises(CacheError, match="thumbs rows 7..13 are missing"):
+        cache.thumbs_at([0, 1, 9])
+    assert cache.thumbs_at([0, 20]).shape == (2, 8, 8, 3)
+    m = next((path / "manifest" / "path").rglob("c/*"))
+    m.write_bytes(m.read_bytes()[:5])
+    with pytest.raises(CacheError, match="cannot read the manifest"):
+        open_cache(path).manifest
+
+
+def test_unsupported_format_version_and_damaged_attributes(small_chunked):
+    path, _ = small_chunked
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps(doc | {"attributes": doc["attributes"] | {"format_version": 2}}))
+    with pytest.raises(CacheError, match="format version 2; this VFS reads version 1"):
+        open_cache(path)
+    meta.write_text(json.dumps(doc | {"attributes": {**doc["attributes"], "spec": {"model": "x"}}}))
+    with pytest.raises(CacheError, match="attributes are damaged"):
+        open_cache(path)
+    meta.write_text("{ not json")
+    with pytest.raises(CacheError, match="cannot open the cache"):
+        open_cache(path)
+
+
+def test_a_cache_holding_nan_is_refused(small_chunked):
+    path, _ = small_chunked
+    sq = zarr.open_array(str(path / "sqnorm"), mode="r+")
+    sq[20] = np.nan  # a hostile or corrupted cache: the writer itself never stores NaN
+    with pytest.raises(CacheError, match="NaN or inf features \\(first at row 20\\)"):
+        search_regions(open_cache(path), 0, np.ones((2, 3)), device="cpu")
+
+
+def test_the_writer_skips_images_whose_features_overflow(tmp_path):
+    from vfs.cache import CacheSpec, CacheWriter
+    spec = CacheSpec(model="m", layer="l", input_size=8, grid=(2, 2), channels=3, preprocess={}, data={})
+    cand = pd.DataFrame({"path": ["a.png", "b.png", "c.png"]})
+    w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 4)
+    x = np.ones((3, 2, 2, 3), np.float16)
+    x[1, 0, 0, 0] = np.inf
+    for i in range(3):
+        w.add(i, x[i], np.zeros((4, 4, 3), np.uint8))
+    w.finish(cand)
+    c = open_cache(tmp_path / "c.zarr")
+    assert c.n == 2 and c.report["skipped"][0]["path"] == "b.png"
+    assert "NaN or inf" in c.report["skipped"][0]["reason"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_path):
+    path, _ = small_chunked
+    meta = path / "sqnorm" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    meta.write_text(json.dumps(doc | {"codecs": doc["codecs"] + [{"name": "numcodecs.bz2", "configuration": {}}]}))
+    with pytest.raises(CacheError, match="uses codec\\(s\\) numcodecs.bz2, which VFS does not read"):
+        open_cache(path)
+    meta.write_text(json.dumps(doc | {"codecs": [{"name": "no.such.codec", "configuration": {}}]}))
+    with pytest.raises(CacheError, match="metadata cannot be read"):
+        open_cache(path)
+    meta.write_text(json.dumps(doc | {"data_type": "float64"}))
+    with pytest.raises(CacheError, match="holds float64, not float32"):
+        open_cache(path)
+    huge = {**doc["chunk_grid"], "configuration": {"chunk_shape": [2**40, 2, 3]}}
+    meta.write_text(json.dumps(doc | {"chunk_grid": huge}))
+    with pytest.raises(CacheError, match="declares chunks .* of more than 1024 MiB"):
+        open_cache(path)
+    # a zarr 2 group (whose codecs could include pickle) is not even looked into
+    v2 = tmp_path / "v2.zarr"
+    (v2 / "features").mkdir(parents=True)
+    (v2 / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (v2 / ".zattrs").write_text(json.dumps({"format": "vfs-feature-cache", "format_version": 1}))
+    with pytest.raises(CacheError, match="a VFS cache is a zarr 3 group"):
+        open_cache(v2)
