@@ -1,0 +1,21 @@
+"""Visual Feature Search, the dashboard: `streamlit run app.py`.
+
+Declares the pages; each page file in `app_pages/` reads top to bottom as what the user sees.
+The folder is not called `pages/`: with a `pages/` folder Streamlit runs a deep link such as
+/search on a fresh server as a stand-alone page (its old multipage mode) until some session has
+run this script once. The Build page is left out where the settings switch building off (hosted).
+"""
+
+import streamlit as st
+
+from ui.core import settings
+
+st.set_page_config(page_title="Visual Feature Search", page_icon=":material/image_search:", layout="wide")
+
+home = st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)
+build = st.Page("app_pages/build.py", title="Build", icon=":material/construction:", url_path="build")
+search = st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", url_path="search")
+distributions = st.Page("app_pages/distributions.py", title="Distributions", icon=":material/bar_chart:",
+                        url_path="distributions")
+compare = st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare")
+st.navigation([home, *([build] if settings().allow_build else []), search, distributions, compare]).run()

@@ -1,0 +1,57 @@
+"""Home: what the tool does, the caches there are, and the one-click demo cache for a fresh install."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from ui.core import CACHE, DEMO_JOB, OPENED, build_registry, cache_rows, get_cache, settings, user_errors
+from ui.views import build_panel, cache_table, start_build
+from vfs.jobs import BuildJob
+
+st.title("Visual Feature Search")
+st.markdown("""
+See what a vision model thinks is similar, **region by region**. Paint over part of an image (a face,
+a wheel, the heart on a chest X-ray) and every image of a dataset is ranked by the cosine similarity
+between the model's features under your paint and the best-matching window of that image, at one
+layer of the network.
+
+1. **Build** a feature cache: one layer of one model over a dataset, computed once.
+2. **Search**: pick a query image, paint a region, see the top matches with their windows outlined.
+3. **Distributions**: every image's best score grouped by a label: does the region tell the groups apart?
+4. **Compare**: the same query in two caches of one dataset (two models, two layers, two checkpoints).
+""")
+
+s = settings()
+rows = cache_rows()
+demo = s.cache_path("demo")
+demo_row = next((r for r in rows if Path(r["path"]) == demo), None)
+demo_build = build_registry().get(demo)
+if s.allow_build and not (demo_row and demo_row["complete"]) and not (demo_build and demo_build.status().running):
+    st.button("Build the demo cache" if demo_row is None else "Resume building the demo cache", type="primary",
+              key="home.demo", on_click=start_build, args=(BuildJob.from_toml(DEMO_JOB, out=str(demo)),))
+    st.caption("EfficientNet-Lite0 (its weights ship with the installed package) on 213 scikit-image sample "
+               "photos and faces: offline, about a minute on two CPU cores.")
+if s.allow_build:
+    build_panel()
+
+st.header("Caches")
+if rows:
+    cache_table(rows)
+    links = st.columns(4)
+    links[0].page_link("app_pages/search.py", label="Search a cache", icon=":material/image_search:")
+    links[1].page_link("app_pages/distributions.py", label="Score distributions", icon=":material/bar_chart:")
+    links[2].page_link("app_pages/compare.py", label="Compare two caches", icon=":material/compare:")
+else:
+    st.info(f"No caches yet in {s.cache_dir}/." + (" Build the demo cache above to start." if s.allow_build else ""))
+
+if not s.hosted:
+    with st.form("home.open", border=False):
+        location = st.text_input("Open a cache by path or URL", key="home.location",
+                                 placeholder="/data/caches/imagenet.zarr or https://example.org/caches/demo.zarr")
+        opened = st.form_submit_button("Open cache")
+    if opened and location.strip():
+        with user_errors():
+            get_cache(location.strip())
+        st.session_state[OPENED] = [*st.session_state.get(OPENED, []), location.strip()]
+        st.session_state[CACHE] = location.strip()
+        st.rerun()

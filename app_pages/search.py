@@ -1,0 +1,45 @@
+"""Search: paint a region on a query image and see where the dataset holds the most similar regions."""
+
+import streamlit as st
+
+from ui.core import bind, groups
+from ui.query import draw_region, pick_cache, pick_query, query_view, require_region, run_search
+from ui.views import downloads, result_table, result_tiles, search_summary
+from vfs.render import mask_overlay
+
+st.title("Search")
+cache = pick_cache("search.cache")
+query = pick_query(cache, "search")
+view = query_view(cache, query)
+
+drawing, side = st.columns(2, gap="large")
+with drawing:
+    region = draw_region(view, query, "search")
+with side:
+    k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
+    exclude = st.checkbox("Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None)
+    per_domain = st.number_input(
+        f"At most n per domain ({cache.domain_col or 'no domain column'})", 1, None,
+        key=bind("search.per_domain", None), placeholder="no limit", disabled=cache.domain_col is None,
+        help="The paper's “unique domains” row: at most this many matches from any one domain.")
+    label_options = list(groups(cache, cache.label_col).columns) if cache.label_col else []
+    labels = st.multiselect(f"Only these labels ({cache.label_col or 'no label column'})", label_options,
+                            key=bind(f"search.labels.{cache.location}", []), disabled=not label_options,
+                            placeholder="every label")
+    heat = st.toggle("Show heat maps", key=bind("search.heat", False),
+                     help="Colour each match by the region's score at every placement in it.")
+
+region = require_region(region)
+result = run_search(cache, query, region, k, exclude, per_domain if cache.domain_col else None, tuple(labels))
+mask = region.mask(cache.spec.grid)
+with side:
+    h, w = cache.spec.grid
+    st.image(mask_overlay(view, mask), width=320,
+             caption=f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f} "
+                     "(the share of each cell painted; stronger blue = more weight)")
+
+st.header("Results")
+st.caption(search_summary(cache, result))
+result_tiles(cache, result, heat=heat)
+result_table(result, key="search.table")
+downloads(cache, result, query, view, mask, "search")

@@ -1,0 +1,64 @@
+"""Helpers for the app's tests: drawings as the canvas sends them, waiting for background work."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = 40  # the test caches hold the first 40 demo images: 13 photos (domain "samples"), 27 faces ("lfw")
+
+
+def start_app() -> AppTest:
+    """The app at its Home page, in a fresh session, with the environment the test set."""
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+
+
+def png_url(paint: np.ndarray) -> str:
+    """A canvas drawing as the component sends it: a PNG data URL whose alpha is the paint."""
+    rgba = np.zeros((*paint.shape, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = np.where(paint, 255, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def box_paint(y0: float = 0.3, x0: float = 0.3, y1: float = 0.6, x1: float = 0.6, size: int = 320) -> np.ndarray:
+    paint = np.zeros((size, size), bool)
+    paint[int(y0 * size):int(y1 * size), int(x0 * size):int(x1 * size)] = True
+    return paint
+
+
+def draw(at: AppTest, paint: np.ndarray | None = None) -> AppTest:
+    """Inject a stroke into the canvas on screen (STACK.md: through its session state) and rerun."""
+    canvas = at.get("bidi_component")[0].proto.id  # "$$ID-<hash>-<user key>"
+    key = canvas.split("-", 2)[2]
+    at.session_state[key] = {"drawing": {"raw": {"objects": [{"type": "Path"}]},
+                                         "data": png_url(box_paint() if paint is None else paint)},
+                             "backgroundFit": None}
+    return at.run()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def no_exceptions(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at

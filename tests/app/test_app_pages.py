@@ -1,0 +1,298 @@
+"""The dashboard's pages through streamlit.testing (AppTest), on small real caches.
+
+Drawings are injected through the canvas's session state, as the component would send them.
+"""
+
+import shutil
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from apphelpers import SMALL, box_paint, draw, no_exceptions, start_app, texts, wait_until
+from vfs.cache import open_cache
+
+
+def page(at, name):
+    return no_exceptions(at.switch_page(f"app_pages/{name}.py").run())
+
+
+def use_cache(at, key, caches, name):
+    return no_exceptions(at.selectbox(key=key).set_value(str(caches / f"{name}.zarr")).run())
+
+
+def searched(app, caches, **paint):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    return no_exceptions(draw(at, box_paint(**paint) if paint else None))
+
+
+def png(seed=1):
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# --- Home -----------------------------------------------------------------------------------------
+def test_home_lists_caches_and_offers_the_demo(app):
+    no_exceptions(app)
+    table = app.dataframe[0].value
+    assert list(table["cache"]) == ["findings", "small", "small_b4"]
+    assert set(table["status"]) == {"complete"} and list(table["images"]) == [6, SMALL, SMALL]
+    assert list(table["grid"]) == ["7×7×192", "7×7×192", "14×14×112"]
+    assert app.button(key="home.demo").label == "Build the demo cache"
+    assert app.text_input(key="home.location").label == "Open a cache by path or URL"
+
+
+def test_demo_build_runs_in_the_background_and_can_be_cancelled(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = start_app()
+    assert any("No caches yet" in t for t in texts(at.info))
+    at.button(key="home.demo").click().run()
+    out = str(tmp_path / "demo.zarr")
+    cancel = at.button(key=f"build.cancel.{out}")
+    assert at.get("progress") and "demo" in at.get("progress")[0].proto.text
+    cancel.click().run()
+    wait_until(lambda: any("cancelled" in t for t in texts(at.run().warning)))
+    assert at.button(key="home.demo").label == "Resume building the demo cache"
+    assert at.button(key=f"build.resume.{out}").label == "Resume build"
+    assert at.dataframe[0].value["status"][0].startswith("partial: ") and not open_cache(out).complete
+
+
+def test_opening_a_cache_by_path(caches, tmp_path, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = start_app()
+    at.text_input(key="home.location").set_value(str(caches / "small.zarr"))
+    no_exceptions(at.get("form_submit_button")[0].click().run())
+    assert list(at.dataframe[0].value["cache"]) == ["small"]
+    at.text_input(key="home.location").set_value(str(tmp_path / "nothing.zarr"))
+    at.get("form_submit_button")[0].click().run()
+    assert any("no cache at" in t for t in texts(at.error))
+
+
+# --- Search ---------------------------------------------------------------------------------------
+def test_search_waits_for_a_stroke_then_ranks_scored_outlined_matches(app, caches):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    assert any("Draw on the query image" in t for t in texts(at.info))
+    no_exceptions(draw(at))
+    assert any(t.startswith(f"10 results from {SMALL} images in") for t in texts(at.caption))
+    top = at.dataframe[0].value
+    assert list(top["rank"]) == list(range(1, 11)) and top["score"].is_monotonic_decreasing
+    assert 0 not in set(top["index"]) and set(top["label"]) <= {"photo", "face"}
+    tiles = [c for image in at.image for c in image.captions if ". score " in c]
+    assert len(tiles) == 10 and tiles[0] == f"1. score {top['score'][0]:.2f} · {top['label'][0]} · {top['domain'][0]}"
+    assert any("feature cells selected" in c for image in at.image for c in image.captions)
+    assert [d.label for d in at.get("download_button")] == [
+        "Download results (CSV)", "Download results (JSON)", "Download figure (PNG)"]
+
+
+def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
+    at = searched(app, caches)
+    at.slider(key="search.k").set_value(3).run()
+    assert len(at.dataframe[0].value) == 3
+    at.checkbox(key="search.exclude").uncheck().run()
+    top = at.dataframe[0].value
+    assert top["index"][0] == 0 and top["score"][0] == pytest.approx(1.0, abs=1e-3)
+    at.slider(key="search.k").set_value(10).run()
+    labels = at.multiselect(key=f"search.labels.{caches / 'small.zarr'}")
+    labels.select("face").run()
+    assert len(at.dataframe[0].value) == 10 and set(at.dataframe[0].value["label"]) == {"face"}
+    no_exceptions(at.toggle(key="search.heat").set_value(True).run())
+    assert len([c for image in at.image for c in image.captions if ". score " in c]) == 10
+    at.number_input(key="search.per_domain").set_value(1).run()
+    assert list(at.dataframe[0].value["domain"]) == ["lfw"]
+    at.multiselect(key=f"search.labels.{caches / 'small.zarr'}").unselect("face").run()
+    assert sorted(at.dataframe[0].value["domain"]) == ["lfw", "samples"]
+
+
+def test_an_empty_region_is_an_error_message_not_a_traceback(app, caches):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    no_exceptions(draw(at, np.zeros((320, 320), bool)))
+    assert any("the region is empty" in t for t in texts(at.error))
+
+
+def test_query_by_index_thumbnails_random_and_label(app, caches):
+    at = searched(app, caches)
+    at.number_input(key="search.index").set_value(5).run()
+    assert any("Draw on the query image" in t for t in texts(at.info))  # a new image, a new drawing
+    at.toggle(key="search.browse").set_value(True).run()
+    at.button(key="search.use.7").click().run()
+    assert at.number_input(key="search.index").value == 7
+    at.selectbox(key="search.label").set_value("face").run()
+    at.button(key="search.random").click().run()
+    assert at.number_input(key="search.index").value >= 13  # the first 13 images are photos
+    assert all(c.startswith("#") and int(c[1:]) >= 13 for image in at.image for c in image.captions if c.startswith("#"))
+
+
+def test_uploaded_query_uses_the_caches_own_model(app, caches):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    at.radio(key="search.from").set_value("Upload").run()
+    assert any("Upload an image" in t for t in texts(at.info))
+    at.file_uploader(key="search.upload").set_value(("noise.png", png(), "image/png")).run()
+    no_exceptions(draw(at))
+    top = at.dataframe[0].value
+    assert len(top) == 10 and top["score"].is_monotonic_decreasing and at.checkbox(key="search.exclude").disabled
+
+
+def test_an_unreadable_upload_is_an_error_message(app, caches):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    at.radio(key="search.from").set_value("Upload").run()
+    no_exceptions(at.file_uploader(key="search.upload").set_value(("bad.png", b"not an image", "image/png")).run())
+    assert any("not an image" in t for t in texts(at.error))
+
+
+# --- Distributions --------------------------------------------------------------------------------
+def test_distributions_use_the_query_drawn_on_search(app, caches):
+    at = page(searched(app, caches), "distributions")
+    assert at.selectbox(key="dist.cache").value == str(caches / "small.zarr")
+    assert len(at.get("plotly_chart")) == 1
+    table = at.dataframe[0].value
+    assert set(table["group"]) == {"face", "photo"} and table["auroc"].is_monotonic_decreasing
+    assert list(table.columns) == ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    assert table["n"].sum() == SMALL - 1  # the query image is left out
+    at.checkbox(key="dist.leave_out").uncheck().run()
+    assert at.dataframe[0].value["n"].sum() == SMALL
+    for kind in ("violin", "strip"):
+        no_exceptions(at.radio(key="dist.kind").set_value(kind).run())
+    assert at.get("download_button")[0].label == "Download per-image scores (CSV)"
+
+
+def test_distributions_split_a_multi_label_column_into_present_and_absent(app, caches):
+    at = use_cache(page(app, "distributions"), "dist.cache", caches, "findings")
+    no_exceptions(draw(at))
+    assert at.selectbox(key="dist.column").options == ["label", "view"]
+    groups = set(at.dataframe[0].value["group"])
+    assert groups == {"Cardiomegaly", "Effusion", "Edema", "No Finding"}
+    at.selectbox(key="dist.finding.label").set_value("Cardiomegaly").run()
+    table = at.dataframe[0].value.set_index("group")
+    assert dict(table["n"]) == {"True": 2, "False": 3}  # image 0 (Cardiomegaly|Effusion) is the query
+    assert any("Groups by Cardiomegaly present" in h for h in texts(at.header))
+
+
+# --- Compare --------------------------------------------------------------------------------------
+def test_compare_two_layers_of_the_same_images(app, caches):
+    at = use_cache(page(app, "compare"), "compare.left", caches, "small")
+    at = no_exceptions(draw(use_cache(at, "compare.right", caches, "small_b4")))
+    left, right = at.dataframe[0].value, at.dataframe[1].value
+    assert len(left) == len(right) == 10
+    assert [m.label for m in at.metric] == ["Top-10 overlap", "Spearman ρ (all images)", "Kendall τ (all images)"]
+    assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
+    assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
+
+
+def test_compare_refuses_caches_of_different_datasets(app, caches):
+    at = use_cache(page(app, "compare"), "compare.left", caches, "small")
+    at = use_cache(at, "compare.right", caches, "findings")
+    assert any("cannot be compared: they are of different datasets" in t for t in texts(at.error))
+
+
+# --- Build ----------------------------------------------------------------------------------------
+def test_build_page_lists_the_models_real_layers(app):
+    at = page(app, "build")
+    layers = at.selectbox(key="build.layer")
+    assert layers.value == "blocks.5" and "blocks.5 — 7×7 grid, 192 channels" in layers.options
+    assert "conv_head — 7×7 grid, 1280 channels" in layers.options
+    at.number_input(key="build.size").set_value(448).run()
+    assert "blocks.5 — 14×14 grid, 192 channels" in at.selectbox(key="build.layer").options
+    assert at.selectbox(key="build.label").value == "label" and at.selectbox(key="build.domain").value == "source"
+
+
+def test_build_page_refuses_names_that_leave_the_caches_folder(app):
+    at = page(app, "build")
+    at.text_input(key="build.name").set_value("../elsewhere").run()
+    assert any("no folder separators" in t for t in texts(at.error))
+
+
+def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(findings_manifest)).run()
+    assert at.selectbox(key="build.label").options == ["(none)", "label", "view"]
+    at.selectbox(key="build.domain").set_value("view")
+    at.text_input(key="build.name").set_value("ui_built").run()
+    no_exceptions(at.button(key="build.start").click().run())
+    wait_until(lambda: (tmp_path / "ui_built.zarr").exists() and open_cache(tmp_path / "ui_built.zarr").complete)
+    at.run()
+    assert any("A complete cache called ui_built exists" in t for t in texts(at.warning))
+    assert any("ui_built: built 6 images" in t for t in texts(at.success))
+    cache = open_cache(tmp_path / "ui_built.zarr")
+    assert cache.domain_col == "view" and cache.label_col == "label"
+
+
+def test_delete_asks_first(caches, tmp_path, monkeypatch):
+    shutil.copytree(caches / "findings.zarr", tmp_path / "doomed.zarr")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.button(key="build.delete").click().run()
+    assert any("Delete the cache doomed" in t for t in texts(at.warning))
+    at.button(key="build.delete_no").click().run()
+    assert (tmp_path / "doomed.zarr").exists() and not any("Delete the cache" in t for t in texts(at.warning))
+    at.button(key="build.delete").click().run()
+    no_exceptions(at.button(key="build.delete_yes").click().run())
+    assert not (tmp_path / "doomed.zarr").exists() and any("No caches" in t for t in texts(at.info))
+
+
+# --- Hosted ---------------------------------------------------------------------------------------
+def test_hosted_mode_hides_building_and_opening_paths_but_searches(caches, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_HOSTED", "1")
+    at = no_exceptions(start_app())
+    assert not [b for b in at.button if b.key == "home.demo"] and not at.text_input
+    with pytest.raises(ValueError):
+        at.switch_page("app_pages/build.py")
+    at = no_exceptions(draw(use_cache(page(at, "search"), "search.cache", caches, "small")))
+    assert len(at.dataframe[0].value) == 10
+
+
+def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeypatch):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(caches))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/small.zarr"
+        monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("VFS_HOSTED", "1")
+        monkeypatch.setenv("VFS_REMOTE_CACHES", url)
+        at = no_exceptions(start_app())
+        assert list(at.dataframe[0].value["location"]) == [url]
+        at = page(at, "search")
+        assert at.selectbox(key="search.cache").value == url
+        at = no_exceptions(draw(at))
+        assert len(at.dataframe[0].value) == 10
+    finally:
+        server.shutdown()
+
+
+def test_builds_can_be_switched_off(caches, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_ALLOW_BUILD", "0")
+    at = no_exceptions(start_app())
+    assert not [b for b in at.button if b.key == "home.demo"]
+    with pytest.raises(ValueError):
+        at.switch_page("app_pages/build.py")
+
+
+def test_hosted_mode_refuses_a_cache_whose_model_runs_user_code(caches, tmp_path, monkeypatch):
+    shutil.copytree(caches / "small.zarr", tmp_path / "evil.zarr")
+    group = zarr.open_group(str(tmp_path / "evil.zarr"), mode="r+")
+    group.attrs["spec"] = group.attrs["spec"] | {"model": "python:os:getcwd"}
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VFS_HOSTED", "1")
+    at = page(start_app(), "search")
+    at.radio(key="search.from").set_value("Upload").run()
+    at.file_uploader(key="search.upload").set_value(("q.png", png(), "image/png")).run()
+    no_exceptions(draw(at))
+    assert any("python: model specs run arbitrary code" in t for t in texts(at.error))
+
+
+def test_malformed_settings_are_shown(monkeypatch, caches):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_HOSTED", "perhaps")
+    at = no_exceptions(start_app())
+    assert any("VFS_HOSTED" in t for t in texts(at.error))

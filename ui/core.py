@@ -1,0 +1,210 @@
+"""What is loaded once per server, what a session remembers, and how errors reach the user.
+
+Caches, extractors and thumbnails are `st.cache_resource` objects shared by every session, keyed
+by their spec strings (and, for local caches, the time their metadata last changed, so a rebuilt
+cache is reopened). Small per-session results (the last search, an upload's features) live in
+`st.session_state` through `memo`, so a rerun that changes nothing recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Container, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from vfs.background import BuildRegistry
+from vfs.cache import CacheError, FeatureCache, list_caches, open_cache
+from vfs.data import open_dataset
+from vfs.models import Extractor, LayerInfo, list_layers, load_extractor
+from vfs.settings import Settings, is_remote
+from vfs.stats import label_groups
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_JOB = ROOT / "cache_jobs" / "demo.toml"
+CACHE = "vfs.cache"  # the location of the cache the user works with, shared by the pages
+OPENED = "vfs.opened"  # caches this session opened by path or URL (Home page)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a traceback,
+    and stop the page there."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable …
+        st.error(str(e) or type(e).__name__)
+        st.stop()
+
+
+def settings() -> Settings:
+    """This instance's settings, read on every run (cheap) so a changed environment applies at once."""
+    with user_errors():
+        return Settings.from_env()
+
+
+def bind(key: str, default: Any, shared: str | None = None, options: Container | None = None) -> str:
+    """Key for a widget whose value survives visits to other pages.
+
+    Streamlit drops a widget's state when its page is left; the value is also kept under `shared`
+    (a session value several pages' widgets show, e.g. the current cache) or a private name.
+    """
+    store = shared or f"vfs.kept.{key}"
+    value = st.session_state[key] if key in st.session_state else st.session_state.get(store, default)
+    if options is not None and value not in options:
+        value = default
+    st.session_state[key] = st.session_state[store] = value
+    return key
+
+
+def memo(name: str, key: object, compute: Callable[[], T]) -> T:
+    """The value last computed under `name`, recomputed only when `key` changes (compared with ==; one slot per name)."""
+    slot = st.session_state.get(f"vfs.memo.{name}")
+    if slot is None or slot[0] != key:
+        slot = (key, compute())
+        st.session_state[f"vfs.memo.{name}"] = slot
+    return slot[1]
+
+
+# --- builds ---------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def build_registry() -> BuildRegistry:
+    """The server's background builds: one registry for every session, so reruns and other users see them."""
+    return BuildRegistry()
+
+
+# --- caches ---------------------------------------------------------------------------------------
+def _stamp(location: str) -> int:
+    """Changes whenever a local cache's metadata is rewritten (progress, completion, a rebuild)."""
+    if is_remote(location):
+        return 0
+    try:
+        return (Path(location) / "zarr.json").stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+@st.cache_resource(max_entries=16, show_spinner="Opening the cache…")
+def _open_cache(location: str, stamp: int) -> FeatureCache:
+    return open_cache(location)
+
+
+def get_cache(location: str) -> FeatureCache:
+    """The cache at `location`, opened once per server (and again after it is rewritten)."""
+    return _open_cache(location, _stamp(location))
+
+
+def cache_name(location: str) -> str:
+    return Path(location.rstrip("/")).name.removesuffix(".zarr")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _local_rows(root: str, stamps: tuple) -> list[dict]:
+    return list_caches(root)
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def _opened_row(location: str) -> dict:
+    """A cache given by URL or path, summarised like `list_caches` rows (an unreachable URL is retried after a minute)."""
+    row = {"name": cache_name(location), "path": location, "complete": False, "size_bytes": None}
+    try:
+        c = get_cache(location)
+    except CacheError as e:
+        return row | {"error": str(e)}
+    return row | {"model": c.spec.model, "layer": c.spec.layer, "grid": "×".join(map(str, c.spec.grid)),
+                  "channels": c.spec.channels, "n": c.n, "labels": c.label_col, "domains": c.domain_col,
+                  "complete": c.complete, "error": None}
+
+
+def cache_rows() -> list[dict]:
+    """Every cache this session can see: the caches folder, the configured URLs, and what it opened."""
+    s = settings()
+    root = s.cache_dir
+    stamps = tuple(sorted((p.name, _stamp(str(p))) for p in root.glob("*.zarr"))) if root.is_dir() else ()
+    rows = _local_rows(str(root), stamps) if stamps else []
+    extra = [*s.remote_caches, *st.session_state.get(OPENED, [])]
+    return rows + [_opened_row(location) for location in dict.fromkeys(extra)]
+
+
+# --- models ---------------------------------------------------------------------------------------
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _extractor(model: str, layer: str, input_size: int) -> Extractor:
+    return load_extractor(model, layer, input_size)
+
+
+def extractor_for(cache: FeatureCache) -> Extractor:
+    """The cache's own extractor (for uploaded images), loaded once per server and checked against the cache."""
+    settings().check_model_spec(cache.spec.model)
+    extractor = _extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+    cache.check_extractor(extractor.describe())
+    return extractor
+
+
+@st.cache_data(max_entries=32, show_spinner="Listing the model's layers…")
+def layers(spec: str, image_size: int | None) -> list[LayerInfo]:
+    return list_layers(spec, image_size)
+
+
+@st.cache_data(max_entries=16, ttl=60, show_spinner="Reading the dataset…")
+def dataset_columns(source: str) -> tuple[list[str], int, str | None, str | None]:
+    """A dataset's columns besides `path`, its size, and the label / domain columns it would use by default."""
+    dataset = open_dataset(source)
+    columns = [str(c) for c in dataset.records.columns if c != "path"]
+    return columns, len(dataset), dataset.label_col, dataset.domain_col
+
+
+# --- what the pages show of a cache ----------------------------------------------------------------
+class _Thumbs:
+    """Recently shown thumbnails of one cache. A thumbnail chunk holds hundreds of images, so the
+    thumbnails a page needs are read together (each chunk decoded once) and kept for the next rerun."""
+
+    def __init__(self, cache: FeatureCache, capacity: int = 256) -> None:
+        self.cache, self.capacity = cache, capacity
+        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, indices: Iterable[int]) -> list[np.ndarray]:
+        wanted = [int(i) for i in indices]
+        with self._lock:
+            missing = sorted(set(wanted) - self._items.keys())
+            if missing:
+                self._items.update(zip(missing, self.cache.thumbs_at(missing)))
+            for i in wanted:
+                self._items.move_to_end(i)
+            out = [self._items[i] for i in wanted]
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return out
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _thumb_store(location: str, stamp: int) -> _Thumbs:
+    return _Thumbs(get_cache(location))
+
+
+def thumbs(cache: FeatureCache, indices: Iterable[int]) -> list[np.ndarray]:
+    """The thumbnails (the model-input views) of some images, in the order asked."""
+    return _thumb_store(cache.location, _stamp(cache.location)).get(indices)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _groups(location: str, stamp: int, column: str) -> pd.DataFrame:
+    return label_groups(get_cache(location).manifest, column)
+
+
+def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
+    """Membership of every image in each group of `column` ('|'-joined values: one group per finding)."""
+    return _groups(cache.location, _stamp(cache.location), column)
+
+
+def group_columns(cache: FeatureCache, most: int = 50) -> list[str]:
+    """Manifest columns worth grouping by: between 2 and `most` groups (not paths, ids or ages)."""
+    columns = [c for c in cache.manifest.columns if c != "path"]
+    return [c for c in columns if 2 <= groups(cache, c).shape[1] <= most]

@@ -1,0 +1,248 @@
+"""The query every page shares: which cache, which image, which region, and the search it gives.
+
+The current cache, query image and drawn region live in session state, so the Search,
+Distributions and Compare pages show the same query and the user's drawing follows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+from streamlit.delta_generator import DeltaGenerator
+from streamlit_drawable_canvas import st_canvas
+
+from vfs.cache import FeatureCache
+from vfs.data import IMAGE_EXTENSIONS, load_image
+from vfs.masks import grid_mask
+from vfs.models import Preprocess
+from vfs.search import SearchResult, search_regions
+
+from .core import CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, thumbs, user_errors
+
+CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
+PAINT = "rgba(255, 96, 0, 0.45)"  # strokes show the image through them; any paint counts fully
+DATASET, UPLOAD = "Dataset image", "Upload"
+FROM, INDEX, UPLOADED, REGION = "vfs.query.from", "vfs.query.index", "vfs.upload", "vfs.region"
+BROWSE_PAGE = 12
+ALL = "(all)"
+
+
+@dataclass(frozen=True)
+class Query:
+    """The query image: an index into the dataset (the same image in every cache of it) or an upload."""
+
+    source: str  # the dataset's source, or "upload"
+    index: int | None = None
+    digest: str | None = None  # sha1 of the uploaded bytes
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"upload-{self.digest}" if self.index is None else f"{hashlib.sha1(self.source.encode()).hexdigest()[:8]}-{self.index}"
+
+    def describe(self) -> dict:
+        """How the JSON export names the query."""
+        return {"index": self.index} if self.index is not None else {"image": self.name}
+
+
+@dataclass(frozen=True)
+class Region:
+    """A region drawn on a query: the canvas strokes (to redraw them on another page) and the paint."""
+
+    query: Query
+    drawing: dict = field(repr=False)
+    paint: np.ndarray = field(repr=False)  # (CANVAS_PX, CANVAS_PX) bool
+
+    @property
+    def empty(self) -> bool:
+        return not (self.drawing or {}).get("objects")
+
+    def mask(self, grid: tuple[int, int]) -> np.ndarray:
+        return grid_mask(self.paint, grid)
+
+
+# --- which cache ------------------------------------------------------------------------------------
+def describe_cache(row: dict) -> str:
+    remote = " (remote)" if "://" in row["path"] else ""
+    return f"{row['name']}{remote} — {row['model']} · {row['layer']} · {row['grid']}×{row['channels']} · {row['n']} images"
+
+
+def pick_cache(key: str, label: str = "Cache", shared: str | None = CACHE, avoid: str | None = None) -> FeatureCache:
+    """A selectbox of the complete caches; stops the page with a hint when there are none.
+
+    `shared` keeps the choice for the other pages; `avoid` is a location to prefer not to default to.
+    """
+    rows = [r for r in cache_rows() if r["complete"]]
+    if not rows:
+        st.info("No cache to search yet: build the demo cache on the Home page, or another on the Build page.")
+        st.page_link("app_pages/home.py", label="Go to Home", icon=":material/home:")
+        st.stop()
+    choices = {r["path"]: describe_cache(r) for r in rows}
+    default = next((p for p in choices if p != avoid), rows[0]["path"])
+    location = st.selectbox(label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices))
+    with user_errors():
+        return get_cache(location)
+
+
+# --- which image ------------------------------------------------------------------------------------
+def _choose(index_key: str, index: int) -> None:
+    st.session_state[index_key] = index
+
+
+def _choose_random(index_key: str, candidates: np.ndarray) -> None:
+    if len(candidates):
+        st.session_state[index_key] = int(random.choice(candidates))
+
+
+def _label_filter(cache: FeatureCache, key: str) -> np.ndarray:
+    """Indices of the images carrying the label chosen for browsing (all images without a label column)."""
+    if not cache.label_col:
+        return np.arange(cache.n)
+    table = groups(cache, cache.label_col)
+    label = st.selectbox("Browse by label", [ALL, *table.columns], key=bind(f"{key}.label", ALL, options=[ALL, *table.columns]))
+    return np.arange(cache.n) if label == ALL else np.flatnonzero(table[label].to_numpy())
+
+
+def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: str) -> None:
+    """A page of thumbnails, each with a button that makes it the query."""
+    pages = max(1, -(-len(candidates) // BROWSE_PAGE))
+    page = st.number_input(f"Thumbnail page (of {pages})", 1, pages, key=bind(f"{key}.page", 1, options=range(1, pages + 1)))
+    shown = candidates[(page - 1) * BROWSE_PAGE: page * BROWSE_PAGE]
+    columns = st.columns(6)
+    for n, (i, thumb) in enumerate(zip(shown, thumbs(cache, shown))):
+        with columns[n % 6]:
+            st.image(thumb, caption=f"#{i}", width="stretch", output_format="JPEG")
+            st.button("Use", key=f"{key}.use.{i}", on_click=_choose, args=(index_key, int(i)), width="stretch")
+
+
+def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator) -> Query:
+    index_key = f"{key}.index"
+    bind(index_key, 0, INDEX, range(cache.n))
+    with filter_column:
+        candidates = _label_filter(cache, key)
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
+    index = left.number_input(f"Image index (0–{cache.n - 1})", 0, cache.n - 1, step=1, key=index_key)
+    right.button("Random image", key=f"{key}.random", width="stretch", on_click=_choose_random, args=(index_key, candidates))
+    if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
+        _browser(cache, candidates, key, index_key)
+    return Query(cache.spec.data["source"], int(index))
+
+
+def _upload_query(key: str) -> Query:
+    s = settings()
+    types = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+    file = st.file_uploader(f"Upload a query image (at most {s.max_upload_mb} MB)", type=types,
+                            key=f"{key}.upload", max_upload_size=s.max_upload_mb)
+    if file is not None:
+        data = file.getvalue()
+        st.session_state[UPLOADED] = (hashlib.sha1(data).hexdigest(), file.name, data)
+    if UPLOADED not in st.session_state:
+        st.info("Upload an image to search the dataset for regions like one of its regions.")
+        st.stop()
+    digest, name, _ = st.session_state[UPLOADED]
+    if file is None:
+        st.caption(f"Using the image uploaded before: {name}")
+    return Query("upload", digest=digest, name=name)
+
+
+def pick_query(cache: FeatureCache, key: str) -> Query:
+    """The shared query-image picker: a dataset image (by index, at random, by label, from thumbnails) or an upload."""
+    source_column, filter_column = st.columns(2)
+    source = source_column.radio("Query image", [DATASET, UPLOAD], horizontal=True, key=bind(f"{key}.from", DATASET, FROM))
+    return _dataset_query(cache, key, filter_column) if source == DATASET else _upload_query(key)
+
+
+def _uploaded_image(query: Query) -> Image.Image:
+    digest, _, data = st.session_state[UPLOADED]
+    with user_errors():
+        return memo("upload", digest, lambda: load_image(data))
+
+
+def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
+    """The query image exactly as the cache's model sees it: its thumbnail, or the upload's resized crop."""
+    if query.index is not None:
+        return thumbs(cache, [query.index])[0]
+    size = cache.thumbs.shape[1]
+
+    def view() -> np.ndarray:
+        crop = Preprocess.from_dict(cache.spec.preprocess).view(_uploaded_image(query))
+        return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
+
+    return memo(f"view.{cache.location}", (query, cache.spec), view)
+
+
+def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
+    """What search takes: the dataset index (its cached features), or the upload's features by the cache's own model."""
+    if query.index is not None:
+        return query.index
+    with user_errors():
+        return memo(f"features.{cache.location}", (query, cache.spec),
+                    lambda: extractor_for(cache).features(_uploaded_image(query)))
+
+
+# --- which region -----------------------------------------------------------------------------------
+@st.cache_data(max_entries=16, show_spinner=False)
+def _background(view: np.ndarray) -> str:
+    """The view at canvas size as a JPEG data URL: small, and encoded once per image."""
+    buffer = io.BytesIO()
+    Image.fromarray(view).resize((CANVAS_PX, CANVAS_PX), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
+    """The shared drawer: the view on a canvas (free-hand or rectangle; undo, redo and clear in its toolbar).
+
+    The region drawn is kept in session state; a canvas opened on another page starts from its strokes.
+    """
+    stored = st.session_state.get(REGION)
+    stored = stored if stored is not None and stored.query == query else None
+    canvas_key = f"{key}.canvas.{query.key}"
+    initial_key = f"vfs.initial.{canvas_key}"
+    if canvas_key not in st.session_state:  # the canvas mounts now: redraw the region drawn elsewhere
+        st.session_state[initial_key] = stored.drawing if stored is not None else None
+    tool, brush = st.columns(2)
+    freehand = tool.radio("Drawing tool", ["Free-hand", "Rectangle"], horizontal=True,
+                          key=bind(f"{key}.tool", "Free-hand")) == "Free-hand"
+    width = brush.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
+    result = st_canvas(
+        fill_color=PAINT, stroke_width=width if freehand else 0, stroke_color=PAINT,
+        background_image=_background(view), update_streamlit=True, width=CANVAS_PX, height=CANVAS_PX,
+        drawing_mode="freedraw" if freehand else "rect",
+        initial_drawing=st.session_state[initial_key], return_image_data=True, key=canvas_key,
+    )
+    if result.image_data is not None:
+        stored = Region(query, result.json_data or {}, result.image_data[..., 3] > 0)
+        st.session_state[REGION] = stored
+    return stored
+
+
+def require_region(region: Region | None) -> Region:
+    """Stop the page with a hint until a region is drawn."""
+    if region is None or region.empty:
+        st.info("Draw on the query image to search: paint over the part you are interested in.")
+        st.stop()
+    return region
+
+
+# --- the search ---------------------------------------------------------------------------------------
+def run_search(cache: FeatureCache, query: Query, region: Region, k: int = 10, exclude_query: bool = True,
+               per_domain: int | None = None, labels: tuple[str, ...] = ()) -> SearchResult:
+    """`vfs.search.search_regions` for this query, remembered until the query or an option changes."""
+    mask = region.mask(cache.spec.grid)
+    exclude = query.index if exclude_query and query.index is not None else None
+    key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels)
+
+    def search() -> SearchResult:
+        candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy() if labels else None
+        return search_regions(cache, query_features(cache, query), mask, k=k, exclude=exclude,
+                              per_domain=per_domain, candidates=candidates)
+
+    with user_errors():
+        return memo(f"search.{cache.location}", key, search)

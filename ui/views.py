@@ -1,0 +1,157 @@
+"""Pieces several pages show: search results, exports, the cache list and the background builds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from vfs.background import BackgroundBuild
+from vfs.cache import FeatureCache
+from vfs.cli import search_json
+from vfs.jobs import BuildJob
+from vfs.render import grid_box_to_pixels, heatmap_overlay, outline, png_bytes, results_figure
+from vfs.search import SearchResult
+
+from .core import build_registry, cache_name, thumbs
+from .query import Query
+
+START_ERROR = "vfs.builds.error"
+DONE_SHOWN_S = 600  # a finished build's message stays this long
+
+
+# --- results ------------------------------------------------------------------------------------------
+def _tags(row: dict) -> list[str]:
+    return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
+
+
+def match_caption(row: dict) -> str:
+    """The paper's caption, "3. score 0.87 · face · lfw", under each match."""
+    return " · ".join([f"{row['rank']}. score {row['score']:.2f}", *_tags(row)])
+
+
+def result_tiles(cache: FeatureCache, result: SearchResult, columns: int = 5, heat: bool = False) -> None:
+    """The top-k grid: each match as the model saw it, its best window outlined, optionally over its heat map."""
+    rows = result.top.to_dict("records")
+    if not rows:
+        st.warning("No image passes the filters: loosen the label filter or the per-domain limit.")
+        return
+    images = thumbs(cache, [r["index"] for r in rows])
+    for start in range(0, len(rows), columns):
+        for column, row, thumb in zip(st.columns(columns), rows[start:start + columns], images[start:start + columns]):
+            if heat:
+                thumb = np.asarray(heatmap_overlay(thumb, result.placement_scores(row["index"]),
+                                                   result.query.mask.shape, result.grid))
+            tile = outline(thumb, grid_box_to_pixels(row["grid_box"], result.grid, thumb.shape[:2]))
+            column.image(tile, caption=match_caption(row), width="stretch", output_format="JPEG")
+
+
+def result_table(result: SearchResult, key: str) -> None:
+    columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in result.top]
+    st.dataframe(result.top[columns], hide_index=True, key=key,
+                 column_config={"score": st.column_config.NumberColumn("score", format="%.2f")})
+
+
+def search_summary(cache: FeatureCache, result: SearchResult) -> str:
+    """E.g. "10 results from 213 images in 23 ms (cells, cpu)"."""
+    return (f"{len(result.top)} results from {cache.n} images in {result.elapsed_ms:.0f} ms "
+            f"({result.method}, {result.device})")
+
+
+def downloads(cache: FeatureCache, result: SearchResult, query: Query, view: np.ndarray, mask: np.ndarray,
+              key: str) -> None:
+    """Export the ranked results (CSV, JSON as the CLI writes it) and a paper-style figure (PNG, made on click)."""
+    stem = f"vfs-{cache_name(cache.location)}-{query.key}"
+
+    def figure() -> bytes:
+        rows = result.top.to_dict("records")
+        matches = [{"thumb": t, "box": r["grid_box"], "score": r["score"], "caption": " · ".join(_tags(r))}
+                   for r, t in zip(rows, thumbs(cache, [r["index"] for r in rows]))]
+        title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
+        return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
+
+    csv, js, png = st.columns(3)
+    csv.download_button("Download results (CSV)", result.top.to_csv(index=False), f"{stem}.csv", "text/csv",
+                        key=f"{key}.csv", on_click="ignore", width="stretch")
+    js.download_button("Download results (JSON)", json.dumps(search_json(cache, result, query.describe()), indent=1, default=str),
+                       f"{stem}.json", "application/json", key=f"{key}.json", on_click="ignore", width="stretch")
+    png.download_button("Download figure (PNG)", figure, f"{stem}.png", "image/png", key=f"{key}.png",
+                        on_click="ignore", width="stretch")
+
+
+# --- caches -------------------------------------------------------------------------------------------
+def megabytes(n: int | None) -> str | None:
+    return None if n is None else f"{n / 1e6:.1f} MB"
+
+
+def cache_table(rows: list[dict]) -> None:
+    """The cache list: what each cache is of, how big, and whether its build finished."""
+    builds = {b.job.out for b in build_registry().builds() if b.status().running}
+    table = pd.DataFrame([{
+        "cache": r["name"], "model": r.get("model"), "layer": r.get("layer"),
+        "grid": f"{r['grid']}×{r['channels']}" if r.get("grid") else None, "images": r.get("n"),
+        "labels": r.get("labels"), "domains": r.get("domains"), "size": megabytes(r.get("size_bytes")),
+        "status": r["error"] or ("complete" if r["complete"] else
+                                 f"{'building' if r['path'] in builds else 'partial'}: {r.get('stored', 0)} stored"),
+        "location": r["path"],
+    } for r in rows])
+    st.dataframe(table, hide_index=True, key="caches.table")
+
+
+# --- background builds ----------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def start_build(job: BuildJob) -> None:
+    """Button callback: start (or resume) a build; a refusal (already building) is shown by the build panel."""
+    try:
+        build_registry().start(job)
+    except ValueError as e:
+        st.session_state[START_ERROR] = str(e)
+
+
+def _show_build(build: BackgroundBuild, now: float) -> None:
+    status = build.status()
+    name, p = Path(status.job.out).stem, status.progress
+    if status.running:
+        text = (f"{name}: {p.done} / {p.total} images · {p.images_per_s:.1f} images/s · ETA "
+                f"{_duration(p.eta_s) if p.eta_s is not None else '…'}" if p else f"{name}: starting (loading the model and the dataset)…")
+        bar, cancel = st.columns([5, 1], vertical_alignment="bottom")
+        bar.progress(status.fraction, text=text)
+        cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
+    elif status.state == "done" and now - status.finished < DONE_SHOWN_S:
+        st.success(f"{name}: built {p.stored if p else '?'} images in {_duration(status.finished - status.started)}"
+                   f"{f', {p.skipped} unreadable images skipped' if p and p.skipped else ''}.")
+    elif status.state in ("cancelled", "failed"):
+        where = f" at {p.done} / {p.total} images" if p else ""
+        message = (f"{name}: cancelled{where}; the images stored so far are kept." if status.state == "cancelled"
+                   else f"{name}: the build failed{where}: {status.error}")
+        (st.warning if status.state == "cancelled" else st.error)(message)
+        st.button("Resume build", key=f"build.resume.{status.job.out}", on_click=start_build, args=(status.job,))
+
+
+def build_panel() -> None:
+    """Every build of this server, live: progress, images/s, ETA, cancel, resume. Polls once a second
+    while one runs, and reruns the whole page when that changes, so the cache lists show the result."""
+    registry = build_registry()
+    polling = registry.running()
+
+    @st.fragment(run_every=1.0 if polling else None)
+    def panel() -> None:
+        if error := st.session_state.pop(START_ERROR, None):
+            st.error(error)
+        now = time.time()
+        builds = registry.builds()
+        if not builds:
+            st.caption("No build since the server started.")
+        for build in builds:
+            _show_build(build, now)
+        if registry.running() != polling:
+            st.rerun()
+
+    panel()
