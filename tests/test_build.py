@@ -98,3 +98,20 @@ def test_chest_xray_manifest_build(tmp_path):
     assert m["age"].dtype.kind in "if" and set(m["view"]) <= {"PA", "AP"}
     result = search_regions(cache, 0, np.pad(np.ones((2, 2), np.float32), ((0, 1), (0, 1))), k=5, exclude=0)
     assert len(result.top) == 5 and result.top["label"].notna().all()
+
+
+def test_cli_refuses_model_code_named_by_a_cache(demo, tmp_path, capsys):
+    """A stranger's cache naming a python: model must not run that code on `--image` unless trusted."""
+    import shutil
+
+    import zarr
+    cache, _ = demo
+    copy = tmp_path / "stranger.zarr"
+    shutil.copytree(cache.location, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    g.attrs["spec"] = {**g.attrs["spec"], "model": "python:os:getcwd"}
+    from vfs.data import open_dataset
+    open_dataset("embedded:skimage").load(5).save(tmp_path / "q.png")
+    np.save(tmp_path / "m.npy", np.pad(np.ones((3, 3)), 2))
+    assert main(["search", str(copy), "--image", str(tmp_path / "q.png"), "--mask", str(tmp_path / "m.npy")]) == 2
+    assert "--trust-model-code" in capsys.readouterr().err

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .cache import FeatureCache
+from .cache import CacheError, FeatureCache
 from .jobs import BuildJob, BuildProgress, build_cache
 
 State = Literal["running", "done", "cancelled", "failed"]
@@ -121,13 +121,8 @@ class BuildRegistry:
 
 
 def resume_job(cache: FeatureCache) -> BuildJob:
-    """The job that continues a partial local cache, read back from its spec.
-
-    The features array is created at the full candidate count, so its length is the job's limit.
-    """
-    s = cache.spec
-    return BuildJob(
-        layer=s.layer, data=s.data["source"], out=cache.location, model=s.model,
-        label_col=s.data.get("label_col"), domain_col=s.data.get("domain_col"),
-        image_size=s.input_size, limit=int(cache.features.shape[0]),
-    )
+    """The job that continues a partial local cache, as it was first asked (recorded in the cache)."""
+    job = cache.attrs.get("job")
+    if job is None:
+        raise CacheError(f"{cache.location} does not record the job that built it; rerun that build to resume it")
+    return replace(BuildJob(**job), out=cache.location)

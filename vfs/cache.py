@@ -9,6 +9,7 @@ chunk and records progress only after the chunk's data is stored, so a killed bu
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ FORMAT = "vfs-feature-cache"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 << 20  # features per chunk: large enough to stream well, small enough to resume often
 CHUNK_MAX_IMAGES = 256
+THUMB_CHUNK = 16  # thumbnails are read a page of results at a time: small chunks, few wasted decodes
 DEFAULT_MEMORY_BUDGET = 4 << 30
 MAX_CHUNK_BYTES = 1 << 30
 """Largest chunk a cache may declare (VFS writes ≈ 4 MB of features, ≤ 40 MB of thumbnails): a chunk is
@@ -517,11 +519,12 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, spec: CacheSpec, candidates: pd.DataFrame, thumb_size: int,
-             resume: bool = True, chunk_images: int | None = None) -> "CacheWriter":
+             resume: bool = True, chunk_images: int | None = None, job: dict | None = None) -> "CacheWriter":
         """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
 
         `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
         CHUNK_MAX_IMAGES); it applies when the cache is created, a resume keeps the cache's own.
+        `job` (the build's settings) is recorded so that the app can resume the build as it was asked.
         """
         path = Path(path)
         if path.exists() and resume:
@@ -534,7 +537,9 @@ class CacheWriter:
             raise ValueError(f"chunk_images must be at least 1, not {chunk_images}")
         if chunk_images is None:
             chunk_images = min(CHUNK_MAX_IMAGES, CHUNK_BYTES // (h * w * spec.channels * 2))
+            chunk_images -= chunk_images % THUMB_CHUNK if chunk_images > THUMB_CHUNK else 0
         per = max(1, min(n, chunk_images))
+        thumb_per = math.gcd(per, THUMB_CHUNK)  # divides the feature chunk: a chunk's writes stay whole
         staging = path.with_name(path.name + ".creating")
         if staging.exists():  # a creation killed half-way: nothing in it was ever progress
             shutil.rmtree(staging)
@@ -542,7 +547,7 @@ class CacheWriter:
         g.create_array("features", shape=(n, h, w, spec.channels), chunks=(per, h, w, spec.channels),
                        dtype="float16", compressors=None, fill_value=0)
         g.create_array("sqnorm", shape=(n, h, w), chunks=(per, h, w), dtype="float32", fill_value=0)
-        g.create_array("thumbs", shape=(n, thumb_size, thumb_size, 3), chunks=(per, thumb_size, thumb_size, 3),
+        g.create_array("thumbs", shape=(n, thumb_size, thumb_size, 3), chunks=(thumb_per, thumb_size, thumb_size, 3),
                        dtype="uint8", fill_value=0)
         g.create_array("source_index", shape=(n,), chunks=(per,), dtype="int64", fill_value=-1)
         _write_table(g, "candidates", candidates)
@@ -551,6 +556,7 @@ class CacheWriter:
             "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": []},
             "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
+            **({"job": job} if job is not None else {}),
         })
         if FSYNC:
             _fsync([*(p for p in staging.rglob("*") if p.is_file()), *(p for p in staging.rglob("*") if p.is_dir()), staging])

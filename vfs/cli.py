@@ -61,16 +61,20 @@ def _cmd_build(args) -> None:
         if missing:
             raise ValueError(f"build needs a job file or {', '.join(missing)}")
         job = BuildJob(**{k: v for k, v in flags.items() if v is not None})
-    bar = tqdm(unit="img", dynamic_ncols=True, desc=Path(job.out).name)
+    bars: list[tqdm] = []  # created at the first report, so an early refusal prints on a clean line
 
     def show(p) -> None:
-        bar.total = p.total
-        bar.n = p.done
-        bar.set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(unit="img", dynamic_ncols=True, desc=Path(job.out).name, initial=p.done, total=p.total))
+        bars[0].n = p.done
+        bars[0].set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
+        bars[0].refresh()
 
-    cache = build_cache(job, progress=show, cancel=threading.Event())
-    bar.close()
+    try:
+        cache = build_cache(job, progress=show, cancel=threading.Event())
+    finally:
+        for bar in bars:
+            bar.close()
     report = cache.report
     print(f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
           f"{len(report.get('skipped', []))} skipped")
@@ -88,7 +92,7 @@ def _cmd_info(args) -> None:
     s = cache.spec
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'})")
     print(f"  model {s.model}  layer {s.layer}  input {s.input_size}px  grid {s.grid[0]}×{s.grid[1]}×{s.channels}")
-    print(f"  images {cache.n}  data {s.data.get('source')}  labels {s.data.get('label_col')}  domains {s.data.get('domain_col')}")
+    print(f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.get('source')}  labels {s.data.get('label_col')}  domains {s.data.get('domain_col')}")
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
     for sk in cache.report.get("skipped", []):
         print(f"  skipped {sk['path']}: {sk['reason']}")
@@ -117,8 +121,11 @@ def _cmd_search(args) -> None:
     from .masks import load_mask
     from .models import load_extractor
     from .search import search_regions
-    cache = open_cache(args.cache)
+    cache = open_cache(args.cache, allow_partial=args.allow_partial)
     mask = load_mask(args.mask, cache.spec.grid)
+    if args.image and cache.spec.model.startswith("python:") and not args.trust_model_code:
+        raise ValueError(f"the cache's model {cache.spec.model!r} is code that would run here; "
+                         "pass --trust-model-code if you trust whoever built the cache")
     if args.image:
         ex = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
         cache.check_extractor(ex.describe())
@@ -172,6 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--per-domain", type=int)
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
+    sp.add_argument("--allow-partial", action="store_true", help="search the images an unfinished build has stored")
+    sp.add_argument("--trust-model-code", action="store_true", help="allow a python: model spec named by the cache")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
     sp.add_argument("--json", action="store_true")

@@ -11,7 +11,7 @@ import threading
 import time
 import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +22,8 @@ from PIL import Image
 
 from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
 from .data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping, open_dataset
-from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 from .devices import resolve_device
+from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 
 THUMB_MAX = 224
 
@@ -83,11 +83,6 @@ def _thumbs(views: torch.Tensor, size: int) -> np.ndarray:
     return views.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _normalise(views: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    x = TF.to_dtype(views, torch.float32, scale=True)
-    return TF.normalize(x, list(preprocess.mean), list(preprocess.std))
-
-
 def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
     d = extractor.describe()
     data = DataSpec(dataset.spec.source, dataset.label_col, dataset.domain_col).to_dict()
@@ -110,7 +105,8 @@ def build_cache(
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
     with BuildLock(job.out):
-        writer = CacheWriter.open(job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images)
+        writer = CacheWriter.open(job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images,
+                                  job=asdict(job))
         _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
         if cancel is not None and cancel.is_set():
             return None
@@ -139,7 +135,7 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
                 break
             feats = None
             if views is not None:
-                x = _normalise(views.to(device, non_blocking=True), extractor.preprocess)
+                x = extractor.preprocess.normalize(views.to(device, non_blocking=True))
                 feats = extractor.features_batch(x).to(torch.float16).cpu().numpy()
                 thumbs = _thumbs(views, thumb)
             if pending is not None:
