@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -33,7 +32,7 @@ from vfs.cache import CacheError, open_cache
 from vfs.cli import main
 from vfs.data import ImageError, load_image, open_dataset
 from vfs.jobs import BuildJob, build_cache
-from vfs.masks import crop_mask, grid_mask, load_mask
+from vfs.masks import crop_mask, grid_mask
 from vfs.search import ArrayFeatures, RegionQuery, search_regions
 
 SIZE = 64  # model input: Lite0 blocks.5 gives a 2×2 grid
@@ -409,12 +408,14 @@ def test_missing_or_truncated_chunks_are_a_clear_error(small_chunked, array, dam
 
 def test_damaged_thumbs_and_manifest_are_a_clear_error(small_chunked):
     path, _ = small_chunked
-    chunk_file(path, "thumbs", 1).unlink()
+    per = open_cache(path).thumbs.chunks[0]  # thumbnails have chunks of their own
+    chunk_file(path, "thumbs", 9 // per).unlink()
+    missing = f"thumbs rows {9 // per * per}..{9 // per * per + per - 1} are missing"
     cache = open_cache(path)
     assert cache.thumb(0)[0, 0, 0] == 0
-    with pytest.raises(CacheError, match="thumbs rows 7..13 are missing"):
+    with pytest.raises(CacheError, match=missing):
         cache.thumb(9)
-    with pytest.raises(CacheError, match="thumbs rows 7..13 are missing"):
+    with pytest.raises(CacheError, match=missing):
         cache.thumbs_at([0, 1, 9])
     assert cache.thumbs_at([0, 20]).shape == (2, 8, 8, 3)
     m = next((path / "manifest" / "path").rglob("c/*"))

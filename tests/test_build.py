@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vfs import BuildJob, build_cache, open_cache, search_regions
+from vfs import BuildJob, build_cache, search_regions
 from vfs.cli import main
 from vfs.masks import grid_mask
 

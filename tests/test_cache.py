@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
 
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache

@@ -8,16 +8,15 @@ Two exact forms of the numerator, chosen per query by their cost (see `plan_quer
   shift-and-add over the K offsets;
 - "rows": per horizontal placement, one product of the window's columns (n·h × mw·C, a strided
   view, no copy) with the mask's mh rows, then a diagonal add over the rows.
-Both run fp16 operands with fp32 accumulation. Where a product's output is rounded to fp16 (on
-CPU), each term's error is below 2⁻¹¹ of its size, and the terms' sizes sum to at most ‖q‖·‖r‖
-(Cauchy–Schwarz), so every fast score is within `FAST_SCORE_ERROR` of the exact one. The images
-that bound cannot separate from the top-k are re-scored exactly in fp32, so the returned top-k and
-its scores are exact; the other images' scores are within that bound.
+Both run fp16 operands with fp32 accumulation. The fp16 query weights and (on CPU) the fp16
+outputs each err by at most 2⁻¹¹ of a term's size, and the terms' sizes sum to at most ‖q‖·‖r‖
+(Cauchy–Schwarz), so every fast score is within `fast_score_error(C)` (≈1.1e-3 for C = 2048) of
+the exact one. The images that bound cannot separate from the top-k are re-scored in fp32, so
+the returned top-k and its scores are exact; the other images' scores are within that bound.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, runtime_checkable
@@ -25,13 +24,15 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .devices import resolve_device
 from .masks import CroppedMask, crop_mask
 
-# fp16 output rounding (2^-11) plus fp32 accumulation error, with margin.
-FAST_SCORE_ERROR = 1e-3
+def fast_score_error(channels: int) -> float:
+    """Bound on |fast score − exact score|: fp16 rounding of the query weights and of each
+    product's output (2⁻¹¹ each, relative to the terms), plus fp32 accumulation over the channels
+    (C·2⁻²⁴) — all relative to Σ|terms| ≤ ‖q‖·‖r‖, with a little margin."""
+    return 1.05 * (2 * 2.0**-11 + channels * 2.0**-24)
 # How many output columns a narrow product takes before it stops being memory-bound.
 _FREE_COLUMNS = {"cpu": 16, "cuda": 96, "mps": 32}
 _EPS = 1e-12
@@ -156,18 +157,21 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Scorer:
     """The per-chunk numerator, window norms and scores of one query on one device."""
 
-    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan):
+    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan,
+                 dtype: torch.dtype = torch.float16):
         self.grid, self.plan = grid, plan
         self.ph, self.pw = query.placements(grid)
         self.mh, self.mw = query.mask.shape
         kernel = torch.from_numpy(query.kernel)  # (mh, mw, C) fp32
         c = kernel.shape[-1]
         self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
+        # Weights on the left of each product: the outputs come out one query cell (or mask row)
+        # per row, contiguous for the shift-and-add, and the products run faster in this layout.
         if plan.method == "cells":
             ky, kx = zip(*self.cells)
-            self.weights = kernel[list(ky), list(kx)].T.contiguous().to(device, torch.float16)  # (C, K)
+            self.weights = kernel[list(ky), list(kx)].contiguous().to(device, dtype)  # (K, C)
         else:
-            self.weights = kernel.reshape(self.mh, self.mw * c).T.contiguous().to(device, torch.float16)  # (mw·C, mh)
+            self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
         self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.qnorm = query.norm
 
@@ -175,15 +179,15 @@ class _Scorer:
         n, h, w, c = x.shape
         out = torch.zeros(n, self.ph, self.pw, device=x.device, dtype=torch.float32)
         if self.plan.method == "cells":
-            g = _matmul(x.reshape(n * h * w, c), self.weights).view(n, h, w, -1)
+            g = _matmul(self.weights, x.reshape(n * h * w, c).T).view(-1, n, h, w)
             for k, (ky, kx) in enumerate(self.cells):
-                out += g[:, ky:ky + self.ph, kx:kx + self.pw, k]
+                out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
         else:
             flat = x.reshape(n * h, w * c)
             for px in range(self.pw):
-                g = _matmul(flat[:, px * c:(px + self.mw) * c], self.weights).view(n, h, self.mh)
+                g = _matmul(self.weights, flat[:, px * c:(px + self.mw) * c].T).view(self.mh, n, h)
                 for ky in range(self.mh):
-                    out[:, :, px] += g[:, ky:ky + self.ph, ky]
+                    out[:, :, px] += g[ky, :, ky:ky + self.ph]
         return out
 
     def scores(self, x: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
@@ -195,13 +199,12 @@ class _Scorer:
 
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
-    """(m, Ph, Pw) scores of some images in fp32 straight from the definition (via a convolution)."""
-    x = torch.from_numpy(np.asarray(features, dtype=np.float32)).permute(0, 3, 1, 2)
-    kernel = torch.from_numpy(query.kernel).permute(2, 0, 1)[None]
-    num = F.conv2d(x, kernel)[:, 0]
-    m2 = torch.from_numpy(query.mask.weights ** 2)[None, None]
-    wnorm = F.conv2d(x.square().sum(1, keepdim=True), m2)[:, 0].clamp_min(0).sqrt()
-    return (num / (query.norm * wnorm).clamp_min(_EPS)).numpy()
+    """(m, Ph, Pw) scores of some images with fp32 operands and accumulation (no fp16 rounding)."""
+    x = torch.as_tensor(features).to(torch.float32)  # torch converts fp16 far faster than numpy
+    grid = (x.shape[1], x.shape[2])
+    scorer = _Scorer(query, grid, torch.device("cpu"), QueryPlan("cells", 0, 0), dtype=torch.float32)
+    with torch.inference_mode():
+        return scorer.scores(x, x.square().sum(-1)).numpy()
 
 
 @dataclass
@@ -305,8 +308,8 @@ def search_regions(
     picked = _select(scores, eligible, k, domains, per_domain)
     rescored = 0
     if len(picked):
-        # Fast scores are within FAST_SCORE_ERROR: re-score exactly whatever could still enter the top-k.
-        near = np.flatnonzero(eligible & (scores >= scores[picked[-1]] - 2 * FAST_SCORE_ERROR))
+        # Fast scores are within the bound: re-score exactly whatever could still enter the top-k.
+        near = np.flatnonzero(eligible & (scores >= scores[picked[-1]] - 2 * fast_score_error(c)))
         for part in np.array_split(near, max(1, len(near) // 256)):
             if len(part):
                 exact = exact_scores(source.rows(part), rq).reshape(len(part), -1)
