@@ -182,6 +182,11 @@ class _Scorer:
             g = _matmul(self.weights, x.reshape(n * h * w, c).T).view(-1, n, h, w)
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
+        elif self.mw == w:  # full-width windows are contiguous: one vector product per placement row
+            flat = x.reshape(n, h * w * c)
+            kernel = self.weights.reshape(1, -1)
+            for py in range(self.ph):
+                out[:, py, 0] = _matmul(kernel, flat[:, py * w * c:(py + self.mh) * w * c].T)[0]
         else:
             flat = x.reshape(n * h, w * c)
             for px in range(self.pw):
@@ -201,10 +206,11 @@ class _Scorer:
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
     """(m, Ph, Pw) scores of some images with fp32 operands and accumulation (no fp16 rounding)."""
     x = torch.as_tensor(features).to(torch.float32)  # torch converts fp16 far faster than numpy
-    grid = (x.shape[1], x.shape[2])
-    scorer = _Scorer(query, grid, torch.device("cpu"), QueryPlan("cells", 0, 0), dtype=torch.float32)
+    grid, cpu = (x.shape[1], x.shape[2]), torch.device("cpu")
+    scorer = _Scorer(query, grid, cpu, plan_query(query, grid, cpu), dtype=torch.float32)
     with torch.inference_mode():
-        return scorer.scores(x, x.square().sum(-1)).numpy()
+        sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
+        return scorer.scores(x, sqnorm).numpy()
 
 
 @dataclass
