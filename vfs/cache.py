@@ -315,13 +315,30 @@ class FeatureCache:
         return out
 
     def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._read_features(start, stop), self._read_sqnorm(start, stop)
+
+    def _read_features(self, start: int, stop: int) -> np.ndarray:
         self._check_chunks(range(start, stop))
         with self._reading(f"rows {start}..{stop - 1}"):
-            f, q = self.features[start:stop], self.sqnorm[start:stop]
+            return self.features[start:stop]
+
+    def _read_all_sqnorm(self) -> np.ndarray:
+        """All squared norms in one read (1/(2C) of the features' bytes); on damage, find the rows."""
+        try:
+            return self._read_sqnorm(0, self.n)
+        except CacheError:
+            for a, b in self._chunk_ranges(self.sqnorm.chunks[0]):
+                self._read_sqnorm(a, b)
+            raise
+
+    def _read_sqnorm(self, start: int, stop: int) -> np.ndarray:
+        """Squared norms, checked: a NaN / inf feature shows up in its cell's norm."""
+        with self._reading(f"sqnorm rows {start}..{stop - 1}"):
+            q = self.sqnorm[start:stop]
         if not np.isfinite(q).all():
             bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
             raise CacheError(f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it")
-        return f, q
+        return q
 
     def _chunk_ranges(self, rows_per_chunk: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows_per_chunk, self.n)) for a in range(0, self.n, rows_per_chunk)]
@@ -361,17 +378,20 @@ class FeatureCache:
         if memory_budget is not None:  # two chunks in flight must fit the budget
             per_row = int(np.prod(self.shape[1:])) * 2 * 2
             rows = max(1, min(rows, memory_budget // 4 // per_row))
+        per = self.features.chunks[0]
+        rows = max(per, rows - rows % per)  # whole stored chunks: none is decoded twice
+        sqnorm = torch.from_numpy(self._read_all_sqnorm()).to(device)
         with ThreadPoolExecutor(1, thread_name_prefix="vfs-prefetch") as pool:
             ranges = self._chunk_ranges(rows)
-            pending = pool.submit(self._read, *ranges[0]) if ranges else None
-            for i, (a, _) in enumerate(ranges):
-                f, q = pending.result()
-                pending = pool.submit(self._read, *ranges[i + 1]) if i + 1 < len(ranges) else None
-                x, s = torch.from_numpy(f), torch.from_numpy(q)
+            pending = pool.submit(self._read_features, *ranges[0]) if ranges else None
+            for i, (a, b) in enumerate(ranges):
+                f = pending.result()
+                pending = pool.submit(self._read_features, *ranges[i + 1]) if i + 1 < len(ranges) else None
+                x = torch.from_numpy(f)
                 if device.type != "cpu":
-                    x, s = x.pin_memory().to(device, non_blocking=True), s.to(device, non_blocking=True)
-                yield a, x, s
-                del f, q, x, s
+                    x = x.pin_memory().to(device, non_blocking=True)
+                yield a, x, sqnorm[a:b]
+                del f, x
 
 
 def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:

@@ -63,9 +63,11 @@ class ArrayFeatures:
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self._fp16 = t.to(torch.float16).contiguous()
-        if not torch.isfinite(self._fp16).all():
+        # Block by block: no fp32 copy of the whole array.
+        self._sqnorm = torch.cat([torch.linalg.vector_norm(b.float(), dim=-1).square_()
+                                  for b in self._fp16.split(256)]) if len(self._fp16) else torch.zeros(t.shape[:3])
+        if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
-        self._sqnorm = self._fp16.float().square().sum(-1)
         self._per_chunk = max(1, chunk_bytes // max(1, self._fp16[0].numel() * 2))
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
