@@ -403,7 +403,8 @@ class FeatureCache:
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Resident when it fits the budget; otherwise streamed from storage with one chunk prefetched."""
         self.check_searchable()
-        rows = max(self.features.chunks[0], (64 << 20) // max(1, int(np.prod(self.shape[1:])) * 2))
+        slice_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)  # few large launches on a GPU
+        rows = max(self.features.chunks[0], slice_bytes // max(1, int(np.prod(self.shape[1:])) * 2))
         if device in self._resident or self.fits(device, memory_budget):
             x, s = self.resident(device)
             for a, b in self._chunk_ranges(rows):

@@ -294,15 +294,12 @@ def search_regions(
     plan = plan_query(rq, (h, w), dev)
     scorer = _Scorer(rq, (h, w), dev, plan)
 
-    best = torch.empty(n, dtype=torch.float32)
-    where = torch.empty(n, dtype=torch.int64)
+    best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
+    where = torch.empty(n, dtype=torch.int64, device=dev)
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget):
-            s = scorer.scores(x, sq).flatten(1)
-            val, arg = s.max(1)
-            best[start:start + len(val)] = val.cpu()
-            where[start:start + len(val)] = arg.cpu()
-    scores, flat = best.numpy(), where.numpy()
+            torch.max(scorer.scores(x, sq).flatten(1), 1, out=(best[start:start + len(x)], where[start:start + len(x)]))
+    scores, flat = best.cpu().numpy(), where.cpu().numpy()
     placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
 
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
