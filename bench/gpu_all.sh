@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 4 in one run — budgeted for < 5 minutes on one H100/H200:
+#   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
+#      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
+#   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
+#   3. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
+# JSON files go to $OUT (the device runner's output folder) or bench/results/gpu; a summary of
+# every target is printed at the end and written to summary.json.
+#
+# Check it without a GPU (tiny sizes, CPU):
+#   DEVICE=cpu N_L4=300 N_L3=100 BUILD_LIMIT=64 WORKERS=0 bench/gpu_all.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+DEVICE=${DEVICE:-cuda}
+N_L4=${N_L4:-50000}
+N_L3=${N_L3:-20000}
+REPEATS=${REPEATS:-10}
+PAPER_REPEATS=${PAPER_REPEATS:-5}
+PAPER_BATCH=${PAPER_BATCH:-5000}
+BUILD_BATCH=${BUILD_BATCH:-128}
+WORKERS=${WORKERS:-4,8}
+BUILD_LIMIT=${BUILD_LIMIT:-}
+DEST=${OUT:-bench/results/gpu}
+mkdir -p "$DEST"
+start=$(date +%s)
+
+echo "== $(date -u +%FT%TZ) device=$DEVICE python=$PY dest=$DEST" >&2
+{ nvidia-smi || true; lscpu | grep -E 'Model name|^CPU\(s\)' || true; } > "$DEST/machine.txt" 2>&1
+"$PY" - <<'EOF' >&2 || { echo "torch not importable with $PY" >&2; exit 2; }
+import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+                    torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+
+rc=0
+step() {  # step NAME TIMEOUT_S ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)" >&2
+  timeout "$limit" "$PY" "$@" --out "$DEST/$name.json" > /dev/null 2> "$DEST/$name.log"
+  local r=$?
+  tail -n 4 "$DEST/$name.log" >&2
+  [ $r -eq 0 ] || { echo "!! $name failed (exit $r), see $DEST/$name.log" >&2; rc=1; }
+}
+
+step search_r50l4_n${N_L4} 110 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 --mask all \
+  --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
+step search_r50l3_n${N_L3} 110 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 --mask all \
+  --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
+step build_${DEVICE} 70 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
+  --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"}
+
+"$PY" - "$DEST" <<'EOF'
+import json, sys
+from pathlib import Path
+dest = Path(sys.argv[1]); rows = []
+for f in sorted(dest.glob("search_*.json")):
+    d = json.loads(f.read_text())
+    for c in d["cases"]:
+        rows.append({"file": f.name, "shape": c["shape"], "n": c["n"], "mask": c["mask"],
+                     "vfs_ms_min": c["vfs"]["min_ms"], "vfs_ms_median": c["vfs"]["median_ms"],
+                     "paper_ms_min": c.get("paper", {}).get("min_ms"), "floor_ms_min": c["floor"]["min_ms"],
+                     "speedup": (c.get("speedup_vs_paper") or {}).get("min"), "vs_floor": c["vfs_over_floor"]["min"],
+                     "same_top10": c.get("same_top10"), "targets": c["targets"]})
+for f in sorted(dest.glob("build_*.json")):
+    d = json.loads(f.read_text())
+    rows.append({"file": f.name, "forward_images_per_s": d["forward_only"]["images_per_s"],
+                 "build_images_per_s": d["best_build_images_per_s"], "best_workers": d["best_workers"],
+                 "ratio": d["ratio"], "targets": d["targets"]})
+(dest / "summary.json").write_text(json.dumps(rows, indent=1))
+for r in rows:
+    print(json.dumps(r))
+EOF
+echo "== done in $(( $(date +%s) - start ))s, rc=$rc" >&2
+exit $rc
