@@ -1,13 +1,12 @@
 """Distributions: every image's best score for the query region, grouped by a label (the paper's X-ray study)."""
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from ui.core import bind, cache_name, group_columns, groups
 from ui.query import draw_region, pick_cache, pick_query, query_view, require_region, run_search
 from vfs.render import distribution_figure
-from vfs.stats import group_table, long_scores
+from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
 
 EVERY = "(every finding)"
 
@@ -27,12 +26,12 @@ if not columns:
 with plot_column:
     column = st.selectbox("Group by", columns, key=bind("dist.column", cache.label_col if cache.label_col in columns else columns[0], options=columns))
     table, title = groups(cache, column), column
-    if cache.manifest[column].astype(str).str.contains("|", regex=False).any():
+    if is_multilabel(cache.manifest, column):
         findings = [EVERY, *table.columns]
         finding = st.selectbox("Finding", findings, key=bind(f"dist.finding.{column}", EVERY, options=findings),
                                help="A '|'-joined column: split the images into those with and without one finding.")
         if finding != EVERY:
-            table, title = pd.DataFrame({"True": table[finding], "False": ~table[finding]}), f"{finding} present"
+            table, title = presence_groups(cache.manifest, column, finding), f"{finding} present"
     kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
     keep = np.ones(cache.n, dtype=bool)
     if st.checkbox("Leave out the query image", key=bind("dist.leave_out", True), disabled=query.index is None) \

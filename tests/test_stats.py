@@ -112,3 +112,12 @@ def test_rank_agreement():
     assert reversed_["spearman"] == pytest.approx(-1.0)
     assert reversed_["topk_overlap"] == 0.0
     assert stats.rank_agreement(scores, scores, k=500)["topk_overlap"] == 1.0
+
+
+def test_presence_groups_split_one_finding():
+    from vfs.stats import is_multilabel, presence_groups
+    records = pd.DataFrame({"label": ["Cardiomegaly|Effusion", "No Finding", "Effusion"], "sex": ["M", "F", "M"]})
+    assert is_multilabel(records, "label") and not is_multilabel(records, "sex")
+    g = presence_groups(records, "label", "Effusion")
+    assert list(g.columns) == ["True", "False"]
+    assert g["True"].tolist() == [True, False, True] and g["False"].tolist() == [False, True, False]

@@ -45,6 +45,17 @@ def presence(records: pd.DataFrame, column: str, value: str) -> pd.Series:
     return pd.Series(False, index=records.index, name=value)
 
 
+def is_multilabel(records: pd.DataFrame, column: str) -> bool:
+    """Whether a column holds '|'-joined labels (then one finding can be split off as present / absent)."""
+    return bool(records[column].astype(str).str.contains(SEPARATOR, regex=False).any())
+
+
+def presence_groups(records: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
+    """Two groups, "True" / "False": rows whose labels include `value`, and the rest."""
+    present = presence(records, column, value)
+    return pd.DataFrame({"True": present, "False": ~present})
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of `scores` as a detector of `positive`, from the Mann-Whitney U.
 

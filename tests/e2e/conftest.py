@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -170,17 +171,19 @@ def demo_cache(server) -> Path:
     return build_demo(server.cache(DEMO))
 
 
+def _timed(what: str, make: Callable[[], Path]) -> Path:
+    """Make a cache and say how long it took (shown in the test log)."""
+    t0 = time.perf_counter()
+    out = make()
+    print(f"\n{what} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
 @pytest.fixture(scope="session")
 def lite1_cache(server) -> Path:
-    t0 = time.perf_counter()
-    out = build_lite1(server.cache(LITE1))
-    print(f"\nLite1 cache (213 images) built through the API in {time.perf_counter() - t0:.1f} s")
-    return out
+    return _timed("Lite1 cache (213 images) built through the API", lambda: build_lite1(server.cache(LITE1)))
 
 
 @pytest.fixture(scope="session")
 def synthetic_cache(server) -> Path:
-    t0 = time.perf_counter()
-    out = write_synthetic_cache(server.cache(SYNTH))
-    print(f"\nsynthetic {SYNTH_N}-image cache written in {time.perf_counter() - t0:.1f} s")
-    return out
+    return _timed(f"synthetic {SYNTH_N}-image cache written", lambda: write_synthetic_cache(server.cache(SYNTH)))
