@@ -7,18 +7,20 @@ Two exact forms of the numerator, chosen per query by their cost (see `plan_quer
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "rows": per horizontal placement, one product of the window's columns (n·h × mw·C, a strided
-  view, no copy) with the mask's mh rows, then a diagonal add over the rows.
-Both run fp16 operands with fp32 accumulation. The fp16 query weights and (on CPU) the fp16
-outputs each err by at most 2⁻¹¹ of a term's size, and the terms' sizes sum to at most ‖q‖·‖r‖
-(Cauchy–Schwarz), so every fast score is within `fast_score_error(C)` (≈1.1e-3 for C = 2048) of
-the exact one. The images that bound cannot separate from the top-k are re-scored in fp32, so
-the returned top-k and its scores are exact; the other images' scores are within that bound.
+  view, no copy) with the mask's mh rows, then a diagonal add over the rows (for the whole
+  grid: one vector product per mask row).
+Both run fp16 operands with fp32 accumulation: a proven bound on each placement's error (see
+`_Scorer.upper`) gives every image an upper bound on its exact score. The fast top-k is re-scored
+in fp32, then every image whose upper bound reaches the exact k-th score, so the returned top-k
+and its scores are exact; the other images keep their fast scores.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -28,11 +30,17 @@ import torch
 from .devices import resolve_device
 from .masks import CroppedMask, crop_mask
 
-def fast_score_error(channels: int) -> float:
-    """Bound on |fast score − exact score|: fp16 rounding of the query weights and of each
-    product's output (2⁻¹¹ each, relative to the terms), plus fp32 accumulation over the channels
-    (C·2⁻²⁴) — all relative to Σ|terms| ≤ ‖q‖·‖r‖, with a little margin."""
-    return 1.05 * (2 * 2.0**-11 + channels * 2.0**-24)
+_U16, _U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
+_TINY16 = 2.0**-25  # absolute rounding of an fp16 value in the subnormal range (< 2⁻¹⁴)
+
+
+def fast_score_error(terms: int) -> float:
+    """Relative error of a fast score's parts: fp16 rounding of the weights and of each product's
+    output (2⁻¹¹ each, against Σ|terms|), and fp32 sums of `terms` values in any order (at most
+    (terms − 1)·2⁻²⁴ of the sum of their sizes, Higham's bound), with a 5% margin."""
+    return 1.05 * (2 * _U16 + terms * _U32)
+
+
 # How many output columns a narrow product takes before it stops being memory-bound.
 _FREE_COLUMNS = {"cpu": 16, "cuda": 96, "mps": 32}
 _EPS = 1e-12
@@ -54,6 +62,9 @@ class FeatureSource(Protocol):
         """fp16 features of some images, (m, h, w, C) — for exact re-scoring."""
         ...
 
+    # Optional: `nonnegative` (bool) — every feature is ≥ 0, which makes the fast bound relative
+    # to the score; `domains` (N,) — for per-domain results.
+
 
 class ArrayFeatures:
     """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
@@ -64,8 +75,10 @@ class ArrayFeatures:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self._fp16 = t.to(torch.float16).contiguous()
         # Block by block: no fp32 copy of the whole array.
+        blocks = self._fp16.split(256)
         self._sqnorm = torch.cat([torch.linalg.vector_norm(b.float(), dim=-1).square_()
-                                  for b in self._fp16.split(256)]) if len(self._fp16) else torch.zeros(t.shape[:3])
+                                  for b in blocks]) if len(self._fp16) else torch.zeros(t.shape[:3])
+        self.nonnegative = all(bool((b >= 0).all()) for b in blocks)  # post-ReLU: a tighter fast bound
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
         self._per_chunk = max(1, chunk_bytes // max(1, self._fp16[0].numel() * 2))
@@ -95,7 +108,7 @@ class RegionQuery:
 
     @classmethod
     def create(cls, features: np.ndarray, mask: np.ndarray) -> "RegionQuery":
-        f = np.asarray(features, dtype=np.float32)
+        f = torch.as_tensor(features).to(torch.float32).numpy()  # torch converts fp16 far faster than numpy
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
         if np.shape(mask) != f.shape[:2]:
@@ -107,13 +120,13 @@ class RegionQuery:
             raise ValueError("the query region's features are all zero: nothing to compare (try another region or layer)")
         return q
 
-    @property
+    @cached_property
     def kernel(self) -> np.ndarray:
         """(mh, mw, C): m² ⊙ query features inside the box (zero where m = 0)."""
         y0, x0, y1, x1 = self.mask.query_box()
         return self.mask.weights[..., None] ** 2 * self.features[y0:y1, x0:x1]
 
-    @property
+    @cached_property
     def norm(self) -> float:
         y0, x0, y1, x1 = self.mask.query_box()
         box = self.features[y0:y1, x0:x1].astype(np.float64)
@@ -157,25 +170,41 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Scorer:
-    """The per-chunk numerator, window norms and scores of one query on one device."""
+    """The per-chunk numerator, window norms, scores and score bounds of one query on one device."""
 
     def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan,
                  dtype: torch.dtype = torch.float16):
         self.grid, self.plan = grid, plan
         self.ph, self.pw = query.placements(grid)
         self.mh, self.mw = query.mask.shape
-        kernel = torch.from_numpy(query.kernel)  # (mh, mw, C) fp32
+        # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
+        # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
+        kernel = query.kernel
+        scale = 2.0 ** -math.ceil(math.log2(float(np.abs(kernel).max())))
+        kernel = torch.from_numpy(kernel * np.float32(scale))  # (mh, mw, C) fp32
         c = kernel.shape[-1]
+        self.qnorm = query.norm * scale
         self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
         # Weights on the left of each product: the outputs come out one query cell (or mask row)
         # per row, contiguous for the shift-and-add, and the products run faster in this layout.
         if plan.method == "cells":
             ky, kx = zip(*self.cells)
             self.weights = kernel[list(ky), list(kx)].contiguous().to(device, dtype)  # (K, C)
+            terms, outputs = c, len(self.cells)
         else:
             self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
+            terms, outputs = self.mw * c, self.mh
         self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
-        self.qnorm = query.norm
+        self.nonnegative_weights = bool((kernel >= 0).all())
+        self.eps = fast_score_error(terms + c + outputs)  # products, the norms' sums, the shift-and-add
+        # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
+        # rounding error (exact in fp32), bounded over a window by Cauchy–Schwarz — a constant per query.
+        m = query.mask.weights
+        w = kernel.reshape(-1, c)
+        err = (w - w.to(dtype).float()).abs()
+        err = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
+        self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
+        self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
 
     def numerator(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
@@ -184,11 +213,10 @@ class _Scorer:
             g = _matmul(self.weights, x.reshape(n * h * w, c).T).view(-1, n, h, w)
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
-        elif self.mw == w:  # full-width windows are contiguous: one vector product per placement row
+        elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
             flat = x.reshape(n, h * w * c)
-            kernel = self.weights.reshape(1, -1)
-            for py in range(self.ph):
-                out[:, py, 0] = _matmul(kernel, flat[:, py * w * c:(py + self.mh) * w * c].T)[0]
+            for ky in range(h):
+                out[:, 0, 0] += _matmul(self.weights[ky:ky + 1], flat[:, ky * w * c:(ky + 1) * w * c].T)[0]
         else:
             flat = x.reshape(n * h, w * c)
             for px in range(self.pw):
@@ -197,22 +225,47 @@ class _Scorer:
                     out[:, :, px] += g[ky, :, ky:ky + self.ph]
         return out
 
-    def scores(self, x: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
+    def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
+        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement."""
         wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=torch.float32)
         for w2, (ky, kx) in zip(self.m2, self.cells):
             wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
-        return self.numerator(x).div_(wnorm.sqrt_().mul_(self.qnorm).clamp_min_(_EPS))
+        return wnorm.sqrt_()
+
+    def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
+        """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
+        return self.numerator(x).div_((wnorm * self.qnorm).clamp_min_(_EPS))
+
+    def upper(self, scores: torch.Tensor, wnorm: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+        """A proven upper bound on each placement's exact score, given its fast score.
+
+        |fast − exact| ≤ eps·Σ|terms|/(‖q‖‖r‖) + weight_error + output_error/‖r‖, and Σ|terms| is
+        at most ‖q‖‖r‖ (Cauchy–Schwarz) — or, when query and features are all ≥ 0 (post-ReLU
+        layers), the exact numerator itself, which makes the first part relative to the score.
+        An all-zero window's numerator is exactly 0, so it gets no output error.
+        """
+        tiny = torch.where(wnorm > 0, self.output_error / wnorm.clamp_min(_EPS), 0.0)
+        if nonnegative:
+            return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
+        return tiny.add_(scores).add_(self.weight_error + self.eps)
 
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
     """(m, Ph, Pw) scores of some images with fp32 operands and accumulation (no fp16 rounding)."""
-    x = torch.as_tensor(features).to(torch.float32)  # torch converts fp16 far faster than numpy
-    grid, cpu = (x.shape[1], x.shape[2]), torch.device("cpu")
+    return _exact_scorer(query, features.shape[1:3])(features)
+
+
+def _exact_scorer(query: RegionQuery, grid: tuple[int, int]):
+    """`exact_scores` for one query and grid, with its fp32 weights prepared once."""
+    cpu = torch.device("cpu")
     scorer = _Scorer(query, grid, cpu, plan_query(query, grid, cpu), dtype=torch.float32)
-    with torch.inference_mode():
-        sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
-        return scorer.scores(x, sqnorm).numpy()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(features).to(torch.float32)  # torch converts fp16 far faster than numpy
+        with torch.inference_mode():
+            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
+            return scorer.scores(x, scorer.window_norms(sqnorm)).numpy()
+    return score
 
 
 @dataclass
@@ -294,12 +347,19 @@ def search_regions(
     plan = plan_query(rq, (h, w), dev)
     scorer = _Scorer(rq, (h, w), dev, plan)
 
+    nonnegative = scorer.nonnegative_weights and bool(getattr(source, "nonnegative", False))
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)
+    bound = torch.empty(n, dtype=torch.float32, device=dev)
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget):
-            torch.max(scorer.scores(x, sq).flatten(1), 1, out=(best[start:start + len(x)], where[start:start + len(x)]))
-    scores, flat = best.cpu().numpy(), where.cpu().numpy()
+            stop = start + len(x)
+            wnorm = scorer.window_norms(sq)
+            fast = scorer.scores(x, wnorm)
+            torch.max(fast.flatten(1), 1, out=(best[start:stop], where[start:stop]))
+            torch.amax(scorer.upper(fast, wnorm, nonnegative).flatten(1), 1, out=bound[start:stop])
+    scores, flat, upper = best.cpu().numpy(), where.cpu().numpy(), bound.cpu().numpy()
+    upper[~np.isfinite(upper)] = np.inf  # an fp16 overflow (NaN / ±inf) bounds nothing: re-score it
     placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
 
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
@@ -311,23 +371,33 @@ def search_regions(
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = _select(scores, eligible, k, domains, per_domain)
-    rescored = 0
+    exact = np.zeros(n, dtype=bool)
     if len(picked):
-        # Fast scores are within the bound: re-score exactly whatever could still enter the top-k.
-        near = np.flatnonzero(eligible & (scores >= scores[picked[-1]] - 2 * fast_score_error(c)))
-        for part in np.array_split(near, max(1, len(near) // 256)):
-            if len(part):
-                exact = exact_scores(source.rows(part), rq).reshape(len(part), -1)
-                scores[part] = exact.max(1)
-                placements[part] = np.stack(np.divmod(exact.argmax(1), scorer.pw), axis=1)
-        rescored = len(near)
+        # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
+        # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
+        score = _exact_scorer(rq, (h, w))
+        _rescore(source, score, scorer.pw, picked, scores, placements, exact)
+        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= scores[picked].min())),
+                 scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
 
     result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
-                          0.0, rescored, source)
+                          0.0, int(exact.sum()), source)
     result.top = _top_table(result, picked, source)
     result.elapsed_ms = (time.perf_counter() - t0) * 1e3
     return result
+
+
+def _rescore(source: FeatureSource, score, pw: int, indices: np.ndarray,
+             scores: np.ndarray, placements: np.ndarray, exact: np.ndarray) -> None:
+    """Replace some images' fast scores and placements by exact ones, in blocks of 256 images."""
+    indices = np.sort(indices)
+    for part in np.array_split(indices, max(1, len(indices) // 256)):
+        if len(part):
+            s = score(source.rows(part)).reshape(len(part), -1)
+            scores[part] = s.max(1)
+            placements[part] = np.stack(np.divmod(s.argmax(1), pw), axis=1)
+            exact[part] = True
 
 
 def _top_table(result: SearchResult, picked: np.ndarray, source: FeatureSource) -> pd.DataFrame:

@@ -1,0 +1,119 @@
+"""The fast path's error bound, which decides which images are re-scored exactly: it must hold for
+every placement (or the top-k could be wrong), and be tight (or every image would be re-scored)."""
+
+import numpy as np
+import pytest
+import torch
+
+from search_reference import every_placement
+from test_search import soft_blob
+from vfs.search import ArrayFeatures, QueryPlan, RegionQuery, _Scorer, search_regions
+
+CASES = {
+    # name: (feature scale, signed features, mask weight scale)
+    "post-ReLU": (1.0, False, 1.0),
+    "signed": (1.0, True, 1.0),
+    "tiny features (fp16 subnormal outputs)": (3e-5, False, 1.0),
+    "faint mask edge (subnormal weights)": (1.0, False, 1e-3),
+    "large signed features": (300.0, True, 1.0),
+}
+
+
+def make(case: str, seed: int, n=50, grid=(6, 7), c=48):
+    scale, signed, faint = CASES[case]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *grid, c)) * rng.uniform(0.1, 3, size=(n, *grid, 1))
+    x = (x if signed else np.maximum(x, 0)) * scale
+    x[rng.random(x.shape[:3]) < 0.1] = 0  # some all-zero cells
+    mask = soft_blob(rng, *grid)
+    mask[mask < mask.max() / 2] *= faint
+    return x.astype(np.float16), mask
+
+
+@pytest.mark.parametrize("method", ["cells", "rows"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("seed", range(4))
+def test_upper_bound_holds_for_every_placement(case, method, seed):
+    x, mask = make(case, seed)
+    q = RegionQuery.create(x[seed].astype(np.float32), mask)
+    exact = every_placement(x, q.features, mask)
+    source = ArrayFeatures(x)
+    cpu = torch.device("cpu")
+    scorer = _Scorer(q, x.shape[1:3], cpu, QueryPlan(method, 0, 0))
+    t = torch.from_numpy(x)
+    wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
+    fast = scorer.scores(t, wnorm)
+    nonnegative = scorer.nonnegative_weights and source.nonnegative
+    assert nonnegative == (not CASES[case][1])
+    upper = scorer.upper(fast, wnorm, nonnegative).double().numpy()
+    assert (exact <= upper).all(), np.max(exact - upper)
+    gap = (upper - exact)[exact > 0.05]
+    assert gap.max() < (5e-3 if nonnegative else 2e-2)  # tight enough to rule most images out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_top_k_is_exact_on_tightly_packed_scores(case):
+    """Random features pack the best scores within ~1e-3: the re-scoring must sort them out."""
+    rng = np.random.default_rng(len(case))
+    n, grid, c = 400, (7, 7), 64
+    x, _ = make(case, 0, n=n, grid=grid, c=c)
+    source = ArrayFeatures(x)
+    for trial in range(6):
+        mask = soft_blob(rng, *grid)
+        qi = int(rng.integers(n))
+        ref = every_placement(x, x[qi].astype(np.float32), mask).reshape(n, -1).max(1)
+        ref[qi] = -np.inf
+        result = search_regions(source, qi, mask, k=10, exclude=qi, device="cpu")
+        order = np.argsort(-ref, kind="stable")
+        got = result.top["index"].to_numpy()
+        np.testing.assert_allclose(result.top["score"], ref[got], atol=2e-6)
+        np.testing.assert_allclose(ref[got], ref[order[:10]], atol=2e-6)  # ties within fp32 may swap
+        assert result.rescored < n // 2
+
+
+def test_fp16_overflow_is_re_scored_not_lost():
+    """Products beyond fp16's range come out as inf / NaN: those images are re-scored in fp32."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((30, 5, 5, 256)) * 2000).astype(np.float16)
+    mask = np.ones((5, 5), np.float32)
+    mask[0, 0] = 0
+    ref = every_placement(x, x[4].astype(np.float32), mask).reshape(30, -1).max(1)
+    result = search_regions(x, 4, mask, k=5, device="cpu")
+    assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:5].tolist()
+    np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=2e-6)
+
+
+def test_subnormal_query_weights_are_bounded():
+    """Weights below fp16's normal range round with up to 2⁻²⁵ absolute (2.4% here, all the same
+    way): against huge features on exactly those channels, only the weight term covers it."""
+    c = 64
+    q = np.zeros((2, 2, c), np.float32)
+    q[0, 0, 0], q[0, 0, 1:] = 1.0, 20.5 * 2.0**-24  # halfway between two fp16 subnormals
+    x = np.zeros((3, 2, 2, c), np.float16)
+    x[0, 0, 0, 1:] = 60000
+    x[1, 0, 0] = 1
+    x[2] = 0.5
+    mask = np.zeros((2, 2), np.float32)
+    mask[0, 0] = 1
+    rq = RegionQuery.create(q, mask)
+    scorer = _Scorer(rq, (2, 2), torch.device("cpu"), QueryPlan("cells", 0, 0))
+    assert scorer.weight_error > 0
+    t = torch.from_numpy(x)
+    wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
+    upper = scorer.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).double().numpy()
+    assert (every_placement(x, q, mask) <= upper).all()
+
+
+def test_an_overflow_to_nan_is_re_scored():
+    """+inf and −inf outputs in one window make a NaN fast score; its image must still be found."""
+    c = 64
+    x = np.zeros((6, 1, 2, c), np.float16)
+    x[0, 0, 0], x[0, 0, 1] = 1.0, 0.02  # the query
+    x[1, 0, 0], x[1, 0, 1] = 65000, -65000  # +inf + −inf in fp16 products: NaN
+    x[2:] = np.random.default_rng(0).uniform(0, 1, (4, 1, 2, c))
+    mask = np.ones((1, 2), np.float32)
+    ref = every_placement(x, x[0].astype(np.float32), mask).reshape(6, -1).max(1)
+    ref[0] = -np.inf
+    assert np.argmax(ref) == 1
+    result = search_regions(x, 0, mask, k=3, exclude=0, device="cpu")
+    assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
