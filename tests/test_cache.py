@@ -79,6 +79,23 @@ def test_killed_build_resumes_to_identical_cache(tmp_path):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
     pd.testing.assert_frame_equal(a.manifest, b.manifest)
     assert a.report == b.report
+    assert a.nonnegative and b.nonnegative
+
+
+def test_nonnegative_is_recorded_across_a_resume(tmp_path):
+    """One negative feature anywhere, even in a chunk stored before a kill, clears the flag."""
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
+    feats = fill(w, range(8))
+    w.add(8, -feats[8] - 0.5, np.zeros((32, 32, 3), np.uint8))
+    fill(w, range(9, 15))
+    assert w.rows == 14 and not w.nonnegative
+    resumed = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
+    assert not resumed.nonnegative and not open_cache(tmp_path / "c.zarr", allow_partial=True).nonnegative
+    fill(resumed, range(resumed.next_item, 30))
+    resumed.finish(candidates(30))
+    assert not open_cache(tmp_path / "c.zarr").nonnegative
+    build(tmp_path / "ok.zarr", 30)
+    assert open_cache(tmp_path / "ok.zarr").nonnegative
 
 
 def test_resume_refuses_another_spec(tmp_path):

@@ -154,6 +154,12 @@ class FeatureCache:
         return self.n if self.complete else int(self.attrs.get("progress", {}).get("rows", 0))
 
     @property
+    def nonnegative(self) -> bool:
+        """Every stored feature is ≥ 0 (as recorded by the build; caches written before say nothing)."""
+        recorded = self.attrs if self.complete else self.attrs.get("progress", {})
+        return recorded.get("nonnegative") is True
+
+    @property
     def report(self) -> dict:
         return self.attrs.get("report", {})
 
@@ -570,6 +576,7 @@ class CacheWriter:
     rows: int = 0  # images stored
     next_item: int = 0  # every candidate before this one is stored or skipped
     skipped: list[dict] = field(default_factory=list)
+    nonnegative: bool = True  # every stored feature ≥ 0 (post-ReLU): search can use a relative bound
     _pending: list[_Pending] = field(default_factory=list)
 
     @classmethod
@@ -608,7 +615,7 @@ class CacheWriter:
         _write_table(g, "candidates", candidates)
         g.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(), "n": 0,
-            "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": []},
+            "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": [], "nonnegative": True},
             "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
             **({"job": job} if job is not None else {}),
@@ -640,7 +647,8 @@ class CacheWriter:
             if _ZARR_TEMP.search(leftover.name):
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
-        return cls(path, g, spec, rows=p["rows"], next_item=p["next_item"], skipped=list(p["skipped"]))
+        return cls(path, g, spec, rows=p["rows"], next_item=p["next_item"], skipped=list(p["skipped"]),
+                   nonnegative=bool(p.get("nonnegative", False)))
 
     @property
     def chunk(self) -> int:
@@ -674,6 +682,7 @@ class CacheWriter:
         a, b = self.rows, self.rows + len(good)
         if good:
             x = np.stack([p.features for p in good]).astype(np.float16)
+            self.nonnegative = self.nonnegative and bool((x >= 0).all())
             self._array("features")[a:b] = x
             self._array("sqnorm")[a:b] = np.square(x, dtype=np.float32).sum(-1)
             self._array("thumbs")[a:b] = np.stack([p.thumb for p in good])
@@ -682,7 +691,8 @@ class CacheWriter:
         self.rows, self.next_item = b, batch[-1].item + 1
         self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if p.reason is not None]
         # Progress only after the data is on disk: a kill before this line redoes the chunk.
-        self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped}
+        self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped,
+                                        "nonnegative": self.nonnegative}
         self._sync_attrs()
 
     def _array(self, name: str) -> zarr.Array:
@@ -729,7 +739,8 @@ class CacheWriter:
         if FSYNC:
             _fsync([p for p in (self.path / "manifest").rglob("*") if p.is_file()]
                    + [self.path / name / "zarr.json" for name in ("features", "sqnorm", "thumbs", "source_index")])
-        self.group.attrs.update({"n": self.rows, "report": report | (extra_report or {}), "complete": True})
+        self.group.attrs.update({"n": self.rows, "report": report | (extra_report or {}),
+                                 "nonnegative": self.nonnegative, "complete": True})
         self._sync_attrs()
 
 
