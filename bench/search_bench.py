@@ -421,11 +421,16 @@ def child(args) -> None:
         n, h, w, c = cache.shape
         mask = make_mask(args.mask, (h, w))
         q = n // 3
+        # As in a running app, this process has searched before: one search over 64 in-memory images
+        # of the same shape builds the product kernels (oneDNN JIT) without touching the cache's pages.
+        search_regions(synthetic(64, (h, w, c), seed=1), 0, mask, k=K, device="cpu")
+        cache.manifest  # read when a cache is picked in the app, before any search
         hwm0, anon0 = vm_status("VmHWM"), vm_status("RssAnon")
-        with AnonPeak() as anon:
-            t0 = time.perf_counter()
-            res = search_regions(cache, q, mask, k=K, exclude=q, device="cpu", memory_budget=args.budget_bytes)
-            out["elapsed_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        res = search_regions(cache, q, mask, k=K, exclude=q, device="cpu", memory_budget=args.budget_bytes)
+        out["elapsed_ms"] = (time.perf_counter() - t0) * 1e3
+        with AnonPeak() as anon:  # a second search for the anonymous-memory peak: the poller would slow the timed one
+            search_regions(cache, q, mask, k=K, exclude=q, device="cpu", memory_budget=args.budget_bytes)
         out["peak_anon_bytes"] = anon.peak
         out["bytes"] = sum(p.stat().st_size for p in chunk_files(Path(args.cache_path)))
         out |= {"method": res.method, "rescored": int(res.rescored), "top10": res.top["index"].tolist(),

@@ -401,8 +401,11 @@ def test_missing_or_truncated_chunks_are_a_clear_error(small_chunked, array, dam
             search_regions(open_cache(path), 0, np.ones((2, 3)), k=3, device="cpu", memory_budget=budget)
         assert "rows 14.." in str(e.value) and str(path) in str(e.value)  # streamed reads are smaller
         assert ("missing" if damage == "delete" else "cannot read") in str(e.value)
+    if array == "features":  # the rows read for exact re-scoring, straight from their chunk files
+        with pytest.raises(CacheError, match="rows 14.."):
+            open_cache(path).rows(np.array([0, 20]))
     # rows elsewhere still read: the damage is reported where it is
-    np.testing.assert_array_equal(open_cache(path).rows(np.array([0, 1])), x[[0, 1]])
+    np.testing.assert_array_equal(open_cache(path).rows(np.array([0, 1, 27])), x[[0, 1, 27]])
     assert ok.top["index"].iloc[0] == 0
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
+import numcodecs
 import numpy as np
 import pandas as pd
 import torch
@@ -304,7 +307,23 @@ class FeatureCache:
             raise IndexError(f"rows outside 0..{self.n - 1}")
         self._check_chunks(idx, ("features",))
         with self._reading(f"the features of rows {_describe_rows(idx)}"):
-            return self.features.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
+            if self._raw_features_root is None:
+                return self.features.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
+            return self._read_raw_rows(idx)
+
+    def _read_raw_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Scattered rows read from their uncompressed chunk files, each on its own: re-scoring a few
+        images must not read (or decode) their whole chunks."""
+        out = np.empty((len(idx), *self.features.shape[1:]), dtype=np.float16)
+        per = self.features.chunks[0]
+        for j, r in enumerate(idx):
+            i = int(r) // per
+            with open(self._chunk_file(self.features, i), "rb") as f:
+                f.seek((int(r) - i * per) * out[j].nbytes)
+                got = f.readinto(memoryview(out[j].reshape(-1)).cast("B"))
+            if got != out[j].nbytes:
+                raise self._truncated(i)
+        return out
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
@@ -330,55 +349,100 @@ class FeatureCache:
                 return self._read_raw_features(start, stop)
             return self.features[start:stop]
 
+    def _plain_files(self, arr: zarr.Array) -> Path | None:
+        """Where an array's chunk files are plain little-endian C-order bytes, possibly zstd-compressed
+        (a local cache as VFS writes it): streaming reads those files itself, 4× faster than through zarr."""
+        codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
+        names = [type(c).__name__ for c in codecs]
+        plain = (names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
+                 and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little")
+        return Path(arr.store.root) if plain and isinstance(arr.store, zarr.storage.LocalStore) else None
+
+    def _chunk_file(self, arr: zarr.Array, i: int) -> Path:
+        return self._plain_files(arr) / arr.path / arr.metadata.encode_chunk_key((i, *(0,) * (arr.ndim - 1)))
+
     @property
     def _raw_features_root(self) -> Path | None:
-        """Where the feature chunk files are plain C-order fp16 bytes (a local cache as VFS writes
-        it: no compressor): streaming reads them straight into memory, 4× faster than through zarr."""
-        codecs = self.features.metadata.codecs if self.features.metadata.zarr_format == 3 else ()
-        plain = (len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec"
-                 and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little")
-        store = self.features.store
-        return Path(store.root) if plain and isinstance(store, zarr.storage.LocalStore) else None
+        """Set when the feature chunk files are uncompressed: they can be read or mapped directly."""
+        return self._plain_files(self.features) if len(self.features.metadata.codecs) == 1 else None
 
     def _read_raw_features(self, start: int, stop: int) -> np.ndarray:
-        arr, root = self.features, self._raw_features_root
-        per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
-        out = np.empty((stop - start, *arr.shape[1:]), dtype=np.float16)
-        row_bytes = out[0].nbytes if len(out) else 0
-        ids = range(start // per, (stop - 1) // per + 1)
-        files = [root / arr.path / arr.metadata.encode_chunk_key((i, *tail)) for i in ids]
-        if hasattr(os, "posix_fadvise"):  # ask for the whole range at once: disks want several reads in flight
-            for path in files:
+        out = np.empty((stop - start, *self.features.shape[1:]), dtype=np.float16)
+        for i, a, b, path in self._chunk_files(start, stop, announce=True):
+            with open(path, "rb") as f:
+                f.seek((a - i * self.features.chunks[0]) * out[0].nbytes)
+                got = f.readinto(memoryview(out[a - start:b - start].reshape(-1)).cast("B"))
+            if got != (b - a) * out[0].nbytes:
+                raise self._truncated(i)
+        return out
+
+    def _map_features(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows start..stop-1 as fp16 tensors over their chunk files mapped into memory (one per
+        file, consecutive): no copy — a warm cache is scored straight from the page cache, and the
+        pages are released when the tensors are."""
+        per, row_bytes = self.features.chunks[0], int(np.prod(self.features.shape[1:])) * 2
+        out = []
+        with self._reading(f"rows {start}..{stop - 1}"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only pages, never written
+            for i, a, b, path in self._chunk_files(start, stop, announce=True):
+                try:
+                    f = open(path, "rb")
+                except FileNotFoundError:
+                    self._check_chunks(range(a, b), ("features",))  # names the missing rows
+                    raise
+                with f:
+                    if os.fstat(f.fileno()).st_size < (b - i * per) * row_bytes:
+                        raise self._truncated(i)
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                rows = np.frombuffer(mapped, dtype="<f2", count=(b - a) * row_bytes // 2, offset=(a - i * per) * row_bytes)
+                out.append(torch.from_numpy(rows).view(b - a, *self.features.shape[1:]))
+        return out
+
+    def _chunk_files(self, start: int, stop: int, announce: bool = False) -> list[tuple[int, int, int, Path]]:
+        """(chunk id, first row, end row, file) of the feature chunks holding rows start..stop-1; `announce`
+        asks the kernel to read them all ahead (disks want several requests in flight)."""
+        per = self.features.chunks[0]
+        out = [(i, max(start, i * per), min(stop, (i + 1) * per), self._chunk_file(self.features, i))
+               for i in range(start // per, (stop - 1) // per + 1)]
+        if announce and hasattr(os, "posix_fadvise"):
+            for *_, path in out:
                 fd = os.open(path, os.O_RDONLY)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 os.close(fd)
-        for i, path in zip(ids, files):
-            a, b = max(start, i * per), min(stop, (i + 1) * per)
-            with open(path, "rb") as f:
-                f.seek((a - i * per) * row_bytes)
-                got = f.readinto(memoryview(out[a - start:b - start].reshape(-1)).cast("B"))
-            if got != (b - a) * row_bytes:
-                raise CacheError(f"cannot read rows {i * per}..{(i + 1) * per - 1} of the cache at {self.location}: "
-                                 "their chunk file is truncated; the cache is damaged: rebuild or re-download it")
         return out
 
-    def _read_all_sqnorm(self) -> np.ndarray:
-        """All squared norms in one read (1/(2C) of the features' bytes); on damage, find the rows."""
-        try:
-            return self._read_sqnorm(0, self.n)
-        except CacheError:
-            for a, b in self._chunk_ranges(self.sqnorm.chunks[0]):
-                self._read_sqnorm(a, b)
-            raise
+    def _truncated(self, i: int) -> CacheError:
+        per = self.features.chunks[0]
+        return CacheError(f"cannot read rows {i * per}..{(i + 1) * per - 1} of the cache at {self.location}: "
+                          "their chunk file is truncated; the cache is damaged: rebuild or re-download it")
 
     def _read_sqnorm(self, start: int, stop: int) -> np.ndarray:
         """Squared norms, checked: a NaN / inf feature shows up in its cell's norm."""
         with self._reading(f"sqnorm rows {start}..{stop - 1}"):
-            q = self.sqnorm[start:stop]
+            q = self._read_plain(self.sqnorm, start, stop) if self._plain_files(self.sqnorm) else self.sqnorm[start:stop]
         if not np.isfinite(q).all():
             bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
             raise CacheError(f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it")
         return q
+
+    def _read_plain(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """Rows of an array with plain (optionally zstd) chunk files, read and decoded here: zarr's
+        per-chunk overhead costs more than these small files take to read."""
+        per, shape = arr.chunks[0], arr.chunks[1:]
+        zstd = len(arr.metadata.codecs) == 2
+        parts = []
+        for i in range(start // per, (stop - 1) // per + 1):
+            try:
+                data = self._chunk_file(arr, i).read_bytes()
+            except FileNotFoundError:
+                self._check_chunks(range(i * per, min((i + 1) * per, self.n)), (arr.path,))
+                raise
+            chunk = np.frombuffer(numcodecs.Zstd().decode(data) if zstd else data, dtype=arr.dtype.newbyteorder("<"))
+            if chunk.size != per * int(np.prod(shape)):
+                raise CacheError(f"the cache at {self.location} is damaged: {arr.path} chunk {i} holds {chunk.size} "
+                                 f"values, not {per * int(np.prod(shape))}; rebuild it")
+            parts.append(chunk.reshape(per, *shape)[max(start - i * per, 0):min(stop - i * per, per)])
+        return np.concatenate(parts)
 
     def _chunk_ranges(self, rows_per_chunk: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows_per_chunk, self.n)) for a in range(0, self.n, rows_per_chunk)]
@@ -421,18 +485,22 @@ class FeatureCache:
             rows = max(1, min(rows, memory_budget // 4 // per_row))
         per = self.features.chunks[0]
         rows = max(per, rows - rows % per)  # whole stored chunks: none is decoded twice
-        sqnorm = torch.from_numpy(self._read_all_sqnorm()).to(device)
+        fetch = self._map_features if device.type == "cpu" and self._raw_features_root else self._read_features
         with ThreadPoolExecutor(1, thread_name_prefix="vfs-prefetch") as pool:
             ranges = self._chunk_ranges(rows)
-            pending = pool.submit(self._read_features, *ranges[0]) if ranges else None
+            pending = pool.submit(self._fetch, fetch, *ranges[0]) if ranges else None
             for i, (a, b) in enumerate(ranges):
-                f = pending.result()
-                pending = pool.submit(self._read_features, *ranges[i + 1]) if i + 1 < len(ranges) else None
-                x = torch.from_numpy(f)
+                x, sq = pending.result()
+                pending = pool.submit(self._fetch, fetch, *ranges[i + 1]) if i + 1 < len(ranges) else None
                 if device.type != "cpu":
-                    x = x.pin_memory().to(device, non_blocking=True)
-                yield a, x, sqnorm[a:b]
-                del f, x
+                    x = torch.from_numpy(x).pin_memory().to(device, non_blocking=True)
+                elif isinstance(x, np.ndarray):
+                    x = torch.from_numpy(x)
+                yield a, x, torch.from_numpy(sq).to(device)
+                del x, sq
+
+    def _fetch(self, fetch, start: int, stop: int) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
+        return fetch(start, stop), self._read_sqnorm(start, stop)
 
 
 def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:

@@ -54,8 +54,10 @@ class FeatureSource(Protocol):
     def shape(self) -> tuple[int, int, int, int]: ...
 
     def chunks(self, device: torch.device, memory_budget: int | None = None
-               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(start, fp16 features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`."""
+               ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+        """(start, fp16 features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`. The
+        features may come as a list of tensors holding consecutive images (files mapped in place);
+        a chunk's tensors are only read until the next chunk is asked for."""
         ...
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
@@ -206,21 +208,26 @@ class _Scorer:
         self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
         self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
 
-    def numerator(self, x: torch.Tensor) -> torch.Tensor:
-        n, h, w, c = x.shape
-        out = torch.zeros(n, self.ph, self.pw, device=x.device, dtype=torch.float32)
+    def numerator(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(n, Ph, Pw) numerators of a chunk, or of consecutive pieces of one (mapped chunk files):
+        one product per piece, everything after it once over the chunk."""
+        parts = x if isinstance(x, list) else [x]
+        n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
+        out = torch.zeros(n, self.ph, self.pw, device=parts[0].device, dtype=torch.float32)
+
+        def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
+            return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
+
         if self.plan.method == "cells":
-            g = _matmul(self.weights, x.reshape(n * h * w, c).T).view(-1, n, h, w)
+            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w)
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
         elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
-            flat = x.reshape(n, h * w * c)
             for ky in range(h):
-                out[:, 0, 0] += _matmul(self.weights[ky:ky + 1], flat[:, ky * w * c:(ky + 1) * w * c].T)[0]
+                out[:, 0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, ky * w * c:(ky + 1) * w * c])[0]
         else:
-            flat = x.reshape(n * h, w * c)
             for px in range(self.pw):
-                g = _matmul(self.weights, flat[:, px * c:(px + self.mw) * c].T).view(self.mh, n, h)
+                g = product(self.weights, lambda p: p.reshape(-1, w * c)[:, px * c:(px + self.mw) * c]).view(self.mh, n, h)
                 for ky in range(self.mh):
                     out[:, :, px] += g[ky, :, ky:ky + self.ph]
         return out
@@ -353,7 +360,7 @@ def search_regions(
     bound = torch.empty(n, dtype=torch.float32, device=dev)
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget):
-            stop = start + len(x)
+            stop = start + len(sq)
             wnorm = scorer.window_norms(sq)
             fast = scorer.scores(x, wnorm)
             torch.max(fast.flatten(1), 1, out=(best[start:stop], where[start:stop]))
