@@ -39,12 +39,12 @@ except ImportError:  # Windows: the lock falls back to a pid file
 
 FORMAT = "vfs-feature-cache"
 FORMAT_VERSION = 1
-CHUNK_BYTES = 4 << 20  # features per chunk: large enough to stream well, small enough to resume often
+CHUNK_BYTES = 16 << 20  # features per chunk: large enough to stream well, small enough to resume often
 CHUNK_MAX_IMAGES = 256
 THUMB_CHUNK = 16  # thumbnails are read a page of results at a time: small chunks, few wasted decodes
 DEFAULT_MEMORY_BUDGET = 4 << 30
 MAX_CHUNK_BYTES = 1 << 30
-"""Largest chunk a cache may declare (VFS writes ≈ 4 MB of features, ≤ 40 MB of thumbnails): a chunk is
+"""Largest chunk a cache may declare (VFS writes ≤ 16 MB of features, ≤ 40 MB of thumbnails): a chunk is
 decoded whole, so a hostile cache declaring huge chunks would otherwise make each read allocate that much."""
 FSYNC = os.environ.get("VFS_FSYNC", "1") != "0"
 """Flush each chunk's files to disk before its progress is recorded (power-loss safety; `VFS_FSYNC=0` skips it)."""

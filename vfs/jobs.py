@@ -43,7 +43,7 @@ class BuildJob:
     device: str = "auto"
     workers: int = 0
     limit: int | None = None
-    chunk_images: int | None = None  # images per stored chunk (default ≈ 4 MB of features); set at creation
+    chunk_images: int | None = None  # images per stored chunk (default ≤ 16 MB of features); set at creation
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "BuildJob":
