@@ -473,7 +473,7 @@ class FeatureCache:
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Resident when it fits the budget; otherwise streamed from storage with one chunk prefetched."""
         self.check_searchable()
-        slice_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)  # few large launches on a GPU
+        slice_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)  # few calls per search; 1 GiB on a GPU
         rows = max(self.features.chunks[0], slice_bytes // max(1, int(np.prod(self.shape[1:])) * 2))
         if device in self._resident or self.fits(device, memory_budget):
             x, s = self.resident(device)

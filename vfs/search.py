@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from .devices import resolve_device
 from .masks import CroppedMask, crop_mask
@@ -71,7 +72,7 @@ class FeatureSource(Protocol):
 class ArrayFeatures:
     """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
 
-    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = 64 << 20):
+    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = 256 << 20):
         t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
@@ -196,7 +197,7 @@ class _Scorer:
         else:
             self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
             terms, outputs = self.mw * c, self.mh
-        self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
+        self.mask2 = torch.from_numpy(query.mask.weights.astype(np.float32) ** 2)[None, None]  # (1, 1, mh, mw)
         self.nonnegative_weights = bool((kernel >= 0).all())
         self.eps = fast_score_error(terms + c + outputs)  # products, the norms' sums, the shift-and-add
         # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
@@ -219,7 +220,7 @@ class _Scorer:
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
 
         if self.plan.method == "cells":
-            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w)
+            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w).float()  # small: K values a cell
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
         elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
@@ -233,11 +234,8 @@ class _Scorer:
         return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement."""
-        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=torch.float32)
-        for w2, (ky, kx) in zip(self.m2, self.cells):
-            wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
-        return wnorm.sqrt_()
+        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement (a correlation with m²)."""
+        return F.conv2d(sqnorm[:, None], self.mask2.to(sqnorm.device))[:, 0].clamp_min_(0).sqrt_()
 
     def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
         """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
