@@ -197,7 +197,7 @@ class _Scorer:
         else:
             self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
             terms, outputs = self.mw * c, self.mh
-        self.mask2 = torch.from_numpy(query.mask.weights.astype(np.float32) ** 2)[None, None]  # (1, 1, mh, mw)
+        self.mask2 = torch.from_numpy(query.mask.weights.astype(np.float32) ** 2)[None, None].to(device)  # (1, 1, mh, mw)
         self.nonnegative_weights = bool((kernel >= 0).all())
         self.eps = fast_score_error(terms + c + outputs)  # products, the norms' sums, the shift-and-add
         # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
@@ -235,7 +235,7 @@ class _Scorer:
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement (a correlation with m²)."""
-        return F.conv2d(sqnorm[:, None], self.mask2.to(sqnorm.device))[:, 0].clamp_min_(0).sqrt_()
+        return F.conv2d(sqnorm[:, None], self.mask2)[:, 0].clamp_min_(0).sqrt_()
 
     def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
         """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
