@@ -1,10 +1,10 @@
 """Where a memory-budgeted (streamed) search spends its time, on a cache written by
 `search_bench.py --out-of-core --keep` (warm page cache: this isolates CPU costs from the disk).
 
-Times, interleaved: (a) iterating `FeatureCache.chunks(cpu, budget)` alone (zarr reads +
-prefetch thread), (b) a raw read of the same chunk files, (c) the scoring alone on the same
+Times, interleaved: (a) iterating `FeatureCache.chunks(cpu, budget)` alone (prefetch thread; local
+uncompressed chunk files are mapped, so their pages are only touched by the scoring), (b) a raw read of the same chunk files, (c) the scoring alone on the same
 data held in memory (`ArrayFeatures`, chunk by chunk as in a resident search), (d) the whole
-streamed `search_regions`, (e) `FeatureCache.rows` of the re-scored images (read back from zarr).
+streamed `search_regions`, (e) `FeatureCache.rows` of the re-scored images.
 If prefetching overlapped perfectly, (d) ≈ max(a, c) + (e).
 
     .venv/bin/python bench/search_bench.py --out-of-core --cache-gb 1 --memory-budget 400MB --keep
@@ -54,8 +54,8 @@ def main(argv=None) -> None:
 
     def chunks_only():
         rows = 0
-        for _, x, s in cache.chunks(cpu, budget):
-            rows += x.shape[0]
+        for _, x, s in cache.chunks(cpu, budget):  # mapped chunk files come as a list of tensors
+            rows += len(s)
         return rows
 
     def raw():

@@ -490,3 +490,25 @@ def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_pa
     (v2 / ".zattrs").write_text(json.dumps({"format": "vfs-feature-cache", "format_version": 1}))
     with pytest.raises(CacheError, match="a VFS cache is a zarr 3 group"):
         open_cache(v2)
+
+
+def test_an_older_cache_without_its_all_zero_chunk_files_still_searches(small_chunked):
+    """Caches written before `all_chunks_stored` may lack the files of all-zero chunks (zarr skips
+    them): those read as zeros through every path (resident, streamed, rows), not as damage."""
+    path, x = small_chunked
+    mask = np.ones((2, 3))
+    before = search_regions(open_cache(path), 0, mask, k=5, device="cpu")
+    g = zarr.open_group(str(path), mode="r+")
+    for name in ("features", "sqnorm"):
+        g[name][7:14] = 0  # chunk 1 all zeros, as such a cache would hold it
+        chunk_file(path, name, 1).unlink(missing_ok=True)  # zarr drops an all-fill-value chunk itself
+    del g.attrs["all_chunks_stored"]
+    x = x.copy()
+    x[7:14] = 0
+    ref = search_regions(x, 0, mask, k=5, device="cpu")
+    for budget in (None, 1000):
+        got = search_regions(open_cache(path), 0, mask, k=5, device="cpu", memory_budget=budget)
+        np.testing.assert_allclose(got.scores, ref.scores, atol=2e-3)
+        assert got.top["index"].tolist() == ref.top["index"].tolist()
+    assert not open_cache(path).rows(np.array([8, 20])).astype(bool)[0].any()
+    assert before.top["index"].iloc[0] == 0

@@ -117,3 +117,22 @@ def test_an_overflow_to_nan_is_re_scored():
     assert np.argmax(ref) == 1
     result = search_regions(x, 0, mask, k=3, exclude=0, device="cpu")
     assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
+
+
+def test_a_placement_overflowing_to_minus_inf_is_re_scored():
+    """One window's output below −65504 makes that placement's fast score −inf while its exact
+    score is the best of the dataset; the image's other placement is finite and low."""
+    x = np.zeros((7, 2, 3, 2), np.float16)
+    x[0] = 1  # the query: ones
+    x[1, :, :2] = 30000
+    x[1, 0, 0] = -40000  # 2 × −40000 → −inf in fp16; the window still sums to +100000
+    x[1, :, 2] = -30000  # the other placement scores 0
+    x[2:] = np.array([1, -0.6], np.float16) + np.random.default_rng(1).uniform(0, 0.01, (5, 2, 3, 2))  # ≈ 0.24
+    mask = np.zeros((2, 3), np.float32)
+    mask[:, :2] = 1
+    ref = every_placement(x, x[0].astype(np.float32), mask).reshape(7, -1).max(1)
+    ref[0] = -np.inf
+    assert np.argmax(ref) == 1 and ref[1] > 0.3 > ref[2:].max()
+    result = search_regions(x, 0, mask, k=3, exclude=0, device="cpu")
+    assert result.top["index"].iloc[0] == 1
+    np.testing.assert_allclose(result.top["score"], np.sort(ref)[::-1][:3], atol=2e-6)

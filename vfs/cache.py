@@ -17,7 +17,6 @@ import shutil
 import socket
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -356,7 +355,9 @@ class FeatureCache:
         names = [type(c).__name__ for c in codecs]
         plain = (names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
                  and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little")
-        return Path(arr.store.root) if plain and isinstance(arr.store, zarr.storage.LocalStore) else None
+        # Only where every chunk has a file: in older caches a missing file is a chunk of zeros.
+        local = isinstance(arr.store, zarr.storage.LocalStore) and self.attrs.get("all_chunks_stored")
+        return Path(arr.store.root) if plain and local else None
 
     def _chunk_file(self, arr: zarr.Array, i: int) -> Path:
         return self._plain_files(arr) / arr.path / arr.metadata.encode_chunk_key((i, *(0,) * (arr.ndim - 1)))
@@ -382,8 +383,7 @@ class FeatureCache:
         pages are released when the tensors are."""
         per, row_bytes = self.features.chunks[0], int(np.prod(self.features.shape[1:])) * 2
         out = []
-        with self._reading(f"rows {start}..{stop - 1}"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only pages, never written
+        with self._reading(f"rows {start}..{stop - 1}"):
             for i, a, b, path in self._chunk_files(start, stop, announce=True):
                 try:
                     f = open(path, "rb")
@@ -393,7 +393,9 @@ class FeatureCache:
                 with f:
                     if os.fstat(f.fileno()).st_size < (b - i * per) * row_bytes:
                         raise self._truncated(i)
-                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    # Copy-on-write: pages are the page cache's until written (never, here), and a
+                    # consumer that writes changes its own copy, not the cache.
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 rows = np.frombuffer(mapped, dtype="<f2", count=(b - a) * row_bytes // 2, offset=(a - i * per) * row_bytes)
                 out.append(torch.from_numpy(rows).view(b - a, *self.features.shape[1:]))
         return out
@@ -406,7 +408,10 @@ class FeatureCache:
                for i in range(start // per, (stop - 1) // per + 1)]
         if announce and hasattr(os, "posix_fadvise"):
             for *_, path in out:
-                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue  # reported by the read itself
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 os.close(fd)
         return out
@@ -439,8 +444,9 @@ class FeatureCache:
                 raise
             chunk = np.frombuffer(numcodecs.Zstd().decode(data) if zstd else data, dtype=arr.dtype.newbyteorder("<"))
             if chunk.size != per * int(np.prod(shape)):
-                raise CacheError(f"the cache at {self.location} is damaged: {arr.path} chunk {i} holds {chunk.size} "
-                                 f"values, not {per * int(np.prod(shape))}; rebuild it")
+                raise CacheError(f"cannot read {arr.path} rows {i * per}..{(i + 1) * per - 1} of the cache at {self.location}: "
+                                 f"their chunk holds {chunk.size} values, not {per * int(np.prod(shape))}; "
+                                 "the cache is damaged: rebuild or re-download it")
             parts.append(chunk.reshape(per, *shape)[max(start - i * per, 0):min(stop - i * per, per)])
         return np.concatenate(parts)
 
@@ -484,7 +490,8 @@ class FeatureCache:
             per_row = int(np.prod(self.shape[1:])) * 2 * 2
             rows = max(1, min(rows, memory_budget // 4 // per_row))
         per = self.features.chunks[0]
-        rows = max(per, rows - rows % per)  # whole stored chunks: none is decoded twice
+        # Whole stored chunks (none decoded twice), at most 32 files a range: each mapped file holds a descriptor.
+        rows = max(per, min(rows, 32 * per) // per * per)
         fetch = self._map_features if device.type == "cpu" and self._raw_features_root else self._read_features
         with ThreadPoolExecutor(1, thread_name_prefix="vfs-prefetch") as pool:
             ranges = self._chunk_ranges(rows)

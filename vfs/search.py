@@ -26,7 +26,6 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .devices import resolve_device
 from .masks import CroppedMask, crop_mask
@@ -44,7 +43,6 @@ def fast_score_error(terms: int) -> float:
 
 # How many output columns a narrow product takes before it stops being memory-bound.
 _FREE_COLUMNS = {"cpu": 16, "cuda": 96, "mps": 32}
-_EPS = 1e-12
 
 
 @runtime_checkable
@@ -197,9 +195,11 @@ class _Scorer:
         else:
             self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
             terms, outputs = self.mw * c, self.mh
-        self.mask2 = torch.from_numpy(query.mask.weights.astype(np.float32) ** 2)[None, None].to(device)  # (1, 1, mh, mw)
+        self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.nonnegative_weights = bool((kernel >= 0).all())
-        self.eps = fast_score_error(terms + c + outputs)  # products, the norms' sums, the shift-and-add
+        # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
+        self.eps = fast_score_error(terms + c + 2 * len(self.cells) + outputs + 8)
+        self.reference_error = 2 * 1.05 * (terms + c + 2 * len(self.cells) + outputs + 8) * _U32  # fp32 re-scoring
         # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
         # rounding error (exact in fp32), bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
@@ -220,7 +220,7 @@ class _Scorer:
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
 
         if self.plan.method == "cells":
-            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w).float()  # small: K values a cell
+            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w)
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
         elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
@@ -234,12 +234,16 @@ class _Scorer:
         return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement (a correlation with m²)."""
-        return F.conv2d(sqnorm[:, None], self.mask2)[:, 0].clamp_min_(0).sqrt_()
+        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 (a convolution
+        could run in TF32 on a GPU, outside the bound)."""
+        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=torch.float32)
+        for w2, (ky, kx) in zip(self.m2, self.cells):
+            wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
+        return wnorm.sqrt_()
 
     def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
         """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
-        return self.numerator(x).div_((wnorm * self.qnorm).clamp_min_(_EPS))
+        return self.numerator(x).div_(torch.where(wnorm > 0, wnorm * self.qnorm, 1.0))
 
     def upper(self, scores: torch.Tensor, wnorm: torch.Tensor, nonnegative: bool) -> torch.Tensor:
         """A proven upper bound on each placement's exact score, given its fast score.
@@ -249,7 +253,7 @@ class _Scorer:
         layers), the exact numerator itself, which makes the first part relative to the score.
         An all-zero window's numerator is exactly 0, so it gets no output error.
         """
-        tiny = torch.where(wnorm > 0, self.output_error / wnorm.clamp_min(_EPS), 0.0)
+        tiny = torch.where(wnorm > 0, self.output_error / torch.where(wnorm > 0, wnorm, 1.0), 0.0)
         if nonnegative:
             return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
         return tiny.add_(scores).add_(self.weight_error + self.eps)
@@ -362,9 +366,9 @@ def search_regions(
             wnorm = scorer.window_norms(sq)
             fast = scorer.scores(x, wnorm)
             torch.max(fast.flatten(1), 1, out=(best[start:stop], where[start:stop]))
-            torch.amax(scorer.upper(fast, wnorm, nonnegative).flatten(1), 1, out=bound[start:stop])
+            upper = scorer.upper(fast, wnorm, nonnegative).masked_fill_(~torch.isfinite(fast), math.inf)
+            torch.amax(upper.flatten(1), 1, out=bound[start:stop])  # an overflowed placement bounds nothing
     scores, flat, upper = best.cpu().numpy(), where.cpu().numpy(), bound.cpu().numpy()
-    upper[~np.isfinite(upper)] = np.inf  # an fp16 overflow (NaN / ±inf) bounds nothing: re-score it
     placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
 
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
@@ -382,8 +386,9 @@ def search_regions(
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
         score = _exact_scorer(rq, (h, w))
         _rescore(source, score, scorer.pw, picked, scores, placements, exact)
-        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= scores[picked].min())),
-                 scores, placements, exact)
+        kth = scores[picked].min()  # less the fp32 re-scores' own error, so the cut is against the real k-th
+        cut = kth - scorer.reference_error * abs(kth)
+        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= cut)), scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
 
     result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
