@@ -11,8 +11,8 @@ Two exact forms of the numerator, chosen per query by their cost (see `plan_quer
   grid: one vector product per mask row).
 Both run fp16 operands with fp32 accumulation: a proven bound on each placement's error (see
 `_Scorer.upper`) gives every image an upper bound on its exact score. The fast top-k is re-scored
-in fp32, then every image whose upper bound reaches the exact k-th score, so the returned top-k
-and its scores are exact; the other images keep their fast scores.
+in float64, then every image whose upper bound reaches the exact k-th score, so the returned top-k
+and its scores are exact (to float32, in which scores are returned); other images keep fast scores.
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ class RegionQuery:
 
     @cached_property
     def kernel(self) -> np.ndarray:
-        """(mh, mw, C): m² ⊙ query features inside the box (zero where m = 0)."""
+        """(mh, mw, C) float64: m² ⊙ query features inside the box (zero where m = 0), exact."""
         y0, x0, y1, x1 = self.mask.query_box()
-        return self.mask.weights[..., None] ** 2 * self.features[y0:y1, x0:x1]
+        return self.mask.weights.astype(np.float64)[..., None] ** 2 * self.features[y0:y1, x0:x1]
 
     @cached_property
     def norm(self) -> float:
@@ -182,7 +182,7 @@ class _Scorer:
         # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
         kernel = query.kernel
         scale = 2.0 ** -math.ceil(math.log2(float(np.abs(kernel).max())))
-        kernel = torch.from_numpy(kernel * np.float32(scale))  # (mh, mw, C) fp32
+        kernel = torch.from_numpy(kernel * scale)  # (mh, mw, C) float64, exact
         c = kernel.shape[-1]
         self.qnorm = query.norm * scale
         self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
@@ -199,12 +199,12 @@ class _Scorer:
         self.nonnegative_weights = bool((kernel >= 0).all())
         # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
         self.eps = fast_score_error(terms + c + 2 * len(self.cells) + outputs + 8)
-        self.reference_error = 2 * 1.05 * (terms + c + 2 * len(self.cells) + outputs + 8) * _U32  # fp32 re-scoring
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32  # of the sums
         # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
-        # rounding error (exact in fp32), bounded over a window by Cauchy–Schwarz — a constant per query.
+        # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
         w = kernel.reshape(-1, c)
-        err = (w - w.to(dtype).float()).abs()
+        err = (w - w.to(dtype).double()).abs()
         err = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
         self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
         self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
@@ -214,7 +214,7 @@ class _Scorer:
         one product per piece, everything after it once over the chunk."""
         parts = x if isinstance(x, list) else [x]
         n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
-        out = torch.zeros(n, self.ph, self.pw, device=parts[0].device, dtype=torch.float32)
+        out = torch.zeros(n, self.ph, self.pw, device=parts[0].device, dtype=self.dtype)
 
         def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
@@ -234,9 +234,9 @@ class _Scorer:
         return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 (a convolution
-        could run in TF32 on a GPU, outside the bound)."""
-        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=torch.float32)
+        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
+        convolution could run in TF32 on a GPU, outside the bound)."""
+        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=self.dtype)
         for w2, (ky, kx) in zip(self.m2, self.cells):
             wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
         return wnorm.sqrt_()
@@ -260,17 +260,17 @@ class _Scorer:
 
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
-    """(m, Ph, Pw) scores of some images with fp32 operands and accumulation (no fp16 rounding)."""
+    """(m, Ph, Pw) scores of some images computed in float64: the definition, rounding aside."""
     return _exact_scorer(query, features.shape[1:3])(features)
 
 
 def _exact_scorer(query: RegionQuery, grid: tuple[int, int]):
-    """`exact_scores` for one query and grid, with its fp32 weights prepared once."""
+    """`exact_scores` for one query and grid, with its weights prepared once."""
     cpu = torch.device("cpu")
-    scorer = _Scorer(query, grid, cpu, plan_query(query, grid, cpu), dtype=torch.float32)
+    scorer = _Scorer(query, grid, cpu, plan_query(query, grid, cpu), dtype=torch.float64)
 
     def score(features: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(features).to(torch.float32)  # torch converts fp16 far faster than numpy
+        x = torch.as_tensor(features).to(torch.float64)  # torch converts fp16 far faster than numpy
         with torch.inference_mode():
             sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
             return scorer.scores(x, scorer.window_norms(sqnorm)).numpy()
@@ -386,9 +386,8 @@ def search_regions(
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
         score = _exact_scorer(rq, (h, w))
         _rescore(source, score, scorer.pw, picked, scores, placements, exact)
-        kth = scores[picked].min()  # less the fp32 re-scores' own error, so the cut is against the real k-th
-        cut = kth - scorer.reference_error * abs(kth)
-        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= cut)), scores, placements, exact)
+        kth = scores[picked].min()
+        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
 
     result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
