@@ -62,7 +62,7 @@ def exact_alt(features: np.ndarray, rq) -> np.ndarray:
     m, h, w, c = x.shape
     mh, mw = rq.mask.shape
     ph, pw = h - mh + 1, w - mw + 1
-    kern = torch.from_numpy(rq.kernel).reshape(mh * mw, c)  # (K, C) fp32, m²·q
+    kern = torch.from_numpy(rq.kernel).float().reshape(mh * mw, c)  # (K, C) fp32, m²·q
     g = (x.reshape(-1, c) @ kern.T).view(m, h, w, mh * mw)
     sq = x.square().sum(-1)
     m2 = torch.from_numpy(rq.mask.weights ** 2)
