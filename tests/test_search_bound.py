@@ -45,7 +45,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed):
     fast = scorer.scores(t, wnorm)
     nonnegative = scorer.nonnegative_weights and source.nonnegative
     assert nonnegative == (not CASES[case][1])
-    upper = scorer.upper(fast, wnorm, nonnegative).double().numpy()
+    upper = scorer.upper(fast, wnorm, nonnegative).permute(2, 0, 1).double().numpy()
     assert (exact <= upper).all(), np.max(exact - upper)
     gap = (upper - exact)[exact > 0.05]
     assert gap.max() < (5e-3 if nonnegative else 2e-2)  # tight enough to rule most images out
@@ -100,7 +100,7 @@ def test_subnormal_query_weights_are_bounded():
     assert scorer.weight_error > 0
     t = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
-    upper = scorer.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).double().numpy()
+    upper = scorer.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).permute(2, 0, 1).double().numpy()
     assert (every_placement(x, q, mask) <= upper).all()
 
 

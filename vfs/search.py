@@ -209,40 +209,48 @@ class _Scorer:
         self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
         self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
 
+    # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
+    # shift-and-adds run over long contiguous rows rather than rows of Pw placements.
+
     def numerator(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """(n, Ph, Pw) numerators of a chunk, or of consecutive pieces of one (mapped chunk files):
+        """(Ph, Pw, n) numerators of a chunk, or of consecutive pieces of one (mapped chunk files):
         one product per piece, everything after it once over the chunk."""
         parts = x if isinstance(x, list) else [x]
         n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
-        out = torch.zeros(n, self.ph, self.pw, device=parts[0].device, dtype=self.dtype)
+        out = torch.zeros(self.ph, self.pw, n, device=parts[0].device, dtype=self.dtype)
 
         def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
 
+        def images_last(g: torch.Tensor) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), in the sums' dtype
+            t = torch.empty(g.shape[0], *g.shape[2:], n, device=g.device, dtype=self.dtype)
+            return t.copy_(g.movedim(1, -1))
+
         if self.plan.method == "cells":
-            g = product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w)
+            g = images_last(product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(self.cells):
-                out += g[k, :, ky:ky + self.ph, kx:kx + self.pw]
+                out += g[k, ky:ky + self.ph, kx:kx + self.pw]
         elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
             for ky in range(h):
-                out[:, 0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, ky * w * c:(ky + 1) * w * c])[0]
+                out[0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, ky * w * c:(ky + 1) * w * c])[0]
         else:
             for px in range(self.pw):
-                g = product(self.weights, lambda p: p.reshape(-1, w * c)[:, px * c:(px + self.mw) * c]).view(self.mh, n, h)
+                g = images_last(product(self.weights, lambda p: p.reshape(-1, w * c)[:, px * c:(px + self.mw) * c]).view(self.mh, n, h))
                 for ky in range(self.mh):
-                    out[:, :, px] += g[ky, :, ky:ky + self.ph]
+                    out[:, px] += g[ky, ky:ky + self.ph]
         return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
+        """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""
-        wnorm = torch.zeros(sqnorm.shape[0], self.ph, self.pw, device=sqnorm.device, dtype=self.dtype)
+        sq = sqnorm.permute(1, 2, 0).to(self.dtype).contiguous()  # (h, w, n)
+        wnorm = torch.zeros(self.ph, self.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
         for w2, (ky, kx) in zip(self.m2, self.cells):
-            wnorm.add_(sqnorm[:, ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
+            wnorm.add_(sq[ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
         return wnorm.sqrt_()
 
     def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
-        """(n, Ph, Pw) cosine scores; a window whose features are all zero scores 0."""
+        """(Ph, Pw, n) cosine scores; a window whose features are all zero scores 0."""
         return self.numerator(x).div_(torch.where(wnorm > 0, wnorm * self.qnorm, 1.0))
 
     def upper(self, scores: torch.Tensor, wnorm: torch.Tensor, nonnegative: bool) -> torch.Tensor:
@@ -273,7 +281,7 @@ def _exact_scorer(query: RegionQuery, grid: tuple[int, int]):
         x = torch.as_tensor(features).to(torch.float64)  # torch converts fp16 far faster than numpy
         with torch.inference_mode():
             sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
-            return scorer.scores(x, scorer.window_norms(sqnorm)).numpy()
+            return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).numpy()
     return score
 
 
@@ -365,9 +373,9 @@ def search_regions(
             stop = start + len(sq)
             wnorm = scorer.window_norms(sq)
             fast = scorer.scores(x, wnorm)
-            torch.max(fast.flatten(1), 1, out=(best[start:stop], where[start:stop]))
+            torch.max(fast.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
             upper = scorer.upper(fast, wnorm, nonnegative).masked_fill_(~torch.isfinite(fast), math.inf)
-            torch.amax(upper.flatten(1), 1, out=bound[start:stop])  # an overflowed placement bounds nothing
+            torch.amax(upper.flatten(0, 1), 0, out=bound[start:stop])  # an overflowed placement bounds nothing
     scores, flat, upper = best.cpu().numpy(), where.cpu().numpy(), bound.cpu().numpy()
     placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
 
