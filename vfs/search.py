@@ -186,8 +186,7 @@ class _Scorer:
         c = kernel.shape[-1]
         self.qnorm = query.norm * scale
         self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
-        # Weights on the left of each product: the outputs come out one query cell (or mask row)
-        # per row, contiguous for the shift-and-add, and the products run faster in this layout.
+        # Weights on the left of each product: oneDNN's fp16 product runs faster in this layout.
         if plan.method == "cells":
             ky, kx = zip(*self.cells)
             self.weights = kernel[list(ky), list(kx)].contiguous().to(device, dtype)  # (K, C)
@@ -222,9 +221,8 @@ class _Scorer:
         def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
 
-        def images_last(g: torch.Tensor) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), in the sums' dtype
-            t = torch.empty(g.shape[0], *g.shape[2:], n, device=g.device, dtype=self.dtype)
-            return t.copy_(g.movedim(1, -1))
+        def images_last(g: torch.Tensor) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), same dtype: one more g at most
+            return g.movedim(1, -1).contiguous()
 
         if self.plan.method == "cells":
             g = images_last(product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w))
