@@ -219,7 +219,9 @@ class _Scorer:
         out = torch.zeros(self.ph, self.pw, n, device=parts[0].device, dtype=self.dtype)
 
         def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
-            return torch.cat([_matmul(weights, view(p).T) for p in parts], 1) if len(parts) > 1 else _matmul(weights, view(parts[0]).T)
+            if len(parts) == 1:
+                return _matmul(weights, view(parts[0]).T)
+            return torch.cat([_matmul(weights, view(p).T) for p in parts], 1)
 
         def images_last(g: torch.Tensor) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), same dtype: one more g at most
             return g.movedim(1, -1).contiguous()
@@ -230,10 +232,12 @@ class _Scorer:
                 out += g[k, ky:ky + self.ph, kx:kx + self.pw]
         elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
             for ky in range(h):
-                out[0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, ky * w * c:(ky + 1) * w * c])[0]
+                row = slice(ky * w * c, (ky + 1) * w * c)
+                out[0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, row])[0]
         else:
             for px in range(self.pw):
-                g = images_last(product(self.weights, lambda p: p.reshape(-1, w * c)[:, px * c:(px + self.mw) * c]).view(self.mh, n, h))
+                cols = slice(px * c, (px + self.mw) * c)
+                g = images_last(product(self.weights, lambda p: p.reshape(-1, w * c)[:, cols]).view(self.mh, n, h))
                 for ky in range(self.mh):
                     out[:, px] += g[ky, ky:ky + self.ph]
         return out
