@@ -175,7 +175,7 @@ class _Scorer:
 
     def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan,
                  dtype: torch.dtype = torch.float16):
-        self.grid, self.plan = grid, plan
+        self.plan = plan
         self.ph, self.pw = query.placements(grid)
         self.mh, self.mw = query.mask.shape
         # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
