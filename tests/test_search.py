@@ -63,7 +63,7 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
     mask = soft_blob(rng, h, w)
     ref, _ = brute_force(feats, query, mask)
     results = {}
-    for method in ("cells", "rows"):
+    for method in ("cells", "band"):
         monkeypatch.setattr("vfs.search.plan_query",
                             lambda q, g, d, m=method: __import__("vfs.search").search.QueryPlan(m, 0, 0))
         results[method] = search_regions(feats, query, mask, k=10, device="cpu")
@@ -71,13 +71,13 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
 
 
-def test_plan_prefers_cells_for_small_masks_and_rows_for_large():
+def test_plan_prefers_cells_for_small_masks_and_band_for_large():
     rng = np.random.default_rng(0)
     f = rng.random((7, 7, 8)).astype(np.float32)
     small = np.zeros((7, 7), np.float32)
     small[2:5, 2:5] = 1
     assert plan_query(RegionQuery.create(f, small), (7, 7), torch.device("cpu")).method == "cells"
-    assert plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method == "rows"
+    assert plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method == "band"
 
 
 def test_exclude_candidates_and_heat_map():

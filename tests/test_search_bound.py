@@ -30,7 +30,7 @@ def make(case: str, seed: int, n=50, grid=(6, 7), c=48):
     return x.astype(np.float16), mask
 
 
-@pytest.mark.parametrize("method", ["cells", "rows"])
+@pytest.mark.parametrize("method", ["cells", "band"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
 def test_upper_bound_holds_for_every_placement(case, method, seed):

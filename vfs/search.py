@@ -6,9 +6,9 @@ score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² �
 Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
-- "rows": per horizontal placement, one product of the window's columns (n·h × mw·C, a strided
-  view, no copy) with the mask's mh rows, then a diagonal add over the rows (for the whole
-  grid: one vector product per mask row).
+- "band": per data row, one product of that row of every image (n × w·C, a strided view, no
+  copy) with each mask row that can land on it, placed at each horizontal placement (zeros
+  elsewhere), then an add per mask row (for the whole grid: one vector product per row).
 Both run fp16 operands with fp32 accumulation: a proven bound on each placement's error (see
 `_Scorer.upper`) gives every image an upper bound on its exact score. The fast top-k is re-scored
 in float64, then every image whose upper bound reaches the exact k-th score, so the returned top-k
@@ -41,8 +41,9 @@ def fast_score_error(terms: int) -> float:
     return 1.05 * (2 * _U16 + terms * _U32)
 
 
-# How many output columns a narrow product takes before it stops being memory-bound.
-_FREE_COLUMNS = {"cpu": 16, "cuda": 96, "mps": 32}
+# Per device: multiply-adds per cell read that cost as much as reading it, and the band form's
+# fixed cost (h strided products per chunk rather than one) relative to the cells form's.
+_PRODUCT_COST = {"cpu": (15.0, 1.13), "cuda": (96.0, 1.1), "mps": (32.0, 1.1)}
 
 
 @runtime_checkable
@@ -144,20 +145,21 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "rows"
+    method: str  # "cells" | "band"
     cost_cells: float
-    cost_rows: float
+    cost_band: float
 
 
 def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) -> QueryPlan:
-    """Pick the cheaper form. Cost = cells read × how far the product's width exceeds what is free."""
-    (h, w), (mh, mw) = grid, query.mask.shape
-    _, pw = query.placements(grid)
-    free = _FREE_COLUMNS.get(device.type, 16)
-    k = int((query.mask.weights > 0).sum())
-    cells = h * w * max(1.0, k / free)
-    rows = h * pw * mw * max(1.0, mh / free)
-    return QueryPlan("cells" if cells <= rows else "rows", cells, rows)
+    """Pick the cheaper form. Both read every cell once; cost = a fixed part + the multiply-adds per
+    cell read over what the device does at no extra cost (on CPU, oneDNN's fp16 product packs its
+    operand first, then pays per column: measured in docs/performance.md)."""
+    h, _ = grid
+    ph, pw = query.placements(grid)
+    free, band_fixed = _PRODUCT_COST.get(device.type, _PRODUCT_COST["cpu"])
+    cells = 1 + int((query.mask.weights > 0).sum()) / free
+    band = band_fixed + ph * query.mask.shape[0] * pw / h / free  # Σ over data rows of their columns, ÷ h
+    return QueryPlan("cells" if cells <= band else "band", cells, band)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -192,7 +194,15 @@ class _Scorer:
             self.weights = kernel[list(ky), list(kx)].contiguous().to(device, dtype)  # (K, C)
             terms, outputs = c, len(self.cells)
         else:
-            self.weights = kernel.reshape(self.mh, self.mw * c).contiguous().to(device, dtype)  # (mh, mw·C)
+            # Per data row y: one column per (mask row that lands on y, horizontal placement), the
+            # mask row's kernel at its placement in an otherwise zero row of w·C. Adding zeros is
+            # exact, so each column still sums mw·C terms.
+            width = grid[1]
+            placed = torch.zeros(self.mh, self.pw, width * c, dtype=torch.float64)
+            for px in range(self.pw):
+                placed[:, px, px * c:(px + self.mw) * c] = kernel.reshape(self.mh, self.mw * c)
+            self.band = [range(max(0, y - self.ph + 1), min(self.mh, y + 1)) for y in range(grid[0])]
+            self.weights = [placed[r.start:r.stop].reshape(-1, width * c).to(device, dtype) for r in self.band]
             terms, outputs = self.mw * c, self.mh
         self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.nonnegative_weights = bool((kernel >= 0).all())
@@ -230,16 +240,11 @@ class _Scorer:
             g = images_last(product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, ky:ky + self.ph, kx:kx + self.pw]
-        elif self.mh == h and self.mw == w:  # the whole grid: one vector product per mask row (contiguous)
-            for ky in range(h):
-                row = slice(ky * w * c, (ky + 1) * w * c)
-                out[0, 0] += product(self.weights[ky:ky + 1], lambda p: p.reshape(len(p), -1)[:, row])[0]
         else:
-            for px in range(self.pw):
-                cols = slice(px * c, (px + self.mw) * c)
-                g = images_last(product(self.weights, lambda p: p.reshape(-1, w * c)[:, cols]).view(self.mh, n, h))
-                for ky in range(self.mh):
-                    out[:, px] += g[ky, ky:ky + self.ph]
+            for y, rows in enumerate(self.band):  # data row y: a strided (n, w·C) view, no copy
+                g = product(self.weights[y], lambda p: p[:, y].reshape(len(p), w * c)).view(len(rows), self.pw, n)
+                for i, ky in enumerate(rows):
+                    out[y - ky] += g[i]
         return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
