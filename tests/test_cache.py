@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
-from vfs.search import search_regions
+from vfs.search import QueryPlan, search_regions
 
 SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(4, 5),
                  channels=8, preprocess={"input_size": 32}, data={"source": "x", "label_col": "label", "domain_col": "dom"})
@@ -147,10 +147,12 @@ def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
     assert not Path(f"{out}.lock").exists()
 
 
-def test_streaming_equals_resident(tmp_path):
+@pytest.mark.parametrize("method", ["cells", "band"])
+def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     build(tmp_path / "c.zarr", 40)
     mask = np.zeros((4, 5), np.float32)
     mask[1:3, 1:4] = [[0.3, 1, 1], [1, 0.5, 0]]
+    monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))  # both forms, streamed in pieces
     streamed = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu", memory_budget=2000)
     resident = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu")
     np.testing.assert_array_equal(streamed.scores, resident.scores)

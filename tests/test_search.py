@@ -1,12 +1,13 @@
 """Search against a brute-force implementation of the definition, on random features and masks."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from vfs.masks import grid_mask
 from search_reference import brute_force
-from vfs.search import ArrayFeatures, RegionQuery, plan_query, search_regions
+from vfs.search import ArrayFeatures, RegionQuery, even_slices, plan_query, search_regions
 
 
 def random_features(rng, n, h, w, c):
@@ -70,6 +71,28 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
 
+
+
+@pytest.mark.parametrize("n,row_bytes,slice_bytes", [(10, 4, 12), (7, 3, 100), (1000, 7, 999), (5, 10, 1)])
+def test_even_slices_cover_every_row_once_within_the_limit(n, row_bytes, slice_bytes):
+    slices = even_slices(n, row_bytes, slice_bytes)
+    assert [a for a, _ in slices] == [0] + [b for _, b in slices[:-1]] and slices[-1][1] == n
+    sizes = [b - a for a, b in slices]
+    assert max(sizes) - min(sizes) <= 1  # no small tail slice
+    assert all(s * row_bytes <= slice_bytes for s in sizes) or sizes == [1] * n
+
+
+@pytest.mark.parametrize("method", ["cells", "band"])
+def test_sliced_source_gives_the_same_results(method, monkeypatch):
+    """A source scored in several slices (a large cache) ranks exactly as one scored whole."""
+    rng = np.random.default_rng(5)
+    feats = random_features(rng, 50, 6, 7, 16)
+    mask = soft_blob(rng, 6, 7)
+    monkeypatch.setattr("vfs.search.plan_query", lambda *a: __import__("vfs.search").search.QueryPlan(method, 0, 0))
+    whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device="cpu")
+    sliced = search_regions(ArrayFeatures(feats, chunk_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu")
+    np.testing.assert_allclose(sliced.scores, whole.scores, atol=1e-6)  # another product shape may round apart
+    pd.testing.assert_frame_equal(sliced.top, whole.top)  # exact: re-scored in float64
 
 def test_plan_prefers_cells_for_small_masks_and_band_for_large():
     rng = np.random.default_rng(0)

@@ -31,6 +31,8 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from .search import even_slices
+
 try:
     import fcntl
 except ImportError:  # Windows: the lock falls back to a pid file
@@ -470,16 +472,15 @@ class FeatureCache:
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Resident when it fits the budget; otherwise streamed from storage with one chunk prefetched."""
         self.check_searchable()
-        slice_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)  # few calls per search; 1 GiB on a GPU
-        rows = max(self.features.chunks[0], slice_bytes // max(1, int(np.prod(self.shape[1:])) * 2))
+        row_bytes = int(np.prod(self.shape[1:])) * 2
         if device in self._resident or self.fits(device, memory_budget):
             x, s = self.resident(device)
-            for a, b in self._chunk_ranges(rows):
+            for a, b in even_slices(self.n, row_bytes):
                 yield a, x[a:b], s[a:b]
             return
+        rows = ((1 << 30) if device.type == "cuda" else (256 << 20)) // row_bytes  # a streamed range, before the limits below
         if memory_budget is not None:  # two chunks in flight must fit the budget
-            per_row = int(np.prod(self.shape[1:])) * 2 * 2
-            rows = max(1, min(rows, memory_budget // 4 // per_row))
+            rows = max(1, min(rows, memory_budget // 4 // (2 * row_bytes)))
         per = self.features.chunks[0]
         # Whole stored chunks (none decoded twice), at most 32 files a range: each mapped file holds a descriptor.
         rows = max(per, min(rows, 32 * per) // per * per)

@@ -68,10 +68,22 @@ class FeatureSource(Protocol):
     # to the score; `domains` (N,) — for per-domain results.
 
 
+# A resident source is scored in slices of at most this: the work per slice beyond the product
+# (≈ K + 12 small operations) is paid once per slice, and one large product runs faster than two.
+RESIDENT_SLICE_BYTES = 1 << 30
+
+
+def even_slices(n: int, row_bytes: int, slice_bytes: int = RESIDENT_SLICE_BYTES) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest slices of n rows within slice_bytes each, of near-equal sizes (no small tail)."""
+    count = max(1, math.ceil(n * row_bytes / max(1, slice_bytes)))
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 class ArrayFeatures:
     """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
 
-    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = 256 << 20):
+    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = RESIDENT_SLICE_BYTES):
         t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
@@ -83,7 +95,7 @@ class ArrayFeatures:
         self.nonnegative = all(bool((b >= 0).all()) for b in blocks)  # post-ReLU: a tighter fast bound
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
-        self._per_chunk = max(1, chunk_bytes // max(1, self._fp16[0].numel() * 2))
+        self._slices = even_slices(len(self._fp16), self._fp16[0].numel() * 2, chunk_bytes)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -94,8 +106,8 @@ class ArrayFeatures:
         if device not in self._on:
             self._on[device] = (self._fp16.to(device), self._sqnorm.to(device))
         x, s = self._on[device]
-        for start in range(0, x.shape[0], self._per_chunk):
-            yield start, x[start:start + self._per_chunk], s[start:start + self._per_chunk]
+        for a, b in self._slices:
+            yield a, x[a:b], s[a:b]
 
     def rows(self, indices):
         return self._fp16[torch.as_tensor(indices, dtype=torch.long)].numpy()
