@@ -17,11 +17,12 @@ and its scores are exact (to float32, in which scores are returned); other image
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -110,7 +111,7 @@ class ArrayFeatures:
             yield a, x[a:b], s[a:b]
 
     def rows(self, indices):
-        return self._fp16[torch.as_tensor(indices, dtype=torch.long)].numpy()
+        return self._fp16.index_select(0, torch.as_tensor(indices, dtype=torch.long)).numpy()  # 3× faster than [indices]
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Scorer:
     """The per-chunk numerator, window norms, scores and score bounds of one query on one device."""
 
-    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan,
-                 dtype: torch.dtype = torch.float16):
+    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan):
         self.plan = plan
         self.ph, self.pw = query.placements(grid)
         self.mh, self.mw = query.mask.shape
@@ -203,7 +203,7 @@ class _Scorer:
         # Weights on the left of each product: oneDNN's fp16 product runs faster in this layout.
         if plan.method == "cells":
             ky, kx = zip(*self.cells)
-            self.weights = kernel[list(ky), list(kx)].contiguous().to(device, dtype)  # (K, C)
+            weights = [kernel[list(ky), list(kx)].contiguous()]  # (K, C)
             terms, outputs = c, len(self.cells)
         else:
             # Per data row y: one column per (mask row that lands on y, horizontal placement), the
@@ -214,18 +214,19 @@ class _Scorer:
             for px in range(self.pw):
                 placed[:, px, px * c:(px + self.mw) * c] = kernel.reshape(self.mh, self.mw * c)
             self.band = [range(max(0, y - self.ph + 1), min(self.mh, y + 1)) for y in range(grid[0])]
-            self.weights = [placed[r.start:r.stop].reshape(-1, width * c).to(device, dtype) for r in self.band]
+            weights = [placed[r.start:r.stop].reshape(-1, width * c) for r in self.band]
             terms, outputs = self.mw * c, self.mh
+        self.weights, self.weights64 = [wt.to(device, torch.float16) for wt in weights], weights
         self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.nonnegative_weights = bool((kernel >= 0).all())
         # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
         self.eps = fast_score_error(terms + c + 2 * len(self.cells) + outputs + 8)
-        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32  # of the sums
+        self.dtype = torch.float32  # of the sums
         # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
         w = kernel.reshape(-1, c)
-        err = (w - w.to(dtype).double()).abs()
+        err = (w - w.half().double()).abs()
         err = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
         self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
         self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
@@ -249,7 +250,7 @@ class _Scorer:
             return g.movedim(1, -1).contiguous()
 
         if self.plan.method == "cells":
-            g = images_last(product(self.weights, lambda p: p.reshape(-1, c)).view(-1, n, h, w))
+            g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(self.cells):
                 out += g[k, ky:ky + self.ph, kx:kx + self.pw]
         else:
@@ -285,23 +286,24 @@ class _Scorer:
             return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
         return tiny.add_(scores).add_(self.weight_error + self.eps)
 
+    def exact(self) -> Callable[[np.ndarray], np.ndarray]:
+        """`exact_scores` for this query: the same form on the CPU in float64, with the weights
+        unrounded — prepared once per search for every image it re-scores."""
+        twin = copy.copy(self)
+        twin.weights, twin.dtype = self.weights64, torch.float64
+
+        def score(features: np.ndarray) -> np.ndarray:
+            x = torch.as_tensor(features).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
+            with torch.inference_mode():
+                sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
+                return twin.scores(x, twin.window_norms(sqnorm)).permute(2, 0, 1).numpy()
+        return score
+
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
     """(m, Ph, Pw) scores of some images computed in float64: the definition, rounding aside."""
-    return _exact_scorer(query, features.shape[1:3])(features)
-
-
-def _exact_scorer(query: RegionQuery, grid: tuple[int, int]):
-    """`exact_scores` for one query and grid, with its weights prepared once."""
-    cpu = torch.device("cpu")
-    scorer = _Scorer(query, grid, cpu, plan_query(query, grid, cpu), dtype=torch.float64)
-
-    def score(features: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(features).to(torch.float64)  # torch converts fp16 far faster than numpy
-        with torch.inference_mode():
-            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
-            return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).numpy()
-    return score
+    cpu, grid = torch.device("cpu"), features.shape[1:3]
+    return _Scorer(query, grid, cpu, plan_query(query, grid, cpu)).exact()(features)
 
 
 @dataclass
@@ -411,7 +413,7 @@ def search_regions(
     if len(picked):
         # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
-        score = _exact_scorer(rq, (h, w))
+        score = scorer.exact()
         _rescore(source, score, scorer.pw, picked, scores, placements, exact)
         kth = scores[picked].min()
         _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
