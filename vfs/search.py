@@ -413,8 +413,11 @@ def search_regions(
     if len(picked):
         # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
+        # The first round also takes the images whose bound reaches the fast k-th score: nearly all
+        # that the second would, so the second (a fixed ≈ 1 ms) is usually empty.
         score = scorer.exact()
-        _rescore(source, score, scorer.pw, picked, scores, placements, exact)
+        reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
+        _rescore(source, score, scorer.pw, np.union1d(picked, reach), scores, placements, exact)
         kth = scores[picked].min()
         _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
