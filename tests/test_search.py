@@ -7,7 +7,7 @@ import torch
 
 from vfs.masks import grid_mask
 from search_reference import brute_force
-from vfs.search import ArrayFeatures, RegionQuery, even_slices, plan_query, search_regions
+from vfs.search import ArrayFeatures, RegionQuery, _select, even_slices, plan_query, search_regions
 
 
 def random_features(rng, n, h, w, c):
@@ -81,6 +81,20 @@ def test_even_slices_cover_every_row_once_within_the_limit(n, row_bytes, slice_b
     assert max(sizes) - min(sizes) <= 1  # no small tail slice
     assert all(s * row_bytes <= slice_bytes for s in sizes) or sizes == [1] * n
 
+
+
+@pytest.mark.parametrize("n,k", [(50, 1), (50, 10), (50, 49), (50, 60), (3000, 10)])
+def test_top_k_selection_equals_a_stable_full_sort(n, k):
+    """The partial selection ranks exactly as a stable sort: ties by index, NaN last."""
+    rng = np.random.default_rng(n + k)
+    scores = rng.choice(np.linspace(0, 1, 7, dtype=np.float32), n)  # many ties
+    scores[rng.integers(0, n, 3)] = np.nan
+    eligible = rng.random(n) < 0.8
+    order = np.flatnonzero(eligible)
+    expected = order[np.argsort(-scores[order], kind="stable")][:k]
+    np.testing.assert_array_equal(_select(scores, eligible, k, None, None), expected)
+    all_nan = np.full(n, np.nan, np.float32)
+    np.testing.assert_array_equal(_select(all_nan, eligible, k, None, None), order[:k])
 
 @pytest.mark.parametrize("method", ["cells", "band"])
 def test_sliced_source_gives_the_same_results(method, monkeypatch):

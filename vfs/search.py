@@ -335,6 +335,13 @@ def _select(scores: np.ndarray, eligible: np.ndarray, k: int,
             domains: np.ndarray | None, per_domain: int | None) -> np.ndarray:
     """Indices of the top k eligible images, best first, with at most `per_domain` per domain."""
     order = np.flatnonzero(eligible)
+    if (per_domain is None or domains is None) and len(order) > k:
+        # Only what can be in the top k is sorted (argsort of 50,000 scores takes ms): every
+        # score ≥ the k-th largest, ties included, so ties still rank by index.
+        neg = -scores[order]
+        kth = np.partition(neg, k - 1)[k - 1]  # NaN (an overflowed fast score) sorts last, as in a full sort
+        if not np.isnan(kth):
+            order = order[neg <= kth]
     order = order[np.argsort(-scores[order], kind="stable")]
     if per_domain is None or domains is None:
         return order[:k]
