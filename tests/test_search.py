@@ -167,3 +167,21 @@ def test_zero_windows_score_zero_and_zero_query_is_refused():
     assert search_regions(feats, 0, mask, device="cpu").scores[2] == 0
     with pytest.raises(ValueError, match="all zero"):
         search_regions(feats, 2, mask, device="cpu")
+
+
+def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch):
+    """Re-scored rows come from the resident tensor on the search's device (on a GPU: no host
+    round trip), not through `rows`; a source without one is read through `rows`."""
+    rng = np.random.default_rng(9)
+    feats = random_features(rng, 40, 5, 5, 8)
+    query, mask = feats[2].astype(np.float32), soft_blob(rng, 5, 5)
+    ref, _ = brute_force(feats, query, mask)
+    source = ArrayFeatures(feats)
+    search_regions(source, query, mask, k=5, device="cpu")  # loads it on the device
+    monkeypatch.setattr(source, "rows", lambda idx: pytest.fail("read through rows"))
+    result = search_regions(source, query, mask, k=5, device="cpu")
+    assert result.rescored >= 5
+    assert result.top["index"].tolist() == list(np.argsort(-ref, kind="stable")[:5])
+    monkeypatch.setattr(source, "resident_on", lambda device: None)
+    with pytest.raises(pytest.fail.Exception, match="read through rows"):
+        search_regions(source, query, mask, k=5, device="cpu")

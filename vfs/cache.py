@@ -300,6 +300,11 @@ class FeatureCache:
         with self._reading(f"the thumbnails of rows {_describe_rows(idx)}"):
             return self.thumbs.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
 
+    def resident_on(self, device: torch.device) -> torch.Tensor | None:
+        """The fp16 features if loaded whole on `device` (see `resident`), else None."""
+        held = self._resident.get(device)
+        return None if held is None else held[0]
+
     def rows(self, indices: np.ndarray) -> np.ndarray:
         self.check_searchable()
         idx = np.asarray(indices, dtype=np.int64)

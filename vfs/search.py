@@ -66,7 +66,8 @@ class FeatureSource(Protocol):
         ...
 
     # Optional: `nonnegative` (bool) — every feature is ≥ 0, which makes the fast bound relative
-    # to the score; `domains` (N,) — for per-domain results.
+    # to the score; `domains` (N,) — for per-domain results; `resident_on(device)` — the fp16
+    # features if held whole on that device (re-scored rows are then gathered there).
 
 
 # A resident source is scored in slices of at most this: the work per slice beyond the product
@@ -112,6 +113,9 @@ class ArrayFeatures:
 
     def rows(self, indices):
         return self._fp16.index_select(0, torch.as_tensor(indices, dtype=torch.long)).numpy()  # 3× faster than [indices]
+
+    def resident_on(self, device: torch.device) -> torch.Tensor | None:
+        return self._on[device][0] if device in self._on else None
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,9 @@ def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) 
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA)."""
-    if a.is_cuda:
+    """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA). float64
+    operands (exact re-scoring) run as they are."""
+    if a.is_cuda and a.dtype == torch.float16:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # older torch: fp16 output, covered by the re-scoring bound
@@ -286,17 +291,19 @@ class _Scorer:
             return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
         return tiny.add_(scores).add_(self.weight_error + self.eps)
 
-    def exact(self) -> Callable[[np.ndarray], np.ndarray]:
-        """`exact_scores` for this query: the same form on the CPU in float64, with the weights
-        unrounded — prepared once per search for every image it re-scores."""
+    def exact(self, device: torch.device = torch.device("cpu")) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
+        """`exact_scores` for this query: the same form in float64 with the weights unrounded,
+        prepared once per search for every image it re-scores. On a GPU it runs there, next to
+        the resident features (no host round trip); MPS has no float64, so it runs on the CPU."""
+        device = device if device.type == "cuda" else torch.device("cpu")
         twin = copy.copy(self)
-        twin.weights, twin.dtype = self.weights64, torch.float64
+        twin.weights, twin.dtype = [wt.to(device) for wt in self.weights64], torch.float64
 
-        def score(features: np.ndarray) -> np.ndarray:
-            x = torch.as_tensor(features).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
+        def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
+            x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
             with torch.inference_mode():
                 sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
-                return twin.scores(x, twin.window_norms(sqnorm)).permute(2, 0, 1).numpy()
+                return twin.scores(x, twin.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()
         return score
 
 
@@ -422,11 +429,11 @@ def search_regions(
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
         # The first round also takes the images whose bound reaches the fast k-th score: nearly all
         # that the second would, so the second (a fixed ≈ 1 ms) is usually empty.
-        score = scorer.exact()
+        score = scorer.exact(dev)
         reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
-        _rescore(source, score, scorer.pw, np.union1d(picked, reach), scores, placements, exact)
+        _rescore(source, score, dev, scorer.pw, np.union1d(picked, reach), scores, placements, exact)
         kth = scores[picked].min()
-        _rescore(source, score, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
+        _rescore(source, score, dev, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
 
     result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
@@ -436,13 +443,22 @@ def search_regions(
     return result
 
 
-def _rescore(source: FeatureSource, score, pw: int, indices: np.ndarray,
+def _rows_on(source: FeatureSource, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """fp16 rows to re-score: gathered on `device` where the source holds its features there
+    (no host round trip from a GPU), else read from the source."""
+    resident = getattr(source, "resident_on", lambda d: None)(device)
+    if resident is None:
+        return torch.as_tensor(source.rows(indices))
+    return resident.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=resident.device))
+
+
+def _rescore(source: FeatureSource, score, device: torch.device, pw: int, indices: np.ndarray,
              scores: np.ndarray, placements: np.ndarray, exact: np.ndarray) -> None:
     """Replace some images' fast scores and placements by exact ones, in blocks of 256 images."""
     indices = np.sort(indices)
     for part in np.array_split(indices, max(1, len(indices) // 256)):
         if len(part):
-            s = score(source.rows(part)).reshape(len(part), -1)
+            s = score(_rows_on(source, part, device)).reshape(len(part), -1)
             scores[part] = s.max(1)
             placements[part] = np.stack(np.divmod(s.argmax(1), pw), axis=1)
             exact[part] = True
