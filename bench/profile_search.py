@@ -5,10 +5,11 @@
 2. Kernels, timed interleaved in this process on the same chunk sizes the search uses:
    - the numerator's product in the layouts vfs has used on CPU (`W @ x2d.T` since dbf2e42,
      `x2d @ W` before; fp16 output) vs `F.linear(x2d, W.T.contiguous())`, and on bf16 copies
-     (one inexact copy; an exact hi + lo split) through AMX;
+     (one inexact copy; an exact hi + lo split) through AMX; the whole numerator of both vfs
+     forms (cells, band) on this query's mask;
    - exact re-scoring of the images the fast bound cannot separate: `vfs.search.exact_scores`
-     (numpy fp16→fp32 conversion, then conv2d on a permuted view) vs the same definition computed
-     with a torch conversion and one fp32 product + shift-and-add (checked equal to 1e-5);
+     (float64) vs the same definition computed with one fp32 product + shift-and-add (checked
+     equal to 1e-5);
    - one pass over the fp16 bytes (int16 view amax) per chunk and whole, for scale.
 
     .venv/bin/python bench/profile_search.py --n 2000 --shape r50l4 --mask all
@@ -77,24 +78,23 @@ def exact_alt(features: np.ndarray, rq) -> np.ndarray:
 
 
 def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
-    from vfs.search import exact_scores
+    from vfs.search import QueryPlan, _Scorer, even_slices, exact_scores
 
     n, h, w, c = x.shape
-    per_chunk = max(1, (64 << 20) // (h * w * c * 2))
-    chunks = [x[a:a + per_chunk] for a in range(0, n, per_chunk)]
+    slices = even_slices(n, h * w * c * 2)  # as the search slices a resident source
+    chunks = [x[a:b] for a, b in slices]
+    cpu = torch.device("cpu")
+    forms = {m: _Scorer(rq, (h, w), cpu, QueryPlan(m, 0, 0)) for m in ("cells", "band")}
     k = int((rq.mask.weights > 0).sum())
     W = torch.randn(c, k).half()
     Wt = W.T.contiguous()
-    mh = rq.mask.shape[0]
-    Wr = torch.randn(w * c, mh).half()  # the "rows" form for a full-width mask (pw = 1)
-    Wrt = Wr.T.contiguous()
     rows = x[:max(1, rescored)].numpy()
     # bf16 copies made once (as a resident cache would hold them): a single bf16 copy (inexact,
     # |x - bf16(x)| <= 2^-8 |x|) and an exact hi + lo split (fp16 = bf16 hi + bf16 lo, exactly).
     hi = x.bfloat16()
     lo = (x.float() - hi.float()).bfloat16()
-    hi_chunks = [hi[a:a + per_chunk] for a in range(0, n, per_chunk)]
-    lo_chunks = [lo[a:a + per_chunk] for a in range(0, n, per_chunk)]
+    hi_chunks = [hi[a:b] for a, b in slices]
+    lo_chunks = [lo[a:b] for a, b in slices]
     Wb = torch.cat([Wt.bfloat16(), (Wt.float() - Wt.bfloat16().float()).bfloat16()])  # q = q_hi + q_lo: (2K, C)
     vec = torch.randn(1, h * w * c).half()  # a full-grid kernel: the only placement
     vecb = torch.cat([vec.bfloat16(), (vec.float() - vec.bfloat16().float()).bfloat16()])
@@ -103,8 +103,9 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
             lambda: [Wt @ ch.reshape(-1, c).T for ch in chunks],
         f"cells product x2d @ W(C,{k}) (vfs before dbf2e42)": lambda: [ch.reshape(-1, c) @ W for ch in chunks],
         f"cells product F.linear(x2d, W(C,{k}).T.contiguous())": lambda: [F.linear(ch.reshape(-1, c), Wt) for ch in chunks],
-        f"rows product flat(n·h, w·C) @ W(w·C,{mh}) (full-width mask, vfs before dc5fcb8)": lambda: [ch.reshape(-1, w * c) @ Wr for ch in chunks],
-        f"rows product F.linear(flat, W.T.contiguous())": lambda: [F.linear(ch.reshape(-1, w * c), Wrt) for ch in chunks],
+        "cells numerator (vfs: the product, a transpose, K shift-and-adds)": lambda: [forms["cells"].numerator(ch) for ch in chunks],
+        "band numerator (vfs: h products on strided (n, w·C) rows, an add per mask row)":
+            lambda: [forms["band"].numerator(ch) for ch in chunks],
         f"cells product on a bf16 copy, F.linear(x2d_bf16, [q_hi; q_lo]) (AMX; not exact)":
             lambda: [F.linear(ch.reshape(-1, c), Wb) for ch in hi_chunks],
         f"cells product on an exact bf16 hi+lo split (2 products, 2x bytes)":
@@ -132,7 +133,7 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
                 f()
                 times[name].append((time.perf_counter() - t) * 1e3)
     exact_split = bool(torch.equal(hi.float() + lo.float(), x.float()))
-    return {"bf16_hi_lo_split_exact": exact_split, "chunk_rows": per_chunk, "chunks": len(chunks), "timings": {k: summary(v) for k, v in times.items()},
+    return {"bf16_hi_lo_split_exact": exact_split, "chunk_rows": slices[0][1], "chunks": len(chunks), "timings": {k: summary(v) for k, v in times.items()},
             "exact_alt_max_abs_diff": diff, "machine_share": meter.result}
 
 
