@@ -205,23 +205,10 @@ class _Scorer:
         c = kernel.shape[-1]
         self.qnorm = query.norm * scale
         self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
-        # Weights on the left of each product: oneDNN's fp16 product runs faster in this layout.
-        if plan.method == "cells":
-            ky, kx = zip(*self.cells)
-            weights = [kernel[list(ky), list(kx)].contiguous()]  # (K, C)
-            terms, outputs = c, len(self.cells)
-        else:
-            # Per data row y: one column per (mask row that lands on y, horizontal placement), the
-            # mask row's kernel at its placement in an otherwise zero row of w·C. Adding zeros is
-            # exact, so each column still sums mw·C terms.
-            width = grid[1]
-            placed = torch.zeros(self.mh, self.pw, width * c, dtype=torch.float64)
-            for px in range(self.pw):
-                placed[:, px, px * c:(px + self.mw) * c] = kernel.reshape(self.mh, self.mw * c)
-            self.band = [range(max(0, y - self.ph + 1), min(self.mh, y + 1)) for y in range(grid[0])]
-            weights = [placed[r.start:r.stop].reshape(-1, width * c) for r in self.band]
-            terms, outputs = self.mw * c, self.mh
-        self.weights, self.weights64 = [wt.to(device, torch.float16) for wt in weights], weights
+        self.band = [range(max(0, y - self.ph + 1), min(self.mh, y + 1)) for y in range(grid[0])]
+        self.kernel, self.width = kernel, grid[1]
+        self.weights = [wt.to(device, torch.float16) for wt in self._weights(plan.method)]
+        terms, outputs = (c, len(self.cells)) if plan.method == "cells" else (self.mw * c, self.mh)
         self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
         self.nonnegative_weights = bool((kernel >= 0).all())
         # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
@@ -235,6 +222,20 @@ class _Scorer:
         err = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
         self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
         self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
+
+    def _weights(self, method: str) -> list[torch.Tensor]:
+        """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
+        faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
+        (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
+        c = self.kernel.shape[-1]
+        if method == "cells":
+            ky, kx = zip(*self.cells)
+            return [self.kernel[list(ky), list(kx)].contiguous()]
+        placed = torch.zeros(self.mh, self.pw, self.width * c, dtype=torch.float64)
+        for px in range(self.pw):
+            placed[:, px, px * c:(px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
+        return [placed[r.start:r.stop].reshape(-1, self.width * c) for r in self.band]
 
     # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
     # shift-and-adds run over long contiguous rows rather than rows of Pw placements.
@@ -296,8 +297,13 @@ class _Scorer:
         prepared once per search for every image it re-scores. On a GPU it runs there, next to
         the resident features (no host round trip); MPS has no float64, so it runs on the CPU."""
         device = device if device.type == "cuda" else torch.device("cpu")
+        # For a few images the products' count matters more than their multiply-adds: the cells
+        # form (one product) unless it does over 4× the band form's work (measured, 10 images).
+        band = self.ph * self.mh * self.pw / len(self.band)
+        method = "cells" if len(self.cells) <= 4 * band else "band"
         twin = copy.copy(self)
-        twin.weights, twin.dtype = [wt.to(device) for wt in self.weights64], torch.float64
+        twin.plan = QueryPlan(method, len(self.cells), band)
+        twin.weights, twin.dtype = [wt.to(device) for wt in self._weights(method)], torch.float64
 
         def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
             x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
