@@ -293,17 +293,16 @@ class _Scorer:
         return tiny.add_(scores).add_(self.weight_error + self.eps)
 
     def exact(self, device: torch.device = torch.device("cpu")) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
-        """`exact_scores` for this query: the same form in float64 with the weights unrounded,
-        prepared once per search for every image it re-scores. On a GPU it runs there, next to
-        the resident features (no host round trip); MPS has no float64, so it runs on the CPU."""
+        """`exact_scores` for this query: float64 with the weights unrounded, prepared once per
+        search for every image it re-scores. On a GPU it runs there, next to the resident
+        features (no host round trip); MPS has no float64, so it runs on the CPU."""
         device = device if device.type == "cuda" else torch.device("cpu")
         # For a few images the products' count matters more than their multiply-adds: the cells
         # form (one product) unless it does over 4× the band form's work (measured, 10 images).
-        band = self.ph * self.mh * self.pw / len(self.band)
-        method = "cells" if len(self.cells) <= 4 * band else "band"
+        cells, band = len(self.cells), 4 * self.ph * self.mh * self.pw / len(self.band)  # multiply-adds per cell, band ×4
         twin = copy.copy(self)
-        twin.plan = QueryPlan(method, len(self.cells), band)
-        twin.weights, twin.dtype = [wt.to(device) for wt in self._weights(method)], torch.float64
+        twin.plan = QueryPlan("cells" if cells <= band else "band", cells, band)
+        twin.weights, twin.dtype = [wt.to(device) for wt in self._weights(twin.plan.method)], torch.float64
 
         def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
             x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
