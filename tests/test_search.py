@@ -7,7 +7,7 @@ import torch
 
 from vfs.masks import grid_mask
 from search_reference import brute_force
-from vfs.search import ArrayFeatures, RegionQuery, _select, even_slices, plan_query, search_regions
+from vfs.search import ArrayFeatures, QueryPlan, RegionQuery, _select, even_slices, plan_query, search_regions
 
 
 def random_features(rng, n, h, w, c):
@@ -66,7 +66,7 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
     results = {}
     for method in ("cells", "band"):
         monkeypatch.setattr("vfs.search.plan_query",
-                            lambda q, g, d, m=method: __import__("vfs.search").search.QueryPlan(m, 0, 0))
+                            lambda q, g, d, m=method: QueryPlan(m, 0, 0))
         results[method] = search_regions(feats, query, mask, k=10, device="cpu")
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
@@ -102,9 +102,9 @@ def test_sliced_source_gives_the_same_results(method, monkeypatch):
     rng = np.random.default_rng(5)
     feats = random_features(rng, 50, 6, 7, 16)
     mask = soft_blob(rng, 6, 7)
-    monkeypatch.setattr("vfs.search.plan_query", lambda *a: __import__("vfs.search").search.QueryPlan(method, 0, 0))
+    monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
     whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device="cpu")
-    sliced = search_regions(ArrayFeatures(feats, chunk_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu")
+    sliced = search_regions(ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu")
     np.testing.assert_allclose(sliced.scores, whole.scores, atol=1e-6)  # another product shape may round apart
     pd.testing.assert_frame_equal(sliced.top, whole.top)  # exact: re-scored in float64
 

@@ -148,6 +148,8 @@ class FeatureCache:
         self._manifest: pd.DataFrame | None = None
         every_chunk_stored = bool(attrs.get("all_chunks_stored"))
         self._plain_roots = {a.path: _plain_chunk_root(a, every_chunk_stored) for a in (self.features, self.sqnorm)}
+        # Uncompressed feature chunk files are read (or mapped) directly, without zarr.
+        self._raw_features = self._plain_roots["features"] is not None and len(self.features.metadata.codecs) == 1
 
     # --- what it is -------------------------------------------------------------------------
     @property
@@ -310,12 +312,12 @@ class FeatureCache:
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"rows outside 0..{self.n - 1}")
-        cpu = self._resident.get(torch.device("cpu"))
-        if cpu is not None:
-            return cpu[0].index_select(0, torch.from_numpy(idx)).numpy()  # 3× faster than [idx]
+        held = self.resident_on(torch.device("cpu"))
+        if held is not None:
+            return held.index_select(0, torch.from_numpy(idx)).numpy()  # 3× faster than [idx]
         self._check_chunks(idx, ("features",))
         with self._reading(f"the features of rows {_describe_rows(idx)}"):
-            if self._raw_features_root is None:
+            if not self._raw_features:
                 return self.features.get_orthogonal_selection((idx, slice(None), slice(None), slice(None)))
             return self._read_raw_rows(idx)
 
@@ -325,13 +327,17 @@ class FeatureCache:
         out = np.empty((len(idx), *self.features.shape[1:]), dtype=np.float16)
         per = self.features.chunks[0]
         for j, r in enumerate(idx):
-            i = int(r) // per
-            with open(self._chunk_file(self.features, i), "rb") as f:
-                f.seek((int(r) - i * per) * out[j].nbytes)
-                got = f.readinto(memoryview(out[j].reshape(-1)).cast("B"))
-            if got != out[j].nbytes:
-                raise self._truncated(i)
+            self._read_chunk_rows(int(r) // per, int(r) % per, out[j:j + 1])
         return out
+
+    def _read_chunk_rows(self, i: int, first: int, out: np.ndarray) -> None:
+        """Rows `first`.. of feature chunk i's uncompressed file into `out` (fp16, contiguous);
+        a file too short for them is damage."""
+        with open(self._chunk_file(self.features, i), "rb") as f:
+            f.seek(first * out[0].nbytes)
+            got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
+        if got != out.nbytes:
+            raise self._truncated(i)
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
@@ -353,26 +359,17 @@ class FeatureCache:
     def _read_features(self, start: int, stop: int) -> np.ndarray:
         self._check_chunks(range(start, stop))
         with self._reading(f"rows {start}..{stop - 1}"):
-            if self._raw_features_root is not None:
+            if self._raw_features:
                 return self._read_raw_features(start, stop)
             return self.features[start:stop]
 
     def _chunk_file(self, arr: zarr.Array, i: int) -> Path:
         return self._plain_roots[arr.path] / arr.path / arr.metadata.encode_chunk_key((i, *(0,) * (arr.ndim - 1)))
 
-    @property
-    def _raw_features_root(self) -> Path | None:
-        """Set when the feature chunk files are uncompressed: they can be read or mapped directly."""
-        return self._plain_roots["features"] if len(self.features.metadata.codecs) == 1 else None
-
     def _read_raw_features(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, *self.features.shape[1:]), dtype=np.float16)
-        for i, a, b, path in self._chunk_files(start, stop, announce=True):
-            with open(path, "rb") as f:
-                f.seek((a - i * self.features.chunks[0]) * out[0].nbytes)
-                got = f.readinto(memoryview(out[a - start:b - start].reshape(-1)).cast("B"))
-            if got != (b - a) * out[0].nbytes:
-                raise self._truncated(i)
+        for i, a, b, _ in self._chunk_files(start, stop, announce=True):
+            self._read_chunk_rows(i, a - i * self.features.chunks[0], out[a - start:b - start])
         return out
 
     def _map_features(self, start: int, stop: int) -> list[torch.Tensor]:
@@ -489,7 +486,7 @@ class FeatureCache:
         per = self.features.chunks[0]
         # Whole stored chunks (none decoded twice), at most 32 files a range: each mapped file holds a descriptor.
         rows = max(per, min(rows, 32 * per) // per * per)
-        fetch = self._map_features if device.type == "cpu" and self._raw_features_root else self._read_features
+        fetch = self._map_features if device.type == "cpu" and self._raw_features else self._read_features
         with ThreadPoolExecutor(1, thread_name_prefix="vfs-prefetch") as pool:
             ranges = self._chunk_ranges(rows)
             pending = pool.submit(self._fetch, fetch, *ranges[0]) if ranges else None

@@ -85,7 +85,7 @@ def even_slices(n: int, row_bytes: int, slice_bytes: int = RESIDENT_SLICE_BYTES)
 class ArrayFeatures:
     """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
 
-    def __init__(self, features: np.ndarray | torch.Tensor, chunk_bytes: int = RESIDENT_SLICE_BYTES):
+    def __init__(self, features: np.ndarray | torch.Tensor, slice_bytes: int = RESIDENT_SLICE_BYTES):
         t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
@@ -97,7 +97,7 @@ class ArrayFeatures:
         self.nonnegative = all(bool((b >= 0).all()) for b in blocks)  # post-ReLU: a tighter fast bound
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
-        self._slices = even_slices(len(self._fp16), self._fp16[0].numel() * 2, chunk_bytes)
+        self._slices = even_slices(len(self._fp16), math.prod(t.shape[1:]) * 2, slice_bytes)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -347,14 +347,14 @@ def _select(scores: np.ndarray, eligible: np.ndarray, k: int,
             domains: np.ndarray | None, per_domain: int | None) -> np.ndarray:
     """Indices of the top k eligible images, best first, with at most `per_domain` per domain."""
     order = np.flatnonzero(eligible)
+    neg = -scores[order]  # ascending, stable: best first, ties by index, NaN (an overflowed fast score) last
     if (per_domain is None or domains is None) and len(order) > k:
         # Only what can be in the top k is sorted (argsort of 50,000 scores takes ms): every
         # score ≥ the k-th largest, ties included, so ties still rank by index.
-        neg = -scores[order]
-        kth = np.partition(neg, k - 1)[k - 1]  # NaN (an overflowed fast score) sorts last, as in a full sort
+        kth = np.partition(neg, k - 1)[k - 1]
         if not np.isnan(kth):
-            order = order[neg <= kth]
-    order = order[np.argsort(-scores[order], kind="stable")]
+            order, neg = order[neg <= kth], neg[neg <= kth]
+    order = order[np.argsort(neg, kind="stable")]
     if per_domain is None or domains is None:
         return order[:k]
     taken: dict[object, int] = {}
