@@ -78,13 +78,15 @@ def exact_alt(features: np.ndarray, rq) -> np.ndarray:
 
 
 def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
-    from vfs.search import QueryPlan, _Scorer, even_slices, exact_scores
+    from vfs.search import QueryGeometry, QueryPlan, _Scorer, exact_scores
+    from vfs.sources import even_slices
 
     n, h, w, c = x.shape
     slices = even_slices(n, h * w * c * 2)  # as the search slices a resident source
     chunks = [x[a:b] for a, b in slices]
     cpu = torch.device("cpu")
-    forms = {m: _Scorer(rq, (h, w), cpu, QueryPlan(m, 0, 0)) for m in ("cells", "band")}
+    geometry = QueryGeometry.create(rq, (h, w))
+    forms = {m: _Scorer.fast(geometry, QueryPlan(m, 0, 0), cpu) for m in ("cells", "band")}
     k = int((rq.mask.weights > 0).sum())
     W = torch.randn(c, k).half()
     Wt = W.T.contiguous()
@@ -146,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    from vfs.search import ArrayFeatures, RegionQuery
+    from vfs.search import RegionQuery
+    from vfs.sources import ArrayFeatures
 
     device = resolve(args.device)
     env = environment(device)

@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from vfs.cache import open_cache
-    from vfs.search import ArrayFeatures, search_regions
+    from vfs.search import search_regions
+    from vfs.sources import ArrayFeatures
 
     budget = parse_bytes(args.memory_budget)
     cpu = torch.device("cpu")

@@ -252,7 +252,7 @@ def targets(case: dict, device: torch.device) -> dict:
 
 
 def in_memory(args, device: torch.device) -> dict:
-    from vfs.search import ArrayFeatures
+    from vfs.sources import ArrayFeatures
 
     shapes = list(SHAPES) if args.shape == "all" else args.shape.split(",")
     masks = list(MASKS) if args.mask == "all" else args.mask.split(",")

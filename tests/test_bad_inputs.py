@@ -33,7 +33,8 @@ from vfs.cli import main
 from vfs.data import ImageError, load_image, open_dataset
 from vfs.jobs import BuildJob, build_cache
 from vfs.masks import crop_mask, grid_mask
-from vfs.search import ArrayFeatures, RegionQuery, search_regions
+from vfs.search import RegionQuery, search_regions
+from vfs.sources import ArrayFeatures
 
 SIZE = 64  # model input: Lite0 blocks.5 gives a 2×2 grid
 

@@ -7,7 +7,8 @@ import torch
 
 from search_reference import every_placement
 from test_search import soft_blob
-from vfs.search import ArrayFeatures, QueryPlan, RegionQuery, _Scorer, search_regions
+from vfs.search import FastBound, QueryGeometry, QueryPlan, RegionQuery, _Scorer, search_regions
+from vfs.sources import ArrayFeatures
 
 CASES = {
     # name: (feature scale, signed features, mask weight scale)
@@ -39,13 +40,14 @@ def test_upper_bound_holds_for_every_placement(case, method, seed):
     exact = every_placement(x, q.features, mask)
     source = ArrayFeatures(x)
     cpu = torch.device("cpu")
-    scorer = _Scorer(q, x.shape[1:3], cpu, QueryPlan(method, 0, 0))
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
+    scorer, bound = _Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan)
     t = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
     fast = scorer.scores(t, wnorm)
-    nonnegative = scorer.nonnegative_weights and source.nonnegative
+    nonnegative = bound.nonnegative_weights and source.nonnegative
     assert nonnegative == (not CASES[case][1])
-    upper = scorer.upper(fast, wnorm, nonnegative).permute(2, 0, 1).double().numpy()
+    upper = bound.upper(fast, wnorm, nonnegative).permute(2, 0, 1).double().numpy()
     assert (exact <= upper).all(), np.max(exact - upper)
     gap = (upper - exact)[exact > 0.05]
     assert gap.max() < (5e-3 if nonnegative else 2e-2)  # tight enough to rule most images out
@@ -96,11 +98,12 @@ def test_subnormal_query_weights_are_bounded():
     mask = np.zeros((2, 2), np.float32)
     mask[0, 0] = 1
     rq = RegionQuery.create(q, mask)
-    scorer = _Scorer(rq, (2, 2), torch.device("cpu"), QueryPlan("cells", 0, 0))
-    assert scorer.weight_error > 0
+    geometry, plan = QueryGeometry.create(rq, (2, 2)), QueryPlan("cells", 0, 0)
+    scorer, bound = _Scorer.fast(geometry, plan, torch.device("cpu")), FastBound.create(rq, geometry, plan)
+    assert bound.weight_error > 0
     t = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
-    upper = scorer.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).permute(2, 0, 1).double().numpy()
+    upper = bound.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).permute(2, 0, 1).double().numpy()
     assert (every_placement(x, q, mask) <= upper).all()
 
 

@@ -31,7 +31,7 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from .search import even_slices
+from .sources import even_slices
 
 try:
     import fcntl

@@ -10,19 +10,18 @@ Two exact forms of the numerator, chosen per query by their cost (see `plan_quer
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
   elsewhere), then an add per mask row (for the whole grid: one vector product per row).
 Both run fp16 operands with fp32 accumulation: a proven bound on each placement's error (see
-`_Scorer.upper`) gives every image an upper bound on its exact score. The fast top-k is re-scored
+`FastBound.upper`) gives every image an upper bound on its exact score. The fast top-k is re-scored
 in float64, then every image whose upper bound reaches the exact k-th score, so the returned top-k
 and its scores are exact (to float32, in which scores are returned); other images keep fast scores.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ import torch
 
 from .devices import resolve_device
 from .masks import CroppedMask, crop_mask
+from .sources import ArrayFeatures, FeatureSource
 
 _U16, _U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
 _TINY16 = 2.0**-25  # absolute rounding of an fp16 value in the subnormal range (< 2⁻¹⁴)
@@ -45,77 +45,11 @@ def fast_score_error(terms: int) -> float:
 # Per device: multiply-adds per cell read that cost as much as reading it, and the band form's
 # fixed cost (h strided products per chunk rather than one) relative to the cells form's.
 _PRODUCT_COST = {"cpu": (15.0, 1.13), "cuda": (96.0, 1.1), "mps": (32.0, 1.1)}
-
-
-@runtime_checkable
-class FeatureSource(Protocol):
-    """What search reads: a cache, or arrays in memory (see `ArrayFeatures`)."""
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]: ...
-
-    def chunks(self, device: torch.device, memory_budget: int | None = None
-               ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
-        """(start, fp16 features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`. The
-        features may come as a list of tensors holding consecutive images (files mapped in place);
-        a chunk's tensors are only read until the next chunk is asked for."""
-        ...
-
-    def rows(self, indices: np.ndarray) -> np.ndarray:
-        """fp16 features of some images, (m, h, w, C) — for exact re-scoring."""
-        ...
-
-    # Optional: `nonnegative` (bool) — every feature is ≥ 0, which makes the fast bound relative
-    # to the score; `domains` (N,) — for per-domain results; `resident_on(device)` — the fp16
-    # features if held whole on that device (re-scored rows are then gathered there).
-
-
-# A resident source is scored in slices of at most this: the work per slice beyond the product
-# (≈ K + 12 small operations) is paid once per slice, and one large product runs faster than two.
-RESIDENT_SLICE_BYTES = 1 << 30
-
-
-def even_slices(n: int, row_bytes: int, slice_bytes: int = RESIDENT_SLICE_BYTES) -> list[tuple[int, int]]:
-    """(start, stop) of the fewest slices of n rows within slice_bytes each, of near-equal sizes (no small tail)."""
-    count = max(1, math.ceil(n * row_bytes / max(1, slice_bytes)))
-    edges = [round(i * n / count) for i in range(count + 1)]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-class ArrayFeatures:
-    """An (N, h, w, C) array held in memory as a search source (tests, notebooks, benchmarks)."""
-
-    def __init__(self, features: np.ndarray | torch.Tensor, slice_bytes: int = RESIDENT_SLICE_BYTES):
-        t = torch.as_tensor(features)
-        if t.ndim != 4:
-            raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
-        self._fp16 = t.to(torch.float16).contiguous()
-        # Block by block: no fp32 copy of the whole array.
-        blocks = self._fp16.split(256)
-        self._sqnorm = torch.cat([torch.linalg.vector_norm(b.float(), dim=-1).square_()
-                                  for b in blocks]) if len(self._fp16) else torch.zeros(t.shape[:3])
-        self.nonnegative = all(bool((b >= 0).all()) for b in blocks)  # post-ReLU: a tighter fast bound
-        if not torch.isfinite(self._sqnorm).all():
-            raise ValueError("the features contain NaN or inf (fp16 overflow?)")
-        self._slices = even_slices(len(self._fp16), math.prod(t.shape[1:]) * 2, slice_bytes)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self._fp16.shape)  # type: ignore[return-value]
-
-    def chunks(self, device, memory_budget=None):
-        if device not in self._on:
-            self._on[device] = (self._fp16.to(device), self._sqnorm.to(device))
-        x, s = self._on[device]
-        for a, b in self._slices:
-            yield a, x[a:b], s[a:b]
-
-    def rows(self, indices):
-        return self._fp16.index_select(0, torch.as_tensor(indices, dtype=torch.long)).numpy()  # 3× faster than [indices]
-
-    def resident_on(self, device: torch.device) -> torch.Tensor | None:
-        return self._on[device][0] if device in self._on else None
+# Exact re-scoring runs on a few images, where the count of products matters more than their
+# multiply-adds: the cells form (one product) unless it does over this many times the band
+# form's work (measured on 10 images, docs/performance.md).
+_EXACT_BAND_FACTOR = 4
+_RESCORE_BLOCK = 256  # images re-scored per float64 product: bounds its temporary memory
 
 
 @dataclass(frozen=True)
@@ -167,6 +101,65 @@ class QueryPlan:
     cost_band: float
 
 
+@dataclass(frozen=True)
+class QueryGeometry:
+    """A query's placements on a grid and its float64 kernel: prepared once per search, shared by
+    the fast scorer and the exact one."""
+
+    grid: tuple[int, int]
+    ph: int
+    pw: int
+    mh: int
+    mw: int
+    cells: tuple[tuple[int, int], ...]  # the masked cells (y, x) of the cropped mask
+    m2: tuple[float, ...]  # their squared weights
+    band: tuple[range, ...]  # per data row y: the mask rows that can land on it
+    kernel: torch.Tensor  # (mh, mw, C) float64, m² ⊙ query features × scale (exact)
+    scale: float  # a power of two, to a largest kernel value in (½, 1]
+    qnorm: float  # the query's norm × scale
+
+    @classmethod
+    def create(cls, query: RegionQuery, grid: tuple[int, int]) -> QueryGeometry:
+        ph, pw = query.placements(grid)
+        mh, mw = query.mask.shape
+        weights = query.mask.weights
+        # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
+        # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
+        scale = 2.0 ** -math.ceil(math.log2(float(np.abs(query.kernel).max())))
+        cells = tuple((int(y), int(x)) for y, x in zip(*np.nonzero(weights > 0)))
+        return cls(
+            grid=grid,
+            ph=ph,
+            pw=pw,
+            mh=mh,
+            mw=mw,
+            cells=cells,
+            m2=tuple(float(weights[y, x]) ** 2 for y, x in cells),
+            band=tuple(range(max(0, y - ph + 1), min(mh, y + 1)) for y in range(grid[0])),
+            kernel=torch.from_numpy(query.kernel * scale),
+            scale=scale,
+            qnorm=query.norm * scale,
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.kernel.shape[-1]
+
+    def weights(self, method: str) -> list[torch.Tensor]:
+        """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
+        faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
+        (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
+        c = self.channels
+        if method == "cells":
+            ky, kx = zip(*self.cells)
+            return [self.kernel[list(ky), list(kx)].contiguous()]
+        placed = torch.zeros(self.mh, self.pw, self.grid[1] * c, dtype=torch.float64)
+        for px in range(self.pw):
+            placed[:, px, px * c : (px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
+        return [placed[r.start : r.stop].reshape(-1, self.grid[1] * c) for r in self.band]
+
+
 def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) -> QueryPlan:
     """Pick the cheaper form. Both read every cell once; cost = a fixed part + the multiply-adds per
     cell read over what the device does at no extra cost (on CPU, oneDNN's fp16 product packs its
@@ -176,6 +169,14 @@ def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) 
     free, band_fixed = _PRODUCT_COST.get(device.type, _PRODUCT_COST["cpu"])
     cells = 1 + int((query.mask.weights > 0).sum()) / free
     band = band_fixed + ph * query.mask.shape[0] * pw / h / free  # Σ over data rows of their columns, ÷ h
+    return QueryPlan("cells" if cells <= band else "band", cells, band)
+
+
+def plan_exact(geometry: QueryGeometry) -> QueryPlan:
+    """The form for re-scoring a few images: multiply-adds per cell read, the band form's weighed
+    by `_EXACT_BAND_FACTOR` (its h products cost more than their work on few images)."""
+    cells = len(geometry.cells)
+    band = _EXACT_BAND_FACTOR * geometry.ph * geometry.mh * geometry.pw / len(geometry.band)
     return QueryPlan("cells" if cells <= band else "band", cells, band)
 
 
@@ -190,52 +191,25 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+@dataclass(frozen=True)
 class _Scorer:
-    """The per-chunk numerator, window norms, scores and score bounds of one query on one device."""
+    """The numerator, window norms and scores of one query on one device, in one form and precision:
+    fp16 weights and fp32 sums (`fast`, bounded by `FastBound`), or float64 throughout (`exact`)."""
 
-    def __init__(self, query: RegionQuery, grid: tuple[int, int], device: torch.device, plan: QueryPlan):
-        self.plan = plan
-        self.ph, self.pw = query.placements(grid)
-        self.mh, self.mw = query.mask.shape
-        # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
-        # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
-        kernel = query.kernel
-        scale = 2.0 ** -math.ceil(math.log2(float(np.abs(kernel).max())))
-        kernel = torch.from_numpy(kernel * scale)  # (mh, mw, C) float64, exact
-        c = kernel.shape[-1]
-        self.qnorm = query.norm * scale
-        self.cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(query.mask.weights > 0))]
-        self.band = [range(max(0, y - self.ph + 1), min(self.mh, y + 1)) for y in range(grid[0])]
-        self.kernel, self.width = kernel, grid[1]
-        self.weights = [wt.to(device, torch.float16) for wt in self._weights(plan.method)]
-        terms, outputs = (c, len(self.cells)) if plan.method == "cells" else (self.mw * c, self.mh)
-        self.m2 = [float(query.mask.weights[y, x]) ** 2 for y, x in self.cells]
-        self.nonnegative_weights = bool((kernel >= 0).all())
-        # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
-        self.eps = fast_score_error(terms + c + 2 * len(self.cells) + outputs + 8)
-        self.dtype = torch.float32  # of the sums
-        # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
-        # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
-        m = query.mask.weights
-        w = kernel.reshape(-1, c)
-        err = (w - w.half().double()).abs()
-        err = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
-        self.weight_error = 1.01 * float(np.sqrt((err[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / self.qnorm
-        self.output_error = outputs * _TINY16 / self.qnorm  # ÷ the window norm: outputs in fp16's subnormal range
+    geometry: QueryGeometry
+    plan: QueryPlan
+    weights: tuple[torch.Tensor, ...]
+    dtype: torch.dtype  # of the sums
 
-    def _weights(self, method: str) -> list[torch.Tensor]:
-        """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
-        faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
-        (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
-        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
-        c = self.kernel.shape[-1]
-        if method == "cells":
-            ky, kx = zip(*self.cells)
-            return [self.kernel[list(ky), list(kx)].contiguous()]
-        placed = torch.zeros(self.mh, self.pw, self.width * c, dtype=torch.float64)
-        for px in range(self.pw):
-            placed[:, px, px * c:(px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
-        return [placed[r.start:r.stop].reshape(-1, self.width * c) for r in self.band]
+    @classmethod
+    def fast(cls, geometry: QueryGeometry, plan: QueryPlan, device: torch.device) -> _Scorer:
+        weights = tuple(wt.to(device, torch.float16) for wt in geometry.weights(plan.method))
+        return cls(geometry, plan, weights, torch.float32)
+
+    @classmethod
+    def exact(cls, geometry: QueryGeometry, device: torch.device) -> _Scorer:
+        plan = plan_exact(geometry)
+        return cls(geometry, plan, tuple(wt.to(device) for wt in geometry.weights(plan.method)), torch.float64)
 
     # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
     # shift-and-adds run over long contiguous rows rather than rows of Pw placements.
@@ -243,12 +217,13 @@ class _Scorer:
     def numerator(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """(Ph, Pw, n) numerators of a chunk, or of consecutive pieces of one (mapped chunk files):
         one product per piece, everything after it once over the chunk."""
+        g_ = self.geometry
         parts = x if isinstance(x, list) else [x]
         n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
-        out = torch.zeros(self.ph, self.pw, n, device=parts[0].device, dtype=self.dtype)
+        out = torch.zeros(g_.ph, g_.pw, n, device=parts[0].device, dtype=self.dtype)
 
-        def product(weights: torch.Tensor, view) -> torch.Tensor:  # columns: the pieces' rows, in order
-            if len(parts) == 1:
+        def product(weights: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            if len(parts) == 1:  # columns: the pieces' rows, in order
                 return _matmul(weights, view(parts[0]).T)
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1)
 
@@ -257,11 +232,11 @@ class _Scorer:
 
         if self.plan.method == "cells":
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
-            for k, (ky, kx) in enumerate(self.cells):
-                out += g[k, ky:ky + self.ph, kx:kx + self.pw]
+            for k, (ky, kx) in enumerate(g_.cells):
+                out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
         else:
-            for y, rows in enumerate(self.band):  # data row y: a strided (n, w·C) view, no copy
-                g = product(self.weights[y], lambda p: p[:, y].reshape(len(p), w * c)).view(len(rows), self.pw, n)
+            for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
+                g = product(self.weights[y], lambda p: p[:, y].reshape(len(p), w * c)).view(len(rows), g_.pw, n)
                 for i, ky in enumerate(rows):
                     out[y - ky] += g[i]
         return out
@@ -269,15 +244,45 @@ class _Scorer:
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""
+        g_ = self.geometry
         sq = sqnorm.permute(1, 2, 0).to(self.dtype).contiguous()  # (h, w, n)
-        wnorm = torch.zeros(self.ph, self.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
-        for w2, (ky, kx) in zip(self.m2, self.cells):
-            wnorm.add_(sq[ky:ky + self.ph, kx:kx + self.pw], alpha=w2)
+        wnorm = torch.zeros(g_.ph, g_.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
+        for w2, (ky, kx) in zip(g_.m2, g_.cells):
+            wnorm.add_(sq[ky : ky + g_.ph, kx : kx + g_.pw], alpha=w2)
         return wnorm.sqrt_()
 
-    def scores(self, x: torch.Tensor, wnorm: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor | list[torch.Tensor], wnorm: torch.Tensor) -> torch.Tensor:
         """(Ph, Pw, n) cosine scores; a window whose features are all zero scores 0."""
-        return self.numerator(x).div_(torch.where(wnorm > 0, wnorm * self.qnorm, 1.0))
+        return self.numerator(x).div_(torch.where(wnorm > 0, wnorm * self.geometry.qnorm, 1.0))
+
+
+@dataclass(frozen=True)
+class FastBound:
+    """How far a fast score can be from the exact one, proven per placement (see `upper`)."""
+
+    eps: float  # relative error of the products and sums
+    weight_error: float  # subnormal fp16 weights' exact rounding, over a window (Cauchy–Schwarz)
+    output_error: float  # outputs in fp16's subnormal range, ÷ the window norm
+    nonnegative_weights: bool  # the query's kernel is ≥ 0 (with ≥ 0 features: a relative bound)
+
+    @classmethod
+    def create(cls, query: RegionQuery, geometry: QueryGeometry, plan: QueryPlan) -> FastBound:
+        kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
+        terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
+        # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
+        # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
+        m = query.mask.weights
+        w = kernel.reshape(-1, c)
+        err = (w - w.half().double()).abs()
+        err2 = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
+        weight_error = 1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
+        return cls(
+            # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
+            eps=fast_score_error(terms + c + 2 * k + outputs + 8),
+            weight_error=weight_error,
+            output_error=outputs * _TINY16 / geometry.qnorm,
+            nonnegative_weights=bool((kernel >= 0).all()),
+        )
 
     def upper(self, scores: torch.Tensor, wnorm: torch.Tensor, nonnegative: bool) -> torch.Tensor:
         """A proven upper bound on each placement's exact score, given its fast score.
@@ -292,33 +297,32 @@ class _Scorer:
             return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
         return tiny.add_(scores).add_(self.weight_error + self.eps)
 
-    def exact(self, device: torch.device = torch.device("cpu")) -> Callable[[np.ndarray | torch.Tensor], np.ndarray]:
-        """`exact_scores` for this query: float64 with the weights unrounded, prepared once per
-        search for every image it re-scores. On a GPU it runs there, next to the resident
-        features (no host round trip); MPS has no float64, so it runs on the CPU."""
-        device = device if device.type == "cuda" else torch.device("cpu")
-        # For a few images the products' count matters more than their multiply-adds: the cells
-        # form (one product) unless it does over 4× the band form's work (measured, 10 images).
-        cells, band = len(self.cells), 4 * self.ph * self.mh * self.pw / len(self.band)  # multiply-adds per cell, band ×4
-        twin = copy.copy(self)
-        twin.plan = QueryPlan("cells" if cells <= band else "band", cells, band)
-        twin.weights, twin.dtype = [wt.to(device) for wt in self._weights(twin.plan.method)], torch.float64
 
-        def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
-            x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
-            with torch.inference_mode():
-                sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
-                return twin.scores(x, twin.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()
-        return score
+ExactScore = Callable[[np.ndarray | torch.Tensor], np.ndarray]
+
+
+def exact_scorer(geometry: QueryGeometry, device: torch.device = torch.device("cpu")) -> ExactScore:
+    """`exact_scores` for one query: float64 with the weights unrounded, prepared once per search
+    for every image it re-scores. On a GPU it runs there, next to the resident features (no host
+    round trip); MPS has no float64, so it runs on the CPU."""
+    device = device if device.type == "cuda" else torch.device("cpu")
+    scorer = _Scorer.exact(geometry, device)
+
+    def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
+        with torch.inference_mode():
+            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
+            return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()
+
+    return score
 
 
 def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
     """(m, Ph, Pw) scores of some images computed in float64: the definition, rounding aside."""
-    cpu, grid = torch.device("cpu"), features.shape[1:3]
-    return _Scorer(query, grid, cpu, plan_query(query, grid, cpu)).exact()(features)
+    return exact_scorer(QueryGeometry.create(query, features.shape[1:3]))(features)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchResult:
     """Every image's best score and placement, and the ranked top-k."""
 
@@ -334,17 +338,21 @@ class SearchResult:
     source: FeatureSource = field(repr=False)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
-        y, x = self.placements[index]
-        mh, mw = self.query.mask.shape
-        return int(y), int(x), int(y + mh), int(x + mw)
+        return _grid_box(self.placements[index], self.query.mask.shape)
 
     def placement_scores(self, index: int) -> np.ndarray:
         """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map."""
         return exact_scores(self.source.rows(np.array([index])), self.query)[0]
 
 
-def _select(scores: np.ndarray, eligible: np.ndarray, k: int,
-            domains: np.ndarray | None, per_domain: int | None) -> np.ndarray:
+def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    (y, x), (mh, mw) = placement, mask_shape
+    return int(y), int(x), int(y + mh), int(x + mw)
+
+
+def _select(
+    scores: np.ndarray, eligible: np.ndarray, k: int, domains: np.ndarray | None, per_domain: int | None
+) -> np.ndarray:
     """Indices of the top k eligible images, best first, with at most `per_domain` per domain."""
     order = np.flatnonzero(eligible)
     neg = -scores[order]  # ascending, stable: best first, ties by index, NaN (an overflowed fast score) last
@@ -371,8 +379,8 @@ def _select(scores: np.ndarray, eligible: np.ndarray, k: int,
 
 def search_regions(
     source: FeatureSource | np.ndarray | torch.Tensor,
-    query: np.ndarray | int,
-    mask: np.ndarray,
+    query: np.ndarray | int | RegionQuery,
+    mask: np.ndarray | None = None,
     k: int = 10,
     exclude: int | Iterable[int] | None = None,
     per_domain: int | None = None,
@@ -382,49 +390,43 @@ def search_regions(
 ) -> SearchResult:
     """Rank every image of `source` by its best placement of the masked query region.
 
-    `query` is an (h, w, C) feature map or the index of an image in `source`; `mask` is the
-    (h, w) soft mask (see `vfs.masks.grid_mask`). `candidates` (bool, N) limits which images may
-    be returned (e.g. a label filter); `exclude` removes images (e.g. the query itself).
-    `per_domain=n` keeps at most n results per domain (needs a source with domains).
+    `query` is an (h, w, C) feature map or the index of an image in `source`, with `mask` the
+    (h, w) soft mask (see `vfs.masks.grid_mask`); or a `RegionQuery`, which carries its mask.
+    `candidates` (bool, N) limits which images may be returned (e.g. a label filter); `exclude`
+    removes images (e.g. the query itself). `per_domain=n` keeps at most n results per domain
+    (needs a source with domains).
     """
     t0 = time.perf_counter()
     if not isinstance(source, FeatureSource):
         source = ArrayFeatures(source)
     n, h, w, c = source.shape
-    if isinstance(query, (int, np.integer)):
-        if not 0 <= query < n:
-            raise ValueError(f"query index {query} is outside 0..{n - 1}")
-        query = source.rows(np.array([int(query)]))[0]
-    rq = query if isinstance(query, RegionQuery) else RegionQuery.create(query, mask)
+    rq = _region_query(source, query, mask)
     if rq.features.shape[-1] != c:
         raise ValueError(f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?")
     if k < 1:
         raise ValueError("k must be at least 1")
     dev = resolve_device(device)
+    geometry = QueryGeometry.create(rq, (h, w))
     plan = plan_query(rq, (h, w), dev)
-    scorer = _Scorer(rq, (h, w), dev, plan)
+    scorer, bound = _Scorer.fast(geometry, plan, dev), FastBound.create(rq, geometry, plan)
 
-    nonnegative = scorer.nonnegative_weights and bool(getattr(source, "nonnegative", False))
+    nonnegative = bound.nonnegative_weights and source.nonnegative
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)
-    bound = torch.empty(n, dtype=torch.float32, device=dev)
+    upper = torch.empty(n, dtype=torch.float32, device=dev)
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget):
             stop = start + len(sq)
             wnorm = scorer.window_norms(sq)
             fast = scorer.scores(x, wnorm)
             torch.max(fast.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
-            upper = scorer.upper(fast, wnorm, nonnegative).masked_fill_(~torch.isfinite(fast), math.inf)
-            torch.amax(upper.flatten(0, 1), 0, out=bound[start:stop])  # an overflowed placement bounds nothing
-    scores, flat, upper = best.cpu().numpy(), where.cpu().numpy(), bound.cpu().numpy()
-    placements = np.stack(np.divmod(flat, scorer.pw), axis=1)
+            placement_upper = bound.upper(fast, wnorm, nonnegative).masked_fill_(~torch.isfinite(fast), math.inf)
+            torch.amax(placement_upper.flatten(0, 1), 0, out=upper[start:stop])  # an overflowed placement bounds nothing
+    scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
+    placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
 
-    eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
-    if eligible.shape != (n,):
-        raise ValueError(f"candidates must be a boolean array of length {n}")
-    if exclude is not None:
-        eligible[np.atleast_1d(np.asarray(exclude if np.isscalar(exclude) else list(exclude), dtype=np.int64))] = False
-    domains = getattr(source, "domains", None)
+    eligible = _eligible(n, candidates, exclude)
+    domains = source.domains
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = _select(scores, eligible, k, domains, per_domain)
@@ -434,34 +436,68 @@ def search_regions(
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
         # The first round also takes the images whose bound reaches the fast k-th score: nearly all
         # that the second would, so the second (a fixed ≈ 1 ms) is usually empty.
-        score = scorer.exact(dev)
-        reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
-        _rescore(source, score, dev, scorer.pw, np.union1d(picked, reach), scores, placements, exact)
+        score = exact_scorer(geometry, dev)
+        reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
+        _rescore(source, score, dev, geometry.pw, np.union1d(picked, reach), scores, placements, exact)
         kth = scores[picked].min()
-        _rescore(source, score, dev, scorer.pw, np.flatnonzero(eligible & ~exact & (upper >= kth)), scores, placements, exact)
+        later = np.flatnonzero(eligible & ~exact & (upper_np >= kth))
+        _rescore(source, score, dev, geometry.pw, later, scores, placements, exact)
         picked = _select(scores, eligible, k, domains, per_domain)
 
-    result = SearchResult(scores, placements, pd.DataFrame(), rq, (h, w), plan.method, str(dev),
-                          0.0, int(exact.sum()), source)
-    result.top = _top_table(result, picked, source)
-    result.elapsed_ms = (time.perf_counter() - t0) * 1e3
-    return result
+    top = _top_table(scores, placements, rq.mask.shape, picked, source)
+    elapsed_ms = (time.perf_counter() - t0) * 1e3
+    return SearchResult(
+        scores, placements, top, rq, (h, w), plan.method, str(dev), elapsed_ms, int(exact.sum()), source
+    )
+
+
+def _region_query(source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None) -> RegionQuery:
+    if isinstance(query, RegionQuery):
+        if mask is not None:
+            raise ValueError("a RegionQuery carries its own mask: pass no mask with it")
+        return query
+    if mask is None:
+        raise ValueError("a mask is needed with a query feature map or index (see vfs.masks.grid_mask)")
+    if isinstance(query, (int, np.integer)):
+        n = source.shape[0]
+        if not 0 <= query < n:
+            raise ValueError(f"query index {query} is outside 0..{n - 1}")
+        query = source.rows(np.array([int(query)]))[0]
+    return RegionQuery.create(query, mask)
+
+
+def _eligible(n: int, candidates: np.ndarray | None, exclude: int | Iterable[int] | None) -> np.ndarray:
+    eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
+    if eligible.shape != (n,):
+        raise ValueError(f"candidates must be a boolean array of length {n}")
+    if exclude is not None:
+        excluded = [exclude] if isinstance(exclude, (int, np.integer)) else list(exclude)
+        eligible[np.asarray(excluded, dtype=np.int64)] = False
+    return eligible
 
 
 def _rows_on(source: FeatureSource, indices: np.ndarray, device: torch.device) -> torch.Tensor:
     """fp16 rows to re-score: gathered on `device` where the source holds its features there
     (no host round trip from a GPU), else read from the source."""
-    resident = getattr(source, "resident_on", lambda d: None)(device)
+    resident = source.resident_on(device)
     if resident is None:
         return torch.as_tensor(source.rows(indices))
     return resident.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=resident.device))
 
 
-def _rescore(source: FeatureSource, score, device: torch.device, pw: int, indices: np.ndarray,
-             scores: np.ndarray, placements: np.ndarray, exact: np.ndarray) -> None:
-    """Replace some images' fast scores and placements by exact ones, in blocks of 256 images."""
+def _rescore(
+    source: FeatureSource,
+    score: ExactScore,
+    device: torch.device,
+    pw: int,
+    indices: np.ndarray,
+    scores: np.ndarray,
+    placements: np.ndarray,
+    exact: np.ndarray,
+) -> None:
+    """Replace some images' fast scores and placements by exact ones, in blocks of images."""
     indices = np.sort(indices)
-    for part in np.array_split(indices, max(1, len(indices) // 256)):
+    for part in np.array_split(indices, max(1, len(indices) // _RESCORE_BLOCK)):
         if len(part):
             s = score(_rows_on(source, part, device)).reshape(len(part), -1)
             scores[part] = s.max(1)
@@ -469,15 +505,21 @@ def _rescore(source: FeatureSource, score, device: torch.device, pw: int, indice
             exact[part] = True
 
 
-def _top_table(result: SearchResult, picked: np.ndarray, source: FeatureSource) -> pd.DataFrame:
+def _top_table(
+    scores: np.ndarray,
+    placements: np.ndarray,
+    mask_shape: tuple[int, int],
+    picked: np.ndarray,
+    source: FeatureSource,
+) -> pd.DataFrame:
     """The ranked table: what the pages show and the CLI prints."""
-    table = pd.DataFrame({
-        "rank": np.arange(1, len(picked) + 1),
-        "index": picked.astype(np.int64),
-        "score": result.scores[picked].astype(float),
-        "grid_box": [result.grid_box(i) for i in picked],
-    })
-    describe = getattr(source, "describe_rows", None)
-    if describe is not None:
-        table = pd.concat([table, describe(picked, table["grid_box"].tolist()).reset_index(drop=True)], axis=1)
-    return table
+    boxes = [_grid_box(placements[i], mask_shape) for i in picked]
+    table = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(picked) + 1),
+            "index": picked.astype(np.int64),
+            "score": scores[picked].astype(float),
+            "grid_box": boxes,
+        }
+    )
+    return pd.concat([table, source.describe_rows(picked, boxes).reset_index(drop=True)], axis=1)
