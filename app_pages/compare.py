@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from ui.core import bind, cache_name
-from ui.query import draw_region, pick_cache, pick_query, query_view, require_region, run_search
+from ui.core import bind
+from vfs.cache import cache_name
+from ui.query import canvas_row, draw_region, pick_cache, pick_query, query_view, require_region, run_search
 from ui.views import result_table, result_tiles, search_summary
 from vfs.compare import comparison_refusal
 from vfs.render import comparison_figure
@@ -21,9 +22,9 @@ if (reason := comparison_refusal(left, right)) is not None:
 if left.location == right.location:
     st.warning("Both sides are the same cache: pick another one on the right.")
 
-query_column, option_column = st.columns(2, gap="large")
+query = pick_query(left, "compare")
+query_column, option_column = canvas_row()
 with query_column:
-    query = pick_query(left, "compare")
     region = draw_region(query_view(left, query), query, "compare")
 with option_column:
     st.caption("The region is drawn once, on the left cache's view; each side searches its own features "

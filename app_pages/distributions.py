@@ -3,8 +3,9 @@
 import numpy as np
 import streamlit as st
 
-from ui.core import bind, cache_name, group_columns, groups
-from ui.query import draw_region, pick_cache, pick_query, query_view, require_region, run_search
+from ui.core import bind, group_columns, groups
+from vfs.cache import cache_name
+from ui.query import canvas_row, draw_region, pick_cache, pick_query, query_view, require_region, run_search
 from vfs.render import distribution_figure
 from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
 
@@ -12,9 +13,9 @@ EVERY = "(every finding)"
 
 st.title("Score distributions")
 cache = pick_cache("dist.cache")
-query_column, plot_column = st.columns([2, 3], gap="large")
+query = pick_query(cache, "dist")
+query_column, option_column = canvas_row()
 with query_column:
-    query = pick_query(cache, "dist")
     region = draw_region(query_view(cache, query), query, "dist")
 region = require_region(region)
 result = run_search(cache, query, region)
@@ -23,7 +24,7 @@ if not columns:
     st.info("The cache's manifest has no column with 2 to 50 groups (labels, domains, findings) to group by.")
     st.stop()
 
-with plot_column:
+with option_column:
     column = st.selectbox("Group by", columns, key=bind("dist.column", cache.label_col if cache.label_col in columns else columns[0], options=columns))
     table, title = groups(cache, column), column
     if is_multilabel(cache.manifest, column):
@@ -37,9 +38,9 @@ with plot_column:
     if st.checkbox("Leave out the query image", key=bind("dist.leave_out", True), disabled=query.index is None) \
             and query.index is not None:
         keep[query.index] = False
-    scores, table = result.scores[keep], table[keep]
-    st.plotly_chart(distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
-                    key="dist.plot")
+scores, table = result.scores[keep], table[keep]
+st.plotly_chart(distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
+                key="dist.plot")
 
 st.header(f"Groups by {title}")
 st.caption("Each group against all other images: AUROC of the score as a detector of the group, "

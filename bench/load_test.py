@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 
 from vfs.cache import CacheSpec, CacheWriter, open_cache
+from vfs.data import DataSpec
+from vfs.models import Preprocess
 from vfs.search import search_regions
 
 K = 10
@@ -44,8 +46,8 @@ K = 10
 
 def synthetic_cache(path: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> None:
     h, w, c = shape
-    spec = CacheSpec(model="synthetic", layer="relu", input_size=32 * h, grid=(h, w), channels=c, preprocess={},
-                     data={"source": "synthetic", "label_col": "label", "domain_col": "domain"})
+    spec = CacheSpec(model="synthetic", layer="relu", input_size=32 * h, grid=(h, w), channels=c,
+                     preprocess=Preprocess(32 * h, 32 * h), data=DataSpec("synthetic", "label", "domain"))
     cand = pd.DataFrame({"path": [f"img/{i:06d}.png" for i in range(n)], "label": [f"c{i % 10}" for i in range(n)],
                          "domain": [f"d{i % 4}" for i in range(n)]})
     rng = np.random.default_rng(seed)

@@ -345,11 +345,13 @@ def write_cache(path: Path, shape: tuple[int, int, int], gb: float, seed: int) -
     """A real VFS cache of about `gb` GB of fp16 features, written through vfs.cache.CacheWriter."""
     import pandas as pd
     from vfs.cache import CacheSpec, CacheWriter
+    from vfs.data import DataSpec
+    from vfs.models import Preprocess
 
     h, w, c = shape
     n = max(1, int(gb * 1e9 // (h * w * c * 2)))
     spec = CacheSpec(model="synthetic", layer="synthetic", input_size=224, grid=(h, w), channels=c,
-                     preprocess={}, data={"source": "synthetic", "label_col": None, "domain_col": None})
+                     preprocess=Preprocess(224, 224), data=DataSpec("synthetic"))
     candidates = pd.DataFrame({"path": [f"synthetic/{i:07d}" for i in range(n)]})
     writer = CacheWriter.open(path, spec, candidates, thumb_size=4, resume=False)
     thumb = np.zeros((4, 4, 3), np.uint8)

@@ -8,11 +8,15 @@ import pandas as pd
 import pytest
 import zarr
 
+from dataclasses import replace
+
+from vfs.data import DataSpec
+from vfs.models import Preprocess
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
 from vfs.search import QueryPlan, search_regions
 
 SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(4, 5),
-                 channels=8, preprocess={"input_size": 32}, data={"source": "x", "label_col": "label", "domain_col": "dom"})
+                 channels=8, preprocess=Preprocess(32, 32), data=DataSpec("x", "label", "dom"))
 
 
 def candidates(n):
@@ -42,7 +46,7 @@ def build(path, n, bad=(), chunk_bytes=None, monkeypatch=None):
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr("vfs.cache.CHUNK_BYTES", 4 * 5 * 8 * 2 * 7)  # 7 images a chunk
+    monkeypatch.setattr("vfs.cache.writer.CHUNK_BYTES", 4 * 5 * 8 * 2 * 7)  # 7 images a chunk
 
 
 def test_round_trip(tmp_path):
@@ -101,7 +105,7 @@ def test_nonnegative_is_recorded_across_a_resume(tmp_path):
 def test_resume_refuses_another_spec(tmp_path):
     w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
     fill(w, range(8))
-    other = CacheSpec(**{**SPEC.to_dict(), "layer": "blocks.6", "grid": (4, 5)})
+    other = replace(SPEC, layer="blocks.6")
     with pytest.raises(CacheError, match="layer: 'blocks.5' ≠ 'blocks.6'"):
         CacheWriter.open(tmp_path / "c.zarr", other, candidates(10), 32)
 

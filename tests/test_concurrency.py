@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vfs.data import DataSpec
+from vfs.models import Preprocess
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
 from vfs.jobs import BuildJob, build_cache
 from vfs.search import search_regions
@@ -29,7 +31,7 @@ GRID, C, N = (7, 7), 32, 240
 
 def synthetic_cache(path, n=N, chunk=16, finish=True, seed=0):
     spec = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=224, grid=GRID, channels=C,
-                     preprocess={}, data={"source": "synthetic", "label_col": "label", "domain_col": "domain"})
+                     preprocess=Preprocess(224, 224), data=DataSpec("synthetic", "label", "domain"))
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.standard_normal((n, *GRID, C)), 0).astype(np.float16)
     cand = pd.DataFrame({"path": [f"img/{i:04d}.png" for i in range(n)], "label": [f"c{i % 5}" for i in range(n)],

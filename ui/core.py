@@ -20,7 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BuildRegistry
-from vfs.cache import CacheError, FeatureCache, list_caches, open_cache
+from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cache
 from vfs.data import open_dataset
 from vfs.models import Extractor, LayerInfo, list_layers, load_extractor
 from vfs.settings import Settings, is_remote
@@ -101,10 +101,6 @@ def get_cache(location: str) -> FeatureCache:
     return _open_cache(location, _stamp(location))
 
 
-def cache_name(location: str) -> str:
-    return Path(location.rstrip("/")).name.removesuffix(".zarr")
-
-
 @st.cache_data(show_spinner=False, max_entries=8)
 def _local_rows(root: str, stamps: tuple) -> list[dict]:
     return list_caches(root)
@@ -113,14 +109,10 @@ def _local_rows(root: str, stamps: tuple) -> list[dict]:
 @st.cache_data(show_spinner=False, ttl=60)
 def _opened_row(location: str) -> dict:
     """A cache given by URL or path, summarised like `list_caches` rows (an unreachable URL is retried after a minute)."""
-    row = {"name": cache_name(location), "path": location, "complete": False, "size_bytes": None}
     try:
-        c = get_cache(location)
+        return cache_row(location, get_cache(location))
     except CacheError as e:
-        return row | {"error": str(e)}
-    return row | {"model": c.spec.model, "layer": c.spec.layer, "grid": "×".join(map(str, c.spec.grid)),
-                  "channels": c.spec.channels, "n": c.n, "labels": c.label_col, "domains": c.domain_col,
-                  "complete": c.complete, "error": None}
+        return cache_row(location, e)
 
 
 def cache_rows() -> list[dict]:

@@ -18,15 +18,15 @@ from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
 from streamlit_drawable_canvas import st_canvas
 
-from vfs.cache import FeatureCache
+from vfs.cache import FeatureCache, is_url
 from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
-from vfs.models import Preprocess
 from vfs.search import SearchResult, search_regions
 
 from .core import CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, thumbs, user_errors
 
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
+TOOLBAR_PX = 150  # the canvas's own toolbar (undo, redo, clear) shows over the line above its top-right corner
 PAINT = "rgba(255, 96, 0, 0.45)"  # strokes show the image through them; any paint counts fully
 DATASET, UPLOAD = "Dataset image", "Upload"
 FROM, INDEX, UPLOADED, REGION = "vfs.query.from", "vfs.query.index", "vfs.upload", "vfs.region"
@@ -70,7 +70,7 @@ class Region:
 
 # --- which cache ------------------------------------------------------------------------------------
 def describe_cache(row: dict) -> str:
-    remote = " (remote)" if "://" in row["path"] else ""
+    remote = " (remote)" if is_url(row["path"]) else ""
     return f"{row['name']}{remote} — {row['model']} · {row['layer']} · {row['grid']}×{row['channels']} · {row['n']} images"
 
 
@@ -132,7 +132,7 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
     right.button("Random image", key=f"{key}.random", width="stretch", on_click=_choose_random, args=(index_key, candidates))
     if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
         _browser(cache, candidates, key, index_key)
-    return Query(cache.spec.data["source"], int(index))
+    return Query(cache.spec.data.source, int(index))
 
 
 def _upload_query(key: str) -> Query:
@@ -172,7 +172,7 @@ def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
     size = cache.thumbs.shape[1]
 
     def view() -> np.ndarray:
-        crop = Preprocess.from_dict(cache.spec.preprocess).view(_uploaded_image(query))
+        crop = cache.spec.preprocess.view(_uploaded_image(query))
         return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
 
     return memo(f"view.{cache.location}", (query, cache.spec), view)
@@ -196,9 +196,18 @@ def _background(view: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def canvas_row() -> tuple[DeltaGenerator, DeltaGenerator]:
+    """A row of the drawing (exactly the canvas's width, so a narrow window never clips the canvas) and the
+    page's options beside it, taking the rest."""
+    row = st.container(horizontal=True, gap="medium")
+    return row.container(width=CANVAS_PX), row.container()
+
+
 def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
     """The shared drawer: the view on a canvas (free-hand or rectangle; undo, redo and clear in its toolbar).
 
+    The canvas's toolbar appears, while the mouse is over the canvas, on the line above it: that line holds
+    only a short caption, and the controls that set the tool come below the canvas, out of its way.
     The region drawn is kept in session state; a canvas opened on another page starts from its strokes.
     """
     stored = st.session_state.get(REGION)
@@ -207,16 +216,18 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
     initial_key = f"vfs.initial.{canvas_key}"
     if canvas_key not in st.session_state:  # the canvas mounts now: redraw the region drawn elsewhere
         st.session_state[initial_key] = stored.drawing if stored is not None else None
-    tool, brush = st.columns(2)
-    freehand = tool.radio("Drawing tool", ["Free-hand", "Rectangle"], horizontal=True,
-                          key=bind(f"{key}.tool", "Free-hand")) == "Free-hand"
-    width = brush.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
-    result = st_canvas(
-        fill_color=PAINT, stroke_width=width if freehand else 0, stroke_color=PAINT,
-        background_image=_background(view), update_streamlit=True, width=CANVAS_PX, height=CANVAS_PX,
-        drawing_mode="freedraw" if freehand else "rect",
-        initial_drawing=st.session_state[initial_key], return_image_data=True, key=canvas_key,
-    )
+    st.caption("Paint the region to search for", width=CANVAS_PX - TOOLBAR_PX)
+    canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
+    freehand = st.radio("Drawing tool", ["Free-hand", "Rectangle"], horizontal=True,
+                        key=bind(f"{key}.tool", "Free-hand")) == "Free-hand"
+    width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
+    with canvas:
+        result = st_canvas(
+            fill_color=PAINT, stroke_width=width if freehand else 0, stroke_color=PAINT,
+            background_image=_background(view), update_streamlit=True, width=CANVAS_PX, height=CANVAS_PX,
+            drawing_mode="freedraw" if freehand else "rect",
+            initial_drawing=st.session_state[initial_key], return_image_data=True, key=canvas_key,
+        )
     if result.image_data is not None:
         stored = Region(query, result.json_data or {}, result.image_data[..., 3] > 0)
         st.session_state[REGION] = stored

@@ -11,13 +11,13 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BackgroundBuild
-from vfs.cache import FeatureCache
+from vfs.cache import FeatureCache, cache_name
 from vfs.cli import search_json
 from vfs.jobs import BuildJob
 from vfs.render import grid_box_to_pixels, heatmap_overlay, outline, png_bytes, results_figure
 from vfs.search import SearchResult
 
-from .core import build_registry, cache_name, thumbs
+from .core import build_registry, thumbs
 from .query import Query
 
 START_ERROR = "vfs.builds.error"

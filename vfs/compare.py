@@ -12,11 +12,13 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from .cache.format import CacheSpec
+
 
 class _Cache(Protocol):
     """What the check reads of a cache (a `vfs.cache.FeatureCache` or a stand-in)."""
 
-    spec: object  # .data: dict with "source"
+    spec: CacheSpec
     n: int
 
     @property
@@ -25,7 +27,7 @@ class _Cache(Protocol):
 
 def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     """Why caches `a` and `b` do not hold the same images in the same order (None when they do)."""
-    source_a, source_b = a.spec.data.get("source"), b.spec.data.get("source")
+    source_a, source_b = a.spec.data.source, b.spec.data.source
     if source_a != source_b:
         return f"they are of different datasets ({source_a!r} and {source_b!r})"
     if a.n != b.n:

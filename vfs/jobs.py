@@ -26,6 +26,7 @@ from .devices import resolve_device
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 
 THUMB_MAX = 224
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,16 @@ class BuildJob:
     image_size: int | None = None
     batch_size: int = 32
     device: str = "auto"
-    workers: int = 0
+    workers: int = 0  # local: DataLoader decoding processes; ray: extractor actors (0: one per GPU, or 1)
     limit: int | None = None
     chunk_images: int | None = None  # images per stored chunk (default ≤ 16 MB of features); set at creation
+    engine: str = "local"  # "local": this process; "ray": a Ray cluster (vfs.cluster.build)
+    address: str | None = None  # ray: the cluster ("auto", "ray://host:10001"); None starts a local one
+    gpus_per_worker: float | None = None  # ray: GPUs per extractor actor (default 1 where the cluster has GPUs)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown build engine {self.engine!r}: use {' or '.join(ENGINES)}")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "BuildJob":
@@ -85,9 +93,10 @@ def _thumbs(views: torch.Tensor, size: int) -> np.ndarray:
 
 def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
     d = extractor.describe()
-    data = DataSpec(dataset.spec.source, dataset.label_col, dataset.domain_col).to_dict()
-    return CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=tuple(d["grid"]),
-                     channels=d["channels"], preprocess=d["preprocess"], data=data)
+    h, w = d["grid"]
+    return CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=(h, w),
+                     channels=d["channels"], preprocess=extractor.preprocess,
+                     data=DataSpec(dataset.spec.source, dataset.label_col, dataset.domain_col))
 
 
 def build_cache(
@@ -100,14 +109,18 @@ def build_cache(
     dataset = open_dataset(job.data, job.label_col, job.domain_col)
     if job.limit is not None:
         dataset = dataset.limit(job.limit)
-    device = resolve_device(job.device)
+    device = resolve_device("cpu" if job.engine == "ray" else job.device)  # ray: here only for the spec
     extractor = extractor or load_extractor(job.model, job.layer, job.image_size, device=str(device))
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
     with BuildLock(job.out):
         writer = CacheWriter.open(job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images,
                                   job=asdict(job))
-        _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
+        if job.engine == "ray":
+            from .cluster.build import run_on_ray
+            run_on_ray(job, dataset, extractor.preprocess, writer, thumb, progress, cancel)
+        else:
+            _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
         if cancel is not None and cancel.is_set():
             return None
         writer.finish(dataset.records)

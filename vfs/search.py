@@ -397,7 +397,7 @@ def search_regions(
     (needs a source with domains).
     """
     t0 = time.perf_counter()
-    if not isinstance(source, FeatureSource):
+    if isinstance(source, (np.ndarray, torch.Tensor)):
         source = ArrayFeatures(source)
     n, h, w, c = source.shape
     rq = _region_query(source, query, mask)

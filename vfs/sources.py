@@ -7,14 +7,13 @@ fp32 squared norms on its device, slice by slice, and single rows for exact re-s
 from __future__ import annotations
 
 import math
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
 
-@runtime_checkable
 class FeatureSource(Protocol):
     """What search reads: a cache, or arrays in memory (see `ArrayFeatures`)."""
 

@@ -8,7 +8,7 @@ from vfs.compare import comparison_refusal
 
 
 def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png")):
-    return SimpleNamespace(spec=SimpleNamespace(data={"source": source, "label_col": "label"}), n=len(paths),
+    return SimpleNamespace(spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label")), n=len(paths),
                            manifest=pd.DataFrame({"path": list(paths)}))
 
 
@@ -18,7 +18,7 @@ def test_same_images_compare():
 
 def test_label_columns_do_not_matter():
     other = cache()
-    other.spec.data["label_col"] = None
+    other.spec.data.label_col = None
     assert comparison_refusal(cache(), other) is None
 
 

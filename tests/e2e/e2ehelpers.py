@@ -70,13 +70,15 @@ def write_synthetic_cache(out: Path, n: int = SYNTH_N, seed: int = 0) -> Path:
     import pandas as pd
 
     from vfs.cache import CacheSpec, CacheWriter
+    from vfs.data import DataSpec
+    from vfs.models import Preprocess
     from vfs.models import load_extractor
 
     d = load_extractor("embedded:efficientnet_lite0", "blocks.5").describe()
     h, w = d["grid"]
     spec = CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=(h, w),
-                     channels=d["channels"], preprocess=d["preprocess"],
-                     data={"source": f"synthetic:{n}", "label_col": "label", "domain_col": None})
+                     channels=d["channels"], preprocess=Preprocess.from_dict(d["preprocess"]),
+                     data=DataSpec(f"synthetic:{n}", "label", None))
     candidates = pd.DataFrame({"path": [f"synthetic/{i:04d}.png" for i in range(n)],
                                "label": np.where(np.arange(n) % 2 == 0, "a", "b")})
     rng = np.random.default_rng(seed)

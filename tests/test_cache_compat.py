@@ -1,0 +1,32 @@
+"""A cache written by an earlier VFS (commit e65f13a, before the cache module was split) opens,
+describes itself and searches exactly as it did then (results recorded by that code)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vfs.cache import open_cache
+from vfs.search import search_regions
+
+FIXTURE = Path(__file__).parent / "fixtures" / "cache_v1_e65f13a"
+EXPECTED = json.loads(FIXTURE.with_name(FIXTURE.name + ".expected.json").read_text())
+
+
+def test_an_older_cache_describes_itself_as_before():
+    info = open_cache(FIXTURE).info()
+    expected = EXPECTED["info"]
+    assert {k: v for k, v in info.items() if k != "location"} == {k: v for k, v in expected.items() if k != "location"}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED["results"]))
+def test_an_older_cache_searches_as_before(case):
+    want = EXPECTED["results"][case]
+    budget = None if case.endswith("None") else int(case.rsplit("-", 1)[1])
+    got = search_regions(open_cache(FIXTURE), 3, np.array(want["mask"], np.float32), k=5, exclude=3,
+                         device="cpu", memory_budget=budget)
+    assert got.top["index"].tolist() == want["index"]
+    np.testing.assert_array_equal(got.scores, np.array(want["score"], np.float32))
+    np.testing.assert_array_equal(got.placements, want["placements"])
+    assert got.top.drop(columns=["grid_box", "pixel_box"]).to_dict("list") == want["top"]

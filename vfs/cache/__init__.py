@@ -1,0 +1,16 @@
+"""Feature cache format v1: a zarr v3 group holding one layer's feature maps for a dataset.
+
+The rooms: `format` (what a cache is of, its limits and tables), `rows` (how an array's rows are
+read: through zarr or straight from chunk files), `reader` (`open_cache` → `FeatureCache`),
+`writer` (`CacheWriter`: append chunk by chunk, resumable) and `lock` (one build per cache).
+"""
+
+from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec
+from .lock import BuildLock
+from .reader import FeatureCache, cache_name, cache_row, is_url, list_caches, open_cache
+from .writer import CacheWriter
+
+__all__ = [
+    "BuildLock", "CHUNK_BYTES", "CacheError", "CacheSpec", "CacheWriter", "FORMAT", "FORMAT_VERSION",
+    "FeatureCache", "cache_name", "cache_row", "is_url", "list_caches", "open_cache",
+]

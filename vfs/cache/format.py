@@ -1,0 +1,158 @@
+"""Cache format v1 (docs/cache-format.md): what a cache is of, its limits, and its tables.
+
+A zarr v3 group: `features` float16 (N, h, w, C), `sqnorm` float32 (N, h, w), `thumbs` uint8
+(N, S, S, 3), `manifest/<column>` strings (N,), and JSON attributes: the `CacheSpec`, the build
+report and progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from ..data import DataSpec
+from ..models import Preprocess
+
+FORMAT = "vfs-feature-cache"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 16 << 20  # features per chunk: large enough to stream well, small enough to resume often
+CHUNK_MAX_IMAGES = 256
+THUMB_CHUNK = 16  # thumbnails are read a page of results at a time: small chunks, few wasted decodes
+MAX_CHUNK_BYTES = 1 << 30
+"""Largest chunk a cache may declare (VFS writes ≤ 16 MB of features, ≤ 40 MB of thumbnails): a chunk
+is decoded whole, so a hostile cache declaring huge chunks would otherwise make each read allocate that
+much."""
+# Codecs a cache's arrays may use. Caches come from strangers (URLs, shared folders): anything
+# else (a plugin codec, an object codec) is refused before a byte of data is decoded.
+SAFE_CODECS = frozenset(
+    {"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "vlen-utf8", "vlen-bytes", "sharding_indexed"}
+)
+_MISSING = "\x00"  # how a table stores a missing value
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used, with the reason."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache is of: travels through a build and is written into the cache's attributes."""
+
+    model: str
+    layer: str
+    input_size: int
+    grid: tuple[int, int]
+    channels: int
+    preprocess: Preprocess
+    data: DataSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "input_size": self.input_size,
+            "grid": list(self.grid),
+            "channels": self.channels,
+            "preprocess": self.preprocess.to_dict(),
+            "data": self.data.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
+        h, w = d["grid"]
+        return cls(
+            model=d["model"],
+            layer=d["layer"],
+            input_size=int(d["input_size"]),
+            grid=(int(h), int(w)),
+            channels=int(d["channels"]),
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            data=DataSpec.from_dict(d["data"]),
+        )
+
+    def mismatch(self, other: CacheSpec) -> str | None:
+        """Why two specs do not describe the same cache (None when they do)."""
+        a, b = self.to_dict(), other.to_dict()
+        diffs = [f"{k}: {a[k]!r} ≠ {b[k]!r}" for k in a if a[k] != b[k]]
+        return "; ".join(diffs) or None
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a cache was written with (recorded in its attributes)."""
+    from .. import __version__
+
+    out = {"vfs": __version__}
+    for name in ("torch", "torchvision", "timm", "zarr", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def codec_names(codecs: list[Any]) -> list[str]:
+    """Every codec's name in a zarr 3 codec list, those nested in a sharding codec included."""
+    names = []
+    for codec in codecs:
+        d = codec if isinstance(codec, dict) else codec.to_dict()
+        names.append(d.get("name"))
+        inner = d.get("configuration") or {}
+        names += codec_names(inner.get("codecs", [])) + codec_names(inner.get("index_codecs", []))
+    return names
+
+
+def check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> None:
+    """Refuse an array this VFS would not write: another zarr format, an unknown codec, another dtype,
+    chunks beyond MAX_CHUNK_BYTES."""
+    meta = arr.metadata
+    if meta.zarr_format != 3:
+        raise CacheError(f"{location}: array {arr.path!r} is zarr format {meta.zarr_format}; VFS reads zarr 3 only")
+    unsafe = sorted({str(c) for c in codec_names(list(meta.to_dict().get("codecs", []))) if c not in SAFE_CODECS})
+    if unsafe:
+        raise CacheError(
+            f"{location}: array {arr.path!r} uses codec(s) {', '.join(unsafe)}, which VFS does not read "
+            f"(allowed: {', '.join(sorted(SAFE_CODECS))})"
+        )
+    if dtype is not None and str(arr.dtype) != dtype:
+        raise CacheError(f"{location}: array {arr.path!r} holds {arr.dtype}, not {dtype}")
+
+
+def check_chunk_size(arr: zarr.Array, location: str) -> None:
+    if int(np.prod(arr.chunks)) * arr.dtype.itemsize > MAX_CHUNK_BYTES:
+        raise CacheError(
+            f"{location}: array {arr.path!r} declares chunks {arr.chunks} of more than "
+            f"{MAX_CHUNK_BYTES >> 20} MiB each; VFS does not read such caches"
+        )
+
+
+def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
+    """A DataFrame as one string array per column (missing values stored as NUL)."""
+    g = group.require_group(name)
+    for col in table.columns:
+        values = table[col].map(lambda v: _MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        arr = g.create_array(str(col), shape=(len(table),), chunks=(max(1, len(table)),), dtype=str, overwrite=True)
+        if len(table):
+            arr[:] = values.to_numpy(dtype=str)
+    g.attrs["columns"] = [str(c) for c in table.columns]
+    g.attrs["kinds"] = {str(c): table[c].dtype.kind for c in table.columns}
+
+
+def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFrame:
+    """Back to a DataFrame, numbers and booleans restored from their stored kind."""
+    g = group[name]
+    kinds = g.attrs.get("kinds", {})
+    out = {}
+    for c in g.attrs["columns"]:
+        check_array(g[c], str(group.store_path))
+        col = pd.Series(g[c][:n], dtype=object).replace(_MISSING, None)
+        if kinds.get(c) in ("i", "u", "f"):
+            col = pd.to_numeric(col)
+        elif kinds.get(c) == "b":
+            col = col.map({"True": True, "False": False})
+        out[c] = col
+    return pd.DataFrame(out)

@@ -1,0 +1,93 @@
+"""One build per cache: a lock file beside the output, taken before the cache exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from types import ModuleType
+
+from .format import CacheError
+
+fcntl: ModuleType | None
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to a pid file
+    fcntl = None
+
+
+class BuildLock:
+    """One build per output. `<out>.lock` is locked with flock(2), which the kernel releases when
+    the owner exits or is killed, so a dead build never blocks the next one (and a reused pid
+    cannot fake an owner); the file names the owner (pid, host) for the refusal message.
+    Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(f"{out}.lock")  # beside the cache, so it can be taken before the cache exists
+        self._fd: int | None = None
+
+    def _refuse(self, owner: str) -> CacheError:
+        return CacheError(f"another build is writing {self.path.with_suffix('')} (lock {self.path}: "
+                          f"{owner.strip() or 'owner unknown'}); wait for it to finish or stop it first")
+
+    def __enter__(self) -> BuildLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+        if fcntl is None:
+            return self._enter_pidfile(owner)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # BlockingIOError: held by a live process
+                text = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise self._refuse(text) from None
+            try:  # the previous owner may have removed the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, owner)
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise CacheError(f"cannot take the build lock {self.path}")
+
+    def _enter_pidfile(self, owner: bytes) -> BuildLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._owner_alive():
+                    raise self._refuse(self.path.read_text()) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            os.write(fd, owner)
+            os.close(fd)
+            return self
+        raise CacheError(f"cannot take the build lock {self.path}")
+
+    def _owner_alive(self) -> bool:
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return False
+        if owner.get("host") != socket.gethostname():
+            return True  # cannot tell: be safe
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OverflowError, ValueError):
+            return True
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+

@@ -1,0 +1,402 @@
+"""A cache opened for reading: its description, manifest, thumbnails, and the search's access to
+its features (resident on a device, or streamed from storage with one range prefetched)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from ..sources import even_slices
+from .format import FORMAT, FORMAT_VERSION, CacheError, CacheSpec, check_array, check_chunk_size, read_table
+from .rows import RowReader, ZarrRows, row_reader
+
+CACHE_SUFFIX = ".zarr"
+DEFAULT_MEMORY_BUDGET = 4 << 30
+"""A cache up to this size is held resident in RAM by a CPU search; a larger one is streamed."""
+RESIDENT_HEADROOM = 1.1
+"""Resident features take their size plus the squared norms (C × smaller) and slack."""
+CUDA_FREE_SHARE = 0.6
+"""Of a GPU's free memory, what resident features may take: the rest is for the products' outputs."""
+STREAM_RANGE_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+"""Features per streamed range: large enough for the products to run at speed, small enough that two
+ranges in flight (one scored, one prefetched) stay well within memory."""
+MAX_MAPPED_CHUNKS = 32
+"""Chunk files per streamed range at most: each mapped file holds a descriptor while it is scored."""
+
+
+def is_url(location: str | Path) -> bool:
+    """A location with a scheme (http(s)://, s3://, file://, …) rather than a local path."""
+    return "://" in str(location)
+
+
+def cache_name(location: str) -> str:
+    """What a cache is called in lists: its folder's name without `.zarr`."""
+    return Path(str(location).rstrip("/")).name.removesuffix(CACHE_SUFFIX)
+
+
+class FeatureCache:
+    """A cache opened for reading: arrays, spec, manifest, and search access (see vfs.search).
+
+    Reads that fail (a chunk file deleted or truncated, a remote store that stops answering)
+    raise `CacheError` naming the cache and the rows, never a raw zarr / codec error; a chunk
+    file that is missing is an error too (zarr alone would read it as zeros). An incomplete cache
+    (its build is running or was interrupted) opens, for its description and a resume, but is
+    searched only when opened with `allow_partial=True`: then it holds the images stored so far.
+    """
+
+    def __init__(self, group: zarr.Group, location: str, allow_partial: bool = False):
+        self.group, self.location = group, location
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{location} has format version {attrs.get('format_version')}; this VFS reads version {FORMAT_VERSION}"
+            )
+        self.attrs = attrs
+        self.allow_partial = allow_partial
+        try:
+            self.spec = CacheSpec.from_dict(attrs["spec"])
+            self.n = int(attrs["n"])
+            if not self.complete and allow_partial:
+                self.n = int(attrs["progress"]["rows"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
+        try:
+            self.features, self.sqnorm, self.thumbs = group["features"], group["sqnorm"], group["thumbs"]
+        except KeyError as e:
+            raise CacheError(f"{location} is missing the array {e}") from e
+        except Exception as e:  # metadata zarr cannot parse (unknown codec, data type, ...)
+            raise CacheError(f"{location}: an array's metadata cannot be read ({type(e).__name__}: {e})") from e
+        for arr, dtype in ((self.features, "float16"), (self.sqnorm, "float32"), (self.thumbs, "uint8")):
+            check_array(arr, location, dtype)
+            check_chunk_size(arr, location)
+        h, w = self.spec.grid
+        expect = (self.features.shape[0], h, w, self.spec.channels)
+        if self.features.shape != expect or self.sqnorm.shape != expect[:3] or self.features.shape[0] < self.n:
+            raise CacheError(
+                f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} do not match the spec {expect}"
+            )
+        every_chunk_stored = bool(attrs.get("all_chunks_stored"))
+        self._features: RowReader = row_reader(self.features, location, every_chunk_stored)
+        self._sqnorm: RowReader = row_reader(self.sqnorm, location, every_chunk_stored)
+        self._thumbs = ZarrRows(self.thumbs, location, every_chunk_stored)  # small, compressed: zarr decodes
+        self._resident: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._manifest: pd.DataFrame | None = None
+
+    # --- what it is -------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def stored(self) -> int:
+        """Images stored so far: all of them once complete, the build's progress before."""
+        return self.n if self.complete else int(self.attrs.get("progress", {}).get("rows", 0))
+
+    @property
+    def nonnegative(self) -> bool:
+        """Every stored feature is ≥ 0 (as recorded by the build; caches written before say nothing)."""
+        recorded = self.attrs if self.complete else self.attrs.get("progress", {})
+        return recorded.get("nonnegative") is True
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.attrs.get("report", {})
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, h, w, C) of what can be searched: refused (CacheError) for an incomplete cache not
+        opened with allow_partial, so that a search says why rather than finding no images."""
+        self.check_searchable()
+        h, w = self.spec.grid
+        return self.n, h, w, self.spec.channels
+
+    @property
+    def nbytes(self) -> int:
+        h, w = self.spec.grid
+        return self.n * h * w * self.spec.channels * 2
+
+    @property
+    def label_col(self) -> str | None:
+        return self.spec.data.label_col
+
+    @property
+    def domain_col(self) -> str | None:
+        return self.spec.data.domain_col
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """Relative path and every label / domain / metadata column, one row per image."""
+        if self._manifest is None:
+            with self._reading("the manifest"):
+                if self.complete:
+                    if "manifest" not in self.group:
+                        raise CacheError(f"{self.location} has no manifest although it is marked complete")
+                    self._manifest = read_table(self.group, "manifest", self.n)
+                elif self.allow_partial and "candidates" in self.group:
+                    check_array(self.group["source_index"], self.location, "int64")
+                    index = self.group["source_index"][: self.n]
+                    self._manifest = read_table(self.group, "candidates").iloc[index].reset_index(drop=True)
+                else:
+                    raise CacheError(f"{self.location} has no manifest: the build did not finish")
+        return self._manifest
+
+    @property
+    def domains(self) -> np.ndarray | None:
+        return None if not self.domain_col else self.manifest[self.domain_col].to_numpy()
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary (the CLI's `info --json`)."""
+        return {
+            "location": self.location,
+            "format_version": FORMAT_VERSION,
+            "complete": self.complete,
+            "n": self.n,
+            "stored": self.stored,
+            "spec": self.spec.to_dict(),
+            "chunk": self.features.chunks[0],
+            "nbytes_features": self.nbytes,
+            "report": self.report,
+            "created": self.attrs.get("created"),
+            "versions": self.attrs.get("versions", {}),
+        }
+
+    def list_row(self) -> dict[str, Any]:
+        """What a list of caches shows of this one (see `cache_row`)."""
+        return {
+            "model": self.spec.model,
+            "layer": self.spec.layer,
+            "grid": "×".join(map(str, self.spec.grid)),
+            "channels": self.spec.channels,
+            "n": self.n,
+            "labels": self.label_col,
+            "domains": self.domain_col,
+            "complete": self.complete,
+            "stored": self.stored,
+        }
+
+    def check_extractor(self, description: dict[str, Any]) -> None:
+        """Refuse an extractor that is not the one the cache was built with (model, layer, input size, grid)."""
+        mine = {
+            "spec": self.spec.model,
+            "layer": self.spec.layer,
+            "input_size": self.spec.input_size,
+            "grid": list(self.spec.grid),
+            "channels": self.spec.channels,
+        }
+        for key, value in mine.items():
+            theirs = description.get(key)
+            if key == "grid" and theirs is not None:
+                theirs = list(theirs)
+            if (key in ("spec", "layer", "input_size") or theirs is not None) and theirs != value:
+                raise CacheError(
+                    f"the cache {self.location} was built with {key} {value!r}, "
+                    f"not {theirs!r}: its features cannot be compared with this extractor's"
+                )
+
+    def check_searchable(self) -> None:
+        """Refuse to search an incomplete cache unless it was opened with `allow_partial=True`."""
+        if not self.complete and not self.allow_partial:
+            total = self.features.shape[0]
+            raise CacheError(
+                f"{self.location} is incomplete: its build is running or was interrupted ({self.stored} of "
+                f"{total} images stored). Finish the build (rerun the same build to resume it), or open it "
+                f"with allow_partial=True to search the images stored so far."
+            )
+
+    # --- reading ----------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn whatever zarr, a codec or a store raises into a CacheError saying where and what."""
+        try:
+            yield
+        except CacheError:
+            raise
+        except Exception as e:  # zarr, numcodecs, fsspec and OSError all surface here
+            raise CacheError(
+                f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}); "
+                f"the cache is damaged or unreachable: rebuild or re-download it"
+            ) from e
+
+    def _indices(self, indices: Any, what: str) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"{what} outside 0..{self.n - 1}")
+        return idx
+
+    def thumb(self, index: int) -> np.ndarray:
+        return self.thumbs_at([int(index)])[0]
+
+    def thumbs_at(self, indices: Any) -> np.ndarray:
+        """(m, S, S, 3) thumbnails of some images in one read (each chunk decoded once)."""
+        idx = self._indices(indices, "images")
+        with self._reading(f"the thumbnails of rows {_describe_rows(idx)}"):
+            return self._thumbs.gather(idx)
+
+    def resident_on(self, device: torch.device) -> torch.Tensor | None:
+        """The fp16 features if loaded whole on `device` (see `resident`), else None."""
+        held = self._resident.get(device)
+        return None if held is None else held[0]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        self.check_searchable()
+        idx = self._indices(indices, "rows")
+        held = self.resident_on(torch.device("cpu"))
+        if held is not None:
+            return held.index_select(0, torch.from_numpy(idx)).numpy()  # 3× faster than [idx]
+        with self._reading(f"the features of rows {_describe_rows(idx)}"):
+            return self._features.gather(idx)
+
+    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+        """Path, label, domain and the pixel box (in the model-input view) of some images."""
+        m = self.manifest.iloc[np.asarray(indices, dtype=np.int64)]
+        h, w = self.spec.grid
+        s = self.spec.input_size
+        out = pd.DataFrame(
+            {
+                "path": m["path"].to_numpy(),
+                "pixel_box": [
+                    (round(y0 * s / h), round(x0 * s / w), round(y1 * s / h), round(x1 * s / w))
+                    for y0, x0, y1, x1 in grid_boxes
+                ],
+            }
+        )
+        out["label"] = m[self.label_col].to_numpy() if self.label_col else None
+        out["domain"] = m[self.domain_col].to_numpy() if self.domain_col else None
+        return out
+
+    def _read_features(self, start: int, stop: int) -> np.ndarray:
+        with self._reading(f"rows {start}..{stop - 1}"):
+            return self._features.read(start, stop)
+
+    def _read_sqnorm(self, start: int, stop: int) -> np.ndarray:
+        """Squared norms, checked: a NaN / inf feature shows up in its cell's norm."""
+        with self._reading(f"sqnorm rows {start}..{stop - 1}"):
+            q = self._sqnorm.read(start, stop)
+        if not np.isfinite(q).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
+            raise CacheError(f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it")
+        return q
+
+    def _ranges(self, rows: int) -> list[tuple[int, int]]:
+        return [(a, min(a + rows, self.n)) for a in range(0, self.n, rows)]
+
+    def resident(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache as fp16 / fp32 tensors on `device`, loaded once, chunk by chunk."""
+        self.check_searchable()
+        with self._lock:
+            if device not in self._resident:
+                x = torch.empty(self.shape, dtype=torch.float16, device=device)
+                s = torch.empty(self.shape[:3], dtype=torch.float32, device=device)
+                for a, b in self._ranges(self.features.chunks[0]):
+                    x[a:b].copy_(torch.from_numpy(self._read_features(a, b)))
+                    s[a:b].copy_(torch.from_numpy(self._read_sqnorm(a, b)))
+                self._resident[device] = (x, s)
+            return self._resident[device]
+
+    def fits(self, device: torch.device, memory_budget: int | None) -> bool:
+        if memory_budget is not None:
+            return self.nbytes * RESIDENT_HEADROOM <= memory_budget
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return self.nbytes * RESIDENT_HEADROOM <= CUDA_FREE_SHARE * free
+        return self.nbytes <= DEFAULT_MEMORY_BUDGET
+
+    def chunks(
+        self, device: torch.device, memory_budget: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+        """Resident when it fits the budget; otherwise streamed from storage with one range prefetched."""
+        self.check_searchable()
+        row_bytes = int(np.prod(self.shape[1:])) * 2
+        if device in self._resident or self.fits(device, memory_budget):
+            x, s = self.resident(device)
+            for a, b in even_slices(self.n, row_bytes):
+                yield a, x[a:b], s[a:b]
+            return
+        rows = STREAM_RANGE_BYTES["cuda" if device.type == "cuda" else "cpu"] // row_bytes
+        if memory_budget is not None:  # two ranges in flight must fit the budget
+            rows = max(1, min(rows, memory_budget // 4 // (2 * row_bytes)))
+        per = self.features.chunks[0]
+        rows = max(per, min(rows, MAX_MAPPED_CHUNKS * per) // per * per)  # whole chunks: none decoded twice
+        mapped = device.type == "cpu"  # chunk files are mapped in place where that is how rows are read
+        with ThreadPoolExecutor(1, thread_name_prefix="vfs-prefetch") as pool:
+            ranges = self._ranges(rows)
+            pending = pool.submit(self._fetch, *ranges[0], mapped) if ranges else None
+            for i, (a, _) in enumerate(ranges):
+                assert pending is not None
+                x, sq = pending.result()
+                pending = pool.submit(self._fetch, *ranges[i + 1], mapped) if i + 1 < len(ranges) else None
+                if isinstance(x, np.ndarray):
+                    x = torch.from_numpy(x)
+                    if device.type != "cpu":
+                        x = x.pin_memory().to(device, non_blocking=True)
+                yield a, x, torch.from_numpy(sq).to(device)
+                del x, sq
+
+    def _fetch(self, start: int, stop: int, mapped: bool) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
+        with self._reading(f"rows {start}..{stop - 1}"):
+            x = self._features.stream(start, stop) if mapped else self._features.read(start, stop)
+        return x, self._read_sqnorm(start, stop)
+
+
+def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:
+    """Open a cache read-only from a local path or a URL (http(s)://, s3://, … through fsspec).
+
+    An incomplete cache opens too (`.complete` is False) but refuses to be searched unless
+    `allow_partial=True`, which searches the images its build has stored so far.
+    """
+    location = str(location)
+    try:
+        store: zarr.abc.store.Store
+        if is_url(location):
+            store = zarr.storage.FsspecStore.from_url(location, read_only=True)
+        else:
+            if not Path(location).exists():
+                raise CacheError(f"no cache at {location}")
+            store = zarr.storage.LocalStore(location, read_only=True)
+        group = zarr.open_group(store, mode="r", zarr_format=3)  # never zarr 2 (its codecs include pickle)
+    except CacheError:
+        raise
+    except Exception as e:  # zarr / fsspec raise many kinds; the user needs the reason
+        raise CacheError(
+            f"cannot open the cache at {location} (a VFS cache is a zarr 3 group): {type(e).__name__}: {e}"
+        ) from e
+    return FeatureCache(group, location, allow_partial=allow_partial)
+
+
+def cache_row(location: str, opened: FeatureCache | CacheError, size_bytes: int | None = None) -> dict[str, Any]:
+    """One row of a list of caches (the app's cache lists): what it is, or why it cannot be opened."""
+    row = {"name": cache_name(location), "path": location, "complete": False, "size_bytes": size_bytes}
+    if isinstance(opened, CacheError):
+        return row | {"error": str(opened)}
+    return row | opened.list_row() | {"error": None}
+
+
+def list_caches(root: str | Path) -> list[dict[str, Any]]:
+    """Every cache under a folder, complete or partial, with a summary for the cache list."""
+    out = []
+    for p in sorted(Path(root).glob(f"*{CACHE_SUFFIX}")):
+        try:
+            opened: FeatureCache | CacheError = open_cache(p)
+        except CacheError as e:
+            opened = e
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        out.append(cache_row(str(p), opened, size if isinstance(opened, FeatureCache) else None))
+    return out
+
+
+def _describe_rows(idx: np.ndarray) -> str:
+    if len(idx) == 0:
+        return "(none)"
+    shown = ", ".join(map(str, idx[:5].tolist()))
+    return shown + (f", … ({len(idx)} rows)" if len(idx) > 5 else "")

@@ -1,0 +1,246 @@
+"""Writing a cache: created whole or not at all, appended chunk by chunk, progress recorded only
+after the chunk's data is on disk, so that a killed build resumes (see `CacheWriter`)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .format import (
+    CHUNK_BYTES,
+    CHUNK_MAX_IMAGES,
+    FORMAT,
+    FORMAT_VERSION,
+    THUMB_CHUNK,
+    CacheError,
+    CacheSpec,
+    library_versions,
+    read_table,
+    write_table,
+)
+
+FSYNC = os.environ.get("VFS_FSYNC", "1") != "0"
+"""Flush each chunk's files to disk before its progress is recorded (power-loss safety; `VFS_FSYNC=0` skips it)."""
+_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
+ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
+
+
+@dataclass
+class _Pending:
+    item: int
+    features: np.ndarray | None = None  # (h, w, C) fp16
+    thumb: np.ndarray | None = None
+    reason: str | None = None
+
+
+@dataclass
+class CacheWriter:
+    """Appends images' features to a cache in whole chunks; progress is written after the data.
+
+    Crash safety: the cache is created in `<out>.creating` and renamed into place once it is
+    whole, so a build killed while creating leaves nothing that blocks the rerun. A chunk counts
+    as written only once its files are on disk (written by zarr through a temporary file and a
+    rename, then fsync'ed with their folders, unless `VFS_FSYNC=0`); only then is the progress
+    attribute rewritten (zarr.json, also by rename, then fsync'ed). A kill at any moment leaves
+    the last recorded progress true, and a resume redoes at most the chunk in flight.
+    """
+
+    path: Path
+    group: zarr.Group
+    spec: CacheSpec
+    rows: int = 0  # images stored
+    next_item: int = 0  # every candidate before this one is stored or skipped
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    nonnegative: bool = True  # every stored feature ≥ 0 (post-ReLU): search can use a relative bound
+    _pending: list[_Pending] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path, spec: CacheSpec, candidates: pd.DataFrame, thumb_size: int,
+             resume: bool = True, chunk_images: int | None = None, job: dict[str, Any] | None = None) -> CacheWriter:
+        """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
+
+        `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
+        CHUNK_MAX_IMAGES); it applies when the cache is created, a resume keeps the cache's own.
+        `job` (the build's settings) is recorded so that the app can resume the build as it was asked.
+        """
+        path = Path(path)
+        if path.exists() and resume:
+            return cls._resume(path, spec, candidates)
+        if path.exists():
+            raise CacheError(f"{path} exists; remove it or resume the build")
+        h, w = spec.grid
+        n = len(candidates)
+        if chunk_images is not None and chunk_images < 1:
+            raise ValueError(f"chunk_images must be at least 1, not {chunk_images}")
+        if chunk_images is None:
+            chunk_images = min(CHUNK_MAX_IMAGES, CHUNK_BYTES // (h * w * spec.channels * 2))
+            chunk_images -= chunk_images % THUMB_CHUNK if chunk_images > THUMB_CHUNK else 0
+        per = max(1, min(n, chunk_images))
+        thumb_per = math.gcd(per, THUMB_CHUNK)  # divides the feature chunk: a chunk's writes stay whole
+        staging = path.with_name(path.name + ".creating")
+        if staging.exists():  # a creation killed half-way: nothing in it was ever progress
+            shutil.rmtree(staging)
+        g = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-")
+        g.create_array("features", shape=(n, h, w, spec.channels), chunks=(per, h, w, spec.channels),
+                       dtype="float16", compressors=None, fill_value=0)
+        g.create_array("sqnorm", shape=(n, h, w), chunks=(per, h, w), dtype="float32", fill_value=0)
+        g.create_array("thumbs", shape=(n, thumb_size, thumb_size, 3), chunks=(thumb_per, thumb_size, thumb_size, 3),
+                       dtype="uint8", fill_value=0)
+        g.create_array("source_index", shape=(n,), chunks=(per,), dtype="int64", fill_value=-1)
+        write_table(g, "candidates", candidates)
+        g.attrs.update({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(), "n": 0,
+            "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": [], "nonnegative": True},
+            "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
+            **({"job": job} if job is not None else {}),
+        })
+        if FSYNC:
+            _fsync([*(p for p in staging.rglob("*") if p.is_file()), *(p for p in staging.rglob("*") if p.is_dir()), staging])
+        staging.rename(path)
+        if FSYNC:
+            _fsync([path.parent])
+        return cls(path, zarr.open_group(zarr.storage.LocalStore(path), mode="r+"), spec)
+
+    @classmethod
+    def _resume(cls, path: Path, spec: CacheSpec, candidates: pd.DataFrame) -> CacheWriter:
+        try:
+            g = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+            attrs = dict(g.attrs)
+        except Exception as e:  # not a zarr group, unreadable metadata, ...
+            raise CacheError(f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output") from e
+        if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
+        reason = CacheSpec.from_dict(attrs["spec"]).mismatch(spec)
+        if reason:
+            raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
+        if attrs.get("complete"):
+            raise CacheError(f"{path} is already complete")
+        if "candidates" in g and len(read_table(g, "candidates")) != len(candidates):
+            raise CacheError(f"{path} was started on a dataset of another size; choose another output")
+        for leftover in path.rglob("*.partial"):  # zarr's temporary files from writes a kill interrupted
+            if _ZARR_TEMP.search(leftover.name):
+                leftover.unlink(missing_ok=True)
+        p = attrs["progress"]
+        return cls(path, g, spec, rows=p["rows"], next_item=p["next_item"], skipped=list(p["skipped"]),
+                   nonnegative=bool(p.get("nonnegative", False)))
+
+    @property
+    def chunk(self) -> int:
+        return self.group["features"].chunks[0]
+
+    def add(self, item: int, features: np.ndarray, thumb: np.ndarray) -> None:
+        if not np.isfinite(features).all():  # fp16 overflows to inf beyond ±65504: unsearchable
+            self.skip(item, "its features contain NaN or inf (activations beyond the float16 range?)")
+            return
+        self._pending.append(_Pending(item, features, thumb))
+        self._flush(whole_chunks_only=True)
+
+    def skip(self, item: int, reason: str) -> None:
+        self._pending.append(_Pending(item, reason=reason))
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        while True:
+            stored = [i for i, p in enumerate(self._pending) if p.features is not None]
+            take = self.chunk - self.rows % self.chunk
+            if len(stored) >= take:
+                upto = stored[take - 1] + 1
+            elif not whole_chunks_only and self._pending:
+                upto = len(self._pending)
+            else:
+                return
+            batch, self._pending = self._pending[:upto], self._pending[upto:]
+            self._store(batch)
+
+    def _store(self, batch: list[_Pending]) -> None:
+        good = [p for p in batch if p.features is not None]
+        a, b = self.rows, self.rows + len(good)
+        if good:
+            x = np.stack([p.features for p in good]).astype(np.float16)
+            self.nonnegative = self.nonnegative and bool((x >= 0).all())
+            self._array("features")[a:b] = x
+            self._array("sqnorm")[a:b] = np.square(x, dtype=np.float32).sum(-1)
+            self._array("thumbs")[a:b] = np.stack([p.thumb for p in good])
+            self._array("source_index")[a:b] = np.array([p.item for p in good], dtype=np.int64)
+            self._sync_rows(a, b)
+        self.rows, self.next_item = b, batch[-1].item + 1
+        self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if p.reason is not None]
+        # Progress only after the data is on disk: a kill before this line redoes the chunk.
+        self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped,
+                                        "nonnegative": self.nonnegative}
+        self._sync_attrs()
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array that stores every chunk, even one equal to the fill value (zarr skips those by
+        default), so that a reader can tell a missing chunk file from a chunk of zeros."""
+        return self.group[name].with_config({"write_empty_chunks": True})
+
+    def _sync_rows(self, a: int, b: int) -> None:
+        """fsync the chunk files holding rows a..b-1 of every array, and the folders naming them."""
+        if not FSYNC:
+            return
+        files, folders = [], set()
+        for name in ROW_ARRAYS:
+            arr = self.group[name]
+            per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
+            for i in range(a // per, (b - 1) // per + 1):
+                f = self.path / name / arr.metadata.encode_chunk_key((i, *tail))
+                files.append(f)
+                folders.update(d for d in f.parents if d.is_relative_to(self.path / name))
+        _fsync(files + sorted(folders, key=lambda d: -len(d.parts)))
+
+    def _sync_attrs(self) -> None:
+        if FSYNC:
+            _fsync([self.path / "zarr.json", self.path])
+
+    def finish(self, candidates: pd.DataFrame, extra_report: dict[str, Any] | None = None) -> None:
+        """Store what is left, write the manifest of the stored images, and mark the cache complete.
+
+        Every step can be redone: a build killed here resumes with nothing left to compute and
+        finishes again; `complete` is set last, in one write with `n` and the report.
+        """
+        self._flush(whole_chunks_only=False)
+        index = self.group["source_index"][: self.rows]
+        manifest = candidates.iloc[index].reset_index(drop=True)
+        write_table(self.group, "manifest", manifest)
+        for name in ROW_ARRAYS:
+            arr = self.group[name]
+            arr.resize((self.rows, *arr.shape[1:]))
+        if "candidates" in self.group:
+            del self.group["candidates"]
+        paths = candidates["path"].astype(str).to_numpy()
+        report = {"candidates": len(candidates), "stored": self.rows,
+                  "skipped": [{"path": paths[s["item"]], "reason": s["reason"]} for s in self.skipped]}
+        if FSYNC:
+            _fsync([p for p in (self.path / "manifest").rglob("*") if p.is_file()]
+                   + [self.path / name / "zarr.json" for name in ROW_ARRAYS])
+        self.group.attrs.update({"n": self.rows, "report": report | (extra_report or {}),
+                                 "nonnegative": self.nonnegative, "complete": True})
+        self._sync_attrs()
+
+
+def _fsync(paths: Iterable[Path]) -> None:
+    """Flush files (and folders: their entries) to disk; a folder that cannot be opened is skipped (Windows)."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except (IsADirectoryError, PermissionError, FileNotFoundError):
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some file systems refuse fsync on folders
+        finally:
+            os.close(fd)
+
+
