@@ -1,0 +1,154 @@
+"""A cache build on a Ray cluster: Ray Data decodes and extracts, the driver writes the one cache.
+
+The driver lists the dataset once (`open_dataset` checks every path, and the writer records the
+candidates table) and cuts it into the single-process build's batches — `batch_size` consecutive
+candidates each, from a multiple of `batch_size` — because a model's output for an image can
+differ in its last bits with the batch it is computed in: the same batches give the same features,
+bitwise. Each batch is one Ray Data row: CPU tasks decode it with the project's safe decoder
+(unreadable files become skip reasons, as in a local build), an actor pool extracts its features
+(one model per actor, a GPU each where the cluster has GPUs), and the driver consumes the rows in
+manifest order and hands them to the one `CacheWriter`. One writer: no two writers ever touch a
+zarr chunk, and the writer's resume contract holds unchanged — a killed driver resumes on rerun,
+while Ray restarts a killed actor and retries its batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cache import CacheWriter
+from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
+from ..devices import resolve_device
+from ..jobs import BuildJob, BuildProgress, _thumbs, _View, _write
+from ..models import Preprocess, load_extractor
+from . import connect
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """CPU task: one batch of candidates → model-input views (uint8), thumbnails and skip reasons."""
+
+    reader: Callable
+    preprocess: Preprocess
+    thumb: int
+
+    def __call__(self, row: dict) -> dict:
+        start, paths = int(row["start"]), list(row["paths"])
+        batch = ImageDataset(DataSpec("batch"), pd.DataFrame({"path": paths}), self.reader)
+        images = TorchImageDataset(batch, _View(self.preprocess))
+        _, views, good, failures = collate_skipping([images[j] for j in range(len(paths))])
+        if views is None:  # every image of the batch failed
+            size = self.preprocess.input_size
+            views = torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return {
+            "start": start,
+            "items": np.arange(start, start + len(paths), dtype=np.int64),
+            "good": np.asarray(good, dtype=np.int64) + start,
+            "failures": json.dumps([[start + j, reason] for j, reason in failures]),
+            "views": views.numpy(),
+            "thumbs": _thumbs(views, self.thumb),
+        }
+
+
+class _Extract:
+    """Actor: one model, loaded once; a batch's views → its fp16 features (the local build's arithmetic).
+
+    On a CPU it runs the driver's number of threads, not the few Ray grants it: oneDNN splits a
+    convolution's work by thread count, and the last bits of a feature can depend on it (seen at
+    batch 8 with 1 vs 2 threads), so only equal counts give a local build's features bitwise."""
+
+    def __init__(self, model: str, layer: str, image_size: int | None, device: str, threads: int):
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.extractor = load_extractor(model, layer, image_size, device=str(self.device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        views = torch.from_numpy(np.ascontiguousarray(batch.pop("views")[0]))
+        features = np.empty((0, 0, 0, 0), dtype=np.float16)  # same rank as a batch's: Arrow needs it
+        if len(views):
+            x = self.extractor.preprocess.normalize(views.to(self.device))
+            features = self.extractor.features_batch(x).to(torch.float16).cpu().numpy()
+        return batch | {"features": features[None]}
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    """The extractor actors: how many, and what each asks of the cluster."""
+
+    size: int
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def plan(cls, workers: int, gpus_per_worker: float | None, resources: dict[str, float]) -> "WorkerPool":
+        """One actor per GPU (or `gpus_per_worker` each) where the cluster has GPUs; on CPUs, `workers`
+        actors (default 1) sharing all CPUs but one, which is left to the decoding tasks — an actor
+        pool holding every CPU would starve them and stall the pipeline."""
+        gpus = resources.get("GPU", 0.0)
+        per_gpu = min(1.0, gpus) if gpus_per_worker is None else gpus_per_worker
+        if per_gpu > 0:
+            return cls(workers or max(1, int(gpus // per_gpu)), 1.0, per_gpu)
+        size, cpus = workers or 1, resources.get("CPU", 1.0)
+        return cls(size, max(cpus - 1, cpus / 2) / size, 0.0)
+
+
+def run_on_ray(job: BuildJob, dataset: ImageDataset, preprocess: Preprocess, writer: CacheWriter, thumb: int,
+               progress: Callable[[BuildProgress], None] | None, cancel: threading.Event | None) -> None:
+    """Compute and store every candidate from the writer's `next_item` on (see the module's doc)."""
+    connect(job.address)
+    import ray
+    import ray.data
+
+    start, b = writer.next_item, job.batch_size
+    paths = dataset.records["path"].astype(str).tolist()
+    batches = [{"start": a, "paths": paths[a:a + b]} for a in range(start - start % b, len(paths), b)]
+    if not batches:
+        return
+    pool = WorkerPool.plan(job.workers, job.gpus_per_worker, ray.cluster_resources())
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the writer stores in manifest order
+    context.enable_progress_bars = False  # VFS reports its own progress …
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # … and Ray Data's periodic log of it is noise
+    rows = (ray.data.from_items(batches, override_num_blocks=len(batches))
+            .map(_Decode(dataset.reader, preprocess, thumb))
+            .map_batches(_Extract, fn_constructor_args=(job.model, job.layer, job.image_size, job.device,
+                                              torch.get_num_threads()),
+                         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.size),
+                         num_cpus=pool.cpus, num_gpus=pool.gpus))
+    meter = _Meter(start, len(paths), writer.rows, len(writer.skipped))
+    with closing(iter(rows.iter_rows())) as results:
+        for row in results:
+            if cancel is not None and cancel.is_set():
+                break
+            failures = {int(i): reason for i, reason in json.loads(row["failures"])}
+            items, good = row["items"].tolist(), row["good"].tolist()
+            _write(writer, items, good, row["features"], row["thumbs"], failures, start)
+            if progress is not None:
+                progress(meter.report(items, failures))
+
+
+class _Meter:
+    """Images/s and ETA over this run's candidates (those before `start` were handled before it)."""
+
+    def __init__(self, start: int, total: int, stored: int, skipped: int):
+        self.start, self.total, self.stored, self.skipped = start, total, stored, skipped
+        self.t0, self.done, self.failed = time.perf_counter(), 0, 0
+
+    def report(self, items: list[int], failures: dict[int, str]) -> BuildProgress:
+        self.done += sum(1 for i in items if i >= self.start)
+        self.failed += sum(1 for i in failures if i >= self.start)
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        left = self.total - self.start - self.done
+        return BuildProgress(self.start + self.done, self.total, self.stored + self.done - self.failed,
+                             self.skipped + self.failed, rate, left / rate if rate > 0 else None)

@@ -1,0 +1,68 @@
+"""A contiguous row range of a cache held resident: what one search shard searches.
+
+Only the range is read (features and their stored squared norms), so a shard holds its share of
+the cache and nothing more; indices it takes and reports are local to the range (0 = `start`).
+The cache's stored squared norms are used as they are, so the shard's fast scores and bounds are
+computed from exactly what a search of the whole cache uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cache import CacheError, FeatureCache
+from ..sources import even_slices
+
+
+class CacheRows:
+    """Rows start..stop-1 of a cache, resident on `device`, as a search source (`vfs.sources.FeatureSource`)."""
+
+    def __init__(self, cache: FeatureCache, start: int, stop: int, device: torch.device):
+        n = cache.shape[0]
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"rows {start}..{stop - 1} are not within the cache's 0..{n - 1}")
+        self.cache, self.start, self.stop = cache, start, stop
+        # Read through the cache's public row reader (checked: a missing or truncated chunk file is
+        # a CacheError naming the rows); the squared norms through zarr, checked for NaN / inf.
+        self._x = torch.from_numpy(cache.rows(np.arange(start, stop))).to(device)
+        sq = np.asarray(cache.sqnorm[start:stop], dtype=np.float32)
+        if not np.isfinite(sq).all():
+            raise CacheError(f"the cache at {cache.location} holds NaN or inf features in rows {start}..{stop - 1}")
+        self._sq = torch.from_numpy(sq).to(device)
+        self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)
+        domains = cache.domains
+        self.domains = None if domains is None else domains[start:stop]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self._x.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self._x.device
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.cache.nonnegative
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held resident (features and squared norms)."""
+        return self._x.nbytes + self._sq.nbytes
+
+    def chunks(self, device: torch.device, memory_budget: int | None = None):
+        if device != self._x.device:
+            raise ValueError(f"this shard holds its rows on {self._x.device}, not {device}")
+        for a, b in self._slices:
+            yield a, self._x[a:b], self._sq[a:b]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        return self._x.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=self._x.device)).cpu().numpy()
+
+    def resident_on(self, device: torch.device) -> torch.Tensor | None:
+        return self._x if device == self._x.device else None
+
+    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+        return self.cache.describe_rows(np.asarray(indices, dtype=np.int64) + self.start, grid_boxes)

@@ -1,0 +1,183 @@
+"""Exact region search over a cache split across Ray actors, each holding its share resident.
+
+The cache's images are cut into contiguous ranges, one actor (a shard) per range. A shard reads
+its rows straight from the store — local path, shared file system or URL — so the driver never
+holds the features, and keeps them on its GPU (or in its RAM) between queries. A query is
+prepared once on the driver and put in the object store once; every shard runs the engine
+(`search_regions`, exact re-scoring included) on its rows and returns its exact top-k and every
+one of its images' scores; the driver concatenates the scores and picks the top-k from the
+shards' top-ks.
+
+That pick is the whole cache's exact top-k: an image in it is in its own shard's top-k (a shard
+ranks its images as the whole cache does, with fewer rivals; under `per_domain` a shard's greedy
+pick passes at most as many images of each domain before it as the whole cache's does), and the
+greedy pick over a list holding every image it would pick picks the same ones. Scores outside
+the top-k are the engine's fast scores (within its proven bound of the exact ones) or exact
+ones, as in an in-process search — a shard re-scores exactly the images its own bound cannot
+rule out, a superset of the whole cache's.
+
+A shard whose process dies is restarted by Ray, and a query it was answering is retried there;
+one that cannot be restarted fails the query with `ShardError` naming it and the cause — never
+a partial result — and the next query starts it again.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from ..cache import open_cache
+from ..devices import resolve_device
+from ..search import RegionQuery, SearchResult, _eligible, _region_query, _select, search_regions
+from . import connect
+from .rows import CacheRows
+
+RESTARTS = 3
+"""Restarts Ray makes of a shard whose process died (each reloads its rows), and retries of a query it was answering."""
+
+
+class ShardError(RuntimeError):
+    """A shard could not answer: names the shard, its rows and the cause."""
+
+
+@dataclass(frozen=True)
+class ShardAnswer:
+    """One shard's part of a search; `top` holds the cache's row indices."""
+
+    scores: np.ndarray
+    placements: np.ndarray
+    top: pd.DataFrame
+    method: str
+    device: str
+    rescored: int
+
+
+class Shard:
+    """A shard's actor: rows start..stop-1 of the cache, resident on its device, searched by the engine."""
+
+    def __init__(self, location: str, start: int, stop: int, device: str, allow_partial: bool):
+        self.rows = CacheRows(open_cache(location, allow_partial=allow_partial), start, stop, resolve_device(device))
+
+    def search(self, query: RegionQuery, k: int, per_domain: int | None, candidates: np.ndarray | None) -> ShardAnswer:
+        r = search_regions(self.rows, query, k=k, per_domain=per_domain, candidates=candidates, device=self.rows.device)
+        top = r.top.assign(index=r.top["index"] + self.rows.start)
+        return ShardAnswer(r.scores, r.placements, top, r.method, r.device, r.rescored)
+
+    def status(self) -> dict[str, Any]:
+        """What this shard holds, and what its process has cost (docs/scale.md)."""
+        return {"pid": os.getpid(), "rows": (self.rows.start, self.rows.stop), "device": str(self.rows.device),
+                "resident_bytes": self.rows.nbytes,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+class ShardedSearch:
+    """`search_regions` over a cache held by `shards` Ray actors; the same `search(...)` → `SearchResult`.
+
+    `address` is the Ray cluster ("auto", "ray://host:10001"); None starts a local one. Shards ask
+    for `cpus_per_shard` CPUs and `gpus_per_shard` GPUs each (default: an even share of the
+    cluster's GPUs, at most one, so several shards can share a GPU; none on a CPU cluster).
+    """
+
+    def __init__(self, cache_location: str | Path, shards: int = 4, address: str | None = None,
+                 device: str = "auto", allow_partial: bool = False, cpus_per_shard: float = 1.0,
+                 gpus_per_shard: float | None = None):
+        connect(address)
+        import ray
+
+        self.cache = open_cache(cache_location, allow_partial=allow_partial)  # attributes; a query's row; heat maps
+        n = self.cache.shape[0]
+        if not 1 <= shards <= n:
+            raise ValueError(f"shards must be 1..{n} (the cache's images), not {shards}")
+        edges = [round(i * n / shards) for i in range(shards + 1)]
+        self.ranges = list(zip(edges[:-1], edges[1:]))
+        gpus = min(1.0, ray.cluster_resources().get("GPU", 0.0) / shards) if gpus_per_shard is None else gpus_per_shard
+        self._actor = ray.remote(Shard).options(num_cpus=cpus_per_shard, num_gpus=gpus,
+                                                max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        self._args = (str(cache_location), device, allow_partial)
+        self._down: set[int] = set()
+        self._shards = [self._start(i) for i in range(shards)]
+        self.status()  # waits until every shard holds its rows; a shard that cannot start is named
+
+    def _start(self, i: int) -> Any:
+        location, device, allow_partial = self._args
+        return self._actor.remote(location, *self.ranges[i], device, allow_partial)
+
+    def _gather(self, refs: list) -> list:
+        """Every shard's answer, or an error naming the first shard that could not answer (every
+        answer is collected first: Ray reports an error no one collected as unhandled)."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        out, errors = [], []
+        for i, ref in enumerate(refs):
+            a, b = self.ranges[i]
+            try:
+                out.append(ray.get(ref))
+            except RayTaskError as e:  # raised by the engine: a user's error comes back as itself
+                user = isinstance(e.cause, ValueError)  # bad query, mask, k …; CacheError
+                errors.append(e.cause if user else ShardError(
+                    f"shard {i} (rows {a}..{b - 1}) failed: {type(e.cause).__name__}: {e.cause}"))
+            except RayActorError as e:
+                self._down.add(i)
+                errors.append(ShardError(f"shard {i} (rows {a}..{b - 1} of {self.cache.location}) is down: "
+                                         f"{_cause(e)}; the next search starts it again"))
+        if errors:
+            raise errors[0]
+        return out
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each shard's pid, rows, device and memory."""
+        return self._gather([s.status.remote() for s in self._shards])
+
+    def search(self, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None = None, k: int = 10,
+               exclude: int | Iterable[int] | None = None, per_domain: int | None = None,
+               candidates: np.ndarray | None = None) -> SearchResult:
+        """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc)."""
+        import ray
+
+        t0 = time.perf_counter()
+        for i in sorted(self._down):  # shards a previous query found dead
+            self._shards[i] = self._start(i)
+        self._down.clear()
+        n, h, w, _ = self.cache.shape
+        rq = _region_query(self.cache, query, mask)
+        eligible = _eligible(n, candidates, exclude)
+        shared = ray.put(rq)
+        answers: list[ShardAnswer] = self._gather([
+            s.search.remote(shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b])
+            for s, (a, b) in zip(self._shards, self.ranges)])
+        tops = pd.concat([a.top for a in answers], ignore_index=True).sort_values("index", ignore_index=True)
+        domains = tops["domain"].to_numpy() if per_domain is not None else None
+        picked = _select(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
+        top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
+        return SearchResult(
+            np.concatenate([a.scores for a in answers]), np.concatenate([a.placements for a in answers]), top, rq,
+            (h, w), answers[0].method, answers[0].device, (time.perf_counter() - t0) * 1e3,
+            sum(a.rescored for a in answers), self.cache)
+
+    def close(self) -> None:
+        """Stop the shards (they also stop when this object is garbage-collected)."""
+        import ray
+
+        for s in self._shards:
+            ray.kill(s)
+        self._shards = []
+
+    def __enter__(self) -> "ShardedSearch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cause(error: Exception) -> str:
+    """The last line of a Ray actor error: what killed it (or why its constructor failed)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
