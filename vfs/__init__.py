@@ -5,6 +5,7 @@ and rank the dataset's regions by the cosine similarity of their masked features
 """
 
 from .cache import CacheError, CacheSpec, FeatureCache, open_cache
+from .cluster.sharded import ShardedSearch  # imports Ray only when one is made
 from .jobs import BuildJob, BuildProgress, build_cache
 from .masks import grid_mask, load_mask
 from .models import DEFAULT_MODEL, load_extractor
@@ -12,7 +13,7 @@ from .search import RegionQuery, SearchResult, search_regions
 
 __all__ = [
     "BuildJob", "BuildProgress", "CacheError", "CacheSpec", "DEFAULT_MODEL", "FeatureCache",
-    "RegionQuery", "SearchResult", "build_cache", "grid_mask", "load_extractor", "load_mask",
+    "RegionQuery", "SearchResult", "ShardedSearch", "build_cache", "grid_mask", "load_extractor", "load_mask",
     "open_cache", "search_regions",
 ]
 __version__ = "0.1.0"
