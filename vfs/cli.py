@@ -52,7 +52,8 @@ def _cmd_build(args) -> None:
 
     from .jobs import BuildJob, build_cache
     flags = {k: getattr(args, k) for k in ("model", "layer", "data", "out", "label_col", "domain_col",
-                                           "image_size", "batch_size", "device", "workers", "limit")}
+                                           "image_size", "batch_size", "device", "workers", "limit",
+                                           "engine", "address", "gpus_per_worker")}
     if args.job:
         job = BuildJob.from_toml(args.job, **flags)
     else:
@@ -135,8 +136,15 @@ def _cmd_search(args) -> None:
         query, exclude, desc = ex.features(image), None, {"image": str(args.image)}
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
-    result = search_regions(cache, query, mask, k=args.k, exclude=None if args.include_query else exclude,
-                            per_domain=args.per_domain, device=args.device, memory_budget=args.memory_budget)
+    exclude = None if args.include_query else exclude
+    if args.shards:
+        from .cluster.sharded import ShardedSearch
+        with ShardedSearch(cache.location, shards=args.shards, address=args.address, device=args.device,
+                           allow_partial=args.allow_partial) as sharded:
+            result = sharded.search(query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain)
+    else:
+        result = search_regions(cache, query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain,
+                                device=args.device, memory_budget=args.memory_budget)
     if args.json:
         print(json.dumps(search_json(cache, result, desc), indent=1, default=str))
         return
@@ -164,8 +172,11 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--image-size", type=int)
     bp.add_argument("--batch-size", type=int)
     bp.add_argument("--device")
-    bp.add_argument("--workers", type=int)
+    bp.add_argument("--workers", type=int, help="local: decoding processes; ray: extractor actors")
     bp.add_argument("--limit", type=int)
+    bp.add_argument("--engine", choices=("local", "ray"), help="ray: build on a Ray cluster (docs/cluster.md)")
+    bp.add_argument("--address", help="ray: the cluster (auto, ray://HOST:10001); default: a local one")
+    bp.add_argument("--gpus-per-worker", type=float, help="ray: GPUs per extractor actor (default 1 where there are GPUs)")
     ip = sub.add_parser("info", help="describe a cache")
     ip.add_argument("cache")
     ip.add_argument("--json", action="store_true")
@@ -182,6 +193,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--trust-model-code", action="store_true", help="allow a python: model spec named by the cache")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
+    sp.add_argument("--shards", type=int, help="search on a Ray cluster, the cache split across N actors")
+    sp.add_argument("--address", help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: a local one")
     sp.add_argument("--json", action="store_true")
     return p
 
