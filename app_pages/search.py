@@ -3,7 +3,8 @@
 import streamlit as st
 
 from ui.core import bind, groups
-from ui.query import draw_region, pick_cache, pick_query, query_view, require_region, run_search
+from ui.query import (CANVAS_PX, canvas_row, draw_region, pick_cache, pick_query, query_view, require_region,
+                      run_search)
 from ui.views import downloads, result_table, result_tiles, search_summary
 from vfs.render import mask_overlay
 
@@ -12,7 +13,7 @@ cache = pick_cache("search.cache")
 query = pick_query(cache, "search")
 view = query_view(cache, query)
 
-drawing, side = st.columns(2, gap="large")
+drawing, side = canvas_row()
 with drawing:
     region = draw_region(view, query, "search")
 with side:
@@ -32,9 +33,9 @@ with side:
 region = require_region(region)
 result = run_search(cache, query, region, k, exclude, per_domain if cache.domain_col else None, tuple(labels))
 mask = region.mask(cache.spec.grid)
-with side:
+with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
     h, w = cache.spec.grid
-    st.image(mask_overlay(view, mask), width=320,
+    st.image(mask_overlay(view, mask), width="stretch",
              caption=f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f} "
                      "(the share of each cell painted; stronger blue = more weight)")
 
