@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import urllib.error
 import urllib.request
@@ -24,16 +25,15 @@ from torchvision import transforms
 
 from vfs.data import (
     EMBEDDED_DATASET,
-    DataSpec,
     DatasetUnavailable,
+    DataSpec,
     ImageError,
     TorchImageDataset,
     collate_skipping,
-    label_values,
     load_image,
     open_dataset,
-    split_labels,
 )
+from vfs.stats import MISSING, label_groups, presence
 
 SHARED_DATA = Path(os.environ.get("VFS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data at {SHARED_DATA}")
@@ -81,7 +81,7 @@ def test_folder_with_class_subfolders(tmp_path: Path) -> None:
     assert ds.label_col == "label" and ds.domain_col is None
     assert ds.records["label"].tolist()[:2] == ["cats", "dogs"]
     assert pd.isna(ds.records["label"].iloc[2])  # root files: missing label, not a class ""
-    assert label_values(ds.records, "label") == ["cats", "dogs"]
+    assert label_groups(ds.records, "label").columns.tolist() == [MISSING, "cats", "dogs"]
     assert ds.load(0).mode == "RGB" and ds.load(0).size == (12, 10)
 
 
@@ -165,13 +165,18 @@ def test_columns_validated_spec_roundtrip_and_limit(tmp_path: Path) -> None:
     assert len(small) == 2 and len(ds) == 3 and small.spec == ds.spec
 
 
-def test_split_labels_nih_style() -> None:
-    assert split_labels("Cardiomegaly|Effusion") == ["Cardiomegaly", "Effusion"]
-    assert split_labels("No Finding") == ["No Finding"]
-    assert split_labels(None) == [] and split_labels(float("nan")) == [] and split_labels(pd.NA) == []
-    assert split_labels(3) == ["3"]
+def test_nih_style_labels_as_the_statistics_split_them() -> None:
+    """A manifest's '|'-joined findings are split by vfs.stats, the one splitter the app uses."""
     records = pd.DataFrame({"label": ["Effusion|Cardiomegaly", "No Finding", None, "Cardiomegaly"]})
-    assert label_values(records, "label") == ["Cardiomegaly", "Effusion", "No Finding"]
+    groups = label_groups(records, "label")
+    assert groups.columns.tolist() == [MISSING, "Cardiomegaly", "Effusion", "No Finding"]
+    assert groups.loc[0].tolist() == [False, True, True, False]
+    assert groups.loc[1].tolist() == [False, False, False, True]
+    assert groups.loc[2].tolist() == [True, False, False, False]  # missing: its own group, no finding
+    assert presence(records, "label", "Cardiomegaly").tolist() == [True, False, False, True]
+    missing = pd.DataFrame({"label": pd.Series([None, float("nan"), pd.NA], dtype=object)})
+    assert label_groups(missing, "label").columns.tolist() == [MISSING]
+    assert label_groups(pd.DataFrame({"label": [3, 3]}), "label").columns.tolist() == ["3"]
 
 
 def test_embedded_skimage() -> None:
@@ -260,6 +265,22 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read file"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_an_unreadable_image_names_the_file_the_cause_and_the_formats(tmp_path: Path) -> None:
+    """The message names the image; the short reason alone is kept for build reports."""
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(jpeg_bytes(solid())[:100])
+    with pytest.raises(ImageError) as raised:
+        load_image(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: not a readable image — ")
+    assert raised.value.reason in message and ".jpg" in message and ".png" in message
+    with pytest.raises(ImageError, match=r"^upload\.png: not a readable image — empty file; VFS reads"):
+        load_image(b"", name="upload.png")  # an upload: bytes, named by the caller
+    missing = re.escape(str(tmp_path / "nope.png"))
+    with pytest.raises(ImageError, match=f"^{missing}: cannot read file"):
         load_image(tmp_path / "nope.png")
 
 
@@ -374,8 +395,8 @@ def test_embedded_dataset_pickles() -> None:
 def test_shared_nih_manifest() -> None:
     ds = open_dataset(str(SHARED_DATA / "nih_cxr_kcr64" / "manifest.csv"))
     assert len(ds) == 1000 and ds.label_col == "label"
-    assert "Cardiomegaly" in label_values(ds.records, "label")
-    assert sum("Cardiomegaly" in split_labels(v) for v in ds.records["label"]) == 83
+    assert "Cardiomegaly" in label_groups(ds.records, "label").columns
+    assert presence(ds.records, "label", "Cardiomegaly").sum() == 83
     assert ds.load(0).mode == "RGB"
 
 
@@ -383,5 +404,6 @@ def test_shared_nih_manifest() -> None:
 def test_shared_pacs_domains() -> None:
     ds = open_dataset(str(SHARED_DATA / "pacs_mini" / "manifest.csv"), domain_col="domain")
     assert ds.domain_col == "domain" and len(ds) == 560
-    assert label_values(ds.records, "domain") == ["art_painting", "cartoon", "photo", "sketch"]
+    domains = label_groups(ds.records, "domain").columns.tolist()
+    assert domains == ["art_painting", "cartoon", "photo", "sketch"]
     assert ds.load(len(ds) - 1).mode == "RGB"

@@ -10,7 +10,7 @@ A dataset is a table of records (``path`` first, then labels and metadata) plus 
 
 Images come from users and the internet, so :func:`load_image` treats every file
 as hostile: it refuses decompression bombs before decoding, turns every decoder
-failure into one :class:`ImageError` with a short reason, and normalises the many
+failure into one :class:`ImageError` naming the image and the cause, and normalises the many
 PIL modes (16-bit, palette, CMYK, alpha, EXIF rotation) to plain RGB.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cache
 from pathlib import Path
@@ -38,7 +38,7 @@ EMBEDDED_DATASET = "embedded:skimage"
 TORCHVISION_PREFIX = "torchvision:"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = frozenset({".csv", ".parquet"})
-LABEL_SEPARATOR = "|"
+_READABLE = f"VFS reads {', '.join(sorted(IMAGE_EXTENSIONS))} images"
 
 MAX_IMAGE_PIXELS: int = int(os.environ.get("VFS_MAX_IMAGE_PIXELS", "89478485"))
 """Decompression-bomb guard (PIL's default); larger images are refused before decoding."""
@@ -58,7 +58,15 @@ _LFW_FACES = 100  # skimage.data.lfw_subset(): first 100 images are faces, last 
 
 
 class ImageError(ValueError):
-    """One image could not be used; the message is a short human-readable reason."""
+    """One image could not be used.
+
+    `reason` is the short cause, which a build report lists beside the image's path; the message
+    names the image too when the caller knows it (see :func:`load_image`).
+    """
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
 
 
 class DatasetUnavailable(RuntimeError):
@@ -68,21 +76,30 @@ class DatasetUnavailable(RuntimeError):
 # --------------------------------------------------------------------------- images
 
 
-def load_image(source: str | Path | bytes | BinaryIO, max_pixels: int | None = None) -> Image.Image:
-    """Decode one image to RGB, or raise :class:`ImageError` saying why it cannot be used.
+def load_image(
+    source: str | Path | bytes | BinaryIO, max_pixels: int | None = None, name: str | None = None
+) -> Image.Image:
+    """Decode one image to RGB, or raise :class:`ImageError` saying which image and why.
 
     ``max_pixels`` defaults to :data:`MAX_IMAGE_PIXELS`; the check reads only the header,
-    so a bomb never gets its raster allocated.  Files we open are always closed; a
-    caller's stream is read but left open.
+    so a bomb never gets its raster allocated.  ``name`` is what the message calls the image
+    (default: the path; give an upload's file name for bytes).  Files we open are always
+    closed; a caller's stream is read but left open.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(source, (str, Path)):
-        try:
+    if isinstance(source, (str, Path)) and name is None:
+        name = str(source)
+    where = f"{name}: " if name else ""
+    try:
+        if isinstance(source, (str, Path)):
             with open(source, "rb") as fp:
                 return _decode(fp, limit)
-        except OSError as e:
-            raise ImageError(f"cannot read file ({e.strerror or e})") from e
-    return _decode(io.BytesIO(source if isinstance(source, bytes) else source.read()), limit)
+        return _decode(io.BytesIO(source if isinstance(source, bytes) else source.read()), limit)
+    except OSError as e:
+        reason = f"cannot read file ({e.strerror or e})"
+        raise ImageError(reason, f"{where}{reason}") from e
+    except ImageError as e:
+        raise ImageError(e.reason, f"{where}not a readable image — {e.reason}; {_READABLE}") from e
 
 
 def _decode(fp: BinaryIO, limit: int) -> Image.Image:
@@ -94,7 +111,8 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
         with Image.open(fp) as im:
             width, height = im.size
             if width * height > limit:
-                raise ImageError(f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels")
+                pixels = width * height
+                raise ImageError(f"{width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels")
             if max(im.size) > MAX_DECODED_SIDE:
                 # JPEG only: decode at 1/2..1/8 scale directly, never holding the full raster.
                 im.draft(None, (MAX_DECODED_SIDE, MAX_DECODED_SIDE))
@@ -141,21 +159,6 @@ def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.round(scaled).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- labels
-
-
-def split_labels(value: Any) -> list[str]:
-    """Split a '|'-joined multi-label value (NIH style "Cardiomegaly|Effusion"); missing -> []."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return []
-    return [part.strip() for part in str(value).split(LABEL_SEPARATOR) if part.strip()]
-
-
-def label_values(records: pd.DataFrame, column: str) -> list[str]:
-    """Sorted distinct single labels of a column, with multi-label values split."""
-    return sorted({label for value in records[column] for label in split_labels(value)})
-
-
 # --------------------------------------------------------------------------- datasets
 
 
@@ -171,8 +174,8 @@ class DataSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
-        """Build from a dict, ignoring unknown keys so older/newer saved specs still load."""
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+        """The one way back from `to_dict`; unknown keys are ignored so older/newer saved specs still load."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -221,6 +224,7 @@ def open_dataset(source: str, label_col: str | None = None, domain_col: str | No
     column is ``domain`` (``source`` for the embedded demo) when present.
     """
     default_domain = "domain"
+    reader: Callable[[str], Image.Image]
     if source == EMBEDDED_DATASET:
         records, reader = _skimage_records(), SkimageReader()
         default_domain = "source"
@@ -233,9 +237,10 @@ def open_dataset(source: str, label_col: str | None = None, domain_col: str | No
         elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
             records, reader = _manifest_records(path)
         else:
+            found = "no such folder or file" if not path.exists() else "not a folder or a .csv/.parquet file"
             raise ValueError(
-                f"unknown dataset source {source!r}: expected an image folder, a .csv/.parquet manifest, "
-                f"{EMBEDDED_DATASET!r} or 'torchvision:<Dataset>[?split=...]'"
+                f"unknown dataset source {source!r} ({found}): expected an image folder, a .csv/.parquet "
+                f"manifest, {EMBEDDED_DATASET!r} or 'torchvision:<Dataset>[?split=...]'"
             )
     label_col = label_col or ("label" if "label" in records.columns else None)
     domain_col = domain_col or (default_domain if default_domain in records.columns else None)
@@ -289,10 +294,14 @@ def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
     """Read a manifest; every path is checked up front so a hostile one fails at open time."""
     records = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
     if "path" not in records.columns:
-        raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {', '.join(records.columns)})")
+        found = ", ".join(map(str, records.columns))
+        raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {found})")
     missing = records.index[records["path"].isna()].tolist()
     if missing:
-        raise ValueError(f"manifest {str(manifest)!r} has rows without a path: {missing[:5]}")
+        raise ValueError(
+            f"manifest {str(manifest)!r} has rows without a path (rows {missing[:5]}); "
+            "fill them in or drop them"
+        )
     reader = FileReader(manifest.parent.resolve())
     records["path"] = records["path"].astype(str)
     for path in records["path"]:
@@ -328,7 +337,8 @@ class SkimageReader:
             return to_rgb(Image.fromarray(getattr(skimage.data, name)()))
         kind, _, number = name.partition("_")
         if group == "lfw" and kind in ("face", "nonface") and number.isdigit() and int(number) < _LFW_FACES:
-            return to_rgb(Image.fromarray(_lfw_subset()[int(number) + (_LFW_FACES if kind == "nonface" else 0)]))
+            row = int(number) + (_LFW_FACES if kind == "nonface" else 0)
+            return to_rgb(Image.fromarray(_lfw_subset()[row]))
         raise ImageError(f"no embedded image {path!r}")
 
 
@@ -372,7 +382,7 @@ def _torchvision_records(spec: str) -> tuple[pd.DataFrame, TorchvisionReader]:
             raise ValueError(f"{name} only has 'train' and 'test' splits, not {split!r}")
         kwargs["train"] = split == "train"
     elif split is not None:
-        raise ValueError(f"{name} takes no split")
+        raise ValueError(f"{name} takes no split; leave out ?split=")
     unknown = set(options) - set(params)
     if unknown:
         raise ValueError(f"{name} has no option(s) {sorted(unknown)}; it takes {sorted(params)}")
@@ -429,7 +439,7 @@ class TorchImageDataset(torch.utils.data.Dataset):
         try:
             image = self.dataset.load(i)
         except ImageError as e:
-            return i, None, str(e)
+            return i, None, e.reason  # the report lists it beside the record's path
         return i, self.transform(image), None
 
 
