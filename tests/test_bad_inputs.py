@@ -212,6 +212,8 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(built, mask_file, s
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], err
     assert "Traceback" not in err
+    if name != "missing.png":  # the file is there, but not an image VFS can decode
+        assert f"{folder / name}: not a readable image — " in lines[0] and ".png" in lines[0]
 
 
 @pytest.mark.parametrize("mask,content,message", [
@@ -241,6 +243,17 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     code = main(["search", cache.location, "--query-index", "0", "--mask", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys):
+    """The engine's error carries the facts; the CLI words the next step as a CLI command."""
+    code = main(["build", "--layer", "blocks.99", "--data", "embedded:skimage", "--image-size", str(SIZE),
+                 "--limit", "2", "--out", str(tmp_path / "c.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no layer 'blocks.99'" in err and "blocks.5" in err
+    assert err.strip().endswith("(list them all with python -m vfs layers embedded:efficientnet_lite0)")
+    assert "list_layers" not in err
 
 
 def test_cli_refuses_a_manifest_pointing_outside_its_root(tmp_path, capsys):

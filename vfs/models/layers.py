@@ -1,0 +1,365 @@
+"""One layer of a model as a feature grid: which layers give spatial maps, and running a model
+only up to the chosen one.
+
+Every layer whose output is a spatial map (NCHW or NHWC maps, ViT tokens) becomes an (h, w, C)
+grid, and extraction stops at that layer instead of running the whole network.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from ..devices import resolve_device
+from .kinds import load_model
+from .specs import Preprocess
+
+_EXAMPLES = (8, 16)  # an error about a bad layer shows this many valid names, at least and at most
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer whose output is a spatial grid, with the grid's size at a given input size."""
+
+    name: str
+    height: int
+    width: int
+    channels: int
+
+
+class LayerError(ValueError):
+    """A layer that cannot give a feature grid (absent, not spatial, never run).
+
+    Keeps the facts (`spec`, `layer`, `problem`, `examples` of valid layers) so that each interface
+    can name its own way to list the layers (`message`); `str()` names the Python one.
+    """
+
+    def __init__(self, spec: str, layer: str, problem: str, examples: Sequence[str]) -> None:
+        self.spec = spec
+        self.layer = layer
+        self.problem = problem
+        self.examples = tuple(examples)
+        super().__init__(self.message(f"vfs.models.list_layers({spec!r})"))
+
+    def message(self, how_to_list: str) -> str:
+        """The error, ending with `how_to_list`: the command, call or page that lists the layers."""
+        return (
+            f"{self.spec}: {self.problem}; spatial layers include {', '.join(self.examples)} "
+            f"(list them all with {how_to_list})"
+        )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a layer's output tensor maps onto an (h, w, C) grid."""
+
+    kind: str  # "nchw" | "nhwc" | "tokens"
+    height: int
+    width: int
+    channels: int
+    prefix_tokens: int = 0  # tokens (class, register) before the patch tokens
+
+    def to_grid(self, output: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nchw":
+            return output.permute(0, 2, 3, 1)
+        if self.kind == "tokens":
+            patches = output[:, self.prefix_tokens:]
+            return patches.reshape(output.shape[0], self.height, self.width, self.channels)
+        return output
+
+
+def _plausible_side(side: int, input_size: int) -> bool:
+    """Whether a map side is the input side divided by some integer stride (±1 for padding);
+    this tells spatial maps from other 4D/3D tensors such as attention matrices."""
+    stride = max(1, round(input_size / side))
+    return abs(input_size / stride - side) <= 1
+
+
+def _layout(output: Any, input_size: int, model: nn.Module) -> _Layout | None:
+    """The grid layout of a module output for one square image, or None if it is not a map
+    of at least 2 cells (a 1×1 map cannot locate anything)."""
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return None
+    if output.shape[0] != 1:  # e.g. Swin's windows folded into the batch
+        return None
+    layout = None
+    if output.ndim == 4:
+        _, a, b, c = output.shape
+        # Input is square, so the two spatial sides are equal; that tells NCHW from NHWC
+        # (timm's Swin/ConvNeXt internals are NHWC) without trusting per-model flags.
+        if b == c and _plausible_side(b, input_size):
+            layout = _Layout("nchw", b, c, a)
+        elif a == b and _plausible_side(a, input_size):
+            layout = _Layout("nhwc", a, b, c)
+    elif output.ndim == 3:
+        layout = _token_layout(output.shape[1], output.shape[2], input_size, model)
+    return layout if layout is not None and layout.height * layout.width > 1 else None
+
+
+def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module) -> _Layout | None:
+    """(1, T, C) tokens as a grid after dropping prefix tokens (timm: num_prefix_tokens;
+    otherwise try none, then one class token)."""
+    declared = getattr(model, "num_prefix_tokens", None)
+    prefixes = (declared, 0) if isinstance(declared, int) else (0, 1)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    for prefix in dict.fromkeys(prefixes):
+        count = tokens - prefix
+        if grid is not None and count == grid[0] * grid[1]:
+            return _Layout("tokens", int(grid[0]), int(grid[1]), channels, prefix)
+        side = math.isqrt(max(count, 0))
+        if side > 0 and side * side == count and _plausible_side(side, input_size):
+            return _Layout("tokens", side, side, channels, prefix)
+    return None
+
+
+def _input_size_error(spec: str, preprocess: Preprocess, native: int, error: Exception) -> ValueError:
+    """A model failing on the chosen input size; most often a model made for one size (a ViT)."""
+    size = preprocess.input_size
+    hint = f"; it was made for {native}×{native}: use that image size" if native != size else ""
+    return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
+
+
+def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, int]]:
+    """Each module's output (and its tensor version) on its first call, for a zero image."""
+    outputs: dict[str, tuple[Any, int]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if name not in outputs:
+                outputs[name] = (output, getattr(output, "_version", 0))
+
+        return record
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
+    outputs = _first_outputs(model, input_size)
+    seen: set[tuple[int, int]] = set()
+    layers = []
+    for name, _ in model.named_modules():  # parents come before their children
+        if name not in outputs:
+            continue
+        output, version = outputs[name]
+        # The same tensor, unmodified, as an enclosing or earlier module (a container and its
+        # last child, BatchNormAct and its activation): same features, keep the first name.
+        key = (id(output), version)
+        if key in seen:
+            continue
+        seen.add(key)
+        layout = _layout(output, input_size, model)
+        if layout is not None:
+            layers.append(LayerInfo(name, layout.height, layout.width, layout.channels))
+    return layers
+
+
+def _example_layers(names: list[str]) -> list[str]:
+    """Valid layer names worth showing: the shallowest levels (stages, not their insides), in order."""
+    fewest, most = _EXAMPLES
+    depth = 0
+    while sum(name.count(".") <= depth for name in names) < min(fewest, len(names)):
+        depth += 1
+    shallow = [name for name in names if name.count(".") <= depth]
+    return shallow[:: math.ceil(len(shallow) / most)]
+
+
+def _model_at_size(spec: str, image_size: int | None) -> tuple[nn.Module, Preprocess, int]:
+    """The model, its preprocessing at `image_size` (default: its own) and its own input size."""
+    model, preprocess = load_model(spec)
+    native = preprocess.input_size
+    return model, preprocess.with_input_size(image_size) if image_size else preprocess, native
+
+
+def list_layers(spec: str, image_size: int | None = None) -> list[LayerInfo]:
+    """Layers with a spatial output, in module order, with grid sizes at `image_size`
+    (default: the model's own input size)."""
+    model, preprocess, native = _model_at_size(spec, image_size)
+    try:
+        return _spatial_layers(model, preprocess.input_size)
+    except Exception as error:  # user or third-party code: report it as a bad choice of size
+        raise _input_size_error(spec, preprocess, native, error) from error
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the forward pass once the chosen layer has run."""
+
+
+class _LayerNeverRan(RuntimeError):
+    """The forward pass ended without running the chosen layer."""
+
+
+class _HookedLayer(nn.Module):
+    """Runs `model` up to `layer` for models that FX cannot trace: a hook grabs the layer's
+    output and aborts the rest of the forward pass."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        super().__init__()
+        self.model = model
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> Any:
+        grabbed = []
+
+        def grab(module: nn.Module, args: Any, output: Any) -> None:
+            grabbed.append(output)
+            raise _StopForward
+
+        handle = self.model.get_submodule(self.layer).register_forward_hook(grab)
+        try:
+            self.model(x)
+        except _StopForward:
+            return grabbed[0]
+        finally:
+            handle.remove()
+        raise _LayerNeverRan(f"the forward pass never reached layer {self.layer!r}")
+
+
+class _GraphLayer(nn.Module):
+    """An FX graph of the model truncated at one layer (dead code after it removed)."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)["out"]
+
+
+def _traced(
+    model: nn.Module, layer: str, probe: torch.Tensor, reference: torch.Tensor
+) -> nn.Module | None:
+    """timm's FX extractor (it knows timm's untraceable leaves, e.g. dynamic padding), if it
+    traces and gives the hooked forward's output on `probe`."""
+    from timm.models import create_feature_extractor
+
+    try:
+        with warnings.catch_warnings():  # torchvision notes train/eval graph differences
+            warnings.simplefilter("ignore", UserWarning)
+            traced = _GraphLayer(create_feature_extractor(model, {layer: "out"})).eval()
+        with torch.no_grad():
+            output = traced(probe)
+    except Exception:  # arbitrary code may not trace; the hook fallback handles it
+        return None
+    finally:
+        model.eval()  # tracing runs the model in train mode too and may leave it there
+    same = (
+        isinstance(output, torch.Tensor)
+        and output.shape == reference.shape
+        and torch.allclose(output, reference, rtol=1e-4, atol=1e-5)
+    )
+    return traced if same else None
+
+
+class Extractor:
+    """One layer of one model as a function image → (h, w, C) feature grid.
+
+    Thread-safe: forwards run under a lock (one model instance, one device).
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        layer: str,
+        preprocess: Preprocess,
+        body: nn.Module,
+        layout: _Layout,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.layer = layer
+        self.preprocess = preprocess
+        self.grid = (layout.height, layout.width)
+        self.channels = layout.channels
+        self.device = device
+        self._body = body
+        self._layout = layout
+        self._lock = threading.Lock()
+
+    def features(self, image: PIL.Image.Image) -> np.ndarray:
+        """(h, w, C) float32 features of one image."""
+        tensor = self.preprocess.to_tensor(self.preprocess.view(image))
+        return self.features_batch(tensor.unsqueeze(0))[0].cpu().numpy()
+
+    def features_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized input → (B, h, w, C) float32 on `self.device`."""
+        cuda = self.device.type == "cuda"
+        batch = batch.to(self.device, torch.float32)
+        if cuda:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        with self._lock, torch.no_grad(), autocast:
+            output = self._body(batch)
+        return self._layout.to_grid(output).float().contiguous()
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the features, for cache metadata (JSON-able)."""
+        return {
+            "spec": self.spec,
+            "layer": self.layer,
+            "input_size": self.preprocess.input_size,
+            "grid": list(self.grid),
+            "channels": self.channels,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+def load_extractor(
+    model_spec: str, layer: str, image_size: int | None = None, device: str = "cpu"
+) -> Extractor:
+    """An extractor for `layer` that runs the model only up to that layer.
+
+    The FX-truncated graph is checked against a hooked forward on a random image, and the
+    hook version is used instead when tracing fails or disagrees.
+    """
+    model, preprocess, native = _model_at_size(model_spec, image_size)
+    size = preprocess.input_size
+
+    def unusable(problem: str) -> LayerError:
+        try:
+            names = [info.name for info in _spatial_layers(model, size)]
+        except Exception as error:  # the model fails at this size at all: that is the message
+            raise _input_size_error(model_spec, preprocess, native, error) from error
+        return LayerError(model_spec, layer, problem, _example_layers(names))
+
+    if not layer or layer not in dict(model.named_modules()):
+        raise unusable(f"no layer {layer!r}")
+    probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    body: nn.Module = _HookedLayer(model, layer)
+    try:
+        with torch.no_grad():
+            reference = body(probe)
+    except _LayerNeverRan:
+        raise unusable(f"layer {layer!r} never runs in the model's forward pass") from None
+    except Exception as error:  # e.g. a ViT with a fixed input size
+        raise _input_size_error(model_spec, preprocess, native, error) from error
+    layout = _layout(reference, size, model)
+    if layout is None:
+        shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
+        raise unusable(
+            f"layer {layer!r} gives {shape} at input size {size}, not a spatial map of at least 2 cells"
+        )
+    traced = _traced(model, layer, probe, reference)
+    if traced is not None:
+        body = traced
+    resolved = resolve_device(device)
+    body = body.to(resolved).eval()
+    if resolved.type == "cuda":
+        body = body.to(memory_format=torch.channels_last)
+    return Extractor(model_spec, layer, preprocess, body, layout, resolved)

@@ -1,0 +1,132 @@
+"""What a model spec means as data: the preprocessing a model expects, a parsed spec, a kind of spec.
+
+Plain data with no model code, so that caches, settings and the CLI can hold and check specs without
+loading a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import PIL.Image
+import torch
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+class ModelUnavailable(RuntimeError):
+    """The model exists but its weights cannot be had here (typically: no internet)."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input: resize the shorter side, centre-crop, normalize.
+
+    Kept as plain data (not a transform object) so it can be stored with a feature cache and so
+    the app can show exactly the crop the model saw (`view`).
+    """
+
+    input_size: int
+    resize_size: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r}: "
+                f"expected one of {', '.join(INTERPOLATIONS)}"
+            )
+        if self.input_size < 1 or self.resize_size < 1:
+            raise ValueError(f"sizes must be positive: {self.input_size}, {self.resize_size}")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ValueError(f"{name} needs 3 values (RGB), got {values}")
+            object.__setattr__(self, name, values)  # lists from JSON → hashable tuples
+
+    def with_input_size(self, size: int) -> Preprocess:
+        """The same preprocessing at another input size, keeping the resize/crop ratio."""
+        return replace(
+            self, input_size=size, resize_size=round(size * self.resize_size / self.input_size)
+        )
+
+    def view(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """The RGB crop the model sees, `input_size` pixels square."""
+        image = image.convert("RGB")
+        image = TF.resize(
+            image, [self.resize_size], interpolation=INTERPOLATIONS[self.interpolation],
+            antialias=True,
+        )
+        return TF.center_crop(image, [self.input_size])
+
+    def to_tensor(self, view: PIL.Image.Image) -> torch.Tensor:
+        """A view as a normalized (3, S, S) float32 tensor."""
+        return self.normalize(TF.pil_to_tensor(view))
+
+    def normalize(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 views (…, 3, S, S) → normalized float32, on the views' device (builds do it on the GPU)."""
+        tensor = TF.to_dtype(views, torch.float32, scale=True)
+        return TF.normalize(tensor, list(self.mean), list(self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
+        """The one way back from `to_dict` (cache attributes, user code); unknown keys are ignored
+        so that caches written by older or newer versions still load."""
+        known = ("input_size", "resize_size", "interpolation", "mean", "std")
+        return cls(**{key: data[key] for key in known if key in data})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec string.
+
+    `name` is the model name (embedded, timm, torchvision), the checkpoint path (file) or
+    ``module:function`` (python). `options` holds ``pretrained`` ("true"/"false", timm),
+    ``weights`` (torchvision: a weights name, "DEFAULT" or "none") and ``arch`` (file).
+    """
+
+    kind: str
+    name: str
+    options: dict[str, str] = field(default_factory=dict, hash=False)
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model spec (the text before the first ':') and everything VFS knows about it,
+    so that adding a kind is adding one record to `vfs.models.KINDS`.
+
+    `parse` checks the syntax of the text after the prefix (without the ``?options``; it does not
+    check that the model exists) and gives back the name and the completed options; `load` builds
+    the model on the CPU with its preprocessing.
+    """
+
+    prefix: str
+    parse: Callable[[str, str, dict[str, str]], tuple[str, dict[str, str]]]  # (spec, body, options)
+    load: Callable[[ModelSpec], tuple[nn.Module, Preprocess]]
+    usage: tuple[tuple[str, str], ...]  # (syntax, what it gives): the lines `python -m vfs models` prints
+    options: tuple[str, ...] = ()  # the ?key=value options it accepts
+    runs_user_code: bool = False  # loading imports and runs code the spec names (refused when hosted)
+    reads_local_file: bool = False  # the spec's name is a path on this machine (confined when hosted)
