@@ -102,22 +102,6 @@ def cache_table(rows: list[dict]) -> None:
     st.dataframe(table, hide_index=True, key="caches.table")
 
 
-def cache_provenance(cache: FeatureCache) -> str:
-    """How a cache was built, from what the build recorded in it: a server's visitors did not build it."""
-    s, report = cache.spec, cache.report
-    skipped = len(report.get("skipped", []))
-    columns = [f"{what} from column `{c}`" for what, c in (("labels", cache.label_col), ("domains", cache.domain_col)) if c]
-    versions = cache.attrs.get("versions", {})
-    tools = ", ".join(f"{name} {versions[name]}" for name in ("vfs", "torch", "timm") if name in versions)
-    created = str(cache.attrs.get("created") or "")[:10]
-    return (f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` ({s.grid[0]}×{s.grid[1]} cells × "
-            f"{s.channels} channels) over `{s.data.source}`, each image resized to {s.preprocess.resize_size} px and "
-            f"centre-cropped to {s.preprocess.input_size} px; {cache.n} images"
-            f"{f' ({skipped} unreadable ones skipped)' if skipped else ''}"
-            f"{'; ' + ', '.join(columns) if columns else ''}"
-            f"{'; built' if created or tools else ''}{f' on {created}' if created else ''}{f' with {tools}' if tools else ''}.")
-
-
 # --- background builds ----------------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
