@@ -76,13 +76,8 @@ def main(argv=None) -> None:
     tds = TorchImageDataset(dataset, view)
     views = torch.stack([v for _, v, err in (tds[i] for i in range(n)) if err is None])
     decode_s = time.perf_counter() - t0
-    # the build's own normalisation (Preprocess.normalize on the device; older vfs: jobs._normalise)
-    normalize = getattr(ex.preprocess, "normalize", None)
-    if normalize is None:
-        from vfs.jobs import _normalise
-
-        normalize = lambda v: _normalise(v, ex.preprocess)  # noqa: E731
-    inputs = [normalize(views[a:a + args.batch_size].to(device))
+    # the build's own normalisation: Preprocess.normalize, on the device
+    inputs = [ex.preprocess.normalize(views[a:a + args.batch_size].to(device))
               for a in range(0, len(views), args.batch_size)]
     log(f"decoded {len(views)} images in {decode_s:.1f} s on one core ({len(views) / decode_s:.0f} images/s)")
 
