@@ -462,7 +462,7 @@ def _region_query(source: FeatureSource, query: np.ndarray | int | RegionQuery, 
         n = source.shape[0]
         if not 0 <= query < n:
             raise ValueError(f"query index {query} is outside 0..{n - 1}")
-        query = source.rows(np.array([int(query)]))[0]
+        return RegionQuery.create(source.rows(np.array([int(query)]))[0], mask)
     return RegionQuery.create(query, mask)
 
 

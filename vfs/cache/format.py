@@ -97,13 +97,21 @@ def library_versions() -> dict[str, str]:
 
 def codec_names(codecs: list[Any]) -> list[str]:
     """Every codec's name in a zarr 3 codec list, those nested in a sharding codec included."""
-    names = []
+    names: list[str] = []
     for codec in codecs:
         d = codec if isinstance(codec, dict) else codec.to_dict()
-        names.append(d.get("name"))
+        names.append(str(d.get("name")))
         inner = d.get("configuration") or {}
         names += codec_names(inner.get("codecs", [])) + codec_names(inner.get("index_codecs", []))
     return names
+
+
+def member_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of a group; a group in its place is damage (KeyError when absent)."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise CacheError(f"{group.store_path}: {name!r} is a group, not an array")
+    return arr
 
 
 def check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> None:
@@ -112,7 +120,8 @@ def check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> Non
     meta = arr.metadata
     if meta.zarr_format != 3:
         raise CacheError(f"{location}: array {arr.path!r} is zarr format {meta.zarr_format}; VFS reads zarr 3 only")
-    unsafe = sorted({str(c) for c in codec_names(list(meta.to_dict().get("codecs", []))) if c not in SAFE_CODECS})
+    codecs: list[Any] = list(meta.to_dict().get("codecs", []))  # type: ignore[arg-type]  # zarr 3: a list
+    unsafe = sorted({c for c in codec_names(codecs) if c not in SAFE_CODECS})
     if unsafe:
         raise CacheError(
             f"{location}: array {arr.path!r} uses codec(s) {', '.join(unsafe)}, which VFS does not read "
@@ -145,11 +154,15 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
 def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFrame:
     """Back to a DataFrame, numbers and booleans restored from their stored kind."""
     g = group[name]
-    kinds = g.attrs.get("kinds", {})
+    attrs: dict[str, Any] = dict(g.attrs)
+    kinds = attrs.get("kinds", {})
     out = {}
-    for c in g.attrs["columns"]:
-        check_array(g[c], str(group.store_path))
-        col = pd.Series(g[c][:n], dtype=object).replace(_MISSING, None)
+    for c in attrs["columns"]:
+        arr = g[c] if isinstance(g, zarr.Group) else None
+        if not isinstance(arr, zarr.Array):
+            raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")
+        check_array(arr, str(group.store_path))
+        col = pd.Series(arr[:n], dtype=object).replace(_MISSING, None)
         if kinds.get(c) in ("i", "u", "f"):
             col = pd.to_numeric(col)
         elif kinds.get(c) == "b":

@@ -15,7 +15,16 @@ import torch
 import zarr
 
 from ..sources import even_slices
-from .format import FORMAT, FORMAT_VERSION, CacheError, CacheSpec, check_array, check_chunk_size, read_table
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    CacheError,
+    CacheSpec,
+    check_array,
+    check_chunk_size,
+    member_array,
+    read_table,
+)
 from .rows import RowReader, ZarrRows, row_reader
 
 CACHE_SUFFIX = ".zarr"
@@ -54,7 +63,7 @@ class FeatureCache:
 
     def __init__(self, group: zarr.Group, location: str, allow_partial: bool = False):
         self.group, self.location = group, location
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)
         if attrs.get("format") != FORMAT:
             raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
         if attrs.get("format_version") != FORMAT_VERSION:
@@ -71,7 +80,7 @@ class FeatureCache:
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
         try:
-            self.features, self.sqnorm, self.thumbs = group["features"], group["sqnorm"], group["thumbs"]
+            self.features, self.sqnorm, self.thumbs = (member_array(group, a) for a in ("features", "sqnorm", "thumbs"))
         except KeyError as e:
             raise CacheError(f"{location} is missing the array {e}") from e
         except Exception as e:  # metadata zarr cannot parse (unknown codec, data type, ...)
@@ -144,8 +153,9 @@ class FeatureCache:
                         raise CacheError(f"{self.location} has no manifest although it is marked complete")
                     self._manifest = read_table(self.group, "manifest", self.n)
                 elif self.allow_partial and "candidates" in self.group:
-                    check_array(self.group["source_index"], self.location, "int64")
-                    index = self.group["source_index"][: self.n]
+                    source_index = member_array(self.group, "source_index")
+                    check_array(source_index, self.location, "int64")
+                    index = source_index[: self.n]
                     self._manifest = read_table(self.group, "candidates").iloc[index].reset_index(drop=True)
                 else:
                     raise CacheError(f"{self.location} has no manifest: the build did not finish")
@@ -334,19 +344,24 @@ class FeatureCache:
             pending = pool.submit(self._fetch, *ranges[0], mapped) if ranges else None
             for i, (a, _) in enumerate(ranges):
                 assert pending is not None
-                x, sq = pending.result()
+                features, sq = pending.result()
                 pending = pool.submit(self._fetch, *ranges[i + 1], mapped) if i + 1 < len(ranges) else None
-                if isinstance(x, np.ndarray):
-                    x = torch.from_numpy(x)
-                    if device.type != "cpu":
-                        x = x.pin_memory().to(device, non_blocking=True)
-                yield a, x, torch.from_numpy(sq).to(device)
-                del x, sq
+                yield a, _on(device, features), torch.from_numpy(sq).to(device)
+                del features, sq
 
     def _fetch(self, start: int, stop: int, mapped: bool) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
         with self._reading(f"rows {start}..{stop - 1}"):
             x = self._features.stream(start, stop) if mapped else self._features.read(start, stop)
         return x, self._read_sqnorm(start, stop)
+
+
+def _on(device: torch.device, features: np.ndarray | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Features read into memory as a tensor on `device` (pinned for the copy to a GPU); mapped
+    files, which are only read on the CPU, as they are."""
+    if isinstance(features, list):
+        return features
+    t = torch.from_numpy(features)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:
@@ -357,7 +372,7 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
     """
     location = str(location)
     try:
-        store: zarr.abc.store.Store
+        store: zarr.storage.FsspecStore | zarr.storage.LocalStore
         if is_url(location):
             store = zarr.storage.FsspecStore.from_url(location, read_only=True)
         else:

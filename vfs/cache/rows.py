@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+from io import BufferedReader
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
 
 import numcodecs
 import numpy as np
@@ -66,11 +66,11 @@ class ZarrRows(RowReader):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         self._check_stored(range(start, stop))
-        return self.arr[start:stop]
+        return np.asarray(self.arr[start:stop])
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
         self._check_stored(indices)
-        return self.arr.get_orthogonal_selection((indices, *(slice(None),) * (self.arr.ndim - 1)))
+        return np.asarray(self.arr.get_orthogonal_selection((indices, *(slice(None),) * (self.arr.ndim - 1))))
 
     def _check_stored(self, rows: np.ndarray | range) -> None:
         if not self.every_chunk_stored:
@@ -119,7 +119,9 @@ class ChunkFileRows(RowReader):
         for j, r in enumerate(indices):
             i, first = divmod(int(r), self.per)
             if self.compressed:
-                out[j] = (decoded.get(i) if i in decoded else decoded.setdefault(i, self._chunk(i)))[first]
+                if i not in decoded:
+                    decoded[i] = self._chunk(i)
+                out[j] = decoded[i][first]
             else:
                 self._read_into(i, first, out[j : j + 1])
         return out
@@ -146,7 +148,7 @@ class ChunkFileRows(RowReader):
     def _file(self, i: int) -> Path:
         return self.root / self.arr.path / self._key(i)
 
-    def _open(self, i: int) -> BinaryIO:
+    def _open(self, i: int) -> BufferedReader:
         try:
             return open(self._file(i), "rb")
         except FileNotFoundError:
@@ -173,7 +175,7 @@ class ChunkFileRows(RowReader):
         """Rows `first`.. of chunk i's plain file into `out` (contiguous); a file too short is damage."""
         with self._open(i) as f:
             f.seek(first * self.row_bytes)
-            got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
+            got = f.readinto(out.reshape(-1).view(np.uint8).data)
         if got != out.nbytes:
             raise self._truncated(i)
 
@@ -203,9 +205,8 @@ def row_reader(arr: zarr.Array, location: str, every_chunk_stored: bool) -> RowR
     whose every chunk has a file (in older caches a missing file is a chunk of zeros); else zarr."""
     codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
     names = [type(c).__name__ for c in codecs]
-    plain = names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) and str(
-        getattr(codecs[0].endian, "value", codecs[0].endian)
-    ) == "little"
+    endian = getattr(codecs[0], "endian", None) if codecs else None
+    plain = names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) and str(getattr(endian, "value", endian)) == "little"
     if plain and every_chunk_stored and isinstance(arr.store, zarr.storage.LocalStore):
         return ChunkFileRows(arr, location, Path(arr.store.root), compressed=len(names) == 2)
     return ZarrRows(arr, location, every_chunk_stored)

@@ -25,6 +25,7 @@ from .format import (
     CacheError,
     CacheSpec,
     library_versions,
+    member_array,
     read_table,
     write_table,
 )
@@ -35,12 +36,20 @@ _ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes
 ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True)
+class _Stored:
     item: int
-    features: np.ndarray | None = None  # (h, w, C) fp16
-    thumb: np.ndarray | None = None
-    reason: str | None = None
+    features: np.ndarray  # (h, w, C) fp16
+    thumb: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    item: int
+    reason: str
+
+
+_Pending = _Stored | _Skipped
 
 
 @dataclass
@@ -116,7 +125,7 @@ class CacheWriter:
     def _resume(cls, path: Path, spec: CacheSpec, candidates: pd.DataFrame) -> CacheWriter:
         try:
             g = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
-            attrs = dict(g.attrs)
+            attrs: dict[str, Any] = dict(g.attrs)
         except Exception as e:  # not a zarr group, unreadable metadata, ...
             raise CacheError(f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output") from e
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
@@ -137,21 +146,21 @@ class CacheWriter:
 
     @property
     def chunk(self) -> int:
-        return self.group["features"].chunks[0]
+        return member_array(self.group, "features").chunks[0]
 
     def add(self, item: int, features: np.ndarray, thumb: np.ndarray) -> None:
         if not np.isfinite(features).all():  # fp16 overflows to inf beyond ±65504: unsearchable
             self.skip(item, "its features contain NaN or inf (activations beyond the float16 range?)")
             return
-        self._pending.append(_Pending(item, features, thumb))
+        self._pending.append(_Stored(item, features, thumb))
         self._flush(whole_chunks_only=True)
 
     def skip(self, item: int, reason: str) -> None:
-        self._pending.append(_Pending(item, reason=reason))
+        self._pending.append(_Skipped(item, reason))
 
     def _flush(self, whole_chunks_only: bool) -> None:
         while True:
-            stored = [i for i, p in enumerate(self._pending) if p.features is not None]
+            stored = [i for i, p in enumerate(self._pending) if isinstance(p, _Stored)]
             take = self.chunk - self.rows % self.chunk
             if len(stored) >= take:
                 upto = stored[take - 1] + 1
@@ -163,7 +172,7 @@ class CacheWriter:
             self._store(batch)
 
     def _store(self, batch: list[_Pending]) -> None:
-        good = [p for p in batch if p.features is not None]
+        good = [p for p in batch if isinstance(p, _Stored)]
         a, b = self.rows, self.rows + len(good)
         if good:
             x = np.stack([p.features for p in good]).astype(np.float16)
@@ -174,7 +183,7 @@ class CacheWriter:
             self._array("source_index")[a:b] = np.array([p.item for p in good], dtype=np.int64)
             self._sync_rows(a, b)
         self.rows, self.next_item = b, batch[-1].item + 1
-        self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if p.reason is not None]
+        self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if isinstance(p, _Skipped)]
         # Progress only after the data is on disk: a kill before this line redoes the chunk.
         self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped,
                                         "nonnegative": self.nonnegative}
@@ -183,15 +192,16 @@ class CacheWriter:
     def _array(self, name: str) -> zarr.Array:
         """An array that stores every chunk, even one equal to the fill value (zarr skips those by
         default), so that a reader can tell a missing chunk file from a chunk of zeros."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        return member_array(self.group, name).with_config({"write_empty_chunks": True})
 
     def _sync_rows(self, a: int, b: int) -> None:
         """fsync the chunk files holding rows a..b-1 of every array, and the folders naming them."""
         if not FSYNC:
             return
-        files, folders = [], set()
+        files: list[Path] = []
+        folders: set[Path] = set()
         for name in ROW_ARRAYS:
-            arr = self.group[name]
+            arr = member_array(self.group, name)
             per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
             for i in range(a // per, (b - 1) // per + 1):
                 f = self.path / name / arr.metadata.encode_chunk_key((i, *tail))
@@ -210,16 +220,16 @@ class CacheWriter:
         finishes again; `complete` is set last, in one write with `n` and the report.
         """
         self._flush(whole_chunks_only=False)
-        index = self.group["source_index"][: self.rows]
+        index = member_array(self.group, "source_index")[: self.rows]
         manifest = candidates.iloc[index].reset_index(drop=True)
         write_table(self.group, "manifest", manifest)
         for name in ROW_ARRAYS:
-            arr = self.group[name]
+            arr = member_array(self.group, name)
             arr.resize((self.rows, *arr.shape[1:]))
         if "candidates" in self.group:
             del self.group["candidates"]
         paths = candidates["path"].astype(str).to_numpy()
-        report = {"candidates": len(candidates), "stored": self.rows,
+        report: dict[str, Any] = {"candidates": len(candidates), "stored": self.rows,
                   "skipped": [{"path": paths[s["item"]], "reason": s["reason"]} for s in self.skipped]}
         if FSYNC:
             _fsync([p for p in (self.path / "manifest").rglob("*") if p.is_file()]
