@@ -1,11 +1,12 @@
-"""Home: what the tool does, the caches there are, and the one-click demo cache for a fresh install."""
+"""Home: what the tool does, the caches there are, and the one-click demo cache for a fresh install (or, on a
+server that builds nothing, how the caches it offers were built)."""
 
 from pathlib import Path
 
 import streamlit as st
 
 from ui.core import CACHE, DEMO_JOB, OPENED, build_registry, cache_rows, get_cache, settings, user_errors
-from ui.views import build_panel, cache_table, start_build
+from ui.views import build_panel, cache_provenance, cache_table, start_build
 from vfs.jobs import BuildJob
 
 st.title("Visual Feature Search")
@@ -14,14 +15,18 @@ See what a vision model thinks is similar, **region by region**. Paint over part
 a wheel, the heart on a chest X-ray) and every image of a dataset is ranked by the cosine similarity
 between the model's features under your paint and the best-matching window of that image, at one
 layer of the network.
-
-1. **Build** a feature cache: one layer of one model over a dataset, computed once.
-2. **Search**: pick a query image, paint a region, see the top matches with their windows outlined.
-3. **Distributions**: every image's best score grouped by a label: does the region tell the groups apart?
-4. **Compare**: the same query in two caches of one dataset (two models, two layers, two checkpoints).
 """)
 
 s = settings()
+steps = [
+    *(["**Build** a feature cache: one layer of one model over a dataset, computed once."] if s.allow_build else []),
+    f"**Search**{'' if s.allow_build else ' a cache this server offers (below)'}: pick a query image, paint a region, "
+    "see the top matches with their windows outlined.",
+    "**Distributions**: every image's best score grouped by a label: does the region tell the groups apart?",
+    "**Compare**: the same query in two caches of one dataset (two models, two layers, two checkpoints).",
+]
+st.markdown("\n".join(f"{n}. {step}" for n, step in enumerate(steps, 1)))
+
 rows = cache_rows()
 demo = s.cache_path("demo")
 demo_row = next((r for r in rows if Path(r["path"]) == demo), None)
@@ -34,9 +39,12 @@ if s.allow_build and not (demo_row and demo_row["complete"]) and not (demo_build
 if s.allow_build:
     build_panel()
 
-st.header("Caches")
+st.header("Caches" if s.allow_build else "Caches this server offers")
 if rows:
     cache_table(rows)
+    if not s.allow_build:  # visitors did not build these: say how they were made
+        st.markdown("\n".join(["How they were built, as each cache records it:", "",
+                                *(f"- {cache_provenance(get_cache(r['path']))}" for r in rows if r["complete"])]))
     links = st.columns(4)
     links[0].page_link("app_pages/search.py", label="Search a cache", icon=":material/image_search:")
     links[1].page_link("app_pages/distributions.py", label="Score distributions", icon=":material/bar_chart:")

@@ -102,6 +102,22 @@ def cache_table(rows: list[dict]) -> None:
     st.dataframe(table, hide_index=True, key="caches.table")
 
 
+def cache_provenance(cache: FeatureCache) -> str:
+    """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
+    s, skipped = cache.spec, len(cache.report.get("skipped", []))
+    parts = [f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` ({s.grid[0]}×{s.grid[1]} cells × "
+             f"{s.channels} channels) over `{s.data.source}`, each image's shorter side resized to "
+             f"{s.preprocess.resize_size} px and centre-cropped to {s.preprocess.input_size} px",
+             f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else "")]
+    parts += [f"{what} from column `{column}`" for what, column in (("labels", cache.label_col),
+                                                                     ("domains", cache.domain_col)) if column]
+    versions = cache.attrs.get("versions", {})
+    tools = ", ".join(f"{name} {versions[name]}" for name in ("vfs", "torch", "timm") if name in versions)
+    built = " ".join(([f"on {cache.attrs['created'][:10]}"] if cache.attrs.get("created") else [])
+                     + ([f"with {tools}"] if tools else []))
+    return "; ".join(parts + ([f"built {built}"] if built else [])) + "."
+
+
 # --- background builds ----------------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

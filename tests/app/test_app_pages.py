@@ -45,6 +45,7 @@ def test_home_lists_caches_and_offers_the_demo(app):
     assert set(table["status"]) == {"complete"} and list(table["images"]) == [6, SMALL, SMALL]
     assert list(table["grid"]) == ["7×7×192", "7×7×192", "14×14×112"]
     assert app.button(key="home.demo").label == "Build the demo cache"
+    assert "1. **Build** a feature cache" in app.markdown[1].value and app.header[0].value == "Caches"
     assert app.text_input(key="home.location").label == "Open a cache by path or URL"
 
 
@@ -247,6 +248,24 @@ def test_hosted_mode_hides_building_and_opening_paths_but_searches(caches, monke
         at.switch_page("app_pages/build.py")
     at = no_exceptions(draw(use_cache(page(at, "search"), "search.cache", caches, "small")))
     assert len(at.dataframe[0].value) == 10
+
+
+def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_HOSTED", "1")
+    at = no_exceptions(start_app())
+    steps = at.markdown[1].value
+    assert "Build" not in steps and steps.startswith("1. **Search** a cache this server offers")
+    assert at.header[0].value == "Caches this server offers"
+    assert list(at.dataframe[0].value["cache"]) == ["findings", "small", "small_b4"]
+    built = next(m.value for m in at.markdown if m.value.startswith("How they were built")).split("\n- ")[1:]
+    assert [b.split("**")[1] for b in built] == ["findings", "small", "small_b4"]
+    small = built[1]
+    for fact in ("`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)", "over `embedded:skimage`",
+                 "centre-cropped to 224 px", f"; {SMALL} images;", "domains from column `source`", "built on 20", "torch "):
+        assert fact in small, (fact, small)
+    assert "; 6 images;" in built[0] and "domains from column `view`" in built[0]
+    assert "layer `blocks.4` (14×14 cells × 112 channels)" in built[2]
 
 
 def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeypatch):
