@@ -132,3 +132,22 @@ def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
         "spearman": float(stats.spearmanr(scores_a, scores_b).statistic),
         "kendall": float(stats.kendalltau(scores_a, scores_b).statistic),
     }
+
+
+def column_summary(manifest: pd.DataFrame, label_col: str | None = None,
+                   domain_col: str | None = None) -> list[dict]:
+    """What each manifest column (but `path`) offers to group by: its role, its number of distinct
+    values (as grouping sees them: true/false in any case alike, missing as one value) and, for the
+    label and domain columns and every true/false (finding) column, how many images have each value
+    — per finding for '|'-joined values, most frequent first. JSON-able."""
+    summary = []
+    for column in manifest.columns.drop("path", errors="ignore"):
+        values = _labels(manifest[column])
+        boolean = set(values) <= {"True", "False", MISSING} and not (values == MISSING).all()
+        role = {label_col: "label", domain_col: "domain"}.get(column, "finding" if boolean else None)
+        entry: dict = {"column": column, "role": role, "distinct": int(values.nunique())}
+        if role is not None:
+            counts = label_groups(manifest, column).sum().sort_values(ascending=False, kind="stable")
+            entry["counts"] = {str(value): int(n) for value, n in counts.items()}
+        summary.append(entry)
+    return summary
