@@ -1,0 +1,80 @@
+"""The Distributions page for a notebook: every image's best score for a region, grouped by a column.
+
+Same groups, plot and statistics as the dashboard's page (vfs.stats, vfs.render), from a
+`SearchResult` (e.g. `SearchWidget.result`) instead of the page's widgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..cache import FeatureCache
+from ..render import distribution_figure as _figure
+from ..search import SearchResult
+from ..stats import group_table, label_groups, long_scores, presence_groups
+
+
+def _grouped(
+    cache: FeatureCache,
+    result: SearchResult,
+    by: str,
+    finding: str | None,
+    leave_out: int | Iterable[int] | None,
+) -> tuple[np.ndarray, pd.DataFrame, str]:
+    """The kept images' scores, their group membership and the plot's name for the grouping."""
+    manifest = cache.manifest
+    choices = [c for c in manifest.columns if c != "path"]
+    if by not in choices:
+        raise ValueError(
+            f"the cache's manifest has no column {by!r} to group by; its columns: {', '.join(choices)}"
+        )
+    if len(result.scores) != len(manifest):
+        raise ValueError(
+            f"the result scores {len(result.scores)} images, the cache holds {len(manifest)}: "
+            "a result of another cache?"
+        )
+    if finding is None:
+        groups, title = label_groups(manifest, by), by
+    else:
+        present = label_groups(manifest, by).columns
+        if finding not in present:
+            raise ValueError(f"no image has {finding!r} in column {by!r}; its values: {', '.join(present)}")
+        groups, title = presence_groups(manifest, by, finding), f"{finding} present"
+    keep = np.ones(len(manifest), dtype=bool)
+    if leave_out is not None:
+        keep[[leave_out] if isinstance(leave_out, (int, np.integer)) else list(leave_out)] = False
+    return result.scores[keep], groups[keep], title
+
+
+def distribution_figure(
+    cache: FeatureCache,
+    result: SearchResult,
+    by: str = "label",
+    kind: str = "box",
+    finding: str | None = None,
+    leave_out: int | Iterable[int] | None = None,
+) -> go.Figure:
+    """Box (violin, strip) plot of every image's best-region score per group of column `by`.
+
+    A '|'-joined column gives one group per value found in it; `finding="Cardiomegaly"` splits the
+    images into those with and without that value instead. `leave_out` drops images (e.g. the
+    query, `SearchWidget.query_index`), as the page's "Leave out the query image" does.
+    """
+    scores, groups, title = _grouped(cache, result, by, finding, leave_out)
+    return _figure(long_scores(scores, groups), kind, title=f"Best-region score by {title}")
+
+
+def distribution_table(
+    cache: FeatureCache,
+    result: SearchResult,
+    by: str = "label",
+    finding: str | None = None,
+    leave_out: int | Iterable[int] | None = None,
+) -> pd.DataFrame:
+    """The page's table for the same grouping: per group n, median, mean, std, AUROC and Mann–Whitney p."""
+    scores, groups, _ = _grouped(cache, result, by, finding, leave_out)
+    return group_table(scores, groups)

@@ -1,0 +1,246 @@
+"""`SearchWidget`: paint on a query in a notebook, get the engine's exact matches below it.
+
+The browser holds only the drawing (brush and rectangle strokes, undo, clear). When a stroke
+ends it sends the painted pixels of the model's view to Python, which area-averages them onto
+the feature grid (`vfs.masks.grid_mask`), runs `vfs.search_regions` and sends back pictures made
+by `vfs.render`: so a painted region is searched exactly as the dashboard and the CLI search it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import anywidget
+import numpy as np
+import pandas as pd
+import traitlets
+from PIL import Image
+
+from ..cache import FeatureCache
+from ..data import load_image
+from ..masks import grid_mask
+from ..models import Extractor, load_extractor
+from ..render import grid_box_to_pixels, mask_overlay, outline
+from ..search import SearchResult, search_regions
+
+HERE = Path(__file__).parent
+PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle)."
+
+
+@dataclass(frozen=True)
+class Query:
+    """The query image as the model saw it, and what the search takes for it."""
+
+    view: np.ndarray  # (S, S, 3) uint8: the model-input crop (a dataset image's thumbnail)
+    features: int | np.ndarray  # a dataset index (its cached features) or an (h, w, C) feature map
+    index: int | None  # the dataset image, if the query is one
+
+
+def resolve_query(
+    cache: FeatureCache, query: int | Image.Image | str | Path, extractor: Extractor | None = None
+) -> Query:
+    """A dataset index as is; an image (or its file) through `extractor`, by default the cache's own
+    model and layer, refused (CacheError) when its features cannot be compared with the cache's."""
+    if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+        if extractor is not None:
+            raise ValueError(
+                "extractor= is for a query image; a dataset index uses the cache's stored features"
+            )
+        index = int(query)
+        return Query(cache.thumb(index), index, index)
+    if isinstance(query, (str, Path)):
+        query = load_image(query)
+    if not isinstance(query, Image.Image):
+        raise TypeError(
+            f"query must be a dataset index or a PIL image (or an image file), not {type(query).__name__}"
+        )
+    if extractor is None:
+        extractor = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+    cache.check_extractor(extractor.describe())
+    view = np.asarray(extractor.preprocess.view(query))
+    return Query(view, extractor.features(query), None)
+
+
+def _jpeg_url(image: Image.Image | np.ndarray, quality: int = 90) -> str:
+    """An image as a JPEG data URL: what the widget's <img> elements show."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buffer = io.BytesIO()
+    picture.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _text(value: object) -> str | None:
+    """A label or domain as JSON text; None where the manifest has none."""
+    return None if value is None or (np.isscalar(value) and pd.isna(value)) else str(value)
+
+
+class SearchWidget(anywidget.AnyWidget):
+    """Paint a region on a query image; see the cache's most similar regions, ranked and outlined.
+
+    `query` is a dataset index, or a PIL image (or image file) whose features come from
+    `extractor` — by default the cache's own model; an extractor of your own (e.g. an edited
+    model) must match the cache's layer and grid. After each stroke `result` holds the
+    `SearchResult` (its `.top` table and every image's `.scores`) and `mask` the grid mask used;
+    `widget.observe(callback, names="result")` runs your analysis after every search.
+    `search(mask)` searches a grid mask from Python. Errors are shown in the widget.
+    """
+
+    _esm = HERE / "widget.js"
+    _css = HERE / "widget.css"
+
+    # Shown by the browser; `brush`, `tool`, `shapes` and `k` are also set there.
+    view = traitlets.Unicode().tag(sync=True)  # JPEG data URL of the query as the model saw it
+    view_size = traitlets.List(traitlets.Int()).tag(sync=True)  # [height, width] of the view: the canvas
+    grid = traitlets.List(traitlets.Int()).tag(sync=True)  # [h, w] of the feature grid
+    brush = traitlets.Int(22).tag(sync=True)  # brush diameter in view pixels
+    tool = traitlets.Enum(["brush", "rectangle"], "brush").tag(sync=True)
+    shapes = traitlets.List(traitlets.Dict()).tag(sync=True)  # the strokes, in view pixels, oldest first
+    k = traitlets.Int(10).tag(sync=True)
+    mask_view = traitlets.Unicode().tag(sync=True)  # the grid mask over the view (vfs.render.mask_overlay)
+    mask_caption = traitlets.Unicode().tag(sync=True)
+    matches = traitlets.List(traitlets.Dict()).tag(sync=True)  # rank, index, score, label, domain, image
+    status = traitlets.Unicode(PAINT_HINT).tag(sync=True)
+    error = traitlets.Unicode().tag(sync=True)
+    revision = traitlets.Int(0).tag(sync=True)  # answers sent (results, cleared or error): a view's "done"
+
+    # Python only: observe these to chain an analysis.
+    result = traitlets.Instance(SearchResult, allow_none=True)
+    mask = traitlets.Instance(np.ndarray, allow_none=True)
+    exclude_query = traitlets.Bool(True)
+    per_domain = traitlets.Int(None, allow_none=True)
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        query: int | Image.Image | str | Path = 0,
+        k: int = 10,
+        exclude_query: bool = True,
+        per_domain: int | None = None,
+        extractor: Extractor | None = None,
+        **kwargs,
+    ) -> None:
+        cache.check_searchable()
+        self.cache = cache
+        self._query = resolve_query(cache, query, extractor)
+        view = self._query.view
+        super().__init__(
+            view=_jpeg_url(view),
+            view_size=list(view.shape[:2]),
+            grid=list(cache.spec.grid),
+            brush=max(2, round(min(view.shape[:2]) / 10)),
+            k=k,
+            exclude_query=exclude_query,
+            per_domain=per_domain,
+            **kwargs,
+        )
+        self.on_msg(self._on_message)
+
+    @property
+    def query_index(self) -> int | None:
+        """The query's dataset index (None for an image query): e.g. to leave it out of a distribution."""
+        return self._query.index
+
+    def search(self, mask: np.ndarray) -> SearchResult:
+        """Search the grid mask `mask` (h, w; see `vfs.grid_mask`) as if it had been painted.
+
+        The drawing is cleared (it no longer is the query); the widget shows the result or the
+        error, which is raised too.
+        """
+        self.shapes = []
+        try:
+            return self._run(np.asarray(mask, dtype=np.float32))
+        except Exception as e:
+            self._fail(e)
+            raise
+
+    def clear(self) -> None:
+        """Remove the drawing and the result."""
+        with self.hold_sync():
+            self.shapes = []
+            self._show(None, None)
+
+    # --- the browser's messages and option changes ---------------------------------------------------
+    def _on_message(self, _widget: SearchWidget, content: dict, buffers: list[memoryview]) -> None:
+        """A stroke ended (or was undone, or the drawing cleared): search the paint now on the canvas."""
+        if content.get("type") != "paint":
+            return
+        try:
+            paint = np.frombuffer(buffers[0], dtype=np.uint8)
+            if paint.size != int(np.prod(self.view_size)):
+                raise ValueError(
+                    f"the drawing has {paint.size} pixels; the query's view has {self.view_size}"
+                )
+            painted = paint.reshape(self.view_size) > 0  # any paint counts fully, as on the dashboard
+            if not painted.any():
+                self._show(None, None)
+                return
+            self._run(grid_mask(painted, self.cache.spec.grid))
+        except Exception as e:  # noqa: BLE001 - shown in the widget, not as a traceback in the kernel log
+            self._fail(e)
+
+    @traitlets.observe("k", "exclude_query", "per_domain")
+    def _options_changed(self, _change: dict) -> None:
+        if self.mask is not None:
+            try:
+                self._run(self.mask)
+            except Exception as e:  # noqa: BLE001 - as in _on_message
+                self._fail(e)
+
+    # --- searching and showing --------------------------------------------------------------------------
+    def _run(self, mask: np.ndarray) -> SearchResult:
+        exclude = self._query.index if self.exclude_query else None
+        result = search_regions(
+            self.cache, self._query.features, mask, k=self.k, exclude=exclude, per_domain=self.per_domain
+        )
+        self._show(result, mask)
+        return result
+
+    def _show(self, result: SearchResult | None, mask: np.ndarray | None) -> None:
+        """Send the result's pictures to the browser, then set `result` (observers see the widget updated)."""
+        with self.hold_sync():
+            if result is None or mask is None:
+                self.matches, self.mask_view, self.mask_caption, self.status = [], "", "", PAINT_HINT
+            else:
+                h, w = result.grid
+                self.matches = self._tiles(result)
+                self.mask_view = _jpeg_url(mask_overlay(self._query.view, mask))
+                self.mask_caption = (
+                    f"{int((mask > 0).sum())} of {h * w} feature cells ({h}×{w}), "
+                    f"weight up to {mask.max():.2f}: the share of each cell painted"
+                )
+                self.status = (
+                    f"{len(result.top)} matches among {self.cache.n} images in "
+                    f"{result.elapsed_ms:.0f} ms ({result.method}, {result.device})"
+                )
+            self.error = ""
+            self.revision += 1
+        self.mask, self.result = mask, result
+
+    def _tiles(self, result: SearchResult) -> list[dict]:
+        """Each match as the model saw it, its best window outlined, with its score, label and domain."""
+        rows = result.top.to_dict("records")
+        if not rows:
+            return []
+        thumbs = self.cache.thumbs_at([r["index"] for r in rows])
+        return [
+            {
+                "rank": int(r["rank"]),
+                "index": int(r["index"]),
+                "score": float(r["score"]),
+                "label": _text(r.get("label")),
+                "domain": _text(r.get("domain")),
+                "image": _jpeg_url(
+                    outline(thumb, grid_box_to_pixels(r["grid_box"], result.grid, thumb.shape[:2])), 85
+                ),
+            }
+            for r, thumb in zip(rows, thumbs)
+        ]
+
+    def _fail(self, error: Exception) -> None:
+        """Show what went wrong above the last results (a ValueError's text is meant for the user)."""
+        with self.hold_sync():
+            self.error = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            self.revision += 1
