@@ -1,0 +1,189 @@
+"""The widget in a real JupyterLab: paint with the mouse in Chromium, see the matches come back.
+
+JupyterLab runs on a free port of 127.0.0.1 (token, no browser) over a copy of search_widget.ipynb,
+with the session's 40-image cache; Chromium is Debian's, as in tests/e2e. The mouse-up → results
+times go to test-artifacts/notebook-latency.json; a screenshot to test-artifacts/notebook-widget.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.e2ehelpers import CHROMIUM, CHROMIUM_ARGS, ROOT, VIEWPORT, artifact
+
+pytestmark = pytest.mark.browser
+
+NOTEBOOK = Path(__file__).with_name("search_widget.ipynb")
+LAB_START_S = 90
+WIDGET_S = 120  # the kernel starts and imports torch before the widget shows
+SETTINGS = {  # JupyterLab's user settings: start the notebook's kernel without asking; no news, offline
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"autoStartDefaultKernel": True},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def lab(demo_cache, tmp_path_factory):
+    """`jupyter lab` over a temporary folder holding the test notebook; yields the notebook's URL."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
+    pytest.importorskip("jupyterlab")
+    home = tmp_path_factory.mktemp("lab")
+    shutil.copy(NOTEBOOK, home)
+    for name, values in SETTINGS.items():
+        (home / ".settings" / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / ".settings" / name).write_text(json.dumps(values))
+    token, port = secrets.token_hex(16), free_port()
+    env = os.environ | {
+        "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(home / ".runtime"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / ".workspaces"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / ".settings"),
+        "IPYTHONDIR": str(home / ".ipython"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "VFS_NOTEBOOK_CACHE": demo_cache.location,
+    }
+    log = artifact("jupyterlab.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                f"--port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.token={token}",
+                f"--ServerApp.root_dir={home}",
+                "--allow-root",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + LAB_START_S
+        while not _answers(f"{base}/api/status?token={token}"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield f"{base}/lab/tree/{NOTEBOOK.name}?token={token}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def page(lab):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport=VIEWPORT)
+        pg.set_default_timeout(30_000)
+        try:
+            yield pg
+        finally:
+            pg.screenshot(path=str(artifact("notebook-widget.png")), full_page=True)
+            browser.close()
+
+
+def revision(page) -> int:
+    return int(page.locator(".vfs-matches").get_attribute("data-revision"))
+
+
+def stroke(page, points: list[tuple[float, float]]) -> float:
+    """Drag the mouse through `points` (fractions of the canvas); seconds from mouse-up to Python's answer."""
+    box = page.locator(".vfs-paint").bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    before = revision(page)
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for x, y in xy[1:]:
+        page.mouse.move(x, y, steps=12)
+    t0 = time.perf_counter()
+    page.mouse.up()
+    page.wait_for_function(
+        "r => Number(document.querySelector('.vfs-matches').dataset.revision) > r", arg=before
+    )
+    return time.perf_counter() - t0
+
+
+def matches(page) -> list[tuple[int, float]]:
+    """(image index, score) of every match shown, in rank order."""
+    tiles = page.locator(".vfs-match")
+    indices = [int(i) for i in tiles.evaluate_all("ts => ts.map(t => t.dataset.index)")]
+    return list(zip(indices, map(float, page.locator(".vfs-score").all_inner_texts())))
+
+
+def click_and_wait(page, name: str) -> None:
+    before = revision(page)
+    page.get_by_role("button", name=name, exact=True).click()
+    page.wait_for_function(
+        "r => Number(document.querySelector('.vfs-matches').dataset.revision) > r", arg=before
+    )
+
+
+def test_paint_in_jupyterlab(page, lab):
+    page.goto(lab)
+    page.wait_for_selector(".jp-Notebook")
+    # The status bar names the kernel once its session is connected (before, a run is dropped).
+    page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+    page.locator(".jp-CodeCell .jp-InputArea-editor").first.click()
+    page.keyboard.press("Shift+Enter")
+    page.locator(".vfs-paint").wait_for(state="visible", timeout=WIDGET_S * 1000)
+    assert page.locator(".vfs-view").evaluate("img => img.complete && img.naturalWidth") > 0
+
+    first_s = stroke(page, [(0.35, 0.35), (0.5, 0.45), (0.65, 0.4)])  # across the face
+    first = matches(page)
+    assert len(first) >= 5 and page.locator(".vfs-error").is_hidden()
+    scores = [s for _, s in first]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert "matches among" in page.locator(".vfs-status").inner_text()
+    assert page.locator(".vfs-mask img").is_visible()
+
+    page.get_by_role("button", name="Rectangle", exact=True).click()
+    second_s = stroke(page, [(0.02, 0.7), (0.3, 0.97)])  # a corner of the background
+    second = matches(page)
+    assert len(second) >= 5 and second != first
+
+    click_and_wait(page, "Undo")  # back to the first stroke alone: its results again
+    assert matches(page) == first
+    click_and_wait(page, "Clear")
+    assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
+
+    figures = {"first_stroke_s": round(first_s, 3), "second_stroke_s": round(second_s, 3)}
+    artifact("notebook-latency.json").write_text(json.dumps(figures) + "\n")
+    print(f"\nmouse-up → results in the notebook: {figures}")

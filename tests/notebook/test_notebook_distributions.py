@@ -1,0 +1,65 @@
+"""`vfs.notebook.distribution_figure` / `distribution_table`: the Distributions page's plot and
+table for a result, grouped by a label, a true/false finding column or one '|'-joined finding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vfs.notebook import SearchWidget, distribution_figure, distribution_table
+from vfs.render import distribution_figure as page_figure
+from vfs.stats import group_table, long_scores, presence_groups
+
+
+@pytest.fixture(scope="module")
+def result(xray_cache):
+    mask = np.zeros(xray_cache.spec.grid, dtype=np.float32)
+    mask[2:5, 2:5] = 1  # "the heart"
+    return SearchWidget(xray_cache, query=0).search(mask)
+
+
+def groups_in(figure) -> dict[str, int]:
+    return {trace.name: len(trace.y) for trace in figure.data}
+
+
+def test_a_finding_column(xray_cache, result):
+    figure = distribution_figure(xray_cache, result, by="cardiomegaly")
+    assert groups_in(figure) == {"True": 6, "False": 6}
+    assert figure.layout.title.text == "Best-region score by cardiomegaly"
+    table = distribution_table(xray_cache, result, by="cardiomegaly")
+    assert table.set_index("group")["n"].to_dict() == {"True": 6, "False": 6}
+
+
+def test_one_finding_of_a_joined_column_is_the_pages_figure(xray_cache, result):
+    figure = distribution_figure(
+        xray_cache, result, by="label", kind="violin", finding="Cardiomegaly", leave_out=0
+    )
+    groups = presence_groups(xray_cache.manifest, "label", "Cardiomegaly").iloc[1:]
+    scores = result.scores[1:]
+    expected = page_figure(
+        long_scores(scores, groups), "violin", title="Best-region score by Cardiomegaly present"
+    )
+    assert figure.to_json() == expected.to_json()
+    pd.testing.assert_frame_equal(
+        distribution_table(xray_cache, result, by="label", finding="Cardiomegaly", leave_out=[0]),
+        group_table(scores, groups),
+    )
+
+
+def test_every_finding_of_a_joined_column(xray_cache, result):
+    assert groups_in(distribution_figure(xray_cache, result, by="label")) == {
+        "Cardiomegaly": 6,
+        "Edema": 2,
+        "Effusion": 4,
+        "No Finding": 4,
+    }
+
+
+def test_wrong_column_finding_or_cache(xray_cache, demo_cache, result):
+    with pytest.raises(ValueError, match="no column 'Cardiomegaly'.*label, view, cardiomegaly"):
+        distribution_figure(xray_cache, result, by="Cardiomegaly")
+    with pytest.raises(ValueError, match="no image has 'cardiomegaly' in column 'label'"):
+        distribution_figure(xray_cache, result, by="label", finding="cardiomegaly")
+    with pytest.raises(ValueError, match="another cache"):
+        distribution_table(demo_cache, result, by="label")

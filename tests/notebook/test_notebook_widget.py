@@ -1,0 +1,154 @@
+"""SearchWidget's Python side: the state contract (paint in → result out, errors in the widget) and
+equality with `vfs.search_regions`, without a browser (the comm is ipywidgets' stand-in)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+from nbhelpers import FACE
+from PIL import Image
+
+from vfs.cache import CacheError
+from vfs.masks import grid_mask
+from vfs.models import load_extractor
+from vfs.notebook import SearchWidget
+from vfs.notebook.widget import PAINT_HINT
+from vfs.search import search_regions
+
+
+def paint(widget: SearchWidget, pixels: np.ndarray) -> None:
+    """What the browser sends when a stroke ends: one alpha byte per pixel of the view."""
+    widget._handle_custom_msg({"type": "paint"}, [memoryview(np.ascontiguousarray(pixels, dtype=np.uint8))])
+
+
+def strokes(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A few random discs and boxes of paint (alpha 0 or 255), like brush and rectangle strokes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    alpha = np.zeros(shape, dtype=np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx, r = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(4, 40)
+        alpha[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+    y0, x0 = rng.integers(0, shape[0] - 20, 2)
+    alpha[y0 : y0 + rng.integers(4, 60), x0 : x0 + rng.integers(4, 60)] = 255
+    return alpha
+
+
+def assert_same(result, expected) -> None:
+    pd.testing.assert_frame_equal(result.top, expected.top)
+    np.testing.assert_array_equal(result.scores, expected.scores)
+    np.testing.assert_array_equal(result.placements, expected.placements)
+
+
+def test_paint_in_result_out(demo_cache):
+    w = SearchWidget(demo_cache, query=FACE)
+    results = []
+    w.observe(lambda change: results.append(change["new"]), names="result")
+    assert (w.result, w.mask, w.matches, w.status, w.error) == (None, None, [], PAINT_HINT, "")
+    assert w.view.startswith("data:image/jpeg;base64,") and w.view_size == list(
+        demo_cache.thumb(FACE).shape[:2]
+    )
+    assert w.grid == list(demo_cache.spec.grid) and w.query_index == FACE
+
+    alpha = strokes(tuple(w.view_size), seed=0)
+    paint(w, alpha)
+    assert w.error == "" and results == [w.result] and w.revision == 1
+    np.testing.assert_array_equal(w.mask, grid_mask(alpha > 0, demo_cache.spec.grid))
+    assert [m["rank"] for m in w.matches] == list(range(1, 11))
+    top = w.result.top
+    assert [m["index"] for m in w.matches] == top["index"].tolist()
+    assert [m["score"] for m in w.matches] == top["score"].tolist()
+    assert [(m["label"], m["domain"]) for m in w.matches] == list(zip(top["label"], top["domain"]))
+    assert all(m["image"].startswith("data:image/jpeg;base64,") for m in w.matches)
+    assert w.mask_view.startswith("data:image/jpeg") and "of 49 feature cells" in w.mask_caption
+    assert w.status.startswith(f"10 matches among {demo_cache.n} images")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_painted_search_is_search_regions(demo_cache, seed):
+    w = SearchWidget(demo_cache, query=FACE)
+    alpha = strokes(tuple(w.view_size), seed)
+    paint(w, alpha)
+    expected = search_regions(
+        demo_cache, FACE, grid_mask(alpha > 0, demo_cache.spec.grid), k=10, exclude=FACE
+    )
+    assert_same(w.result, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_search_from_python_is_search_regions(demo_cache, seed):
+    rng = np.random.default_rng(seed)
+    mask = (rng.random(demo_cache.spec.grid) * (rng.random(demo_cache.spec.grid) < 0.3)).astype(np.float32)
+    mask[rng.integers(0, 7), rng.integers(0, 7)] = 1.0  # never empty
+    w = SearchWidget(demo_cache, query=seed, k=7, exclude_query=False)
+    w.shapes = [{"kind": "rect", "box": [0, 0, 9, 9]}]
+    assert_same(w.search(mask), search_regions(demo_cache, seed, mask, k=7))
+    assert w.shapes == [] and w.result.top["index"].iloc[0] == seed  # not excluded: the query finds itself
+    np.testing.assert_array_equal(w.mask, mask)
+
+
+def test_options_search_again(demo_cache):
+    w = SearchWidget(demo_cache, query=FACE)
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[2:5, 2:5] = 1
+    w.search(mask)
+    w.k = 4
+    assert len(w.matches) == 4
+    w.per_domain = 1
+    assert w.result.top["domain"].value_counts().max() == 1
+    w.per_domain, w.exclude_query = None, False
+    assert_same(w.result, search_regions(demo_cache, FACE, mask, k=4))
+
+
+def test_errors_are_shown_not_raised_from_the_browser(demo_cache):
+    w = SearchWidget(demo_cache, query=FACE)
+    paint(w, np.zeros(10, dtype=np.uint8))  # not the view's size
+    assert "the drawing has 10 pixels" in w.error and w.result is None
+    nan = np.full(demo_cache.spec.grid, np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        w.search(nan)
+    assert "NaN" in w.error
+    paint(w, strokes(tuple(w.view_size), seed=1))
+    assert w.error == "" and w.result is not None
+    w.k = 0
+    assert w.error == "k must be at least 1" and len(w.matches) == 10  # the last results stay
+
+
+def test_clear_and_empty_paint(demo_cache):
+    w = SearchWidget(demo_cache, query=FACE)
+    paint(w, strokes(tuple(w.view_size), seed=2))
+    paint(w, np.zeros(w.view_size, dtype=np.uint8))  # undo of the only stroke, or Clear
+    assert (w.result, w.mask, w.matches, w.mask_view, w.status) == (None, None, [], "", PAINT_HINT)
+    w.shapes = [{"kind": "rect", "box": [0, 0, 9, 9]}]
+    w.search(np.ones(demo_cache.spec.grid))
+    w.clear()
+    assert (w.result, w.shapes, w.matches) == (None, [], [])
+
+
+def test_image_query_uses_the_caches_model(demo_cache):
+    image = Image.fromarray(skimage.data.astronaut())
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[1:4, 2:5] = 1
+    w = SearchWidget(demo_cache, query=image)
+    assert w.query_index is None and w.view_size == [demo_cache.spec.input_size] * 2
+    features = load_extractor(demo_cache.spec.model, demo_cache.spec.layer).features(image)
+    assert_same(w.search(mask), search_regions(demo_cache, features, mask))
+
+
+def test_extractor_is_checked_against_the_cache(demo_cache):
+    other_layer = load_extractor(demo_cache.spec.model, "blocks.4")
+    with pytest.raises(CacheError, match="layer"):
+        SearchWidget(demo_cache, query=Image.fromarray(skimage.data.astronaut()), extractor=other_layer)
+    with pytest.raises(ValueError, match="extractor= is for a query image"):
+        SearchWidget(demo_cache, query=3, extractor=other_layer)
+
+
+def test_engine_imports_without_the_notebook_stack():
+    notebook_stack = ("anywidget", "ipywidgets", "vfs.notebook")
+    code = f"import sys, vfs, vfs.cli; sys.exit(any(m in sys.modules for m in {notebook_stack}))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
