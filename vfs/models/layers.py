@@ -73,7 +73,7 @@ class _Layout:
         if self.kind == "nchw":
             return output.permute(0, 2, 3, 1)
         if self.kind == "tokens":
-            patches = output[:, self.prefix_tokens:]
+            patches = output[:, self.prefix_tokens :]
             return patches.reshape(output.shape[0], self.height, self.width, self.channels)
         return output
 
@@ -242,9 +242,7 @@ class _GraphLayer(nn.Module):
         return self.graph(x)["out"]
 
 
-def _traced(
-    model: nn.Module, layer: str, probe: torch.Tensor, reference: torch.Tensor
-) -> nn.Module | None:
+def _traced(model: nn.Module, layer: str, probe: torch.Tensor, reference: torch.Tensor) -> nn.Module | None:
     """timm's FX extractor (it knows timm's untraceable leaves, e.g. dynamic padding), if it
     traces and gives the hooked forward's output on `probe`."""
     from timm.models import create_feature_extractor
@@ -255,7 +253,7 @@ def _traced(
             traced = _GraphLayer(create_feature_extractor(model, {layer: "out"})).eval()
         with torch.no_grad():
             output = traced(probe)
-    except Exception:  # arbitrary code may not trace; the hook fallback handles it
+    except Exception:  # noqa: BLE001 - arbitrary code may not trace; the hook fallback handles it
         return None
     finally:
         model.eval()  # tracing runs the model in train mode too and may leave it there

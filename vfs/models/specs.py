@@ -46,8 +46,7 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
-                f"interpolation {self.interpolation!r}: "
-                f"expected one of {', '.join(INTERPOLATIONS)}"
+                f"interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"
             )
         if self.input_size < 1 or self.resize_size < 1:
             raise ValueError(f"sizes must be positive: {self.input_size}, {self.resize_size}")
@@ -59,15 +58,15 @@ class Preprocess:
 
     def with_input_size(self, size: int) -> Preprocess:
         """The same preprocessing at another input size, keeping the resize/crop ratio."""
-        return replace(
-            self, input_size=size, resize_size=round(size * self.resize_size / self.input_size)
-        )
+        return replace(self, input_size=size, resize_size=round(size * self.resize_size / self.input_size))
 
     def view(self, image: PIL.Image.Image) -> PIL.Image.Image:
         """The RGB crop the model sees, `input_size` pixels square."""
         image = image.convert("RGB")
         image = TF.resize(
-            image, [self.resize_size], interpolation=INTERPOLATIONS[self.interpolation],
+            image,
+            [self.resize_size],
+            interpolation=INTERPOLATIONS[self.interpolation],
             antialias=True,
         )
         return TF.center_crop(image, [self.input_size])
