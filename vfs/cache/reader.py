@@ -15,6 +15,7 @@ import torch
 import zarr
 
 from ..sources import even_slices
+from ..stats import column_summary
 from .format import (
     FORMAT,
     FORMAT_VERSION,
@@ -166,7 +167,12 @@ class FeatureCache:
         return None if not self.domain_col else self.manifest[self.domain_col].to_numpy()
 
     def info(self) -> dict[str, Any]:
-        """A JSON-able summary (the CLI's `info --json`)."""
+        """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to
+        group by (`vfs.stats.column_summary`) once the manifest can be read."""
+        try:
+            columns = column_summary(self.manifest, self.label_col, self.domain_col)
+        except CacheError:  # a build still running: no manifest yet
+            columns = None
         return {
             "location": self.location,
             "format_version": FORMAT_VERSION,
@@ -179,6 +185,7 @@ class FeatureCache:
             "report": self.report,
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions", {}),
+            "columns": columns,
         }
 
     def list_row(self) -> dict[str, Any]:
