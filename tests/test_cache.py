@@ -167,3 +167,18 @@ def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     # per-domain through the cache's domain column
     one_each = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, per_domain=1, device="cpu")
     assert sorted(one_each.top["domain"]) == ["d0", "d1"]
+
+
+def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr("vfs.cache.reader.RECENT_THUMBS", 5)  # evictions happen within the test
+    build(tmp_path / "c.zarr", 30)
+    c = open_cache(tmp_path / "c.zarr")
+    stored = c.thumbs[:]
+    for ask in ([3, 1, 3], [1, 2, 3, 4, 5, 6, 7], [29, 0], [0, 29, 3], [], [12]):
+        got = c.thumbs_at(ask)
+        assert got.shape == (len(ask), *stored.shape[1:])
+        np.testing.assert_array_equal(got, stored[ask])
+    assert len(c._recent_thumbs) <= 5
+    np.testing.assert_array_equal(c.thumb(7), stored[7])
+    with pytest.raises(IndexError):
+        c.thumbs_at([30])

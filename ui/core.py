@@ -8,8 +8,6 @@ cache is reopened). Small per-session results (the last search, an upload's feat
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,37 +151,10 @@ def dataset_columns(source: str) -> tuple[list[str], int, str | None, str | None
 
 
 # --- what the pages show of a cache ----------------------------------------------------------------
-class _Thumbs:
-    """Recently shown thumbnails of one cache. A thumbnail chunk holds hundreds of images, so the
-    thumbnails a page needs are read together (each chunk decoded once) and kept for the next rerun."""
-
-    def __init__(self, cache: FeatureCache, capacity: int = 256) -> None:
-        self.cache, self.capacity = cache, capacity
-        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, indices: Iterable[int]) -> list[np.ndarray]:
-        wanted = [int(i) for i in indices]
-        with self._lock:
-            missing = sorted(set(wanted) - self._items.keys())
-            if missing:
-                self._items.update(zip(missing, self.cache.thumbs_at(missing)))
-            for i in wanted:
-                self._items.move_to_end(i)
-            out = [self._items[i] for i in wanted]
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return out
-
-
-@st.cache_resource(max_entries=16, show_spinner=False)
-def _thumb_store(location: str, stamp: int) -> _Thumbs:
-    return _Thumbs(get_cache(location))
-
-
 def thumbs(cache: FeatureCache, indices: Iterable[int]) -> list[np.ndarray]:
-    """The thumbnails (the model-input views) of some images, in the order asked."""
-    return _thumb_store(cache.location, _stamp(cache.location)).get(indices)
+    """The thumbnails (the model-input views) of some images, in the order asked (the opened cache
+    keeps recently shown ones decoded)."""
+    return list(cache.thumbs_at([int(i) for i in indices]))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

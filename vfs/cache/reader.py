@@ -4,6 +4,7 @@ its features (resident on a device, or streamed from storage with one range pref
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,8 @@ CUDA_FREE_SHARE = 0.6
 STREAM_RANGE_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 """Features per streamed range: large enough for the products to run at speed, small enough that two
 ranges in flight (one scored, one prefetched) stay well within memory."""
+RECENT_THUMBS = 256
+"""Thumbnails kept decoded per opened cache: a few pages of results (each ≤ 150 KB at 224 px)."""
 MAX_MAPPED_CHUNKS = 32
 """Chunk files per streamed range at most: each mapped file holds a descriptor while it is scored."""
 
@@ -102,6 +105,7 @@ class FeatureCache:
         self._resident: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._manifest: pd.DataFrame | None = None
+        self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # --- what it is -------------------------------------------------------------------------
     @property
@@ -255,10 +259,25 @@ class FeatureCache:
         return self.thumbs_at([int(index)])[0]
 
     def thumbs_at(self, indices: Any) -> np.ndarray:
-        """(m, S, S, 3) thumbnails of some images in one read (each chunk decoded once)."""
+        """(m, S, S, 3) thumbnails of some images: those not recently shown in one read (each chunk
+        decoded once), the rest from memory — result pages show many of the same images again."""
         idx = self._indices(indices, "images")
-        with self._reading(f"the thumbnails of rows {_describe_rows(idx)}"):
-            return self._thumbs.gather(idx)
+        if not len(idx):
+            return np.empty((0, *self.thumbs.shape[1:]), dtype=np.uint8)
+        with self._lock:
+            missing = np.array(sorted(set(idx.tolist()) - self._recent_thumbs.keys()), dtype=np.int64)
+        if len(missing):
+            with self._reading(f"the thumbnails of rows {_describe_rows(missing)}"):
+                read = self._thumbs.gather(missing)
+        with self._lock:
+            if len(missing):
+                self._recent_thumbs.update(zip(missing.tolist(), read))
+            out = np.stack([self._recent_thumbs[i] for i in idx.tolist()])
+            for i in idx.tolist():
+                self._recent_thumbs.move_to_end(i)
+            while len(self._recent_thumbs) > RECENT_THUMBS:
+                self._recent_thumbs.popitem(last=False)
+        return out
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         """The fp16 features if loaded whole on `device` (see `resident`), else None."""
