@@ -13,7 +13,7 @@ import streamlit as st
 from vfs.background import BackgroundBuild
 from vfs.cache import FeatureCache, cache_name
 from vfs.export import search_json
-from vfs.jobs import BuildJob
+from vfs.jobs import BuildJob, duration
 from vfs.render import grid_box_to_pixels, heatmap_overlay, outline, png_bytes, results_figure
 from vfs.search import SearchResult
 
@@ -105,8 +105,9 @@ def cache_table(rows: list[dict]) -> None:
 def cache_provenance(cache: FeatureCache) -> str:
     """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
     s, skipped = cache.spec, len(cache.report.get("skipped", []))
-    parts = [f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` ({s.grid[0]}×{s.grid[1]} cells × "
-             f"{s.channels} channels) over `{s.data.source}`, each image's shorter side resized to "
+    parts = [f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
+             f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
+             "each image's shorter side resized to "
              f"{s.preprocess.resize_size} px and centre-cropped to {s.preprocess.input_size} px",
              f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else "")]
     parts += [f"{what} from column `{column}`" for what, column in (("labels", cache.label_col),
@@ -119,10 +120,6 @@ def cache_provenance(cache: FeatureCache) -> str:
 
 
 # --- background builds ----------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
 def start_build(job: BuildJob) -> None:
     """Button callback: start (or resume) a build; a refusal (already building) is shown by the build panel."""
     try:
@@ -135,13 +132,13 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
     status = build.status()
     name, p = Path(status.job.out).stem, status.progress
     if status.running:
-        text = (f"{name}: {p.done} / {p.total} images · {p.images_per_s:.1f} images/s · ETA "
-                f"{_duration(p.eta_s) if p.eta_s is not None else '…'}" if p else f"{name}: starting (loading the model and the dataset)…")
+        text = f"{name}: {p.summary()}" if p else f"{name}: starting (loading the model and the dataset)…"
         bar, cancel = st.columns([5, 1], vertical_alignment="bottom")
         bar.progress(status.fraction, text=text)
         cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
     elif status.state == "done" and now - status.finished < DONE_SHOWN_S:
-        st.success(f"{name}: built {p.stored if p else '?'} images in {_duration(status.finished - status.started)}"
+        st.success(f"{name}: built {p.stored if p else '?'} images in "
+                   f"{duration(status.finished - status.started)}"
                    f"{f', {p.skipped} unreadable images skipped' if p and p.skipped else ''}.")
     elif status.state in ("cancelled", "failed"):
         where = f" at {p.done} / {p.total} images" if p else ""

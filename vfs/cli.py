@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .jobs import BuildProgress
 
 
 def parse_bytes(text: str) -> int:
@@ -42,9 +50,60 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}")
 
 
-def _cmd_build(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+class _ProgressBar:
+    """Build progress on a terminal: a tqdm bar, made at the first report (so a refusal prints on a clean line)."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: tqdm | None = None
+
+    def __call__(self, p: BuildProgress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(unit="img", dynamic_ncols=True, desc=self.name, initial=p.done, total=p.total)
+        self.bar.n = p.done
+        self.bar.set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _ProgressLines:
+    """Build progress in a log or CI (stderr is no terminal): a plain line at the first report, then one every
+    `every_s` seconds, and the last at the end; tqdm's carriage-return updates would make one endless line."""
+
+    def __init__(self, name: str, every_s: float) -> None:
+        self.name, self.every_s = name, every_s
+        self.last: BuildProgress | None = None
+        self.shown: BuildProgress | None = None
+        self.at: float | None = None
+
+    def __call__(self, p: BuildProgress) -> None:
+        self.last = p
+        if self.at is None or time.monotonic() - self.at >= self.every_s:
+            self._print(p)
+
+    def _print(self, p: BuildProgress) -> None:
+        self.at, self.shown = time.monotonic(), p
+        print(f"{self.name}: {p.summary()}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.last is not None and self.last is not self.shown:
+            self._print(self.last)
+
+
+def _progress_every_s() -> float:
+    """Seconds between progress lines in a log: $VFS_PROGRESS_EVERY_S, default 10."""
+    text = os.environ.get("VFS_PROGRESS_EVERY_S", "10")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"VFS_PROGRESS_EVERY_S={text!r}: expected a number of seconds, e.g. 10") from None
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
     from .jobs import BuildJob, build_cache
     flags = {k: getattr(args, k) for k in ("model", "layer", "data", "out", "label_col", "domain_col",
                                            "image_size", "batch_size", "device", "workers", "limit",
@@ -58,20 +117,13 @@ def _cmd_build(args: argparse.Namespace) -> None:
                 f"build needs a job file or {', '.join(missing)} (see python -m vfs build --help)"
             )
         job = BuildJob(**{k: v for k, v in flags.items() if v is not None})
-    bars: list[tqdm] = []  # created at the first report, so an early refusal prints on a clean line
-
-    def show(p) -> None:
-        if not bars:
-            bars.append(tqdm(unit="img", dynamic_ncols=True, desc=Path(job.out).name, initial=p.done, total=p.total))
-        bars[0].n = p.done
-        bars[0].set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
-        bars[0].refresh()
-
+    name = Path(job.out).name
+    show: _ProgressBar | _ProgressLines = (_ProgressBar(name) if sys.stderr.isatty()
+                                           else _ProgressLines(name, _progress_every_s()))
     try:
         cache = build_cache(job, progress=show, cancel=threading.Event())
     finally:
-        for bar in bars:
-            bar.close()
+        show.close()
     report = cache.report
     print(f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
           f"{len(report.get('skipped', []))} skipped")
@@ -91,6 +143,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"  model {s.model}  layer {s.layer}  input {s.input_size}px  grid {s.grid[0]}×{s.grid[1]}×{s.channels}")
     print(f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  labels {s.data.label_col}  domains {s.data.domain_col}")
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
+    for column in info["columns"] or []:
+        role = f" ({column['role']})" if column["role"] else ""
+        counts = column.get("counts")
+        shown = ", ".join(f"{value} {n}" for value, n in list(counts.items())[:8]) if counts else ""
+        more = f", … ({len(counts) - 8} more)" if counts and len(counts) > 8 else ""
+        print(f"  column {column['column']}{role}: {column['distinct']} values" + (f": {shown}{more}" if shown else ""))
     for sk in cache.report.get("skipped", []):
         print(f"  skipped {sk['path']}: {sk['reason']}")
 

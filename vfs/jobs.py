@@ -65,6 +65,11 @@ class BuildJob:
         return replace(cls(**table), **{k: v for k, v in overrides.items() if v is not None})
 
 
+def duration(seconds: float) -> str:
+    """A time as a person reads it: "45 s", "12 min"."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 @dataclass(frozen=True)
 class BuildProgress:
     done: int  # candidates handled (stored or skipped), this run and before
@@ -73,6 +78,11 @@ class BuildProgress:
     skipped: int
     images_per_s: float
     eta_s: float | None
+
+    def summary(self) -> str:
+        """The progress as the app and the CLI both word it: "64 / 213 images · 21.3 images/s · ETA 7 s"."""
+        eta = "…" if self.eta_s is None else duration(self.eta_s)
+        return f"{self.done} / {self.total} images · {self.images_per_s:.1f} images/s · ETA {eta}"
 
 
 class _View:
