@@ -31,10 +31,16 @@ def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     if source_a != source_b:
         return f"they are of different datasets ({source_a!r} and {source_b!r})"
     if a.n != b.n:
-        return f"they hold different numbers of images ({a.n} and {b.n}): was one built with a limit, or did it skip images?"
+        return (
+            f"they hold different numbers of images ({a.n} and {b.n}): "
+            "was one built with a limit, or did it skip images?"
+        )
     paths_a, paths_b = a.manifest["path"].to_numpy(), b.manifest["path"].to_numpy()
     differ = np.flatnonzero(paths_a != paths_b)
     if differ.size:
         i = int(differ[0])
-        return f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): one build skipped an image the other kept"
+        return (
+            f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): "
+            "one build skipped an image the other kept"
+        )
     return None

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -60,17 +60,21 @@ class RegionQuery:
     mask: CroppedMask
 
     @classmethod
-    def create(cls, features: np.ndarray, mask: np.ndarray) -> "RegionQuery":
+    def create(cls, features: np.ndarray, mask: np.ndarray) -> RegionQuery:
         f = torch.as_tensor(features).to(torch.float32).numpy()  # torch converts fp16 far faster than numpy
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
         if np.shape(mask) != f.shape[:2]:
-            raise ValueError(f"the mask's shape {np.shape(mask)} does not match the feature grid {f.shape[:2]}")
+            raise ValueError(
+                f"the mask's shape {np.shape(mask)} does not match the feature grid {f.shape[:2]}"
+            )
         if not np.isfinite(f).all():
             raise ValueError("the query features contain NaN or inf")
         q = cls(f, crop_mask(mask))
         if q.norm <= 0:
-            raise ValueError("the query region's features are all zero: nothing to compare (try another region or layer)")
+            raise ValueError(
+                "the query region's features are all zero: nothing to compare (try another region or layer)"
+            )
         return q
 
     @cached_property
@@ -83,7 +87,7 @@ class RegionQuery:
     def norm(self) -> float:
         y0, x0, y1, x1 = self.mask.query_box()
         box = self.features[y0:y1, x0:x1].astype(np.float64)
-        return float(np.sqrt((self.mask.weights.astype(np.float64) ** 2 * (box ** 2).sum(-1)).sum()))
+        return float(np.sqrt((self.mask.weights.astype(np.float64) ** 2 * (box**2).sum(-1)).sum()))
 
     def placements(self, grid: tuple[int, int]) -> tuple[int, int]:
         (h, w), (mh, mw) = grid, self.mask.shape
@@ -209,7 +213,9 @@ class _Scorer:
     @classmethod
     def exact(cls, geometry: QueryGeometry, device: torch.device) -> _Scorer:
         plan = plan_exact(geometry)
-        return cls(geometry, plan, tuple(wt.to(device) for wt in geometry.weights(plan.method)), torch.float64)
+        return cls(
+            geometry, plan, tuple(wt.to(device) for wt in geometry.weights(plan.method)), torch.float64
+        )
 
     # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
     # shift-and-adds run over long contiguous rows rather than rows of Pw placements.
@@ -227,7 +233,9 @@ class _Scorer:
                 return _matmul(weights, view(parts[0]).T)
             return torch.cat([_matmul(weights, view(p).T) for p in parts], 1)
 
-        def images_last(g: torch.Tensor) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), same dtype: one more g at most
+        def images_last(
+            g: torch.Tensor,
+        ) -> torch.Tensor:  # (k, n, ...) → (k, ..., n), same dtype: one more g at most
             return g.movedim(1, -1).contiguous()
 
         if self.plan.method == "cells":
@@ -236,7 +244,9 @@ class _Scorer:
                 out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
         else:
             for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
-                g = product(self.weights[y], lambda p: p[:, y].reshape(len(p), w * c)).view(len(rows), g_.pw, n)
+                g = product(self.weights[y], lambda p, y=y: p[:, y].reshape(len(p), w * c)).view(
+                    len(rows), g_.pw, n
+                )
                 for i, ky in enumerate(rows):
                     out[y - ky] += g[i]
         return out
@@ -275,7 +285,9 @@ class FastBound:
         w = kernel.reshape(-1, c)
         err = (w - w.half().double()).abs()
         err2 = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
-        weight_error = 1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
+        weight_error = (
+            1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
+        )
         return cls(
             # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
             eps=fast_score_error(terms + c + 2 * k + outputs + 8),
@@ -301,15 +313,17 @@ class FastBound:
 ExactScore = Callable[[np.ndarray | torch.Tensor], np.ndarray]
 
 
-def exact_scorer(geometry: QueryGeometry, device: torch.device = torch.device("cpu")) -> ExactScore:
+def exact_scorer(geometry: QueryGeometry, device: torch.device | None = None) -> ExactScore:
     """`exact_scores` for one query: float64 with the weights unrounded, prepared once per search
     for every image it re-scores. On a GPU it runs there, next to the resident features (no host
     round trip); MPS has no float64, so it runs on the CPU."""
-    device = device if device.type == "cuda" else torch.device("cpu")
+    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
     scorer = _Scorer.exact(geometry, device)
 
     def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = torch.as_tensor(features).to(device).float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
+        x = (
+            torch.as_tensor(features).to(device).float().double()
+        )  # via fp32 (exact): 2–10× faster than fp16 → float64
         with torch.inference_mode():
             sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
             return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()
@@ -402,7 +416,9 @@ def search_regions(
     n, h, w, c = source.shape
     rq = _region_query(source, query, mask)
     if rq.features.shape[-1] != c:
-        raise ValueError(f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?")
+        raise ValueError(
+            f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?"
+        )
     if k < 1:
         raise ValueError("k must be at least 1")
     dev = resolve_device(device)
@@ -420,8 +436,12 @@ def search_regions(
             wnorm = scorer.window_norms(sq)
             fast = scorer.scores(x, wnorm)
             torch.max(fast.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
-            placement_upper = bound.upper(fast, wnorm, nonnegative).masked_fill_(~torch.isfinite(fast), math.inf)
-            torch.amax(placement_upper.flatten(0, 1), 0, out=upper[start:stop])  # an overflowed placement bounds nothing
+            placement_upper = bound.upper(fast, wnorm, nonnegative).masked_fill_(
+                ~torch.isfinite(fast), math.inf
+            )
+            torch.amax(
+                placement_upper.flatten(0, 1), 0, out=upper[start:stop]
+            )  # an overflowed placement bounds nothing
     scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
     placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
 
@@ -451,7 +471,9 @@ def search_regions(
     )
 
 
-def _region_query(source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None) -> RegionQuery:
+def _region_query(
+    source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None
+) -> RegionQuery:
     if isinstance(query, RegionQuery):
         if mask is not None:
             raise ValueError("a RegionQuery carries its own mask: pass no mask with it")

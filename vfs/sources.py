@@ -7,7 +7,8 @@ fp32 squared norms on its device, slice by slice, and single rows for exact re-s
 from __future__ import annotations
 
 import math
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,8 @@ RESIDENT_SLICE_BYTES = 1 << 30
 
 
 def even_slices(n: int, row_bytes: int, slice_bytes: int = RESIDENT_SLICE_BYTES) -> list[tuple[int, int]]:
-    """(start, stop) of the fewest slices of n rows within slice_bytes each, of near-equal sizes (no small tail)."""
+    """(start, stop) of the fewest slices of n rows within slice_bytes each, of near-equal sizes
+    (no small tail)."""
     count = max(1, math.ceil(n * row_bytes / max(1, slice_bytes)))
     edges = [round(i * n / count) for i in range(count + 1)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

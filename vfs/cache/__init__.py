@@ -11,6 +11,17 @@ from .reader import FeatureCache, cache_name, cache_row, is_url, list_caches, op
 from .writer import CacheWriter
 
 __all__ = [
-    "BuildLock", "CHUNK_BYTES", "CacheError", "CacheSpec", "CacheWriter", "FORMAT", "FORMAT_VERSION",
-    "FeatureCache", "cache_name", "cache_row", "is_url", "list_caches", "open_cache",
+    "BuildLock",
+    "CHUNK_BYTES",
+    "CacheError",
+    "CacheSpec",
+    "CacheWriter",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FeatureCache",
+    "cache_name",
+    "cache_row",
+    "is_url",
+    "list_caches",
+    "open_cache",
 ]

@@ -119,7 +119,9 @@ def check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> Non
     chunks beyond MAX_CHUNK_BYTES."""
     meta = arr.metadata
     if meta.zarr_format != 3:
-        raise CacheError(f"{location}: array {arr.path!r} is zarr format {meta.zarr_format}; VFS reads zarr 3 only")
+        raise CacheError(
+            f"{location}: array {arr.path!r} is zarr format {meta.zarr_format}; VFS reads zarr 3 only"
+        )
     codecs: list[Any] = list(meta.to_dict().get("codecs", []))  # type: ignore[arg-type]  # zarr 3: a list
     unsafe = sorted({c for c in codec_names(codecs) if c not in SAFE_CODECS})
     if unsafe:
@@ -143,8 +145,12 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
     """A DataFrame as one string array per column (missing values stored as NUL)."""
     g = group.require_group(name)
     for col in table.columns:
-        values = table[col].map(lambda v: _MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-        arr = g.create_array(str(col), shape=(len(table),), chunks=(max(1, len(table)),), dtype=str, overwrite=True)
+        values = table[col].map(
+            lambda v: _MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+        )
+        arr = g.create_array(
+            str(col), shape=(len(table),), chunks=(max(1, len(table)),), dtype=str, overwrite=True
+        )
         if len(table):
             arr[:] = values.to_numpy(dtype=str)
     g.attrs["columns"] = [str(c) for c in table.columns]

@@ -28,8 +28,10 @@ class BuildLock:
         self._fd: int | None = None
 
     def _refuse(self, owner: str) -> CacheError:
-        return CacheError(f"another build is writing {self.path.with_suffix('')} (lock {self.path}: "
-                          f"{owner.strip() or 'owner unknown'}); wait for it to finish or stop it first")
+        return CacheError(
+            f"another build is writing {self.path.with_suffix('')} (lock {self.path}: "
+            f"{owner.strip() or 'owner unknown'}); wait for it to finish or stop it first"
+        )
 
     def __enter__(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,4 +92,3 @@ class BuildLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-

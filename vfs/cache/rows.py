@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-from io import BufferedReader
 import os
 from abc import ABC, abstractmethod
+from io import BufferedReader
 from pathlib import Path
 
 import numcodecs
@@ -48,8 +48,8 @@ class RowReader(ABC):
     def _missing(self, i: int, key: str, count: int = 1) -> CacheError:
         end = min((i + 1) * self.per, self.arr.shape[0]) - 1
         return CacheError(
-            f"the cache at {self.location} is damaged: {self.arr.path} rows {i * self.per}..{end} are missing "
-            f"(chunk {key!r}; {count} chunk(s) missing); rebuild it"
+            f"the cache at {self.location} is damaged: {self.arr.path} rows {i * self.per}..{end} "
+            f"are missing (chunk {key!r}; {count} chunk(s) missing); rebuild it"
         )
 
     def _key(self, i: int) -> str:
@@ -141,7 +141,9 @@ class ChunkFileRows(RowReader):
                 # consumer that writes changes its own copy, not the cache.
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             count = (b - a) * self.row_bytes // self.dtype.itemsize
-            rows = np.frombuffer(mapped, dtype=self.dtype, count=count, offset=(a - i * self.per) * self.row_bytes)
+            rows = np.frombuffer(
+                mapped, dtype=self.dtype, count=count, offset=(a - i * self.per) * self.row_bytes
+            )
             out.append(torch.from_numpy(rows).view(b - a, *self.row_shape))
         return out
 
@@ -206,7 +208,10 @@ def row_reader(arr: zarr.Array, location: str, every_chunk_stored: bool) -> RowR
     codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
     names = [type(c).__name__ for c in codecs]
     endian = getattr(codecs[0], "endian", None) if codecs else None
-    plain = names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) and str(getattr(endian, "value", endian)) == "little"
+    plain = (
+        names in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
+        and str(getattr(endian, "value", endian)) == "little"
+    )
     if plain and every_chunk_stored and isinstance(arr.store, zarr.storage.LocalStore):
         return ChunkFileRows(arr, location, Path(arr.store.root), compressed=len(names) == 2)
     return ZarrRows(arr, location, every_chunk_stored)

@@ -8,9 +8,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,11 @@ from .format import (
 )
 
 FSYNC = os.environ.get("VFS_FSYNC", "1") != "0"
-"""Flush each chunk's files to disk before its progress is recorded (power-loss safety; `VFS_FSYNC=0` skips it)."""
-_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
+"""Flush each chunk's files to disk before its progress is recorded (power-loss safety;
+`VFS_FSYNC=0` skips it)."""
+_ZARR_TEMP = re.compile(
+    r"\.[0-9a-f]{32}\.partial$"
+)  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
 ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
 
 
@@ -74,8 +78,16 @@ class CacheWriter:
     _pending: list[_Pending] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | Path, spec: CacheSpec, candidates: pd.DataFrame, thumb_size: int,
-             resume: bool = True, chunk_images: int | None = None, job: dict[str, Any] | None = None) -> CacheWriter:
+    def open(
+        cls,
+        path: str | Path,
+        spec: CacheSpec,
+        candidates: pd.DataFrame,
+        thumb_size: int,
+        resume: bool = True,
+        chunk_images: int | None = None,
+        job: dict[str, Any] | None = None,
+    ) -> CacheWriter:
         """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
 
         `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
@@ -100,22 +112,46 @@ class CacheWriter:
         if staging.exists():  # a creation killed half-way: nothing in it was ever progress
             shutil.rmtree(staging)
         g = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-")
-        g.create_array("features", shape=(n, h, w, spec.channels), chunks=(per, h, w, spec.channels),
-                       dtype="float16", compressors=None, fill_value=0)
+        g.create_array(
+            "features",
+            shape=(n, h, w, spec.channels),
+            chunks=(per, h, w, spec.channels),
+            dtype="float16",
+            compressors=None,
+            fill_value=0,
+        )
         g.create_array("sqnorm", shape=(n, h, w), chunks=(per, h, w), dtype="float32", fill_value=0)
-        g.create_array("thumbs", shape=(n, thumb_size, thumb_size, 3), chunks=(thumb_per, thumb_size, thumb_size, 3),
-                       dtype="uint8", fill_value=0)
+        g.create_array(
+            "thumbs",
+            shape=(n, thumb_size, thumb_size, 3),
+            chunks=(thumb_per, thumb_size, thumb_size, 3),
+            dtype="uint8",
+            fill_value=0,
+        )
         g.create_array("source_index", shape=(n,), chunks=(per,), dtype="int64", fill_value=-1)
         write_table(g, "candidates", candidates)
-        g.attrs.update({
-            "format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(), "n": 0,
-            "complete": False, "progress": {"rows": 0, "next_item": 0, "skipped": [], "nonnegative": True},
-            "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
-            **({"job": job} if job is not None else {}),
-        })
+        g.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "spec": spec.to_dict(),
+                "n": 0,
+                "complete": False,
+                "progress": {"rows": 0, "next_item": 0, "skipped": [], "nonnegative": True},
+                "versions": library_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
+                **({"job": job} if job is not None else {}),
+            }
+        )
         if FSYNC:
-            _fsync([*(p for p in staging.rglob("*") if p.is_file()), *(p for p in staging.rglob("*") if p.is_dir()), staging])
+            _fsync(
+                [
+                    *(p for p in staging.rglob("*") if p.is_file()),
+                    *(p for p in staging.rglob("*") if p.is_dir()),
+                    staging,
+                ]
+            )
         staging.rename(path)
         if FSYNC:
             _fsync([path.parent])
@@ -127,7 +163,9 @@ class CacheWriter:
             g = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
             attrs: dict[str, Any] = dict(g.attrs)
         except Exception as e:  # not a zarr group, unreadable metadata, ...
-            raise CacheError(f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output") from e
+            raise CacheError(
+                f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output"
+            ) from e
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
         reason = CacheSpec.from_dict(attrs["spec"]).mismatch(spec)
@@ -141,8 +179,15 @@ class CacheWriter:
             if _ZARR_TEMP.search(leftover.name):
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
-        return cls(path, g, spec, rows=p["rows"], next_item=p["next_item"], skipped=list(p["skipped"]),
-                   nonnegative=bool(p.get("nonnegative", False)))
+        return cls(
+            path,
+            g,
+            spec,
+            rows=p["rows"],
+            next_item=p["next_item"],
+            skipped=list(p["skipped"]),
+            nonnegative=bool(p.get("nonnegative", False)),
+        )
 
     @property
     def chunk(self) -> int:
@@ -185,8 +230,12 @@ class CacheWriter:
         self.rows, self.next_item = b, batch[-1].item + 1
         self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if isinstance(p, _Skipped)]
         # Progress only after the data is on disk: a kill before this line redoes the chunk.
-        self.group.attrs["progress"] = {"rows": self.rows, "next_item": self.next_item, "skipped": self.skipped,
-                                        "nonnegative": self.nonnegative}
+        self.group.attrs["progress"] = {
+            "rows": self.rows,
+            "next_item": self.next_item,
+            "skipped": self.skipped,
+            "nonnegative": self.nonnegative,
+        }
         self._sync_attrs()
 
     def _array(self, name: str) -> zarr.Array:
@@ -229,18 +278,30 @@ class CacheWriter:
         if "candidates" in self.group:
             del self.group["candidates"]
         paths = candidates["path"].astype(str).to_numpy()
-        report: dict[str, Any] = {"candidates": len(candidates), "stored": self.rows,
-                  "skipped": [{"path": paths[s["item"]], "reason": s["reason"]} for s in self.skipped]}
+        report: dict[str, Any] = {
+            "candidates": len(candidates),
+            "stored": self.rows,
+            "skipped": [{"path": paths[s["item"]], "reason": s["reason"]} for s in self.skipped],
+        }
         if FSYNC:
-            _fsync([p for p in (self.path / "manifest").rglob("*") if p.is_file()]
-                   + [self.path / name / "zarr.json" for name in ROW_ARRAYS])
-        self.group.attrs.update({"n": self.rows, "report": report | (extra_report or {}),
-                                 "nonnegative": self.nonnegative, "complete": True})
+            _fsync(
+                [p for p in (self.path / "manifest").rglob("*") if p.is_file()]
+                + [self.path / name / "zarr.json" for name in ROW_ARRAYS]
+            )
+        self.group.attrs.update(
+            {
+                "n": self.rows,
+                "report": report | (extra_report or {}),
+                "nonnegative": self.nonnegative,
+                "complete": True,
+            }
+        )
         self._sync_attrs()
 
 
 def _fsync(paths: Iterable[Path]) -> None:
-    """Flush files (and folders: their entries) to disk; a folder that cannot be opened is skipped (Windows)."""
+    """Flush files (and folders: their entries) to disk; a folder that cannot be opened is
+    skipped (Windows)."""
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -252,5 +313,3 @@ def _fsync(paths: Iterable[Path]) -> None:
             pass  # some file systems refuse fsync on folders
         finally:
             os.close(fd)
-
-
