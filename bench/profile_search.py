@@ -7,7 +7,7 @@
      `x2d @ W` before; fp16 output) vs `F.linear(x2d, W.T.contiguous())`, and on bf16 copies
      (one inexact copy; an exact hi + lo split) through AMX; the whole numerator of both vfs
      forms (cells, band) on this query's mask;
-   - exact re-scoring of the images the fast bound cannot separate: `vfs.search.exact_scores`
+   - exact re-scoring of the images the fast bound cannot separate: `vfs.scoring.exact_scores`
      (float64) vs the same definition computed with one fp32 product + shift-and-add (checked
      equal to 1e-5);
    - one pass over the fp16 bytes (int16 view amax) per chunk and whole, for scale.
@@ -78,7 +78,7 @@ def exact_alt(features: np.ndarray, rq) -> np.ndarray:
 
 
 def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
-    from vfs.search import QueryGeometry, QueryPlan, _Scorer, exact_scores
+    from vfs.scoring import QueryGeometry, QueryPlan, Scorer, exact_scores
     from vfs.sources import even_slices
 
     n, h, w, c = x.shape
@@ -86,7 +86,7 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
     chunks = [x[a:b] for a, b in slices]
     cpu = torch.device("cpu")
     geometry = QueryGeometry.create(rq, (h, w))
-    forms = {m: _Scorer.fast(geometry, QueryPlan(m, 0, 0), cpu) for m in ("cells", "band")}
+    forms = {m: Scorer.fast(geometry, QueryPlan(m, 0, 0), cpu) for m in ("cells", "band")}
     k = int((rq.mask.weights > 0).sum())
     W = torch.randn(c, k).half()
     Wt = W.T.contiguous()
@@ -119,7 +119,7 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
                      for a, b in zip(hi_chunks, lo_chunks)],
         "one fp16 pass, int16-view amax, per chunk": lambda: [ch.view(torch.int16).amax() for ch in chunks],
         "one fp16 pass, int16-view amax, whole": lambda: x.view(torch.int16).amax(),
-        f"exact re-scoring of {len(rows)} images: vfs.search.exact_scores": lambda: exact_scores(rows, rq),
+        f"exact re-scoring of {len(rows)} images: vfs.scoring.exact_scores": lambda: exact_scores(rows, rq),
         f"exact re-scoring of {len(rows)} images: torch convert + product + shift-add": lambda: exact_alt(rows, rq),
         f"fp16→fp32 of those images, numpy astype": lambda: rows.astype(np.float32),
         f"fp16→fp32 of those images, torch .float()": lambda: torch.from_numpy(rows).float(),
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    from vfs.search import RegionQuery
+    from vfs.scoring import RegionQuery
     from vfs.sources import ArrayFeatures
 
     device = resolve(args.device)

@@ -13,7 +13,8 @@ from dataclasses import replace
 from vfs.data import DataSpec
 from vfs.models import Preprocess
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
-from vfs.search import QueryPlan, search_regions
+from vfs.scoring import QueryPlan
+from vfs.search import search_regions
 
 SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(4, 5),
                  channels=8, preprocess=Preprocess(32, 32), data=DataSpec("x", "label", "dom"))

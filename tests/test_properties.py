@@ -22,7 +22,8 @@ from hypothesis.extra import numpy as hnp
 import vfs.search
 from search_reference import brute_force
 from vfs.masks import crop_mask, grid_mask
-from vfs.search import QueryPlan, search_regions
+from vfs.scoring import QueryPlan
+from vfs.search import search_regions
 
 EXAMPLES = int(os.environ.get("VFS_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a soak
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

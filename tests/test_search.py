@@ -7,7 +7,8 @@ import torch
 
 from vfs.masks import grid_mask
 from search_reference import brute_force
-from vfs.search import QueryPlan, RegionQuery, _select, plan_query, search_regions
+from vfs.scoring import QueryPlan, RegionQuery, plan_query
+from vfs.search import _select, search_regions
 from vfs.sources import ArrayFeatures, even_slices
 
 

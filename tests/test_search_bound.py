@@ -7,7 +7,8 @@ import torch
 
 from search_reference import every_placement
 from test_search import soft_blob
-from vfs.search import FastBound, QueryGeometry, QueryPlan, RegionQuery, _Scorer, search_regions
+from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer
+from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
 
 CASES = {
@@ -41,7 +42,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed):
     source = ArrayFeatures(x)
     cpu = torch.device("cpu")
     geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
-    scorer, bound = _Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan)
+    scorer, bound = Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan)
     t = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
     fast = scorer.scores(t, wnorm)
@@ -99,7 +100,7 @@ def test_subnormal_query_weights_are_bounded():
     mask[0, 0] = 1
     rq = RegionQuery.create(q, mask)
     geometry, plan = QueryGeometry.create(rq, (2, 2)), QueryPlan("cells", 0, 0)
-    scorer, bound = _Scorer.fast(geometry, plan, torch.device("cpu")), FastBound.create(rq, geometry, plan)
+    scorer, bound = Scorer.fast(geometry, plan, torch.device("cpu")), FastBound.create(rq, geometry, plan)
     assert bound.weight_error > 0
     t = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())

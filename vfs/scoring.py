@@ -1,0 +1,330 @@
+"""The score of a masked query region at every placement in a batch of images, two ways.
+
+score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
+
+Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+- "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
+  shift-and-add over the K offsets;
+- "band": per data row, one product of that row of every image (n × w·C, a strided view, no
+  copy) with each mask row that can land on it, placed at each horizontal placement (zeros
+  elsewhere), then an add per mask row (for the whole grid: one vector product per row).
+The fast scorer runs fp16 operands with fp32 accumulation, with a proven bound on each placement's
+error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, partial
+
+import numpy as np
+import torch
+
+from .masks import CroppedMask, crop_mask
+
+_U16, _U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
+_TINY16 = 2.0**-25  # absolute rounding of an fp16 value in the subnormal range (< 2⁻¹⁴)
+
+
+def fast_score_error(terms: int) -> float:
+    """Relative error of a fast score's parts: fp16 rounding of the weights and of each product's
+    output (2⁻¹¹ each, against Σ|terms|), and fp32 sums of `terms` values in any order (at most
+    (terms − 1)·2⁻²⁴ of the sum of their sizes, Higham's bound), with a 5% margin."""
+    return 1.05 * (2 * _U16 + terms * _U32)
+
+
+# Per device: multiply-adds per cell read that cost as much as reading it, and the band form's
+# fixed cost (h strided products per chunk rather than one) relative to the cells form's.
+_PRODUCT_COST = {"cpu": (15.0, 1.13), "cuda": (96.0, 1.1), "mps": (32.0, 1.1)}
+# Exact re-scoring runs on a few images, where the count of products matters more than their
+# multiply-adds: the cells form (one product) unless it does over this many times the band
+# form's work (measured on 10 images, docs/performance.md).
+_EXACT_BAND_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class RegionQuery:
+    """A query prepared once: the cropped soft mask and the weighted query cells."""
+
+    features: np.ndarray  # (h, w, C) float32, the query image's feature map
+    mask: CroppedMask
+
+    @classmethod
+    def create(cls, features: np.ndarray, mask: np.ndarray) -> RegionQuery:
+        f = torch.as_tensor(features).to(torch.float32).numpy()  # torch converts fp16 far faster than numpy
+        if f.ndim != 3:
+            raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
+        if np.shape(mask) != f.shape[:2]:
+            raise ValueError(
+                f"the mask's shape {np.shape(mask)} does not match the feature grid {f.shape[:2]}"
+            )
+        if not np.isfinite(f).all():
+            raise ValueError("the query features contain NaN or inf")
+        q = cls(f, crop_mask(mask))
+        if q.norm <= 0:
+            raise ValueError(
+                "the query region's features are all zero: nothing to compare (try another region or layer)"
+            )
+        return q
+
+    @cached_property
+    def kernel(self) -> np.ndarray:
+        """(mh, mw, C) float64: m² ⊙ query features inside the box (zero where m = 0), exact."""
+        y0, x0, y1, x1 = self.mask.query_box()
+        return self.mask.weights.astype(np.float64)[..., None] ** 2 * self.features[y0:y1, x0:x1]
+
+    @cached_property
+    def norm(self) -> float:
+        y0, x0, y1, x1 = self.mask.query_box()
+        box = self.features[y0:y1, x0:x1].astype(np.float64)
+        return float(np.sqrt((self.mask.weights.astype(np.float64) ** 2 * (box**2).sum(-1)).sum()))
+
+    def placements(self, grid: tuple[int, int]) -> tuple[int, int]:
+        (h, w), (mh, mw) = grid, self.mask.shape
+        if mh > h or mw > w:
+            raise ValueError(f"the region ({mh}×{mw} cells) does not fit the dataset's {h}×{w} grid")
+        return h - mh + 1, w - mw + 1
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Which exact form to run, and why (its relative cost)."""
+
+    method: str  # "cells" | "band"
+    cost_cells: float
+    cost_band: float
+
+
+@dataclass(frozen=True)
+class QueryGeometry:
+    """A query's placements on a grid and its float64 kernel: prepared once per search, shared by
+    the fast scorer and the exact one."""
+
+    grid: tuple[int, int]
+    ph: int
+    pw: int
+    mh: int
+    mw: int
+    cells: tuple[tuple[int, int], ...]  # the masked cells (y, x) of the cropped mask
+    m2: tuple[float, ...]  # their squared weights
+    band: tuple[range, ...]  # per data row y: the mask rows that can land on it
+    kernel: torch.Tensor  # (mh, mw, C) float64, m² ⊙ query features × scale (exact)
+    scale: float  # a power of two, to a largest kernel value in (½, 1]
+    qnorm: float  # the query's norm × scale
+
+    @classmethod
+    def create(cls, query: RegionQuery, grid: tuple[int, int]) -> QueryGeometry:
+        ph, pw = query.placements(grid)
+        mh, mw = query.mask.shape
+        weights = query.mask.weights
+        # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
+        # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
+        scale = 2.0 ** -math.ceil(math.log2(float(np.abs(query.kernel).max())))
+        cells = tuple((int(y), int(x)) for y, x in zip(*np.nonzero(weights > 0)))
+        return cls(
+            grid=grid,
+            ph=ph,
+            pw=pw,
+            mh=mh,
+            mw=mw,
+            cells=cells,
+            m2=tuple(float(weights[y, x]) ** 2 for y, x in cells),
+            band=tuple(range(max(0, y - ph + 1), min(mh, y + 1)) for y in range(grid[0])),
+            kernel=torch.from_numpy(query.kernel * scale),
+            scale=scale,
+            qnorm=query.norm * scale,
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.kernel.shape[-1]
+
+    def weights(self, method: str) -> list[torch.Tensor]:
+        """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
+        faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
+        (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
+        c = self.channels
+        if method == "cells":
+            ky, kx = zip(*self.cells)
+            return [self.kernel[list(ky), list(kx)].contiguous()]
+        placed = torch.zeros(self.mh, self.pw, self.grid[1] * c, dtype=torch.float64)
+        for px in range(self.pw):
+            placed[:, px, px * c : (px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
+        return [placed[r.start : r.stop].reshape(-1, self.grid[1] * c) for r in self.band]
+
+
+def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) -> QueryPlan:
+    """Pick the cheaper form. Both read every cell once; cost = a fixed part + the multiply-adds per
+    cell read over what the device does at no extra cost (on CPU, oneDNN's fp16 product packs its
+    operand first, then pays per column: measured in docs/performance.md)."""
+    h, _ = grid
+    ph, pw = query.placements(grid)
+    free, band_fixed = _PRODUCT_COST.get(device.type, _PRODUCT_COST["cpu"])
+    cells = 1 + int((query.mask.weights > 0).sum()) / free
+    band = band_fixed + ph * query.mask.shape[0] * pw / h / free  # Σ over data rows of their columns, ÷ h
+    return QueryPlan("cells" if cells <= band else "band", cells, band)
+
+
+def plan_exact(geometry: QueryGeometry) -> QueryPlan:
+    """The form for re-scoring a few images: multiply-adds per cell read, the band form's weighed
+    by `_EXACT_BAND_FACTOR` (its h products cost more than their work on few images)."""
+    cells = len(geometry.cells)
+    band = _EXACT_BAND_FACTOR * geometry.ph * geometry.mh * geometry.pw / len(geometry.band)
+    return QueryPlan("cells" if cells <= band else "band", cells, band)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA). float64
+    operands (exact re-scoring) run as they are."""
+    if a.is_cuda and a.dtype == torch.float16:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: fp16 output, covered by the re-scoring bound
+            pass
+    return a @ b
+
+
+def _data_row(images: torch.Tensor, y: int) -> torch.Tensor:
+    """Row y of every image as (n, w·C): a strided view, no copy."""
+    return images[:, y].reshape(len(images), -1)
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The numerator, window norms and scores of one query on one device, in one form and precision:
+    fp16 weights and fp32 sums (`fast`, bounded by `FastBound`), or float64 throughout (`exact`)."""
+
+    geometry: QueryGeometry
+    plan: QueryPlan
+    weights: tuple[torch.Tensor, ...]
+    dtype: torch.dtype  # of the sums
+
+    @classmethod
+    def fast(cls, geometry: QueryGeometry, plan: QueryPlan, device: torch.device) -> Scorer:
+        weights = tuple(wt.to(device, torch.float16) for wt in geometry.weights(plan.method))
+        return cls(geometry, plan, weights, torch.float32)
+
+    @classmethod
+    def exact(cls, geometry: QueryGeometry, device: torch.device) -> Scorer:
+        plan = plan_exact(geometry)
+        return cls(
+            geometry, plan, tuple(wt.to(device) for wt in geometry.weights(plan.method)), torch.float64
+        )
+
+    # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
+    # shift-and-adds run over long contiguous rows rather than rows of Pw placements.
+
+    def numerator(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(Ph, Pw, n) numerators of a chunk, or of consecutive pieces of one (mapped chunk files):
+        one product per piece, everything after it once over the chunk."""
+        g_ = self.geometry
+        parts = x if isinstance(x, list) else [x]
+        n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
+        out = torch.zeros(g_.ph, g_.pw, n, device=parts[0].device, dtype=self.dtype)
+
+        def product(weights: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            if len(parts) == 1:  # columns: the pieces' rows, in order
+                return _matmul(weights, view(parts[0]).T)
+            return torch.cat([_matmul(weights, view(p).T) for p in parts], 1)
+
+        def images_last(g: torch.Tensor) -> torch.Tensor:
+            """(k, n, ...) → (k, ..., n), same dtype: one more g at most."""
+            return g.movedim(1, -1).contiguous()
+
+        if self.plan.method == "cells":
+            g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
+            for k, (ky, kx) in enumerate(g_.cells):
+                out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
+        else:
+            for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
+                g = product(self.weights[y], partial(_data_row, y=y)).view(len(rows), g_.pw, n)
+                for i, ky in enumerate(rows):
+                    out[y - ky] += g[i]
+        return out
+
+    def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
+        """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
+        convolution could run in TF32 on a GPU, outside the bound)."""
+        g_ = self.geometry
+        sq = sqnorm.permute(1, 2, 0).to(self.dtype).contiguous()  # (h, w, n)
+        wnorm = torch.zeros(g_.ph, g_.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
+        for w2, (ky, kx) in zip(g_.m2, g_.cells):
+            wnorm.add_(sq[ky : ky + g_.ph, kx : kx + g_.pw], alpha=w2)
+        return wnorm.sqrt_()
+
+    def scores(self, x: torch.Tensor | list[torch.Tensor], wnorm: torch.Tensor) -> torch.Tensor:
+        """(Ph, Pw, n) cosine scores; a window whose features are all zero scores 0."""
+        return self.numerator(x).div_(torch.where(wnorm > 0, wnorm * self.geometry.qnorm, 1.0))
+
+
+@dataclass(frozen=True)
+class FastBound:
+    """How far a fast score can be from the exact one, proven per placement (see `upper`)."""
+
+    eps: float  # relative error of the products and sums
+    weight_error: float  # subnormal fp16 weights' exact rounding, over a window (Cauchy–Schwarz)
+    output_error: float  # outputs in fp16's subnormal range, ÷ the window norm
+    nonnegative_weights: bool  # the query's kernel is ≥ 0 (with ≥ 0 features: a relative bound)
+
+    @classmethod
+    def create(cls, query: RegionQuery, geometry: QueryGeometry, plan: QueryPlan) -> FastBound:
+        kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
+        terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
+        # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
+        # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
+        m = query.mask.weights
+        w = kernel.reshape(-1, c)
+        err = (w - w.half().double()).abs()
+        err2 = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
+        weight_error = (
+            1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
+        )
+        return cls(
+            # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
+            eps=fast_score_error(terms + c + 2 * k + outputs + 8),
+            weight_error=weight_error,
+            output_error=outputs * _TINY16 / geometry.qnorm,
+            nonnegative_weights=bool((kernel >= 0).all()),
+        )
+
+    def upper(self, scores: torch.Tensor, wnorm: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+        """A proven upper bound on each placement's exact score, given its fast score.
+
+        |fast − exact| ≤ eps·Σ|terms|/(‖q‖‖r‖) + weight_error + output_error/‖r‖, and Σ|terms| is
+        at most ‖q‖‖r‖ (Cauchy–Schwarz) — or, when query and features are all ≥ 0 (post-ReLU
+        layers), the exact numerator itself, which makes the first part relative to the score.
+        An all-zero window's numerator is exactly 0, so it gets no output error.
+        """
+        tiny = torch.where(wnorm > 0, self.output_error / torch.where(wnorm > 0, wnorm, 1.0), 0.0)
+        if nonnegative:
+            return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
+        return tiny.add_(scores).add_(self.weight_error + self.eps)
+
+
+ExactScore = Callable[[np.ndarray | torch.Tensor], np.ndarray]
+
+
+def exact_scorer(geometry: QueryGeometry, device: torch.device | None = None) -> ExactScore:
+    """`exact_scores` for one query: float64 with the weights unrounded, prepared once per search
+    for every image it re-scores. On a GPU it runs there, next to the resident features (no host
+    round trip); MPS has no float64, so it runs on the CPU."""
+    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    scorer = Scorer.exact(geometry, device)
+
+    def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = (
+            torch.as_tensor(features).to(device).float().double()
+        )  # via fp32 (exact): 2–10× faster than fp16 → float64
+        with torch.inference_mode():
+            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
+            return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()
+
+    return score
+
+
+def exact_scores(features: np.ndarray, query: RegionQuery) -> np.ndarray:
+    """(m, Ph, Pw) scores of some images computed in float64: the definition, rounding aside."""
+    return exact_scorer(QueryGeometry.create(query, features.shape[1:3]))(features)
