@@ -2,17 +2,16 @@
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
 
-from dataclasses import replace
-
+from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
 from vfs.data import DataSpec
 from vfs.models import Preprocess
-from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
 from vfs.scoring import QueryPlan
 from vfs.search import search_regions
 
@@ -157,12 +156,14 @@ def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     build(tmp_path / "c.zarr", 40)
     mask = np.zeros((4, 5), np.float32)
     mask[1:3, 1:4] = [[0.3, 1, 1], [1, 0.5, 0]]
-    monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))  # both forms, streamed in pieces
+    # both forms, streamed in pieces
+    monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
     streamed = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu", memory_budget=2000)
     resident = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu")
     np.testing.assert_array_equal(streamed.scores, resident.scores)
     pd.testing.assert_frame_equal(streamed.top, resident.top)
-    assert list(resident.top.columns) == ["rank", "index", "score", "grid_box", "path", "pixel_box", "label", "domain"]
+    assert list(resident.top.columns) == ["rank", "index", "score", "grid_box", "path", "pixel_box", "label",
+                                          "domain"]
     assert resident.top["pixel_box"].iloc[0] == tuple(
         round(v * 32 / d) for v, d in zip(resident.top["grid_box"].iloc[0], (4, 5, 4, 5)))
     # per-domain through the cache's domain column
@@ -183,3 +184,34 @@ def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tm
     np.testing.assert_array_equal(c.thumb(7), stored[7])
     with pytest.raises(IndexError):
         c.thumbs_at([30])
+
+
+def described(**changes):
+    """What `Extractor.describe()` gives for an extractor of SPEC's model and layer, with `changes`."""
+    return {"spec": SPEC.model, "layer": SPEC.layer, "input_size": SPEC.input_size, "grid": list(SPEC.grid),
+            "channels": SPEC.channels, "preprocess": SPEC.preprocess.to_dict()} | changes
+
+
+def test_check_extractor_compares_preprocessing_and_the_spec_only_of_a_loaded_model(tmp_path):
+    build(tmp_path / "c.zarr", 10)
+    c = open_cache(tmp_path / "c.zarr")
+    c.check_extractor(described())
+    c.check_extractor(described(spec="module:edited"))  # an object said to be the cache's architecture
+    refused = "built with spec 'embedded:efficientnet_lite0', not 'timm:resnet50'.*extractor_from_module"
+    with pytest.raises(CacheError, match=refused):
+        c.check_extractor(described(spec="timm:resnet50"))
+    for changes, message in [
+        ({"layer": "blocks.4"}, "built with layer 'blocks.5', not 'blocks.4'.*cache.spec.layer"),
+        ({"input_size": 64}, "built with input_size 32, not 64.*cache.spec.input_size"),
+        ({"grid": (2, 2)}, r"built with grid \[4, 5\], not \[2, 2\].*not the cache's architecture"),
+        ({"channels": 16}, "built with channels 8, not 16.*not the cache's architecture"),
+        ({"preprocess": replace(SPEC.preprocess, interpolation="bilinear", std=(0.5,) * 3).to_dict()},
+         r"built with preprocess interpolation 'bicubic', not 'bilinear'; std \[0.229, 0.224, 0.225\], "
+         r"not \[0.5, 0.5, 0.5\].*cache.spec.preprocess"),
+        ({"preprocess": replace(SPEC.preprocess, resize_size=36).to_dict()},
+         "built with preprocess resize_size 32, not 36"),
+    ]:
+        for spec in (SPEC.model, "module:edited"):
+            with pytest.raises(CacheError, match=message):
+                c.check_extractor(described(spec=spec, **changes))
+    c.check_extractor(described(preprocess=dict(vars(SPEC.preprocess))))  # tuples, not JSON's lists: the same

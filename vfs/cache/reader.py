@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import zarr
 
+from ..models import Preprocess, is_module_spec
 from ..sources import even_slices
 from ..stats import column_summary
 from .format import (
@@ -72,7 +74,8 @@ class FeatureCache:
             raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(
-                f"{location} has format version {attrs.get('format_version')}; this VFS reads version {FORMAT_VERSION}"
+                f"{location} has format version {attrs.get('format_version')}; "
+                f"this VFS reads version {FORMAT_VERSION}"
             )
         self.attrs = attrs
         self.allow_partial = allow_partial
@@ -84,19 +87,28 @@ class FeatureCache:
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
         try:
-            self.features, self.sqnorm, self.thumbs = (member_array(group, a) for a in ("features", "sqnorm", "thumbs"))
+            self.features, self.sqnorm, self.thumbs = (
+                member_array(group, a) for a in ("features", "sqnorm", "thumbs")
+            )
         except KeyError as e:
             raise CacheError(f"{location} is missing the array {e}") from e
         except Exception as e:  # metadata zarr cannot parse (unknown codec, data type, ...)
-            raise CacheError(f"{location}: an array's metadata cannot be read ({type(e).__name__}: {e})") from e
+            raise CacheError(
+                f"{location}: an array's metadata cannot be read ({type(e).__name__}: {e})"
+            ) from e
         for arr, dtype in ((self.features, "float16"), (self.sqnorm, "float32"), (self.thumbs, "uint8")):
             check_array(arr, location, dtype)
             check_chunk_size(arr, location)
         h, w = self.spec.grid
         expect = (self.features.shape[0], h, w, self.spec.channels)
-        if self.features.shape != expect or self.sqnorm.shape != expect[:3] or self.features.shape[0] < self.n:
+        if (
+            self.features.shape != expect
+            or self.sqnorm.shape != expect[:3]
+            or self.features.shape[0] < self.n
+        ):
             raise CacheError(
-                f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} do not match the spec {expect}"
+                f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} "
+                f"do not match the spec {expect}"
             )
         every_chunk_stored = bool(attrs.get("all_chunks_stored"))
         self._features: RowReader = row_reader(self.features, location, every_chunk_stored)
@@ -207,23 +219,53 @@ class FeatureCache:
         }
 
     def check_extractor(self, description: dict[str, Any]) -> None:
-        """Refuse an extractor that is not the one the cache was built with (model, layer, input size, grid)."""
-        mine = {
+        """Refuse an extractor whose features cannot be compared with the cache's (an `Extractor.describe()`).
+
+        Layer, input size, grid, channels and preprocessing must be the cache's (grid, channels and
+        preprocessing when described: every `Extractor` describes them). The model spec must be too,
+        except for an extractor made from a module (`extractor_from_module`): that is its user's
+        statement that it is the cache's architecture, e.g. with edited weights, whose features are
+        meant to differ.
+        """
+        architecture = "the model is not the cache's architecture at this layer"
+        next_steps = {
+            "spec": "load the cache's model, or make the extractor from a model object with "
+            "vfs.models.extractor_from_module (e.g. an edited copy of the cache's model)",
+            "layer": "use the cache's layer (cache.spec.layer)",
+            "input_size": "use the cache's input size (cache.spec.input_size; for "
+            "extractor_from_module, preprocess=cache.spec.preprocess)",
+            "grid": architecture,
+            "channels": architecture,
+            "preprocess": "make the extractor with the cache's preprocessing (cache.spec.preprocess)",
+        }
+        mine: dict[str, Any] = {
             "spec": self.spec.model,
             "layer": self.spec.layer,
             "input_size": self.spec.input_size,
             "grid": list(self.spec.grid),
             "channels": self.spec.channels,
+            "preprocess": self.spec.preprocess.to_dict(),
         }
-        for key, value in mine.items():
-            theirs = description.get(key)
-            if key == "grid" and theirs is not None:
-                theirs = list(theirs)
-            if (key in ("spec", "layer", "input_size") or theirs is not None) and theirs != value:
-                raise CacheError(
-                    f"the cache {self.location} was built with {key} {value!r}, "
-                    f"not {theirs!r}: its features cannot be compared with this extractor's"
-                )
+        theirs: dict[str, Any] = {key: description.get(key) for key in mine}
+        if theirs["grid"] is not None:
+            theirs["grid"] = list(theirs["grid"])
+        if theirs["preprocess"] is not None:  # the same values whether from JSON or from a Preprocess
+            theirs["preprocess"] = Preprocess.from_dict(theirs["preprocess"]).to_dict()
+        skipped = {key for key in ("grid", "channels", "preprocess") if theirs[key] is None}
+        if isinstance(theirs["spec"], str) and is_module_spec(theirs["spec"]):
+            skipped.add("spec")
+        wrong = next((key for key in mine if key not in skipped and theirs[key] != mine[key]), None)
+        if wrong is None:
+            return
+        if wrong == "preprocess":
+            a, b = mine[wrong], theirs[wrong]
+            shown = "; ".join(f"{key} {a[key]!r}, not {b[key]!r}" for key in a if a[key] != b[key])
+        else:
+            shown = f"{mine[wrong]!r}, not {theirs[wrong]!r}"
+        raise CacheError(
+            f"the cache {self.location} was built with {wrong} {shown}: its features cannot be compared "
+            f"with this extractor's; {next_steps[wrong]}"
+        )
 
     def check_searchable(self) -> None:
         """Refuse to search an incomplete cache unless it was opened with `allow_partial=True`."""
@@ -321,7 +363,9 @@ class FeatureCache:
             q = self._sqnorm.read(start, stop)
         if not np.isfinite(q).all():
             bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
-            raise CacheError(f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it")
+            raise CacheError(
+                f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it"
+            )
         return q
 
     def _ranges(self, rows: int) -> list[tuple[int, int]]:
@@ -375,7 +419,9 @@ class FeatureCache:
                 yield a, _on(device, features), torch.from_numpy(sq).to(device)
                 del features, sq
 
-    def _fetch(self, start: int, stop: int, mapped: bool) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
+    def _fetch(
+        self, start: int, stop: int, mapped: bool
+    ) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
         with self._reading(f"rows {start}..{stop - 1}"):
             x = self._features.stream(start, stop) if mapped else self._features.read(start, stop)
         return x, self._read_sqnorm(start, stop)
@@ -415,7 +461,9 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
     return FeatureCache(group, location, allow_partial=allow_partial)
 
 
-def cache_row(location: str, opened: FeatureCache | CacheError, size_bytes: int | None = None) -> dict[str, Any]:
+def cache_row(
+    location: str, opened: FeatureCache | CacheError, size_bytes: int | None = None
+) -> dict[str, Any]:
     """One row of a list of caches (the app's cache lists): what it is, or why it cannot be opened."""
     row = {"name": cache_name(location), "path": location, "complete": False, "size_bytes": size_bytes}
     if isinstance(opened, CacheError):
