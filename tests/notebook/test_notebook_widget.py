@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import skimage.data
+import torch
 from nbhelpers import FACE
 from PIL import Image
 
 from vfs.cache import CacheError
+from vfs.data import EMBEDDED_DATASET
+from vfs.jobs import BuildJob, build_cache
 from vfs.masks import grid_mask
-from vfs.models import load_extractor
+from vfs.models import extractor_from_module, load_extractor, load_model
 from vfs.notebook import SearchWidget
 from vfs.notebook.widget import PAINT_HINT
 from vfs.search import search_regions
@@ -146,6 +150,60 @@ def test_extractor_is_checked_against_the_cache(demo_cache):
         SearchWidget(demo_cache, query=Image.fromarray(skimage.data.astronaut()), extractor=other_layer)
     with pytest.raises(ValueError, match="extractor= is for a query image"):
         SearchWidget(demo_cache, query=3, extractor=other_layer)
+
+
+@pytest.fixture(scope="module")
+def edited_model(demo_cache):
+    """The cache's model with some weights of its last stage perturbed, as a model editor would."""
+    edited, _ = load_model(demo_cache.spec.model)  # embedded:efficientnet_lite0, a fresh copy
+    weight = edited.blocks[5][0].conv_pw.weight
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        weight.add_(0.5 * weight.std() * noise)
+    return edited
+
+
+def test_an_edited_model_queries_the_cache(demo_cache, edited_model):
+    image = Image.fromarray(skimage.data.astronaut())
+    spec = demo_cache.spec
+    extractor = extractor_from_module(edited_model, spec.layer, spec.preprocess, name="edited")
+    w = SearchWidget(demo_cache, query=image, extractor=extractor)
+    features = extractor.features(image)
+    original = load_extractor(spec.model, spec.layer, spec.input_size).features(image)
+    assert features.shape == original.shape and not np.allclose(features, original, atol=1e-2)
+    mask = np.zeros(spec.grid, dtype=np.float32)
+    mask[1:4, 2:5] = 1
+    assert_same(w.search(mask), search_regions(demo_cache, features, mask))
+
+
+def test_an_edited_model_is_refused_at_another_layer_size_or_preprocessing(demo_cache, edited_model):
+    image = Image.fromarray(skimage.data.astronaut())
+    spec = demo_cache.spec
+    for layer, preprocess, message in [
+        ("blocks.4", spec.preprocess, "built with layer 'blocks.5', not 'blocks.4'.*cache.spec.layer"),
+        (spec.layer, spec.preprocess.with_input_size(2 * spec.input_size),
+         f"built with input_size {spec.input_size}, not {2 * spec.input_size}"),
+        (spec.layer, replace(spec.preprocess, interpolation="nearest"),
+         "built with preprocess interpolation 'bicubic', not 'nearest'.*cache.spec.preprocess"),
+    ]:
+        extractor = extractor_from_module(edited_model, layer, preprocess, name="edited")
+        with pytest.raises(CacheError, match=message):
+            SearchWidget(demo_cache, query=image, extractor=extractor)
+
+
+def test_a_cache_built_from_a_module_records_it(demo_cache, edited_model, tmp_path):
+    spec = demo_cache.spec
+    extractor = extractor_from_module(edited_model, spec.layer, spec.preprocess, name="edited")
+    job = BuildJob(layer=spec.layer, data=EMBEDDED_DATASET, out=str(tmp_path / "edited.zarr"), limit=6)
+    cache = build_cache(job, extractor=extractor)
+    assert cache is not None and cache.spec.model == "module:edited"
+    image = Image.fromarray(skimage.data.astronaut())
+    SearchWidget(cache, query=image, extractor=extractor)
+    original = load_extractor(spec.model, spec.layer, spec.input_size)
+    with pytest.raises(CacheError, match="built with spec 'module:edited'.*extractor_from_module"):
+        SearchWidget(cache, query=image, extractor=original)
+    with pytest.raises(ValueError, match="'module:edited' names a model that was a Python object"):
+        SearchWidget(cache, query=image)  # the cache's own model: only its user holds it
 
 
 def test_engine_imports_without_the_notebook_stack():

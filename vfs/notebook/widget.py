@@ -82,9 +82,10 @@ class SearchWidget(anywidget.AnyWidget):
 
     `query` is a dataset index, or a PIL image (or image file) whose features come from
     `extractor` — by default the cache's own model; an extractor of your own (e.g. an edited
-    model) must match the cache's layer and grid. After each stroke `result` holds the
-    `SearchResult` (its `.top` table and every image's `.scores`) and `mask` the grid mask used;
-    `widget.observe(callback, names="result")` runs your analysis after every search.
+    model, `vfs.extractor_from_module`) must match the cache's layer, grid and preprocessing.
+    After each stroke `result` holds the `SearchResult` (its `.top` table and every image's
+    `.scores`) and `mask` the grid mask used; `widget.observe(callback, names="result")` runs
+    your analysis after every search.
     `search(mask)` searches a grid mask from Python. Errors are shown in the widget.
     """
 
