@@ -18,10 +18,11 @@ layer of the network.
 """)
 
 s = settings()
+build_step = ["**Build** a feature cache: one layer of one model over a dataset, computed once."]
 steps = [
-    *(["**Build** a feature cache: one layer of one model over a dataset, computed once."] if s.allow_build else []),
-    f"**Search**{'' if s.allow_build else ' a cache this server offers (below)'}: pick a query image, paint a region, "
-    "see the top matches with their windows outlined.",
+    *(build_step if s.allow_build else []),
+    f"**Search**{'' if s.allow_build else ' a cache this server offers (below)'}: pick a query image, "
+    "paint a region, see the top matches with their windows outlined.",
     "**Distributions**: every image's best score grouped by a label: does the region tell the groups apart?",
     "**Compare**: the same query in two caches of one dataset (two models, two layers, two checkpoints).",
 ]
@@ -35,7 +36,7 @@ if s.allow_build and not (demo_row and demo_row["complete"]) and not (demo_build
     st.button("Build the demo cache" if demo_row is None else "Resume building the demo cache", type="primary",
               key="home.demo", on_click=start_build, args=(BuildJob.from_toml(DEMO_JOB, out=str(demo)),))
     st.caption("EfficientNet-Lite0 (its weights ship with the installed package) on 213 scikit-image sample "
-               "photos and faces: offline, about a minute on two CPU cores.")
+               "photos and faces, offline: 10–15 s on two idle CPU cores, 20–45 s on two busy ones.")
 if s.allow_build:
     build_panel()
 
@@ -43,8 +44,8 @@ st.header("Caches" if s.allow_build else "Caches this server offers")
 if rows:
     cache_table(rows)
     if not s.allow_build:  # visitors did not build these: say how they were made
-        st.markdown("\n".join(["How they were built, as each cache records it:", "",
-                                *(f"- {cache_provenance(get_cache(r['path']))}" for r in rows if r["complete"])]))
+        built = [f"- {cache_provenance(get_cache(r['path']))}" for r in rows if r["complete"]]
+        st.markdown("\n".join(["How they were built, as each cache records it:", "", *built]))
     links = st.columns(4)
     links[0].page_link("app_pages/search.py", label="Search a cache", icon=":material/image_search:")
     links[1].page_link("app_pages/distributions.py", label="Score distributions", icon=":material/bar_chart:")
