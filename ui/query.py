@@ -26,7 +26,7 @@ from vfs.search import SearchResult, search_regions
 from .core import CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, thumbs, user_errors
 
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
-TOOLBAR_PX = 150  # the canvas's own toolbar (undo, redo, clear) shows over the line above its top-right corner
+TOOLBAR_PX = 150  # the canvas's toolbar (undo, redo, clear) shows over the line above its top-right corner
 PAINT = "rgba(255, 96, 0, 0.45)"  # strokes show the image through them; any paint counts fully
 DATASET, UPLOAD = "Dataset image", "Upload"
 FROM, INDEX, UPLOADED, REGION = "vfs.query.from", "vfs.query.index", "vfs.upload", "vfs.region"

@@ -261,8 +261,9 @@ def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches,
     built = next(m.value for m in at.markdown if m.value.startswith("How they were built")).split("\n- ")[1:]
     assert [b.split("**")[1] for b in built] == ["findings", "small", "small_b4"]
     small = built[1]
-    for fact in ("`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)", "over `embedded:skimage`",
-                 "centre-cropped to 224 px", f"; {SMALL} images;", "domains from column `source`", "built on 20", "torch "):
+    for fact in ("`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)",
+                 "over `embedded:skimage`", "centre-cropped to 224 px", f"; {SMALL} images;",
+                 "domains from column `source`", "built on 20", "torch "):
         assert fact in small, (fact, small)
     assert "; 6 images;" in built[0] and "domains from column `view`" in built[0]
     assert "layer `blocks.4` (14×14 cells × 112 channels)" in built[2]

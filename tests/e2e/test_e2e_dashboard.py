@@ -368,7 +368,8 @@ CANVAS_PX = 320
 ELEMENT_BOXES = """() => [...document.querySelectorAll('[data-testid="stElementContainer"]')].map(e => {
   const r = e.getBoundingClientRect();
   return {x: r.x, y: r.y, width: r.width, height: r.height,
-          what: (e.firstElementChild?.dataset.testid || '?') + ': ' + (e.innerText || '').trim().split('\\n')[0]};
+          what: (e.firstElementChild?.dataset.testid || '?') + ': '
+                + (e.innerText || '').trim().split('\\n')[0]};
 }).filter(b => b.width > 0 && b.height > 0)"""
 
 
@@ -384,7 +385,7 @@ def inside(inner: dict, outer: dict) -> bool:
 
 def toolbar_clear(page, where: str) -> None:
     """Hover the canvas; then the canvas shows whole, and its toolbar (undo, redo, clear) overlaps neither the
-    brush-size slider nor any other element of the page but the canvas (screenshot: test-artifacts/toolbar-*.png)."""
+    brush-size slider nor any other element of the page but the canvas (screenshots: test-artifacts/)."""
     canvas = page.locator("canvas.upper-canvas")
     expect(canvas).to_be_visible()
     canvas.scroll_into_view_if_needed()
@@ -394,11 +395,13 @@ def toolbar_clear(page, where: str) -> None:
     expect(toolbar).to_have_css("opacity", "1")  # faded in and moved up: its transitions are over
     bar = toolbar.bounding_box()
     page.screenshot(path=str(artifact(f"toolbar-{where}.png")),
-                    clip={"x": 0, "y": max(0, bar["y"] - 200), "width": page.viewport_size["width"], "height": 760})
+                    clip={"x": 0, "y": max(0, bar["y"] - 200), "width": page.viewport_size["width"],
+                          "height": 760})
     shown = page.locator(".dc-root").bounding_box()["width"]
     assert shown == CANVAS_PX, f"{where}: the canvas is clipped to {shown} px of {CANVAS_PX}"
-    slider = page.get_by_test_id("stSlider").filter(has=page.get_by_text("Brush size", exact=True)).bounding_box()
-    assert not overlap(bar, slider), f"{where}: the canvas toolbar {bar} overlaps the brush-size slider {slider}"
+    brush = page.get_by_test_id("stSlider").filter(has=page.get_by_text("Brush size", exact=True))
+    slider = brush.bounding_box()
+    assert not overlap(bar, slider), f"{where}: the canvas toolbar {bar} overlaps the brush slider {slider}"
     covered = [e["what"] for e in page.evaluate(ELEMENT_BOXES) if overlap(bar, e) and not inside(box, e)]
     assert not covered, f"{where}: the canvas toolbar {bar} overlaps {covered}"
 
