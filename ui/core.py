@@ -19,8 +19,9 @@ import streamlit as st
 
 from vfs.background import BuildRegistry
 from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cache
+from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
-from vfs.models import Extractor, LayerInfo, list_layers, load_extractor
+from vfs.models import Extractor, LayerError, LayerInfo, list_layers, load_extractor
 from vfs.settings import Settings, is_remote
 from vfs.stats import label_groups
 
@@ -37,6 +38,9 @@ def user_errors() -> Iterator[None]:
     and stop the page there."""
     try:
         yield
+    except LayerError as e:  # names the page's layer list, not a Python call
+        st.error(e.message("the Build page's layer list"))
+        st.stop()
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable …
         st.error(str(e) or type(e).__name__)
         st.stop()
@@ -97,6 +101,20 @@ def _open_cache(location: str, stamp: int) -> FeatureCache:
 def get_cache(location: str) -> FeatureCache:
     """The cache at `location`, opened once per server (and again after it is rewritten)."""
     return _open_cache(location, _stamp(location))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
+def _shards(location: str, stamp: int, address: str, shards: int) -> ShardedSearch:
+    return ShardedSearch(location, shards=shards, address=address)
+
+
+def sharded_search(cache: FeatureCache) -> ShardedSearch | None:
+    """The cache's shards on the Ray cluster when `VFS_RAY_ADDRESS` and `VFS_RAY_SHARDS` are set (started
+    once per server and kept between queries), else None: searches run in this process."""
+    s = settings()
+    if not (s.ray_address and s.ray_shards) or not cache.complete:
+        return None
+    return _shards(cache.location, _stamp(cache.location), s.ray_address, s.ray_shards)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import streamlit as st
@@ -23,7 +24,8 @@ from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.search import SearchResult, search_regions
 
-from .core import CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, thumbs, user_errors
+from .core import (CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, sharded_search, thumbs,
+                   user_errors)
 
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
 TOOLBAR_PX = 150  # the canvas's toolbar (undo, redo, clear) shows over the line above its top-right corner
@@ -160,9 +162,9 @@ def pick_query(cache: FeatureCache, key: str) -> Query:
 
 
 def _uploaded_image(query: Query) -> Image.Image:
-    digest, _, data = st.session_state[UPLOADED]
+    digest, name, data = st.session_state[UPLOADED]
     with user_errors():
-        return memo("upload", digest, lambda: load_image(data))
+        return memo("upload", digest, lambda: load_image(data, name=f"the upload {name}"))
 
 
 def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
@@ -252,8 +254,10 @@ def run_search(cache: FeatureCache, query: Query, region: Region, k: int = 10, e
 
     def search() -> SearchResult:
         candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy() if labels else None
-        return search_regions(cache, query_features(cache, query), mask, k=k, exclude=exclude,
-                              per_domain=per_domain, candidates=candidates)
+        sharded = sharded_search(cache)  # on a Ray cluster when the app is configured so
+        search = partial(search_regions, cache) if sharded is None else sharded.search
+        return search(query_features(cache, query), mask, k=k, exclude=exclude, per_domain=per_domain,
+                      candidates=candidates)
 
     with user_errors():
         return memo(f"search.{cache.location}", key, search)

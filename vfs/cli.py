@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,9 +120,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
     show: _ProgressBar | _ProgressLines = (_ProgressBar(name) if sys.stderr.isatty()
                                            else _ProgressLines(name, _progress_every_s()))
     try:
-        cache = build_cache(job, progress=show, cancel=threading.Event())
+        cache = build_cache(job, progress=show)
     finally:
         show.close()
+    assert cache is not None  # None means cancelled, and the CLI never cancels
     report = cache.report
     print(f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
           f"{len(report.get('skipped', []))} skipped")

@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
-from .data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping, open_dataset
+from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 
@@ -106,7 +106,7 @@ def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
     h, w = d["grid"]
     return CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=(h, w),
                      channels=d["channels"], preprocess=extractor.preprocess,
-                     data=DataSpec(dataset.spec.source, dataset.label_col, dataset.domain_col))
+                     data=dataset.spec)
 
 
 def build_cache(
