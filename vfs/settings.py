@@ -10,7 +10,9 @@ Environment variables (on Streamlit Community Cloud, root-level secrets become v
 - ``VFS_HOSTED``: ``1`` for a hosted instance (default ``0``);
 - ``VFS_ALLOW_BUILD``: ``0`` switches building from the UI off (default ``1``; always off when hosted);
 - ``VFS_MAX_UPLOAD_MB``: the largest query image accepted (default 20);
-- ``VFS_REMOTE_CACHES``: comma-separated cache URLs (http, https, s3) listed beside the local ones.
+- ``VFS_REMOTE_CACHES``: comma-separated cache URLs (http, https, s3) listed beside the local ones;
+- ``VFS_RAY_ADDRESS``: a Ray cluster (``auto``, ``ray://host:10001``): builds may run there (docs/cluster.md);
+- ``VFS_RAY_SHARDS``: with ``VFS_RAY_ADDRESS``, searches run on that many shards of the cache there.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Settings:
     allow_build: bool = True
     max_upload_mb: int = 20
     remote_caches: tuple[str, ...] = ()
+    ray_address: str | None = None
+    ray_shards: int = 0  # 0: searches run in the app's process
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,12 +90,20 @@ class Settings:
         for url in remote:
             if not is_remote(url):
                 raise ValueError(f"VFS_REMOTE_CACHES: {url!r} is not an {'/'.join(REMOTE_SCHEMES)} URL")
+        address = env.get("VFS_RAY_ADDRESS", "").strip() or None
+        shards = env.get("VFS_RAY_SHARDS", "").strip() or "0"
+        if not shards.isdigit():
+            raise ValueError(f"VFS_RAY_SHARDS={shards!r}: expected a whole number of shards")
+        if int(shards) and address is None:
+            raise ValueError("VFS_RAY_SHARDS needs VFS_RAY_ADDRESS: the Ray cluster the shards run on")
         return cls(
             cache_dir=Path(env.get("VFS_CACHE_DIR") or "caches"),
             hosted=hosted,
             allow_build=_flag(env, "VFS_ALLOW_BUILD", True) and not hosted,
             max_upload_mb=max_upload,
             remote_caches=remote,
+            ray_address=address,
+            ray_shards=int(shards),
         )
 
     def cache_path(self, name: str) -> Path:
