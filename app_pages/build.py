@@ -99,13 +99,15 @@ suggested = default_name(source, spec, layer)
 name = st.text_input("Cache name", key=bind("build.name", ""), placeholder=suggested).strip() or suggested
 with user_errors():
     out = s.cache_path(name)
-cluster = f"The Ray cluster at {s.ray_address}"
-where = st.radio("Run on", ["This machine", cluster], horizontal=True, key=bind("build.where", "This machine", options=("This machine", cluster)),
-                 help="VFS_RAY_ADDRESS names a Ray cluster: images are decoded and the model runs on its nodes, "
-                      "which must read the dataset at the same path (docs/cluster.md).") if s.ray_address else None
+HERE, cluster = "This machine", f"The Ray cluster at {s.ray_address}"
+where = st.radio("Run on", [HERE, cluster], key=bind("build.where", HERE, options=(HERE, cluster)),
+                 horizontal=True,
+                 help="VFS_RAY_ADDRESS names a Ray cluster: images are decoded and the model runs on "
+                      "its nodes, which must read the dataset at the same path (docs/cluster.md).",
+                 ) if s.ray_address else HERE
+on_ray = {"engine": "ray", "address": s.ray_address} if where == cluster else {}
 job = BuildJob(layer=layer, data=source, out=str(out), model=spec.strip(), label_col=None if label == NONE else label,
-               domain_col=None if domain == NONE else domain, image_size=size, limit=limit,
-               **({"engine": "ray", "address": s.ray_address} if where == cluster else {}))
+               domain_col=None if domain == NONE else domain, image_size=size, limit=limit, **on_ray)
 rows = cache_rows()
 existing = next((r for r in rows if Path(r["path"]) == out), None)
 current = registry.get(out)

@@ -22,6 +22,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         raise RuntimeError(RAY_MISSING) from e
     if ray.is_initialized():
         return
-    local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
-    ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]},
-             log_to_driver=False, **local)
+    ray.init(
+        address=address,
+        num_cpus=num_cpus,
+        include_dashboard=False if address is None else None,
+        runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]},
+        log_to_driver=False,
+    )

@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +90,7 @@ class WorkerPool:
     gpus: float
 
     @classmethod
-    def plan(cls, workers: int, gpus_per_worker: float | None, resources: dict[str, float]) -> "WorkerPool":
+    def plan(cls, workers: int, gpus_per_worker: float | None, resources: dict[str, float]) -> WorkerPool:
         """One actor per GPU (or `gpus_per_worker` each) where the cluster has GPUs; on CPUs, `workers`
         actors (default 1) sharing all CPUs but one, which is left to the decoding tasks — an actor
         pool holding every CPU would starve them and stall the pipeline."""
@@ -103,8 +102,15 @@ class WorkerPool:
         return cls(size, max(cpus - 1, cpus / 2) / size, 0.0)
 
 
-def run_on_ray(job: BuildJob, dataset: ImageDataset, preprocess: Preprocess, writer: CacheWriter, thumb: int,
-               progress: Callable[[BuildProgress], None] | None, cancel: threading.Event | None) -> None:
+def run_on_ray(
+    job: BuildJob,
+    dataset: ImageDataset,
+    preprocess: Preprocess,
+    writer: CacheWriter,
+    thumb: int,
+    progress: Callable[[BuildProgress], None] | None,
+    cancel: threading.Event | None,
+) -> None:
     """Compute and store every candidate from the writer's `next_item` on (see the module's doc)."""
     connect(job.address)
     import ray
@@ -112,7 +118,7 @@ def run_on_ray(job: BuildJob, dataset: ImageDataset, preprocess: Preprocess, wri
 
     start, b = writer.next_item, job.batch_size
     paths = dataset.records["path"].astype(str).tolist()
-    batches = [{"start": a, "paths": paths[a:a + b]} for a in range(start - start % b, len(paths), b)]
+    batches = [{"start": a, "paths": paths[a : a + b]} for a in range(start - start % b, len(paths), b)]
     if not batches:
         return
     pool = WorkerPool.plan(job.workers, job.gpus_per_worker, ray.cluster_resources())
@@ -120,22 +126,28 @@ def run_on_ray(job: BuildJob, dataset: ImageDataset, preprocess: Preprocess, wri
     context.execution_options.preserve_order = True  # the writer stores in manifest order
     context.enable_progress_bars = False  # VFS reports its own progress …
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # … and Ray Data's periodic log of it is noise
-    rows = (ray.data.from_items(batches, override_num_blocks=len(batches))
-            .map(_Decode(dataset.reader, preprocess, thumb))
-            .map_batches(_Extract, fn_constructor_args=(job.model, job.layer, job.image_size, job.device,
-                                              torch.get_num_threads()),
-                         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.size),
-                         num_cpus=pool.cpus, num_gpus=pool.gpus))
+    rows = (
+        ray.data.from_items(batches, override_num_blocks=len(batches))
+        .map(_Decode(dataset.reader, preprocess, thumb))
+        .map_batches(
+            _Extract,
+            fn_constructor_args=(job.model, job.layer, job.image_size, job.device, torch.get_num_threads()),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool.size),
+            num_cpus=pool.cpus,
+            num_gpus=pool.gpus,
+        )
+    )
     meter = _Meter(start, len(paths), writer.rows, len(writer.skipped))
-    with closing(iter(rows.iter_rows())) as results:
-        for row in results:
-            if cancel is not None and cancel.is_set():
-                break
-            failures = {int(i): reason for i, reason in json.loads(row["failures"])}
-            items, good = row["items"].tolist(), row["good"].tolist()
-            _write(writer, items, good, row["features"], row["thumbs"], failures, start)
-            if progress is not None:
-                progress(meter.report(items, failures))
+    for row in rows.iter_rows():  # leaving the loop (cancel) closes the iterator, which stops the pipeline
+        if cancel is not None and cancel.is_set():
+            break
+        failures = {int(i): reason for i, reason in json.loads(row["failures"])}
+        items, good = row["items"].tolist(), row["good"].tolist()
+        _write(writer, items, good, row["features"], row["thumbs"], failures, start)
+        if progress is not None:
+            progress(meter.report(items, failures))
 
 
 class _Meter:
@@ -150,5 +162,11 @@ class _Meter:
         self.failed += sum(1 for i in failures if i >= self.start)
         rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
         left = self.total - self.start - self.done
-        return BuildProgress(self.start + self.done, self.total, self.stored + self.done - self.failed,
-                             self.skipped + self.failed, rate, left / rate if rate > 0 else None)
+        return BuildProgress(
+            self.start + self.done,
+            self.total,
+            self.stored + self.done - self.failed,
+            self.skipped + self.failed,
+            rate,
+            left / rate if rate > 0 else None,
+        )

@@ -17,7 +17,7 @@ from ..sources import even_slices
 
 
 class CacheRows:
-    """Rows start..stop-1 of a cache, resident on `device`, as a search source (`vfs.sources.FeatureSource`)."""
+    """Rows start..stop-1 of a cache, resident on `device`: a search source (`vfs.sources.FeatureSource`)."""
 
     def __init__(self, cache: FeatureCache, start: int, stop: int, device: torch.device):
         n = cache.shape[0]
@@ -29,7 +29,9 @@ class CacheRows:
         self._x = torch.from_numpy(cache.rows(np.arange(start, stop))).to(device)
         sq = np.asarray(cache.sqnorm[start:stop], dtype=np.float32)
         if not np.isfinite(sq).all():
-            raise CacheError(f"the cache at {cache.location} holds NaN or inf features in rows {start}..{stop - 1}")
+            raise CacheError(
+                f"the cache at {cache.location} holds NaN or inf features in rows {start}..{stop - 1}"
+            )
         self._sq = torch.from_numpy(sq).to(device)
         self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)
         domains = cache.domains
@@ -59,7 +61,11 @@ class CacheRows:
             yield a, self._x[a:b], self._sq[a:b]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        return self._x.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=self._x.device)).cpu().numpy()
+        return (
+            self._x.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=self._x.device))
+            .cpu()
+            .numpy()
+        )
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         return self._x if device == self._x.device else None

@@ -26,9 +26,10 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,8 @@ from . import connect
 from .rows import CacheRows
 
 RESTARTS = 3
-"""Restarts Ray makes of a shard whose process died (each reloads its rows), and retries of a query it was answering."""
+"""Restarts Ray makes of a shard whose process died (each reloads its rows), and retries of the
+query it was answering."""
 
 
 class ShardError(RuntimeError):
@@ -63,18 +65,28 @@ class Shard:
     """A shard's actor: rows start..stop-1 of the cache, resident on its device, searched by the engine."""
 
     def __init__(self, location: str, start: int, stop: int, device: str, allow_partial: bool):
-        self.rows = CacheRows(open_cache(location, allow_partial=allow_partial), start, stop, resolve_device(device))
+        self.rows = CacheRows(
+            open_cache(location, allow_partial=allow_partial), start, stop, resolve_device(device)
+        )
 
-    def search(self, query: RegionQuery, k: int, per_domain: int | None, candidates: np.ndarray | None) -> ShardAnswer:
-        r = search_regions(self.rows, query, k=k, per_domain=per_domain, candidates=candidates, device=self.rows.device)
+    def search(
+        self, query: RegionQuery, k: int, per_domain: int | None, candidates: np.ndarray | None
+    ) -> ShardAnswer:
+        r = search_regions(
+            self.rows, query, k=k, per_domain=per_domain, candidates=candidates, device=self.rows.device
+        )
         top = r.top.assign(index=r.top["index"] + self.rows.start)
         return ShardAnswer(r.scores, r.placements, top, r.method, r.device, r.rescored)
 
     def status(self) -> dict[str, Any]:
         """What this shard holds, and what its process has cost (docs/scale.md)."""
-        return {"pid": os.getpid(), "rows": (self.rows.start, self.rows.stop), "device": str(self.rows.device),
-                "resident_bytes": self.rows.nbytes,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "pid": os.getpid(),
+            "rows": (self.rows.start, self.rows.stop),
+            "device": str(self.rows.device),
+            "resident_bytes": self.rows.nbytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
 
 class ShardedSearch:
@@ -85,21 +97,35 @@ class ShardedSearch:
     cluster's GPUs, at most one, so several shards can share a GPU; none on a CPU cluster).
     """
 
-    def __init__(self, cache_location: str | Path, shards: int = 4, address: str | None = None,
-                 device: str = "auto", allow_partial: bool = False, cpus_per_shard: float = 1.0,
-                 gpus_per_shard: float | None = None):
+    def __init__(
+        self,
+        cache_location: str | Path,
+        shards: int = 4,
+        address: str | None = None,
+        device: str = "auto",
+        allow_partial: bool = False,
+        cpus_per_shard: float = 1.0,
+        gpus_per_shard: float | None = None,
+    ):
         connect(address)
         import ray
 
-        self.cache = open_cache(cache_location, allow_partial=allow_partial)  # attributes; a query's row; heat maps
+        self.cache = open_cache(
+            cache_location, allow_partial=allow_partial
+        )  # attributes; a query's row; heat maps
         n = self.cache.shape[0]
         if not 1 <= shards <= n:
             raise ValueError(f"shards must be 1..{n} (the cache's images), not {shards}")
         edges = [round(i * n / shards) for i in range(shards + 1)]
         self.ranges = list(zip(edges[:-1], edges[1:]))
-        gpus = min(1.0, ray.cluster_resources().get("GPU", 0.0) / shards) if gpus_per_shard is None else gpus_per_shard
-        self._actor = ray.remote(Shard).options(num_cpus=cpus_per_shard, num_gpus=gpus,
-                                                max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        gpus = (
+            min(1.0, ray.cluster_resources().get("GPU", 0.0) / shards)
+            if gpus_per_shard is None
+            else gpus_per_shard
+        )
+        self._actor = ray.remote(Shard).options(
+            num_cpus=cpus_per_shard, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS
+        )
         self._args = (str(cache_location), device, allow_partial)
         self._down: set[int] = set()
         self._shards = [self._start(i) for i in range(shards)]
@@ -122,12 +148,21 @@ class ShardedSearch:
                 out.append(ray.get(ref))
             except RayTaskError as e:  # raised by the engine: a user's error comes back as itself
                 user = isinstance(e.cause, ValueError)  # bad query, mask, k …; CacheError
-                errors.append(e.cause if user else ShardError(
-                    f"shard {i} (rows {a}..{b - 1}) failed: {type(e.cause).__name__}: {e.cause}"))
+                errors.append(
+                    e.cause
+                    if user
+                    else ShardError(
+                        f"shard {i} (rows {a}..{b - 1}) failed: {type(e.cause).__name__}: {e.cause}"
+                    )
+                )
             except RayActorError as e:
                 self._down.add(i)
-                errors.append(ShardError(f"shard {i} (rows {a}..{b - 1} of {self.cache.location}) is down: "
-                                         f"{_cause(e)}; the next search starts it again"))
+                errors.append(
+                    ShardError(
+                        f"shard {i} (rows {a}..{b - 1} of {self.cache.location}) is down: "
+                        f"{_cause(e)}; the next search starts it again"
+                    )
+                )
         if errors:
             raise errors[0]
         return out
@@ -136,9 +171,15 @@ class ShardedSearch:
         """Each shard's pid, rows, device and memory."""
         return self._gather([s.status.remote() for s in self._shards])
 
-    def search(self, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None = None, k: int = 10,
-               exclude: int | Iterable[int] | None = None, per_domain: int | None = None,
-               candidates: np.ndarray | None = None) -> SearchResult:
+    def search(
+        self,
+        query: np.ndarray | int | RegionQuery,
+        mask: np.ndarray | None = None,
+        k: int = 10,
+        exclude: int | Iterable[int] | None = None,
+        per_domain: int | None = None,
+        candidates: np.ndarray | None = None,
+    ) -> SearchResult:
         """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc)."""
         import ray
 
@@ -150,17 +191,28 @@ class ShardedSearch:
         rq = _region_query(self.cache, query, mask)
         eligible = _eligible(n, candidates, exclude)
         shared = ray.put(rq)
-        answers: list[ShardAnswer] = self._gather([
-            s.search.remote(shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b])
-            for s, (a, b) in zip(self._shards, self.ranges)])
+        answers: list[ShardAnswer] = self._gather(
+            [
+                s.search.remote(shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b])
+                for s, (a, b) in zip(self._shards, self.ranges)
+            ]
+        )
         tops = pd.concat([a.top for a in answers], ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
         picked = _select(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
         top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
         return SearchResult(
-            np.concatenate([a.scores for a in answers]), np.concatenate([a.placements for a in answers]), top, rq,
-            (h, w), answers[0].method, answers[0].device, (time.perf_counter() - t0) * 1e3,
-            sum(a.rescored for a in answers), self.cache)
+            np.concatenate([a.scores for a in answers]),
+            np.concatenate([a.placements for a in answers]),
+            top,
+            rq,
+            (h, w),
+            answers[0].method,
+            answers[0].device,
+            (time.perf_counter() - t0) * 1e3,
+            sum(a.rescored for a in answers),
+            self.cache,
+        )
 
     def close(self) -> None:
         """Stop the shards (they also stop when this object is garbage-collected)."""
@@ -170,7 +222,7 @@ class ShardedSearch:
             ray.kill(s)
         self._shards = []
 
-    def __enter__(self) -> "ShardedSearch":
+    def __enter__(self) -> ShardedSearch:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,106 @@
+"""Builds on a local Ray cluster equal the single-process build, survive a killed actor, and resume
+after a killed driver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from clusterhelpers import assert_same_cache, job
+
+from vfs import build_cache, open_cache
+from vfs.cluster.build import WorkerPool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _extractor_pids() -> list[int]:
+    """Processes of the build's extractor actors (Ray titles them after the map_batches class)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"MapBatches(_Extract)" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process in /proc")
+def test_two_workers_one_killed_build_the_single_process_cache(cluster, manifest, reference, tmp_path):
+    """Equal features (bitwise), skipped files and order; an actor killed mid-build is restarted by Ray
+    and its batches recomputed: nothing lost, nothing twice."""
+    seen, killed = [], []
+
+    def kill_one(progress) -> None:
+        seen.append(progress)
+        if not killed:
+            pids = _extractor_pids()
+            assert len(pids) == 2, pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    cache = build_cache(job(manifest, tmp_path / "ray.zarr", engine="ray", workers=2), progress=kill_one)
+    assert killed and killed[0] not in _extractor_pids() and seen[0].done < 40
+    assert_same_cache(cache, reference)
+    assert len(cache.report["skipped"]) == 5 and cache.attrs["job"]["engine"] == "ray"
+    assert seen[-1].done == seen[-1].total == 40 and seen[-1].stored == 35 and seen[-1].skipped == 5
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+
+def test_a_killed_driver_resumes_on_rerun(cluster, manifest, reference, tmp_path):
+    """`python -m vfs build JOB --engine ray --address …` killed once a chunk is stored; a rerun finishes."""
+    out = tmp_path / "ray.zarr"
+    spec = job(manifest, out, chunk_images=8)
+    (tmp_path / "job.toml").write_text(
+        "[build]\n"
+        + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in spec.__dict__.items() if v is not None)
+    )
+    address = cluster.get_runtime_context().gcs_address
+    cmd = [
+        sys.executable,
+        "-m",
+        "vfs",
+        "build",
+        str(tmp_path / "job.toml"),
+        "--engine",
+        "ray",
+        "--address",
+        address,
+        "--workers",
+        "1",
+    ]
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while driver.poll() is None and not (out.exists() and open_cache(out).stored >= 8):
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        _, err = driver.communicate()
+    partial = open_cache(out)
+    assert driver.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not partial.complete and 8 <= partial.stored < 35
+    seen = []
+    cache = build_cache(job(manifest, out, chunk_images=8, engine="ray", workers=1), progress=seen.append)
+    assert seen[0].done > 8  # resumed, not restarted
+    assert_same_cache(cache, reference)
+
+
+def test_worker_pool_plans():
+    assert WorkerPool.plan(0, None, {"CPU": 2.0}) == WorkerPool(1, 1.0, 0.0)
+    assert WorkerPool.plan(2, None, {"CPU": 2.0}) == WorkerPool(2, 0.5, 0.0)  # one CPU left to the decoders
+    assert WorkerPool.plan(0, None, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(8, 1.0, 1.0)
+    assert WorkerPool.plan(0, 0.5, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(16, 1.0, 0.5)
+    assert WorkerPool.plan(3, 0.0, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(
+        3, 21.0, 0.0
+    )  # CPUs only, as asked
+
+
+def test_an_unknown_engine_is_refused(manifest, tmp_path):
+    with pytest.raises(ValueError, match="unknown build engine 'spark'"):
+        job(manifest, tmp_path / "x.zarr", engine="spark")

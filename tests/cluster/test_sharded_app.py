@@ -1,0 +1,70 @@
+"""The app on a Ray cluster: VFS_RAY_ADDRESS offers cluster builds on the Build page, and with
+VFS_RAY_SHARDS the Search page searches through shards — with the in-process answer."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import streamlit as st
+
+import ui.core
+from vfs import ShardedSearch
+from vfs.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
+from apphelpers import box_paint, draw, no_exceptions, start_app
+
+
+def test_settings_read_the_cluster():
+    assert Settings.from_env({}).ray_address is None and Settings.from_env({}).ray_shards == 0
+    s = Settings.from_env({"VFS_RAY_ADDRESS": "auto", "VFS_RAY_SHARDS": "4"})
+    assert (s.ray_address, s.ray_shards) == ("auto", 4)
+    with pytest.raises(ValueError, match="VFS_RAY_SHARDS='two'"):
+        Settings.from_env({"VFS_RAY_ADDRESS": "auto", "VFS_RAY_SHARDS": "two"})
+    with pytest.raises(ValueError, match="VFS_RAY_SHARDS needs VFS_RAY_ADDRESS"):
+        Settings.from_env({"VFS_RAY_SHARDS": "2"})
+
+
+def test_build_page_offers_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = no_exceptions(start_app().switch_page("app_pages/build.py").run())
+    assert "build.where" not in [r.key for r in at.radio]
+    monkeypatch.setenv("VFS_RAY_ADDRESS", "ray://head:10001")
+    at = no_exceptions(start_app().switch_page("app_pages/build.py").run())
+    assert at.radio(key="build.where").options == ["This machine", "The Ray cluster at ray://head:10001"]
+
+
+@pytest.fixture
+def shards_released():
+    """The app keeps its shards as a server-wide resource: release them, or they hold the cluster's CPUs."""
+    yield
+    st.cache_resource.clear()
+    gc.collect()
+
+
+def test_search_page_searches_through_shards(cluster, reference, tmp_path, monkeypatch, shards_released):
+    shutil.copytree(reference.location, tmp_path / "ref.zarr")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+
+    def table():
+        at = start_app().switch_page("app_pages/search.py").run()
+        return no_exceptions(draw(at, box_paint(0.2, 0.1, 0.7, 0.6))).dataframe[0].value
+
+    local = table()
+    started = []
+
+    class Recorded(ShardedSearch):
+        def __init__(self, location, **options):
+            started.append((location, options["shards"]))
+            super().__init__(location, **options)
+
+    monkeypatch.setattr(ui.core, "ShardedSearch", Recorded)
+    monkeypatch.setenv("VFS_RAY_ADDRESS", cluster.get_runtime_context().gcs_address)
+    monkeypatch.setenv("VFS_RAY_SHARDS", "2")
+    sharded = table()
+    assert started == [(str(tmp_path / "ref.zarr"), 2)]
+    assert len(local) == 10 and sharded.equals(local)

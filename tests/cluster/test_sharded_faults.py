@@ -1,0 +1,56 @@
+"""ShardedSearch beside no other shards (the cluster has 2 CPUs): a shard that cannot restart is
+named with its cause, then started again; `vfs search --shards` prints what an in-process search does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from test_sharded_search import MASKS, assert_same_answer
+
+from vfs import ShardedSearch, search_regions
+from vfs.cli import main
+from vfs.cluster.sharded import ShardError
+
+
+def test_a_shard_that_cannot_restart_is_named_then_started_again(cluster, reference, tmp_path):
+    location = tmp_path / "moved.zarr"
+    shutil.copytree(reference.location, location)
+    query = reference.rows(np.array([3]))[0]  # features: the driver reads no row of the hidden cache
+    with ShardedSearch(location, shards=2) as s:
+        hidden = tmp_path / "hidden.zarr"
+        location.rename(hidden)  # the restarted shard cannot read its rows …
+        os.kill(s.status()[1]["pid"], signal.SIGKILL)
+        with pytest.raises(ShardError, match=r"shard 1 \(rows 18..34 .*\) is down: .*no cache at"):
+            s.search(query, MASKS["block"], k=4)
+        hidden.rename(location)  # … until the cache is back: the next search starts it again
+        assert_same_answer(
+            s.search(query, MASKS["block"], k=4),
+            search_regions(reference, query, MASKS["block"], k=4),
+            reference,
+        )
+
+
+def test_cli_search_with_shards(cluster, reference, tmp_path, capsys):
+    np.save(tmp_path / "m.npy", MASKS["block"])
+    args = [
+        "search",
+        reference.location,
+        "--query-index",
+        "2",
+        "--mask",
+        str(tmp_path / "m.npy"),
+        "--k",
+        "5",
+        "--json",
+    ]
+    assert main(args) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*args, "--shards", "2"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert local.pop("elapsed_ms") >= 0 and sharded.pop("elapsed_ms") >= 0
+    assert sharded == local
