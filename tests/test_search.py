@@ -57,6 +57,28 @@ def test_matches_brute_force(grid, kind):
     assert top["index"].iloc[0] == 3 and top["score"].iloc[0] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_bf16_operands_keep_the_top_k_exact(grid, kind, monkeypatch):
+    """A prepared source searched with bf16 products (VFS_FAST_DTYPE=bfloat16): a 2⁵ wider bound,
+    an fp16 pass over what it cannot rule out, then float64 — the same exact top-k."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    rng = np.random.default_rng(abs(hash((grid, kind, "bf16"))) % 2**32)
+    h, w = grid
+    feats = random_features(rng, 60, h, w, 24)
+    mask = MASKS[kind](rng, h, w)
+    ref, ref_where = brute_force(feats, feats[3].astype(np.float32), mask)
+    for method in ("cells", "band"):
+        monkeypatch.setattr("vfs.search.plan_query", lambda q, g, d, m=method: QueryPlan(m, 0, 0))
+        result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device="cpu")
+        np.testing.assert_allclose(result.scores, ref, atol=3e-2)  # every image: within the bf16 bound
+        top = result.top
+        assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
+        np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
+        for i, box in zip(top["index"], top["grid_box"]):
+            assert box[:2] == tuple(ref_where[i])
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_random_masks_both_forms_agree(seed, monkeypatch):
     rng = np.random.default_rng(seed)

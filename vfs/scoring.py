@@ -15,24 +15,38 @@ error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` r
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 
 import numpy as np
 import torch
 
 from .masks import CroppedMask, crop_mask
 
-_U16, _U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
-_TINY16 = 2.0**-25  # absolute rounding of an fp16 value in the subnormal range (< 2⁻¹⁴)
+_U32 = 2.0**-24  # unit roundoff of fp32
 
 
-def fast_score_error(terms: int) -> float:
-    """Relative error of a fast score's parts: fp16 rounding of the weights and of each product's
-    output (2⁻¹¹ each, against Σ|terms|), and fp32 sums of `terms` values in any order (at most
-    (terms − 1)·2⁻²⁴ of the sum of their sizes, Higham's bound), with a 5% margin."""
-    return 1.05 * (2 * _U16 + terms * _U32)
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Relative rounding of a value in `dtype`'s normal range: 2⁻¹¹ for fp16, 2⁻⁸ for bf16."""
+    return torch.finfo(dtype).eps / 2
+
+
+def subnormal_rounding(dtype: torch.dtype) -> float:
+    """Absolute rounding of a value below `dtype`'s normal range: 2⁻²⁵ for fp16, 2⁻¹³⁴ for bf16."""
+    return torch.finfo(dtype).smallest_normal * unit_roundoff(dtype)
+
+
+def fast_score_error(terms: int, dtype: torch.dtype = torch.float16) -> float:
+    """Relative error of a fast score's parts: rounding to the operand type of the weights, of each
+    product's output and — unless the operands are fp16, as stored — of the features (against
+    Σ|terms| each), and fp32 sums of `terms` values in any order (at most (terms − 1)·2⁻²⁴ of the
+    sum of their sizes, Higham's bound), with a 5% margin."""
+    u = unit_roundoff(dtype)
+    features = 0.0 if dtype == torch.float16 else u
+    return 1.05 * (2 * u + features + terms * _U32)
 
 
 # Per device: multiply-adds per cell read that cost as much as reading it, and the band form's
@@ -42,6 +56,38 @@ _PRODUCT_COST = {"cpu": (15.0, 1.13), "cuda": (96.0, 1.1), "mps": (32.0, 1.1)}
 # multiply-adds: the cells form (one product) unless it does over this many times the band
 # form's work (measured on 10 images, docs/performance.md).
 _EXACT_BAND_FACTOR = 4
+
+
+FAST_DTYPES = (torch.float16, torch.bfloat16)
+_FAST_DTYPE_GAIN = 1.5
+"""With `VFS_FAST_DTYPE=auto`, bf16 operands are chosen only where their product runs this many
+times faster than fp16's: their bound is 2⁵ wider, so more images need an fp16 pass after it."""
+
+
+@cache
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """The operand type of a prepared source's fast products on `device`, chosen once per process
+    by `VFS_FAST_DTYPE`: `float16` (the default: features as stored, the tightest bound, the only
+    choice on GPUs), `bfloat16`, or `auto` — bf16 on a CPU where its product runs `_FAST_DTYPE_GAIN`×
+    faster than fp16's (AVX512-BF16 without AVX512-FP16 / AMX: 3–4×, docs/performance.md). The
+    top-k is exact either way; other images' scores keep the chosen type's fast error."""
+    choice = os.environ.get("VFS_FAST_DTYPE", "float16")
+    if choice not in ("float16", "bfloat16", "auto"):
+        raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected float16, bfloat16 or auto")
+    if device.type != "cpu" or choice == "float16":
+        return torch.float16  # GPUs run fp16 products at their memory speed, with fp32 outputs
+    if choice == "bfloat16":
+        return torch.bfloat16
+    best = {}
+    for dtype in FAST_DTYPES:  # a product of the search's shape: K = 9 mask cells, 16,384 cells
+        w, x = torch.full((9, 1024), 0.5, dtype=dtype), torch.full((16384, 1024), 0.25, dtype=dtype)
+        times = []
+        for _ in range(5):  # the first builds the kernel
+            start = time.perf_counter()
+            w @ x.T
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times[1:])
+    return torch.bfloat16 if best[torch.float16] > _FAST_DTYPE_GAIN * best[torch.bfloat16] else torch.float16
 
 
 @dataclass(frozen=True)
@@ -203,8 +249,15 @@ class Scorer:
     dtype: torch.dtype  # of the sums
 
     @classmethod
-    def fast(cls, geometry: QueryGeometry, plan: QueryPlan, device: torch.device) -> Scorer:
-        weights = tuple(wt.to(device, torch.float16) for wt in geometry.weights(plan.method))
+    def fast(
+        cls,
+        geometry: QueryGeometry,
+        plan: QueryPlan,
+        device: torch.device,
+        dtype: torch.dtype = torch.float16,
+    ) -> Scorer:
+        """Operands in `dtype` (one of FAST_DTYPES: the features' type), sums in fp32."""
+        weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
         return cls(geometry, plan, weights, torch.float32)
 
     @classmethod
@@ -270,23 +323,28 @@ class FastBound:
     nonnegative_weights: bool  # the query's kernel is ≥ 0 (with ≥ 0 features: a relative bound)
 
     @classmethod
-    def create(cls, query: RegionQuery, geometry: QueryGeometry, plan: QueryPlan) -> FastBound:
+    def create(
+        cls, query: RegionQuery, geometry: QueryGeometry, plan: QueryPlan, dtype: torch.dtype = torch.float16
+    ) -> FastBound:
+        """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
         terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
-        # Weights that fp16 cannot hold within 2⁻¹¹ of themselves (subnormal ones): their exact
+        # Weights that `dtype` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
         w = kernel.reshape(-1, c)
-        err = (w - w.half().double()).abs()
-        err2 = torch.where(err > _U16 * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
+        err = (w - w.to(dtype).double()).abs()
+        err2 = (
+            torch.where(err > unit_roundoff(dtype) * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
+        )
         weight_error = (
             1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
         )
         return cls(
             # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
-            eps=fast_score_error(terms + c + 2 * k + outputs + 8),
+            eps=fast_score_error(terms + c + 2 * k + outputs + 8, dtype),
             weight_error=weight_error,
-            output_error=outputs * _TINY16 / geometry.qnorm,
+            output_error=outputs * subnormal_rounding(dtype) / geometry.qnorm,
             nonnegative_weights=bool((kernel >= 0).all()),
         )
 

@@ -23,10 +23,12 @@ from .scoring import (
     ExactScore,
     FastBound,
     QueryGeometry,
+    QueryPlan,
     RegionQuery,
     Scorer,
     exact_scorer,
     exact_scores,
+    fast_dtype,
     plan_query,
 )
 from .sources import ArrayFeatures, FeatureSource
@@ -111,8 +113,9 @@ def search_regions(
     (needs a source with domains).
     """
     t0 = time.perf_counter()
+    prepared = True
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        source = ArrayFeatures(source)
+        source, prepared = ArrayFeatures(source), False
     n, h, w, c = source.shape
     rq = _region_query(source, query, mask)
     if rq.features.shape[-1] != c:
@@ -124,24 +127,21 @@ def search_regions(
     dev = resolve_device(device)
     geometry = QueryGeometry.create(rq, (h, w))
     plan = plan_query(rq, (h, w), dev)
-    scorer, bound = Scorer.fast(geometry, plan, dev), FastBound.create(rq, geometry, plan)
+    fast = _FastScoring(rq, geometry, plan, dev, source.nonnegative)
+    # A source made for this one call is not worth a copy of its features in another operand type.
+    dtype = fast_dtype(dev) if prepared else torch.float16
 
-    nonnegative = bound.nonnegative_weights and source.nonnegative
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)
     upper = torch.empty(n, dtype=torch.float32, device=dev)
+    coarse = False  # some chunk came in an operand type coarser than fp16
     with torch.inference_mode():
-        for start, x, sq in source.chunks(dev, memory_budget):
+        for start, x, sq in source.chunks(dev, memory_budget, dtype):
             stop = start + len(sq)
-            wnorm = scorer.window_norms(sq)
-            fast = scorer.scores(x, wnorm)
-            torch.max(fast.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
-            placement_upper = bound.upper(fast, wnorm, nonnegative).masked_fill_(
-                ~torch.isfinite(fast), math.inf
-            )
-            torch.amax(
-                placement_upper.flatten(0, 1), 0, out=upper[start:stop]
-            )  # an overflowed placement bounds nothing
+            chunk_scores, chunk_upper = fast(x, sq)
+            torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
+            torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
+            coarse = coarse or _operand_dtype(x) != torch.float16
     scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
     placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
 
@@ -150,6 +150,12 @@ def search_regions(
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = _select(scores, eligible, k, domains, per_domain)
+    if coarse and len(picked):
+        # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
+        # bounds first, so that few reach the float64 re-scoring.
+        reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
+        _refine(source, fast, dev, geometry.pw, reach, scores, placements, upper_np)
+        picked = _select(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     if len(picked):
         # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
@@ -169,6 +175,66 @@ def search_regions(
     return SearchResult(
         scores, placements, top, rq, (h, w), plan.method, str(dev), elapsed_ms, int(exact.sum()), source
     )
+
+
+class _FastScoring:
+    """Fast scores and their proven upper bounds for chunks in any of FAST_DTYPES (a source may
+    hold its features in bf16 but stream them in fp16): a scorer and bound per type, made once."""
+
+    def __init__(
+        self,
+        query: RegionQuery,
+        geometry: QueryGeometry,
+        plan: QueryPlan,
+        device: torch.device,
+        nonnegative: bool,
+    ):
+        self.query, self.geometry, self.plan, self.device = query, geometry, plan, device
+        self.nonnegative_source = nonnegative
+        self._by_dtype: dict[torch.dtype, tuple[Scorer, FastBound]] = {}
+
+    def __call__(
+        self, x: torch.Tensor | list[torch.Tensor], sqnorm: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Ph, Pw, n) fast scores and upper bounds; a placement that overflowed bounds nothing (inf)."""
+        dtype = _operand_dtype(x)
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = (
+                Scorer.fast(self.geometry, self.plan, self.device, dtype),
+                FastBound.create(self.query, self.geometry, self.plan, dtype),
+            )
+        scorer, bound = self._by_dtype[dtype]
+        wnorm = scorer.window_norms(sqnorm)
+        scores = scorer.scores(x, wnorm)
+        nonnegative = self.nonnegative_source and bound.nonnegative_weights
+        return scores, bound.upper(scores, wnorm, nonnegative).masked_fill_(~torch.isfinite(scores), math.inf)
+
+
+def _operand_dtype(x: torch.Tensor | list[torch.Tensor]) -> torch.dtype:
+    return (x[0] if isinstance(x, list) else x).dtype
+
+
+def _refine(
+    source: FeatureSource,
+    fast: _FastScoring,
+    device: torch.device,
+    pw: int,
+    indices: np.ndarray,
+    scores: np.ndarray,
+    placements: np.ndarray,
+    upper: np.ndarray,
+) -> None:
+    """Replace some images' coarse fast scores, placements and bounds by fp16 ones (tighter)."""
+    for part in np.array_split(indices, max(1, len(indices) // _RESCORE_BLOCK)):
+        if len(part):
+            x = _rows_on(source, part, device).to(device, torch.float16)
+            with torch.inference_mode():
+                sqnorm = torch.linalg.vector_norm(x.float(), dim=-1).square_()
+                part_scores, part_upper = fast(x, sqnorm)
+                best, where = part_scores.flatten(0, 1).max(0)
+                scores[part] = best.cpu().numpy()
+                placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
+                upper[part] = part_upper.flatten(0, 1).amax(0).cpu().numpy()
 
 
 def _region_query(

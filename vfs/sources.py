@@ -32,11 +32,12 @@ class FeatureSource(Protocol):
         ...
 
     def chunks(
-        self, device: torch.device, memory_budget: int | None = None
+        self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
-        """(start, fp16 features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`. The
-        features may come as a list of tensors holding consecutive images (files mapped in place);
-        a chunk's tensors are only read until the next chunk is asked for."""
+        """(start, features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`: features held
+        resident in `dtype` (fp16 as stored, or bf16 where its products run faster — converted once),
+        streamed ones in fp16. They may come as a list of tensors holding consecutive images (files
+        mapped in place); a chunk's tensors are only read until the next chunk is asked for."""
         ...
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
@@ -89,7 +90,7 @@ class ArrayFeatures:
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
         self._slices = even_slices(len(self._fp16), math.prod(t.shape[1:]) * 2, slice_bytes)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -97,11 +98,11 @@ class ArrayFeatures:
         return n, h, w, c
 
     def chunks(
-        self, device: torch.device, memory_budget: int | None = None
+        self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        if device not in self._on:
-            self._on[device] = (self._fp16.to(device), self._sqnorm.to(device))
-        x, s = self._on[device]
+        if (device, dtype) not in self._on:
+            self._on[device, dtype] = (self._fp16.to(device, dtype), self._sqnorm.to(device))
+        x, s = self._on[device, dtype]
         for a, b in self._slices:
             yield a, x[a:b], s[a:b]
 
@@ -110,7 +111,10 @@ class ArrayFeatures:
         return self._fp16.index_select(0, torch.as_tensor(indices, dtype=torch.long)).numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
-        return self._on[device][0] if device in self._on else None
+        if device.type == "cpu":
+            return self._fp16
+        held = self._on.get((device, torch.float16))
+        return None if held is None else held[0]
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Bare arrays know nothing of their images: no columns to add."""

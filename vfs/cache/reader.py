@@ -114,7 +114,7 @@ class FeatureCache:
         self._features: RowReader = row_reader(self.features, location, every_chunk_stored)
         self._sqnorm: RowReader = row_reader(self.sqnorm, location, every_chunk_stored)
         self._thumbs = ZarrRows(self.thumbs, location, every_chunk_stored)  # small, compressed: zarr decodes
-        self._resident: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._resident: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._manifest: pd.DataFrame | None = None
         self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -323,7 +323,7 @@ class FeatureCache:
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         """The fp16 features if loaded whole on `device` (see `resident`), else None."""
-        held = self._resident.get(device)
+        held = self._resident.get((device, torch.float16))
         return None if held is None else held[0]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
@@ -371,18 +371,21 @@ class FeatureCache:
     def _ranges(self, rows: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows, self.n)) for a in range(0, self.n, rows)]
 
-    def resident(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole cache as fp16 / fp32 tensors on `device`, loaded once, chunk by chunk."""
+    def resident(
+        self, device: torch.device, dtype: torch.dtype = torch.float16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache as features in `dtype` and fp32 squared norms on `device`, loaded once,
+        chunk by chunk (converted from fp16 as each chunk arrives)."""
         self.check_searchable()
         with self._lock:
-            if device not in self._resident:
-                x = torch.empty(self.shape, dtype=torch.float16, device=device)
+            if (device, dtype) not in self._resident:
+                x = torch.empty(self.shape, dtype=dtype, device=device)
                 s = torch.empty(self.shape[:3], dtype=torch.float32, device=device)
                 for a, b in self._ranges(self.features.chunks[0]):
                     x[a:b].copy_(torch.from_numpy(self._read_features(a, b)))
                     s[a:b].copy_(torch.from_numpy(self._read_sqnorm(a, b)))
-                self._resident[device] = (x, s)
-            return self._resident[device]
+                self._resident[device, dtype] = (x, s)
+            return self._resident[device, dtype]
 
     def fits(self, device: torch.device, memory_budget: int | None) -> bool:
         if memory_budget is not None:
@@ -393,13 +396,14 @@ class FeatureCache:
         return self.nbytes <= DEFAULT_MEMORY_BUDGET
 
     def chunks(
-        self, device: torch.device, memory_budget: int | None = None
+        self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
-        """Resident when it fits the budget; otherwise streamed from storage with one range prefetched."""
+        """Resident in `dtype` when it fits the budget; otherwise streamed from storage in fp16 with
+        one range prefetched (see `vfs.sources.FeatureSource.chunks`)."""
         self.check_searchable()
         row_bytes = int(np.prod(self.shape[1:])) * 2
-        if device in self._resident or self.fits(device, memory_budget):
-            x, s = self.resident(device)
+        if (device, dtype) in self._resident or self.fits(device, memory_budget):
+            x, s = self.resident(device, dtype)
             for a, b in even_slices(self.n, row_bytes):
                 yield a, x[a:b], s[a:b]
             return

@@ -8,6 +8,8 @@ computed from exactly what a search of the whole cache uses.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import torch
@@ -33,6 +35,7 @@ class CacheRows:
                 f"the cache at {cache.location} holds NaN or inf features in rows {start}..{stop - 1}"
             )
         self._sq = torch.from_numpy(sq).to(device)
+        self._held: dict[torch.dtype, torch.Tensor] = {torch.float16: self._x}
         self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)
         domains = cache.domains
         self.domains = None if domains is None else domains[start:stop]
@@ -54,11 +57,16 @@ class CacheRows:
         """Bytes held resident (features and squared norms)."""
         return self._x.nbytes + self._sq.nbytes
 
-    def chunks(self, device: torch.device, memory_budget: int | None = None):
+    def chunks(
+        self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         if device != self._x.device:
             raise ValueError(f"this shard holds its rows on {self._x.device}, not {device}")
+        if dtype not in self._held:  # as a resident cache does: a copy in the operand type, made once
+            self._held[dtype] = self._x.to(dtype)
+        x = self._held[dtype]
         for a, b in self._slices:
-            yield a, self._x[a:b], self._sq[a:b]
+            yield a, x[a:b], self._sq[a:b]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         return (
