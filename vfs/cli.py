@@ -176,7 +176,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
         from .cluster.sharded import ShardedSearch
         with ShardedSearch(cache.location, shards=args.shards, address=args.address, device=args.device,
                            allow_partial=args.allow_partial) as sharded:
-            result = sharded.search(query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain)
+            result = sharded.search(query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain,
+                                    all_scores=False)  # the CLI prints the ranked table only
     else:
         result = search_regions(cache, query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain,
                                 device=args.device, memory_budget=args.memory_budget)

@@ -79,12 +79,17 @@ def test_user_errors_come_back_as_themselves(sharded, reference):
         ShardedSearch(reference.location, shards=36)
 
 
-def test_placement_scores_and_memory(sharded, reference):
-    got = sharded.search(4, MASKS["block"], k=2)
-    i = int(got.top["index"][0])
-    np.testing.assert_array_equal(
-        got.placement_scores(i), search_regions(reference, 4, MASKS["block"], k=2).placement_scores(i)
+def test_top_only_placement_scores_and_memory(sharded, reference):
+    got, want = (
+        sharded.search(4, MASKS["block"], k=2, all_scores=False),
+        search_regions(reference, 4, MASKS["block"], k=2),
     )
+    assert (
+        got.top.equals(want.top) and np.isnan(got.scores).sum() == reference.n - 4
+    )  # the two shards' top-2s
+    i = int(got.top["index"][0])
+    assert got.scores[i] == want.scores[i] and (got.placements[i] == want.placements[i]).all()
+    np.testing.assert_array_equal(got.placement_scores(i), want.placement_scores(i))
     status = sharded.status()
     assert [s["rows"] for s in status] == [(0, 18), (18, 35)]
     assert all(

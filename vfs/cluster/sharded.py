@@ -51,14 +51,15 @@ class ShardError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardAnswer:
-    """One shard's part of a search; `top` holds the cache's row indices."""
+    """One shard's part of a search; `top` holds the cache's row indices (its scores: when asked)."""
 
-    scores: np.ndarray
-    placements: np.ndarray
+    scores: np.ndarray | None
+    placements: np.ndarray | None
     top: pd.DataFrame
     method: str
     device: str
     rescored: int
+    elapsed_ms: float  # the engine's time in the shard
 
 
 class Shard:
@@ -70,13 +71,19 @@ class Shard:
         )
 
     def search(
-        self, query: RegionQuery, k: int, per_domain: int | None, candidates: np.ndarray | None
+        self,
+        query: RegionQuery,
+        k: int,
+        per_domain: int | None,
+        candidates: np.ndarray | None,
+        all_scores: bool,
     ) -> ShardAnswer:
         r = search_regions(
             self.rows, query, k=k, per_domain=per_domain, candidates=candidates, device=self.rows.device
         )
         top = r.top.assign(index=r.top["index"] + self.rows.start)
-        return ShardAnswer(r.scores, r.placements, top, r.method, r.device, r.rescored)
+        scores, placements = (r.scores, r.placements) if all_scores else (None, None)
+        return ShardAnswer(scores, placements, top, r.method, r.device, r.rescored, r.elapsed_ms)
 
     def status(self) -> dict[str, Any]:
         """What this shard holds, and what its process has cost (docs/scale.md)."""
@@ -128,6 +135,7 @@ class ShardedSearch:
         )
         self._args = (str(cache_location), device, allow_partial)
         self._down: set[int] = set()
+        self.shard_ms: list[float] = []  # the engine's time in each shard in the last search (the rest: Ray)
         self._shards = [self._start(i) for i in range(shards)]
         self.status()  # waits until every shard holds its rows; a shard that cannot start is named
 
@@ -179,8 +187,13 @@ class ShardedSearch:
         exclude: int | Iterable[int] | None = None,
         per_domain: int | None = None,
         candidates: np.ndarray | None = None,
+        all_scores: bool = True,
     ) -> SearchResult:
-        """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc)."""
+        """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc).
+
+        `all_scores=False` brings back only the shards' top-ks: every other image's score is NaN and
+        its placement (-1, -1). At 1.28 M images the scores and placements are 26 MB a query, the
+        largest cost of a search whose caller shows only the ranked table (docs/scale.md)."""
         import ray
 
         t0 = time.perf_counter()
@@ -193,17 +206,27 @@ class ShardedSearch:
         shared = ray.put(rq)
         answers: list[ShardAnswer] = self._gather(
             [
-                s.search.remote(shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b])
+                s.search.remote(
+                    shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b], all_scores
+                )
                 for s, (a, b) in zip(self._shards, self.ranges)
             ]
         )
+        self.shard_ms = [a.elapsed_ms for a in answers]
         tops = pd.concat([a.top for a in answers], ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
         picked = _select(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
         top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
+        if all_scores:
+            scores = np.concatenate([a.scores for a in answers])
+            placements = np.concatenate([a.placements for a in answers])
+        else:
+            scores, placements = np.full(n, np.nan, dtype=np.float32), np.full((n, 2), -1, dtype=np.int64)
+            scores[tops["index"]] = tops["score"]
+            placements[tops["index"]] = [box[:2] for box in tops["grid_box"]]
         return SearchResult(
-            np.concatenate([a.scores for a in answers]),
-            np.concatenate([a.placements for a in answers]),
+            scores,
+            placements,
             top,
             rq,
             (h, w),
