@@ -17,6 +17,9 @@ import torch
 from ..cache import CacheError, FeatureCache
 from ..sources import even_slices
 
+LOAD_BLOCK_BYTES = 256 << 20
+"""Features read per step while a shard loads its rows."""
+
 
 class CacheRows:
     """Rows start..stop-1 of a cache, resident on `device`: a search source (`vfs.sources.FeatureSource`)."""
@@ -26,15 +29,19 @@ class CacheRows:
         if not 0 <= start < stop <= n:
             raise ValueError(f"rows {start}..{stop - 1} are not within the cache's 0..{n - 1}")
         self.cache, self.start, self.stop = cache, start, stop
-        # Read through the cache's public row reader (checked: a missing or truncated chunk file is
-        # a CacheError naming the rows); the squared norms through zarr, checked for NaN / inf.
-        self._x = torch.from_numpy(cache.rows(np.arange(start, stop))).to(device)
-        sq = np.asarray(cache.sqnorm[start:stop], dtype=np.float32)
-        if not np.isfinite(sq).all():
-            raise CacheError(
-                f"the cache at {cache.location} holds NaN or inf features in rows {start}..{stop - 1}"
-            )
-        self._sq = torch.from_numpy(sq).to(device)
+        _, h, w, c = cache.shape
+        self._x = torch.empty((stop - start, h, w, c), dtype=torch.float16, device=device)
+        self._sq = torch.empty((stop - start, h, w), dtype=torch.float32, device=device)
+        # Block by block into the device's tensors (a shard of 32 GB on a GPU never needs 32 GB of host
+        # memory), through the cache's public row reader (checked: a missing or truncated chunk file
+        # is a CacheError naming the rows); the squared norms through zarr, checked for NaN / inf.
+        for a, b in even_slices(stop - start, h * w * c * 2, LOAD_BLOCK_BYTES):
+            self._x[a:b].copy_(torch.from_numpy(cache.rows(np.arange(start + a, start + b))))
+            sq = np.asarray(cache.sqnorm[start + a : start + b], dtype=np.float32)
+            if not np.isfinite(sq).all():
+                rows = f"{start + a}..{start + b - 1}"
+                raise CacheError(f"the cache at {cache.location} holds NaN or inf features in rows {rows}")
+            self._sq[a:b].copy_(torch.from_numpy(sq))
         self._held: dict[torch.dtype, torch.Tensor] = {torch.float16: self._x}
         self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)
         domains = cache.domains
