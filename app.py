@@ -15,7 +15,8 @@ st.set_page_config(page_title="Visual Feature Search", page_icon=":material/imag
 home = st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)
 build = st.Page("app_pages/build.py", title="Build", icon=":material/construction:", url_path="build")
 search = st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", url_path="search")
-distributions = st.Page("app_pages/distributions.py", title="Distributions", icon=":material/bar_chart:",
-                        url_path="distributions")
+distributions = st.Page(
+    "app_pages/distributions.py", title="Distributions", icon=":material/bar_chart:", url_path="distributions"
+)
 compare = st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:", url_path="compare")
 st.navigation([home, *([build] if settings().allow_build else []), search, distributions, compare]).run()

@@ -6,8 +6,18 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.core import (CACHE, DEMO_JOB, bind, build_registry, cache_rows, dataset_columns, get_cache, layers,
-                     settings, user_errors)
+from ui.core import (
+    CACHE,
+    DEMO_JOB,
+    bind,
+    build_registry,
+    cache_rows,
+    dataset_columns,
+    get_cache,
+    layers,
+    settings,
+    user_errors,
+)
 from ui.views import build_panel, cache_table, megabytes, start_build
 from vfs.background import resume_job
 from vfs.cache import BuildLock
@@ -17,8 +27,12 @@ from vfs.models import EMBEDDED_MODELS
 
 OTHER_MODEL = "Another model (type its spec)"
 NONE = "(none)"
-EMBEDDED, FOLDER, MANIFEST, TORCHVISION = ("Embedded demo (scikit-image)", "Image folder",
-                                           "Manifest (CSV / Parquet)", "torchvision dataset")
+EMBEDDED, FOLDER, MANIFEST, TORCHVISION = (
+    "Embedded demo (scikit-image)",
+    "Image folder",
+    "Manifest (CSV / Parquet)",
+    "torchvision dataset",
+)
 DEMO = BuildJob.from_toml(DEMO_JOB, out="")  # the page starts from the demo's settings
 
 
@@ -33,49 +47,84 @@ def default_name(source: str, spec: str, layer: str) -> str:
 st.title("Build a feature cache")
 s = settings()
 if not s.allow_build:
-    st.info("Building is switched off on this server (VFS_HOSTED or VFS_ALLOW_BUILD=0); "
-            "it serves the caches listed on the Home page.")
+    st.info(
+        "Building is switched off on this server (VFS_HOSTED or VFS_ALLOW_BUILD=0); "
+        "it serves the caches listed on the Home page."
+    )
     st.stop()
 registry = build_registry()
 
 st.header("Model and layer")
 choice = st.selectbox("Model", [*EMBEDDED_MODELS, OTHER_MODEL], key=bind("build.model", DEMO.model))
-spec = choice if choice != OTHER_MODEL else st.text_input(
-    "Model spec", key=bind("build.spec", ""),
-    placeholder="timm:resnet50 · torchvision:resnet50@IMAGENET1K_V2 · file:edited.pt?arch=resnet50",
-    help="timm:<name>[?pretrained=false], torchvision:<name>[@<weights>|@none], file:<checkpoint>?arch=<name>, "
-         "python:<module>:<function>. Weights other than the embedded ones are downloaded on first use.")
+spec = (
+    choice
+    if choice != OTHER_MODEL
+    else st.text_input(
+        "Model spec",
+        key=bind("build.spec", ""),
+        placeholder="timm:resnet50 · torchvision:resnet50@IMAGENET1K_V2 · file:edited.pt?arch=resnet50",
+        help="timm:<name>[?pretrained=false], torchvision:<name>[@<weights>|@none], "
+        "file:<checkpoint>?arch=<name>, "
+        "python:<module>:<function>. Weights other than the embedded ones are downloaded on first use.",
+    )
+)
 if not spec.strip():
     st.info("Type a model spec, e.g. timm:resnet50.")
     st.stop()
-size = st.number_input("Input size (px)", 32, 1024, step=16, key=bind("build.size", None),
-                       placeholder="the model's own", help="Larger inputs give finer feature grids.")
+size = st.number_input(
+    "Input size (px)",
+    32,
+    1024,
+    step=16,
+    key=bind("build.size", None),
+    placeholder="the model's own",
+    help="Larger inputs give finer feature grids.",
+)
 with user_errors():
     s.check_model_spec(spec)
     found = {info.name: info for info in layers(spec.strip(), size)}
 if not found:
     st.error(f"{spec} has no layer with a spatial output at {size or 'its own'} px input.")
     st.stop()
-fallback = DEMO.layer if DEMO.layer in found else next((n for n in reversed(found) if "." not in n), list(found)[-1])
+fallback = (
+    DEMO.layer if DEMO.layer in found else next((n for n in reversed(found) if "." not in n), list(found)[-1])
+)
 layer = st.selectbox(
-    f"Layer ({len(found)} with a spatial output)", list(found), key=bind("build.layer", fallback, options=found),
-    format_func=lambda n: f"{n} — {found[n].height}×{found[n].width} grid, {found[n].channels} channels")
+    f"Layer ({len(found)} with a spatial output)",
+    list(found),
+    key=bind("build.layer", fallback, options=found),
+    format_func=lambda n: f"{n} — {found[n].height}×{found[n].width} grid, {found[n].channels} channels",
+)
 
 st.header("Dataset")
-kind = st.radio("Dataset source", [EMBEDDED, FOLDER, MANIFEST, TORCHVISION], horizontal=True,
-                key=bind("build.source", EMBEDDED))
+kind = st.radio(
+    "Dataset source",
+    [EMBEDDED, FOLDER, MANIFEST, TORCHVISION],
+    horizontal=True,
+    key=bind("build.source", EMBEDDED),
+)
 if kind == EMBEDDED:
     source = EMBEDDED_DATASET
 elif kind == FOLDER:
-    source = st.text_input("Image folder", key=bind("build.folder", ""), placeholder="/data/photos",
-                           help="All images below it; the first level of sub-folders gives the labels.")
+    source = st.text_input(
+        "Image folder",
+        key=bind("build.folder", ""),
+        placeholder="/data/photos",
+        help="All images below it; the first level of sub-folders gives the labels.",
+    )
 elif kind == MANIFEST:
-    source = st.text_input("Manifest file", key=bind("build.manifest", ""),
-                           placeholder="../shared/data/nih_cxr_kcr64/manifest.csv",
-                           help="A .csv or .parquet file: a `path` column relative to the file, then labels.")
+    source = st.text_input(
+        "Manifest file",
+        key=bind("build.manifest", ""),
+        placeholder="../shared/data/nih_cxr_kcr64/manifest.csv",
+        help="A .csv or .parquet file: a `path` column relative to the file, then labels.",
+    )
 else:
-    source = st.text_input("torchvision dataset", key=bind("build.torchvision", "torchvision:CIFAR10?split=test"),
-                           help="torchvision:<Dataset>[?split=…&root=…]; downloaded on the first build (needs internet).")
+    source = st.text_input(
+        "torchvision dataset",
+        key=bind("build.torchvision", "torchvision:CIFAR10?split=test"),
+        help="torchvision:<Dataset>[?split=…&root=…]; downloaded on the first build (needs internet).",
+    )
 source = source.strip()
 if not source:
     st.info("Give the dataset's location.")
@@ -88,11 +137,22 @@ else:
     st.caption(f"{count} images; columns: {', '.join(columns) or 'none besides path'}")
 options = [NONE, *columns]
 left, right = st.columns(2)
-label = left.selectbox("Label column", options, key=bind("build.label", label_default or NONE, options=options))
-domain = right.selectbox("Domain column", options, key=bind("build.domain", domain_default or NONE, options=options),
-                         help="e.g. the source, site or style of each image: search can keep at most n per domain.")
-limit = st.number_input("Use only the first N images", 1, None, key=bind("build.limit", None),
-                        placeholder=f"all {count}" if count else "all")
+label = left.selectbox(
+    "Label column", options, key=bind("build.label", label_default or NONE, options=options)
+)
+domain = right.selectbox(
+    "Domain column",
+    options,
+    key=bind("build.domain", domain_default or NONE, options=options),
+    help="e.g. the source, site or style of each image: search can keep at most n per domain.",
+)
+limit = st.number_input(
+    "Use only the first N images",
+    1,
+    None,
+    key=bind("build.limit", None),
+    placeholder=f"all {count}" if count else "all",
+)
 
 st.header("Output")
 suggested = default_name(source, spec, layer)
@@ -100,24 +160,47 @@ name = st.text_input("Cache name", key=bind("build.name", ""), placeholder=sugge
 with user_errors():
     out = s.cache_path(name)
 HERE, cluster = "This machine", f"The Ray cluster at {s.ray_address}"
-where = st.radio("Run on", [HERE, cluster], key=bind("build.where", HERE, options=(HERE, cluster)),
-                 horizontal=True,
-                 help="VFS_RAY_ADDRESS names a Ray cluster: images are decoded and the model runs on "
-                      "its nodes, which must read the dataset at the same path (docs/cluster.md).",
-                 ) if s.ray_address else HERE
+where = (
+    st.radio(
+        "Run on",
+        [HERE, cluster],
+        key=bind("build.where", HERE, options=(HERE, cluster)),
+        horizontal=True,
+        help="VFS_RAY_ADDRESS names a Ray cluster: images are decoded and the model runs on "
+        "its nodes, which must read the dataset at the same path (docs/cluster.md).",
+    )
+    if s.ray_address
+    else HERE
+)
 on_ray = {"engine": "ray", "address": s.ray_address} if where == cluster else {}
-job = BuildJob(layer=layer, data=source, out=str(out), model=spec.strip(), label_col=None if label == NONE else label,
-               domain_col=None if domain == NONE else domain, image_size=size, limit=limit, **on_ray)
+job = BuildJob(
+    layer=layer,
+    data=source,
+    out=str(out),
+    model=spec.strip(),
+    label_col=None if label == NONE else label,
+    domain_col=None if domain == NONE else domain,
+    image_size=size,
+    limit=limit,
+    **on_ray,
+)
 rows = cache_rows()
 existing = next((r for r in rows if Path(r["path"]) == out), None)
 current = registry.get(out)
 if current is not None and current.status().running:
     st.info(f"{name} is being built: its progress is below.")
 elif existing is not None and existing["complete"]:
-    st.warning(f"A complete cache called {name} exists in {s.cache_dir}/: choose another name, or delete it below.")
+    st.warning(
+        f"A complete cache called {name} exists in {s.cache_dir}/: choose another name, or delete it below."
+    )
 else:
-    st.button("Resume build" if existing else "Build cache", type="primary", key="build.start",
-              on_click=start_build, args=(job,))
+    st.button(
+        "Resume build" if existing else "Build cache",
+        type="primary",
+        key="build.start",
+        on_click=start_build,
+        args=(job,),
+    )
     st.caption(f"Writes {out}. A cancelled or interrupted build resumes where it stopped.")
 
 st.header("Builds")
@@ -131,12 +214,16 @@ cache_table(rows)
 local = {r["name"]: r for r in rows if Path(r["path"]).parent == s.cache_dir}
 if not local:
     st.stop()
-target = st.selectbox("Manage a cache", list(local), key=bind("build.manage", next(iter(local)), options=local))
+target = st.selectbox(
+    "Manage a cache", list(local), key=bind("build.manage", next(iter(local)), options=local)
+)
 path = s.cache_path(target)
 building = (b := registry.get(path)) is not None and b.status().running
 actions = st.container(horizontal=True)
 if not local[target]["complete"] and not local[target]["error"] and not building:
-    actions.button("Resume build", key="build.resume", on_click=lambda: start_build(resume_job(get_cache(str(path)))))
+    actions.button(
+        "Resume build", key="build.resume", on_click=lambda: start_build(resume_job(get_cache(str(path))))
+    )
 if actions.button("Delete…", key="build.delete", disabled=building):
     st.session_state["build.confirm"] = target
 if st.session_state.get("build.confirm") == target:

@@ -32,11 +32,22 @@ rows = cache_rows()
 demo = s.cache_path("demo")
 demo_row = next((r for r in rows if Path(r["path"]) == demo), None)
 demo_build = build_registry().get(demo)
-if s.allow_build and not (demo_row and demo_row["complete"]) and not (demo_build and demo_build.status().running):
-    st.button("Build the demo cache" if demo_row is None else "Resume building the demo cache", type="primary",
-              key="home.demo", on_click=start_build, args=(BuildJob.from_toml(DEMO_JOB, out=str(demo)),))
-    st.caption("EfficientNet-Lite0 (its weights ship with the installed package) on 213 scikit-image sample "
-               "photos and faces, offline: 10–15 s on two idle CPU cores, 20–45 s on two busy ones.")
+if (
+    s.allow_build
+    and not (demo_row and demo_row["complete"])
+    and not (demo_build and demo_build.status().running)
+):
+    st.button(
+        "Build the demo cache" if demo_row is None else "Resume building the demo cache",
+        type="primary",
+        key="home.demo",
+        on_click=start_build,
+        args=(BuildJob.from_toml(DEMO_JOB, out=str(demo)),),
+    )
+    st.caption(
+        "EfficientNet-Lite0 (its weights ship with the installed package) on 213 scikit-image sample "
+        "photos and faces, offline: 10–15 s on two idle CPU cores, 20–45 s on two busy ones."
+    )
 if s.allow_build:
     build_panel()
 
@@ -51,12 +62,18 @@ if rows:
     links[1].page_link("app_pages/distributions.py", label="Score distributions", icon=":material/bar_chart:")
     links[2].page_link("app_pages/compare.py", label="Compare two caches", icon=":material/compare:")
 else:
-    st.info(f"No caches yet in {s.cache_dir}/." + (" Build the demo cache above to start." if s.allow_build else ""))
+    st.info(
+        f"No caches yet in {s.cache_dir}/."
+        + (" Build the demo cache above to start." if s.allow_build else "")
+    )
 
 if not s.hosted:
     with st.form("home.open", border=False):
-        location = st.text_input("Open a cache by path or URL", key="home.location",
-                                 placeholder="/data/caches/imagenet.zarr or https://example.org/caches/demo.zarr")
+        location = st.text_input(
+            "Open a cache by path or URL",
+            key="home.location",
+            placeholder="/data/caches/imagenet.zarr or https://example.org/caches/demo.zarr",
+        )
         opened = st.form_submit_button("Open cache")
     if opened and location.strip():
         with user_errors():

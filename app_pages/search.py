@@ -3,8 +3,16 @@
 import streamlit as st
 
 from ui.core import bind, groups
-from ui.query import (CANVAS_PX, canvas_row, draw_region, pick_cache, pick_query, query_view, require_region,
-                      run_search)
+from ui.query import (
+    CANVAS_PX,
+    canvas_row,
+    draw_region,
+    pick_cache,
+    pick_query,
+    query_view,
+    require_region,
+    run_search,
+)
 from ui.views import downloads, result_table, result_tiles, search_summary
 from vfs.render import mask_overlay
 
@@ -18,26 +26,43 @@ with drawing:
     region = draw_region(view, query, "search")
 with side:
     k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
-    exclude = st.checkbox("Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None)
+    exclude = st.checkbox(
+        "Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None
+    )
     per_domain = st.number_input(
-        f"At most n per domain ({cache.domain_col or 'no domain column'})", 1, None,
-        key=bind("search.per_domain", None), placeholder="no limit", disabled=cache.domain_col is None,
-        help="The paper's “unique domains” row: at most this many matches from any one domain.")
+        f"At most n per domain ({cache.domain_col or 'no domain column'})",
+        1,
+        None,
+        key=bind("search.per_domain", None),
+        placeholder="no limit",
+        disabled=cache.domain_col is None,
+        help="The paper's “unique domains” row: at most this many matches from any one domain.",
+    )
     label_options = list(groups(cache, cache.label_col).columns) if cache.label_col else []
-    labels = st.multiselect(f"Only these labels ({cache.label_col or 'no label column'})", label_options,
-                            key=bind(f"search.labels.{cache.location}", []), disabled=not label_options,
-                            placeholder="every label")
-    heat = st.toggle("Show heat maps", key=bind("search.heat", False),
-                     help="Colour each match by the region's score at every placement in it.")
+    labels = st.multiselect(
+        f"Only these labels ({cache.label_col or 'no label column'})",
+        label_options,
+        key=bind(f"search.labels.{cache.location}", []),
+        disabled=not label_options,
+        placeholder="every label",
+    )
+    heat = st.toggle(
+        "Show heat maps",
+        key=bind("search.heat", False),
+        help="Colour each match by the region's score at every placement in it.",
+    )
 
 region = require_region(region)
 result = run_search(cache, query, region, k, exclude, per_domain if cache.domain_col else None, tuple(labels))
 mask = region.mask(cache.spec.grid)
 with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
     h, w = cache.spec.grid
-    st.image(mask_overlay(view, mask), width="stretch",
-             caption=f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f} "
-                     "(the share of each cell painted; stronger blue = more weight)")
+    st.image(
+        mask_overlay(view, mask),
+        width="stretch",
+        caption=f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f} "
+        "(the share of each cell painted; stronger blue = more weight)",
+    )
 
 st.header("Results")
 st.caption(search_summary(cache, result))

@@ -11,7 +11,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,14 +44,21 @@ def git_state() -> dict:
             return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": run("git", "rev-parse", "--short", "HEAD"),
-            "dirty_files": [l[3:] for l in run("git", "status", "--porcelain").splitlines() if l[3:].startswith("vfs/")]}
+
+    return {
+        "commit": run("git", "rev-parse", "--short", "HEAD"),
+        "dirty_files": [
+            line[3:]
+            for line in run("git", "status", "--porcelain").splitlines()
+            if line[3:].startswith("vfs/")
+        ],
+    }
 
 
 def environment(device: torch.device) -> dict:
     """What the figures were measured on (goes into every JSON document)."""
     env = {
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": platform.node(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -112,12 +119,19 @@ def summary(times_ms: list[float], foreign: list[float] | None = None) -> dict:
     also the median over the quiet repeats only."""
     if not times_ms:
         return {"min_ms": None, "median_ms": None, "repeats": 0, "times_ms": []}
-    out = {"min_ms": round(min(times_ms), 3), "median_ms": round(float(np.median(times_ms)), 3),
-           "repeats": len(times_ms), "times_ms": [round(t, 3) for t in times_ms]}
+    out = {
+        "min_ms": round(min(times_ms), 3),
+        "median_ms": round(float(np.median(times_ms)), 3),
+        "repeats": len(times_ms),
+        "times_ms": [round(t, 3) for t in times_ms],
+    }
     if foreign is not None:
         quiet = [t for t, f in zip(times_ms, foreign) if f < QUIET]
-        out |= {"foreign_cpu_frac": [round(f, 3) for f in foreign], "quiet_repeats": len(quiet),
-                "quiet_median_ms": round(float(np.median(quiet)), 3) if quiet else None}
+        out |= {
+            "foreign_cpu_frac": [round(f, 3) for f in foreign],
+            "quiet_repeats": len(quiet),
+            "quiet_median_ms": round(float(np.median(quiet)), 3) if quiet else None,
+        }
     return out
 
 
@@ -135,8 +149,20 @@ def vm_status(key: str) -> int | None:
 def parse_bytes(text: str) -> int:
     """'2GB', '400MB', '1.5GiB', '123' → bytes (GB = 10⁹, GiB = 2³⁰)."""
     t = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "B": 1,
+    }
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
             return int(float(t[: -len(unit)]) * units[unit])
@@ -180,7 +206,7 @@ class CpuMeter:
     so it is only meaningful over measurements of a second or more.
     """
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.t0, self.own0, self.busy0 = time.perf_counter(), _own_cpu(), _busy_jiffies()[0]
         return self
 
@@ -189,8 +215,12 @@ class CpuMeter:
         own = _own_cpu() - self.own0
         busy = (_busy_jiffies()[0] - self.busy0) / os.sysconf("SC_CLK_TCK")
         ncpu = os.cpu_count() or 1
-        self.result = {"wall_s": round(wall, 3), "own_cpu_s": round(own, 3), "all_busy_s": round(busy, 3),
-                       "foreign_cpu_frac": round(max(0.0, busy - own) / max(wall * ncpu, 1e-9), 3)}
+        self.result = {
+            "wall_s": round(wall, 3),
+            "own_cpu_s": round(own, 3),
+            "all_busy_s": round(busy, 3),
+            "foreign_cpu_frac": round(max(0.0, busy - own) / max(wall * ncpu, 1e-9), 3),
+        }
 
 
 def _own_cpu() -> float:

@@ -2,7 +2,7 @@
 
 Both sides use the same `Extractor` (loaded once), layer, batch size and device. The forward-only
 rate runs `Extractor.features_batch` on pre-decoded, pre-normalised tensors already on the device
-(the same `_View` preprocessing the build uses), with device synchronisation. The build rate is
+(the same `vfs.jobs.ModelInputView` preprocessing the build uses), with device synchronisation. The build rate is
 the wall time of a whole `build_cache(job, extractor=...)` call — DataLoader start-up, decoding,
 writes and the final manifest included — into a fresh temporary cache, for each worker count.
 
@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
-from _common import ROOT, CpuMeter, emit, environment, log, resolve, summary, sync, vm_status, wait_quiet
-
 import torch
+from _common import ROOT, CpuMeter, emit, environment, log, resolve, summary, sync, vm_status, wait_quiet
 
 DATA = ROOT.parent / "shared" / "data" / "imagenette160_mini" / "manifest.csv"
 
@@ -36,25 +35,26 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--model", default="embedded:efficientnet_lite0")
     ap.add_argument("--layer", default="blocks.5", help="default blocks.5 (7×7×192 at 224 for Lite0)")
-    ap.add_argument("--data", default=None, help="dataset source (default imagenette160_mini, else embedded:skimage)")
+    ap.add_argument(
+        "--data", default=None, help="dataset source (default imagenette160_mini, else embedded:skimage)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to try")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ap.add_argument("--repeats", type=int, default=1, help="builds per worker count (default 1)")
     ap.add_argument("--forward-repeats", type=int, default=2, help="forward-only passes (default 2)")
-    ap.add_argument("--quiet-wait", type=float, default=0,
-                    help="before each timed run, wait up to this many seconds for the (shared) machine to be idle")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        help="before each timed run, wait up to this many seconds for the (shared) machine to be idle",
+    )
     ap.add_argument("--workdir", default=None, help="where the temporary caches go (default a temp dir)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
 
     from vfs.data import TorchImageDataset, open_dataset
-    from vfs.jobs import BuildJob, build_cache
-
-    def _View(preprocess):  # the build's worker-side view: uint8 (3, S, S) of the model-input view
-        from torchvision.transforms.v2 import functional as TF
-
-        return lambda image: TF.pil_to_tensor(preprocess.view(image))
+    from vfs.jobs import BuildJob, ModelInputView, build_cache
     from vfs.models import load_extractor
 
     device = resolve(args.device)
@@ -67,18 +67,22 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     ex = load_extractor(args.model, args.layer, device=str(device))
     load_s = time.perf_counter() - t0
-    log(f"{args.model} {args.layer} on {device}: grid {ex.grid}×{ex.channels}, loaded in {load_s:.1f} s; "
-        f"{n} images from {data}")
+    log(
+        f"{args.model} {args.layer} on {device}: grid {ex.grid}×{ex.channels}, loaded in {load_s:.1f} s; "
+        f"{n} images from {data}"
+    )
 
     # Pre-decoded, pre-normalised input on the device: what the forward pass alone needs.
     t0 = time.perf_counter()
-    view = _View(ex.preprocess)
+    view = ModelInputView(ex.preprocess)
     tds = TorchImageDataset(dataset, view)
     views = torch.stack([v for _, v, err in (tds[i] for i in range(n)) if err is None])
     decode_s = time.perf_counter() - t0
     # the build's own normalisation: Preprocess.normalize, on the device
-    inputs = [ex.preprocess.normalize(views[a:a + args.batch_size].to(device))
-              for a in range(0, len(views), args.batch_size)]
+    inputs = [
+        ex.preprocess.normalize(views[a : a + args.batch_size].to(device))
+        for a in range(0, len(views), args.batch_size)
+    ]
     log(f"decoded {len(views)} images in {decode_s:.1f} s on one core ({len(views) / decode_s:.0f} images/s)")
 
     fwd_share: list[float] = []
@@ -106,8 +110,16 @@ def main(argv=None) -> None:
     def run_build(w: int, r: int) -> dict:
         out = work / f"build_w{w}_r{r}.zarr"
         shutil.rmtree(out, ignore_errors=True)
-        job = BuildJob(layer=args.layer, data=data, out=str(out), model=args.model, batch_size=args.batch_size,
-                       device=str(device), workers=w, limit=args.limit)
+        job = BuildJob(
+            layer=args.layer,
+            data=data,
+            out=str(out),
+            model=args.model,
+            batch_size=args.batch_size,
+            device=str(device),
+            workers=w,
+            limit=args.limit,
+        )
         last = {}
         if args.quiet_wait > 0:
             wait_quiet(args.quiet_wait, window_s=1.0)
@@ -115,9 +127,14 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             cache = build_cache(job, progress=lambda p: last.update(rate=p.images_per_s), extractor=ex)
             wall = time.perf_counter() - t
-        rec = {"wall_s": round(wall, 3), "stored": cache.n, "images_per_s": round(cache.n / wall, 2),
-               "progress_rate_images_per_s": round(last.get("rate", 0.0), 2),
-               "own_cpu_s": m.result["own_cpu_s"], "foreign_cpu_frac": m.result["foreign_cpu_frac"]}
+        rec = {
+            "wall_s": round(wall, 3),
+            "stored": cache.n,
+            "images_per_s": round(cache.n / wall, 2),
+            "progress_rate_images_per_s": round(last.get("rate", 0.0), 2),
+            "own_cpu_s": m.result["own_cpu_s"],
+            "foreign_cpu_frac": m.result["foreign_cpu_frac"],
+        }
         shutil.rmtree(out, ignore_errors=True)
         return rec
 
@@ -125,13 +142,17 @@ def main(argv=None) -> None:
     for r in range(max(args.repeats, args.forward_repeats)):
         if r < args.forward_repeats:
             fwd_times.append(forward_pass())
-            log(f"forward-only pass {r}: {len(views) / fwd_times[-1]:.1f} images/s (others used {fwd_share[-1]:.0%} of the CPUs)")
+            log(
+                f"forward-only pass {r}: {len(views) / fwd_times[-1]:.1f} images/s (others used {fwd_share[-1]:.0%} of the CPUs)"
+            )
         if r < args.repeats:
             for w in workers:
                 rec = run_build(w, r)
                 builds[w].append(rec)
-                log(f"build workers={w} rep {r}: {rec['images_per_s']:.1f} images/s ({rec['wall_s']:.1f} s; "
-                    f"others used {rec['foreign_cpu_frac']:.0%} of the CPUs)")
+                log(
+                    f"build workers={w} rep {r}: {rec['images_per_s']:.1f} images/s ({rec['wall_s']:.1f} s; "
+                    f"others used {rec['foreign_cpu_frac']:.0%} of the CPUs)"
+                )
     shutil.rmtree(work, ignore_errors=True) if args.workdir is None else None
 
     fwd_rate = len(views) / min(fwd_times)
@@ -139,19 +160,34 @@ def main(argv=None) -> None:
     per_workers = {}
     for w, recs in builds.items():
         best = max(r["images_per_s"] for r in recs)
-        per_workers[str(w)] = {"builds": recs, "best_images_per_s": best,
-                               "ratio_to_forward": round(best / fwd_rate, 3)}
+        per_workers[str(w)] = {
+            "builds": recs,
+            "best_images_per_s": best,
+            "ratio_to_forward": round(best / fwd_rate, 3),
+        }
     best_w = max(per_workers, key=lambda w: per_workers[w]["best_images_per_s"])
     ratio = per_workers[best_w]["ratio_to_forward"]
     doc = {
-        "benchmark": "build", "args": vars(args), "data": data, "images": n, "decoded": len(views),
-        "model": args.model, "layer": args.layer, "grid": list(ex.grid), "channels": ex.channels,
-        "input_size": ex.preprocess.input_size, "device": str(device), "model_load_s": round(load_s, 2),
+        "benchmark": "build",
+        "args": vars(args),
+        "data": data,
+        "images": n,
+        "decoded": len(views),
+        "model": args.model,
+        "layer": args.layer,
+        "grid": list(ex.grid),
+        "channels": ex.channels,
+        "input_size": ex.preprocess.input_size,
+        "device": str(device),
+        "model_load_s": round(load_s, 2),
         "decode_single_core_images_per_s": round(len(views) / decode_s, 1),
-        "forward_only": summary([t * 1e3 for t in fwd_times], fwd_share) | {"images_per_s": round(fwd_rate, 2),
-                                                                 "images_per_s_median": round(fwd_rate_med, 2),
-                                                                 },
-        "build": per_workers, "best_workers": int(best_w),
+        "forward_only": summary([t * 1e3 for t in fwd_times], fwd_share)
+        | {
+            "images_per_s": round(fwd_rate, 2),
+            "images_per_s_median": round(fwd_rate_med, 2),
+        },
+        "build": per_workers,
+        "best_workers": int(best_w),
         "best_build_images_per_s": per_workers[best_w]["best_images_per_s"],
         "ratio": ratio,
         "targets": {"spec": "build ≥ 0.85 × forward-only rate", "ratio_ge_0_85": ratio >= 0.85},

@@ -30,11 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
-from _common import CpuMeter, emit, environment, log, parse_bytes, resolve, wait_quiet
-
 import numpy as np
 import pandas as pd
 import torch
+from _common import CpuMeter, emit, environment, log, parse_bytes, resolve, wait_quiet
 
 from vfs.cache import CacheSpec, CacheWriter, open_cache
 from vfs.data import DataSpec
@@ -46,21 +45,37 @@ K = 10
 
 def synthetic_cache(path: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> None:
     h, w, c = shape
-    spec = CacheSpec(model="synthetic", layer="relu", input_size=32 * h, grid=(h, w), channels=c,
-                     preprocess=Preprocess(32 * h, 32 * h), data=DataSpec("synthetic", "label", "domain"))
-    cand = pd.DataFrame({"path": [f"img/{i:06d}.png" for i in range(n)], "label": [f"c{i % 10}" for i in range(n)],
-                         "domain": [f"d{i % 4}" for i in range(n)]})
+    spec = CacheSpec(
+        model="synthetic",
+        layer="relu",
+        input_size=32 * h,
+        grid=(h, w),
+        channels=c,
+        preprocess=Preprocess(32 * h, 32 * h),
+        data=DataSpec("synthetic", "label", "domain"),
+    )
+    cand = pd.DataFrame(
+        {
+            "path": [f"img/{i:06d}.png" for i in range(n)],
+            "label": [f"c{i % 10}" for i in range(n)],
+            "domain": [f"d{i % 4}" for i in range(n)],
+        }
+    )
     rng = np.random.default_rng(seed)
     writer = CacheWriter.open(path, spec, cand, 8)
     thumb = np.zeros((8, 8, 3), np.uint8)
     for start in range(0, n, 256):
-        block = np.maximum(rng.standard_normal((min(256, n - start), h, w, c), dtype=np.float32), 0).astype(np.float16)
+        block = np.maximum(rng.standard_normal((min(256, n - start), h, w, c), dtype=np.float32), 0).astype(
+            np.float16
+        )
         for i, f in enumerate(block):
             writer.add(start + i, f, thumb)
     writer.finish(cand)
 
 
-def make_queries(n_images: int, grid: tuple[int, int], count: int, domains: bool, seed: int = 1) -> list[dict]:
+def make_queries(
+    n_images: int, grid: tuple[int, int], count: int, domains: bool, seed: int = 1
+) -> list[dict]:
     rng = np.random.default_rng(seed)
     h, w = grid
     out = []
@@ -73,27 +88,42 @@ def make_queries(n_images: int, grid: tuple[int, int], count: int, domains: bool
         else:  # a soft blob, like a drawn stroke area-averaged onto the grid
             y, x = rng.integers(h), rng.integers(w)
             dy, dx = rng.integers(1, max(2, h // 2) + 1), rng.integers(1, max(2, w // 2) + 1)
-            m[y:y + dy, x:x + dx] = rng.uniform(0.1, 1.0, size=m[y:y + dy, x:x + dx].shape)
+            m[y : y + dy, x : x + dx] = rng.uniform(0.1, 1.0, size=m[y : y + dy, x : x + dx].shape)
         index = int(rng.integers(n_images))
         out.append({"index": index, "mask": m, "per_domain": 2 if domains and q % 2 else None})
     return out
 
 
 def search(cache, q: dict, device: torch.device, budget: int | None):
-    return search_regions(cache, q["index"], q["mask"], k=K, exclude=q["index"], per_domain=q["per_domain"],
-                          device=device, memory_budget=budget)
+    return search_regions(
+        cache,
+        q["index"],
+        q["mask"],
+        k=K,
+        exclude=q["index"],
+        per_domain=q["per_domain"],
+        device=device,
+        memory_budget=budget,
+    )
 
 
 def identical(a, b) -> bool:
-    return (np.array_equal(a.scores, b.scores) and np.array_equal(a.placements, b.placements)
-            and a.top.equals(b.top))
+    return (
+        np.array_equal(a.scores, b.scores)
+        and np.array_equal(a.placements, b.placements)
+        and a.top.equals(b.top)
+    )
 
 
 def percentiles(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p90_ms": round(float(np.percentile(a, 90)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2), "max_ms": round(float(a.max()), 2),
-            "mean_ms": round(float(a.mean()), 2)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p90_ms": round(float(np.percentile(a, 90)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "max_ms": round(float(a.max()), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
 
 
 def main() -> None:
@@ -107,7 +137,9 @@ def main() -> None:
     p.add_argument("--memory-budget", type=parse_bytes, help="stream the cache within this budget (e.g. 8MB)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet-wait", type=float, default=0, help="wait up to S seconds for an idle machine per level")
+    p.add_argument(
+        "--quiet-wait", type=float, default=0, help="wait up to S seconds for an idle machine per level"
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 
@@ -156,20 +188,39 @@ def main() -> None:
             with CpuMeter() as meter, ThreadPoolExecutor(threads) as pool:
                 list(pool.map(one, range(len(tasks))))
             wall = meter.result["wall_s"]
-            level = {"threads": threads, "searches": len(tasks), "verified": verified,
-                     "mismatched_queries": sorted(set(mismatches)), **percentiles(latencies),
-                     "throughput_per_s": round(len(tasks) / wall, 2), "cpu": meter.result}
-            log(f"{threads:>3} threads: p50 {level['p50_ms']} ms, p90 {level['p90_ms']}, p99 {level['p99_ms']}, "
-                f"{level['throughput_per_s']} searches/s, verified {verified}/{len(tasks)}")
+            level = {
+                "threads": threads,
+                "searches": len(tasks),
+                "verified": verified,
+                "mismatched_queries": sorted(set(mismatches)),
+                **percentiles(latencies),
+                "throughput_per_s": round(len(tasks) / wall, 2),
+                "cpu": meter.result,
+            }
+            log(
+                f"{threads:>3} threads: p50 {level['p50_ms']} ms, p90 {level['p90_ms']}, p99 {level['p99_ms']}, "
+                f"{level['throughput_per_s']} searches/s, verified {verified}/{len(tasks)}"
+            )
             levels.append(level)
 
         doc = {
-            "benchmark": "load_test", "environment": environment(device),
-            "cache": {"location": location if args.cache else "synthetic", "n": n, "grid": list(grid),
-                      "channels": probe.spec.channels, "nbytes_features": probe.nbytes,
-                      "path": "streamed" if args.memory_budget and not probe.fits(device, args.memory_budget) else "resident",
-                      "memory_budget": args.memory_budget},
-            "k": K, "queries": len(qs), "torch_threads": torch.get_num_threads(), "levels": levels,
+            "benchmark": "load_test",
+            "environment": environment(device),
+            "cache": {
+                "location": location if args.cache else "synthetic",
+                "n": n,
+                "grid": list(grid),
+                "channels": probe.spec.channels,
+                "nbytes_features": probe.nbytes,
+                "path": "streamed"
+                if args.memory_budget and not probe.fits(device, args.memory_budget)
+                else "resident",
+                "memory_budget": args.memory_budget,
+            },
+            "k": K,
+            "queries": len(qs),
+            "torch_threads": torch.get_num_threads(),
+            "levels": levels,
             "all_verified": all(lv["verified"] == lv["searches"] for lv in levels),
         }
         emit(doc, args.out)

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import CpuMeter, emit, environment, log, parse_bytes, summary, wait_quiet
-
 import numpy as np
 import torch
-
+from _common import CpuMeter, emit, environment, log, parse_bytes, summary, wait_quiet
 from search_bench import K, chunk_files, make_mask
 
 
@@ -51,11 +49,11 @@ def main(argv=None) -> None:
     nbytes = sum(p.stat().st_size for p in files)
     mem = ArrayFeatures(cache.features[:n])
     res = search_regions(cache, q, mask, k=K, exclude=q, device=cpu, memory_budget=budget)
-    near = np.sort(np.argsort(-res.scores)[:max(1, res.rescored)])  # as many images as the search re-scored
+    near = np.sort(np.argsort(-res.scores)[: max(1, res.rescored)])  # as many images as the search re-scored
 
     def chunks_only():
         rows = 0
-        for _, x, s in cache.chunks(cpu, budget):  # mapped chunk files come as a list of tensors
+        for _, _x, s in cache.chunks(cpu, budget):  # mapped chunk files come as a list of tensors
             rows += len(s)
         return rows
 
@@ -70,10 +68,12 @@ def main(argv=None) -> None:
     fns = {
         "(a) FeatureCache.chunks(cpu, budget) only": chunks_only,
         "(b) raw read of the chunk files": raw,
-        "(c) scoring in memory (ArrayFeatures, same data)":
-            lambda: search_regions(mem, q, mask, k=K, exclude=q, device=cpu),
-        "(d) streamed search_regions(cache, memory_budget)":
-            lambda: search_regions(cache, q, mask, k=K, exclude=q, device=cpu, memory_budget=budget),
+        "(c) scoring in memory (ArrayFeatures, same data)": lambda: search_regions(
+            mem, q, mask, k=K, exclude=q, device=cpu
+        ),
+        "(d) streamed search_regions(cache, memory_budget)": lambda: search_regions(
+            cache, q, mask, k=K, exclude=q, device=cpu, memory_budget=budget
+        ),
         f"(e) FeatureCache.rows of the {len(near)} re-scored images": lambda: cache.rows(near),
     }
     times = {k: [] for k in fns}
@@ -90,11 +90,23 @@ def main(argv=None) -> None:
                 times[k].append((time.perf_counter() - t) * 1e3)
             share[k].append(m.result["foreign_cpu_frac"])
         log(f"rep {r}: " + ", ".join(f"{k[:3]} {v[-1]:.0f} ms" for k, v in times.items()))
-    out = {"benchmark": "profile_stream", "args": vars(args), "cache": {"n": n, "shape": [n, h, w, c], "bytes": nbytes,
-           "zarr_chunk_rows": cache.features.chunks[0]}, "memory_budget_bytes": budget,
-           "rescored": int(res.rescored), "method": res.method,
-           "timings": {k: summary(v, share[k]) | {"gb_per_s": round(nbytes / (min(v) * 1e-3) / 1e9, 2)}
-                       for k, v in times.items()}}
+    out = {
+        "benchmark": "profile_stream",
+        "args": vars(args),
+        "cache": {
+            "n": n,
+            "shape": [n, h, w, c],
+            "bytes": nbytes,
+            "zarr_chunk_rows": cache.features.chunks[0],
+        },
+        "memory_budget_bytes": budget,
+        "rescored": int(res.rescored),
+        "method": res.method,
+        "timings": {
+            k: summary(v, share[k]) | {"gb_per_s": round(nbytes / (min(v) * 1e-3) / 1e9, 2)}
+            for k, v in times.items()
+        },
+    }
     out["environment"] = env | {"loadavg_at_end": list(os.getloadavg())}
     emit(out, args.out)
 

@@ -43,11 +43,21 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
-from _common import (CpuMeter, emit, environment, log, parse_bytes, resolve, summary, sync, timed, timed_metered,
-                     vm_status, wait_quiet)
-
 import numpy as np
 import torch
+from _common import (
+    CpuMeter,
+    emit,
+    environment,
+    log,
+    parse_bytes,
+    resolve,
+    summary,
+    timed,
+    timed_metered,
+    vm_status,
+    wait_quiet,
+)
 
 SHAPES = {"r50l4": (7, 7, 2048), "r50l3": (14, 14, 1024), "vitb16": (14, 14, 768)}
 MASKS = ("square3", "blob", "full")
@@ -55,8 +65,13 @@ K = 10
 
 
 # --- data ------------------------------------------------------------------------------------
-def synthetic(n: int, shape: tuple[int, int, int], seed: int = 0, block: int = 256,
-              gen_device: torch.device | None = None) -> torch.Tensor:
+def synthetic(
+    n: int,
+    shape: tuple[int, int, int],
+    seed: int = 0,
+    block: int = 256,
+    gen_device: torch.device | None = None,
+) -> torch.Tensor:
     """(n, h, w, C) fp16 post-ReLU features on the CPU, generated block by block (no fp32 copy of it all)."""
     gen_device = gen_device or torch.device("cpu")
     g = torch.Generator(gen_device).manual_seed(seed)
@@ -77,7 +92,7 @@ def make_mask(name: str, grid: tuple[int, int]) -> np.ndarray:
     if name == "square3":
         m = np.zeros(grid, np.float32)
         y, x = (h - 3) // 2, (w - 3) // 2
-        m[y:y + 3, x:x + 3] = 1
+        m[y : y + 3, x : x + 3] = 1
         return m
     if name == "blob":
         # A drawn blob on a 224×224 canvas: union of a few random ellipses (fixed seed), soft edge,
@@ -107,8 +122,12 @@ def mask_info(m: np.ndarray) -> dict:
 
     c = crop_mask(m)
     nz = m[m > 0]
-    return {"cells": int((m > 0).sum()), "box": list(c.shape), "soft": bool(((nz > 0) & (nz < 1)).any()),
-            "weights_sum": round(float(m.sum()), 4)}
+    return {
+        "cells": int((m > 0).sum()),
+        "box": list(c.shape),
+        "soft": bool(((nz > 0) & (nz < 1)).any()),
+        "weights_sum": round(float(m.sum()), 4),
+    }
 
 
 # --- the three contenders --------------------------------------------------------------------
@@ -121,7 +140,7 @@ class Paper:
         n = x.shape[0]
         self.cache = torch.empty((n, x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32, device=device)
         for a in range(0, n, 1024):  # block by block: no second fp32 copy of the whole cache
-            self.cache[a:a + 1024] = x[a:a + 1024].to(device).permute(0, 3, 1, 2).float()
+            self.cache[a : a + 1024] = x[a : a + 1024].to(device).permute(0, 3, 1, 2).float()
         self.tool = CachedSearchTool(torch.nn.Identity(), self.cache, device, batch_size=batch_size)
         self.batch_size = batch_size
 
@@ -150,14 +169,25 @@ REDUCTIONS = ("fp16 amax", "int16-view amax", "fp32-accumulating sum")
 
 
 # --- in-memory benchmark ---------------------------------------------------------------------
-def bench_case(x: torch.Tensor, source, paper: Paper | None, floors: dict, shape_name: str, mask_name: str,
-               device: torch.device, repeats: int, paper_repeats: int, query: int, quiet_wait: float = 0) -> dict:
+def bench_case(
+    x: torch.Tensor,
+    source,
+    paper: Paper | None,
+    floors: dict,
+    shape_name: str,
+    mask_name: str,
+    device: torch.device,
+    repeats: int,
+    paper_repeats: int,
+    query: int,
+    quiet_wait: float = 0,
+) -> dict:
     from vfs.search import search_regions
 
     n, h, w, c = x.shape
     mask = make_mask(mask_name, (h, w))
     nbytes = x.numel() * 2
-    run_vfs = lambda: search_regions(source, query, mask, k=K, exclude=query, device=device)  # noqa: E731
+    run_vfs = lambda: search_regions(source, query, mask, k=K, exclude=query, device=device)
     # warm-up (moves the source to the device once, like an opened cache; selects kernels)
     _, res = timed(run_vfs, device)
     for f in floors.values():
@@ -182,44 +212,78 @@ def bench_case(x: torch.Tensor, source, paper: Paper | None, floors: dict, shape
             t, paper_out, f = timed_metered(lambda: paper.search(query, mask), device)
             t_paper.append(t)
             f_paper.append(f)
-        log(f"  {shape_name}/{mask_name} rep {r}: vfs {t_vfs[-1]:.1f} ms"
+        log(
+            f"  {shape_name}/{mask_name} rep {r}: vfs {t_vfs[-1]:.1f} ms"
             + (f", paper {t_paper[-1]:.1f} ms" if paper is not None and r < paper_repeats else "")
-            + f", floor {min(v[-1] for k, v in t_floor.items() if k in REDUCTIONS):.1f} ms")
+            + f", floor {min(v[-1] for k, v in t_floor.items() if k in REDUCTIONS):.1f} ms"
+        )
     meter.__exit__()
     fl = {k: summary(v, f_floor[k]) for k, v in t_floor.items()}
     used = min(REDUCTIONS, key=lambda k: fl[k]["min_ms"])
     any_ = min(fl, key=lambda k: fl[k]["min_ms"])
-    vfs_s = summary(t_vfs, f_vfs) | {"method": res.method, "rescored": int(res.rescored),
-                              "top10": res.top["index"].tolist(),
-                              "top10_scores": [round(float(s), 6) for s in res.top["score"]]}
+    vfs_s = summary(t_vfs, f_vfs) | {
+        "method": res.method,
+        "rescored": int(res.rescored),
+        "top10": res.top["index"].tolist(),
+        "top10_scores": [round(float(s), 6) for s in res.top["score"]],
+    }
     out = {
-        "shape": shape_name, "grid": [h, w], "channels": c, "n": n, "mask": mask_name, "mask_info": mask_info(mask),
-        "query_index": query, "k": K, "bytes_fp16": nbytes, "device": str(device),
+        "shape": shape_name,
+        "grid": [h, w],
+        "channels": c,
+        "n": n,
+        "mask": mask_name,
+        "mask_info": mask_info(mask),
+        "query_index": query,
+        "k": K,
+        "bytes_fp16": nbytes,
+        "device": str(device),
         "machine_share": meter.result,
         "vfs": vfs_s,
-        "floor": {"used": used, "min_ms": fl[used]["min_ms"], "median_ms": fl[used]["median_ms"], "candidates": fl},
+        "floor": {
+            "used": used,
+            "min_ms": fl[used]["min_ms"],
+            "median_ms": fl[used]["median_ms"],
+            "candidates": fl,
+        },
         "floor_any": {"used": any_, "min_ms": fl[any_]["min_ms"], "median_ms": fl[any_]["median_ms"]},
     }
-    gbps = lambda ms: round(nbytes / (ms * 1e-3) / 1e9, 2) if ms else None  # noqa: E731
-    out["vfs_over_floor"] = {"min": round(vfs_s["min_ms"] / fl[used]["min_ms"], 2),
-                             "median": round(vfs_s["median_ms"] / fl[used]["median_ms"], 2)}
-    out["vfs_over_floor_any"] = {"min": round(vfs_s["min_ms"] / fl[any_]["min_ms"], 2),
-                                 "median": round(vfs_s["median_ms"] / fl[any_]["median_ms"], 2)}
-    out["effective_gb_per_s"] = {"vfs": gbps(vfs_s["min_ms"]), "floor": gbps(fl[used]["min_ms"]),
-                                 "floor_any": gbps(fl[any_]["min_ms"])}
+    gbps = lambda ms: round(nbytes / (ms * 1e-3) / 1e9, 2) if ms else None
+    out["vfs_over_floor"] = {
+        "min": round(vfs_s["min_ms"] / fl[used]["min_ms"], 2),
+        "median": round(vfs_s["median_ms"] / fl[used]["median_ms"], 2),
+    }
+    out["vfs_over_floor_any"] = {
+        "min": round(vfs_s["min_ms"] / fl[any_]["min_ms"], 2),
+        "median": round(vfs_s["median_ms"] / fl[any_]["median_ms"], 2),
+    }
+    out["effective_gb_per_s"] = {
+        "vfs": gbps(vfs_s["min_ms"]),
+        "floor": gbps(fl[used]["min_ms"]),
+        "floor_any": gbps(fl[any_]["min_ms"]),
+    }
     if paper is not None:
-        ps = summary(t_paper, f_paper) | {"batch_size": paper.batch_size, "cache": f"fp32 NCHW tensor on {device}"}
+        ps = summary(t_paper, f_paper) | {
+            "batch_size": paper.batch_size,
+            "cache": f"fp32 NCHW tensor on {device}",
+        }
         idx, sims = paper_out
         ps["top10"] = idx.tolist()
         out["paper"] = ps
-        out["speedup_vs_paper"] = {"min": round(ps["min_ms"] / vfs_s["min_ms"], 1),
-                                   "median": round(ps["median_ms"] / vfs_s["median_ms"], 1)}
+        out["speedup_vs_paper"] = {
+            "min": round(ps["min_ms"] / vfs_s["min_ms"], 1),
+            "median": round(ps["median_ms"] / vfs_s["median_ms"], 1),
+        }
         out["effective_gb_per_s"]["paper_fp16_equivalent"] = gbps(ps["min_ms"])
         out["same_top10"] = vfs_s["top10"] == ps["top10"]
         out["same_top10_set"] = set(vfs_s["top10"]) == set(ps["top10"])
-        out["max_abs_score_diff_top10"] = float(np.max(np.abs(sims[vfs_s["top10"]] - np.array(vfs_s["top10_scores"]))))
-        out["paper_semantics"] = ("same soft-mask cosine as vfs (mask passed unchanged); differs only by the "
-                                  "+1e-5 added to its window norm")
+        out["max_abs_score_diff_top10"] = float(
+            np.max(np.abs(sims[vfs_s["top10"]] - np.array(vfs_s["top10_scores"])))
+        )
+        out["paper_semantics"] = (
+            "same soft-mask cosine as vfs (mask passed unchanged); differs only by the "
+            "+1e-5 added to its window norm"
+        )
     out["targets"] = targets(out, device)
     return out
 
@@ -238,7 +302,9 @@ def targets(case: dict, device: torch.device) -> dict:
         t["within_3x_floor_median"] = case["vfs_over_floor"]["median"] <= 3
     else:
         t["applies"] = (case["shape"], case["n"]) in {("r50l4", 50000), ("r50l3", 20000)}
-        t["spec"] = "GPU: ≤6 ms per query with top-k, ≥12× faster than the paper's code (cache on GPU), ≤1.6× floor"
+        t["spec"] = (
+            "GPU: ≤6 ms per query with top-k, ≥12× faster than the paper's code (cache on GPU), ≤1.6× floor"
+        )
         t["le_6ms"] = case["vfs"]["min_ms"] <= 6
         t["le_6ms_median"] = case["vfs"]["median_ms"] <= 6
         if speed:
@@ -268,10 +334,13 @@ def in_memory(args, device: torch.device) -> dict:
         else:
             n = args.n
             t0 = time.perf_counter()
-            x = synthetic(n, SHAPES[shape_name], seed=args.seed,
-                          gen_device=device if device.type == "cuda" else None)
-            log(f"{shape_name}: generated {n}×{tuple(x.shape[1:])} fp16 "
-                f"({x.numel() * 2 / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
+            x = synthetic(
+                n, SHAPES[shape_name], seed=args.seed, gen_device=device if device.type == "cuda" else None
+            )
+            log(
+                f"{shape_name}: generated {n}×{tuple(x.shape[1:])} fp16 "
+                f"({x.numel() * 2 / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s"
+            )
         source = ArrayFeatures(x)
         xd = x.to(device)  # the floor's copy, on the device
         floors = floor_fns(xd)
@@ -279,12 +348,27 @@ def in_memory(args, device: torch.device) -> dict:
         if not args.no_paper:
             t0 = time.perf_counter()
             paper = Paper(x, device, args.paper_batch)
-            log(f"{shape_name}: paper's fp32 NCHW cache on {device} ({paper.cache.numel() * 4 / 1e9:.2f} GB) "
-                f"in {time.perf_counter() - t0:.1f} s")
+            log(
+                f"{shape_name}: paper's fp32 NCHW cache on {device} ({paper.cache.numel() * 4 / 1e9:.2f} GB) "
+                f"in {time.perf_counter() - t0:.1f} s"
+            )
         query = n // 3
         for mask_name in masks:
-            cases.append(bench_case(x, source, paper, floors, shape_name, mask_name, device,
-                                    args.repeats, args.paper_repeats, query, args.quiet_wait))
+            cases.append(
+                bench_case(
+                    x,
+                    source,
+                    paper,
+                    floors,
+                    shape_name,
+                    mask_name,
+                    device,
+                    args.repeats,
+                    args.paper_repeats,
+                    query,
+                    args.quiet_wait,
+                )
+            )
         del source, xd, floors, paper
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -292,21 +376,34 @@ def in_memory(args, device: torch.device) -> dict:
             break
     applicable = [c for c in cases if c["targets"]["applies"]]
     return {
-        "benchmark": "search", "mode": "in-memory",
-        "args": vars(args), "cases": cases,
-        "summary": [{k: c.get(k) for k in ("shape", "n", "mask")}
-                    | {"vfs_ms_min": c["vfs"]["min_ms"], "vfs_ms_median": c["vfs"]["median_ms"],
-                       "paper_ms_min": c.get("paper", {}).get("min_ms"),
-                       "floor_ms_min": c["floor"]["min_ms"], "floor_any_ms_min": c["floor_any"]["min_ms"],
-                       "speedup_min": (c.get("speedup_vs_paper") or {}).get("min"),
-                       "vfs_over_floor_min": c["vfs_over_floor"]["min"],
-                       "vfs_over_floor_any_min": c["vfs_over_floor_any"]["min"],
-                       "vfs_gb_per_s": c["effective_gb_per_s"]["vfs"],
-                       "same_top10": c.get("same_top10"), "method": c["vfs"]["method"],
-                       "rescored": c["vfs"]["rescored"], "targets_met": c["targets"]["all_met"],
-                       "targets_apply": c["targets"]["applies"]} for c in cases],
-        "targets": {"applicable_cases": len(applicable),
-                    "all_met": bool(applicable) and all(c["targets"]["all_met"] for c in applicable)},
+        "benchmark": "search",
+        "mode": "in-memory",
+        "args": vars(args),
+        "cases": cases,
+        "summary": [
+            {k: c.get(k) for k in ("shape", "n", "mask")}
+            | {
+                "vfs_ms_min": c["vfs"]["min_ms"],
+                "vfs_ms_median": c["vfs"]["median_ms"],
+                "paper_ms_min": c.get("paper", {}).get("min_ms"),
+                "floor_ms_min": c["floor"]["min_ms"],
+                "floor_any_ms_min": c["floor_any"]["min_ms"],
+                "speedup_min": (c.get("speedup_vs_paper") or {}).get("min"),
+                "vfs_over_floor_min": c["vfs_over_floor"]["min"],
+                "vfs_over_floor_any_min": c["vfs_over_floor_any"]["min"],
+                "vfs_gb_per_s": c["effective_gb_per_s"]["vfs"],
+                "same_top10": c.get("same_top10"),
+                "method": c["vfs"]["method"],
+                "rescored": c["vfs"]["rescored"],
+                "targets_met": c["targets"]["all_met"],
+                "targets_apply": c["targets"]["applies"],
+            }
+            for c in cases
+        ],
+        "targets": {
+            "applicable_cases": len(applicable),
+            "all_met": bool(applicable) and all(c["targets"]["all_met"] for c in applicable),
+        },
     }
 
 
@@ -344,14 +441,22 @@ def drop_from_page_cache(files: list[Path]) -> dict:
 def write_cache(path: Path, shape: tuple[int, int, int], gb: float, seed: int) -> int:
     """A real VFS cache of about `gb` GB of fp16 features, written through vfs.cache.CacheWriter."""
     import pandas as pd
+
     from vfs.cache import CacheSpec, CacheWriter
     from vfs.data import DataSpec
     from vfs.models import Preprocess
 
     h, w, c = shape
     n = max(1, int(gb * 1e9 // (h * w * c * 2)))
-    spec = CacheSpec(model="synthetic", layer="synthetic", input_size=224, grid=(h, w), channels=c,
-                     preprocess=Preprocess(224, 224), data=DataSpec("synthetic"))
+    spec = CacheSpec(
+        model="synthetic",
+        layer="synthetic",
+        input_size=224,
+        grid=(h, w),
+        channels=c,
+        preprocess=Preprocess(224, 224),
+        data=DataSpec("synthetic"),
+    )
     candidates = pd.DataFrame({"path": [f"synthetic/{i:07d}" for i in range(n)]})
     writer = CacheWriter.open(path, spec, candidates, thumb_size=4, resume=False)
     thumb = np.zeros((4, 4, 3), np.uint8)
@@ -426,17 +531,23 @@ def child(args) -> None:
         # As in a running app, this process has searched before: one search over 64 in-memory images
         # of the same shape builds the product kernels (oneDNN JIT) without touching the cache's pages.
         search_regions(synthetic(64, (h, w, c), seed=1), 0, mask, k=K, device="cpu")
-        cache.manifest  # read when a cache is picked in the app, before any search
+        _ = cache.manifest  # read when a cache is picked in the app, before any search
         hwm0, anon0 = vm_status("VmHWM"), vm_status("RssAnon")
         t0 = time.perf_counter()
         res = search_regions(cache, q, mask, k=K, exclude=q, device="cpu", memory_budget=args.budget_bytes)
         out["elapsed_ms"] = (time.perf_counter() - t0) * 1e3
-        with AnonPeak() as anon:  # a second search for the anonymous-memory peak: the poller would slow the timed one
+        with (
+            AnonPeak() as anon
+        ):  # a second search for the anonymous-memory peak: the poller would slow the timed one
             search_regions(cache, q, mask, k=K, exclude=q, device="cpu", memory_budget=args.budget_bytes)
         out["peak_anon_bytes"] = anon.peak
         out["bytes"] = sum(p.stat().st_size for p in chunk_files(Path(args.cache_path)))
-        out |= {"method": res.method, "rescored": int(res.rescored), "top10": res.top["index"].tolist(),
-                "resident": bool(cache._resident)}
+        out |= {
+            "method": res.method,
+            "rescored": int(res.rescored),
+            "top10": res.top["index"].tolist(),
+            "resident": bool(cache._resident),
+        }
     out["peak_rss_bytes"] = vm_status("VmHWM")
     out["rss_before_bytes"] = hwm0
     out["anon_before_bytes"] = anon0
@@ -454,8 +565,11 @@ def out_of_core(args) -> dict:
     # a stable name only when it is meant to be kept or reused; otherwise one per process, so that two
     # runs on a shared machine never delete each other's cache
     stable = args.keep or args.reuse
-    path = work / (f"ooc_{shape_name}_{args.cache_gb:g}GB.zarr" if stable
-                   else f"ooc_{shape_name}_{args.cache_gb:g}GB_pid{os.getpid()}.zarr")
+    path = work / (
+        f"ooc_{shape_name}_{args.cache_gb:g}GB.zarr"
+        if stable
+        else f"ooc_{shape_name}_{args.cache_gb:g}GB_pid{os.getpid()}.zarr"
+    )
     free = shutil.disk_usage(work).free
     if not (args.reuse and path.exists()):
         if path.exists():
@@ -473,9 +587,16 @@ def out_of_core(args) -> dict:
     from vfs.cache import open_cache
 
     cache = open_cache(path)
-    info = {"path": str(path), "n": cache.n, "shape": list(cache.shape), "chunk_rows": cache.features.chunks[0],
-            "files": len(files), "bytes_features_sqnorm": nbytes, "fp16_bytes": cache.nbytes,
-            "write_s": None if write_s is None else round(write_s, 1)}
+    info = {
+        "path": str(path),
+        "n": cache.n,
+        "shape": list(cache.shape),
+        "chunk_rows": cache.features.chunks[0],
+        "files": len(files),
+        "bytes_features_sqnorm": nbytes,
+        "fp16_bytes": cache.nbytes,
+        "write_s": None if write_s is None else round(write_s, 1),
+    }
     del cache
     masks = [args.mask] if args.mask in MASKS else ["square3"]
     runs: dict = {"cold": {"raw": [], "search": []}, "warm": {"raw": [], "search": []}}
@@ -484,13 +605,27 @@ def out_of_core(args) -> dict:
     def spawn(kind: str, mask: str) -> dict:
         if args.quiet_wait > 0:
             wait_quiet(args.quiet_wait, window_s=1.0)
-        cmd = [sys.executable, __file__, "--child", kind, "--cache-path", str(path), "--mask", mask,
-               "--budget-bytes", str(budget)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--cache-path",
+            str(path),
+            "--mask",
+            mask,
+            "--budget-bytes",
+            str(budget),
+        ]
         with CpuMeter() as m:
-            p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            p = subprocess.run(
+                cmd, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+            )
         if p.returncode != 0:
             raise RuntimeError(f"child {kind} failed:\n{p.stderr[-4000:]}")
-        return json.loads(p.stdout.strip().splitlines()[-1]) | {"foreign_cpu_frac": m.result["foreign_cpu_frac"]}
+        return json.loads(p.stdout.strip().splitlines()[-1]) | {
+            "foreign_cpu_frac": m.result["foreign_cpu_frac"]
+        }
 
     for r in range(args.repeats):
         for kind in ("raw", "search"):
@@ -499,8 +634,10 @@ def out_of_core(args) -> dict:
             runs["cold"][kind].append(rec)
             rec = spawn(kind, masks[0])  # right after a full pass: the files are in the page cache
             runs["warm"][kind].append(rec)
-            log(f"  rep {r} {kind}: cold {runs['cold'][kind][-1]['elapsed_ms']:.0f} ms, "
-                f"warm {rec['elapsed_ms']:.0f} ms, peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB")
+            log(
+                f"  rep {r} {kind}: cold {runs['cold'][kind][-1]['elapsed_ms']:.0f} ms, "
+                f"warm {rec['elapsed_ms']:.0f} ms, peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB"
+            )
     res: dict = {"cache": info, "memory_budget_bytes": budget, "mask": masks[0], "drops": drops[:2]}
     for temp in ("cold", "warm"):
         raw = [x["elapsed_ms"] for x in runs[temp]["raw"]]
@@ -509,20 +646,29 @@ def out_of_core(args) -> dict:
         fsrch = [x["foreign_cpu_frac"] for x in runs[temp]["search"]]
         peak = max(x["peak_rss_bytes"] for x in runs[temp]["search"])
         base = min(x["rss_before_bytes"] for x in runs[temp]["search"])
-        gbs = lambda ms: round(nbytes / (ms * 1e-3) / 1e9, 3)  # noqa: E731
+        gbs = lambda ms: round(nbytes / (ms * 1e-3) / 1e9, 3)
         res[temp] = {
-            "raw_read": summary(raw, fraw) | {"gb_per_s": gbs(min(raw)),
-                                        "peak_rss_bytes": max(x["peak_rss_bytes"] for x in runs[temp]["raw"])},
-            "search": summary(srch, fsrch) | {"gb_per_s": gbs(min(srch)), "peak_rss_bytes": peak,
-                                       "rss_after_imports_bytes": base,
-                                       "peak_rss_above_imports_bytes": peak - base,
-                                       "peak_anon_bytes": max(x["peak_anon_bytes"] for x in runs[temp]["search"]),
-                                       "anon_after_imports_bytes": min(x["anon_before_bytes"] for x in runs[temp]["search"]),
-                                       "method": runs[temp]["search"][-1]["method"],
-                                       "rescored": runs[temp]["search"][-1]["rescored"],
-                                       "streamed": not runs[temp]["search"][-1]["resident"]},
-            "throughput_over_raw": {"min": round(min(raw) / min(srch), 3),
-                                    "median": round(float(np.median(raw)) / float(np.median(srch)), 3)},
+            "raw_read": summary(raw, fraw)
+            | {
+                "gb_per_s": gbs(min(raw)),
+                "peak_rss_bytes": max(x["peak_rss_bytes"] for x in runs[temp]["raw"]),
+            },
+            "search": summary(srch, fsrch)
+            | {
+                "gb_per_s": gbs(min(srch)),
+                "peak_rss_bytes": peak,
+                "rss_after_imports_bytes": base,
+                "peak_rss_above_imports_bytes": peak - base,
+                "peak_anon_bytes": max(x["peak_anon_bytes"] for x in runs[temp]["search"]),
+                "anon_after_imports_bytes": min(x["anon_before_bytes"] for x in runs[temp]["search"]),
+                "method": runs[temp]["search"][-1]["method"],
+                "rescored": runs[temp]["search"][-1]["rescored"],
+                "streamed": not runs[temp]["search"][-1]["resident"],
+            },
+            "throughput_over_raw": {
+                "min": round(min(raw) / min(srch), 3),
+                "median": round(float(np.median(raw)) / float(np.median(srch)), 3),
+            },
             "peak_rss_limit_bytes": budget + 500_000_000,
         }
         res[temp]["targets"] = {
@@ -538,26 +684,43 @@ def out_of_core(args) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     ap.add_argument("--n", type=int, default=1000, help="images in the synthetic cache (default 1000)")
-    ap.add_argument("--shape", default="r50l4", help=f"one of {list(SHAPES)}, comma-separated, or all (default r50l4)")
-    ap.add_argument("--mask", default="all", help=f"one of {list(MASKS)}, comma-separated, or all (default all)")
+    ap.add_argument(
+        "--shape", default="r50l4", help=f"one of {list(SHAPES)}, comma-separated, or all (default r50l4)"
+    )
+    ap.add_argument(
+        "--mask", default="all", help=f"one of {list(MASKS)}, comma-separated, or all (default all)"
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats of vfs and the floor (default 5)")
-    ap.add_argument("--paper-repeats", type=int, default=2, help="timed repeats of the paper's code (default 2)")
-    ap.add_argument("--paper-batch", type=int, default=500, help="CachedSearchTool batch_size (its default 500)")
+    ap.add_argument(
+        "--paper-repeats", type=int, default=2, help="timed repeats of the paper's code (default 2)"
+    )
+    ap.add_argument(
+        "--paper-batch", type=int, default=500, help="CachedSearchTool batch_size (its default 500)"
+    )
     ap.add_argument("--no-paper", action="store_true", help="skip the paper's code")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet-wait", type=float, default=0,
-                    help="before each repeat, wait up to this many seconds for the (shared) machine to be idle")
-    ap.add_argument("--from-cache", metavar="PATH", help="use a real VFS cache's features instead of synthetic ones")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        help="before each repeat, wait up to this many seconds for the (shared) machine to be idle",
+    )
+    ap.add_argument(
+        "--from-cache", metavar="PATH", help="use a real VFS cache's features instead of synthetic ones"
+    )
     ap.add_argument("--out", help="also write the JSON here")
     oc = ap.add_argument_group("out of core")
     oc.add_argument("--out-of-core", action="store_true", help="streaming search from a zarr cache on disk")
     oc.add_argument("--cache-gb", type=float, default=1.0, help="cache size to write (default 1 GB)")
     oc.add_argument("--memory-budget", default="400MB", help="search memory budget (default 400MB)")
-    oc.add_argument("--workdir", default="/tmp/vfs-bench", help="where the cache is written (default /tmp/vfs-bench)")
+    oc.add_argument(
+        "--workdir", default="/tmp/vfs-bench", help="where the cache is written (default /tmp/vfs-bench)"
+    )
     oc.add_argument("--keep", action="store_true", help="keep the written cache")
     oc.add_argument("--reuse", action="store_true", help="reuse a cache written before with --keep")
     ap.add_argument("--child", choices=("raw", "search"), help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ def brute_force(features: np.ndarray, query: np.ndarray, mask: np.ndarray):
     for i in range(n):
         for y in range(h - mh + 1):
             for x in range(w - mw + 1):
-                r = (features[i, y:y + mh, x:x + mw].astype(np.float64) * m).ravel()
+                r = (features[i, y : y + mh, x : x + mw].astype(np.float64) * m).ravel()
                 denom = np.linalg.norm(q) * np.linalg.norm(r)
                 s = q @ r / denom if denom > 0 else 0.0
                 if s > best[i]:
@@ -35,7 +35,7 @@ def every_placement(features: np.ndarray, query: np.ndarray, mask: np.ndarray) -
     out = np.zeros((n, h - mh + 1, w - mw + 1))
     for y in range(h - mh + 1):
         for x in range(w - mw + 1):
-            r = features[:, y:y + mh, x:x + mw].astype(np.float64) * m
+            r = features[:, y : y + mh, x : x + mw].astype(np.float64) * m
             num = (r * q).sum((1, 2, 3))
             den = np.linalg.norm(q) * np.sqrt((r * r).sum((1, 2, 3)))
             out[:, y, x] = np.where(den > 0, num / np.where(den > 0, den, 1), 0)

@@ -50,8 +50,10 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims a size but holds no pixel data: tiny file, huge header (a bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
@@ -68,7 +70,9 @@ def corpus() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, tuple[bytes,
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
     png, jpeg = encode(noise, "PNG"), encode(noise, "JPEG", quality=90)
-    gradient = Image.fromarray(np.broadcast_to(np.linspace(0, 255, 90, dtype=np.uint8)[None, :, None], (70, 90, 3)).copy())
+    gradient = Image.fromarray(
+        np.broadcast_to(np.linspace(0, 255, 90, dtype=np.uint8)[None, :, None], (70, 90, 3)).copy()
+    )
 
     palette = Image.new("P", (40, 30))
     palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
@@ -86,7 +90,9 @@ def corpus() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, tuple[bytes,
         "sub/good_gradient.jpg": encode(gradient, "JPEG", quality=95),
     }
     odd = {
-        "deep16.png": encode(Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)), "PNG"),
+        "deep16.png": encode(
+            Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50), "PNG"
+        ),
         "cmyk.jpg": encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG", quality=95),
         "palette_transparent.png": encode(palette, "PNG", transparency=0),
         "grey.png": encode(Image.new("L", (40, 30), 100), "PNG"),
@@ -106,7 +112,10 @@ def corpus() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, tuple[bytes,
         "truncated_header.png": (png[:40], "not an image"),
         "text.jpg": (b"hello, I am not a JPEG\n" * 8, "not an image"),
         "vector.png": (b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>", "not an image"),
-        "phone.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "not an image"),  # HEIC
+        "phone.jpg": (
+            b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+            "not an image",
+        ),  # HEIC
         "bad_header.bmp": (b"BM" + bytes(60), "corrupt or unsupported"),
         "bomb.png": (png_header(10_000, 10_000), "exceeds the limit"),  # 1e8 px: over VFS's limit
         "bomb_huge.png": (png_header(40_000, 40_000), "exceeds the limit"),  # PIL's own guard fires
@@ -130,8 +139,11 @@ def built(tmp_path_factory):
     (folder / "folder.jpg").mkdir()  # a folder with an image's name is not a candidate
     out = tmp_path_factory.mktemp("caches") / "corpus.zarr"
     with pytest.warns(Image.DecompressionBombWarning):  # PIL warns about bomb.png; VFS refuses it
-        cache = build_cache(BuildJob(layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE,
-                                     batch_size=8, device="cpu"))
+        cache = build_cache(
+            BuildJob(
+                layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE, batch_size=8, device="cpu"
+            )
+        )
     return cache, folder, good, odd, bad
 
 
@@ -162,7 +174,11 @@ def test_odd_images_are_normalised_in_the_stored_view(built):
     grey = cache.thumb(row["grey.png"]).astype(int)
     assert (grey == 100).all()
     palette = cache.thumb(row["palette_transparent.png"]).astype(int)
-    assert tuple(palette[32, 2]) == (255, 0, 0) and tuple(palette[32, -3]) == (255, 255, 255)  # transparent → white
+    assert tuple(palette[32, 2]) == (255, 0, 0) and tuple(palette[32, -3]) == (
+        255,
+        255,
+        255,
+    )  # transparent → white
     cmyk = cache.thumb(row["cmyk.jpg"]).astype(int)
     assert cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 60
     deep = cache.thumb(row["deep16.png"]).astype(int)
@@ -185,6 +201,7 @@ def test_huge_legal_image_is_decoded_small(built):
 @pytest.fixture(scope="module")
 def extractor():
     from vfs.models import load_extractor
+
     return load_extractor("embedded:efficientnet_lite0", "blocks.5", SIZE)
 
 
@@ -203,8 +220,12 @@ def mask_file(built, tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.parametrize("name", ["zero.jpg", "truncated.jpg", "text.jpg", "phone.jpg", "bomb.png", "missing.png"])
-def test_cli_search_with_a_bad_query_image_is_one_error_line(built, mask_file, shared_extractor, name, capsys):
+@pytest.mark.parametrize(
+    "name", ["zero.jpg", "truncated.jpg", "text.jpg", "phone.jpg", "bomb.png", "missing.png"]
+)
+def test_cli_search_with_a_bad_query_image_is_one_error_line(
+    built, mask_file, shared_extractor, name, capsys
+):
     cache, folder, *_ = built
     code = main(["search", cache.location, "--image", str(folder / name), "--mask", str(mask_file)])
     out, err = capsys.readouterr()
@@ -216,16 +237,19 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(built, mask_file, s
         assert f"{folder / name}: not a readable image — " in lines[0] and ".png" in lines[0]
 
 
-@pytest.mark.parametrize("mask,content,message", [
-    ("text.png", b"not a png", "cannot read the mask image"),
-    ("truncated.png", None, "cannot read the mask image"),
-    ("bomb.png", png_header(10_000, 10_000), "exceeds the limit"),
-    ("pickled.npy", None, "cannot read the mask"),
-    ("strings.npy", None, "must hold numbers"),
-    ("wrong_shape.npy", None, "grid's shape"),
-    ("zeros.npy", None, "empty"),
-    ("nan.npy", None, "NaN"),
-])
+@pytest.mark.parametrize(
+    "mask,content,message",
+    [
+        ("text.png", b"not a png", "cannot read the mask image"),
+        ("truncated.png", None, "cannot read the mask image"),
+        ("bomb.png", png_header(10_000, 10_000), "exceeds the limit"),
+        ("pickled.npy", None, "cannot read the mask"),
+        ("strings.npy", None, "must hold numbers"),
+        ("wrong_shape.npy", None, "grid's shape"),
+        ("zeros.npy", None, "empty"),
+        ("nan.npy", None, "NaN"),
+    ],
+)
 def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, content, message):
     cache = built[0]
     path = tmp_path / mask
@@ -238,8 +262,14 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     elif mask == "strings.npy":
         np.save(path, np.array([["a", "b"], ["c", "d"]]))
     else:
-        np.save(path, {"wrong_shape.npy": np.ones((3, 3)), "zeros.npy": np.zeros((2, 2)),
-                       "nan.npy": np.full((2, 2), np.nan)}[mask])
+        np.save(
+            path,
+            {
+                "wrong_shape.npy": np.ones((3, 3)),
+                "zeros.npy": np.zeros((2, 2)),
+                "nan.npy": np.full((2, 2), np.nan),
+            }[mask],
+        )
     code = main(["search", cache.location, "--query-index", "0", "--mask", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -247,8 +277,21 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
 
 def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys):
     """The engine's error carries the facts; the CLI words the next step as a CLI command."""
-    code = main(["build", "--layer", "blocks.99", "--data", "embedded:skimage", "--image-size", str(SIZE),
-                 "--limit", "2", "--out", str(tmp_path / "c.zarr")])
+    code = main(
+        [
+            "build",
+            "--layer",
+            "blocks.99",
+            "--data",
+            "embedded:skimage",
+            "--image-size",
+            str(SIZE),
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "c.zarr"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "no layer 'blocks.99'" in err and "blocks.5" in err
@@ -285,14 +328,17 @@ def features(seed=0, n=12, grid=(5, 6), c=8):
     return np.maximum(np.random.default_rng(seed).standard_normal((n, *grid, c)), 0).astype(np.float16)
 
 
-@pytest.mark.parametrize("mask,message", [
-    (np.zeros((5, 6)), "region is empty"),
-    (np.ones((4, 6)), "does not match the feature grid"),
-    (np.ones((5, 6, 1)), "does not match the feature grid"),
-    (np.full((5, 6), np.nan), "NaN or inf"),
-    (np.where(np.eye(5, 6) > 0, np.inf, 0), "NaN or inf"),
-    (-np.ones((5, 6)), "≥ 0"),
-])
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        (np.zeros((5, 6)), "region is empty"),
+        (np.ones((4, 6)), "does not match the feature grid"),
+        (np.ones((5, 6, 1)), "does not match the feature grid"),
+        (np.full((5, 6), np.nan), "NaN or inf"),
+        (np.where(np.eye(5, 6) > 0, np.inf, 0), "NaN or inf"),
+        (-np.ones((5, 6)), "≥ 0"),
+    ],
+)
 def test_bad_masks_are_refused_with_a_reason(mask, message):
     with pytest.raises(ValueError, match=message):
         search_regions(features(), 0, mask, device="cpu")
@@ -352,19 +398,27 @@ def test_fp16_overflow_is_refused():
 
 def test_cache_of_another_model_layer_or_size_is_refused(built):
     cache = built[0]
-    d = {"spec": cache.spec.model, "layer": cache.spec.layer, "input_size": SIZE,
-         "grid": list(cache.spec.grid), "channels": cache.spec.channels}
+    d = {
+        "spec": cache.spec.model,
+        "layer": cache.spec.layer,
+        "input_size": SIZE,
+        "grid": list(cache.spec.grid),
+        "channels": cache.spec.channels,
+    }
     cache.check_extractor(d)
-    for key, other, message in [("spec", "timm:resnet50", "spec 'embedded:efficientnet_lite0', not 'timm:resnet50'"),
-                                ("layer", "blocks.6", "layer 'blocks.5', not 'blocks.6'"),
-                                ("input_size", 224, "input_size 64, not 224"),
-                                ("channels", 320, "channels 192, not 320")]:
+    for key, other, message in [
+        ("spec", "timm:resnet50", "spec 'embedded:efficientnet_lite0', not 'timm:resnet50'"),
+        ("layer", "blocks.6", "layer 'blocks.5', not 'blocks.6'"),
+        ("input_size", 224, "input_size 64, not 224"),
+        ("channels", 320, "channels 192, not 320"),
+    ]:
         with pytest.raises(CacheError, match=message):
             cache.check_extractor(d | {key: other})
 
 
 def test_cache_of_another_layer_refused_for_a_real_extractor(built, extractor, tmp_path, capsys):
     from vfs.models import load_extractor
+
     ex = load_extractor("embedded:efficientnet_lite0", "blocks.4", SIZE)
     with pytest.raises(CacheError, match="layer 'blocks.5', not 'blocks.4'"):
         built[0].check_extractor(ex.describe())
@@ -373,6 +427,7 @@ def test_cache_of_another_layer_refused_for_a_real_extractor(built, extractor, t
 
 def copy_cache(built, tmp_path) -> Path:
     import shutil
+
     dst = tmp_path / "copy.zarr"
     shutil.copytree(built[0].location, dst)
     return dst
@@ -389,8 +444,16 @@ def small_chunked(tmp_path):
     from vfs.cache import CacheSpec, CacheWriter
     from vfs.data import DataSpec
     from vfs.models import Preprocess
-    spec = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(2, 3),
-                     channels=4, preprocess=Preprocess(32, 32), data=DataSpec("x"))
+
+    spec = CacheSpec(
+        model="embedded:efficientnet_lite0",
+        layer="blocks.5",
+        input_size=32,
+        grid=(2, 3),
+        channels=4,
+        preprocess=Preprocess(32, 32),
+        data=DataSpec("x"),
+    )
     cand = pd.DataFrame({"path": [f"{i}.png" for i in range(30)]})
     w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 8, chunk_images=7)
     x = features(5, 30, (2, 3), 4)
@@ -401,8 +464,10 @@ def small_chunked(tmp_path):
     return tmp_path / "c.zarr", x
 
 
-@pytest.mark.parametrize("array,damage", [("features", "delete"), ("features", "truncate"),
-                                          ("sqnorm", "delete"), ("sqnorm", "truncate")])
+@pytest.mark.parametrize(
+    "array,damage",
+    [("features", "delete"), ("features", "truncate"), ("sqnorm", "delete"), ("sqnorm", "truncate")],
+)
 def test_missing_or_truncated_chunks_are_a_clear_error(small_chunked, array, damage):
     path, x = small_chunked
     ok = search_regions(open_cache(path), 0, np.ones((2, 3)), k=3, device="cpu")
@@ -470,8 +535,16 @@ def test_the_writer_skips_images_whose_features_overflow(tmp_path):
     from vfs.cache import CacheSpec, CacheWriter
     from vfs.data import DataSpec
     from vfs.models import Preprocess
-    spec = CacheSpec(model="m", layer="l", input_size=8, grid=(2, 2), channels=3, preprocess=Preprocess(8, 8),
-                     data=DataSpec("x"))
+
+    spec = CacheSpec(
+        model="m",
+        layer="l",
+        input_size=8,
+        grid=(2, 2),
+        channels=3,
+        preprocess=Preprocess(8, 8),
+        data=DataSpec("x"),
+    )
     cand = pd.DataFrame({"path": ["a.png", "b.png", "c.png"]})
     w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 4)
     x = np.ones((3, 2, 2, 3), np.float16)
@@ -489,7 +562,9 @@ def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_pa
     path, _ = small_chunked
     meta = path / "sqnorm" / "zarr.json"
     doc = json.loads(meta.read_text())
-    meta.write_text(json.dumps(doc | {"codecs": doc["codecs"] + [{"name": "numcodecs.bz2", "configuration": {}}]}))
+    meta.write_text(
+        json.dumps(doc | {"codecs": doc["codecs"] + [{"name": "numcodecs.bz2", "configuration": {}}]})
+    )
     with pytest.raises(CacheError, match="uses codec\\(s\\) numcodecs.bz2, which VFS does not read"):
         open_cache(path)
     meta.write_text(json.dumps(doc | {"codecs": [{"name": "no.such.codec", "configuration": {}}]}))

@@ -19,8 +19,10 @@ SHARED = Path(os.environ.get("VFS_SHARED_DATA", Path(__file__).resolve().parents
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("caches") / "demo.zarr"
     seen = []
-    cache = build_cache(BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out), limit=24, batch_size=8),
-                        progress=seen.append)
+    cache = build_cache(
+        BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out), limit=24, batch_size=8),
+        progress=seen.append,
+    )
     return cache, seen
 
 
@@ -35,6 +37,7 @@ def test_embedded_build(demo):
     # stored features are the extractor's features of the stored view
     from vfs.data import open_dataset
     from vfs.models import load_extractor
+
     ex = load_extractor(cache.spec.model, cache.spec.layer)
     ref = ex.features(open_dataset("embedded:skimage").load(3))
     np.testing.assert_allclose(cache.features[3].astype(np.float32), ref, rtol=2e-2, atol=2e-2)
@@ -45,18 +48,55 @@ def test_cli_json_round_trip(demo, tmp_path, capsys):
     drawn = np.zeros((224, 224, 4), np.uint8)
     drawn[60:150, 40:170, 3] = 255
     Image.fromarray(drawn).save(tmp_path / "m.png")
-    assert main(["search", cache.location, "--query-index", "5", "--mask", str(tmp_path / "m.png"),
-                 "--k", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                cache.location,
+                "--query-index",
+                "5",
+                "--mask",
+                str(tmp_path / "m.png"),
+                "--k",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     ref = search_regions(cache, 5, grid_mask(drawn, cache.spec.grid), k=4, exclude=5)
     assert [r["index"] for r in out["results"]] == ref.top["index"].tolist()
     assert [r["score"] for r in out["results"]] == pytest.approx(ref.top["score"].tolist(), abs=1e-6)
     assert out["results"][0]["path"] == ref.top["path"][0] and out["grid"] == [7, 7]
-    assert set(out["results"][0]) == {"rank", "index", "path", "score", "grid_box", "pixel_box", "label", "domain"}
+    assert set(out["results"][0]) == {
+        "rank",
+        "index",
+        "path",
+        "score",
+        "grid_box",
+        "pixel_box",
+        "label",
+        "domain",
+    }
     # the same mask as .npy of the grid's shape gives the same answer
     np.save(tmp_path / "m.npy", grid_mask(drawn, cache.spec.grid))
-    assert main(["search", cache.location, "--query-index", "5", "--mask", str(tmp_path / "m.npy"),
-                 "--k", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                cache.location,
+                "--query-index",
+                "5",
+                "--mask",
+                str(tmp_path / "m.npy"),
+                "--k",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["results"] == out["results"]
     assert main(["info", cache.location, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 24
@@ -70,27 +110,67 @@ def test_cli_errors_are_one_line(demo, tmp_path, capsys):
     np.save(tmp_path / "empty.npy", np.zeros((7, 7)))
     assert main(["search", cache.location, "--query-index", "1", "--mask", str(tmp_path / "empty.npy")]) == 2
     assert "empty" in capsys.readouterr().err
-    assert main(["build", "--model", "timm:no_such_model", "--layer", "x", "--data", "embedded:skimage",
-                 "--out", str(tmp_path / "x.zarr")]) == 2
+    assert (
+        main(
+            [
+                "build",
+                "--model",
+                "timm:no_such_model",
+                "--layer",
+                "x",
+                "--data",
+                "embedded:skimage",
+                "--out",
+                str(tmp_path / "x.zarr"),
+            ]
+        )
+        == 2
+    )
     assert "error:" in capsys.readouterr().err
 
 
 def test_query_from_an_image_file(demo, tmp_path, capsys):
     cache, _ = demo
     from vfs.data import open_dataset
+
     open_dataset("embedded:skimage").load(5).save(tmp_path / "q.png")
     np.save(tmp_path / "m.npy", np.pad(np.ones((3, 3)), 2))
-    assert main(["search", cache.location, "--image", str(tmp_path / "q.png"), "--mask", str(tmp_path / "m.npy"),
-                 "--k", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                cache.location,
+                "--image",
+                str(tmp_path / "q.png"),
+                "--mask",
+                str(tmp_path / "m.npy"),
+                "--k",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     top = json.loads(capsys.readouterr().out)["results"][0]
     assert top["index"] == 5 and top["score"] > 0.99
 
 
-@pytest.mark.skipif(not (SHARED / "nih_cxr_kcr64").exists(), reason="../shared/data/nih_cxr_kcr64 not present")
+@pytest.mark.skipif(
+    not (SHARED / "nih_cxr_kcr64").exists(), reason="../shared/data/nih_cxr_kcr64 not present"
+)
 def test_chest_xray_manifest_build(tmp_path):
     manifest = SHARED / "nih_cxr_kcr64" / "manifest.csv"
-    cache = build_cache(BuildJob(layer="blocks.5", data=str(manifest), out=str(tmp_path / "cxr.zarr"),
-                                 label_col="label", domain_col="view", image_size=96, batch_size=100))
+    cache = build_cache(
+        BuildJob(
+            layer="blocks.5",
+            data=str(manifest),
+            out=str(tmp_path / "cxr.zarr"),
+            label_col="label",
+            domain_col="view",
+            image_size=96,
+            batch_size=100,
+        )
+    )
     assert cache.n == 1000 and cache.label_col == "label" and cache.spec.grid == (3, 3)
     m = cache.manifest
     assert {"path", "label", "cardiomegaly", "age", "view"} <= set(m.columns)
@@ -105,13 +185,18 @@ def test_cli_refuses_model_code_named_by_a_cache(demo, tmp_path, capsys):
     import shutil
 
     import zarr
+
     cache, _ = demo
     copy = tmp_path / "stranger.zarr"
     shutil.copytree(cache.location, copy)
     g = zarr.open_group(str(copy), mode="r+")
     g.attrs["spec"] = {**g.attrs["spec"], "model": "python:os:getcwd"}
     from vfs.data import open_dataset
+
     open_dataset("embedded:skimage").load(5).save(tmp_path / "q.png")
     np.save(tmp_path / "m.npy", np.pad(np.ones((3, 3)), 2))
-    assert main(["search", str(copy), "--image", str(tmp_path / "q.png"), "--mask", str(tmp_path / "m.npy")]) == 2
+    assert (
+        main(["search", str(copy), "--image", str(tmp_path / "q.png"), "--mask", str(tmp_path / "m.npy")])
+        == 2
+    )
     assert "--trust-model-code" in capsys.readouterr().err

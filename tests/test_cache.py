@@ -15,15 +15,27 @@ from vfs.models import Preprocess
 from vfs.scoring import QueryPlan
 from vfs.search import search_regions
 
-SPEC = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=32, grid=(4, 5),
-                 channels=8, preprocess=Preprocess(32, 32), data=DataSpec("x", "label", "dom"))
+SPEC = CacheSpec(
+    model="embedded:efficientnet_lite0",
+    layer="blocks.5",
+    input_size=32,
+    grid=(4, 5),
+    channels=8,
+    preprocess=Preprocess(32, 32),
+    data=DataSpec("x", "label", "dom"),
+)
 
 
 def candidates(n):
-    return pd.DataFrame({"path": [f"img/{i}.png" for i in range(n)],
-                         "label": [("cat|dog" if i % 3 else None) for i in range(n)],
-                         "dom": [f"d{i % 2}" for i in range(n)],
-                         "age": np.arange(n) * 1.5, "sick": np.arange(n) % 2 == 0})
+    return pd.DataFrame(
+        {
+            "path": [f"img/{i}.png" for i in range(n)],
+            "label": [("cat|dog" if i % 3 else None) for i in range(n)],
+            "dom": [f"d{i % 2}" for i in range(n)],
+            "age": np.arange(n) * 1.5,
+            "sick": np.arange(n) % 2 == 0,
+        }
+    )
 
 
 def fill(writer, items, rng_seed=0, bad=()):
@@ -110,11 +122,14 @@ def test_resume_refuses_another_spec(tmp_path):
         CacheWriter.open(tmp_path / "c.zarr", other, candidates(10), 32)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda g: g.attrs.update({"format_version": 99}), "format version 99"),
-    (lambda g: g.attrs.update({"format": "other"}), "not a VFS feature cache"),
-    (lambda g: g.__delitem__("sqnorm"), "missing the array"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda g: g.attrs.update({"format_version": 99}), "format version 99"),
+        (lambda g: g.attrs.update({"format": "other"}), "not a VFS feature cache"),
+        (lambda g: g.__delitem__("sqnorm"), "missing the array"),
+    ],
+)
 def test_open_refuses_damaged_caches(tmp_path, damage, message):
     build(tmp_path / "c.zarr", 10)
     damage(zarr.open_group(str(tmp_path / "c.zarr"), mode="r+"))
@@ -162,10 +177,19 @@ def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     resident = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, device="cpu")
     np.testing.assert_array_equal(streamed.scores, resident.scores)
     pd.testing.assert_frame_equal(streamed.top, resident.top)
-    assert list(resident.top.columns) == ["rank", "index", "score", "grid_box", "path", "pixel_box", "label",
-                                          "domain"]
+    assert list(resident.top.columns) == [
+        "rank",
+        "index",
+        "score",
+        "grid_box",
+        "path",
+        "pixel_box",
+        "label",
+        "domain",
+    ]
     assert resident.top["pixel_box"].iloc[0] == tuple(
-        round(v * 32 / d) for v, d in zip(resident.top["grid_box"].iloc[0], (4, 5, 4, 5)))
+        round(v * 32 / d) for v, d in zip(resident.top["grid_box"].iloc[0], (4, 5, 4, 5))
+    )
     # per-domain through the cache's domain column
     one_each = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, per_domain=1, device="cpu")
     assert sorted(one_each.top["domain"]) == ["d0", "d1"]
@@ -188,8 +212,14 @@ def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tm
 
 def described(**changes):
     """What `Extractor.describe()` gives for an extractor of SPEC's model and layer, with `changes`."""
-    return {"spec": SPEC.model, "layer": SPEC.layer, "input_size": SPEC.input_size, "grid": list(SPEC.grid),
-            "channels": SPEC.channels, "preprocess": SPEC.preprocess.to_dict()} | changes
+    return {
+        "spec": SPEC.model,
+        "layer": SPEC.layer,
+        "input_size": SPEC.input_size,
+        "grid": list(SPEC.grid),
+        "channels": SPEC.channels,
+        "preprocess": SPEC.preprocess.to_dict(),
+    } | changes
 
 
 def test_check_extractor_compares_preprocessing_and_the_spec_only_of_a_loaded_model(tmp_path):
@@ -205,11 +235,15 @@ def test_check_extractor_compares_preprocessing_and_the_spec_only_of_a_loaded_mo
         ({"input_size": 64}, "built with input_size 32, not 64.*cache.spec.input_size"),
         ({"grid": (2, 2)}, r"built with grid \[4, 5\], not \[2, 2\].*not the cache's architecture"),
         ({"channels": 16}, "built with channels 8, not 16.*not the cache's architecture"),
-        ({"preprocess": replace(SPEC.preprocess, interpolation="bilinear", std=(0.5,) * 3).to_dict()},
-         r"built with preprocess interpolation 'bicubic', not 'bilinear'; std \[0.229, 0.224, 0.225\], "
-         r"not \[0.5, 0.5, 0.5\].*cache.spec.preprocess"),
-        ({"preprocess": replace(SPEC.preprocess, resize_size=36).to_dict()},
-         "built with preprocess resize_size 32, not 36"),
+        (
+            {"preprocess": replace(SPEC.preprocess, interpolation="bilinear", std=(0.5,) * 3).to_dict()},
+            r"built with preprocess interpolation 'bicubic', not 'bilinear'; std \[0.229, 0.224, 0.225\], "
+            r"not \[0.5, 0.5, 0.5\].*cache.spec.preprocess",
+        ),
+        (
+            {"preprocess": replace(SPEC.preprocess, resize_size=36).to_dict()},
+            "built with preprocess resize_size 32, not 36",
+        ),
     ]:
         for spec in (SPEC.model, "module:edited"):
             with pytest.raises(CacheError, match=message):

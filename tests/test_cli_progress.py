@@ -16,10 +16,29 @@ def build_logged(tmp_path: Path, every_s: str) -> tuple[str, list[int]]:
     log = tmp_path / "build.log"
     with open(log, "w") as stderr:
         stdout = subprocess.run(
-            [sys.executable, "-m", "vfs", "build", "--layer", "blocks.5", "--data", "embedded:skimage",
-             "--limit", str(N), "--batch-size", str(BATCH), "--out", str(tmp_path / "small.zarr")],
-            cwd=ROOT, env=os.environ | {"VFS_PROGRESS_EVERY_S": every_s}, stdout=subprocess.PIPE,
-            stderr=stderr, text=True, timeout=600, check=True,
+            [
+                sys.executable,
+                "-m",
+                "vfs",
+                "build",
+                "--layer",
+                "blocks.5",
+                "--data",
+                "embedded:skimage",
+                "--limit",
+                str(N),
+                "--batch-size",
+                str(BATCH),
+                "--out",
+                str(tmp_path / "small.zarr"),
+            ],
+            cwd=ROOT,
+            env=os.environ | {"VFS_PROGRESS_EVERY_S": every_s},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=600,
+            check=True,
         ).stdout
     text = log.read_text()
     assert "\r" not in text and text.endswith("\n"), repr(text[-500:])

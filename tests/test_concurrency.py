@@ -20,22 +20,34 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vfs.data import DataSpec
-from vfs.models import Preprocess
 from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
+from vfs.data import DataSpec
 from vfs.jobs import BuildJob, build_cache
+from vfs.models import Preprocess
 from vfs.search import search_regions
 
 GRID, C, N = (7, 7), 32, 240
 
 
 def synthetic_cache(path, n=N, chunk=16, finish=True, seed=0):
-    spec = CacheSpec(model="embedded:efficientnet_lite0", layer="blocks.5", input_size=224, grid=GRID, channels=C,
-                     preprocess=Preprocess(224, 224), data=DataSpec("synthetic", "label", "domain"))
+    spec = CacheSpec(
+        model="embedded:efficientnet_lite0",
+        layer="blocks.5",
+        input_size=224,
+        grid=GRID,
+        channels=C,
+        preprocess=Preprocess(224, 224),
+        data=DataSpec("synthetic", "label", "domain"),
+    )
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.standard_normal((n, *GRID, C)), 0).astype(np.float16)
-    cand = pd.DataFrame({"path": [f"img/{i:04d}.png" for i in range(n)], "label": [f"c{i % 5}" for i in range(n)],
-                         "domain": [f"d{i % 3}" for i in range(n)]})
+    cand = pd.DataFrame(
+        {
+            "path": [f"img/{i:04d}.png" for i in range(n)],
+            "label": [f"c{i % 5}" for i in range(n)],
+            "domain": [f"d{i % 3}" for i in range(n)],
+        }
+    )
     w = CacheWriter.open(path, spec, cand, 8, chunk_images=chunk)
     for i in range(n):
         w.add(i, x[i], np.zeros((8, 8, 3), np.uint8))
@@ -52,7 +64,7 @@ def queries(n_queries=12, seed=1):
         m = np.zeros(GRID, np.float32)
         y, x = rng.integers(0, 5, size=2)
         dy, dx = rng.integers(1, 4, size=2)
-        m[y:y + dy, x:x + dx] = rng.uniform(0.2, 1.0, size=(dy, dx)).astype(np.float32)[: 7 - y, : 7 - x]
+        m[y : y + dy, x : x + dx] = rng.uniform(0.2, 1.0, size=(dy, dx)).astype(np.float32)[: 7 - y, : 7 - x]
         if q == 0:
             m[:] = 1
         out.append((int(rng.integers(N)), m, 5 + q % 7, [None, 1][q % 2]))
@@ -61,8 +73,9 @@ def queries(n_queries=12, seed=1):
 
 def run(cache, q, budget=None):
     index, mask, k, per_domain = q
-    return search_regions(cache, index, mask, k=k, exclude=index, per_domain=per_domain, device="cpu",
-                          memory_budget=budget)
+    return search_regions(
+        cache, index, mask, k=k, exclude=index, per_domain=per_domain, device="cpu", memory_budget=budget
+    )
 
 
 def same(a, b):
@@ -117,7 +130,11 @@ def test_partial_cache_is_listed_incomplete_and_refused_unless_allowed(tmp_path)
     synthetic_cache(tmp_path / "done.zarr", n=20)
     rows = {r["name"]: r for r in list_caches(tmp_path)}
     assert rows["done"]["complete"] and rows["done"]["stored"] == 20
-    assert not rows["building"]["complete"] and rows["building"]["stored"] == 96 and rows["building"]["error"] is None
+    assert (
+        not rows["building"]["complete"]
+        and rows["building"]["stored"] == 96
+        and rows["building"]["error"] is None
+    )
 
     partial = open_cache(tmp_path / "building.zarr")
     assert not partial.complete and partial.stored == 96 and partial.n == 0
@@ -128,7 +145,9 @@ def test_partial_cache_is_listed_incomplete_and_refused_unless_allowed(tmp_path)
         partial.rows(np.array([0]))
 
     allowed = open_cache(tmp_path / "building.zarr", allow_partial=True)
-    assert allowed.n == 96 and len(allowed.manifest) == 96 and allowed.manifest["path"].iloc[5] == "img/0005.png"
+    assert (
+        allowed.n == 96 and len(allowed.manifest) == 96 and allowed.manifest["path"].iloc[5] == "img/0005.png"
+    )
     got = search_regions(allowed, 3, np.pad(mask, ((0, 5), (0, 5))), k=5, device="cpu")
     ref = search_regions(x[:96], 3, np.pad(mask, ((0, 5), (0, 5))), k=5, device="cpu")
     np.testing.assert_allclose(got.scores, ref.scores, atol=1e-6)  # the cache's own sqnorm: last-bit rounding
@@ -156,8 +175,15 @@ def test_a_background_build_does_not_block_searches_on_another_cache(cache_path,
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     extractor = load_extractor("embedded:efficientnet_lite0", "blocks.5", 64)
     out = tmp_path / "bg" / "building.zarr"
-    job = BuildJob(layer="blocks.5", data=str(folder), out=str(out), image_size=64, batch_size=4, device="cpu",
-                   chunk_images=4)
+    job = BuildJob(
+        layer="blocks.5",
+        data=str(folder),
+        out=str(out),
+        image_size=64,
+        batch_size=4,
+        device="cpu",
+        chunk_images=4,
+    )
     seen, stored_seen = [], threading.Event()
 
     def slow_progress(p):  # paces the build so the searches surely overlap it (holds no lock)

@@ -160,7 +160,11 @@ def test_columns_validated_spec_roundtrip_and_limit(tmp_path: Path) -> None:
         open_dataset(str(tmp_path), label_col="species")
 
     ds = open_dataset(str(tmp_path))
-    assert DataSpec.from_dict({**ds.spec.to_dict(), "future_key": 1}) == ds.spec == DataSpec(str(tmp_path), "label")
+    assert (
+        DataSpec.from_dict({**ds.spec.to_dict(), "future_key": 1})
+        == ds.spec
+        == DataSpec(str(tmp_path), "label")
+    )
     small = ds.limit(2)
     assert len(small) == 2 and len(ds) == 3 and small.spec == ds.spec
 
@@ -193,7 +197,9 @@ def test_embedded_skimage() -> None:
     assert ds.load(int(ds.records.index[ds.records["path"] == "lfw/face_000"][0])).size == (25, 25)
 
 
-def test_torchvision_offline_raises_dataset_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchvision_offline_raises_dataset_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
@@ -210,7 +216,9 @@ def test_torchvision_source_from_cached_files(tmp_path: Path) -> None:
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     images[1] = 255
     for prefix in ("train", "t10k"):
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 3, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, 3, 28, 28) + images.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, 3) + bytes([7, 0, 7]))
 
     ds = open_dataset(f"torchvision:MNIST?root={tmp_path}&split=test")
@@ -289,7 +297,10 @@ def test_pixel_limit_checked_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="400 pixels exceeds the limit of 100"):
         load_image(tmp_path / "small.png", max_pixels=100)
     # Header-only files: a full decode would fail differently, so these prove the size check comes first.
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageError, match="pixels exceeds the limit"):
+    with (
+        pytest.warns(Image.DecompressionBombWarning),
+        pytest.raises(ImageError, match="pixels exceeds the limit"),
+    ):
         load_image(png_header(10_000, 10_000))  # 1e8 px: PIL only warns, our limit refuses
     with pytest.raises(ImageError, match="exceeds the limit"):
         load_image(png_header(30_000, 30_000))  # 9e8 px: PIL's own guard fires inside Image.open
@@ -325,7 +336,11 @@ def test_palette_with_transparency_composited_on_white(tmp_path: Path) -> None:
 
 
 def test_greyscale_and_la(tmp_path: Path) -> None:
-    assert load_image(save(tmp_path / "g.png", Image.new("L", (3, 3), 100))).getpixel((1, 1)) == (100, 100, 100)
+    assert load_image(save(tmp_path / "g.png", Image.new("L", (3, 3), 100))).getpixel((1, 1)) == (
+        100,
+        100,
+        100,
+    )
     la = Image.new("LA", (2, 1), (0, 255))
     la.putpixel((1, 0), (0, 0))  # fully transparent black
     rgb = load_image(save(tmp_path / "la.png", la))
@@ -352,7 +367,9 @@ def test_exif_orientation_applied() -> None:
 def test_huge_legal_image_is_downscaled(tmp_path: Path, fmt: str, size: tuple[int, int]) -> None:
     path = save(tmp_path / f"wide.{fmt.lower()}", Image.new("RGB", size, (10, 200, 10)), format=fmt)
     image = load_image(path)
-    assert max(image.size) == 4096 and image.width / image.height == pytest.approx(size[0] / size[1], rel=0.05)
+    assert max(image.size) == 4096 and image.width / image.height == pytest.approx(
+        size[0] / size[1], rel=0.05
+    )
     assert image.getpixel((100, 10))[1] > 180
 
 

@@ -145,15 +145,23 @@ def make_dataset(folder: Path) -> None:
 
 
 def job_file(path: Path, data: Path, out: Path) -> Path:
-    path.write_text(f'[build]\nlayer = "blocks.5"\ndata = "{data}"\nout = "{out}"\nimage_size = 64\n'
-                    f'batch_size = 4\nchunk_images = 5\ndevice = "cpu"\n')
+    path.write_text(
+        f'[build]\nlayer = "blocks.5"\ndata = "{data}"\nout = "{out}"\nimage_size = 64\n'
+        f'batch_size = 4\nchunk_images = 5\ndevice = "cpu"\n'
+    )
     return path
 
 
 def cli_build(job: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "vfs", "build", str(job)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vfs", "build", str(job)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_identical(a_path: Path, b_path: Path) -> None:
@@ -175,10 +183,23 @@ def test_sigkill_at_random_moments_resumes_to_an_identical_cache(tmp_path):
     reference = cli_build(job_file(tmp_path / "reference.toml", data, ref_out))  # runs alongside
 
     job = job_file(tmp_path / "killed.toml", data, out)
-    cfg = {"job": str(job), "out": str(out), "kills": KILLS, "rows": N_IMAGES, "max_delay": 0.06, "seed": 20261126,
-           "stderr": str(tmp_path / "second_build.err")}
-    zygote = subprocess.run([sys.executable, "-c", ZYGOTE, json.dumps(cfg)], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    cfg = {
+        "job": str(job),
+        "out": str(out),
+        "kills": KILLS,
+        "rows": N_IMAGES,
+        "max_delay": 0.06,
+        "seed": 20261126,
+        "stderr": str(tmp_path / "second_build.err"),
+    }
+    zygote = subprocess.run(
+        [sys.executable, "-c", ZYGOTE, json.dumps(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert zygote.returncode == 0, zygote.stderr[-3000:]
     log = json.loads(zygote.stdout.strip().splitlines()[-1])
 
@@ -214,8 +235,16 @@ def test_a_creation_killed_half_way_does_not_block_the_rerun(tmp_path):
     from vfs.cache import CacheSpec, CacheWriter
     from vfs.data import DataSpec
     from vfs.models import Preprocess
-    spec = CacheSpec(model="m", layer="l", input_size=8, grid=(2, 2), channels=3, preprocess=Preprocess(8, 8),
-                     data=DataSpec("x"))
+
+    spec = CacheSpec(
+        model="m",
+        layer="l",
+        input_size=8,
+        grid=(2, 2),
+        channels=3,
+        preprocess=Preprocess(8, 8),
+        data=DataSpec("x"),
+    )
     cand = pd.DataFrame({"path": [f"{i}.png" for i in range(10)]})
     out = tmp_path / "c.zarr"
     staging = tmp_path / "c.zarr.creating"

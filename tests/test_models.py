@@ -67,9 +67,7 @@ def lite0() -> tuple[torch.nn.Module, Preprocess]:
     return load_model(DEFAULT_MODEL)
 
 
-@pytest.mark.parametrize(
-    ("image", "label"), [(skimage.data.chelsea(), 282), (skimage.data.coffee(), 967)]
-)
+@pytest.mark.parametrize(("image", "label"), [(skimage.data.chelsea(), 282), (skimage.data.coffee(), 967)])
 def test_embedded_lite0_classifies(lite0, image, label):
     model, preprocess = lite0
     assert not model.training
@@ -102,9 +100,7 @@ def test_lite0_layer_grids():
     assert extractor.preprocess.input_size == 448
 
 
-@pytest.mark.parametrize(
-    ("layer", "shape"), [("blocks.3", (14, 14, 80)), ("conv_head", (7, 7, 1280))]
-)
+@pytest.mark.parametrize(("layer", "shape"), [("blocks.3", (14, 14, 80)), ("conv_head", (7, 7, 1280))])
 def test_lite0_features_match_full_forward(lite0, layer, shape):
     extractor = load_extractor(DEFAULT_MODEL, layer)
     assert isinstance(extractor._body, _GraphLayer)  # the FX-truncated graph was used
@@ -255,7 +251,7 @@ def test_vit_features_match_full_forward(tmp_path):
     save_file(reference.state_dict(), path)
     extractor = load_extractor(f"file:{path}?arch=vit_tiny_patch16_224", "blocks.3")
     tokens = hooked_output(reference, "blocks.3", model_input(extractor.preprocess))
-    expected = tokens[0, reference.num_prefix_tokens:].reshape(14, 14, 192)
+    expected = tokens[0, reference.num_prefix_tokens :].reshape(14, 14, 192)
     np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 

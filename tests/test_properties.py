@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from search_reference import brute_force
 
 import vfs.search
-from search_reference import brute_force
 from vfs.masks import crop_mask, grid_mask
 from vfs.scoring import QueryPlan
 from vfs.search import search_regions
@@ -94,8 +94,10 @@ def test_grid_mask_is_monotone_and_never_loses_paint(grid, data):
 
 
 @SETTINGS
-@given(mask=hnp.arrays(np.float64, grids, elements=st.one_of(st.just(0.0), st.floats(1e-6, 1e6))),
-       scale=st.floats(1e-20, 1e20))
+@given(
+    mask=hnp.arrays(np.float64, grids, elements=st.one_of(st.just(0.0), st.floats(1e-6, 1e6))),
+    scale=st.floats(1e-20, 1e20),
+)
 def test_crop_mask_box_peak_and_scale(mask, scale):
     assume((mask > 0).any())
     c = crop_mask(mask)
@@ -124,7 +126,11 @@ def search_cases(draw):
     if not (mask > 0).any():
         mask[draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))] = 1
     use_index = draw(st.booleans())
-    query = int(rng.integers(n)) if use_index else np.maximum(rng.standard_normal((h, w, c)), 0).astype(np.float32)
+    query = (
+        int(rng.integers(n))
+        if use_index
+        else np.maximum(rng.standard_normal((h, w, c)), 0).astype(np.float32)
+    )
     k = draw(st.integers(1, n))
     return feats, query, mask, k
 

@@ -80,7 +80,12 @@ def test_results_figure_and_png_bytes():
     mask = np.zeros((4, 4))
     mask[1:3, 1:3] = 1
     matches = [
-        {"thumb": thumb, "box": (0, 0, 2, 2), "score": 0.8734, "caption": "Cardiomegaly|Effusion, a long label"},
+        {
+            "thumb": thumb,
+            "box": (0, 0, 2, 2),
+            "score": 0.8734,
+            "caption": "Cardiomegaly|Effusion, a long label",
+        },
         {"thumb": thumb, "box": (1, 1, 3, 4), "score": 0.5},
         {"thumb": thumb, "box": (2, 2, 4, 4), "score": 0.25, "caption": "No Finding"},
     ]

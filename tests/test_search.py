@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from search_reference import brute_force
 
 from vfs.masks import grid_mask
-from search_reference import brute_force
 from vfs.scoring import QueryPlan, RegionQuery, plan_query
-from vfs.search import _select, search_regions
+from vfs.search import search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
 
 
@@ -21,7 +21,7 @@ def soft_blob(rng, h, w):
     m = np.zeros((h, w), np.float32)
     y, x = rng.integers(0, h), rng.integers(0, w)
     dy, dx = rng.integers(1, max(2, h // 2) + 1), rng.integers(1, max(2, w // 2) + 1)
-    m[y:y + dy, x:x + dx] = rng.uniform(0.05, 1.0, size=m[y:y + dy, x:x + dx].shape)
+    m[y : y + dy, x : x + dx] = rng.uniform(0.05, 1.0, size=m[y : y + dy, x : x + dx].shape)
     m[rng.random((h, w)) < 0.2] = 0
     if not m.any():
         m[y, x] = 1
@@ -89,12 +89,10 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
     ref, _ = brute_force(feats, query, mask)
     results = {}
     for method in ("cells", "band"):
-        monkeypatch.setattr("vfs.search.plan_query",
-                            lambda q, g, d, m=method: QueryPlan(m, 0, 0))
+        monkeypatch.setattr("vfs.search.plan_query", lambda q, g, d, m=method: QueryPlan(m, 0, 0))
         results[method] = search_regions(feats, query, mask, k=10, device="cpu")
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
-
 
 
 @pytest.mark.parametrize("n,row_bytes,slice_bytes", [(10, 4, 12), (7, 3, 100), (1000, 7, 999), (5, 10, 1)])
@@ -106,7 +104,6 @@ def test_even_slices_cover_every_row_once_within_the_limit(n, row_bytes, slice_b
     assert all(s * row_bytes <= slice_bytes for s in sizes) or sizes == [1] * n
 
 
-
 @pytest.mark.parametrize("n,k", [(50, 1), (50, 10), (50, 49), (50, 60), (3000, 10)])
 def test_top_k_selection_equals_a_stable_full_sort(n, k):
     """The partial selection ranks exactly as a stable sort: ties by index, NaN last."""
@@ -116,9 +113,10 @@ def test_top_k_selection_equals_a_stable_full_sort(n, k):
     eligible = rng.random(n) < 0.8
     order = np.flatnonzero(eligible)
     expected = order[np.argsort(-scores[order], kind="stable")][:k]
-    np.testing.assert_array_equal(_select(scores, eligible, k, None, None), expected)
+    np.testing.assert_array_equal(select_top(scores, eligible, k, None, None), expected)
     all_nan = np.full(n, np.nan, np.float32)
-    np.testing.assert_array_equal(_select(all_nan, eligible, k, None, None), order[:k])
+    np.testing.assert_array_equal(select_top(all_nan, eligible, k, None, None), order[:k])
+
 
 @pytest.mark.parametrize("method", ["cells", "band"])
 def test_sliced_source_gives_the_same_results(method, monkeypatch):
@@ -128,9 +126,14 @@ def test_sliced_source_gives_the_same_results(method, monkeypatch):
     mask = soft_blob(rng, 6, 7)
     monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
     whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device="cpu")
-    sliced = search_regions(ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu")
-    np.testing.assert_allclose(sliced.scores, whole.scores, atol=1e-6)  # another product shape may round apart
+    sliced = search_regions(
+        ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu"
+    )
+    np.testing.assert_allclose(
+        sliced.scores, whole.scores, atol=1e-6
+    )  # another product shape may round apart
     pd.testing.assert_frame_equal(sliced.top, whole.top)  # exact: re-scored in float64
+
 
 def test_plan_prefers_cells_for_small_masks_and_band_for_large():
     rng = np.random.default_rng(0)
@@ -138,7 +141,10 @@ def test_plan_prefers_cells_for_small_masks_and_band_for_large():
     small = np.zeros((7, 7), np.float32)
     small[2:5, 2:5] = 1
     assert plan_query(RegionQuery.create(f, small), (7, 7), torch.device("cpu")).method == "cells"
-    assert plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method == "band"
+    assert (
+        plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method
+        == "band"
+    )
 
 
 def test_exclude_candidates_and_heat_map():
@@ -173,11 +179,14 @@ def test_per_domain_keeps_at_most_n_per_domain():
         assert i == same[np.argmax(full.scores[same])]
 
 
-@pytest.mark.parametrize("bad,message", [
-    (np.zeros((5, 5), np.float32), "empty"),
-    (np.ones((4, 5), np.float32), "does not match"),
-    (np.full((5, 5), np.nan, np.float32), "NaN"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (np.zeros((5, 5), np.float32), "empty"),
+        (np.ones((4, 5), np.float32), "does not match"),
+        (np.full((5, 5), np.nan, np.float32), "NaN"),
+    ],
+)
 def test_bad_masks_are_refused_with_a_reason(bad, message):
     feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
     with pytest.raises(ValueError, match=message):

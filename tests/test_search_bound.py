@@ -4,9 +4,9 @@ every placement (or the top-k could be wrong), and be tight (or every image woul
 import numpy as np
 import pytest
 import torch
-
 from search_reference import every_placement
 from test_search import soft_blob
+
 from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer
 from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
@@ -63,7 +63,7 @@ def test_top_k_is_exact_on_tightly_packed_scores(case):
     n, grid, c = 400, (7, 7), 64
     x, _ = make(case, 0, n=n, grid=grid, c=c)
     source = ArrayFeatures(x)
-    for trial in range(6):
+    for _ in range(6):
         mask = soft_blob(rng, *grid)
         qi = int(rng.integers(n))
         ref = every_placement(x, x[qi].astype(np.float32), mask).reshape(n, -1).max(1)
@@ -133,7 +133,9 @@ def test_a_placement_overflowing_to_minus_inf_is_re_scored():
     x[1, :, :2] = 30000
     x[1, 0, 0] = -40000  # 2 × −40000 → −inf in fp16; the window still sums to +100000
     x[1, :, 2] = -30000  # the other placement scores 0
-    x[2:] = np.array([1, -0.6], np.float16) + np.random.default_rng(1).uniform(0, 0.01, (5, 2, 3, 2))  # ≈ 0.24
+    x[2:] = np.array([1, -0.6], np.float16) + np.random.default_rng(1).uniform(
+        0, 0.01, (5, 2, 3, 2)
+    )  # ≈ 0.24
     mask = np.zeros((2, 3), np.float32)
     mask[:, :2] = 1
     ref = every_placement(x, x[0].astype(np.float32), mask).reshape(7, -1).max(1)

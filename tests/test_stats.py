@@ -52,7 +52,9 @@ def test_label_groups_plain_categories_with_missing():
     assert groups.sum(axis=1).eq(1).all()
 
 
-@pytest.mark.parametrize("values", [[True, False, True], ["true", "FALSE", "True"], np.array([1, 0, 1], dtype=bool)])
+@pytest.mark.parametrize(
+    "values", [[True, False, True], ["true", "FALSE", "True"], np.array([1, 0, 1], dtype=bool)]
+)
 def test_label_groups_booleans(values):
     groups = stats.label_groups(pd.DataFrame({"flag": values}), "flag")
     assert sorted(groups.columns) == ["False", "True"]
@@ -116,7 +118,10 @@ def test_rank_agreement():
 
 def test_presence_groups_split_one_finding():
     from vfs.stats import is_multilabel, presence_groups
-    records = pd.DataFrame({"label": ["Cardiomegaly|Effusion", "No Finding", "Effusion"], "sex": ["M", "F", "M"]})
+
+    records = pd.DataFrame(
+        {"label": ["Cardiomegaly|Effusion", "No Finding", "Effusion"], "sex": ["M", "F", "M"]}
+    )
     assert is_multilabel(records, "label") and not is_multilabel(records, "sex")
     g = presence_groups(records, "label", "Effusion")
     assert list(g.columns) == ["True", "False"]

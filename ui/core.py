@@ -34,14 +34,19 @@ OPENED = "vfs.opened"  # caches this session opened by path or URL (Home page)
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a traceback,
+    """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a
+    traceback,
     and stop the page there."""
     try:
         yield
     except LayerError as e:  # names the page's layer list, not a Python call
         st.error(e.message("the Build page's layer list"))
         st.stop()
-    except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable …
+    except (
+        ValueError,
+        RuntimeError,
+        OSError,
+    ) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable …
         st.error(str(e) or type(e).__name__)
         st.stop()
 
@@ -67,7 +72,8 @@ def bind(key: str, default: Any, shared: str | None = None, options: Container |
 
 
 def memo(name: str, key: object, compute: Callable[[], T]) -> T:
-    """The value last computed under `name`, recomputed only when `key` changes (compared with ==; one slot per name)."""
+    """The value last computed under `name`, recomputed only when `key` changes (compared with ==; one
+    slot per name)."""
     slot = st.session_state.get(f"vfs.memo.{name}")
     if slot is None or slot[0] != key:
         slot = (key, compute())
@@ -124,7 +130,8 @@ def _local_rows(root: str, stamps: tuple) -> list[dict]:
 
 @st.cache_data(show_spinner=False, ttl=60)
 def _opened_row(location: str) -> dict:
-    """A cache given by URL or path, summarised like `list_caches` rows (an unreachable URL is retried after a minute)."""
+    """A cache given by URL or path, summarised like `list_caches` rows (an unreachable URL is retried
+    after a minute)."""
     try:
         return cache_row(location, get_cache(location))
     except CacheError as e:
@@ -148,7 +155,8 @@ def _extractor(model: str, layer: str, input_size: int) -> Extractor:
 
 
 def extractor_for(cache: FeatureCache) -> Extractor:
-    """The cache's own extractor (for uploaded images), loaded once per server and checked against the cache."""
+    """The cache's own extractor (for uploaded images), loaded once per server and checked against the
+    cache."""
     settings().check_model_spec(cache.spec.model)
     extractor = _extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
     cache.check_extractor(extractor.describe())
@@ -162,7 +170,8 @@ def layers(spec: str, image_size: int | None) -> list[LayerInfo]:
 
 @st.cache_data(max_entries=16, ttl=60, show_spinner="Reading the dataset…")
 def dataset_columns(source: str) -> tuple[list[str], int, str | None, str | None]:
-    """A dataset's columns besides `path`, its size, and the label / domain columns it would use by default."""
+    """A dataset's columns besides `path`, its size, and the label / domain columns it would use by
+    default."""
     dataset = open_dataset(source)
     columns = [str(c) for c in dataset.records.columns if c != "path"]
     return columns, len(dataset), dataset.label_col, dataset.domain_col

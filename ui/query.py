@@ -24,8 +24,19 @@ from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.search import SearchResult, search_regions
 
-from .core import (CACHE, bind, cache_rows, extractor_for, get_cache, groups, memo, settings, sharded_search, thumbs,
-                   user_errors)
+from .core import (
+    CACHE,
+    bind,
+    cache_rows,
+    extractor_for,
+    get_cache,
+    groups,
+    memo,
+    settings,
+    sharded_search,
+    thumbs,
+    user_errors,
+)
 
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
 TOOLBAR_PX = 150  # the canvas's toolbar (undo, redo, clear) shows over the line above its top-right corner
@@ -47,7 +58,11 @@ class Query:
 
     @property
     def key(self) -> str:
-        return f"upload-{self.digest}" if self.index is None else f"{hashlib.sha1(self.source.encode()).hexdigest()[:8]}-{self.index}"
+        return (
+            f"upload-{self.digest}"
+            if self.index is None
+            else f"{hashlib.sha1(self.source.encode()).hexdigest()[:8]}-{self.index}"
+        )
 
     def describe(self) -> dict:
         """How the JSON export names the query."""
@@ -73,22 +88,29 @@ class Region:
 # --- which cache ------------------------------------------------------------------------------------
 def describe_cache(row: dict) -> str:
     remote = " (remote)" if is_url(row["path"]) else ""
-    return f"{row['name']}{remote} — {row['model']} · {row['layer']} · {row['grid']}×{row['channels']} · {row['n']} images"
+    shape = f"{row['grid']}×{row['channels']}"
+    return f"{row['name']}{remote} — {row['model']} · {row['layer']} · {shape} · {row['n']} images"
 
 
-def pick_cache(key: str, label: str = "Cache", shared: str | None = CACHE, avoid: str | None = None) -> FeatureCache:
+def pick_cache(
+    key: str, label: str = "Cache", shared: str | None = CACHE, avoid: str | None = None
+) -> FeatureCache:
     """A selectbox of the complete caches; stops the page with a hint when there are none.
 
     `shared` keeps the choice for the other pages; `avoid` is a location to prefer not to default to.
     """
     rows = [r for r in cache_rows() if r["complete"]]
     if not rows:
-        st.info("No cache to search yet: build the demo cache on the Home page, or another on the Build page.")
+        st.info(
+            "No cache to search yet: build the demo cache on the Home page, or another on the Build page."
+        )
         st.page_link("app_pages/home.py", label="Go to Home", icon=":material/home:")
         st.stop()
     choices = {r["path"]: describe_cache(r) for r in rows}
     default = next((p for p in choices if p != avoid), rows[0]["path"])
-    location = st.selectbox(label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices))
+    location = st.selectbox(
+        label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices)
+    )
     with user_errors():
         return get_cache(location)
 
@@ -108,20 +130,26 @@ def _label_filter(cache: FeatureCache, key: str) -> np.ndarray:
     if not cache.label_col:
         return np.arange(cache.n)
     table = groups(cache, cache.label_col)
-    label = st.selectbox("Browse by label", [ALL, *table.columns], key=bind(f"{key}.label", ALL, options=[ALL, *table.columns]))
+    label = st.selectbox(
+        "Browse by label", [ALL, *table.columns], key=bind(f"{key}.label", ALL, options=[ALL, *table.columns])
+    )
     return np.arange(cache.n) if label == ALL else np.flatnonzero(table[label].to_numpy())
 
 
 def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: str) -> None:
     """A page of thumbnails, each with a button that makes it the query."""
     pages = max(1, -(-len(candidates) // BROWSE_PAGE))
-    page = st.number_input(f"Thumbnail page (of {pages})", 1, pages, key=bind(f"{key}.page", 1, options=range(1, pages + 1)))
-    shown = candidates[(page - 1) * BROWSE_PAGE: page * BROWSE_PAGE]
+    page = st.number_input(
+        f"Thumbnail page (of {pages})", 1, pages, key=bind(f"{key}.page", 1, options=range(1, pages + 1))
+    )
+    shown = candidates[(page - 1) * BROWSE_PAGE : page * BROWSE_PAGE]
     columns = st.columns(6)
     for n, (i, thumb) in enumerate(zip(shown, thumbs(cache, shown))):
         with columns[n % 6]:
             st.image(thumb, caption=f"#{i}", width="stretch", output_format="JPEG")
-            st.button("Use", key=f"{key}.use.{i}", on_click=_choose, args=(index_key, int(i)), width="stretch")
+            st.button(
+                "Use", key=f"{key}.use.{i}", on_click=_choose, args=(index_key, int(i)), width="stretch"
+            )
 
 
 def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator) -> Query:
@@ -131,7 +159,13 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
         candidates = _label_filter(cache, key)
     left, right = st.columns([3, 2], vertical_alignment="bottom")
     index = left.number_input(f"Image index (0–{cache.n - 1})", 0, cache.n - 1, step=1, key=index_key)
-    right.button("Random image", key=f"{key}.random", width="stretch", on_click=_choose_random, args=(index_key, candidates))
+    right.button(
+        "Random image",
+        key=f"{key}.random",
+        width="stretch",
+        on_click=_choose_random,
+        args=(index_key, candidates),
+    )
     if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
         _browser(cache, candidates, key, index_key)
     return Query(cache.spec.data.source, int(index))
@@ -140,8 +174,12 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
 def _upload_query(key: str) -> Query:
     s = settings()
     types = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-    file = st.file_uploader(f"Upload a query image (at most {s.max_upload_mb} MB)", type=types,
-                            key=f"{key}.upload", max_upload_size=s.max_upload_mb)
+    file = st.file_uploader(
+        f"Upload a query image (at most {s.max_upload_mb} MB)",
+        type=types,
+        key=f"{key}.upload",
+        max_upload_size=s.max_upload_mb,
+    )
     if file is not None:
         data = file.getvalue()
         st.session_state[UPLOADED] = (hashlib.sha1(data).hexdigest(), file.name, data)
@@ -155,9 +193,12 @@ def _upload_query(key: str) -> Query:
 
 
 def pick_query(cache: FeatureCache, key: str) -> Query:
-    """The shared query-image picker: a dataset image (by index, at random, by label, from thumbnails) or an upload."""
+    """The shared query-image picker: a dataset image (by index, at random, by label, from thumbnails) or
+    an upload."""
     source_column, filter_column = st.columns(2)
-    source = source_column.radio("Query image", [DATASET, UPLOAD], horizontal=True, key=bind(f"{key}.from", DATASET, FROM))
+    source = source_column.radio(
+        "Query image", [DATASET, UPLOAD], horizontal=True, key=bind(f"{key}.from", DATASET, FROM)
+    )
     return _dataset_query(cache, key, filter_column) if source == DATASET else _upload_query(key)
 
 
@@ -181,12 +222,16 @@ def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
 
 
 def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
-    """What search takes: the dataset index (its cached features), or the upload's features by the cache's own model."""
+    """What search takes: the dataset index (its cached features), or the upload's features by the
+    cache's own model."""
     if query.index is not None:
         return query.index
     with user_errors():
-        return memo(f"features.{cache.location}", (query, cache.spec),
-                    lambda: extractor_for(cache).features(_uploaded_image(query)))
+        return memo(
+            f"features.{cache.location}",
+            (query, cache.spec),
+            lambda: extractor_for(cache).features(_uploaded_image(query)),
+        )
 
 
 # --- which region -----------------------------------------------------------------------------------
@@ -194,7 +239,9 @@ def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
 def _background(view: np.ndarray) -> str:
     """The view at canvas size as a JPEG data URL: small, and encoded once per image."""
     buffer = io.BytesIO()
-    Image.fromarray(view).resize((CANVAS_PX, CANVAS_PX), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    Image.fromarray(view).resize((CANVAS_PX, CANVAS_PX), Image.Resampling.BICUBIC).save(
+        buffer, "JPEG", quality=90
+    )
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -220,15 +267,26 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         st.session_state[initial_key] = stored.drawing if stored is not None else None
     st.caption("Paint the region to search for", width=CANVAS_PX - TOOLBAR_PX)
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
-    freehand = st.radio("Drawing tool", ["Free-hand", "Rectangle"], horizontal=True,
-                        key=bind(f"{key}.tool", "Free-hand")) == "Free-hand"
+    freehand = (
+        st.radio(
+            "Drawing tool", ["Free-hand", "Rectangle"], horizontal=True, key=bind(f"{key}.tool", "Free-hand")
+        )
+        == "Free-hand"
+    )
     width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
     with canvas:
         result = st_canvas(
-            fill_color=PAINT, stroke_width=width if freehand else 0, stroke_color=PAINT,
-            background_image=_background(view), update_streamlit=True, width=CANVAS_PX, height=CANVAS_PX,
+            fill_color=PAINT,
+            stroke_width=width if freehand else 0,
+            stroke_color=PAINT,
+            background_image=_background(view),
+            update_streamlit=True,
+            width=CANVAS_PX,
+            height=CANVAS_PX,
             drawing_mode="freedraw" if freehand else "rect",
-            initial_drawing=st.session_state[initial_key], return_image_data=True, key=canvas_key,
+            initial_drawing=st.session_state[initial_key],
+            return_image_data=True,
+            key=canvas_key,
         )
     if result.image_data is not None:
         stored = Region(query, result.json_data or {}, result.image_data[..., 3] > 0)
@@ -245,8 +303,15 @@ def require_region(region: Region | None) -> Region:
 
 
 # --- the search ---------------------------------------------------------------------------------------
-def run_search(cache: FeatureCache, query: Query, region: Region, k: int = 10, exclude_query: bool = True,
-               per_domain: int | None = None, labels: tuple[str, ...] = ()) -> SearchResult:
+def run_search(
+    cache: FeatureCache,
+    query: Query,
+    region: Region,
+    k: int = 10,
+    exclude_query: bool = True,
+    per_domain: int | None = None,
+    labels: tuple[str, ...] = (),
+) -> SearchResult:
     """`vfs.search.search_regions` for this query, remembered until the query or an option changes."""
     mask = region.mask(cache.spec.grid)
     exclude = query.index if exclude_query and query.index is not None else None
@@ -256,8 +321,14 @@ def run_search(cache: FeatureCache, query: Query, region: Region, k: int = 10, e
         candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy() if labels else None
         sharded = sharded_search(cache)  # on a Ray cluster when the app is configured so
         search = partial(search_regions, cache) if sharded is None else sharded.search
-        return search(query_features(cache, query), mask, k=k, exclude=exclude, per_domain=per_domain,
-                      candidates=candidates)
+        return search(
+            query_features(cache, query),
+            mask,
+            k=k,
+            exclude=exclude,
+            per_domain=per_domain,
+            candidates=candidates,
+        )
 
     with user_errors():
         return memo(f"search.{cache.location}", key, search)

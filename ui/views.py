@@ -35,52 +35,89 @@ def match_caption(row: dict) -> str:
 
 
 def result_tiles(cache: FeatureCache, result: SearchResult, columns: int = 5, heat: bool = False) -> None:
-    """The top-k grid: each match as the model saw it, its best window outlined, optionally over its heat map."""
+    """The top-k grid: each match as the model saw it, its best window outlined, optionally over its heat
+    map."""
     rows = result.top.to_dict("records")
     if not rows:
         st.warning("No image passes the filters: loosen the label filter or the per-domain limit.")
         return
     images = thumbs(cache, [r["index"] for r in rows])
     for start in range(0, len(rows), columns):
-        for column, row, thumb in zip(st.columns(columns), rows[start:start + columns], images[start:start + columns]):
+        for column, row, thumb in zip(
+            st.columns(columns), rows[start : start + columns], images[start : start + columns]
+        ):
             if heat:
-                thumb = np.asarray(heatmap_overlay(thumb, result.placement_scores(row["index"]),
-                                                   result.query.mask.shape, result.grid))
+                thumb = np.asarray(
+                    heatmap_overlay(
+                        thumb, result.placement_scores(row["index"]), result.query.mask.shape, result.grid
+                    )
+                )
             tile = outline(thumb, grid_box_to_pixels(row["grid_box"], result.grid, thumb.shape[:2]))
             column.image(tile, caption=match_caption(row), width="stretch", output_format="JPEG")
 
 
 def result_table(result: SearchResult, key: str) -> None:
     columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in result.top]
-    st.dataframe(result.top[columns], hide_index=True, key=key,
-                 column_config={"score": st.column_config.NumberColumn("score", format="%.2f")})
+    st.dataframe(
+        result.top[columns],
+        hide_index=True,
+        key=key,
+        column_config={"score": st.column_config.NumberColumn("score", format="%.2f")},
+    )
 
 
 def search_summary(cache: FeatureCache, result: SearchResult) -> str:
     """E.g. "10 results from 213 images in 23 ms (cells, cpu)"."""
-    return (f"{len(result.top)} results from {cache.n} images in {result.elapsed_ms:.0f} ms "
-            f"({result.method}, {result.device})")
+    return (
+        f"{len(result.top)} results from {cache.n} images in {result.elapsed_ms:.0f} ms "
+        f"({result.method}, {result.device})"
+    )
 
 
-def downloads(cache: FeatureCache, result: SearchResult, query: Query, view: np.ndarray, mask: np.ndarray,
-              key: str) -> None:
-    """Export the ranked results (CSV, JSON as the CLI writes it) and a paper-style figure (PNG, made on click)."""
+def downloads(
+    cache: FeatureCache, result: SearchResult, query: Query, view: np.ndarray, mask: np.ndarray, key: str
+) -> None:
+    """Export the ranked results (CSV, JSON as the CLI writes it) and a paper-style figure (PNG, made on
+    click)."""
     stem = f"vfs-{cache_name(cache.location)}-{query.key}"
 
     def figure() -> bytes:
         rows = result.top.to_dict("records")
-        matches = [{"thumb": t, "box": r["grid_box"], "score": r["score"], "caption": " · ".join(_tags(r))}
-                   for r, t in zip(rows, thumbs(cache, [r["index"] for r in rows]))]
+        matches = [
+            {"thumb": t, "box": r["grid_box"], "score": r["score"], "caption": " · ".join(_tags(r))}
+            for r, t in zip(rows, thumbs(cache, [r["index"] for r in rows]))
+        ]
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
         return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
 
     csv, js, png = st.columns(3)
-    csv.download_button("Download results (CSV)", result.top.to_csv(index=False), f"{stem}.csv", "text/csv",
-                        key=f"{key}.csv", on_click="ignore", width="stretch")
-    js.download_button("Download results (JSON)", json.dumps(search_json(cache, result, query.describe()), indent=1, default=str),
-                       f"{stem}.json", "application/json", key=f"{key}.json", on_click="ignore", width="stretch")
-    png.download_button("Download figure (PNG)", figure, f"{stem}.png", "image/png", key=f"{key}.png",
-                        on_click="ignore", width="stretch")
+    csv.download_button(
+        "Download results (CSV)",
+        result.top.to_csv(index=False),
+        f"{stem}.csv",
+        "text/csv",
+        key=f"{key}.csv",
+        on_click="ignore",
+        width="stretch",
+    )
+    js.download_button(
+        "Download results (JSON)",
+        json.dumps(search_json(cache, result, query.describe()), indent=1, default=str),
+        f"{stem}.json",
+        "application/json",
+        key=f"{key}.json",
+        on_click="ignore",
+        width="stretch",
+    )
+    png.download_button(
+        "Download figure (PNG)",
+        figure,
+        f"{stem}.png",
+        "image/png",
+        key=f"{key}.png",
+        on_click="ignore",
+        width="stretch",
+    )
 
 
 # --- caches -------------------------------------------------------------------------------------------
@@ -91,37 +128,59 @@ def megabytes(n: int | None) -> str | None:
 def cache_table(rows: list[dict]) -> None:
     """The cache list: what each cache is of, how big, and whether its build finished."""
     builds = {b.job.out for b in build_registry().builds() if b.status().running}
-    table = pd.DataFrame([{
-        "cache": r["name"], "model": r.get("model"), "layer": r.get("layer"),
-        "grid": f"{r['grid']}×{r['channels']}" if r.get("grid") else None, "images": r.get("n"),
-        "labels": r.get("labels"), "domains": r.get("domains"), "size": megabytes(r.get("size_bytes")),
-        "status": r["error"] or ("complete" if r["complete"] else
-                                 f"{'building' if r['path'] in builds else 'partial'}: {r.get('stored', 0)} stored"),
-        "location": r["path"],
-    } for r in rows])
+    table = pd.DataFrame(
+        [
+            {
+                "cache": r["name"],
+                "model": r.get("model"),
+                "layer": r.get("layer"),
+                "grid": f"{r['grid']}×{r['channels']}" if r.get("grid") else None,
+                "images": r.get("n"),
+                "labels": r.get("labels"),
+                "domains": r.get("domains"),
+                "size": megabytes(r.get("size_bytes")),
+                "status": r["error"]
+                or (
+                    "complete"
+                    if r["complete"]
+                    else f"{'building' if r['path'] in builds else 'partial'}: {r.get('stored', 0)} stored"
+                ),
+                "location": r["path"],
+            }
+            for r in rows
+        ]
+    )
     st.dataframe(table, hide_index=True, key="caches.table")
 
 
 def cache_provenance(cache: FeatureCache) -> str:
     """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
     s, skipped = cache.spec, len(cache.report.get("skipped", []))
-    parts = [f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
-             f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
-             "each image's shorter side resized to "
-             f"{s.preprocess.resize_size} px and centre-cropped to {s.preprocess.input_size} px",
-             f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else "")]
-    parts += [f"{what} from column `{column}`" for what, column in (("labels", cache.label_col),
-                                                                     ("domains", cache.domain_col)) if column]
+    parts = [
+        f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
+        f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
+        "each image's shorter side resized to "
+        f"{s.preprocess.resize_size} px and centre-cropped to {s.preprocess.input_size} px",
+        f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else ""),
+    ]
+    parts += [
+        f"{what} from column `{column}`"
+        for what, column in (("labels", cache.label_col), ("domains", cache.domain_col))
+        if column
+    ]
     versions = cache.attrs.get("versions", {})
     tools = ", ".join(f"{name} {versions[name]}" for name in ("vfs", "torch", "timm") if name in versions)
-    built = " ".join(([f"on {cache.attrs['created'][:10]}"] if cache.attrs.get("created") else [])
-                     + ([f"with {tools}"] if tools else []))
+    built = " ".join(
+        ([f"on {cache.attrs['created'][:10]}"] if cache.attrs.get("created") else [])
+        + ([f"with {tools}"] if tools else [])
+    )
     return "; ".join(parts + ([f"built {built}"] if built else [])) + "."
 
 
 # --- background builds ----------------------------------------------------------------------------------
 def start_build(job: BuildJob) -> None:
-    """Button callback: start (or resume) a build; a refusal (already building) is shown by the build panel."""
+    """Button callback: start (or resume) a build; a refusal (already building) is shown by the build
+    panel."""
     try:
         build_registry().start(job)
     except ValueError as e:
@@ -137,15 +196,22 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
         bar.progress(status.fraction, text=text)
         cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
     elif status.state == "done" and now - status.finished < DONE_SHOWN_S:
-        st.success(f"{name}: built {p.stored if p else '?'} images in "
-                   f"{duration(status.finished - status.started)}"
-                   f"{f', {p.skipped} unreadable images skipped' if p and p.skipped else ''}.")
+        st.success(
+            f"{name}: built {p.stored if p else '?'} images in "
+            f"{duration(status.finished - status.started)}"
+            f"{f', {p.skipped} unreadable images skipped' if p and p.skipped else ''}."
+        )
     elif status.state in ("cancelled", "failed"):
         where = f" at {p.done} / {p.total} images" if p else ""
-        message = (f"{name}: cancelled{where}; the images stored so far are kept." if status.state == "cancelled"
-                   else f"{name}: the build failed{where}: {status.error}")
+        message = (
+            f"{name}: cancelled{where}; the images stored so far are kept."
+            if status.state == "cancelled"
+            else f"{name}: the build failed{where}: {status.error}"
+        )
         (st.warning if status.state == "cancelled" else st.error)(message)
-        st.button("Resume build", key=f"build.resume.{status.job.out}", on_click=start_build, args=(status.job,))
+        st.button(
+            "Resume build", key=f"build.resume.{status.job.out}", on_click=start_build, args=(status.job,)
+        )
 
 
 def build_panel() -> None:

@@ -12,9 +12,21 @@ from .models import DEFAULT_MODEL, extractor_from_module, load_extractor
 from .search import RegionQuery, SearchResult, search_regions
 
 __all__ = [
-    "BuildJob", "BuildProgress", "CacheError", "CacheSpec", "DEFAULT_MODEL", "FeatureCache",
-    "RegionQuery", "SearchResult", "ShardedSearch", "build_cache", "extractor_from_module", "grid_mask",
-    "load_extractor", "load_mask",
-    "open_cache", "search_regions",
+    "BuildJob",
+    "BuildProgress",
+    "CacheError",
+    "CacheSpec",
+    "DEFAULT_MODEL",
+    "FeatureCache",
+    "RegionQuery",
+    "SearchResult",
+    "ShardedSearch",
+    "build_cache",
+    "extractor_from_module",
+    "grid_mask",
+    "load_extractor",
+    "load_mask",
+    "open_cache",
+    "search_regions",
 ]
 __version__ = "0.1.0"

@@ -61,7 +61,7 @@ class BackgroundBuild:
     def _run(self) -> None:
         try:
             cache = build_cache(self.job, progress=lambda p: self._update(progress=p), cancel=self._cancel)
-        except Exception as e:  # the user needs the reason, whatever failed (data, model, disk)
+        except Exception as e:  # noqa: BLE001 - the user needs the reason, whatever failed (data, model, disk)
             self._update(state="failed", error=str(e) or type(e).__name__, finished=time.time())
         else:
             self._update(state="done" if cache is not None else "cancelled", finished=time.time())
@@ -91,7 +91,8 @@ class BuildRegistry:
         return Path(out).resolve()
 
     def start(self, job: BuildJob) -> BackgroundBuild:
-        """Start (or resume: the engine continues a partial cache) a build; refused while one writes `job.out`."""
+        """Start (or resume: the engine continues a partial cache) a build; refused while one writes
+        `job.out`."""
         key = self._key(job.out)
         with self._lock:
             current = self._builds.get(key)
@@ -124,5 +125,7 @@ def resume_job(cache: FeatureCache) -> BuildJob:
     """The job that continues a partial local cache, as it was first asked (recorded in the cache)."""
     job = cache.attrs.get("job")
     if job is None:
-        raise CacheError(f"{cache.location} does not record the job that built it; rerun that build to resume it")
+        raise CacheError(
+            f"{cache.location} does not record the job that built it; rerun that build to resume it"
+        )
     return replace(BuildJob(**job), out=cache.location)

@@ -29,6 +29,7 @@ def parse_bytes(text: str) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from .models import DEFAULT_MODEL, KINDS
+
     lines = [(syntax, what) for kind in KINDS.values() for syntax, what in kind.usage]
     width = max(len(syntax) for syntax, _ in lines)
     print("Model specs (offline ones first):")
@@ -39,9 +40,13 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _cmd_layers(args: argparse.Namespace) -> None:
     from .models import list_layers
+
     layers = list_layers(args.spec, args.image_size)
     if args.json:
-        rows = [{"name": info.name, "grid": [info.height, info.width], "channels": info.channels} for info in layers]
+        rows = [
+            {"name": info.name, "grid": [info.height, info.width], "channels": info.channels}
+            for info in layers
+        ]
         print(json.dumps(rows, indent=1))
         return
     width = max((len(info.name) for info in layers), default=5)
@@ -50,7 +55,8 @@ def _cmd_layers(args: argparse.Namespace) -> None:
 
 
 class _ProgressBar:
-    """Build progress on a terminal: a tqdm bar, made at the first report (so a refusal prints on a clean line)."""
+    """Build progress on a terminal: a tqdm bar, made at the first report (so a refusal prints on a clean
+    line)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,6 +65,7 @@ class _ProgressBar:
     def __call__(self, p: BuildProgress) -> None:
         if self.bar is None:
             from tqdm import tqdm
+
             self.bar = tqdm(unit="img", dynamic_ncols=True, desc=self.name, initial=p.done, total=p.total)
         self.bar.n = p.done
         self.bar.set_postfix(stored=p.stored, skipped=p.skipped, refresh=False)
@@ -104,9 +111,26 @@ def _progress_every_s() -> float:
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from .jobs import BuildJob, build_cache
-    flags = {k: getattr(args, k) for k in ("model", "layer", "data", "out", "label_col", "domain_col",
-                                           "image_size", "batch_size", "device", "workers", "limit",
-                                           "engine", "address", "gpus_per_worker")}
+
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "layer",
+            "data",
+            "out",
+            "label_col",
+            "domain_col",
+            "image_size",
+            "batch_size",
+            "device",
+            "workers",
+            "limit",
+            "engine",
+            "address",
+            "gpus_per_worker",
+        )
+    }
     if args.job:
         job = BuildJob.from_toml(args.job, **flags)
     else:
@@ -117,22 +141,26 @@ def _cmd_build(args: argparse.Namespace) -> None:
             )
         job = BuildJob(**{k: v for k, v in flags.items() if v is not None})
     name = Path(job.out).name
-    show: _ProgressBar | _ProgressLines = (_ProgressBar(name) if sys.stderr.isatty()
-                                           else _ProgressLines(name, _progress_every_s()))
+    show: _ProgressBar | _ProgressLines = (
+        _ProgressBar(name) if sys.stderr.isatty() else _ProgressLines(name, _progress_every_s())
+    )
     try:
         cache = build_cache(job, progress=show)
     finally:
         show.close()
     assert cache is not None  # None means cancelled, and the CLI never cancels
     report = cache.report
-    print(f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
-          f"{len(report.get('skipped', []))} skipped")
+    print(
+        f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
+        f"{len(report.get('skipped', []))} skipped"
+    )
     for s in report.get("skipped", []):
         print(f"  skipped {s['path']}: {s['reason']}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from .cache import open_cache
+
     cache = open_cache(args.cache)
     info = cache.info()
     if args.json:
@@ -140,15 +168,24 @@ def _cmd_info(args: argparse.Namespace) -> None:
         return
     s = cache.spec
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'})")
-    print(f"  model {s.model}  layer {s.layer}  input {s.input_size}px  grid {s.grid[0]}×{s.grid[1]}×{s.channels}")
-    print(f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  labels {s.data.label_col}  domains {s.data.domain_col}")
+    print(
+        f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
+        f"grid {s.grid[0]}×{s.grid[1]}×{s.channels}"
+    )
+    print(
+        f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  "
+        f"labels {s.data.label_col}  domains {s.data.domain_col}"
+    )
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
     for column in info["columns"] or []:
         role = f" ({column['role']})" if column["role"] else ""
         counts = column.get("counts")
         shown = ", ".join(f"{value} {n}" for value, n in list(counts.items())[:8]) if counts else ""
         more = f", … ({len(counts) - 8} more)" if counts and len(counts) > 8 else ""
-        print(f"  column {column['column']}{role}: {column['distinct']} values" + (f": {shown}{more}" if shown else ""))
+        print(
+            f"  column {column['column']}{role}: {column['distinct']} values"
+            + (f": {shown}{more}" if shown else "")
+        )
     for sk in cache.report.get("skipped", []):
         print(f"  skipped {sk['path']}: {sk['reason']}")
 
@@ -160,11 +197,14 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from .masks import load_mask
     from .models import load_extractor, model_kind
     from .search import search_regions
+
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
     mask = load_mask(args.mask, cache.spec.grid)
     if args.image and model_kind(cache.spec.model).runs_user_code and not args.trust_model_code:
-        raise ValueError(f"the cache's model {cache.spec.model!r} is code that would run here; "
-                         "pass --trust-model-code if you trust whoever built the cache")
+        raise ValueError(
+            f"the cache's model {cache.spec.model!r} is code that would run here; "
+            "pass --trust-model-code if you trust whoever built the cache"
+        )
     if args.image:
         ex = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
         cache.check_extractor(ex.describe())
@@ -174,13 +214,28 @@ def _cmd_search(args: argparse.Namespace) -> None:
     exclude = None if args.include_query else exclude
     if args.shards:
         from .cluster.sharded import ShardedSearch
-        with ShardedSearch(cache.location, shards=args.shards, address=args.address, device=args.device,
-                           allow_partial=args.allow_partial) as sharded:
-            result = sharded.search(query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain,
-                                    all_scores=False)  # the CLI prints the ranked table only
+
+        with ShardedSearch(
+            cache.location,
+            shards=args.shards,
+            address=args.address,
+            device=args.device,
+            allow_partial=args.allow_partial,
+        ) as sharded:
+            result = sharded.search(
+                query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain, all_scores=False
+            )  # the CLI prints the ranked table only
     else:
-        result = search_regions(cache, query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain,
-                                device=args.device, memory_budget=args.memory_budget)
+        result = search_regions(
+            cache,
+            query,
+            mask,
+            k=args.k,
+            exclude=exclude,
+            per_domain=args.per_domain,
+            device=args.device,
+            memory_budget=args.memory_budget,
+        )
     if args.json:
         print(json.dumps(search_json(cache, result, desc), indent=1, default=str))
         return
@@ -201,7 +256,9 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("job", nargs="?", help="a job file (TOML with a [build] table); flags override it")
     bp.add_argument("--model")
     bp.add_argument("--layer")
-    bp.add_argument("--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>")
+    bp.add_argument(
+        "--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>"
+    )
     bp.add_argument("--out")
     bp.add_argument("--label-col")
     bp.add_argument("--domain-col")
@@ -210,9 +267,13 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--device")
     bp.add_argument("--workers", type=int, help="local: decoding processes; ray: extractor actors")
     bp.add_argument("--limit", type=int)
-    bp.add_argument("--engine", choices=("local", "ray"), help="ray: build on a Ray cluster (docs/cluster.md)")
+    bp.add_argument(
+        "--engine", choices=("local", "ray"), help="ray: build on a Ray cluster (docs/cluster.md)"
+    )
     bp.add_argument("--address", help="ray: the cluster (auto, ray://HOST:10001); default: a local one")
-    bp.add_argument("--gpus-per-worker", type=float, help="ray: GPUs per extractor actor (default 1 where there are GPUs)")
+    bp.add_argument(
+        "--gpus-per-worker", type=float, help="ray: GPUs per extractor actor (default 1 where there are GPUs)"
+    )
     ip = sub.add_parser("info", help="describe a cache")
     ip.add_argument("cache")
     ip.add_argument("--json", action="store_true")
@@ -221,21 +282,35 @@ def make_parser() -> argparse.ArgumentParser:
     q = sp.add_mutually_exclusive_group(required=True)
     q.add_argument("--query-index", type=int)
     q.add_argument("--image", type=Path)
-    sp.add_argument("--mask", required=True, type=Path, help="PNG (alpha or grey, any size) or .npy of the grid's shape")
+    sp.add_argument(
+        "--mask", required=True, type=Path, help="PNG (alpha or grey, any size) or .npy of the grid's shape"
+    )
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--per-domain", type=int)
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
-    sp.add_argument("--allow-partial", action="store_true", help="search the images an unfinished build has stored")
-    sp.add_argument("--trust-model-code", action="store_true", help="allow a python: model spec named by the cache")
+    sp.add_argument(
+        "--allow-partial", action="store_true", help="search the images an unfinished build has stored"
+    )
+    sp.add_argument(
+        "--trust-model-code", action="store_true", help="allow a python: model spec named by the cache"
+    )
     sp.add_argument("--device", default="auto")
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
     sp.add_argument("--shards", type=int, help="search on a Ray cluster, the cache split across N actors")
-    sp.add_argument("--address", help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: a local one")
+    sp.add_argument(
+        "--address", help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: a local one"
+    )
     sp.add_argument("--json", action="store_true")
     return p
 
 
-COMMANDS = {"models": _cmd_models, "layers": _cmd_layers, "build": _cmd_build, "info": _cmd_info, "search": _cmd_search}
+COMMANDS = {
+    "models": _cmd_models,
+    "layers": _cmd_layers,
+    "build": _cmd_build,
+    "info": _cmd_info,
+    "search": _cmd_search,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 def _in_cli_words(error: Exception) -> str:
     """An engine error as a CLI user needs it: a bad layer names the command that lists the layers."""
     from .models import LayerError
+
     if isinstance(error, LayerError):
         return error.message(f"python -m vfs layers {shlex.quote(error.spec)}")
     return str(error)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" → cuda, then mps, then cpu; anything else must exist here."""
+    """ "auto" → cuda, then mps, then cpu; anything else must exist here."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -17,7 +19,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or mps") from error
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    available: dict[str, Callable[[], bool]] = {
+        "cuda": torch.cuda.is_available,
+        "mps": torch.backends.mps.is_available,
+    }
     if resolved.type in available and not available[resolved.type]():
         raise ValueError(f"device {device!r} is not available on this machine")
     return resolved

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -47,14 +47,16 @@ class BuildJob:
     chunk_images: int | None = None  # images per stored chunk (default ≤ 16 MB of features); set at creation
     engine: str = "local"  # "local": this process; "ray": a Ray cluster (vfs.cluster.build)
     address: str | None = None  # ray: the cluster ("auto", "ray://host:10001"); None starts a local one
-    gpus_per_worker: float | None = None  # ray: GPUs per extractor actor (default 1 where the cluster has GPUs)
+    gpus_per_worker: float | None = (
+        None  # ray: GPUs per extractor actor (default 1 where the cluster has GPUs)
+    )
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown build engine {self.engine!r}: use {' or '.join(ENGINES)}")
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides) -> "BuildJob":
+    def from_toml(cls, path: str | Path, **overrides) -> BuildJob:
         with open(path, "rb") as f:
             table = tomllib.load(f).get("build")
         if table is None:
@@ -85,7 +87,7 @@ class BuildProgress:
         return f"{self.done} / {self.total} images · {self.images_per_s:.1f} images/s · ETA {eta}"
 
 
-class _View:
+class ModelInputView:
     """Worker-side transform: the exact model-input view as a uint8 (3, S, S) tensor."""
 
     def __init__(self, preprocess: Preprocess):
@@ -95,7 +97,8 @@ class _View:
         return TF.pil_to_tensor(self.preprocess.view(image))
 
 
-def _thumbs(views: torch.Tensor, size: int) -> np.ndarray:
+def thumbnails(views: torch.Tensor, size: int) -> np.ndarray:
+    """(B, size, size, 3) uint8 thumbnails of (B, 3, S, S) model-input views."""
     if views.shape[-1] != size:
         views = TF.resize(views, [size, size], antialias=True)
     return views.permute(0, 2, 3, 1).contiguous().numpy()
@@ -104,9 +107,15 @@ def _thumbs(views: torch.Tensor, size: int) -> np.ndarray:
 def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
     d = extractor.describe()
     h, w = d["grid"]
-    return CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=(h, w),
-                     channels=d["channels"], preprocess=extractor.preprocess,
-                     data=dataset.spec)
+    return CacheSpec(
+        model=d["spec"],
+        layer=d["layer"],
+        input_size=d["input_size"],
+        grid=(h, w),
+        channels=d["channels"],
+        preprocess=extractor.preprocess,
+        data=dataset.spec,
+    )
 
 
 def build_cache(
@@ -124,10 +133,12 @@ def build_cache(
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
     with BuildLock(job.out):
-        writer = CacheWriter.open(job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images,
-                                  job=asdict(job))
+        writer = CacheWriter.open(
+            job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images, job=asdict(job)
+        )
         if job.engine == "ray":
             from .cluster.build import run_on_ray
+
             run_on_ray(job, dataset, extractor.preprocess, writer, thumb, progress, cancel)
         else:
             _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
@@ -143,11 +154,16 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
     # few images of that batch already stored: a model's output for an image can differ in its last
     # bits with the batch it is computed in, and a resumed cache must equal an uninterrupted one.
     first = start - start % job.batch_size
-    remaining = torch.utils.data.Subset(TorchImageDataset(dataset, _View(extractor.preprocess)),
-                                        range(first, len(dataset)))
+    remaining = torch.utils.data.Subset(
+        TorchImageDataset(dataset, ModelInputView(extractor.preprocess)), range(first, len(dataset))
+    )
     loader = torch.utils.data.DataLoader(
-        remaining, batch_size=job.batch_size, num_workers=job.workers, collate_fn=collate_skipping,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        remaining,
+        batch_size=job.batch_size,
+        num_workers=job.workers,
+        collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
     t0, done, failed = time.perf_counter(), 0, 0
     stored0, skipped0 = writer.rows, len(writer.skipped)
@@ -160,23 +176,41 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             if views is not None:
                 x = extractor.preprocess.normalize(views.to(device, non_blocking=True))
                 feats = extractor.features_batch(x).to(torch.float16).cpu().numpy()
-                thumbs = _thumbs(views, thumb)
+                thumbs = thumbnails(views, thumb)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(_write, writer, items, good, feats, thumbs if feats is not None else None,
-                                  dict(failures), start)
+            pending = pool.submit(
+                write_batch,
+                writer,
+                items,
+                good,
+                feats,
+                thumbs if feats is not None else None,
+                dict(failures),
+                start,
+            )
             done += sum(1 for i in items if i >= start)
             failed += sum(1 for i, _ in failures if i >= start)
             if progress is not None:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 left = len(dataset) - start - done
-                progress(BuildProgress(start + done, len(dataset), stored0 + done - failed, skipped0 + failed,
-                                       rate, left / rate if rate > 0 else None))
+                progress(
+                    BuildProgress(
+                        start + done,
+                        len(dataset),
+                        stored0 + done - failed,
+                        skipped0 + failed,
+                        rate,
+                        left / rate if rate > 0 else None,
+                    )
+                )
         if pending is not None:
             pending.result()
 
 
-def _write(writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str], start: int = 0) -> None:
+def write_batch(
+    writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str], start: int = 0
+) -> None:
     """Hand a batch to the writer in candidate order (stored and skipped interleaved); items
     before `start` (the part of a resume's first batch stored before) are left out."""
     row = {item: k for k, item in enumerate(good)}

@@ -68,7 +68,8 @@ class CroppedMask:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.weights.shape  # type: ignore[return-value]
+        h, w = self.weights.shape
+        return h, w
 
     def query_box(self) -> tuple[int, int, int, int]:
         """(y0, x0, y1, x1), end-exclusive, of the box in the query grid."""
@@ -108,7 +109,9 @@ def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
         if m.dtype.kind not in "biuf":
             raise ValueError(f"{path.name}: a .npy mask must hold numbers, not {m.dtype}")
         if m.shape != tuple(grid):
-            raise ValueError(f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}")
+            raise ValueError(
+                f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}"
+            )
         return m.astype(np.float32)
     from .data import MAX_IMAGE_PIXELS
 
@@ -118,10 +121,12 @@ def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
             with Image.open(path) as im:
                 width, height = im.size  # from the header: a bomb is refused before decoding
                 if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+                    raise ValueError(
+                        f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+                    )
                 im.load()
                 return grid_mask(im, grid)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL decoders raise OSError, SyntaxError, struct.error, ...
+    except Exception as e:
         raise ValueError(f"{path.name}: cannot read the mask image ({type(e).__name__}: {e})") from e

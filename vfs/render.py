@@ -26,7 +26,8 @@ _VIRIDIS = (
 
 
 def _edges(cells: int, pixels: int) -> np.ndarray:
-    """Pixel boundaries of `cells` grid cells over `pixels` pixels (rounded, so cells differ by at most 1 px)."""
+    """Pixel boundaries of `cells` grid cells over `pixels` pixels (rounded, so cells differ by at most 1
+    px)."""
     return np.rint(np.arange(cells + 1) * pixels / cells).astype(int)
 
 
@@ -38,14 +39,17 @@ def _upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int]) -> Box:
-    """Pixel box (y0, x0, y1, x1), end-exclusive, covered by the grid-cell box `box` on an image of size (H, W)."""
+    """Pixel box (y0, x0, y1, x1), end-exclusive, covered by the grid-cell box `box` on an image of size
+    (H, W)."""
     y0, x0, y1, x1 = box
     rows = _edges(grid[0], size[0])
     cols = _edges(grid[1], size[1])
     return int(rows[y0]), int(cols[x0]), int(rows[y1]), int(cols[x1])
 
 
-def outline(thumb: np.ndarray, box_px: Box, color: Color = (255, 64, 0), width: int | None = None) -> Image.Image:
+def outline(
+    thumb: np.ndarray, box_px: Box, color: Color = (255, 64, 0), width: int | None = None
+) -> Image.Image:
     """The thumbnail with the matched window's border drawn inside `box_px`, leaving its content visible."""
     image = Image.fromarray(thumb).convert("RGB")
     if width is None:
@@ -86,7 +90,9 @@ def _cell_max(placement_scores: np.ndarray, mask_shape: tuple[int, int]) -> np.n
     """
     mh, mw = mask_shape
     padded = np.pad(
-        np.asarray(placement_scores, dtype=float), ((mh - 1, mh - 1), (mw - 1, mw - 1)), constant_values=np.nan
+        np.asarray(placement_scores, dtype=float),
+        ((mh - 1, mh - 1), (mw - 1, mw - 1)),
+        constant_values=np.nan,
     )
     return np.fmax.reduce(sliding_window_view(padded, (mh, mw)), axis=(2, 3))
 
@@ -98,15 +104,18 @@ def heatmap_overlay(
     grid: tuple[int, int],
     alpha: float = 0.55,
 ) -> Image.Image:
-    """Viridis heat map of where the query region matches: each cell shows the max score of the placements covering it.
+    """Viridis heat map of where the query region matches: each cell shows the max score of the
+    placements covering it.
 
-    Colours are scaled to the image's own finite score range; cells no finite placement covers stay uncoloured.
+    Colours are scaled to the image's own finite score range; cells no finite placement covers stay
+    uncoloured.
     """
     placement_scores = np.asarray(placement_scores, dtype=float)
     expected = (grid[0] - mask_shape[0] + 1, grid[1] - mask_shape[1] + 1)
     if tuple(placement_scores.shape) != expected:
         raise ValueError(
-            f"placement_scores shape {placement_scores.shape} != {expected} for mask {mask_shape} on grid {grid}"
+            f"placement_scores shape {placement_scores.shape} != {expected} "
+            f"for mask {mask_shape} on grid {grid}"
         )
     cells = _cell_max(placement_scores, mask_shape)
     finite = np.isfinite(cells)
@@ -119,7 +128,9 @@ def heatmap_overlay(
     return Image.fromarray(np.clip(blended, 0, 255).round().astype(np.uint8))
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+def _fit_text(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> str:
     """Shorten `text` with an ellipsis so a caption never spills into the next tile."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -166,7 +177,9 @@ def results_figure(
 
     def place(tile: Image.Image, text: str, left: int, top: int) -> None:
         figure.paste(tile.resize((tile_w, tile_h)), (left, top))
-        draw.text((left, top + tile_h + pad // 2), _fit_text(draw, text, font, tile_w), fill="black", font=font)
+        draw.text(
+            (left, top + tile_h + pad // 2), _fit_text(draw, text, font, tile_w), fill="black", font=font
+        )
 
     top = title_h + pad
     place(mask_overlay(query_thumb, query_mask), "query", pad, top)
@@ -174,7 +187,9 @@ def results_figure(
         thumb = match["thumb"]
         box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])
         row, col = divmod(i, columns)
-        place(outline(thumb, box_px), _caption(i + 1, match), pad + (col + 1) * cell_w + pad, top + row * cell_h)
+        place(
+            outline(thumb, box_px), _caption(i + 1, match), pad + (col + 1) * cell_w + pad, top + row * cell_h
+        )
     return figure
 
 
@@ -209,7 +224,9 @@ def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[s
     """Two models' score distributions on the same dataset as overlaid density histograms."""
     figure = go.Figure(
         [
-            go.Histogram(x=np.asarray(scores, dtype=float), name=name, opacity=0.6, histnorm="probability density")
+            go.Histogram(
+                x=np.asarray(scores, dtype=float), name=name, opacity=0.6, histnorm="probability density"
+            )
             for scores, name in zip((scores_a, scores_b), names)
         ]
     )

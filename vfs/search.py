@@ -66,7 +66,7 @@ def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, 
     return int(y), int(x), int(y + mh), int(x + mw)
 
 
-def _select(
+def select_top(
     scores: np.ndarray, eligible: np.ndarray, k: int, domains: np.ndarray | None, per_domain: int | None
 ) -> np.ndarray:
     """Indices of the top k eligible images, best first, with at most `per_domain` per domain."""
@@ -117,7 +117,7 @@ def search_regions(
     if isinstance(source, (np.ndarray, torch.Tensor)):
         source, prepared = ArrayFeatures(source), False
     n, h, w, c = source.shape
-    rq = _region_query(source, query, mask)
+    rq = region_query(source, query, mask)
     if rq.features.shape[-1] != c:
         raise ValueError(
             f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?"
@@ -145,17 +145,17 @@ def search_regions(
     scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
     placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
 
-    eligible = _eligible(n, candidates, exclude)
+    eligible = eligible_images(n, candidates, exclude)
     domains = source.domains
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
-    picked = _select(scores, eligible, k, domains, per_domain)
+    picked = select_top(scores, eligible, k, domains, per_domain)
     if coarse and len(picked):
         # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
         # bounds first, so that few reach the float64 re-scoring.
         reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
         _refine(source, fast, dev, geometry.pw, reach, scores, placements, upper_np)
-        picked = _select(scores, eligible, k, domains, per_domain)
+        picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     if len(picked):
         # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
@@ -168,7 +168,7 @@ def search_regions(
         kth = scores[picked].min()
         later = np.flatnonzero(eligible & ~exact & (upper_np >= kth))
         _rescore(source, score, dev, geometry.pw, later, scores, placements, exact)
-        picked = _select(scores, eligible, k, domains, per_domain)
+        picked = select_top(scores, eligible, k, domains, per_domain)
 
     top = _top_table(scores, placements, rq.mask.shape, picked, source)
     elapsed_ms = (time.perf_counter() - t0) * 1e3
@@ -237,9 +237,10 @@ def _refine(
                 upper[part] = part_upper.flatten(0, 1).amax(0).cpu().numpy()
 
 
-def _region_query(
+def region_query(
     source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None
 ) -> RegionQuery:
+    """The query of `search_regions` prepared, checked as it checks it (sharded searches share it)."""
     if isinstance(query, RegionQuery):
         if mask is not None:
             raise ValueError("a RegionQuery carries its own mask: pass no mask with it")
@@ -254,7 +255,8 @@ def _region_query(
     return RegionQuery.create(query, mask)
 
 
-def _eligible(n: int, candidates: np.ndarray | None, exclude: int | Iterable[int] | None) -> np.ndarray:
+def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterable[int] | None) -> np.ndarray:
+    """(n,) which images may be returned: `candidates` (all when None) less `exclude`."""
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
     if eligible.shape != (n,):
         raise ValueError(f"candidates must be a boolean array of length {n}")

@@ -103,11 +103,14 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
         )
     columns = ["group", "n", "median", "mean", "std", "auroc", "p_value"]
     table = pd.DataFrame(rows, columns=columns)
-    return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(
+        drop=True
+    )
 
 
 def long_scores(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
-    """Tidy (index, group, score) rows for box/violin/strip plots; an image appears once per group it is in."""
+    """Tidy (index, group, score) rows for box/violin/strip plots; an image appears once per group it is
+    in."""
     wide = groups.astype(bool).assign(**{"__score": np.asarray(scores, dtype=float)})
     tidy = wide.reset_index(names="index").melt(
         id_vars=["index", "__score"], var_name="group", value_name="__member"
@@ -134,8 +137,9 @@ def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
     }
 
 
-def column_summary(manifest: pd.DataFrame, label_col: str | None = None,
-                   domain_col: str | None = None) -> list[dict]:
+def column_summary(
+    manifest: pd.DataFrame, label_col: str | None = None, domain_col: str | None = None
+) -> list[dict]:
     """What each manifest column (but `path`) offers to group by: its role, its number of distinct
     values (as grouping sees them: true/false in any case alike, missing as one value) and, for the
     label and domain columns and every true/false (finding) column, how many images have each value

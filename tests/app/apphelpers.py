@@ -31,9 +31,11 @@ def png_url(paint: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def box_paint(y0: float = 0.3, x0: float = 0.3, y1: float = 0.6, x1: float = 0.6, size: int = 320) -> np.ndarray:
+def box_paint(
+    y0: float = 0.3, x0: float = 0.3, y1: float = 0.6, x1: float = 0.6, size: int = 320
+) -> np.ndarray:
     paint = np.zeros((size, size), bool)
-    paint[int(y0 * size):int(y1 * size), int(x0 * size):int(x1 * size)] = True
+    paint[int(y0 * size) : int(y1 * size), int(x0 * size) : int(x1 * size)] = True
     return paint
 
 
@@ -41,9 +43,13 @@ def draw(at: AppTest, paint: np.ndarray | None = None) -> AppTest:
     """Inject a stroke into the canvas on screen (STACK.md: through its session state) and rerun."""
     canvas = at.get("bidi_component")[0].proto.id  # "$$ID-<hash>-<user key>"
     key = canvas.split("-", 2)[2]
-    at.session_state[key] = {"drawing": {"raw": {"objects": [{"type": "Path"}]},
-                                         "data": png_url(box_paint() if paint is None else paint)},
-                             "backgroundFit": None}
+    at.session_state[key] = {
+        "drawing": {
+            "raw": {"objects": [{"type": "Path"}]},
+            "data": png_url(box_paint() if paint is None else paint),
+        },
+        "backgroundFit": None,
+    }
     return at.run()
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from apphelpers import SMALL, start_app
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from apphelpers import SMALL, start_app
 from vfs.data import EMBEDDED_DATASET
 from vfs.jobs import BuildJob, build_cache
 
@@ -19,12 +19,22 @@ def write_findings(folder: Path) -> Path:
     """A tiny manifest dataset with NIH-style '|'-joined findings, for grouping and for 'another dataset'."""
     rng = np.random.default_rng(0)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    labels = ["Cardiomegaly|Effusion", "No Finding", "Cardiomegaly", "Effusion", "No Finding", "Cardiomegaly|Edema"]
+    labels = [
+        "Cardiomegaly|Effusion",
+        "No Finding",
+        "Cardiomegaly",
+        "Effusion",
+        "No Finding",
+        "Cardiomegaly|Edema",
+    ]
     for i in range(len(labels)):
-        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            folder / "images" / f"{i}.png"
+        )
     manifest = folder / "manifest.csv"
-    pd.DataFrame({"path": [f"images/{i}.png" for i in range(len(labels))], "label": labels,
-                  "view": ["PA", "AP"] * 3}).to_csv(manifest, index=False)
+    pd.DataFrame(
+        {"path": [f"images/{i}.png" for i in range(len(labels))], "label": labels, "view": ["PA", "AP"] * 3}
+    ).to_csv(manifest, index=False)
     return manifest
 
 
@@ -39,7 +49,11 @@ def caches(tmp_path_factory, findings_manifest) -> Path:
     root = tmp_path_factory.mktemp("caches")
     for name, layer in (("small", "blocks.5"), ("small_b4", "blocks.4")):
         build_cache(BuildJob(layer=layer, data=EMBEDDED_DATASET, out=str(root / f"{name}.zarr"), limit=SMALL))
-    build_cache(BuildJob(layer="blocks.5", data=str(findings_manifest), out=str(root / "findings.zarr"), domain_col="view"))
+    build_cache(
+        BuildJob(
+            layer="blocks.5", data=str(findings_manifest), out=str(root / "findings.zarr"), domain_col="view"
+        )
+    )
     return root
 
 

@@ -1,8 +1,8 @@
 """vfs.background: a real build in a background thread: progress, cancel, resume, failure, one per output."""
 
 import pytest
-
 from apphelpers import wait_until
+
 from vfs.background import BackgroundBuild, BuildRegistry, resume_job
 from vfs.cache import open_cache
 from vfs.data import EMBEDDED_DATASET
@@ -10,7 +10,9 @@ from vfs.jobs import BuildJob
 
 
 def job(out, **kw):
-    return BuildJob(**{"layer": "blocks.5", "data": EMBEDDED_DATASET, "out": str(out), "limit": 24, "batch_size": 2} | kw)
+    return BuildJob(
+        **{"layer": "blocks.5", "data": EMBEDDED_DATASET, "out": str(out), "limit": 24, "batch_size": 2} | kw
+    )
 
 
 def test_progress_cancel_and_resume(tmp_path):
@@ -31,7 +33,11 @@ def test_progress_cancel_and_resume(tmp_path):
     assert resumed.wait(120).state == "done", resumed.status().error
     assert registry.builds() == [resumed] and resumed.status().fraction == 1.0
     done = open_cache(out)
-    assert done.complete and done.n == 24 and list(done.manifest["path"][:2]) == ["samples/astronaut", "samples/brick"]
+    assert (
+        done.complete
+        and done.n == 24
+        and list(done.manifest["path"][:2]) == ["samples/astronaut", "samples/brick"]
+    )
 
 
 def test_a_failed_build_reports_why(tmp_path):

@@ -8,8 +8,11 @@ from vfs.compare import comparison_refusal
 
 
 def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png")):
-    return SimpleNamespace(spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label")), n=len(paths),
-                           manifest=pd.DataFrame({"path": list(paths)}))
+    return SimpleNamespace(
+        spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label")),
+        n=len(paths),
+        manifest=pd.DataFrame({"path": list(paths)}),
+    )
 
 
 def test_same_images_compare():

@@ -11,9 +11,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import zarr
+from apphelpers import SMALL, box_paint, draw, no_exceptions, start_app, texts, wait_until
 from PIL import Image
 
-from apphelpers import SMALL, box_paint, draw, no_exceptions, start_app, texts, wait_until
 from vfs.cache import open_cache
 
 
@@ -32,8 +32,11 @@ def searched(app, caches, **paint):
 
 def png(seed=1):
     import io
+
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
     return buffer.getvalue()
 
 
@@ -85,10 +88,16 @@ def test_search_waits_for_a_stroke_then_ranks_scored_outlined_matches(app, cache
     assert list(top["rank"]) == list(range(1, 11)) and top["score"].is_monotonic_decreasing
     assert 0 not in set(top["index"]) and set(top["label"]) <= {"photo", "face"}
     tiles = [c for image in at.image for c in image.captions if ". score " in c]
-    assert len(tiles) == 10 and tiles[0] == f"1. score {top['score'][0]:.2f} · {top['label'][0]} · {top['domain'][0]}"
+    assert (
+        len(tiles) == 10
+        and tiles[0] == f"1. score {top['score'][0]:.2f} · {top['label'][0]} · {top['domain'][0]}"
+    )
     assert any("feature cells selected" in c for image in at.image for c in image.captions)
     assert [d.label for d in at.get("download_button")] == [
-        "Download results (CSV)", "Download results (JSON)", "Download figure (PNG)"]
+        "Download results (CSV)",
+        "Download results (JSON)",
+        "Download figure (PNG)",
+    ]
 
 
 def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
@@ -126,7 +135,12 @@ def test_query_by_index_thumbnails_random_and_label(app, caches):
     at.selectbox(key="search.label").set_value("face").run()
     at.button(key="search.random").click().run()
     assert at.number_input(key="search.index").value >= 13  # the first 13 images are photos
-    assert all(c.startswith("#") and int(c[1:]) >= 13 for image in at.image for c in image.captions if c.startswith("#"))
+    assert all(
+        c.startswith("#") and int(c[1:]) >= 13
+        for image in at.image
+        for c in image.captions
+        if c.startswith("#")
+    )
 
 
 def test_uploaded_query_uses_the_caches_own_model(app, caches):
@@ -136,13 +150,17 @@ def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at.file_uploader(key="search.upload").set_value(("noise.png", png(), "image/png")).run()
     no_exceptions(draw(at))
     top = at.dataframe[0].value
-    assert len(top) == 10 and top["score"].is_monotonic_decreasing and at.checkbox(key="search.exclude").disabled
+    assert (
+        len(top) == 10 and top["score"].is_monotonic_decreasing and at.checkbox(key="search.exclude").disabled
+    )
 
 
 def test_an_unreadable_upload_is_an_error_message(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()
-    no_exceptions(at.file_uploader(key="search.upload").set_value(("bad.png", b"not an image", "image/png")).run())
+    no_exceptions(
+        at.file_uploader(key="search.upload").set_value(("bad.png", b"not an image", "image/png")).run()
+    )
     assert any("not an image" in t for t in texts(at.error))
 
 
@@ -180,7 +198,11 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     at = no_exceptions(draw(use_cache(at, "compare.right", caches, "small_b4")))
     left, right = at.dataframe[0].value, at.dataframe[1].value
     assert len(left) == len(right) == 10
-    assert [m.label for m in at.metric] == ["Top-10 overlap", "Spearman ρ (all images)", "Kendall τ (all images)"]
+    assert [m.label for m in at.metric] == [
+        "Top-10 overlap",
+        "Spearman ρ (all images)",
+        "Kendall τ (all images)",
+    ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
     assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
 
@@ -199,7 +221,10 @@ def test_build_page_lists_the_models_real_layers(app):
     assert "conv_head — 7×7 grid, 1280 channels" in layers.options
     at.number_input(key="build.size").set_value(448).run()
     assert "blocks.5 — 14×14 grid, 192 channels" in at.selectbox(key="build.layer").options
-    assert at.selectbox(key="build.label").value == "label" and at.selectbox(key="build.domain").value == "source"
+    assert (
+        at.selectbox(key="build.label").value == "label"
+        and at.selectbox(key="build.domain").value == "source"
+    )
 
 
 def test_build_page_refuses_names_that_leave_the_caches_folder(app):
@@ -217,7 +242,9 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     at.selectbox(key="build.domain").set_value("view")
     at.text_input(key="build.name").set_value("ui_built").run()
     no_exceptions(at.button(key="build.start").click().run())
-    wait_until(lambda: (tmp_path / "ui_built.zarr").exists() and open_cache(tmp_path / "ui_built.zarr").complete)
+    wait_until(
+        lambda: (tmp_path / "ui_built.zarr").exists() and open_cache(tmp_path / "ui_built.zarr").complete
+    )
     at.run()
     assert any("A complete cache called ui_built exists" in t for t in texts(at.warning))
     assert any("ui_built: built 6 images" in t for t in texts(at.success))
@@ -261,9 +288,15 @@ def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches,
     built = next(m.value for m in at.markdown if m.value.startswith("How they were built")).split("\n- ")[1:]
     assert [b.split("**")[1] for b in built] == ["findings", "small", "small_b4"]
     small = built[1]
-    for fact in ("`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)",
-                 "over `embedded:skimage`", "centre-cropped to 224 px", f"; {SMALL} images;",
-                 "domains from column `source`", "built on 20", "torch "):
+    for fact in (
+        "`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)",
+        "over `embedded:skimage`",
+        "centre-cropped to 224 px",
+        f"; {SMALL} images;",
+        "domains from column `source`",
+        "built on 20",
+        "torch ",
+    ):
         assert fact in small, (fact, small)
     assert "; 6 images;" in built[0] and "domains from column `view`" in built[0]
     assert "layer `blocks.4` (14×14 cells × 112 channels)" in built[2]

@@ -9,12 +9,20 @@ from vfs.settings import Settings, is_remote, safe_cache_path
 
 def test_defaults_are_a_local_instance_that_builds():
     s = Settings.from_env({})
-    assert s == Settings(cache_dir=Path("caches"), hosted=False, allow_build=True, max_upload_mb=20, remote_caches=())
+    assert s == Settings(
+        cache_dir=Path("caches"), hosted=False, allow_build=True, max_upload_mb=20, remote_caches=()
+    )
 
 
 def test_environment_values():
-    s = Settings.from_env({"VFS_CACHE_DIR": "/srv/caches", "VFS_ALLOW_BUILD": "no", "VFS_MAX_UPLOAD_MB": "5",
-                           "VFS_REMOTE_CACHES": " https://x.org/a.zarr , s3://bucket/b.zarr,"})
+    s = Settings.from_env(
+        {
+            "VFS_CACHE_DIR": "/srv/caches",
+            "VFS_ALLOW_BUILD": "no",
+            "VFS_MAX_UPLOAD_MB": "5",
+            "VFS_REMOTE_CACHES": " https://x.org/a.zarr , s3://bucket/b.zarr,",
+        }
+    )
     assert s.cache_dir == Path("/srv/caches") and not s.allow_build and s.max_upload_mb == 5
     assert s.remote_caches == ("https://x.org/a.zarr", "s3://bucket/b.zarr")
 
@@ -23,13 +31,16 @@ def test_hosted_never_builds():
     assert not Settings.from_env({"VFS_HOSTED": "1", "VFS_ALLOW_BUILD": "1"}).allow_build
 
 
-@pytest.mark.parametrize("env, name", [
-    ({"VFS_HOSTED": "maybe"}, "VFS_HOSTED"),
-    ({"VFS_MAX_UPLOAD_MB": "lots"}, "VFS_MAX_UPLOAD_MB"),
-    ({"VFS_MAX_UPLOAD_MB": "0"}, "VFS_MAX_UPLOAD_MB"),
-    ({"VFS_REMOTE_CACHES": "/etc/passwd"}, "VFS_REMOTE_CACHES"),
-    ({"VFS_REMOTE_CACHES": "file:///etc/x.zarr"}, "VFS_REMOTE_CACHES"),
-])
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"VFS_HOSTED": "maybe"}, "VFS_HOSTED"),
+        ({"VFS_MAX_UPLOAD_MB": "lots"}, "VFS_MAX_UPLOAD_MB"),
+        ({"VFS_MAX_UPLOAD_MB": "0"}, "VFS_MAX_UPLOAD_MB"),
+        ({"VFS_REMOTE_CACHES": "/etc/passwd"}, "VFS_REMOTE_CACHES"),
+        ({"VFS_REMOTE_CACHES": "file:///etc/x.zarr"}, "VFS_REMOTE_CACHES"),
+    ],
+)
 def test_malformed_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):
         Settings.from_env(env)
@@ -41,7 +52,9 @@ def test_safe_cache_path_accepts_plain_names(tmp_path, name):
     assert path.parent == tmp_path and path.name.endswith(".zarr") and path.name.startswith(name.strip()[:4])
 
 
-@pytest.mark.parametrize("name", ["", ".zarr", "..", "../x", "a/b", "a\\b", "/etc/passwd", ".hidden", "-rf", "a b"])
+@pytest.mark.parametrize(
+    "name", ["", ".zarr", "..", "../x", "a/b", "a\\b", "/etc/passwd", ".hidden", "-rf", "a b"]
+)
 def test_safe_cache_path_refuses_escapes(tmp_path, name):
     with pytest.raises(ValueError):
         safe_cache_path(tmp_path, name)

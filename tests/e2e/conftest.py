@@ -17,13 +17,24 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
-from e2ehelpers import (CHROMIUM, CHROMIUM_ARGS, DEMO, LITE1, ROOT, SYNTH, SYNTH_N, VIEWPORT, artifact,
-                        build_demo, build_lite1, write_synthetic_cache)
+from e2ehelpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DEMO,
+    LITE1,
+    ROOT,
+    SYNTH,
+    SYNTH_N,
+    VIEWPORT,
+    artifact,
+    build_demo,
+    build_lite1,
+    write_synthetic_cache,
+)
 
 SERVER_START_S = 90
 
@@ -49,8 +60,11 @@ def tall_screenshot(page, path: Path) -> None:
     try:
         height = page.evaluate(
             "() => Math.max(...[document.querySelector('[data-testid=stMain]'), document.scrollingElement]"
-            ".filter(Boolean).map(e => e.scrollHeight))")
-        page.set_viewport_size({"width": VIEWPORT["width"], "height": int(min(max(height, VIEWPORT["height"]), 12_000))})
+            ".filter(Boolean).map(e => e.scrollHeight))"
+        )
+        page.set_viewport_size(
+            {"width": VIEWPORT["width"], "height": int(min(max(height, VIEWPORT["height"]), 12_000))}
+        )
         page.wait_for_timeout(300)  # let the layout follow the new size
         page.screenshot(path=str(path), full_page=True)
     finally:
@@ -97,13 +111,31 @@ def server(pytestconfig):
     pytestconfig._vfs_e2e_server_started = True
     log = artifact("streamlit.log")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("VFS_HOSTED", "VFS_ALLOW_BUILD", "VFS_REMOTE_CACHES")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VFS_HOSTED", "VFS_ALLOW_BUILD", "VFS_REMOTE_CACHES")
+    }
     env |= {"VFS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                "--server.headless",
+                "true",
+                "--server.port",
+                str(port),
+                "--server.address",
+                "127.0.0.1",
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -112,7 +144,9 @@ def server(pytestconfig):
             if proc.poll() is not None:
                 pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not answer {url}/_stcore/health in {SERVER_START_S} s:\n{log.read_text()[-4000:]}")
+                pytest.fail(
+                    f"streamlit did not answer {url}/_stcore/health in {SERVER_START_S} s:\n{log.read_text()[-4000:]}"
+                )
             time.sleep(0.2)
         yield Server(url, cache_dir, log)
     finally:
@@ -148,7 +182,9 @@ def page(request, browser, server):
     js_errors: list[str] = []
     pg.on("pageerror", lambda e: js_errors.append(str(e)))
     yield pg
-    failed = any(getattr(getattr(request.node, f"rep_{when}", None), "failed", False) for when in ("setup", "call"))
+    failed = any(
+        getattr(getattr(request.node, f"rep_{when}", None), "failed", False) for when in ("setup", "call")
+    )
     name = request.node.name
     try:
         if failed or os.environ.get("VFS_E2E_SHOTS") == "1":
@@ -186,4 +222,6 @@ def lite1_cache(server) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_cache(server) -> Path:
-    return _timed(f"synthetic {SYNTH_N}-image cache written", lambda: write_synthetic_cache(server.cache(SYNTH)))
+    return _timed(
+        f"synthetic {SYNTH_N}-image cache written", lambda: write_synthetic_cache(server.cache(SYNTH))
+    )

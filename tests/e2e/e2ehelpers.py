@@ -12,8 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1400, "height": 1000}
 
 DEMO = "demo"  # the Home page's one-click cache: <VFS_CACHE_DIR>/demo.zarr
@@ -57,8 +63,16 @@ def build_lite1(out: Path) -> Path:
     """EfficientNet-Lite1 blocks.5 over the whole embedded demo dataset: the demo cache's images, in its order."""
     from vfs.jobs import BuildJob, build_cache
 
-    build_cache(BuildJob(model="embedded:efficientnet_lite1", layer="blocks.5", data="embedded:skimage",
-                         label_col="label", domain_col="source", out=str(out)))
+    build_cache(
+        BuildJob(
+            model="embedded:efficientnet_lite1",
+            layer="blocks.5",
+            data="embedded:skimage",
+            label_col="label",
+            domain_col="source",
+            out=str(out),
+        )
+    )
     return out
 
 
@@ -71,16 +85,25 @@ def write_synthetic_cache(out: Path, n: int = SYNTH_N, seed: int = 0) -> Path:
 
     from vfs.cache import CacheSpec, CacheWriter
     from vfs.data import DataSpec
-    from vfs.models import Preprocess
-    from vfs.models import load_extractor
+    from vfs.models import Preprocess, load_extractor
 
     d = load_extractor("embedded:efficientnet_lite0", "blocks.5").describe()
     h, w = d["grid"]
-    spec = CacheSpec(model=d["spec"], layer=d["layer"], input_size=d["input_size"], grid=(h, w),
-                     channels=d["channels"], preprocess=Preprocess.from_dict(d["preprocess"]),
-                     data=DataSpec(f"synthetic:{n}", "label", None))
-    candidates = pd.DataFrame({"path": [f"synthetic/{i:04d}.png" for i in range(n)],
-                               "label": np.where(np.arange(n) % 2 == 0, "a", "b")})
+    spec = CacheSpec(
+        model=d["spec"],
+        layer=d["layer"],
+        input_size=d["input_size"],
+        grid=(h, w),
+        channels=d["channels"],
+        preprocess=Preprocess.from_dict(d["preprocess"]),
+        data=DataSpec(f"synthetic:{n}", "label", None),
+    )
+    candidates = pd.DataFrame(
+        {
+            "path": [f"synthetic/{i:04d}.png" for i in range(n)],
+            "label": np.where(np.arange(n) % 2 == 0, "a", "b"),
+        }
+    )
     rng = np.random.default_rng(seed)
     size = min(224, d["input_size"])  # as a build stores thumbnails (vfs.jobs.THUMB_MAX)
     block = -(-size // h)

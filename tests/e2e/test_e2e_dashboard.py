@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2ehelpers import CHROMIUM, DEMO, DEMO_N, LITE1, SYNTH, SYNTH_N, VIEWPORT, artifact, record_latency
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium chromium-driver)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium chromium-driver)"
+    ),
 ]
 playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 expect = playwright.expect
@@ -94,7 +95,9 @@ def reset_runs(page) -> None:
     page.evaluate("() => { window.__vfs.runs = 0; window.__vfs.changed = performance.now(); }")
 
 
-def wait_idle(page, runs: int = 1, quiet_ms: int = 300, fallback_ms: int = 2500, timeout: int = 60_000) -> None:
+def wait_idle(
+    page, runs: int = 1, quiet_ms: int = 300, fallback_ms: int = 2500, timeout: int = 60_000
+) -> None:
     """Wait for the app to finish: `runs` script runs since the last reset, then `quiet_ms` idle
     (a canvas with a background image sends one extra rerun after it loads: runs=2)."""
     page.wait_for_function(IDLE, arg=[runs, quiet_ms, fallback_ms], timeout=timeout, polling=50)
@@ -154,14 +157,22 @@ def draw_and_time(page, k: int) -> float:
     t0 = time.perf_counter()
     stroke(page)
     up_wall = time.perf_counter()
-    shown = page.wait_for_function(RESULTS_SHOWN, arg=k, timeout=RESULT_TIMEOUT_MS, polling="raf").json_value()
+    shown = page.wait_for_function(
+        RESULTS_SHOWN, arg=k, timeout=RESULT_TIMEOUT_MS, polling="raf"
+    ).json_value()
     wall = time.perf_counter() - up_wall
     mouseup, starts = page.evaluate("() => [window.__vfs.mouseup, window.__vfs.starts]")
     assert mouseup is not None, "the page saw no mouse-up"
     latency = (shown - mouseup) / 1000
     start = next((t for t in starts if t >= mouseup), None)  # the rerun the stroke triggered
-    split = "" if start is None else f" = {(start - mouseup) / 1000:.3f} s to the rerun + {(shown - start) / 1000:.3f} s rerun"
-    print(f"  stroke {up_wall - t0:.2f} s; mouse-up → {k} results on screen: {latency:.3f} s{split} (test side {wall:.3f} s)")
+    split = (
+        ""
+        if start is None
+        else f" = {(start - mouseup) / 1000:.3f} s to the rerun + {(shown - start) / 1000:.3f} s rerun"
+    )
+    print(
+        f"  stroke {up_wall - t0:.2f} s; mouse-up → {k} results on screen: {latency:.3f} s{split} (test side {wall:.3f} s)"
+    )
     return latency
 
 
@@ -211,8 +222,12 @@ def test_home_builds_the_demo_cache(page, server):
     expect(button).to_be_visible()
     t0 = time.perf_counter()
     button.click()
-    expect(page.get_by_text(re.compile(r"^demo: (starting|\d+ / 213 images|built)"))).to_be_visible(timeout=30_000)
-    expect(page.get_by_text(re.compile(rf"^demo: built {DEMO_N} images in"))).to_be_visible(timeout=BUILD_TIMEOUT_MS)
+    expect(page.get_by_text(re.compile(r"^demo: (starting|\d+ / 213 images|built)"))).to_be_visible(
+        timeout=30_000
+    )
+    expect(page.get_by_text(re.compile(rf"^demo: built {DEMO_N} images in"))).to_be_visible(
+        timeout=BUILD_TIMEOUT_MS
+    )
     print(f"\ndemo cache built through the UI in {time.perf_counter() - t0:.1f} s")
     # the page reruns when the build ends: the cache list shows it complete, the button is gone
     table = page.get_by_test_id("stDataFrame")
@@ -256,13 +271,17 @@ def test_search_stroke_on_a_face(page, server, demo_cache, synthetic_cache):
         assert_ranked(score_captions(page), k)
         wait_idle(page)
     median = statistics.median(latencies)
-    print(f"mouse-up → results: demo ({DEMO_N} images) {demo_latency:.3f} s; "
-          f"{SYNTH_N} images {', '.join(f'{x:.3f}' for x in latencies)} s, median {median:.3f} s")
+    print(
+        f"mouse-up → results: demo ({DEMO_N} images) {demo_latency:.3f} s; "
+        f"{SYNTH_N} images {', '.join(f'{x:.3f}' for x in latencies)} s, median {median:.3f} s"
+    )
     record_latency(f"synthetic_{SYNTH_N}_images_s", [round(x, 3) for x in latencies])
     record_latency(f"synthetic_{SYNTH_N}_images_median_s", round(median, 3))
     record_latency("load_average_1_5_15", [round(x, 2) for x in os.getloadavg()])
     no_exception(page)
-    assert median <= LATENCY_LIMIT_S, f"mouse-up → results on {SYNTH_N} images: median {median:.2f} s > {LATENCY_LIMIT_S} s"
+    assert median <= LATENCY_LIMIT_S, (
+        f"mouse-up → results on {SYNTH_N} images: median {median:.2f} s > {LATENCY_LIMIT_S} s"
+    )
 
 
 # --- 3. Export: CSV (and JSON, PNG) of the results ------------------------------------------------------------
@@ -281,7 +300,9 @@ def test_export_results(page, server, demo_cache, tmp_path):
     assert {"rank", "score"} <= set(rows[0]), f"CSV header: {list(rows[0])}"
     assert len(rows) == k, f"{len(rows)} rows, expected {k}"
     assert [int(r["rank"]) for r in rows] == list(range(1, k + 1))
-    assert [round(float(r["score"]), 2) for r in rows] == [s for _, s, _ in shown], "CSV scores ≠ scores on screen"
+    assert [round(float(r["score"]), 2) for r in rows] == [s for _, s, _ in shown], (
+        "CSV scores ≠ scores on screen"
+    )
 
     with page.expect_download() as info:
         page.get_by_role("button", name="Download results (JSON)").click()
@@ -315,8 +336,12 @@ def test_distributions_box_plot_and_table(page, server, demo_cache):
     assert header[:7] == ["group", "n", "median", "mean", "std", "auroc", "p_value"], header
     groups = {r[0]: dict(zip(header, r)) for r in body}
     assert {"face", "not face"} <= set(groups), groups
-    assert int(groups["face"]["n"]) == 99 and int(groups["not face"]["n"]) == 100, groups  # the query is left out
-    assert body[0][0] == "face" and float(groups["face"]["auroc"]) > 0.8, "a face region should detect faces best"
+    assert int(groups["face"]["n"]) == 99 and int(groups["not face"]["n"]) == 100, (
+        groups
+    )  # the query is left out
+    assert body[0][0] == "face" and float(groups["face"]["auroc"]) > 0.8, (
+        "a face region should detect faces best"
+    )
 
     with page.expect_download() as info:
         page.get_by_role("button", name="Download per-image scores (CSV)").click()
@@ -350,8 +375,14 @@ def test_compare_lite0_with_lite1(page, server, demo_cache, lite1_cache):
         expect(heading).to_be_visible()
         column = page.get_by_test_id("stColumn").filter(has=heading)
         expect(column).to_have_count(1)
-        expect(column.get_by_text(re.compile(rf"{model} · blocks\.5 · grid \d+×\d+ — {k} results from {DEMO_N} images"))).to_be_visible()
-        captions = [SCORE_CAPTION.match(t.strip()) for t in column.get_by_test_id("stImageCaption").all_inner_texts()]
+        expect(
+            column.get_by_text(
+                re.compile(rf"{model} · blocks\.5 · grid \d+×\d+ — {k} results from {DEMO_N} images")
+            )
+        ).to_be_visible()
+        captions = [
+            SCORE_CAPTION.match(t.strip()) for t in column.get_by_test_id("stImageCaption").all_inner_texts()
+        ]
         ranks = [int(m.group(1)) for m in captions if m]
         assert ranks == list(range(1, k + 1)), f"{name}: {ranks}"
     expect(page.get_by_role("heading", name="Agreement")).to_be_visible()
@@ -374,13 +405,21 @@ ELEMENT_BOXES = """() => [...document.querySelectorAll('[data-testid="stElementC
 
 
 def overlap(a: dict, b: dict) -> bool:
-    return a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"] and \
-        a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+    return (
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
 
 
 def inside(inner: dict, outer: dict) -> bool:
-    return outer["x"] <= inner["x"] and inner["x"] + inner["width"] <= outer["x"] + outer["width"] and \
-        outer["y"] <= inner["y"] and inner["y"] + inner["height"] <= outer["y"] + outer["height"]
+    return (
+        outer["x"] <= inner["x"]
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"]
+        and outer["y"] <= inner["y"]
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"]
+    )
 
 
 def toolbar_clear(page, where: str) -> None:
@@ -394,9 +433,10 @@ def toolbar_clear(page, where: str) -> None:
     toolbar = page.locator(".dc-toolbar")
     expect(toolbar).to_have_css("opacity", "1")  # faded in and moved up: its transitions are over
     bar = toolbar.bounding_box()
-    page.screenshot(path=str(artifact(f"toolbar-{where}.png")),
-                    clip={"x": 0, "y": max(0, bar["y"] - 200), "width": page.viewport_size["width"],
-                          "height": 760})
+    page.screenshot(
+        path=str(artifact(f"toolbar-{where}.png")),
+        clip={"x": 0, "y": max(0, bar["y"] - 200), "width": page.viewport_size["width"], "height": 760},
+    )
     shown = page.locator(".dc-root").bounding_box()["width"]
     assert shown == CANVAS_PX, f"{where}: the canvas is clipped to {shown} px of {CANVAS_PX}"
     brush = page.get_by_test_id("stSlider").filter(has=page.get_by_text("Brush size", exact=True))
@@ -411,8 +451,11 @@ def test_canvas_toolbar_covers_no_control(page, server, demo_cache, lite1_cache)
     choose(page, "Cache", f"{DEMO} — ")
     for width in WIDTHS:
         page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
-        for name, title in (("search", "Search"), ("distributions", "Score distributions"),
-                            ("compare", "Compare two caches")):
+        for name, title in (
+            ("search", "Search"),
+            ("distributions", "Score distributions"),
+            ("compare", "Compare two caches"),
+        ):
             reset_runs(page)
             page.get_by_test_id("stSidebarNav").get_by_role("link", name=name.capitalize()).click()
             expect(page.get_by_role("heading", name=title)).to_be_visible()

@@ -181,10 +181,16 @@ def test_an_edited_model_is_refused_at_another_layer_size_or_preprocessing(demo_
     spec = demo_cache.spec
     for layer, preprocess, message in [
         ("blocks.4", spec.preprocess, "built with layer 'blocks.5', not 'blocks.4'.*cache.spec.layer"),
-        (spec.layer, spec.preprocess.with_input_size(2 * spec.input_size),
-         f"built with input_size {spec.input_size}, not {2 * spec.input_size}"),
-        (spec.layer, replace(spec.preprocess, interpolation="nearest"),
-         "built with preprocess interpolation 'bicubic', not 'nearest'.*cache.spec.preprocess"),
+        (
+            spec.layer,
+            spec.preprocess.with_input_size(2 * spec.input_size),
+            f"built with input_size {spec.input_size}, not {2 * spec.input_size}",
+        ),
+        (
+            spec.layer,
+            replace(spec.preprocess, interpolation="nearest"),
+            "built with preprocess interpolation 'bicubic', not 'nearest'.*cache.spec.preprocess",
+        ),
     ]:
         extractor = extractor_from_module(edited_model, layer, preprocess, name="edited")
         with pytest.raises(CacheError, match=message):

@@ -353,6 +353,14 @@ class FeatureCache:
         out["domain"] = m[self.domain_col].to_numpy() if self.domain_col else None
         return out
 
+    def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp16 features and fp32 squared norms (checked) of the contiguous rows start..stop-1, read
+        as a resident search reads them: what one search shard holds."""
+        self.check_searchable()
+        if not 0 <= start < stop <= self.n:
+            raise IndexError(f"rows {start}..{stop - 1} are not within 0..{self.n - 1}")
+        return self._read_features(start, stop), self._read_sqnorm(start, stop)
+
     def _read_features(self, start: int, stop: int) -> np.ndarray:
         with self._reading(f"rows {start}..{stop - 1}"):
             return self._features.read(start, stop)

@@ -28,7 +28,7 @@ import torch
 from ..cache import CacheWriter
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
-from ..jobs import BuildJob, BuildProgress, _thumbs, _View, _write
+from ..jobs import BuildJob, BuildProgress, ModelInputView, thumbnails, write_batch
 from ..models import Preprocess, load_extractor
 from . import connect
 
@@ -44,7 +44,7 @@ class _Decode:
     def __call__(self, row: dict) -> dict:
         start, paths = int(row["start"]), list(row["paths"])
         batch = ImageDataset(DataSpec("batch"), pd.DataFrame({"path": paths}), self.reader)
-        images = TorchImageDataset(batch, _View(self.preprocess))
+        images = TorchImageDataset(batch, ModelInputView(self.preprocess))
         _, views, good, failures = collate_skipping([images[j] for j in range(len(paths))])
         if views is None:  # every image of the batch failed
             size = self.preprocess.input_size
@@ -55,7 +55,7 @@ class _Decode:
             "good": np.asarray(good, dtype=np.int64) + start,
             "failures": json.dumps([[start + j, reason] for j, reason in failures]),
             "views": views.numpy(),
-            "thumbs": _thumbs(views, self.thumb),
+            "thumbs": thumbnails(views, self.thumb),
         }
 
 
@@ -145,7 +145,7 @@ def run_on_ray(
             break
         failures = {int(i): reason for i, reason in json.loads(row["failures"])}
         items, good = row["items"].tolist(), row["good"].tolist()
-        _write(writer, items, good, row["features"], row["thumbs"], failures, start)
+        write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
         if progress is not None:
             progress(meter.report(items, failures))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import CacheError, FeatureCache
+from ..cache import FeatureCache
 from ..sources import even_slices
 
 LOAD_BLOCK_BYTES = 256 << 20
@@ -33,14 +33,11 @@ class CacheRows:
         self._x = torch.empty((stop - start, h, w, c), dtype=torch.float16, device=device)
         self._sq = torch.empty((stop - start, h, w), dtype=torch.float32, device=device)
         # Block by block into the device's tensors (a shard of 32 GB on a GPU never needs 32 GB of host
-        # memory), through the cache's public row reader (checked: a missing or truncated chunk file
-        # is a CacheError naming the rows); the squared norms through zarr, checked for NaN / inf.
+        # memory), read as a resident search reads them: a missing or truncated chunk file, or a NaN /
+        # inf squared norm, is a CacheError naming the rows.
         for a, b in even_slices(stop - start, h * w * c * 2, LOAD_BLOCK_BYTES):
-            self._x[a:b].copy_(torch.from_numpy(cache.rows(np.arange(start + a, start + b))))
-            sq = np.asarray(cache.sqnorm[start + a : start + b], dtype=np.float32)
-            if not np.isfinite(sq).all():
-                rows = f"{start + a}..{start + b - 1}"
-                raise CacheError(f"the cache at {cache.location} holds NaN or inf features in rows {rows}")
+            features, sq = cache.read_range(start + a, start + b)
+            self._x[a:b].copy_(torch.from_numpy(features))
             self._sq[a:b].copy_(torch.from_numpy(sq))
         self._held: dict[torch.dtype, torch.Tensor] = {torch.float16: self._x}
         self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)

@@ -36,7 +36,7 @@ import pandas as pd
 
 from ..cache import open_cache
 from ..devices import resolve_device
-from ..search import RegionQuery, SearchResult, _eligible, _region_query, _select, search_regions
+from ..search import RegionQuery, SearchResult, eligible_images, region_query, search_regions, select_top
 from . import connect
 from .rows import CacheRows
 
@@ -201,8 +201,8 @@ class ShardedSearch:
             self._shards[i] = self._start(i)
         self._down.clear()
         n, h, w, _ = self.cache.shape
-        rq = _region_query(self.cache, query, mask)
-        eligible = _eligible(n, candidates, exclude)
+        rq = region_query(self.cache, query, mask)
+        eligible = eligible_images(n, candidates, exclude)
         shared = ray.put(rq)
         answers: list[ShardAnswer] = self._gather(
             [
@@ -215,7 +215,7 @@ class ShardedSearch:
         self.shard_ms = [a.elapsed_ms for a in answers]
         tops = pd.concat([a.top for a in answers], ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
-        picked = _select(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
+        picked = select_top(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
         top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
         if all_scores:
             scores = np.concatenate([a.scores for a in answers])
