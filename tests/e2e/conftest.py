@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from e2ehelpers import (
     CHROMIUM,
-    CHROMIUM_ARGS,
     DEMO,
     LITE1,
     ROOT,
@@ -159,16 +158,7 @@ def server(pytestconfig):
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-# --- the browser -----------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
+# --- the browser: `browser` is tests/conftest.py's, shared with the notebook tests ------------------
 @pytest.fixture
 def page(request, browser, server):
     """A page in a fresh browser context (so a new Streamlit session) on the session's server.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.e2ehelpers import CHROMIUM, CHROMIUM_ARGS, ROOT, VIEWPORT, artifact
+from tests.e2e.e2ehelpers import CHROMIUM, ROOT, VIEWPORT, artifact
 
 pytestmark = pytest.mark.browser
 
@@ -107,17 +107,14 @@ def lab(demo_cache, tmp_path_factory):
 
 
 @pytest.fixture
-def page(lab):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport=VIEWPORT)
-        pg.set_default_timeout(30_000)
-        try:
-            yield pg
-        finally:
-            pg.screenshot(path=str(artifact("notebook-widget.png")), full_page=True)
-            browser.close()
+def page(lab, browser):  # the session's Chromium (tests/conftest.py)
+    pg = browser.new_page(viewport=VIEWPORT)
+    pg.set_default_timeout(30_000)
+    try:
+        yield pg
+    finally:
+        pg.screenshot(path=str(artifact("notebook-widget.png")), full_page=True)
+        pg.close()
 
 
 def revision(page) -> int:
