@@ -218,3 +218,39 @@ def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch):
     monkeypatch.setattr(source, "resident_on", lambda device: None)
     with pytest.raises(pytest.fail.Exception, match="read through rows"):
         search_regions(source, query, mask, k=5, device="cpu")
+
+
+def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results():
+    """search_regions on a bare array reuses its preparation (squared norms, fp16 copy) while the
+    array provably has not changed: a tensor with the same version counter, a read-only array."""
+    rng = np.random.default_rng(11)
+    feats = random_features(rng, 30, 5, 5, 8)
+    mask = soft_blob(rng, 5, 5)
+
+    tensor = torch.from_numpy(feats.copy())
+    first = search_regions(tensor, 2, mask, k=5, device="cpu")
+    assert search_regions(tensor, 2, mask, k=5, device="cpu").source is first.source  # reused
+    tensor[7] = tensor[2]  # an in-place write: image 7 now matches the query exactly
+    changed = search_regions(tensor, 2, mask, k=5, exclude=2, device="cpu")
+    assert changed.source is not first.source
+    ref, _ = brute_force(tensor.numpy(), tensor[2].float().numpy(), mask)
+    ref[2] = -np.inf
+    assert changed.top["index"].iloc[0] == 7
+    np.testing.assert_allclose(changed.top["score"], np.sort(ref)[::-1][:5], atol=1e-5)
+
+    frozen = feats.copy()
+    frozen.flags.writeable = False
+    assert (
+        search_regions(frozen, 2, mask, device="cpu").source
+        is search_regions(frozen, 2, mask, device="cpu").source
+    )
+
+    writable = feats.copy()  # numpy counts no writes: prepared anew every call
+    a, b = (search_regions(writable, 2, mask, device="cpu") for _ in range(2))
+    assert a.source is not b.source
+    view = writable.view()
+    view.flags.writeable = False  # read-only, but its base is not
+    assert (
+        search_regions(view, 2, mask, device="cpu").source
+        is not search_regions(view, 2, mask, device="cpu").source
+    )

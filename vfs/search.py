@@ -31,7 +31,8 @@ from .scoring import (
     fast_dtype,
     plan_query,
 )
-from .sources import ArrayFeatures, FeatureSource
+from .sources import FeatureSource
+from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
@@ -113,9 +114,9 @@ def search_regions(
     (needs a source with domains).
     """
     t0 = time.perf_counter()
-    prepared = True
+    caller_prepared = True  # an opened cache, ArrayFeatures: worth a copy in another operand type
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        source, prepared = ArrayFeatures(source), False
+        source, caller_prepared = prepared_array(source), False
     n, h, w, c = source.shape
     rq = region_query(source, query, mask)
     if rq.features.shape[-1] != c:
@@ -128,8 +129,8 @@ def search_regions(
     geometry = QueryGeometry.create(rq, (h, w))
     plan = plan_query(rq, (h, w), dev)
     fast = _FastScoring(rq, geometry, plan, dev, source.nonnegative)
-    # A source made for this one call is not worth a copy of its features in another operand type.
-    dtype = fast_dtype(dev) if prepared else torch.float16
+    # An array passed as it is is not worth a copy of its features in another operand type.
+    dtype = fast_dtype(dev) if caller_prepared else torch.float16
 
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)

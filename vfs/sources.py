@@ -7,6 +7,10 @@ fp32 squared norms on its device, slice by slice, and single rows for exact re-s
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -76,7 +80,9 @@ class ArrayFeatures:
     domains: np.ndarray | None = None
 
     def __init__(self, features: np.ndarray | torch.Tensor, slice_bytes: int = RESIDENT_SLICE_BYTES):
-        t = torch.as_tensor(features)
+        with warnings.catch_warnings():  # a read-only array: only ever read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self._fp16 = t.to(torch.float16).contiguous()
@@ -119,3 +125,51 @@ class ArrayFeatures:
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Bare arrays know nothing of their images: no columns to add."""
         return pd.DataFrame(index=pd.RangeIndex(len(indices)))
+
+
+PREPARED_ARRAYS = 4
+"""Arrays whose preparation (`ArrayFeatures`) `prepared` keeps for the next call: a notebook's few."""
+_prepared: OrderedDict[int, tuple[weakref.ref, tuple, ArrayFeatures]] = OrderedDict()
+_prepared_lock = threading.Lock()
+
+
+def prepared(features: np.ndarray | torch.Tensor) -> ArrayFeatures:
+    """`ArrayFeatures(features)`, reused across calls while the array provably has not changed: a
+    torch tensor whose version counter (bumped by every in-place write) is the same, or a numpy
+    array nothing can write (it and every array it views are read-only). Any other array is
+    prepared anew: its squared norms are one more pass over it, but never stale."""
+    version = _unchanged_since(features)
+    if version is None:
+        return ArrayFeatures(features)
+    key = id(features)
+    with _prepared_lock:
+        held = _prepared.get(key)
+        if held is not None and held[0]() is features and held[1] == version:
+            _prepared.move_to_end(key)
+            return held[2]
+    source = ArrayFeatures(features)
+    with _prepared_lock:
+        _prepared[key] = (weakref.ref(features), version, source)
+        while len(_prepared) > PREPARED_ARRAYS:
+            _prepared.popitem(last=False)
+    return source
+
+
+def _unchanged_since(features: np.ndarray | torch.Tensor) -> tuple | None:
+    """What must be equal for `features` to be unchanged, or None where nothing can tell."""
+    if isinstance(features, torch.Tensor):
+        return (
+            features._version,
+            features.data_ptr(),
+            tuple(features.shape),
+            tuple(features.stride()),
+            features.dtype,
+        )
+    array: object = features
+    while isinstance(array, np.ndarray):
+        if array.flags.writeable:
+            return None
+        array = array.base
+    if array is not None:  # a view of a buffer numpy does not own (mmap, bytes, …): may change
+        return None
+    return features.__array_interface__["data"][0], features.shape, features.strides, features.dtype.str
