@@ -441,19 +441,11 @@ def chunk_file(cache_path: Path, array: str, chunk: int) -> Path:
 @pytest.fixture
 def small_chunked(tmp_path):
     """A 30-image cache written in 7-image chunks (through the real writer)."""
-    from vfs.cache import CacheSpec, CacheWriter
-    from vfs.data import DataSpec
-    from vfs.models import Preprocess
+    from cachehelpers import synthetic_spec
 
-    spec = CacheSpec(
-        model="embedded:efficientnet_lite0",
-        layer="blocks.5",
-        input_size=32,
-        grid=(2, 3),
-        channels=4,
-        preprocess=Preprocess(32, 32),
-        data=DataSpec("x"),
-    )
+    from vfs.cache import CacheWriter
+
+    spec = synthetic_spec((2, 3), 4)
     cand = pd.DataFrame({"path": [f"{i}.png" for i in range(30)]})
     w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 8, chunk_images=7)
     x = features(5, 30, (2, 3), 4)
@@ -532,19 +524,11 @@ def test_a_cache_holding_nan_is_refused(small_chunked):
 
 
 def test_the_writer_skips_images_whose_features_overflow(tmp_path):
-    from vfs.cache import CacheSpec, CacheWriter
-    from vfs.data import DataSpec
-    from vfs.models import Preprocess
+    from cachehelpers import synthetic_spec
 
-    spec = CacheSpec(
-        model="m",
-        layer="l",
-        input_size=8,
-        grid=(2, 2),
-        channels=3,
-        preprocess=Preprocess(8, 8),
-        data=DataSpec("x"),
-    )
+    from vfs.cache import CacheWriter
+
+    spec = synthetic_spec((2, 2), 3, input_size=8, model="m", layer="l")
     cand = pd.DataFrame({"path": ["a.png", "b.png", "c.png"]})
     w = CacheWriter.open(tmp_path / "c.zarr", spec, cand, 4)
     x = np.ones((3, 2, 2, 3), np.float16)

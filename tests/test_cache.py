@@ -8,22 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from cachehelpers import synthetic_spec
 
-from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
-from vfs.data import DataSpec
-from vfs.models import Preprocess
+from vfs.cache import BuildLock, CacheError, CacheWriter, list_caches, open_cache
 from vfs.scoring import QueryPlan
 from vfs.search import search_regions
 
-SPEC = CacheSpec(
-    model="embedded:efficientnet_lite0",
-    layer="blocks.5",
-    input_size=32,
-    grid=(4, 5),
-    channels=8,
-    preprocess=Preprocess(32, 32),
-    data=DataSpec("x", "label", "dom"),
-)
+SPEC = synthetic_spec((4, 5), 8, label_col="label", domain_col="dom")
 
 
 def candidates(n):

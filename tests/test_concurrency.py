@@ -18,27 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
+from cachehelpers import synthetic_spec
 from PIL import Image
 
-from vfs.cache import BuildLock, CacheError, CacheSpec, CacheWriter, list_caches, open_cache
-from vfs.data import DataSpec
+from vfs.cache import BuildLock, CacheError, CacheWriter, list_caches, open_cache
 from vfs.jobs import BuildJob, build_cache
-from vfs.models import Preprocess
 from vfs.search import search_regions
 
 GRID, C, N = (7, 7), 32, 240
 
 
 def synthetic_cache(path, n=N, chunk=16, finish=True, seed=0):
-    spec = CacheSpec(
-        model="embedded:efficientnet_lite0",
-        layer="blocks.5",
-        input_size=224,
-        grid=GRID,
-        channels=C,
-        preprocess=Preprocess(224, 224),
-        data=DataSpec("synthetic", "label", "domain"),
-    )
+    spec = synthetic_spec(GRID, C, input_size=224, source="synthetic", label_col="label", domain_col="domain")
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.standard_normal((n, *GRID, C)), 0).astype(np.float16)
     cand = pd.DataFrame(

@@ -232,19 +232,11 @@ def test_sigkill_at_random_moments_resumes_to_an_identical_cache(tmp_path):
 
 # --- the crash-safety steps one by one (no model: the writer directly) ------------------------------
 def test_a_creation_killed_half_way_does_not_block_the_rerun(tmp_path):
-    from vfs.cache import CacheSpec, CacheWriter
-    from vfs.data import DataSpec
-    from vfs.models import Preprocess
+    from cachehelpers import synthetic_spec
 
-    spec = CacheSpec(
-        model="m",
-        layer="l",
-        input_size=8,
-        grid=(2, 2),
-        channels=3,
-        preprocess=Preprocess(8, 8),
-        data=DataSpec("x"),
-    )
+    from vfs.cache import CacheWriter
+
+    spec = synthetic_spec((2, 2), 3, input_size=8, model="m", layer="l")
     cand = pd.DataFrame({"path": [f"{i}.png" for i in range(10)]})
     out = tmp_path / "c.zarr"
     staging = tmp_path / "c.zarr.creating"
