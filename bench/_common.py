@@ -169,9 +169,9 @@ def parse_bytes(text: str) -> int:
     return int(float(t))
 
 
-def emit(doc: dict, out: str | None) -> None:
-    """Print the JSON document to stdout, and also write it to `out` when given."""
-    text = json.dumps(doc, indent=2, default=_jsonable)
+def emit(doc: dict, out: str | None, indent: int | None = 2) -> None:
+    """Print the JSON document to stdout, and also write it to `out` when given (indent=None: one line)."""
+    text = json.dumps(doc, indent=indent, default=_jsonable)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
