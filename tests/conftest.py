@@ -1,8 +1,19 @@
 """Fixtures shared across the test folders."""
 
 import pytest
+import torch
 
 from tests.e2e.e2ehelpers import CHROMIUM, CHROMIUM_ARGS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fp16_operands():
+    """In-process searches run fp16 products whatever this CPU's `auto` choice is (bf16 on some), so
+    every fast score a test compares is the same on every machine; the bf16 tests ask for bf16
+    themselves, and servers the browser tests start run the default."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("vfs.search.fast_dtype", lambda device: torch.float16)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -157,7 +157,7 @@ def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
     assert not Path(f"{out}.lock").exists()
 
 
-@pytest.mark.parametrize("method", ["cells", "band"])
+@pytest.mark.parametrize("method", ["cells", "band", "rows"])
 def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     build(tmp_path / "c.zarr", 40)
     mask = np.zeros((4, 5), np.float32)

@@ -68,8 +68,8 @@ def test_bf16_operands_keep_the_top_k_exact(grid, kind, monkeypatch):
     feats = random_features(rng, 60, h, w, 24)
     mask = MASKS[kind](rng, h, w)
     ref, ref_where = brute_force(feats, feats[3].astype(np.float32), mask)
-    for method in ("cells", "band"):
-        monkeypatch.setattr("vfs.search.plan_query", lambda q, g, d, m=method: QueryPlan(m, 0, 0))
+    for method in ("cells", "band", "rows"):
+        monkeypatch.setattr("vfs.search.plan_query", lambda *a, m=method: QueryPlan(m, 0, 0))
         result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device="cpu")
         np.testing.assert_allclose(result.scores, ref, atol=3e-2)  # every image: within the bf16 bound
         top = result.top
@@ -88,8 +88,8 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
     mask = soft_blob(rng, h, w)
     ref, _ = brute_force(feats, query, mask)
     results = {}
-    for method in ("cells", "band"):
-        monkeypatch.setattr("vfs.search.plan_query", lambda q, g, d, m=method: QueryPlan(m, 0, 0))
+    for method in ("cells", "band", "rows"):
+        monkeypatch.setattr("vfs.search.plan_query", lambda *a, m=method: QueryPlan(m, 0, 0))
         results[method] = search_regions(feats, query, mask, k=10, device="cpu")
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
@@ -118,7 +118,7 @@ def test_top_k_selection_equals_a_stable_full_sort(n, k):
     np.testing.assert_array_equal(select_top(all_nan, eligible, k, None, None), order[:k])
 
 
-@pytest.mark.parametrize("method", ["cells", "band"])
+@pytest.mark.parametrize("method", ["cells", "band", "rows"])
 def test_sliced_source_gives_the_same_results(method, monkeypatch):
     """A source scored in several slices (a large cache) ranks exactly as one scored whole."""
     rng = np.random.default_rng(5)
@@ -135,16 +135,38 @@ def test_sliced_source_gives_the_same_results(method, monkeypatch):
     pd.testing.assert_frame_equal(sliced.top, whole.top)  # exact: re-scored in float64
 
 
-def test_plan_prefers_cells_for_small_masks_and_band_for_large():
+@pytest.mark.parametrize("dtype,row_form", [(torch.float16, "band"), (torch.bfloat16, "rows")])
+def test_plan_prefers_cells_for_small_masks_and_a_row_form_for_large(dtype, row_form):
+    """bf16 products take the merged row form: oneDNN runs bf16 vector products slowly."""
     rng = np.random.default_rng(0)
-    f = rng.random((7, 7, 8)).astype(np.float32)
+    f = rng.random((7, 7, 512)).astype(np.float32)
     small = np.zeros((7, 7), np.float32)
     small[2:5, 2:5] = 1
-    assert plan_query(RegionQuery.create(f, small), (7, 7), torch.device("cpu")).method == "cells"
-    assert (
-        plan_query(RegionQuery.create(f, np.ones((7, 7), np.float32)), (7, 7), torch.device("cpu")).method
-        == "band"
-    )
+    cpu = torch.device("cpu")
+    assert plan_query(RegionQuery.create(f, small), (7, 7), cpu, dtype).method == "cells"
+    whole = RegionQuery.create(f, np.ones((7, 7), np.float32))
+    assert plan_query(whole, (7, 7), cpu, dtype).method == row_form
+
+
+def test_operand_type_is_chosen_once_per_process_from_the_environment(monkeypatch):
+    """`auto` (the default) measures both products on a CPU; GPUs always take fp16."""
+    from vfs.scoring import FAST_DTYPES, fast_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for choice, expected in [("float16", torch.float16), ("bfloat16", torch.bfloat16), (None, FAST_DTYPES)]:
+        fast_dtype.cache_clear()
+        if choice is None:
+            monkeypatch.delenv("VFS_FAST_DTYPE", raising=False)
+        else:
+            monkeypatch.setenv("VFS_FAST_DTYPE", choice)
+        got = fast_dtype(cpu)
+        assert got in expected if isinstance(expected, tuple) else got == expected
+        assert fast_dtype(gpu) == torch.float16
+    fast_dtype.cache_clear()
+    monkeypatch.setenv("VFS_FAST_DTYPE", "float8")
+    with pytest.raises(ValueError, match="float16, bfloat16 or auto"):
+        fast_dtype(cpu)
+    fast_dtype.cache_clear()
 
 
 def test_exclude_candidates_and_heat_map():

@@ -33,7 +33,7 @@ def make(case: str, seed: int, n=50, grid=(6, 7), c=48):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["cells", "band"])
+@pytest.mark.parametrize("method", ["cells", "band", "rows"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
 def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):

@@ -2,13 +2,16 @@
 
 score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
 
-Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+Three exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
-  elsewhere), then an add per mask row (for the whole grid: one vector product per row).
-The fast scorer runs fp16 operands with fp32 accumulation, with a proven bound on each placement's
+  elsewhere), then an add per mask row (for the whole grid: one vector product per row);
+- "rows": the band form's products merged into one, of every data row (n·h × w·C, contiguous) with
+  every placed mask row — columns wasted on rows a mask row cannot land on, but never a vector
+  product (which oneDNN runs slowly in bf16).
+The fast scorer runs fp16 or bf16 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
 
@@ -41,17 +44,36 @@ def subnormal_rounding(dtype: torch.dtype) -> float:
 
 def fast_score_error(terms: int, dtype: torch.dtype = torch.float16) -> float:
     """Relative error of a fast score's parts: rounding to the operand type of the weights, of each
-    product's output and — unless the operands are fp16, as stored — of the features (against
-    Σ|terms| each), and fp32 sums of `terms` values in any order (at most (terms − 1)·2⁻²⁴ of the
-    sum of their sizes, Higham's bound), with a 5% margin."""
+    product's output and — for bf16 operands, which round the stored fp16 features (fp16 and fp32
+    hold them exactly) — of the features (against Σ|terms| each), and fp32 sums of `terms` values
+    in any order (at most (terms − 1)·2⁻²⁴ of the sum of their sizes, Higham's bound), with a 5%
+    margin."""
     u = unit_roundoff(dtype)
-    features = 0.0 if dtype == torch.float16 else u
+    features = u if dtype == torch.bfloat16 else 0.0
     return 1.05 * (2 * u + features + terms * _U32)
 
 
-# Per device: multiply-adds per cell read that cost as much as reading it, and the band form's
-# fixed cost (h strided products per chunk rather than one) relative to the cells form's.
-_PRODUCT_COST = {"cpu": (15.0, 1.13), "cuda": (96.0, 1.1), "mps": (32.0, 1.1)}
+@dataclass(frozen=True)
+class ProductCost:
+    """What a device's products in one operand type cost, relative to the cells form's one product:
+    the form that runs over data rows ("band" or "rows"), its fixed cost (band: h strided products
+    per chunk rather than one), how many multiply-adds per cell read cost as much as reading it,
+    and the cost of each product row as that many values read (short rows, e.g. the 192 channels
+    of a cells-form row, run below the read speed)."""
+
+    row_form: str
+    row_fixed: float
+    free: float
+    per_row: float = 0.0
+
+
+_PRODUCT_COST = {  # measured in docs/performance.md ("Per ISA")
+    ("cpu", torch.float16): ProductCost("band", 1.13, 15.0),
+    # oneDNN's bf16 vector product is slow; 192-channel rows run at ~70% of 2048-channel ones
+    ("cpu", torch.bfloat16): ProductCost("rows", 0.9, 20.0, 95.0),
+    ("cuda", torch.float16): ProductCost("band", 1.1, 96.0),
+    ("mps", torch.float16): ProductCost("band", 1.1, 32.0),
+}
 # Exact re-scoring runs on a few images, where the count of products matters more than their
 # multiply-adds: the cells form (one product) unless it does over this many times the band
 # form's work (measured on 10 images, docs/performance.md).
@@ -61,17 +83,18 @@ _EXACT_BAND_FACTOR = 4
 FAST_DTYPES = (torch.float16, torch.bfloat16)
 _FAST_DTYPE_GAIN = 1.5
 """With `VFS_FAST_DTYPE=auto`, bf16 operands are chosen only where their product runs this many
-times faster than fp16's: their bound is 2⁵ wider, so more images need an fp16 pass after it."""
+times faster than fp16's: their bound is 2⁵ wider, so more images need an fp32 pass after it."""
 
 
 @cache
 def fast_dtype(device: torch.device) -> torch.dtype:
     """The operand type of a prepared source's fast products on `device`, chosen once per process
-    by `VFS_FAST_DTYPE`: `float16` (the default: features as stored, the tightest bound, the only
-    choice on GPUs), `bfloat16`, or `auto` — bf16 on a CPU where its product runs `_FAST_DTYPE_GAIN`×
-    faster than fp16's (AVX512-BF16 without AVX512-FP16 / AMX: 3–4×, docs/performance.md). The
-    top-k is exact either way; other images' scores keep the chosen type's fast error."""
-    choice = os.environ.get("VFS_FAST_DTYPE", "float16")
+    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, bf16 where its product runs
+    `_FAST_DTYPE_GAIN`× faster than fp16's (AVX512-BF16 without AVX512-FP16 / AMX: 3–4×,
+    docs/performance.md), else fp16; `float16` (features as stored, the tightest bound, the only
+    choice on GPUs); or `bfloat16`. The top-k is exact either way; other images' scores keep the
+    chosen type's fast error (fp16 ≈ 0.1%, bf16 ≈ 1.2% of the score at most)."""
+    choice = os.environ.get("VFS_FAST_DTYPE", "auto")
     if choice not in ("float16", "bfloat16", "auto"):
         raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected float16, bfloat16 or auto")
     if device.type != "cpu" or choice == "float16":
@@ -138,9 +161,9 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "band"
+    method: str  # "cells" | "band" | "rows"
     cost_cells: float
-    cost_band: float
+    cost_rows: float  # of the row form considered ("band" or "rows")
 
 
 @dataclass(frozen=True)
@@ -191,7 +214,8 @@ class QueryGeometry:
         """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
         faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
         (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
-        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms.
+        Rows: the same columns for every mask row, in one (mh·pw, w·C) tensor."""
         c = self.channels
         if method == "cells":
             ky, kx = zip(*self.cells)
@@ -199,19 +223,27 @@ class QueryGeometry:
         placed = torch.zeros(self.mh, self.pw, self.grid[1] * c, dtype=torch.float64)
         for px in range(self.pw):
             placed[:, px, px * c : (px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
+        if method == "rows":  # every placed mask row, for every data row at once
+            return [placed.reshape(-1, self.grid[1] * c)]
         return [placed[r.start : r.stop].reshape(-1, self.grid[1] * c) for r in self.band]
 
 
-def plan_query(query: RegionQuery, grid: tuple[int, int], device: torch.device) -> QueryPlan:
-    """Pick the cheaper form. Both read every cell once; cost = a fixed part + the multiply-adds per
-    cell read over what the device does at no extra cost (on CPU, oneDNN's fp16 product packs its
-    operand first, then pays per column: measured in docs/performance.md)."""
+def plan_query(
+    query: RegionQuery, grid: tuple[int, int], device: torch.device, dtype: torch.dtype = torch.float16
+) -> QueryPlan:
+    """Pick the cheaper of the cells form and the device's row form for operands in `dtype`. Each
+    reads every cell once; cost = a fixed part + the multiply-adds per cell read over what the
+    device does at no extra cost (on CPU, oneDNN packs its operand first, then pays per column:
+    measured in docs/performance.md)."""
     h, _ = grid
     ph, pw = query.placements(grid)
-    free, band_fixed = _PRODUCT_COST.get(device.type, _PRODUCT_COST["cpu"])
-    cells = 1 + int((query.mask.weights > 0).sum()) / free
-    band = band_fixed + ph * query.mask.shape[0] * pw / h / free  # Σ over data rows of their columns, ÷ h
-    return QueryPlan("cells" if cells <= band else "band", cells, band)
+    mh = query.mask.shape[0]
+    c = query.features.shape[-1]
+    cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
+    cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
+    columns = ph * mh * pw / h if cost.row_form == "band" else mh * pw  # per data row, on average
+    rows = cost.row_fixed + columns / cost.free + cost.per_row / (grid[1] * c)
+    return QueryPlan("cells" if cells <= rows else cost.row_form, cells, rows)
 
 
 def plan_exact(geometry: QueryGeometry) -> QueryPlan:
@@ -256,7 +288,8 @@ class Scorer:
         device: torch.device,
         dtype: torch.dtype = torch.float16,
     ) -> Scorer:
-        """Operands in `dtype` (one of FAST_DTYPES: the features' type), sums in fp32."""
+        """Operands in `dtype` (one of FAST_DTYPES: the features' type, or fp32 for the images a
+        bf16 bound cannot rule out), sums in fp32."""
         weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
         return cls(geometry, plan, weights, torch.float32)
 
@@ -291,6 +324,12 @@ class Scorer:
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(g_.cells):
                 out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
+        elif self.plan.method == "rows":
+            g = product(self.weights[0], lambda p: p.reshape(-1, w * c)).view(g_.mh, g_.pw, n, h)
+            g = g.permute(0, 3, 1, 2).contiguous()  # (mh, h, Pw, n): mask row, data row, then images
+            for y, rows in enumerate(g_.band):
+                for ky in rows:
+                    out[y - ky] += g[ky, y]
         else:
             for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
                 g = product(self.weights[y], partial(_data_row, y=y)).view(len(rows), g_.pw, n)
@@ -328,6 +367,7 @@ class FastBound:
     ) -> FastBound:
         """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
+        # A row form's column sums mw·C terms (and exact zeros); mh of them make a placement's score.
         terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
         # Weights that `dtype` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
@@ -365,17 +405,22 @@ class FastBound:
 ExactScore = Callable[[np.ndarray | torch.Tensor], np.ndarray]
 
 
+def exact_device(device: torch.device | None) -> torch.device:
+    """Where exact scores are computed: on a GPU, next to the resident features (no host round
+    trip); elsewhere on the CPU (MPS has no float64)."""
+    return device if device is not None and device.type == "cuda" else torch.device("cpu")
+
+
 def exact_scorer(geometry: QueryGeometry, device: torch.device | None = None) -> ExactScore:
-    """`exact_scores` for one query: float64 with the weights unrounded, prepared once per search
-    for every image it re-scores. On a GPU it runs there, next to the resident features (no host
-    round trip); MPS has no float64, so it runs on the CPU."""
-    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    """`exact_scores` for one query on `exact_device(device)`: float64 with the weights unrounded,
+    prepared once per search for every image it re-scores."""
+    device = exact_device(device)
     scorer = Scorer.exact(geometry, device)
 
     def score(features: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = (
-            torch.as_tensor(features).to(device).float().double()
-        )  # via fp32 (exact): 2–10× faster than fp16 → float64
+        x = torch.as_tensor(features).to(device)
+        if x.dtype != torch.float64:
+            x = x.float().double()  # via fp32 (exact): 2–10× faster than fp16 → float64
         with torch.inference_mode():
             sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()  # no temporary x² array
             return scorer.scores(x, scorer.window_norms(sqnorm)).permute(2, 0, 1).cpu().numpy()

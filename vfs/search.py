@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,9 +23,9 @@ from .scoring import (
     ExactScore,
     FastBound,
     QueryGeometry,
-    QueryPlan,
     RegionQuery,
     Scorer,
+    exact_device,
     exact_scorer,
     exact_scores,
     fast_dtype,
@@ -36,7 +36,10 @@ from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
-_RESCORE_BLOCK = 256  # images re-scored per float64 product: bounds its temporary memory
+_BLOCK_BYTES = 16 << 20
+"""Images re-scored at once hold at most this in the type they are scored in (fp32 or float64),
+in one buffer reused across blocks: fresh temporaries cost their page faults, which on some VMs
+exceed the arithmetic."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,7 @@ def search_regions(
         raise ValueError("k must be at least 1")
     dev = resolve_device(device)
     geometry = QueryGeometry.create(rq, (h, w))
-    plan = plan_query(rq, (h, w), dev)
-    fast = _FastScoring(rq, geometry, plan, dev, source.nonnegative)
+    fast = _FastScoring(rq, geometry, dev, source.nonnegative)
     # An array passed as it is is not worth a copy of its features in another operand type.
     dtype = fast_dtype(dev) if caller_prepared else torch.float16
 
@@ -152,7 +154,7 @@ def search_regions(
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = select_top(scores, eligible, k, domains, per_domain)
     if coarse and len(picked):
-        # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
+        # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp32 scores and
         # bounds first, so that few reach the float64 re-scoring.
         reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
         _refine(source, fast, dev, geometry.pw, reach, scores, placements, upper_np)
@@ -174,25 +176,29 @@ def search_regions(
     top = _top_table(scores, placements, rq.mask.shape, picked, source)
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     return SearchResult(
-        scores, placements, top, rq, (h, w), plan.method, str(dev), elapsed_ms, int(exact.sum()), source
+        scores,
+        placements,
+        top,
+        rq,
+        (h, w),
+        fast.method or plan_query(rq, (h, w), dev, dtype).method,
+        str(dev),
+        elapsed_ms,
+        int(exact.sum()),
+        source,
     )
 
 
 class _FastScoring:
     """Fast scores and their proven upper bounds for chunks in any of FAST_DTYPES (a source may
-    hold its features in bf16 but stream them in fp16): a scorer and bound per type, made once."""
+    hold its features in bf16 but stream them in fp16): a plan, scorer and bound per type, made
+    once — the cheaper form differs between operand types."""
 
-    def __init__(
-        self,
-        query: RegionQuery,
-        geometry: QueryGeometry,
-        plan: QueryPlan,
-        device: torch.device,
-        nonnegative: bool,
-    ):
-        self.query, self.geometry, self.plan, self.device = query, geometry, plan, device
+    def __init__(self, query: RegionQuery, geometry: QueryGeometry, device: torch.device, nonnegative: bool):
+        self.query, self.geometry, self.device = query, geometry, device
         self.nonnegative_source = nonnegative
         self._by_dtype: dict[torch.dtype, tuple[Scorer, FastBound]] = {}
+        self.method = ""  # the form of the first chunk's scoring, for the result
 
     def __call__(
         self, x: torch.Tensor | list[torch.Tensor], sqnorm: torch.Tensor
@@ -200,10 +206,12 @@ class _FastScoring:
         """(Ph, Pw, n) fast scores and upper bounds; a placement that overflowed bounds nothing (inf)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
+            plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
             self._by_dtype[dtype] = (
-                Scorer.fast(self.geometry, self.plan, self.device, dtype),
-                FastBound.create(self.query, self.geometry, self.plan, dtype),
+                Scorer.fast(self.geometry, plan, self.device, dtype),
+                FastBound.create(self.query, self.geometry, plan, dtype),
             )
+            self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
@@ -225,17 +233,17 @@ def _refine(
     placements: np.ndarray,
     upper: np.ndarray,
 ) -> None:
-    """Replace some images' coarse fast scores, placements and bounds by fp16 ones (tighter)."""
-    for part in np.array_split(indices, max(1, len(indices) // _RESCORE_BLOCK)):
-        if len(part):
-            x = _rows_on(source, part, device).to(device, torch.float16)
-            with torch.inference_mode():
-                sqnorm = torch.linalg.vector_norm(x.float(), dim=-1).square_()
-                part_scores, part_upper = fast(x, sqnorm)
-                best, where = part_scores.flatten(0, 1).max(0)
-                scores[part] = best.cpu().numpy()
-                placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
-                upper[part] = part_upper.flatten(0, 1).amax(0).cpu().numpy()
+    """Replace some images' coarse fast scores, placements and bounds by fp32 ones: the features
+    converted exactly, fp32 products — a bound 2⁴ tighter than fp16's, so that few images reach the
+    float64 rounds; and fp32 products need no fp16 support (no CPU kernel built per shape)."""
+    for part, x in _row_blocks(source, indices, device, torch.float32):
+        with torch.inference_mode():
+            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()
+            part_scores, part_upper = fast(x, sqnorm)
+            best, where = part_scores.flatten(0, 1).max(0)
+            scores[part] = best.cpu().numpy()
+            placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
+            upper[part] = part_upper.flatten(0, 1).amax(0).cpu().numpy()
 
 
 def region_query(
@@ -267,13 +275,25 @@ def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterab
     return eligible
 
 
-def _rows_on(source: FeatureSource, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-    """fp16 rows to re-score: gathered on `device` where the source holds its features there
-    (no host round trip from a GPU), else read from the source."""
+def _row_blocks(
+    source: FeatureSource, indices: np.ndarray, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """`indices` in consecutive blocks, each with its images' features in `dtype` on `device`, in
+    one buffer of at most `_BLOCK_BYTES`: copied image by image from features the source holds on
+    `device` (converted on the way; no host round trip from a GPU), else read from the source."""
+    _, h, w, c = source.shape
+    per_block = max(1, _BLOCK_BYTES // (h * w * c * dtype.itemsize))
     resident = source.resident_on(device)
-    if resident is None:
-        return torch.as_tensor(source.rows(indices))
-    return resident.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=resident.device))
+    buffer = torch.empty((min(per_block, len(indices)), h, w, c), dtype=dtype, device=device)
+    for start in range(0, len(indices), per_block):
+        part = indices[start : start + per_block]
+        block = buffer[: len(part)]
+        if resident is None:
+            block.copy_(torch.from_numpy(source.rows(part)))
+        else:
+            for row, index in zip(block, part.tolist()):
+                row.copy_(resident[index])
+        yield part, block
 
 
 def _rescore(
@@ -287,13 +307,11 @@ def _rescore(
     exact: np.ndarray,
 ) -> None:
     """Replace some images' fast scores and placements by exact ones, in blocks of images."""
-    indices = np.sort(indices)
-    for part in np.array_split(indices, max(1, len(indices) // _RESCORE_BLOCK)):
-        if len(part):
-            s = score(_rows_on(source, part, device)).reshape(len(part), -1)
-            scores[part] = s.max(1)
-            placements[part] = np.stack(np.divmod(s.argmax(1), pw), axis=1)
-            exact[part] = True
+    for part, x in _row_blocks(source, np.sort(indices), exact_device(device), torch.float64):
+        s = score(x).reshape(len(part), -1)
+        scores[part] = s.max(1)
+        placements[part] = np.stack(np.divmod(s.argmax(1), pw), axis=1)
+        exact[part] = True
 
 
 def _top_table(

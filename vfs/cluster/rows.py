@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..cache import FeatureCache
-from ..sources import even_slices
+from ..sources import even_slices, gather_rows
 
 LOAD_BLOCK_BYTES = 256 << 20
 """Features read per step while a shard loads its rows."""
@@ -73,11 +73,7 @@ class CacheRows:
             yield a, x[a:b], self._sq[a:b]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        return (
-            self._x.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=self._x.device))
-            .cpu()
-            .numpy()
-        )
+        return gather_rows(self._x, indices).cpu().numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         return self._x if device == self._x.device else None
