@@ -1,0 +1,104 @@
+"""The notebook path: `search_regions(array, query, mask)` on a bare array, first and repeated calls.
+
+On synthetic post-ReLU features (max(randn, 0) as fp16, default 1,000 × 7×7×2048), a 3×3 mask,
+in one process, best (and median) of `--repeats`:
+
+- floor: one read of the fp16 array (`x.view(torch.int16).amax()`);
+- prepare: `ArrayFeatures(x)` of the fp16 array as numpy, numpy read-only, torch, and of an fp32
+  torch copy (`--fp32`, the conversion path);
+- prepared: `search_regions(ArrayFeatures(x), 0, mask)`, the source built once before timing;
+- first call: `search_regions(t, 0, mask)` with `t` a fresh torch view of the array each repeat
+  (nothing reused: the preparation runs inside the call);
+- repeated: `search_regions(t, 0, mask)` on one unchanged tensor (its preparation reused);
+- numpy: `search_regions(a, 0, mask)` on a writable numpy array (prepared every call).
+
+The issue's goals, as ratios: repeated ≤ 1.2× prepared; first call ≤ prepared + 3× floor.
+Prints ONE JSON document on stdout; progress goes to stderr. Example:
+
+    .venv/bin/python bench/notebook_bench.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import _common  # noqa: F401  (puts the repository root on sys.path)
+import numpy as np
+import torch
+from _common import emit, environment, log, summary, timed_metered
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--shape", default="7,7,2048", help="h,w,C")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--fp32", action="store_true", help="also time ArrayFeatures of an fp32 tensor")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from vfs.search import search_regions
+    from vfs.sources import ArrayFeatures
+
+    h, w, c = (int(v) for v in args.shape.split(","))
+    gen = torch.Generator().manual_seed(0)
+    x32 = torch.randn(args.n, h, w, c, generator=gen).clamp_(min=0)
+    xt = x32.half()
+    del x32
+    xn = xt.numpy()
+    xn_ro = xn.copy()
+    xn_ro.flags.writeable = False
+    mask = np.zeros((h, w), dtype=np.float32)
+    mask[:3, :3] = 1
+    cpu = torch.device("cpu")
+    env = environment(cpu)
+    log(f"{args.n} × {h}×{w}×{c} fp16 ({xt.numel() * 2 / 1e6:.0f} MB), load {os.getloadavg()}")
+
+    prepared = ArrayFeatures(xt)
+    repeated = torch.from_numpy(xn)
+    search_regions(repeated, 0, mask, device=cpu)  # warm-up, and the repeated tensor's preparation
+    cases = {
+        "floor_int16_amax": lambda: xt.view(torch.int16).amax(),
+        "prepare_numpy": lambda: ArrayFeatures(xn),
+        "prepare_numpy_readonly": lambda: ArrayFeatures(xn_ro),
+        "prepare_torch": lambda: ArrayFeatures(xt),
+        "search_prepared": lambda: search_regions(prepared, 0, mask, device=cpu),
+        "search_first_call": lambda: search_regions(torch.from_numpy(xn), 0, mask, device=cpu),
+        "search_repeated": lambda: search_regions(repeated, 0, mask, device=cpu),
+        "search_numpy_writable": lambda: search_regions(xn, 0, mask, device=cpu),
+    }
+    if args.fp32:
+        x32 = xt.float()
+        cases["prepare_torch_fp32"] = lambda: ArrayFeatures(x32)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    foreign: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(args.repeats):  # interleaved: a burst of load hits every case alike
+        for name, fn in cases.items():
+            ms, _, f = timed_metered(fn, cpu)
+            times[name].append(ms)
+            foreign[name].append(f)
+        log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()))
+
+    results = {k: summary(times[k], foreign[k]) for k in cases}
+    best = {k: v["min_ms"] for k, v in results.items()}
+    floor, prep = best["floor_int16_amax"], best["search_prepared"]
+    doc = {
+        "env": env,
+        "loadavg_at_end": list(os.getloadavg()),
+        "shape": [args.n, h, w, c],
+        "mask": "3x3 square",
+        "results": results,
+        "goals_best_of_repeats": {
+            "repeated_over_prepared": round(best["search_repeated"] / prep, 3),
+            "repeated_goal": 1.2,
+            "first_call_minus_prepared_over_floor": round((best["search_first_call"] - prep) / floor, 3),
+            "first_call_goal": 3.0,
+            "prepare_torch_over_floor": round(best["prepare_torch"] / floor, 3),
+        },
+    }
+    emit(doc, args.out)
+
+
+if __name__ == "__main__":
+    main()
