@@ -276,3 +276,26 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
         search_regions(view, 2, mask, device="cpu").source
         is not search_regions(view, 2, mask, device="cpu").source
     )
+
+
+def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
+    """Where bf16 is chosen, a bare array whose preparation is kept is rounded to bf16 once, in the
+    same pass as its norms, and searched in bf16 (top-k still exact); one prepared for this call
+    only is searched in fp16 (a bf16 copy would cost about what it saves)."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    rng = np.random.default_rng(12)
+    feats = random_features(rng, 40, 6, 6, 16)
+    mask = soft_blob(rng, 6, 6)
+    ref, _ = brute_force(feats, feats[4].astype(np.float32), mask)
+    tensor = torch.from_numpy(feats.copy())
+    kept = search_regions(tensor, 4, mask, k=8, device="cpu")
+    source = kept.source
+    assert isinstance(source, ArrayFeatures) and source.cpu_dtype == torch.bfloat16
+    (_, held, _), *_ = source.chunks(torch.device("cpu"), dtype=torch.bfloat16)
+    assert torch.equal(held, tensor.to(torch.bfloat16))
+    once = search_regions(feats.copy(), 4, mask, k=8, device="cpu")
+    assert once.source.cpu_dtype == torch.float16
+    np.testing.assert_allclose(once.scores, ref, atol=2e-3)  # fp16-level scores for every image
+    for result in (kept, once):
+        assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])
+        np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)

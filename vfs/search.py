@@ -117,9 +117,12 @@ def search_regions(
     (needs a source with domains).
     """
     t0 = time.perf_counter()
-    caller_prepared = True  # an opened cache, ArrayFeatures: worth a copy in another operand type
+    dev = resolve_device(device)
+    dtype = fast_dtype(dev)
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        source, caller_prepared = prepared_array(source), False
+        source = prepared_array(source, dtype if dev.type == "cpu" else torch.float16)
+        if dev.type == "cpu":  # bf16 where the preparation is kept for the next calls
+            dtype = source.cpu_dtype
     n, h, w, c = source.shape
     rq = region_query(source, query, mask)
     if rq.features.shape[-1] != c:
@@ -128,11 +131,8 @@ def search_regions(
         )
     if k < 1:
         raise ValueError("k must be at least 1")
-    dev = resolve_device(device)
     geometry = QueryGeometry.create(rq, (h, w))
     fast = _FastScoring(rq, geometry, dev, source.nonnegative)
-    # An array passed as it is is not worth a copy of its features in another operand type.
-    dtype = fast_dtype(dev) if caller_prepared else torch.float16
 
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)

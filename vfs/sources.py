@@ -103,11 +103,13 @@ their squared norms: cache-sized, reused (a fresh fp32 copy costs its page fault
 
 
 @torch.no_grad()
-def _fp16_and_sqnorms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _fp16_and_sqnorms(
+    t: torch.Tensor, bf16: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`t` as contiguous fp16 (`t` itself when it is one: no copy), each cell's squared norm in
     fp32, and whether every value is ≥ 0 — in one pass over `t`, a few images at a time: each
     block (converted to fp16 first where `t` is not) goes into one reused fp32 buffer, read there
-    for its norms and its least value while in cache."""
+    for its norms and its least value while in cache (and rounded into `bf16`, when given)."""
     n, h, w, c = t.shape
     if t.dtype == torch.float16 and t.is_contiguous():
         fp16 = t
@@ -126,6 +128,8 @@ def _fp16_and_sqnorms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool
         block = buffer[: len(block)].copy_(block)
         torch.amin(block, out=least[i])  # before the norms: the block is hotter in cache
         torch.linalg.vector_norm(block, dim=-1, out=sqnorm[a : a + step])
+        if bf16 is not None:
+            bf16[a : a + step].copy_(block)
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
@@ -134,17 +138,28 @@ class ArrayFeatures:
 
     domains: np.ndarray | None = None
 
-    def __init__(self, features: np.ndarray | torch.Tensor, slice_bytes: int = RESIDENT_SLICE_BYTES):
+    def __init__(
+        self,
+        features: np.ndarray | torch.Tensor,
+        slice_bytes: int = RESIDENT_SLICE_BYTES,
+        cpu_dtype: torch.dtype = torch.float16,
+    ):
+        """`cpu_dtype`: the operand type CPU searches will ask for (`vfs.scoring.fast_dtype`); a
+        bf16 copy is rounded in the preparing pass rather than in one more pass at the first search."""
         with warnings.catch_warnings():  # a read-only array: only ever read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
-        self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t)
+        self.cpu_dtype = cpu_dtype
+        bf16 = torch.empty(t.shape, dtype=torch.bfloat16) if cpu_dtype == torch.bfloat16 else None
+        self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, bf16)
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
         self._slices = even_slices(len(self._fp16), math.prod(t.shape[1:]) * 2, slice_bytes)
         self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        if bf16 is not None:
+            self._on[torch.device("cpu"), torch.bfloat16] = (bf16, self._sqnorm)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -185,11 +200,12 @@ _prepared: OrderedDict[int, tuple[weakref.ref, tuple, ArrayFeatures]] = OrderedD
 _prepared_lock = threading.Lock()
 
 
-def prepared(features: np.ndarray | torch.Tensor) -> ArrayFeatures:
-    """`ArrayFeatures(features)`, reused across calls while the array provably has not changed: a
-    torch tensor whose version counter (bumped by every in-place write) is the same, or a numpy
-    array nothing can write (it and every array it views are read-only). Any other array is
-    prepared anew: its squared norms are one more pass over it, but never stale."""
+def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch.float16) -> ArrayFeatures:
+    """`ArrayFeatures(features, cpu_dtype=cpu_dtype)`, reused across calls while the array provably
+    has not changed: a torch tensor whose version counter (bumped by every in-place write) is the
+    same, or a numpy array nothing can write (it and every array it views are read-only). Any other
+    array is prepared anew, in fp16 only: its squared norms are one more pass over it, but never
+    stale; a bf16 copy for one search would cost about what it saves."""
     version = _unchanged_since(features)
     if version is None:
         return ArrayFeatures(features)
@@ -199,7 +215,7 @@ def prepared(features: np.ndarray | torch.Tensor) -> ArrayFeatures:
         if held is not None and held[0]() is features and held[1] == version:
             _prepared.move_to_end(key)
             return held[2]
-    source = ArrayFeatures(features)
+    source = ArrayFeatures(features, cpu_dtype=cpu_dtype)
     with _prepared_lock:
         _prepared[key] = (weakref.ref(features), version, source)
         while len(_prepared) > PREPARED_ARRAYS:
