@@ -3,7 +3,8 @@
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
-#   3. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
+#   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
+#   4. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
 # JSON files go to $OUT (the device runner's output folder) or bench/results/gpu; a summary of
 # every target is printed at the end and written to summary.json.
 #
@@ -47,6 +48,10 @@ step search_r50l4_n${N_L4} 110 bench/search_bench.py --device "$DEVICE" --n "$N_
   --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
 step search_r50l3_n${N_L3} 110 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 --mask all \
   --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
+# Issue 11's shape grid (synthetic ViT-B/16, R50 layer3/layer4 at N=2,000, ReLU and signed features)
+echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
+DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
+  timeout 150 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
 step build_${DEVICE} 70 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
   --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"}
 
