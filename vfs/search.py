@@ -279,21 +279,27 @@ def _row_blocks(
     source: FeatureSource, indices: np.ndarray, device: torch.device, dtype: torch.dtype
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """`indices` in consecutive blocks, each with its images' features in `dtype` on `device`, in
-    one buffer of at most `_BLOCK_BYTES`: copied image by image from features the source holds on
-    `device` (converted on the way; no host round trip from a GPU), else read from the source."""
+    one buffer of at most `_BLOCK_BYTES`: gathered (into a reused staging buffer) from features the
+    source holds on `device`, no host round trip from a GPU, else read from the source; then
+    converted. Two operations per block: many small ones wait on every busy core."""
+    if not len(indices):
+        return
     _, h, w, c = source.shape
-    per_block = max(1, _BLOCK_BYTES // (h * w * c * dtype.itemsize))
+    per_block = min(len(indices), max(1, _BLOCK_BYTES // (h * w * c * dtype.itemsize)))
     resident = source.resident_on(device)
-    buffer = torch.empty((min(per_block, len(indices)), h, w, c), dtype=dtype, device=device)
+    buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)
+    if resident is not None:
+        flat = resident.reshape(len(resident), -1)
+        staging = torch.empty((per_block, h * w * c), dtype=resident.dtype, device=device)
     for start in range(0, len(indices), per_block):
         part = indices[start : start + per_block]
         block = buffer[: len(part)]
         if resident is None:
-            block.copy_(torch.from_numpy(source.rows(part)))
+            block.copy_(torch.from_numpy(source.rows(part)).reshape(len(part), -1))
         else:
-            for row, index in zip(block, part.tolist()):
-                row.copy_(resident[index])
-        yield part, block
+            index = torch.as_tensor(part, dtype=torch.long, device=device)
+            block.copy_(torch.index_select(flat, 0, index, out=staging[: len(part)]))
+        yield part, block.view(len(part), h, w, c)
 
 
 def _rescore(
