@@ -2,15 +2,43 @@
 
 Build a feature cache of one layer for an image dataset, draw a region on a query image,
 and rank the dataset's regions by the cosine similarity of their masked features.
+
+The names below are imported on first use (`vfs.open_cache`, `from vfs import search_regions`):
+`import vfs.settings` and other light modules do not load PyTorch, so the app draws its first page
+before the engine has loaded.
 """
 
-from .cache import CacheError, CacheSpec, FeatureCache, open_cache
-from .cluster.sharded import ShardedSearch  # imports Ray only when one is made
-from .jobs import BuildJob, BuildProgress, build_cache
-from .masks import grid_mask, load_mask
-from .models import DEFAULT_MODEL, extractor_from_module, load_extractor
-from .search import RegionQuery, SearchResult, search_regions
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cache import CacheError, CacheSpec, FeatureCache, open_cache
+    from .cluster.sharded import ShardedSearch
+    from .jobs import BuildJob, BuildProgress, build_cache
+    from .masks import grid_mask, load_mask
+    from .models import DEFAULT_MODEL, extractor_from_module, load_extractor
+    from .search import RegionQuery, SearchResult, search_regions
+
+_EXPORTS = {
+    "BuildJob": ".jobs",
+    "BuildProgress": ".jobs",
+    "CacheError": ".cache",
+    "CacheSpec": ".cache",
+    "DEFAULT_MODEL": ".models",
+    "FeatureCache": ".cache",
+    "RegionQuery": ".search",
+    "SearchResult": ".search",
+    "ShardedSearch": ".cluster.sharded",  # imports Ray only when one is made
+    "build_cache": ".jobs",
+    "extractor_from_module": ".models",
+    "grid_mask": ".masks",
+    "load_extractor": ".models",
+    "load_mask": ".masks",
+    "open_cache": ".cache",
+    "search_regions": ".search",
+}
 __all__ = [
     "BuildJob",
     "BuildProgress",
@@ -30,3 +58,16 @@ __all__ = [
     "search_regions",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vfs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .models import KINDS, parse_model_spec
-
 CACHE_SUFFIX = ".zarr"
 REMOTE_SCHEMES = ("http", "https", "s3")
 _TRUE = {"1", "true", "yes", "on"}
@@ -112,6 +110,8 @@ class Settings:
 
     def check_model_spec(self, spec: str) -> None:
         """Refuse model specs that would run user code or read files outside the caches folder (hosted)."""
+        from .models import KINDS, parse_model_spec  # here: the app reads its settings before PyTorch loads
+
         parsed = parse_model_spec(spec)
         kind = KINDS[parsed.kind]
         if not self.hosted:
