@@ -4,11 +4,14 @@ Declares the pages; each page file in `app_pages/` reads top to bottom as what t
 The folder is not called `pages/`: with a `pages/` folder Streamlit runs a deep link such as
 /search on a fresh server as a stand-alone page (its old multipage mode) until some session has
 run this script once. The Build page is left out where the settings switch building off (hosted).
+
+Nothing here loads PyTorch: on a freshly started server the navigation and the page's first lines
+show at once, and each page loads the engine after its title (`ui.base.loading`).
 """
 
 import streamlit as st
 
-from ui.core import settings
+from ui.base import settings
 
 st.set_page_config(page_title="Visual Feature Search", page_icon=":material/image_search:", layout="wide")
 

@@ -6,24 +6,34 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.core import (
-    CACHE,
-    DEMO_JOB,
-    bind,
-    build_registry,
-    cache_rows,
-    dataset_columns,
-    get_cache,
-    layers,
-    settings,
-    user_errors,
-)
-from ui.views import build_panel, cache_table, megabytes, start_build
-from vfs.background import resume_job
-from vfs.cache import BuildLock
-from vfs.data import EMBEDDED_DATASET
-from vfs.jobs import BuildJob
-from vfs.models import EMBEDDED_MODELS
+from ui.base import loading, settings
+
+st.title("Build a feature cache")
+s = settings()
+if not s.allow_build:
+    st.info(
+        "Building is switched off on this server (VFS_HOSTED or VFS_ALLOW_BUILD=0); "
+        "it serves the caches listed on the Home page."
+    )
+    st.stop()
+with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.core import (
+        CACHE,
+        DEMO_JOB,
+        bind,
+        build_registry,
+        cache_rows,
+        dataset_columns,
+        get_cache,
+        layers,
+        user_errors,
+    )
+    from ui.views import build_panel, cache_table, megabytes, start_build
+    from vfs.background import resume_job
+    from vfs.cache import BuildLock
+    from vfs.data import EMBEDDED_DATASET
+    from vfs.jobs import BuildJob
+    from vfs.models import EMBEDDED_MODELS
 
 OTHER_MODEL = "Another model (type its spec)"
 NONE = "(none)"
@@ -44,14 +54,6 @@ def default_name(source: str, spec: str, layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}-{model}-{layer}").strip("._-")
 
 
-st.title("Build a feature cache")
-s = settings()
-if not s.allow_build:
-    st.info(
-        "Building is switched off on this server (VFS_HOSTED or VFS_ALLOW_BUILD=0); "
-        "it serves the caches listed on the Home page."
-    )
-    st.stop()
 registry = build_registry()
 
 st.header("Model and layer")

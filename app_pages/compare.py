@@ -2,15 +2,27 @@
 
 import streamlit as st
 
-from ui.core import bind
-from ui.query import canvas_row, draw_region, pick_cache, pick_query, query_view, require_region, run_search
-from ui.views import result_table, result_tiles, search_summary
-from vfs.cache import cache_name
-from vfs.compare import comparison_refusal
-from vfs.render import comparison_figure
-from vfs.stats import rank_agreement
+from ui.base import loading
 
 st.title("Compare two caches")
+with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.core import bind, warm_up
+    from ui.query import (
+        Query,
+        canvas_row,
+        draw_region,
+        pick_cache,
+        pick_query,
+        query_view,
+        require_region,
+        run_search,
+    )
+    from ui.views import TILE_PX, result_table, result_tiles, search_summary
+    from vfs.cache import FeatureCache, cache_name
+    from vfs.compare import comparison_refusal
+    from vfs.render import comparison_figure
+    from vfs.stats import rank_agreement
+
 pick_left, pick_right = st.columns(2)
 with pick_left:
     left = pick_cache("compare.left", "Left cache")
@@ -21,41 +33,51 @@ if (reason := comparison_refusal(left, right)) is not None:
     st.stop()
 if left.location == right.location:
     st.warning("Both sides are the same cache: pick another one on the right.")
+for cache in (left, right):
+    warm_up(cache)  # the caches' features load while the user picks a query and draws
 
 query = pick_query(left, "compare")
-query_column, option_column = canvas_row()
-with query_column:
-    region = draw_region(query_view(left, query), query, "compare")
-with option_column:
-    st.caption(
-        "The region is drawn once, on the left cache's view; each side searches its own features "
-        "(an uploaded image goes through each side's own model)."
-    )
-    k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
-    exclude = st.checkbox(
-        "Exclude the query image", key=bind("compare.exclude", True), disabled=query.index is None
-    )
-region = require_region(region)
-sides = [(cache, run_search(cache, query, region, k, exclude)) for cache in (left, right)]
 
-for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
-    with column:
-        st.subheader(cache_name(cache.location))
+
+@st.fragment
+def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query) -> None:
+    """The canvas, both result lists and their agreement: a stroke or an option reruns only this."""
+    query_column, option_column = canvas_row()
+    with query_column:
+        region = draw_region(query_view(left, query), query, "compare")
+    with option_column:
         st.caption(
-            f"{cache.spec.model} · {cache.spec.layer} · grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
-            f"{search_summary(cache, result)}"
+            "The region is drawn once, on the left cache's view; each side searches its own features "
+            "(an uploaded image goes through each side's own model)."
         )
-        result_tiles(cache, result, columns=3)
-        result_table(result, key=f"compare.table.{side}")
+        k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
+        exclude = st.checkbox(
+            "Exclude the query image", key=bind("compare.exclude", True), disabled=query.index is None
+        )
+    region = require_region(region)
+    sides = [(cache, run_search(cache, query, region, k, exclude)) for cache in (left, right)]
 
-st.header("Agreement")
-(_, a), (_, b) = sides
-agreement = rank_agreement(a.scores, b.scores, k)
-metrics = st.columns(3)
-metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")
-metrics[1].metric("Spearman ρ (all images)", f"{agreement['spearman']:.2f}")
-metrics[2].metric("Kendall τ (all images)", f"{agreement['kendall']:.2f}")
-st.plotly_chart(
-    comparison_figure(a.scores, b.scores, (cache_name(left.location), cache_name(right.location))),
-    key="compare.plot",
-)
+    for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
+        with column:
+            st.subheader(cache_name(cache.location))
+            st.caption(
+                f"{cache.spec.model} · {cache.spec.layer} · grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
+                f"{search_summary(cache, result)}"
+            )
+            result_tiles(cache, result, width=TILE_PX * 3 // 4, key=f"tiles.{side}")  # three a row
+            result_table(result, key=f"compare.table.{side}")
+
+    st.header("Agreement")
+    (_, a), (_, b) = sides
+    agreement = rank_agreement(a.scores, b.scores, k)
+    metrics = st.columns(3)
+    metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")
+    metrics[1].metric("Spearman ρ (all images)", f"{agreement['spearman']:.2f}")
+    metrics[2].metric("Kendall τ (all images)", f"{agreement['kendall']:.2f}")
+    st.plotly_chart(
+        comparison_figure(a.scores, b.scores, (cache_name(left.location), cache_name(right.location))),
+        key="compare.plot",
+    )
+
+
+region_and_comparison(left, right, query)

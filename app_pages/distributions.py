@@ -4,81 +4,103 @@ study)."""
 import numpy as np
 import streamlit as st
 
-from ui.core import bind, group_columns, groups
-from ui.query import canvas_row, draw_region, pick_cache, pick_query, query_view, require_region, run_search
-from vfs.cache import cache_name
-from vfs.render import distribution_figure
-from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
+from ui.base import loading
 
 EVERY = "(every finding)"
 
 st.title("Score distributions")
-cache = pick_cache("dist.cache")
-query = pick_query(cache, "dist")
-query_column, option_column = canvas_row()
-with query_column:
-    region = draw_region(query_view(cache, query), query, "dist")
-region = require_region(region)
-result = run_search(cache, query, region)
-columns = group_columns(cache)
-if not columns:
-    st.info("The cache's manifest has no column with 2 to 50 groups (labels, domains, findings) to group by.")
-    st.stop()
-
-with option_column:
-    column = st.selectbox(
-        "Group by",
-        columns,
-        key=bind(
-            "dist.column", cache.label_col if cache.label_col in columns else columns[0], options=columns
-        ),
+with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.core import bind, group_columns, groups, warm_up
+    from ui.query import (
+        Query,
+        canvas_row,
+        draw_region,
+        pick_cache,
+        pick_query,
+        query_view,
+        require_region,
+        run_search,
     )
-    table, title = groups(cache, column), column
-    if is_multilabel(cache.manifest, column):
-        findings = [EVERY, *table.columns]
-        finding = st.selectbox(
-            "Finding",
-            findings,
-            key=bind(f"dist.finding.{column}", EVERY, options=findings),
-            help="A '|'-joined column: split the images into those with and without one finding.",
-        )
-        if finding != EVERY:
-            table, title = presence_groups(cache.manifest, column, finding), f"{finding} present"
-    kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
-    keep = np.ones(cache.n, dtype=bool)
-    if (
-        st.checkbox(
-            "Leave out the query image", key=bind("dist.leave_out", True), disabled=query.index is None
-        )
-        and query.index is not None
-    ):
-        keep[query.index] = False
-scores, table = result.scores[keep], table[keep]
-st.plotly_chart(
-    distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
-    key="dist.plot",
-)
+    from vfs.cache import FeatureCache, cache_name
+    from vfs.render import distribution_figure
+    from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
 
-st.header(f"Groups by {title}")
-st.caption(
-    "Each group against all other images: AUROC of the score as a detector of the group, "
-    "and the two-sided Mann–Whitney U p-value."
-)
-st.dataframe(
-    group_table(scores, table),
-    hide_index=True,
-    key="dist.table",
-    column_config={
-        c: st.column_config.NumberColumn(c, format="%.3f") for c in ("median", "mean", "std", "auroc")
-    }
-    | {"p_value": st.column_config.NumberColumn("p_value", format="%.2e")},
-)
-per_image = cache.manifest.assign(score=result.scores).rename_axis("index").reset_index()
-st.download_button(
-    "Download per-image scores (CSV)",
-    per_image.to_csv(index=False),
-    f"vfs-{cache_name(cache.location)}-{query.key}-scores.csv",
-    "text/csv",
-    key="dist.csv",
-    on_click="ignore",
-)
+cache = pick_cache("dist.cache")
+warm_up(cache)  # the cache's features load while the user picks a query and draws
+query = pick_query(cache, "dist")
+
+
+@st.fragment
+def region_and_distributions(cache: FeatureCache, query: Query) -> None:
+    """The canvas, the grouping options, the plot and the table: a stroke or an option reruns only this."""
+    query_column, option_column = canvas_row()
+    with query_column:
+        region = draw_region(query_view(cache, query), query, "dist")
+    region = require_region(region)
+    result = run_search(cache, query, region)
+    columns = group_columns(cache)
+    if not columns:
+        st.info(
+            "The cache's manifest has no column with 2 to 50 groups (labels, domains, findings) to group by."
+        )
+        return
+
+    with option_column:
+        column = st.selectbox(
+            "Group by",
+            columns,
+            key=bind(
+                "dist.column", cache.label_col if cache.label_col in columns else columns[0], options=columns
+            ),
+        )
+        table, title = groups(cache, column), column
+        if is_multilabel(cache.manifest, column):
+            findings = [EVERY, *table.columns]
+            finding = st.selectbox(
+                "Finding",
+                findings,
+                key=bind(f"dist.finding.{column}", EVERY, options=findings),
+                help="A '|'-joined column: split the images into those with and without one finding.",
+            )
+            if finding != EVERY:
+                table, title = presence_groups(cache.manifest, column, finding), f"{finding} present"
+        kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
+        keep = np.ones(cache.n, dtype=bool)
+        if (
+            st.checkbox(
+                "Leave out the query image", key=bind("dist.leave_out", True), disabled=query.index is None
+            )
+            and query.index is not None
+        ):
+            keep[query.index] = False
+    scores, table = result.scores[keep], table[keep]
+    st.plotly_chart(
+        distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
+        key="dist.plot",
+    )
+
+    st.header(f"Groups by {title}")
+    st.caption(
+        "Each group against all other images: AUROC of the score as a detector of the group, "
+        "and the two-sided Mann–Whitney U p-value."
+    )
+    st.dataframe(
+        group_table(scores, table),
+        hide_index=True,
+        key="dist.table",
+        column_config={
+            c: st.column_config.NumberColumn(c, format="%.3f") for c in ("median", "mean", "std", "auroc")
+        }
+        | {"p_value": st.column_config.NumberColumn("p_value", format="%.2e")},
+    )
+    st.download_button(
+        "Download per-image scores (CSV)",
+        lambda: cache.manifest.assign(score=result.scores).rename_axis("index").to_csv(),  # made on click
+        f"vfs-{cache_name(cache.location)}-{query.key}-scores.csv",
+        "text/csv",
+        key="dist.csv",
+        on_click="ignore",
+    )
+
+
+region_and_distributions(cache, query)

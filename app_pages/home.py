@@ -5,9 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.core import CACHE, DEMO_JOB, OPENED, build_registry, cache_rows, get_cache, settings, user_errors
-from ui.views import build_panel, cache_provenance, cache_table, start_build
-from vfs.jobs import BuildJob
+from ui.base import loading, settings
 
 st.title("Visual Feature Search")
 st.markdown("""
@@ -27,6 +25,11 @@ steps = [
     "**Compare**: the same query in two caches of one dataset (two models, two layers, two checkpoints).",
 ]
 st.markdown("\n".join(f"{n}. {step}" for n, step in enumerate(steps, 1)))
+
+with loading():  # the text above is on screen while a fresh server loads PyTorch
+    from ui.core import CACHE, DEMO_JOB, OPENED, build_registry, cache_rows, get_cache, user_errors
+    from ui.views import build_panel, cache_provenance, cache_table, start_build
+    from vfs.jobs import BuildJob
 
 rows = cache_rows()
 demo = s.cache_path("demo")

@@ -1,71 +1,86 @@
 """Search: paint a region on a query image and see where the dataset holds the most similar regions."""
 
+import numpy as np
 import streamlit as st
 
-from ui.core import bind, groups
-from ui.query import (
-    CANVAS_PX,
-    canvas_row,
-    draw_region,
-    pick_cache,
-    pick_query,
-    query_view,
-    require_region,
-    run_search,
-)
-from ui.views import downloads, result_table, result_tiles, search_summary
-from vfs.render import mask_overlay
+from ui.base import loading
 
 st.title("Search")
+with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.core import bind, groups, jpeg_url, warm_up
+    from ui.query import (
+        CANVAS_PX,
+        Query,
+        canvas_row,
+        draw_region,
+        pick_cache,
+        pick_query,
+        query_view,
+        require_region,
+        run_search,
+    )
+    from ui.views import downloads, result_table, result_tiles, search_summary
+    from vfs.cache import FeatureCache
+    from vfs.render import mask_overlay
+
 cache = pick_cache("search.cache")
+warm_up(cache)  # the cache's features load while the user picks a query and draws
 query = pick_query(cache, "search")
 view = query_view(cache, query)
 
-drawing, side = canvas_row()
-with drawing:
-    region = draw_region(view, query, "search")
-with side:
-    k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
-    exclude = st.checkbox(
-        "Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None
-    )
-    per_domain = st.number_input(
-        f"At most n per domain ({cache.domain_col or 'no domain column'})",
-        1,
-        None,
-        key=bind("search.per_domain", None),
-        placeholder="no limit",
-        disabled=cache.domain_col is None,
-        help="The paper's “unique domains” row: at most this many matches from any one domain.",
-    )
-    label_options = list(groups(cache, cache.label_col).columns) if cache.label_col else []
-    labels = st.multiselect(
-        f"Only these labels ({cache.label_col or 'no label column'})",
-        label_options,
-        key=bind(f"search.labels.{cache.location}", []),
-        disabled=not label_options,
-        placeholder="every label",
-    )
-    heat = st.toggle(
-        "Show heat maps",
-        key=bind("search.heat", False),
-        help="Colour each match by the region's score at every placement in it.",
-    )
 
-region = require_region(region)
-result = run_search(cache, query, region, k, exclude, per_domain if cache.domain_col else None, tuple(labels))
-mask = region.mask(cache.spec.grid)
-with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
-    h, w = cache.spec.grid
-    st.image(
-        mask_overlay(view, mask),
-        width="stretch",
-        caption=f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f} "
-        "(the share of each cell painted; stronger blue = more weight)",
-    )
+@st.fragment
+def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> None:
+    """The canvas, the search options and the results: a stroke or an option reruns only this."""
+    drawing, side = canvas_row()
+    with drawing:
+        region = draw_region(view, query, "search")
+    with side:
+        k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
+        exclude = st.checkbox(
+            "Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None
+        )
+        per_domain = st.number_input(
+            f"At most n per domain ({cache.domain_col or 'no domain column'})",
+            1,
+            None,
+            key=bind("search.per_domain", None),
+            placeholder="no limit",
+            disabled=cache.domain_col is None,
+            help="The paper's “unique domains” row: at most this many matches from any one domain.",
+        )
+        label_options = list(groups(cache, cache.label_col).columns) if cache.label_col else []
+        labels = st.multiselect(
+            f"Only these labels ({cache.label_col or 'no label column'})",
+            label_options,
+            key=bind(f"search.labels.{cache.location}", []),
+            disabled=not label_options,
+            placeholder="every label",
+        )
+        heat = st.toggle(
+            "Show heat maps",
+            key=bind("search.heat", False),
+            help="Colour each match by the region's score at every placement in it.",
+        )
 
-st.header("Results")
-st.caption(search_summary(cache, result))
-result_tiles(cache, result, heat=heat)
-result_table(result, key="search.table")
-downloads(cache, result, query, view, mask, "search")
+    region = require_region(region)
+    domains = per_domain if cache.domain_col else None
+    result = run_search(cache, query, region, k, exclude, domains, tuple(labels))
+    mask = region.mask(cache.spec.grid)
+    with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
+        h, w = cache.spec.grid
+        cells = f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f}"
+        st.image(
+            jpeg_url(mask_overlay(view, mask)),
+            width="stretch",
+            caption=f"{cells} (the share of each cell painted; stronger blue = more weight)",
+        )
+
+    st.header("Results")
+    st.caption(search_summary(cache, result))
+    result_tiles(cache, result, heat=heat)
+    result_table(result, key="search.table")
+    downloads(cache, result, query, view, mask, "search")
+
+
+region_and_results(cache, query, view)

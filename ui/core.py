@@ -3,82 +3,43 @@
 Caches, extractors and thumbnails are `st.cache_resource` objects shared by every session, keyed
 by their spec strings (and, for local caches, the time their metadata last changed, so a rebuilt
 cache is reopened). Small per-session results (the last search, an upload's features) live in
-`st.session_state` through `memo`, so a rerun that changes nothing recomputes nothing.
+`st.session_state` through `memo`, so a rerun that changes nothing recomputes nothing. The light
+helpers (settings, errors, `bind`, `memo`) live in `base.py`, imported again here for the pages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import contextmanager
+import base64
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from vfs.background import BuildRegistry
 from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cache
 from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
-from vfs.models import Extractor, LayerError, LayerInfo, list_layers, load_extractor
-from vfs.settings import Settings, is_remote
+from vfs.devices import resolve_device
+from vfs.models import Extractor, LayerInfo, list_layers, load_extractor
+from vfs.render import grid_box_to_pixels, outline
+from vfs.search import search_regions
+from vfs.settings import is_remote
 from vfs.stats import label_groups
 
-T = TypeVar("T")
+from .base import bind, memo, settings, user_errors
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = ROOT / "cache_jobs" / "demo.toml"
 CACHE = "vfs.cache"  # the location of the cache the user works with, shared by the pages
 OPENED = "vfs.opened"  # caches this session opened by path or URL (Home page)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a
-    traceback,
-    and stop the page there."""
-    try:
-        yield
-    except LayerError as e:  # names the page's layer list, not a Python call
-        st.error(e.message("the Build page's layer list"))
-        st.stop()
-    except (
-        ValueError,
-        RuntimeError,
-        OSError,
-    ) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable …
-        st.error(str(e) or type(e).__name__)
-        st.stop()
-
-
-def settings() -> Settings:
-    """This instance's settings, read on every run (cheap) so a changed environment applies at once."""
-    with user_errors():
-        return Settings.from_env()
-
-
-def bind(key: str, default: Any, shared: str | None = None, options: Container | None = None) -> str:
-    """Key for a widget whose value survives visits to other pages.
-
-    Streamlit drops a widget's state when its page is left; the value is also kept under `shared`
-    (a session value several pages' widgets show, e.g. the current cache) or a private name.
-    """
-    store = shared or f"vfs.kept.{key}"
-    value = st.session_state[key] if key in st.session_state else st.session_state.get(store, default)
-    if options is not None and value not in options:
-        value = default
-    st.session_state[key] = st.session_state[store] = value
-    return key
-
-
-def memo(name: str, key: object, compute: Callable[[], T]) -> T:
-    """The value last computed under `name`, recomputed only when `key` changes (compared with ==; one
-    slot per name)."""
-    slot = st.session_state.get(f"vfs.memo.{name}")
-    if slot is None or slot[0] != key:
-        slot = (key, compute())
-        st.session_state[f"vfs.memo.{name}"] = slot
-    return slot[1]
+__all__ = ["bind", "memo", "settings", "user_errors"]  # from .base, for the pages
 
 
 # --- builds ---------------------------------------------------------------------------------------
@@ -112,6 +73,34 @@ def get_cache(location: str) -> FeatureCache:
 @st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
 def _shards(location: str, stamp: int, address: str, shards: int) -> ShardedSearch:
     return ShardedSearch(location, shards=shards, address=address)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _warm_up(location: str, stamp: int) -> threading.Thread:
+    cache = get_cache(location)
+    mask = np.zeros(cache.spec.grid)
+    mask[0, 0] = 1.0
+
+    def search() -> None:
+        try:
+            search_regions(cache, 0, mask, k=1)
+        except Exception:  # noqa: BLE001 - a warm-up only: the user's own search reports any problem
+            pass
+
+    thread = threading.Thread(target=search, name=f"vfs-warm-up-{Path(location).name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def warm_up(cache: FeatureCache) -> None:
+    """Run one small search on the cache in the background, once per opened cache, when the page shows
+    it: its features load into memory (seconds on a large cache) while the user picks a query and
+    draws, not after the first stroke. A cache too large for memory (searched streaming from storage)
+    and searches on a Ray cluster need none."""
+    if not (cache.complete and cache.n) or sharded_search(cache) is not None:
+        return
+    if cache.fits(resolve_device("auto"), None):
+        _warm_up(cache.location, _stamp(cache.location))
 
 
 def sharded_search(cache: FeatureCache) -> ShardedSearch | None:
@@ -182,6 +171,55 @@ def thumbs(cache: FeatureCache, indices: Iterable[int]) -> list[np.ndarray]:
     """The thumbnails (the model-input views) of some images, in the order asked (the opened cache
     keeps recently shown ones decoded)."""
     return list(cache.thumbs_at([int(i) for i in indices]))
+
+
+TILES_KEPT = 2048  # result tiles kept per opened cache, as JPEG data URLs (≈ 5–20 KB each)
+TILE_QUALITY = 90
+
+
+def jpeg_url(image: np.ndarray | Image.Image, quality: int = TILE_QUALITY) -> str:
+    """An image as a JPEG data URL: `st.image` sends it inside the page's message, so the browser shows
+    it without fetching a media file first (one round trip less per image, on every rerun)."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGB").save(
+        buffer, "JPEG", quality=quality
+    )
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class _Tiles:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    urls: OrderedDict[tuple[int, tuple[int, int, int, int]], str] = field(default_factory=OrderedDict)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _tiles(location: str, stamp: int) -> _Tiles:
+    return _Tiles()
+
+
+def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int, int, int]]]) -> list[str]:
+    """Result tiles, each match's thumbnail (index) with its best window (grid box) outlined, as JPEG
+    data URLs.
+
+    Encoded once per server and kept: a match shown again, to this user or another, costs neither a
+    thumbnail read nor an encoding, and is the same message Streamlit has already sent (it then sends
+    only its hash). New matches are read in one read.
+    """
+    store = _tiles(cache.location, _stamp(cache.location))
+    with store.lock:
+        found = {m: store.urls[m] for m in matches if m in store.urls}
+    missing = [m for m in dict.fromkeys(matches) if m not in found]
+    for (index, box), thumb in zip(missing, thumbs(cache, [index for index, _ in missing])):
+        window = grid_box_to_pixels(box, cache.spec.grid, thumb.shape[:2])
+        found[index, box] = jpeg_url(outline(thumb, window))
+    with store.lock:
+        for m in matches:
+            store.urls[m] = found[m]
+            store.urls.move_to_end(m)
+        while len(store.urls) > TILES_KEPT:
+            store.urls.popitem(last=False)
+    return [found[m] for m in matches]
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

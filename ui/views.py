@@ -17,7 +17,7 @@ from vfs.jobs import BuildJob, duration
 from vfs.render import grid_box_to_pixels, heatmap_overlay, outline, png_bytes, results_figure
 from vfs.search import SearchResult
 
-from .core import build_registry, thumbs
+from .core import build_registry, jpeg_url, outlined_tiles, thumbs
 from .query import Query
 
 START_ERROR = "vfs.builds.error"
@@ -34,26 +34,38 @@ def match_caption(row: dict) -> str:
     return " · ".join([f"{row['rank']}. score {row['score']:.2f}", *_tags(row)])
 
 
-def result_tiles(cache: FeatureCache, result: SearchResult, columns: int = 5, heat: bool = False) -> None:
-    """The top-k grid: each match as the model saw it, its best window outlined, optionally over its heat
-    map."""
+TILE_PX = 176  # five tiles a row beside the sidebar on a 1400-px screen; fewer on a narrower one
+TILES_CSS = (  # the space between tiles (one image element of several images has none)
+    "<style>[class*='st-key-vfs-tiles'] [data-testid='stImage'] {gap: 0.75rem}</style>"
+)
+
+
+def result_tiles(
+    cache: FeatureCache, result: SearchResult, width: int = TILE_PX, heat: bool = False, key: str = "tiles"
+) -> None:
+    """The top-k tiles: each match as the model saw it, its best window outlined, optionally over its heat
+    map, in rows as wide as their column (`key` names them, unique on the page).
+
+    One element for all of them (a list of images with their captions), each tile a data URL inside
+    the page's message: a stroke's rerun makes the browser lay out one element, not a grid of columns,
+    and fetch no file. Without heat maps the tiles are encoded once per server (`ui.core.outlined_tiles`).
+    """
     rows = result.top.to_dict("records")
     if not rows:
         st.warning("No image passes the filters: loosen the label filter or the per-domain limit.")
         return
-    images = thumbs(cache, [r["index"] for r in rows])
-    for start in range(0, len(rows), columns):
-        for column, row, thumb in zip(
-            st.columns(columns), rows[start : start + columns], images[start : start + columns]
-        ):
-            if heat:
-                thumb = np.asarray(
-                    heatmap_overlay(
-                        thumb, result.placement_scores(row["index"]), result.query.mask.shape, result.grid
-                    )
-                )
-            tile = outline(thumb, grid_box_to_pixels(row["grid_box"], result.grid, thumb.shape[:2]))
-            column.image(tile, caption=match_caption(row), width="stretch", output_format="JPEG")
+    if heat:
+        images = []
+        for row, thumb in zip(rows, thumbs(cache, [r["index"] for r in rows])):
+            scores = result.placement_scores(row["index"])
+            heated = np.asarray(heatmap_overlay(thumb, scores, result.query.mask.shape, result.grid))
+            window = grid_box_to_pixels(row["grid_box"], result.grid, heated.shape[:2])
+            images.append(jpeg_url(outline(heated, window)))
+    else:
+        images = outlined_tiles(cache, [(int(r["index"]), tuple(r["grid_box"])) for r in rows])
+    st.html(TILES_CSS)
+    with st.container(key=f"vfs-{key}"):
+        st.image(images, caption=[match_caption(row) for row in rows], width=width)
 
 
 def result_table(result: SearchResult, key: str) -> None:

@@ -1,0 +1,95 @@
+"""The light part of the glue: settings, errors shown to the user, session state that survives pages.
+
+Nothing here imports PyTorch (nor the engine): `app.py` and each page's first lines use only this
+module, so a freshly started server draws its navigation and the page's title at once, while the
+engine loads (several seconds, once per server process) under `loading()`.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from collections.abc import Callable, Container, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from vfs.settings import Settings
+
+T = TypeVar("T")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a
+    traceback,
+    and stop the page there."""
+    try:
+        yield
+    except (
+        ValueError,
+        RuntimeError,
+        OSError,
+    ) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable, LayerError …
+        layers = sys.modules.get("vfs.models.layers")  # a LayerError comes from there, once it is loaded
+        if layers is not None and isinstance(e, layers.LayerError):  # names the page's layer list
+            st.error(e.message("the Build page's layer list"))
+        else:
+            st.error(str(e) or type(e).__name__)
+        st.stop()
+
+
+def settings() -> Settings:
+    """This instance's settings, read on every run (cheap) so a changed environment applies at once."""
+    with user_errors():
+        return Settings.from_env()
+
+
+_frozen = {"modules": 0}
+_freezing = threading.Lock()
+
+
+@contextmanager
+def loading() -> Iterator[None]:
+    """Around a page's imports of the engine: on the first page a fresh server shows, they load
+    PyTorch (seconds); the page's title is already on screen, and this says what is happening.
+
+    Whenever these imports brought new modules, the objects that exist then (above all the modules'
+    functions, classes and tables: millions with PyTorch, pandas and plotly, alive as long as the
+    server) are moved out of the garbage collector's reach (`gc.freeze`). Streamlit collects garbage
+    fully after every run (`runner.postScriptGC`): walking them took ≈ 0.3 s on two cores, holding
+    back the run's last messages (a stroke's results); it now walks what runs made, ≈ 1 ms. Frozen
+    objects are still freed when no reference is left; only reference cycles among them stay.
+    """
+    with st.spinner("Loading PyTorch and the search engine (once, after the server starts)…"):
+        yield
+    with _freezing:
+        if len(sys.modules) > _frozen["modules"]:  # a handful of times per server: new pages' imports
+            _frozen["modules"] = len(sys.modules)
+            gc.freeze()
+
+
+def bind(key: str, default: Any, shared: str | None = None, options: Container | None = None) -> str:
+    """Key for a widget whose value survives visits to other pages.
+
+    Streamlit drops a widget's state when its page is left; the value is also kept under `shared`
+    (a session value several pages' widgets show, e.g. the current cache) or a private name.
+    """
+    store = shared or f"vfs.kept.{key}"
+    value = st.session_state[key] if key in st.session_state else st.session_state.get(store, default)
+    if options is not None and value not in options:
+        value = default
+    st.session_state[key] = st.session_state[store] = value
+    return key
+
+
+def memo(name: str, key: object, compute: Callable[[], T]) -> T:
+    """The value last computed under `name`, recomputed only when `key` changes (compared with ==; one
+    slot per name)."""
+    slot = st.session_state.get(f"vfs.memo.{name}")
+    if slot is None or slot[0] != key:
+        slot = (key, compute())
+        st.session_state[f"vfs.memo.{name}"] = slot
+    return slot[1]
