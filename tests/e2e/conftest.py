@@ -24,6 +24,8 @@ import pytest
 from e2ehelpers import (
     CHROMIUM,
     DEMO,
+    LARGE,
+    LARGE_N,
     LITE1,
     ROOT,
     SYNTH,
@@ -214,4 +216,12 @@ def lite1_cache(server) -> Path:
 def synthetic_cache(server) -> Path:
     return _timed(
         f"synthetic {SYNTH_N}-image cache written", lambda: write_synthetic_cache(server.cache(SYNTH))
+    )
+
+
+@pytest.fixture(scope="session")
+def large_cache(server) -> Path:
+    return _timed(
+        f"synthetic {LARGE_N}-image cache written",
+        lambda: write_synthetic_cache(server.cache(LARGE), n=LARGE_N),
     )
