@@ -138,13 +138,17 @@ def search_regions(
     where = torch.empty(n, dtype=torch.int64, device=dev)
     upper = torch.empty(n, dtype=torch.float32, device=dev)
     coarse = False  # some chunk came in an operand type coarser than fp16
+    # Squared norms kept for refining coarse scores (a few MB: n·h·w fp32)
+    sqnorm = torch.empty((n, h, w), device=dev) if dtype != torch.float16 else None
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget, dtype):
             stop = start + len(sq)
             chunk_scores, chunk_upper = fast(x, sq)
             torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
             torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
-            coarse = coarse or _operand_dtype(x) != torch.float16
+            if _operand_dtype(x) != torch.float16 and sqnorm is not None:
+                coarse = True
+                sqnorm[start:stop] = sq
     scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
     placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
 
@@ -153,11 +157,11 @@ def search_regions(
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = select_top(scores, eligible, k, domains, per_domain)
-    if coarse and len(picked):
-        # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp32 scores and
+    if coarse and sqnorm is not None and len(picked):
+        # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
         # bounds first, so that few reach the float64 re-scoring.
         reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
-        _refine(source, fast, dev, geometry.pw, reach, scores, placements, upper_np)
+        _refine(source, fast, dev, geometry.pw, reach, sqnorm, scores, placements, upper_np)
         picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     if len(picked):
@@ -229,17 +233,17 @@ def _refine(
     device: torch.device,
     pw: int,
     indices: np.ndarray,
+    sqnorm: torch.Tensor,
     scores: np.ndarray,
     placements: np.ndarray,
     upper: np.ndarray,
 ) -> None:
-    """Replace some images' coarse fast scores, placements and bounds by fp32 ones: the features
-    converted exactly, fp32 products — a bound 2⁴ tighter than fp16's, so that few images reach the
-    float64 rounds; and fp32 products need no fp16 support (no CPU kernel built per shape)."""
-    for part, x in _row_blocks(source, indices, device, torch.float32):
+    """Replace some images' coarse fast scores, placements and bounds by fp16 ones (the features as
+    stored, their squared norms as the first pass had them), 2⁵ tighter."""
+    for part, x in _row_blocks(source, indices, device, torch.float16):
         with torch.inference_mode():
-            sqnorm = torch.linalg.vector_norm(x, dim=-1).square_()
-            part_scores, part_upper = fast(x, sqnorm)
+            index = torch.as_tensor(part, dtype=torch.long, device=device)
+            part_scores, part_upper = fast(x, sqnorm.index_select(0, index))
             best, where = part_scores.flatten(0, 1).max(0)
             scores[part] = best.cpu().numpy()
             placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
@@ -290,7 +294,8 @@ def _row_blocks(
     buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)
     if resident is not None:
         flat = resident.reshape(len(resident), -1)
-        staging = torch.empty((per_block, h * w * c), dtype=resident.dtype, device=device)
+        if resident.dtype != dtype:
+            staging = torch.empty((per_block, h * w * c), dtype=resident.dtype, device=device)
     for start in range(0, len(indices), per_block):
         part = indices[start : start + per_block]
         block = buffer[: len(part)]
@@ -298,7 +303,10 @@ def _row_blocks(
             block.copy_(torch.from_numpy(source.rows(part)).reshape(len(part), -1))
         else:
             index = torch.as_tensor(part, dtype=torch.long, device=device)
-            block.copy_(torch.index_select(flat, 0, index, out=staging[: len(part)]))
+            if resident.dtype == dtype:
+                torch.index_select(flat, 0, index, out=block)
+            else:
+                block.copy_(torch.index_select(flat, 0, index, out=staging[: len(part)]))
         yield part, block.view(len(part), h, w, c)
 
 
