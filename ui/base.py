@@ -24,15 +24,11 @@ T = TypeVar("T")
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Show a failure the user can act on (bad input, missing file, no internet) as a message, not a
-    traceback,
-    and stop the page there."""
+    traceback, and stop the page there (CacheError, ImageError, ModelUnavailable, LayerError, … are
+    ValueErrors, RuntimeErrors or OSErrors)."""
     try:
         yield
-    except (
-        ValueError,
-        RuntimeError,
-        OSError,
-    ) as e:  # CacheError, ImageError, ModelUnavailable, DatasetUnavailable, LayerError …
+    except (ValueError, RuntimeError, OSError) as e:
         layers = sys.modules.get("vfs.models.layers")  # a LayerError comes from there, once it is loaded
         if layers is not None and isinstance(e, layers.LayerError):  # names the page's layer list
             st.error(e.message("the Build page's layer list"))
