@@ -38,6 +38,39 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_fp16",
+    "amx_int8",
+)
+
+
+def cpu_isa() -> dict:
+    """The CPU's family/model and which of the vector ISA flags that decide the search's kernels it
+    has (/proc/cpuinfo): every figure is recorded with them, as machines differ from day to day."""
+    info: dict = {"flags": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("cpu family", "model", "vendor_id") and key not in info:
+                info[key] = value
+            elif key == "flags":
+                have = set(value.split())
+                info["flags"] = [f for f in ISA_FLAGS if f in have]
+                break
+    except OSError:
+        pass
+    return info
+
+
 def git_state() -> dict:
     def run(*cmd: str) -> str:
         try:
@@ -64,6 +97,7 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": cpu_isa(),
         "loadavg_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "device": str(device),
@@ -75,6 +109,9 @@ def environment(device: torch.device) -> dict:
             env["versions"][name] = version(name)
         except PackageNotFoundError:
             env["versions"][name] = None
+    from vfs.scoring import fast_dtype  # the operand type search chose here (VFS_FAST_DTYPE)
+
+    env["vfs_fast_dtype"] = str(fast_dtype(device)).removeprefix("torch.")
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
