@@ -157,7 +157,7 @@ def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
     assert not Path(f"{out}.lock").exists()
 
 
-@pytest.mark.parametrize("method", ["cells", "band", "rows"])
+@pytest.mark.parametrize("method", ["cells", "band"])
 def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     build(tmp_path / "c.zarr", 40)
     mask = np.zeros((4, 5), np.float32)
@@ -184,6 +184,20 @@ def test_streaming_equals_resident(tmp_path, monkeypatch, method):
     # per-domain through the cache's domain column
     one_each = search_regions(open_cache(tmp_path / "c.zarr"), 3, mask, k=8, per_domain=1, device="cpu")
     assert sorted(one_each.top["domain"]) == ["d0", "d1"]
+
+
+def test_a_copy_that_does_not_fit_leaves_the_cache_resident_as_stored(tmp_path):
+    """fp32 operands take twice the memory: under a budget fp16 fits and fp32 does not, the cache
+    is held in fp16 (not streamed), and searches the same."""
+    import torch
+
+    build(tmp_path / "c.zarr", 40)
+    cache, cpu = open_cache(tmp_path / "c.zarr"), torch.device("cpu")
+    budget = int(cache.nbytes * 1.5 * 1.1) + 1  # headroom for fp16, not for fp32
+    assert cache.fits(cpu, budget) and not cache.fits(cpu, budget, torch.float32)
+    chunks = list(cache.chunks(cpu, budget, torch.float32))
+    assert [x.dtype for _, x, _ in chunks] == [torch.float16] and cache.resident_on(cpu) is not None
+    assert cache.fits(cpu, None, torch.float32)  # the default budget holds both
 
 
 def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tmp_path, monkeypatch):

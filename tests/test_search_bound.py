@@ -32,8 +32,8 @@ def make(case: str, seed: int, n=50, grid=(6, 7), c=48):
     return x.astype(np.float16), mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["cells", "band", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["cells", "band"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
 def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):
@@ -53,7 +53,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):
     assert (exact <= upper).all(), np.max(exact - upper)
     gap = (upper - exact)[exact > 0.05]
     # tight enough to rule most images out (bf16: unit roundoff 2⁻⁸, three roundings ≈ 1.2%)
-    assert gap.max() < ((5e-3 if nonnegative else 2e-2) if dtype == torch.float16 else 3e-2)
+    assert gap.max() < ((5e-3 if nonnegative else 2e-2) if dtype != torch.bfloat16 else 3e-2)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -2,15 +2,12 @@
 
 score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
 
-Three exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
-  elsewhere), then an add per mask row (for the whole grid: one vector product per row);
-- "rows": the band form's products merged into one, of every data row (n·h × w·C, contiguous) with
-  every placed mask row — columns wasted on rows a mask row cannot land on, but never a vector
-  product (which oneDNN runs slowly in bf16).
+  elsewhere), then an add per mask row (for the whole grid: one vector product per row).
 The fast scorer runs fp16 or bf16 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
@@ -56,23 +53,21 @@ def fast_score_error(terms: int, dtype: torch.dtype = torch.float16) -> float:
 @dataclass(frozen=True)
 class ProductCost:
     """What a device's products in one operand type cost, relative to the cells form's one product:
-    the form that runs over data rows ("band" or "rows"), its fixed cost (band: h strided products
-    per chunk rather than one), how many multiply-adds per cell read cost as much as reading it,
-    and the cost of each product row as that many values read (short rows, e.g. the 192 channels
-    of a cells-form row, run below the read speed)."""
+    how many multiply-adds per cell read cost as much as reading it, the band form's fixed cost (h
+    strided products per chunk rather than one), and the cost of each product row as that many
+    values read (short rows, e.g. the 192 channels of a cells-form row, run below the read speed)."""
 
-    row_form: str
-    row_fixed: float
     free: float
+    band_fixed: float
     per_row: float = 0.0
 
 
 _PRODUCT_COST = {  # measured in docs/performance.md ("Per ISA")
-    ("cpu", torch.float16): ProductCost("band", 1.13, 15.0),
-    # oneDNN's bf16 vector product is slow; 192-channel rows run at ~70% of 2048-channel ones
-    ("cpu", torch.bfloat16): ProductCost("rows", 0.9, 20.0, 95.0),
-    ("cuda", torch.float16): ProductCost("band", 1.1, 96.0),
-    ("mps", torch.float16): ProductCost("band", 1.1, 32.0),
+    ("cpu", torch.float16): ProductCost(15.0, 1.13),
+    ("cpu", torch.bfloat16): ProductCost(20.0, 1.05, 95.0),  # 192-channel rows: ~60% of 2048's speed
+    ("cpu", torch.float32): ProductCost(15.0, 1.13),  # not measured apart from fp16
+    ("cuda", torch.float16): ProductCost(96.0, 1.1),
+    ("mps", torch.float16): ProductCost(32.0, 1.1),
 }
 # Exact re-scoring runs on a few images, where the count of products matters more than their
 # multiply-adds: the cells form (one product) unless it does over this many times the band
@@ -80,27 +75,31 @@ _PRODUCT_COST = {  # measured in docs/performance.md ("Per ISA")
 _EXACT_BAND_FACTOR = 4
 
 
-FAST_DTYPES = (torch.float16, torch.bfloat16)
+FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FAST_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FAST_DTYPES}
 _FAST_DTYPE_GAIN = 1.5
-"""With `VFS_FAST_DTYPE=auto`, bf16 operands are chosen only where their product runs this many
-times faster than fp16's: their bound is 2⁵ wider, so more images need an fp32 pass after it."""
+"""With `VFS_FAST_DTYPE=auto`, another operand type than fp16 is chosen only where its product runs
+this many times faster: fp32 copies take twice the memory, and a bf16 bound is 2⁵ wider (more
+images need an fp16 pass after it)."""
 
 
 @cache
 def fast_dtype(device: torch.device) -> torch.dtype:
     """The operand type of a prepared source's fast products on `device`, chosen once per process
-    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, bf16 where its product runs
-    `_FAST_DTYPE_GAIN`× faster than fp16's (AVX512-BF16 without AVX512-FP16 / AMX: 3–4×,
-    docs/performance.md), else fp16; `float16` (features as stored, the tightest bound, the only
-    choice on GPUs); or `bfloat16`. The top-k is exact either way; other images' scores keep the
-    chosen type's fast error (fp16 ≈ 0.1%, bf16 ≈ 1.2% of the score at most)."""
+    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, the fastest of a product of the search's
+    shape in fp16, fp32 and bf16, where it beats fp16's by `_FAST_DTYPE_GAIN`× (bf16 on
+    AVX512-BF16 without AVX512-FP16 / AMX: 3–4×; fp32 where neither fp16 nor bf16 has a dot product
+    and MKL's fp32 kernels win, e.g. AVX2 only — docs/performance.md), else fp16; or `float16`
+    (features as stored, the only choice on GPUs), `bfloat16`, `float32`. The top-k is exact
+    either way; other images' scores keep the chosen type's fast error (fp16 ≈ 0.1%, fp32 less,
+    bf16 ≈ 1.2% of the score at most)."""
     choice = os.environ.get("VFS_FAST_DTYPE", "auto")
-    if choice not in ("float16", "bfloat16", "auto"):
-        raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected float16, bfloat16 or auto")
+    if choice not in (*_FAST_DTYPES_BY_NAME, "auto"):
+        raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected auto, {', '.join(_FAST_DTYPES_BY_NAME)}")
     if device.type != "cpu" or choice == "float16":
         return torch.float16  # GPUs run fp16 products at their memory speed, with fp32 outputs
-    if choice == "bfloat16":
-        return torch.bfloat16
+    if choice != "auto":
+        return _FAST_DTYPES_BY_NAME[choice]
     best = {}
     for dtype in FAST_DTYPES:  # a product of the search's shape: K = 9 mask cells, 16,384 cells
         w, x = torch.full((9, 1024), 0.5, dtype=dtype), torch.full((16384, 1024), 0.25, dtype=dtype)
@@ -110,7 +109,8 @@ def fast_dtype(device: torch.device) -> torch.dtype:
             w @ x.T
             times.append(time.perf_counter() - start)
         best[dtype] = min(times[1:])
-    return torch.bfloat16 if best[torch.float16] > _FAST_DTYPE_GAIN * best[torch.bfloat16] else torch.float16
+    fastest = min(best, key=best.__getitem__)
+    return fastest if best[torch.float16] > _FAST_DTYPE_GAIN * best[fastest] else torch.float16
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "band" | "rows"
+    method: str  # "cells" | "band"
     cost_cells: float
-    cost_rows: float  # of the row form considered ("band" or "rows")
+    cost_band: float
 
 
 @dataclass(frozen=True)
@@ -214,8 +214,7 @@ class QueryGeometry:
         """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
         faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
         (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
-        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms.
-        Rows: the same columns for every mask row, in one (mh·pw, w·C) tensor."""
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
         c = self.channels
         if method == "cells":
             ky, kx = zip(*self.cells)
@@ -223,27 +222,23 @@ class QueryGeometry:
         placed = torch.zeros(self.mh, self.pw, self.grid[1] * c, dtype=torch.float64)
         for px in range(self.pw):
             placed[:, px, px * c : (px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
-        if method == "rows":  # every placed mask row, for every data row at once
-            return [placed.reshape(-1, self.grid[1] * c)]
         return [placed[r.start : r.stop].reshape(-1, self.grid[1] * c) for r in self.band]
 
 
 def plan_query(
     query: RegionQuery, grid: tuple[int, int], device: torch.device, dtype: torch.dtype = torch.float16
 ) -> QueryPlan:
-    """Pick the cheaper of the cells form and the device's row form for operands in `dtype`. Each
-    reads every cell once; cost = a fixed part + the multiply-adds per cell read over what the
-    device does at no extra cost (on CPU, oneDNN packs its operand first, then pays per column:
-    measured in docs/performance.md)."""
-    h, _ = grid
+    """Pick the cheaper form for operands in `dtype`. Both read every cell once; cost = a fixed part
+    + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
+    packs its operand first, then pays per column) + a cost per product row (measured in
+    docs/performance.md)."""
+    (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
-    mh = query.mask.shape[0]
-    c = query.features.shape[-1]
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
     cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
-    columns = ph * mh * pw / h if cost.row_form == "band" else mh * pw  # per data row, on average
-    rows = cost.row_fixed + columns / cost.free + cost.per_row / (grid[1] * c)
-    return QueryPlan("cells" if cells <= rows else cost.row_form, cells, rows)
+    columns = ph * query.mask.shape[0] * pw / h  # Σ over data rows of their columns, ÷ h
+    band = cost.band_fixed + columns / cost.free + cost.per_row / (w * c)
+    return QueryPlan("cells" if cells <= band else "band", cells, band)
 
 
 def plan_exact(geometry: QueryGeometry) -> QueryPlan:
@@ -288,8 +283,7 @@ class Scorer:
         device: torch.device,
         dtype: torch.dtype = torch.float16,
     ) -> Scorer:
-        """Operands in `dtype` (one of FAST_DTYPES: the features' type, or fp32 for the images a
-        bf16 bound cannot rule out), sums in fp32."""
+        """Operands in `dtype` (one of FAST_DTYPES: the features' type), sums in fp32."""
         weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
         return cls(geometry, plan, weights, torch.float32)
 
@@ -324,12 +318,6 @@ class Scorer:
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(g_.cells):
                 out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
-        elif self.plan.method == "rows":
-            g = product(self.weights[0], lambda p: p.reshape(-1, w * c)).view(g_.mh, g_.pw, n, h)
-            g = g.permute(0, 3, 1, 2).contiguous()  # (mh, h, Pw, n): mask row, data row, then images
-            for y, rows in enumerate(g_.band):
-                for ky in rows:
-                    out[y - ky] += g[ky, y]
         else:
             for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
                 g = product(self.weights[y], partial(_data_row, y=y)).view(len(rows), g_.pw, n)
@@ -367,7 +355,7 @@ class FastBound:
     ) -> FastBound:
         """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
-        # A row form's column sums mw·C terms (and exact zeros); mh of them make a placement's score.
+        # A band column sums mw·C terms (and exact zeros); mh of them make a placement's score.
         terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
         # Weights that `dtype` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.

@@ -121,7 +121,7 @@ def search_regions(
     dtype = fast_dtype(dev)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         source = prepared_array(source, dtype if dev.type == "cpu" else torch.float16)
-        if dev.type == "cpu":  # bf16 where the preparation is kept for the next calls
+        if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
             dtype = source.cpu_dtype
     n, h, w, c = source.shape
     rq = region_query(source, query, mask)
@@ -137,16 +137,16 @@ def search_regions(
     best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
     where = torch.empty(n, dtype=torch.int64, device=dev)
     upper = torch.empty(n, dtype=torch.float32, device=dev)
-    coarse = False  # some chunk came in an operand type coarser than fp16
+    coarse = False  # some chunk came in bf16, coarser than the features as stored
     # Squared norms kept for refining coarse scores (a few MB: n·h·w fp32)
-    sqnorm = torch.empty((n, h, w), device=dev) if dtype != torch.float16 else None
+    sqnorm = torch.empty((n, h, w), device=dev) if dtype == torch.bfloat16 else None
     with torch.inference_mode():
         for start, x, sq in source.chunks(dev, memory_budget, dtype):
             stop = start + len(sq)
             chunk_scores, chunk_upper = fast(x, sq)
             torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
             torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
-            if _operand_dtype(x) != torch.float16 and sqnorm is not None:
+            if _operand_dtype(x) == torch.bfloat16 and sqnorm is not None:
                 coarse = True
                 sqnorm[start:stop] = sq
     scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()

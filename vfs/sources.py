@@ -104,12 +104,13 @@ their squared norms: cache-sized, reused (a fresh fp32 copy costs its page fault
 
 @torch.no_grad()
 def _fp16_and_sqnorms(
-    t: torch.Tensor, bf16: torch.Tensor | None = None
+    t: torch.Tensor, copy: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`t` as contiguous fp16 (`t` itself when it is one: no copy), each cell's squared norm in
     fp32, and whether every value is ≥ 0 — in one pass over `t`, a few images at a time: each
     block (converted to fp16 first where `t` is not) goes into one reused fp32 buffer, read there
-    for its norms and its least value while in cache (and rounded into `bf16`, when given)."""
+    for its norms and its least value while in cache (and written into `copy`, when given: an
+    operand copy in bf16 or fp32)."""
     n, h, w, c = t.shape
     if t.dtype == torch.float16 and t.is_contiguous():
         fp16 = t
@@ -128,8 +129,8 @@ def _fp16_and_sqnorms(
         block = buffer[: len(block)].copy_(block)
         torch.amin(block, out=least[i])  # before the norms: the block is hotter in cache
         torch.linalg.vector_norm(block, dim=-1, out=sqnorm[a : a + step])
-        if bf16 is not None:
-            bf16[a : a + step].copy_(block)
+        if copy is not None:
+            copy[a : a + step].copy_(block)
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
@@ -145,21 +146,22 @@ class ArrayFeatures:
         cpu_dtype: torch.dtype = torch.float16,
     ):
         """`cpu_dtype`: the operand type CPU searches will ask for (`vfs.scoring.fast_dtype`); a
-        bf16 copy is rounded in the preparing pass rather than in one more pass at the first search."""
+        bf16 or fp32 copy is written in the preparing pass rather than in one more pass at the
+        first search."""
         with warnings.catch_warnings():  # a read-only array: only ever read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             t = torch.as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self.cpu_dtype = cpu_dtype
-        bf16 = torch.empty(t.shape, dtype=torch.bfloat16) if cpu_dtype == torch.bfloat16 else None
-        self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, bf16)
+        copy = None if cpu_dtype == torch.float16 else torch.empty(t.shape, dtype=cpu_dtype)
+        self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, copy)
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
         self._slices = even_slices(len(self._fp16), math.prod(t.shape[1:]) * 2, slice_bytes)
         self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        if bf16 is not None:
-            self._on[torch.device("cpu"), torch.bfloat16] = (bf16, self._sqnorm)
+        if copy is not None:
+            self._on[torch.device("cpu"), cpu_dtype] = (copy, self._sqnorm)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

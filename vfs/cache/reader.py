@@ -395,13 +395,17 @@ class FeatureCache:
                 self._resident[device, dtype] = (x, s)
             return self._resident[device, dtype]
 
-    def fits(self, device: torch.device, memory_budget: int | None) -> bool:
+    def fits(
+        self, device: torch.device, memory_budget: int | None, dtype: torch.dtype = torch.float16
+    ) -> bool:
+        """Whether the features fit `device`'s memory (or the budget) held whole in `dtype`."""
+        nbytes = self.nbytes // 2 * dtype.itemsize
         if memory_budget is not None:
-            return self.nbytes * RESIDENT_HEADROOM <= memory_budget
+            return nbytes * RESIDENT_HEADROOM <= memory_budget
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            return self.nbytes * RESIDENT_HEADROOM <= CUDA_FREE_SHARE * free
-        return self.nbytes <= DEFAULT_MEMORY_BUDGET
+            return nbytes * RESIDENT_HEADROOM <= CUDA_FREE_SHARE * free
+        return nbytes <= DEFAULT_MEMORY_BUDGET
 
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
@@ -410,11 +414,12 @@ class FeatureCache:
         one range prefetched (see `vfs.sources.FeatureSource.chunks`)."""
         self.check_searchable()
         row_bytes = int(np.prod(self.shape[1:])) * 2
-        if (device, dtype) in self._resident or self.fits(device, memory_budget):
-            x, s = self.resident(device, dtype)
-            for a, b in even_slices(self.n, row_bytes):
-                yield a, x[a:b], s[a:b]
-            return
+        for held in dict.fromkeys((dtype, torch.float16)):  # in `dtype`, else in fp16 as stored
+            if (device, held) in self._resident or self.fits(device, memory_budget, held):
+                x, s = self.resident(device, held)
+                for a, b in even_slices(self.n, row_bytes):
+                    yield a, x[a:b], s[a:b]
+                return
         rows = STREAM_RANGE_BYTES["cuda" if device.type == "cuda" else "cpu"] // row_bytes
         if memory_budget is not None:  # two ranges in flight must fit the budget
             rows = max(1, min(rows, memory_budget // 4 // (2 * row_bytes)))
