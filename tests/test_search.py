@@ -301,3 +301,20 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
     for result in (kept, once):
         assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])
         np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, monkeypatch):
+    """What the bf16 bound cannot rule out is scored again in fp16: gathered, or (past a share of
+    the images) in one more pass over all; either way the top-k is exact and, past that share,
+    every image's score fp16-close."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr("vfs.search._REFINE_ALL_SHARE", share)
+    rng = np.random.default_rng(13)
+    feats = rng.standard_normal((50, 6, 6, 32)).astype(np.float16)  # signed: scores packed near 0
+    mask = soft_blob(rng, 6, 6)
+    ref, _ = brute_force(feats, feats[5].astype(np.float32), mask)
+    result = search_regions(ArrayFeatures(feats, cpu_dtype=torch.bfloat16), 5, mask, k=7, device="cpu")
+    assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:7])
+    np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
+    np.testing.assert_allclose(result.scores, ref, atol=2e-3 if share == 0 else 3e-2)

@@ -36,6 +36,9 @@ from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
+_REFINE_ALL_SHARE = 0.5
+"""Past this share of the images to refine, one fp16 pass over all costs less than gathering them
+(a gathered image costs ≈ 1.5 of a pass's per image: its copy, then the same product)."""
 _BLOCK_BYTES = 16 << 20
 """Images re-scored at once hold at most this in the type they are scored in (fp32 or float64),
 in one buffer reused across blocks: fresh temporaries cost their page faults, which on some VMs
@@ -134,34 +137,21 @@ def search_regions(
     geometry = QueryGeometry.create(rq, (h, w))
     fast = _FastScoring(rq, geometry, dev, source.nonnegative)
 
-    best = torch.empty(n, dtype=torch.float32, device=dev)  # on the device: one copy back, no sync per chunk
-    where = torch.empty(n, dtype=torch.int64, device=dev)
-    upper = torch.empty(n, dtype=torch.float32, device=dev)
-    coarse = False  # some chunk came in bf16, coarser than the features as stored
-    # Squared norms kept for refining coarse scores (a few MB: n·h·w fp32)
-    sqnorm = torch.empty((n, h, w), device=dev) if dtype == torch.bfloat16 else None
-    with torch.inference_mode():
-        for start, x, sq in source.chunks(dev, memory_budget, dtype):
-            stop = start + len(sq)
-            chunk_scores, chunk_upper = fast(x, sq)
-            torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
-            torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
-            if _operand_dtype(x) == torch.bfloat16 and sqnorm is not None:
-                coarse = True
-                sqnorm[start:stop] = sq
-    scores, upper_np = best.cpu().numpy(), upper.cpu().numpy()
-    placements = np.stack(np.divmod(where.cpu().numpy(), geometry.pw), axis=1)
-
+    scores, placements, upper, sqnorm = _fast_pass(source, fast, dev, memory_budget, dtype)
     eligible = eligible_images(n, candidates, exclude)
     domains = source.domains
     if per_domain is not None and domains is None:
         raise ValueError("per_domain needs a dataset with a domain column")
     picked = select_top(scores, eligible, k, domains, per_domain)
-    if coarse and sqnorm is not None and len(picked):
+    if sqnorm is not None and len(picked):
         # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
-        # bounds first, so that few reach the float64 re-scoring.
-        reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
-        _refine(source, fast, dev, geometry.pw, reach, sqnorm, scores, placements, upper_np)
+        # bounds first, so that few reach the float64 re-scoring — gathered, or where they are
+        # most of the images (scores packed within the bound), in one more pass over all in fp16.
+        reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
+        if len(reach) > _REFINE_ALL_SHARE * n:
+            scores, placements, upper, _ = _fast_pass(source, fast, dev, memory_budget, torch.float16)
+        else:
+            _refine(source, fast, dev, geometry.pw, reach, sqnorm, scores, placements, upper)
         picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     if len(picked):
@@ -170,10 +160,10 @@ def search_regions(
         # The first round also takes the images whose bound reaches the fast k-th score: nearly all
         # that the second would, so the second (a fixed ≈ 1 ms) is usually empty.
         score = exact_scorer(geometry, dev)
-        reach = np.flatnonzero(eligible & (upper_np >= scores[picked].min()))
+        reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
         _rescore(source, score, dev, geometry.pw, np.union1d(picked, reach), scores, placements, exact)
         kth = scores[picked].min()
-        later = np.flatnonzero(eligible & ~exact & (upper_np >= kth))
+        later = np.flatnonzero(eligible & ~exact & (upper >= kth))
         _rescore(source, score, dev, geometry.pw, later, scores, placements, exact)
         picked = select_top(scores, eligible, k, domains, per_domain)
 
@@ -221,6 +211,35 @@ class _FastScoring:
         scores = scorer.scores(x, wnorm)
         nonnegative = self.nonnegative_source and bound.nonnegative_weights
         return scores, bound.upper(scores, wnorm, nonnegative).masked_fill_(~torch.isfinite(scores), math.inf)
+
+
+def _fast_pass(
+    source: FeatureSource,
+    fast: _FastScoring,
+    device: torch.device,
+    memory_budget: int | None,
+    dtype: torch.dtype,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor | None]:
+    """Every image's best fast score, its placement (y, x) and its score's upper bound, over the
+    source's chunks in `dtype`; and, where some chunk came in bf16 (coarser than the features as
+    stored), every cell's squared norm, for refining (a few MB: n·h·w fp32)."""
+    n, h, w, _ = source.shape
+    best = torch.empty(n, dtype=torch.float32, device=device)  # on the device: one copy back, no sync
+    where = torch.empty(n, dtype=torch.int64, device=device)
+    upper = torch.empty(n, dtype=torch.float32, device=device)
+    sqnorm = torch.empty((n, h, w), device=device) if dtype == torch.bfloat16 else None
+    coarse = False
+    with torch.inference_mode():
+        for start, x, sq in source.chunks(device, memory_budget, dtype):
+            stop = start + len(sq)
+            chunk_scores, chunk_upper = fast(x, sq)
+            torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
+            torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
+            if sqnorm is not None and _operand_dtype(x) == torch.bfloat16:
+                coarse = True
+                sqnorm[start:stop] = sq
+    placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
+    return best.cpu().numpy(), placements, upper.cpu().numpy(), sqnorm if coarse else None
 
 
 def _operand_dtype(x: torch.Tensor | list[torch.Tensor]) -> torch.dtype:
