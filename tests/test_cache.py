@@ -188,7 +188,7 @@ def test_streaming_equals_resident(tmp_path, monkeypatch, method):
 
 def test_a_copy_that_does_not_fit_leaves_the_cache_resident_as_stored(tmp_path):
     """fp32 operands take twice the memory: under a budget fp16 fits and fp32 does not, the cache
-    is held in fp16 (not streamed), and searches the same."""
+    is held in fp16 (not streamed); where both fit, another type's copy is held beside the fp16."""
     import torch
 
     build(tmp_path / "c.zarr", 40)
@@ -197,7 +197,10 @@ def test_a_copy_that_does_not_fit_leaves_the_cache_resident_as_stored(tmp_path):
     assert cache.fits(cpu, budget) and not cache.fits(cpu, budget, torch.float32)
     chunks = list(cache.chunks(cpu, budget, torch.float32))
     assert [x.dtype for _, x, _ in chunks] == [torch.float16] and cache.resident_on(cpu) is not None
-    assert cache.fits(cpu, None, torch.float32)  # the default budget holds both
+    held = open_cache(tmp_path / "c.zarr")  # where both fit, a bf16 copy is held beside the fp16
+    chunks = list(held.chunks(cpu, None, torch.bfloat16))
+    assert [x.dtype for _, x, _ in chunks] == [torch.bfloat16]
+    assert torch.equal(chunks[0][1], held.resident_on(cpu).to(torch.bfloat16))  # rows gathered in memory
 
 
 def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tmp_path, monkeypatch):

@@ -318,3 +318,42 @@ def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, monkeypatch)
     assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:7])
     np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
     np.testing.assert_allclose(result.scores, ref, atol=2e-3 if share == 0 else 3e-2)
+
+
+def test_a_source_mixing_bf16_and_fp16_chunks_keeps_the_top_k_exact(monkeypatch):
+    """Images of a chunk that came in fp16 (e.g. streamed) may be refined too: with their own
+    squared norms, not whatever memory held (a review found it; this failed 4 times in 5)."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((40, 5, 5, 16)).astype(np.float16)
+    feats[30:] = feats[3]  # in the fp16 half: exact matches of the query
+    base = ArrayFeatures(feats, cpu_dtype=torch.bfloat16)
+
+    class Mixed:
+        shape, nonnegative, domains = base.shape, base.nonnegative, None
+        rows, resident_on, describe_rows = base.rows, base.resident_on, base.describe_rows
+
+        def chunks(self, device, memory_budget=None, dtype=torch.float16):
+            (_, bf16, sq), *_ = base.chunks(device, dtype=torch.bfloat16)
+            yield 0, bf16[:20], sq[:20]
+            yield 20, base._fp16[20:], sq[20:]
+
+    mask = np.zeros((5, 5), np.float32)
+    mask[1:4, 1:4] = 1
+    ref, _ = brute_force(feats, feats[3].astype(np.float32), mask)
+    for _ in range(3):
+        torch.full((40 * 25,), 1e30)  # junk where the next torch.empty may land
+        result = search_regions(Mixed(), 3, mask, k=12, device="cpu")
+        assert sorted(result.top["index"]) == sorted(np.argsort(-ref, kind="stable")[:12])
+        np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
+
+
+def test_inference_mode_tensors_are_searched_prepared_anew():
+    """No version counter to tell whether they changed: prepared on every call, never refused."""
+    rng = np.random.default_rng(3)
+    feats = random_features(rng, 20, 4, 4, 8)
+    with torch.inference_mode():
+        tensor = torch.from_numpy(feats).clone()
+    mask = soft_blob(rng, 4, 4)
+    a, b = (search_regions(tensor, 1, mask, k=3, device="cpu") for _ in range(2))
+    assert a.source is not b.source and list(a.top["index"]) == list(b.top["index"])

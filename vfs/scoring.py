@@ -8,7 +8,7 @@ Two exact forms of the numerator, chosen per query by their cost (see `plan_quer
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
   elsewhere), then an add per mask row (for the whole grid: one vector product per row).
-The fast scorer runs fp16 or bf16 operands with fp32 sums, with a proven bound on each placement's
+The fast scorer runs fp16, bf16 or fp32 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
 
@@ -250,8 +250,9 @@ def plan_exact(geometry: QueryGeometry) -> QueryPlan:
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp16 operands, fp32 accumulation; fp32 output where the backend offers it (CUDA). float64
-    operands (exact re-scoring) run as they are."""
+    """fp16 / bf16 / fp32 operands, fp32 accumulation; fp32 output for fp16 where the backend
+    offers it (CUDA; elsewhere outputs in the operand type, inside the bound). float64 operands
+    (exact re-scoring) run as they are."""
     if a.is_cuda and a.dtype == torch.float16:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -268,7 +269,8 @@ def _data_row(images: torch.Tensor, y: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Scorer:
     """The numerator, window norms and scores of one query on one device, in one form and precision:
-    fp16 weights and fp32 sums (`fast`, bounded by `FastBound`), or float64 throughout (`exact`)."""
+    weights in the features' operand type and fp32 sums (`fast`, bounded by `FastBound`), or float64
+    throughout (`exact`)."""
 
     geometry: QueryGeometry
     plan: QueryPlan
@@ -345,8 +347,8 @@ class FastBound:
     """How far a fast score can be from the exact one, proven per placement (see `upper`)."""
 
     eps: float  # relative error of the products and sums
-    weight_error: float  # subnormal fp16 weights' exact rounding, over a window (Cauchy–Schwarz)
-    output_error: float  # outputs in fp16's subnormal range, ÷ the window norm
+    weight_error: float  # subnormal weights' exact rounding, over a window (Cauchy–Schwarz)
+    output_error: float  # outputs in the operand type's subnormal range, ÷ the window norm
     nonnegative_weights: bool  # the query's kernel is ≥ 0 (with ≥ 0 features: a relative bound)
 
     @classmethod

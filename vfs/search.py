@@ -1,7 +1,8 @@
 """Exact region search: the cosine similarity of a masked query window against every
 placement of that window in every dataset image, each image keeping its best placement.
 
-Every image is scored fast (`vfs.scoring`: fp16 operands, a proven bound on each score's error);
+Every image is scored fast (`vfs.scoring`: fp16, bf16 or fp32 operands, a proven bound on each
+score's error; bf16's wider one narrowed by fp16 scores of the images it cannot rule out);
 the fast top-k is re-scored in float64, then every image whose upper bound reaches the exact k-th
 score, so the returned top-k and its scores are exact (to float32, in which scores are returned);
 other images keep fast scores.
@@ -40,7 +41,7 @@ _REFINE_ALL_SHARE = 0.5
 """Past this share of the images to refine, one fp16 pass over all costs less than gathering them
 (a gathered image costs ≈ 1.5 of a pass's per image: its copy, then the same product)."""
 _BLOCK_BYTES = 16 << 20
-"""Images re-scored at once hold at most this in the type they are scored in (fp32 or float64),
+"""Images re-scored at once hold at most this in the type they are scored in (fp16 or float64),
 in one buffer reused across blocks: fresh temporaries cost their page faults, which on some VMs
 exceed the arithmetic."""
 
@@ -122,6 +123,8 @@ def search_regions(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dtype = fast_dtype(dev)
+    if dtype == torch.float32 and not _ieee_fp32(dev):
+        dtype = torch.float16  # fp32 products would run in bf16 / TF32, outside fp32's bound
     if isinstance(source, (np.ndarray, torch.Tensor)):
         source = prepared_array(source, dtype if dev.type == "cpu" else torch.float16)
         if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
@@ -146,9 +149,10 @@ def search_regions(
     if sqnorm is not None and len(picked):
         # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and
         # bounds first, so that few reach the float64 re-scoring — gathered, or where they are
-        # most of the images (scores packed within the bound), in one more pass over all in fp16.
+        # most of the images (scores packed within the bound) and the fp16 features are held on
+        # the device, in one more pass over all in fp16 (never a second copy of a cache).
         reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
-        if len(reach) > _REFINE_ALL_SHARE * n:
+        if len(reach) > _REFINE_ALL_SHARE * n and source.resident_on(dev) is not None:
             scores, placements, upper, _ = _fast_pass(source, fast, dev, memory_budget, torch.float16)
         else:
             _refine(source, fast, dev, geometry.pw, reach, sqnorm, scores, placements, upper)
@@ -213,6 +217,16 @@ class _FastScoring:
         return scores, bound.upper(scores, wnorm, nonnegative).masked_fill_(~torch.isfinite(scores), math.inf)
 
 
+def _ieee_fp32(device: torch.device) -> bool:
+    """Whether fp32 products on `device` round as fp32 (no TF32 / bf16 passes): `torch.
+    set_float32_matmul_precision("high" | "medium")`, common in training code, lets oneDNN and
+    cuBLAS use them."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    backend = torch.backends.mkldnn if device.type == "cpu" else torch.backends.cuda
+    return getattr(getattr(backend, "matmul", None), "fp32_precision", "ieee") in ("ieee", "none")
+
+
 def _fast_pass(
     source: FeatureSource,
     fast: _FastScoring,
@@ -235,9 +249,9 @@ def _fast_pass(
             chunk_scores, chunk_upper = fast(x, sq)
             torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
             torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
-            if sqnorm is not None and _operand_dtype(x) == torch.bfloat16:
-                coarse = True
+            if sqnorm is not None:  # every chunk's: a refined image may come from any
                 sqnorm[start:stop] = sq
+                coarse = coarse or _operand_dtype(x) == torch.bfloat16
     placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
     return best.cpu().numpy(), placements, upper.cpu().numpy(), sqnorm if coarse else None
 

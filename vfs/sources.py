@@ -1,7 +1,8 @@
 """What a search reads: the `FeatureSource` protocol, and `ArrayFeatures` for arrays in memory.
 
-A cache (`vfs.cache.FeatureCache`) is the other source; both hand the search fp16 features and
-fp32 squared norms on its device, slice by slice, and single rows for exact re-scoring.
+A cache (`vfs.cache.FeatureCache`) is the other source; both hand the search features (fp16 as
+stored, or a bf16 / fp32 copy) and fp32 squared norms on its device, slice by slice, and fp16 rows
+for re-scoring.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class FeatureSource(Protocol):
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
         """(start, features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`: features held
-        resident in `dtype` (fp16 as stored, or bf16 where its products run faster — converted once),
-        streamed ones in fp16. They may come as a list of tensors holding consecutive images (files
-        mapped in place); a chunk's tensors are only read until the next chunk is asked for."""
+        resident in `dtype` (fp16 as stored, or bf16 / fp32 where their products run faster —
+        converted once; fp16 where that copy would not fit), streamed ones in fp16. They may come
+        as a list of tensors holding consecutive images (files mapped in place); a chunk's tensors
+        are only read until the next chunk is asked for."""
         ...
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
@@ -154,7 +156,11 @@ class ArrayFeatures:
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self.cpu_dtype = cpu_dtype
-        copy = None if cpu_dtype == torch.float16 else torch.empty(t.shape, dtype=cpu_dtype)
+        copy = (
+            None
+            if cpu_dtype == torch.float16 or t.device.type != "cpu"
+            else torch.empty(t.shape, dtype=cpu_dtype)
+        )
         self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, copy)
         if not torch.isfinite(self._sqnorm).all():
             raise ValueError("the features contain NaN or inf (fp16 overflow?)")
@@ -183,10 +189,10 @@ class ArrayFeatures:
             yield a, x[a:b], s[a:b]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        return gather_rows(self._fp16, indices).numpy()
+        return gather_rows(self._fp16, indices).cpu().numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
-        if device.type == "cpu":
+        if self._fp16.device == device:  # the array as passed, wherever it lives
             return self._fp16
         held = self._on.get((device, torch.float16))
         return None if held is None else held[0]
@@ -228,6 +234,8 @@ def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch
 def _unchanged_since(features: np.ndarray | torch.Tensor) -> tuple | None:
     """What must be equal for `features` to be unchanged, or None where nothing can tell."""
     if isinstance(features, torch.Tensor):
+        if features.is_inference():  # no version counter to tell
+            return None
         return (
             features._version,
             features.data_ptr(),

@@ -383,9 +383,14 @@ class FeatureCache:
         self, device: torch.device, dtype: torch.dtype = torch.float16
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache as features in `dtype` and fp32 squared norms on `device`, loaded once,
-        chunk by chunk (converted from fp16 as each chunk arrives)."""
+        chunk by chunk (converted from fp16 as each chunk arrives), or converted from the fp16
+        copy held there."""
         self.check_searchable()
         with self._lock:
+            held = self._resident.get((device, torch.float16))
+            if (device, dtype) not in self._resident and held is not None:
+                x = copy_converted(torch.empty(self.shape, dtype=dtype, device=device), held[0])
+                self._resident[device, dtype] = (x, held[1])
             if (device, dtype) not in self._resident:
                 x = torch.empty(self.shape, dtype=dtype, device=device)
                 s = torch.empty(self.shape[:3], dtype=torch.float32, device=device)
@@ -395,11 +400,10 @@ class FeatureCache:
                 self._resident[device, dtype] = (x, s)
             return self._resident[device, dtype]
 
-    def fits(
-        self, device: torch.device, memory_budget: int | None, dtype: torch.dtype = torch.float16
-    ) -> bool:
-        """Whether the features fit `device`'s memory (or the budget) held whole in `dtype`."""
-        nbytes = self.nbytes // 2 * dtype.itemsize
+    def fits(self, device: torch.device, memory_budget: int | None, *dtypes: torch.dtype) -> bool:
+        """Whether the features fit `device`'s memory (or the budget) held whole in each of `dtypes`
+        (fp16 when none is named)."""
+        nbytes = sum(self.nbytes // 2 * d.itemsize for d in dtypes or (torch.float16,))
         if memory_budget is not None:
             return nbytes * RESIDENT_HEADROOM <= memory_budget
         if device.type == "cuda":
@@ -410,13 +414,17 @@ class FeatureCache:
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
-        """Resident in `dtype` when it fits the budget; otherwise streamed from storage in fp16 with
-        one range prefetched (see `vfs.sources.FeatureSource.chunks`)."""
+        """Resident in `dtype` when it fits the budget, with the fp16 features as stored beside it
+        when both fit (rows to re-score are then gathered in memory, not read again); else resident
+        in fp16; otherwise streamed from storage in fp16 with one range prefetched (see
+        `vfs.sources.FeatureSource.chunks`)."""
         self.check_searchable()
         row_bytes = int(np.prod(self.shape[1:])) * 2
-        for held in dict.fromkeys((dtype, torch.float16)):  # in `dtype`, else in fp16 as stored
-            if (device, held) in self._resident or self.fits(device, memory_budget, held):
-                x, s = self.resident(device, held)
+        fp16 = torch.float16
+        for held in dict.fromkeys([(dtype, fp16), (dtype,), (fp16,)]):  # the first that fits
+            if all((device, d) in self._resident for d in held) or self.fits(device, memory_budget, *held):
+                for d in held[::-1]:  # fp16 first: the other copy is converted from it in memory
+                    x, s = self.resident(device, d)
                 for a, b in even_slices(self.n, row_bytes):
                     yield a, x[a:b], s[a:b]
                 return
