@@ -51,11 +51,15 @@ def _deadline():
 
 @pytest.fixture(scope="session")
 def cluster():
-    """A local cluster of 2 CPUs, as small as CI machines; shut down at the end of the session."""
+    """A local cluster of 2 CPUs, as small as CI machines; shut down at the end of the session. Its
+    workers run fp16 products, as the tests' own process does (tests/conftest.py), so sharded fast
+    scores equal local ones on every machine."""
     ray = pytest.importorskip("ray")
     from vfs.cluster import connect
 
-    connect(None, num_cpus=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VFS_FAST_DTYPE", "float16")
+        connect(None, num_cpus=2)
     yield ray
     ray.shutdown()
 

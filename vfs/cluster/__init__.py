@@ -7,6 +7,7 @@ local cluster, so everything here runs on one machine exactly as on many.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
@@ -15,7 +16,8 @@ RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ("auto", "ray://host:10001", …) or start a local one (with
     `num_cpus`); once per process. The cluster's workers import this process's `vfs` (shipped as a
-    runtime-env module), so driver and workers always run the same code."""
+    runtime-env module), so driver and workers always run the same code; an operand type forced
+    here (`VFS_FAST_DTYPE`) is forced there too, while `auto` lets each worker measure its own CPU."""
     try:
         import ray
     except ImportError as e:
@@ -26,6 +28,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         address=address,
         num_cpus=num_cpus,
         include_dashboard=False if address is None else None,
-        runtime_env={"py_modules": [str(Path(__file__).resolve().parents[1])]},
+        runtime_env={
+            "py_modules": [str(Path(__file__).resolve().parents[1])],
+            "env_vars": {k: os.environ[k] for k in ("VFS_FAST_DTYPE",) if k in os.environ},
+        },
         log_to_driver=False,
     )
