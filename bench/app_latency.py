@@ -24,22 +24,26 @@ Prints ONE JSON document (median / p95 / per-stroke ms, the environment with the
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
-from _common import ROOT, emit, environment, log
+from _common import emit, environment, log
 
-from tests.e2e.e2ehelpers import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, WATCH_RUNS, timed_stroke, wait_idle
+from tests.e2e.e2ehelpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    VIEWPORT,
+    WATCH_RUNS,
+    start_app,
+    stop_app,
+    timed_stroke,
+    wait_idle,
+)
 
 K = 10  # the Search page's default k
 
@@ -60,55 +64,6 @@ def write_cache(cache_dir: Path, n: int) -> Path:
     write_synthetic_cache(out, n)
     log(f"wrote {out} ({n} images) in {time.perf_counter() - t:.1f} s")
     return out
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def start_server(cache_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
-    """`streamlit run app.py` over `cache_dir`; returns the process, its URL and seconds to its health check."""
-    port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("VFS_HOSTED", "VFS_ALLOW_BUILD", "VFS_REMOTE_CACHES")
-    }
-    env |= {"VFS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    args = ["--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1"]
-    t0 = time.perf_counter()
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "app.py",
-                *args,
-                "--browser.gatherUsageStats",
-                "false",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    while not healthy(url):
-        if proc.poll() is not None or time.perf_counter() - t0 > 120:
-            proc.kill()
-            raise SystemExit(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
-    return proc, url, time.perf_counter() - t0
 
 
 def first_paint(browser, url: str) -> dict:
@@ -186,7 +141,9 @@ def main() -> None:
     try:
         write_cache(cache_dir, args.n)
         server_log = cache_dir / "streamlit.log"
-        proc, url, start_s = start_server(cache_dir, server_log)
+        t0 = time.perf_counter()
+        proc, url = start_app(cache_dir, server_log, timeout_s=120)
+        start_s = time.perf_counter() - t0
         log(f"server up in {start_s:.2f} s at {url}")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -198,8 +155,7 @@ def main() -> None:
                 browser.close()
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=20)
+            stop_app(proc)
         if temporary:
             shutil.rmtree(cache_dir, ignore_errors=True)
     latencies = [s["latency_ms"] for s in timed]

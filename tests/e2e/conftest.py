@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,13 +24,14 @@ from e2ehelpers import (
     LARGE,
     LARGE_N,
     LITE1,
-    ROOT,
     SYNTH,
     SYNTH_N,
     VIEWPORT,
     artifact,
     build_demo,
     build_lite1,
+    start_app,
+    stop_app,
     write_synthetic_cache,
 )
 
@@ -73,20 +71,6 @@ def tall_screenshot(page, path: Path) -> None:
 
 
 # --- the server ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 class Server:
     def __init__(self, url: str, cache_dir: Path, log: Path):
         self.url, self.cache_dir, self.log = url, cache_dir, log
@@ -111,52 +95,14 @@ def server(pytestconfig):
     artifact("latency.json").unlink(missing_ok=True)
     pytestconfig._vfs_e2e_server_started = True
     log = artifact("streamlit.log")
-    port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("VFS_HOSTED", "VFS_ALLOW_BUILD", "VFS_REMOTE_CACHES")
-    }
-    env |= {"VFS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "app.py",
-                "--server.headless",
-                "true",
-                "--server.port",
-                str(port),
-                "--server.address",
-                "127.0.0.1",
-                "--browser.gatherUsageStats",
-                "false",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"streamlit did not answer {url}/_stcore/health in {SERVER_START_S} s:\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(0.2)
+        proc, url = start_app(cache_dir, log, SERVER_START_S)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         yield Server(url, cache_dir, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_app(proc)
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 

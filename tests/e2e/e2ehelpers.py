@@ -7,7 +7,13 @@ would be ambiguous.)
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,69 @@ SYNTH = "synth1000"  # 1,000 images of 7×7×192 random features, for the latenc
 SYNTH_N = 1000
 LARGE = "synth10000"  # 10,000 images of the same shape: strokes on a cache of the issue's size
 LARGE_N = 10_000
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_app(cache_dir: Path, log_path: Path, timeout_s: float) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` on a free local port over `cache_dir` (no hosted/remote settings from
+    the environment), output to `log_path`; returns once its health check answers. Raises
+    RuntimeError with the log's tail if it exits or does not answer within `timeout_s`."""
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VFS_HOSTED", "VFS_ALLOW_BUILD", "VFS_REMOTE_CACHES")
+    }
+    env |= {"VFS_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    address = ["--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1"]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                *address,
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_app(proc)
+            raise RuntimeError(
+                f"streamlit did not answer {url}/_stcore/health (exit code {proc.returncode}):\n"
+                f"{log_path.read_text()[-4000:]}"
+            )
+        time.sleep(0.05)
+    return proc, url
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def artifact(name: str) -> Path:
