@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether a local server answers `url` with 200 (Streamlit's health check, Jupyter's status)."""
     try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
@@ -82,7 +83,7 @@ def start_app(cache_dir: Path, log_path: Path, timeout_s: float) -> tuple[subpro
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
+    while not answers(f"{url}/_stcore/health"):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_app(proc)
             raise RuntimeError(

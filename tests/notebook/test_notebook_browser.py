@@ -11,16 +11,14 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.e2ehelpers import CHROMIUM, ROOT, VIEWPORT, artifact
+from tests.e2e.e2ehelpers import CHROMIUM, ROOT, VIEWPORT, answers, artifact, free_port
 
 pytestmark = pytest.mark.browser
 
@@ -34,20 +32,6 @@ SETTINGS = {  # JupyterLab's user settings: start the notebook's kernel without 
         "checkForUpdates": False,
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +76,7 @@ def lab(demo_cache, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + LAB_START_S
-        while not _answers(f"{base}/api/status?token={token}"):
+        while not answers(f"{base}/api/status?token={token}"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"JupyterLab did not start:\n{log.read_text()[-4000:]}")
             time.sleep(0.2)
