@@ -117,6 +117,7 @@ class FeatureCache:
         self._resident: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._manifest: pd.DataFrame | None = None
+        self._columns: dict[str, np.ndarray] = {}
         self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # --- what it is -------------------------------------------------------------------------
@@ -180,7 +181,14 @@ class FeatureCache:
 
     @property
     def domains(self) -> np.ndarray | None:
-        return None if not self.domain_col else self.manifest[self.domain_col].to_numpy()
+        return None if not self.domain_col else self._column(self.domain_col)
+
+    def _column(self, name: str) -> np.ndarray:
+        """A manifest column as numpy, converted once: every search indexes the domains and its
+        top rows' paths and labels (an Arrow string column takes ms to convert each time)."""
+        if name not in self._columns:
+            self._columns[name] = self.manifest[name].to_numpy()
+        return self._columns[name]
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to
@@ -337,21 +345,20 @@ class FeatureCache:
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
-        m = self.manifest.iloc[np.asarray(indices, dtype=np.int64)]
+        idx = np.asarray(indices, dtype=np.int64)
         h, w = self.spec.grid
         s = self.spec.input_size
-        out = pd.DataFrame(
+        return pd.DataFrame(
             {
-                "path": m["path"].to_numpy(),
+                "path": self._column("path")[idx],
                 "pixel_box": [
                     (round(y0 * s / h), round(x0 * s / w), round(y1 * s / h), round(x1 * s / w))
                     for y0, x0, y1, x1 in grid_boxes
                 ],
+                "label": self._column(self.label_col)[idx] if self.label_col else None,
+                "domain": self._column(self.domain_col)[idx] if self.domain_col else None,
             }
         )
-        out["label"] = m[self.label_col].to_numpy() if self.label_col else None
-        out["domain"] = m[self.domain_col].to_numpy() if self.domain_col else None
-        return out
 
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """fp16 features and fp32 squared norms (checked) of the contiguous rows start..stop-1, read
