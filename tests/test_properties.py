@@ -4,8 +4,8 @@
   coverage (painted area is preserved); exact block means when the drawing is an integer multiple
   of the grid; monotone in the paint; no painted pixel ever vanishes (its cell gets weight > 0).
 - `crop_mask`: peak 1, box = the nonzero cells, scores invariant to the mask's scale.
-- `search_regions` against a brute-force loop over every image and placement, in both exact
-  forms ("cells" and "band"), with exact top-k scores.
+- `search_regions` against a brute-force loop over every image and placement, in every exact
+  forms ("cells", "band" and, for regions spanning the grid, "whole"), with exact top-k scores.
 """
 
 from __future__ import annotations
@@ -166,9 +166,13 @@ def test_search_matches_brute_force(case):
 
 
 @settings(max_examples=max(1, EXAMPLES * 5 // 8), deadline=None)
-@given(case=search_cases(), method=st.sampled_from(["cells", "band"]))
-def test_both_exact_forms_match_brute_force(case, method):
-    check_against_brute_force(*case, method=method)
+@given(case=search_cases(), method=st.sampled_from(["cells", "band", "whole"]))
+def test_every_exact_form_matches_brute_force(case, method):
+    feats, query, mask, k = case
+    if method == "whole":  # the form of one placement: a region spanning the grid
+        mask = mask.copy()
+        mask[0, 0], mask[-1, -1] = max(mask[0, 0], 0.05), max(mask[-1, -1], 0.3)
+    check_against_brute_force(feats, query, mask, k, method=method)
 
 
 @settings(max_examples=max(1, EXAMPLES * 5 // 8), deadline=None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from search_reference import brute_force
 
-from vfs.masks import grid_mask
+from vfs.masks import crop_mask, grid_mask
 from vfs.scoring import QueryPlan, RegionQuery, plan_query
 from vfs.search import search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
@@ -26,6 +26,12 @@ def soft_blob(rng, h, w):
     if not m.any():
         m[y, x] = 1
     return m
+
+
+def forms(mask: np.ndarray) -> tuple[str, ...]:
+    """The exact forms that can score `mask`: "whole" only where the region spans the grid."""
+    spans = crop_mask(mask).shape == mask.shape
+    return ("cells", "band", "whole") if spans else ("cells", "band")
 
 
 MASKS = {
@@ -69,7 +75,7 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
     feats = random_features(rng, 60, h, w, 24)
     mask = MASKS[kind](rng, h, w)
     ref, ref_where = brute_force(feats, feats[3].astype(np.float32), mask)
-    for method in ("cells", "band"):
+    for method in forms(mask):
         monkeypatch.setattr("vfs.search.plan_query", lambda *a, m=method: QueryPlan(m, 0, 0))
         result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device="cpu")
         # every image: within its operand type's bound
@@ -138,15 +144,20 @@ def test_sliced_source_gives_the_same_results(method, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_plan_prefers_cells_for_small_masks_and_band_for_large(dtype):
+def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_the_grid(dtype):
     rng = np.random.default_rng(0)
     f = rng.random((7, 7, 2048)).astype(np.float32)  # ResNet-50 layer4
     small = np.zeros((7, 7), np.float32)
     small[2:5, 2:5] = 1
     cpu = torch.device("cpu")
     assert plan_query(RegionQuery.create(f, small), (7, 7), cpu, dtype).method == "cells"
-    whole = RegionQuery.create(f, np.ones((7, 7), np.float32))
-    assert plan_query(whole, (7, 7), cpu, dtype).method == "band"
+    large = np.ones((7, 7), np.float32)
+    large[:, 6] = 0  # 7×6: two placements
+    assert plan_query(RegionQuery.create(f, large), (7, 7), cpu, dtype).method == "band"
+    ring = np.ones((7, 7), np.float32)
+    ring[1:6, 1:6] = 0  # touches every edge: one placement
+    for whole in (np.ones((7, 7), np.float32), ring):
+        assert plan_query(RegionQuery.create(f, whole), (7, 7), cpu, dtype).method == "whole"
 
 
 def test_operand_type_is_chosen_once_per_process_from_the_environment(monkeypatch):

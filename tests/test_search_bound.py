@@ -21,23 +21,26 @@ CASES = {
 }
 
 
-def make(case: str, seed: int, n=50, grid=(6, 7), c=48):
+def make(case: str, seed: int, n=50, grid=(6, 7), c=48, spanning=False):
+    """fp16 features and a soft mask; `spanning`: the mask's box is the whole grid (one placement)."""
     scale, signed, faint = CASES[case]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, *grid, c)) * rng.uniform(0.1, 3, size=(n, *grid, 1))
     x = (x if signed else np.maximum(x, 0)) * scale
     x[rng.random(x.shape[:3]) < 0.1] = 0  # some all-zero cells
     mask = soft_blob(rng, *grid)
+    if spanning:
+        mask[0, 0], mask[-1, -1] = max(mask[0, 0], 0.2), max(mask[-1, -1], 0.2)
     mask[mask < mask.max() / 2] *= faint
     return x.astype(np.float16), mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ["cells", "band"])
+@pytest.mark.parametrize("method", ["cells", "band", "whole"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
 def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):
-    x, mask = make(case, seed)
+    x, mask = make(case, seed, spanning=method == "whole")
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     exact = every_placement(x, q.features, mask)
     source = ArrayFeatures(x)

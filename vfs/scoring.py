@@ -2,12 +2,15 @@
 
 score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
 
-Two exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+Three exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
-  elsewhere), then an add per mask row (for the whole grid: one vector product per row).
+  elsewhere), then an add per mask row;
+- "whole": a region as large as the grid has one placement: one matrix-vector product of the
+  images as rows (n × h·w·C, contiguous) with the whole kernel — torch's gemv runs it at the
+  read speed in fp16 and bf16 on every CPU (h strided products of the band form: 1.7–2.5× slower).
 The fast scorer runs fp16, bf16 or fp32 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
@@ -161,7 +164,7 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "band"
+    method: str  # "cells" | "band" | "whole"
     cost_cells: float
     cost_band: float
 
@@ -214,8 +217,11 @@ class QueryGeometry:
         """The float64 weights of a form, on the left of each product (oneDNN's fp16 product runs
         faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
         (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
-        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms."""
+        in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms.
+        Whole: the kernel as one (1, h·w·C) row (one placement: the region spans the grid)."""
         c = self.channels
+        if method == "whole":
+            return [self.kernel.reshape(1, -1)]
         if method == "cells":
             ky, kx = zip(*self.cells)
             return [self.kernel[list(ky), list(kx)].contiguous()]
@@ -231,9 +237,11 @@ def plan_query(
     """Pick the cheaper form for operands in `dtype`. Both read every cell once; cost = a fixed part
     + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
     packs its operand first, then pays per column) + a cost per product row (measured in
-    docs/performance.md)."""
+    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole")."""
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
+    if ph == pw == 1:
+        return QueryPlan("whole", 0.0, 0.0)
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
     cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
     columns = ph * query.mask.shape[0] * pw / h  # Σ over data rows of their columns, ÷ h
@@ -243,7 +251,10 @@ def plan_query(
 
 def plan_exact(geometry: QueryGeometry) -> QueryPlan:
     """The form for re-scoring a few images: multiply-adds per cell read, the band form's weighed
-    by `_EXACT_BAND_FACTOR` (its h products cost more than their work on few images)."""
+    by `_EXACT_BAND_FACTOR` (its h products cost more than their work on few images); one product
+    where there is one placement."""
+    if geometry.ph == geometry.pw == 1:
+        return QueryPlan("whole", 0.0, 0.0)
     cells = len(geometry.cells)
     band = _EXACT_BAND_FACTOR * geometry.ph * geometry.mh * geometry.pw / len(geometry.band)
     return QueryPlan("cells" if cells <= band else "band", cells, band)
@@ -316,7 +327,9 @@ class Scorer:
             """(k, n, ...) → (k, ..., n), same dtype: one more g at most."""
             return g.movedim(1, -1).contiguous()
 
-        if self.plan.method == "cells":
+        if self.plan.method == "whole":  # one placement: the images' rows as they are stored
+            out[0, 0] = product(self.weights[0], lambda p: p.reshape(len(p), -1))[0]
+        elif self.plan.method == "cells":
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(g_.cells):
                 out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
@@ -331,6 +344,12 @@ class Scorer:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""
         g_ = self.geometry
+        if self.plan.method == "whole":  # one placement: one matrix-vector product
+            m2 = np.zeros(g_.grid)
+            m2[tuple(zip(*g_.cells))] = g_.m2
+            weights = torch.from_numpy(m2.ravel()).to(sqnorm.device, self.dtype)
+            wnorm = sqnorm.reshape(len(sqnorm), -1).to(self.dtype) @ weights
+            return wnorm.sqrt_().view(1, 1, -1)
         sq = sqnorm.permute(1, 2, 0).to(self.dtype).contiguous()  # (h, w, n)
         wnorm = torch.zeros(g_.ph, g_.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
         for w2, (ky, kx) in zip(g_.m2, g_.cells):
@@ -358,7 +377,11 @@ class FastBound:
         """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
         # A band column sums mw·C terms (and exact zeros); mh of them make a placement's score.
-        terms, outputs = (c, k) if plan.method == "cells" else (geometry.mw * c, geometry.mh)
+        terms, outputs = {
+            "cells": (c, k),
+            "band": (geometry.mw * c, geometry.mh),
+            "whole": (geometry.mh * geometry.mw * c, 1),
+        }[plan.method]
         # Weights that `dtype` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
