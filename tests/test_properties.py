@@ -5,7 +5,8 @@
   of the grid; monotone in the paint; no painted pixel ever vanishes (its cell gets weight > 0).
 - `crop_mask`: peak 1, box = the nonzero cells, scores invariant to the mask's scale.
 - `search_regions` against a brute-force loop over every image and placement, in every exact
-  forms ("cells", "band" and, for regions spanning the grid, "whole"), with exact top-k scores.
+  forms ("cells", "band", the compiled "pairs" where built, and for regions spanning the grid
+  "whole"), with exact top-k scores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from search_reference import brute_force
 
+import vfs.kernel
 import vfs.search
 from vfs.masks import crop_mask, grid_mask
 from vfs.scoring import QueryPlan
@@ -139,7 +141,11 @@ def check_against_brute_force(feats, query, mask, k, method=None):
     q = feats[query].astype(np.float32) if isinstance(query, int) else query
     ref, _ = brute_force(feats, q, mask)
     plan = None if method is None else (lambda *a, m=method: QueryPlan(m, 0, 0))
-    with mock.patch.object(vfs.search, "plan_query", plan or vfs.search.plan_query):
+    kernel = {"VFS_KERNEL": "auto" if method is None else "off"}  # a forced form is not raced
+    with (
+        mock.patch.object(vfs.search, "plan_query", plan or vfs.search.plan_query),
+        mock.patch.dict(os.environ, kernel),
+    ):
         try:
             result = search_regions(feats, query, mask, k=k, device="cpu")
         except ValueError as e:  # the only refusal here: the query region's features are all zero
@@ -166,9 +172,11 @@ def test_search_matches_brute_force(case):
 
 
 @settings(max_examples=max(1, EXAMPLES * 5 // 8), deadline=None)
-@given(case=search_cases(), method=st.sampled_from(["cells", "band", "whole"]))
+@given(case=search_cases(), method=st.sampled_from(["cells", "band", "whole", "pairs"]))
 def test_every_exact_form_matches_brute_force(case, method):
     feats, query, mask, k = case
+    if method == "pairs" and vfs.kernel.library() is None:
+        return  # not built here: the other forms run
     if method == "whole":  # the form of one placement: a region spanning the grid
         mask = mask.copy()
         mask[0, 0], mask[-1, -1] = max(mask[0, 0], 0.05), max(mask[-1, -1], 0.3)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from search_reference import brute_force
 
+from vfs.kernel import library
 from vfs.masks import crop_mask, grid_mask
-from vfs.scoring import QueryPlan, RegionQuery, plan_query
+from vfs.scoring import RegionQuery, plan_query
 from vfs.search import search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
 
@@ -28,10 +29,12 @@ def soft_blob(rng, h, w):
     return m
 
 
-def forms(mask: np.ndarray) -> tuple[str, ...]:
-    """The exact forms that can score `mask`: "whole" only where the region spans the grid."""
+def forms(mask: np.ndarray, dtype: torch.dtype = torch.float16) -> tuple[str, ...]:
+    """The exact forms that can score `mask` with operands in `dtype`: "whole" only where the
+    region spans the grid, "pairs" where the kernel is built here for `dtype`."""
+    lib = library()
     spans = crop_mask(mask).shape == mask.shape
-    return ("cells", "band", "whole") if spans else ("cells", "band")
+    return ("cells", "band") + ("whole",) * spans + ("pairs",) * (lib is not None and dtype in lib.dtypes)
 
 
 MASKS = {
@@ -66,7 +69,7 @@ def test_matches_brute_force(grid, kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
 @pytest.mark.parametrize("kind", list(MASKS))
-def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch):
+def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch, force_form):
     """A prepared source searched with bf16 products (a 2⁵ wider bound, an fp16 pass over what it
     cannot rule out, then float64) or fp32 ones (a tighter bound): the same exact top-k."""
     monkeypatch.setattr("vfs.search.fast_dtype", lambda device: dtype)
@@ -75,8 +78,8 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
     feats = random_features(rng, 60, h, w, 24)
     mask = MASKS[kind](rng, h, w)
     ref, ref_where = brute_force(feats, feats[3].astype(np.float32), mask)
-    for method in forms(mask):
-        monkeypatch.setattr("vfs.search.plan_query", lambda *a, m=method: QueryPlan(m, 0, 0))
+    for method in forms(mask, dtype):
+        force_form(method)
         result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device="cpu")
         # every image: within its operand type's bound
         np.testing.assert_allclose(result.scores, ref, atol=3e-2 if dtype == torch.bfloat16 else 2e-3)
@@ -88,7 +91,7 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_masks_both_forms_agree(seed, monkeypatch):
+def test_random_masks_every_form_agrees(seed, force_form):
     rng = np.random.default_rng(seed)
     h, w = rng.integers(2, 10, size=2)
     feats = random_features(rng, 40, h, w, 16)
@@ -96,8 +99,8 @@ def test_random_masks_both_forms_agree(seed, monkeypatch):
     mask = soft_blob(rng, h, w)
     ref, _ = brute_force(feats, query, mask)
     results = {}
-    for method in ("cells", "band"):
-        monkeypatch.setattr("vfs.search.plan_query", lambda *a, m=method: QueryPlan(m, 0, 0))
+    for method in forms(mask):
+        force_form(method)
         results[method] = search_regions(feats, query, mask, k=10, device="cpu")
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
@@ -126,13 +129,15 @@ def test_top_k_selection_equals_a_stable_full_sort(n, k):
     np.testing.assert_array_equal(select_top(all_nan, eligible, k, None, None), order[:k])
 
 
-@pytest.mark.parametrize("method", ["cells", "band"])
-def test_sliced_source_gives_the_same_results(method, monkeypatch):
+@pytest.mark.parametrize("method", ["cells", "band", "pairs"])
+def test_sliced_source_gives_the_same_results(method, force_form):
     """A source scored in several slices (a large cache) ranks exactly as one scored whole."""
     rng = np.random.default_rng(5)
     feats = random_features(rng, 50, 6, 7, 16)
     mask = soft_blob(rng, 6, 7)
-    monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
+    if method not in forms(mask):
+        pytest.skip("the pairs kernel is not built here")
+    force_form(method)
     whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device="cpu")
     sliced = search_regions(
         ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu"

@@ -2,12 +2,14 @@
 
 score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
 
-Three exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+Four exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
   elsewhere), then an add per mask row;
+- "pairs" (CPU, `vfs.kernel`): per image, a dot product for each (data cell, query cell) pair
+  some placement uses, and nothing else, by a kernel compiled for the machine;
 - "whole": a region as large as the grid has one placement: one matrix-vector product of the
   images as rows (n × h·w·C, contiguous) with the whole kernel — torch's gemv runs it at the
   read speed in fp16 and bf16 on every CPU (h strided products of the band form: 1.7–2.5× slower).
@@ -27,6 +29,7 @@ from functools import cache, cached_property, partial
 import numpy as np
 import torch
 
+from .kernel import PairKernel, kernel_weights, library
 from .masks import CroppedMask, crop_mask
 
 _U32 = 2.0**-24  # unit roundoff of fp32
@@ -87,15 +90,57 @@ images need an fp16 pass after it)."""
 
 
 @cache
+def _cpu_product_times() -> dict[tuple[torch.dtype, str], float]:
+    """Seconds of one search-shaped product per (operand type, form), best of 4 after a first run
+    that builds the kernels: oneDNN's cells-form product — 16,366 cells of 1,024 channels by the 9
+    cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel on the same cells (334
+    images of 7×7) where it is built for that type."""
+    times = {}
+    x = torch.full((334, 7, 7, 1024), 0.25)
+    w = torch.full((9, 1024), 0.5, dtype=torch.float64)
+    cells = tuple((y, x_) for y in range(3) for x_ in range(3))
+    lib = library()
+    for dtype in FAST_DTYPES:
+        xd, wd = x.to(dtype), w.to(dtype)
+        runs = {"onednn": partial(torch.matmul, wd, xd.view(-1, 1024).T)}
+        if lib is not None and dtype in lib.dtypes:
+            pairs = PairKernel.create(lib, dtype, w, cells, (7, 7), (5, 5))
+            runs["pairs"] = partial(pairs.numerator, [xd])
+        for form, run in runs.items():
+            elapsed = []
+            for _ in range(5):
+                start = time.perf_counter()
+                run()
+                elapsed.append(time.perf_counter() - start)
+            times[dtype, form] = min(elapsed[1:])
+    return times
+
+
+def pairs_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """How the compiled pairs kernel (`vfs.kernel`) takes part in fast scores in `dtype` on
+    `device`, by `VFS_KERNEL`: "off" where it is not built for that type (or turned off); "on"
+    always; "race" (`auto`, the default) — timed against oneDNN's form the first time each shape
+    of query comes (`vfs.search`): it does only the multiply-adds of the pairs, but oneDNN's
+    products with AMX or on long rows can still be faster."""
+    choice = os.environ.get("VFS_KERNEL", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"VFS_KERNEL={choice!r}: expected auto, on, off")
+    lib = library()
+    if choice == "off" or device.type != "cpu" or lib is None or dtype not in lib.dtypes:
+        return "off"
+    return "on" if choice == "on" else "race"
+
+
+@cache
 def fast_dtype(device: torch.device) -> torch.dtype:
     """The operand type of a prepared source's fast products on `device`, chosen once per process
-    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, the fastest of a product of the search's
-    shape in fp16, fp32 and bf16, where it beats fp16's by `_FAST_DTYPE_GAIN`× (bf16 on
-    AVX512-BF16 without AVX512-FP16 / AMX: 3–4×; fp32 where neither fp16 nor bf16 has a dot product
-    and MKL's fp32 kernels win, e.g. AVX2 only — docs/performance.md), else fp16; or `float16`
-    (features as stored, the only choice on GPUs), `bfloat16`, `float32`. The top-k is exact
-    either way; other images' scores keep the chosen type's fast error (fp16 ≈ 0.1%, fp32 less,
-    bf16 ≈ 1.2% of the score at most)."""
+    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, the type whose fastest search-shaped
+    product (oneDNN's or the pairs kernel's, `_cpu_product_times`) beats fp16's by
+    `_FAST_DTYPE_GAIN`× (bf16 on AVX512-BF16 without AVX512-FP16 / AMX; fp32 where MKL's fp32
+    products win and no kernel is built, e.g. AVX2 without a C compiler — docs/performance.md),
+    else fp16; or `float16` (features as stored, the only choice on GPUs), `bfloat16`, `float32`.
+    The top-k is exact either way; other images' scores keep the chosen type's fast error (fp16
+    ≈ 0.1%, fp32 and the fp16 pairs kernel less, bf16 ≈ 1.2% of the score at most)."""
     choice = os.environ.get("VFS_FAST_DTYPE", "auto")
     if choice not in (*_FAST_DTYPES_BY_NAME, "auto"):
         raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected auto, {', '.join(_FAST_DTYPES_BY_NAME)}")
@@ -103,15 +148,8 @@ def fast_dtype(device: torch.device) -> torch.dtype:
         return torch.float16  # GPUs run fp16 products at their memory speed, with fp32 outputs
     if choice != "auto":
         return _FAST_DTYPES_BY_NAME[choice]
-    best = {}
-    for dtype in FAST_DTYPES:  # a product of the search's shape: K = 9 mask cells, 16,384 cells
-        w, x = torch.full((9, 1024), 0.5, dtype=dtype), torch.full((16384, 1024), 0.25, dtype=dtype)
-        times = []
-        for _ in range(5):  # the first builds the kernel
-            start = time.perf_counter()
-            w @ x.T
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times[1:])
+    times = _cpu_product_times()
+    best = {d: min(t for (dt, _), t in times.items() if dt == d) for d in FAST_DTYPES}
     fastest = min(best, key=best.__getitem__)
     return fastest if best[torch.float16] > _FAST_DTYPE_GAIN * best[fastest] else torch.float16
 
@@ -164,7 +202,7 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "band" | "whole"
+    method: str  # "cells" | "band" | "pairs" | "whole"
     cost_cells: float
     cost_band: float
 
@@ -237,7 +275,8 @@ def plan_query(
     """Pick the cheaper form for operands in `dtype`. Both read every cell once; cost = a fixed part
     + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
     packs its operand first, then pays per column) + a cost per product row (measured in
-    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole")."""
+    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole").
+    (Whether the pairs kernel runs instead is measured, not modelled: `vfs.search`.)"""
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
     if ph == pw == 1:
@@ -287,6 +326,7 @@ class Scorer:
     plan: QueryPlan
     weights: tuple[torch.Tensor, ...]
     dtype: torch.dtype  # of the sums
+    pairs: PairKernel | None = None  # the "pairs" form's kernel, with its weights
 
     @classmethod
     def fast(
@@ -297,6 +337,13 @@ class Scorer:
         dtype: torch.dtype = torch.float16,
     ) -> Scorer:
         """Operands in `dtype` (one of FAST_DTYPES: the features' type), sums in fp32."""
+        if plan.method == "pairs":
+            lib = library()
+            if lib is None or dtype not in lib.dtypes:
+                raise RuntimeError(f"the pairs kernel is not built for {dtype} here")
+            g = geometry
+            pairs = PairKernel.create(lib, dtype, g.weights("cells")[0], g.cells, g.grid, (g.ph, g.pw))
+            return cls(geometry, plan, (), torch.float32, pairs)
         weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
         return cls(geometry, plan, weights, torch.float32)
 
@@ -315,6 +362,8 @@ class Scorer:
         one product per piece, everything after it once over the chunk."""
         g_ = self.geometry
         parts = x if isinstance(x, list) else [x]
+        if self.pairs is not None:
+            return self.pairs.numerator(parts)
         n, (h, w, c) = sum(len(p) for p in parts), parts[0].shape[1:]
         out = torch.zeros(g_.ph, g_.pw, n, device=parts[0].device, dtype=self.dtype)
 
@@ -377,27 +426,35 @@ class FastBound:
         """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
         # A band column sums mw·C terms (and exact zeros); mh of them make a placement's score.
+        # The pairs kernel sums all K·C terms of a placement in fp32 and rounds nothing else: its
+        # fp16 features are exact in fp32 and its weights fp32 (fp32's bound); with bf16 features
+        # and weights, the dot-product instruction flushes subnormal inputs (the weights are
+        # flushed before) and subnormal products and sums — at most 2⁻¹²⁶ each, absolute.
         terms, outputs = {
             "cells": (c, k),
             "band": (geometry.mw * c, geometry.mh),
+            "pairs": (k * c, 1),
             "whole": (geometry.mh * geometry.mw * c, 1),
         }[plan.method]
-        # Weights that `dtype` cannot hold within its unit roundoff (subnormal ones): their exact
+        pairs = plan.method == "pairs"
+        rounding = torch.float32 if pairs and dtype == torch.float16 else dtype
+        tiny = torch.finfo(torch.float32).smallest_normal if dtype == torch.bfloat16 else 2.0**-150
+        flushed = 2 * terms * tiny if pairs else 0.0
+        # Weights that `rounding` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
         w = kernel.reshape(-1, c)
-        err = (w - w.to(dtype).double()).abs()
-        err2 = (
-            torch.where(err > unit_roundoff(dtype) * w.abs(), err, 0).square().sum(1).numpy().reshape(m.shape)
-        )
+        err = (w - (kernel_weights(w, dtype) if pairs else w.to(dtype)).double()).abs()
+        beyond = torch.where(err > unit_roundoff(rounding) * w.abs(), err, 0)
+        err2 = beyond.square().sum(1).numpy().reshape(m.shape)
         weight_error = (
             1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
         )
         return cls(
             # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
-            eps=fast_score_error(terms + c + 2 * k + outputs + 8, dtype),
+            eps=fast_score_error(terms + c + 2 * k + outputs + 8, rounding),
             weight_error=weight_error,
-            output_error=outputs * subnormal_rounding(dtype) / geometry.qnorm,
+            output_error=(outputs * subnormal_rounding(rounding) + flushed) / geometry.qnorm,
             nonnegative_weights=bool((kernel >= 0).all()),
         )
 

@@ -24,12 +24,14 @@ from .scoring import (
     ExactScore,
     FastBound,
     QueryGeometry,
+    QueryPlan,
     RegionQuery,
     Scorer,
     exact_device,
     exact_scorer,
     exact_scores,
     fast_dtype,
+    pairs_mode,
     plan_query,
 )
 from .sources import FeatureSource
@@ -40,6 +42,17 @@ __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 _REFINE_ALL_SHARE = 0.5
 """Past this share of the images to refine, one fp16 pass over all costs less than gathering them
 (a gathered image costs ≈ 1.5 of a pass's per image: its copy, then the same product)."""
+_REFINE_MIN_VALUES = 1 << 18
+"""Images to refine holding fewer feature values than this are re-scored in float64 directly:
+≈ 1 ms, what a refining round costs besides its products (measured on 13 Lite0 images)."""
+_PAIRS = QueryPlan("pairs", 0.0, 0.0)
+_FASTER_FORM: dict[tuple, str] = {}
+"""Per (operand type, grid, channels, query cells, placements): the faster of oneDNN's form and
+the pairs kernel on this machine, timed once per process on part of the first chunk of a query of
+that shape (`VFS_KERNEL=auto`)."""
+_RACE_SHARE = 4
+"""The race runs each form twice on this fraction of the chunk: one more fast pass, once per
+query shape."""
 _BLOCK_BYTES = 16 << 20
 """Images re-scored at once hold at most this in the type they are scored in (fp16 or float64),
 in one buffer reused across blocks: fresh temporaries cost their page faults, which on some VMs
@@ -155,10 +168,11 @@ def search_regions(
         # bounds first, so that few reach the float64 re-scoring — gathered, or where they are
         # most of the images (scores packed within the bound) and the fp16 features are held on
         # the device, in one more pass over all in fp16 (never a second copy of a cache).
+        # A few go straight to the float64 re-scoring, which costs them less than a refining round.
         reach = np.flatnonzero(eligible & (upper >= scores[picked].min()))
         if len(reach) > _REFINE_ALL_SHARE * n and source.resident_on(dev) is not None:
             scores, placements, upper, _ = _fast_pass(source, fast, dev, memory_budget, torch.float16)
-        else:
+        elif len(reach) * h * w * c > _REFINE_MIN_VALUES:
             _refine(source, fast, dev, geometry.pw, reach, sqnorm, scores, placements, upper)
         picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
@@ -208,7 +222,7 @@ class _FastScoring:
         """(Ph, Pw, n) fast scores and upper bounds; a placement that overflowed bounds nothing (inf)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
-            plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
+            plan = self._plan(x, dtype)
             self._by_dtype[dtype] = (
                 Scorer.fast(self.geometry, plan, self.device, dtype),
                 FastBound.create(self.query, self.geometry, plan, dtype),
@@ -219,6 +233,27 @@ class _FastScoring:
         scores = scorer.scores(x, wnorm)
         nonnegative = self.nonnegative_source and bound.nonnegative_weights
         return scores, bound.upper(scores, wnorm, nonnegative).masked_fill_(~torch.isfinite(scores), math.inf)
+
+    def _plan(self, x: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> QueryPlan:
+        """oneDNN's cheaper form, or the pairs kernel where it is on or wins the race."""
+        g = self.geometry
+        plan = plan_query(self.query, g.grid, self.device, dtype)
+        mode = pairs_mode(self.device, dtype)
+        if plan.method == "whole" or mode == "off":
+            return plan
+        key = (dtype, g.grid, g.channels, len(g.cells), g.ph, g.pw)
+        if mode == "race" and key not in _FASTER_FORM:
+            part = x[0] if isinstance(x, list) else x
+            part = part[: max(1, len(part) // _RACE_SHARE)]
+            elapsed = {}
+            for candidate in (plan, _PAIRS):
+                scorer = Scorer.fast(g, candidate, self.device, dtype)
+                for _ in range(2):  # the first run builds oneDNN's kernel
+                    start = time.perf_counter()
+                    scorer.numerator(part)
+                    elapsed[candidate.method] = time.perf_counter() - start
+            _FASTER_FORM[key] = min(elapsed, key=elapsed.__getitem__)
+        return _PAIRS if mode == "on" or _FASTER_FORM[key] == "pairs" else plan
 
 
 def _ieee_fp32(device: torch.device) -> bool:

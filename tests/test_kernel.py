@@ -1,0 +1,141 @@
+"""The compiled pairs kernel (vfs/kernel.c) against float64 sums of its definition: every operand
+type it is built for, AVX2 and AVX-512 builds, channel counts off the vector width, odd image
+counts, pieces of a chunk, its own thread pool; and how searches choose it (`VFS_KERNEL`)."""
+
+import numpy as np
+import pytest
+import torch
+
+import vfs.kernel as kernel
+import vfs.search
+from vfs.kernel import PairKernel, build, library, pair_tables
+from vfs.masks import crop_mask
+from vfs.scoring import QueryGeometry, RegionQuery, pairs_mode
+from vfs.search import search_regions
+from vfs.sources import ArrayFeatures
+
+BUILT = library()
+needs_kernel = pytest.mark.skipif(BUILT is None, reason="no C compiler or no AVX2+F16C+FMA here")
+
+
+def reference(x: np.ndarray, weights: np.ndarray, cells, placements) -> np.ndarray:
+    """(ph, pw, n) float64: Σ_k ⟨x[:, py + ky, px + kx], weights[k]⟩."""
+    ph, pw = placements
+    out = np.zeros((ph, pw, len(x)))
+    for k, (ky, kx) in enumerate(cells):
+        out += np.einsum("nyxc,c->yxn", x[:, ky : ky + ph, kx : kx + pw].astype(np.float64), weights[k])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pair_tables_list_every_pair_once_by_data_cell(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 9, size=2)
+    mask = crop_mask((rng.random((h, w)) < 0.5).astype(np.float32) + np.eye(1, h * w, 0).reshape(h, w))
+    mh, mw = mask.shape
+    cells = tuple((int(y), int(x)) for y, x in zip(*np.nonzero(mask.weights > 0)))
+    ph, pw = h - mh + 1, w - mw + 1
+    start, query_cell, placement = pair_tables(cells, (h, w), (ph, pw))
+    expected = sorted(
+        ((py + ky) * w + px + kx, k, py * pw + px)
+        for k, (ky, kx) in enumerate(cells)
+        for py in range(ph)
+        for px in range(pw)
+    )
+    got = sorted(
+        (d, int(query_cell[j]), int(placement[j]))
+        for d in range(h * w)
+        for j in range(start[d], start[d + 1])
+    )
+    assert got == expected and start[-1] == len(expected)
+
+
+def _case(rng, n, grid, c, region):
+    h, w = grid
+    x = rng.standard_normal((n, h, w, c)).astype(np.float16)
+    mask = np.zeros(grid, np.float32)
+    y0, x0 = rng.integers(0, h - region[0] + 1), rng.integers(0, w - region[1] + 1)
+    mask[y0 : y0 + region[0], x0 : x0 + region[1]] = rng.uniform(0.2, 1, region)
+    geometry = QueryGeometry.create(RegionQuery.create(x[0].astype(np.float32), mask), grid)
+    return x, geometry
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n,grid,c,region",
+    [(7, (7, 7), 192, (3, 3)), (5, (4, 6), 40, (2, 3)), (9, (14, 14), 33, (4, 2)), (1, (3, 1), 2048, (2, 1))],
+)
+def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
+    """Channel counts off the vector width (40, 33: zero-padded tails), odd image counts (the bf16
+    kernel runs two images at a time), a chunk in two pieces."""
+    if dtype not in BUILT.dtypes:
+        pytest.skip("no AVX512-BF16 here")
+    x, g = _case(np.random.default_rng(n * c), n, grid, c, region)
+    weights = g.weights("cells")[0]
+    pairs = PairKernel.create(BUILT, dtype, weights, g.cells, g.grid, (g.ph, g.pw))
+    t = torch.from_numpy(x).to(dtype)
+    got = pairs.numerator([t[: n // 2], t[n // 2 :]] if n > 1 else [t]).double().numpy()
+    operands = t.double().numpy()  # bf16: the rounded features are what it multiplies
+    want = reference(operands, pairs.weights[:, :c].double().numpy(), g.cells, (g.ph, g.pw))
+    scale = reference(np.abs(operands), np.abs(pairs.weights[:, :c].double().numpy()), g.cells, (g.ph, g.pw))
+    # fp32 sums of K·C terms (Higham), any order
+    np.testing.assert_array_less(np.abs(got - want), (len(g.cells) * c + 16) * 2.0**-24 * scale + 1e-30)
+
+
+@needs_kernel
+def test_avx2_build_and_own_thread_pool_give_the_same_sums(monkeypatch, tmp_path):
+    """The AVX2 + F16C build (8 lanes, fp16 only) on this CPU, and the pool used where no OpenMP
+    runtime is found in the process, sum what the native build on torch's OpenMP team sums."""
+    monkeypatch.setenv("VFS_KERNEL_DIR", str(tmp_path))
+    avx2 = build(("-mavx2", "-mf16c", "-mfma", "-mno-avx512f"))
+    assert avx2 is not None and avx2.lanes == 8 and avx2.dtypes == {torch.float16}
+    assert list(tmp_path.glob("pairs-*.so"))  # kept for the next process
+    x, g = _case(np.random.default_rng(3), 11, (7, 7), 200, (3, 3))
+    t = torch.from_numpy(x)
+    weights = g.weights("cells")[0]
+    native = PairKernel.create(BUILT, torch.float16, weights, g.cells, g.grid, (g.ph, g.pw)).numerator([t])
+    on_avx2 = PairKernel.create(avx2, torch.float16, weights, g.cells, g.grid, (g.ph, g.pw))
+    np.testing.assert_allclose(on_avx2.numerator([t]), native, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernel, "openmp", lambda: None)
+    np.testing.assert_allclose(on_avx2.numerator([t]), native, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_openmp_runtime_is_torchs():
+    team = kernel.openmp()
+    assert team is not None and all(isinstance(a, int) and a > 0 for a in team)
+
+
+def test_no_compiler_turns_the_kernel_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("VFS_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
+    assert build() is None
+
+
+@needs_kernel
+def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
+    """auto: raced against oneDNN's form once per query shape; on: always; off: never (and a bad
+    value is refused)."""
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    feats = np.maximum(rng.standard_normal((300, 7, 7, 64)), 0).astype(np.float16)
+    mask = np.zeros((7, 7), np.float32)
+    mask[2:5, 1:5] = 1
+    monkeypatch.setattr(vfs.search, "_FASTER_FORM", {})
+    for setting, expected in [
+        ("off", {"cells", "band"}),
+        ("on", {"pairs"}),
+        ("auto", {"cells", "band", "pairs"}),
+    ]:
+        monkeypatch.setenv("VFS_KERNEL", setting)
+        assert pairs_mode(cpu, torch.float16) == {"auto": "race"}.get(setting, setting)
+        result = search_regions(ArrayFeatures(feats), 5, mask, k=5, device="cpu")
+        assert result.method in expected
+    (key, winner), *others = vfs.search._FASTER_FORM.items()  # the race ran once, for auto
+    assert not others and key[0] == torch.float16 and key[3:] == (12, 5, 4) and winner == result.method
+    assert pairs_mode(torch.device("cuda"), torch.float16) == "off"
+    monkeypatch.setenv("VFS_KERNEL", "fast")
+    with pytest.raises(ValueError, match="expected auto, on, off"):
+        pairs_mode(cpu, torch.float16)

@@ -1,0 +1,250 @@
+"""The "pairs" form's compiled kernel (`kernel.c`) on x86 CPUs: per image, one dot product for each
+(data cell, query cell) pair that some placement uses, read from the fp16 features as stored
+(F16C, fp32 multiply-adds) or from a bf16 copy (AVX512-BF16 dot products), sums in fp32.
+
+oneDNN's products score every cell against every query cell (cells form) or whole rows padded
+with zeros (band form): 2–2.3× the pairs a 3×3 region needs on a 7×7 grid; and without
+AVX512-FP16 or AMX its fp16 products run far below the read speed. The source is compiled once per
+machine and compiler (`-O3 -march=native`) by the C compiler found ($CC, cc, gcc, clang) into the
+user's cache folder, then loaded with ctypes. Without a compiler, or on a CPU without AVX2 + F16C +
+FMA, `library()` is None and the oneDNN forms run: the same exact top-k. `VFS_KERNEL=off` turns
+the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernel.c")
+_P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+_ARGS: list[Any] = [_P, _I64, _I64, _I32, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _P]
+_TEAM_ARGS: list[Any] = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _I64, *_ARGS[3:]]  # team, n
+_BF16_WIDTH = 32  # bf16 values per AVX-512 vector
+
+
+@dataclass(frozen=True)
+class Library:
+    """The compiled kernel: which operand types it has, and its fp16 vector width."""
+
+    cdll: ctypes.CDLL
+    dtypes: frozenset[torch.dtype]
+    lanes: int
+
+    def function(self, dtype: torch.dtype):
+        return self.cdll.vfs_pairs_bf16 if dtype == torch.bfloat16 else self.cdll.vfs_pairs_f16
+
+    def width(self, dtype: torch.dtype) -> int:
+        """Channels per vector: the weights are zero-padded to a multiple of it."""
+        return _BF16_WIDTH if dtype == torch.bfloat16 else self.lanes
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("VFS_KERNEL_DIR") or Path(root) / "vfs")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU's model and flags (a home folder may be shared
+    between machines)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor()
+
+
+def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
+    """Compile (once: the result is kept in `cache_dir()`, named by a hash of the source, the
+    compiler, the flags and the CPU) and load the kernel; None where that is not possible."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.info("vfs: no C compiler found; the pairs kernel is off (oneDNN forms run)")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_identity()]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"pairs-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                cmd = [cc, "-O3", *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    log.info("vfs: the pairs kernel did not compile (%s): %s", cc, done.stderr[-500:])
+                    return None
+                os.replace(built, target)  # atomic: another process may be building the same
+        cdll = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("vfs: the pairs kernel is off: %s", e)
+        return None
+    info = cdll.vfs_kernel_info()
+    dtypes = {torch.float16} | ({torch.bfloat16} if info & 2 else set())
+    for name in ("vfs_pairs_f16", "vfs_pairs_bf16") if info & 2 else ("vfs_pairs_f16",):
+        getattr(cdll, name).argtypes, getattr(cdll, name).restype = _ARGS, None
+    cdll.vfs_pairs_team.argtypes, cdll.vfs_pairs_team.restype = _TEAM_ARGS, None
+    return Library(cdll, frozenset(dtypes), (info >> 8) & 0xFF)
+
+
+@cache
+def library() -> Library | None:
+    """The kernel for this machine, built on first use; None where it is off or cannot be built."""
+    return None if os.environ.get("VFS_KERNEL", "auto") == "off" else build()
+
+
+@cache
+def openmp() -> tuple[int, int, int] | None:
+    """GOMP_parallel, omp_get_thread_num and omp_get_num_threads of the OpenMP runtime PyTorch
+    runs its operators on (torch's own first, among the libraries mapped into the process), or
+    None. The kernel runs on that team: threads of another pool would compete for the cores with
+    the team's threads, which spin a while after each operator (2× slower, measured)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = {ln.split()[-1] for ln in maps.splitlines() if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", ln)}
+    for path in sorted(found, key=lambda p: ("/torch/" not in p, p)):
+        try:
+            lib = ctypes.CDLL(path)
+            names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+            found_at = (ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names)
+            parallel, thread_num, num_threads = found_at
+        except (OSError, AttributeError):
+            continue
+        if parallel and thread_num and num_threads:
+            return parallel, thread_num, num_threads
+    return None
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="vfs-pairs")
+
+
+@dataclass(frozen=True)
+class PairKernel:
+    """One query's pairs on one grid, with its weights in the kernel's type for one operand type:
+    fp16 features → fp32 weights; bf16 features → bf16 weights, subnormals flushed to zero (as the
+    instruction reads them)."""
+
+    library: Library
+    dtype: torch.dtype  # of the features it reads
+    weights: torch.Tensor  # (K, cp), zero-padded channels
+    start: np.ndarray  # (cells + 1,) int32: data cell d's pairs are start[d]..start[d+1]
+    query_cell: np.ndarray  # (pairs,) int32
+    placement: np.ndarray  # (pairs,) int32: py * pw + px
+    shape: tuple[int, int]  # placements (ph, pw)
+
+    @classmethod
+    def create(
+        cls,
+        library: Library,
+        dtype: torch.dtype,
+        weights: torch.Tensor,
+        cells: tuple[tuple[int, int], ...],
+        grid: tuple[int, int],
+        placements: tuple[int, int],
+    ) -> PairKernel:
+        """`weights`: (K, C) float64, the query cells' kernel in `cells` order."""
+        start, query_cell, placement = pair_tables(cells, grid, placements)
+        width = library.width(dtype)
+        c = weights.shape[1]
+        padded = torch.zeros(len(weights), -(-c // width) * width, dtype=torch.float64)
+        padded[:, :c] = weights
+        return cls(
+            library,
+            dtype,
+            kernel_weights(padded, dtype),
+            start,
+            query_cell,
+            placement,
+            placements,
+        )
+
+    def numerator(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """(ph, pw, n) fp32 numerators of consecutive pieces of a chunk, (n_i, h, w, C) each."""
+        n = sum(len(p) for p in parts)
+        out = torch.empty(*self.shape, n, dtype=torch.float32)
+        places = self.shape[0] * self.shape[1]
+        threads = max(1, torch.get_num_threads())
+        acc = np.empty((threads, 2 * places * 16), np.float32)  # per thread
+        team = openmp()
+        tables = (self.start.ctypes.data, self.query_cell.ctypes.data, self.placement.ctypes.data)
+        w, cp = self.weights.data_ptr(), self.weights.shape[1]
+        offset = 0
+        for part in parts:
+            x = part.contiguous()
+            m, h, w_, c = x.shape
+            args = (h * w_, c, w, cp, *tables, places, out.data_ptr() + 4 * offset, n)  # out[p, i]: p·n + i
+            if team is not None:
+                bf16 = int(self.dtype == torch.bfloat16)
+                run = self.library.cdll.vfs_pairs_team
+                run(*team, threads, bf16, x.data_ptr(), m, *args, acc.ctypes.data)
+            else:  # a pool of our own, one image range per thread
+                self._on_pool(x, np.linspace(0, m, threads + 1).astype(np.int64), args, acc)
+            offset += m
+        return out
+
+    def _on_pool(self, x: torch.Tensor, bounds: np.ndarray, args: tuple, acc: np.ndarray) -> None:
+        fn = self.library.function(self.dtype)
+
+        def run(t: int) -> None:
+            fn(x.data_ptr(), int(bounds[t]), int(bounds[t + 1]), *args, acc[t].ctypes.data)
+
+        list(_pool(len(acc)).map(run, range(len(acc))))
+
+
+@lru_cache(maxsize=256)
+def pair_tables(
+    cells: tuple[tuple[int, int], ...], grid: tuple[int, int], placements: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (data cell, query cell, placement) of a query, ordered by data cell: where each data
+    cell's pairs start (cells + 1), their query cell and their placement (py·pw + px), int32."""
+    (h, w), (ph, pw) = grid, placements
+    ky, kx = np.array(cells).T.reshape(2, -1, 1, 1)
+    py, px = np.arange(ph).reshape(1, -1, 1), np.arange(pw).reshape(1, 1, -1)
+    k = np.broadcast_to(np.arange(len(cells)).reshape(-1, 1, 1), (len(cells), ph, pw)).ravel()
+    cell = ((py + ky) * w + px + kx).ravel()
+    place = np.broadcast_to(py * pw + px, (len(cells), ph, pw)).ravel()
+    order = np.argsort(cell, kind="stable")
+    start = np.searchsorted(cell[order], np.arange(h * w + 1)).astype(np.int32)
+    return start, k[order].astype(np.int32), place[order].astype(np.int32)
+
+
+def kernel_weights(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 weights as the kernel multiplies them for features in `dtype`: fp32 for fp16, bf16
+    with subnormals flushed to zero for bf16."""
+    if dtype == torch.bfloat16:
+        w = weights.to(torch.bfloat16)
+        return torch.where(w.abs() < torch.finfo(torch.bfloat16).smallest_normal, 0, w)
+    return weights.to(torch.float32)
