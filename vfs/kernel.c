@@ -43,14 +43,6 @@ static inline float hsum(vf v) {
 #error "the pairs kernel needs AVX-512F, or AVX2 with F16C and FMA"
 #endif
 
-/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16. Bits 8..15: the fp16 vector width. */
-int vfs_kernel_info(void) {
-#if defined(__AVX512BF16__)
-    return 1 | 2 | (L << 8);
-#else
-    return 1 | (L << 8);
-#endif
-}
 
 /* A cell's last c % width channels, zero-padded to one vector (the weights are padded alike). */
 static inline const uint16_t *tail_of(const uint16_t *xd, int full, int c, uint16_t *buf, int width) {
@@ -60,121 +52,110 @@ static inline const uint16_t *tail_of(const uint16_t *xd, int full, int c, uint1
     return buf;
 }
 
-#define F16_PAIRS(R)                                                                              \
-    static inline void f16_pairs##R(const uint16_t *xd, const uint16_t *tail, int full, int cp,    \
-                                    const float *w, const int32_t *k, const int32_t *p, float *acc) { \
-        vf a[R];                                                                                  \
-        for (int t = 0; t < R; t++) a[t] = zero_();                                               \
-        for (int c = 0; c < full; c += L) {                                                       \
-            vf xv = load_h(xd + c);                                                               \
-            for (int t = 0; t < R; t++) a[t] = fma_(xv, load_f(w + (int64_t)k[t] * cp + c), a[t]); \
-        }                                                                                         \
-        if (tail) {                                                                               \
-            vf xv = load_h(tail);                                                                 \
-            for (int t = 0; t < R; t++) a[t] = fma_(xv, load_f(w + (int64_t)k[t] * cp + full), a[t]); \
-        }                                                                                         \
-        for (int t = 0; t < R; t++) {                                                             \
-            float *dst = acc + (int64_t)p[t] * L;                                                 \
-            store_f(dst, add_(load_f(dst), a[t]));                                                \
-        }                                                                                         \
+#if defined(__AVX512BF16__)
+#define HAS_BF16 1
+static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+#else
+#define HAS_BF16 0
+#endif
+
+/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16. Bits 8..15: the fp16 vector width. */
+int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | (L << 8); }
+
+#define WIDTH(bf16) ((bf16) ? 32 : L)  /* channels per vector */
+#define LANES(bf16) ((bf16) ? 16 : L)  /* fp32 sums per vector */
+
+/* One step of R pairs over one channel vector at offset c, for one image (v = 0) or two: each
+ * weight vector loaded serves both (2,048-channel query cells outgrow the L1 cache). */
+static inline __attribute__((always_inline)) void step(int bf16, int R, const uint16_t *u, const uint16_t *v,
+                                                       const void *w, int cp, int c, const int32_t *k,
+                                                       vf *a, vf *b) {
+#if HAS_BF16
+    if (bf16) {
+        __m512bh xu = load_bh(u), xv = v ? load_bh(v) : xu;
+        for (int t = 0; t < R; t++) {
+            __m512bh wt = load_bh((const uint16_t *)w + (int64_t)k[t] * cp + c);
+            a[t] = _mm512_dpbf16_ps(a[t], xu, wt);
+            if (v) b[t] = _mm512_dpbf16_ps(b[t], xv, wt);
+        }
+        return;
     }
-F16_PAIRS(8)
-F16_PAIRS(4)
-F16_PAIRS(2)
-F16_PAIRS(1)
+#endif
+    (void)bf16;
+    vf xu = load_h(u), xv = v ? load_h(v) : xu;
+    for (int t = 0; t < R; t++) {
+        vf wt = load_f((const float *)w + (int64_t)k[t] * cp + c);
+        a[t] = fma_(xu, wt, a[t]);
+        if (v) b[t] = fma_(xv, wt, b[t]);
+    }
+}
+
+/* R pairs of one data cell in one or two images: R dot products each over the cell's channels,
+ * added to their placements' lane sums. */
+static inline __attribute__((always_inline)) void block(int bf16, int R, const uint16_t *x0, const uint16_t *x1,
+                                                        const uint16_t *t0, const uint16_t *t1, int full, int cp,
+                                                        const void *w, const int32_t *k, const int32_t *p,
+                                                        float *acc0, float *acc1) {
+    vf a[8], b[8];
+    for (int t = 0; t < R; t++) a[t] = b[t] = zero_();
+    if (x1) {
+        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, x0 + c, x1 + c, w, cp, c, k, a, b);
+        if (t0) step(bf16, R, t0, t1, w, cp, full, k, a, b);
+    } else {
+        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, x0 + c, 0, w, cp, c, k, a, b);
+        if (t0) step(bf16, R, t0, 0, w, cp, full, k, a, b);
+    }
+    for (int t = 0; t < R; t++) {
+        float *d0 = acc0 + (int64_t)p[t] * LANES(bf16);
+        store_f(d0, add_(load_f(d0), a[t]));
+        if (x1) {
+            float *d1 = acc1 + (int64_t)p[t] * LANES(bf16);
+            store_f(d1, add_(load_f(d1), b[t]));
+        }
+    }
+}
+
+/* Images [i0, i1), two at a time. With AVX2's 16 registers, at most 4 pairs at once (2 × 4 sums). */
+static inline __attribute__((always_inline)) void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1,
+                                                      int32_t cells, int32_t c, const void *w, int32_t cp,
+                                                      const int32_t *start, const int32_t *pk, const int32_t *pp,
+                                                      int32_t places, float *out, int64_t stride, float *acc) {
+    const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
+    uint16_t buf0[32], buf1[32];
+    float *acc1 = acc + (int64_t)places * lanes;
+    for (int64_t i = i0; i < i1; i += 2) {
+        const int two = i + 1 < i1;
+        memset(acc, 0, sizeof(float) * (size_t)places * lanes * 2);
+        for (int d = 0; d < cells; d++) {
+            int j = start[d];
+            const int e = start[d + 1];
+            const uint16_t *x0 = x + (i * cells + d) * (int64_t)c, *x1 = two ? x0 + (int64_t)cells * c : 0;
+            const uint16_t *t0 = tail_of(x0, full, c, buf0, width), *t1 = two ? tail_of(x1, full, c, buf1, width) : 0;
+#if L == 16
+            for (; j + 8 <= e; j += 8) block(bf16, 8, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
+#endif
+            for (; j + 4 <= e; j += 4) block(bf16, 4, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
+            if (j + 2 <= e) { block(bf16, 2, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1); j += 2; }
+            if (j < e) block(bf16, 1, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
+        }
+        for (int p = 0; p < places; p++) {
+            out[p * stride + i] = hsum(load_f(acc + (int64_t)p * lanes));
+            if (two) out[p * stride + i + 1] = hsum(load_f(acc1 + (int64_t)p * lanes));
+        }
+    }
+}
 
 void vfs_pairs_f16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
                    int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
                    float *out, int64_t stride, float *acc) {
-    int full = c / L * L;
-    uint16_t buf[L];
-    for (int64_t i = i0; i < i1; i++) {
-        memset(acc, 0, sizeof(float) * (size_t)places * L);
-        for (int d = 0; d < cells; d++) {
-            int j = start[d], e = start[d + 1];
-            if (j == e) continue;
-            const uint16_t *xd = x + (i * cells + d) * (int64_t)c;
-            const uint16_t *tl = tail_of(xd, full, c, buf, L);
-            for (; j + 8 <= e; j += 8) f16_pairs8(xd, tl, full, cp, w, pk + j, pp + j, acc);
-            if (j + 4 <= e) { f16_pairs4(xd, tl, full, cp, w, pk + j, pp + j, acc); j += 4; }
-            if (j + 2 <= e) { f16_pairs2(xd, tl, full, cp, w, pk + j, pp + j, acc); j += 2; }
-            if (j < e) f16_pairs1(xd, tl, full, cp, w, pk + j, pp + j, acc);
-        }
-        for (int p = 0; p < places; p++) out[p * stride + i] = hsum(load_f(acc + (int64_t)p * L));
-    }
+    run(0, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
 }
 
-#if defined(__AVX512BF16__)
-static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
-
-#define BF16_STEP2(R, u, v, c)                                                                    \
-    {                                                                                             \
-        __m512bh xu = load_bh(u), xv = load_bh(v);                                                \
-        for (int t = 0; t < R; t++) {                                                             \
-            __m512bh wt = load_bh(w + (int64_t)k[t] * cp + (c));                                  \
-            a[t] = _mm512_dpbf16_ps(a[t], xu, wt);                                                \
-            b[t] = _mm512_dpbf16_ps(b[t], xv, wt);                                                \
-        }                                                                                         \
-    }
-#define BF16_STEP1(R, u, c)                                                                       \
-    {                                                                                             \
-        __m512bh xu = load_bh(u);                                                                 \
-        for (int t = 0; t < R; t++) a[t] = _mm512_dpbf16_ps(a[t], xu, load_bh(w + (int64_t)k[t] * cp + (c))); \
-    }
-
-/* Two images at a time: each weight vector loaded serves both (the weights of 2,048-channel
- * query cells outgrow the L1 cache). x1 = 0: one image. */
-#define BF16_PAIRS(R)                                                                             \
-    static inline void bf16_pairs##R(const uint16_t *x0, const uint16_t *x1, const uint16_t *t0,    \
-                                     const uint16_t *t1, int full, int cp, const uint16_t *w,      \
-                                     const int32_t *k, const int32_t *p, float *acc0, float *acc1) { \
-        __m512 a[R], b[R];                                                                        \
-        for (int t = 0; t < R; t++) a[t] = b[t] = _mm512_setzero_ps();                            \
-        if (x1) {                                                                                 \
-            for (int c = 0; c < full; c += 32) BF16_STEP2(R, x0 + c, x1 + c, c)                   \
-            if (t0) BF16_STEP2(R, t0, t1, full)                                                   \
-        } else {                                                                                  \
-            for (int c = 0; c < full; c += 32) BF16_STEP1(R, x0 + c, c)                           \
-            if (t0) BF16_STEP1(R, t0, full)                                                       \
-        }                                                                                         \
-        for (int t = 0; t < R; t++) {                                                             \
-            float *d0 = acc0 + (int64_t)p[t] * 16;                                                \
-            _mm512_storeu_ps(d0, _mm512_add_ps(_mm512_loadu_ps(d0), a[t]));                       \
-            if (x1) {                                                                             \
-                float *d1 = acc1 + (int64_t)p[t] * 16;                                            \
-                _mm512_storeu_ps(d1, _mm512_add_ps(_mm512_loadu_ps(d1), b[t]));                   \
-            }                                                                                     \
-        }                                                                                         \
-    }
-BF16_PAIRS(8)
-BF16_PAIRS(4)
-BF16_PAIRS(2)
-BF16_PAIRS(1)
-
-void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c,
-                    const uint16_t *w, int32_t cp, const int32_t *start, const int32_t *pk,
-                    const int32_t *pp, int32_t places, float *out, int64_t stride, float *acc) {
-    int full = c / 32 * 32;
-    uint16_t buf0[32], buf1[32];
-    float *acc1 = acc + (int64_t)places * 16;
-    for (int64_t i = i0; i < i1; i += 2) {
-        int two = i + 1 < i1;
-        memset(acc, 0, sizeof(float) * (size_t)places * 32);
-        for (int d = 0; d < cells; d++) {
-            int j = start[d], e = start[d + 1];
-            if (j == e) continue;
-            const uint16_t *x0 = x + (i * cells + d) * (int64_t)c, *x1 = two ? x0 + (int64_t)cells * c : 0;
-            const uint16_t *t0 = tail_of(x0, full, c, buf0, 32), *t1 = two ? tail_of(x1, full, c, buf1, 32) : 0;
-            for (; j + 8 <= e; j += 8) bf16_pairs8(x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
-            if (j + 4 <= e) { bf16_pairs4(x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1); j += 4; }
-            if (j + 2 <= e) { bf16_pairs2(x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1); j += 2; }
-            if (j < e) bf16_pairs1(x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
-        }
-        for (int p = 0; p < places; p++) {
-            out[p * stride + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc + (int64_t)p * 16));
-            if (two) out[p * stride + i + 1] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc1 + (int64_t)p * 16));
-        }
-    }
+#if HAS_BF16
+void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const uint16_t *w,
+                    int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
+                    float *out, int64_t stride, float *acc) {
+    run(1, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
 }
 #endif
 
@@ -207,7 +188,7 @@ static void vfs_job_run(void *arg) {
     if (t >= team) return;
     int64_t i0 = j->n * t / team, i1 = j->n * (t + 1) / team;
     float *acc = j->acc + (int64_t)t * 2 * j->places * 16;
-#if defined(__AVX512BF16__)
+#if HAS_BF16
     if (j->bf16) {
         vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
                        j->stride, acc);

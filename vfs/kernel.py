@@ -241,6 +241,19 @@ def pair_tables(
     return start, k[order].astype(np.int32), place[order].astype(np.int32)
 
 
+def summation_depth(dtype: torch.dtype, channels: int, pairs: int) -> int:
+    """The most fp32 roundings a product passes through in the kernel's sum of one placement
+    (`pairs` pairs of `channels` channels; kernel.c): its chain over the channel vectors (two
+    additions per bf16 dot-product instruction), the placement's sum over its pairs, the sum
+    across lanes (a tree) — the n of Higham's γₙ bound, which holds for any order of these sums."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the pairs kernel is not built here")
+    width, lanes = lib.width(dtype), 16 if dtype == torch.bfloat16 else lib.lanes
+    chain = -(-channels // width) * (2 if dtype == torch.bfloat16 else 1)
+    return chain + pairs + lanes.bit_length() - 1
+
+
 def kernel_weights(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 weights as the kernel multiplies them for features in `dtype`: fp32 for fp16, bf16
     with subnormals flushed to zero for bf16."""

@@ -29,7 +29,7 @@ from functools import cache, cached_property, partial
 import numpy as np
 import torch
 
-from .kernel import PairKernel, kernel_weights, library
+from .kernel import PairKernel, kernel_weights, library, summation_depth
 from .masks import CroppedMask, crop_mask
 
 _U32 = 2.0**-24  # unit roundoff of fp32
@@ -426,20 +426,21 @@ class FastBound:
         """The bound of `Scorer.fast` with operands in `dtype`."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
         # A band column sums mw·C terms (and exact zeros); mh of them make a placement's score.
-        # The pairs kernel sums all K·C terms of a placement in fp32 and rounds nothing else: its
-        # fp16 features are exact in fp32 and its weights fp32 (fp32's bound); with bf16 features
-        # and weights, the dot-product instruction flushes subnormal inputs (the weights are
-        # flushed before) and subnormal products and sums — at most 2⁻¹²⁶ each, absolute.
-        terms, outputs = {
-            "cells": (c, k),
-            "band": (geometry.mw * c, geometry.mh),
-            "pairs": (k * c, 1),
-            "whole": (geometry.mh * geometry.mw * c, 1),
-        }[plan.method]
+        # The pairs kernel's sums are ours: a product passes through at most `summation_depth`
+        # fp32 roundings, and nothing else rounds — its fp16 features are exact in fp32 and its
+        # weights fp32 (fp32's bound); with bf16 features and weights, the dot-product instruction
+        # flushes subnormal inputs (the weights are flushed before) and subnormal products and
+        # sums — at most 2⁻¹²⁶ each, absolute.
         pairs = plan.method == "pairs"
+        terms, outputs = {
+            "cells": lambda: (c, k),
+            "band": lambda: (geometry.mw * c, geometry.mh),
+            "pairs": lambda: (summation_depth(dtype, c, k), 1),
+            "whole": lambda: (geometry.mh * geometry.mw * c, 1),
+        }[plan.method]()
         rounding = torch.float32 if pairs and dtype == torch.float16 else dtype
         tiny = torch.finfo(torch.float32).smallest_normal if dtype == torch.bfloat16 else 2.0**-150
-        flushed = 2 * terms * tiny if pairs else 0.0
+        flushed = 2 * k * c * tiny if pairs else 0.0
         # Weights that `rounding` cannot hold within its unit roundoff (subnormal ones): their exact
         # rounding error, bounded over a window by Cauchy–Schwarz — a constant per query.
         m = query.mask.weights
