@@ -109,9 +109,17 @@ def environment(device: torch.device) -> dict:
             env["versions"][name] = version(name)
         except PackageNotFoundError:
             env["versions"][name] = None
+    from vfs.kernel import library
     from vfs.scoring import fast_dtype  # the operand type search chose here (VFS_FAST_DTYPE)
 
-    env["vfs_fast_dtype"] = str(fast_dtype(device)).removeprefix("torch.")
+    # per channel count of the grid's layers (Lite0 blocks.5, ViT-B/16, R50 layer3, layer4)
+    env["vfs_fast_dtype"] = {
+        c: str(fast_dtype(device, c)).removeprefix("torch.") for c in (192, 768, 1024, 2048)
+    }
+    lib = library()  # the pairs kernel (VFS_KERNEL), where it is built
+    env["vfs_kernel"] = (
+        None if lib is None else {"lanes": lib.lanes, "dtypes": sorted(str(d)[6:] for d in lib.dtypes)}
+    )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)

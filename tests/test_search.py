@@ -72,7 +72,7 @@ def test_matches_brute_force(grid, kind):
 def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch, force_form):
     """A prepared source searched with bf16 products (a 2⁵ wider bound, an fp16 pass over what it
     cannot rule out, then float64) or fp32 ones (a tighter bound): the same exact top-k."""
-    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: dtype)
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: dtype)
     rng = np.random.default_rng([*grid, list(MASKS).index(kind)])
     h, w = grid
     feats = random_features(rng, 60, h, w, 24)
@@ -297,10 +297,12 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
 
 
 def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
-    """Where bf16 is chosen, a bare array whose preparation is kept is rounded to bf16 once, in the
-    same pass as its norms, and searched in bf16 (top-k still exact); one prepared for this call
-    only is searched in fp16 (a bf16 copy would cost about what it saves)."""
-    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    """Where bf16 is chosen and the pairs kernel is off, a bare array whose preparation is kept is
+    rounded to bf16 once, in the same pass as its norms, and searched in bf16 (top-k still exact);
+    one prepared for this call only is searched in fp16 (a bf16 copy would cost about what it
+    saves)."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
+    monkeypatch.setenv("VFS_KERNEL", "off")
     rng = np.random.default_rng(12)
     feats = random_features(rng, 40, 6, 6, 16)
     mask = soft_blob(rng, 6, 6)
@@ -319,13 +321,30 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
         np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
 
 
+@pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
+def test_an_array_is_searched_as_it_is_where_the_kernel_reads_fp16(monkeypatch):
+    """With the pairs kernel, no bf16 copy of a notebook's array (its page faults cost more on the
+    first call than the kernel's fp16 reads cost on later ones)."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
+    monkeypatch.setenv("VFS_KERNEL", "on")
+    rng = np.random.default_rng(12)
+    tensor = torch.from_numpy(random_features(rng, 40, 6, 6, 16))
+    mask = soft_blob(rng, 6, 6)
+    result = search_regions(tensor, 4, mask, k=8, device="cpu")
+    assert result.source.cpu_dtype == torch.float16 and result.method == "pairs"
+    ref, _ = brute_force(tensor.numpy(), tensor[4].float().numpy(), mask)
+    np.testing.assert_allclose(result.scores, ref, atol=1e-4)  # fp32-tight for every image
+    assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, monkeypatch):
     """What the bf16 bound cannot rule out is scored again in fp16: gathered, or (past a share of
     the images) in one more pass over all; either way the top-k is exact and, past that share,
     every image's score fp16-close."""
-    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
     monkeypatch.setattr("vfs.search._REFINE_ALL_SHARE", share)
+    monkeypatch.setattr("vfs.search._REFINE_MIN_VALUES", 0)  # this few would go to float64 directly
     rng = np.random.default_rng(13)
     feats = rng.standard_normal((50, 6, 6, 32)).astype(np.float16)  # signed: scores packed near 0
     mask = soft_blob(rng, 6, 6)
@@ -339,7 +358,8 @@ def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, monkeypatch)
 def test_a_source_mixing_bf16_and_fp16_chunks_keeps_the_top_k_exact(monkeypatch):
     """Images of a chunk that came in fp16 (e.g. streamed) may be refined too: with their own
     squared norms, not whatever memory held (a review found it; this failed 4 times in 5)."""
-    monkeypatch.setattr("vfs.search.fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
+    monkeypatch.setattr("vfs.search._REFINE_MIN_VALUES", 0)  # refined, not sent to float64 directly
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((40, 5, 5, 16)).astype(np.float16)
     feats[30:] = feats[3]  # in the fp16 half: exact matches of the query

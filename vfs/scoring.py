@@ -90,19 +90,19 @@ images need an fp16 pass after it)."""
 
 
 @cache
-def _cpu_product_times() -> dict[tuple[torch.dtype, str], float]:
+def _cpu_product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
     """Seconds of one search-shaped product per (operand type, form), best of 4 after a first run
-    that builds the kernels: oneDNN's cells-form product — 16,366 cells of 1,024 channels by the 9
-    cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel on the same cells (334
-    images of 7×7) where it is built for that type."""
+    that builds the kernels: oneDNN's cells-form product — ≈ 16,000 cells of `channels` channels
+    (16 Mi values) by the 9 cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel
+    on the same cells (images of 7×7) where it is built for that type."""
     times = {}
-    x = torch.full((334, 7, 7, 1024), 0.25)
-    w = torch.full((9, 1024), 0.5, dtype=torch.float64)
+    x = torch.full((max(2, 16384 * 1024 // (49 * channels)), 7, 7, channels), 0.25)
+    w = torch.full((9, channels), 0.5, dtype=torch.float64)
     cells = tuple((y, x_) for y in range(3) for x_ in range(3))
     lib = library()
     for dtype in FAST_DTYPES:
         xd, wd = x.to(dtype), w.to(dtype)
-        runs = {"onednn": partial(torch.matmul, wd, xd.view(-1, 1024).T)}
+        runs = {"onednn": partial(torch.matmul, wd, xd.view(-1, channels).T)}
         if lib is not None and dtype in lib.dtypes:
             pairs = PairKernel.create(lib, dtype, w, cells, (7, 7), (5, 5))
             runs["pairs"] = partial(pairs.numerator, [xd])
@@ -132,15 +132,16 @@ def pairs_mode(device: torch.device, dtype: torch.dtype) -> str:
 
 
 @cache
-def fast_dtype(device: torch.device) -> torch.dtype:
-    """The operand type of a prepared source's fast products on `device`, chosen once per process
-    by `VFS_FAST_DTYPE`: `auto` (the default) — on a CPU, the type whose fastest search-shaped
-    product (oneDNN's or the pairs kernel's, `_cpu_product_times`) beats fp16's by
-    `_FAST_DTYPE_GAIN`× (bf16 on AVX512-BF16 without AVX512-FP16 / AMX; fp32 where MKL's fp32
-    products win and no kernel is built, e.g. AVX2 without a C compiler — docs/performance.md),
-    else fp16; or `float16` (features as stored, the only choice on GPUs), `bfloat16`, `float32`.
-    The top-k is exact either way; other images' scores keep the chosen type's fast error (fp16
-    ≈ 0.1%, fp32 and the fp16 pairs kernel less, bf16 ≈ 1.2% of the score at most)."""
+def fast_dtype(device: torch.device, channels: int = 1024) -> torch.dtype:
+    """The operand type of a prepared source's fast products on `device` for features of
+    `channels` channels, chosen once per process and channel count by `VFS_FAST_DTYPE`: `auto`
+    (the default) — on a CPU, the type whose fastest search-shaped product (oneDNN's or the pairs
+    kernel's, `_cpu_product_times`) beats fp16's by `_FAST_DTYPE_GAIN`×, else fp16 (Zen 4 with the
+    kernel: fp16, its bf16 run only 1.2–1.4× faster; without a compiler bf16 on AVX512-BF16 CPUs
+    without AVX512-FP16 / AMX, and fp32 where MKL's fp32 products win, e.g. AVX2 —
+    docs/performance.md); or `float16` (features as stored, the only choice on GPUs), `bfloat16`,
+    `float32`. The top-k is exact either way; other images' scores keep the chosen type's fast
+    error (fp16 ≈ 0.1%, fp32 and the fp16 pairs kernel less, bf16 ≈ 1.2% of the score at most)."""
     choice = os.environ.get("VFS_FAST_DTYPE", "auto")
     if choice not in (*_FAST_DTYPES_BY_NAME, "auto"):
         raise ValueError(f"VFS_FAST_DTYPE={choice!r}: expected auto, {', '.join(_FAST_DTYPES_BY_NAME)}")
@@ -148,7 +149,7 @@ def fast_dtype(device: torch.device) -> torch.dtype:
         return torch.float16  # GPUs run fp16 products at their memory speed, with fp32 outputs
     if choice != "auto":
         return _FAST_DTYPES_BY_NAME[choice]
-    times = _cpu_product_times()
+    times = _cpu_product_times(channels)
     best = {d: min(t for (dt, _), t in times.items() if dt == d) for d in FAST_DTYPES}
     fastest = min(best, key=best.__getitem__)
     return fastest if best[torch.float16] > _FAST_DTYPE_GAIN * best[fastest] else torch.float16

@@ -135,11 +135,15 @@ def search_regions(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    dtype = fast_dtype(dev)
+    dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
         dtype = torch.float16  # fp32 products would run in bf16 / TF32, outside fp32's bound
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        source = prepared_array(source, dtype if dev.type == "cpu" else torch.float16)
+        # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
+        # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
+        # (1.2–1.7× its bf16 time, with a tighter bound), an array is searched as it is.
+        copy = dev.type == "cpu" and pairs_mode(dev, torch.float16) == "off"
+        source = prepared_array(source, dtype if copy else torch.float16)
         if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
             dtype = source.cpu_dtype
     n, h, w, c = source.shape
