@@ -236,7 +236,8 @@ class _FastScoring:
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         nonnegative = self.nonnegative_source and bound.nonnegative_weights
-        return scores, bound.upper(scores, wnorm, nonnegative).masked_fill_(~torch.isfinite(scores), math.inf)
+        upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
+        return scores, upper.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
 
     def _plan(self, x: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> QueryPlan:
         """oneDNN's cheaper form, or the pairs kernel where it is on, wins the race, or scores one
