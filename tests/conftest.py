@@ -18,12 +18,11 @@ def fp16_operands():
 
 @pytest.fixture
 def force_form(monkeypatch):
-    """`force_form("cells")`: every search of the test runs that exact form — `plan_query` answers
-    it, and the pairs kernel does not race it (`VFS_KERNEL=off`; "pairs" itself still runs)."""
+    """`force_form("cells")`: every search of the test runs that exact form (`plan_query` answers
+    it; "pairs" needs the kernel built here)."""
     from vfs.scoring import QueryPlan
 
     def force(method: str) -> None:
-        monkeypatch.setenv("VFS_KERNEL", "off")
         monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
 
     return force

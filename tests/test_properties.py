@@ -141,11 +141,7 @@ def check_against_brute_force(feats, query, mask, k, method=None):
     q = feats[query].astype(np.float32) if isinstance(query, int) else query
     ref, _ = brute_force(feats, q, mask)
     plan = None if method is None else (lambda *a, m=method: QueryPlan(m, 0, 0))
-    kernel = {"VFS_KERNEL": "auto" if method is None else "off"}  # a forced form is not raced
-    with (
-        mock.patch.object(vfs.search, "plan_query", plan or vfs.search.plan_query),
-        mock.patch.dict(os.environ, kernel),
-    ):
+    with mock.patch.object(vfs.search, "plan_query", plan or vfs.search.plan_query):
         try:
             result = search_regions(feats, query, mask, k=k, device="cpu")
         except ValueError as e:  # the only refusal here: the query region's features are all zero

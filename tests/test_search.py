@@ -149,7 +149,9 @@ def test_sliced_source_gives_the_same_results(method, force_form):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_the_grid(dtype):
+def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_the_grid(dtype, monkeypatch):
+    """oneDNN's forms, without the pairs kernel."""
+    monkeypatch.setenv("VFS_KERNEL", "off")
     rng = np.random.default_rng(0)
     f = rng.random((7, 7, 2048)).astype(np.float32)  # ResNet-50 layer4
     small = np.zeros((7, 7), np.float32)

@@ -89,12 +89,17 @@ this many times faster: fp32 copies take twice the memory, and a bf16 bound is 2
 images need an fp16 pass after it)."""
 
 
-@cache
 def _cpu_product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
     """Seconds of one search-shaped product per (operand type, form), best of 4 after a first run
     that builds the kernels: oneDNN's cells-form product — ≈ 16,000 cells of `channels` channels
-    (16 Mi values) by the 9 cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel
-    on the same cells (images of 7×7) where it is built for that type."""
+    (rounded up to a power of two from 64 to 4,096: one timing per range; 16 Mi values) by the 9
+    cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel on the same cells
+    (images of 7×7) where it is built for that type."""
+    return _product_times(min(4096, max(64, 1 << (channels - 1).bit_length())))
+
+
+@cache
+def _product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
     times = {}
     x = torch.full((max(2, 16384 * 1024 // (49 * channels)), 7, 7, channels), 0.25)
     w = torch.full((9, channels), 0.5, dtype=torch.float64)
@@ -116,19 +121,24 @@ def _cpu_product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
     return times
 
 
-def pairs_mode(device: torch.device, dtype: torch.dtype) -> str:
-    """How the compiled pairs kernel (`vfs.kernel`) takes part in fast scores in `dtype` on
-    `device`, by `VFS_KERNEL`: "off" where it is not built for that type (or turned off); "on"
-    always; "race" (`auto`, the default) — timed against oneDNN's form the first time each shape
-    of query comes (`vfs.search`): it does only the multiply-adds of the pairs, but oneDNN's
-    products with AMX or on long rows can still be faster."""
+def uses_pairs(device: torch.device, dtype: torch.dtype, channels: int, placements: int = 2) -> bool:
+    """Whether fast scores in `dtype` on `device` run the compiled pairs kernel (`vfs.kernel`), by
+    `VFS_KERNEL`: `auto` (the default) where it is built for that type and its search-shaped run
+    at this channel count beats oneDNN's product (`_cpu_product_times`: it does only the
+    multiply-adds of the pairs, but with AMX oneDNN may still win) — and for a query of one
+    placement wherever it is built (torch's gemv sums h·w·C terms in an order of its own:
+    Higham's bound over all of them, ~1% on 14×14×1024, against ~C/16 + K roundings in the
+    kernel's); `on` wherever it is built; `off` never."""
     choice = os.environ.get("VFS_KERNEL", "auto")
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"VFS_KERNEL={choice!r}: expected auto, on, off")
     lib = library()
     if choice == "off" or device.type != "cpu" or lib is None or dtype not in lib.dtypes:
-        return "off"
-    return "on" if choice == "on" else "race"
+        return False
+    if choice == "on" or placements == 1:
+        return True
+    times = _cpu_product_times(channels)
+    return times[dtype, "pairs"] < times[dtype, "onednn"]
 
 
 @cache
@@ -277,9 +287,11 @@ def plan_query(
     + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
     packs its operand first, then pays per column) + a cost per product row (measured in
     docs/performance.md). A region as large as the grid is one matrix-vector product ("whole").
-    (Whether the pairs kernel runs instead is measured, not modelled: `vfs.search`.)"""
+    The compiled kernel's "pairs" form runs instead where `uses_pairs` says so."""
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
+    if uses_pairs(device, dtype, c, ph * pw):
+        return QueryPlan("pairs", 0.0, 0.0)
     if ph == pw == 1:
         return QueryPlan("whole", 0.0, 0.0)
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])

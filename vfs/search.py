@@ -24,15 +24,14 @@ from .scoring import (
     ExactScore,
     FastBound,
     QueryGeometry,
-    QueryPlan,
     RegionQuery,
     Scorer,
     exact_device,
     exact_scorer,
     exact_scores,
     fast_dtype,
-    pairs_mode,
     plan_query,
+    uses_pairs,
 )
 from .sources import FeatureSource
 from .sources import prepared as prepared_array
@@ -45,14 +44,6 @@ _REFINE_ALL_SHARE = 0.5
 _REFINE_MIN_VALUES = 1 << 18
 """Images to refine holding fewer feature values than this are re-scored in float64 directly:
 ≈ 1 ms, what a refining round costs besides its products (measured on 13 Lite0 images)."""
-_PAIRS = QueryPlan("pairs", 0.0, 0.0)
-_FASTER_FORM: dict[tuple, str] = {}
-"""Per (operand type, grid, channels, query cells, placements): the faster of oneDNN's form and
-the pairs kernel on this machine, timed once per process on part of the first chunk of a query of
-that shape (`VFS_KERNEL=auto`)."""
-_RACE_SHARE = 4
-"""The race runs each form twice on this fraction of the chunk: one more fast pass, once per
-query shape."""
 _BLOCK_BYTES = 16 << 20
 """Images re-scored at once hold at most this in the type they are scored in (fp16 or float64),
 in one buffer reused across blocks: fresh temporaries cost their page faults, which on some VMs
@@ -142,7 +133,7 @@ def search_regions(
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
         # (1.2–1.7× its bf16 time, with a tighter bound), an array is searched as it is.
-        copy = dev.type == "cpu" and pairs_mode(dev, torch.float16) == "off"
+        copy = dev.type == "cpu" and not uses_pairs(dev, torch.float16, source.shape[-1])
         source = prepared_array(source, dtype if copy else torch.float16)
         if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
             dtype = source.cpu_dtype
@@ -226,7 +217,7 @@ class _FastScoring:
         """(Ph, Pw, n) fast scores and upper bounds; a placement that overflowed bounds nothing (inf)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
-            plan = self._plan(x, dtype)
+            plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
             self._by_dtype[dtype] = (
                 Scorer.fast(self.geometry, plan, self.device, dtype),
                 FastBound.create(self.query, self.geometry, plan, dtype),
@@ -238,31 +229,6 @@ class _FastScoring:
         nonnegative = self.nonnegative_source and bound.nonnegative_weights
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
         return scores, upper.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
-
-    def _plan(self, x: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> QueryPlan:
-        """oneDNN's cheaper form, or the pairs kernel where it is on, wins the race, or scores one
-        placement (torch's gemv sums h·w·C terms in an order of its own: Higham's bound over all
-        of them, ~1% there, against ~C/16 + K roundings in the kernel's)."""
-        g = self.geometry
-        plan = plan_query(self.query, g.grid, self.device, dtype)
-        mode = pairs_mode(self.device, dtype)
-        if mode == "off":
-            return plan
-        if plan.method == "whole":  # as fast (both read at the floor), with a bound 10²–10³× tighter
-            return _PAIRS
-        key = (dtype, g.grid, g.channels, len(g.cells), g.ph, g.pw)
-        if mode == "race" and key not in _FASTER_FORM:
-            part = x[0] if isinstance(x, list) else x
-            part = part[: max(1, len(part) // _RACE_SHARE)]
-            elapsed = {}
-            for candidate in (plan, _PAIRS):
-                scorer = Scorer.fast(g, candidate, self.device, dtype)
-                for _ in range(2):  # the first run builds oneDNN's kernel
-                    start = time.perf_counter()
-                    scorer.numerator(part)
-                    elapsed[candidate.method] = time.perf_counter() - start
-            _FASTER_FORM[key] = min(elapsed, key=elapsed.__getitem__)
-        return _PAIRS if mode == "on" or _FASTER_FORM[key] == "pairs" else plan
 
 
 def _ieee_fp32(device: torch.device) -> bool:
