@@ -114,6 +114,14 @@ def test_no_compiler_turns_the_kernel_off(monkeypatch, tmp_path):
 
 
 @needs_kernel
+def test_no_writable_folder_turns_the_kernel_off(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("VFS_KERNEL_DIR", str(blocker / "vfs"))
+    assert build() is None
+
+
+@needs_kernel
 def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
     """auto: where its search-shaped run beats oneDNN's at the source's channel count, and for one
     placement (its bound is far tighter than the gemv's) wherever built; on: always; off: never
