@@ -132,7 +132,7 @@ def search_regions(
     if isinstance(source, (np.ndarray, torch.Tensor)):
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
-        # (1.2–1.7× its bf16 time, with a tighter bound), an array is searched as it is.
+        # (1.2–1.4× its bf16 time on Zen 4, with a tighter bound), an array is searched as it is.
         copy = dev.type == "cpu" and not uses_pairs(dev, torch.float16, source.shape[-1])
         source = prepared_array(source, dtype if copy else torch.float16)
         if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
@@ -147,8 +147,8 @@ def search_regions(
         raise ValueError("k must be at least 1")
     geometry = QueryGeometry.create(rq, (h, w))
     if geometry.ph == geometry.pw == 1 and source.resident_on(dev) is not None:
-        # One placement, one matrix-vector product: in fp16 it runs at the read speed on every
-        # device (torch's gemv), with a bound 2⁵ tighter than bf16's.
+        # One placement: the pairs kernel's fp16 run (fp32-tight bound) or torch's fp16 gemv, each
+        # at about the read speed, with a bound 2⁵ tighter than bf16's at least.
         dtype = torch.float16
     fast = _FastScoring(rq, geometry, dev, source.nonnegative)
 
