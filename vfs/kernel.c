@@ -9,7 +9,7 @@
  * Layout: x (n, cells, c) row-major; w (K, cp) row-major, cp = c rounded up to the vector width
  * with zeros; pairs of data cell d: pk[j], pp[j] for j in start[d]..start[d+1] (query cell, and the
  * placement it lands in); out[p * stride + i] for images i in [i0, i1); acc: scratch of
- * 2 * places * 16 floats. Each placement sums its lanes over all its pairs, then once across. */
+ * 4 * places * 16 floats. Each placement sums its lanes over all its pairs, then once across. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -65,84 +65,93 @@ int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | (L << 8); }
 #define WIDTH(bf16) ((bf16) ? 32 : L)  /* channels per vector */
 #define LANES(bf16) ((bf16) ? 16 : L)  /* fp32 sums per vector */
 
-/* One step of R pairs over one channel vector at offset c, for one image (v = 0) or two: each
- * weight vector loaded serves both (2,048-channel query cells outgrow the L1 cache). */
-static inline __attribute__((always_inline)) void step(int bf16, int R, const uint16_t *u, const uint16_t *v,
-                                                       const void *w, int cp, int c, const int32_t *k,
-                                                       vf *a, vf *b) {
+/* Images per step: each weight vector loaded serves all of them (2,048-channel query cells outgrow
+ * the L1 cache, and a block's set-up is paid once for them). AVX2's 16 registers hold 2 × 4 sums. */
+#if L == 16
+#define IMAGES 4
+#else
+#define IMAGES 2
+#endif
+#define AI static inline __attribute__((always_inline))
+
+/* One step of R pairs over one channel vector (at `off` in each of the M images' `src`, at `c` in
+ * the weights). */
+AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const void *w, int cp, int c,
+             const int32_t *k, vf (*a)[8]) {
 #if HAS_BF16
     if (bf16) {
-        __m512bh xu = load_bh(u), xv = v ? load_bh(v) : xu;
+        __m512bh xv[IMAGES];
+        for (int i = 0; i < M; i++) xv[i] = load_bh(src[i] + off);
         for (int t = 0; t < R; t++) {
             __m512bh wt = load_bh((const uint16_t *)w + (int64_t)k[t] * cp + c);
-            a[t] = _mm512_dpbf16_ps(a[t], xu, wt);
-            if (v) b[t] = _mm512_dpbf16_ps(b[t], xv, wt);
+            for (int i = 0; i < M; i++) a[i][t] = _mm512_dpbf16_ps(a[i][t], xv[i], wt);
         }
         return;
     }
 #endif
     (void)bf16;
-    vf xu = load_h(u), xv = v ? load_h(v) : xu;
+    vf xv[IMAGES];
+    for (int i = 0; i < M; i++) xv[i] = load_h(src[i] + off);
     for (int t = 0; t < R; t++) {
         vf wt = load_f((const float *)w + (int64_t)k[t] * cp + c);
-        a[t] = fma_(xu, wt, a[t]);
-        if (v) b[t] = fma_(xv, wt, b[t]);
+        for (int i = 0; i < M; i++) a[i][t] = fma_(xv[i], wt, a[i][t]);
     }
 }
 
-/* R pairs of one data cell in one or two images: R dot products each over the cell's channels,
- * added to their placements' lane sums. */
-static inline __attribute__((always_inline)) void block(int bf16, int R, const uint16_t *x0, const uint16_t *x1,
-                                                        const uint16_t *t0, const uint16_t *t1, int full, int cp,
-                                                        const void *w, const int32_t *k, const int32_t *p,
-                                                        float *acc0, float *acc1) {
-    vf a[8], b[8];
-    for (int t = 0; t < R; t++) a[t] = b[t] = zero_();
-    if (x1) {
-        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, x0 + c, x1 + c, w, cp, c, k, a, b);
-        if (t0) step(bf16, R, t0, t1, w, cp, full, k, a, b);
-    } else {
-        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, x0 + c, 0, w, cp, c, k, a, b);
-        if (t0) step(bf16, R, t0, 0, w, cp, full, k, a, b);
-    }
-    for (int t = 0; t < R; t++) {
-        float *d0 = acc0 + (int64_t)p[t] * LANES(bf16);
-        store_f(d0, add_(load_f(d0), a[t]));
-        if (x1) {
-            float *d1 = acc1 + (int64_t)p[t] * LANES(bf16);
-            store_f(d1, add_(load_f(d1), b[t]));
+/* R pairs of one data cell in M images: R dot products each over the cell's channels (the last
+ * vector from `tails` where c is not a multiple of the width), added to their placements' lane
+ * sums (acc + i·places·lanes for image i). */
+AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t *const *tails, int full, int cp,
+              const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image) {
+    vf a[IMAGES][8];
+    for (int i = 0; i < M; i++)
+        for (int t = 0; t < R; t++) a[i][t] = zero_();
+    for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a);
+    if (tails) step(bf16, R, M, tails, 0, w, cp, full, k, a);
+    for (int i = 0; i < M; i++)
+        for (int t = 0; t < R; t++) {
+            float *dst = acc + i * per_image + (int64_t)p[t] * LANES(bf16);
+            store_f(dst, add_(load_f(dst), a[i][t]));
         }
-    }
 }
 
-/* Images [i0, i1), two at a time. With AVX2's 16 registers, at most 4 pairs at once (2 × 4 sums). */
-static inline __attribute__((always_inline)) void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1,
-                                                      int32_t cells, int32_t c, const void *w, int32_t cp,
-                                                      const int32_t *start, const int32_t *pk, const int32_t *pp,
-                                                      int32_t places, float *out, int64_t stride, float *acc) {
+/* Every pair of images [i, i + M): the cells in order, each cell's pairs in blocks. */
+AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int32_t c, const void *w, int32_t cp,
+               const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
+               int64_t stride, float *acc) {
     const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
-    uint16_t buf0[32], buf1[32];
-    float *acc1 = acc + (int64_t)places * lanes;
-    for (int64_t i = i0; i < i1; i += 2) {
-        const int two = i + 1 < i1;
-        memset(acc, 0, sizeof(float) * (size_t)places * lanes * 2);
-        for (int d = 0; d < cells; d++) {
-            int j = start[d];
-            const int e = start[d + 1];
-            const uint16_t *x0 = x + (i * cells + d) * (int64_t)c, *x1 = two ? x0 + (int64_t)cells * c : 0;
-            const uint16_t *t0 = tail_of(x0, full, c, buf0, width), *t1 = two ? tail_of(x1, full, c, buf1, width) : 0;
+    const int64_t per_image = (int64_t)places * lanes;
+    uint16_t buf[IMAGES][32];
+    memset(acc, 0, sizeof(float) * (size_t)(per_image * M));
+    for (int d = 0; d < cells; d++) {
+        int j = start[d];
+        const int e = start[d + 1];
+        const uint16_t *xs[IMAGES], *ts[IMAGES];
+        for (int m = 0; m < M; m++) {
+            xs[m] = x + ((i + m) * cells + d) * (int64_t)c;
+            ts[m] = tail_of(xs[m], full, c, buf[m], width);
+        }
+        const uint16_t *const *tails = full < c ? ts : 0;
 #if L == 16
-            for (; j + 8 <= e; j += 8) block(bf16, 8, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
+        if (M == 1)
+            for (; j + 8 <= e; j += 8) block(bf16, 8, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image);
 #endif
-            for (; j + 4 <= e; j += 4) block(bf16, 4, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
-            if (j + 2 <= e) { block(bf16, 2, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1); j += 2; }
-            if (j < e) block(bf16, 1, x0, x1, t0, t1, full, cp, w, pk + j, pp + j, acc, acc1);
-        }
-        for (int p = 0; p < places; p++) {
-            out[p * stride + i] = hsum(load_f(acc + (int64_t)p * lanes));
-            if (two) out[p * stride + i + 1] = hsum(load_f(acc1 + (int64_t)p * lanes));
-        }
+        for (; j + 4 <= e; j += 4) block(bf16, 4, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image);
+        if (j + 2 <= e) { block(bf16, 2, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image); j += 2; }
+        if (j < e) block(bf16, 1, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image);
     }
+    for (int m = 0; m < M; m++)
+        for (int p = 0; p < places; p++) out[p * stride + i + m] = hsum(load_f(acc + m * per_image + (int64_t)p * lanes));
+}
+
+/* Images [i0, i1), IMAGES at a time, then one by one. acc: IMAGES · places · 16 floats. */
+AI void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const void *w,
+            int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
+            int64_t stride, float *acc) {
+    int64_t i = i0;
+    for (; i + IMAGES <= i1; i += IMAGES)
+        images(bf16, IMAGES, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
+    for (; i < i1; i++) images(bf16, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
 }
 
 void vfs_pairs_f16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
@@ -176,7 +185,7 @@ struct vfs_job {
     int32_t places;
     float *out;
     int64_t stride;
-    float *acc; /* per thread: 2 * places * 16 floats */
+    float *acc; /* per thread: 4 * places * 16 floats */
     int max_threads;
     vfs_team_fn thread_num, num_threads;
 };
@@ -187,7 +196,7 @@ static void vfs_job_run(void *arg) {
     if (team > j->max_threads) team = j->max_threads; /* never more scratch than allocated */
     if (t >= team) return;
     int64_t i0 = j->n * t / team, i1 = j->n * (t + 1) / team;
-    float *acc = j->acc + (int64_t)t * 2 * j->places * 16;
+    float *acc = j->acc + (int64_t)t * 4 * j->places * 16;
 #if HAS_BF16
     if (j->bf16) {
         vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,

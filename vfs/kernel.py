@@ -197,7 +197,7 @@ class PairKernel:
         out = torch.empty(*self.shape, n, dtype=torch.float32)
         places = self.shape[0] * self.shape[1]
         threads = max(1, torch.get_num_threads())
-        acc = np.empty((threads, 2 * places * 16), np.float32)  # per thread
+        acc = np.empty((threads, 4 * places * 16), np.float32)  # per thread: 4 images at a time
         team = openmp()
         tables = (self.start.ctypes.data, self.query_cell.ctypes.data, self.placement.ctypes.data)
         w, cp = self.weights.data_ptr(), self.weights.shape[1]
