@@ -448,12 +448,14 @@ class FastBound:
         # flushes subnormal inputs (the weights are flushed before) and subnormal products and
         # sums — at most 2⁻¹²⁶ each, absolute.
         pairs = plan.method == "pairs"
-        terms, outputs = {
-            "cells": lambda: (c, k),
-            "band": lambda: (geometry.mw * c, geometry.mh),
-            "pairs": lambda: (summation_depth(dtype, c, k), 1),
-            "whole": lambda: (geometry.mh * geometry.mw * c, 1),
-        }[plan.method]()
+        if plan.method == "cells":
+            terms, outputs = c, k
+        elif plan.method == "band":
+            terms, outputs = geometry.mw * c, geometry.mh
+        elif pairs:
+            terms, outputs = summation_depth(dtype, c, k), 1
+        else:  # whole
+            terms, outputs = geometry.mh * geometry.mw * c, 1
         rounding = torch.float32 if pairs and dtype == torch.float16 else dtype
         tiny = torch.finfo(torch.float32).smallest_normal if dtype == torch.bfloat16 else 2.0**-150
         flushed = 2 * k * c * tiny if pairs else 0.0
