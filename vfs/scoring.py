@@ -406,7 +406,7 @@ class Scorer:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""
         g_ = self.geometry
-        if self.plan.method == "whole":  # one placement: one matrix-vector product
+        if g_.ph == g_.pw == 1:  # one placement: one matrix-vector product (not K strided adds)
             m2 = np.zeros(g_.grid)
             m2[tuple(zip(*g_.cells))] = g_.m2
             weights = torch.from_numpy(m2.ravel()).to(sqnorm.device, self.dtype)

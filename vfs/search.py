@@ -384,12 +384,10 @@ def _top_table(
 ) -> pd.DataFrame:
     """The ranked table: what the pages show and the CLI prints."""
     boxes = [_grid_box(placements[i], mask_shape) for i in picked]
-    table = pd.DataFrame(
-        {
-            "rank": np.arange(1, len(picked) + 1),
-            "index": picked.astype(np.int64),
-            "score": scores[picked].astype(float),
-            "grid_box": boxes,
-        }
-    )
-    return pd.concat([table, source.describe_rows(picked, boxes).reset_index(drop=True)], axis=1)
+    columns = {
+        "rank": np.arange(1, len(picked) + 1),
+        "index": picked.astype(np.int64),
+        "score": scores[picked].astype(float),
+        "grid_box": boxes,
+    }
+    return pd.DataFrame(columns | source.describe_rows(picked, boxes))

@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from ..models import Preprocess, is_module_spec
-from ..sources import copy_converted, even_slices, gather_rows
+from ..sources import Columns, copy_converted, even_slices, gather_rows
 from ..stats import column_summary
 from .format import (
     FORMAT,
@@ -343,22 +343,20 @@ class FeatureCache:
         with self._reading(f"the features of rows {_describe_rows(idx)}"):
             return self._features.gather(idx)
 
-    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
         idx = np.asarray(indices, dtype=np.int64)
         h, w = self.spec.grid
         s = self.spec.input_size
-        return pd.DataFrame(
-            {
-                "path": self._column("path")[idx],
-                "pixel_box": [
-                    (round(y0 * s / h), round(x0 * s / w), round(y1 * s / h), round(x1 * s / w))
-                    for y0, x0, y1, x1 in grid_boxes
-                ],
-                "label": self._column(self.label_col)[idx] if self.label_col else None,
-                "domain": self._column(self.domain_col)[idx] if self.domain_col else None,
-            }
-        )
+        return {
+            "path": self._column("path")[idx],
+            "pixel_box": [
+                (round(y0 * s / h), round(x0 * s / w), round(y1 * s / h), round(x1 * s / w))
+                for y0, x0, y1, x1 in grid_boxes
+            ],
+            "label": self._column(self.label_col)[idx] if self.label_col else [None] * len(idx),
+            "domain": self._column(self.domain_col)[idx] if self.domain_col else [None] * len(idx),
+        }
 
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """fp16 features and fp32 squared norms (checked) of the contiguous rows start..stop-1, read

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..cache import FeatureCache
-from ..sources import even_slices, gather_rows
+from ..sources import Columns, even_slices, gather_rows
 
 LOAD_BLOCK_BYTES = 256 << 20
 """Features read per step while a shard loads its rows."""
@@ -78,5 +77,5 @@ class CacheRows:
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         return self._x if device == self._x.device else None
 
-    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         return self.cache.describe_rows(np.asarray(indices, dtype=np.int64) + self.start, grid_boxes)
