@@ -107,15 +107,35 @@ AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const 
     }
 }
 
+/* The next cell of each of the M images (`ahead` values on), requested while a cell's first block
+ * runs, a 64-byte line per call: the hardware's prefetch of M interleaved streams runs behind the
+ * multiply-adds. Into L1 where M cells fit beside the weights (up to 256 channels), into L2 beyond
+ * (into L1 they evicted the weights of 2,048-channel queries). Zen 4: 7-15% off queries on 768 and
+ * 2,048 channels. */
+AI void prefetch_next(int M, const uint16_t *const *src, int off, int64_t ahead) {
+    if (off % 32) return;
+    for (int i = 0; i < M; i++) {
+        const char *line = (const char *)(src[i] + off + ahead);
+        if (ahead <= 256) _mm_prefetch(line, _MM_HINT_T0);
+        else _mm_prefetch(line, _MM_HINT_T1);
+    }
+}
+
 /* R pairs of one data cell in M images: R dot products each over the cell's channels (the last
  * vector from `tails` where c is not a multiple of the width), added to their placements' lane
- * sums (acc + i·places·lanes for image i). */
+ * sums (acc + i·places·lanes for image i); the next cells prefetched where `ahead` is not 0. */
 AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t *const *tails, int full, int cp,
-              const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image) {
+              const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image, int64_t ahead) {
     vf a[IMAGES][RMAX];
     for (int i = 0; i < M; i++)
         for (int t = 0; t < R; t++) a[i][t] = zero_();
-    for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a);
+    if (ahead)
+        for (int c = 0; c < full; c += WIDTH(bf16)) {
+            prefetch_next(M, xs, c, ahead);
+            step(bf16, R, M, xs, c, w, cp, c, k, a);
+        }
+    else
+        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a);
     if (tails) step(bf16, R, M, tails, 0, w, cp, full, k, a);
     for (int i = 0; i < M; i++)
         for (int t = 0; t < R; t++) {
@@ -146,7 +166,7 @@ AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int
             if (r > RMAX) r = r <= 2 * RMAX ? (r + 1) / 2 : RMAX;
             switch (r) { /* each size its own code: R is a constant in `block` */
 #define BLOCK(R) \
-    case R: block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image); break;
+    case R: block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0); break;
                 BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4)
 #if RMAX > 4
                 BLOCK(5) BLOCK(6)
