@@ -63,11 +63,18 @@ def _case(rng, n, grid, c, region):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "n,grid,c,region",
-    [(7, (7, 7), 192, (3, 3)), (5, (4, 6), 40, (2, 3)), (9, (14, 14), 33, (4, 2)), (1, (3, 1), 2048, (2, 1))],
+    [
+        (7, (7, 7), 192, (3, 3)),
+        (5, (4, 6), 40, (2, 3)),
+        (9, (14, 14), 33, (4, 2)),
+        (1, (3, 1), 2048, (2, 1)),
+        (203, (5, 5), 48, (2, 2)),
+    ],
 )
 def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
-    """Channel counts off the vector width (40, 33: zero-padded tails), odd image counts (the bf16
-    kernel runs two images at a time), a chunk in two pieces."""
+    """Channel counts off the vector width (40, 33: zero-padded tails), odd image counts (the
+    kernel runs four or two images at a time), a chunk in two pieces, and pieces of more images
+    than the threads take at a time from their shared counter (32: kernel.c's SHARE)."""
     if dtype not in BUILT.dtypes:
         pytest.skip("no AVX512-BF16 here")
     x, g = _case(np.random.default_rng(n * c), n, grid, c, region)

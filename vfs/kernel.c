@@ -206,7 +206,11 @@ void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, in
 
 /* Both kernels on the caller's OpenMP team: `parallel` is the GOMP_parallel of the OpenMP runtime
  * PyTorch runs its own operators on, so the threads it keeps spinning after an operator take this
- * work instead of competing with other threads for the cores. */
+ * work instead of competing with other threads for the cores. The threads take the images SHARE at
+ * a time from a shared counter, not a fixed half each: where another process holds a core (the
+ * app's browser redrawing during a search), the thread that runs takes the work of the one that
+ * waits. */
+#define SHARE 32 /* images per take: a multiple of IMAGES */
 typedef void (*vfs_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 typedef int (*vfs_team_fn)(void);
 
@@ -224,24 +228,29 @@ struct vfs_job {
     float *acc; /* per thread: 4 * places * 16 floats */
     int max_threads;
     vfs_team_fn thread_num, num_threads;
+    int64_t next; /* the first image no thread has taken yet */
 };
 
 static void vfs_job_run(void *arg) {
-    const struct vfs_job *j = arg;
+    struct vfs_job *j = arg;
     int t = j->thread_num(), team = j->num_threads();
     if (team > j->max_threads) team = j->max_threads; /* never more scratch than allocated */
     if (t >= team) return;
-    int64_t i0 = j->n * t / team, i1 = j->n * (t + 1) / team;
     float *acc = j->acc + (int64_t)t * 4 * j->places * 16;
+    for (;;) {
+        const int64_t i0 = __atomic_fetch_add(&j->next, SHARE, __ATOMIC_RELAXED);
+        if (i0 >= j->n) return;
+        const int64_t i1 = i0 + SHARE < j->n ? i0 + SHARE : j->n;
 #if HAS_BF16
-    if (j->bf16) {
-        vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
-                       j->stride, acc);
-        return;
-    }
+        if (j->bf16) {
+            vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
+                           j->stride, acc);
+            continue;
+        }
 #endif
-    vfs_pairs_f16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
-                  j->stride, acc);
+        vfs_pairs_f16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
+                      j->stride, acc);
+    }
 }
 
 void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_fn num_threads, int threads,
@@ -249,6 +258,6 @@ void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_f
                     const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
                     int64_t stride, float *acc) {
     struct vfs_job j = {bf16, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, acc, threads,
-                        thread_num, num_threads};
+                        thread_num, num_threads, 0};
     parallel(vfs_job_run, &j, (unsigned)threads, 0);
 }
