@@ -189,6 +189,35 @@ def test_operand_type_is_chosen_once_per_process_from_the_environment(monkeypatc
     fast_dtype.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "bf16_ms,fp32_ms,expected",
+    [
+        (5.9, 30.0, torch.float16),
+        (4.9, 30.0, torch.bfloat16),
+        (30.0, 4.9, torch.float32),
+        (12.0, 30.0, torch.float16),
+    ],
+)
+def test_auto_takes_another_operand_type_only_where_twice_as_fast(monkeypatch, bf16_ms, fp32_ms, expected):
+    """fp16 at 10 ms (its pairs kernel; oneDNN's 30): a bf16 run 1.7× faster (Zen 4 with the kernel,
+    in some processes) keeps fp16 — a second copy and a 2⁵ wider bound for less; ≥ 2× takes it."""
+    from vfs import scoring
+
+    times = {
+        (torch.float16, "onednn"): 0.030,
+        (torch.float16, "pairs"): 0.010,
+        (torch.bfloat16, "onednn"): bf16_ms / 1e3,
+        (torch.float32, "onednn"): fp32_ms / 1e3,
+    }
+    monkeypatch.delenv("VFS_FAST_DTYPE", raising=False)
+    monkeypatch.setattr(scoring, "_cpu_product_times", lambda channels: times)
+    scoring.fast_dtype.cache_clear()
+    try:
+        assert scoring.fast_dtype(torch.device("cpu"), 192) == expected
+    finally:
+        scoring.fast_dtype.cache_clear()
+
+
 def test_exclude_candidates_and_heat_map():
     rng = np.random.default_rng(1)
     feats = random_features(rng, 50, 6, 6, 8)

@@ -83,41 +83,45 @@ _EXACT_BAND_FACTOR = 4
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FAST_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FAST_DTYPES}
-_FAST_DTYPE_GAIN = 1.5
+_FAST_DTYPE_GAIN = 2.0
 """With `VFS_FAST_DTYPE=auto`, another operand type than fp16 is chosen only where its product runs
-this many times faster: fp32 copies take twice the memory, and a bf16 bound is 2⁵ wider (more
-images need an fp16 pass after it)."""
+this many times faster: a copy in another type is a second copy of the features (fp32: twice their
+size) and a bf16 bound is 2⁵ wider (more images need an fp16 pass after it). Where the pairs kernel
+runs, its bf16 product is 1.2–1.7× its fp16 one on Zen 4 from one process to the next: at 1.5 the
+choice, and the memory a search holds, changed between runs (docs/performance.md); oneDNN's bf16
+against fp16 without AVX512-FP16 / AMX is 3–5×."""
 
 
 def _cpu_product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
-    """Seconds of one search-shaped product per (operand type, form), best of 4 after a first run
-    that builds the kernels: oneDNN's cells-form product — ≈ 16,000 cells of `channels` channels
-    (rounded up to a power of two from 64 to 4,096: one timing per range; 16 Mi values) by the 9
-    cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel on the same cells
+    """Seconds of one search-shaped product per (operand type, form), best of 4 rounds after a first
+    that builds the kernels, every candidate once per round (a slow spell of a shared machine then
+    slows them alike, not one type's five runs): oneDNN's cells-form product — ≈ 16,000 cells of
+    `channels` channels (rounded up to a power of two from 64 to 4,096: one timing per range; 16 Mi
+    values) by the 9 cells of a 3×3 region — in fp16, bf16 and fp32, and the pairs kernel on the same cells
     (images of 7×7) where it is built for that type."""
     return _product_times(min(4096, max(64, 1 << (channels - 1).bit_length())))
 
 
 @cache
 def _product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
-    times = {}
+    times: dict[tuple[torch.dtype, str], float] = {}
     x = torch.full((max(2, 16384 * 1024 // (49 * channels)), 7, 7, channels), 0.25)
     w = torch.full((9, channels), 0.5, dtype=torch.float64)
     cells = tuple((y, x_) for y in range(3) for x_ in range(3))
     lib = library()
+    runs: dict[tuple[torch.dtype, str], Callable[[], object]] = {}
     for dtype in FAST_DTYPES:
         xd, wd = x.to(dtype), w.to(dtype)
-        runs = {"onednn": partial(torch.matmul, wd, xd.view(-1, channels).T)}
+        runs[dtype, "onednn"] = partial(torch.matmul, wd, xd.view(-1, channels).T)
         if lib is not None and dtype in lib.dtypes:
             pairs = PairKernel.create(lib, dtype, w, cells, (7, 7), (5, 5))
-            runs["pairs"] = partial(pairs.numerator, [xd])
-        for form, run in runs.items():
-            elapsed = []
-            for _ in range(5):
-                start = time.perf_counter()
-                run()
-                elapsed.append(time.perf_counter() - start)
-            times[dtype, form] = min(elapsed[1:])
+            runs[dtype, "pairs"] = partial(pairs.numerator, [xd])
+    for round_ in range(5):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round_:
+                times[key] = min(times.get(key, math.inf), time.perf_counter() - start)
     return times
 
 
@@ -147,7 +151,7 @@ def fast_dtype(device: torch.device, channels: int = 1024) -> torch.dtype:
     `channels` channels, chosen once per process and channel count by `VFS_FAST_DTYPE`: `auto`
     (the default) — on a CPU, the type whose fastest search-shaped product (oneDNN's or the pairs
     kernel's, `_cpu_product_times`) beats fp16's by `_FAST_DTYPE_GAIN`×, else fp16 (Zen 4 with the
-    kernel: fp16, its bf16 run only 1.2–1.4× faster; without a compiler bf16 on AVX512-BF16 CPUs
+    kernel: fp16, its bf16 run only 1.2–1.7× faster; without a compiler bf16 on AVX512-BF16 CPUs
     without AVX512-FP16 / AMX, and fp32 where MKL's fp32 products win, e.g. AVX2 —
     docs/performance.md); or `float16` (features as stored, the only choice on GPUs), `bfloat16`,
     `float32`. The top-k is exact either way; other images' scores keep the chosen type's fast
