@@ -107,9 +107,9 @@ AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const 
     }
 }
 
-/* The next cell of each of the M images (`ahead` values on), requested while a cell's first block
- * runs, a 64-byte line per call: the hardware's prefetch of M interleaved streams runs behind the
- * multiply-adds. Into L1 where M cells fit beside the weights (up to 256 channels), into L2 beyond
+/* The next cell of each of the M images (`ahead` values past `off`), requested a 64-byte line per
+ * call while a cell's first block runs: the hardware's prefetch of M interleaved streams runs
+ * behind the multiply-adds. Into L1 where M cells fit beside the weights (up to 256 channels), into L2 beyond
  * (into L1 they evicted the weights of 2,048-channel queries). Zen 4: 7-15% off queries on 768 and
  * 2,048 channels. */
 AI void prefetch_next(int M, const uint16_t *const *src, int off, int64_t ahead) {

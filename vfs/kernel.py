@@ -61,7 +61,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VFS_KERNEL_DIR") or Path(root) / "vfs")
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler the kernel is built with: $CC, cc, gcc or clang, the first found."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return name
@@ -84,7 +85,7 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     compiler, the flags and the CPU) and load the kernel; None where that is not possible."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         log.info("vfs: no C compiler found; the pairs kernel is off (oneDNN forms run)")
         return None
