@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 4 in one run — budgeted for < 5 minutes on one H100/H200:
+# Every GPU measurement of issue 4 in one run — budgeted for < 6 minutes on one H100/H200:
+#   0. the engine's search tests and builds on the device (VFS_TEST_DEVICE, tests/conftest.py)
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
@@ -8,6 +9,7 @@
 # JSON files go to $OUT (the device runner's output folder) or bench/results/gpu; a summary of
 # every target is printed at the end and written to summary.json.
 #
+# BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
 #   DEVICE=cpu N_L4=300 N_L3=100 BUILD_LIMIT=64 WORKERS=0 bench/gpu_all.sh
 set -uo pipefail
@@ -23,7 +25,8 @@ PAPER_BATCH=${PAPER_BATCH:-5000}
 BUILD_BATCH=${BUILD_BATCH:-128}
 WORKERS=${WORKERS:-4,8}
 BUILD_LIMIT=${BUILD_LIMIT:-}
-DEST=${OUT:-bench/results/gpu}
+BUILD_DATA=${BUILD_DATA:-}
+DEST=${DEST:-${OUT:-bench/results/gpu}}
 mkdir -p "$DEST"
 start=$(date +%s)
 
@@ -44,6 +47,12 @@ step() {  # step NAME TIMEOUT_S ARGS...
   [ $r -eq 0 ] || { echo "!! $name failed (exit $r), see $DEST/$name.log" >&2; rc=1; }
 }
 
+echo "== tests on $DEVICE ($(( $(date +%s) - start ))s elapsed)" >&2
+VFS_TEST_DEVICE="$DEVICE" timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+  tests/test_search_bound.py tests/test_properties.py tests/test_array_features.py tests/test_build.py \
+  > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
+tail -n 3 "$DEST/tests.log" >&2
+
 step search_r50l4_n${N_L4} 110 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 --mask all \
   --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
 step search_r50l3_n${N_L3} 110 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 --mask all \
@@ -53,7 +62,7 @@ echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
 DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
   timeout 150 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
 step build_${DEVICE} 70 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
-  --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"}
+  --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}
 
 "$PY" - "$DEST" <<'EOF'
 import json, sys

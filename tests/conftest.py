@@ -1,5 +1,7 @@
 """Fixtures shared across the test folders."""
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ def fp16_operands():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("vfs.search.fast_dtype", lambda *a: torch.float16)
         yield
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the engine's search tests run: `VFS_TEST_DEVICE=cuda` runs them on a GPU (CI has none;
+    bench/gpu_all.sh does it on a lent one). Asking for a device this machine lacks fails."""
+    name = os.environ.get("VFS_TEST_DEVICE", "cpu")
+    if name != "cpu" and not getattr(torch, name).is_available():
+        pytest.fail(f"VFS_TEST_DEVICE={name}, but torch sees no {name} device here")
+    return name
 
 
 @pytest.fixture

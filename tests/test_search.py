@@ -29,12 +29,13 @@ def soft_blob(rng, h, w):
     return m
 
 
-def forms(mask: np.ndarray, dtype: torch.dtype = torch.float16) -> tuple[str, ...]:
-    """The exact forms that can score `mask` with operands in `dtype`: "whole" only where the
-    region spans the grid, "pairs" where the kernel is built here for `dtype`."""
+def forms(mask: np.ndarray, dtype: torch.dtype = torch.float16, device: str = "cpu") -> tuple[str, ...]:
+    """The exact forms that can score `mask` with operands in `dtype` on `device`: "whole" only
+    where the region spans the grid, "pairs" on a CPU where the kernel is built for `dtype`."""
     lib = library()
     spans = crop_mask(mask).shape == mask.shape
-    return ("cells", "band") + ("whole",) * spans + ("pairs",) * (lib is not None and dtype in lib.dtypes)
+    pairs = device == "cpu" and lib is not None and dtype in lib.dtypes
+    return ("cells", "band") + ("whole",) * spans + ("pairs",) * pairs
 
 
 MASKS = {
@@ -48,7 +49,7 @@ MASKS = {
 
 @pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
 @pytest.mark.parametrize("kind", list(MASKS))
-def test_matches_brute_force(grid, kind):
+def test_matches_brute_force(grid, kind, device):
     rng = np.random.default_rng(abs(hash((grid, kind))) % 2**32)
     h, w = grid
     feats = random_features(rng, 60, h, w, 24)
@@ -56,7 +57,7 @@ def test_matches_brute_force(grid, kind):
     mask = MASKS[kind](rng, h, w)
     ref, ref_where = brute_force(feats, query, mask)
 
-    result = search_regions(feats, query, mask, k=10, device="cpu")
+    result = search_regions(feats, query, mask, k=10, device=device)
     np.testing.assert_allclose(result.scores, ref, atol=2e-3)
     top = result.top
     assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
@@ -69,7 +70,7 @@ def test_matches_brute_force(grid, kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
 @pytest.mark.parametrize("kind", list(MASKS))
-def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch, force_form):
+def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch, force_form, device):
     """A prepared source searched with bf16 products (a 2⁵ wider bound, an fp16 pass over what it
     cannot rule out, then float64) or fp32 ones (a tighter bound): the same exact top-k."""
     monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: dtype)
@@ -78,9 +79,9 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
     feats = random_features(rng, 60, h, w, 24)
     mask = MASKS[kind](rng, h, w)
     ref, ref_where = brute_force(feats, feats[3].astype(np.float32), mask)
-    for method in forms(mask, dtype):
+    for method in forms(mask, dtype, device):
         force_form(method)
-        result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device="cpu")
+        result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device=device)
         # every image: within its operand type's bound
         np.testing.assert_allclose(result.scores, ref, atol=3e-2 if dtype == torch.bfloat16 else 2e-3)
         top = result.top
@@ -91,7 +92,7 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_masks_every_form_agrees(seed, force_form):
+def test_random_masks_every_form_agrees(seed, force_form, device):
     rng = np.random.default_rng(seed)
     h, w = rng.integers(2, 10, size=2)
     feats = random_features(rng, 40, h, w, 16)
@@ -99,9 +100,9 @@ def test_random_masks_every_form_agrees(seed, force_form):
     mask = soft_blob(rng, h, w)
     ref, _ = brute_force(feats, query, mask)
     results = {}
-    for method in forms(mask):
+    for method in forms(mask, device=device):
         force_form(method)
-        results[method] = search_regions(feats, query, mask, k=10, device="cpu")
+        results[method] = search_regions(feats, query, mask, k=10, device=device)
         np.testing.assert_allclose(results[method].scores, ref, atol=2e-3)
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
 
@@ -130,17 +131,17 @@ def test_top_k_selection_equals_a_stable_full_sort(n, k):
 
 
 @pytest.mark.parametrize("method", ["cells", "band", "pairs"])
-def test_sliced_source_gives_the_same_results(method, force_form):
+def test_sliced_source_gives_the_same_results(method, force_form, device):
     """A source scored in several slices (a large cache) ranks exactly as one scored whole."""
     rng = np.random.default_rng(5)
     feats = random_features(rng, 50, 6, 7, 16)
     mask = soft_blob(rng, 6, 7)
-    if method not in forms(mask):
-        pytest.skip("the pairs kernel is not built here")
+    if method not in forms(mask, device=device):
+        pytest.skip(f"the pairs kernel does not run on {device} here")
     force_form(method)
-    whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device="cpu")
+    whole = search_regions(ArrayFeatures(feats), 4, mask, k=12, device=device)
     sliced = search_regions(
-        ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device="cpu"
+        ArrayFeatures(feats, slice_bytes=feats[0].nbytes * 7), 4, mask, k=12, device=device
     )
     np.testing.assert_allclose(
         sliced.scores, whole.scores, atol=1e-6
@@ -218,15 +219,15 @@ def test_auto_takes_another_operand_type_only_where_twice_as_fast(monkeypatch, b
         scoring.fast_dtype.cache_clear()
 
 
-def test_exclude_candidates_and_heat_map():
+def test_exclude_candidates_and_heat_map(device):
     rng = np.random.default_rng(1)
     feats = random_features(rng, 50, 6, 6, 8)
     mask = grid_mask(np.pad(np.ones((40, 40)), ((20, 60), (30, 50))), (6, 6))
-    result = search_regions(feats, 7, mask, k=5, exclude=7, device="cpu")
+    result = search_regions(feats, 7, mask, k=5, exclude=7, device=device)
     assert 7 not in set(result.top["index"]) and len(result.top) == 5
     allowed = np.zeros(50, bool)
     allowed[10:20] = True
-    only = search_regions(feats, 7, mask, k=20, candidates=allowed, device="cpu")
+    only = search_regions(feats, 7, mask, k=20, candidates=allowed, device=device)
     assert set(only.top["index"]) == set(range(10, 20))
     i = int(result.top["index"].iloc[0])
     heat = result.placement_scores(i)
@@ -234,16 +235,16 @@ def test_exclude_candidates_and_heat_map():
     assert np.unravel_index(heat.argmax(), heat.shape) == tuple(result.placements[i])
 
 
-def test_per_domain_keeps_at_most_n_per_domain():
+def test_per_domain_keeps_at_most_n_per_domain(device):
     rng = np.random.default_rng(2)
     src = ArrayFeatures(random_features(rng, 40, 5, 5, 8))
     src.domains = np.array(["a", "b", "c", "d"] * 10)
     mask = np.zeros((5, 5), np.float32)
     mask[1:3, 1:3] = 1
-    result = search_regions(src, 0, mask, k=6, per_domain=1, device="cpu")
+    result = search_regions(src, 0, mask, k=6, per_domain=1, device=device)
     assert len(result.top) == 4
     assert sorted(src.domains[result.top["index"]]) == ["a", "b", "c", "d"]
-    full = search_regions(src, 0, mask, k=40, device="cpu")
+    full = search_regions(src, 0, mask, k=40, device=device)
     # each domain's kept image is that domain's best
     for i in result.top["index"]:
         same = np.flatnonzero(src.domains == src.domains[i])
@@ -258,22 +259,22 @@ def test_per_domain_keeps_at_most_n_per_domain():
         (np.full((5, 5), np.nan, np.float32), "NaN"),
     ],
 )
-def test_bad_masks_are_refused_with_a_reason(bad, message):
+def test_bad_masks_are_refused_with_a_reason(bad, message, device):
     feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
     with pytest.raises(ValueError, match=message):
-        search_regions(feats, 0, bad, device="cpu")
+        search_regions(feats, 0, bad, device=device)
 
 
-def test_zero_windows_score_zero_and_zero_query_is_refused():
+def test_zero_windows_score_zero_and_zero_query_is_refused(device):
     feats = random_features(np.random.default_rng(4), 6, 4, 4, 8)
     feats[2] = 0
     mask = np.ones((4, 4), np.float32)
-    assert search_regions(feats, 0, mask, device="cpu").scores[2] == 0
+    assert search_regions(feats, 0, mask, device=device).scores[2] == 0
     with pytest.raises(ValueError, match="all zero"):
-        search_regions(feats, 2, mask, device="cpu")
+        search_regions(feats, 2, mask, device=device)
 
 
-def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch):
+def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch, device):
     """Re-scored rows come from the resident tensor on the search's device (on a GPU: no host
     round trip), not through `rows`; a source without one is read through `rows`."""
     rng = np.random.default_rng(9)
@@ -281,17 +282,17 @@ def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch):
     query, mask = feats[2].astype(np.float32), soft_blob(rng, 5, 5)
     ref, _ = brute_force(feats, query, mask)
     source = ArrayFeatures(feats)
-    search_regions(source, query, mask, k=5, device="cpu")  # loads it on the device
+    search_regions(source, query, mask, k=5, device=device)  # loads it on the device
     monkeypatch.setattr(source, "rows", lambda idx: pytest.fail("read through rows"))
-    result = search_regions(source, query, mask, k=5, device="cpu")
+    result = search_regions(source, query, mask, k=5, device=device)
     assert result.rescored >= 5
     assert result.top["index"].tolist() == list(np.argsort(-ref, kind="stable")[:5])
     monkeypatch.setattr(source, "resident_on", lambda device: None)
     with pytest.raises(pytest.fail.Exception, match="read through rows"):
-        search_regions(source, query, mask, k=5, device="cpu")
+        search_regions(source, query, mask, k=5, device=device)
 
 
-def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results():
+def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):
     """search_regions on a bare array reuses its preparation (squared norms, fp16 copy) while the
     array provably has not changed: a tensor with the same version counter, a read-only array."""
     rng = np.random.default_rng(11)
@@ -299,10 +300,10 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
     mask = soft_blob(rng, 5, 5)
 
     tensor = torch.from_numpy(feats.copy())
-    first = search_regions(tensor, 2, mask, k=5, device="cpu")
-    assert search_regions(tensor, 2, mask, k=5, device="cpu").source is first.source  # reused
+    first = search_regions(tensor, 2, mask, k=5, device=device)
+    assert search_regions(tensor, 2, mask, k=5, device=device).source is first.source  # reused
     tensor[7] = tensor[2]  # an in-place write: image 7 now matches the query exactly
-    changed = search_regions(tensor, 2, mask, k=5, exclude=2, device="cpu")
+    changed = search_regions(tensor, 2, mask, k=5, exclude=2, device=device)
     assert changed.source is not first.source
     ref, _ = brute_force(tensor.numpy(), tensor[2].float().numpy(), mask)
     ref[2] = -np.inf
@@ -312,18 +313,18 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
     frozen = feats.copy()
     frozen.flags.writeable = False
     assert (
-        search_regions(frozen, 2, mask, device="cpu").source
-        is search_regions(frozen, 2, mask, device="cpu").source
+        search_regions(frozen, 2, mask, device=device).source
+        is search_regions(frozen, 2, mask, device=device).source
     )
 
     writable = feats.copy()  # numpy counts no writes: prepared anew every call
-    a, b = (search_regions(writable, 2, mask, device="cpu") for _ in range(2))
+    a, b = (search_regions(writable, 2, mask, device=device) for _ in range(2))
     assert a.source is not b.source
     view = writable.view()
     view.flags.writeable = False  # read-only, but its base is not
     assert (
-        search_regions(view, 2, mask, device="cpu").source
-        is not search_regions(view, 2, mask, device="cpu").source
+        search_regions(view, 2, mask, device=device).source
+        is not search_regions(view, 2, mask, device=device).source
     )
 
 
@@ -415,12 +416,12 @@ def test_a_source_mixing_bf16_and_fp16_chunks_keeps_the_top_k_exact(monkeypatch)
         np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
 
 
-def test_inference_mode_tensors_are_searched_prepared_anew():
+def test_inference_mode_tensors_are_searched_prepared_anew(device):
     """No version counter to tell whether they changed: prepared on every call, never refused."""
     rng = np.random.default_rng(3)
     feats = random_features(rng, 20, 4, 4, 8)
     with torch.inference_mode():
         tensor = torch.from_numpy(feats).clone()
     mask = soft_blob(rng, 4, 4)
-    a, b = (search_regions(tensor, 1, mask, k=3, device="cpu") for _ in range(2))
+    a, b = (search_regions(tensor, 1, mask, k=3, device=device) for _ in range(2))
     assert a.source is not b.source and list(a.top["index"]) == list(b.top["index"])

@@ -40,23 +40,24 @@ def make(case: str, seed: int, n=50, grid=(6, 7), c=48, spanning=False):
 @pytest.mark.parametrize("method", ["cells", "band", "whole", "pairs"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
-def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):
+def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device):
     lib = library()
-    if method == "pairs" and (lib is None or dtype not in lib.dtypes):
-        pytest.skip(f"the pairs kernel is not built here for {dtype}")
+    if method == "pairs" and (device != "cpu" or lib is None or dtype not in lib.dtypes):
+        pytest.skip(f"the pairs kernel does not run on {device} here for {dtype}")
     x, mask = make(case, seed, spanning=method == "whole")
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     exact = every_placement(x, q.features, mask)
     source = ArrayFeatures(x)
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
-    scorer, bound = Scorer.fast(geometry, plan, cpu, dtype), FastBound.create(q, geometry, plan, dtype)
-    t = torch.from_numpy(x).to(dtype)  # bf16 operands: features rounded too, as a bf16 copy holds them
-    wnorm = scorer.window_norms(torch.linalg.vector_norm(torch.from_numpy(x).float(), dim=-1).square())
+    scorer, bound = Scorer.fast(geometry, plan, dev, dtype), FastBound.create(q, geometry, plan, dtype)
+    features = torch.from_numpy(x).to(dev)
+    t = features.to(dtype)  # bf16 operands: features rounded too, as a bf16 copy holds them
+    wnorm = scorer.window_norms(torch.linalg.vector_norm(features.float(), dim=-1).square())
     fast = scorer.scores(t, wnorm)
     nonnegative = bound.nonnegative_weights and source.nonnegative
     assert nonnegative == (not CASES[case][1])
-    upper = bound.upper(fast, wnorm, nonnegative).permute(2, 0, 1).double().numpy()
+    upper = bound.upper(fast, wnorm, nonnegative).permute(2, 0, 1).double().cpu().numpy()
     assert (exact <= upper).all(), np.max(exact - upper)
     gap = (upper - exact)[exact > 0.05]
     # tight enough to rule most images out (bf16: unit roundoff 2⁻⁸, three roundings ≈ 1.2%)
@@ -66,7 +67,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_top_k_is_exact_on_tightly_packed_scores(case):
+def test_top_k_is_exact_on_tightly_packed_scores(case, device):
     """Random features pack the best scores within ~1e-3: the re-scoring must sort them out."""
     rng = np.random.default_rng(len(case))
     n, grid, c = 400, (7, 7), 64
@@ -77,7 +78,7 @@ def test_top_k_is_exact_on_tightly_packed_scores(case):
         qi = int(rng.integers(n))
         ref = every_placement(x, x[qi].astype(np.float32), mask).reshape(n, -1).max(1)
         ref[qi] = -np.inf
-        result = search_regions(source, qi, mask, k=10, exclude=qi, device="cpu")
+        result = search_regions(source, qi, mask, k=10, exclude=qi, device=device)
         order = np.argsort(-ref, kind="stable")
         got = result.top["index"].to_numpy()
         np.testing.assert_allclose(result.top["score"], ref[got], atol=2e-6)
@@ -85,19 +86,19 @@ def test_top_k_is_exact_on_tightly_packed_scores(case):
         assert result.rescored < n // 2
 
 
-def test_fp16_overflow_is_re_scored_not_lost():
+def test_fp16_overflow_is_re_scored_not_lost(device):
     """Products beyond fp16's range come out as inf / NaN: those images are re-scored in fp32."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((30, 5, 5, 256)) * 2000).astype(np.float16)
     mask = np.ones((5, 5), np.float32)
     mask[0, 0] = 0
     ref = every_placement(x, x[4].astype(np.float32), mask).reshape(30, -1).max(1)
-    result = search_regions(x, 4, mask, k=5, device="cpu")
+    result = search_regions(x, 4, mask, k=5, device=device)
     assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:5].tolist()
     np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=2e-6)
 
 
-def test_subnormal_query_weights_are_bounded():
+def test_subnormal_query_weights_are_bounded(device):
     """Weights below fp16's normal range round with up to 2⁻²⁵ absolute (2.4% here, all the same
     way): against huge features on exactly those channels, only the weight term covers it."""
     c = 64
@@ -111,15 +112,17 @@ def test_subnormal_query_weights_are_bounded():
     mask[0, 0] = 1
     rq = RegionQuery.create(q, mask)
     geometry, plan = QueryGeometry.create(rq, (2, 2)), QueryPlan("cells", 0, 0)
-    scorer, bound = Scorer.fast(geometry, plan, torch.device("cpu")), FastBound.create(rq, geometry, plan)
+    scorer, bound = Scorer.fast(geometry, plan, torch.device(device)), FastBound.create(rq, geometry, plan)
     assert bound.weight_error > 0
-    t = torch.from_numpy(x)
+    t = torch.from_numpy(x).to(device)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(t.float(), dim=-1).square())
-    upper = bound.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).permute(2, 0, 1).double().numpy()
+    upper = (
+        bound.upper(scorer.scores(t, wnorm), wnorm, nonnegative=True).permute(2, 0, 1).double().cpu().numpy()
+    )
     assert (every_placement(x, q, mask) <= upper).all()
 
 
-def test_an_overflow_to_nan_is_re_scored():
+def test_an_overflow_to_nan_is_re_scored(device):
     """+inf and −inf outputs in one window make a NaN fast score; its image must still be found."""
     c = 64
     x = np.zeros((6, 1, 2, c), np.float16)
@@ -130,11 +133,11 @@ def test_an_overflow_to_nan_is_re_scored():
     ref = every_placement(x, x[0].astype(np.float32), mask).reshape(6, -1).max(1)
     ref[0] = -np.inf
     assert np.argmax(ref) == 1
-    result = search_regions(x, 0, mask, k=3, exclude=0, device="cpu")
+    result = search_regions(x, 0, mask, k=3, exclude=0, device=device)
     assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:3].tolist()
 
 
-def test_a_placement_overflowing_to_minus_inf_is_re_scored():
+def test_a_placement_overflowing_to_minus_inf_is_re_scored(device):
     """One window's output below −65504 makes that placement's fast score −inf while its exact
     score is the best of the dataset; the image's other placement is finite and low."""
     x = np.zeros((7, 2, 3, 2), np.float16)
@@ -150,6 +153,6 @@ def test_a_placement_overflowing_to_minus_inf_is_re_scored():
     ref = every_placement(x, x[0].astype(np.float32), mask).reshape(7, -1).max(1)
     ref[0] = -np.inf
     assert np.argmax(ref) == 1 and ref[1] > 0.3 > ref[2:].max()
-    result = search_regions(x, 0, mask, k=3, exclude=0, device="cpu")
+    result = search_regions(x, 0, mask, k=3, exclude=0, device=device)
     assert result.top["index"].iloc[0] == 1
     np.testing.assert_allclose(result.top["score"], np.sort(ref)[::-1][:3], atol=2e-6)
