@@ -36,11 +36,17 @@ def test_embedded_build(demo):
     assert [p.done for p in seen] == sorted(p.done for p in seen)
     # stored features are the extractor's features of the stored view
     from vfs.data import open_dataset
+    from vfs.devices import resolve_device
     from vfs.models import load_extractor
 
     ex = load_extractor(cache.spec.model, cache.spec.layer)
     ref = ex.features(open_dataset("embedded:skimage").load(3))
-    np.testing.assert_allclose(cache.features[3].astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+    stored = cache.features[3].astype(np.float32)
+    if resolve_device("auto").type == "cpu":  # where the build ran
+        np.testing.assert_allclose(stored, ref, rtol=2e-2, atol=2e-2)
+    else:  # built under fp16 autocast on a GPU: each cell within 1% of the CPU's fp32 features
+        error = np.linalg.norm(stored - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+        assert error.max() < 1e-2, error.max()
 
 
 def test_cli_json_round_trip(demo, tmp_path, capsys):
