@@ -157,12 +157,12 @@ def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
     assert not Path(f"{out}.lock").exists()
 
 
-@pytest.mark.parametrize("method", ["cells", "band", "whole", "pairs"])
+@pytest.mark.parametrize("method", ["cells", "band", "whole", "whole_cells", "pairs"])
 def test_streaming_equals_resident(tmp_path, force_form, method):
     build(tmp_path / "c.zarr", 40)
     mask = np.zeros((4, 5), np.float32)
     mask[1:3, 1:4] = [[0.3, 1, 1], [1, 0.5, 0]]
-    if method == "whole":  # one placement: the region spans the grid
+    if method.startswith("whole"):  # one placement: the region spans the grid
         mask[0, 0] = mask[3, 4] = 0.2
     # every form, streamed in pieces
     if method == "pairs" and vfs.kernel.library() is None:

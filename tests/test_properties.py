@@ -6,7 +6,7 @@
 - `crop_mask`: peak 1, box = the nonzero cells, scores invariant to the mask's scale.
 - `search_regions` against a brute-force loop over every image and placement, in every exact
   forms ("cells", "band", the compiled "pairs" where built, and for regions spanning the grid
-  "whole"), with exact top-k scores.
+  "whole" and "whole_cells"), with exact top-k scores.
 """
 
 from __future__ import annotations
@@ -168,12 +168,12 @@ def test_search_matches_brute_force(case, device):
 
 
 @settings(max_examples=max(1, EXAMPLES * 5 // 8), deadline=None)
-@given(case=search_cases(), method=st.sampled_from(["cells", "band", "whole", "pairs"]))
+@given(case=search_cases(), method=st.sampled_from(["cells", "band", "whole", "whole_cells", "pairs"]))
 def test_every_exact_form_matches_brute_force(case, method, device):
     feats, query, mask, k = case
     if method == "pairs" and (device != "cpu" or vfs.kernel.library() is None):
         return  # not built here, or on a GPU: the other forms run
-    if method == "whole":  # the form of one placement: a region spanning the grid
+    if method.startswith("whole"):  # the forms of one placement: a region spanning the grid
         mask = mask.copy()
         mask[0, 0], mask[-1, -1] = max(mask[0, 0], 0.05), max(mask[-1, -1], 0.3)
     check_against_brute_force(feats, query, mask, k, device, method=method)

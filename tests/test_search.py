@@ -30,12 +30,13 @@ def soft_blob(rng, h, w):
 
 
 def forms(mask: np.ndarray, dtype: torch.dtype = torch.float16, device: str = "cpu") -> tuple[str, ...]:
-    """The exact forms that can score `mask` with operands in `dtype` on `device`: "whole" only
-    where the region spans the grid, "pairs" on a CPU where the kernel is built for `dtype`."""
+    """The exact forms that can score `mask` with operands in `dtype` on `device`: "whole" and
+    "whole_cells" only where the region spans the grid, "pairs" on a CPU where the kernel is built
+    for `dtype`."""
     lib = library()
     spans = crop_mask(mask).shape == mask.shape
     pairs = device == "cpu" and lib is not None and dtype in lib.dtypes
-    return ("cells", "band") + ("whole",) * spans + ("pairs",) * pairs
+    return ("cells", "band") + ("whole", "whole_cells") * spans + ("pairs",) * pairs
 
 
 MASKS = {
@@ -166,6 +167,11 @@ def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_t
     ring[1:6, 1:6] = 0  # touches every edge: one placement
     for whole in (np.ones((7, 7), np.float32), ring):
         assert plan_query(RegionQuery.create(f, whole), (7, 7), cpu, dtype).method == "whole"
+        # a GPU splits it by cell, for a bound over C-term sums
+        assert (
+            plan_query(RegionQuery.create(f, whole), (7, 7), torch.device("cuda"), dtype).method
+            == "whole_cells"
+        )
 
 
 def test_operand_type_is_chosen_once_per_process_from_the_environment(monkeypatch):

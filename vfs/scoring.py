@@ -12,7 +12,10 @@ Four exact forms of the numerator, chosen per query by their cost (see `plan_que
   some placement uses, and nothing else, by a kernel compiled for the machine;
 - "whole": a region as large as the grid has one placement: one matrix-vector product of the
   images as rows (n × h·w·C, contiguous) with the whole kernel — torch's gemv runs it at the
-  read speed in fp16 and bf16 on every CPU (h strided products of the band form: 1.7–2.5× slower).
+  read speed in fp16 and bf16 on every CPU (h strided products of the band form: 1.7–2.5× slower);
+- "whole_cells" (GPU): one placement as h·w batched products, one per grid cell, each summing C
+  terms, then a sum over the cells: the bound of C-term sums (≈ 1e-3) where one product of h·w·C
+  terms has Higham's (h·w·C)·2⁻²⁴ (1.2% at 14×14×1024: a quarter of the images re-scored).
 The fast scorer runs fp16, bf16 or fp32 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
@@ -45,15 +48,17 @@ def subnormal_rounding(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).smallest_normal * unit_roundoff(dtype)
 
 
-def fast_score_error(terms: int, dtype: torch.dtype = torch.float16) -> float:
+def fast_score_error(
+    terms: int, dtype: torch.dtype = torch.float16, output: torch.dtype | None = None
+) -> float:
     """Relative error of a fast score's parts: rounding to the operand type of the weights, of each
-    product's output and — for bf16 operands, which round the stored fp16 features (fp16 and fp32
-    hold them exactly) — of the features (against Σ|terms| each), and fp32 sums of `terms` values
-    in any order (at most (terms − 1)·2⁻²⁴ of the sum of their sizes, Higham's bound), with a 5%
-    margin."""
+    product's output (to `output`, by default the operand type) and — for bf16 operands, which
+    round the stored fp16 features (fp16 and fp32 hold them exactly) — of the features (against
+    Σ|terms| each), and fp32 sums of `terms` values in any order (at most (terms − 1)·2⁻²⁴ of the
+    sum of their sizes, Higham's bound), with a 5% margin."""
     u = unit_roundoff(dtype)
     features = u if dtype == torch.bfloat16 else 0.0
-    return 1.05 * (2 * u + features + terms * _U32)
+    return 1.05 * (u + unit_roundoff(output or dtype) + features + terms * _U32)
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ class RegionQuery:
 class QueryPlan:
     """Which exact form to run, and why (its relative cost)."""
 
-    method: str  # "cells" | "band" | "pairs" | "whole"
+    method: str  # "cells" | "band" | "pairs" | "whole" | "whole_cells"
     cost_cells: float
     cost_band: float
 
@@ -271,10 +276,13 @@ class QueryGeometry:
         faster so). Cells: the K masked query cells (K, C). Band, per data row y: one column per
         (mask row that lands on y, horizontal placement), the mask row's kernel at its placement
         in an otherwise zero row of w·C — adding the zeros is exact, so a column still sums mw·C terms.
-        Whole: the kernel as one (1, h·w·C) row (one placement: the region spans the grid)."""
+        Whole: the kernel as one (1, h·w·C) row (one placement: the region spans the grid);
+        whole_cells: as (h·w, 1, C), a row per grid cell."""
         c = self.channels
         if method == "whole":
             return [self.kernel.reshape(1, -1)]
+        if method == "whole_cells":
+            return [self.kernel.reshape(-1, 1, c)]
         if method == "cells":
             ky, kx = zip(*self.cells)
             return [self.kernel[list(ky), list(kx)].contiguous()]
@@ -296,8 +304,8 @@ def plan_query(
     ph, pw = query.placements(grid)
     if uses_pairs(device, dtype, c, ph * pw):
         return QueryPlan("pairs", 0.0, 0.0)
-    if ph == pw == 1:
-        return QueryPlan("whole", 0.0, 0.0)
+    if ph == pw == 1:  # on a GPU split by cell: its gemv would need a bound over h·w·C terms
+        return QueryPlan("whole_cells" if device.type == "cuda" else "whole", 0.0, 0.0)
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
     cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
     columns = ph * query.mask.shape[0] * pw / h  # Σ over data rows of their columns, ÷ h
@@ -316,15 +324,31 @@ def plan_exact(geometry: QueryGeometry) -> QueryPlan:
     return QueryPlan("cells" if cells <= band else "band", cells, band)
 
 
+@cache
+def _cuda_fp32_outputs() -> bool:
+    """Whether fp16 products on CUDA can give fp32 outputs (`out_dtype`, torch ≥ 2.8)."""
+    one = torch.ones(1, 1, 1, dtype=torch.float16, device="cuda")
+    try:
+        torch.mm(one[0], one[0], out_dtype=torch.float32)
+        torch.bmm(one, one, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def product_output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The type the fast forms' products output in: fp32 for fp16 operands on CUDA where torch
+    offers it (no output rounding to fp16: a bound half as wide), else the operand type."""
+    if device.type == "cuda" and dtype == torch.float16 and _cuda_fp32_outputs():
+        return torch.float32
+    return dtype
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp16 / bf16 / fp32 operands, fp32 accumulation; fp32 output for fp16 where the backend
-    offers it (CUDA; elsewhere outputs in the operand type, inside the bound). float64 operands
-    (exact re-scoring) run as they are."""
-    if a.is_cuda and a.dtype == torch.float16:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # older torch: fp16 output, covered by the re-scoring bound
-            pass
+    """fp16 / bf16 / fp32 operands (matrices, or batches of them), fp32 accumulation, outputs in
+    `product_output_dtype`. float64 operands (exact re-scoring) run as they are."""
+    if product_output_dtype(a.device, a.dtype) != a.dtype:
+        return (torch.bmm if a.ndim == 3 else torch.mm)(a, b, out_dtype=torch.float32)
     return a @ b
 
 
@@ -395,6 +419,9 @@ class Scorer:
 
         if self.plan.method == "whole":  # one placement: the images' rows as they are stored
             out[0, 0] = product(self.weights[0], lambda p: p.reshape(len(p), -1))[0]
+        elif self.plan.method == "whole_cells":  # (h·w, 1, n): one strided product per cell, no copy
+            cell = [_matmul(self.weights[0], p.reshape(len(p), h * w, c).permute(1, 2, 0)) for p in parts]
+            torch.sum(torch.cat(cell, 2) if len(cell) > 1 else cell[0], 0, dtype=self.dtype, out=out[0])
         elif self.plan.method == "cells":
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
             for k, (ky, kx) in enumerate(g_.cells):
@@ -441,9 +468,15 @@ class FastBound:
 
     @classmethod
     def create(
-        cls, query: RegionQuery, geometry: QueryGeometry, plan: QueryPlan, dtype: torch.dtype = torch.float16
+        cls,
+        query: RegionQuery,
+        geometry: QueryGeometry,
+        plan: QueryPlan,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | None = None,
     ) -> FastBound:
-        """The bound of `Scorer.fast` with operands in `dtype`."""
+        """The bound of `Scorer.fast` with operands in `dtype` on `device` (default: outputs in
+        `dtype`, as on a CPU)."""
         kernel, c, k = geometry.kernel, geometry.channels, len(geometry.cells)
         # A band column sums mw·C terms (and exact zeros); mh of them make a placement's score.
         # The pairs kernel's sums are ours: a product passes through at most `summation_depth`
@@ -458,9 +491,12 @@ class FastBound:
             terms, outputs = geometry.mw * c, geometry.mh
         elif pairs:
             terms, outputs = summation_depth(dtype, c, k), 1
+        elif plan.method == "whole_cells":
+            terms, outputs = c, geometry.mh * geometry.mw
         else:  # whole
             terms, outputs = geometry.mh * geometry.mw * c, 1
         rounding = torch.float32 if pairs and dtype == torch.float16 else dtype
+        output = rounding if pairs or device is None else product_output_dtype(device, dtype)
         tiny = torch.finfo(torch.float32).smallest_normal if dtype == torch.bfloat16 else 2.0**-150
         flushed = 2 * k * c * tiny if pairs else 0.0
         # Weights that `rounding` cannot hold within its unit roundoff (subnormal ones): their exact
@@ -475,9 +511,9 @@ class FastBound:
         )
         return cls(
             # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
-            eps=fast_score_error(terms + c + 2 * k + outputs + 8, rounding),
+            eps=fast_score_error(terms + c + 2 * k + outputs + 8, rounding, output),
             weight_error=weight_error,
-            output_error=(outputs * subnormal_rounding(rounding) + flushed) / geometry.qnorm,
+            output_error=(outputs * subnormal_rounding(output) + flushed) / geometry.qnorm,
             nonnegative_weights=bool((kernel >= 0).all()),
         )
 
