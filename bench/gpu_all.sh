@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 4 in one run — budgeted for < 6 minutes on one H100/H200:
+# Every GPU measurement of issue 4 in one run — budgeted for < 7 minutes on one H100/H200:
 #   0. the engine's search tests and builds on the device (VFS_TEST_DEVICE, tests/conftest.py)
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
 #   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
-#   4. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
+#   4. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
+#   5. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
 # JSON files go to $OUT (the device runner's output folder) or bench/results/gpu; a summary of
 # every target is printed at the end and written to summary.json.
 #
 # BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
-#   DEVICE=cpu N_L4=300 N_L3=100 BUILD_LIMIT=64 WORKERS=0 bench/gpu_all.sh
+#   DEVICE=cpu N_L4=300 N_L3=100 N_FORMS=100 BUILD_LIMIT=64 WORKERS=0 bench/gpu_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEVICE=${DEVICE:-cuda}
 N_L4=${N_L4:-50000}
 N_L3=${N_L3:-20000}
+N_FORMS=${N_FORMS:-20000}
 REPEATS=${REPEATS:-10}
 PAPER_REPEATS=${PAPER_REPEATS:-5}
 PAPER_BATCH=${PAPER_BATCH:-5000}
@@ -61,6 +63,8 @@ step search_r50l3_n${N_L3} 110 bench/search_bench.py --device "$DEVICE" --n "$N_
 echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
 DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
   timeout 150 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+# Each exact form forced in turn (the data to fit _PRODUCT_COST["cuda"]), and a profile of the planned search
+step forms_n${N_FORMS} 120 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 --n "$N_FORMS" --profile
 step build_${DEVICE} 70 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
   --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}
 
