@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from ..models import Preprocess, is_module_spec
-from ..sources import Columns, copy_converted, even_slices, gather_rows
+from ..sources import Columns, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
 from .format import (
     FORMAT,
@@ -430,7 +430,7 @@ class FeatureCache:
             if all((device, d) in self._resident for d in held) or self.fits(device, memory_budget, *held):
                 for d in held[::-1]:  # fp16 first: the other copy is converted from it in memory
                     x, s = self.resident(device, d)
-                for a, b in even_slices(self.n, row_bytes):
+                for a, b in resident_slices(self.n, row_bytes, device):
                     yield a, x[a:b], s[a:b]
                 return
         rows = STREAM_RANGE_BYTES["cuda" if device.type == "cuda" else "cpu"] // row_bytes

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache
-from ..sources import Columns, even_slices, gather_rows
+from ..sources import Columns, even_slices, gather_rows, resident_slices
 
 LOAD_BLOCK_BYTES = 256 << 20
 """Features read per step while a shard loads its rows."""
@@ -39,7 +39,7 @@ class CacheRows:
             self._x[a:b].copy_(torch.from_numpy(features))
             self._sq[a:b].copy_(torch.from_numpy(sq))
         self._held: dict[torch.dtype, torch.Tensor] = {torch.float16: self._x}
-        self._slices = even_slices(stop - start, int(np.prod(self._x.shape[1:])) * 2)
+        self._slices = resident_slices(stop - start, h * w * c * 2, self._x.device)
         domains = cache.domains
         self.domains = None if domains is None else domains[start:stop]
 
