@@ -77,7 +77,7 @@ _PRODUCT_COST = {  # measured in docs/performance.md ("Per ISA")
     ("cpu", torch.float16): ProductCost(15.0, 1.13),
     ("cpu", torch.bfloat16): ProductCost(20.0, 1.05, 95.0),  # 192-channel rows: ~60% of 2048's speed
     ("cpu", torch.float32): ProductCost(15.0, 1.13),  # not measured apart from fp16
-    ("cuda", torch.float16): ProductCost(96.0, 1.1),
+    ("cuda", torch.float16): ProductCost(120.0, 1.25),  # H200, bench/forms_bench.py
     ("mps", torch.float16): ProductCost(32.0, 1.1),
 }
 # Exact re-scoring runs on a few images, where the count of products matters more than their
