@@ -65,9 +65,11 @@ class FeatureSource(Protocol):
 RESIDENT_SLICE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 """A resident source is scored in slices of at most this: the work per slice beyond the product
 (≈ K + 12 small operations) is paid once per slice, and one large product runs faster than two.
-On a GPU that work is launches the host makes while the GPU waits, ≈ 1 ms a slice on an H200
-(N = 50,000 at 7×7×2048 in 1 GiB slices: 12 ms, where reading it takes 2.5); 4 GiB keeps a
-slice's product outputs (4·K/C of it in the cells form) within a smaller GPU's memory."""
+On a GPU that work is launches the host makes while the GPU waits: on an H200, N = 20,000 at
+14×14×1024 ran 6.7 / 10.9 ms (square3 / blob, cells form) in 4 GiB slices against 7.4–11.7 /
+16.4 ms in 1 GiB ones (a noisy host; at 50,000 × 7×7×2048 no change, 11.8 against 12.0 ms).
+4 GiB keeps a slice's product outputs (4·K/C of it in the cells form) within a smaller GPU's
+memory."""
 
 
 def resident_slices(n: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
