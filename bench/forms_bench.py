@@ -26,7 +26,9 @@ def forms(mask_spans: bool, device: torch.device) -> list[str]:
 
 
 def profile(search, device: torch.device, rows: int = 12) -> dict:
-    """The planned search three times under torch.profiler: its top operators by self time."""
+    """The planned search three times under torch.profiler (its top operators by self time), then
+    under cProfile (vfs's functions by cumulative time: where the host's fixed work goes)."""
+    from profile_search import sections
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -38,7 +40,7 @@ def profile(search, device: torch.device, rows: int = 12) -> dict:
     out = {"host": table.table(sort_by="self_cpu_time_total", row_limit=rows)}
     if device.type == "cuda":
         out["device"] = table.table(sort_by="self_cuda_time_total", row_limit=rows)
-    return out
+    return out | {"python": sections(search, 3)}
 
 
 def main(argv=None) -> None:

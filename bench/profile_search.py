@@ -23,6 +23,7 @@ import io
 import os
 import pstats
 import time
+from functools import partial
 
 import _common  # noqa: F401
 import numpy as np
@@ -32,15 +33,14 @@ from _common import CpuMeter, emit, environment, log, resolve, summary
 from search_bench import MASKS, SHAPES, make_mask, synthetic
 
 
-def sections(source, q, mask, device, repeats: int) -> dict:
-    from vfs.search import search_regions
-
-    search_regions(source, q, mask, k=10, exclude=q, device=device)
+def sections(search, repeats: int) -> dict:
+    """`search()` (one region search, after one untimed) `repeats` times under cProfile."""
+    search()
     pr = cProfile.Profile()
     t = time.perf_counter()
     pr.enable()
     for _ in range(repeats):
-        res = search_regions(source, q, mask, k=10, exclude=q, device=device)
+        res = search()
     pr.disable()
     wall = (time.perf_counter() - t) * 1e3 / repeats
     st = pstats.Stats(pr, stream=io.StringIO())
@@ -90,10 +90,12 @@ def exact_alt(features: np.ndarray, rq) -> np.ndarray:
 
 def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
     from vfs.scoring import QueryGeometry, QueryPlan, Scorer, exact_scores
-    from vfs.sources import even_slices
+    from vfs.sources import resident_slices
 
     n, h, w, c = x.shape
-    slices = even_slices(n, h * w * c * 2)  # as the search slices a resident source
+    slices = resident_slices(
+        n, h * w * c * 2, torch.device("cpu")
+    )  # as a CPU search slices a resident source
     chunks = [x[a:b] for a, b in slices]
     cpu = torch.device("cpu")
     geometry = QueryGeometry.create(rq, (h, w))
@@ -183,6 +185,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from vfs.scoring import RegionQuery
+    from vfs.search import search_regions
     from vfs.sources import ArrayFeatures
 
     device = resolve(args.device)
@@ -195,7 +198,9 @@ def main(argv=None) -> None:
         mask = make_mask(mask_name, SHAPES[args.shape][:2])
         log(f"{args.shape}/{mask_name}: profiling")
         with torch.inference_mode():
-            sec = sections(source, q, mask, device, args.repeats)
+            sec = sections(
+                partial(search_regions, source, q, mask, k=10, exclude=q, device=device), args.repeats
+            )
             rq = RegionQuery.create(x[q].float().numpy(), mask)
             ker = kernels(x, rq, sec["rescored"], args.repeats) if device.type == "cpu" else None
         out["cases"].append({"mask": mask_name, "sections": sec, "kernels": ker})
