@@ -2,7 +2,7 @@
 
 score(d, p) = Σ_k m_k² ⟨f_q(k), f_d(p+k)⟩ / (‖q‖ · sqrt(Σ_k m_k² ‖f_d(p+k)‖²))
 
-Four exact forms of the numerator, chosen per query by their cost (see `plan_query`):
+Five exact forms of the numerator, chosen per query by their cost (see `plan_query`):
 - "cells": one product of the chunk's cells (n·h·w × C) with the K masked query cells, then a
   shift-and-add over the K offsets;
 - "band": per data row, one product of that row of every image (n × w·C, a strided view, no
