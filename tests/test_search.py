@@ -108,6 +108,19 @@ def test_random_masks_every_form_agrees(seed, force_form, device):
         assert list(results[method].top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
 
 
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_the_same_answers_on_every_device(kind, device):
+    """A user moving a cache between a laptop and a GPU box gets the same top-k, scores (exact, to
+    float32) and placements: the forms, products and bounds differ, the answers may not."""
+    if device == "cpu":
+        pytest.skip("compares the CPU with the device VFS_TEST_DEVICE names")
+    rng = np.random.default_rng(list(MASKS).index(kind))
+    feats = rng.standard_normal((300, 7, 7, 64)).astype(np.float16)  # signed: scores packed near 0
+    mask = MASKS[kind](rng, 7, 7)
+    here, there = (search_regions(feats, 11, mask, k=10, exclude=11, device=d) for d in ("cpu", device))
+    pd.testing.assert_frame_equal(here.top, there.top, atol=1e-6)
+
+
 @pytest.mark.parametrize("n,row_bytes,slice_bytes", [(10, 4, 12), (7, 3, 100), (1000, 7, 999), (5, 10, 1)])
 def test_even_slices_cover_every_row_once_within_the_limit(n, row_bytes, slice_bytes):
     slices = even_slices(n, row_bytes, slice_bytes)
