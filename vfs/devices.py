@@ -26,3 +26,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type in available and not available[resolved.type]():
         raise ValueError(f"device {device!r} is not available on this machine")
     return resolved
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Memory a GPU can still give this process: what the driver reports free, plus what PyTorch's
+    caching allocator holds but no tensor uses (the driver counts that as taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .devices import resolve_device
+from .devices import cuda_free_bytes, resolve_device
 from .scoring import (
     ExactScore,
     FastBound,
@@ -339,7 +339,7 @@ def _row_blocks(
     _, h, w, c = source.shape
     limit = _BLOCK_BYTES.get(device.type, _BLOCK_BYTES["cpu"])
     if device.type == "cuda":
-        limit = min(limit, torch.cuda.mem_get_info(device)[0] // 8)
+        limit = min(limit, cuda_free_bytes(device) // 8)
     per_block = min(len(indices), max(1, limit // (h * w * c * dtype.itemsize)))
     resident = source.resident_on(device)
     buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)

@@ -18,6 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .devices import cuda_free_bytes
+
 Columns = dict[str, np.ndarray | list]
 """Named columns of the ranked table, one value per image."""
 
@@ -68,13 +70,16 @@ RESIDENT_SLICE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 On a GPU that work is launches the host makes while the GPU waits: on an H200, N = 20,000 at
 14×14×1024 ran 6.7 / 10.9 ms (square3 / blob, cells form) in 4 GiB slices against 7.4–11.7 /
 16.4 ms in 1 GiB ones (a noisy host; at 50,000 × 7×7×2048 no change, 11.8 against 12.0 ms).
-4 GiB keeps a slice's product outputs (4·K/C of it in the cells form) within a smaller GPU's
-memory."""
+Above the CPU's 1 GiB a GPU's slice is at most 1/16 of its free memory: the cells form's product
+outputs and their copy take 4·K/C of a slice (2× at C = 64, K = 32), beside the features."""
 
 
 def resident_slices(n: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
     """`even_slices` of a resident source on `device`."""
-    return even_slices(n, row_bytes, RESIDENT_SLICE_BYTES.get(device.type, RESIDENT_SLICE_BYTES["cpu"]))
+    limit = RESIDENT_SLICE_BYTES.get(device.type, RESIDENT_SLICE_BYTES["cpu"])
+    if device.type == "cuda":
+        limit = min(limit, max(RESIDENT_SLICE_BYTES["cpu"], cuda_free_bytes(device) // 16))
+    return even_slices(n, row_bytes, limit)
 
 
 def even_slices(n: int, row_bytes: int, slice_bytes: int) -> list[tuple[int, int]]:

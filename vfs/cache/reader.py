@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 import zarr
 
+from ..devices import cuda_free_bytes
 from ..models import Preprocess, is_module_spec
 from ..sources import Columns, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
@@ -412,8 +413,7 @@ class FeatureCache:
         if memory_budget is not None:
             return nbytes * RESIDENT_HEADROOM <= memory_budget
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return nbytes * RESIDENT_HEADROOM <= CUDA_FREE_SHARE * free
+            return nbytes * RESIDENT_HEADROOM <= CUDA_FREE_SHARE * cuda_free_bytes(device)
         return nbytes <= DEFAULT_MEMORY_BUDGET
 
     def chunks(
