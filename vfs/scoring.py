@@ -298,8 +298,9 @@ def plan_query(
     """Pick the cheaper form for operands in `dtype`. Both read every cell once; cost = a fixed part
     + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
     packs its operand first, then pays per column) + a cost per product row (measured in
-    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole").
-    The compiled kernel's "pairs" form runs instead where `uses_pairs` says so."""
+    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole"), on
+    a GPU one per grid cell ("whole_cells"). The compiled kernel's "pairs" form runs instead where
+    `uses_pairs` says so."""
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
     if uses_pairs(device, dtype, c, ph * pw):
@@ -325,28 +326,33 @@ def plan_exact(geometry: QueryGeometry) -> QueryPlan:
 
 
 @cache
-def _cuda_fp32_outputs() -> bool:
-    """Whether fp16 products on CUDA can give fp32 outputs (`out_dtype`, torch ≥ 2.8)."""
-    one = torch.ones(1, 1, 1, dtype=torch.float16, device="cuda")
+def _cuda_fp32_outputs(dtype: torch.dtype) -> bool:
+    """Whether `dtype` products on CUDA can give fp32 outputs (`out_dtype`, torch ≥ 2.8)."""
+    one = torch.ones(1, 1, 1, dtype=dtype, device="cuda")
     try:
         torch.mm(one[0], one[0], out_dtype=torch.float32)
         torch.bmm(one, one, out_dtype=torch.float32)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except (RuntimeError, TypeError):
         return False
     return True
 
 
 def product_output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The type the fast forms' products output in: fp32 for fp16 operands on CUDA where torch
-    offers it (no output rounding to fp16: a bound half as wide), else the operand type."""
-    if device.type == "cuda" and dtype == torch.float16 and _cuda_fp32_outputs():
+    """The type the fast forms' products output in: fp32 for fp16 and bf16 operands on CUDA where
+    torch offers it (no rounding of the outputs to the operand type, and cuBLAS adds split sums in
+    fp32 even where `allow_fp16_reduced_precision_reduction` is on), else the operand type."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _cuda_fp32_outputs(dtype):
         return torch.float32
     return dtype
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp16 / bf16 / fp32 operands (matrices, or batches of them), fp32 accumulation, outputs in
-    `product_output_dtype`. float64 operands (exact re-scoring) run as they are."""
+    """fp16 / bf16 / fp32 operands (matrices, or batches of them), outputs in
+    `product_output_dtype`; the bound assumes the backend's sums are fp32 (oneDNN's and cuBLAS's
+    are; a torch too old for `out_dtype` on CUDA may add split sums in fp16). float64 operands (exact
+    re-scoring) run as they are."""
     if product_output_dtype(a.device, a.dtype) != a.dtype:
         return (torch.bmm if a.ndim == 3 else torch.mm)(a, b, out_dtype=torch.float32)
     return a @ b
@@ -419,7 +425,7 @@ class Scorer:
 
         if self.plan.method == "whole":  # one placement: the images' rows as they are stored
             out[0, 0] = product(self.weights[0], lambda p: p.reshape(len(p), -1))[0]
-        elif self.plan.method == "whole_cells":  # (h·w, 1, n): one strided product per cell, no copy
+        elif self.plan.method == "whole_cells":  # per piece one batched product, (h·w, 1, n): a row per cell
             cell = [_matmul(self.weights[0], p.reshape(len(p), h * w, c).permute(1, 2, 0)) for p in parts]
             torch.sum(torch.cat(cell, 2) if len(cell) > 1 else cell[0], 0, dtype=self.dtype, out=out[0])
         elif self.plan.method == "cells":
