@@ -23,7 +23,7 @@ def device() -> str:
     """Where the engine's search tests run: `VFS_TEST_DEVICE=cuda` runs them on a GPU (CI has none;
     bench/gpu_all.sh does it on a lent one). Asking for a device this machine lacks fails."""
     name = os.environ.get("VFS_TEST_DEVICE", "cpu")
-    if name != "cpu" and not getattr(torch, name).is_available():
+    if name != "cpu" and not getattr(torch, torch.device(name).type).is_available():
         pytest.fail(f"VFS_TEST_DEVICE={name}, but torch sees no {name} device here")
     return name
 

@@ -8,7 +8,7 @@ from search_reference import every_placement
 from test_search import soft_blob
 
 from vfs.kernel import library
-from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer
+from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer, product_output_dtype
 from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
 
@@ -61,9 +61,13 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
     assert (exact <= upper).all(), np.max(exact - upper)
     gap = (upper - exact)[exact > 0.05]
     # tight enough to rule most images out (bf16: unit roundoff 2⁻⁸, three roundings ≈ 1.2%);
-    # whole_cells bounds h·w outputs, each maybe in fp16's subnormal range here (tiny features)
+    # whole_cells bounds h·w outputs, each in fp16's subnormal range with tiny features (where
+    # they are fp16: on a CPU)
     tight = (5e-3 if nonnegative else 2e-2) if dtype != torch.bfloat16 else 3e-2
-    assert gap.max() < tight * (3 if method == "whole_cells" else 1)
+    subnormal_cells = (
+        method == "whole_cells" and case.startswith("tiny") and product_output_dtype(dev, dtype) == dtype
+    )
+    assert gap.max() < tight * (3 if subnormal_cells else 1)
     if method == "pairs" and dtype == torch.float16:  # exact features, fp32 sums of known depth
         assert gap.max() < 1e-4
 
@@ -89,7 +93,8 @@ def test_top_k_is_exact_on_tightly_packed_scores(case, device):
 
 
 def test_fp16_overflow_is_re_scored_not_lost(device):
-    """Products beyond fp16's range come out as inf / NaN: those images are re-scored in fp32."""
+    """Products beyond fp16's range come out as inf / NaN: those images are re-scored in fp32 (on a
+    GPU, whose products output fp32, nothing overflows: the top-k is checked all the same)."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((30, 5, 5, 256)) * 2000).astype(np.float16)
     mask = np.ones((5, 5), np.float32)
@@ -126,7 +131,8 @@ def test_subnormal_query_weights_are_bounded(device):
 
 
 def test_an_overflow_to_nan_is_re_scored(device):
-    """+inf and −inf outputs in one window make a NaN fast score; its image must still be found."""
+    """+inf and −inf outputs in one window make a NaN fast score; its image must still be found
+    (fp16 outputs: on a CPU)."""
     c = 64
     x = np.zeros((6, 1, 2, c), np.float16)
     x[0, 0, 0], x[0, 0, 1] = 1.0, 0.02  # the query
@@ -142,7 +148,8 @@ def test_an_overflow_to_nan_is_re_scored(device):
 
 def test_a_placement_overflowing_to_minus_inf_is_re_scored(device):
     """One window's output below −65504 makes that placement's fast score −inf while its exact
-    score is the best of the dataset; the image's other placement is finite and low."""
+    score is the best of the dataset; the image's other placement is finite and low (fp16 outputs:
+    on a CPU)."""
     x = np.zeros((7, 2, 3, 2), np.float16)
     x[0] = 1  # the query: ones
     x[1, :, :2] = 30000
