@@ -18,10 +18,13 @@ from _common import emit, environment, log, resolve, summary, timed
 from search_bench import MASKS, SHAPES, make_mask, synthetic
 
 
-def forms(mask_spans: bool, device: torch.device) -> list[str]:
+def forms(mask_spans: bool, device: torch.device, channels: int) -> list[str]:
+    """The exact forms that can score a mask (spanning the grid or not) on `device`."""
     from vfs.kernel import library
+    from vfs.scoring import fast_dtype
 
-    pairs = device.type == "cpu" and library() is not None
+    lib = library()
+    pairs = device.type == "cpu" and lib is not None and fast_dtype(device, channels) in lib.dtypes
     return ["cells", "band"] + ["whole", "whole_cells"] * mask_spans + ["pairs"] * pairs
 
 
@@ -43,6 +46,47 @@ def profile(search, device: torch.device, rows: int = 12) -> dict:
     return out | {"python": sections(search, 3)}
 
 
+def shape_cases(args, shape_name: str, device: torch.device) -> list[dict]:
+    """Every mask of one shape: each form forced, then the planned one (the source is freed when
+    this returns)."""
+    import vfs.search
+    from vfs.masks import crop_mask
+    from vfs.scoring import QueryPlan
+    from vfs.search import search_regions
+    from vfs.sources import ArrayFeatures
+
+    x = synthetic(
+        args.n,
+        SHAPES[shape_name],
+        gen_device=device if device.type == "cuda" else None,
+        features=args.features,
+    )
+    source, query = ArrayFeatures(x), args.n // 3
+    cases = []
+    for mask_name in list(MASKS) if args.mask == "all" else args.mask.split(","):
+        mask = make_mask(mask_name, SHAPES[shape_name][:2])
+
+        def search(mask=mask):
+            return search_regions(source, query, mask, k=10, exclude=query, device=device)
+
+        case = {"shape": shape_name, "n": args.n, "mask": mask_name, "planned": search().method, "forms": {}}
+        for form in forms(crop_mask(mask).shape == mask.shape, device, x.shape[-1]):
+            plan = QueryPlan(form, 0.0, 0.0)
+            with mock.patch.object(vfs.search, "plan_query", lambda *a, plan=plan: plan):
+                rescored = search().rescored
+                times = [timed(search, device)[0] for _ in range(args.repeats)]
+            case["forms"][form] = summary(times) | {"rescored": rescored}
+            log(f"{shape_name}/{mask_name} {form}: {min(times):.2f} ms, {rescored} re-scored")
+        case["planned_time"] = summary([timed(search, device)[0] for _ in range(args.repeats)])
+        if args.profile:
+            try:
+                case["profile"] = profile(search, device)
+            except RuntimeError as error:  # e.g. no CUPTI under this machine's sandbox
+                case["profile"] = {"error": str(error)}
+        cases.append(case)
+    return cases
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -55,56 +99,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    import vfs.search
-    from vfs.masks import crop_mask
-    from vfs.scoring import QueryPlan
-    from vfs.search import search_regions
-    from vfs.sources import ArrayFeatures
-
     device = resolve(args.device)
-    masks = list(MASKS) if args.mask == "all" else args.mask.split(",")
     cases = []
     for shape_name in args.shape.split(","):
-        x = synthetic(
-            args.n,
-            SHAPES[shape_name],
-            gen_device=device if device.type == "cuda" else None,
-            features=args.features,
-        )
-        source, query = ArrayFeatures(x), args.n // 3
-        for mask_name in masks:
-            mask = make_mask(mask_name, SHAPES[shape_name][:2])
-
-            def search(mask=mask, query=query, source=source):
-                return search_regions(source, query, mask, k=10, exclude=query, device=device)
-
-            planned = search()  # loads the source on the device
-            case = {
-                "shape": shape_name,
-                "n": args.n,
-                "mask": mask_name,
-                "planned": planned.method,
-                "forms": {},
-            }
-            for form in forms(crop_mask(mask).shape == mask.shape, device):
-                plan = QueryPlan(form, 0.0, 0.0)
-                with mock.patch.object(vfs.search, "plan_query", lambda *a, plan=plan: plan):
-                    result = search()
-                    times = [timed(search, device)[0] for _ in range(args.repeats)]
-                case["forms"][form] = summary(times) | {"rescored": result.rescored}
-                log(
-                    f"{shape_name}/{mask_name} {form}: {case['forms'][form]['min_ms']:.2f} ms, "
-                    f"{result.rescored} re-scored"
-                )
-            times = [timed(search, device)[0] for _ in range(args.repeats)]
-            case["planned_time"] = summary(times)
-            if args.profile:
-                try:
-                    case["profile"] = profile(search, device)
-                except RuntimeError as error:  # e.g. no CUPTI under this machine's sandbox
-                    case["profile"] = {"error": str(error)}
-            cases.append(case)
-        del source, x
+        cases += shape_cases(args, shape_name, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     emit(

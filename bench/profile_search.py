@@ -93,11 +93,9 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
     from vfs.sources import resident_slices
 
     n, h, w, c = x.shape
-    slices = resident_slices(
-        n, h * w * c * 2, torch.device("cpu")
-    )  # as a CPU search slices a resident source
-    chunks = [x[a:b] for a, b in slices]
     cpu = torch.device("cpu")
+    slices = resident_slices(n, h * w * c * 2, cpu)  # as a CPU search slices a resident source
+    chunks = [x[a:b] for a, b in slices]
     geometry = QueryGeometry.create(rq, (h, w))
     forms = {m: Scorer.fast(geometry, QueryPlan(m, 0, 0), cpu) for m in ("cells", "band")}
     k = int((rq.mask.weights > 0).sum())
