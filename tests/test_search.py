@@ -165,13 +165,15 @@ def test_sliced_source_gives_the_same_results(method, force_form, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_the_grid(dtype, monkeypatch):
-    """oneDNN's forms, without the pairs kernel."""
+    """oneDNN's forms, without the pairs kernel. One placement is one product where its bound stays
+    tight (the embedded model's 7×7×192), else the band form on a CPU and one product per cell on
+    a GPU."""
     monkeypatch.setenv("VFS_KERNEL", "off")
     rng = np.random.default_rng(0)
     f = rng.random((7, 7, 2048)).astype(np.float32)  # ResNet-50 layer4
     small = np.zeros((7, 7), np.float32)
     small[2:5, 2:5] = 1
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert plan_query(RegionQuery.create(f, small), (7, 7), cpu, dtype).method == "cells"
     large = np.ones((7, 7), np.float32)
     large[:, 6] = 0  # 7×6: two placements
@@ -179,12 +181,9 @@ def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_t
     ring = np.ones((7, 7), np.float32)
     ring[1:6, 1:6] = 0  # touches every edge: one placement
     for whole in (np.ones((7, 7), np.float32), ring):
-        assert plan_query(RegionQuery.create(f, whole), (7, 7), cpu, dtype).method == "whole"
-        # a GPU splits it by cell, for a bound over C-term sums
-        assert (
-            plan_query(RegionQuery.create(f, whole), (7, 7), torch.device("cuda"), dtype).method
-            == "whole_cells"
-        )
+        assert plan_query(RegionQuery.create(f[..., :192], whole), (7, 7), cpu, dtype).method == "whole"
+        assert plan_query(RegionQuery.create(f, whole), (7, 7), cpu, dtype).method == "band"
+        assert plan_query(RegionQuery.create(f, whole), (7, 7), gpu, dtype).method == "whole_cells"
 
 
 def test_operand_type_is_chosen_once_per_process_from_the_environment(monkeypatch):

@@ -80,6 +80,12 @@ _PRODUCT_COST = {  # measured in docs/performance.md ("Per ISA")
     ("cuda", torch.float16): ProductCost(120.0, 1.25),  # H200, bench/forms_bench.py
     ("mps", torch.float16): ProductCost(32.0, 1.1),
 }
+_WHOLE_MAX_TERMS = 1 << 14
+"""The "whole" form's gemv sums h·w·C terms, a bound of (h·w·C)·2⁻²⁴: past 2¹⁴ terms that is more
+than its fp16 output's rounding, and where whole-grid scores pack (synthetic features, N = 2,000,
+no kernel, Zen 4) it re-scored 443–1,998 images: 187–574 ms against the band form's 50–86 ms at
+14×14×768/1024, 34–79 against 29–32 at 7×7×2048. At 7×7×192 (the embedded model) it stays:
+14 ms against 28 on the real cache (docs/performance.md)."""
 # Exact re-scoring runs on a few images, where the count of products matters more than their
 # multiply-adds: the cells form (one product) unless it does over this many times the band
 # form's work (measured on 10 images, docs/performance.md).
@@ -298,15 +304,18 @@ def plan_query(
     """Pick the cheaper form for operands in `dtype`. Both read every cell once; cost = a fixed part
     + the multiply-adds per cell read over what the device does at no extra cost (on CPU, oneDNN
     packs its operand first, then pays per column) + a cost per product row (measured in
-    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole"), on
-    a GPU one per grid cell ("whole_cells"). The compiled kernel's "pairs" form runs instead where
-    `uses_pairs` says so."""
+    docs/performance.md). A region as large as the grid is one matrix-vector product ("whole")
+    where its sum's bound stays within the output's rounding, else on a GPU one product per grid
+    cell ("whole_cells") and elsewhere the band form. The compiled kernel's "pairs" form runs
+    instead where `uses_pairs` says so."""
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
     if uses_pairs(device, dtype, c, ph * pw):
         return QueryPlan("pairs", 0.0, 0.0)
-    if ph == pw == 1:  # on a GPU split by cell: its gemv would need a bound over h·w·C terms
-        return QueryPlan("whole_cells" if device.type == "cuda" else "whole", 0.0, 0.0)
+    if ph == pw == 1 and device.type == "cuda":
+        return QueryPlan("whole_cells", 0.0, 0.0)
+    if ph == pw == 1 and h * w * c <= _WHOLE_MAX_TERMS:
+        return QueryPlan("whole", 0.0, 0.0)
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
     cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
     columns = ph * query.mask.shape[0] * pw / h  # Σ over data rows of their columns, ÷ h
