@@ -8,8 +8,10 @@
 #   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
 #   4. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
 #   5. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
-# JSON files go to $OUT (the device runner's output folder) or bench/results/gpu; a summary of
-# every target is printed at the end and written to summary.json.
+# JSON files and logs go to DEST (default bench/results/gpu); a summary of every target is printed
+# at the end and written to summary.json. Where OUT is set (the device runner's output folder, which
+# brings back at most 8 files), DEST defaults to /tmp/gpu and the results come back as
+# $OUT/gpu.tgz beside $OUT/summary.json.
 #
 # BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
@@ -29,7 +31,7 @@ BUILD_BATCH=${BUILD_BATCH:-128}
 WORKERS=${WORKERS:-4,8}
 BUILD_LIMIT=${BUILD_LIMIT:-}
 BUILD_DATA=${BUILD_DATA:-}
-DEST=${DEST:-${OUT:-bench/results/gpu}}
+DEST=${DEST:-$( [ -n "${OUT:-}" ] && echo /tmp/gpu || echo bench/results/gpu )}
 mkdir -p "$DEST"
 start=$(date +%s)
 
@@ -90,5 +92,9 @@ for f in sorted(dest.glob("build_*.json")):
 for r in rows:
     print(json.dumps(r))
 EOF
+if [ -n "${OUT:-}" ] && [ "$DEST" != "$OUT" ]; then
+  cp "$DEST/summary.json" "$OUT/" 2>/dev/null
+  tar czf "$OUT/gpu.tgz" -C "$(dirname "$DEST")" "$(basename "$DEST")"
+fi
 echo "== done in $(( $(date +%s) - start ))s, rc=$rc" >&2
 exit $rc
