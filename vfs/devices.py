@@ -33,3 +33,12 @@ def cuda_free_bytes(device: torch.device) -> int:
     caching allocator holds but no tensor uses (the driver counts that as taken)."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def working_bytes(limits: dict[str, int], device: torch.device, free_share: int, floor: int = 0) -> int:
+    """A buffer size by device type (`limits`, the CPU's for any other type); on a GPU at most
+    1/`free_share` of its free memory, but not under `floor`."""
+    limit = limits.get(device.type, limits["cpu"])
+    if device.type == "cuda":
+        limit = min(limit, max(floor, cuda_free_bytes(device) // free_share))
+    return limit

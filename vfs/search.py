@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .devices import cuda_free_bytes, resolve_device
+from .devices import resolve_device, working_bytes
 from .scoring import (
     ExactScore,
     FastBound,
@@ -339,9 +339,7 @@ def _row_blocks(
     if not len(indices):
         return
     _, h, w, c = source.shape
-    limit = _BLOCK_BYTES.get(device.type, _BLOCK_BYTES["cpu"])
-    if device.type == "cuda":
-        limit = min(limit, cuda_free_bytes(device) // 8)
+    limit = working_bytes(_BLOCK_BYTES, device, free_share=8)
     per_block = min(len(indices), max(1, limit // (h * w * c * dtype.itemsize)))
     resident = source.resident_on(device)
     buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)

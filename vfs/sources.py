@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .devices import cuda_free_bytes
+from .devices import working_bytes
 
 Columns = dict[str, np.ndarray | list]
 """Named columns of the ranked table, one value per image."""
@@ -76,9 +76,7 @@ outputs and their copy take 4·K/C of a slice (2× at C = 64, K = 32), beside th
 
 def resident_slices(n: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
     """`even_slices` of a resident source on `device`."""
-    limit = RESIDENT_SLICE_BYTES.get(device.type, RESIDENT_SLICE_BYTES["cpu"])
-    if device.type == "cuda":
-        limit = min(limit, max(RESIDENT_SLICE_BYTES["cpu"], cuda_free_bytes(device) // 16))
+    limit = working_bytes(RESIDENT_SLICE_BYTES, device, free_share=16, floor=RESIDENT_SLICE_BYTES["cpu"])
     return even_slices(n, row_bytes, limit)
 
 
