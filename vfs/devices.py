@@ -30,9 +30,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def cuda_free_bytes(device: torch.device) -> int:
     """Memory a GPU can still give this process: what the driver reports free, plus what PyTorch's
-    caching allocator holds but no tensor uses (the driver counts that as taken)."""
+    caching allocator holds but no tensor uses (the driver counts that as taken). Read from the
+    allocator's nested statistics: `torch.cuda.memory_reserved` flattens all of them first, 0.7 ms
+    of host time per call on an H200's host (a search asks twice)."""
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    held = stats.get("reserved_bytes", {}).get("all", {}).get("current", 0)
+    used = stats.get("allocated_bytes", {}).get("all", {}).get("current", 0)
+    return free + held - used
 
 
 def working_bytes(limits: dict[str, int], device: torch.device, free_share: int, floor: int = 0) -> int:
