@@ -163,6 +163,29 @@ def test_sliced_source_gives_the_same_results(method, force_form, device):
     pd.testing.assert_frame_equal(sliced.top, whole.top)  # exact: re-scored in float64
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_gathered_shift_and_adds_score_as_the_strided_ones(seed, monkeypatch, force_form, device):
+    """The GPU's shift-and-add (`PlacementIndex`: one gather and one sum), run wherever the test
+    runs: the same exact top-k and placements as the strided adds, scores within fp32 sums' order."""
+    from vfs.scoring import PlacementIndex
+
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(2, 10, size=2)
+    feats = random_features(rng, 40, h, w, 16)
+    mask = soft_blob(rng, h, w)
+    ref, ref_where = brute_force(feats, feats[2].astype(np.float32), mask)
+    force_form("cells")
+    strided = search_regions(ArrayFeatures(feats), 2, mask, k=10, device=device)
+    monkeypatch.setattr("vfs.scoring.placement_index", PlacementIndex.create)
+    gathered = search_regions(ArrayFeatures(feats), 2, mask, k=10, device=device)
+    np.testing.assert_allclose(gathered.scores, strided.scores, atol=1e-6)
+    np.testing.assert_allclose(gathered.scores, ref, atol=2e-3)
+    pd.testing.assert_frame_equal(gathered.top, strided.top)
+    assert list(gathered.top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
+    for i, box in zip(gathered.top["index"], gathered.top["grid_box"]):
+        assert box[:2] == tuple(ref_where[i])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_plan_prefers_cells_for_small_masks_band_for_large_and_one_product_for_the_grid(dtype, monkeypatch):
     """oneDNN's forms, without the pairs kernel. One placement is one product where its bound stays

@@ -367,9 +367,67 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def _grid_norm_weights(
+    geometry: QueryGeometry, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """(h·w,) the squared mask weights over the grid, on `device` once per search where the query has
+    one placement: a copy from host memory inside the fast pass would wait for the GPU's queue."""
+    if not geometry.ph == geometry.pw == 1:
+        return None
+    m2 = np.zeros(geometry.grid)
+    m2[tuple(zip(*geometry.cells))] = geometry.m2
+    return torch.from_numpy(m2.ravel()).to(device, dtype)
+
+
 def _data_row(images: torch.Tensor, y: int) -> torch.Tensor:
     """Row y of every image as (n, w·C): a strided view, no copy."""
     return images[:, y].reshape(len(images), -1)
+
+
+@dataclass(frozen=True)
+class PlacementIndex:
+    """Where each masked cell lands at every placement, held on a GPU (`placement_index`): the K
+    shifted windows of a shift-and-add are summed there by one gather and one sum, not K strided
+    adds (each ≈ 15–25 µs of the host's time to launch: most of a small search's time on an H200's
+    host). A CPU keeps the adds: the gathered (K, placements, n) copy would be a fresh temporary of
+    tens of MB per slice of a large cache, its page faults costing more than the adds."""
+
+    cells: torch.Tensor  # (K·P,) long: k·h·w + the data cell (y·w + x) mask cell k covers at each placement
+    grid: torch.Tensor  # (K·P,) long: the data cell alone
+    m2: torch.Tensor  # (K, 1, 1) the squared mask weights, in the sums' type
+
+    @classmethod
+    def create(cls, geometry: QueryGeometry, device: torch.device, dtype: torch.dtype) -> PlacementIndex:
+        (h, w), k = geometry.grid, len(geometry.cells)
+        py, px = np.meshgrid(np.arange(geometry.ph), np.arange(geometry.pw), indexing="ij")
+        ky, kx = np.array(geometry.cells).reshape(k, 2).T
+        grid = (ky[:, None] + py.ravel()) * w + kx[:, None] + px.ravel()  # (K, P)
+        cells = grid + np.arange(k)[:, None] * (h * w)
+        m2 = torch.tensor(geometry.m2, dtype=dtype).view(k, 1, 1)
+        return cls(
+            torch.from_numpy(cells.ravel()).to(device),
+            torch.from_numpy(grid.ravel()).to(device),
+            m2.to(device),
+        )
+
+    def numerators(self, products: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (P, n) = Σ over the K masked cells of their (K, h, w, n) `products` at each placement."""
+        return torch.sum(self._gather(products, self.cells), 0, dtype=out.dtype, out=out)
+
+    def squared_norms(self, sq: torch.Tensor) -> torch.Tensor:
+        """(P, n) Σ m² ‖f_d(p + k)‖² over the masked cells, from (h, w, n) squared norms `sq`."""
+        return torch.sum(self._gather(sq, self.grid).mul_(self.m2), 0)
+
+    def _gather(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        n = values.shape[-1]
+        return values.reshape(-1, n).index_select(0, index).view(len(self.m2), -1, n)
+
+
+def placement_index(
+    geometry: QueryGeometry, device: torch.device, dtype: torch.dtype
+) -> PlacementIndex | None:
+    """A `PlacementIndex` on a GPU; None elsewhere (the shift-and-adds run as strided adds)."""
+    return PlacementIndex.create(geometry, device, dtype) if device.type == "cuda" else None
 
 
 @dataclass(frozen=True)
@@ -383,6 +441,8 @@ class Scorer:
     weights: tuple[torch.Tensor, ...]
     dtype: torch.dtype  # of the sums
     pairs: PairKernel | None = None  # the "pairs" form's kernel, with its weights
+    norm_weights: torch.Tensor | None = None  # one placement: `_grid_norm_weights`
+    placements: PlacementIndex | None = None  # on a GPU
 
     @classmethod
     def fast(
@@ -399,15 +459,28 @@ class Scorer:
                 raise RuntimeError(f"the pairs kernel is not built for {dtype} here")
             g = geometry
             pairs = PairKernel.create(lib, dtype, g.weights("cells")[0], g.cells, g.grid, (g.ph, g.pw))
-            return cls(geometry, plan, (), torch.float32, pairs)
+            return cls(geometry, plan, (), torch.float32, pairs, _grid_norm_weights(g, device, torch.float32))
         weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
-        return cls(geometry, plan, weights, torch.float32)
+        return cls(
+            geometry,
+            plan,
+            weights,
+            torch.float32,
+            norm_weights=_grid_norm_weights(geometry, device, torch.float32),
+            placements=placement_index(geometry, device, torch.float32),
+        )
 
     @classmethod
     def exact(cls, geometry: QueryGeometry, device: torch.device) -> Scorer:
         plan = plan_exact(geometry)
+        weights = tuple(wt.to(device) for wt in geometry.weights(plan.method))
         return cls(
-            geometry, plan, tuple(wt.to(device) for wt in geometry.weights(plan.method)), torch.float64
+            geometry,
+            plan,
+            weights,
+            torch.float64,
+            norm_weights=_grid_norm_weights(geometry, device, torch.float64),
+            placements=placement_index(geometry, device, torch.float64),
         )
 
     # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
@@ -439,8 +512,11 @@ class Scorer:
             torch.sum(torch.cat(cell, 2) if len(cell) > 1 else cell[0], 0, dtype=self.dtype, out=out[0])
         elif self.plan.method == "cells":
             g = images_last(product(self.weights[0], lambda p: p.reshape(-1, c)).view(-1, n, h, w))
-            for k, (ky, kx) in enumerate(g_.cells):
-                out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
+            if self.placements is not None:
+                self.placements.numerators(g, out.view(-1, n))
+            else:
+                for k, (ky, kx) in enumerate(g_.cells):
+                    out += g[k, ky : ky + g_.ph, kx : kx + g_.pw]
         else:
             for y, rows in enumerate(g_.band):  # data row y: a strided (n, w·C) view, no copy
                 g = product(self.weights[y], partial(_data_row, y=y)).view(len(rows), g_.pw, n)
@@ -452,13 +528,13 @@ class Scorer:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""
         g_ = self.geometry
-        if g_.ph == g_.pw == 1:  # one placement: one matrix-vector product (not K strided adds)
-            m2 = np.zeros(g_.grid)
-            m2[tuple(zip(*g_.cells))] = g_.m2
-            weights = torch.from_numpy(m2.ravel()).to(sqnorm.device, self.dtype)
+        if self.norm_weights is not None:  # one placement: one matrix-vector product (not K strided adds)
+            weights = self.norm_weights.to(sqnorm.device)  # where they are already: no copy
             wnorm = sqnorm.reshape(len(sqnorm), -1).to(self.dtype) @ weights
             return wnorm.sqrt_().view(1, 1, -1)
         sq = sqnorm.permute(1, 2, 0).to(self.dtype).contiguous()  # (h, w, n)
+        if self.placements is not None:
+            return self.placements.squared_norms(sq).view(g_.ph, g_.pw, -1).sqrt_()
         wnorm = torch.zeros(g_.ph, g_.pw, sqnorm.shape[0], device=sqnorm.device, dtype=self.dtype)
         for w2, (ky, kx) in zip(g_.m2, g_.cells):
             wnorm.add_(sq[ky : ky + g_.ph, kx : kx + g_.pw], alpha=w2)
