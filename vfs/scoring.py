@@ -16,6 +16,8 @@ Five exact forms of the numerator, chosen per query by their cost (see `plan_que
 - "whole_cells" (GPU): one placement as h·w batched products, one per grid cell, each summing C
   terms, then a sum over the cells: the bound of C-term sums (≈ 1e-3) where one product of h·w·C
   terms has Higham's (h·w·C)·2⁻²⁴ (1.2% at 14×14×1024: a quarter of the images re-scored).
+On CUDA the products run as Triton kernels where they build (`vfs.triton_products`: at the read
+speed, where cuBLAS's skinny products ran at 40–80% of it), else as torch's.
 The fast scorer runs fp16, bf16 or fp32 operands with fp32 sums, with a proven bound on each placement's
 error (`FastBound`); the exact one runs float64 (`exact_scorer`). `vfs.search` ranks with both.
 """
@@ -32,6 +34,7 @@ from functools import cache, cached_property, partial
 import numpy as np
 import torch
 
+from . import triton_products
 from .kernel import PairKernel, kernel_weights, library, summation_depth
 from .masks import CroppedMask, crop_mask
 
@@ -349,9 +352,12 @@ def _cuda_fp32_outputs(dtype: torch.dtype) -> bool:
 
 
 def product_output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The type the fast forms' products output in: fp32 for fp16 and bf16 operands on CUDA where
-    torch offers it (no rounding of the outputs to the operand type, and cuBLAS adds split sums in
-    fp32 even where `allow_fp16_reduced_precision_reduction` is on), else the operand type."""
+    """The type the fast forms' products output in: fp32 for fp16 and bf16 operands on CUDA —
+    Triton's products (`vfs.triton_products`), or torch's where it offers `out_dtype` (no rounding
+    of the outputs to the operand type, and cuBLAS adds split sums in fp32 even where
+    `allow_fp16_reduced_precision_reduction` is on) — else the operand type."""
+    if triton_products.runs_on(device, dtype):
+        return torch.float32
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _cuda_fp32_outputs(dtype):
         return torch.float32
     return dtype
@@ -361,7 +367,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp16 / bf16 / fp32 operands (matrices, or batches of them), outputs in
     `product_output_dtype`; the bound assumes the backend's sums are fp32 (oneDNN's and cuBLAS's
     are; a torch too old for `out_dtype` on CUDA may add split sums in fp16). float64 operands (exact
-    re-scoring) run as they are."""
+    re-scoring) run as they are. On CUDA a matrix product runs Triton's kernel where it builds."""
+    if a.ndim == 2 and triton_products.runs_on(a.device, a.dtype):
+        return triton_products.rows_product(a, b.T)
     if product_output_dtype(a.device, a.dtype) != a.dtype:
         return (torch.bmm if a.ndim == 3 else torch.mm)(a, b, out_dtype=torch.float32)
     return a @ b
@@ -507,6 +515,12 @@ class Scorer:
 
         if self.plan.method == "whole":  # one placement: the images' rows as they are stored
             out[0, 0] = product(self.weights[0], lambda p: p.reshape(len(p), -1))[0]
+        elif self.plan.method == "whole_cells" and triton_products.runs_on(out.device, parts[0].dtype):
+            sums = [
+                triton_products.cell_sums(self.weights[0].view(h * w, c), p.reshape(len(p), h * w, c))
+                for p in parts
+            ]
+            out[0, 0] = torch.cat(sums) if len(sums) > 1 else sums[0]
         elif self.plan.method == "whole_cells":  # per piece one batched product, (h·w, 1, n): a row per cell
             cell = [_matmul(self.weights[0], p.reshape(len(p), h * w, c).permute(1, 2, 0)) for p in parts]
             torch.sum(torch.cat(cell, 2) if len(cell) > 1 else cell[0], 0, dtype=self.dtype, out=out[0])

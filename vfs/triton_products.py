@@ -1,0 +1,202 @@
+"""The fast pass's products on CUDA GPUs as Triton kernels: fp16 operands (the features as
+stored), products exact in fp32, fp32 sums and fp32 outputs — the bound of cuBLAS's `out_dtype`
+products, at the read speed.
+
+On an H200 cuBLAS runs the cells form's product — millions of rows of C channels against the few
+masked query cells — at 1.6 TB/s for C = 2048 (3.1 for 1,024), its per-cell batched products of
+a whole-grid region at 3.2–3.4; these kernels run both at 4.2–4.3 TB/s, the speed of a plain sum
+over the same bytes (`bench/gpu_products.py`, docs/performance.md).
+
+Triton compiles on first use (its own compiler, and the system's C compiler for a launcher). Where
+it does not import or cannot build here, or with `VFS_KERNEL=off`, `runs_on` is false and the
+search runs torch's products: the same exact top-k, with the same bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import cache
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ROW_BLOCK, _CHANNEL_BLOCK, _MAX_COLUMN_BLOCK = 128, 128, 64
+"""Rows × channels per step of the rows kernel, and its most weight columns at once (more are run
+as column blocks side by side, each over the same rows while they are in L2): 4.2–4.3 TB/s on an
+H200 at 7×7×2048 and 14×14×1024, K = 9 and 14, as were 64 × 128 and 256 × 64 tiles."""
+_IMAGE_BLOCK, _CELL_CHANNEL_BLOCK = 16, 256
+"""Images × channels per step of the whole-grid kernel (4.3 TB/s at 14×14×1024; 3.8 at 7×7×2048,
+where 32 × 128 reached 4.3); its cells are split among programs until there are `_PROGRAMS`."""
+_PROGRAMS = 1024  # ≈ 8 per streaming multiprocessor of an H100 / H200
+
+
+@cache
+def _kernels() -> dict[str, Any]:
+    """The kernels, defined on first use (Triton is imported only here)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_kernel(
+        w_ptr,
+        x_ptr,
+        out_ptr,
+        M,
+        C,
+        K,
+        stride_x,
+        column_blocks,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rm = (pid // column_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = (pid % column_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rc = tl.arange(0, BLOCK_C)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_x + rc[None, :]
+        w_ptrs = w_ptr + rk[None, :] * C + rc[:, None]
+        for c0 in range(0, C, BLOCK_C):
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rc[None, :] + c0 < C), other=0.0)
+            w = tl.load(w_ptrs, mask=(rk[None, :] < K) & (rc[:, None] + c0 < C), other=0.0)
+            acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_C
+            w_ptrs += BLOCK_C
+        out = out_ptr + rk[None, :].to(tl.int64) * M + rm[:, None]
+        tl.store(out, acc, mask=(rk[None, :] < K) & (rm[:, None] < M))
+
+    @triton.jit
+    def cells_kernel(
+        w_ptr,
+        x_ptr,
+        out_ptr,
+        N,
+        CELLS,
+        C,
+        stride_x,
+        cells_per_program,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first = tl.program_id(1) * cells_per_program
+        rc = tl.arange(0, BLOCK_C)
+        row = rn[:, None].to(tl.int64) * stride_x
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for p in range(first, tl.minimum(first + cells_per_program, CELLS)):
+            cell = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                inside = rc + c0 < C
+                x = tl.load(
+                    x_ptr + row + p * C + c0 + rc[None, :],
+                    mask=(rn[:, None] < N) & inside[None, :],
+                    other=0.0,
+                )
+                w = tl.load(w_ptr + p * C + c0 + rc, mask=inside, other=0.0)
+                cell += tl.sum(x.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
+            total += cell
+        tl.store(out_ptr + tl.program_id(1).to(tl.int64) * N + rn, total, mask=rn < N)
+
+    return {"triton": triton, "rows": rows_kernel, "cells": cells_kernel}
+
+
+def rows_product(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(K, M) fp32 `weights` (K, C) · `rows` (M, C)ᵀ, each output a sum of C products in fp32 (any
+    order). `rows` may be strided between rows (a data row of every image), not within one."""
+    k, c = weights.shape
+    m = rows.shape[0]
+    if rows.shape[1] != c:
+        raise ValueError(f"weights have {c} channels, rows {rows.shape[1]}")
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    kernels = _kernels()
+    block_k = min(_MAX_COLUMN_BLOCK, max(16, kernels["triton"].next_power_of_2(k)))
+    column_blocks = math.ceil(k / block_k)
+    out = torch.empty(k, m, dtype=torch.float32, device=rows.device)
+    if m:
+        grid = (math.ceil(m / _ROW_BLOCK) * column_blocks,)
+        kernels["rows"][grid](
+            weights.contiguous(),
+            rows,
+            out,
+            m,
+            c,
+            k,
+            rows.stride(0),
+            column_blocks,
+            BLOCK_M=_ROW_BLOCK,
+            BLOCK_C=_CHANNEL_BLOCK,
+            BLOCK_K=block_k,
+            num_warps=4,
+            num_stages=3,
+        )
+    return out
+
+
+def cell_sums(weights: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 Σ over the h·w cells of ⟨weights[cell], images[:, cell]⟩ for `weights` (h·w, C)
+    and `images` (n, h·w, C) (rows of images may be strided): each cell's C products summed in fp32,
+    then the cells' sums in fp32 — the whole-grid form's bound (C terms, h·w outputs)."""
+    n, cells, c = images.shape
+    if weights.shape != (cells, c):
+        raise ValueError(f"weights of shape {tuple(weights.shape)} for images of {cells} cells × {c}")
+    if images.stride(2) != 1 or images.stride(1) != c:
+        images = images.contiguous()
+    image_blocks = max(1, math.ceil(n / _IMAGE_BLOCK))
+    groups = min(cells, max(1, _PROGRAMS // image_blocks))
+    per_group = math.ceil(cells / groups)
+    groups = math.ceil(cells / per_group)
+    partial = torch.empty(groups, n, dtype=torch.float32, device=images.device)
+    if n:
+        _kernels()["cells"][(image_blocks, groups)](
+            weights.contiguous(),
+            images,
+            partial,
+            n,
+            cells,
+            c,
+            images.stride(0),
+            per_group,
+            BLOCK_N=_IMAGE_BLOCK,
+            BLOCK_C=_CELL_CHANNEL_BLOCK,
+            num_warps=4,
+            num_stages=3,
+        )
+    return partial[0] if groups == 1 else partial.sum(0)
+
+
+@cache
+def _builds(device: torch.device) -> bool:
+    """Whether both kernels import, compile and give the float64 answer on a small case here, with
+    the largest tiles a search uses (a GPU with less shared memory fails here, not in a search)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(_MAX_COLUMN_BLOCK, 40, generator=g).half()
+        x = torch.randn(5, 2, 40, generator=g).half()
+        exact = (w.double() @ x.reshape(-1, 40).double().T).float()
+        whole = (x.reshape(5, -1).double() @ w[:2].reshape(-1).double()).float()
+        got_rows = rows_product(w.to(device), x.reshape(-1, 40).to(device)).cpu()
+        got_cells = cell_sums(w[:2].to(device), x.to(device)).cpu()
+        ok = torch.allclose(got_rows, exact, rtol=1e-5, atol=1e-5) and torch.allclose(
+            got_cells, whole, rtol=1e-5, atol=1e-5
+        )
+    except Exception as error:  # noqa: BLE001 (no Triton, no C compiler, an unsupported GPU: torch's products run)
+        log.info("vfs: Triton products are off on %s: %s", device, error)
+        return False
+    if not ok:
+        log.warning("vfs: Triton products gave wrong sums on %s; torch's products run", device)
+    return ok
+
+
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fast products in `dtype` on `device` run these kernels: on CUDA, for fp16
+    operands (a GPU's only fast type, `vfs.scoring.fast_dtype`), unless `VFS_KERNEL=off`, where
+    they build (checked once per process)."""
+    if device.type != "cuda" or dtype != torch.float16 or os.environ.get("VFS_KERNEL", "auto") == "off":
+        return False
+    return _builds(device)
