@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 4 in one run: ≈ 215 s on an H200; the steps' limits add up to 550 s,
-# inside the device runner's 600 s per command:
-#   0. the engine's search tests and builds on the device (VFS_TEST_DEVICE, tests/conftest.py)
+# Every GPU measurement of issue 4 in one run: ≈ 240 s on an H200; the steps' limits add up to 590 s,
+# inside the device runner's 600 s per command (STEPS names a subset, e.g. STEPS="tests l4 forms"):
+#   0. the engine's search tests and builds on the device (VFS_TEST_DEVICE, tests/conftest.py), and
+#      the Triton products compiled there (tests/test_triton_products.py)
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
 #   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
-#   4. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
-#   5. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
+#   4. the fast pass's products alone, each way cuBLAS and Triton run them, on one resident slice
+#   5. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
+#   6. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
 # JSON files and logs go to DEST (default bench/results/gpu); a summary of every target is printed
 # at the end and written to summary.json. Where OUT is set (the device runner's output folder, which
 # brings back at most 8 files), DEST defaults to /tmp/gpu and the results come back as
@@ -31,6 +33,7 @@ BUILD_BATCH=${BUILD_BATCH:-128}
 WORKERS=${WORKERS:-4,8}
 BUILD_LIMIT=${BUILD_LIMIT:-}
 BUILD_DATA=${BUILD_DATA:-}
+STEPS=" ${STEPS:-tests l4 l3 grid products forms build} "
 DEST=${DEST:-$( [ -n "${OUT:-}" ] && echo /tmp/gpu || echo bench/results/gpu )}
 mkdir -p "$DEST"
 start=$(date +%s)
@@ -43,6 +46,7 @@ import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(
 EOF
 
 rc=0
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 step() {  # step NAME TIMEOUT_S ARGS...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)" >&2
@@ -52,23 +56,31 @@ step() {  # step NAME TIMEOUT_S ARGS...
   [ $r -eq 0 ] || { echo "!! $name failed (exit $r), see $DEST/$name.log" >&2; rc=1; }
 }
 
-echo "== tests on $DEVICE ($(( $(date +%s) - start ))s elapsed)" >&2
-VFS_TEST_DEVICE="$DEVICE" timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
-  tests/test_search_bound.py tests/test_properties.py tests/test_array_features.py tests/test_build.py \
-  > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
-tail -n 3 "$DEST/tests.log" >&2
+if wanted tests; then
+  echo "== tests on $DEVICE ($(( $(date +%s) - start ))s elapsed)" >&2
+  VFS_TEST_DEVICE="$DEVICE" timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+    tests/test_search_bound.py tests/test_properties.py tests/test_array_features.py tests/test_build.py \
+    tests/test_triton_products.py \
+    > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
+  tail -n 3 "$DEST/tests.log" >&2
+fi
 
-step search_r50l4_n${N_L4} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 --mask all \
-  --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
-step search_r50l3_n${N_L3} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 --mask all \
-  --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
+wanted l4 && step search_r50l4_n${N_L4} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 \
+  --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
+wanted l3 && step search_r50l3_n${N_L3} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 \
+  --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
 # Issue 11's shape grid (synthetic ViT-B/16, R50 layer3/layer4 at N=2,000, ReLU and signed features)
-echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
-DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
-  timeout 120 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+if wanted grid; then
+  echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
+  DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
+    timeout 120 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+fi
+# The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
+[ "$DEVICE" = cuda ] && wanted products && step products 40 bench/gpu_products.py --repeats 5
 # Each exact form forced in turn (the data to fit _PRODUCT_COST["cuda"]), and a profile of the planned search
-step forms_n${N_FORMS} 100 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 --n "$N_FORMS" --profile
-step build_${DEVICE} 60 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
+wanted forms && step forms_n${N_FORMS} 90 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
+  --n "$N_FORMS" --profile
+wanted build && step build_${DEVICE} 60 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
   --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}
 
 "$PY" - "$DEST" <<'EOF'
@@ -83,6 +95,9 @@ for f in sorted(dest.glob("search_*.json")):
                      "paper_ms_min": c.get("paper", {}).get("min_ms"), "floor_ms_min": c["floor"]["min_ms"],
                      "speedup": (c.get("speedup_vs_paper") or {}).get("min"), "vs_floor": c["vfs_over_floor"]["min"],
                      "same_top10": c.get("same_top10"), "targets": c["targets"]})
+for f in sorted(dest.glob("products.json")):
+    for c in json.loads(f.read_text())["cases"]:
+        rows.append({"file": f.name, "shape": c["shape"], "n": c["n"], "tb_per_s": c["tb_per_s"]})
 for f in sorted(dest.glob("build_*.json")):
     d = json.loads(f.read_text())
     rows.append({"file": f.name, "forward_images_per_s": d["forward_only"]["images_per_s"],
