@@ -39,6 +39,16 @@ def forms(mask: np.ndarray, dtype: torch.dtype = torch.float16, device: str = "c
     return ("cells", "band") + ("whole", "whole_cells") * spans + ("pairs",) * pairs
 
 
+def assert_exact_top_k(result, ref: np.ndarray, ref_where: np.ndarray, atol: float = 2e-3) -> None:
+    """Every image's score within `atol` of the brute force's; the top-k, its scores and placements exact."""
+    np.testing.assert_allclose(result.scores, ref, atol=atol)
+    top = result.top
+    assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[: len(top)])
+    np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
+    for i, box in zip(top["index"], top["grid_box"]):
+        assert box[:2] == tuple(ref_where[i])
+
+
 MASKS = {
     "one cell": lambda rng, h, w: np.eye(1, h * w, rng.integers(h * w), dtype=np.float32).reshape(h, w),
     "full grid": lambda rng, h, w: np.ones((h, w), np.float32),
@@ -59,12 +69,8 @@ def test_matches_brute_force(grid, kind, device):
     ref, ref_where = brute_force(feats, query, mask)
 
     result = search_regions(feats, query, mask, k=10, device=device)
-    np.testing.assert_allclose(result.scores, ref, atol=2e-3)
+    assert_exact_top_k(result, ref, ref_where)
     top = result.top
-    assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
-    np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
-    for i, box in zip(top["index"], top["grid_box"]):
-        assert box[:2] == tuple(ref_where[i])
     assert top["index"].iloc[0] == 3 and top["score"].iloc[0] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -84,12 +90,7 @@ def test_other_operand_types_keep_the_top_k_exact(grid, kind, dtype, monkeypatch
         force_form(method)
         result = search_regions(ArrayFeatures(feats), 3, mask, k=10, device=device)
         # every image: within its operand type's bound
-        np.testing.assert_allclose(result.scores, ref, atol=3e-2 if dtype == torch.bfloat16 else 2e-3)
-        top = result.top
-        assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
-        np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
-        for i, box in zip(top["index"], top["grid_box"]):
-            assert box[:2] == tuple(ref_where[i])
+        assert_exact_top_k(result, ref, ref_where, atol=3e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -179,11 +180,8 @@ def test_gathered_shift_and_adds_score_as_the_strided_ones(seed, monkeypatch, fo
     monkeypatch.setattr("vfs.scoring.placement_index", PlacementIndex.create)
     gathered = search_regions(ArrayFeatures(feats), 2, mask, k=10, device=device)
     np.testing.assert_allclose(gathered.scores, strided.scores, atol=1e-6)
-    np.testing.assert_allclose(gathered.scores, ref, atol=2e-3)
     pd.testing.assert_frame_equal(gathered.top, strided.top)
-    assert list(gathered.top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
-    for i, box in zip(gathered.top["index"], gathered.top["grid_box"]):
-        assert box[:2] == tuple(ref_where[i])
+    assert_exact_top_k(gathered, ref, ref_where)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

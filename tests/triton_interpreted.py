@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from search_reference import brute_force, every_placement
-from test_search import MASKS, random_features
+from test_search import MASKS, assert_exact_top_k, random_features
 from test_search_bound import make
 
 from vfs import triton_products
@@ -70,13 +70,7 @@ def test_searches_through_the_kernels_keep_the_top_k_exact(grid, kind, interpret
     spans = kind == "full grid"
     for method in ("cells", "band") + ("whole_cells",) * spans:
         force_form(method)
-        result = search_regions(feats, 3, mask, k=10, device="cpu")
-        np.testing.assert_allclose(result.scores, ref, atol=2e-3)
-        top = result.top
-        assert list(top["index"]) == list(np.argsort(-ref, kind="stable")[:10])
-        np.testing.assert_allclose(top["score"], ref[top["index"]], atol=1e-5)
-        for i, box in zip(top["index"], top["grid_box"]):
-            assert box[:2] == tuple(ref_where[i])
+        assert_exact_top_k(search_regions(feats, 3, mask, k=10, device="cpu"), ref, ref_where)
 
 
 @pytest.mark.parametrize("method", ["cells", "band", "whole_cells"])
