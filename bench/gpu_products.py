@@ -3,8 +3,8 @@ bytes: which one reaches the memory speed (issue 11: the cells product ran 1.6�
 the floor 4.1). One resident slice of each shape (as `vfs.sources.resident_slices` cuts them):
 - cuBLAS through torch: (K, C)·(C, M) and (M, C)·(C, K), fp32 outputs (`out_dtype`) or fp16 ones,
   K as the mask has it or padded to 16; the whole-grid form's batched product per cell;
-- Triton (where it imports): one tiled kernel for the cells product, fp32 accumulation, several
-  tile shapes; and the whole-grid form's per-cell sums in one pass.
+- Triton (where it imports): `vfs.triton_products`' kernels — the rows product (cells and band
+  forms) and the whole grid's per-cell sums — at their tiles and at others.
 Prints one JSON document.
 
     python bench/gpu_products.py --shape r50l4 --n 16667
@@ -13,11 +13,19 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 from _common import emit, environment, log
 from search_bench import SHAPES
+
+from vfs import triton_products
+
+ROW_TILES = ((128, 128, 4, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 128, 4, 4), (128, 64, 4, 5))
+"""(rows, channels, warps, stages) of the rows product: the first is `vfs.triton_products`' own."""
+CELL_TILES = ((16, 256, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3))
+"""(images, channels, warps, stages) of the cell sums: the first is `vfs.triton_products`' own."""
 
 
 def cuda_ms(fn, repeats: int) -> float:
@@ -34,69 +42,7 @@ def cuda_ms(fn, repeats: int) -> float:
     return round(best, 3)
 
 
-def triton_kernels():
-    """The Triton kernels, or None where Triton does not import or cannot compile here."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def cells(
-        x_ptr, w_ptr, out_ptr, M, C, K, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        rc = tl.arange(0, BLOCK_C)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * C + rc[None, :]
-        w_ptrs = w_ptr + rk[None, :] * C + rc[:, None]
-        for c0 in range(0, C, BLOCK_C):
-            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rc[None, :] + c0 < C), other=0.0)
-            w = tl.load(w_ptrs, mask=(rk[None, :] < K) & (rc[:, None] + c0 < C), other=0.0)
-            acc = tl.dot(x, w, acc)
-            x_ptrs += BLOCK_C
-            w_ptrs += BLOCK_C
-        out = out_ptr + rk[None, :].to(tl.int64) * M + rm[:, None]
-        tl.store(out, acc, mask=(rk[None, :] < K) & (rm[:, None] < M))
-
-    @triton.jit
-    def whole(x_ptr, w_ptr, out_ptr, N, CELLS, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rc = tl.arange(0, BLOCK_C)
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        row = rn[:, None].to(tl.int64) * CELLS * C
-        for p in range(0, CELLS):
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                x = tl.load(x_ptr + row + p * C + c0 + rc[None, :], mask=rn[:, None] < N, other=0.0)
-                w = tl.load(w_ptr + p * C + c0 + rc)
-                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
-            total += acc
-        tl.store(out_ptr + rn, total, mask=rn < N)
-
-    def run_cells(w, x, block_m, block_c, warps, stages):
-        k, c = w.shape
-        m = x.shape[0]
-        block_k = max(16, triton.next_power_of_2(min(k, 64)))
-        out = torch.empty(k, m, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-        cells[grid](x, w, out, m, c, k, block_m, block_c, block_k, num_warps=warps, num_stages=stages)
-        return out
-
-    def run_whole(w, x, block_n, block_c, warps, stages):
-        n, cells_, c = x.shape
-        out = torch.empty(n, dtype=torch.float32, device=x.device)
-        whole[(triton.cdiv(n, block_n),)](
-            x, w, out, n, cells_, c, block_n, block_c, num_warps=warps, num_stages=stages
-        )
-        return out
-
-    return run_cells, run_whole
-
-
-def shape_case(shape_name: str, n: int, repeats: int, kernels) -> dict:
+def shape_case(shape_name: str, n: int, repeats: int, triton: bool) -> dict:
     h, w, c = SHAPES[shape_name]
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(n, h, w, c, generator=g, device="cuda").relu_().half()
@@ -121,18 +67,12 @@ def shape_case(shape_name: str, n: int, repeats: int, kernels) -> dict:
             f"K={k} (M,C)·(C,K) out fp16": lambda: rows @ wk.T,
             f"K={k}→16 (M,C)·(C,K) out fp16": lambda: rows @ w16.T,
         }
-        if kernels is not None:
-            for bm, bc, warps, stages in (
-                (128, 64, 4, 3),
-                (128, 128, 4, 3),
-                (256, 64, 8, 3),
-                (64, 128, 4, 4),
-                (128, 64, 4, 5),
-            ):
-                name = f"K={k} triton cells BM={bm} BC={bc} warps={warps} stages={stages}"
-                variants[name] = lambda bm=bm, bc=bc, warps=warps, stages=stages, wk=wk: kernels[0](
-                    wk, rows, bm, bc, warps, stages
+        for bm, bc, warps, stages in ROW_TILES if triton else ():
+            variants[f"K={k} triton rows {bm}×{bc} warps={warps} stages={stages}"] = (
+                lambda bm=bm, bc=bc, warps=warps, stages=stages, wk=wk: triton_products.rows_product(
+                    wk, rows, row_block=bm, channel_block=bc, warps=warps, stages=stages
                 )
+            )
         for name, fn in variants.items():
             try:
                 ms[name] = cuda_ms(fn, repeats)
@@ -150,13 +90,12 @@ def shape_case(shape_name: str, n: int, repeats: int, kernels) -> dict:
         "whole_cells bmm out fp16": lambda: torch.bmm(wc, cells3.permute(1, 2, 0)),
         "whole gemv fp16": lambda: x.view(n, -1) @ wc.view(-1),
     }
-    if kernels is not None:
-        for bn, bc, warps, stages in ((32, 128, 4, 3), (64, 64, 4, 3), (16, 256, 4, 3), (64, 128, 8, 3)):
-            whole[f"triton whole BN={bn} BC={bc} warps={warps} stages={stages}"] = (
-                lambda bn=bn, bc=bc, warps=warps, stages=stages: kernels[1](
-                    wc.view(-1), cells3, bn, bc, warps, stages
-                )
+    for bn, bc, warps, stages in CELL_TILES if triton else ():
+        whole[f"triton cell sums {bn}×{bc} warps={warps} stages={stages}"] = (
+            lambda bn=bn, bc=bc, warps=warps, stages=stages: triton_products.cell_sums(
+                wc.view(-1, c), cells3, image_block=bn, channel_block=bc, warps=warps, stages=stages
             )
+        )
     for name, fn in whole.items():
         try:
             ms[name] = cuda_ms(fn, repeats)
@@ -164,7 +103,7 @@ def shape_case(shape_name: str, n: int, repeats: int, kernels) -> dict:
             ms[name] = None
             errors[name] = repr(error)[:200]
         log(f"{shape_name} {name}: {ms[name]} ms")
-    floor = ms["floor: bf16-view matvec"]
+    floor = min(ms["floor: bf16-view matvec"], ms["floor: fp32-accumulating sum"])
     nbytes = x.numel() * 2
     return {
         "shape": shape_name,
@@ -184,17 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    kernels = triton_kernels()
+    triton = importlib.util.find_spec("triton") is not None
     cases = []
     for shape_name in args.shape.split(","):
         h, w, c = SHAPES[shape_name]
         n = args.n or (4 << 30) // (h * w * c * 2)
-        cases.append(shape_case(shape_name, n, args.repeats, kernels))
+        cases.append(shape_case(shape_name, n, args.repeats, triton))
         torch.cuda.empty_cache()
     emit(
         {
             "benchmark": "gpu_products",
-            "triton": kernels is not None,
+            "triton": triton,
             "cases": cases,
             "environment": environment(torch.device("cuda")),
         },

@@ -105,9 +105,18 @@ def _kernels() -> dict[str, Any]:
     return {"triton": triton, "rows": rows_kernel, "cells": cells_kernel}
 
 
-def rows_product(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def rows_product(
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    row_block: int = _ROW_BLOCK,
+    channel_block: int = _CHANNEL_BLOCK,
+    warps: int = 4,
+    stages: int = 3,
+) -> torch.Tensor:
     """(K, M) fp32 `weights` (K, C) · `rows` (M, C)ᵀ, each output a sum of C products in fp32 (any
-    order). `rows` may be strided between rows (a data row of every image), not within one."""
+    order). `rows` may be strided between rows (a data row of every image), not within one. The
+    tiles are keywords for bench/gpu_products.py, which measures others."""
     k, c = weights.shape
     m = rows.shape[0]
     if rows.shape[1] != c:
@@ -119,7 +128,7 @@ def rows_product(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     column_blocks = math.ceil(k / block_k)
     out = torch.empty(k, m, dtype=torch.float32, device=rows.device)
     if m:
-        grid = (math.ceil(m / _ROW_BLOCK) * column_blocks,)
+        grid = (math.ceil(m / row_block) * column_blocks,)
         kernels["rows"][grid](
             weights.contiguous(),
             rows,
@@ -129,16 +138,24 @@ def rows_product(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             k,
             rows.stride(0),
             column_blocks,
-            BLOCK_M=_ROW_BLOCK,
-            BLOCK_C=_CHANNEL_BLOCK,
+            BLOCK_M=row_block,
+            BLOCK_C=channel_block,
             BLOCK_K=block_k,
-            num_warps=4,
-            num_stages=3,
+            num_warps=warps,
+            num_stages=stages,
         )
     return out
 
 
-def cell_sums(weights: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def cell_sums(
+    weights: torch.Tensor,
+    images: torch.Tensor,
+    *,
+    image_block: int = _IMAGE_BLOCK,
+    channel_block: int = _CELL_CHANNEL_BLOCK,
+    warps: int = 4,
+    stages: int = 3,
+) -> torch.Tensor:
     """(n,) fp32 Σ over the h·w cells of ⟨weights[cell], images[:, cell]⟩ for `weights` (h·w, C)
     and `images` (n, h·w, C) (rows of images may be strided): each cell's C products summed in fp32,
     then the cells' sums in fp32 — the whole-grid form's bound (C terms, h·w outputs)."""
@@ -147,7 +164,7 @@ def cell_sums(weights: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"weights of shape {tuple(weights.shape)} for images of {cells} cells × {c}")
     if images.stride(2) != 1 or images.stride(1) != c:
         images = images.contiguous()
-    image_blocks = max(1, math.ceil(n / _IMAGE_BLOCK))
+    image_blocks = max(1, math.ceil(n / image_block))
     groups = min(cells, max(1, _PROGRAMS // image_blocks))
     per_group = math.ceil(cells / groups)
     groups = math.ceil(cells / per_group)
@@ -162,10 +179,10 @@ def cell_sums(weights: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
             c,
             images.stride(0),
             per_group,
-            BLOCK_N=_IMAGE_BLOCK,
-            BLOCK_C=_CELL_CHANNEL_BLOCK,
-            num_warps=4,
-            num_stages=3,
+            BLOCK_N=image_block,
+            BLOCK_C=channel_block,
+            num_warps=warps,
+            num_stages=stages,
         )
     return partial[0] if groups == 1 else partial.sum(0)
 
