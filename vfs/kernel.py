@@ -117,10 +117,19 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     return Library(cdll, frozenset(dtypes), (info >> 8) & 0xFF)
 
 
+def kernel_setting() -> str:
+    """`VFS_KERNEL`: `auto` (the default), `on` or `off` — the compiled kernels, this CPU one and the
+    GPU's Triton products (`vfs.triton_products`)."""
+    choice = os.environ.get("VFS_KERNEL", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"VFS_KERNEL={choice!r}: expected auto, on, off")
+    return choice
+
+
 @cache
 def library() -> Library | None:
     """The kernel for this machine, built on first use; None where it is off or cannot be built."""
-    return None if os.environ.get("VFS_KERNEL", "auto") == "off" else build()
+    return None if kernel_setting() == "off" else build()
 
 
 @cache

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import triton_products
-from .kernel import PairKernel, kernel_weights, library, summation_depth
+from .kernel import PairKernel, kernel_setting, kernel_weights, library, summation_depth
 from .masks import CroppedMask, crop_mask
 
 _U32 = 2.0**-24  # unit roundoff of fp32
@@ -147,9 +147,7 @@ def uses_pairs(device: torch.device, dtype: torch.dtype, channels: int, placemen
     placement wherever it is built (torch's gemv sums h·w·C terms in an order of its own:
     Higham's bound over all of them, ~1% on 14×14×1024, against ~C/16 + K roundings in the
     kernel's); `on` wherever it is built; `off` never."""
-    choice = os.environ.get("VFS_KERNEL", "auto")
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"VFS_KERNEL={choice!r}: expected auto, on, off")
+    choice = kernel_setting()
     lib = library()
     if choice == "off" or device.type != "cpu" or lib is None or dtype not in lib.dtypes:
         return False

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import threading
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from .kernel import kernel_setting
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,24 @@ _IMAGE_BLOCK, _CELL_CHANNEL_BLOCK = 16, 256
 """Images × channels per step of the whole-grid kernel (4.3 TB/s at 14×14×1024; 3.8 at 7×7×2048,
 where 32 × 128 reached 4.3); its cells are split among programs until there are `_PROGRAMS`."""
 _PROGRAMS = 1024  # ≈ 8 per streaming multiprocessor of an H100 / H200
+_LOCK = threading.RLock()
+"""Held while the kernels are defined, checked and launched: a launch may compile a new
+specialization, and Triton's compiler is not safe to run from two threads at once (the app
+searches on several)."""
+
+
+class _Kernels(NamedTuple):
+    rows: Any  # triton.JITFunction: (K, M) = weights · rowsᵀ
+    cells: Any  # triton.JITFunction: per-cell sums over a whole grid
+
+
+def _kernels() -> _Kernels:
+    with _LOCK:
+        return _define_kernels()
 
 
 @cache
-def _kernels() -> dict[str, Any]:
+def _define_kernels() -> _Kernels:
     """The kernels, defined on first use (Triton is imported only here)."""
     import triton
     import triton.language as tl
@@ -102,7 +118,7 @@ def _kernels() -> dict[str, Any]:
             total += cell
         tl.store(out_ptr + tl.program_id(1).to(tl.int64) * N + rn, total, mask=rn < N)
 
-    return {"triton": triton, "rows": rows_kernel, "cells": cells_kernel}
+    return _Kernels(rows_kernel, cells_kernel)
 
 
 def rows_product(
@@ -123,27 +139,27 @@ def rows_product(
         raise ValueError(f"weights have {c} channels, rows {rows.shape[1]}")
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    kernels = _kernels()
-    block_k = min(_MAX_COLUMN_BLOCK, max(16, kernels["triton"].next_power_of_2(k)))
+    block_k = min(_MAX_COLUMN_BLOCK, max(16, 1 << (k - 1).bit_length()))
     column_blocks = math.ceil(k / block_k)
     out = torch.empty(k, m, dtype=torch.float32, device=rows.device)
     if m:
         grid = (math.ceil(m / row_block) * column_blocks,)
-        kernels["rows"][grid](
-            weights.contiguous(),
-            rows,
-            out,
-            m,
-            c,
-            k,
-            rows.stride(0),
-            column_blocks,
-            BLOCK_M=row_block,
-            BLOCK_C=channel_block,
-            BLOCK_K=block_k,
-            num_warps=warps,
-            num_stages=stages,
-        )
+        with _LOCK:
+            _kernels().rows[grid](
+                weights.contiguous(),
+                rows,
+                out,
+                m,
+                c,
+                k,
+                rows.stride(0),
+                column_blocks,
+                BLOCK_M=row_block,
+                BLOCK_C=channel_block,
+                BLOCK_K=block_k,
+                num_warps=warps,
+                num_stages=stages,
+            )
     return out
 
 
@@ -170,38 +186,48 @@ def cell_sums(
     groups = math.ceil(cells / per_group)
     partial = torch.empty(groups, n, dtype=torch.float32, device=images.device)
     if n:
-        _kernels()["cells"][(image_blocks, groups)](
-            weights.contiguous(),
-            images,
-            partial,
-            n,
-            cells,
-            c,
-            images.stride(0),
-            per_group,
-            BLOCK_N=image_block,
-            BLOCK_C=channel_block,
-            num_warps=warps,
-            num_stages=stages,
-        )
+        with _LOCK:
+            _kernels().cells[(image_blocks, groups)](
+                weights.contiguous(),
+                images,
+                partial,
+                n,
+                cells,
+                c,
+                images.stride(0),
+                per_group,
+                BLOCK_N=image_block,
+                BLOCK_C=channel_block,
+                num_warps=warps,
+                num_stages=stages,
+            )
     return partial[0] if groups == 1 else partial.sum(0)
 
 
-@cache
 def _builds(device: torch.device) -> bool:
-    """Whether both kernels import, compile and give the float64 answer on a small case here, with
-    the largest tiles a search uses (a GPU with less shared memory fails here, not in a search)."""
+    with _LOCK:
+        return _checked(device)
+
+
+@cache
+def _checked(device: torch.device) -> bool:
+    """Whether both kernels import, compile and give float64's sums here: with the largest tiles a
+    search uses (a GPU with less shared memory fails here, not in a search) and the smallest, on
+    channel counts that are and are not multiples of 16 (Triton compiles each case apart)."""
     try:
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(_MAX_COLUMN_BLOCK, 40, generator=g).half()
-        x = torch.randn(5, 2, 40, generator=g).half()
-        exact = (w.double() @ x.reshape(-1, 40).double().T).float()
-        whole = (x.reshape(5, -1).double() @ w[:2].reshape(-1).double()).float()
-        got_rows = rows_product(w.to(device), x.reshape(-1, 40).to(device)).cpu()
-        got_cells = cell_sums(w[:2].to(device), x.to(device)).cpu()
-        ok = torch.allclose(got_rows, exact, rtol=1e-5, atol=1e-5) and torch.allclose(
-            got_cells, whole, rtol=1e-5, atol=1e-5
-        )
+        ok = True
+        for k, c in ((_MAX_COLUMN_BLOCK, 40), (9, 48)):
+            w = torch.randn(k, c, generator=g).half()
+            x = torch.randn(5, 2, c, generator=g).half()
+            rows = rows_product(w.to(device), x.reshape(-1, c).to(device)).cpu()
+            cells = cell_sums(w[:2].to(device), x.to(device)).cpu()
+            exact_rows = (w.double() @ x.reshape(-1, c).double().T).float()
+            exact_cells = (x.reshape(5, -1).double() @ w[:2].reshape(-1).double()).float()
+            ok = ok and torch.allclose(rows, exact_rows, rtol=1e-5, atol=1e-5)
+            ok = ok and torch.allclose(cells, exact_cells, rtol=1e-5, atol=1e-5)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not a property of the kernels: asked again next time
     except Exception as error:  # noqa: BLE001 (no Triton, no C compiler, an unsupported GPU: torch's products run)
         log.info("vfs: Triton products are off on %s: %s", device, error)
         return False
@@ -213,7 +239,8 @@ def _builds(device: torch.device) -> bool:
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fast products in `dtype` on `device` run these kernels: on CUDA, for fp16
     operands (a GPU's only fast type, `vfs.scoring.fast_dtype`), unless `VFS_KERNEL=off`, where
-    they build (checked once per process)."""
-    if device.type != "cuda" or dtype != torch.float16 or os.environ.get("VFS_KERNEL", "auto") == "off":
+    they build (checked once per process and GPU, however the device is named)."""
+    if device.type != "cuda" or dtype != torch.float16 or kernel_setting() == "off":
         return False
-    return _builds(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _builds(torch.device("cuda", index))
