@@ -612,9 +612,14 @@ class FastBound:
         weight_error = (
             1.01 * float(np.sqrt((err2[m > 0] / m[m > 0].astype(np.float64) ** 2).sum())) / geometry.qnorm
         )
+        # Tensor cores (cuBLAS's fp16 / bf16 products, Triton's `tl.dot`) align and truncate rather
+        # than round to nearest when they add (Fasi et al., PeerJ Comput. Sci. 7:e330, 2021): an
+        # addition may lose 2⁻²³, two fp32 unit roundoffs, so a product's terms count twice there.
+        truncating = device is not None and device.type == "cuda" and dtype != torch.float32 and not pairs
+        products = 2 * terms if truncating else terms
         return cls(
             # The products, each cell's squared norm (C terms) and the window's (K), the shift-and-add, slack.
-            eps=fast_score_error(terms + c + 2 * k + outputs + 8, rounding, output),
+            eps=fast_score_error(products + c + 2 * k + outputs + 8, rounding, output),
             weight_error=weight_error,
             output_error=(outputs * subnormal_rounding(output) + flushed) / geometry.qnorm,
             nonnegative_weights=bool((kernel >= 0).all()),
