@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 4 in one run: ≈ 240 s on an H200; the steps' limits add up to 590 s,
+# Every GPU measurement of issue 4 in one run: ≈ 270 s on an H200; the steps' limits add up to 600 s,
 # inside the device runner's 600 s per command (STEPS names a subset, e.g. STEPS="tests l4 forms"):
 #   0. the engine's search tests and builds on the device (VFS_TEST_DEVICE, tests/conftest.py), and
-#      the Triton products compiled there (tests/test_triton_products.py)
+#      the Triton products compiled there (tests/test_triton_products.py); the search tests again
+#      with torch's products (VFS_KERNEL=off)
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
@@ -63,22 +64,27 @@ if wanted tests; then
     tests/test_triton_products.py \
     > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
   tail -n 3 "$DEST/tests.log" >&2
+  # torch's products, where Triton's do not build (VFS_KERNEL=off turns them off)
+  VFS_KERNEL=off VFS_TEST_DEVICE="$DEVICE" timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+    tests/test_search_bound.py > "$DEST/tests_torch_products.log" 2>&1 \
+    || { echo "!! tests on $DEVICE without Triton failed, see $DEST/tests_torch_products.log" >&2; rc=1; }
+  tail -n 1 "$DEST/tests_torch_products.log" >&2
 fi
 
 wanted l4 && step search_r50l4_n${N_L4} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 \
   --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
-wanted l3 && step search_r50l3_n${N_L3} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 \
+wanted l3 && step search_r50l3_n${N_L3} 80 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 \
   --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
 # Issue 11's shape grid (synthetic ViT-B/16, R50 layer3/layer4 at N=2,000, ReLU and signed features)
 if wanted grid; then
   echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
   DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
-    timeout 120 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+    timeout 100 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
 fi
 # The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
 [ "$DEVICE" = cuda ] && wanted products && step products 40 bench/gpu_products.py --repeats 5
 # Each exact form forced in turn (the data to fit _PRODUCT_COST["cuda"]), and a profile of the planned search
-wanted forms && step forms_n${N_FORMS} 90 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
+wanted forms && step forms_n${N_FORMS} 80 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
   --n "$N_FORMS" --profile
 wanted build && step build_${DEVICE} 60 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
   --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}

@@ -166,8 +166,9 @@ def test_sliced_source_gives_the_same_results(method, force_form, device):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_gathered_shift_and_adds_score_as_the_strided_ones(seed, monkeypatch, force_form, device):
-    """The GPU's shift-and-add (`PlacementIndex`: one gather and one sum), run wherever the test
-    runs: the same exact top-k and placements as the strided adds, scores within fp32 sums' order."""
+    """The GPU's shift-and-add (`PlacementIndex`: one gather and one sum) against the CPU's strided
+    adds, both run wherever the test runs: the same exact top-k and placements, scores within
+    fp32 sums' order."""
     from vfs.scoring import PlacementIndex
 
     rng = np.random.default_rng(seed)
@@ -176,6 +177,7 @@ def test_gathered_shift_and_adds_score_as_the_strided_ones(seed, monkeypatch, fo
     mask = soft_blob(rng, h, w)
     ref, ref_where = brute_force(feats, feats[2].astype(np.float32), mask)
     force_form("cells")
+    monkeypatch.setattr("vfs.scoring.placement_index", lambda *a: None)
     strided = search_regions(ArrayFeatures(feats), 2, mask, k=10, device=device)
     monkeypatch.setattr("vfs.scoring.placement_index", PlacementIndex.create)
     gathered = search_regions(ArrayFeatures(feats), 2, mask, k=10, device=device)
