@@ -215,9 +215,14 @@ class _FastScoring:
         self.method = ""  # the form of the first chunk's scoring, for the result
 
     def __call__(
-        self, x: torch.Tensor | list[torch.Tensor], sqnorm: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Ph, Pw, n) fast scores and upper bounds; a placement that overflowed bounds nothing (inf)."""
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        sqnorm: torch.Tensor,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image of a chunk (into `out` where given): its best fast score, that placement's
+        index (y·Pw + x) and the largest upper bound over its placements; a placement that
+        overflowed bounds nothing (inf)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
             plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
@@ -227,11 +232,21 @@ class _FastScoring:
             )
             self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
+        nonnegative = self.nonnegative_source and bound.nonnegative_weights
+        n = len(sqnorm)
+        if out is None:
+            out = (
+                torch.empty(n, device=sqnorm.device),
+                torch.empty(n, dtype=torch.int64, device=sqnorm.device),
+                torch.empty(n, device=sqnorm.device),
+            )
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
-        nonnegative = self.nonnegative_source and bound.nonnegative_weights
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
-        return scores, upper.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+        upper.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
+        torch.max(scores.flatten(0, 1), 0, out=out[:2])
+        torch.amax(upper.flatten(0, 1), 0, out=out[2])
+        return out
 
 
 def _ieee_fp32(device: torch.device) -> bool:
@@ -263,9 +278,7 @@ def _fast_pass(
     with torch.inference_mode():
         for start, x, sq in source.chunks(device, memory_budget, dtype):
             stop = start + len(sq)
-            chunk_scores, chunk_upper = fast(x, sq)
-            torch.max(chunk_scores.flatten(0, 1), 0, out=(best[start:stop], where[start:stop]))
-            torch.amax(chunk_upper.flatten(0, 1), 0, out=upper[start:stop])
+            fast(x, sq, out=(best[start:stop], where[start:stop], upper[start:stop]))
             if sqnorm is not None:  # every chunk's: a refined image may come from any
                 sqnorm[start:stop] = sq
                 coarse = coarse or _operand_dtype(x) == torch.bfloat16
@@ -293,11 +306,10 @@ def _refine(
     for part, x in _row_blocks(source, indices, device, torch.float16):
         with torch.inference_mode():
             index = torch.as_tensor(part, dtype=torch.long, device=device)
-            part_scores, part_upper = fast(x, sqnorm.index_select(0, index))
-            best, where = part_scores.flatten(0, 1).max(0)
+            best, where, part_upper = fast(x, sqnorm.index_select(0, index))
             scores[part] = best.cpu().numpy()
             placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
-            upper[part] = part_upper.flatten(0, 1).amax(0).cpu().numpy()
+            upper[part] = part_upper.cpu().numpy()
 
 
 def region_query(
