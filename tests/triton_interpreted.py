@@ -13,7 +13,15 @@ from test_search import MASKS, assert_exact_top_k, random_features
 from test_search_bound import make
 
 from vfs import triton_products
-from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer, product_output_dtype
+from vfs.scoring import (
+    FastBound,
+    PlacementIndex,
+    QueryGeometry,
+    QueryPlan,
+    RegionQuery,
+    Scorer,
+    product_output_dtype,
+)
 from vfs.search import search_regions
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -22,12 +30,17 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 U32 = 2.0**-24
+pytestmark = pytest.mark.filterwarnings(  # the interpreter computes both sides of a tl.where
+    "ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning"
+)
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """The search's fp16 products sent through the (interpreted) kernels."""
+    """The search's fp16 products sent through the (interpreted) kernels, as on a GPU: the cells
+    form's epilogue too (it runs where the placements are indexed)."""
     monkeypatch.setattr(triton_products, "runs_on", lambda device, dtype: dtype == torch.float16)
+    monkeypatch.setattr("vfs.scoring.placement_index", PlacementIndex.create)
 
 
 @pytest.mark.parametrize(
@@ -95,3 +108,28 @@ def test_the_bound_holds_through_the_kernels(method, case, interpreted):
 def test_a_build_check_passes_where_the_kernels_give_float64_sums():
     """The check `runs_on` makes once per device before the search trusts the kernels."""
     assert triton_products._builds(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("case", ["post-ReLU", "signed", "tiny features (fp16 subnormal outputs)"])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(case, seed, interpreted):
+    """`best_placements` against window norms, scores, bounds and max over placements as torch
+    runs them (on the same products): all-zero cells included (`make` zeroes 10% of them)."""
+    x, mask = make(case, seed, n=70)
+    q = RegionQuery.create(x[seed].astype(np.float32), mask)
+    cpu = torch.device("cpu")
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan("cells", 0, 0)
+    scorer, bound = Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan, torch.float16, cpu)
+    features = torch.from_numpy(x)
+    sq = torch.linalg.vector_norm(features.float(), dim=-1).square()
+    nonnegative = bound.nonnegative_weights and bool((x >= 0).all())
+    assert scorer.fuses(features)
+    wnorm = scorer.window_norms(sq)
+    scores = scorer.scores(features, wnorm).flatten(0, 1)
+    upper = bound.upper(scores.view_as(wnorm), wnorm, nonnegative).flatten(0, 1).nan_to_num_(posinf=np.inf)
+    empty = (torch.empty(70), torch.empty(70, dtype=torch.int64), torch.empty(70))
+    best, where, fused_upper = scorer.best_placements(features, sq, bound, nonnegative, empty)
+    torch.testing.assert_close(best, scores.max(0).values, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused_upper, upper.amax(0), rtol=1e-6, atol=1e-7)
+    picked = scores.gather(0, where[None])[0]  # the placement it names scores what it says
+    torch.testing.assert_close(picked, best, rtol=1e-6, atol=1e-7)

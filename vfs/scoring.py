@@ -536,6 +536,41 @@ class Scorer:
                     out[y - ky] += g[i]
         return out
 
+    def fuses(self, x: torch.Tensor | list[torch.Tensor]) -> bool:
+        """Whether a chunk's fast scores, bounds and best placements run as one kernel after the
+        product (`best_placements`): the cells form, on a GPU where Triton's products run."""
+        return (
+            self.plan.method == "cells"
+            and self.placements is not None
+            and isinstance(x, torch.Tensor)
+            and triton_products.runs_on(x.device, x.dtype)
+        )
+
+    def best_placements(
+        self,
+        x: torch.Tensor,
+        sqnorm: torch.Tensor,
+        bound: FastBound,
+        nonnegative: bool,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image its best fast score, that placement and the largest upper bound over its
+        placements (see `triton_products.best_placements`), where `fuses(x)`."""
+        assert self.placements is not None
+        n, h, w, c = x.shape
+        k = len(self.geometry.cells)
+        products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
+        return triton_products.best_placements(
+            products,
+            sqnorm.reshape(n, h * w),
+            self.placements.grid.view(k, -1),
+            self.placements.m2.view(k),
+            self.geometry.qnorm,
+            (bound.eps, bound.weight_error, bound.output_error),
+            nonnegative,
+            out,
+        )
+
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a
         convolution could run in TF32 on a GPU, outside the bound)."""

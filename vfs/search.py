@@ -240,6 +240,8 @@ class _FastScoring:
                 torch.empty(n, dtype=torch.int64, device=sqnorm.device),
                 torch.empty(n, device=sqnorm.device),
             )
+        if isinstance(x, torch.Tensor) and scorer.fuses(x):
+            return scorer.best_placements(x, sqnorm, bound, nonnegative, out)
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is

@@ -7,6 +7,10 @@ masked query cells — at 1.6 TB/s for C = 2048 (3.1 for 1,024), its per-cell ba
 a whole-grid region at 3.2–3.4; these kernels run both at 4.2–4.3 TB/s, the speed of a plain sum
 over the same bytes (`bench/gpu_products.py`, docs/performance.md).
 
+The cells form's work after its product — the shift-and-add over the masked cells, the window
+norms, scores, bounds and each image's best placement, ≈ 20 torch operations per slice, each a
+launch costing the host 15–25 µs on an H200's — is one more kernel (`best_placements`).
+
 Triton compiles on first use (its own compiler, and the system's C compiler for a launcher). Where
 it does not import or cannot build here, or with `VFS_KERNEL=off`, `runs_on` is false and the
 search runs torch's products: the same exact top-k, with the same bound.
@@ -34,6 +38,9 @@ _IMAGE_BLOCK, _CELL_CHANNEL_BLOCK = 16, 256
 """Images × channels per step of the whole-grid kernel (4.3 TB/s at 14×14×1024; 3.8 at 7×7×2048,
 where 32 × 128 reached 4.3); its cells are split among programs until there are `_PROGRAMS`."""
 _PROGRAMS = 1024  # ≈ 8 per streaming multiprocessor of an H100 / H200
+_BEST_BLOCK = 64
+"""Images per program of `best_placements` (each loops over every placement and masked cell): 32
+programs at N = 2,000 already, 261 in a slice of 16,667 images."""
 _LOCK = threading.RLock()
 """Held while the kernels are defined, checked and launched: a launch may compile a new
 specialization, and Triton's compiler is not safe to run from two threads at once (the app
@@ -43,6 +50,7 @@ searches on several)."""
 class _Kernels(NamedTuple):
     rows: Any  # triton.JITFunction: (K, M) = weights · rowsᵀ
     cells: Any  # triton.JITFunction: per-cell sums over a whole grid
+    best: Any  # triton.JITFunction: the cells form's shift-and-add, scores, bounds and best placement
 
 
 def _kernels() -> _Kernels:
@@ -118,7 +126,63 @@ def _define_kernels() -> _Kernels:
             total += cell
         tl.store(out_ptr + tl.program_id(1).to(tl.int64) * N + rn, total, mask=rn < N)
 
-    return _Kernels(rows_kernel, cells_kernel)
+    @triton.jit
+    def best_kernel(
+        g_ptr,
+        sq_ptr,
+        cell_ptr,
+        m2_ptr,
+        best_ptr,
+        where_ptr,
+        upper_ptr,
+        N,
+        HW,
+        K,
+        P,
+        qnorm,
+        output_error,
+        weight_error,
+        scale,
+        NONNEGATIVE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        qnorm, output_error = (
+            tl.cast(qnorm, tl.float32),
+            tl.cast(output_error, tl.float32),
+        )  # interpreted: fp64
+        weight_error, scale = tl.cast(weight_error, tl.float32), tl.cast(scale, tl.float32)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside = rn < N
+        image = rn.to(tl.int64) * HW
+        plane = N.to(tl.int64) * HW
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        where = tl.zeros((BLOCK_N,), tl.int64)
+        upper = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        for p in range(0, P):
+            num = tl.zeros((BLOCK_N,), tl.float32)
+            wn2 = tl.zeros((BLOCK_N,), tl.float32)
+            for k in range(0, K):
+                cell = tl.load(cell_ptr + k * P + p)
+                num += tl.load(g_ptr + k * plane + image + cell, mask=inside, other=0.0)
+                wn2 += tl.load(m2_ptr + k) * tl.load(sq_ptr + image + cell, mask=inside, other=0.0)
+            wn = tl.sqrt_rn(wn2)
+            # an all-zero window: its numerator is exactly 0, and so is its score
+            score = tl.where(wn > 0, tl.math.div_rn(num, wn * qnorm), 0.0)
+            tiny = tl.where(wn > 0, tl.math.div_rn(output_error, wn), 0.0)
+            if NONNEGATIVE:
+                up = tl.math.div_rn(tiny + score + weight_error, scale)
+            else:
+                up = tiny + score + weight_error
+            up = tl.where((up == up) & (up < float("inf")) & (up > float("-inf")), up, float("inf"))
+            better = (score > best) | ((score != score) & (best == best))
+            best = tl.where(better, score, best)
+            where = tl.where(better, p, where)
+            upper = tl.maximum(upper, up)
+        tl.store(best_ptr + rn, best, mask=inside)
+        tl.store(where_ptr + rn, where, mask=inside)
+        tl.store(upper_ptr + rn, upper, mask=inside)
+
+    return _Kernels(rows_kernel, cells_kernel, best_kernel)
 
 
 def rows_product(
@@ -204,6 +268,58 @@ def cell_sums(
     return partial[0] if groups == 1 else partial.sum(0)
 
 
+def best_placements(
+    products: torch.Tensor,
+    sqnorm: torch.Tensor,
+    cells: torch.Tensor,
+    m2: torch.Tensor,
+    qnorm: float,
+    bound: tuple[float, float, float],
+    nonnegative: bool,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    image_block: int = _BEST_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cells form's work after its product, in one pass: for each image its best fast score,
+    that placement's index and the largest upper bound over its placements (`out`: fp32, int64,
+    fp32, each (n,)) — what `Scorer.scores`, `FastBound.upper` and a max over the placements give
+    in ≈ 20 operations, each a launch and a pass. `products` (K, n, h·w) fp32 are the masked cells'
+    products with every cell, `sqnorm` (n, h·w) fp32 the cells' squared norms, `cells` (K, P) the
+    data cell each masked cell covers at each placement, `m2` (K,) fp32 the squared mask weights,
+    `bound` FastBound's (eps, weight_error, output_error). Sums of K values in fp32 as in the
+    strided adds; divisions and square roots rounded to nearest as torch's."""
+    k, n, hw = products.shape
+    eps, weight_error, output_error = bound
+    if nonnegative:
+        weight_term, scale = weight_error, 1 - eps
+    else:
+        weight_term, scale = weight_error + eps, 1.0
+    best, where, upper = out
+    if n:
+        with _LOCK:
+            _kernels().best[(math.ceil(n / image_block),)](
+                products,
+                sqnorm,
+                cells,
+                m2,
+                best,
+                where,
+                upper,
+                n,
+                hw,
+                k,
+                cells.shape[1],
+                qnorm,
+                output_error,
+                weight_term,
+                scale,
+                NONNEGATIVE=nonnegative,
+                BLOCK_N=image_block,
+                num_warps=2,
+            )
+    return best, where, upper
+
+
 def _builds(device: torch.device) -> bool:
     with _LOCK:
         return _checked(device)
@@ -211,7 +327,7 @@ def _builds(device: torch.device) -> bool:
 
 @cache
 def _checked(device: torch.device) -> bool:
-    """Whether both kernels import, compile and give float64's sums here: with the largest tiles a
+    """Whether the kernels import, compile and give float64's sums here: with the largest tiles a
     search uses (a GPU with less shared memory fails here, not in a search) and the smallest, on
     channel counts that are and are not multiples of 16 (Triton compiles each case apart)."""
     try:
@@ -226,6 +342,23 @@ def _checked(device: torch.device) -> bool:
             exact_cells = (x.reshape(5, -1).double() @ w[:2].reshape(-1).double()).float()
             ok = ok and torch.allclose(rows, exact_rows, rtol=1e-5, atol=1e-5)
             ok = ok and torch.allclose(cells, exact_cells, rtol=1e-5, atol=1e-5)
+        # the epilogue: every placement of 2 unit cells (m² = 1) in unit windows scores 2/√2
+        out = (
+            torch.empty(3, device=device),
+            torch.empty(3, dtype=torch.int64, device=device),
+            torch.empty(3, device=device),
+        )
+        ones = torch.ones(2, 3, 4, device=device)
+        cells_at = torch.tensor([[0, 1], [1, 2]], device=device)
+        best, where, upper = best_placements(
+            ones, ones[0], cells_at, ones[:, 0, 0], 1.0, (0.0, 0.0, 0.0), True, out
+        )
+        ok = (
+            ok
+            and torch.allclose(best.cpu(), torch.full((3,), 2**0.5))
+            and torch.allclose(upper.cpu(), best.cpu())
+        )
+        ok = ok and not where.any()
     except torch.cuda.OutOfMemoryError:
         raise  # not a property of the kernels: asked again next time
     except Exception as error:  # noqa: BLE001 (no Triton, no C compiler, an unsupported GPU: torch's products run)
