@@ -7,9 +7,12 @@ the wall time of a whole `build_cache(job, extractor=...)` call — DataLoader s
 writes and the final manifest included — into a fresh temporary cache, for each worker count.
 
 Data: ../shared/data/imagenette160_mini (500 JPEGs, 224×224) when present, else embedded:skimage.
+On a GPU 500 images take about the DataLoader's start-up: `--copies 20` builds from them 20 times
+over (10,000 images); `--model 'timm:resnet50?pretrained=false' --layer layer4` is a model whose
+forward pass, not JPEG decoding, can bound the build.
 
     .venv/bin/python bench/build_bench.py                        # CPU: workers 0,1,2
-    .venv/bin/python bench/build_bench.py --device cuda --workers 4,8 --batch-size 128
+    .venv/bin/python bench/build_bench.py --device cuda --workers 4,8 --batch-size 128 --copies 20
 
 Prints ONE JSON document on stdout; progress on stderr. Target: build ≥ 0.85 × forward-only.
 """
@@ -30,6 +33,27 @@ from _common import ROOT, CpuMeter, emit, environment, log, resolve, summary, sy
 DATA = ROOT.parent / "shared" / "data" / "imagenette160_mini" / "manifest.csv"
 
 
+def replicated(manifest: Path, copies: int, folder: Path, limit: int | None) -> Path:
+    """A manifest listing every image of `manifest` (its first `limit`) `copies` times, through
+    symlinks to its folder (a dataset's paths may not leave its root; a link inside it may point
+    anywhere)."""
+    import pandas as pd
+
+    if manifest.suffix.lower() != ".csv":
+        raise SystemExit(f"--copies needs a .csv manifest, not {str(manifest)!r}")
+    records = pd.read_csv(manifest).head(limit)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(copies):
+        link = folder / f"copy{i}"
+        if not link.exists():
+            link.symlink_to(manifest.parent.resolve(), target_is_directory=True)
+        parts.append(records.assign(path=f"copy{i}/" + records["path"].astype(str)))
+    out = folder / "manifest.csv"
+    pd.concat(parts).to_csv(out, index=False)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -41,6 +65,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to try")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    ap.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="build from the manifest's images this many times over (symlinked folders): a rate past "
+        "the DataLoader's start-up, from a few hundred images that travel (default 1)",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="builds per worker count (default 1)")
     ap.add_argument("--forward-repeats", type=int, default=2, help="forward-only passes (default 2)")
     ap.add_argument(
@@ -60,7 +91,12 @@ def main(argv=None) -> None:
     device = resolve(args.device)
     env = environment(device)
     data = args.data or (str(DATA) if DATA.exists() else "embedded:skimage")
-    dataset = open_dataset(data)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vfs-build-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    forward_data = data
+    if args.copies > 1:
+        data = str(replicated(Path(data), args.copies, work / "data", args.limit))
+    dataset = open_dataset(forward_data)
     if args.limit is not None:
         dataset = dataset.limit(args.limit)
     n = len(dataset)
@@ -69,7 +105,7 @@ def main(argv=None) -> None:
     load_s = time.perf_counter() - t0
     log(
         f"{args.model} {args.layer} on {device}: grid {ex.grid}×{ex.channels}, loaded in {load_s:.1f} s; "
-        f"{n} images from {data}"
+        f"{n} images × {args.copies} from {data}"
     )
 
     # Pre-decoded, pre-normalised input on the device: what the forward pass alone needs.
@@ -101,8 +137,6 @@ def main(argv=None) -> None:
         return t
 
     ex.features_batch(inputs[0])  # warm-up (kernel selection, allocator)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vfs-build-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     workers = [int(w) for w in args.workers.split(",")]
     fwd_times: list[float] = []
     builds: dict[int, list[dict]] = {w: [] for w in workers}
@@ -118,7 +152,7 @@ def main(argv=None) -> None:
             batch_size=args.batch_size,
             device=str(device),
             workers=w,
-            limit=args.limit,
+            limit=None if args.copies > 1 else args.limit,
         )
         last = {}
         if args.quiet_wait > 0:
@@ -171,7 +205,8 @@ def main(argv=None) -> None:
         "benchmark": "build",
         "args": vars(args),
         "data": data,
-        "images": n,
+        "copies": args.copies,
+        "images": n * args.copies,
         "decoded": len(views),
         "model": args.model,
         "layer": args.layer,

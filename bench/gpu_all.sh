@@ -10,7 +10,8 @@
 #   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
 #   4. the fast pass's products alone, each way cuBLAS and Triton run them, on one resident slice
 #   5. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
-#   6. cache build on cuda: build_cache images/s vs forward-only (500 imagenette images)
+#   6. cache builds on cuda: build_cache images/s vs forward-only, Lite0 and a ResNet-50's layer4
+#      (500 Imagenette images BUILD_COPIES = 20 times over)
 # JSON files and logs go to DEST (default bench/results/gpu); a summary of every target is printed
 # at the end and written to summary.json. Where OUT is set (the device runner's output folder, which
 # brings back at most 8 files), DEST defaults to /tmp/gpu and the results come back as
@@ -18,7 +19,7 @@
 #
 # BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
-#   DEVICE=cpu N_L4=300 N_L3=100 N_FORMS=100 BUILD_LIMIT=64 WORKERS=0 bench/gpu_all.sh
+#   DEVICE=cpu N_L4=300 N_L3=100 N_FORMS=100 BUILD_LIMIT=64 BUILD_COPIES=2 WORKERS=0 bench/gpu_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,7 @@ BUILD_BATCH=${BUILD_BATCH:-128}
 WORKERS=${WORKERS:-4,8}
 BUILD_LIMIT=${BUILD_LIMIT:-}
 BUILD_DATA=${BUILD_DATA:-}
+BUILD_COPIES=${BUILD_COPIES:-20}
 STEPS=" ${STEPS:-tests l4 l3 grid products forms build} "
 DEST=${DEST:-$( [ -n "${OUT:-}" ] && echo /tmp/gpu || echo bench/results/gpu )}
 mkdir -p "$DEST"
@@ -79,15 +81,21 @@ wanted l3 && step search_r50l3_n${N_L3} 80 bench/search_bench.py --device "$DEVI
 if wanted grid; then
   echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
   DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
-    timeout 100 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+    timeout 90 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
 fi
 # The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
-[ "$DEVICE" = cuda ] && wanted products && step products 40 bench/gpu_products.py --repeats 5
+[ "$DEVICE" = cuda ] && wanted products && step products 35 bench/gpu_products.py --repeats 5
 # Each exact form forced in turn (the data to fit _PRODUCT_COST["cuda"]), and a profile of the planned search
 wanted forms && step forms_n${N_FORMS} 80 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
   --n "$N_FORMS" --profile
-wanted build && step build_${DEVICE} 60 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" --workers "$WORKERS" \
-  --forward-repeats 3 ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}
+# The builds: the embedded Lite0 (decoding bounds it) and a ResNet-50 (random weights: no download),
+# each from the 500 images BUILD_COPIES times over (past the DataLoader's start-up)
+wanted build && step build_${DEVICE} 40 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" \
+  --workers "$WORKERS" --forward-repeats 3 --copies "$BUILD_COPIES" ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} \
+  ${BUILD_DATA:+--data "$BUILD_DATA"}
+wanted build && step build_r50_${DEVICE} 35 bench/build_bench.py --device "$DEVICE" --batch-size "$BUILD_BATCH" \
+  --model 'timm:resnet50?pretrained=false' --layer layer4 --workers "$WORKERS" --forward-repeats 3 \
+  --copies "$BUILD_COPIES" ${BUILD_LIMIT:+--limit "$BUILD_LIMIT"} ${BUILD_DATA:+--data "$BUILD_DATA"}
 
 "$PY" - "$DEST" <<'EOF'
 import json, sys
