@@ -131,11 +131,19 @@ def test_even_slices_cover_every_row_once_within_the_limit(n, row_bytes, slice_b
     assert all(s * row_bytes <= slice_bytes for s in sizes) or sizes == [1] * n
 
 
-@pytest.mark.parametrize("n,k", [(50, 1), (50, 10), (50, 49), (50, 60), (3000, 10)])
-def test_top_k_selection_equals_a_stable_full_sort(n, k):
+@pytest.mark.parametrize(
+    "n,k,levels",
+    [(50, 1, 7), (50, 10, 7), (50, 49, 7), (50, 60, 7), (3000, 10, 7)]
+    # past 16,384 scores the k-th is looked for in a sample first: ties, distinct values, large k
+    + [(20000, 1, 7), (20000, 10, 7), (20000, 10, 0), (20000, 6000, 0), (50000, 4097, 0)],
+)
+def test_top_k_selection_equals_a_stable_full_sort(n, k, levels):
     """The partial selection ranks exactly as a stable sort: ties by index, NaN last."""
     rng = np.random.default_rng(n + k)
-    scores = rng.choice(np.linspace(0, 1, 7, dtype=np.float32), n)  # many ties
+    if levels:
+        scores = rng.choice(np.linspace(0, 1, levels, dtype=np.float32), n)  # many ties
+    else:
+        scores = rng.random(n).astype(np.float32)
     scores[rng.integers(0, n, 3)] = np.nan
     eligible = rng.random(n) < 0.8
     order = np.flatnonzero(eligible)
