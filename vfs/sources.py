@@ -91,7 +91,11 @@ def even_slices(n: int, row_bytes: int, slice_bytes: int) -> list[tuple[int, int
 def gather_rows(x: torch.Tensor, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Rows `indices` of an (N, ...) tensor, as a new tensor on its device. index_select on a 2-D
     view: on the 4-D tensor, torch's CPU kernel copies element by element, ~20× slower (and
-    fancy indexing slower still)."""
+    fancy indexing slower still). One row (a query's image) is a slice copied: no index to copy
+    to a GPU first."""
+    if len(indices) == 1 and 0 <= int(indices[0]) < len(x):
+        i = int(indices[0])
+        return x[i : i + 1].clone()
     index = torch.as_tensor(indices, dtype=torch.long, device=x.device)
     return x.reshape(len(x), -1).index_select(0, index).view(len(index), *x.shape[1:])
 
