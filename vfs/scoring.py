@@ -148,8 +148,10 @@ def uses_pairs(device: torch.device, dtype: torch.dtype, channels: int, placemen
     Higham's bound over all of them, ~1% on 14×14×1024, against ~C/16 + K roundings in the
     kernel's); `on` wherever it is built; `off` never."""
     choice = kernel_setting()
+    if choice == "off" or device.type != "cpu":
+        return False  # before `library()`: a GPU's search never compiles the CPU's kernel
     lib = library()
-    if choice == "off" or device.type != "cpu" or lib is None or dtype not in lib.dtypes:
+    if lib is None or dtype not in lib.dtypes:
         return False
     if choice == "on" or placements == 1:
         return True
