@@ -467,28 +467,30 @@ class Scorer:
                 raise RuntimeError(f"the pairs kernel is not built for {dtype} here")
             g = geometry
             pairs = PairKernel.create(lib, dtype, g.weights("cells")[0], g.cells, g.grid, (g.ph, g.pw))
-            return cls(geometry, plan, (), torch.float32, pairs, _grid_norm_weights(g, device, torch.float32))
+            return cls._on(device, geometry, plan, (), torch.float32, pairs)
         weights = tuple(wt.to(device, dtype) for wt in geometry.weights(plan.method))
-        return cls(
-            geometry,
-            plan,
-            weights,
-            torch.float32,
-            norm_weights=_grid_norm_weights(geometry, device, torch.float32),
-            placements=placement_index(geometry, device, torch.float32),
-        )
+        return cls._on(device, geometry, plan, weights, torch.float32)
 
     @classmethod
     def exact(cls, geometry: QueryGeometry, device: torch.device) -> Scorer:
         plan = plan_exact(geometry)
         weights = tuple(wt.to(device) for wt in geometry.weights(plan.method))
+        return cls._on(device, geometry, plan, weights, torch.float64)
+
+    @classmethod
+    def _on(
+        cls,
+        device: torch.device,
+        geometry: QueryGeometry,
+        plan: QueryPlan,
+        weights: tuple[torch.Tensor, ...],
+        dtype: torch.dtype,
+        pairs: PairKernel | None = None,
+    ) -> Scorer:
+        """A scorer with its query's other constants put on `device` once, in the sums' type."""
+        norm_weights = _grid_norm_weights(geometry, device, dtype)
         return cls(
-            geometry,
-            plan,
-            weights,
-            torch.float64,
-            norm_weights=_grid_norm_weights(geometry, device, torch.float64),
-            placements=placement_index(geometry, device, torch.float64),
+            geometry, plan, weights, dtype, pairs, norm_weights, placement_index(geometry, device, dtype)
         )
 
     # Placement-major layout: every (Ph, Pw, n) array below keeps the images innermost, so the
