@@ -566,7 +566,7 @@ class Scorer:
         products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
         return triton_products.best_placements(
             products,
-            sqnorm.reshape(n, h * w),
+            sqnorm.reshape(n, h * w).contiguous(),
             self.placements.grid.view(k, -1),
             self.placements.m2.view(k),
             self.geometry.qnorm,

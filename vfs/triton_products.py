@@ -38,6 +38,8 @@ _IMAGE_BLOCK, _CELL_CHANNEL_BLOCK = 16, 256
 """Images × channels per step of the whole-grid kernel (4.3 TB/s at 14×14×1024; 3.8 at 7×7×2048,
 where 32 × 128 reached 4.3); its cells are split among programs until there are `_PROGRAMS`."""
 _PROGRAMS = 1024  # ≈ 8 per streaming multiprocessor of an H100 / H200
+_SMALLEST = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+"""The least positive fp32 value: `Scorer.scores` clamps its denominators to it."""
 _BEST_BLOCK = 64
 """Images per program of `best_placements` (each loops over every placement and masked cell): 32
 programs at N = 2,000 already, 261 in a slice of 16,667 images."""
@@ -140,21 +142,21 @@ def _define_kernels() -> _Kernels:
         K,
         P,
         qnorm,
+        smallest,
         output_error,
         weight_error,
         scale,
         NONNEGATIVE: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        qnorm, output_error = (
-            tl.cast(qnorm, tl.float32),
-            tl.cast(output_error, tl.float32),
-        )  # interpreted: fp64
+        # Python floats arrive as fp32 (fp64 when interpreted)
+        qnorm, smallest = tl.cast(qnorm, tl.float32), tl.cast(smallest, tl.float32)
+        output_error = tl.cast(output_error, tl.float32)
         weight_error, scale = tl.cast(weight_error, tl.float32), tl.cast(scale, tl.float32)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = rn < N
         image = rn.to(tl.int64) * HW
-        plane = N.to(tl.int64) * HW
+        plane = tl.cast(N, tl.int64) * HW  # N = 1 arrives as a constant, not a tensor
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         where = tl.zeros((BLOCK_N,), tl.int64)
         upper = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -166,8 +168,8 @@ def _define_kernels() -> _Kernels:
                 num += tl.load(g_ptr + k * plane + image + cell, mask=inside, other=0.0)
                 wn2 += tl.load(m2_ptr + k) * tl.load(sq_ptr + image + cell, mask=inside, other=0.0)
             wn = tl.sqrt_rn(wn2)
-            # an all-zero window: its numerator is exactly 0, and so is its score
-            score = tl.where(wn > 0, tl.math.div_rn(num, wn * qnorm), 0.0)
+            # as `Scorer.scores`: an all-zero window's numerator (exactly 0) over the smallest value
+            score = tl.math.div_rn(num, tl.maximum(wn * qnorm, smallest))
             tiny = tl.where(wn > 0, tl.math.div_rn(output_error, wn), 0.0)
             if NONNEGATIVE:
                 up = tl.math.div_rn(tiny + score + weight_error, scale)
@@ -310,6 +312,7 @@ def best_placements(
                 k,
                 cells.shape[1],
                 qnorm,
+                _SMALLEST,
                 output_error,
                 weight_term,
                 scale,
@@ -342,23 +345,21 @@ def _checked(device: torch.device) -> bool:
             exact_cells = (x.reshape(5, -1).double() @ w[:2].reshape(-1).double()).float()
             ok = ok and torch.allclose(rows, exact_rows, rtol=1e-5, atol=1e-5)
             ok = ok and torch.allclose(cells, exact_cells, rtol=1e-5, atol=1e-5)
-        # the epilogue: every placement of 2 unit cells (m² = 1) in unit windows scores 2/√2
-        out = (
-            torch.empty(3, device=device),
-            torch.empty(3, dtype=torch.int64, device=device),
-            torch.empty(3, device=device),
-        )
-        ones = torch.ones(2, 3, 4, device=device)
-        cells_at = torch.tensor([[0, 1], [1, 2]], device=device)
-        best, where, upper = best_placements(
-            ones, ones[0], cells_at, ones[:, 0, 0], 1.0, (0.0, 0.0, 0.0), True, out
-        )
-        ok = (
-            ok
-            and torch.allclose(best.cpu(), torch.full((3,), 2**0.5))
-            and torch.allclose(upper.cpu(), best.cpu())
-        )
-        ok = ok and not where.any()
+        # the epilogue: every placement of 2 unit cells (m² = 1) in unit windows scores 2/√2; for
+        # 3 images and for 1 (Triton compiles an argument equal to 1 as a constant)
+        for n in (3, 1):
+            out = (
+                torch.empty(n, device=device),
+                torch.empty(n, dtype=torch.int64, device=device),
+                torch.empty(n, device=device),
+            )
+            ones = torch.ones(2, n, 4, device=device)
+            cells_at = torch.tensor([[0, 1], [1, 2]], device=device)
+            best, where, upper = best_placements(
+                ones, ones[0], cells_at, ones[:, 0, 0], 1.0, (0.0, 0.0, 0.0), True, out
+            )
+            ok = ok and torch.allclose(best.cpu(), torch.full((n,), 2**0.5))
+            ok = ok and torch.allclose(upper.cpu(), best.cpu()) and not where.any()
     except torch.cuda.OutOfMemoryError:
         raise  # not a property of the kernels: asked again next time
     except Exception as error:  # noqa: BLE001 (no Triton, no C compiler, an unsupported GPU: torch's products run)
