@@ -93,9 +93,9 @@ def gather_rows(x: torch.Tensor, indices: np.ndarray | torch.Tensor) -> torch.Te
     view: on the 4-D tensor, torch's CPU kernel copies element by element, ~20× slower (and
     fancy indexing slower still). One row (a query's image) is a slice copied: no index to copy
     to a GPU first."""
-    if len(indices) == 1 and 0 <= int(indices[0]) < len(x):
+    if isinstance(indices, np.ndarray) and len(indices) == 1 and 0 <= int(indices[0]) < len(x):
         i = int(indices[0])
-        return x[i : i + 1].clone()
+        return x[i : i + 1].clone(memory_format=torch.contiguous_format)
     index = torch.as_tensor(indices, dtype=torch.long, device=x.device)
     return x.reshape(len(x), -1).index_select(0, index).view(len(index), *x.shape[1:])
 
