@@ -116,6 +116,7 @@ def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(case, see
     """`best_placements` against window norms, scores, bounds and max over placements as torch
     runs them (on the same products): all-zero cells included (`make` zeroes 10% of them)."""
     x, mask = make(case, seed, n=70)
+    x[69] = 0  # every window all-zero: scores 0, the first placement best
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     cpu = torch.device("cpu")
     geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan("cells", 0, 0)
@@ -133,3 +134,6 @@ def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(case, see
     torch.testing.assert_close(fused_upper, upper.amax(0), rtol=1e-6, atol=1e-7)
     picked = scores.gather(0, where[None])[0]  # the placement it names scores what it says
     torch.testing.assert_close(picked, best, rtol=1e-6, atol=1e-7)
+    assert best[69] == 0 and where[69] == 0
+    # the first best placement, as torch's max on the CPU (ties: all-zero windows)
+    np.testing.assert_array_equal(where.numpy(), np.argmax(scores.numpy(), axis=0))
