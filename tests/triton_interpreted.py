@@ -110,16 +110,17 @@ def test_a_build_check_passes_where_the_kernels_give_float64_sums():
     assert triton_products._builds(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("method", ["cells", "whole_cells"])
 @pytest.mark.parametrize("case", ["post-ReLU", "signed", "tiny features (fp16 subnormal outputs)"])
 @pytest.mark.parametrize("seed", range(3))
-def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(case, seed, interpreted):
+def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(method, case, seed, interpreted):
     """`best_placements` against window norms, scores, bounds and max over placements as torch
     runs them (on the same products): all-zero cells included (`make` zeroes 10% of them)."""
-    x, mask = make(case, seed, n=70)
+    x, mask = make(case, seed, n=70, spanning=method == "whole_cells")
     x[69] = 0  # every window all-zero: scores 0, the first placement best
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     cpu = torch.device("cpu")
-    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan("cells", 0, 0)
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
     scorer, bound = Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan, torch.float16, cpu)
     features = torch.from_numpy(x)
     sq = torch.linalg.vector_norm(features.float(), dim=-1).square()

@@ -542,9 +542,10 @@ class Scorer:
 
     def fuses(self, x: torch.Tensor | list[torch.Tensor]) -> bool:
         """Whether a chunk's fast scores, bounds and best placements run as one kernel after the
-        product (`best_placements`): the cells form, on a GPU where Triton's products run."""
+        product (`best_placements`): the cells and whole-grid forms, on a GPU where Triton's
+        products run."""
         return (
-            self.plan.method == "cells"
+            self.plan.method in ("cells", "whole_cells")
             and self.placements is not None
             and isinstance(x, torch.Tensor)
             and triton_products.runs_on(x.device, x.dtype)
@@ -559,16 +560,26 @@ class Scorer:
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image its best fast score, that placement and the largest upper bound over its
-        placements (see `triton_products.best_placements`), where `fuses(x)`."""
+        placements (see `triton_products.best_placements`), where `fuses(x)`. One placement (the
+        whole grid): its numerators and squared norms are summed first, then passed as one cell."""
         assert self.placements is not None
         n, h, w, c = x.shape
         k = len(self.geometry.cells)
-        products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
+        if self.plan.method == "whole_cells":
+            assert self.norm_weights is not None
+            numerators = triton_products.cell_sums(self.weights[0].view(h * w, c), x.reshape(n, h * w, c))
+            products, sq = numerators.view(1, n, 1), (sqnorm.reshape(n, h * w) @ self.norm_weights).view(n, 1)
+            cells = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+            m2 = torch.ones(1, device=x.device)
+        else:
+            products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
+            sq = sqnorm.reshape(n, h * w).contiguous()
+            cells, m2 = self.placements.grid.view(k, -1), self.placements.m2.view(k)
         return triton_products.best_placements(
             products,
-            sqnorm.reshape(n, h * w).contiguous(),
-            self.placements.grid.view(k, -1),
-            self.placements.m2.view(k),
+            sq,
+            cells,
+            m2,
             self.geometry.qnorm,
             (bound.eps, bound.weight_error, bound.output_error),
             nonnegative,
