@@ -61,7 +61,7 @@ step() {  # step NAME TIMEOUT_S ARGS...
 
 if wanted tests; then
   echo "== tests on $DEVICE ($(( $(date +%s) - start ))s elapsed)" >&2
-  VFS_TEST_DEVICE="$DEVICE" timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+  VFS_TEST_DEVICE="$DEVICE" timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
     tests/test_search_bound.py tests/test_properties.py tests/test_array_features.py tests/test_build.py \
     tests/test_triton_products.py \
     > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
@@ -73,9 +73,9 @@ if wanted tests; then
   tail -n 1 "$DEST/tests_torch_products.log" >&2
 fi
 
-wanted l4 && step search_r50l4_n${N_L4} 90 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 \
+wanted l4 && step search_r50l4_n${N_L4} 80 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 \
   --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
-wanted l3 && step search_r50l3_n${N_L3} 80 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 \
+wanted l3 && step search_r50l3_n${N_L3} 70 bench/search_bench.py --device "$DEVICE" --n "$N_L3" --shape r50l3 \
   --mask all --repeats "$REPEATS" --paper-repeats "$PAPER_REPEATS" --paper-batch "$PAPER_BATCH"
 # Issue 11's shape grid (synthetic ViT-B/16, R50 layer3/layer4 at N=2,000, ReLU and signed features)
 if wanted grid; then
@@ -86,7 +86,7 @@ fi
 # The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
 [ "$DEVICE" = cuda ] && wanted products && step products 35 bench/gpu_products.py --repeats 5
 # Each exact form forced in turn (the data to fit _PRODUCT_COST["cuda"]), and a profile of the planned search
-wanted forms && step forms_n${N_FORMS} 80 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
+wanted forms && step forms_n${N_FORMS} 70 bench/forms_bench.py --device "$DEVICE" --shape r50l4,r50l3 \
   --n "$N_FORMS" --profile
 # The builds: the embedded Lite0 (decoding bounds it) and a ResNet-50 (random weights: no download),
 # each from the 500 images BUILD_COPIES times over (past the DataLoader's start-up)
