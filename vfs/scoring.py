@@ -565,23 +565,24 @@ class Scorer:
         assert self.placements is not None
         n, h, w, c = x.shape
         k = len(self.geometry.cells)
+        bound_terms = (bound.eps, bound.weight_error, bound.output_error)
         if self.plan.method == "whole_cells":
             assert self.norm_weights is not None
             numerators = triton_products.cell_sums(self.weights[0].view(h * w, c), x.reshape(n, h * w, c))
-            products, sq = numerators.view(1, n, 1), (sqnorm.reshape(n, h * w) @ self.norm_weights).view(n, 1)
-            cells = torch.zeros(1, 1, dtype=torch.long, device=x.device)
-            m2 = torch.ones(1, device=x.device)
-        else:
-            products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
-            sq = sqnorm.reshape(n, h * w).contiguous()
-            cells, m2 = self.placements.grid.view(k, -1), self.placements.m2.view(k)
+            sq = sqnorm.reshape(n, h * w) @ self.norm_weights
+            return triton_products.best_single_placement(
+                numerators, sq, self.geometry.qnorm, bound_terms, nonnegative, out
+            )
+        products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
+        sq = sqnorm.reshape(n, h * w).contiguous()
+        cells, m2 = self.placements.grid.view(k, -1), self.placements.m2.view(k)
         return triton_products.best_placements(
             products,
             sq,
             cells,
             m2,
             self.geometry.qnorm,
-            (bound.eps, bound.weight_error, bound.output_error),
+            bound_terms,
             nonnegative,
             out,
         )

@@ -9,7 +9,8 @@ over the same bytes (`bench/gpu_products.py`, docs/performance.md).
 
 The cells form's work after its product — the shift-and-add over the masked cells, the window
 norms, scores, bounds and each image's best placement, ≈ 20 torch operations per slice, each a
-launch costing the host 15–25 µs on an H200's — is one more kernel (`best_placements`).
+launch costing the host 15–25 µs on an H200's — is one more kernel (`best_placements`); a
+whole-grid region's, after its cell sums, the same kernel (`best_single_placement`).
 
 Triton compiles on first use (its own compiler, and the system's C compiler for a launcher). Where
 it does not import or cannot build here, or with `VFS_KERNEL=off`, `runs_on` is false and the
@@ -323,6 +324,29 @@ def best_placements(
     return best, where, upper
 
 
+def best_single_placement(
+    numerators: torch.Tensor,
+    squared_norms: torch.Tensor,
+    qnorm: float,
+    bound: tuple[float, float, float],
+    nonnegative: bool,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`best_placements` of a query with one placement (a region spanning the grid), from its
+    (n,) numerators and (n,) squared window norms, both fp32: passed as one cell of weight 1."""
+    n = len(numerators)
+    cells, m2 = _one_cell(numerators.device)
+    return best_placements(
+        numerators.view(1, n, 1), squared_norms.view(n, 1), cells, m2, qnorm, bound, nonnegative, out
+    )
+
+
+@cache
+def _one_cell(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cell table (1, 1) and weight (1,) of `best_single_placement`, made once per device."""
+    return torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, device=device)
+
+
 def _builds(device: torch.device) -> bool:
     with _LOCK:
         return _checked(device)
@@ -360,6 +384,10 @@ def _checked(device: torch.device) -> bool:
             )
             ok = ok and torch.allclose(best.cpu(), torch.full((n,), 2**0.5))
             ok = ok and torch.allclose(upper.cpu(), best.cpu()) and not where.any()
+            # one placement (cells, grid and placements of 1: constants to Triton too): 3/√9 = 1
+            three = torch.full((n,), 3.0, device=device)
+            best, where, upper = best_single_placement(three, three * 3, 1.0, (0.0, 0.0, 0.0), False, out)
+            ok = ok and torch.allclose(best.cpu(), torch.ones(n)) and not where.any()
     except torch.cuda.OutOfMemoryError:
         raise  # not a property of the kernels: asked again next time
     except Exception as error:  # noqa: BLE001 (no Triton, no C compiler, an unsupported GPU: torch's products run)
