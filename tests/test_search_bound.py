@@ -7,7 +7,7 @@ import torch
 from search_reference import every_placement
 from test_search import soft_blob
 
-from vfs.kernel import library
+from vfs.kernel import kernel_weights, library
 from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer, product_output_dtype
 from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
@@ -166,3 +166,31 @@ def test_a_placement_overflowing_to_minus_inf_is_re_scored(device):
     result = search_regions(x, 0, mask, k=3, exclude=0, device=device)
     assert result.top["index"].iloc[0] == 1
     np.testing.assert_allclose(result.top["score"], np.sort(ref)[::-1][:3], atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", ["cells", "band", "pairs"])
+def test_the_weight_term_is_every_weights_rounding_beyond_its_unit_roundoff(method, dtype):
+    """`FastBound.create` converts only the weights below the rounding type's normal range: its
+    weight term must equal the one over every weight (the definition), on weights spread from 1
+    down to fp32's subnormals (some in each type's subnormal range)."""
+    lib = library()
+    if method == "pairs" and (lib is None or dtype not in lib.dtypes):
+        pytest.skip(f"the pairs kernel is not built for {dtype} here")
+    rng = np.random.default_rng(7)
+    c = 40
+    q = (rng.standard_normal((4, 5, c)) * 10.0 ** rng.uniform(-44, 0, (4, 5, c))).astype(np.float32)
+    mask = rng.uniform(0.2, 1, (4, 5)).astype(np.float32)  # m² q: not a value of the query's type
+    rq = RegionQuery.create(q, mask)
+    geometry, plan = QueryGeometry.create(rq, (4, 5)), QueryPlan(method, 0, 0)
+    bound = FastBound.create(rq, geometry, plan, dtype, torch.device("cpu"))
+    pairs = method == "pairs"
+    rounding = torch.float32 if pairs and dtype == torch.float16 else dtype
+    w = geometry.kernel.reshape(-1, c)
+    err = (w - (kernel_weights(w, dtype) if pairs else w.to(dtype)).double()).abs()
+    beyond = torch.where(err > torch.finfo(rounding).eps / 2 * w.abs(), err, 0)
+    err2 = beyond.square().sum(1).numpy().reshape(rq.mask.weights.shape)
+    m = rq.mask.weights.astype(np.float64)
+    expected = 1.01 * float(np.sqrt((err2[m > 0] / m[m > 0] ** 2).sum())) / geometry.qnorm
+    assert expected > 0  # some weights round beyond their unit roundoff in every type here
+    assert bound.weight_error == pytest.approx(expected, rel=1e-9, abs=0)  # tiny for bf16 and fp32
