@@ -15,7 +15,8 @@
 # JSON files and logs go to DEST (default bench/results/gpu); a summary of every target is printed
 # at the end and written to summary.json. Where OUT is set (the device runner's output folder, which
 # brings back at most 8 files), DEST defaults to /tmp/gpu and the results come back as
-# $OUT/gpu.tgz beside $OUT/summary.json.
+# $OUT/gpu.tgz beside $OUT/summary.json, packed again after every step (a run the runner cuts short
+# still returns what it measured).
 #
 # BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
@@ -50,6 +51,10 @@ EOF
 
 rc=0
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+pack() {  # with OUT set, the results so far: a run cut short by the runner's limit still returns them
+  [ -n "${OUT:-}" ] && [ "$DEST" != "$OUT" ] && tar czf "$OUT/gpu.tgz" -C "$(dirname "$DEST")" "$(basename "$DEST")"
+  return 0
+}
 step() {  # step NAME TIMEOUT_S ARGS...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)" >&2
@@ -57,6 +62,7 @@ step() {  # step NAME TIMEOUT_S ARGS...
   local r=$?
   tail -n 4 "$DEST/$name.log" >&2
   [ $r -eq 0 ] || { echo "!! $name failed (exit $r), see $DEST/$name.log" >&2; rc=1; }
+  pack
 }
 
 if wanted tests; then
@@ -71,6 +77,7 @@ if wanted tests; then
     tests/test_search_bound.py > "$DEST/tests_torch_products.log" 2>&1 \
     || { echo "!! tests on $DEVICE without Triton failed, see $DEST/tests_torch_products.log" >&2; rc=1; }
   tail -n 1 "$DEST/tests_torch_products.log" >&2
+  pack
 fi
 
 wanted l4 && step search_r50l4_n${N_L4} 80 bench/search_bench.py --device "$DEVICE" --n "$N_L4" --shape r50l4 \
@@ -82,6 +89,7 @@ if wanted grid; then
   echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
   DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
     timeout 90 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+  pack
 fi
 # The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
 [ "$DEVICE" = cuda ] && wanted products && step products 35 bench/gpu_products.py --repeats 5
@@ -121,9 +129,7 @@ for f in sorted(dest.glob("build_*.json")):
 for r in rows:
     print(json.dumps(r))
 EOF
-if [ -n "${OUT:-}" ] && [ "$DEST" != "$OUT" ]; then
-  cp "$DEST/summary.json" "$OUT/" 2>/dev/null
-  tar czf "$OUT/gpu.tgz" -C "$(dirname "$DEST")" "$(basename "$DEST")"
-fi
+[ -n "${OUT:-}" ] && cp "$DEST/summary.json" "$OUT/" 2>/dev/null
+pack
 echo "== done in $(( $(date +%s) - start ))s, rc=$rc" >&2
 exit $rc
