@@ -2,6 +2,10 @@
 type it is built for, AVX2 and AVX-512 builds, channel counts off the vector width, odd image
 counts, pieces of a chunk, its own thread pool; and how searches choose it (`VFS_KERNEL`)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +91,16 @@ def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
     scale = reference(np.abs(operands), np.abs(pairs.weights[:, :c].double().numpy()), g.cells, (g.ph, g.pw))
     # fp32 sums of K·C terms (Higham), any order
     np.testing.assert_array_less(np.abs(got - want), (len(g.cells) * c + 16) * 2.0**-24 * scale + 1e-30)
+
+
+@needs_kernel
+def test_the_kernel_uses_no_wider_vectors_than_torch_dispatches_to(tmp_path):
+    """`ATEN_CPU_CAPABILITY=avx2` (torch's own operators on 256-bit vectors) gives the kernel's
+    AVX2 build too, on any CPU that has AVX2."""
+    code = "import vfs.kernel as k; print(k.native_flags(), k.library().lanes)"
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "VFS_KERNEL_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["('-march=native',", "'-mno-avx512f')", "8"]
 
 
 @needs_kernel

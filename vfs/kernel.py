@@ -5,8 +5,8 @@
 oneDNN's products score every cell against every query cell (cells form) or whole rows padded
 with zeros (band form): 2–2.3× the pairs a 3×3 region needs on a 7×7 grid; and without
 AVX512-FP16 or AMX its fp16 products run far below the read speed. The source is compiled once per
-machine and compiler (`-O3 -march=native`) by the C compiler found ($CC, cc, gcc, clang) into the
-user's cache folder, then loaded with ctypes. Without a compiler, or on a CPU without AVX2 + F16C +
+machine and compiler (`-O3 -march=native`, 256-bit where torch dispatches to AVX2 only) by the C
+compiler found ($CC, cc, gcc, clang) into the user's cache folder, then loaded with ctypes. Without a compiler, or on a CPU without AVX2 + F16C +
 FMA, `library()` is None and the oneDNN forms run: the same exact top-k. `VFS_KERNEL=off` turns
 the kernel off.
 """
@@ -126,10 +126,19 @@ def kernel_setting() -> str:
     return choice
 
 
+def native_flags() -> tuple[str, ...]:
+    """This CPU's instructions, but no wider vectors than PyTorch dispatches to: where its
+    capability is limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2`, e.g. to keep a Xeon's clock up),
+    the kernel's 256-bit build runs too."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return ("-march=native", "-mno-avx512f")
+    return ("-march=native",)
+
+
 @cache
 def library() -> Library | None:
     """The kernel for this machine, built on first use; None where it is off or cannot be built."""
-    return None if kernel_setting() == "off" else build()
+    return None if kernel_setting() == "off" else build(native_flags())
 
 
 @cache
