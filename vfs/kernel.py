@@ -6,9 +6,9 @@ oneDNN's products score every cell against every query cell (cells form) or whol
 with zeros (band form): 2–2.3× the pairs a 3×3 region needs on a 7×7 grid; and without
 AVX512-FP16 or AMX its fp16 products run far below the read speed. The source is compiled once per
 machine and compiler (`-O3 -march=native`, 256-bit where torch dispatches to AVX2 only) by the C
-compiler found ($CC, cc, gcc, clang) into the user's cache folder, then loaded with ctypes. Without a compiler, or on a CPU without AVX2 + F16C +
-FMA, `library()` is None and the oneDNN forms run: the same exact top-k. `VFS_KERNEL=off` turns
-the kernel off.
+compiler found ($CC, cc, gcc, clang) into the user's cache folder, then loaded with ctypes.
+Without a compiler, or on a CPU without AVX2 + F16C + FMA, `library()` is None and the oneDNN
+forms run: the same exact top-k. `VFS_KERNEL=off` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class PairKernel:
         out = torch.empty(*self.shape, n, dtype=torch.float32)
         places = self.shape[0] * self.shape[1]
         threads = max(1, torch.get_num_threads())
-        acc = np.empty((threads, 4 * places * 16), np.float32)  # per thread: 4 images at a time
+        acc = np.empty((threads, 4 * places * 16), np.float32)  # per thread: ≤ 4 images × 16 lanes
         team = openmp()
         tables = (self.start.ctypes.data, self.query_cell.ctypes.data, self.placement.ctypes.data)
         w, cp = self.weights.data_ptr(), self.weights.shape[1]
