@@ -98,6 +98,12 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_isa": cpu_isa(),
+        # what limits or overrides the choices above (an AVX2 proxy on an AVX-512 CPU sets the first two)
+        "settings": {
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "VFS_KERNEL", "VFS_FAST_DTYPE")
+            if k in os.environ
+        },
         "loadavg_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "device": str(device),

@@ -12,10 +12,12 @@
 # Environment: PY, DEVICE (cpu), N_REAL (10000), N_SYN (2000), REPEATS (10), PAPER_REPEATS (3),
 # CACHE (/tmp/vfs-bench/real10k.zarr), WAIT (seconds to wait for an idle box before each case, 300),
 # QW (--quiet-wait per repeat, 0), SHAPES ("vitb16 r50l3 r50l4"), FEATURES ("relu signed"),
-# REAL (1: run the real-cache case; 0: skip it).
+# REAL (1: run the real-cache case; 0: skip it). An AVX2-only CPU's proxy on an AVX-512 one: torch's
+# operators, oneDNN and the pairs kernel on 256-bit vectors —
+#   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 bench/grid.sh DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,18p' "$0" >&2; exit 2; }
 DEST=$1; shift
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEVICE=${DEVICE:-cpu}
