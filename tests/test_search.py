@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from search_reference import brute_force
+from search_reference import brute_force, every_placement
 
 from vfs.kernel import library
 from vfs.masks import crop_mask, grid_mask
-from vfs.scoring import RegionQuery, plan_query
-from vfs.search import search_regions, select_top
+from vfs.scoring import QueryGeometry, RegionQuery, plan_query
+from vfs.search import FastPass, _ExactScoring, search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
 
 
@@ -340,6 +340,73 @@ def test_rescoring_gathers_rows_where_the_source_holds_them(monkeypatch, device)
     monkeypatch.setattr(source, "resident_on", lambda device: None)
     with pytest.raises(pytest.fail.Exception, match="read through rows"):
         search_regions(source, query, mask, k=5, device=device)
+
+
+def test_rescoring_takes_the_fast_best_window_alone_only_where_no_other_bound_reaches_it(device):
+    """An image whose other placements' bounds (`runner_up`) stay below the exact score of its
+    fast-best window keeps that window's placement and gets its exact score; every other image is
+    re-scored at every placement (its best, the first of ties)."""
+    rng = np.random.default_rng(4)
+    feats = random_features(rng, 12, 6, 7, 16)
+    query, mask = feats[0].astype(np.float32), soft_blob(rng, 6, 7)
+    every = every_placement(feats, query, mask)  # (n, Ph, Pw)
+    pw = every.shape[2]
+    best_flat = every.reshape(len(feats), -1).argmax(1)
+    rq = RegionQuery.create(query, mask)
+    geometry = QueryGeometry.create(rq, (6, 7))
+    # Images 0-3: at a placement that is not their best, "nothing else reaches it" (a false
+    # runner-up: the window's exact score is what they must get). 4-7: at their best, a runner-up
+    # below it. 8-11: not at their best, a runner-up that reaches it (∞: not computed; or the
+    # exact best itself): their best must be found.
+    wrong = (best_flat + 1) % every[0].size
+    flat = np.where((np.arange(12) < 4) | (np.arange(12) >= 8), wrong, best_flat)
+    found = FastPass(
+        scores=np.zeros(12, np.float32),
+        placements=np.stack(np.divmod(flat, pw), axis=1),
+        upper=np.ones(12, np.float32),
+        runner_up=np.array([-np.inf] * 4 + [-1.0] * 4 + [np.inf, np.inf, 0, 0], np.float32),
+    )
+    found.runner_up[10:] = every.reshape(12, -1).max(1)[10:]
+    exact = np.zeros(12, dtype=bool)
+    _ExactScoring(ArrayFeatures(feats), rq, geometry, torch.device(device))(np.arange(12), found, exact)
+    assert exact.all()
+    expected = np.where(np.arange(12) < 4, wrong, best_flat)
+    np.testing.assert_allclose(found.scores, every.reshape(12, -1)[np.arange(12), expected], rtol=1e-6)
+    np.testing.assert_array_equal(found.placements, np.stack(np.divmod(expected, pw), axis=1))
+
+
+def test_a_search_rescores_every_placement_only_of_images_a_window_cannot_settle(monkeypatch, device):
+    """The fast pass gives each image its runner-up bound: of the images re-scored, those whose
+    other placements cannot reach the best window's exact score skip the every-placement pass."""
+    rng = np.random.default_rng(6)
+    feats = random_features(rng, 200, 7, 7, 32)
+    query, mask = feats[5].astype(np.float32), soft_blob(rng, 7, 7)
+    ref, ref_where = brute_force(feats, query, mask)
+    every = []
+    scorer = _ExactScoring.every_placement.func
+
+    def counted(self):
+        score = scorer(self)
+        return lambda x: every.append(len(x)) or score(x)
+
+    monkeypatch.setattr(_ExactScoring, "every_placement", property(counted))
+    result = search_regions(feats, query, mask, k=10, device=device)
+    assert_exact_top_k(result, ref, ref_where)
+    assert result.rescored >= 10 and sum(every) < result.rescored
+
+
+def test_tied_placements_are_rescored_at_every_one_and_the_first_kept(device):
+    """Features equal in every cell: every placement of an image ties exactly, so the fast best's
+    window never settles an image alone, and each gets the brute force's placement, (0, 0)."""
+    rng = np.random.default_rng(5)
+    cells = np.maximum(rng.standard_normal((30, 1, 1, 12)), 0) + 0.1
+    feats = np.broadcast_to(cells, (30, 7, 7, 12)).astype(np.float16)
+    query = random_features(rng, 1, 7, 7, 12)[0].astype(np.float32) + 0.1
+    mask = np.pad(np.ones((2, 3), np.float32), ((2, 3), (1, 3)))
+    ref, ref_where = brute_force(feats, query, mask)
+    result = search_regions(feats, query, mask, k=10, device=device)
+    assert_exact_top_k(result, ref, ref_where)
+    assert (ref_where[result.top["index"]] == 0).all()
 
 
 def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):
