@@ -8,7 +8,7 @@ from search_reference import brute_force, every_placement
 
 from vfs.kernel import library
 from vfs.masks import crop_mask, grid_mask
-from vfs.scoring import QueryGeometry, RegionQuery, plan_query
+from vfs.scoring import QueryGeometry, RegionQuery, Scorer, plan_query
 from vfs.search import FastPass, _ExactScoring, search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
 
@@ -377,7 +377,9 @@ def test_rescoring_takes_the_fast_best_window_alone_only_where_no_other_bound_re
 
 def test_a_search_rescores_every_placement_only_of_images_a_window_cannot_settle(monkeypatch, device):
     """The fast pass gives each image its runner-up bound: of the images re-scored, those whose
-    other placements cannot reach the best window's exact score skip the every-placement pass."""
+    other placements cannot reach the best window's exact score skip the every-placement pass.
+    (The fused GPU epilogue computes no runner-up, ∞: turned off here.)"""
+    monkeypatch.setattr(Scorer, "fuses", lambda self, x: False)
     rng = np.random.default_rng(6)
     feats = random_features(rng, 200, 7, 7, 32)
     query, mask = feats[5].astype(np.float32), soft_blob(rng, 7, 7)
