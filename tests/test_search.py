@@ -9,7 +9,7 @@ from search_reference import brute_force, every_placement
 from vfs.kernel import library
 from vfs.masks import crop_mask, grid_mask
 from vfs.scoring import QueryGeometry, RegionQuery, Scorer, plan_query
-from vfs.search import FastPass, _ExactScoring, search_regions, select_top
+from vfs.search import FastPass, _ExactScoring, _FastScoring, search_regions, select_top
 from vfs.sources import ArrayFeatures, even_slices
 
 
@@ -361,7 +361,7 @@ def test_rescoring_takes_the_fast_best_window_alone_only_where_no_other_bound_re
     wrong = (best_flat + 1) % every[0].size
     flat = np.where((np.arange(12) < 4) | (np.arange(12) >= 8), wrong, best_flat)
     found = FastPass(
-        scores=np.zeros(12, np.float32),
+        scores=np.ones(12, np.float32),  # above every exact score: only the window's may settle
         placements=np.stack(np.divmod(flat, pw), axis=1),
         upper=np.ones(12, np.float32),
         runner_up=np.array([-np.inf] * 4 + [-1.0] * 4 + [np.inf, np.inf, 0, 0], np.float32),
@@ -375,6 +375,54 @@ def test_rescoring_takes_the_fast_best_window_alone_only_where_no_other_bound_re
     np.testing.assert_array_equal(found.placements, np.stack(np.divmod(expected, pw), axis=1))
 
 
+def count_every_placement(monkeypatch) -> list[int]:
+    """The number of images each every-placement re-scoring scores, from now on."""
+    every: list[int] = []
+    scorer = _ExactScoring.every_placement.func
+
+    def counted(self):
+        score = scorer(self)
+        return lambda x: every.append(len(x)) or score(x)
+
+    monkeypatch.setattr(_ExactScoring, "every_placement", property(counted))
+    return every
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("spanning", [False, True])
+def test_the_runner_up_is_the_largest_bound_over_the_other_placements(
+    dtype, spanning, force_form, monkeypatch, device
+):
+    """`_FastScoring`'s fourth output, per image, in every form: the largest upper bound over all
+    placements but the fast-best one (−∞ where the region has one placement)."""
+    monkeypatch.setattr(Scorer, "fuses", lambda self, x: False)
+    rng = np.random.default_rng(8)
+    feats = np.asarray(rng.standard_normal((30, 6, 7, 24)), np.float16)
+    feats[3, 2] = 0  # an all-zero row of cells
+    mask = np.ones((6, 7), np.float32) if spanning else soft_blob(rng, 6, 7)
+    rq = RegionQuery.create(feats[0].astype(np.float32), mask)
+    geometry, dev = QueryGeometry.create(rq, (6, 7)), torch.device(device)
+    x = torch.from_numpy(feats).to(dev)
+    sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
+    for method in forms(mask, dtype, device):
+        if method == "pairs" and dtype == torch.float32:
+            continue
+        force_form(method)
+        fast = _FastScoring(rq, geometry, dev, nonnegative=False)
+        best, where, upper, runner = (t.cpu().numpy() for t in fast(x.to(dtype), sq))
+        scorer, bound = fast._by_dtype[dtype]
+        wnorm = scorer.window_norms(sq)
+        bounds = bound.upper(scorer.scores(x.to(dtype), wnorm), wnorm, False).nan_to_num(
+            nan=np.inf, posinf=np.inf, neginf=np.inf
+        )
+        bounds = bounds.flatten(0, 1).cpu().numpy().T  # (n, P)
+        np.testing.assert_array_equal(upper, bounds.max(1))
+        others = bounds.copy()
+        others[np.arange(len(feats)), where] = -np.inf
+        np.testing.assert_array_equal(runner, others.max(1))
+        assert (runner == -np.inf).all() == (bounds.shape[1] == 1)
+
+
 def test_a_search_rescores_every_placement_only_of_images_a_window_cannot_settle(monkeypatch, device):
     """The fast pass gives each image its runner-up bound: of the images re-scored, those whose
     other placements cannot reach the best window's exact score skip the every-placement pass.
@@ -384,20 +432,13 @@ def test_a_search_rescores_every_placement_only_of_images_a_window_cannot_settle
     feats = random_features(rng, 200, 7, 7, 32)
     query, mask = feats[5].astype(np.float32), soft_blob(rng, 7, 7)
     ref, ref_where = brute_force(feats, query, mask)
-    every = []
-    scorer = _ExactScoring.every_placement.func
-
-    def counted(self):
-        score = scorer(self)
-        return lambda x: every.append(len(x)) or score(x)
-
-    monkeypatch.setattr(_ExactScoring, "every_placement", property(counted))
+    every = count_every_placement(monkeypatch)
     result = search_regions(feats, query, mask, k=10, device=device)
     assert_exact_top_k(result, ref, ref_where)
     assert result.rescored >= 10 and sum(every) < result.rescored
 
 
-def test_tied_placements_are_rescored_at_every_one_and_the_first_kept(device):
+def test_tied_placements_are_rescored_at_every_one_and_the_first_kept(monkeypatch, device):
     """Features equal in every cell: every placement of an image ties exactly, so the fast best's
     window never settles an image alone, and each gets the brute force's placement, (0, 0)."""
     rng = np.random.default_rng(5)
@@ -406,9 +447,11 @@ def test_tied_placements_are_rescored_at_every_one_and_the_first_kept(device):
     query = random_features(rng, 1, 7, 7, 12)[0].astype(np.float32) + 0.1
     mask = np.pad(np.ones((2, 3), np.float32), ((2, 3), (1, 3)))
     ref, ref_where = brute_force(feats, query, mask)
+    every = count_every_placement(monkeypatch)
     result = search_regions(feats, query, mask, k=10, device=device)
     assert_exact_top_k(result, ref, ref_where)
     assert (ref_where[result.top["index"]] == 0).all()
+    assert sum(every) == result.rescored  # a tied placement's bound reaches the window's score
 
 
 def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):

@@ -45,6 +45,10 @@ _REFINE_ALL_SHARE = 0.5
 _REFINE_MIN_VALUES = 1 << 18
 """Images to refine holding fewer feature values than this are re-scored in float64 directly:
 ≈ 1 ms, what a refining round costs besides its products (measured on 13 Lite0 images)."""
+_SETTLE_MARGIN = 1e-9
+"""A window's float64 score settles its image only where the runner-up bound lies below it by more
+than its own rounding (≈ K·C·2⁻⁵³ of it, < 1e-10 for 10⁶ terms): a tie at an earlier placement
+must never settle, whatever bound comes (today's carry 5% slack above their worst case)."""
 _BLOCK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
 """Images re-scored at once hold at most this in the type they are scored in (fp16 or float64),
 in one buffer reused across blocks. On a CPU fresh temporaries cost their page faults, which on
@@ -383,17 +387,22 @@ def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterab
 
 
 def _row_blocks(
-    source: FeatureSource, indices: np.ndarray, device: torch.device, dtype: torch.dtype
+    source: FeatureSource,
+    indices: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype,
+    image_bytes: int | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """`indices` in consecutive blocks, each with its images' features in `dtype` on `device`, in
-    one buffer of at most `_BLOCK_BYTES`: gathered (into a reused staging buffer) from features the
-    source holds on `device`, no host round trip from a GPU, else read from the source; then
-    converted. Two operations per block: many small ones wait on every busy core."""
+    one buffer: gathered (into a reused staging buffer) from features the source holds on `device`,
+    no host round trip from a GPU, else read from the source; then converted. A block holds at
+    most `_BLOCK_BYTES` at `image_bytes` an image (what the caller makes of a block; default its
+    features in `dtype`). Two operations per block: many small ones wait on every busy core."""
     if not len(indices):
         return
     _, h, w, c = source.shape
     limit = working_bytes(_BLOCK_BYTES, device, free_share=8)
-    per_block = min(len(indices), max(1, limit // (h * w * c * dtype.itemsize)))
+    per_block = min(len(indices), max(1, limit // (image_bytes or h * w * c * dtype.itemsize)))
     resident = source.resident_on(device)
     buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)
     if resident is not None:
@@ -445,13 +454,16 @@ class _ExactScoring:
             hopeful = indices[found.runner_up[indices] < math.inf]
         settled = np.zeros(len(indices), dtype=bool)
         (mh, mw), pw = self.query.mask.shape, self.geometry.pw
-        for part, x in _row_blocks(self.source, hopeful, self.device, torch.float16):
+        (h, w), c = self.geometry.grid, self.geometry.channels
+        # an fp16 row, and its window in fp16, fp32 and float64 (the exact scorer's conversions)
+        image_bytes = (2 * h * w + (2 + 4 + 8) * mh * mw) * c
+        for part, x in _row_blocks(self.source, hopeful, self.device, torch.float16, image_bytes):
             py, px = (torch.as_tensor(found.placements[part][:, i], device=x.device) for i in (0, 1))
             rows = torch.arange(len(part), device=x.device)[:, None, None]
             ys = (py[:, None] + torch.arange(mh, device=x.device))[:, :, None]
             xs = (px[:, None] + torch.arange(mw, device=x.device))[:, None, :]
             best = self.window(x[rows, ys, xs]).reshape(-1)
-            alone = found.runner_up[part] < best
+            alone = found.runner_up[part] < best - _SETTLE_MARGIN * np.abs(best)
             found.scores[part[alone]] = best[alone]
             exact[part[alone]] = True
             settled[np.searchsorted(indices, part[alone])] = True
