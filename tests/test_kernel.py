@@ -168,3 +168,33 @@ def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
     monkeypatch.setenv("VFS_KERNEL", "fast")
     with pytest.raises(ValueError, match="expected auto, on, off"):
         uses_pairs(cpu, torch.float16, 64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("c", [5, 16, 200, 2048])
+@pytest.mark.parametrize("avx2", [False, True])
+def test_squared_norms_and_the_sign_check_read_fp16_once(c, avx2, monkeypatch):
+    """`squared_norms`: each cell's Σ x² (fp32, to its rounding) and whether every value is ≥ 0 —
+    a negative value or a NaN anywhere says no, −0 does not — in the AVX2 build and the native one,
+    on torch's team and on the pool used without one; the arrays' preparation takes it where built."""
+    lib = build(("-mavx2", "-mf16c", "-mfma", "-mno-avx512f")) if avx2 else BUILT
+    rng = np.random.default_rng(c)
+    x = torch.from_numpy(np.maximum(rng.standard_normal((37, 3, 5, c)), 0).astype(np.float16))
+    x[0, 0, 0, 0] = -0.0
+    for team in (True, False):
+        if not team:
+            monkeypatch.setattr(kernel, "openmp", lambda: None)
+        sq, nonnegative = kernel.squared_norms(lib, x)
+        np.testing.assert_allclose(sq.double().numpy(), x.double().square().sum(-1).numpy(), rtol=c * 2e-7)
+        assert nonnegative
+        for bad in (-1e-3, float("nan")):
+            y = x.clone()
+            y[36, 2, 4, c - 1] = bad  # the last value: in a tail where c is not a multiple of the width
+            assert not kernel.squared_norms(lib, y)[1]
+    calls = []
+    monkeypatch.setattr(kernel, "squared_norms", lambda *a, f=kernel.squared_norms: calls.append(1) or f(*a))
+    prepared = ArrayFeatures(x)  # the kernel's pass
+    monkeypatch.setattr(kernel, "library", lambda: None)
+    blocks = ArrayFeatures(x)  # torch's blocks
+    assert len(calls) == 1 and prepared.nonnegative and blocks.nonnegative
+    np.testing.assert_allclose(prepared._sqnorm, blocks._sqnorm, rtol=c * 2e-7)

@@ -24,6 +24,7 @@ static inline vf add_(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf zero_(void) { return _mm512_setzero_ps(); }
 static inline void store_f(float *p, vf v) { _mm512_storeu_ps(p, v); }
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline int any_below_zero(vf v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NGE_UQ) != 0; }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define L 8
 typedef __m256 vf;
@@ -39,6 +40,7 @@ static inline float hsum(vf v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+static inline int any_below_zero(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NGE_UQ)) != 0; }
 #else
 #error "the pairs kernel needs AVX-512F, or AVX2 with F16C and FMA"
 #endif
@@ -262,4 +264,72 @@ void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_f
     struct vfs_job j = {bf16, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, acc, threads,
                         thread_num, num_threads, 0};
     parallel(vfs_job_run, &j, (unsigned)threads, 0);
+}
+
+
+/* Squared norms of rows [r0, r1) of c fp16 values (fp32 squares and sums; fp16 is exact in fp32)
+ * into sq[r], in one read of the features; returns whether some value is not ≥ 0 (negative or NaN).
+ * What an array searched from a notebook is prepared with: torch's blocks (fp16 → fp32, then a
+ * minimum and the norms) took 3-5× a read of it. */
+int vfs_sqnorms_f16(const uint16_t *x, int64_t r0, int64_t r1, int32_t c, float *sq) {
+    const int full = c / L * L;
+    uint16_t buf[L];
+    int below = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *p = x + r * (int64_t)c;
+        vf a0 = zero_(), a1 = zero_();
+        int k = 0;
+        for (; k + 2 * L <= full; k += 2 * L) {
+            const vf v0 = load_h(p + k), v1 = load_h(p + k + L);
+            a0 = fma_(v0, v0, a0);
+            a1 = fma_(v1, v1, a1);
+            below |= any_below_zero(v0) | any_below_zero(v1);
+        }
+        for (; k < full; k += L) {
+            const vf v = load_h(p + k);
+            a0 = fma_(v, v, a0);
+            below |= any_below_zero(v);
+        }
+        const uint16_t *tail = tail_of(p, full, c, buf, L);
+        if (tail) {
+            const vf v = load_h(tail);
+            a0 = fma_(v, v, a0);
+            below |= any_below_zero(v);
+        }
+        sq[r] = hsum(add_(a0, a1));
+    }
+    return below;
+}
+
+#define SQ_SHARE 1024 /* rows per take */
+
+struct vfs_sq_job {
+    const uint16_t *x;
+    int64_t rows;
+    int32_t c;
+    float *sq;
+    int *below; /* per thread */
+    int max_threads;
+    vfs_team_fn thread_num, num_threads;
+    int64_t next;
+};
+
+static void vfs_sq_job_run(void *arg) {
+    struct vfs_sq_job *j = arg;
+    int t = j->thread_num(), team = j->num_threads();
+    if (team > j->max_threads) team = j->max_threads;
+    if (t >= team) return;
+    for (;;) {
+        const int64_t r0 = __atomic_fetch_add(&j->next, SQ_SHARE, __ATOMIC_RELAXED);
+        if (r0 >= j->rows) return;
+        const int64_t r1 = r0 + SQ_SHARE < j->rows ? r0 + SQ_SHARE : j->rows;
+        j->below[t] |= vfs_sqnorms_f16(j->x, r0, r1, j->c, j->sq);
+    }
+}
+
+/* `vfs_sqnorms_f16` over all rows on the caller's OpenMP team (see `vfs_pairs_team`). */
+void vfs_sqnorms_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_fn num_threads, int threads,
+                      const uint16_t *x, int64_t rows, int32_t c, float *sq, int *below) {
+    struct vfs_sq_job j = {x, rows, c, sq, below, threads, thread_num, num_threads, 0};
+    parallel(vfs_sq_job_run, &j, (unsigned)threads, 0);
 }

@@ -114,6 +114,9 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     for name in ("vfs_pairs_f16", "vfs_pairs_bf16") if info & 2 else ("vfs_pairs_f16",):
         getattr(cdll, name).argtypes, getattr(cdll, name).restype = _ARGS, None
     cdll.vfs_pairs_team.argtypes, cdll.vfs_pairs_team.restype = _TEAM_ARGS, None
+    cdll.vfs_sqnorms_f16.argtypes, cdll.vfs_sqnorms_f16.restype = [_P, _I64, _I64, _I32, _P], ctypes.c_int
+    cdll.vfs_sqnorms_team.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I32, _P, _P]
+    cdll.vfs_sqnorms_team.restype = None
     return Library(cdll, frozenset(dtypes), (info >> 8) & 0xFF)
 
 
@@ -139,6 +142,28 @@ def native_flags() -> tuple[str, ...]:
 def library() -> Library | None:
     """The kernel for this machine, built on first use; None where it is off or cannot be built."""
     return None if kernel_setting() == "off" else build(native_flags())
+
+
+def squared_norms(lib: Library, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Each cell's squared norm (fp32) of contiguous fp16 features on the CPU, (n, h, w, C) →
+    (n, h, w), and whether every value is ≥ 0 (none negative or NaN): one read of the features."""
+    n, h, w, c = x.shape
+    sq = torch.empty(n, h, w, dtype=torch.float32)
+    threads = max(1, torch.get_num_threads())
+    below = np.zeros(threads, np.int32)
+    team = openmp()
+    if team is not None:
+        rows = n * h * w
+        lib.cdll.vfs_sqnorms_team(*team, threads, x.data_ptr(), rows, c, sq.data_ptr(), below.ctypes.data)
+    else:
+        bounds = np.linspace(0, n * h * w, threads + 1).astype(np.int64)
+
+        def run(t: int) -> None:
+            fn = lib.cdll.vfs_sqnorms_f16
+            below[t] = fn(x.data_ptr(), int(bounds[t]), int(bounds[t + 1]), c, sq.data_ptr())
+
+        list(_pool(threads).map(run, range(threads)))
+    return sq, not below.any()
 
 
 @cache
