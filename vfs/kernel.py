@@ -148,15 +148,15 @@ def squared_norms(lib: Library, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Each cell's squared norm (fp32) of contiguous fp16 features on the CPU, (n, h, w, C) →
     (n, h, w), and whether every value is ≥ 0 (none negative or NaN): one read of the features."""
     n, h, w, c = x.shape
+    rows = n * h * w
     sq = torch.empty(n, h, w, dtype=torch.float32)
     threads = max(1, torch.get_num_threads())
     below = np.zeros(threads, np.int32)
     team = openmp()
     if team is not None:
-        rows = n * h * w
         lib.cdll.vfs_sqnorms_team(*team, threads, x.data_ptr(), rows, c, sq.data_ptr(), below.ctypes.data)
     else:
-        bounds = np.linspace(0, n * h * w, threads + 1).astype(np.int64)
+        bounds = np.linspace(0, rows, threads + 1).astype(np.int64)
 
         def run(t: int) -> None:
             fn = lib.cdll.vfs_sqnorms_f16

@@ -328,8 +328,8 @@ def _fast_pass(
                 sqnorm[start:stop] = sq
                 coarse = coarse or _operand_dtype(x) == torch.bfloat16
     placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
-    bounds = FastPass(best.cpu().numpy(), placements, upper.cpu().numpy(), runner.cpu().numpy())
-    return bounds, sqnorm if coarse else None
+    found = FastPass(best.cpu().numpy(), placements, upper.cpu().numpy(), runner.cpu().numpy())
+    return found, sqnorm if coarse else None
 
 
 def _operand_dtype(x: torch.Tensor | list[torch.Tensor]) -> torch.dtype:
