@@ -13,8 +13,8 @@ import torch
 import vfs.kernel as kernel
 from vfs.kernel import PairKernel, build, library, pair_tables
 from vfs.masks import crop_mask
-from vfs.scoring import QueryGeometry, RegionQuery, _cpu_product_times, uses_pairs
-from vfs.search import search_regions
+from vfs.scoring import QueryGeometry, RegionQuery, Scorer, _cpu_product_times, uses_pairs
+from vfs.search import _FastScoring, search_regions
 from vfs.sources import ArrayFeatures
 
 BUILT = library()
@@ -93,6 +93,51 @@ def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
     np.testing.assert_array_less(np.abs(got - want), (len(g.cells) * c + 16) * 2.0**-24 * scale + 1e-30)
 
 
+def _fast_results(fast: _FastScoring, x, sq) -> list[np.ndarray]:
+    return [t.numpy() for t in fast(x, sq)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize(
+    "grid,c,region",
+    [((7, 7), 192, (3, 3)), ((3, 40), 33, (1, 2)), ((5, 6), 16, (5, 6)), ((14, 14), 24, (8, 9))],
+)
+def test_placements_scored_in_the_kernel_match_torchs_operators(
+    dtype, nonnegative, grid, c, region, force_form, monkeypatch
+):
+    """`PairKernel.best_placements` (kernel.c's `best_of`) against the torch operators it replaces
+    (`Scorer.window_norms`, `scores`, `FastBound.upper`, the maxima over placements): rows of
+    placements wider than a vector (39 on the 3×40 grid), one placement (the 5×6 region), an
+    all-zero image (score 0), images holding a NaN or an inf (bound ∞), tied placements (the first
+    kept), a chunk in pieces."""
+    if dtype not in BUILT.dtypes:
+        pytest.skip("no AVX512-BF16 here")
+    rng = np.random.default_rng(c)
+    feats = rng.standard_normal((37, *grid, c))
+    feats = np.abs(feats) if nonnegative else feats
+    feats[1] = 0
+    feats[2, 0, 0, 0] = np.nan
+    feats[3, -1, -1, 1] = np.inf
+    feats[4] = feats[4, 0, 0]  # every cell alike: every placement ties
+    mask = np.zeros(grid, np.float32)
+    mask[: region[0], grid[1] - region[1] :] = rng.uniform(0.2, 1, region)
+    rq = RegionQuery.create(feats[5].astype(np.float32), mask)
+    geometry, cpu = QueryGeometry.create(rq, grid), torch.device("cpu")
+    x = torch.from_numpy(feats.astype(np.float16)).to(dtype)
+    sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
+    force_form("pairs")
+    fused = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), [x[:20], x[20:]], sq)
+    monkeypatch.setattr(Scorer, "fuses", lambda self, x: False)
+    want = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), x, sq)
+    np.testing.assert_array_equal(fused[1], want[1])  # the same placements, ties to the first
+    for got, expected in zip(fused[::2] + fused[3:], want[::2] + want[3:]):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)  # NaN and ∞ where torch's are
+    assert fused[0][1] == 0 and np.isfinite(fused[2][1]) and np.isinf(fused[2][2:4]).all()
+    assert (fused[3] == -np.inf).all() == (geometry.ph * geometry.pw == 1)
+
+
 @needs_kernel
 def test_the_kernel_uses_no_wider_vectors_than_torch_dispatches_to(tmp_path):
     """`ATEN_CPU_CAPABILITY=avx2` (torch's own operators on 256-bit vectors) gives the kernel's
@@ -117,8 +162,22 @@ def test_avx2_build_and_own_thread_pool_give_the_same_sums(monkeypatch, tmp_path
     native = PairKernel.create(BUILT, torch.float16, weights, g.cells, g.grid, (g.ph, g.pw)).numerator([t])
     on_avx2 = PairKernel.create(avx2, torch.float16, weights, g.cells, g.grid, (g.ph, g.pw))
     np.testing.assert_allclose(on_avx2.numerator([t]), native, rtol=1e-5, atol=1e-5)
+    native_best = _best_placements(
+        PairKernel.create(BUILT, torch.float16, weights, g.cells, g.grid, (g.ph, g.pw)), t, g
+    )
+    np.testing.assert_allclose(_best_placements(on_avx2, t, g), native_best, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(kernel, "openmp", lambda: None)
     np.testing.assert_allclose(on_avx2.numerator([t]), native, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_best_placements(on_avx2, t, g), native_best, rtol=1e-5, atol=1e-6)
+
+
+def _best_placements(pairs: PairKernel, x: torch.Tensor, g: QueryGeometry) -> np.ndarray:
+    """(4, n) the kernel's best score, placement, bound and runner-up bound of each image."""
+    n = len(x)
+    out = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
+    sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
+    pairs.best_placements([x], sq, np.array(g.m2), g.qnorm, (1e-6, 1e-7, 1e-30), False, out)
+    return np.stack([t.double().numpy() for t in out])
 
 
 @needs_kernel

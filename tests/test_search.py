@@ -426,8 +426,8 @@ def test_the_runner_up_is_the_largest_bound_over_the_other_placements(
 def test_a_search_rescores_every_placement_only_of_images_a_window_cannot_settle(monkeypatch, device):
     """The fast pass gives each image its runner-up bound: of the images re-scored, those whose
     other placements cannot reach the best window's exact score skip the every-placement pass.
-    (The fused GPU epilogue computes no runner-up, ∞: turned off here.)"""
-    monkeypatch.setattr(Scorer, "fuses", lambda self, x: False)
+    (The fused GPU epilogue computes no runner-up, ∞: turned off here; the pairs kernel's is kept.)"""
+    monkeypatch.setattr(Scorer, "fuses", lambda self, x: self.pairs is not None)
     rng = np.random.default_rng(6)
     feats = random_features(rng, 200, 7, 7, 32)
     query, mask = feats[5].astype(np.float32), soft_blob(rng, 7, 7)

@@ -9,8 +9,10 @@
  * Layout: x (n, cells, c) row-major; w (K, cp) row-major, cp = c rounded up to the vector width
  * with zeros; pairs of data cell d: pk[j], pp[j] for j in start[d]..start[d+1] (query cell, and the
  * placement it lands in); out[p * stride + i] for images i in [i0, i1); acc: scratch of
- * 4 * places * 16 floats. Each placement sums its lanes over all its pairs, then once across. */
+ * 4 * places * 16 floats. Each placement sums its lanes over all its pairs, then once across.
+ * Given a `struct vfs_best`, each image's placements are scored instead (see there). */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -148,10 +150,100 @@ AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t 
         }
 }
 
+/* What the fast pass keeps of an image's placements, computed where its numerators are summed
+ * (no (placements, n) arrays, no passes over them): each window's norm ‖r‖ = sqrt(Σ_k m²_k ‖f‖²)
+ * over the query cells in order, the score num / max(‖r‖·‖q‖, smallest) (an all-zero window's
+ * numerator is exactly 0), its proven upper bound (FastBound.upper: (tiny + score + weight_term) /
+ * scale, tiny = output_error / ‖r‖ or 0, ∞ where not finite), the best score (the first NaN, else
+ * the first largest) and its placement, the largest bound, and the largest over the other
+ * placements. As vfs.triton_products.best_kernel and the torch operators it replaces: fp32,
+ * rounded to nearest (a multiply-add rounds once: within the same bound). */
+struct vfs_best {
+    const float *sq;        /* (n, cells) the cells' squared norms, fp32 */
+    const float *m2;        /* (K,) the query cells' squared mask weights, fp32 */
+    const int32_t *origin;  /* (K,) the data cell each query cell covers at placement (0, 0) */
+    int32_t k, ph, pw, w;   /* query cells, placements (ph, pw), grid width */
+    float qnorm, smallest, output_error, weight_term, scale;
+    float *best, *upper, *runner; /* (n,) each */
+    int64_t *where;                /* (n,) placement index py * pw + px */
+};
+
+#if L == 16
+static inline vf load_n(const float *p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+static inline void store_n(float *p, vf v, int n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
+static inline vf below_to(vf a, vf b, vf c) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), a, c); }
+static inline vf positive_or_zero(vf a, vf x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, zero_(), _CMP_GT_OQ), x); }
+static inline vf finite_or_inf(vf v) {
+    const vf inf = _mm512_set1_ps(INFINITY);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), inf, _CMP_LT_OQ), inf, v);
+}
+#define set1_ _mm512_set1_ps
+#define mul_ _mm512_mul_ps
+#define div_ _mm512_div_ps
+#define sqrt_ _mm512_sqrt_ps
+#else
+static inline __m256i first_n(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline vf load_n(const float *p, int n) { return _mm256_maskload_ps(p, first_n(n)); }
+static inline void store_n(float *p, vf v, int n) { _mm256_maskstore_ps(p, first_n(n), v); }
+static inline vf below_to(vf a, vf b, vf c) { return _mm256_blendv_ps(a, c, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+static inline vf positive_or_zero(vf a, vf x) { return _mm256_and_ps(_mm256_cmp_ps(a, zero_(), _CMP_GT_OQ), x); }
+static inline vf finite_or_inf(vf v) {
+    const vf inf = _mm256_set1_ps(INFINITY), size = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    return _mm256_blendv_ps(inf, v, _mm256_cmp_ps(size, inf, _CMP_LT_OQ));
+}
+#define set1_ _mm256_set1_ps
+#define mul_ _mm256_mul_ps
+#define div_ _mm256_div_ps
+#define sqrt_ _mm256_sqrt_ps
+#endif
+
+/* The placements of image i from its lane sums `acc` (places × lanes). The window norms are summed
+ * a row of placements at a time (query cell k covers a contiguous row of pw cells in each of ph
+ * rows), over the query cells in 4 interleaved sums: any order is within the bound (K terms). */
+static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t places, int lanes, const float *acc) {
+    const int32_t ph = b->ph, pw = b->pw;
+    float score[places + L], up[places + L], wn2[places + L]; /* padded to whole vectors */
+    for (int p = 0; p < places; p++) score[p] = hsum(load_f(acc + (int64_t)p * lanes)); /* the numerator, for now */
+    const float *sq = b->sq + i * cells;
+    for (int y = 0; y < ph; y++)
+        for (int x = 0; x < pw; x += L) {
+            const int n = pw - x < L ? pw - x : L;
+            const float *row = sq + y * b->w + x;
+            vf sum[4] = {zero_(), zero_(), zero_(), zero_()}; /* 4 chains of multiply-adds */
+            int k = 0;
+            for (; k + 4 <= b->k; k += 4)
+                for (int u = 0; u < 4; u++) sum[u] = fma_(set1_(b->m2[k + u]), load_n(row + b->origin[k + u], n), sum[u]);
+            for (; k < b->k; k++) sum[0] = fma_(set1_(b->m2[k]), load_n(row + b->origin[k], n), sum[0]);
+            store_n(wn2 + y * pw + x, add_(add_(sum[0], sum[1]), add_(sum[2], sum[3])), n);
+        }
+    const vf qnorm = set1_(b->qnorm), smallest = set1_(b->smallest), output_error = set1_(b->output_error);
+    const vf weight_term = set1_(b->weight_term), scale = set1_(b->scale);
+    for (int p = 0; p < places; p += L) {
+        const vf wn = sqrt_(load_f(wn2 + p));
+        const vf s = div_(load_f(score + p), below_to(mul_(wn, qnorm), smallest, smallest)); /* NaN stays */
+        const vf tiny = positive_or_zero(wn, div_(output_error, wn));
+        store_f(score + p, s);
+        store_f(up + p, finite_or_inf(div_(add_(add_(tiny, s), weight_term), scale)));
+    }
+    float best = -INFINITY, upper = -INFINITY, runner = -INFINITY;
+    int64_t where = 0;
+    for (int p = 0; p < places; p++) { /* no branches: which placement wins is not predictable */
+        const int better = (score[p] > best) | (isnan(score[p]) & !isnan(best));
+        best = better ? score[p] : best;
+        where = better ? p : where;
+        upper = up[p] > upper ? up[p] : upper;
+    }
+    for (int p = 0; p < places; p++) runner = p != where && up[p] > runner ? up[p] : runner;
+    b->best[i] = best;
+    b->where[i] = where;
+    b->upper[i] = upper;
+    b->runner[i] = runner;
+}
+
 /* Every pair of images [i, i + M): the cells in order, each cell's pairs in blocks. */
 AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int32_t c, const void *w, int32_t cp,
                const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
-               int64_t stride, float *acc) {
+               int64_t stride, const struct vfs_best *b, float *acc) {
     const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
     const int64_t per_image = (int64_t)places * lanes;
     uint16_t buf[IMAGES][32];
@@ -181,30 +273,33 @@ AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int
         }
     }
     for (int m = 0; m < M; m++)
-        for (int p = 0; p < places; p++) out[p * stride + i + m] = hsum(load_f(acc + m * per_image + (int64_t)p * lanes));
+        if (b) best_of(b, i + m, cells, places, lanes, acc + m * per_image);
+        else
+            for (int p = 0; p < places; p++)
+                out[p * stride + i + m] = hsum(load_f(acc + m * per_image + (int64_t)p * lanes));
 }
 
 /* Images [i0, i1), IMAGES at a time, then one by one. acc: IMAGES · places · 16 floats. */
 AI void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const void *w,
             int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
-            int64_t stride, float *acc) {
+            int64_t stride, const struct vfs_best *b, float *acc) {
     int64_t i = i0;
     for (; i + IMAGES <= i1; i += IMAGES)
-        images(bf16, IMAGES, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
-    for (; i < i1; i++) images(bf16, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
+        images(bf16, IMAGES, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    for (; i < i1; i++) images(bf16, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 
 void vfs_pairs_f16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
                    int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
-                   float *out, int64_t stride, float *acc) {
-    run(0, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
+                   float *out, int64_t stride, const struct vfs_best *b, float *acc) {
+    run(0, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 
 #if HAS_BF16
 void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const uint16_t *w,
                     int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
-                    float *out, int64_t stride, float *acc) {
-    run(1, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, acc);
+                    float *out, int64_t stride, const struct vfs_best *b, float *acc) {
+    run(1, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 #endif
 
@@ -229,6 +324,7 @@ struct vfs_job {
     int32_t places;
     float *out;
     int64_t stride;
+    const struct vfs_best *b;
     float *acc; /* per thread: 4 * places * 16 floats */
     int max_threads;
     vfs_team_fn thread_num, num_threads;
@@ -248,20 +344,20 @@ static void vfs_job_run(void *arg) {
 #if HAS_BF16
         if (j->bf16) {
             vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
-                           j->stride, acc);
+                           j->stride, j->b, acc);
             continue;
         }
 #endif
         vfs_pairs_f16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
-                      j->stride, acc);
+                      j->stride, j->b, acc);
     }
 }
 
 void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_fn num_threads, int threads,
                     int bf16, const uint16_t *x, int64_t n, int32_t cells, int32_t c, const void *w, int32_t cp,
                     const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
-                    int64_t stride, float *acc) {
-    struct vfs_job j = {bf16, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, acc, threads,
+                    int64_t stride, const struct vfs_best *b, float *acc) {
+    struct vfs_job j = {bf16, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc, threads,
                         thread_num, num_threads, 0};
     parallel(vfs_job_run, &j, (unsigned)threads, 0);
 }

@@ -1,6 +1,8 @@
 """The "pairs" form's compiled kernel (`kernel.c`) on x86 CPUs: per image, one dot product for each
 (data cell, query cell) pair that some placement uses, read from the fp16 features as stored
-(F16C, fp32 multiply-adds) or from a bf16 copy (AVX512-BF16 dot products), sums in fp32.
+(F16C, fp32 multiply-adds) or from a bf16 copy (AVX512-BF16 dot products), sums in fp32; in a
+search, each image's placements are then scored and bounded in the same pass (`best_placements`:
+no (placements, n) arrays, no passes of torch's over them — 1–2 ms of a 10,000-image search).
 
 oneDNN's products score every cell against every query cell (cells form) or whole rows padded
 with zeros (band form): 2–2.3× the pairs a 3×3 region needs on a 7×7 grid; and without
@@ -22,6 +24,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -35,9 +38,25 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernel.c")
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-_ARGS: list[Any] = [_P, _I64, _I64, _I32, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _P]
+_ARGS: list[Any] = [_P, _I64, _I64, _I32, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _P, _P]
 _TEAM_ARGS: list[Any] = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _I64, *_ARGS[3:]]  # team, n
 _BF16_WIDTH = 32  # bf16 values per AVX-512 vector
+
+
+class _Best(ctypes.Structure):
+    """kernel.c's `struct vfs_best`: where the kernel scores each image's placements itself."""
+
+    _fields_ = [
+        ("sq", _P),
+        ("m2", _P),
+        ("origin", _P),
+        *((name, _I32) for name in ("k", "ph", "pw", "w")),
+        *((name, ctypes.c_float) for name in ("qnorm", "smallest", "output_error", "weight_term", "scale")),
+        ("best", _P),
+        ("upper", _P),
+        ("runner", _P),
+        ("where", _P),
+    ]
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,8 @@ class PairKernel:
     query_cell: np.ndarray  # (pairs,) int32
     placement: np.ndarray  # (pairs,) int32: py * pw + px
     shape: tuple[int, int]  # placements (ph, pw)
+    origin: np.ndarray  # (K,) int32: the data cell (y·w + x) each query cell covers at placement (0, 0)
+    width: int  # of the grid
 
     @classmethod
     def create(
@@ -233,12 +254,54 @@ class PairKernel:
             query_cell,
             placement,
             placements,
+            np.array([ky * grid[1] + kx for ky, kx in cells], np.int32),
+            grid[1],
         )
 
     def numerator(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """(ph, pw, n) fp32 numerators of consecutive pieces of a chunk, (n_i, h, w, C) each."""
         n = sum(len(p) for p in parts)
         out = torch.empty(*self.shape, n, dtype=torch.float32)
+        self._run(parts, lambda offset: (out.data_ptr() + 4 * offset, n, None))  # out[p, i]: p·n + i
+        return out
+
+    def best_placements(
+        self,
+        parts: list[torch.Tensor],
+        sqnorm: torch.Tensor,
+        m2: Sequence[float],
+        qnorm: float,
+        bound: tuple[float, float, float],
+        nonnegative: bool,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image of consecutive pieces of a chunk: its best fast score, that placement's index,
+        the largest upper bound over its placements and the largest over its other placements
+        (`out`: fp32, int64, fp32, fp32, each (n,)) — scored in the kernel as each image's
+        numerators are summed (kernel.c's `best_of`). `sqnorm` (n, h, w) the cells' squared norms,
+        `m2` (K,) the squared mask weights in the query cells' order, `bound` FastBound's (eps,
+        weight_error, output_error)."""
+        eps, weight_error, output_error = bound
+        weight_term, scale = (weight_error, 1 - eps) if nonnegative else (weight_error + eps, 1.0)
+        sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
+        weights = np.ascontiguousarray(m2, np.float32)
+        best, where, upper, runner = out
+        cells, origin = sq.shape[1], self.origin
+        smallest = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+        scalars = (len(origin), *self.shape, self.width, qnorm, smallest, output_error, weight_term, scale)
+
+        def epilogue(offset: int) -> tuple[int, int, Any]:
+            at = (best, upper, runner, where)
+            ends = (t.data_ptr() + t.element_size() * offset for t in at)
+            rows = sq.data_ptr() + 4 * offset * cells
+            return 0, 0, ctypes.byref(_Best(rows, weights.ctypes.data, origin.ctypes.data, *scalars, *ends))
+
+        self._run(parts, epilogue)
+        return out
+
+    def _run(self, parts: list[torch.Tensor], outputs: Callable[[int], tuple[int, int, Any]]) -> None:
+        """The kernel over each piece, its outputs for the piece at image `offset` given by
+        `outputs(offset)`: numerators (pointer, stride) or a `_Best` (by reference)."""
         places = self.shape[0] * self.shape[1]
         threads = max(1, torch.get_num_threads())
         acc = np.empty((threads, 4 * places * 16), np.float32)  # per thread: ≤ 4 images × 16 lanes
@@ -249,7 +312,7 @@ class PairKernel:
         for part in parts:
             x = part.contiguous()
             m, h, w_, c = x.shape
-            args = (h * w_, c, w, cp, *tables, places, out.data_ptr() + 4 * offset, n)  # out[p, i]: p·n + i
+            args = (h * w_, c, w, cp, *tables, places, *outputs(offset))
             if team is not None:
                 bf16 = int(self.dtype == torch.bfloat16)
                 run = self.library.cdll.vfs_pairs_team
@@ -257,7 +320,6 @@ class PairKernel:
             else:  # a pool of our own, one image range per thread
                 self._on_pool(x, np.linspace(0, m, threads + 1).astype(np.int64), args, acc)
             offset += m
-        return out
 
     def _on_pool(self, x: torch.Tensor, bounds: np.ndarray, args: tuple, acc: np.ndarray) -> None:
         fn = self.library.function(self.dtype)

@@ -9,7 +9,8 @@ Five exact forms of the numerator, chosen per query by their cost (see `plan_que
   copy) with each mask row that can land on it, placed at each horizontal placement (zeros
   elsewhere), then an add per mask row;
 - "pairs" (CPU, `vfs.kernel`): per image, a dot product for each (data cell, query cell) pair
-  some placement uses, and nothing else, by a kernel compiled for the machine;
+  some placement uses, and nothing else, by a kernel compiled for the machine — which also scores
+  and bounds each image's placements as it sums them (`Scorer.best_placements`);
 - "whole": a region as large as the grid has one placement: one matrix-vector product of the
   images as rows (n × h·w·C, contiguous) with the whole kernel — torch's gemv runs it at the
   read speed in fp16 and bf16 on every CPU (h strided products of the band form: 1.7–2.5× slower);
@@ -96,6 +97,9 @@ _EXACT_BAND_FACTOR = 4
 
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FastOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""A fast pass's per-image results: best score, its placement (py·pw + px), the largest upper bound
+over the placements and the largest over the other placements."""
 _FAST_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FAST_DTYPES}
 _FAST_DTYPE_GAIN = 2.0
 """With `VFS_FAST_DTYPE=auto`, another operand type than fp16 is chosen only where its product runs
@@ -541,10 +545,10 @@ class Scorer:
         return out
 
     def fuses(self, x: torch.Tensor | list[torch.Tensor]) -> bool:
-        """Whether a chunk's fast scores, bounds and best placements run as one kernel after the
-        product (`best_placements`): the cells and whole-grid forms, on a GPU where Triton's
-        products run."""
-        return (
+        """Whether a chunk's fast scores, bounds and best placements are computed where its
+        numerators are (`best_placements`): by the pairs kernel; the cells and whole-grid forms on a
+        GPU where Triton's products run."""
+        return self.pairs is not None or (
             self.plan.method in ("cells", "whole_cells")
             and self.placements is not None
             and isinstance(x, torch.Tensor)
@@ -553,39 +557,45 @@ class Scorer:
 
     def best_placements(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
         sqnorm: torch.Tensor,
         bound: FastBound,
         nonnegative: bool,
-        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per image its best fast score, that placement and the largest upper bound over its
-        placements (see `triton_products.best_placements`), where `fuses(x)`. One placement (the
-        whole grid): its numerators and squared norms are summed first, then passed as one cell."""
-        assert self.placements is not None
+        out: FastOutputs,
+    ) -> FastOutputs:
+        """Per image its best fast score, that placement, the largest upper bound over its
+        placements and the largest over its other placements, where `fuses(x)` (`out`, four (n,)
+        tensors; see `kernel.PairKernel.best_placements`). Triton's epilogue computes no runner-up
+        (∞). One placement (the whole grid): its numerators and squared norms are summed first,
+        then passed as one cell."""
+        bound_terms = (bound.eps, bound.weight_error, bound.output_error)
+        if self.pairs is not None:
+            parts = x if isinstance(x, list) else [x]
+            qnorm = self.geometry.qnorm
+            return self.pairs.best_placements(
+                parts, sqnorm, self.geometry.m2, qnorm, bound_terms, nonnegative, out
+            )
+        assert self.placements is not None and isinstance(x, torch.Tensor)
+        out[3].fill_(math.inf)
         n, h, w, c = x.shape
         k = len(self.geometry.cells)
-        bound_terms = (bound.eps, bound.weight_error, bound.output_error)
         if self.plan.method == "whole_cells":
             assert self.norm_weights is not None
             numerators = triton_products.cell_sums(self.weights[0].view(h * w, c), x.reshape(n, h * w, c))
             sq = sqnorm.reshape(n, h * w) @ self.norm_weights
-            return triton_products.best_single_placement(
-                numerators, sq, self.geometry.qnorm, bound_terms, nonnegative, out
+            first = (out[0], out[1], out[2])
+            triton_products.best_single_placement(
+                numerators, sq, self.geometry.qnorm, bound_terms, nonnegative, first
             )
+            return out
         products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
         sq = sqnorm.reshape(n, h * w).contiguous()
         cells, m2 = self.placements.grid.view(k, -1), self.placements.m2.view(k)
-        return triton_products.best_placements(
-            products,
-            sq,
-            cells,
-            m2,
-            self.geometry.qnorm,
-            bound_terms,
-            nonnegative,
-            out,
+        first = (out[0], out[1], out[2])
+        triton_products.best_placements(
+            products, sq, cells, m2, self.geometry.qnorm, bound_terms, nonnegative, first
         )
+        return out
 
     def window_norms(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """(Ph, Pw, n) ‖r‖ = sqrt(Σ m² ‖f_d(p+k)‖²) of every placement, summed in fp32 or float64 (a

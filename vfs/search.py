@@ -24,6 +24,7 @@ from .devices import resolve_device, working_bytes
 from .scoring import (
     ExactScore,
     FastBound,
+    FastOutputs,
     QueryGeometry,
     RegionQuery,
     Scorer,
@@ -253,8 +254,8 @@ class _FastScoring:
         self,
         x: torch.Tensor | list[torch.Tensor],
         sqnorm: torch.Tensor,
-        out: tuple[torch.Tensor, ...] | None = None,
-    ) -> tuple[torch.Tensor, ...]:
+        out: FastOutputs | None = None,
+    ) -> FastOutputs:
         """Per image of a chunk (into `out` where given): its best fast score, that placement's
         index (y·Pw + x), the largest upper bound over its placements, and the largest over its
         other placements (−∞ for one placement; ∞ where not computed: the fused GPU epilogue); a
@@ -277,10 +278,8 @@ class _FastScoring:
                 torch.empty(n, device=sqnorm.device),
                 torch.empty(n, device=sqnorm.device),
             )
-        if isinstance(x, torch.Tensor) and scorer.fuses(x):
-            scorer.best_placements(x, sqnorm, bound, nonnegative, (out[0], out[1], out[2]))
-            out[3].fill_(math.inf)
-            return out
+        if scorer.fuses(x):
+            return scorer.best_placements(x, sqnorm, bound, nonnegative, out)
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
