@@ -2,6 +2,7 @@
 type it is built for, AVX2 and AVX-512 builds, channel counts off the vector width, odd image
 counts, pieces of a chunk, its own thread pool; and how searches choose it (`VFS_KERNEL`)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,9 +12,18 @@ import pytest
 import torch
 
 import vfs.kernel as kernel
+import vfs.scoring as scoring
 from vfs.kernel import PairKernel, build, library, pair_tables
 from vfs.masks import crop_mask
-from vfs.scoring import QueryGeometry, RegionQuery, Scorer, _cpu_product_times, uses_pairs
+from vfs.scoring import (
+    FastBound,
+    QueryGeometry,
+    RegionQuery,
+    Scorer,
+    _cpu_product_times,
+    exact_scores,
+    uses_pairs,
+)
 from vfs.search import _FastScoring, search_regions
 from vfs.sources import ArrayFeatures
 
@@ -97,45 +107,73 @@ def _fast_results(fast: _FastScoring, x, sq) -> list[np.ndarray]:
     return [t.numpy() for t in fast(x, sq)]
 
 
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory):
+    """The kernel's AVX2 + F16C build (8 lanes, fp16 only), compiled once for the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VFS_KERNEL_DIR", str(tmp_path_factory.mktemp("avx2")))
+        return build(("-mavx2", "-mf16c", "-mfma", "-mno-avx512f"))
+
+
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "on,dtype", [("native", torch.float16), ("native", torch.bfloat16), ("avx2", torch.float16)]
+)
 @pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("output_error", [None, 1e-3])
 @pytest.mark.parametrize(
     "grid,c,region",
     [((7, 7), 192, (3, 3)), ((3, 40), 33, (1, 2)), ((5, 6), 16, (5, 6)), ((14, 14), 24, (8, 9))],
 )
-def test_placements_scored_in_the_kernel_match_torchs_operators(
-    dtype, nonnegative, grid, c, region, force_form, monkeypatch
+def test_placements_scored_in_the_kernel_match_torchs_operators_and_bound_the_exact_scores(
+    on, dtype, nonnegative, output_error, grid, c, region, avx2_build, force_form, monkeypatch
 ):
     """`PairKernel.best_placements` (kernel.c's `best_of`) against the torch operators it replaces
-    (`Scorer.window_norms`, `scores`, `FastBound.upper`, the maxima over placements): rows of
-    placements wider than a vector (39 on the 3×40 grid), one placement (the 5×6 region), an
-    all-zero image (score 0), images holding a NaN or an inf (bound ∞), tied placements (the first
-    kept), a chunk in pieces."""
-    if dtype not in BUILT.dtypes:
-        pytest.skip("no AVX512-BF16 here")
+    (`Scorer.window_norms`, `scores`, `FastBound.upper`, the maxima over placements) and against
+    float64 scores, on both builds: rows of placements wider than a vector (39 on the 3×40 grid),
+    one placement (the 5×6 region), an all-zero image (score 0), images holding a NaN or an inf
+    (bound ∞), tied placements (the first kept), a chunk in uneven pieces, taken by both threads;
+    an output error large enough to show in the bound (it is ≈ 1e-43 for fp16)."""
+    lib = BUILT if on == "native" else avx2_build
+    if dtype not in lib.dtypes:
+        pytest.skip(f"no {dtype} in the {on} build here")
+    monkeypatch.setattr(kernel, "library", lambda: lib)
+    monkeypatch.setattr(scoring, "library", lambda: lib)
+    if output_error is not None:
+        create = FastBound.create
+        inflated = lambda *a: dataclasses.replace(create(*a), output_error=output_error)
+        monkeypatch.setattr(FastBound, "create", inflated)
     rng = np.random.default_rng(c)
-    feats = rng.standard_normal((37, *grid, c))
+    feats = rng.standard_normal((100, *grid, c))
     feats = np.abs(feats) if nonnegative else feats
     feats[1] = 0
     feats[2, 0, 0, 0] = np.nan
     feats[3, -1, -1, 1] = np.inf
     feats[4] = feats[4, 0, 0]  # every cell alike: every placement ties
+    feats = feats.astype(np.float16)
     mask = np.zeros(grid, np.float32)
     mask[: region[0], grid[1] - region[1] :] = rng.uniform(0.2, 1, region)
     rq = RegionQuery.create(feats[5].astype(np.float32), mask)
     geometry, cpu = QueryGeometry.create(rq, grid), torch.device("cpu")
-    x = torch.from_numpy(feats.astype(np.float16)).to(dtype)
-    sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
+    x16 = torch.from_numpy(feats)
+    sq = torch.linalg.vector_norm(x16.float(), dim=-1).square()  # of the features as stored
+    x = x16.to(dtype)
     force_form("pairs")
-    fused = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), [x[:20], x[20:]], sq)
-    monkeypatch.setattr(Scorer, "fuses", lambda self, x: False)
-    want = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), x, sq)
+    pieces = [x[a:b] for a, b in [(0, 5), (5, 6), (6, 71), (71, 100)]]
+    fused = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), pieces, sq)
+    with monkeypatch.context() as torch_path:
+        torch_path.setattr(Scorer, "fuses", lambda self, x: False)
+        want = _fast_results(_FastScoring(rq, geometry, cpu, nonnegative), x, sq)
     np.testing.assert_array_equal(fused[1], want[1])  # the same placements, ties to the first
     for got, expected in zip(fused[::2] + fused[3:], want[::2] + want[3:]):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)  # NaN and ∞ where torch's are
     assert fused[0][1] == 0 and np.isfinite(fused[2][1]) and np.isinf(fused[2][2:4]).all()
     assert (fused[3] == -np.inf).all() == (geometry.ph * geometry.pw == 1)
+    finite = np.setdiff1d(np.arange(len(feats)), [2, 3])
+    exact = exact_scores(feats[finite], rq).reshape(len(finite), -1)
+    assert (fused[2][finite] >= exact.max(1)).all()
+    exact[np.arange(len(finite)), fused[1][finite]] = -np.inf
+    assert (fused[3][finite] >= exact.max(1)).all()
 
 
 @needs_kernel
@@ -178,6 +216,29 @@ def _best_placements(pairs: PairKernel, x: torch.Tensor, g: QueryGeometry) -> np
     sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
     pairs.best_placements([x], sq, np.array(g.m2), g.qnorm, (1e-6, 1e-7, 1e-30), False, out)
     return np.stack([t.double().numpy() for t in out])
+
+
+@needs_kernel
+def test_many_placements_need_no_large_thread_stack():
+    """The per-placement arrays of the kernel's scoring live in the heap scratch, not on a thread's
+    stack: 25,600 placements (a 1×1 region on a 160×160 grid) on threads of 256 KiB stacks (musl's
+    default is 128 KiB; `OMP_STACKSIZE` may be small) — 300 KiB of arrays (a review found it)."""
+    code = """
+import threading
+threading.stack_size(256 * 1024)  # the kernel's own pool, started below, gets these stacks
+import numpy as np, vfs.kernel as kernel
+from vfs.search import search_regions
+kernel.openmp = lambda: None
+feats = np.random.default_rng(0).standard_normal((5, 160, 160, 8)).astype(np.float16)
+mask = np.zeros((160, 160), np.float32)
+mask[70, 90] = 1
+result = search_regions(feats, 2, mask, k=1)
+print(result.method, result.top["index"][0], result.placements[2])
+"""
+    env = os.environ | {"VFS_KERNEL": "on"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["pairs", "2", "[70", "90]"]
 
 
 @needs_kernel

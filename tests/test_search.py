@@ -531,11 +531,21 @@ def test_an_array_is_searched_as_it_is_where_the_kernel_reads_fp16(monkeypatch):
     assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])
 
 
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32-default", "fp64-default"])
+def default_dtype(request):
+    """torch's default type, which training code sets to float64: fast results stay fp32."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(before)
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
-def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, monkeypatch):
+def test_bf16_scores_refine_by_gathering_or_by_one_more_pass(share, default_dtype, monkeypatch):
     """What the bf16 bound cannot rule out is scored again in fp16: gathered, or (past a share of
     the images) in one more pass over all; either way the top-k is exact and, past that share,
-    every image's score fp16-close."""
+    every image's score fp16-close — whatever torch's default type (the refined images' results
+    are allocated fp32, what the kernel writes)."""
     monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
     monkeypatch.setattr("vfs.search._REFINE_ALL_SHARE", share)
     monkeypatch.setattr("vfs.search._REFINE_MIN_VALUES", 0)  # this few would go to float64 directly

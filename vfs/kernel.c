@@ -9,7 +9,8 @@
  * Layout: x (n, cells, c) row-major; w (K, cp) row-major, cp = c rounded up to the vector width
  * with zeros; pairs of data cell d: pk[j], pp[j] for j in start[d]..start[d+1] (query cell, and the
  * placement it lands in); out[p * stride + i] for images i in [i0, i1); acc: scratch of
- * 4 * places * 16 floats. Each placement sums its lanes over all its pairs, then once across.
+ * vfs_scratch_floats(places) floats. Each placement sums its lanes over all its pairs, then once
+ * across.
  * Given a `struct vfs_best`, each image's placements are scored instead (see there). */
 #include <immintrin.h>
 #include <math.h>
@@ -197,12 +198,17 @@ static inline vf finite_or_inf(vf v) {
 #define sqrt_ _mm256_sqrt_ps
 #endif
 
+/* The scratch a thread needs: ≤ 4 images' lane sums (places × 16 each), then `best_of`'s three
+ * arrays, each padded to whole vectors (on the heap, not a thread's stack: 12 bytes a placement). */
+int64_t vfs_scratch_floats(int32_t places) { return 4 * (int64_t)places * 16 + 3 * ((int64_t)places + 16); }
+
 /* The placements of image i from its lane sums `acc` (places × lanes). The window norms are summed
  * a row of placements at a time (query cell k covers a contiguous row of pw cells in each of ph
  * rows), over the query cells in 4 interleaved sums: any order is within the bound (K terms). */
-static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t places, int lanes, const float *acc) {
+static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t places, int lanes, const float *acc,
+                    float *scratch) {
     const int32_t ph = b->ph, pw = b->pw;
-    float score[places + L], up[places + L], wn2[places + L]; /* padded to whole vectors */
+    float *score = scratch, *up = score + places + L, *wn2 = up + places + L; /* padded to whole vectors */
     for (int p = 0; p < places; p++) score[p] = hsum(load_f(acc + (int64_t)p * lanes)); /* the numerator, for now */
     const float *sq = b->sq + i * cells;
     for (int y = 0; y < ph; y++)
@@ -221,7 +227,7 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
     for (int p = 0; p < places; p += L) {
         const vf wn = sqrt_(load_f(wn2 + p));
         const vf s = div_(load_f(score + p), below_to(mul_(wn, qnorm), smallest, smallest)); /* NaN stays */
-        const vf tiny = positive_or_zero(wn, div_(output_error, wn));
+        const vf tiny = positive_or_zero(wn, div_(output_error, wn)); /* overflow: ∞, where torch's gives 0 */
         store_f(score + p, s);
         store_f(up + p, finite_or_inf(div_(add_(add_(tiny, s), weight_term), scale)));
     }
@@ -273,13 +279,13 @@ AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int
         }
     }
     for (int m = 0; m < M; m++)
-        if (b) best_of(b, i + m, cells, places, lanes, acc + m * per_image);
+        if (b) best_of(b, i + m, cells, places, lanes, acc + m * per_image, acc + 4 * (int64_t)places * 16);
         else
             for (int p = 0; p < places; p++)
                 out[p * stride + i + m] = hsum(load_f(acc + m * per_image + (int64_t)p * lanes));
 }
 
-/* Images [i0, i1), IMAGES at a time, then one by one. acc: IMAGES · places · 16 floats. */
+/* Images [i0, i1), IMAGES at a time, then one by one. acc: vfs_scratch_floats(places) floats. */
 AI void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const void *w,
             int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
             int64_t stride, const struct vfs_best *b, float *acc) {
@@ -325,7 +331,7 @@ struct vfs_job {
     float *out;
     int64_t stride;
     const struct vfs_best *b;
-    float *acc; /* per thread: 4 * places * 16 floats */
+    float *acc; /* per thread: vfs_scratch_floats(places) floats */
     int max_threads;
     vfs_team_fn thread_num, num_threads;
     int64_t next; /* the first image no thread has taken yet */
@@ -336,7 +342,7 @@ static void vfs_job_run(void *arg) {
     int t = j->thread_num(), team = j->num_threads();
     if (team > j->max_threads) team = j->max_threads; /* never more scratch than allocated */
     if (t >= team) return;
-    float *acc = j->acc + (int64_t)t * 4 * j->places * 16;
+    float *acc = j->acc + t * vfs_scratch_floats(j->places);
     for (;;) {
         const int64_t i0 = __atomic_fetch_add(&j->next, SHARE, __ATOMIC_RELAXED);
         if (i0 >= j->n) return;

@@ -136,6 +136,7 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     cdll.vfs_sqnorms_f16.argtypes, cdll.vfs_sqnorms_f16.restype = [_P, _I64, _I64, _I32, _P], ctypes.c_int
     cdll.vfs_sqnorms_team.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I32, _P, _P]
     cdll.vfs_sqnorms_team.restype = None
+    cdll.vfs_scratch_floats.argtypes, cdll.vfs_scratch_floats.restype = [_I32], _I64
     return Library(cdll, frozenset(dtypes), (info >> 8) & 0xFF)
 
 
@@ -286,6 +287,10 @@ class PairKernel:
         sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
         weights = np.ascontiguousarray(m2, np.float32)
         best, where, upper, runner = out
+        for t, dtype in zip(out, (torch.float32, torch.int64, torch.float32, torch.float32)):
+            if t.dtype != dtype or t.device.type != "cpu" or t.shape != (len(sq),) or not t.is_contiguous():
+                found = f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                raise ValueError(f"the kernel writes contiguous {dtype} ({len(sq)},) on the CPU, not {found}")
         cells, origin = sq.shape[1], self.origin
         smallest = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
         scalars = (len(origin), *self.shape, self.width, qnorm, smallest, output_error, weight_term, scale)
@@ -304,7 +309,7 @@ class PairKernel:
         `outputs(offset)`: numerators (pointer, stride) or a `_Best` (by reference)."""
         places = self.shape[0] * self.shape[1]
         threads = max(1, torch.get_num_threads())
-        acc = np.empty((threads, 4 * places * 16), np.float32)  # per thread: ≤ 4 images × 16 lanes
+        acc = np.empty((threads, self.library.cdll.vfs_scratch_floats(places)), np.float32)  # per thread
         team = openmp()
         tables = (self.start.ctypes.data, self.query_cell.ctypes.data, self.placement.ctypes.data)
         w, cp = self.weights.data_ptr(), self.weights.shape[1]

@@ -272,11 +272,12 @@ class _FastScoring:
         nonnegative = self.nonnegative_source and bound.nonnegative_weights
         n = len(sqnorm)
         if out is None:
+            dev = sqnorm.device  # fp32 whatever torch's default type (the kernel writes fp32)
             out = (
-                torch.empty(n, device=sqnorm.device),
-                torch.empty(n, dtype=torch.int64, device=sqnorm.device),
-                torch.empty(n, device=sqnorm.device),
-                torch.empty(n, device=sqnorm.device),
+                torch.empty(n, dtype=torch.float32, device=dev),
+                torch.empty(n, dtype=torch.int64, device=dev),
+                torch.empty(n, dtype=torch.float32, device=dev),
+                torch.empty(n, dtype=torch.float32, device=dev),
             )
         if scorer.fuses(x):
             return scorer.best_placements(x, sqnorm, bound, nonnegative, out)
