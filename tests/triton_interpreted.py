@@ -129,8 +129,9 @@ def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(method, c
     wnorm = scorer.window_norms(sq)
     scores = scorer.scores(features, wnorm).flatten(0, 1)
     upper = bound.upper(scores.view_as(wnorm), wnorm, nonnegative).flatten(0, 1).nan_to_num_(posinf=np.inf)
-    empty = (torch.empty(70), torch.empty(70, dtype=torch.int64), torch.empty(70))
-    best, where, fused_upper = scorer.best_placements(features, sq, bound, nonnegative, empty)
+    empty = (torch.empty(70), torch.empty(70, dtype=torch.int64), torch.empty(70), torch.empty(70))
+    best, where, fused_upper, runner = scorer.best_placements(features, sq, bound, nonnegative, empty)
+    assert (runner == np.inf).all()  # no runner-up computed: every placement of a re-scored image
     torch.testing.assert_close(best, scores.max(0).values, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused_upper, upper.amax(0), rtol=1e-6, atol=1e-7)
     picked = scores.gather(0, where[None])[0]  # the placement it names scores what it says
