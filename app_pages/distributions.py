@@ -37,7 +37,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     with query_column:
         region = draw_region(query_view(cache, query), query, "dist")
     region = require_region(region)
-    result = run_search(cache, query, region)
+    result = run_search(cache, query, region, all_exact=True)  # statistics alike on every machine
     columns = group_columns(cache)
     if not columns:
         st.info(

@@ -454,6 +454,25 @@ def test_tied_placements_are_rescored_at_every_one_and_the_first_kept(monkeypatc
     assert sum(every) == result.rescored  # a tied placement's bound reaches the window's score
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_all_exact_gives_every_image_its_exact_score_in_every_form(dtype, force_form, monkeypatch, device):
+    """`all_exact=True` (the Distributions page): every image's score and placement are the brute
+    force's, not only the top-k's, whatever form and operand type the fast pass ran — so statistics
+    over all images read alike on every machine. Without it the others keep their fast scores."""
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: dtype)
+    rng = np.random.default_rng(21)
+    feats = np.asarray(rng.standard_normal((60, 6, 7, 24)), np.float16)  # signed: the widest bounds
+    mask = soft_blob(rng, 6, 7)
+    ref, ref_where = brute_force(feats, feats[4].astype(np.float32), mask)
+    for method in forms(mask, dtype, device):
+        force_form(method)
+        fast = search_regions(feats, 4, mask, k=5, device=device)
+        result = search_regions(feats, 4, mask, k=5, device=device, all_exact=True)
+        np.testing.assert_allclose(result.scores, ref, rtol=0, atol=1e-6)  # float64, kept as fp32
+        np.testing.assert_array_equal(result.placements, ref_where)
+        assert result.rescored == len(feats) > fast.rescored and result.top.equals(fast.top)
+
+
 def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):
     """search_regions on a bare array reuses its preparation (squared norms, fp16 copy) while the
     array provably has not changed: a tensor with the same version counter, a read-only array."""

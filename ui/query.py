@@ -311,11 +311,13 @@ def run_search(
     exclude_query: bool = True,
     per_domain: int | None = None,
     labels: tuple[str, ...] = (),
+    all_exact: bool = False,
 ) -> SearchResult:
-    """`vfs.search.search_regions` for this query, remembered until the query or an option changes."""
+    """`vfs.search.search_regions` for this query, remembered until the query or an option changes;
+    `all_exact` for pages that use every image's score (see there)."""
     mask = region.mask(cache.spec.grid)
     exclude = query.index if exclude_query and query.index is not None else None
-    key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels)
+    key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels, all_exact)
 
     def search() -> SearchResult:
         candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy() if labels else None
@@ -328,6 +330,7 @@ def run_search(
             exclude=exclude,
             per_domain=per_domain,
             candidates=candidates,
+            all_exact=all_exact,
         )
 
     with user_errors():

@@ -180,6 +180,19 @@ def test_distributions_use_the_query_drawn_on_search(app, caches):
     assert at.get("download_button")[0].label == "Download per-image scores (CSV)"
 
 
+def test_distributions_score_every_image_exactly(app, caches, monkeypatch):
+    """The page's statistics use every image's score: it asks for float64 ones (`all_exact`), alike
+    on every machine, where the Search page keeps the fast ones beyond its top-k."""
+    import ui.query
+
+    asked, search = [], ui.query.search_regions
+    monkeypatch.setattr(
+        ui.query, "search_regions", lambda *a, **kw: asked.append(kw["all_exact"]) or search(*a, **kw)
+    )
+    no_exceptions(page(searched(app, caches), "distributions"))
+    assert asked == [False, True]
+
+
 def test_distributions_split_a_multi_label_column_into_present_and_absent(app, caches):
     at = use_cache(page(app, "distributions"), "dist.cache", caches, "findings")
     no_exceptions(draw(at))

@@ -101,3 +101,12 @@ def test_a_killed_shard_is_restarted(sharded, reference):
     want = search_regions(reference, 7, MASKS["soft row"], k=5)
     os.kill(sharded.status()[1]["pid"], signal.SIGKILL)
     assert_same_answer(sharded.search(7, MASKS["soft row"], k=5), want, reference)
+
+
+def test_all_exact_re_scores_every_image_in_every_shard(sharded, reference):
+    """`all_exact=True` reaches the shards: every image's score is the float64 one, as in-process."""
+    got = sharded.search(3, MASKS["soft row"], k=5, all_exact=True)
+    exact = exact_scores(reference.rows(np.arange(reference.n)), got.query).reshape(reference.n, -1).max(1)
+    np.testing.assert_allclose(got.scores, exact, rtol=0, atol=1e-6)
+    assert got.rescored == reference.n
+    assert got.top.equals(search_regions(reference, 3, MASKS["soft row"], k=5, all_exact=True).top)

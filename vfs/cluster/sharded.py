@@ -77,9 +77,16 @@ class Shard:
         per_domain: int | None,
         candidates: np.ndarray | None,
         all_scores: bool,
+        all_exact: bool,
     ) -> ShardAnswer:
         r = search_regions(
-            self.rows, query, k=k, per_domain=per_domain, candidates=candidates, device=self.rows.device
+            self.rows,
+            query,
+            k=k,
+            per_domain=per_domain,
+            candidates=candidates,
+            device=self.rows.device,
+            all_exact=all_exact,
         )
         top = r.top.assign(index=r.top["index"] + self.rows.start)
         scores, placements = (r.scores, r.placements) if all_scores else (None, None)
@@ -188,12 +195,14 @@ class ShardedSearch:
         per_domain: int | None = None,
         candidates: np.ndarray | None = None,
         all_scores: bool = True,
+        all_exact: bool = False,
     ) -> SearchResult:
         """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc).
 
         `all_scores=False` brings back only the shards' top-ks: every other image's score is NaN and
         its placement (-1, -1). At 1.28 M images the scores and placements are 26 MB a query, the
-        largest cost of a search whose caller shows only the ranked table (docs/scale.md)."""
+        largest cost of a search whose caller shows only the ranked table (docs/scale.md).
+        `all_exact=True`: every shard re-scores all its images in float64 (see `search_regions`)."""
         import ray
 
         t0 = time.perf_counter()
@@ -207,7 +216,12 @@ class ShardedSearch:
         answers: list[ShardAnswer] = self._gather(
             [
                 s.search.remote(
-                    shared, k, per_domain, None if eligible[a:b].all() else eligible[a:b], all_scores
+                    shared,
+                    k,
+                    per_domain,
+                    None if eligible[a:b].all() else eligible[a:b],
+                    all_scores,
+                    all_exact,
                 )
                 for s, (a, b) in zip(self._shards, self.ranges)
             ]

@@ -1,7 +1,10 @@
 """The Distributions page for a notebook: every image's best score for a region, grouped by a column.
 
 Same groups, plot and statistics as the dashboard's page (vfs.stats, vfs.render), from a
-`SearchResult` (e.g. `SearchWidget.result`) instead of the page's widgets.
+`SearchResult` (e.g. `SearchWidget.result`) instead of the page's widgets. The page scores every
+image exactly (`search_regions(..., all_exact=True)`), so its statistics read alike on every
+machine; a widget's result keeps the fast scores beyond its top-k (their third decimal may differ
+between machines).
 """
 
 from __future__ import annotations
