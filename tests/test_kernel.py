@@ -214,7 +214,7 @@ def _best_placements(pairs: PairKernel, x: torch.Tensor, g: QueryGeometry) -> np
     n = len(x)
     out = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
     sq = torch.linalg.vector_norm(x.float(), dim=-1).square()
-    pairs.best_placements([x], sq, np.array(g.m2), g.qnorm, (1e-6, 1e-7, 1e-30), False, out)
+    pairs.best_placements([x], sq, g.m2, g.qnorm, (1e-30, 1e-7 + 1e-6, 1.0), out)
     return np.stack([t.double().numpy() for t in out])
 
 

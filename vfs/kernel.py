@@ -273,18 +273,16 @@ class PairKernel:
         sqnorm: torch.Tensor,
         m2: Sequence[float],
         qnorm: float,
-        bound: tuple[float, float, float],
-        nonnegative: bool,
+        affine: tuple[float, float, float],
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image of consecutive pieces of a chunk: its best fast score, that placement's index,
         the largest upper bound over its placements and the largest over its other placements
         (`out`: fp32, int64, fp32, fp32, each (n,)) — scored in the kernel as each image's
         numerators are summed (kernel.c's `best_of`). `sqnorm` (n, h, w) the cells' squared norms,
-        `m2` (K,) the squared mask weights in the query cells' order, `bound` FastBound's (eps,
-        weight_error, output_error)."""
-        eps, weight_error, output_error = bound
-        weight_term, scale = (weight_error, 1 - eps) if nonnegative else (weight_error + eps, 1.0)
+        `m2` (K,) the squared mask weights in the query cells' order, `affine` the bound's
+        (output_error, weight_term, scale) (`FastBound.affine`)."""
+        output_error, weight_term, scale = affine
         sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
         weights = np.ascontiguousarray(m2, np.float32)
         best, where, upper, runner = out

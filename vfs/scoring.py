@@ -568,32 +568,30 @@ class Scorer:
         tensors; see `kernel.PairKernel.best_placements`). Triton's epilogue computes no runner-up
         (∞). One placement (the whole grid): its numerators and squared norms are summed first,
         then passed as one cell."""
-        bound_terms = (bound.eps, bound.weight_error, bound.output_error)
+        affine = bound.affine(nonnegative)
         if self.pairs is not None:
             parts = x if isinstance(x, list) else [x]
-            qnorm = self.geometry.qnorm
             return self.pairs.best_placements(
-                parts, sqnorm, self.geometry.m2, qnorm, bound_terms, nonnegative, out
+                parts, sqnorm, self.geometry.m2, self.geometry.qnorm, affine, out
             )
         assert self.placements is not None and isinstance(x, torch.Tensor)
         out[3].fill_(math.inf)
+        first = (out[0], out[1], out[2])
         n, h, w, c = x.shape
         k = len(self.geometry.cells)
         if self.plan.method == "whole_cells":
             assert self.norm_weights is not None
             numerators = triton_products.cell_sums(self.weights[0].view(h * w, c), x.reshape(n, h * w, c))
             sq = sqnorm.reshape(n, h * w) @ self.norm_weights
-            first = (out[0], out[1], out[2])
             triton_products.best_single_placement(
-                numerators, sq, self.geometry.qnorm, bound_terms, nonnegative, first
+                numerators, sq, self.geometry.qnorm, affine, nonnegative, first
             )
             return out
         products = triton_products.rows_product(self.weights[0], x.reshape(-1, c)).view(k, n, h * w)
         sq = sqnorm.reshape(n, h * w).contiguous()
         cells, m2 = self.placements.grid.view(k, -1), self.placements.m2.view(k)
-        first = (out[0], out[1], out[2])
         triton_products.best_placements(
-            products, sq, cells, m2, self.geometry.qnorm, bound_terms, nonnegative, first
+            products, sq, cells, m2, self.geometry.qnorm, affine, nonnegative, first
         )
         return out
 
@@ -698,10 +696,17 @@ class FastBound:
         layers), the exact numerator itself, which makes the first part relative to the score.
         An all-zero window's numerator is exactly 0, so it gets no output error.
         """
-        tiny = (self.output_error / wnorm).nan_to_num_(nan=0.0, posinf=0.0)  # ∞ or NaN: ‖r‖ = 0
+        output_error, weight_term, scale = self.affine(nonnegative)
+        tiny = (output_error / wnorm).nan_to_num_(nan=0.0, posinf=0.0)  # ∞ or NaN: ‖r‖ = 0
+        upper = tiny.add_(scores).add_(weight_term)
+        return upper.div_(scale) if nonnegative else upper
+
+    def affine(self, nonnegative: bool) -> tuple[float, float, float]:
+        """`upper` as (output_error, weight_term, scale): (output_error / ‖r‖ + score + weight_term)
+        / scale — what the fused epilogues (the pairs kernel's, Triton's) compute per placement."""
         if nonnegative:
-            return tiny.add_(scores).add_(self.weight_error).div_(1 - self.eps)
-        return tiny.add_(scores).add_(self.weight_error + self.eps)
+            return self.output_error, self.weight_error, 1 - self.eps
+        return self.output_error, self.weight_error + self.eps, 1.0
 
 
 ExactScore = Callable[[np.ndarray | torch.Tensor], np.ndarray]

@@ -277,7 +277,7 @@ def best_placements(
     cells: torch.Tensor,
     m2: torch.Tensor,
     qnorm: float,
-    bound: tuple[float, float, float],
+    affine: tuple[float, float, float],
     nonnegative: bool,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
@@ -289,14 +289,11 @@ def best_placements(
     in ≈ 20 operations, each a launch and a pass. `products` (K, n, h·w) fp32 are the masked cells'
     products with every cell, `sqnorm` (n, h·w) fp32 the cells' squared norms, `cells` (K, P) the
     data cell each masked cell covers at each placement, `m2` (K,) fp32 the squared mask weights,
-    `bound` FastBound's (eps, weight_error, output_error). Sums of K values in fp32 as in the
-    strided adds; divisions and square roots rounded to nearest as torch's."""
+    `affine` the bound's (output_error, weight_term, scale) (`FastBound.affine`; `nonnegative` its
+    form). Sums of K values in fp32 as in the strided adds; divisions and square roots rounded to
+    nearest as torch's."""
     k, n, hw = products.shape
-    eps, weight_error, output_error = bound
-    if nonnegative:
-        weight_term, scale = weight_error, 1 - eps
-    else:
-        weight_term, scale = weight_error + eps, 1.0
+    output_error, weight_term, scale = affine
     best, where, upper = out
     if n:
         with _LOCK:
@@ -328,7 +325,7 @@ def best_single_placement(
     numerators: torch.Tensor,
     squared_norms: torch.Tensor,
     qnorm: float,
-    bound: tuple[float, float, float],
+    affine: tuple[float, float, float],
     nonnegative: bool,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,7 +334,7 @@ def best_single_placement(
     n = len(numerators)
     cells, m2 = _one_cell(numerators.device)
     return best_placements(
-        numerators.view(1, n, 1), squared_norms.view(n, 1), cells, m2, qnorm, bound, nonnegative, out
+        numerators.view(1, n, 1), squared_norms.view(n, 1), cells, m2, qnorm, affine, nonnegative, out
     )
 
 
@@ -380,13 +377,13 @@ def _checked(device: torch.device) -> bool:
             ones = torch.ones(2, n, 4, device=device)
             cells_at = torch.tensor([[0, 1], [1, 2]], device=device)
             best, where, upper = best_placements(
-                ones, ones[0], cells_at, ones[:, 0, 0], 1.0, (0.0, 0.0, 0.0), True, out
+                ones, ones[0], cells_at, ones[:, 0, 0], 1.0, (0.0, 0.0, 1.0), True, out
             )
             ok = ok and torch.allclose(best.cpu(), torch.full((n,), 2**0.5))
             ok = ok and torch.allclose(upper.cpu(), best.cpu()) and not where.any()
             # one placement (cells, grid and placements of 1: constants to Triton too): 3/√9 = 1
             three = torch.full((n,), 3.0, device=device)
-            best, where, upper = best_single_placement(three, three * 3, 1.0, (0.0, 0.0, 0.0), False, out)
+            best, where, upper = best_single_placement(three, three * 3, 1.0, (0.0, 0.0, 1.0), False, out)
             ok = ok and torch.allclose(best.cpu(), torch.ones(n)) and not where.any()
     except torch.cuda.OutOfMemoryError:
         raise  # not a property of the kernels: asked again next time
