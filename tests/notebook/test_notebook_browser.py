@@ -162,6 +162,8 @@ def test_paint_in_jupyterlab(page, lab):
 
     click_and_wait(page, "Undo")  # back to the first stroke alone: its results again
     assert matches(page) == first
+    click_and_wait(page, "Redo")  # and the rectangle again
+    assert matches(page) == second
     click_and_wait(page, "Clear")
     assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
 

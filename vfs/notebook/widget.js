@@ -1,10 +1,9 @@
-// The SearchWidget's front end (an anywidget ES module; no build step).
-// The browser keeps the drawing; Python searches. A finished stroke, an undo or a clear sends the
+// The SearchWidget's front end (an anywidget ES module; no build step; served after painter.js).
+// The browser keeps the drawing; Python searches. A finished stroke, an undo, a redo or a clear sends the
 // canvas's painted pixels (one alpha byte per pixel of the model's view) as a binary buffer; Python
 // answers by setting matches, mask_view, status or error and bumping `revision`.
 
 const DISPLAY_PX = 320; // the query's on-screen width; the canvas itself has the view's pixels
-const PAINT = "rgb(255, 96, 0)"; // opaque on the canvas; the canvas is shown half transparent
 
 function element(tag, className, parent, text) {
   const node = document.createElement(tag);
@@ -21,26 +20,6 @@ function button(parent, text, title) {
   return node;
 }
 
-function drawShape(ctx, shape) {
-  if (shape.kind === "rect") {
-    const [x0, y0, x1, y1] = shape.box;
-    ctx.fillRect(Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0));
-    return;
-  }
-  const points = shape.points;
-  ctx.lineWidth = shape.size;
-  if (points.length === 1) {
-    ctx.beginPath();
-    ctx.arc(points[0][0], points[0][1], shape.size / 2, 0, 2 * Math.PI);
-    ctx.fill();
-    return;
-  }
-  ctx.beginPath();
-  ctx.moveTo(points[0][0], points[0][1]);
-  for (const [x, y] of points.slice(1)) ctx.lineTo(x, y);
-  ctx.stroke();
-}
-
 function render({ model, el }) {
   const root = element("div", "vfs-search", el);
 
@@ -53,6 +32,7 @@ function render({ model, el }) {
   Object.assign(size, { type: "range", min: 2, max: 80, title: "Brush diameter in pixels of the model's view" });
   const sizeText = element("span", "vfs-size-value", sizeLabel);
   const undo = button(bar, "Undo", "Remove the last stroke");
+  const redo = button(bar, "Redo", "Bring back the last stroke undone");
   const clear = button(bar, "Clear", "Remove every stroke");
   const kLabel = element("label", "vfs-k", bar, "k ");
   const k = element("input", "", kLabel);
@@ -76,20 +56,13 @@ function render({ model, el }) {
   error.setAttribute("role", "alert");
   const matches = element("div", "vfs-matches", root);
 
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  let shapes = [];
-  let current = null; // the stroke being drawn
+  const painter = createPainter(canvas, {
+    settings: () => ({ tool: model.get("tool"), brush: model.get("brush") }),
+    changed: send,
+  });
 
-  function redraw() {
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    Object.assign(ctx, { fillStyle: PAINT, strokeStyle: PAINT, lineCap: "round", lineJoin: "round" });
-    for (const shape of current ? [...shapes, current] : shapes) drawShape(ctx, shape);
-  }
-
-  function send() {
-    const rgba = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
-    const alpha = new Uint8Array(canvas.width * canvas.height);
-    for (let i = 0; i < alpha.length; i++) alpha[i] = rgba[4 * i + 3];
+  function send(shapes) {
+    const alpha = painter.alpha();
     model.set("shapes", shapes);
     model.save_changes();
     root.classList.add("vfs-busy");
@@ -97,54 +70,9 @@ function render({ model, el }) {
     model.send({ type: "paint" }, undefined, [alpha.buffer]);
   }
 
-  function point(event) {
-    const box = canvas.getBoundingClientRect();
-    return [
-      ((event.clientX - box.left) / box.width) * canvas.width,
-      ((event.clientY - box.top) / box.height) * canvas.height,
-    ];
-  }
-
-  canvas.addEventListener("pointerdown", (event) => {
-    if (event.button !== 0) return;
-    canvas.setPointerCapture(event.pointerId);
-    const p = point(event);
-    current = model.get("tool") === "rectangle"
-      ? { kind: "rect", box: [...p, ...p] }
-      : { kind: "brush", size: model.get("brush"), points: [p] };
-    redraw();
-  });
-  canvas.addEventListener("pointermove", (event) => {
-    if (!current) return;
-    const p = point(event);
-    if (current.kind === "rect") current.box = [current.box[0], current.box[1], ...p];
-    else current.points.push(p);
-    redraw();
-  });
-  function finish() {
-    if (!current) return;
-    const shape = current;
-    current = null;
-    const [x0, y0, x1, y1] = shape.box || [];
-    const paints = shape.kind !== "rect" || (x0 !== x1 && y0 !== y1); // a click with the rectangle tool does not
-    if (paints) shapes = [...shapes, shape];
-    redraw();
-    if (paints) send();
-  }
-  canvas.addEventListener("pointerup", finish);
-  canvas.addEventListener("pointercancel", finish);
-
-  undo.addEventListener("click", () => {
-    if (!shapes.length) return;
-    shapes = shapes.slice(0, -1);
-    redraw();
-    send();
-  });
-  clear.addEventListener("click", () => {
-    shapes = [];
-    redraw();
-    send();
-  });
+  undo.addEventListener("click", () => painter.undo());
+  redo.addEventListener("click", () => painter.redo());
+  clear.addEventListener("click", () => painter.clear());
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
   rectTool.addEventListener("click", () => { model.set("tool", "rectangle"); model.save_changes(); });
   size.addEventListener("input", () => { model.set("brush", Number(size.value)); model.save_changes(); });
@@ -160,7 +88,7 @@ function render({ model, el }) {
     stage.style.aspectRatio = `${width} / ${height}`;
     view.src = model.get("view");
     queryCaption.textContent = `Query as the model saw it (${width}×${height} px, ${h}×${w} feature grid)`;
-    redraw();
+    painter.redraw(); // resizing the canvas cleared it
   }
   function showTools() {
     const rectangle = model.get("tool") === "rectangle";
@@ -172,8 +100,7 @@ function render({ model, el }) {
     k.value = model.get("k");
   }
   function showShapes() {
-    shapes = model.get("shapes").slice();
-    redraw();
+    if (model.get("shapes") !== painter.shapes) painter.set(model.get("shapes"));
   }
   function showAnswer() {
     root.classList.remove("vfs-busy");

@@ -1,6 +1,6 @@
 """`SearchWidget`: paint on a query in a notebook, get the engine's exact matches below it.
 
-The browser holds only the drawing (brush and rectangle strokes, undo, clear). When a stroke
+The browser holds only the drawing (brush and rectangle strokes, undo, redo, clear). When a stroke
 ends it sends the painted pixels of the model's view to Python, which area-averages them onto
 the feature grid (`vfs.masks.grid_mask`), runs `vfs.search_regions` and sends back pictures made
 by `vfs.render`: so a painted region is searched exactly as the dashboard and the CLI search it.
@@ -89,7 +89,7 @@ class SearchWidget(anywidget.AnyWidget):
     `search(mask)` searches a grid mask from Python. Errors are shown in the widget.
     """
 
-    _esm = HERE / "widget.js"
+    _esm = (HERE / "painter.js").read_text() + (HERE / "widget.js").read_text()
     _css = HERE / "widget.css"
 
     # Shown by the browser; `brush`, `tool`, `shapes` and `k` are also set there.
@@ -165,7 +165,7 @@ class SearchWidget(anywidget.AnyWidget):
 
     # --- the browser's messages and option changes ---------------------------------------------------
     def _on_message(self, _widget: SearchWidget, content: dict, buffers: list[memoryview]) -> None:
-        """A stroke ended (or was undone, or the drawing cleared): search the paint now on the canvas."""
+        """A stroke ended (or was undone or redone, or the drawing cleared): search the canvas's paint."""
         if content.get("type") != "paint":
             return
         try:
