@@ -92,7 +92,7 @@ def strokes(browser, url: str, count: int, pause_s: float) -> list[dict]:
         page.add_init_script(WATCH_RUNS)
         page.goto(f"{url}/search")
         page.get_by_text("Draw on the query image to search").wait_for(state="visible", timeout=120_000)
-        wait_idle(page, 2, timeout=120_000)  # the canvas reruns once after its background loads
+        wait_idle(page, timeout=120_000)
         out, before = [], ""
         for n, y in enumerate(np.linspace(0.1, 0.9, count)):
             page.wait_for_timeout(pause_s * 1000)  # a user looks at the page before each stroke

@@ -17,13 +17,13 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
-from streamlit_drawable_canvas import st_canvas
 
 from vfs.cache import FeatureCache, is_url
 from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.search import SearchResult, search_regions
 
+from .canvas import paint_canvas
 from .core import (
     CACHE,
     bind,
@@ -39,8 +39,6 @@ from .core import (
 )
 
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
-TOOLBAR_PX = 150  # the canvas's toolbar (undo, redo, clear) shows over the line above its top-right corner
-PAINT = "rgba(255, 96, 0, 0.45)"  # strokes show the image through them; any paint counts fully
 DATASET, UPLOAD = "Dataset image", "Upload"
 FROM, INDEX, UPLOADED, REGION = "vfs.query.from", "vfs.query.index", "vfs.upload", "vfs.region"
 BROWSE_PAGE = 12
@@ -71,15 +69,15 @@ class Query:
 
 @dataclass(frozen=True)
 class Region:
-    """A region drawn on a query: the canvas strokes (to redraw them on another page) and the paint."""
+    """A region drawn on a query: the canvas's shapes (to redraw them on another page) and the paint."""
 
     query: Query
-    drawing: dict = field(repr=False)
-    paint: np.ndarray = field(repr=False)  # (CANVAS_PX, CANVAS_PX) bool
+    shapes: list[dict] = field(repr=False)
+    paint: np.ndarray = field(repr=False)  # (CANVAS_PX, CANVAS_PX) bool; any paint counts fully
 
     @property
     def empty(self) -> bool:
-        return not (self.drawing or {}).get("objects")
+        return not self.shapes
 
     def mask(self, grid: tuple[int, int]) -> np.ndarray:
         return grid_mask(self.paint, grid)
@@ -253,19 +251,18 @@ def canvas_row() -> tuple[DeltaGenerator, DeltaGenerator]:
 
 
 def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
-    """The shared drawer: the view on a canvas (free-hand or rectangle; undo, redo and clear in its toolbar).
+    """The shared drawer: the view on a canvas (free-hand or rectangle; undo, redo and clear above it),
+    the tool and brush size below it.
 
-    The canvas's toolbar appears, while the mouse is over the canvas, on the line above it: that line holds
-    only a short caption, and the controls that set the tool come below the canvas, out of its way.
-    The region drawn is kept in session state; a canvas opened on another page starts from its strokes.
+    The region drawn is kept in session state; a canvas opened on another page starts from its shapes.
     """
     stored = st.session_state.get(REGION)
     stored = stored if stored is not None and stored.query == query else None
     canvas_key = f"{key}.canvas.{query.key}"
     initial_key = f"vfs.initial.{canvas_key}"
     if canvas_key not in st.session_state:  # the canvas mounts now: redraw the region drawn elsewhere
-        st.session_state[initial_key] = stored.drawing if stored is not None else None
-    st.caption("Paint the region to search for", width=CANVAS_PX - TOOLBAR_PX)
+        st.session_state[initial_key] = stored.shapes if stored is not None else None
+    st.caption("Paint the region to search for")
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
     freehand = (
         st.radio(
@@ -275,21 +272,16 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
     )
     width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
     with canvas:
-        result = st_canvas(
-            fill_color=PAINT,
-            stroke_width=width if freehand else 0,
-            stroke_color=PAINT,
-            background_image=_background(view),
-            update_streamlit=True,
-            width=CANVAS_PX,
-            height=CANVAS_PX,
-            drawing_mode="freedraw" if freehand else "rect",
-            initial_drawing=st.session_state[initial_key],
-            return_image_data=True,
+        drawing = paint_canvas(
+            _background(view),
+            CANVAS_PX,
+            "brush" if freehand else "rectangle",
+            width,
             key=canvas_key,
+            shapes=st.session_state[initial_key],
         )
-    if result.image_data is not None:
-        stored = Region(query, result.json_data or {}, result.image_data[..., 3] > 0)
+    if drawing is not None:
+        stored = Region(query, drawing.shapes, drawing.paint)
         st.session_state[REGION] = stored
     return stored
 

@@ -39,18 +39,21 @@ def box_paint(
     return paint
 
 
-def draw(at: AppTest, paint: np.ndarray | None = None) -> AppTest:
-    """Inject a stroke into the canvas on screen (STACK.md: through its session state) and rerun."""
+BOX_SHAPE = {"kind": "rect", "box": [96, 96, 192, 192]}  # box_paint()'s default as ui/canvas.js keeps it
+
+
+def send_drawing(at: AppTest, drawing: dict) -> AppTest:
+    """Set what the canvas on screen sends (through its session state, as ui/canvas.js does) and rerun."""
     canvas = at.get("bidi_component")[0].proto.id  # "$$ID-<hash>-<user key>"
-    key = canvas.split("-", 2)[2]
-    at.session_state[key] = {
-        "drawing": {
-            "raw": {"objects": [{"type": "Path"}]},
-            "data": png_url(box_paint() if paint is None else paint),
-        },
-        "backgroundFit": None,
-    }
+    at.session_state[canvas.split("-", 2)[2]] = {"drawing": drawing}
     return at.run()
+
+
+def draw(at: AppTest, paint: np.ndarray | None = None) -> AppTest:
+    """A stroke on the canvas: `paint` (box_paint() if None), with one shape (Python reads only their count)."""
+    return send_drawing(
+        at, {"shapes": [BOX_SHAPE], "paint": png_url(box_paint() if paint is None else paint)}
+    )
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:

@@ -3,6 +3,7 @@
 Drawings are injected through the canvas's session state, as the component would send them.
 """
 
+import json
 import shutil
 import threading
 from functools import partial
@@ -11,7 +12,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import zarr
-from apphelpers import SMALL, box_paint, draw, no_exceptions, start_app, texts, wait_until
+from apphelpers import (
+    BOX_SHAPE,
+    SMALL,
+    box_paint,
+    draw,
+    no_exceptions,
+    send_drawing,
+    start_app,
+    texts,
+    wait_until,
+)
 from PIL import Image
 
 from vfs.cache import open_cache
@@ -98,6 +109,32 @@ def test_search_waits_for_a_stroke_then_ranks_scored_outlined_matches(app, cache
         "Download results (JSON)",
         "Download figure (PNG)",
     ]
+
+
+def canvas_data(at) -> dict:
+    """What the page sends the canvas (ui/canvas.py's `data`)."""
+    return json.loads(at.get("bidi_component")[0].proto.json)
+
+
+def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_page(app, caches):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    data = canvas_data(at)
+    assert (data["tool"], data["brush"], data["size"], data["shapes"]) == ("brush", 32, 320, None)
+    assert data["background"].startswith("data:image/jpeg;base64,")
+    at.slider(key="search.brush").set_value(50).run()
+    assert canvas_data(at)["brush"] == 50
+    at.radio(key="search.tool").set_value("Rectangle").run()
+    assert canvas_data(at)["tool"] == "rectangle" and at.slider(key="search.brush").disabled
+    shapes = canvas_data(draw(at))["shapes"]
+    assert shapes is None  # the canvas holds its drawing; the page sends shapes only when it mounts
+    at = page(at, "distributions")
+    assert canvas_data(at)["shapes"] == [BOX_SHAPE]  # draw()'s
+
+
+def test_a_cleared_canvas_asks_for_a_region_again(app, caches):
+    at = no_exceptions(send_drawing(searched(app, caches), {"shapes": [], "paint": None}))  # Clear
+    assert any("Draw on the query image" in t for t in texts(at.info))
+    assert not any(t.startswith("10 results from") for t in texts(at.caption))
 
 
 def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):

@@ -252,14 +252,13 @@ SUMMARY_MS = re.compile(r"^(\d+) results from (\d+) images in (\d+) ms")
 def wait_idle(
     page, runs: int = 1, quiet_ms: int = 300, fallback_ms: int = 2500, timeout: int = 60_000
 ) -> None:
-    """Wait for the app to finish: `runs` script runs since the last reset, then `quiet_ms` idle
-    (a canvas with a background image sends one extra rerun after it loads: runs=2)."""
+    """Wait for the app to finish: `runs` script runs since the last reset, then `quiet_ms` idle."""
     page.wait_for_function(IDLE, arg=[runs, quiet_ms, fallback_ms], timeout=timeout, polling=50)
 
 
 def stroke(page, y: float = 0.45, x0: float = 0.3, x1: float = 0.7) -> None:
     """A real free-hand stroke across the canvas (fractions of its size): move, press, drag, release."""
-    canvas = page.locator("canvas.upper-canvas")
+    canvas = page.locator("canvas.vfs-paint")
     canvas.wait_for(state="visible")
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y * box["height"])
