@@ -109,6 +109,21 @@ def test_options_search_again(demo_cache):
     assert_same(w.result, search_regions(demo_cache, FACE, mask, k=4))
 
 
+def test_all_exact_scores_every_image_as_search_regions_does(demo_cache):
+    """`all_exact=True`: every image's score is the float64 one (what the Distributions page uses), and
+    switching it on searches the region again."""
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[1:4, 2:6] = 1
+    mask[4, 3] = 0.5
+    w = SearchWidget(demo_cache, query=FACE)
+    fast = w.search(mask)
+    w.all_exact = True
+    exact = search_regions(demo_cache, FACE, mask, k=10, exclude=FACE, all_exact=True)
+    assert_same(w.result, exact)
+    assert not np.array_equal(fast.scores, exact.scores)  # the option changes scores beyond the top-k
+    assert_same(SearchWidget(demo_cache, query=FACE, all_exact=True).search(mask), exact)
+
+
 def test_errors_are_shown_not_raised_from_the_browser(demo_cache):
     w = SearchWidget(demo_cache, query=FACE)
     paint(w, np.zeros(10, dtype=np.uint8))  # not the view's size

@@ -3,8 +3,8 @@
 Same groups, plot and statistics as the dashboard's page (vfs.stats, vfs.render), from a
 `SearchResult` (e.g. `SearchWidget.result`) instead of the page's widgets. The page scores every
 image exactly (`search_regions(..., all_exact=True)`), so its statistics read alike on every
-machine; a widget's result keeps the fast scores beyond its top-k (their third decimal may differ
-between machines).
+machine; so does a `SearchWidget(..., all_exact=True)`'s result (by default a widget keeps the fast
+scores beyond its top-k: their third decimal may differ between machines).
 """
 
 from __future__ import annotations
