@@ -1,7 +1,8 @@
 // The dashboard's drawing canvas: a Streamlit components-v2 module, served after the notebook widget's
 // painter.js (createPainter). The query's view lies under the paint; undo, redo and clear sit above it.
 // A finished stroke, an undo, a redo or a clear sends the shapes and the paint (a PNG data URL whose alpha
-// is the paint) at once, so the page reruns on mouse-up.
+// is the paint) at once, so the page reruns on mouse-up. Focused (by a stroke or a click on its buttons),
+// the canvas takes Ctrl+Z (undo) and Ctrl+Shift+Z or Ctrl+Y (redo); ⌘ on a Mac.
 
 const mounted = new WeakMap(); // parentElement → its canvas: Streamlit calls this module again on every rerun
 
@@ -12,8 +13,8 @@ function mount(parentElement, setStateValue) {
   bar.className = "vfs-canvas-bar";
   const buttons = {};
   for (const [name, title] of [
-    ["Undo", "Remove the last stroke"],
-    ["Redo", "Bring back the last stroke undone"],
+    ["Undo", "Remove the last stroke (Ctrl+Z)"],
+    ["Redo", "Bring back the last stroke undone (Ctrl+Shift+Z)"],
     ["Clear", "Remove every stroke"],
   ]) {
     const node = document.createElement("button");
@@ -23,6 +24,7 @@ function mount(parentElement, setStateValue) {
   }
   const stage = document.createElement("div");
   stage.className = "vfs-stage";
+  stage.tabIndex = 0; // focused by a stroke, so that the canvas takes the undo and redo keys
   const view = document.createElement("img");
   Object.assign(view, { className: "vfs-view", alt: "the query as the model saw it", draggable: false });
   const canvas = document.createElement("canvas");
@@ -47,6 +49,15 @@ function mount(parentElement, setStateValue) {
   buttons.Undo.addEventListener("click", () => state.painter.undo());
   buttons.Redo.addEventListener("click", () => state.painter.redo());
   buttons.Clear.addEventListener("click", () => state.painter.clear());
+  canvas.addEventListener("pointerdown", () => stage.focus({ preventScroll: true }));
+  root.addEventListener("keydown", (event) => {
+    if (!(event.ctrlKey || event.metaKey) || event.altKey) return;
+    const key = event.key.toLowerCase();
+    if (key === "z" && !event.shiftKey) state.painter.undo();
+    else if ((key === "z" && event.shiftKey) || key === "y") state.painter.redo();
+    else return;
+    event.preventDefault();
+  });
   state.show = (data) => {
     const first = state.data === null;
     state.data = data;

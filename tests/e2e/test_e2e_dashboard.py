@@ -451,10 +451,16 @@ def click_and_wait(page, button: str, k: int, before: str) -> str:
     return page.wait_for_function(RESULTS_CHANGED, arg=[k, before], timeout=RESULT_TIMEOUT_MS).json_value()[1]
 
 
+def press_and_wait(page, keys: str, k: int, before: str) -> str:
+    """Press keys (on the focused element); the results on screen once they differ from `before`."""
+    page.keyboard.press(keys)
+    return page.wait_for_function(RESULTS_CHANGED, arg=[k, before], timeout=RESULT_TIMEOUT_MS).json_value()[1]
+
+
 def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, server, demo_cache):
-    """Real strokes and clicks on the canvas: undo brings back the first stroke's results, redo the second's,
-    clear empties the canvas and the results; a rectangle drag searches; the Distributions page's canvas
-    opens with the same paint."""
+    """Real strokes, clicks and keys on the canvas: undo (its button or Ctrl+Z) brings back the first
+    stroke's results, redo (its button or Ctrl+Shift+Z) the second's, clear empties the canvas and the
+    results; a rectangle drag searches; the Distributions page's canvas opens with the same paint."""
     open_page(page, server, "search")
     choose(page, "Cache", f"{DEMO} — ")
     set_query_index(page, DEMO_N, FACE)
@@ -469,12 +475,16 @@ def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, serve
     canvas = page.locator("canvas.vfs-paint")
     both = canvas.evaluate(PAINTED)
 
-    assert click_and_wait(page, "Undo", k, second) == first
+    assert press_and_wait(page, "Control+z", k, second) == first  # the stroke focused the canvas
     assert 0 < canvas.evaluate(PAINTED) < both
     wait_idle(page)
     assert click_and_wait(page, "Redo", k, first) == second
     assert canvas.evaluate(PAINTED) == both
     expect(buttons.get_by_role("button", name="Redo", exact=True)).to_be_disabled()
+    wait_idle(page)
+    assert click_and_wait(page, "Undo", k, second) == first
+    wait_idle(page)
+    assert press_and_wait(page, "Control+Shift+z", k, first) == second  # the focus stays on the buttons
     wait_idle(page)
 
     buttons.get_by_role("button", name="Clear", exact=True).click()
