@@ -405,8 +405,8 @@ def inside(inner: dict, outer: dict) -> bool:
 
 
 def canvas_whole(page, where: str) -> None:
-    """The canvas shows whole, on screen, and its buttons (undo, redo, clear) overlap no element of the page
-    but the canvas's own (screenshots: test-artifacts/)."""
+    """The canvas shows whole, on screen, and neither it nor its buttons (undo, redo, clear) overlap an
+    element of the page but the canvas's own (screenshots: test-artifacts/)."""
     canvas = page.locator("canvas.vfs-paint")
     expect(canvas).to_be_visible()
     canvas.scroll_into_view_if_needed()
@@ -420,8 +420,9 @@ def canvas_whole(page, where: str) -> None:
     assert 0 <= box["x"] and box["x"] + box["width"] <= page.viewport_size["width"], f"{where}: {box}"
     own = [e for e in page.evaluate(ELEMENT_BOXES) if inside(box, e) and inside(bar, e)]
     assert own, f"{where}: the canvas and its buttons are not in one element"
-    covered = [e["what"] for e in page.evaluate(ELEMENT_BOXES) if overlap(bar, e) and not inside(box, e)]
-    assert not covered, f"{where}: the canvas's buttons {bar} overlap {covered}"
+    for name, part in (("buttons", bar), ("canvas", box)):
+        covered = [e["what"] for e in page.evaluate(ELEMENT_BOXES) if overlap(part, e) and not inside(box, e)]
+        assert not covered, f"{where}: the canvas's {name} {part} overlap {covered}"
 
 
 def test_the_canvas_shows_whole_and_its_buttons_cover_no_control(page, server, demo_cache, lite1_cache):
@@ -457,39 +458,64 @@ def press_and_wait(page, keys: str, k: int, before: str) -> str:
     return page.wait_for_function(RESULTS_CHANGED, arg=[k, before], timeout=RESULT_TIMEOUT_MS).json_value()[1]
 
 
+def button_states(page) -> dict[str, bool]:
+    """Which of the canvas's buttons are enabled."""
+    bar = page.locator(".vfs-canvas-bar")
+    return {name: bar.get_by_role("button", name=name, exact=True).is_enabled() for name in HISTORY}
+
+
+HISTORY = ("Undo", "Redo", "Clear")
+NO_REGION = "Draw on the query image to search"
+
+
 def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, server, demo_cache):
-    """Real strokes, clicks and keys on the canvas: undo (its button or Ctrl+Z) brings back the first
-    stroke's results, redo (its button or Ctrl+Shift+Z) the second's, clear empties the canvas and the
-    results; a rectangle drag searches; the Distributions page's canvas opens with the same paint."""
+    """Real strokes, clicks and keys on the canvas: undo (its button or Ctrl+Z) goes back one change, redo
+    (its button, Ctrl+Shift+Z) forward, each with that drawing's results; clear empties the canvas and the
+    results and is undone like a stroke; a rectangle drag searches; the Distributions page's canvas opens
+    with the same paint."""
     open_page(page, server, "search")
     choose(page, "Cache", f"{DEMO} — ")
     set_query_index(page, DEMO_N, FACE)
     k = k_value(page)
-    buttons = page.locator(".vfs-canvas-bar")
-    for name in ("Undo", "Redo", "Clear"):
-        expect(buttons.get_by_role("button", name=name, exact=True)).to_be_disabled()
+    canvas = page.locator("canvas.vfs-paint")
+    assert button_states(page) == dict.fromkeys(HISTORY, False)
     first = timed_stroke(page, k, "", y=0.3, timeout_ms=RESULT_TIMEOUT_MS).signature
     wait_idle(page)
+    one = canvas.evaluate(PAINTED)
     second = timed_stroke(page, k, first, y=0.7, timeout_ms=RESULT_TIMEOUT_MS).signature
     wait_idle(page)
-    canvas = page.locator("canvas.vfs-paint")
     both = canvas.evaluate(PAINTED)
+    assert 0 < one < both and button_states(page) == {"Undo": True, "Redo": False, "Clear": True}
 
     assert press_and_wait(page, "Control+z", k, second) == first  # the stroke focused the canvas
-    assert 0 < canvas.evaluate(PAINTED) < both
+    assert canvas.evaluate(PAINTED) == one
     wait_idle(page)
     assert click_and_wait(page, "Redo", k, first) == second
-    assert canvas.evaluate(PAINTED) == both
-    expect(buttons.get_by_role("button", name="Redo", exact=True)).to_be_disabled()
+    assert canvas.evaluate(PAINTED) == both and not button_states(page)["Redo"]
     wait_idle(page)
     assert click_and_wait(page, "Undo", k, second) == first
     wait_idle(page)
-    assert press_and_wait(page, "Control+Shift+z", k, first) == second  # the focus stays on the buttons
+    page.locator(".vfs-canvas-bar").get_by_role("button", name="Undo", exact=True).click()
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
+    assert canvas.evaluate(PAINTED) == 0 and button_states(page) == {
+        "Undo": False,
+        "Redo": True,
+        "Clear": False,
+    }
+    wait_idle(page)
+    # the Undo button disabled itself; the keys still reach the canvas
+    assert press_and_wait(page, "Control+Shift+z", k, "") == first
     wait_idle(page)
 
-    buttons.get_by_role("button", name="Clear", exact=True).click()
-    expect(page.get_by_text("Draw on the query image to search")).to_be_visible()
+    page.locator(".vfs-canvas-bar").get_by_role("button", name="Clear", exact=True).click()
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
     assert score_captions(page) == [] and canvas.evaluate(PAINTED) == 0
+    wait_idle(page)
+    assert press_and_wait(page, "Control+z", k, "") == first  # a clear is undone like a stroke
+    assert canvas.evaluate(PAINTED) == one
+    wait_idle(page)
+    page.locator(".vfs-canvas-bar").get_by_role("button", name="Clear", exact=True).click()
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
     wait_idle(page)
 
     page.get_by_text("Rectangle", exact=True).click()
@@ -512,6 +538,25 @@ def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, serve
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=RESULT_TIMEOUT_MS)
     expect(canvas).to_be_visible()
     page.wait_for_function(f"c => ({PAINTED})(c) === {rectangle}", arg=canvas.element_handle())
+    no_exception(page)
+
+
+def test_a_new_query_opens_a_blank_canvas_and_the_drawn_one_comes_back(page, server, demo_cache):
+    open_page(page, server, "search")
+    choose(page, "Cache", f"{DEMO} — ")
+    set_query_index(page, DEMO_N, FACE)
+    k = k_value(page)
+    drawn = timed_stroke(page, k, "", timeout_ms=RESULT_TIMEOUT_MS).signature
+    wait_idle(page)
+    canvas = page.locator("canvas.vfs-paint")
+    painted = canvas.evaluate(PAINTED)
+    set_query_index(page, DEMO_N, FACE + 1)
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
+    assert canvas.evaluate(PAINTED) == 0 and button_states(page) == dict.fromkeys(HISTORY, False)
+    set_query_index(page, DEMO_N, FACE)
+    page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
+    assert canvas.evaluate(PAINTED) == painted
+    assert page.evaluate(RESULTS_CHANGED, [k, ""])[1] == drawn
     no_exception(page)
 
 

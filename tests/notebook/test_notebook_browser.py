@@ -129,12 +129,21 @@ def matches(page) -> list[tuple[int, float]]:
     return list(zip(indices, map(float, page.locator(".vfs-score").all_inner_texts())))
 
 
-def click_and_wait(page, name: str) -> None:
+def answered(page, act) -> None:
+    """Do `act()` and wait for Python's answer to it."""
     before = revision(page)
-    page.get_by_role("button", name=name, exact=True).click()
+    act()
     page.wait_for_function(
         "r => Number(document.querySelector('.vfs-matches').dataset.revision) > r", arg=before
     )
+
+
+def click_and_wait(page, name: str) -> None:
+    answered(page, page.get_by_role("button", name=name, exact=True).click)
+
+
+def press_and_wait(page, keys: str) -> None:
+    answered(page, lambda: page.keyboard.press(keys))
 
 
 def test_paint_in_jupyterlab(page, lab):
@@ -164,6 +173,11 @@ def test_paint_in_jupyterlab(page, lab):
     assert matches(page) == first
     click_and_wait(page, "Redo")  # and the rectangle again
     assert matches(page) == second
+    cells = page.locator(".jp-Cell").count()
+    press_and_wait(page, "Control+z")  # the Redo click left the focus on the canvas: the keys undo there
+    assert matches(page) == first
+    press_and_wait(page, "Control+Shift+z")
+    assert matches(page) == second and page.locator(".jp-Cell").count() == cells  # JupyterLab kept its cells
     click_and_wait(page, "Clear")
     assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
 

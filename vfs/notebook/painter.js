@@ -1,7 +1,8 @@
 // The painter both front ends use: the notebook's SearchWidget and the dashboard's canvas (ui/canvas.py).
-// Free-hand strokes and rectangles on a <canvas>, with undo, redo and clear. The shapes are plain JSON in
-// canvas pixels, oldest first, so Python can store them and a new canvas can redraw them; the canvas's
-// alpha is the paint. Neither front end can import a file beside it, so each is served after this one.
+// Free-hand strokes and rectangles on a <canvas>, with undo, redo and clear (buttons and keys). The shapes
+// are plain JSON in canvas pixels, oldest first, so Python can store them and a new canvas can redraw
+// them; the canvas's alpha is the paint. Neither front end can import a file beside it, so each is
+// served after this one.
 
 const PAINT = "rgb(255, 96, 0)"; // opaque on the canvas; the canvas is shown half transparent
 
@@ -25,13 +26,52 @@ function drawShape(ctx, shape) {
   ctx.stroke();
 }
 
+const HISTORY = [
+  ["Undo", "Remove the last change (Ctrl+Z)"],
+  ["Redo", "Bring back the last change undone (Ctrl+Shift+Z)"],
+  ["Clear", "Remove every stroke"],
+];
+
+// The key a keydown means for undo and redo: its letter, or where the key sits on a non-Latin layout.
+function shortcut(event) {
+  if (!(event.ctrlKey || event.metaKey) || event.altKey || event.repeat) return null;
+  const letter = /^[a-z]$/i.test(event.key) ? event.key.toLowerCase() : { KeyZ: "z", KeyY: "y" }[event.code];
+  if (letter === "z") return event.shiftKey ? "redo" : "undo";
+  return letter === "y" ? "redo" : null;
+}
+
 // `settings()` gives {tool: "brush" | "rectangle", brush: diameter in canvas pixels} when a stroke starts;
 // `changed(shapes)` runs after a finished stroke, an undo, a redo or a clear — not after `set`.
-function createPainter(canvas, { settings, changed }) {
+// Undo, Redo and Clear buttons (class `buttonClass`) go into `bar`, each enabled only when it would change
+// the drawing; while the focus is inside `keys` (a stroke or a button gives it to the canvas), Ctrl+Z
+// undoes and Ctrl+Shift+Z or Ctrl+Y redoes (⌘ on a Mac). Clear is undone like any other change.
+function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" }) {
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   let shapes = [];
-  let undone = []; // what redo brings back, last undone last
-  let current = null; // the stroke being drawn
+  let past = []; // the drawings before each change, oldest first: what undo goes back to
+  let future = []; // the drawings undone, last undone last: what redo brings back
+  let current = null; // the stroke being drawn, by the pointer `pointer`
+  let pointer = null;
+  canvas.tabIndex = -1; // focusable from code only: it takes the keys after a stroke
+
+  const buttons = Object.fromEntries(
+    HISTORY.map(([name, title]) => {
+      const node = document.createElement("button");
+      Object.assign(node, { type: "button", className: buttonClass, textContent: name, title });
+      node.addEventListener("click", () => {
+        ({ Undo: undo, Redo: redo, Clear: clear })[name]();
+        canvas.focus({ preventScroll: true }); // a button that disables itself would drop the focus
+      });
+      bar.appendChild(node);
+      return [name, node];
+    }),
+  );
+  keys.addEventListener("keydown", (event) => {
+    const action = shortcut(event);
+    if (!action) return;
+    event.preventDefault();
+    (action === "undo" ? undo : redo)();
+  });
 
   function redraw() {
     ctx.clearRect(0, 0, canvas.width, canvas.height);
@@ -39,72 +79,81 @@ function createPainter(canvas, { settings, changed }) {
     for (const shape of current ? [...shapes, current] : shapes) drawShape(ctx, shape);
   }
 
-  function commit(next, redoable) {
+  function show(next, history) {
     shapes = next;
-    undone = redoable;
+    [past, future] = history;
     redraw();
+    buttons.Undo.disabled = !past.length;
+    buttons.Redo.disabled = !future.length;
+    buttons.Clear.disabled = !shapes.length;
+  }
+  function commit(next) {
+    show(next, [[...past, shapes], []]);
     changed(shapes);
+  }
+  function undo() {
+    if (!past.length) return;
+    show(past[past.length - 1], [past.slice(0, -1), [...future, shapes]]);
+    changed(shapes);
+  }
+  function redo() {
+    if (!future.length) return;
+    show(future[future.length - 1], [[...past, shapes], future.slice(0, -1)]);
+    changed(shapes);
+  }
+  function clear() {
+    if (shapes.length) commit([]);
   }
 
   function point(event) {
     const box = canvas.getBoundingClientRect();
+    const round = (v) => Math.round(v * 10) / 10; // a tenth of a pixel: shorter JSON, the same paint
     return [
-      ((event.clientX - box.left) / box.width) * canvas.width,
-      ((event.clientY - box.top) / box.height) * canvas.height,
+      round(((event.clientX - box.left) / box.width) * canvas.width),
+      round(((event.clientY - box.top) / box.height) * canvas.height),
     ];
   }
 
   canvas.addEventListener("pointerdown", (event) => {
-    if (event.button !== 0) return;
+    if (current || !event.isPrimary || event.button !== 0) return; // one stroke at a time: no second finger
     event.preventDefault();
     canvas.setPointerCapture(event.pointerId);
+    canvas.focus({ preventScroll: true });
+    pointer = event.pointerId;
     const p = point(event);
     const { tool, brush } = settings();
     current = tool === "rectangle" ? { kind: "rect", box: [...p, ...p] } : { kind: "brush", size: brush, points: [p] };
     redraw();
   });
   canvas.addEventListener("pointermove", (event) => {
-    if (!current) return;
+    if (!current || event.pointerId !== pointer) return;
     const p = point(event);
     if (current.kind === "rect") current.box = [current.box[0], current.box[1], ...p];
     else current.points.push(p);
     redraw();
   });
-  function finish() {
-    if (!current) return;
+  canvas.addEventListener("pointerup", (event) => {
+    if (!current || event.pointerId !== pointer) return;
     const shape = current;
     current = null;
     const [x0, y0, x1, y1] = shape.box || [];
-    if (shape.kind !== "rect" || (x0 !== x1 && y0 !== y1)) commit([...shapes, shape], []);
+    if (shape.kind !== "rect" || (x0 !== x1 && y0 !== y1)) commit([...shapes, shape]);
     else redraw(); // a click with the rectangle tool paints nothing
-  }
-  canvas.addEventListener("pointerup", finish);
-  canvas.addEventListener("pointercancel", finish);
+  });
+  canvas.addEventListener("pointercancel", (event) => {
+    if (!current || event.pointerId !== pointer) return;
+    current = null; // the system took the pointer (a gesture, palm rejection): the stroke was not meant
+    redraw();
+  });
 
+  show([], [[], []]);
   return {
     get shapes() {
       return shapes;
     },
-    get canUndo() {
-      return shapes.length > 0;
-    },
-    get canRedo() {
-      return undone.length > 0;
-    },
     set(next) {
-      shapes = next.slice();
-      undone = [];
       current = null;
-      redraw();
-    },
-    undo() {
-      if (shapes.length) commit(shapes.slice(0, -1), [...undone, shapes[shapes.length - 1]]);
-    },
-    redo() {
-      if (undone.length) commit([...shapes, undone[undone.length - 1]], undone.slice(0, -1));
-    },
-    clear() {
-      commit([], []);
+      show(next.slice(), [[], []]);
     },
     redraw,
     alpha() {

@@ -31,9 +31,7 @@ function render({ model, el }) {
   const size = element("input", "", sizeLabel);
   Object.assign(size, { type: "range", min: 2, max: 80, title: "Brush diameter in pixels of the model's view" });
   const sizeText = element("span", "vfs-size-value", sizeLabel);
-  const undo = button(bar, "Undo", "Remove the last stroke");
-  const redo = button(bar, "Redo", "Bring back the last stroke undone");
-  const clear = button(bar, "Clear", "Remove every stroke");
+  const history = element("span", "vfs-history", bar); // the painter's undo, redo and clear
   const kLabel = element("label", "vfs-k", bar, "k ");
   const k = element("input", "", kLabel);
   Object.assign(k, { type: "number", min: 1, max: 200, step: 1, title: "How many matches to show" });
@@ -59,6 +57,9 @@ function render({ model, el }) {
   const painter = createPainter(canvas, {
     settings: () => ({ tool: model.get("tool"), brush: model.get("brush") }),
     changed: send,
+    bar: history,
+    keys: root,
+    buttonClass: "vfs-button",
   });
 
   function send(shapes) {
@@ -70,9 +71,6 @@ function render({ model, el }) {
     model.send({ type: "paint" }, undefined, [alpha.buffer]);
   }
 
-  undo.addEventListener("click", () => painter.undo());
-  redo.addEventListener("click", () => painter.redo());
-  clear.addEventListener("click", () => painter.clear());
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
   rectTool.addEventListener("click", () => { model.set("tool", "rectangle"); model.save_changes(); });
   size.addEventListener("input", () => { model.set("brush", Number(size.value)); model.save_changes(); });

@@ -92,7 +92,7 @@ class SearchWidget(anywidget.AnyWidget):
     """
 
     _esm = (HERE / "painter.js").read_text() + (HERE / "widget.js").read_text()
-    _css = HERE / "widget.css"
+    _css = (HERE / "painter.css").read_text() + (HERE / "widget.css").read_text()
 
     # Shown by the browser; `brush`, `tool`, `shapes` and `k` are also set there.
     view = traitlets.Unicode().tag(sync=True)  # JPEG data URL of the query as the model saw it
