@@ -10,7 +10,7 @@ import base64
 import hashlib
 import io
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -23,7 +23,7 @@ from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.search import SearchResult, search_regions
 
-from .canvas import paint_canvas
+from .canvas import Drawing, DrawingError, paint_canvas
 from .core import (
     CACHE,
     bind,
@@ -67,20 +67,20 @@ class Query:
         return {"index": self.index} if self.index is not None else {"image": self.name}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Region:
-    """A region drawn on a query: the canvas's shapes (to redraw them on another page) and the paint."""
+    """A region drawn on a query: the canvas's drawing, its shapes redrawn when a canvas of another
+    page opens on the same query."""
 
     query: Query
-    shapes: list[dict] = field(repr=False)
-    paint: np.ndarray = field(repr=False)  # (CANVAS_PX, CANVAS_PX) bool; any paint counts fully
+    drawing: Drawing
 
     @property
     def empty(self) -> bool:
-        return not self.shapes
+        return not self.drawing.shapes
 
     def mask(self, grid: tuple[int, int]) -> np.ndarray:
-        return grid_mask(self.paint, grid)
+        return grid_mask(self.drawing.paint, grid)
 
 
 # --- which cache ------------------------------------------------------------------------------------
@@ -258,10 +258,6 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
     """
     stored = st.session_state.get(REGION)
     stored = stored if stored is not None and stored.query == query else None
-    canvas_key = f"{key}.canvas.{query.key}"
-    initial_key = f"vfs.initial.{canvas_key}"
-    if canvas_key not in st.session_state:  # the canvas mounts now: redraw the region drawn elsewhere
-        st.session_state[initial_key] = stored.shapes if stored is not None else None
     st.caption("Paint the region to search for")
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
     freehand = (
@@ -271,17 +267,21 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         == "Free-hand"
     )
     width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
-    with canvas:
-        drawing = paint_canvas(
-            _background(view),
-            CANVAS_PX,
-            "brush" if freehand else "rectangle",
-            width,
-            key=canvas_key,
-            shapes=st.session_state[initial_key],
-        )
+    try:
+        with canvas:
+            drawing = paint_canvas(
+                _background(view),
+                CANVAS_PX,
+                "brush" if freehand else "rectangle",
+                width,
+                key=f"{key}.canvas.{query.key}",
+                shapes=stored.drawing.shapes if stored is not None else None,  # drawn when it mounts
+            )
+    except DrawingError as e:
+        st.error(f"The drawing could not be read ({e}): clear the canvas and draw again.")
+        st.stop()
     if drawing is not None:
-        stored = Region(query, drawing.shapes, drawing.paint)
+        stored = Region(query, drawing)
         st.session_state[REGION] = stored
     return stored
 

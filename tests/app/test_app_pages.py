@@ -18,6 +18,7 @@ from apphelpers import (
     box_paint,
     draw,
     no_exceptions,
+    png_url,
     send_drawing,
     start_app,
     texts,
@@ -125,10 +126,25 @@ def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_
     assert canvas_data(at)["brush"] == 50
     at.radio(key="search.tool").set_value("Rectangle").run()
     assert canvas_data(at)["tool"] == "rectangle" and at.slider(key="search.brush").disabled
-    shapes = canvas_data(draw(at))["shapes"]
-    assert shapes is None  # the canvas holds its drawing; the page sends shapes only when it mounts
-    at = page(at, "distributions")
+    at = page(draw(at), "distributions")
     assert canvas_data(at)["shapes"] == [BOX_SHAPE]  # draw()'s
+
+
+@pytest.mark.parametrize(
+    "drawing, says",
+    [
+        ("a string", "holds no list of shapes"),
+        ({"shapes": [BOX_SHAPE], "paint": "data:image/jpeg;base64,AAAA"}, "not a PNG data URL"),
+        ({"shapes": [BOX_SHAPE], "paint": "data:image/png;base64,not base64!"}, "not a readable PNG"),
+        ({"shapes": [BOX_SHAPE], "paint": png_url(np.ones((2000, 2000), bool))}, "2000×2000 px, not 320×320"),
+    ],
+)
+def test_a_drawing_the_canvas_does_not_send_is_an_error_message(app, caches, drawing, says):
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    at = send_drawing(at, drawing)
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("The drawing could not be read" in t and says in t for t in texts(at.error)), texts(at.error)
+    assert len(at.get("bidi_component")) == 1  # the canvas stays, to clear it
 
 
 def test_a_cleared_canvas_asks_for_a_region_again(app, caches):
