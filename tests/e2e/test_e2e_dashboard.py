@@ -471,8 +471,8 @@ NO_REGION = "Draw on the query image to search"
 def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, server, demo_cache):
     """Real strokes, clicks and keys on the canvas: undo (its button or Ctrl+Z) goes back one change, redo
     (its button, Ctrl+Shift+Z) forward, each with that drawing's results; clear empties the canvas and the
-    results and is undone like a stroke; a rectangle drag searches; the Distributions page's canvas opens
-    with the same paint."""
+    results and is undone like a stroke; the pointer is a ring of the brush's size, a crosshair for the
+    rectangle, whose drag searches; the Distributions page's canvas opens with the same paint."""
     open_page(page, server, "search")
     choose(page, "Cache", f"{DEMO} — ")
     set_query_index(page, DEMO_N, FACE)
@@ -518,9 +518,15 @@ def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, serve
     expect(page.get_by_text(NO_REGION)).to_be_visible()
     wait_idle(page)
 
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + 0.9 * box["height"])
+    ring = canvas.evaluate("c => getComputedStyle(c).cursor")
+    assert "svg" in ring and "width%3D%2234%22" in ring, ring  # the brush's 32 px, and the ring's line
+    reset_runs(page)
     page.get_by_text("Rectangle", exact=True).click()
     wait_idle(page)
-    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + 0.8 * box["height"])
+    assert canvas.evaluate("c => getComputedStyle(c).cursor") == "crosshair"
     page.mouse.move(box["x"] + 0.3 * box["width"], box["y"] + 0.3 * box["height"])
     page.mouse.down()
     page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.55 * box["height"], steps=10)

@@ -40,6 +40,19 @@ function shortcut(event) {
   return letter === "y" ? "redo" : null;
 }
 
+// The pointer over the canvas: for the brush, a ring of the brush's size on screen (black and white, so it
+// shows on any image); else, or where a browser would refuse a cursor that large, a crosshair.
+function cursorFor(tool, diameter) {
+  const d = Math.round(diameter);
+  if (tool === "rectangle" || d + 2 > 128 || d < 3) return "crosshair";
+  const r = d / 2;
+  const svg =
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${d + 2}" height="${d + 2}">` +
+    `<circle cx="${r + 1}" cy="${r + 1}" r="${r}" fill="none" stroke="black"/>` +
+    `<circle cx="${r + 1}" cy="${r + 1}" r="${r - 1}" fill="none" stroke="white"/></svg>`;
+  return `url('data:image/svg+xml,${encodeURIComponent(svg)}') ${Math.round(r + 1)} ${Math.round(r + 1)}, crosshair`;
+}
+
 // `settings()` gives {tool: "brush" | "rectangle", brush: diameter in canvas pixels} when a stroke starts;
 // `changed(shapes)` runs after a finished stroke, an undo, a redo or a clear — not after `set`.
 // Undo, Redo and Clear buttons (class `buttonClass`) go into `bar`, each enabled only when it would change
@@ -125,7 +138,15 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
     current = tool === "rectangle" ? { kind: "rect", box: [...p, ...p] } : { kind: "brush", size: brush, points: [p] };
     redraw();
   });
+  let cursor = "";
+  function showCursor() {
+    const { tool, brush } = settings();
+    const next = cursorFor(tool, (brush * canvas.getBoundingClientRect().width) / canvas.width);
+    if (next !== cursor) canvas.style.cursor = cursor = next;
+  }
+  canvas.addEventListener("pointerenter", showCursor);
   canvas.addEventListener("pointermove", (event) => {
+    if (!current) showCursor(); // the tool or the brush may have changed since the pointer came in
     if (!current || event.pointerId !== pointer) return;
     const p = point(event);
     if (current.kind === "rect") current.box = [current.box[0], current.box[1], ...p];
