@@ -458,14 +458,14 @@ def press_and_wait(page, keys: str, k: int, before: str) -> str:
     return page.wait_for_function(RESULTS_CHANGED, arg=[k, before], timeout=RESULT_TIMEOUT_MS).json_value()[1]
 
 
+HISTORY = ("Undo", "Redo", "Clear")  # the canvas's buttons
+NO_REGION = "Draw on the query image to search"
+
+
 def button_states(page) -> dict[str, bool]:
     """Which of the canvas's buttons are enabled."""
     bar = page.locator(".vfs-canvas-bar")
     return {name: bar.get_by_role("button", name=name, exact=True).is_enabled() for name in HISTORY}
-
-
-HISTORY = ("Undo", "Redo", "Clear")
-NO_REGION = "Draw on the query image to search"
 
 
 def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, server, demo_cache):
