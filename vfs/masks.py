@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def _area_weights(src: int, dst: int) -> np.ndarray:
@@ -30,10 +30,26 @@ def _area_weights(src: int, dst: int) -> np.ndarray:
     return overlap / (src / dst)
 
 
+def _image_coverage(im: Image.Image) -> np.ndarray:
+    """An image's paint as an array at its own depth: its alpha where it has one (an alpha band,
+    or a palette's / colour key's transparency, as optimised PNGs store it), else its grey levels
+    — 16-bit and float greys kept as they are, since PIL's "L" would clip them to 8 bits."""
+    if "A" in im.getbands():
+        return np.asarray(im.getchannel("A"))
+    if "transparency" in im.info:
+        return np.asarray(im.convert("RGBA").getchannel("A"))
+    if im.mode in ("1", "F") or im.mode.startswith("I;16"):
+        return np.asarray(im)
+    if im.mode == "I":  # PIL opens some 16-bit greys as 32-bit integers
+        return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+    return np.asarray(im.convert("L"))
+
+
 def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
-    """Paint coverage in [0, 1]: alpha of RGBA, grey of L, or a bool / float array."""
+    """Paint coverage in [0, 1]: an image's alpha or grey levels (scaled by its depth), or a bool /
+    float array."""
     if isinstance(drawn, Image.Image):
-        drawn = np.asarray(drawn.getchannel("A") if "A" in drawn.getbands() else drawn.convert("L"))
+        drawn = _image_coverage(drawn)
     a = np.asarray(drawn)
     if a.ndim == 3:
         if a.shape[2] not in (2, 4):
@@ -99,7 +115,8 @@ def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
 
 
 def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
-    """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area."""
+    """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area,
+    turned upright by its EXIF orientation as query images are."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -125,7 +142,7 @@ def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
                         f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                     )
                 im.load()
-                return grid_mask(im, grid)
+                return grid_mask(ImageOps.exif_transpose(im), grid)
     except ValueError:
         raise
     except Exception as e:
