@@ -261,3 +261,21 @@ def test_check_extractor_compares_preprocessing_and_the_spec_only_of_a_loaded_mo
             with pytest.raises(CacheError, match=message):
                 c.check_extractor(described(spec=spec, **changes))
     c.check_extractor(described(preprocess=dict(vars(SPEC.preprocess))))  # tuples, not JSON's lists: the same
+
+
+def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
+    """`search --json` and the app's download: a blank in a numeric label column is null, not the
+    NaN that `json.dumps` writes and strict parsers (JSON.parse, jq) refuse."""
+    from vfs.export import search_json
+
+    spec = replace(SPEC, data=replace(SPEC.data, label_col="age"))
+    rows = candidates(6).assign(age=[1.5, np.nan, 3.0, np.inf, 6.0, 7.5])
+    w = CacheWriter.open(tmp_path / "c.zarr", spec, rows, 32)
+    fill(w, range(6))
+    w.finish(rows)
+    cache = open_cache(tmp_path / "c.zarr")
+    doc = search_json(cache, search_regions(cache, 0, np.ones((4, 5)), k=6), {"index": 0})
+    parsed = json.loads(json.dumps(doc, allow_nan=False))
+    labels = {r["index"]: r["label"] for r in parsed["results"]}
+    assert labels == {0: 1.5, 1: None, 2: 3.0, 3: None, 4: 6.0, 5: 7.5}
+    assert {r["domain"] for r in parsed["results"]} == {"d0", "d1"}

@@ -3,7 +3,10 @@ and the app offers for download (documented in docs/cli.md), kept below both so 
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import pandas as pd
 
 from .cache import FeatureCache
 from .search import SearchResult
@@ -23,8 +26,8 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
                 "score": round(float(r["score"]), 6),
                 "grid_box": list(r["grid_box"]),
                 "pixel_box": list(r["pixel_box"]) if r.get("pixel_box") is not None else None,
-                "label": r.get("label"),
-                "domain": r.get("domain"),
+                "label": _json_value(r.get("label")),
+                "domain": _json_value(r.get("domain")),
             }
         )
     return {
@@ -43,3 +46,13 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "elapsed_ms": round(result.elapsed_ms, 3),
         "results": rows,
     }
+
+
+def _json_value(value: Any) -> Any:
+    """A manifest value as JSON has it: a missing one (NaN, NA, None) or an infinite one is null,
+    since `json.dumps` would write NaN / Infinity, which strict parsers refuse."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
