@@ -315,6 +315,23 @@ def test_bad_masks_are_refused_with_a_reason(bad, message, device):
         search_regions(feats, 0, bad, device=device)
 
 
+@pytest.mark.parametrize(
+    "query,exclude,message",
+    [
+        (4, None, "query index 4 is outside 0..3"),
+        (-1, None, "query index -1 is outside 0..3"),
+        (0, -1, "excluded image -1 is outside 0..3"),  # numpy would drop image 3 instead
+        (0, [1, 7], "excluded image 7 is outside 0..3"),
+    ],
+)
+def test_image_indices_outside_the_source_are_refused(query, exclude, message, device):
+    feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
+    with pytest.raises(ValueError, match=message):
+        search_regions(feats, query, np.ones((5, 5)), exclude=exclude, device=device)
+    with pytest.raises(ValueError, match="query index 0 is not there: the source holds no images"):
+        search_regions(feats[:0], 0, np.ones((5, 5)), device=device)
+
+
 def test_zero_windows_score_zero_and_zero_query_is_refused(device):
     feats = random_features(np.random.default_rng(4), 6, 4, 4, 8)
     feats[2] = 0

@@ -374,10 +374,8 @@ def region_query(
     if mask is None:
         raise ValueError("a mask is needed with a query feature map or index (see vfs.masks.grid_mask)")
     if isinstance(query, (int, np.integer)):
-        n = source.shape[0]
-        if not 0 <= query < n:
-            raise ValueError(f"query index {query} is outside 0..{n - 1}")
-        return RegionQuery.create(source.rows(np.array([int(query)]))[0], mask)
+        index = image_indices(query, source.shape[0], "query index")
+        return RegionQuery.create(source.rows(index)[0], mask)
     return RegionQuery.create(query, mask)
 
 
@@ -388,8 +386,19 @@ def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterab
         raise ValueError(f"candidates must be a boolean array of length {n}")
     if exclude is not None:
         excluded = [exclude] if isinstance(exclude, (int, np.integer)) else list(exclude)
-        eligible[np.asarray(excluded, dtype=np.int64)] = False
+        eligible[image_indices(excluded, n, "excluded image")] = False
     return eligible
+
+
+def image_indices(indices: int | Iterable[int], n: int, what: str) -> np.ndarray:
+    """`indices` as an int64 array, or a ValueError naming `what` and the range of the `n` images
+    (numpy would wrap a negative index round to the end)."""
+    index = np.asarray(indices, dtype=np.int64).reshape(-1)
+    outside = index[(index < 0) | (index >= n)]
+    if len(outside):
+        where = f"outside 0..{n - 1}" if n else "not there: the source holds no images"
+        raise ValueError(f"{what} {outside[0]} is {where}")
+    return index
 
 
 def _row_blocks(
