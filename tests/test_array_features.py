@@ -2,9 +2,11 @@
 pass over the array in blocks — the same results whatever the blocks, the input kept uncopied."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
 
 SHAPE = (23, 5, 6, 16)
@@ -71,8 +73,31 @@ def test_a_negative_value_anywhere_makes_the_source_signed(where, blocks):
 def test_non_finite_values_in_any_block_are_refused(value, where, blocks):
     for x in (relu(2), relu(2).astype(np.float32)):
         x[where] = value
-        with pytest.raises(ValueError, match=r"the features contain NaN or inf \(fp16 overflow\?\)"):
+        with pytest.raises(ValueError, match=r"the features contain NaN or inf$"):
             ArrayFeatures(x)
+
+
+@pytest.mark.parametrize("power", [-60, -20, 20, 40], ids=["zero in fp16", "subnormal", "inf", "inf far"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_beyond_fp16s_range_are_scaled_by_a_power_of_two(power, dtype):
+    """Scores are cosines, blind to scale: an array whose fp16 copy would lose its values (to zero,
+    subnormals or inf) is searched as the same array at a scale fp16 holds — bit for bit, since
+    a power of two moves no bit; before, tiny arrays gave inexact scores and huge ones an error."""
+    x = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float16)
+    x[..., 0] = 0.0  # zeros stay zeros
+    source = ArrayFeatures((x.astype(np.float64) * 2.0**power).astype(dtype))
+    assert torch.isfinite(source._sqnorm).all()
+    ratio = source._fp16.to(torch.float64) / torch.as_tensor(x, dtype=torch.float64)
+    ratio = ratio[torch.as_tensor(x) != 0]
+    assert ratio.min() == ratio.max() and np.log2(float(ratio[0])).is_integer()
+    largest = float(source._fp16.abs().max())
+    assert 8 <= largest < 16
+    mask = np.zeros(SHAPE[1:3])
+    mask[1:3, 2:5] = 1
+    scaled = search_regions((x.astype(np.float64) * 2.0**power).astype(dtype), 3, mask, k=5)
+    unit = search_regions(x, 3, mask, k=5)
+    pd.testing.assert_frame_equal(scaled.top, unit.top)
+    assert torch.equal(ArrayFeatures(x.astype(dtype))._fp16, torch.as_tensor(x))  # in range: as it is
 
 
 def test_empty_arrays_and_autograd_tensors():

@@ -127,16 +127,16 @@ their squared norms: cache-sized, reused (a fresh fp32 copy costs its page fault
 
 @torch.no_grad()
 def _fp16_and_sqnorms(
-    t: torch.Tensor, copy: torch.Tensor | None = None
+    t: torch.Tensor, copy: torch.Tensor | None = None, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """`t` as contiguous fp16 (`t` itself when it is one: no copy), each cell's squared norm in
-    fp32, and whether every value is ≥ 0 — by the compiled kernel where `t` is contiguous fp16 on
-    the CPU and no copy is asked for, else in one pass over `t`, a few images at a time: each
-    block (converted to fp16 first where `t` is not) goes into one reused fp32 buffer, read there
-    for its norms and its least value while in cache (and written into `copy`, when given: an
-    operand copy in bf16 or fp32)."""
+    """`t` (times `scale`, when given) as contiguous fp16 (`t` itself when it is one: no copy),
+    each cell's squared norm in fp32, and whether every value is ≥ 0 — by the compiled kernel where
+    `t` is contiguous fp16 on the CPU and no copy is asked for, else in one pass over `t`, a few
+    images at a time: each block (converted to fp16 first where `t` is not) goes into one reused
+    fp32 buffer, read there for its norms and its least value while in cache (and written into
+    `copy`, when given: an operand copy in bf16 or fp32)."""
     n, h, w, c = t.shape
-    if t.dtype == torch.float16 and t.is_contiguous():
+    if t.dtype == torch.float16 and t.is_contiguous() and scale is None:
         fp16 = t
     else:
         fp16 = torch.empty(t.shape, dtype=torch.float16, device=t.device)
@@ -155,13 +155,34 @@ def _fp16_and_sqnorms(
     for i, a in enumerate(range(0, n, step)):
         block = fp16[a : a + step]
         if fp16 is not t:
-            block.copy_(t[a : a + step])
+            block.copy_(t[a : a + step] if scale is None else t[a : a + step] * scale)
         block = buffer[: len(block)].copy_(block)
         torch.amin(block, out=least[i])  # before the norms: the block is hotter in cache
         torch.linalg.vector_norm(block, dim=-1, out=sqnorm[a : a + step])
         if copy is not None:
             copy[a : a + step].copy_(block)
     return fp16, sqnorm.square_(), bool((least >= 0).all())
+
+
+FP16_SAFE_SQNORM = 2.0**-12
+"""The least largest squared cell norm of an array taken in fp16 as it is: cells of norm ≥ 2⁻⁶
+hold values of fp16's normal range (≥ 2⁻¹⁴). A smaller array loses its values' bits to fp16's
+subnormals, or every value, and is scaled first (`_fp16_scale`)."""
+
+
+def _fp16_scale(t: torch.Tensor, sqnorm: torch.Tensor) -> float | None:
+    """The power of two that takes an array's largest |value| to [8, 16) where its fp16 copy lost
+    range — its largest cell is inf (overflow) or tiny (underflow) — else None: the usual case,
+    decided by one max over the norms. Scaling changes no cosine, and a power of two changes no
+    bit of a value."""
+    largest = float(sqnorm.max()) if sqnorm.numel() else 0.0
+    if FP16_SAFE_SQNORM <= largest < math.inf or not t.numel():
+        return None
+    low, high = torch.aminmax(t)
+    peak = max(-float(low), float(high))
+    if peak == 0 or not math.isfinite(peak):  # all zero, or NaN / inf in the array: refused later
+        return None
+    return 2.0 ** (3 - math.floor(math.log2(peak)))
 
 
 class ArrayFeatures:
@@ -191,8 +212,11 @@ class ArrayFeatures:
             else torch.empty(t.shape, dtype=cpu_dtype)
         )
         self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, copy)
+        scale = _fp16_scale(t, self._sqnorm)
+        if scale is not None:  # values beyond fp16's range either way
+            self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, copy, scale)
         if not torch.isfinite(self._sqnorm).all():
-            raise ValueError("the features contain NaN or inf (fp16 overflow?)")
+            raise ValueError("the features contain NaN or inf")
         self._slice_bytes = slice_bytes
         self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         if copy is not None:
