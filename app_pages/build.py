@@ -43,7 +43,7 @@ EMBEDDED, FOLDER, MANIFEST, TORCHVISION = (
     "Manifest (CSV / Parquet)",
     "torchvision dataset",
 )
-DEMO = BuildJob.from_toml(DEMO_JOB, out="")  # the page starts from the demo's settings
+DEMO = BuildJob.from_toml(DEMO_JOB)  # the page starts from the demo's settings (not its `out`)
 
 
 def default_name(source: str, spec: str, layer: str) -> str:

@@ -186,6 +186,20 @@ def test_odd_images_are_normalised_in_the_stored_view(built):
     assert (cache.thumb(row["huge_legal.jpg"]).astype(int)[..., 1] > 120).all()
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["deep16.png", "cmyk.jpg", "palette_transparent.png", "grey_alpha.png", "float.tif", "exif_rotated.jpg"],
+)
+def test_an_image_handed_over_opened_gives_the_features_of_its_file(built, extractor, name):
+    """A notebook's `ex.features(Image.open(f))` sees what a build or `--image f` sees: 16-bit
+    greys rescaled, transparency on white, the EXIF orientation applied (before, a bare RGB
+    convert clipped, blackened and ignored them)."""
+    folder = built[1]
+    with Image.open(folder / name) as opened:
+        handed = extractor.features(opened)
+    np.testing.assert_array_equal(handed, extractor.features(load_image(folder / name)))
+
+
 def test_huge_legal_image_is_decoded_small(built):
     folder = built[1]
     image = load_image(folder / "huge_legal.jpg")
@@ -299,6 +313,60 @@ def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys)
     assert "list_layers" not in err
 
 
+JOB = 'layer = "blocks.5"\ndata = "embedded:skimage"\n'
+
+
+@pytest.mark.parametrize(
+    "job,flags,message",
+    [
+        (JOB, [], "job.toml: the job needs out: set them in its [build] table or by --out"),
+        (
+            JOB + "batch_size = 0\n",
+            ["--out", "OUT"],
+            "job.toml: batch_size must be a whole number ≥ 1; got 0",
+        ),
+        (JOB + 'batch_size = "8"\n', ["--out", "OUT"], "batch_size must be a whole number ≥ 1; got '8'"),
+        (JOB + "workers = -1\n", ["--out", "OUT"], "workers must be a whole number ≥ 0; got -1"),
+        (JOB + "layer = \n", ["--out", "OUT"], "job.toml: not a valid TOML file"),
+        ("build = 3\n", ["--out", "OUT"], "job.toml: a job file needs a [build] table"),
+        (None, ["--batch-size", "0"], "batch_size must be a whole number ≥ 1; got 0"),
+        (None, ["--workers", "-2"], "workers must be a whole number ≥ 0; got -2"),
+        (None, ["--image-size", "0"], "image_size must be a whole number ≥ 1; got 0"),
+        (None, ["--limit", "-1"], "limit must be a whole number ≥ 0; got -1"),
+    ],
+)
+def test_cli_bad_build_settings_are_one_error_line_and_create_nothing(tmp_path, capsys, job, flags, message):
+    out = tmp_path / "c.zarr"
+    flags = [str(out) if f == "OUT" else f for f in flags]
+    if job is None:
+        args = ["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--out", str(out), *flags]
+    else:
+        (tmp_path / "job.toml").write_text(f"[build]\n{job}" if not job.startswith("build") else job)
+        args = ["build", str(tmp_path / "job.toml"), *flags]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists() and not list(tmp_path.glob("*.zarr"))
+
+
+def test_a_job_file_is_completed_by_flags(tmp_path):
+    (tmp_path / "job.toml").write_text(f"[build]\n{JOB}batch_size = 4\n")
+    job = BuildJob.from_toml(tmp_path / "job.toml", out=str(tmp_path / "c.zarr"), batch_size=None, limit=3)
+    assert (job.layer, job.out, job.batch_size, job.limit) == ("blocks.5", str(tmp_path / "c.zarr"), 4, 3)
+
+
+def test_cli_layers_refuses_an_input_size_of_zero(capsys):
+    assert main(["layers", "embedded:efficientnet_lite0", "--image-size", "0"]) == 2
+    assert "the input size must be a whole number of pixels ≥ 1; got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["", 'path\n"unclosed\n'])
+def test_an_unreadable_manifest_is_named(tmp_path, content):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(ValueError, match=r"manifest '.*m\.csv' cannot be read as a table"):
+        open_dataset(str(tmp_path / "m.csv"))
+
+
 def test_cli_refuses_a_manifest_pointing_outside_its_root(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
@@ -384,13 +452,6 @@ def test_non_finite_features_are_refused(value):
         ArrayFeatures(x)
     with pytest.raises(ValueError, match="contain NaN or inf"):
         RegionQuery.create(q, mask)
-
-
-def test_fp16_overflow_is_refused():
-    x = features(4).astype(np.float32)
-    x[2, 0, 0, 0] = 1e6  # beyond float16: becomes inf in the cache's dtype
-    with pytest.raises(ValueError, match="NaN or inf"):
-        search_regions(x, 0, np.ones((5, 6)), device="cpu")
 
 
 # --------------------------------------------------------------------------- caches

@@ -117,7 +117,7 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
                 # JPEG only: decode at 1/2..1/8 scale directly, never holding the full raster.
                 im.draft(None, (MAX_DECODED_SIDE, MAX_DECODED_SIDE))
             im.load()
-            rgb = to_rgb(ImageOps.exif_transpose(im))
+            rgb = upright_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
@@ -131,6 +131,13 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
         raise ImageError(f"corrupt or unsupported image ({type(e).__name__}: {e})") from e
     rgb.thumbnail((MAX_DECODED_SIDE, MAX_DECODED_SIDE))
     return rgb
+
+
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """An image as a viewer shows it: turned by its EXIF orientation, then `to_rgb`. Images from
+    files (`load_image`) and images a user hands over (a query as a PIL image) both pass here, so
+    the model sees the same pixels either way."""
+    return to_rgb(ImageOps.exif_transpose(im))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -292,7 +299,11 @@ def _folder_records(root: Path) -> pd.DataFrame:
 
 def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
     """Read a manifest; every path is checked up front so a hostile one fails at open time."""
-    records = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
+    try:
+        parquet = manifest.suffix.lower() == ".parquet"
+        records = pd.read_parquet(manifest) if parquet else pd.read_csv(manifest)
+    except ValueError as e:  # pandas' parser errors, an empty file, bad text encoding, pyarrow's
+        raise ValueError(f"manifest {str(manifest)!r} cannot be read as a table ({e})") from e
     if "path" not in records.columns:
         found = ", ".join(map(str, records.columns))
         raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {found})")

@@ -12,7 +12,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +52,56 @@ class BuildJob:
     )
 
     def __post_init__(self) -> None:
+        """Refuse a bad value here, before anything is created on disk (a job file's values arrive
+        untyped)."""
+        for name in ("layer", "data", "out", "model", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")
+        for name in ("label_col", "domain_col", "address"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string; got {getattr(self, name)!r}")
+        for name, least, optional in (
+            ("batch_size", 1, False),
+            ("workers", 0, False),
+            ("image_size", 1, True),
+            ("limit", 0, True),
+            ("chunk_images", 1, True),
+        ):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be a whole number ≥ {least}; got {value!r}")
+        gpus = self.gpus_per_worker
+        number = isinstance(gpus, (int, float)) and not isinstance(gpus, bool)
+        if gpus is not None and not (number and gpus >= 0):
+            raise ValueError(f"gpus_per_worker must be a number ≥ 0; got {gpus!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown build engine {self.engine!r}: use {' or '.join(ENGINES)}")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> BuildJob:
+        """The job of a file's [build] table; `overrides` that are not None (the CLI's flags) replace
+        or complete its keys."""
         with open(path, "rb") as f:
-            table = tomllib.load(f).get("build")
-        if table is None:
+            try:
+                table = tomllib.load(f).get("build")
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not a valid TOML file ({e})") from e
+        if not isinstance(table, dict):
             raise ValueError(f"{path}: a job file needs a [build] table")
         unknown = set(table) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return replace(cls(**table), **{k: v for k, v in overrides.items() if v is not None})
+        table = table | {k: v for k, v in overrides.items() if v is not None}
+        missing = [k for k in ("layer", "data", "out") if k not in table]
+        if missing:
+            keys, flags = ", ".join(missing), ", ".join(f"--{k}" for k in missing)
+            raise ValueError(f"{path}: the job needs {keys}: set them in its [build] table or by {flags}")
+        try:
+            return cls(**table)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 def duration(seconds: float) -> str:

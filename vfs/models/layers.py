@@ -198,7 +198,7 @@ def _model_at_size(spec: str, image_size: int | None) -> tuple[nn.Module, Prepro
         )
     model, preprocess = load_model(spec)
     native = preprocess.input_size
-    return model, preprocess.with_input_size(image_size) if image_size else preprocess, native
+    return model, preprocess if image_size is None else preprocess.with_input_size(image_size), native
 
 
 def list_layers(model: str | nn.Module, image_size: int | None = None) -> list[LayerInfo]:

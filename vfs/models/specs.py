@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..data import upright_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {
@@ -58,11 +60,14 @@ class Preprocess:
 
     def with_input_size(self, size: int) -> Preprocess:
         """The same preprocessing at another input size, keeping the resize/crop ratio."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"the input size must be a whole number of pixels ≥ 1; got {size!r}")
         return replace(self, input_size=size, resize_size=round(size * self.resize_size / self.input_size))
 
     def view(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        """The RGB crop the model sees, `input_size` pixels square."""
-        image = image.convert("RGB")
+        """The RGB crop the model sees, `input_size` pixels square, of an image as a viewer shows it
+        (upright; 16-bit greys rescaled, transparency on white: `vfs.data.upright_rgb`)."""
+        image = upright_rgb(image)
         image = TF.resize(
             image,
             [self.resize_size],
