@@ -167,6 +167,12 @@ def test_extractor_is_checked_against_the_cache(demo_cache):
         SearchWidget(demo_cache, query=3, extractor=other_layer)
 
 
+@pytest.mark.parametrize("index", [40, -1])
+def test_a_query_index_outside_the_cache_is_refused_with_the_range(demo_cache, index):
+    with pytest.raises(ValueError, match=f"query index {index} is outside 0..39"):
+        SearchWidget(demo_cache, query=index)
+
+
 @pytest.fixture(scope="module")
 def edited_model(demo_cache):
     """The cache's model with some weights of its last stage perturbed, as a model editor would."""

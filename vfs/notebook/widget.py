@@ -24,7 +24,7 @@ from ..data import load_image
 from ..masks import grid_mask
 from ..models import Extractor, load_extractor
 from ..render import grid_box_to_pixels, mask_overlay, outline
-from ..search import SearchResult, search_regions
+from ..search import SearchResult, image_indices, search_regions
 
 HERE = Path(__file__).parent
 PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle)."
@@ -49,7 +49,7 @@ def resolve_query(
             raise ValueError(
                 "extractor= is for a query image; a dataset index uses the cache's stored features"
             )
-        index = int(query)
+        index = int(image_indices(query, cache.n, "query index")[0])
         return Query(cache.thumb(index), index, index)
     if isinstance(query, (str, Path)):
         query = load_image(query)
