@@ -1,5 +1,6 @@
 """Compare: one query on two caches of the same dataset (two models, two layers, or two checkpoints)."""
 
+import numpy as np
 import streamlit as st
 
 from ui.base import loading
@@ -11,6 +12,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         Query,
         canvas_row,
         draw_region,
+        leave_out_query,
         pick_cache,
         pick_query,
         query_view,
@@ -51,11 +53,10 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
             "(an uploaded image goes through each side's own model)."
         )
         k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
-        exclude = st.checkbox(
-            "Exclude the query image", key=bind("compare.exclude", True), disabled=query.index is None
-        )
+        exclude = leave_out_query("Exclude the query image", "compare.exclude", query)
     region = require_region(region)
-    sides = [(cache, run_search(cache, query, region, k, exclude)) for cache in (left, right)]
+    # every image's score exact, as on Distributions: the correlations below read alike on every machine
+    sides = [(cache, run_search(cache, query, region, k, exclude, all_exact=True)) for cache in (left, right)]
 
     for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
         with column:
@@ -65,17 +66,22 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
                 f"{search_summary(cache, result)}"
             )
             result_tiles(cache, result, width=TILE_PX * 3 // 4, key=f"tiles.{side}")  # three a row
-            result_table(result, key=f"compare.table.{side}")
+            result_table(cache, result, key=f"compare.table.{side}")
 
     st.header("Agreement")
     (_, a), (_, b) = sides
-    agreement = rank_agreement(a.scores, b.scores, k)
+    compared = np.ones(left.n, dtype=bool)  # the images the lists rank: the query left out where it is
+    if exclude:
+        compared[query.index] = False
+    agreement = rank_agreement(a.scores[compared], b.scores[compared], k)
     metrics = st.columns(3)
     metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")
     metrics[1].metric("Spearman ρ (all images)", f"{agreement['spearman']:.2f}")
     metrics[2].metric("Kendall τ (all images)", f"{agreement['kendall']:.2f}")
     st.plotly_chart(
-        comparison_figure(a.scores, b.scores, (cache_name(left.location), cache_name(right.location))),
+        comparison_figure(
+            a.scores[compared], b.scores[compared], (cache_name(left.location), cache_name(right.location))
+        ),
         key="compare.plot",
     )
 

@@ -15,6 +15,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         Query,
         canvas_row,
         draw_region,
+        leave_out_query,
         pick_cache,
         pick_query,
         query_view,
@@ -66,12 +67,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
                 table, title = presence_groups(cache.manifest, column, finding), f"{finding} present"
         kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
         keep = np.ones(cache.n, dtype=bool)
-        if (
-            st.checkbox(
-                "Leave out the query image", key=bind("dist.leave_out", True), disabled=query.index is None
-            )
-            and query.index is not None
-        ):
+        if leave_out_query("Leave out the query image", "dist.leave_out", query):
             keep[query.index] = False
     scores, table = result.scores[keep], table[keep]
     st.plotly_chart(

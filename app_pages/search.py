@@ -13,6 +13,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         Query,
         canvas_row,
         draw_region,
+        leave_out_query,
         pick_cache,
         pick_query,
         query_view,
@@ -37,9 +38,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         region = draw_region(view, query, "search")
     with side:
         k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
-        exclude = st.checkbox(
-            "Exclude the query image", key=bind("search.exclude", True), disabled=query.index is None
-        )
+        exclude = leave_out_query("Exclude the query image", "search.exclude", query)
         per_domain = st.number_input(
             f"At most n per domain ({cache.domain_col or 'no domain column'})",
             1,
@@ -79,7 +78,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     st.header("Results")
     st.caption(search_summary(cache, result))
     result_tiles(cache, result, heat=heat)
-    result_table(result, key="search.table")
+    result_table(cache, result, key="search.table")
     downloads(cache, result, query, view, mask, "search")
 
 

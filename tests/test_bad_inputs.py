@@ -332,7 +332,7 @@ JOB = 'layer = "blocks.5"\ndata = "embedded:skimage"\n'
         (None, ["--batch-size", "0"], "batch_size must be a whole number ≥ 1; got 0"),
         (None, ["--workers", "-2"], "workers must be a whole number ≥ 0; got -2"),
         (None, ["--image-size", "0"], "image_size must be a whole number ≥ 1; got 0"),
-        (None, ["--limit", "-1"], "limit must be a whole number ≥ 0; got -1"),
+        (None, ["--limit", "0"], "limit must be a whole number ≥ 1; got 0"),
     ],
 )
 def test_cli_bad_build_settings_are_one_error_line_and_create_nothing(tmp_path, capsys, job, flags, message):
@@ -360,10 +360,17 @@ def test_cli_layers_refuses_an_input_size_of_zero(capsys):
     assert "the input size must be a whole number of pixels ≥ 1; got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", ["", 'path\n"unclosed\n'])
-def test_an_unreadable_manifest_is_named(tmp_path, content):
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "cannot be read as a table"),
+        ('path\n"unclosed\n', "cannot be read as a table"),
+        ("path,label\n", "lists no images"),
+    ],
+)
+def test_an_unreadable_or_empty_manifest_is_named(tmp_path, content, message):
     (tmp_path / "m.csv").write_text(content)
-    with pytest.raises(ValueError, match=r"manifest '.*m\.csv' cannot be read as a table"):
+    with pytest.raises(ValueError, match=rf"manifest '.*m\.csv' {message}"):
         open_dataset(str(tmp_path / "m.csv"))
 
 

@@ -93,11 +93,13 @@ def describe_cache(row: dict) -> str:
 def pick_cache(
     key: str, label: str = "Cache", shared: str | None = CACHE, avoid: str | None = None
 ) -> FeatureCache:
-    """A selectbox of the complete caches; stops the page with a hint when there are none.
+    """A selectbox of the complete caches that hold images (a build whose every image was skipped
+    leaves an empty one, listed on the Build page with its report); stops the page with a hint when
+    there are none.
 
     `shared` keeps the choice for the other pages; `avoid` is a location to prefer not to default to.
     """
-    rows = [r for r in cache_rows() if r["complete"]]
+    rows = [r for r in cache_rows() if r["complete"] and r["n"]]
     if not rows:
         st.info(
             "No cache to search yet: build the demo cache on the Home page, or another on the Build page."
@@ -284,6 +286,23 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         stored = Region(query, drawing)
         st.session_state[REGION] = stored
     return stored
+
+
+def leave_out_query(label: str, key: str, query: Query) -> bool:
+    """A page's "exclude the query image" box, on by default for a dataset image; for an upload,
+    which is none of the cache's images, shown off and disabled — it would leave nothing out (the
+    dataset image's own setting is kept for when one is chosen again)."""
+    if query.index is None:
+        st.checkbox(
+            label,
+            False,
+            key=f"{key}.upload",
+            disabled=True,
+            help="An uploaded image is not one of the cache's images: there is nothing to leave out. "
+            "If it is a copy of one, that image is ranked with the others.",
+        )
+        return False
+    return st.checkbox(label, key=bind(key, True))
 
 
 def require_region(region: Region | None) -> Region:

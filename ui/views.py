@@ -68,8 +68,16 @@ def result_tiles(
         st.image(images, caption=[match_caption(row) for row in rows], width=width)
 
 
-def result_table(result: SearchResult, key: str) -> None:
-    columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in result.top]
+def result_columns(cache: FeatureCache, result: SearchResult) -> list[str]:
+    """The ranked table's columns, less a label or domain column the cache has none of (always
+    empty)."""
+    absent = {c for c, column in (("label", cache.label_col), ("domain", cache.domain_col)) if column is None}
+    return [c for c in result.top.columns if c not in absent]
+
+
+def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
+    shown = result_columns(cache, result)
+    columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in shown]
     st.dataframe(
         result.top[columns],
         hide_index=True,
@@ -105,7 +113,7 @@ def downloads(
     csv, js, png = st.columns(3)
     csv.download_button(
         "Download results (CSV)",
-        result.top.to_csv(index=False),
+        result.top[result_columns(cache, result)].to_csv(index=False),
         f"{stem}.csv",
         "text/csv",
         key=f"{key}.csv",
@@ -208,17 +216,23 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
         bar.progress(status.fraction, text=text)
         cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
     elif status.state == "done" and now - status.finished < DONE_SHOWN_S:
+        skipped = f", {p.skipped} unreadable images skipped" if p and p.skipped else ""
         st.success(
-            f"{name}: built {p.stored if p else '?'} images in "
-            f"{duration(status.finished - status.started)}"
-            f"{f', {p.skipped} unreadable images skipped' if p and p.skipped else ''}."
+            f"{name}: complete with {status.stored} images{skipped} "
+            f"(this run took {duration(status.finished - status.started)})."
         )
     elif status.state in ("cancelled", "failed"):
         where = f" at {p.done} / {p.total} images" if p else ""
+        kept = (
+            ""
+            if status.stored is None
+            else f" {status.stored} images are stored (a build stores them a chunk at a time); "
+            "a resume goes on from there."
+        )
         message = (
-            f"{name}: cancelled{where}; the images stored so far are kept."
+            f"{name}: cancelled{where}.{kept}"
             if status.state == "cancelled"
-            else f"{name}: the build failed{where}: {status.error}"
+            else f"{name}: the build failed{where}: {(status.error or '').rstrip('.')}.{kept}"
         )
         (st.warning if status.state == "cancelled" else st.error)(message)
         st.button(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .cache import CacheError, FeatureCache
+from .cache import CacheError, FeatureCache, open_cache
 from .jobs import BuildJob, BuildProgress, build_cache
 
 State = Literal["running", "done", "cancelled", "failed"]
@@ -29,6 +29,7 @@ class BuildStatus:
     error: str | None
     started: float  # time.time()
     finished: float | None
+    stored: int | None = None  # once it has ended: the images its cache holds (a build stores whole chunks)
 
     @property
     def running(self) -> bool:
@@ -62,9 +63,11 @@ class BackgroundBuild:
         try:
             cache = build_cache(self.job, progress=lambda p: self._update(progress=p), cancel=self._cancel)
         except Exception as e:  # noqa: BLE001 - the user needs the reason, whatever failed (data, model, disk)
-            self._update(state="failed", error=str(e) or type(e).__name__, finished=time.time())
+            error = str(e) or type(e).__name__
+            self._update(state="failed", error=error, finished=time.time(), stored=_stored(self.job.out))
         else:
-            self._update(state="done" if cache is not None else "cancelled", finished=time.time())
+            state = "done" if cache is not None else "cancelled"
+            self._update(state=state, finished=time.time(), stored=_stored(self.job.out))
 
     def cancel(self) -> None:
         """Ask the build to stop after the batch in flight; what is stored stays for a resume."""
@@ -77,6 +80,14 @@ class BackgroundBuild:
     def wait(self, timeout: float | None = None) -> BuildStatus:
         self._thread.join(timeout)
         return self.status()
+
+
+def _stored(out: str) -> int | None:
+    """The images a build's cache holds once it has ended, or None where it made none (a refusal)."""
+    try:
+        return open_cache(out).n
+    except CacheError:
+        return None
 
 
 class BuildRegistry:

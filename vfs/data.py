@@ -307,6 +307,8 @@ def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
     if "path" not in records.columns:
         found = ", ".join(map(str, records.columns))
         raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {found})")
+    if records.empty:  # as an empty folder is: a cache of no images could only be refused later
+        raise ValueError(f"manifest {str(manifest)!r} lists no images")
     missing = records.index[records["path"].isna()].tolist()
     if missing:
         raise ValueError(

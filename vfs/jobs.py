@@ -64,7 +64,7 @@ class BuildJob:
             ("batch_size", 1, False),
             ("workers", 0, False),
             ("image_size", 1, True),
-            ("limit", 0, True),
+            ("limit", 1, True),
             ("chunk_images", 1, True),
         ):
             value = getattr(self, name)

@@ -74,9 +74,35 @@ def test_demo_build_runs_in_the_background_and_can_be_cancelled(tmp_path, monkey
     assert at.get("progress") and "demo" in at.get("progress")[0].proto.text
     cancel.click().run()
     wait_until(lambda: any("cancelled" in t for t in texts(at.run().warning)))
+    stored = open_cache(out).n  # whole chunks only: not the images the progress had counted
+    assert any(f"{stored} images are stored" in t and "a resume goes on" in t for t in texts(at.warning))
     assert at.button(key="home.demo").label == "Resume building the demo cache"
     assert at.button(key=f"build.resume.{out}").label == "Resume build"
     assert at.dataframe[0].value["status"][0].startswith("partial: ") and not open_cache(out).complete
+
+
+def test_a_cache_whose_every_image_was_skipped_is_not_offered_for_search(caches, tmp_path, monkeypatch):
+    """A build of only unreadable files completes empty; the search pages skip it (picking it crashed
+    the index input, whose range 0..n-1 was empty) and the Build page still lists it."""
+    from vfs.jobs import BuildJob, build_cache
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.jpg").write_bytes(b"not a JPEG")
+    shutil.copytree(caches / "small.zarr", tmp_path / "caches" / "small.zarr")
+    empty = build_cache(
+        BuildJob(layer="blocks.5", data=str(tmp_path / "data"), out=str(tmp_path / "caches" / "a.zarr"))
+    )
+    assert empty.complete and empty.n == 0
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
+    for name, key in (
+        ("search", "search.cache"),
+        ("distributions", "dist.cache"),
+        ("compare", "compare.left"),
+    ):
+        at = page(start_app(), name)
+        assert len(at.selectbox(key=key).options) == 1, name
+        assert at.selectbox(key=key).value == str(tmp_path / "caches" / "small.zarr"), name
+    assert list(page(start_app(), "build").dataframe[0].value["images"]) == [0, SMALL]
 
 
 def test_opening_a_cache_by_path(caches, tmp_path, monkeypatch):
@@ -110,6 +136,27 @@ def test_search_waits_for_a_stroke_then_ranks_scored_outlined_matches(app, cache
         "Download results (JSON)",
         "Download figure (PNG)",
     ]
+
+
+def test_results_leave_out_the_label_or_domain_column_a_cache_has_none_of():
+    """The table and the CSV: a cache without a domain column shows no column of "None"s."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ui.views import result_columns
+
+    result = SimpleNamespace(top=pd.DataFrame(columns=["rank", "index", "score", "path", "label", "domain"]))
+    columns = partial(result_columns, result=result)
+    assert columns(SimpleNamespace(label_col="finding", domain_col=None)) == [
+        "rank",
+        "index",
+        "score",
+        "path",
+        "label",
+    ]
+    assert columns(SimpleNamespace(label_col=None, domain_col="site"))[-1] == "domain"
+    assert "label" not in columns(SimpleNamespace(label_col=None, domain_col="site"))
 
 
 def canvas_data(at) -> dict:
@@ -203,9 +250,9 @@ def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at.file_uploader(key="search.upload").set_value(("noise.png", png(), "image/png")).run()
     no_exceptions(draw(at))
     top = at.dataframe[0].value
-    assert (
-        len(top) == 10 and top["score"].is_monotonic_decreasing and at.checkbox(key="search.exclude").disabled
-    )
+    assert len(top) == 10 and top["score"].is_monotonic_decreasing
+    exclude = at.checkbox(key="search.exclude.upload")  # an upload is none of the cache's images
+    assert exclude.disabled and not exclude.value
 
 
 def test_an_unreadable_upload_is_an_error_message(app, caches):
@@ -264,6 +311,10 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     at = no_exceptions(draw(use_cache(at, "compare.right", caches, "small_b4")))
     left, right = at.dataframe[0].value, at.dataframe[1].value
     assert len(left) == len(right) == 10
+    # the overlap is the shown lists' (the query, excluded from them, is not counted as shared)
+    query = at.number_input(key="compare.index").value
+    assert query not in set(left["index"]) | set(right["index"])
+    assert at.metric[0].value == f"{len(set(left['index']) & set(right['index'])) / 10:.0%}"
     assert [m.label for m in at.metric] == [
         "Top-10 overlap",
         "Spearman ρ (all images)",
@@ -313,7 +364,7 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     )
     at.run()
     assert any("A complete cache called ui_built exists" in t for t in texts(at.warning))
-    assert any("ui_built: built 6 images" in t for t in texts(at.success))
+    assert any("ui_built: complete with 6 images (this run took" in t for t in texts(at.success))
     cache = open_cache(tmp_path / "ui_built.zarr")
     assert cache.domain_col == "view" and cache.label_col == "label"
 

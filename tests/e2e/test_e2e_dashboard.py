@@ -196,10 +196,10 @@ def test_home_builds_the_demo_cache(page, server):
     expect(button).to_be_visible()
     t0 = time.perf_counter()
     button.click()
-    expect(page.get_by_text(re.compile(r"^demo: (starting|\d+ / 213 images|built)"))).to_be_visible(
+    expect(page.get_by_text(re.compile(r"^demo: (starting|\d+ / 213 images|complete)"))).to_be_visible(
         timeout=30_000
     )
-    expect(page.get_by_text(re.compile(rf"^demo: built {DEMO_N} images in"))).to_be_visible(
+    expect(page.get_by_text(re.compile(rf"^demo: complete with {DEMO_N} images"))).to_be_visible(
         timeout=BUILD_TIMEOUT_MS
     )
     print(f"\ndemo cache built through the UI in {time.perf_counter() - t0:.1f} s")
