@@ -223,11 +223,11 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
         )
     elif status.state in ("cancelled", "failed"):
         where = f" at {p.done} / {p.total} images" if p else ""
+        chunks = " (a failed build keeps whole chunks only)" if status.state == "failed" else ""
         kept = (
             ""
             if status.stored is None
-            else f" {status.stored} images are stored (a build stores them a chunk at a time); "
-            "a resume goes on from there."
+            else f" {status.stored} images are stored{chunks}; a resume goes on from there."
         )
         message = (
             f"{name}: cancelled{where}.{kept}"

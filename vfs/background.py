@@ -85,7 +85,7 @@ class BackgroundBuild:
 def _stored(out: str) -> int | None:
     """The images a build's cache holds once it has ended, or None where it made none (a refusal)."""
     try:
-        return open_cache(out).n
+        return open_cache(out).stored
     except CacheError:
         return None
 

@@ -180,6 +180,7 @@ def build_cache(
         else:
             _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
         if cancel is not None and cancel.is_set():
+            writer.flush()  # keep every image computed: a resume goes on from the last one
             return None
         writer.finish(dataset.records)
     return open_cache(job.out)

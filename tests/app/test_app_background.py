@@ -1,5 +1,6 @@
 """vfs.background: a real build in a background thread: progress, cancel, resume, failure, one per output."""
 
+import numpy as np
 import pytest
 from apphelpers import wait_until
 
@@ -28,7 +29,8 @@ def test_progress_cancel_and_resume(tmp_path):
     status = build.wait(60)
     assert status.state == "cancelled" and status.finished is not None and status.progress.done < 24
     partial = open_cache(out)
-    assert not partial.complete
+    # every image computed is kept, though far short of a chunk (24 images fit one)
+    assert not partial.complete and partial.stored == status.stored == status.progress.stored > 0
     resumed = registry.start(resume_job(partial))
     assert resumed.wait(120).state == "done", resumed.status().error
     assert registry.builds() == [resumed] and resumed.status().fraction == 1.0
@@ -38,6 +40,10 @@ def test_progress_cancel_and_resume(tmp_path):
         and done.n == 24
         and list(done.manifest["path"][:2]) == ["samples/astronaut", "samples/brick"]
     )
+    reference = registry.start(job(tmp_path / "ref.zarr"))  # the same build, never cancelled
+    assert reference.wait(120).state == "done"
+    ref = open_cache(tmp_path / "ref.zarr")
+    assert np.array_equal(done.features[:], ref.features[:]) and np.array_equal(done.thumbs[:], ref.thumbs[:])
 
 
 def test_a_failed_build_reports_why(tmp_path):

@@ -203,6 +203,11 @@ class CacheWriter:
     def skip(self, item: int, reason: str) -> None:
         self._pending.append(_Skipped(item, reason))
 
+    def flush(self) -> None:
+        """Store every image handed over, a partial last chunk too: a cancelled build keeps all it
+        computed (a later write completes the chunk; progress is recorded after each write)."""
+        self._flush(whole_chunks_only=False)
+
     def _flush(self, whole_chunks_only: bool) -> None:
         while True:
             stored = [i for i, p in enumerate(self._pending) if isinstance(p, _Stored)]
@@ -268,7 +273,7 @@ class CacheWriter:
         Every step can be redone: a build killed here resumes with nothing left to compute and
         finishes again; `complete` is set last, in one write with `n` and the report.
         """
-        self._flush(whole_chunks_only=False)
+        self.flush()
         index = member_array(self.group, "source_index")[: self.rows]
         manifest = candidates.iloc[index].reset_index(drop=True)
         write_table(self.group, "manifest", manifest)
