@@ -169,6 +169,10 @@ def build_cache(
     extractor = extractor or load_extractor(job.model, job.layer, job.image_size, device=str(device))
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
+    if job.engine == "ray":  # before the cache is created: an unreachable cluster leaves nothing behind
+        from .cluster import connect
+
+        connect(job.address)
     with BuildLock(job.out):
         writer = CacheWriter.open(
             job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images, job=asdict(job)

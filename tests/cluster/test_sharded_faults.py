@@ -7,6 +7,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,3 +59,50 @@ def test_cli_search_with_shards(cluster, reference, tmp_path, capsys):
     sharded = json.loads(capsys.readouterr().out)
     assert local.pop("elapsed_ms") >= 0 and sharded.pop("elapsed_ms") >= 0
     assert sharded == local
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+@pytest.mark.parametrize("command", ["search", "build"])
+def test_an_address_nothing_answers_at_is_refused_at_once(reference, manifest, tmp_path, scheme, command):
+    """A fresh process (this one's Ray is up): `ray.init` would retry a dead address for minutes,
+    deaf to SIGTERM; VFS refuses it within seconds, and a build leaves no cache behind."""
+    with socket.socket() as s:  # a port nothing listens at
+        s.bind(("127.0.0.1", 0))
+        address = f"{scheme}127.0.0.1:{s.getsockname()[1]}"
+    np.save(tmp_path / "m.npy", MASKS["block"])
+    out = tmp_path / "c.zarr"
+    args = {
+        "search": [
+            "search",
+            reference.location,
+            "--query-index",
+            "2",
+            "--mask",
+            str(tmp_path / "m.npy"),
+            "--shards",
+            "2",
+        ],
+        "build": [
+            "build",
+            "--data",
+            str(manifest),
+            "--layer",
+            "blocks.5",
+            "--image-size",
+            "128",
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+        ],
+    }[command]
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "vfs", *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],  # the repository: `-m vfs` as its README runs it
+    )
+    assert done.returncode == 2 and f"error: no Ray cluster answers at {address}" in done.stderr, done.stderr
+    assert time.perf_counter() - t0 < 60 and not out.exists()

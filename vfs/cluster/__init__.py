@@ -8,9 +8,29 @@ local cluster, so everything here runs on one machine exactly as on many.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
+REACH_TIMEOUT_S = 5.0
+"""How long `connect` waits for a cluster's address to answer before refusing it."""
+
+
+def check_reachable(address: str | None) -> None:
+    """Refuse at once a "host:port" or "ray://host:port" address that nothing answers at: `ray.init`
+    retries one for minutes, deaf to SIGTERM meanwhile. Other forms ("auto", none) are Ray's own."""
+    if address is None:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        raise RuntimeError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}): start one there "
+            "(ray start --head) or give its address"
+        ) from e
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -24,6 +44,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         raise RuntimeError(RAY_MISSING) from e
     if ray.is_initialized():
         return
+    check_reachable(address)
     ray.init(
         address=address,
         num_cpus=num_cpus,

@@ -30,7 +30,6 @@ from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
 from ..jobs import BuildJob, BuildProgress, ModelInputView, thumbnails, write_batch
 from ..models import Preprocess, load_extractor
-from . import connect
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,8 @@ def run_on_ray(
     progress: Callable[[BuildProgress], None] | None,
     cancel: threading.Event | None,
 ) -> None:
-    """Compute and store every candidate from the writer's `next_item` on (see the module's doc)."""
-    connect(job.address)
+    """Compute and store every candidate from the writer's `next_item` on (see the module's doc), on
+    the cluster `build_cache` has connected to."""
     import ray
     import ray.data
 
