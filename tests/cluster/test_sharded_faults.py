@@ -40,19 +40,14 @@ def test_a_shard_that_cannot_restart_is_named_then_started_again(cluster, refere
         )
 
 
+def search_args(reference, folder) -> list[str]:
+    """`vfs search` of image 2 with the block mask (saved in `folder`), as the tests here run it."""
+    np.save(folder / "m.npy", MASKS["block"])
+    return ["search", reference.location, "--query-index", "2", "--mask", str(folder / "m.npy")]
+
+
 def test_cli_search_with_shards(cluster, reference, tmp_path, capsys):
-    np.save(tmp_path / "m.npy", MASKS["block"])
-    args = [
-        "search",
-        reference.location,
-        "--query-index",
-        "2",
-        "--mask",
-        str(tmp_path / "m.npy"),
-        "--k",
-        "5",
-        "--json",
-    ]
+    args = [*search_args(reference, tmp_path), "--k", "5", "--json"]
     assert main(args) == 0
     local = json.loads(capsys.readouterr().out)
     assert main([*args, "--shards", "2"]) == 0
@@ -69,19 +64,9 @@ def test_an_address_nothing_answers_at_is_refused_at_once(reference, manifest, t
     with socket.socket() as s:  # a port nothing listens at
         s.bind(("127.0.0.1", 0))
         address = f"{scheme}127.0.0.1:{s.getsockname()[1]}"
-    np.save(tmp_path / "m.npy", MASKS["block"])
     out = tmp_path / "c.zarr"
     args = {
-        "search": [
-            "search",
-            reference.location,
-            "--query-index",
-            "2",
-            "--mask",
-            str(tmp_path / "m.npy"),
-            "--shards",
-            "2",
-        ],
+        "search": [*search_args(reference, tmp_path), "--shards", "2"],
         "build": [
             "build",
             "--data",
