@@ -29,7 +29,7 @@ class BuildStatus:
     error: str | None
     started: float  # time.time()
     finished: float | None
-    stored: int | None = None  # once it has ended: the images its cache holds (a build stores whole chunks)
+    stored: int | None = None  # once it has ended: the images its cache holds (read from the cache)
 
     @property
     def running(self) -> bool:
