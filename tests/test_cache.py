@@ -89,6 +89,24 @@ def test_killed_build_resumes_to_identical_cache(tmp_path):
     assert a.nonnegative and b.nonnegative
 
 
+def test_a_slow_build_stores_its_partial_chunk_before_a_kill(tmp_path):
+    """Past `save_every` seconds without a store, the images handed over are stored: a kill then
+    loses none of them, and the resumed cache equals an uninterrupted one."""
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    w = CacheWriter.open(tmp_path / "killed.zarr", SPEC, candidates(30), 32)
+    w.save_every = 0.0
+    fill(w, range(11), bad={9})
+    assert (w.rows, w.next_item) == (10, 11)  # 10 stored, item 9 skipped: one chunk and 3 images
+    resumed = CacheWriter.open(tmp_path / "killed.zarr", SPEC, candidates(30), 32)
+    assert (resumed.rows, resumed.next_item, resumed.skipped) == (10, 11, w.skipped)
+    fill(resumed, range(11, 30), bad={9})
+    resumed.finish(candidates(30))
+    a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "killed.zarr")
+    for name in ("features", "sqnorm", "thumbs", "source_index"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+    assert a.report == b.report
+
+
 def test_nonnegative_is_recorded_across_a_resume(tmp_path):
     """One negative feature anywhere, even in a chunk stored before a kill, clears the flag."""
     w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)

@@ -38,6 +38,9 @@ _ZARR_TEMP = re.compile(
     r"\.[0-9a-f]{32}\.partial$"
 )  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
 ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
+SAVE_SECONDS = 30.0
+"""A partial chunk is stored when nothing was stored for this long: a killed build of a slow model
+(a chunk of ViT-L features takes minutes on a CPU) loses at most about this much work."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class CacheWriter:
     as written only once its files are on disk (written by zarr through a temporary file and a
     rename, then fsync'ed with their folders, unless `VFS_FSYNC=0`); only then is the progress
     attribute rewritten (zarr.json, also by rename, then fsync'ed). A kill at any moment leaves
-    the last recorded progress true, and a resume redoes at most the chunk in flight.
+    the last recorded progress true, and a resume redoes at most the chunk in flight, and no more
+    than `save_every` seconds of it: a chunk's images computed by then are stored as they are (the
+    next write completes the chunk).
     """
 
     path: Path
@@ -75,7 +80,9 @@ class CacheWriter:
     next_item: int = 0  # every candidate before this one is stored or skipped
     skipped: list[dict[str, Any]] = field(default_factory=list)
     nonnegative: bool = True  # every stored feature ≥ 0 (post-ReLU): search can use a relative bound
+    save_every: float = SAVE_SECONDS  # seconds a partial chunk may wait before it is stored
     _pending: list[_Pending] = field(default_factory=list)
+    _saved: float = field(default_factory=time.monotonic)  # when the writer last stored
 
     @classmethod
     def open(
@@ -198,7 +205,7 @@ class CacheWriter:
             self.skip(item, "its features contain NaN or inf (activations beyond the float16 range?)")
             return
         self._pending.append(_Stored(item, features, thumb))
-        self._flush(whole_chunks_only=True)
+        self._flush(whole_chunks_only=time.monotonic() - self._saved < self.save_every)
 
     def skip(self, item: int, reason: str) -> None:
         self._pending.append(_Skipped(item, reason))
@@ -242,6 +249,7 @@ class CacheWriter:
             "nonnegative": self.nonnegative,
         }
         self._sync_attrs()
+        self._saved = time.monotonic()
 
     def _array(self, name: str) -> zarr.Array:
         """An array that stores every chunk, even one equal to the fill value (zarr skips those by
