@@ -72,7 +72,18 @@ def test_group_table_columns_sorting_and_p_values():
     scores = np.array([0.9, 0.1, 0.5, 0.8])
     groups = stats.label_groups(NIH, "finding")
     table = stats.group_table(scores, groups)
-    assert list(table.columns) == ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    assert list(table.columns) == [
+        "group",
+        "n",
+        "median",
+        "mean",
+        "std",
+        "auroc",
+        "auroc_low",
+        "auroc_high",
+        "p_value",
+        "q_value",
+    ]
     assert table["auroc"].is_monotonic_decreasing
     assert table["group"].iloc[0] == "Cardiomegaly"
     for row in table.itertuples():
@@ -126,3 +137,63 @@ def test_presence_groups_split_one_finding():
     g = presence_groups(records, "label", "Effusion")
     assert list(g.columns) == ["True", "False"]
     assert g["True"].tolist() == [True, False, True] and g["False"].tolist() == [False, True, False]
+
+
+def test_label_groups_drop_empty_findings():
+    records = pd.DataFrame({"finding": ["Effusion|", "|Mass||Nodule", "", "  ", "Mass | | Effusion"]})
+    groups = stats.label_groups(records, "finding")
+    assert sorted(groups.columns) == ["(missing)", "Effusion", "Mass", "Nodule"]
+    assert groups["(missing)"].tolist() == [False, False, True, True, False]
+    assert groups["Mass"].tolist() == [False, True, False, False, True]
+
+
+def test_a_present_absent_split_leaves_out_images_without_a_value():
+    """An unknown finding is not an absent one: such images are in neither group nor in either's test."""
+    records = pd.DataFrame(
+        {"finding": ["Cardiomegaly", None, "No Finding", "Cardiomegaly|Effusion", None, "Mass"]}
+    )
+    scores = np.array([0.9, 0.95, 0.2, 0.7, 0.1, 0.3])
+    groups = stats.presence_groups(records, "finding", "Cardiomegaly")
+    assert groups["True"].tolist() == [True, False, False, True, False, False]
+    assert groups["False"].tolist() == [False, False, True, False, False, True]
+    table = stats.group_table(scores, groups).set_index("group")
+    assert table.loc["False", "n"] == 2
+    assert table.loc["True", "auroc"] == 1.0  # 0.9 and 0.7 above 0.2 and 0.3; the unknown 0.95 left out
+    expected = sps.mannwhitneyu([0.9, 0.7], [0.2, 0.3], alternative="two-sided").pvalue
+    assert table.loc["True", "p_value"] == pytest.approx(expected)
+
+
+def brute_force_delong(scores, positive, z=1.959963984540054):
+    """DeLong's interval from the pairwise kernel ψ(x, y) = 1[x > y] + ½·1[x = y] written out."""
+    x, y = scores[positive], scores[~positive]
+    psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    se = np.sqrt(np.var(v10, ddof=1) / x.size + np.var(v01, ddof=1) / y.size)
+    return max(0.0, psi.mean() - z * se), min(1.0, psi.mean() + z * se)
+
+
+def test_auroc_interval_is_delongs():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scores = rng.integers(0, 8, size=50).astype(float)  # ties
+        positive = rng.random(50) < 0.3
+        positive[:2], positive[2:4] = True, False
+        low, high = stats.auroc_interval(scores, positive)
+        assert (low, high) == pytest.approx(brute_force_delong(scores, positive))
+        assert low <= stats.auroc(scores, positive) <= high
+    one = np.array([True, False, False, False])
+    assert np.isnan(stats.auroc_interval(np.array([0.9, 0.1, 0.2, 0.3]), one)).all()  # no evidence in n = 1
+
+
+def test_q_values_are_benjamini_hochberg_over_the_tables_groups():
+    rng = np.random.default_rng(4)
+    scores = rng.random(60)
+    groups = pd.DataFrame({f"g{i}": rng.random(60) < 0.3 for i in range(5)} | {"none": np.zeros(60, bool)})
+    scores[groups["g0"].to_numpy()] += 0.5
+    table = stats.group_table(scores, groups).set_index("group")
+    p = table["p_value"].drop("none")
+    order = np.argsort(p.to_numpy())
+    ranked = p.to_numpy()[order] * len(p) / np.arange(1, len(p) + 1)
+    expected = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1)
+    np.testing.assert_allclose(table.loc[p.index[order], "q_value"], expected)
+    assert np.isnan(table.loc["none", "q_value"])

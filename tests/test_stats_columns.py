@@ -9,7 +9,7 @@ def test_counts_for_label_domain_and_finding_columns():
     manifest = pd.DataFrame(
         {
             "path": ["a.png", "b.png", "c.png", "d.png"],
-            "label": ["Cardiomegaly|Effusion", "No Finding", "Cardiomegaly", None],
+            "label": ["Cardiomegaly|Effusion", "No Finding", "Cardiomegaly|", None],
             "view": ["PA", "AP", "PA", "PA"],
             "cardiomegaly": ["true", "False", "TRUE", "false"],  # as read from a CSV
             "effusion": [True, False, False, False],
@@ -25,7 +25,9 @@ def test_counts_for_label_domain_and_finding_columns():
         "role": "label",
         "distinct": 4,
         "counts": {"Cardiomegaly": 2, "(missing)": 1, "Effusion": 1, "No Finding": 1},
-    }  # one count per finding
+    }  # one count per finding, and the distinct values are the findings too (not 4 strings by chance)
+    wider = manifest.assign(label=["Cardiomegaly|Effusion", "Effusion|Mass", "Mass|Cardiomegaly", "Mass"])
+    assert column_summary(wider, label_col="label")[0]["distinct"] == 3
     assert summary["view"]["counts"] == {"PA": 3, "AP": 1} and summary["view"]["role"] == "domain"
     assert summary["cardiomegaly"] == {
         "column": "cardiomegaly",

@@ -18,13 +18,15 @@ def _labels(values: pd.Series) -> pd.Series:
     """Normalise a label column to strings so one splitter handles every kind of column.
 
     Booleans and true/false strings become "True"/"False" (so `bool` and CSV-loaded columns group
-    alike), whitespace around '|' is dropped, and missing values get their own visible group.
+    alike), whitespace around '|' and empty findings ("Effusion|", "a||b") are dropped, and missing
+    or empty values get their own visible group.
     """
     text = values.astype("string").str.strip()
     present = text.dropna().str.lower()
     if not present.empty and present.isin(["true", "false"]).all():
         text = text.str.capitalize()
-    return text.str.replace(r"\s*\|\s*", SEPARATOR, regex=True).fillna(MISSING)
+    text = text.str.replace(r"\s*\|[\s|]*", SEPARATOR, regex=True).str.strip(SEPARATOR)
+    return text.mask(text == "").fillna(MISSING)
 
 
 def label_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -51,9 +53,11 @@ def is_multilabel(records: pd.DataFrame, column: str) -> bool:
 
 
 def presence_groups(records: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
-    """Two groups, "True" / "False": rows whose labels include `value`, and the rest."""
+    """Two groups, "True" / "False": rows whose labels include `value`, and the other labelled rows.
+    A row without a value is in neither: an unknown finding is not an absent one."""
     present = presence(records, column, value)
-    return pd.DataFrame({"True": present, "False": ~present})
+    known = _labels(records[column]) != MISSING
+    return pd.DataFrame({"True": present, "False": known & ~present})
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -73,6 +77,25 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def auroc_interval(scores: np.ndarray, positive: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of `auroc(scores, positive)` from DeLong's variance (as pROC's `ci.auc`),
+    clipped to [0, 1]. NaN with fewer than two images in a class, where the variance is undefined: a
+    group of one image has an AUROC, but no evidence behind it."""
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    x, y = scores[positive], scores[~positive]
+    if x.size < 2 or y.size < 2:
+        return float("nan"), float("nan")
+    ranks = stats.rankdata(np.concatenate([x, y]))
+    # Each positive's share of negatives below it, each negative's share of positives above it
+    # (ties one half): the structural components whose mean is the AUROC.
+    v10 = (ranks[: x.size] - stats.rankdata(x)) / y.size
+    v01 = 1 - (ranks[x.size :] - stats.rankdata(y)) / x.size
+    se = np.sqrt(v10.var(ddof=1) / x.size + v01.var(ddof=1) / y.size)
+    area, z = v10.mean(), stats.norm.ppf(0.5 + level / 2)
+    return float(max(0.0, area - z * se)), float(min(1.0, area + z * se))
+
+
 def _p_value(inside: np.ndarray, outside: np.ndarray) -> float:
     """Two-sided Mann-Whitney p-value of a group against the rest; NaN when a side is empty."""
     if inside.size == 0 or outside.size == 0:
@@ -80,16 +103,30 @@ def _p_value(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(stats.mannwhitneyu(inside, outside, alternative="two-sided").pvalue)
 
 
+def _q_values(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values over the finite ones (a table of 15 findings makes 15 tests)."""
+    q = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        q[finite] = stats.false_discovery_control(p[finite], method="bh")
+    return q
+
+
 def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
-    """One row per group: n, median, mean, std, AUROC and p-value of the score, group vs the rest.
+    """One row per group: n, median, mean, std, AUROC with its 95% DeLong interval, and the
+    Mann-Whitney p-value of the score, group vs the other images in any group (an image in none, e.g.
+    one without a value in a present/absent split, is left out), with the Benjamini–Hochberg q-value
+    over the table's groups.
 
     Sorted by AUROC descending so the groups the query region best picks out come first.
     """
     scores = np.asarray(scores, dtype=float)
+    grouped = groups.to_numpy(dtype=bool).any(axis=1) if len(groups.columns) else np.zeros(len(scores), bool)
     rows = []
     for name in groups.columns:
         member = groups[name].to_numpy(dtype=bool)
         inside = pd.Series(scores[member])
+        low, high = auroc_interval(scores[grouped], member[grouped])
         rows.append(
             {
                 "group": name,
@@ -97,12 +134,15 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
                 "median": inside.median(),
                 "mean": inside.mean(),
                 "std": inside.std(),
-                "auroc": auroc(scores, member),
-                "p_value": _p_value(scores[member], scores[~member]),
+                "auroc": auroc(scores[grouped], member[grouped]),
+                "auroc_low": low,
+                "auroc_high": high,
+                "p_value": _p_value(scores[member], scores[grouped & ~member]),
             }
         )
-    columns = ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    columns = ["group", "n", "median", "mean", "std", "auroc", "auroc_low", "auroc_high", "p_value"]
     table = pd.DataFrame(rows, columns=columns)
+    table["q_value"] = _q_values(table["p_value"].to_numpy(dtype=float))
     return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(
         drop=True
     )
@@ -149,7 +189,8 @@ def column_summary(
         values = _labels(manifest[column])
         boolean = set(values) <= {"True", "False", MISSING} and not (values == MISSING).all()
         role = {label_col: "label", domain_col: "domain"}.get(column, "finding" if boolean else None)
-        entry: dict = {"column": column, "role": role, "distinct": int(values.nunique())}
+        distinct = int(values.str.split(SEPARATOR).explode().nunique())  # '|'-joined: each finding once
+        entry: dict = {"column": column, "role": role, "distinct": distinct}
         if role is not None:
             counts = label_groups(manifest, column).sum().sort_values(ascending=False, kind="stable")
             entry["counts"] = {str(value): int(n) for value, n in counts.items()}
