@@ -23,6 +23,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         run_search,
     )
     from vfs.cache import FeatureCache, cache_name
+    from vfs.export import image_scores
     from vfs.render import distribution_figure
     from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
 
@@ -70,6 +71,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         if leave_out_query("Leave out the query image", "dist.leave_out", query):
             keep[query.index] = False
     scores, table = result.scores[keep], table[keep]
+    unknown = int((~table.to_numpy(dtype=bool).any(axis=1)).sum())
     st.plotly_chart(
         distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
         key="dist.plot",
@@ -77,21 +79,24 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
 
     st.header(f"Groups by {title}")
     st.caption(
-        "Each group against all other images: AUROC of the score as a detector of the group, "
-        "and the two-sided Mann–Whitney U p-value."
+        "Each group against the other images: AUROC of the score as a detector of the group, with "
+        "its 95% DeLong interval; the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg "
+        "q-value over the table's groups."
+        + (f" {unknown} images without a value in {column!r} are in neither group." if unknown else "")
     )
     st.dataframe(
         group_table(scores, table),
         hide_index=True,
         key="dist.table",
         column_config={
-            c: st.column_config.NumberColumn(c, format="%.3f") for c in ("median", "mean", "std", "auroc")
+            c: st.column_config.NumberColumn(c, format="%.3f")
+            for c in ("median", "mean", "std", "auroc", "auroc_low", "auroc_high")
         }
-        | {"p_value": st.column_config.NumberColumn("p_value", format="%.2e")},
+        | {c: st.column_config.NumberColumn(c, format="%.2e") for c in ("p_value", "q_value")},
     )
     st.download_button(
         "Download per-image scores (CSV)",
-        lambda: cache.manifest.assign(score=result.scores).rename_axis("index").to_csv(),  # made on click
+        lambda: image_scores(cache, result, keep).to_csv(),  # the table's images; made on click
         f"vfs-{cache_name(cache.location)}-{query.key}-scores.csv",
         "text/csv",
         key="dist.csv",

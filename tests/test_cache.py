@@ -297,3 +297,29 @@ def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
     labels = {r["index"]: r["label"] for r in parsed["results"]}
     assert labels == {0: 1.5, 1: None, 2: 3.0, 3: None, 4: 6.0, 5: 7.5}
     assert {r["domain"] for r in parsed["results"]} == {"d0", "d1"}
+
+
+def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
+    """The Distributions page's per-image export: the rows its table used (the query left out),
+    each with its score and best window, without clobbering a manifest column named `score`."""
+    from vfs.export import image_scores, search_json
+
+    rows = candidates(12).assign(score=np.arange(12) * 10.0)  # e.g. a severity score in the manifest
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, rows, 32)
+    fill(w, range(12))
+    w.finish(rows)
+    cache = open_cache(tmp_path / "c.zarr")
+    mask = np.zeros((4, 5))
+    mask[1:3, 2:4] = 1
+    result = search_regions(cache, 3, mask, k=4, exclude=[3, 7, 3])
+    assert result.excluded.tolist() == [3, 7]
+    assert search_json(cache, result, {"index": 3})["excluded"] == [3, 7]
+    keep = np.ones(12, dtype=bool)
+    keep[result.excluded] = False
+    table = image_scores(cache, result, keep)
+    assert table.index.name == "index" and table.index.tolist() == [i for i in range(12) if i not in (3, 7)]
+    assert table["score"].tolist() == [i * 10.0 for i in table.index]  # the manifest's, kept
+    np.testing.assert_array_equal(table["vfs_score"], result.scores[keep])
+    assert table["grid_box"].tolist() == [result.grid_box(i) for i in table.index]
+    plain = image_scores(open_cache(tmp_path / "c.zarr"), result)
+    assert len(plain) == 12 and "vfs_score" in plain  # every image without `keep`

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .cache import FeatureCache
@@ -37,6 +38,7 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "layer": cache.spec.layer,
         "grid": list(result.grid),
         "query": query_desc,
+        "excluded": result.excluded.tolist(),
         "mask": {
             "box": list(result.query.mask.query_box()),
             "cells": int((result.query.mask.weights > 0).sum()),
@@ -46,6 +48,21 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "elapsed_ms": round(result.elapsed_ms, 3),
         "results": rows,
     }
+
+
+def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | None = None) -> pd.DataFrame:
+    """Each kept image's manifest row (indexed by image) with its best score and that window's grid
+    box: the per-image export, the rows a Distributions table is computed from. A manifest column
+    already named `score` or `grid_box` keeps its name; VFS's then reads `vfs_score`, `vfs_grid_box`."""
+    manifest = cache.manifest
+    (mh, mw), (y, x) = result.query.mask.shape, result.placements.T
+    added = {
+        "score": result.scores,
+        "grid_box": [(int(a), int(b), int(a) + mh, int(b) + mw) for a, b in zip(y, x)],
+    }
+    table = manifest.assign(**{(f"vfs_{k}" if k in manifest.columns else k): v for k, v in added.items()})
+    table = table.rename_axis("index")
+    return table if keep is None else table[np.asarray(keep, dtype=bool)]
 
 
 def _json_value(value: Any) -> Any:

@@ -82,6 +82,7 @@ class SearchResult:
     device: str
     elapsed_ms: float
     rescored: int  # images re-scored exactly because the fast bound could not rank them
+    excluded: np.ndarray  # (sorted) the images `exclude` kept out of the ranking, e.g. the query
     source: FeatureSource = field(repr=False)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
@@ -241,6 +242,7 @@ def search_regions(
         str(dev),
         elapsed_ms,
         int(exact.sum()),
+        excluded_images(n, exclude),
         source,
     )
 
@@ -384,10 +386,16 @@ def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterab
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
     if eligible.shape != (n,):
         raise ValueError(f"candidates must be a boolean array of length {n}")
-    if exclude is not None:
-        excluded = [exclude] if isinstance(exclude, (int, np.integer)) else list(exclude)
-        eligible[image_indices(excluded, n, "excluded image")] = False
+    eligible[excluded_images(n, exclude)] = False
     return eligible
+
+
+def excluded_images(n: int, exclude: int | Iterable[int] | None) -> np.ndarray:
+    """The sorted indices of the images `exclude` names (an index, several, or None: none)."""
+    if exclude is None:
+        return np.empty(0, dtype=np.int64)
+    excluded = [exclude] if isinstance(exclude, (int, np.integer)) else list(exclude)
+    return np.unique(image_indices(excluded, n, "excluded image"))
 
 
 def image_indices(indices: int | Iterable[int], n: int, what: str) -> np.ndarray:

@@ -271,7 +271,18 @@ def test_distributions_use_the_query_drawn_on_search(app, caches):
     assert len(at.get("plotly_chart")) == 1
     table = at.dataframe[0].value
     assert set(table["group"]) == {"face", "photo"} and table["auroc"].is_monotonic_decreasing
-    assert list(table.columns) == ["group", "n", "median", "mean", "std", "auroc", "p_value"]
+    assert list(table.columns) == [
+        "group",
+        "n",
+        "median",
+        "mean",
+        "std",
+        "auroc",
+        "auroc_low",
+        "auroc_high",
+        "p_value",
+        "q_value",
+    ]
     assert table["n"].sum() == SMALL - 1  # the query image is left out
     at.checkbox(key="dist.leave_out").uncheck().run()
     assert at.dataframe[0].value["n"].sum() == SMALL
@@ -327,7 +338,7 @@ def test_compare_two_layers_of_the_same_images(app, caches):
 def test_compare_refuses_caches_of_different_datasets(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
     at = use_cache(at, "compare.right", caches, "findings")
-    assert any("cannot be compared: they are of different datasets" in t for t in texts(at.error))
+    assert any("cannot be compared:" in t and "differently named datasets" in t for t in texts(at.error))
 
 
 # --- Build ----------------------------------------------------------------------------------------

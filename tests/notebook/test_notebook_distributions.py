@@ -24,11 +24,16 @@ def groups_in(figure) -> dict[str, int]:
 
 
 def test_a_finding_column(xray_cache, result):
+    """By default the images the search excluded (the widget's query, image 0, a cardiomegaly one)
+    are left out, as on the page; `leave_out=()` keeps every image."""
+    assert result.excluded.tolist() == [0] and xray_cache.manifest["cardiomegaly"].iloc[0]
     figure = distribution_figure(xray_cache, result, by="cardiomegaly")
-    assert groups_in(figure) == {"True": 6, "False": 6}
+    assert groups_in(figure) == {"True": 5, "False": 6}
     assert figure.layout.title.text == "Best-region score by cardiomegaly"
     table = distribution_table(xray_cache, result, by="cardiomegaly")
-    assert table.set_index("group")["n"].to_dict() == {"True": 6, "False": 6}
+    assert table.set_index("group")["n"].to_dict() == {"True": 5, "False": 6}
+    every = distribution_table(xray_cache, result, by="cardiomegaly", leave_out=())
+    assert every.set_index("group")["n"].to_dict() == {"True": 6, "False": 6}
 
 
 def test_one_finding_of_a_joined_column_is_the_pages_figure(xray_cache, result):
@@ -48,7 +53,7 @@ def test_one_finding_of_a_joined_column_is_the_pages_figure(xray_cache, result):
 
 
 def test_every_finding_of_a_joined_column(xray_cache, result):
-    assert groups_in(distribution_figure(xray_cache, result, by="label")) == {
+    assert groups_in(distribution_figure(xray_cache, result, by="label", leave_out=())) == {
         "Cardiomegaly": 6,
         "Edema": 2,
         "Effusion": 4,

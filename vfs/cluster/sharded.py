@@ -36,7 +36,15 @@ import pandas as pd
 
 from ..cache import open_cache
 from ..devices import resolve_device
-from ..search import RegionQuery, SearchResult, eligible_images, region_query, search_regions, select_top
+from ..search import (
+    RegionQuery,
+    SearchResult,
+    eligible_images,
+    excluded_images,
+    region_query,
+    search_regions,
+    select_top,
+)
 from . import connect
 from .rows import CacheRows
 
@@ -248,6 +256,7 @@ class ShardedSearch:
             answers[0].device,
             (time.perf_counter() - t0) * 1e3,
             sum(a.rescored for a in answers),
+            excluded_images(n, exclude),
             self.cache,
         )
 

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
-from ..search import SearchResult
+from ..search import SearchResult, excluded_images
 from ..stats import group_table, label_groups, long_scores, presence_groups
 
 
@@ -48,8 +48,10 @@ def _grouped(
             raise ValueError(f"no image has {finding!r} in column {by!r}; its values: {', '.join(present)}")
         groups, title = presence_groups(manifest, by, finding), f"{finding} present"
     keep = np.ones(len(manifest), dtype=bool)
-    if leave_out is not None:
-        keep[[leave_out] if isinstance(leave_out, (int, np.integer)) else list(leave_out)] = False
+    if leave_out is None:
+        keep[result.excluded] = False
+    else:
+        keep[excluded_images(len(manifest), leave_out)] = False
     return result.scores[keep], groups[keep], title
 
 
@@ -64,8 +66,9 @@ def distribution_figure(
     """Box (violin, strip) plot of every image's best-region score per group of column `by`.
 
     A '|'-joined column gives one group per value found in it; `finding="Cardiomegaly"` splits the
-    images into those with and without that value instead. `leave_out` drops images (e.g. the
-    query, `SearchWidget.query_index`), as the page's "Leave out the query image" does.
+    images into those with and without that value instead (an image without a value is in neither).
+    `leave_out` drops images; by default those the search excluded (a `SearchWidget` excludes its
+    query image, as the page's "Leave out the query image" does); `leave_out=()` keeps them all.
     """
     scores, groups, title = _grouped(cache, result, by, finding, leave_out)
     return _figure(long_scores(scores, groups), kind, title=f"Best-region score by {title}")
@@ -78,6 +81,7 @@ def distribution_table(
     finding: str | None = None,
     leave_out: int | Iterable[int] | None = None,
 ) -> pd.DataFrame:
-    """The page's table for the same grouping: per group n, median, mean, std, AUROC and Mann–Whitney p."""
+    """The page's table for the same grouping (`vfs.stats.group_table`): per group n, median, mean,
+    std, AUROC with its 95% DeLong interval, Mann–Whitney p and Benjamini–Hochberg q."""
     scores, groups, _ = _grouped(cache, result, by, finding, leave_out)
     return group_table(scores, groups)
