@@ -21,7 +21,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     )
     from ui.views import TILE_PX, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache, cache_name
-    from vfs.compare import comparison_refusal
+    from vfs.compare import comparison_note, comparison_refusal
     from vfs.render import comparison_figure
     from vfs.stats import rank_agreement
 
@@ -35,6 +35,8 @@ if (reason := comparison_refusal(left, right)) is not None:
     st.stop()
 if left.location == right.location:
     st.warning("Both sides are the same cache: pick another one on the right.")
+elif (note := comparison_note(left, right)) is not None:
+    st.info(f"Compared: {note}.")
 for cache in (left, right):
     warm_up(cache)  # the caches' features load while the user picks a query and draws
 

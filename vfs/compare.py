@@ -1,12 +1,14 @@
 """Whether two caches can be compared image by image (two models, two layers, two checkpoints).
 
 Comparing rankings only means something when index i is the same image in both caches: the same
-dataset source, the same number of stored images, and the same paths in the same order (a build
-that skipped an unreadable image shifts every index after it).
+number of stored images and the same paths in the same order (a build that skipped an unreadable
+image shifts every index after it). The dataset sources may be named differently — a manifest given
+by another relative path, or the same dataset on another machine — which is said, not refused.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -27,20 +29,34 @@ class _Cache(Protocol):
 
 def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     """Why caches `a` and `b` do not hold the same images in the same order (None when they do)."""
-    source_a, source_b = a.spec.data.source, b.spec.data.source
-    if source_a != source_b:
-        return f"they are of different datasets ({source_a!r} and {source_b!r})"
+    other = _other_sources(a, b)
     if a.n != b.n:
-        return (
-            f"they hold different numbers of images ({a.n} and {b.n}): "
-            "was one built with a limit, or did it skip images?"
-        )
+        why = f"are they of {other}?" if other else "was one built with a limit, or did it skip images?"
+        return f"they hold different numbers of images ({a.n} and {b.n}): {why}"
     paths_a, paths_b = a.manifest["path"].to_numpy(), b.manifest["path"].to_numpy()
     differ = np.flatnonzero(paths_a != paths_b)
     if differ.size:
         i = int(differ[0])
-        return (
-            f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): "
-            "one build skipped an image the other kept"
-        )
+        why = f"they are of {other}" if other else "one build skipped an image the other kept"
+        return f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): {why}"
     return None
+
+
+def comparison_note(a: _Cache, b: _Cache) -> str | None:
+    """What a user comparing `a` and `b` should know though they compare (None when nothing): that
+    they were built from differently named dataset sources, taken as one by their paths."""
+    other = _other_sources(a, b)
+    if other is None:
+        return None
+    return (
+        f"built from {other}, their {a.n} images have the same paths in the same order: taken as one dataset"
+    )
+
+
+def _other_sources(a: _Cache, b: _Cache) -> str | None:
+    """ "differently named datasets ('x' and 'y')", or None where both name one source (the same
+    file by another relative path too)."""
+    source_a, source_b = a.spec.data.source, b.spec.data.source
+    if source_a == source_b or Path(source_a).resolve() == Path(source_b).resolve():
+        return None
+    return f"differently named datasets ({source_a!r} and {source_b!r})"

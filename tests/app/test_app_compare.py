@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from vfs.compare import comparison_refusal
+from vfs.compare import comparison_note, comparison_refusal
 
 
 def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png")):
@@ -25,8 +25,18 @@ def test_label_columns_do_not_matter():
     assert comparison_refusal(cache(), other) is None
 
 
-def test_different_datasets_are_refused():
-    assert "different datasets" in comparison_refusal(cache(), cache(source="photos/"))
+def test_a_dataset_named_differently_compares_with_a_note(tmp_path, monkeypatch):
+    """The same manifest given by another relative path, or the same dataset on another machine,
+    holds the same paths in the same order: compared, and the note names both sources."""
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "pacs" / "manifest.csv")
+    assert comparison_refusal(cache(source="pacs/manifest.csv"), cache(source=absolute)) is None
+    assert comparison_note(cache(source="pacs/manifest.csv"), cache(source=absolute)) is None
+    assert comparison_note(cache(source="./pacs/manifest.csv"), cache(source="pacs/manifest.csv")) is None
+    assert comparison_note(cache(), cache()) is None
+    moved = comparison_note(cache(source="/home/me/pacs.csv"), cache(source="/data/pacs.csv"))
+    assert "'/home/me/pacs.csv' and '/data/pacs.csv'" in moved and "3 images" in moved, moved
+    assert comparison_refusal(cache(source="/home/me/pacs.csv"), cache(source="/data/pacs.csv")) is None
 
 
 def test_different_sizes_are_refused():
@@ -36,3 +46,13 @@ def test_different_sizes_are_refused():
 def test_shifted_images_are_refused_with_the_first_difference():
     reason = comparison_refusal(cache(), cache(paths=("a.png", "c.png", "d.png")))
     assert "image 1" in reason and "'b.png'" in reason
+
+
+def test_different_datasets_are_refused_naming_both():
+    photos = cache(source="photos/", paths=("x.png", "y.png", "z.png"))
+    assert "differently named datasets ('embedded:skimage' and 'photos/')" in comparison_refusal(
+        cache(), photos
+    )
+    assert "are they of differently named datasets" in comparison_refusal(
+        cache(), cache(source="photos/", paths=("a.png",))
+    )
