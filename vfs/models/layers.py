@@ -304,6 +304,7 @@ class Extractor:
         body: nn.Module,
         layout: _Layout,
         device: torch.device,
+        probe_peak: float = 1.0,
     ) -> None:
         self.spec = spec
         self.layer = layer
@@ -311,6 +312,7 @@ class Extractor:
         self.grid = (layout.height, layout.width)
         self.channels = layout.channels
         self.device = device
+        self.probe_peak = probe_peak  # largest |value| of the layer for a seeded N(0, 1) image: its range
         self._body = body
         self._layout = layout
         self._lock = threading.Lock()
@@ -412,4 +414,5 @@ def _build(
     body = body.to(resolved).eval()
     if resolved.type == "cuda":
         body = body.to(memory_format=torch.channels_last)
-    return Extractor(spec, layer, preprocess, body, layout, resolved)
+    peak = float(layout.to_grid(reference).abs().max())
+    return Extractor(spec, layer, preprocess, body, layout, resolved, peak)
