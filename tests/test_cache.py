@@ -323,3 +323,32 @@ def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     assert table["grid_box"].tolist() == [result.grid_box(i) for i in table.index]
     plain = image_scores(open_cache(tmp_path / "c.zarr"), result)
     assert len(plain) == 12 and "vfs_score" in plain  # every image without `keep`
+
+
+def test_check_extractor_compares_the_weights_where_both_know_them(tmp_path):
+    """The weights' digest says which model made the features: another digest is refused whatever
+    the spec says, the same one is accepted under another spec (a checkpoint moved)."""
+    w = CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa"), candidates(5), 32)
+    fill(w, range(5))
+    w.finish(candidates(5))
+    c = open_cache(tmp_path / "c.zarr")
+    assert c.spec.weights == "sha256:aa"
+    c.check_extractor(described(weights="sha256:aa"))
+    c.check_extractor(described(weights="sha256:aa", spec="file:/new/place.pt?arch=x"))
+    c.check_extractor(described(weights="sha256:bb", spec="module:edited"))  # edited on purpose
+    with pytest.raises(CacheError, match="built with weights 'sha256:aa', not 'sha256:bb'.*rebuild"):
+        c.check_extractor(described(weights="sha256:bb"))
+    build(tmp_path / "old.zarr", 5)  # a cache from before the digest: the spec string decides
+    old = open_cache(tmp_path / "old.zarr")
+    assert old.spec.weights is None and "weights" not in old.spec.to_dict()
+    old.check_extractor(described(weights="sha256:bb"))
+    with pytest.raises(CacheError, match="built with spec"):
+        old.check_extractor(described(weights="sha256:bb", spec="timm:resnet50"))
+
+
+def test_a_resume_with_other_weights_is_refused(tmp_path):
+    w = CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa"), candidates(20), 32)
+    fill(w, range(9))
+    with pytest.raises(CacheError, match="weights: 'sha256:aa' ≠ 'sha256:bb'"):
+        CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:bb"), candidates(20), 32)
+    CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa"), candidates(20), 32)

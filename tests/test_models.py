@@ -35,7 +35,7 @@ from vfs.models import (
     model_kind,
     parse_model_spec,
 )
-from vfs.models.layers import _GraphLayer, _HookedLayer
+from vfs.models.layers import _GraphLayer, _HookedLayer, weights_digest
 from vfs.settings import Settings
 
 CHELSEA = PIL.Image.fromarray(skimage.data.chelsea())
@@ -117,6 +117,7 @@ def test_lite0_features_match_full_forward(lite0, layer, shape):
         "grid": [shape[0], shape[1]],
         "channels": shape[2],
         "preprocess": preprocess.to_dict(),
+        "weights": weights_digest(model),
     }
     json.dumps(extractor.describe())
 
@@ -217,6 +218,64 @@ def test_file_spec_with_torchvision_arch(tmp_path):
     np.testing.assert_allclose(
         extractor.features(CHELSEA), expected[0].permute(1, 2, 0).numpy(), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18?pretrained=false", "torchvision:resnet18@none"])
+def test_a_random_init_spec_is_one_model_on_every_load(spec):
+    """A query image must meet the weights the cache was built with: the same draw every time (seed
+    0), without touching the caller's random state."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = weights_digest(load_model(spec)[0])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert weights_digest(load_model(spec)[0]) == first
+    assert load_extractor(spec, "layer2", image_size=64).weights == first
+
+
+def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp_path, capsys):
+    """A checkpoint rewritten since the build is refused (it gave top scores near 0, silently); the
+    same checkpoint at a new path is named with --model."""
+    from vfs.jobs import BuildJob, build_cache
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    checkpoint = tmp_path / "r18.pt"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), checkpoint)
+    spec = f"file:{checkpoint}?arch=resnet18"
+    cache = build_cache(BuildJob("layer3", str(folder), str(tmp_path / "c.zarr"), model=spec, image_size=64))
+    assert cache is not None and cache.spec.weights == weights_digest(load_model(spec)[0])
+    mask = tmp_path / "m.npy"
+    np.save(mask, np.ones(cache.spec.grid, dtype=np.float32))
+    search = [
+        "search",
+        cache.location,
+        "--image",
+        str(folder / "1.png"),
+        "--mask",
+        str(mask),
+        "--json",
+        "--k",
+        "1",
+    ]
+
+    moved = tmp_path / "moved.pt"
+    checkpoint.rename(moved)
+    assert main(search) == 2 and "no checkpoint file" in capsys.readouterr().err
+    assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"][0]
+    assert top["path"] == "1.png" and top["score"] > 0.999
+
+    other = timm.create_model("resnet18", pretrained=False)
+    with torch.no_grad():
+        other.layer1[0].conv1.weight.mul_(2)
+    torch.save(other.state_dict(), moved)
+    assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert "built with weights" in err and "rebuild the cache" in err, err
 
 
 def test_file_spec_errors(tmp_path):
@@ -360,7 +419,8 @@ def test_extractor_from_module_is_load_extractor_on_a_module_you_hold(lite0):
     with torch.no_grad():  # an edit, as in model editing: the same architecture, other features
         held.blocks[5][0].conv_pw.weight.neg_()
     edited = extractor_from_module(held, "blocks.5", preprocess.with_input_size(64), name="edited")
-    assert edited.describe() == loaded.describe() | {"spec": "module:edited"}
+    assert edited.describe() == loaded.describe() | {"spec": "module:edited", "weights": weights_digest(held)}
+    assert edited.weights != loaded.weights
     assert not np.allclose(edited.features(CHELSEA), loaded.features(CHELSEA), atol=1e-2)
 
 

@@ -200,13 +200,16 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
     mask = load_mask(args.mask, cache.spec.grid)
-    if args.image and model_kind(cache.spec.model).runs_user_code and not args.trust_model_code:
+    if args.model and not args.image:
+        raise ValueError("--model is for an --image query; a --query-index uses the cache's stored features")
+    model = args.model or cache.spec.model
+    if args.image and not args.model and model_kind(model).runs_user_code and not args.trust_model_code:
         raise ValueError(
-            f"the cache's model {cache.spec.model!r} is code that would run here; "
+            f"the cache's model {model!r} is code that would run here; "
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
-        ex = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+        ex = load_extractor(model, cache.spec.layer, cache.spec.input_size)
         cache.check_extractor(ex.describe())
         query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
     else:
@@ -293,6 +296,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--trust-model-code", action="store_true", help="allow a python: model spec named by the cache"
+    )
+    sp.add_argument(
+        "--model",
+        help="with --image: the model spec to load instead of the cache's, e.g. its checkpoint at a new "
+        "path (it must hold the weights the cache was built with)",
     )
     sp.add_argument("--device", default="auto")
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")

@@ -152,6 +152,7 @@ def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
         channels=d["channels"],
         preprocess=extractor.preprocess,
         data=dataset.spec,
+        weights=extractor.weights,
     )
 
 

@@ -50,6 +50,7 @@ class CacheSpec:
     channels: int
     preprocess: Preprocess
     data: DataSpec
+    weights: str | None = None  # `vfs.models.weights_digest` of the model (None: built before VFS kept it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +61,7 @@ class CacheSpec:
             "channels": self.channels,
             "preprocess": self.preprocess.to_dict(),
             "data": self.data.to_dict(),
-        }
+        } | ({} if self.weights is None else {"weights": self.weights})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
@@ -73,12 +74,14 @@ class CacheSpec:
             channels=int(d["channels"]),
             preprocess=Preprocess.from_dict(d["preprocess"]),
             data=DataSpec.from_dict(d["data"]),
+            weights=d.get("weights"),
         )
 
     def mismatch(self, other: CacheSpec) -> str | None:
-        """Why two specs do not describe the same cache (None when they do)."""
+        """Why two specs do not describe the same cache (None when they do); the weights count where
+        both know them."""
         a, b = self.to_dict(), other.to_dict()
-        diffs = [f"{k}: {a[k]!r} ≠ {b[k]!r}" for k in a if a[k] != b[k]]
+        diffs = [f"{k}: {a[k]!r} ≠ {b[k]!r}" for k in a if k in b and a[k] != b[k]]
         return "; ".join(diffs) or None
 
 

@@ -231,10 +231,12 @@ class FeatureCache:
         """Refuse an extractor whose features cannot be compared with the cache's (an `Extractor.describe()`).
 
         Layer, input size, grid, channels and preprocessing must be the cache's (grid, channels and
-        preprocessing when described: every `Extractor` describes them). The model spec must be too,
-        except for an extractor made from a module (`extractor_from_module`): that is its user's
-        statement that it is the cache's architecture, e.g. with edited weights, whose features are
-        meant to differ.
+        preprocessing when described: every `Extractor` describes them). So must the weights, where
+        the cache and the extractor both know their digest — then the spec string may differ (the
+        same checkpoint at another path); else the model spec must be the cache's. An extractor made
+        from a module (`extractor_from_module`) is exempt from both: that is its user's statement
+        that it is the cache's architecture, e.g. with edited weights, whose features are meant to
+        differ.
         """
         architecture = "the model is not the cache's architecture at this layer"
         next_steps = {
@@ -246,6 +248,9 @@ class FeatureCache:
             "grid": architecture,
             "channels": architecture,
             "preprocess": "make the extractor with the cache's preprocessing (cache.spec.preprocess)",
+            "weights": "the model's weights are not those the cache was built with (a checkpoint "
+            "rewritten since the build, or a random init another torch version draws?): load the "
+            "cache's weights, or rebuild the cache",
         }
         mine: dict[str, Any] = {
             "spec": self.spec.model,
@@ -254,15 +259,20 @@ class FeatureCache:
             "grid": list(self.spec.grid),
             "channels": self.spec.channels,
             "preprocess": self.spec.preprocess.to_dict(),
+            "weights": self.spec.weights,
         }
         theirs: dict[str, Any] = {key: description.get(key) for key in mine}
         if theirs["grid"] is not None:
             theirs["grid"] = list(theirs["grid"])
         if theirs["preprocess"] is not None:  # the same values whether from JSON or from a Preprocess
             theirs["preprocess"] = Preprocess.from_dict(theirs["preprocess"]).to_dict()
-        skipped = {key for key in ("grid", "channels", "preprocess") if theirs[key] is None}
+        skipped = {key for key in ("grid", "channels", "preprocess", "weights") if theirs[key] is None}
+        if mine["weights"] is None:
+            skipped.add("weights")
+        elif "weights" not in skipped:
+            skipped.add("spec")  # the weights say which model: a checkpoint may have moved
         if isinstance(theirs["spec"], str) and is_module_spec(theirs["spec"]):
-            skipped.add("spec")
+            skipped |= {"spec", "weights"}
         wrong = next((key for key in mine if key not in skipped and theirs[key] != mine[key]), None)
         if wrong is None:
             return

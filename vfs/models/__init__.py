@@ -18,6 +18,7 @@ from .layers import (
     is_module_spec,
     list_layers,
     load_extractor,
+    weights_digest,
 )
 from .specs import IMAGENET_MEAN, IMAGENET_STD, ModelKind, ModelSpec, ModelUnavailable, Preprocess
 
@@ -41,4 +42,5 @@ __all__ = [
     "load_model",
     "model_kind",
     "parse_model_spec",
+    "weights_digest",
 ]

@@ -11,7 +11,8 @@ import difflib
 import importlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -85,11 +86,25 @@ def _load_timm(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     import timm
 
     _check_timm_model(spec.raw, spec.name)
+    pretrained = spec.options["pretrained"] == "true"
     try:
-        model = timm.create_model(spec.name, pretrained=spec.options["pretrained"] == "true")
+        with _seeded(not pretrained):
+            model = timm.create_model(spec.name, pretrained=pretrained)
     except _download_errors() as error:
         raise _unavailable(spec.raw, error) from error
     return model, _timm_preprocess(model)
+
+
+@contextmanager
+def _seeded(random_init: bool) -> Iterator[None]:
+    """Random weights drawn from seed 0, leaving the caller's random state as it was: a random-init
+    spec is one model on every load (a query image must meet the cache's weights), not a new draw."""
+    if not random_init:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _check_timm_model(spec: str, name: str) -> None:
@@ -136,7 +151,8 @@ def _load_torchvision(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     _check_torchvision_model(spec.raw, spec.name)
     weights = _torchvision_weights(spec.raw, spec.name, spec.options["weights"])
     try:
-        model = torchvision.models.get_model(spec.name, weights=weights)
+        with _seeded(weights is None):
+            model = torchvision.models.get_model(spec.name, weights=weights)
     except _download_errors() as error:
         raise _unavailable(spec.raw, error) from error
     return model, _torchvision_preprocess(spec.name, weights)

@@ -9,6 +9,7 @@ an edited copy); both go through one builder.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import warnings
@@ -305,6 +306,7 @@ class Extractor:
         layout: _Layout,
         device: torch.device,
         probe_peak: float = 1.0,
+        weights: str | None = None,
     ) -> None:
         self.spec = spec
         self.layer = layer
@@ -313,6 +315,7 @@ class Extractor:
         self.channels = layout.channels
         self.device = device
         self.probe_peak = probe_peak  # largest |value| of the layer for a seeded N(0, 1) image: its range
+        self.weights = weights  # `weights_digest` of the model
         self._body = body
         self._layout = layout
         self._lock = threading.Lock()
@@ -342,7 +345,20 @@ class Extractor:
             "grid": list(self.grid),
             "channels": self.channels,
             "preprocess": self.preprocess.to_dict(),
+            "weights": self.weights,
         }
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A fingerprint of a model's parameters and buffers (names, types, shapes and bytes): which
+    weights a cache's features came from, where the spec string cannot say (a checkpoint file
+    rewritten since the build, a random init another torch version draws differently). SHA-256,
+    ≈ 60 ms for ResNet-50's 100 MB."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 def load_extractor(
@@ -415,4 +431,4 @@ def _build(
     if resolved.type == "cuda":
         body = body.to(memory_format=torch.channels_last)
     peak = float(layout.to_grid(reference).abs().max())
-    return Extractor(spec, layer, preprocess, body, layout, resolved, peak)
+    return Extractor(spec, layer, preprocess, body, layout, resolved, peak, weights_digest(model))
