@@ -314,6 +314,44 @@ def test_vit_features_match_full_forward(tmp_path):
     np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
+class _SquareMap(torch.nn.Module):
+    """16 channels on a 16×16 map at 64 px: channels first, or last (as ConvNeXt's first stage at
+    384 px, 96×96×96)."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.conv = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.out = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.out(y.permute(0, 2, 3, 1) if self.channels_last else y)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_map_as_deep_as_it_is_wide_is_read_on_its_channel_axis(channels_last):
+    torch.manual_seed(0)
+    model = _SquareMap(channels_last).eval()
+    extractor = extractor_from_module(model, "out", Preprocess(64, 64))
+    x = model_input(extractor.preprocess)
+    with torch.no_grad():
+        y = model.conv(x)[0].permute(1, 2, 0)  # (h, w, C) as it should be
+    np.testing.assert_allclose(extractor.features(CHELSEA), y.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrapped_vit_keeps_its_prefix_tokens():
+    """DeiT's class and distillation tokens are dropped inside a wrapper too (it read only the
+    outer module's num_prefix_tokens, found none, and offered no token layer at all)."""
+    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
+    wrapped = torch.nn.Sequential(vit)
+    assert LayerInfo("0.blocks.3", 14, 14, 192) in list_layers(wrapped, 224)
+    extractor = extractor_from_module(wrapped, "0.blocks.3", Preprocess(224, 248))
+    tokens = hooked_output(vit, "blocks.3", model_input(extractor.preprocess))
+    expected = tokens[0, 2:].reshape(14, 14, 192)
+    np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_swin_nhwc_stages():
     spec = "timm:swin_tiny_patch4_window7_224?pretrained=false"
     extractor = load_extractor(spec, "layers.1")

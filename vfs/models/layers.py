@@ -116,6 +116,17 @@ def _layout(output: Any, input_size: int, model: nn.Module) -> _Layout | None:
     return layout if layout is not None and layout.height * layout.width > 1 else None
 
 
+def _token_owner(modules: dict[str, nn.Module], layer: str) -> nn.Module:
+    """The innermost module around `layer` that declares its tokens (timm's ViTs: num_prefix_tokens),
+    else the model: a ViT inside a wrapper keeps its class, distillation and register tokens."""
+    parts = layer.split(".")
+    for depth in range(len(parts), -1, -1):
+        module = modules.get(".".join(parts[:depth]))
+        if module is not None and hasattr(module, "num_prefix_tokens"):
+            return module
+    return modules[""]
+
+
 def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module) -> _Layout | None:
     """(1, T, C) tokens as a grid after dropping prefix tokens (timm: num_prefix_tokens;
     otherwise try none, then one class token)."""
@@ -130,6 +141,23 @@ def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module)
         if side > 0 and side * side == count and _plausible_side(side, input_size):
             return _Layout("tokens", side, side, channels, prefix)
     return None
+
+
+def _channels_placed(body: nn.Module, size: int, output: torch.Tensor, layout: _Layout) -> _Layout:
+    """The layout of a (1, S, S, S) map — as many channels as cells a side (ConvNeXt-T's first stage
+    at 384 px, channels last): the axis that keeps its length at another input size holds the
+    channels. A model that runs at one size only keeps the first-axis guess (PyTorch's default)."""
+    other = size + 32  # a multiple of the usual strides away
+    probe = torch.randn(1, 3, other, other, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            shape = body(probe).shape
+    except (RuntimeError, ValueError, AssertionError):  # a fixed-size model (timm asserts the size)
+        return layout
+    side = layout.height
+    if shape[-1] == side and shape[1] != side:
+        return _Layout("nhwc", side, side, side)
+    return _Layout("nchw", side, side, side)
 
 
 def _input_size_error(spec: str, size: int, native: int, error: Exception) -> ValueError:
@@ -162,9 +190,10 @@ def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, in
 
 def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
     outputs = _first_outputs(model, input_size)
+    modules = dict(model.named_modules())
     seen: set[tuple[int, int]] = set()
     layers = []
-    for name, _ in model.named_modules():  # parents come before their children
+    for name in modules:  # parents come before their children
         if name not in outputs:
             continue
         output, version = outputs[name]
@@ -174,7 +203,7 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
         if key in seen:
             continue
         seen.add(key)
-        layout = _layout(output, input_size, model)
+        layout = _layout(output, input_size, _token_owner(modules, name))
         if layout is not None:
             layers.append(LayerInfo(name, layout.height, layout.width, layout.channels))
     return layers
@@ -406,7 +435,8 @@ def _build(
             raise _input_size_error(spec, size, native, error) from error
         return LayerError(spec, layer, problem, _example_layers(names))
 
-    if not layer or layer not in dict(model.named_modules()):
+    modules = dict(model.named_modules())
+    if not layer or layer not in modules:
         raise unusable(f"no layer {layer!r}")
     probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     body: nn.Module = _HookedLayer(model, layer)
@@ -417,7 +447,9 @@ def _build(
         raise unusable(f"layer {layer!r} never runs in the model's forward pass") from None
     except Exception as error:  # e.g. a ViT with a fixed input size
         raise _input_size_error(spec, size, native, error) from error
-    layout = _layout(reference, size, model)
+    layout = _layout(reference, size, _token_owner(modules, layer))
+    if layout is not None and layout.kind != "tokens" and layout.height == layout.channels:
+        layout = _channels_placed(body, size, reference, layout)
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
         raise unusable(
