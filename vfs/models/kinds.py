@@ -7,7 +7,10 @@ tables, are in `embedded.py`); `parse_model_spec` and `load_model` only dispatch
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
+import functools
 import importlib
 import math
 import re
@@ -39,7 +42,7 @@ _ERROR_CHARS = 300  # third-party errors (state-dict mismatches, unpickling) run
 
 def _one_line(error: BaseException) -> str:
     """A third-party error as one short line, for messages that must fit one `error:` line."""
-    text = " ".join(str(error).split())
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())  # no terminal colour codes
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
@@ -232,48 +235,115 @@ def _load_file(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     arch_kind, _, arch_name = arch.rpartition(":")
     if arch_kind == "torchvision":
         _check_torchvision_model(spec.raw, arch_name)
-        model = torchvision.models.get_model(arch_name, weights=None)
+        make = functools.partial(torchvision.models.get_model, arch_name, weights=None)
         preprocess = _torchvision_preprocess(arch_name, None)
     else:
         _check_timm_model(spec.raw, arch_name)
-        model = timm.create_model(arch_name, pretrained=False)
-        preprocess = _timm_preprocess(model)
+        make = functools.partial(timm.create_model, arch_name, pretrained=False)
+        preprocess = None
+    model = make()
+    state = _matching_keys(_read_state_dict(path), model.state_dict())
+    classes = _head_size(state, model.state_dict())
+    if classes is not None:  # a fine-tuned classifier: the head's size is the checkpoint's
+        with contextlib.suppress(TypeError, ValueError):  # a constructor without num_classes
+            model = make(num_classes=classes)
     try:
-        model.load_state_dict(_read_state_dict(path), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(
-            f"{spec.raw!r}: the checkpoint does not fit {arch} ({_one_line(error)}); "
+            f"{spec.raw!r}: the checkpoint does not fit {arch}: {_misfit(state, model.state_dict())}; "
             "?arch= must name the architecture the checkpoint was saved from"
         ) from error
-    return model, preprocess
+    return model, preprocess or _timm_preprocess(model)
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file, unwrapped from common containers."""
+    """A state dict from .safetensors or a torch file, unwrapped from common containers (timm's
+    and Lightning's `state_dict`, the tutorials' `model_state_dict`, `model`, an EMA's)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state: Any = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: say which, not a pickle traceback
-        raise ValueError(
-            f"cannot read checkpoint {str(path)!r} ({_one_line(error)}); expected a state dict "
-            "saved with torch.save or a .safetensors file"
-        ) from error
-    for key in ("state_dict", "model"):
+        else:  # tensors and plain containers only: unpickling anything else could run code
+            with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py's `args`
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: say which and why, not a pickle traceback
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {_unreadable(error)}") from error
+    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
-    if not isinstance(state, Mapping):
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; "
-            "save model.state_dict() instead"
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        held = (
+            type(state).__name__ if not isinstance(state, Mapping) else "mapping of other things than tensors"
         )
-    if state and all(key.startswith("module.") for key in state):  # saved from DataParallel
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a {held}, not a state dict; save model.state_dict() instead"
+        )
     return state
+
+
+def _unreadable(error: BaseException) -> str:
+    """Why torch could not read a checkpoint, and what to save instead."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # weights_only refused an object: a pickled model, or something holding one
+        return (
+            f"it holds a pickled {found[1]} object, which VFS does not unpickle (that could run code): "
+            "save model.state_dict() instead, or load it in a python: spec"
+        )
+    if "TorchScript" in text:
+        return "it is a TorchScript archive: save the model's state_dict() instead"
+    return f"not a PyTorch checkpoint or .safetensors file ({type(error).__name__}: {_one_line(error)})"
+
+
+def _matching_keys(
+    state: Mapping[str, torch.Tensor], wanted: Mapping[str, Any]
+) -> Mapping[str, torch.Tensor]:
+    """`state` with the leading name parts every key shares removed while that matches more of the
+    model's keys: DataParallel's `module.`, torch.compile's `_orig_mod.`, Lightning's `model.`."""
+    best = state
+    while best and len(first := next(iter(best)).split(".", 1)) == 2:
+        prefix = first[0] + "."
+        if not all(key.startswith(prefix) for key in best):
+            break
+        stripped = {key.removeprefix(prefix): value for key, value in best.items()}
+        if len(stripped.keys() & wanted.keys()) < len(best.keys() & wanted.keys()):
+            break
+        best = stripped
+    return best
+
+
+def _head_size(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> int | None:
+    """The checkpoint's number of classes where only the classifier's weight and bias differ in
+    size from the model's (a model fine-tuned on 14 findings, 2 classes, …), else None."""
+    differ = {key for key in state.keys() & wanted.keys() if state[key].shape != wanted[key].shape}
+    heads = {key.rpartition(".")[0] for key in differ}
+    if len(heads) != 1:
+        return None
+    (head,) = heads
+    weight = state[f"{head}.weight"] if f"{head}.weight" in differ else None
+    if weight is None or not differ <= {f"{head}.weight", f"{head}.bias"} or weight.ndim < 2:
+        return None
+    return int(weight.shape[0]) if weight.shape[1:] == wanted[f"{head}.weight"].shape[1:] else None
+
+
+def _misfit(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> str:
+    """What differs between a checkpoint and the model, in a line: counts and the first names."""
+
+    def first(keys: set[str]) -> str:
+        shown = sorted(keys)[:3]
+        return ", ".join(shown) + (", …" if len(keys) > 3 else "")
+
+    missing, unexpected = wanted.keys() - state.keys(), state.keys() - wanted.keys()
+    resized = {k for k in state.keys() & wanted.keys() if state[k].shape != wanted[k].shape}
+    parts = [
+        f"{len(missing)} of its weights missing ({first(missing)})" if missing else "",
+        f"{len(unexpected)} unknown ({first(unexpected)})" if unexpected else "",
+        f"{len(resized)} of other sizes ({first(resized)})" if resized else "",
+    ]
+    return "; ".join(p for p in parts if p)
 
 
 # --- python: python:<module>:<function>, user code returning a module or (module, preprocessing) --
