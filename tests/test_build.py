@@ -49,6 +49,15 @@ def test_embedded_build(demo):
         assert error.max() < 1e-2, error.max()
 
 
+def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, capsys, monkeypatch):
+    """Scripts rerun builds: a finished one is the answer (exit 0), not an error."""
+    cache, _ = demo
+    monkeypatch.setattr("vfs.jobs._run", lambda *a: pytest.fail("a finished build computed again"))
+    flags = ["--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "24", "--batch-size", "8"]
+    assert main(["build", *flags, "--out", cache.location]) == 0
+    assert f"{cache.location}: 24 images" in capsys.readouterr().out
+
+
 def test_cli_json_round_trip(demo, tmp_path, capsys):
     cache, _ = demo
     drawn = np.zeros((224, 224, 4), np.uint8)

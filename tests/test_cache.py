@@ -352,3 +352,49 @@ def test_a_resume_with_other_weights_is_refused(tmp_path):
     with pytest.raises(CacheError, match="weights: 'sha256:aa' ≠ 'sha256:bb'"):
         CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:bb"), candidates(20), 32)
     CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa"), candidates(20), 32)
+
+
+def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
+    """A partial cache copied mid-build (or hit by a disk fault) lacks chunk files its progress
+    counts: the resume computes those images again, instead of finishing a cache search refuses."""
+    build(tmp_path / "clean.zarr", 30, bad={3})
+    w = CacheWriter.open(tmp_path / "p.zarr", SPEC, candidates(30), 32)
+    fill(w, range(23), bad={3})
+    assert w.rows == 21
+    (tmp_path / "p.zarr" / "features" / "c" / "1" / "0" / "0" / "0").unlink()  # rows 7..13
+    with pytest.warns(UserWarning, match="images 7..20 of the partial cache are missing on disk"):
+        resumed = CacheWriter.open(tmp_path / "p.zarr", SPEC, candidates(30), 32)
+    assert (resumed.rows, resumed.next_item, resumed.skipped) == (7, 8, w.skipped)  # item 3 skipped
+    fill(resumed, range(8, 30), bad={3})
+    resumed.finish(candidates(30))
+    a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "p.zarr")
+    for name in ("features", "sqnorm", "thumbs", "source_index"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+    assert a.report == b.report
+
+
+def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(tmp_path):
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(20), 32, job={"data": SPEC.data.source})
+    fill(w, range(9))
+    moved = replace(SPEC, data=replace(SPEC.data, source="/mnt/elsewhere/manifest.csv"))
+    resumed = CacheWriter.open(tmp_path / "c.zarr", moved, candidates(20), 32)
+    assert resumed.rows == 7
+    attrs = open_cache(tmp_path / "c.zarr", allow_partial=True).attrs
+    assert attrs["spec"]["data"]["source"] == attrs["job"]["data"] == "/mnt/elsewhere/manifest.csv"
+    shuffled = candidates(20).iloc[::-1].reset_index(drop=True)
+    with pytest.raises(
+        CacheError, match="started on other images \\(image 0: 'img/0.png' there, 'img/19.png' here"
+    ):
+        CacheWriter.open(tmp_path / "c.zarr", moved, shuffled, 32)
+    with pytest.raises(CacheError, match="dataset of 20 images, this one has 21"):
+        CacheWriter.open(tmp_path / "c.zarr", moved, candidates(21), 32)
+
+
+def test_a_rerun_of_a_finished_build_has_nothing_to_do(tmp_path):
+    from vfs.cache.writer import AlreadyComplete
+
+    build(tmp_path / "c.zarr", 10)
+    with pytest.raises(AlreadyComplete, match="nothing to do"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
+    with pytest.raises(CacheError, match="the dataset now has 12: build into another output"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(12), 32)

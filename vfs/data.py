@@ -251,6 +251,8 @@ def open_dataset(source: str, label_col: str | None = None, domain_col: str | No
             )
     label_col = label_col or ("label" if "label" in records.columns else None)
     domain_col = domain_col or (default_domain if default_domain in records.columns else None)
+    if not (source == EMBEDDED_DATASET or source.startswith(TORCHVISION_PREFIX)):
+        source = str(Path(source).expanduser().resolve())  # one name from any folder: resumes, Compare
     return ImageDataset(DataSpec(source, label_col, domain_col), records, reader)
 
 

@@ -12,7 +12,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
+from .cache.writer import AlreadyComplete
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
@@ -175,9 +176,17 @@ def build_cache(
 
         connect(job.address)
     with BuildLock(job.out):
-        writer = CacheWriter.open(
-            job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images, job=asdict(job)
-        )
+        try:
+            writer = CacheWriter.open(
+                job.out,
+                spec,
+                dataset.records,
+                thumb,
+                chunk_images=job.chunk_images,
+                job=asdict(replace(job, data=dataset.spec.source)),  # a resume from any folder finds it
+            )
+        except AlreadyComplete:  # a rerun of a finished build
+            return open_cache(job.out)
         if job.engine == "ray":
             from .cluster.build import run_on_ray
 

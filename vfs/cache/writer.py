@@ -8,8 +8,9 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,24 +176,48 @@ class CacheWriter:
             ) from e
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
-        reason = CacheSpec.from_dict(attrs["spec"]).mismatch(spec)
+        recorded = CacheSpec.from_dict(attrs["spec"])
+        # Where the dataset is may change (another folder, another machine); what it is may not.
+        reason = recorded.mismatch(replace(spec, data=replace(spec.data, source=recorded.data.source)))
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
-            raise CacheError(f"{path} is already complete")
-        if "candidates" in g and len(read_table(g, "candidates")) != len(candidates):
-            raise CacheError(f"{path} was started on a dataset of another size; choose another output")
+            if attrs.get("report", {}).get("candidates") == len(candidates):
+                raise AlreadyComplete(f"{path} is already complete: nothing to do")
+            raise CacheError(
+                f"{path} is complete, of {attrs.get('report', {}).get('candidates')} candidate images; the "
+                f"dataset now has {len(candidates)}: build into another output to include them"
+            )
+        if "candidates" in g:
+            _check_same_images(path, read_table(g, "candidates"), candidates)
+        if recorded.data.source != spec.data.source:  # a resume reruns where the data is now
+            g.attrs.update(
+                {"spec": spec.to_dict()}
+                | ({"job": attrs["job"] | {"data": spec.data.source}} if "job" in attrs else {})
+            )
         for leftover in path.rglob("*.partial"):  # zarr's temporary files from writes a kill interrupted
             if _ZARR_TEMP.search(leftover.name):
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
+        rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
+        lost = _first_lost_row(path, g, rows)
+        if lost is not None:  # chunk files gone (a copy taken mid-build, a disk fault): redo from there
+            rows = lost - lost % member_array(g, "features").chunks[0]
+            last = np.asarray(member_array(g, "source_index")[max(rows - 1, 0) : rows])  # kept, or none
+            next_item = int(last[0]) + 1 if rows else 0
+            skipped = [s for s in skipped if s["item"] < next_item]
+            warnings.warn(
+                f"{path}: images {rows}..{p['rows'] - 1} of the partial cache are missing on disk; "
+                "the build computes them again",
+                stacklevel=3,
+            )
         return cls(
             path,
             g,
             spec,
-            rows=p["rows"],
-            next_item=p["next_item"],
-            skipped=list(p["skipped"]),
+            rows=rows,
+            next_item=next_item,
+            skipped=skipped,
             nonnegative=bool(p.get("nonnegative", False)),
         )
 
@@ -310,6 +335,43 @@ class CacheWriter:
             }
         )
         self._sync_attrs()
+
+
+class AlreadyComplete(CacheError):
+    """A rerun of a build that finished: nothing is left to do."""
+
+
+def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFrame) -> None:
+    """Refuse a resume on other images than the build started on (same paths, in order)."""
+    if len(started) != len(candidates):
+        raise CacheError(
+            f"{path} was started on a dataset of {len(started)} images, this one has {len(candidates)}; "
+            "choose another output"
+        )
+    before, now = started["path"].astype(str).to_numpy(), candidates["path"].astype(str).to_numpy()
+    differ = np.flatnonzero(before != now)
+    if differ.size:
+        i = int(differ[0])
+        raise CacheError(
+            f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
+            "choose another output"
+        )
+
+
+def _first_lost_row(path: Path, group: zarr.Group, rows: int) -> int | None:
+    """The first of the `rows` recorded as stored whose chunk file is missing (or, for the
+    uncompressed features, short), in any row array; None when all are there."""
+    lost = []
+    for name in ROW_ARRAYS:
+        arr = member_array(group, name)
+        per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
+        size = per * math.prod(arr.chunks[1:]) * arr.dtype.itemsize if name == "features" else 0
+        for i in range(-(-rows // per)):
+            f = path / name / arr.metadata.encode_chunk_key((i, *tail))
+            if not f.is_file() or f.stat().st_size < size:
+                lost.append(i * per)
+                break
+    return min(lost, default=None)
 
 
 def _fsync(paths: Iterable[Path]) -> None:
