@@ -58,6 +58,22 @@ def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, capsys, m
     assert f"{cache.location}: 24 images" in capsys.readouterr().out
 
 
+def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("vfs.cache.writer.CacheWriter._store", full)
+    out = tmp_path / "c.zarr"
+    argv = ["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "4", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on the disk holding {out}: free some and rerun the same build to resume" in err, (
+        err
+    )
+
+
 def test_cli_json_round_trip(demo, tmp_path, capsys):
     cache, _ = demo
     drawn = np.zeros((224, 224, 4), np.uint8)

@@ -137,6 +137,15 @@ def test_resume_refuses_another_spec(tmp_path):
         (lambda g: g.attrs.update({"format_version": 99}), "format version 99"),
         (lambda g: g.attrs.update({"format": "other"}), "not a VFS feature cache"),
         (lambda g: g.__delitem__("sqnorm"), "missing the array"),
+        (
+            lambda g: g.attrs.update({"format_version": "1"}),
+            "has format version '1'; this VFS reads version 1",
+        ),
+        (lambda g: g.attrs.update({"n": 500}), "its attributes count 500 images, its arrays hold 10"),
+        (
+            lambda g: (g.store_path.store.root / "features" / "zarr.json").write_text(""),
+            "the metadata of its 'features' array cannot be read",
+        ),
     ],
 )
 def test_open_refuses_damaged_caches(tmp_path, damage, message):
@@ -379,7 +388,9 @@ def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(t
     moved = replace(SPEC, data=replace(SPEC.data, source="/mnt/elsewhere/manifest.csv"))
     resumed = CacheWriter.open(tmp_path / "c.zarr", moved, candidates(20), 32)
     assert resumed.rows == 7
-    attrs = open_cache(tmp_path / "c.zarr", allow_partial=True).attrs
+    partial = open_cache(tmp_path / "c.zarr", allow_partial=True)
+    assert partial.info()["nbytes_features"] == 7 * 4 * 5 * 8 * 2  # the images stored so far
+    attrs = partial.attrs
     assert attrs["spec"]["data"]["source"] == attrs["job"]["data"] == "/mnt/elsewhere/manifest.csv"
     shuffled = candidates(20).iloc[::-1].reset_index(drop=True)
     with pytest.raises(

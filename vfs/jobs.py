@@ -7,11 +7,13 @@ the next batch is computed. Nothing holds an fp32 copy of the whole cache.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -175,7 +177,7 @@ def build_cache(
         from .cluster import connect
 
         connect(job.address)
-    with BuildLock(job.out):
+    with BuildLock(job.out), _disk_full_names(job.out):
         try:
             writer = CacheWriter.open(
                 job.out,
@@ -198,6 +200,21 @@ def build_cache(
             return None
         writer.finish(dataset.records)
     return open_cache(job.out)
+
+
+@contextmanager
+def _disk_full_names(out: str) -> Iterator[None]:
+    """A full disk as the user can act on it: which output, and that a rerun resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the disk holding {out}: free some and rerun the same build to resume it "
+            "(every image recorded as stored is kept)",
+        ) from error
 
 
 def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:

@@ -58,6 +58,18 @@ def cache_name(location: str) -> str:
     return Path(str(location).rstrip("/")).name.removesuffix(CACHE_SUFFIX)
 
 
+def _array(group: zarr.Group, name: str, location: str) -> zarr.Array:
+    """One of a cache's arrays, or a CacheError naming it: missing, or metadata zarr cannot parse."""
+    try:
+        return member_array(group, name)
+    except KeyError as e:
+        raise CacheError(f"{location} is missing the array {e}") from e
+    except Exception as e:  # metadata zarr cannot parse (an empty zarr.json, unknown codec, ...)
+        raise CacheError(
+            f"{location}: the metadata of its {name!r} array cannot be read ({type(e).__name__}: {e})"
+        ) from e
+
+
 class FeatureCache:
     """A cache opened for reading: arrays, spec, manifest, and search access (see vfs.search).
 
@@ -75,8 +87,8 @@ class FeatureCache:
             raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(
-                f"{location} has format version {attrs.get('format_version')}; "
-                f"this VFS reads version {FORMAT_VERSION}"
+                f"{location} has format version {attrs.get('format_version')!r}; "
+                f"this VFS reads version {FORMAT_VERSION!r}"
             )
         self.attrs = attrs
         self.allow_partial = allow_partial
@@ -87,25 +99,21 @@ class FeatureCache:
                 self.n = int(attrs["progress"]["rows"])
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
-        try:
-            self.features, self.sqnorm, self.thumbs = (
-                member_array(group, a) for a in ("features", "sqnorm", "thumbs")
-            )
-        except KeyError as e:
-            raise CacheError(f"{location} is missing the array {e}") from e
-        except Exception as e:  # metadata zarr cannot parse (unknown codec, data type, ...)
-            raise CacheError(
-                f"{location}: an array's metadata cannot be read ({type(e).__name__}: {e})"
-            ) from e
+        self.features, self.sqnorm, self.thumbs = (
+            _array(group, a, location) for a in ("features", "sqnorm", "thumbs")
+        )
         for arr, dtype in ((self.features, "float16"), (self.sqnorm, "float32"), (self.thumbs, "uint8")):
             check_array(arr, location, dtype)
             check_chunk_size(arr, location)
         h, w = self.spec.grid
         expect = (self.features.shape[0], h, w, self.spec.channels)
+        if self.features.shape[0] < self.n:
+            raise CacheError(
+                f"{location}: its attributes count {self.n} images, its arrays hold {self.features.shape[0]}"
+            )
         if (
             self.features.shape != expect
             or self.sqnorm.shape != expect[:3]
-            or self.features.shape[0] < self.n
         ):
             raise CacheError(
                 f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} "
@@ -151,8 +159,9 @@ class FeatureCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored images' features (of those stored so far, in a partial cache)."""
         h, w = self.spec.grid
-        return self.n * h * w * self.spec.channels * 2
+        return self.stored * h * w * self.spec.channels * 2
 
     @property
     def label_col(self) -> str | None:
@@ -293,7 +302,7 @@ class FeatureCache:
             raise CacheError(
                 f"{self.location} is incomplete: its build is running or was interrupted ({self.stored} of "
                 f"{total} images stored). Finish the build (rerun the same build to resume it), or open it "
-                f"with allow_partial=True to search the images stored so far."
+                f"with allow_partial=True (the CLI's --allow-partial) to search the images stored so far."
             )
 
     # --- reading ----------------------------------------------------------------------------
