@@ -3,6 +3,7 @@ its features (resident on a device, or streamed from storage with one range pref
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -85,6 +86,10 @@ class FeatureCache:
             self.n = int(attrs["n"])
             if not self.complete and allow_partial:
                 self.n = int(attrs["progress"]["rows"])
+            # What the stored features are the layer's times; caches created before say nothing: 1.
+            self.feature_scale = float(attrs.get("feature_scale", 1.0))
+            if not 0 < self.feature_scale < math.inf:
+                raise ValueError(f"feature_scale {self.feature_scale} is not a positive number")
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
         try:
@@ -207,6 +212,7 @@ class FeatureCache:
             "spec": self.spec.to_dict(),
             "chunk": self.features.chunks[0],
             "nbytes_features": self.nbytes,
+            "feature_scale": self.feature_scale,
             "report": self.report,
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions", {}),
