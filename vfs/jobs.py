@@ -20,10 +20,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
+from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache, stored_features
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
+from .sources import cache_feature_scale
 
 THUMB_MAX = 224
 ENGINES = ("local", "ray")
@@ -175,7 +176,13 @@ def build_cache(
         connect(job.address)
     with BuildLock(job.out):
         writer = CacheWriter.open(
-            job.out, spec, dataset.records, thumb, chunk_images=job.chunk_images, job=asdict(job)
+            job.out,
+            spec,
+            dataset.records,
+            thumb,
+            chunk_images=job.chunk_images,
+            job=asdict(job),
+            feature_scale=cache_feature_scale(extractor.probe_peak),
         )
         if job.engine == "ray":
             from .cluster.build import run_on_ray
@@ -217,7 +224,7 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             feats = None
             if views is not None:
                 x = extractor.preprocess.normalize(views.to(device, non_blocking=True))
-                feats = extractor.features_batch(x).to(torch.float16).cpu().numpy()
+                feats = stored_features(extractor.features_batch(x), writer.feature_scale).cpu().numpy()
                 thumbs = thumbnails(views, thumb)
             if pending is not None:
                 pending.result()
