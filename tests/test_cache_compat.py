@@ -18,6 +18,9 @@ def test_an_older_cache_describes_itself_as_before():
     info = open_cache(FIXTURE).info()  # keys added since (e.g. "columns") may come too
     expected = {k: v for k, v in EXPECTED["info"].items() if k != "location"}
     assert {k: info[k] for k in expected} == expected
+    assert (
+        "feature_scale" not in open_cache(FIXTURE).attrs and info["feature_scale"] == 1.0
+    )  # stored unscaled
 
 
 @pytest.mark.parametrize("kernel", ["off", "auto"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -177,6 +178,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         f"labels {s.data.label_col}  domains {s.data.domain_col}"
     )
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
+    if cache.feature_scale != 1:  # the layer's values are beyond fp16's range as they are
+        print(f"  stored as the layer's features × 2^{math.log2(cache.feature_scale):g} (feature_scale)")
     for column in info["columns"] or []:
         role = f" ({column['role']})" if column["role"] else ""
         counts = column.get("counts")

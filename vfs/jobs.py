@@ -22,11 +22,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache
+from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache, stored_features
 from .cache.writer import AlreadyComplete
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
+from .sources import cache_feature_scale
 
 THUMB_MAX = 224
 ENGINES = ("local", "ray")
@@ -186,6 +187,7 @@ def build_cache(
                 thumb,
                 chunk_images=job.chunk_images,
                 job=asdict(replace(job, data=dataset.spec.source)),  # a resume from any folder finds it
+                feature_scale=cache_feature_scale(extractor.probe_peak),
             )
         except AlreadyComplete:  # a rerun of a finished build
             return open_cache(job.out)
@@ -244,7 +246,7 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             feats = None
             if views is not None:
                 x = extractor.preprocess.normalize(views.to(device, non_blocking=True))
-                feats = extractor.features_batch(x).to(torch.float16).cpu().numpy()
+                feats = stored_features(extractor.features_batch(x), writer.feature_scale).cpu().numpy()
                 thumbs = thumbnails(views, thumb)
             if pending is not None:
                 pending.result()

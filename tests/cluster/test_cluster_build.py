@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from clusterhelpers import assert_same_cache, job
 
 from vfs import build_cache, open_cache
@@ -89,6 +91,22 @@ def test_a_killed_driver_resumes_on_rerun(cluster, manifest, reference, tmp_path
     cache = build_cache(job(manifest, out, chunk_images=8, engine="ray", workers=1), progress=seen.append)
     assert seen[0].done > 8  # resumed, not restarted
     assert_same_cache(cache, reference)
+
+
+def test_a_tiny_layer_is_scaled_alike_on_ray(cluster, manifest, tmp_path):
+    """A layer of values below fp16's subnormals (SqueezeNet's first convolution × 2⁻⁴⁰): the driver
+    decides the cache's `feature_scale` once and the actors store their features times it, so the
+    cache is the single-process build's, bit for bit, and its features are not zeros."""
+    torch.manual_seed(0)
+    state = torchvision.models.get_model("squeezenet1_1", weights=None).state_dict()
+    state["features.0.weight"] *= 2.0**-40
+    torch.save(state, tmp_path / "tiny.pt")
+    tiny = {"model": f"file:{tmp_path / 'tiny.pt'}?arch=torchvision:squeezenet1_1", "layer": "features.12"}
+    local = build_cache(job(manifest, tmp_path / "local.zarr", **tiny))
+    assert local.feature_scale > 2.0**30 and local.features[:].max() > 1
+    cache = build_cache(job(manifest, tmp_path / "ray.zarr", engine="ray", workers=1, **tiny))
+    assert cache.feature_scale == local.feature_scale
+    assert_same_cache(cache, local)
 
 
 def test_worker_pool_plans():

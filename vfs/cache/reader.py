@@ -3,6 +3,7 @@ its features (resident on a device, or streamed from storage with one range pref
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -97,6 +98,10 @@ class FeatureCache:
             self.n = int(attrs["n"])
             if not self.complete and allow_partial:
                 self.n = int(attrs["progress"]["rows"])
+            # What the stored features are the layer's times; caches created before say nothing: 1.
+            self.feature_scale = float(attrs.get("feature_scale", 1.0))
+            if not 0 < self.feature_scale < math.inf:
+                raise ValueError(f"feature_scale {self.feature_scale} is not a positive number")
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{location}: its attributes are damaged ({type(e).__name__}: {e})") from e
         self.features, self.sqnorm, self.thumbs = (
@@ -111,10 +116,7 @@ class FeatureCache:
             raise CacheError(
                 f"{location}: its attributes count {self.n} images, its arrays hold {self.features.shape[0]}"
             )
-        if (
-            self.features.shape != expect
-            or self.sqnorm.shape != expect[:3]
-        ):
+        if self.features.shape != expect or self.sqnorm.shape != expect[:3]:
             raise CacheError(
                 f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} "
                 f"do not match the spec {expect}"
@@ -216,6 +218,7 @@ class FeatureCache:
             "spec": self.spec.to_dict(),
             "chunk": self.features.chunks[0],
             "nbytes_features": self.nbytes,
+            "feature_scale": self.feature_scale,
             "report": self.report,
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions", {}),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import zarr
 
 from .format import (
@@ -81,6 +82,7 @@ class CacheWriter:
     next_item: int = 0  # every candidate before this one is stored or skipped
     skipped: list[dict[str, Any]] = field(default_factory=list)
     nonnegative: bool = True  # every stored feature ≥ 0 (post-ReLU): search can use a relative bound
+    feature_scale: float = 1.0  # the power of two stored features are the layer's times (`stored_features`)
     save_every: float = SAVE_SECONDS  # seconds a partial chunk may wait before it is stored
     _pending: list[_Pending] = field(default_factory=list)
     _saved: float = field(default_factory=time.monotonic)  # when the writer last stored
@@ -95,11 +97,14 @@ class CacheWriter:
         resume: bool = True,
         chunk_images: int | None = None,
         job: dict[str, Any] | None = None,
+        feature_scale: float = 1.0,
     ) -> CacheWriter:
         """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
 
         `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
-        CHUNK_MAX_IMAGES); it applies when the cache is created, a resume keeps the cache's own.
+        CHUNK_MAX_IMAGES); `feature_scale` (a power of two, `vfs.sources.cache_feature_scale`) is
+        what the builds multiply the layer's features by before storing them. Both apply when the
+        cache is created; a resume keeps the cache's own, so that all its rows agree.
         `job` (the build's settings) is recorded so that the app can resume the build as it was asked.
         """
         path = Path(path)
@@ -111,6 +116,8 @@ class CacheWriter:
         n = len(candidates)
         if chunk_images is not None and chunk_images < 1:
             raise ValueError(f"chunk_images must be at least 1, not {chunk_images}")
+        if not (0 < feature_scale < math.inf and math.frexp(feature_scale)[0] == 0.5):
+            raise ValueError(f"feature_scale must be a power of two, not {feature_scale}")
         if chunk_images is None:
             chunk_images = min(CHUNK_MAX_IMAGES, CHUNK_BYTES // (h * w * spec.channels * 2))
             chunk_images -= chunk_images % THUMB_CHUNK if chunk_images > THUMB_CHUNK else 0
@@ -149,6 +156,7 @@ class CacheWriter:
                 "versions": library_versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "all_chunks_stored": True,  # even all-zero chunks: a missing chunk file means damage
+                "feature_scale": feature_scale,
                 **({"job": job} if job is not None else {}),
             }
         )
@@ -163,7 +171,8 @@ class CacheWriter:
         staging.rename(path)
         if FSYNC:
             _fsync([path.parent])
-        return cls(path, zarr.open_group(zarr.storage.LocalStore(path), mode="r+"), spec)
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        return cls(path, group, spec, feature_scale=feature_scale)
 
     @classmethod
     def _resume(cls, path: Path, spec: CacheSpec, candidates: pd.DataFrame) -> CacheWriter:
@@ -219,6 +228,7 @@ class CacheWriter:
             next_item=next_item,
             skipped=skipped,
             nonnegative=bool(p.get("nonnegative", False)),
+            feature_scale=float(attrs.get("feature_scale", 1.0)),  # none: created before scales, unscaled
         )
 
     @property
@@ -335,6 +345,13 @@ class CacheWriter:
             }
         )
         self._sync_attrs()
+
+
+def stored_features(features: torch.Tensor, feature_scale: float) -> torch.Tensor:
+    """A layer's fp32 features as a cache of `feature_scale` stores them, in fp16: scaled first, so
+    that tiny values stay above fp16's subnormals and huge ones below its overflow (a power of two
+    changes no bit of a value nor any cosine)."""
+    return (features if feature_scale == 1 else features * feature_scale).to(torch.float16)
 
 
 class AlreadyComplete(CacheError):

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import CacheWriter
+from ..cache import CacheWriter, stored_features
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
 from ..jobs import BuildJob, BuildProgress, ModelInputView, thumbnails, write_batch
@@ -59,14 +59,18 @@ class _Decode:
 
 
 class _Extract:
-    """Actor: one model, loaded once; a batch's views → its fp16 features (the local build's arithmetic).
+    """Actor: one model, loaded once; a batch's views → its fp16 features as the cache stores them,
+    times the cache's `feature_scale` (the local build's arithmetic).
 
     On a CPU it runs the driver's number of threads, not the few Ray grants it: oneDNN splits a
     convolution's work by thread count, and the last bits of a feature can depend on it (seen at
     batch 8 with 1 vs 2 threads), so only equal counts give a local build's features bitwise."""
 
-    def __init__(self, model: str, layer: str, image_size: int | None, device: str, threads: int):
+    def __init__(
+        self, model: str, layer: str, image_size: int | None, device: str, threads: int, feature_scale: float
+    ):
         self.device = resolve_device(device)
+        self.feature_scale = feature_scale  # the writer's: decided once, by the driver, for the cache
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.extractor = load_extractor(model, layer, image_size, device=str(self.device))
@@ -76,7 +80,7 @@ class _Extract:
         features = np.empty((0, 0, 0, 0), dtype=np.float16)  # same rank as a batch's: Arrow needs it
         if len(views):
             x = self.extractor.preprocess.normalize(views.to(self.device))
-            features = self.extractor.features_batch(x).to(torch.float16).cpu().numpy()
+            features = stored_features(self.extractor.features_batch(x), self.feature_scale).cpu().numpy()
         return batch | {"features": features[None]}
 
 
@@ -130,7 +134,14 @@ def run_on_ray(
         .map(_Decode(dataset.reader, preprocess, thumb))
         .map_batches(
             _Extract,
-            fn_constructor_args=(job.model, job.layer, job.image_size, job.device, torch.get_num_threads()),
+            fn_constructor_args=(
+                job.model,
+                job.layer,
+                job.image_size,
+                job.device,
+                torch.get_num_threads(),
+                writer.feature_scale,
+            ),
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool.size),
