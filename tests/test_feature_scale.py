@@ -18,9 +18,9 @@ from vfs import BuildJob, build_cache, search_regions
 from vfs.cache import CacheWriter, open_cache
 from vfs.cli import main
 from vfs.data import open_dataset
+from vfs.fp16 import cache_feature_scale
 from vfs.jobs import ModelInputView
 from vfs.models import Extractor, Preprocess, extractor_from_module
-from vfs.sources import cache_feature_scale
 
 TINY = 1e-12  # the layer's values: below fp16's least subnormal (6e-8), stored as zeros unscaled
 N_IMAGES = 12
@@ -153,3 +153,11 @@ def test_feature_scale_must_be_a_power_of_two(tmp_path):
             tmp_path / "x.zarr", synthetic_spec((2, 2), 4), dataset.records, 8, feature_scale=3.0
         )
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_gpu_runs_in_fp16_only_a_layer_whose_values_fp16_holds():
+    """Under CUDA's fp16 autocast a tiny layer's values vanish inside the network, before any scale."""
+    from vfs.fp16 import fp16_holds
+
+    assert fp16_holds(13.7) and fp16_holds(2.0**-4) and fp16_holds(2.0**10)  # Lite0 blocks.5: as before
+    assert not fp16_holds(1e-10) and not fp16_holds(2.0**11) and not fp16_holds(math.nan)

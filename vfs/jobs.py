@@ -26,8 +26,8 @@ from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache, 
 from .cache.writer import AlreadyComplete
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
+from .fp16 import cache_feature_scale
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
-from .sources import cache_feature_scale
 
 THUMB_MAX = 224
 ENGINES = ("local", "ray")

@@ -102,7 +102,7 @@ class CacheWriter:
         """Create the cache, or continue a partial one of the same spec (refused with the reason otherwise).
 
         `chunk_images` fixes the images per chunk (default: about CHUNK_BYTES of features, at most
-        CHUNK_MAX_IMAGES); `feature_scale` (a power of two, `vfs.sources.cache_feature_scale`) is
+        CHUNK_MAX_IMAGES); `feature_scale` (a power of two, `vfs.fp16.cache_feature_scale`) is
         what the builds multiply the layer's features by before storing them. Both apply when the
         cache is created; a resume keeps the cache's own, so that all its rows agree.
         `job` (the build's settings) is recorded so that the app can resume the build as it was asked.

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..fp16 import fp16_holds
 from .kinds import load_model
 from .specs import Preprocess
 
@@ -360,7 +361,9 @@ class Extractor:
         batch = batch.to(self.device, torch.float32)
         if cuda:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        # fp16 on a GPU where the layer's values fit it; a tiny or huge one would lose them inside the network
+        half = cuda and fp16_holds(self.probe_peak)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if half else nullcontext()
         with self._lock, torch.no_grad(), autocast:
             output = self._body(batch)
         return self._layout.to_grid(output).float().contiguous()
