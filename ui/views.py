@@ -179,8 +179,7 @@ def cache_provenance(cache: FeatureCache) -> str:
     parts = [
         f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
         f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
-        "each image's shorter side resized to "
-        f"{s.preprocess.resize_size} px and centre-cropped to {s.preprocess.input_size} px",
+        f"each image's {s.preprocess.describe()}",
         f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else ""),
     ]
     parts += [

@@ -132,6 +132,7 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
         interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
+        crop=config.get("crop_mode") or "center",
     )
 
 

@@ -25,6 +25,10 @@ INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "nearest": InterpolationMode.NEAREST,
 }
+CROPS = ("center", "squash", "border")
+"""How a resized image becomes the square input (timm's `crop_mode`): the shorter side resized and
+the centre cropped; both sides resized (the aspect ratio not kept), then the centre cropped; the
+longer side resized and the rest padded with the mean colour."""
 
 
 class ModelUnavailable(RuntimeError):
@@ -33,7 +37,7 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes model input: resize the shorter side, centre-crop, normalize.
+    """How an image becomes model input: resize, centre-crop (`crop`: see CROPS), normalize.
 
     Kept as plain data (not a transform object) so it can be stored with a feature cache and so
     the app can show exactly the crop the model saw (`view`).
@@ -44,12 +48,15 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop: str = "center"
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r}: expected one of {', '.join(CROPS)}")
         if self.input_size < 1 or self.resize_size < 1:
             raise ValueError(f"sizes must be positive: {self.input_size}, {self.resize_size}")
         for name in ("mean", "std"):
@@ -57,6 +64,12 @@ class Preprocess:
             if len(values) != 3:
                 raise ValueError(f"{name} needs 3 values (RGB), got {values}")
             object.__setattr__(self, name, values)  # lists from JSON → hashable tuples
+
+    def describe(self) -> str:
+        """The steps in words, e.g. "shorter side resized to 256 px, centre-cropped to 224 px"."""
+        side = {"center": "shorter side", "squash": "both sides", "border": "longer side"}[self.crop]
+        last = "padded with the mean colour" if self.crop == "border" else "centre-cropped"
+        return f"{side} resized to {self.resize_size} px, {last} to {self.input_size} px"
 
     def with_input_size(self, size: int) -> Preprocess:
         """The same preprocessing at another input size, keeping the resize/crop ratio."""
@@ -68,12 +81,17 @@ class Preprocess:
         """The RGB crop the model sees, `input_size` pixels square, of an image as a viewer shows it
         (upright; 16-bit greys rescaled, transparency on white: `vfs.data.upright_rgb`)."""
         image = upright_rgb(image)
-        image = TF.resize(
-            image,
-            [self.resize_size],
-            interpolation=INTERPOLATIONS[self.interpolation],
-            antialias=True,
-        )
+        interpolation = INTERPOLATIONS[self.interpolation]
+        if self.crop == "border":  # timm's own steps, so that its models see what they were tested on
+            from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+
+            square = (self.resize_size, self.resize_size)
+            fill = (round(255 * self.mean[0]), round(255 * self.mean[1]), round(255 * self.mean[2]))
+            image = ResizeKeepRatio(square, interpolation=self.interpolation, longest=1.0)(image)
+            padded: PIL.Image.Image = CenterCropOrPad(self.input_size, fill=fill)(image)
+            return padded
+        sides = [self.resize_size] * (2 if self.crop == "squash" else 1)
+        image = TF.resize(image, sides, interpolation=interpolation, antialias=True)
         return TF.center_crop(image, [self.input_size])
 
     def to_tensor(self, view: PIL.Image.Image) -> torch.Tensor:
@@ -92,13 +110,13 @@ class Preprocess:
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
-        }
+        } | ({} if self.crop == "center" else {"crop": self.crop})  # as caches wrote before crops
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
         """The one way back from `to_dict` (cache attributes, user code); unknown keys are ignored
         so that caches written by older or newer versions still load."""
-        known = ("input_size", "resize_size", "interpolation", "mean", "std")
+        known = ("input_size", "resize_size", "interpolation", "mean", "std", "crop")
         return cls(**{key: data[key] for key in known if key in data})
 
 
