@@ -95,7 +95,10 @@ layer = st.selectbox(
     f"Layer ({len(found)} with a spatial output)",
     list(found),
     key=bind("build.layer", fallback, options=found),
-    format_func=lambda n: f"{n} — {found[n].height}×{found[n].width} grid, {found[n].channels} channels",
+    format_func=lambda n: (
+        f"{n} — {found[n].height}×{found[n].width} grid, {found[n].channels} channels"
+        + (f" (= {found[n].same_as[-1]})" if found[n].same_as else "")
+    ),
 )
 
 st.header("Dataset")

@@ -89,15 +89,15 @@ def test_embedded_models_preprocessing():
 
 def test_lite0_layer_grids():
     layers = {info.name: info for info in list_layers(DEFAULT_MODEL)}
-    assert layers["blocks.5"] == LayerInfo("blocks.5", 7, 7, 192)
-    assert layers["blocks.3"] == LayerInfo("blocks.3", 14, 14, 80)
+    assert layers["blocks.5"] == LayerInfo("blocks.5", 7, 7, 192, same_as=("blocks.5.3",))  # its last block
+    assert layers["blocks.3"] == LayerInfo("blocks.3", 14, 14, 80, ("blocks.3.2",))
     assert layers["conv_head"] == LayerInfo("conv_head", 7, 7, 1280)
     assert layers["conv_stem"] == LayerInfo("conv_stem", 112, 112, 32)
     assert "" not in layers and "classifier" not in layers and "global_pool" not in layers
     names = list(layers)
     assert names.index("conv_stem") < names.index("blocks.3") < names.index("conv_head")
 
-    assert LayerInfo("blocks.5", 14, 14, 192) in list_layers(DEFAULT_MODEL, image_size=448)
+    assert LayerInfo("blocks.5", 14, 14, 192, ("blocks.5.3",)) in list_layers(DEFAULT_MODEL, image_size=448)
     extractor = load_extractor(DEFAULT_MODEL, "blocks.5", image_size=448)
     assert (extractor.grid, extractor.channels) == ((14, 14), 192)
     assert extractor.preprocess.input_size == 448

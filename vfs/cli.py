@@ -45,14 +45,20 @@ def _cmd_layers(args: argparse.Namespace) -> None:
     layers = list_layers(args.spec, args.image_size)
     if args.json:
         rows = [
-            {"name": info.name, "grid": [info.height, info.width], "channels": info.channels}
+            {
+                "name": info.name,
+                "grid": [info.height, info.width],
+                "channels": info.channels,
+                "same_as": list(info.same_as),
+            }
             for info in layers
         ]
         print(json.dumps(rows, indent=1))
         return
     width = max((len(info.name) for info in layers), default=5)
     for info in layers:
-        print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}")
+        same = f"  (= {info.same_as[-1]})" if info.same_as else ""
+        print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}{same}")
 
 
 class _ProgressBar:

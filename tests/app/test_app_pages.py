@@ -345,10 +345,10 @@ def test_compare_refuses_caches_of_different_datasets(app, caches):
 def test_build_page_lists_the_models_real_layers(app):
     at = page(app, "build")
     layers = at.selectbox(key="build.layer")
-    assert layers.value == "blocks.5" and "blocks.5 — 7×7 grid, 192 channels" in layers.options
+    assert layers.value == "blocks.5" and "blocks.5 — 7×7 grid, 192 channels (= blocks.5.3)" in layers.options
     assert "conv_head — 7×7 grid, 1280 channels" in layers.options
     at.number_input(key="build.size").set_value(448).run()
-    assert "blocks.5 — 14×14 grid, 192 channels" in at.selectbox(key="build.layer").options
+    assert "blocks.5 — 14×14 grid, 192 channels (= blocks.5.3)" in at.selectbox(key="build.layer").options
     assert (
         at.selectbox(key="build.label").value == "label"
         and at.selectbox(key="build.domain").value == "source"

@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ class LayerInfo:
     height: int
     width: int
     channels: int
+    same_as: tuple[str, ...] = ()  # later modules giving the very same output (`blocks` is `blocks.11`)
 
 
 class LayerError(ValueError):
@@ -192,22 +193,26 @@ def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, in
 def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
     outputs = _first_outputs(model, input_size)
     modules = dict(model.named_modules())
-    seen: set[tuple[int, int]] = set()
-    layers = []
+    first: dict[tuple[int, int], str] = {}
+    layers: dict[str, LayerInfo] = {}
     for name in modules:  # parents come before their children
         if name not in outputs:
             continue
         output, version = outputs[name]
         # The same tensor, unmodified, as an enclosing or earlier module (a container and its
-        # last child, BatchNormAct and its activation): same features, keep the first name.
+        # last child, BatchNormAct and its activation): same features, listed once, by the first
+        # name, with the others named (a ViT's `blocks` ends at `blocks.11`).
         key = (id(output), version)
-        if key in seen:
+        if key in first:
+            if first[key] in layers:
+                info = layers[first[key]]
+                layers[first[key]] = replace(info, same_as=(*info.same_as, name))
             continue
-        seen.add(key)
+        first[key] = name
         layout = _layout(output, input_size, _token_owner(modules, name))
         if layout is not None:
-            layers.append(LayerInfo(name, layout.height, layout.width, layout.channels))
-    return layers
+            layers[name] = LayerInfo(name, layout.height, layout.width, layout.channels)
+    return list(layers.values())
 
 
 def _example_layers(names: list[str]) -> list[str]:
