@@ -364,11 +364,27 @@ def test_vit_tokens_become_a_grid():
 
 
 def test_fixed_size_model_at_another_size():
-    spec = "timm:vit_tiny_patch16_224?pretrained=false"
-    with pytest.raises(ValueError, match="fails on a 448×448 input"):
+    spec = "timm:mixer_s16_224?pretrained=false"  # an MLP over a fixed number of tokens
+    with pytest.raises(ValueError, match="fails on a 448×448 input.*made for 224×224"):
         load_extractor(spec, "blocks.3", image_size=448)
     with pytest.raises(ValueError, match="fails on a 448×448 input"):
         list_layers(spec, image_size=448)
+
+
+@pytest.mark.parametrize(
+    "arch,layer", [("vit_tiny_patch16_224", "blocks.3"), ("swin_tiny_patch4_window7_224", "layers.1")]
+)
+def test_a_vit_or_swin_at_a_larger_image_size_gives_a_finer_grid(tmp_path, arch, layer):
+    """Its position embeddings resampled by timm (`set_input_size`), from a checkpoint too; before,
+    --image-size 448 failed for every timm ViT and Swin."""
+    reference = timm.create_model(arch, pretrained=False).eval()
+    save_file(reference.state_dict(), tmp_path / "m.safetensors")
+    extractor = load_extractor(f"file:{tmp_path / 'm.safetensors'}?arch={arch}", layer, image_size=448)
+    assert extractor.grid == ((28, 28) if "vit" in arch else (56, 56))  # 2× the 224 px grid
+    reference.set_input_size(img_size=(448, 448))
+    output = hooked_output(reference, layer, model_input(extractor.preprocess))
+    expected = output[0, 1:].reshape(28, 28, -1) if "vit" in arch else output[0]  # Swin: channels last
+    np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_vit_features_match_full_forward(tmp_path):

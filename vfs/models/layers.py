@@ -234,7 +234,15 @@ def _model_at_size(spec: str, image_size: int | None) -> tuple[nn.Module, Prepro
         )
     model, preprocess = load_model(spec)
     native = preprocess.input_size
-    return model, preprocess if image_size is None else preprocess.with_input_size(image_size), native
+    if image_size is None or image_size == native:
+        return model, preprocess, native
+    resize = getattr(model, "set_input_size", None)
+    if callable(resize):  # timm's ViTs and Swins: position embeddings resampled to the finer grid
+        try:
+            resize(img_size=(image_size, image_size))
+        except Exception as error:  # e.g. a Swin window that does not divide the grid
+            raise _input_size_error(spec, image_size, native, error) from error
+    return model, preprocess.with_input_size(image_size), native
 
 
 def list_layers(model: str | nn.Module, image_size: int | None = None) -> list[LayerInfo]:
