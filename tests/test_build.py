@@ -74,6 +74,33 @@ def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypat
     )
 
 
+def test_a_manifest_row_repeating_a_path_is_stored_and_reported(tmp_path, capsys):
+    """A twin found at 1.000 puzzles a user who did not know the manifest repeats a row."""
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    (tmp_path / "m.csv").write_text("path,label\n0.png,a\n1.png,b\n0.png,c\n")
+    out = tmp_path / "c.zarr"
+    argv = [
+        "build",
+        "--layer",
+        "blocks.5",
+        "--data",
+        str(tmp_path / "m.csv"),
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "note: 1 manifest rows repeat an earlier row's path; each is stored" in capsys.readouterr().out
+    from vfs.cache import open_cache
+
+    cache = open_cache(out)
+    assert cache.n == 3 and cache.report["repeated_paths"] == 1
+
+
 def test_cli_json_round_trip(demo, tmp_path, capsys):
     cache, _ = demo
     drawn = np.zeros((224, 224, 4), np.uint8)

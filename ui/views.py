@@ -180,7 +180,11 @@ def cache_provenance(cache: FeatureCache) -> str:
         f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
         f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
         f"each image's {s.preprocess.describe()}",
-        f"{cache.n} images" + (f" ({skipped} unreadable ones skipped)" if skipped else ""),
+        f"{cache.n} images"
+        + (f" ({skipped} unreadable ones skipped)" if skipped else "")
+        + (
+            f" ({repeated} rows repeating a path)" if (repeated := cache.report.get("repeated_paths")) else ""
+        ),
     ]
     parts += [
         f"{what} from column `{column}`"

@@ -163,6 +163,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
     )
     for s in report.get("skipped", []):
         print(f"  skipped {s['path']}: {s['reason']}")
+    if report.get("repeated_paths"):  # a long-format manifest, or a mistake: each row is an image of its own
+        print(
+            f"  note: {report['repeated_paths']} manifest rows repeat an earlier row's path; each is stored"
+        )
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

@@ -200,7 +200,8 @@ def build_cache(
         if cancel is not None and cancel.is_set():
             writer.flush()  # keep every image computed: a resume goes on from the last one
             return None
-        writer.finish(dataset.records)
+        repeated = int(dataset.records["path"].duplicated().sum())  # stored as images of their own
+        writer.finish(dataset.records, {"repeated_paths": repeated} if repeated else None)
     return open_cache(job.out)
 
 
