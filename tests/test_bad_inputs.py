@@ -620,7 +620,7 @@ def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_pa
     with pytest.raises(CacheError, match="uses codec\\(s\\) numcodecs.bz2, which VFS does not read"):
         open_cache(path)
     meta.write_text(json.dumps(doc | {"codecs": [{"name": "no.such.codec", "configuration": {}}]}))
-    with pytest.raises(CacheError, match="metadata cannot be read"):
+    with pytest.raises(CacheError, match="the metadata of its 'sqnorm' array cannot be read"):
         open_cache(path)
     meta.write_text(json.dumps(doc | {"data_type": "float64"}))
     with pytest.raises(CacheError, match="holds float64, not float32"):

@@ -278,6 +278,10 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
     torch.save(other.state_dict(), moved)
     assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 2
     err = capsys.readouterr().err
+    assert "built with spec" in err and "moved.pt" in err, err  # other weights under another name
+    checkpoint.write_bytes(moved.read_bytes())  # the changed checkpoint back at the build's path
+    assert main(search) == 2
+    err = capsys.readouterr().err
     assert "built with weights" in err and "rebuild the cache" in err, err
 
 

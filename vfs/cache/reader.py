@@ -252,7 +252,8 @@ class FeatureCache:
         """
         architecture = "the model is not the cache's architecture at this layer"
         next_steps = {
-            "spec": "load the cache's model, or make the extractor from a model object with "
+            "spec": "load the cache's model (the same weights at another path pass), or make the "
+            "extractor from a model object with "
             "vfs.models.extractor_from_module (e.g. an edited copy of the cache's model)",
             "layer": "use the cache's layer (cache.spec.layer)",
             "input_size": "use the cache's input size (cache.spec.input_size; for "
@@ -281,8 +282,8 @@ class FeatureCache:
         skipped = {key for key in ("grid", "channels", "preprocess", "weights") if theirs[key] is None}
         if mine["weights"] is None:
             skipped.add("weights")
-        elif "weights" not in skipped:
-            skipped.add("spec")  # the weights say which model: a checkpoint may have moved
+        elif mine["weights"] == theirs["weights"]:
+            skipped.add("spec")  # the same weights under another name: a checkpoint that moved
         if isinstance(theirs["spec"], str) and is_module_spec(theirs["spec"]):
             skipped |= {"spec", "weights"}
         wrong = next((key for key in mine if key not in skipped and theirs[key] != mine[key]), None)
