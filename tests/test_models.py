@@ -428,6 +428,22 @@ def test_a_map_as_deep_as_it_is_wide_is_read_on_its_channel_axis(channels_last):
     np.testing.assert_allclose(extractor.features(CHELSEA), y.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_fixed_size_models_square_map_is_read_channels_last():
+    """Swin-T's first stage at 384 px is 96×96×96 channels last, and the model runs at that size
+    only: the width is found by blanking half the image (a second size cannot be tried)."""
+    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    extractor = load_extractor(
+        "timm:swin_tiny_patch4_window7_224?pretrained=false", "layers.0", image_size=384
+    )
+    assert extractor._layout.kind == "nhwc" and extractor.grid == (96, 96)
+    reference.load_state_dict(
+        load_model("timm:swin_tiny_patch4_window7_224?pretrained=false")[0].state_dict()
+    )
+    reference.set_input_size(img_size=(384, 384))
+    expected = hooked_output(reference, "layers.0", model_input(extractor.preprocess))[0]
+    np.testing.assert_allclose(extractor.features(CHELSEA), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_a_wrapped_vit_keeps_its_prefix_tokens():
     """DeiT's class and distillation tokens are dropped inside a wrapper too (it read only the
     outer module's num_prefix_tokens, found none, and offered no token layer at all)."""

@@ -145,18 +145,34 @@ def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module)
     return None
 
 
-def _channels_placed(body: nn.Module, size: int, output: torch.Tensor, layout: _Layout) -> _Layout:
-    """The layout of a (1, S, S, S) map — as many channels as cells a side (ConvNeXt-T's first stage
-    at 384 px, channels last): the axis that keeps its length at another input size holds the
-    channels. A model that runs at one size only keeps the first-axis guess (PyTorch's default)."""
+def _channels_placed(body: nn.Module, size: int, layout: _Layout) -> _Layout:
+    """The layout of a (1, S, S, S) map — as many channels as cells a side (ConvNeXt-T's and Swin-T's
+    first stages at 384 px, channels last). The image's right half is blanked: the axis whose first
+    cells do not change is the width (axis 3 channels first, axis 2 channels last). Where the layer
+    sees too far for that, the axis that keeps its length at another input size holds the channels;
+    a layer neither tells apart is refused."""
+    probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    blanked = probe.clone()
+    blanked[..., size // 2 :] = 0
+    with torch.no_grad():
+        change = (body(probe) - body(blanked)).abs()
+
+    def edge_ratio(axis: int) -> float:  # how much the first cells change, against the last ones
+        return float(change.select(axis, 0).mean() / change.select(axis, -1).mean().clamp_min(1e-30))
+
+    side = layout.height
+    width_axis = 2 if edge_ratio(2) < edge_ratio(3) else 3
+    if min(edge_ratio(2), edge_ratio(3)) < 0.1 < max(edge_ratio(2), edge_ratio(3)):
+        return _Layout("nhwc" if width_axis == 2 else "nchw", side, side, side)
     other = size + 32  # a multiple of the usual strides away
-    probe = torch.randn(1, 3, other, other, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
-            shape = body(probe).shape
-    except (RuntimeError, ValueError, AssertionError):  # a fixed-size model (timm asserts the size)
-        return layout
-    side = layout.height
+            shape = body(torch.randn(1, 3, other, other, generator=torch.Generator().manual_seed(1))).shape
+    except (RuntimeError, ValueError, AssertionError) as error:  # a fixed-size model (timm asserts the size)
+        raise ValueError(
+            f"the layer's output is {side}×{side}×{side}: which axis holds the channels cannot be told "
+            "at this input size; choose another image size or layer"
+        ) from error
     if shape[-1] == side and shape[1] != side:
         return _Layout("nhwc", side, side, side)
     return _Layout("nchw", side, side, side)
@@ -465,7 +481,7 @@ def _build(
         raise _input_size_error(spec, size, native, error) from error
     layout = _layout(reference, size, _token_owner(modules, layer))
     if layout is not None and layout.kind != "tokens" and layout.height == layout.channels:
-        layout = _channels_placed(body, size, reference, layout)
+        layout = _channels_placed(body, size, layout)
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
         raise unusable(
