@@ -374,6 +374,7 @@ def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
     with pytest.warns(UserWarning, match="images 7..20 of the partial cache are missing on disk"):
         resumed = CacheWriter.open(tmp_path / "p.zarr", SPEC, candidates(30), 32)
     assert (resumed.rows, resumed.next_item, resumed.skipped) == (7, 8, w.skipped)  # item 3 skipped
+    assert open_cache(tmp_path / "p.zarr", allow_partial=True).n == 7  # recorded at once: the rest is gone
     fill(resumed, range(8, 30), bad={3})
     resumed.finish(candidates(30))
     a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "p.zarr")
@@ -385,13 +386,14 @@ def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
 def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(tmp_path):
     w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(20), 32, job={"data": SPEC.data.source})
     fill(w, range(9))
-    moved = replace(SPEC, data=replace(SPEC.data, source="/mnt/elsewhere/manifest.csv"))
+    moved = replace(SPEC, data=replace(SPEC.data, source="/mnt/elsewhere/manifest.csv"), weights="sha256:new")
     resumed = CacheWriter.open(tmp_path / "c.zarr", moved, candidates(20), 32)
     assert resumed.rows == 7
     partial = open_cache(tmp_path / "c.zarr", allow_partial=True)
     assert partial.info()["nbytes_features"] == 7 * 4 * 5 * 8 * 2  # the images stored so far
     attrs = partial.attrs
     assert attrs["spec"]["data"]["source"] == attrs["job"]["data"] == "/mnt/elsewhere/manifest.csv"
+    assert "weights" not in attrs["spec"]  # a cache from before digests is not stamped with today's model's
     shuffled = candidates(20).iloc[::-1].reset_index(drop=True)
     with pytest.raises(
         CacheError, match="started on other images \\(image 0: 'img/0.png' there, 'img/19.png' here"
@@ -409,3 +411,9 @@ def test_a_rerun_of_a_finished_build_has_nothing_to_do(tmp_path):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
     with pytest.raises(CacheError, match="the dataset now has 12: build into another output"):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(12), 32)
+    others = candidates(10).assign(path=[f"other/{i}.jpg" for i in range(10)])  # as many, but not these
+    with pytest.raises(CacheError, match="complete, built from other images than these"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, others, 32)
+    build(tmp_path / "skips.zarr", 10, bad={4})  # the stored manifest lacks a skipped image: still the same
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(tmp_path / "skips.zarr", SPEC, candidates(10), 32)

@@ -191,17 +191,13 @@ class CacheWriter:
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
-            if attrs.get("report", {}).get("candidates") == len(candidates):
-                raise AlreadyComplete(f"{path} is already complete: nothing to do")
-            raise CacheError(
-                f"{path} is complete, of {attrs.get('report', {}).get('candidates')} candidate images; the "
-                f"dataset now has {len(candidates)}: build into another output to include them"
-            )
+            _check_finished_on(path, g, attrs.get("report", {}), candidates)
+            raise AlreadyComplete(f"{path} is already complete: nothing to do")
         if "candidates" in g:
             _check_same_images(path, read_table(g, "candidates"), candidates)
         if recorded.data.source != spec.data.source:  # a resume reruns where the data is now
             g.attrs.update(
-                {"spec": spec.to_dict()}
+                {"spec": attrs["spec"] | {"data": spec.data.to_dict()}}  # the rest stays as recorded
                 | ({"job": attrs["job"] | {"data": spec.data.source}} if "job" in attrs else {})
             )
         for leftover in path.rglob("*.partial"):  # zarr's temporary files from writes a kill interrupted
@@ -220,7 +216,7 @@ class CacheWriter:
                 "the build computes them again",
                 stacklevel=3,
             )
-        return cls(
+        writer = cls(
             path,
             g,
             spec,
@@ -230,6 +226,9 @@ class CacheWriter:
             nonnegative=bool(p.get("nonnegative", False)),
             feature_scale=float(attrs.get("feature_scale", 1.0)),  # none: created before scales, unscaled
         )
+        if lost is not None:  # a reader must not count the lost rows, even if the build stops now
+            writer._record_progress()
+        return writer
 
     @property
     def chunk(self) -> int:
@@ -277,6 +276,10 @@ class CacheWriter:
         self.rows, self.next_item = b, batch[-1].item + 1
         self.skipped += [{"item": p.item, "reason": p.reason} for p in batch if isinstance(p, _Skipped)]
         # Progress only after the data is on disk: a kill before this line redoes the chunk.
+        self._record_progress()
+        self._saved = time.monotonic()
+
+    def _record_progress(self) -> None:
         self.group.attrs["progress"] = {
             "rows": self.rows,
             "next_item": self.next_item,
@@ -284,7 +287,6 @@ class CacheWriter:
             "nonnegative": self.nonnegative,
         }
         self._sync_attrs()
-        self._saved = time.monotonic()
 
     def _array(self, name: str) -> zarr.Array:
         """An array that stores every chunk, even one equal to the fill value (zarr skips those by
@@ -373,6 +375,22 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
             f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
             "choose another output"
         )
+
+
+def _check_finished_on(
+    path: Path, group: zarr.Group, report: dict[str, Any], candidates: pd.DataFrame
+) -> None:
+    """Refuse a rerun of a finished build on other images than it stored (its manifest less the
+    skipped ones): only the same dataset has nothing left to do."""
+    if report.get("candidates") != len(candidates):
+        raise CacheError(
+            f"{path} is complete, of {report.get('candidates')} candidate images; the dataset now has "
+            f"{len(candidates)}: build into another output to include them"
+        )
+    skipped = {s["path"] for s in report.get("skipped", [])}
+    wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
+    if read_table(group, "manifest")["path"].astype(str).tolist() != wanted:
+        raise CacheError(f"{path} is complete, built from other images than these; choose another output")
 
 
 def _first_lost_row(path: Path, group: zarr.Group, rows: int) -> int | None:
