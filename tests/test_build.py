@@ -101,6 +101,44 @@ def test_a_manifest_row_repeating_a_path_is_stored_and_reported(tmp_path, capsys
     assert cache.n == 3 and cache.report["repeated_paths"] == 1
 
 
+def test_an_image_query_is_made_as_the_caches_images_were(demo, tmp_path, capsys):
+    """A cache records its preprocessing; a query image goes through that one, not what this version
+    would choose for the model now (timm's crop modes changed it for 137 configs), so caches built
+    before still answer image queries."""
+    import shutil
+
+    import zarr
+
+    cache, _ = demo
+    older = tmp_path / "older.zarr"
+    shutil.copytree(cache.location, older)
+    group = zarr.open_group(str(older), mode="r+")
+    spec = dict(group.attrs["spec"])
+    spec["preprocess"] = spec["preprocess"] | {"resize_size": 288}  # as an older VFS chose it
+    group.attrs["spec"] = spec
+    mask = tmp_path / "m.npy"
+    np.save(mask, np.ones((7, 7), dtype=np.float32))
+    from vfs.data import open_dataset
+
+    open_dataset("embedded:skimage").load(3).save(tmp_path / "q.png")
+    argv = [
+        "search",
+        str(older),
+        "--image",
+        str(tmp_path / "q.png"),
+        "--mask",
+        str(mask),
+        "--json",
+        "--k",
+        "1",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    top = json.loads(capsys.readouterr().out)["results"][0]
+    assert (
+        top["index"] == 3 and top["score"] < 0.999
+    )  # the stored features were made at 256, the query at 288
+
+
 def test_cli_json_round_trip(demo, tmp_path, capsys):
     cache, _ = demo
     drawn = np.zeros((224, 224, 4), np.uint8)

@@ -27,7 +27,7 @@ from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cac
 from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
 from vfs.devices import resolve_device
-from vfs.models import Extractor, LayerInfo, list_layers, load_extractor
+from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extractor
 from vfs.render import grid_box_to_pixels, outline
 from vfs.search import search_regions
 from vfs.settings import is_remote
@@ -139,15 +139,15 @@ def cache_rows() -> list[dict]:
 
 # --- models ---------------------------------------------------------------------------------------
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def _extractor(model: str, layer: str, input_size: int) -> Extractor:
-    return load_extractor(model, layer, input_size)
+def _extractor(model: str, layer: str, preprocess: Preprocess) -> Extractor:
+    return load_extractor(model, layer, preprocess=preprocess)
 
 
 def extractor_for(cache: FeatureCache) -> Extractor:
     """The cache's own extractor (for uploaded images), loaded once per server and checked against the
     cache."""
     settings().check_model_spec(cache.spec.model)
-    extractor = _extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+    extractor = _extractor(cache.spec.model, cache.spec.layer, cache.spec.preprocess)
     cache.check_extractor(extractor.describe())
     return extractor
 

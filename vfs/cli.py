@@ -222,7 +222,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
-        ex = load_extractor(model, cache.spec.layer, cache.spec.input_size)
+        ex = load_extractor(model, cache.spec.layer, preprocess=cache.spec.preprocess)
         cache.check_extractor(ex.describe())
         query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
     else:

@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .cache import BuildLock, CacheSpec, CacheWriter, FeatureCache, open_cache, stored_features
+from .cache import BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache, stored_features
 from .cache.writer import AlreadyComplete
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
@@ -171,7 +171,13 @@ def build_cache(
     if job.limit is not None:
         dataset = dataset.limit(job.limit)
     device = resolve_device("cpu" if job.engine == "ray" else job.device)  # ray: here only for the spec
-    extractor = extractor or load_extractor(job.model, job.layer, job.image_size, device=str(device))
+    extractor = extractor or load_extractor(
+        job.model,
+        job.layer,
+        job.image_size,
+        device=str(device),
+        preprocess=_resumed_preprocess(job.out, job.image_size),
+    )
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
     if job.engine == "ray":  # before the cache is created: an unreachable cluster leaves nothing behind
@@ -203,6 +209,18 @@ def build_cache(
         repeated = int(dataset.records["path"].duplicated().sum())  # stored as images of their own
         writer.finish(dataset.records, {"repeated_paths": repeated} if repeated else None)
     return open_cache(job.out)
+
+
+def _resumed_preprocess(out: str, image_size: int | None) -> Preprocess | None:
+    """The preprocessing a partial cache at `out` was started with, where this build resumes it (its
+    images must go on being made alike, whatever this version of VFS or timm would choose now);
+    else None (a new cache, or another image size, which the writer refuses with the reason)."""
+    try:
+        cache = open_cache(out, allow_partial=True)
+    except (CacheError, FileNotFoundError, ValueError):  # nothing there, or not a cache: the writer says
+        return None
+    recorded = cache.spec.preprocess
+    return None if cache.complete or image_size not in (None, recorded.input_size) else recorded
 
 
 @contextmanager

@@ -423,12 +423,20 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def load_extractor(
-    model_spec: str, layer: str, image_size: int | None = None, device: str = "cpu"
+    model_spec: str,
+    layer: str,
+    image_size: int | None = None,
+    device: str = "cpu",
+    preprocess: Preprocess | None = None,
 ) -> Extractor:
     """An extractor for `layer` of the model `model_spec` names, at `image_size` (default: the
-    model's own), that runs the model only up to that layer."""
-    model, preprocess, native = _model_at_size(model_spec, image_size)
-    return _build(model_spec, model, layer, preprocess, native, device)
+    model's own), that runs the model only up to that layer. `preprocess` replaces the model's own
+    (a cache's, `cache.spec.preprocess`: a query is then made as the cache's images were, whatever
+    this version of VFS or timm would choose now); its input size is the image size."""
+    if preprocess is not None:
+        image_size = preprocess.input_size
+    model, own, native = _model_at_size(model_spec, image_size)
+    return _build(model_spec, model, layer, preprocess or own, native, device)
 
 
 def extractor_from_module(

@@ -58,7 +58,7 @@ def resolve_query(
             f"query must be a dataset index or a PIL image (or an image file), not {type(query).__name__}"
         )
     if extractor is None:
-        extractor = load_extractor(cache.spec.model, cache.spec.layer, cache.spec.input_size)
+        extractor = load_extractor(cache.spec.model, cache.spec.layer, preprocess=cache.spec.preprocess)
     cache.check_extractor(extractor.describe())
     view = np.asarray(extractor.preprocess.view(query))
     return Query(view, extractor.features(query), None)
