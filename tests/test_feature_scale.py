@@ -155,9 +155,19 @@ def test_feature_scale_must_be_a_power_of_two(tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_a_gpu_runs_in_fp16_only_a_layer_whose_values_fp16_holds():
+def test_a_gpu_runs_in_fp16_only_a_layer_whose_values_fp16_holds(monkeypatch):
     """Under CUDA's fp16 autocast a tiny layer's values vanish inside the network, before any scale."""
+    from contextlib import nullcontext
+
     from vfs.fp16 import fp16_holds
 
     assert fp16_holds(13.7) and fp16_holds(2.0**-4) and fp16_holds(2.0**10)  # Lite0 blocks.5: as before
     assert not fp16_holds(1e-10) and not fp16_holds(2.0**11) and not fp16_holds(math.nan)
+    monkeypatch.setattr(torch, "autocast", lambda device, dtype: ("autocast", device, dtype))  # no GPU here
+    tiny, ordinary = extractor(TINY), extractor(1.0)
+    for ex in (tiny, ordinary):
+        ex.device = torch.device("cuda")
+    assert isinstance(tiny._autocast(), nullcontext)
+    assert ordinary._autocast() == ("autocast", "cuda", torch.float16)
+    ordinary.device = torch.device("cpu")
+    assert isinstance(ordinary._autocast(), nullcontext)  # CPUs: fp32 always

@@ -224,10 +224,11 @@ def test_file_spec_with_torchvision_arch(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["timm:resnet18?pretrained=false", "torchvision:resnet18@none"])
-def test_a_random_init_spec_is_one_model_on_every_load(spec):
+def test_a_random_init_spec_is_one_model_on_every_load(spec, monkeypatch):
     """A query image must meet the weights the cache was built with: the same draw every time (seed
-    0), without touching the caller's random state."""
+    0), without touching the caller's random state (a GPU's neither)."""
     torch.manual_seed(123)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("reseeded the GPUs"))
     state = torch.get_rng_state()
     first = weights_digest(load_model(spec)[0])
     assert torch.equal(torch.get_rng_state(), state)

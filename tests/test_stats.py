@@ -183,6 +183,11 @@ def test_auroc_interval_is_delongs():
         assert low <= stats.auroc(scores, positive) <= high
     one = np.array([True, False, False, False])
     assert np.isnan(stats.auroc_interval(np.array([0.9, 0.1, 0.2, 0.3]), one)).all()  # no evidence in n = 1
+    with_nan = np.array([0.9, 0.8, np.nan, 0.2, 0.3])
+    positive = np.array([True, True, False, False, False])
+    assert (
+        np.isnan(stats.auroc(with_nan, positive)) and np.isnan(stats.auroc_interval(with_nan, positive)).all()
+    )
 
 
 def test_q_values_are_benjamini_hochberg_over_the_tables_groups():

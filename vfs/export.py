@@ -55,11 +55,7 @@ def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | N
     box: the per-image export, the rows a Distributions table is computed from. A manifest column
     already named `score` or `grid_box` keeps its name; VFS's then reads `vfs_score`, `vfs_grid_box`."""
     manifest = cache.manifest
-    (mh, mw), (y, x) = result.query.mask.shape, result.placements.T
-    added = {
-        "score": result.scores,
-        "grid_box": [(int(a), int(b), int(a) + mh, int(b) + mw) for a, b in zip(y, x)],
-    }
+    added = {"score": result.scores, "grid_box": [result.grid_box(i) for i in range(len(result.scores))]}
     table = manifest.assign(**{(f"vfs_{k}" if k in manifest.columns else k): v for k, v in added.items()})
     table = table.rename_axis("index")
     return table if keep is None else table[np.asarray(keep, dtype=bool)]

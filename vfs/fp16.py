@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def peak_scale(peak: float) -> float:
     """The power of two that takes a largest |value| `peak` (> 0, finite) to [8, 16): in fp16 that
@@ -41,3 +43,10 @@ def fp16_holds(probe_peak: float) -> bool:
     autocast) as it is: a tiny one would underflow inside the network, before any scale applies."""
     low, high = FP16_STORED_AS_IS
     return low <= probe_peak <= high
+
+
+def stored_features(features: torch.Tensor, feature_scale: float) -> torch.Tensor:
+    """A layer's fp32 features as a cache of `feature_scale` stores them, in fp16: scaled first, so
+    that tiny values stay above fp16's subnormals and huge ones below its overflow (a power of two
+    changes no bit of a value nor any cosine)."""
+    return (features if feature_scale == 1 else features * feature_scale).to(torch.float16)

@@ -22,11 +22,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from .cache import BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache, stored_features
-from .cache.writer import AlreadyComplete
+from .cache import AlreadyComplete, BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
-from .fp16 import cache_feature_scale
+from .fp16 import cache_feature_scale, stored_features
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 
 THUMB_MAX = 224

@@ -93,11 +93,13 @@ def auroc_interval(scores: np.ndarray, positive: np.ndarray, level: float = 0.95
     v01 = 1 - (ranks[x.size :] - stats.rankdata(y)) / x.size
     se = np.sqrt(v10.var(ddof=1) / x.size + v01.var(ddof=1) / y.size)
     area, z = v10.mean(), stats.norm.ppf(0.5 + level / 2)
-    return float(max(0.0, area - z * se)), float(min(1.0, area + z * se))
+    low, high = np.clip([area - z * se, area + z * se], 0.0, 1.0)  # NaN scores: NaN, as auroc's
+    return float(low), float(high)
 
 
 def _p_value(inside: np.ndarray, outside: np.ndarray) -> float:
-    """Two-sided Mann-Whitney p-value of a group against the rest; NaN when a side is empty."""
+    """Two-sided Mann-Whitney p-value of a group against the other grouped images; NaN when a side
+    is empty."""
     if inside.size == 0 or outside.size == 0:
         return float("nan")
     return float(stats.mannwhitneyu(inside, outside, alternative="two-sided").pvalue)

@@ -109,6 +109,31 @@ def test_a_tiny_layer_is_scaled_alike_on_ray(cluster, manifest, tmp_path):
     assert_same_cache(cache, local)
 
 
+def test_a_worker_with_other_weights_than_the_cache_refuses_to_start(tmp_path):
+    """A node whose checkpoint file differs (or whose torch draws a random init otherwise) would mix
+    weights in one cache, silently: its actor stops with the reason."""
+    from dataclasses import replace
+
+    from cachehelpers import synthetic_spec
+
+    from vfs.cluster.build import _Extract
+    from vfs.models import load_extractor
+
+    spec = replace(
+        synthetic_spec((7, 7), 192),
+        preprocess=load_extractor("embedded:efficientnet_lite0", "blocks.5").preprocess,
+    )
+    _Extract(
+        "embedded:efficientnet_lite0", "blocks.5", replace(spec, weights=None), "cpu", 1, 1.0
+    )  # before digests
+    with pytest.raises(
+        RuntimeError, match="a worker loaded 'embedded:efficientnet_lite0' with other weights"
+    ):
+        _Extract(
+            "embedded:efficientnet_lite0", "blocks.5", replace(spec, weights="sha256:other"), "cpu", 1, 1.0
+        )
+
+
 def test_worker_pool_plans():
     assert WorkerPool.plan(0, None, {"CPU": 2.0}) == WorkerPool(1, 1.0, 0.0)
     assert WorkerPool.plan(2, None, {"CPU": 2.0}) == WorkerPool(2, 0.5, 0.0)  # one CPU left to the decoders

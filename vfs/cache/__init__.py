@@ -8,9 +8,10 @@ read: through zarr or straight from chunk files), `reader` (`open_cache` → `Fe
 from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec
 from .lock import BuildLock
 from .reader import FeatureCache, cache_name, cache_row, is_url, list_caches, open_cache
-from .writer import CacheWriter, stored_features
+from .writer import AlreadyComplete, CacheWriter
 
 __all__ = [
+    "AlreadyComplete",
     "BuildLock",
     "CHUNK_BYTES",
     "CacheError",
@@ -24,5 +25,4 @@ __all__ = [
     "is_url",
     "list_caches",
     "open_cache",
-    "stored_features",
 ]

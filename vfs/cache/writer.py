@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 
 from .format import (
@@ -82,7 +81,9 @@ class CacheWriter:
     next_item: int = 0  # every candidate before this one is stored or skipped
     skipped: list[dict[str, Any]] = field(default_factory=list)
     nonnegative: bool = True  # every stored feature ≥ 0 (post-ReLU): search can use a relative bound
-    feature_scale: float = 1.0  # the power of two stored features are the layer's times (`stored_features`)
+    feature_scale: float = (
+        1.0  # the power of two stored features are the layer's times (`vfs.fp16.stored_features`)
+    )
     save_every: float = SAVE_SECONDS  # seconds a partial chunk may wait before it is stored
     _pending: list[_Pending] = field(default_factory=list)
     _saved: float = field(default_factory=time.monotonic)  # when the writer last stored
@@ -347,13 +348,6 @@ class CacheWriter:
             }
         )
         self._sync_attrs()
-
-
-def stored_features(features: torch.Tensor, feature_scale: float) -> torch.Tensor:
-    """A layer's fp32 features as a cache of `feature_scale` stores them, in fp16: scaled first, so
-    that tiny values stay above fp16's subnormals and huge ones below its overflow (a power of two
-    changes no bit of a value nor any cosine)."""
-    return (features if feature_scale == 1 else features * feature_scale).to(torch.float16)
 
 
 class AlreadyComplete(CacheError):

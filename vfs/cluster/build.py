@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import CacheWriter, stored_features
+from ..cache import CacheSpec, CacheWriter
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
+from ..fp16 import stored_features
 from ..jobs import BuildJob, BuildProgress, ModelInputView, thumbnails, write_batch
 from ..models import Preprocess, load_extractor
 
@@ -67,13 +68,20 @@ class _Extract:
     batch 8 with 1 vs 2 threads), so only equal counts give a local build's features bitwise."""
 
     def __init__(
-        self, model: str, layer: str, image_size: int | None, device: str, threads: int, feature_scale: float
+        self, model: str, layer: str, spec: CacheSpec, device: str, threads: int, feature_scale: float
     ):
         self.device = resolve_device(device)
         self.feature_scale = feature_scale  # the writer's: decided once, by the driver, for the cache
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.extractor = load_extractor(model, layer, image_size, device=str(self.device))
+        self.extractor = load_extractor(model, layer, device=str(self.device), preprocess=spec.preprocess)
+        if (
+            spec.weights is not None and self.extractor.weights != spec.weights
+        ):  # e.g. another checkpoint there
+            raise RuntimeError(
+                f"a worker loaded {model!r} with other weights ({self.extractor.weights}) than the cache's "
+                f"({spec.weights}): give every node the same checkpoint file and library versions"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         views = torch.from_numpy(np.ascontiguousarray(batch.pop("views")[0]))
@@ -137,7 +145,7 @@ def run_on_ray(
             fn_constructor_args=(
                 job.model,
                 job.layer,
-                job.image_size,
+                writer.spec,
                 job.device,
                 torch.get_num_threads(),
                 writer.feature_scale,

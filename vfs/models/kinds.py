@@ -14,6 +14,7 @@ import functools
 import importlib
 import math
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,15 +99,19 @@ def _load_timm(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     return model, _timm_preprocess(model)
 
 
+_SEEDED = threading.Lock()  # one seeded draw at a time: two would interleave on the one generator
+
+
 @contextmanager
 def _seeded(random_init: bool) -> Iterator[None]:
-    """Random weights drawn from seed 0, leaving the caller's random state as it was: a random-init
-    spec is one model on every load (a query image must meet the cache's weights), not a new draw."""
+    """Random weights drawn from seed 0 on the CPU's generator (where models are made), leaving the
+    caller's random state as it was: a random-init spec is one model on every load (a query image
+    must meet the cache's weights), not a new draw."""
     if not random_init:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
         yield
 
 

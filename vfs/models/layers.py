@@ -14,7 +14,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -386,16 +386,19 @@ class Extractor:
 
     def features_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized input → (B, h, w, C) float32 on `self.device`."""
-        cuda = self.device.type == "cuda"
         batch = batch.to(self.device, torch.float32)
-        if cuda:
+        if self.device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
-        # fp16 on a GPU where the layer's values fit it; a tiny or huge one would lose them inside the network
-        half = cuda and fp16_holds(self.probe_peak)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if half else nullcontext()
-        with self._lock, torch.no_grad(), autocast:
+        with self._lock, torch.no_grad(), self._autocast():
             output = self._body(batch)
         return self._layout.to_grid(output).float().contiguous()
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        """fp16 on a GPU where the layer's values fit it; a tiny or huge one would lose them inside
+        the network, before any scale applies (`vfs.fp16.fp16_holds`)."""
+        if self.device.type == "cuda" and fp16_holds(self.probe_peak):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
 
     def describe(self) -> dict[str, Any]:
         """What produced the features, for cache metadata (JSON-able)."""
@@ -499,8 +502,9 @@ def _build(
     if traced is not None:
         body = traced
     resolved = resolve_device(device)
+    weights = weights_digest(model)  # on the CPU, before the model moves to a GPU
     body = body.to(resolved).eval()
     if resolved.type == "cuda":
         body = body.to(memory_format=torch.channels_last)
     peak = float(layout.to_grid(reference).abs().max())
-    return Extractor(spec, layer, preprocess, body, layout, resolved, peak, weights_digest(model))
+    return Extractor(spec, layer, preprocess, body, layout, resolved, peak, weights)
