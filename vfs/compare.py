@@ -3,7 +3,10 @@
 Comparing rankings only means something when index i is the same image in both caches: the same
 number of stored images and the same paths in the same order (a build that skipped an unreadable
 image shifts every index after it). The dataset sources may be named differently — a manifest given
-by another relative path, or the same dataset on another machine — which is said, not refused.
+by another relative path, or the same dataset on another machine — which is said, not refused,
+unless the caches show the same view of their images (one preprocessing: two layers, or an original
+and an edited checkpoint) and a sample of their thumbnails differs: then they are other images under
+the same names.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ class _Cache(Protocol):
     @property
     def manifest(self) -> pd.DataFrame: ...
 
+    def thumbs_at(self, indices: list[int]) -> np.ndarray: ...
+
+
+SAMPLED = 16  # thumbnails compared where two differently named datasets show the same view
+ALIKE = 4.0  # mean |difference| (of 255) two decodings of one image stay below (resizers' rounding)
+
 
 def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     """Why caches `a` and `b` do not hold the same images in the same order (None when they do)."""
@@ -39,6 +48,19 @@ def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
         i = int(differ[0])
         why = f"they are of {other}" if other else "one build skipped an image the other kept"
         return f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): {why}"
+    unlike = _first_unlike(a, b) if other and a.spec.preprocess == b.spec.preprocess else None
+    if unlike is not None:
+        return f"image {unlike} ({paths_a[unlike]!r}) shows other pixels in each: they are of {other}"
+    return None
+
+
+def _first_unlike(a: _Cache, b: _Cache) -> int | None:
+    """The first of SAMPLED evenly spaced images whose thumbnails differ, where both caches show
+    one view of their images; None when all look alike."""
+    sample = sorted({int(i) for i in np.linspace(0, a.n - 1, min(SAMPLED, a.n))})
+    for i, x, y in zip(sample, a.thumbs_at(sample), b.thumbs_at(sample)):
+        if x.shape != y.shape or np.abs(x.astype(np.int16) - y.astype(np.int16)).mean() > ALIKE:
+            return i
     return None
 
 

@@ -2,16 +2,19 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 
 from vfs.compare import comparison_note, comparison_refusal
 
 
-def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png")):
+def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png"), view="224 px", pixels=0):
+    """A stand-in: `view` its preprocessing, image i's thumbnail all `pixels + 10 i`."""
     return SimpleNamespace(
-        spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label")),
+        spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label"), preprocess=view),
         n=len(paths),
         manifest=pd.DataFrame({"path": list(paths)}),
+        thumbs_at=lambda idx: np.stack([np.full((8, 8, 3), pixels + 10 * i, np.uint8) for i in idx]),
     )
 
 
@@ -56,3 +59,15 @@ def test_different_datasets_are_refused_naming_both():
     assert "are they of differently named datasets" in comparison_refusal(
         cache(), cache(source="photos/", paths=("a.png",))
     )
+
+
+def test_same_names_with_other_pixels_under_one_view_are_refused():
+    """Two layers (or an edited checkpoint) show their images alike: thumbnails that differ under the
+    same file names mean other images; under other views (two models) only the note is possible."""
+    here, there = cache(source="/home/me/a.csv"), cache(source="/data/b.csv", pixels=100)
+    assert "image 0 ('a.png') shows other pixels in each" in comparison_refusal(here, there)
+    assert comparison_refusal(here, cache(source="/data/b.csv", pixels=2)) is None  # a resizer's rounding
+    assert comparison_refusal(here, cache(source="/data/b.csv", pixels=100, view="384 px")) is None
+    assert (
+        comparison_refusal(here, cache(source="/home/me/a.csv", pixels=100)) is None
+    )  # one source: not looked at
