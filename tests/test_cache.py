@@ -47,6 +47,14 @@ def build(path, n, bad=(), chunk_bytes=None, monkeypatch=None):
     return feats
 
 
+def assert_built_alike(clean, resumed):
+    """A resumed build's rows and report are an uninterrupted one's, bit for bit."""
+    a, b = open_cache(clean), open_cache(resumed)
+    for name in ("features", "sqnorm", "thumbs", "source_index"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+    assert a.report == b.report
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr("vfs.cache.writer.CHUNK_BYTES", 4 * 5 * 8 * 2 * 7)  # 7 images a chunk
@@ -101,10 +109,7 @@ def test_a_slow_build_stores_its_partial_chunk_before_a_kill(tmp_path):
     assert (resumed.rows, resumed.next_item, resumed.skipped) == (10, 11, w.skipped)
     fill(resumed, range(11, 30), bad={9})
     resumed.finish(candidates(30))
-    a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "killed.zarr")
-    for name in ("features", "sqnorm", "thumbs", "source_index"):
-        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
-    assert a.report == b.report
+    assert_built_alike(tmp_path / "clean.zarr", tmp_path / "killed.zarr")
 
 
 def test_nonnegative_is_recorded_across_a_resume(tmp_path):
@@ -377,10 +382,7 @@ def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
     assert open_cache(tmp_path / "p.zarr", allow_partial=True).n == 7  # recorded at once: the rest is gone
     fill(resumed, range(8, 30), bad={3})
     resumed.finish(candidates(30))
-    a, b = open_cache(tmp_path / "clean.zarr"), open_cache(tmp_path / "p.zarr")
-    for name in ("features", "sqnorm", "thumbs", "source_index"):
-        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
-    assert a.report == b.report
+    assert_built_alike(tmp_path / "clean.zarr", tmp_path / "p.zarr")
 
 
 def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(tmp_path):

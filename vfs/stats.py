@@ -12,6 +12,19 @@ from scipy import stats
 
 MISSING = "(missing)"
 SEPARATOR = "|"
+GROUP_TABLE_COLUMNS = (
+    "group",
+    "n",
+    "median",
+    "mean",
+    "std",
+    "auroc",
+    "auroc_low",
+    "auroc_high",
+    "p_value",
+    "q_value",
+)
+"""`group_table`'s columns, in order (the Distributions page shows them as they are)."""
 
 
 def _labels(values: pd.Series) -> pd.Series:
@@ -142,8 +155,7 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
                 "p_value": _p_value(scores[member], scores[grouped & ~member]),
             }
         )
-    columns = ["group", "n", "median", "mean", "std", "auroc", "auroc_low", "auroc_high", "p_value"]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=GROUP_TABLE_COLUMNS[:-1])
     table["q_value"] = _q_values(table["p_value"].to_numpy(dtype=float))
     return table.sort_values("auroc", ascending=False, na_position="last", kind="stable").reset_index(
         drop=True

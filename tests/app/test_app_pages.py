@@ -27,6 +27,7 @@ from apphelpers import (
 from PIL import Image
 
 from vfs.cache import open_cache
+from vfs.stats import GROUP_TABLE_COLUMNS
 
 
 def page(at, name):
@@ -271,18 +272,7 @@ def test_distributions_use_the_query_drawn_on_search(app, caches):
     assert len(at.get("plotly_chart")) == 1
     table = at.dataframe[0].value
     assert set(table["group"]) == {"face", "photo"} and table["auroc"].is_monotonic_decreasing
-    assert list(table.columns) == [
-        "group",
-        "n",
-        "median",
-        "mean",
-        "std",
-        "auroc",
-        "auroc_low",
-        "auroc_high",
-        "p_value",
-        "q_value",
-    ]
+    assert list(table.columns) == list(GROUP_TABLE_COLUMNS)
     assert table["n"].sum() == SMALL - 1  # the query image is left out
     at.checkbox(key="dist.leave_out").uncheck().run()
     assert at.dataframe[0].value["n"].sum() == SMALL

@@ -45,6 +45,8 @@ from e2ehelpers import (
     wait_idle,
 )
 
+from vfs.stats import GROUP_TABLE_COLUMNS
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(
@@ -307,18 +309,7 @@ def test_distributions_box_plot_and_table(page, server, demo_cache):
     expect(page.get_by_role("heading", name="Groups by label")).to_be_visible()
     rows = grid_rows(page.get_by_test_id("stDataFrame"))
     header, body = rows[0], rows[1:]
-    assert header[:10] == [
-        "group",
-        "n",
-        "median",
-        "mean",
-        "std",
-        "auroc",
-        "auroc_low",
-        "auroc_high",
-        "p_value",
-        "q_value",
-    ], header
+    assert header[:10] == list(GROUP_TABLE_COLUMNS), header
     groups = {r[0]: dict(zip(header, r)) for r in body}
     assert {"face", "not face"} <= set(groups), groups
     assert int(groups["face"]["n"]) == 99 and int(groups["not face"]["n"]) == 100, (
