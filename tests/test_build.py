@@ -49,13 +49,25 @@ def test_embedded_build(demo):
         assert error.max() < 1e-2, error.max()
 
 
-def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, capsys, monkeypatch):
-    """Scripts rerun builds: a finished one is the answer (exit 0), not an error."""
+def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, tmp_path, capsys, monkeypatch):
+    """Scripts rerun builds: a finished one is the answer (exit 0), not an error — also for a cache
+    whose recorded preprocessing this version would no longer choose for the model."""
+    import shutil
+
+    import zarr
+
     cache, _ = demo
     monkeypatch.setattr("vfs.jobs._run", lambda *a: pytest.fail("a finished build computed again"))
     flags = ["--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "24", "--batch-size", "8"]
     assert main(["build", *flags, "--out", cache.location]) == 0
     assert f"{cache.location}: 24 images" in capsys.readouterr().out
+    older = tmp_path / "older.zarr"
+    shutil.copytree(cache.location, older)
+    group = zarr.open_group(str(older), mode="r+")
+    group.attrs["spec"] = group.attrs["spec"] | {
+        "preprocess": group.attrs["spec"]["preprocess"] | {"resize_size": 288}
+    }
+    assert main(["build", *flags, "--out", str(older)]) == 0, capsys.readouterr().err
 
 
 def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypatch):

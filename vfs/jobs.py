@@ -211,15 +211,15 @@ def build_cache(
 
 
 def _resumed_preprocess(out: str, image_size: int | None) -> Preprocess | None:
-    """The preprocessing a partial cache at `out` was started with, where this build resumes it (its
-    images must go on being made alike, whatever this version of VFS or timm would choose now);
-    else None (a new cache, or another image size, which the writer refuses with the reason)."""
+    """The preprocessing the cache at `out` was started with, where this build resumes (or reruns) it:
+    its images must go on being made alike, whatever this version of VFS or timm would choose now.
+    None for a new cache, or another image size, which the writer refuses with the reason."""
     try:
         cache = open_cache(out, allow_partial=True)
     except (CacheError, FileNotFoundError, ValueError):  # nothing there, or not a cache: the writer says
         return None
     recorded = cache.spec.preprocess
-    return None if cache.complete or image_size not in (None, recorded.input_size) else recorded
+    return recorded if image_size in (None, recorded.input_size) else None
 
 
 @contextmanager
