@@ -77,6 +77,7 @@ size = st.number_input(
     "Input size (px)",
     32,
     1024,
+    value=None,  # cleared, it is None again (its default), not the minimum
     step=16,
     key=bind("build.size", None),
     placeholder="the model's own",
@@ -155,6 +156,7 @@ limit = st.number_input(
     "Use only the first N images",
     1,
     None,
+    value=None,  # cleared, it is None again (its default), not the minimum
     key=bind("build.limit", None),
     placeholder=f"all {count}" if count else "all",
 )

@@ -43,6 +43,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             f"At most n per domain ({cache.domain_col or 'no domain column'})",
             1,
             None,
+            value=None,  # cleared, it is None again (its default), not the minimum
             key=bind("search.per_domain", None),
             placeholder="no limit",
             disabled=cache.domain_col is None,

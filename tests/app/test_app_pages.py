@@ -332,6 +332,20 @@ def test_compare_refuses_caches_of_different_datasets(app, caches):
 
 
 # --- Build ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,key", [("build", "build.limit"), ("build", "build.size"), ("search", "search.per_domain")]
+)
+def test_an_optional_number_cleared_means_none_again(app, caches, name, key):
+    """Cleared in the browser, a field falls back to its default: that must be None ('all images',
+    'the model's own', 'no limit'), not the minimum (1 image; 32 px) it fell back to."""
+    at = use_cache(page(app, name), "search.cache", caches, "small") if name == "search" else page(app, name)
+    at.number_input(key=key).set_value(64).run()
+    field = at.number_input(key=key)
+    assert field.value == 64 and not field.proto.HasField("default"), field.proto.default
+    field.set_value(None).run()
+    assert no_exceptions(at).number_input(key=key).value is None
+
+
 def test_build_page_lists_the_models_real_layers(app):
     at = page(app, "build")
     layers = at.selectbox(key="build.layer")
