@@ -31,7 +31,7 @@ with pick_left:
 with pick_right:
     right = pick_cache("compare.right", "Right cache", shared=None, avoid=left.location)
 if (reason := comparison_refusal(left, right)) is not None:
-    st.error(f"These caches cannot be compared: {reason}.")
+    st.error(f"These caches cannot be compared: {reason}" + ("" if reason.endswith("?") else "."))
     st.stop()
 if left.location == right.location:
     st.warning("Both sides are the same cache: pick another one on the right.")

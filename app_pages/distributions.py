@@ -25,7 +25,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.export import image_scores
     from vfs.render import distribution_figure
-    from vfs.stats import group_table, is_multilabel, long_scores, presence_groups
+    from vfs.stats import MISSING, group_table, is_multilabel, long_scores, presence_groups
 
 cache = pick_cache("dist.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -57,7 +57,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         )
         table, title = groups(cache, column), column
         if is_multilabel(cache.manifest, column):
-            findings = [EVERY, *table.columns]
+            findings = [EVERY, *(c for c in table.columns if c != MISSING)]  # no value is no finding
             finding = st.selectbox(
                 "Finding",
                 findings,
@@ -71,7 +71,9 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         if leave_out_query("Leave out the query image", "dist.leave_out", query):
             keep[query.index] = False
     scores, table = result.scores[keep], table[keep]
-    unknown = int((~table.to_numpy(dtype=bool).any(axis=1)).sum())
+    grouped = keep.copy()  # the table's images: kept, and in a group (not those without a value)
+    grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)
+    unknown = int(keep.sum() - grouped.sum())
     st.plotly_chart(
         distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
         key="dist.plot",
@@ -96,7 +98,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     )
     st.download_button(
         "Download per-image scores (CSV)",
-        lambda: image_scores(cache, result, keep).to_csv(),  # the table's images; made on click
+        lambda: image_scores(cache, result, grouped).to_csv(),  # the table's images; made on click
         f"vfs-{cache_name(cache.location)}-{query.key}-scores.csv",
         "text/csv",
         key="dist.csv",
