@@ -66,8 +66,13 @@ def _open_cache(location: str, stamp: int) -> FeatureCache:
 
 
 def get_cache(location: str) -> FeatureCache:
-    """The cache at `location`, opened once per server (and again after it is rewritten)."""
-    return _open_cache(location, _stamp(location))
+    """The cache at `location`, opened once per server (and again after it is rewritten); a
+    CacheError that says so when it was deleted or moved since it was picked (another session's
+    Build page, or the disk)."""
+    stamp = _stamp(location)
+    if stamp == -1:
+        raise CacheError(f"no cache at {location} (deleted or moved?): pick another one")
+    return _open_cache(location, stamp)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
@@ -228,8 +233,10 @@ def _groups(location: str, stamp: int, column: str) -> pd.DataFrame:
 
 
 def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
-    """Membership of every image in each group of `column` ('|'-joined values: one group per finding)."""
-    return _groups(cache.location, _stamp(cache.location), column)
+    """Membership of every image in each group of `column` ('|'-joined values: one group per finding);
+    a message, not a traceback, where the cache is gone since the page picked it."""
+    with user_errors():
+        return _groups(cache.location, _stamp(cache.location), column)
 
 
 def group_columns(cache: FeatureCache, most: int = 50) -> list[str]:

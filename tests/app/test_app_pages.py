@@ -306,6 +306,18 @@ def test_distributions_split_a_multi_label_column_into_present_and_absent(app, c
     assert any("Groups by Cardiomegaly present" in h for h in texts(at.header))
 
 
+def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_path):
+    """Another session's Build page (or the disk) removed the cache: the next rerun of the page's
+    fragment says so, not a traceback."""
+    shutil.copytree(caches / "findings.zarr", tmp_path / "doomed.zarr")
+    at = page(app, "distributions")
+    at.session_state["vfs.opened"] = [str(tmp_path / "doomed.zarr")]  # as the Home page opens one
+    at = no_exceptions(draw(use_cache(at.run(), "dist.cache", tmp_path, "doomed")))
+    shutil.rmtree(tmp_path / "doomed.zarr")
+    at.radio(key="dist.kind").set_value("violin").run()
+    assert not at.exception and any("(deleted or moved?): pick another one" in t for t in texts(at.error))
+
+
 # --- Compare --------------------------------------------------------------------------------------
 def test_compare_two_layers_of_the_same_images(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
