@@ -138,8 +138,14 @@ def cache_rows() -> list[dict]:
     root = s.cache_dir
     stamps = tuple(sorted((p.name, _stamp(str(p))) for p in root.glob("*.zarr"))) if root.is_dir() else ()
     rows = _local_rows(str(root), stamps) if stamps else []
+    listed = {_same_place(r["path"]) for r in rows}
     extra = [*s.remote_caches, *st.session_state.get(OPENED, [])]
-    return rows + [_opened_row(location) for location in dict.fromkeys(extra)]
+    return rows + [_opened_row(x) for x in dict.fromkeys(extra) if _same_place(x) not in listed]
+
+
+def _same_place(location: str) -> str:
+    """One name for a location however it was typed (a local path resolved; a URL as it is)."""
+    return location if is_remote(location) else str(Path(location).expanduser().resolve())
 
 
 # --- models ---------------------------------------------------------------------------------------

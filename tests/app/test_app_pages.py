@@ -115,6 +115,11 @@ def test_opening_a_cache_by_path(caches, tmp_path, monkeypatch):
     at.text_input(key="home.location").set_value(str(tmp_path / "nothing.zarr"))
     at.get("form_submit_button")[0].click().run()
     assert any("no cache at" in t for t in texts(at.error))
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))  # a cache the folder lists already: one row
+    at = start_app()
+    at.text_input(key="home.location").set_value(str(caches / "." / "small.zarr"))
+    no_exceptions(at.get("form_submit_button")[0].click().run())
+    assert list(at.dataframe[0].value["cache"]).count("small") == 1
 
 
 # --- Search ---------------------------------------------------------------------------------------
