@@ -173,6 +173,7 @@ def test_list_caches_reports_partial_and_broken(tmp_path):
     rows = {r["name"]: r for r in list_caches(tmp_path)}
     assert rows["done"]["complete"] and rows["done"]["n"] == 10 and rows["done"]["size_bytes"] > 0
     assert not rows["partial"]["complete"]
+    assert rows["partial"]["n"] == rows["partial"]["stored"] == 7  # one chunk of 7 stored: not "0 images"
     assert rows["junk"]["error"]
 
 

@@ -232,7 +232,7 @@ class FeatureCache:
             "layer": self.spec.layer,
             "grid": "×".join(map(str, self.spec.grid)),
             "channels": self.spec.channels,
-            "n": self.n,
+            "n": self.stored,  # a partial cache: the images stored so far (its n is 0 until complete)
             "labels": self.label_col,
             "domains": self.domain_col,
             "complete": self.complete,
