@@ -420,3 +420,19 @@ def test_a_rerun_of_a_finished_build_has_nothing_to_do(tmp_path):
     build(tmp_path / "skips.zarr", 10, bad={4})  # the stored manifest lacks a skipped image: still the same
     with pytest.raises(AlreadyComplete):
         CacheWriter.open(tmp_path / "skips.zarr", SPEC, candidates(10), 32)
+
+
+def test_the_notebook_offers_no_missing_value_as_a_finding(tmp_path):
+    """As the page: '(missing)' is no finding to split present / absent (its images are in neither)."""
+    from vfs.notebook import distribution_table
+
+    build(tmp_path / "c.zarr", 12)  # labels "cat|dog", and None every third image
+    cache = open_cache(tmp_path / "c.zarr")
+    result = search_regions(cache, 1, np.ones((4, 5)))
+    assert set(distribution_table(cache, result, by="label")["group"]) == {"cat", "dog", "(missing)"}
+    assert dict(distribution_table(cache, result, by="label", finding="cat")[["group", "n"]].values) == {
+        "True": 8,
+        "False": 0,
+    }
+    with pytest.raises(ValueError, match="no image has '\\(missing\\)' in column 'label'"):
+        distribution_table(cache, result, by="label", finding="(missing)")

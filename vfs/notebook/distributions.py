@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
 from ..search import SearchResult, excluded_images
-from ..stats import group_table, label_groups, long_scores, presence_groups
+from ..stats import MISSING, group_table, label_groups, long_scores, presence_groups
 
 
 def _grouped(
@@ -43,7 +43,7 @@ def _grouped(
     if finding is None:
         groups, title = label_groups(manifest, by), by
     else:
-        present = label_groups(manifest, by).columns
+        present = label_groups(manifest, by).columns.drop(MISSING, errors="ignore")  # no value: no finding
         if finding not in present:
             raise ValueError(f"no image has {finding!r} in column {by!r}; its values: {', '.join(present)}")
         groups, title = presence_groups(manifest, by, finding), f"{finding} present"
