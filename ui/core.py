@@ -30,7 +30,7 @@ from vfs.devices import resolve_device
 from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extractor
 from vfs.render import grid_box_to_pixels, outline
 from vfs.search import search_regions
-from vfs.settings import is_remote
+from vfs.settings import CACHE_SUFFIX, is_url
 from vfs.stats import label_groups
 
 from .base import bind, memo, settings, user_errors
@@ -51,8 +51,9 @@ def build_registry() -> BuildRegistry:
 
 # --- caches ---------------------------------------------------------------------------------------
 def _stamp(location: str) -> int:
-    """Changes whenever a local cache's metadata is rewritten (progress, completion, a rebuild)."""
-    if is_remote(location):
+    """Changes whenever a local cache's metadata is rewritten (progress, completion, a rebuild); 0 for a
+    URL (its store is asked when it is opened)."""
+    if is_url(location):
         return 0
     try:
         return (Path(location) / "zarr.json").stat().st_mtime_ns
@@ -136,7 +137,8 @@ def cache_rows() -> list[dict]:
     """Every cache this session can see: the caches folder, the configured URLs, and what it opened."""
     s = settings()
     root = s.cache_dir
-    stamps = tuple(sorted((p.name, _stamp(str(p))) for p in root.glob("*.zarr"))) if root.is_dir() else ()
+    found = root.glob(f"*{CACHE_SUFFIX}") if root.is_dir() else ()
+    stamps = tuple(sorted((p.name, _stamp(str(p))) for p in found))
     rows = _local_rows(str(root), stamps) if stamps else []
     listed = {_same_place(r["path"]) for r in rows}
     extra = [*s.remote_caches, *st.session_state.get(OPENED, [])]
@@ -145,7 +147,7 @@ def cache_rows() -> list[dict]:
 
 def _same_place(location: str) -> str:
     """One name for a location however it was typed (a local path resolved; a URL as it is)."""
-    return location if is_remote(location) else str(Path(location).expanduser().resolve())
+    return location if is_url(location) else str(Path(location).expanduser().resolve())
 
 
 # --- models ---------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ import streamlit as st
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
 
-from vfs.cache import FeatureCache, is_url
+from vfs.cache import FeatureCache
 from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.search import SearchResult, search_regions
+from vfs.settings import is_url
 
 from .canvas import Drawing, DrawingError, paint_canvas
 from .core import (

@@ -41,8 +41,14 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return text in _TRUE
 
 
+def is_url(location: str | Path) -> bool:
+    """A location with a scheme (http(s)://, s3://, file://, …: opened through fsspec) rather than a
+    local path."""
+    return "://" in str(location)
+
+
 def is_remote(location: str) -> bool:
-    """Whether a cache location is a URL the app may open read-only (http, https, s3)."""
+    """Whether a cache location is a URL a hosted app may be configured to serve (http, https, s3)."""
     return urlparse(location).scheme in REMOTE_SCHEMES
 
 

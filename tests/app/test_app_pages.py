@@ -112,6 +112,9 @@ def test_opening_a_cache_by_path(caches, tmp_path, monkeypatch):
     at.text_input(key="home.location").set_value(str(caches / "small.zarr"))
     no_exceptions(at.get("form_submit_button")[0].click().run())
     assert list(at.dataframe[0].value["cache"]) == ["small"]
+    at.text_input(key="home.location").set_value((caches / "small.zarr").as_uri())  # a URL fsspec opens
+    no_exceptions(at.get("form_submit_button")[0].click().run())
+    assert not at.error and at.session_state["vfs.cache"] == (caches / "small.zarr").as_uri()
     at.text_input(key="home.location").set_value(str(tmp_path / "nothing.zarr"))
     at.get("form_submit_button")[0].click().run()
     assert any("no cache at" in t for t in texts(at.error))

@@ -7,7 +7,7 @@ read: through zarr or straight from chunk files), `reader` (`open_cache` → `Fe
 
 from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec
 from .lock import BuildLock
-from .reader import FeatureCache, cache_name, cache_row, is_url, list_caches, open_cache
+from .reader import FeatureCache, cache_name, cache_row, list_caches, open_cache
 from .writer import AlreadyComplete, CacheWriter
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "FeatureCache",
     "cache_name",
     "cache_row",
-    "is_url",
     "list_caches",
     "open_cache",
 ]

@@ -19,6 +19,7 @@ import zarr
 
 from ..devices import cuda_free_bytes
 from ..models import Preprocess, is_module_spec
+from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
 from .format import (
@@ -33,7 +34,6 @@ from .format import (
 )
 from .rows import RowReader, ZarrRows, row_reader
 
-CACHE_SUFFIX = ".zarr"
 DEFAULT_MEMORY_BUDGET = 4 << 30
 """A cache up to this size is held resident in RAM by a CPU search; a larger one is streamed."""
 RESIDENT_HEADROOM = 1.1
@@ -47,11 +47,6 @@ RECENT_THUMBS = 256
 """Thumbnails kept decoded per opened cache: a few pages of results (each ≤ 150 KB at 224 px)."""
 MAX_MAPPED_CHUNKS = 32
 """Chunk files per streamed range at most: each mapped file holds a descriptor while it is scored."""
-
-
-def is_url(location: str | Path) -> bool:
-    """A location with a scheme (http(s)://, s3://, file://, …) rather than a local path."""
-    return "://" in str(location)
 
 
 def cache_name(location: str) -> str:
