@@ -25,7 +25,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.export import image_scores
     from vfs.render import distribution_figure
-    from vfs.stats import MISSING, group_table, is_multilabel, long_scores, presence_groups
+    from vfs.stats import findings, group_table, is_multilabel, long_scores, score_groups
 
 cache = pick_cache("dist.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -57,15 +57,15 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         )
         table, title = groups(cache, column), column
         if is_multilabel(cache.manifest, column):
-            findings = [EVERY, *(c for c in table.columns if c != MISSING)]  # no value is no finding
+            choices = [EVERY, *findings(cache.manifest, column)]
             finding = st.selectbox(
                 "Finding",
-                findings,
-                key=bind(f"dist.finding.{column}", EVERY, options=findings),
+                choices,
+                key=bind(f"dist.finding.{column}", EVERY, options=choices),
                 help="A '|'-joined column: split the images into those with and without one finding.",
             )
             if finding != EVERY:
-                table, title = presence_groups(cache.manifest, column, finding), f"{finding} present"
+                table, title = score_groups(cache.manifest, column, finding)
         kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
         keep = np.ones(cache.n, dtype=bool)
         if leave_out_query("Leave out the query image", "dist.leave_out", query):
@@ -75,7 +75,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)
     unknown = int(keep.sum() - grouped.sum())
     st.plotly_chart(
-        distribution_figure(long_scores(scores, table), kind, title=f"Best-region score by {title}"),
+        distribution_figure(long_scores(scores, table), kind, by=title),
         key="dist.plot",
     )
 

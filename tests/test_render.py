@@ -105,8 +105,9 @@ def test_distribution_figure_one_trace_per_group(kind):
             "score": [0.9, 0.7, 0.2, 0.9, 0.1],
         }
     )
-    figure = render.distribution_figure(long, kind=kind, title="scores")
+    figure = render.distribution_figure(long, kind=kind, by="finding")
     assert sorted(trace.name for trace in figure.data) == ["Effusion", "False", "True"]
+    assert figure.layout.title.text == "Best-region score by finding"
 
 
 def test_distribution_figure_rejects_unknown_kind():

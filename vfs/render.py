@@ -203,8 +203,9 @@ def png_bytes(image: Image.Image) -> bytes:
 _DISTRIBUTION_PLOTS = {"box": px.box, "violin": partial(px.violin, box=True), "strip": px.strip}
 
 
-def distribution_figure(long: pd.DataFrame, kind: str = "box", title: str | None = None) -> go.Figure:
-    """Score distribution per group (one trace each) from `long_scores` rows; kind is box, violin or strip."""
+def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = None) -> go.Figure:
+    """Score distribution per group (one trace each) from `long_scores` rows; kind is box, violin or
+    strip; `by` names the grouping in the title."""
     if kind not in _DISTRIBUTION_PLOTS:
         raise ValueError(f"kind must be one of {sorted(_DISTRIBUTION_PLOTS)}, not {kind!r}")
     order = list(dict.fromkeys(long["group"]))
@@ -215,7 +216,7 @@ def distribution_figure(long: pd.DataFrame, kind: str = "box", title: str | None
         color="group",
         hover_data=["index"],
         category_orders={"group": order},
-        title=title,
+        title=f"Best-region score by {by}" if by else None,
     )
     return figure.update_layout(showlegend=False, yaxis_title="cosine similarity")
 

@@ -73,6 +73,24 @@ def presence_groups(records: pd.DataFrame, column: str, value: str) -> pd.DataFr
     return pd.DataFrame({"True": present, "False": known & ~present})
 
 
+def findings(records: pd.DataFrame, column: str) -> list[str]:
+    """The values of `column` one can split off as present / absent: each group but MISSING (an image
+    without a value has no finding to be present)."""
+    return [g for g in label_groups(records, column).columns if g != MISSING]
+
+
+def score_groups(records: pd.DataFrame, column: str, finding: str | None = None) -> tuple[pd.DataFrame, str]:
+    """What the Distributions page and the notebook's `distribution_table` group scores by, and its
+    name: one group per value of `column` (per finding of a '|'-joined one), or, given a `finding`,
+    the images with and without it (`presence_groups`)."""
+    if finding is None:
+        return label_groups(records, column), column
+    present = findings(records, column)
+    if finding not in present:
+        raise ValueError(f"no image has {finding!r} in column {column!r}; its values: {', '.join(present)}")
+    return presence_groups(records, column, finding), f"{finding} present"
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of `scores` as a detector of `positive`, from the Mann-Whitney U.
 

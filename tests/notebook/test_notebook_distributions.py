@@ -42,9 +42,7 @@ def test_one_finding_of_a_joined_column_is_the_pages_figure(xray_cache, result):
     )
     groups = presence_groups(xray_cache.manifest, "label", "Cardiomegaly").iloc[1:]
     scores = result.scores[1:]
-    expected = page_figure(
-        long_scores(scores, groups), "violin", title="Best-region score by Cardiomegaly present"
-    )
+    expected = page_figure(long_scores(scores, groups), "violin", by="Cardiomegaly present")
     assert figure.to_json() == expected.to_json()
     pd.testing.assert_frame_equal(
         distribution_table(xray_cache, result, by="label", finding="Cardiomegaly", leave_out=[0]),

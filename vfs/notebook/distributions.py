@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
 from ..search import SearchResult, excluded_images
-from ..stats import MISSING, group_table, label_groups, long_scores, presence_groups
+from ..stats import group_table, long_scores, score_groups
 
 
 def _grouped(
@@ -40,13 +40,7 @@ def _grouped(
             f"the result scores {len(result.scores)} images, the cache holds {len(manifest)}: "
             "a result of another cache?"
         )
-    if finding is None:
-        groups, title = label_groups(manifest, by), by
-    else:
-        present = label_groups(manifest, by).columns.drop(MISSING, errors="ignore")  # no value: no finding
-        if finding not in present:
-            raise ValueError(f"no image has {finding!r} in column {by!r}; its values: {', '.join(present)}")
-        groups, title = presence_groups(manifest, by, finding), f"{finding} present"
+    groups, title = score_groups(manifest, by, finding)
     keep = np.ones(len(manifest), dtype=bool)
     if leave_out is None:
         keep[result.excluded] = False
@@ -71,7 +65,7 @@ def distribution_figure(
     query image, as the page's "Leave out the query image" does); `leave_out=()` keeps them all.
     """
     scores, groups, title = _grouped(cache, result, by, finding, leave_out)
-    return _figure(long_scores(scores, groups), kind, title=f"Best-region score by {title}")
+    return _figure(long_scores(scores, groups), kind, by=title)
 
 
 def distribution_table(
