@@ -11,7 +11,7 @@ import errno
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -127,6 +127,38 @@ class BuildProgress:
         return f"{self.done} / {self.total} images · {self.images_per_s:.1f} images/s · ETA {eta}"
 
 
+class ProgressMeter:
+    """A build's `BuildProgress`, batch by batch: images/s and ETA over this run's candidates (those
+    before `start` were handled before it). The local and the Ray build both report through it."""
+
+    def __init__(self, start: int, total: int, stored: int, skipped: int):
+        self.start, self.total, self.stored, self.skipped = start, total, stored, skipped
+        self.t0, self.done, self.failed = time.perf_counter(), 0, 0
+
+    def report(self, items: Sequence[int], failures: Mapping[int, str]) -> BuildProgress:
+        self.done += sum(1 for i in items if i >= self.start)
+        self.failed += sum(1 for i in failures if i >= self.start)
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        left = self.total - self.start - self.done
+        return BuildProgress(
+            self.start + self.done,
+            self.total,
+            self.stored + self.done - self.failed,
+            self.skipped + self.failed,
+            rate,
+            left / rate if rate > 0 else None,
+        )
+
+
+def first_batch_item(start: int, batch_size: int) -> int:
+    """Where a build that resumes at candidate `start` begins computing: at the batch boundary an
+    uninterrupted build would have used, recomputing the few images of that batch already stored
+    (`write_batch` leaves them out). A model's output for an image can differ in its last bits with
+    the batch it is computed in, and a resumed cache must equal an uninterrupted one — on the Ray
+    cluster as locally."""
+    return start - start % batch_size
+
+
 class ModelInputView:
     """Worker-side transform: the exact model-input view as a uint8 (3, S, S) tensor."""
 
@@ -239,10 +271,7 @@ def _disk_full_names(out: str) -> Iterator[None]:
 
 def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
     start = writer.next_item
-    # A resume starts on the batch boundary an uninterrupted build would have used, recomputing the
-    # few images of that batch already stored: a model's output for an image can differ in its last
-    # bits with the batch it is computed in, and a resumed cache must equal an uninterrupted one.
-    first = start - start % job.batch_size
+    first = first_batch_item(start, job.batch_size)
     remaining = torch.utils.data.Subset(
         TorchImageDataset(dataset, ModelInputView(extractor.preprocess)), range(first, len(dataset))
     )
@@ -254,8 +283,7 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    t0, done, failed = time.perf_counter(), 0, 0
-    stored0, skipped0 = writer.rows, len(writer.skipped)
+    meter = ProgressMeter(start, len(dataset), writer.rows, len(writer.skipped))
     with ThreadPoolExecutor(1, thread_name_prefix="vfs-writer") as pool:
         pending: Future | None = None
         for items, views, good, failures in loader:
@@ -278,21 +306,9 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
                 dict(failures),
                 start,
             )
-            done += sum(1 for i in items if i >= start)
-            failed += sum(1 for i, _ in failures if i >= start)
+            report = meter.report(items, dict(failures))
             if progress is not None:
-                rate = done / max(time.perf_counter() - t0, 1e-9)
-                left = len(dataset) - start - done
-                progress(
-                    BuildProgress(
-                        start + done,
-                        len(dataset),
-                        stored0 + done - failed,
-                        skipped0 + failed,
-                        rate,
-                        left / rate if rate > 0 else None,
-                    )
-                )
+                progress(report)
         if pending is not None:
             pending.result()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,15 @@ from ..cache import CacheSpec, CacheWriter
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
 from ..fp16 import stored_features
-from ..jobs import BuildJob, BuildProgress, ModelInputView, thumbnails, write_batch
+from ..jobs import (
+    BuildJob,
+    BuildProgress,
+    ModelInputView,
+    ProgressMeter,
+    first_batch_item,
+    thumbnails,
+    write_batch,
+)
 from ..models import Preprocess, load_extractor
 
 
@@ -129,7 +136,9 @@ def run_on_ray(
 
     start, b = writer.next_item, job.batch_size
     paths = dataset.records["path"].astype(str).tolist()
-    batches = [{"start": a, "paths": paths[a : a + b]} for a in range(start - start % b, len(paths), b)]
+    batches = [
+        {"start": a, "paths": paths[a : a + b]} for a in range(first_batch_item(start, b), len(paths), b)
+    ]
     if not batches:
         return
     pool = WorkerPool.plan(job.workers, job.gpus_per_worker, ray.cluster_resources())
@@ -157,7 +166,7 @@ def run_on_ray(
             num_gpus=pool.gpus,
         )
     )
-    meter = _Meter(start, len(paths), writer.rows, len(writer.skipped))
+    meter = ProgressMeter(start, len(paths), writer.rows, len(writer.skipped))
     for row in rows.iter_rows():  # leaving the loop (cancel) closes the iterator, which stops the pipeline
         if cancel is not None and cancel.is_set():
             break
@@ -166,25 +175,3 @@ def run_on_ray(
         write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
         if progress is not None:
             progress(meter.report(items, failures))
-
-
-class _Meter:
-    """Images/s and ETA over this run's candidates (those before `start` were handled before it)."""
-
-    def __init__(self, start: int, total: int, stored: int, skipped: int):
-        self.start, self.total, self.stored, self.skipped = start, total, stored, skipped
-        self.t0, self.done, self.failed = time.perf_counter(), 0, 0
-
-    def report(self, items: list[int], failures: dict[int, str]) -> BuildProgress:
-        self.done += sum(1 for i in items if i >= self.start)
-        self.failed += sum(1 for i in failures if i >= self.start)
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        left = self.total - self.start - self.done
-        return BuildProgress(
-            self.start + self.done,
-            self.total,
-            self.stored + self.done - self.failed,
-            self.skipped + self.failed,
-            rate,
-            left / rate if rate > 0 else None,
-        )
