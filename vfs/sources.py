@@ -121,6 +121,16 @@ def copy_converted(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+def converted(fp16: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """fp16 features as operands in `dtype` on `device` (default: where they are): the tensor itself
+    where nothing changes, else a copy (`copy_converted`). What every resident source holds beside
+    its fp16 features for the chosen operand type."""
+    device = fp16.device if device is None else device
+    if dtype == torch.float16:
+        return fp16.to(device)
+    return copy_converted(torch.empty(fp16.shape, dtype=dtype, device=device), fp16)
+
+
 SQNORM_BLOCK_BYTES = 4 << 20
 """fp32 bytes of the one buffer `ArrayFeatures` converts the features into, block by block, for
 their squared norms: cache-sized, reused (a fresh fp32 copy costs its page faults, ≈ 3× the pass)."""
@@ -232,12 +242,7 @@ class ArrayFeatures:
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         if (device, dtype) not in self._on:
-            x = (
-                self._fp16.to(device)  # itself on the CPU: no copy
-                if dtype == torch.float16
-                else copy_converted(torch.empty(self._fp16.shape, dtype=dtype, device=device), self._fp16)
-            )
-            self._on[device, dtype] = (x, self._sqnorm.to(device))
+            self._on[device, dtype] = (converted(self._fp16, dtype, device), self._sqnorm.to(device))
         x, s = self._on[device, dtype]
         n, row_bytes = len(x), math.prod(x.shape[1:]) * 2
         if self._slice_bytes is None:

@@ -20,7 +20,7 @@ import zarr
 from ..devices import cuda_free_bytes
 from ..models import Preprocess, is_module_spec
 from ..settings import CACHE_SUFFIX, is_url
-from ..sources import Columns, copy_converted, gather_rows, resident_slices
+from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
 from .format import (
     FORMAT,
@@ -413,8 +413,7 @@ class FeatureCache:
         with self._lock:
             held = self._resident.get((device, torch.float16))
             if (device, dtype) not in self._resident and held is not None:
-                x = copy_converted(torch.empty(self.shape, dtype=dtype, device=device), held[0])
-                self._resident[device, dtype] = (x, held[1])
+                self._resident[device, dtype] = (converted(held[0], dtype), held[1])
             if (device, dtype) not in self._resident:
                 x = torch.empty(self.shape, dtype=dtype, device=device)
                 s = torch.empty(self.shape[:3], dtype=torch.float32, device=device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache
-from ..sources import Columns, even_slices, gather_rows, resident_slices
+from ..sources import Columns, converted, even_slices, gather_rows, resident_slices
 
 LOAD_BLOCK_BYTES = 256 << 20
 """Features read per step while a shard loads its rows."""
@@ -66,7 +66,7 @@ class CacheRows:
         if device != self._x.device:
             raise ValueError(f"this shard holds its rows on {self._x.device}, not {device}")
         if dtype not in self._held:  # as a resident cache does: a copy in the operand type, made once
-            self._held[dtype] = self._x.to(dtype)
+            self._held[dtype] = converted(self._x, dtype)
         x = self._held[dtype]
         for a, b in self._slices:
             yield a, x[a:b], self._sq[a:b]
