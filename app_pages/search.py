@@ -7,7 +7,7 @@ from ui.base import loading
 
 st.title("Search")
 with loading():  # the title is on screen while a fresh server loads PyTorch
-    from ui.core import bind, groups, jpeg_url, warm_up
+    from ui.core import bind, groups, warm_up
     from ui.query import (
         CANVAS_PX,
         Query,
@@ -22,7 +22,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     )
     from ui.views import downloads, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache
-    from vfs.render import mask_overlay
+    from vfs.render import jpeg_data_url, mask_overlay
 
 cache = pick_cache("search.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -71,7 +71,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         h, w = cache.spec.grid
         cells = f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f}"
         st.image(
-            jpeg_url(mask_overlay(view, mask)),
+            jpeg_data_url(mask_overlay(view, mask)),
             width="stretch",
             caption=f"{cells} (the share of each cell painted; stronger blue = more weight)",
         )

@@ -9,8 +9,6 @@ helpers (settings, errors, `bind`, `memo`) live in `base.py`, imported again her
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -20,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
 from vfs.background import BuildRegistry
 from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cache
@@ -28,7 +25,7 @@ from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
 from vfs.devices import resolve_device
 from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extractor
-from vfs.render import grid_box_to_pixels, outline
+from vfs.render import grid_box_to_pixels, jpeg_data_url, outline
 from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
 from vfs.stats import label_groups
@@ -187,17 +184,6 @@ def thumbs(cache: FeatureCache, indices: Iterable[int]) -> list[np.ndarray]:
 
 
 TILES_KEPT = 2048  # result tiles kept per opened cache, as JPEG data URLs (≈ 5–20 KB each)
-TILE_QUALITY = 90
-
-
-def jpeg_url(image: np.ndarray | Image.Image, quality: int = TILE_QUALITY) -> str:
-    """An image as a JPEG data URL: `st.image` sends it inside the page's message, so the browser shows
-    it without fetching a media file first (one round trip less per image, on every rerun)."""
-    buffer = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGB").save(
-        buffer, "JPEG", quality=quality
-    )
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @dataclass
@@ -225,7 +211,7 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
     missing = [m for m in dict.fromkeys(matches) if m not in found]
     for (index, box), thumb in zip(missing, thumbs(cache, [index for index, _ in missing])):
         window = grid_box_to_pixels(box, cache.spec.grid, thumb.shape[:2])
-        found[index, box] = jpeg_url(outline(thumb, window))
+        found[index, box] = jpeg_data_url(outline(thumb, window))
     with store.lock:
         for m in matches:
             store.urls[m] = found[m]

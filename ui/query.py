@@ -6,9 +6,7 @@ Distributions and Compare pages show the same query and the user's drawing follo
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +19,7 @@ from streamlit.delta_generator import DeltaGenerator
 from vfs.cache import FeatureCache
 from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
+from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
 from vfs.settings import is_url
 
@@ -239,11 +238,7 @@ def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
 @st.cache_data(max_entries=16, show_spinner=False)
 def _background(view: np.ndarray) -> str:
     """The view at canvas size as a JPEG data URL: small, and encoded once per image."""
-    buffer = io.BytesIO()
-    Image.fromarray(view).resize((CANVAS_PX, CANVAS_PX), Image.Resampling.BICUBIC).save(
-        buffer, "JPEG", quality=90
-    )
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return jpeg_data_url(Image.fromarray(view).resize((CANVAS_PX, CANVAS_PX), Image.Resampling.BICUBIC))
 
 
 def canvas_row() -> tuple[DeltaGenerator, DeltaGenerator]:

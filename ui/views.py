@@ -14,10 +14,10 @@ from vfs.background import BackgroundBuild
 from vfs.cache import FeatureCache, cache_name
 from vfs.export import search_json
 from vfs.jobs import BuildJob, duration
-from vfs.render import grid_box_to_pixels, heatmap_overlay, outline, png_bytes, results_figure
+from vfs.render import grid_box_to_pixels, heatmap_overlay, jpeg_data_url, outline, png_bytes, results_figure
 from vfs.search import SearchResult
 
-from .core import build_registry, jpeg_url, outlined_tiles, thumbs
+from .core import build_registry, outlined_tiles, thumbs
 from .query import Query
 
 START_ERROR = "vfs.builds.error"
@@ -60,7 +60,7 @@ def result_tiles(
             scores = result.placement_scores(row["index"])
             heated = np.asarray(heatmap_overlay(thumb, scores, result.query.mask.shape, result.grid))
             window = grid_box_to_pixels(row["grid_box"], result.grid, heated.shape[:2])
-            images.append(jpeg_url(outline(heated, window)))
+            images.append(jpeg_data_url(outline(heated, window)))
     else:
         images = outlined_tiles(cache, [(int(r["index"]), tuple(r["grid_box"])) for r in rows])
     st.html(TILES_CSS)

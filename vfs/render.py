@@ -6,6 +6,7 @@ over them; every grid-to-pixel conversion goes through `_edges` so boxes, masks 
 
 from __future__ import annotations
 
+import base64
 import io
 from functools import partial
 
@@ -198,6 +199,16 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def jpeg_data_url(image: Image.Image | np.ndarray, quality: int = 90) -> str:
+    """An image as a JPEG data URL: the page or widget carries it inline, so the browser shows it
+    without fetching a file first (one round trip less per image)."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGB").save(
+        buffer, "JPEG", quality=quality
+    )
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 _DISTRIBUTION_PLOTS = {"box": px.box, "violin": partial(px.violin, box=True), "strip": px.strip}

@@ -8,8 +8,6 @@ by `vfs.render`: so a painted region is searched exactly as the dashboard and th
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from ..cache import FeatureCache
 from ..data import load_image
 from ..masks import grid_mask
 from ..models import Extractor, load_extractor
-from ..render import grid_box_to_pixels, mask_overlay, outline
+from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, outline
 from ..search import SearchResult, image_indices, search_regions
 
 HERE = Path(__file__).parent
@@ -62,14 +60,6 @@ def resolve_query(
     cache.check_extractor(extractor.describe())
     view = np.asarray(extractor.preprocess.view(query))
     return Query(view, extractor.features(query), None)
-
-
-def _jpeg_url(image: Image.Image | np.ndarray, quality: int = 90) -> str:
-    """An image as a JPEG data URL: what the widget's <img> elements show."""
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    buffer = io.BytesIO()
-    picture.convert("RGB").save(buffer, "JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _text(value: object) -> str | None:
@@ -132,7 +122,7 @@ class SearchWidget(anywidget.AnyWidget):
         self._query = resolve_query(cache, query, extractor)
         view = self._query.view
         super().__init__(
-            view=_jpeg_url(view),
+            view=jpeg_data_url(view),
             view_size=list(view.shape[:2]),
             grid=list(cache.spec.grid),
             brush=max(2, round(min(view.shape[:2]) / 10)),
@@ -218,7 +208,7 @@ class SearchWidget(anywidget.AnyWidget):
             else:
                 h, w = result.grid
                 self.matches = self._tiles(result)
-                self.mask_view = _jpeg_url(mask_overlay(self._query.view, mask))
+                self.mask_view = jpeg_data_url(mask_overlay(self._query.view, mask))
                 self.mask_caption = (
                     f"{int((mask > 0).sum())} of {h * w} feature cells ({h}×{w}), "
                     f"weight up to {mask.max():.2f}: the share of each cell painted"
@@ -244,7 +234,7 @@ class SearchWidget(anywidget.AnyWidget):
                 "score": float(r["score"]),
                 "label": _text(r.get("label")),
                 "domain": _text(r.get("domain")),
-                "image": _jpeg_url(
+                "image": jpeg_data_url(
                     outline(thumb, grid_box_to_pixels(r["grid_box"], result.grid, thumb.shape[:2])), 85
                 ),
             }
