@@ -222,7 +222,7 @@ def extractor():
 @pytest.fixture
 def shared_extractor(extractor, monkeypatch):
     """The CLI loads the cache's extractor on each call; share one loaded model between the calls."""
-    monkeypatch.setattr("vfs.models.load_extractor", lambda spec, layer, *args, **kwargs: extractor)
+    monkeypatch.setattr("vfs.cache.reader.load_extractor", lambda spec, layer, *args, **kwargs: extractor)
     return extractor
 
 

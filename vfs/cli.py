@@ -208,7 +208,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from .data import load_image
     from .export import search_json
     from .masks import load_mask
-    from .models import load_extractor, model_kind
+    from .models import model_kind
     from .search import search_regions
 
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
@@ -222,8 +222,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
-        ex = load_extractor(model, cache.spec.layer, preprocess=cache.spec.preprocess)
-        cache.check_extractor(ex.describe())
+        ex = cache.extractor(model)
         query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}

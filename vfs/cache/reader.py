@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from ..devices import cuda_free_bytes
-from ..models import Preprocess, is_module_spec
+from ..models import Extractor, Preprocess, is_module_spec, load_extractor
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
@@ -233,6 +233,14 @@ class FeatureCache:
             "complete": self.complete,
             "stored": self.stored,
         }
+
+    def extractor(self, model: str | None = None) -> Extractor:
+        """The cache's model (or `model`: e.g. its checkpoint at another path) at the cache's layer
+        and preprocessing, checked against the cache (`check_extractor`): what an outside image is
+        queried with."""
+        extractor = load_extractor(model or self.spec.model, self.spec.layer, preprocess=self.spec.preprocess)
+        self.check_extractor(extractor.describe())
+        return extractor
 
     def check_extractor(self, description: dict[str, Any]) -> None:
         """Refuse an extractor whose features cannot be compared with the cache's (an `Extractor.describe()`).

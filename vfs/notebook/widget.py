@@ -20,7 +20,7 @@ from PIL import Image
 from ..cache import FeatureCache
 from ..data import load_image
 from ..masks import grid_mask
-from ..models import Extractor, load_extractor
+from ..models import Extractor
 from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, outline
 from ..search import SearchResult, image_indices, search_regions
 
@@ -56,8 +56,9 @@ def resolve_query(
             f"query must be a dataset index or a PIL image (or an image file), not {type(query).__name__}"
         )
     if extractor is None:
-        extractor = load_extractor(cache.spec.model, cache.spec.layer, preprocess=cache.spec.preprocess)
-    cache.check_extractor(extractor.describe())
+        extractor = cache.extractor()
+    else:
+        cache.check_extractor(extractor.describe())
     view = np.asarray(extractor.preprocess.view(query))
     return Query(view, extractor.features(query), None)
 
