@@ -178,6 +178,18 @@ def test_paint_in_jupyterlab(page, lab):
     assert matches(page) == first
     press_and_wait(page, "Control+Shift+z")
     assert matches(page) == second and page.locator(".jp-Cell").count() == cells  # JupyterLab kept its cells
+
+    code_cells = page.locator(".jp-CodeCell").count()
+    page.locator(".vfs-k input").click()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("3")  # not JupyterLab's "heading 3" shortcut
+    press_and_wait(page, "Enter")  # Enter sets k, as leaving the box does
+    assert matches(page) == second[:3]
+    before = revision(page)
+    page.keyboard.press("Control+z")  # the box's own undo: not the drawing's
+    page.wait_for_timeout(1500)
+    assert revision(page) == before and matches(page) == second[:3]
+    assert page.locator(".jp-CodeCell").count() == code_cells and page.locator(".jp-Cell").count() == cells
     click_and_wait(page, "Clear")
     assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
 

@@ -135,7 +135,25 @@ def test_errors_are_shown_not_raised_from_the_browser(demo_cache):
     paint(w, strokes(tuple(w.view_size), seed=1))
     assert w.error == "" and w.result is not None
     w.k = 0
-    assert w.error == "k must be at least 1" and len(w.matches) == 10  # the last results stay
+    assert w.error == "k must be at least 1" and len(w.matches) == 10  # the same region's results stay
+    w.k = 10
+
+
+def test_a_failed_search_leaves_no_result_of_an_older_drawing(demo_cache):
+    """A drawing whose search fails replaces the older drawing's result (none, not the older one), and
+    an option change then searches the drawing on the canvas."""
+    w = SearchWidget(demo_cache, query=FACE)
+    first, second = strokes(tuple(w.view_size), seed=1), strokes(tuple(w.view_size), seed=3)
+    paint(w, first)
+    assert w.error == "" and w.result is not None
+    w.k = 0
+    assert "k must be" in w.error and w.result is not None  # the same drawing: its results stay shown
+    paint(w, second)
+    assert "k must be" in w.error and (w.result, w.matches) == (None, [])
+    w.k = 10
+    mask = grid_mask(second > 0, demo_cache.spec.grid)
+    assert w.error == "" and np.array_equal(w.mask, mask)
+    assert_same(w.result, search_regions(demo_cache, FACE, mask, k=10, exclude=FACE))
 
 
 def test_clear_and_empty_paint(demo_cache):

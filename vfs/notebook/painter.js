@@ -81,7 +81,7 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
   );
   keys.addEventListener("keydown", (event) => {
     const action = shortcut(event);
-    if (!action) return;
+    if (!action || event.target.closest("input, textarea, select, [contenteditable]")) return; // their own undo
     event.preventDefault();
     (action === "undo" ? undo : redo)();
   });

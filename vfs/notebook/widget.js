@@ -74,7 +74,16 @@ function render({ model, el }) {
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
   rectTool.addEventListener("click", () => { model.set("tool", "rectangle"); model.save_changes(); });
   size.addEventListener("input", () => { model.set("brush", Number(size.value)); model.save_changes(); });
-  k.addEventListener("change", () => { model.set("k", Math.max(1, Math.round(Number(k.value)))); model.save_changes(); });
+  const setK = () => {
+    const value = Math.min(200, Math.max(1, Math.round(Number(k.value)) || 1));
+    k.value = value;
+    if (value !== model.get("k")) { model.set("k", value); model.save_changes(); }
+  };
+  k.addEventListener("change", setK);
+  k.addEventListener("keydown", (event) => {
+    event.stopPropagation(); // typing a number is not a notebook shortcut (JupyterLab's 1-7, Enter)
+    if (event.key === "Enter") { event.preventDefault(); setK(); }
+  });
 
   // --- what Python says ------------------------------------------------------------------------------
   function showView() {

@@ -147,10 +147,11 @@ class SearchWidget(anywidget.AnyWidget):
         error, which is raised too.
         """
         self.shapes = []
+        asked = np.asarray(mask, dtype=np.float32)
         try:
-            return self._run(np.asarray(mask, dtype=np.float32))
+            return self._run(asked)
         except Exception as e:
-            self._fail(e)
+            self._fail(e, asked)
             raise
 
     def clear(self) -> None:
@@ -174,9 +175,14 @@ class SearchWidget(anywidget.AnyWidget):
             if not painted.any():
                 self._show(None, None)
                 return
-            self._run(grid_mask(painted, self.cache.spec.grid))
+            mask = grid_mask(painted, self.cache.spec.grid)
         except Exception as e:  # noqa: BLE001 - shown in the widget, not as a traceback in the kernel log
-            self._fail(e)
+            self._fail(e, None)
+            return
+        try:
+            self._run(mask)
+        except Exception as e:  # noqa: BLE001 - as above
+            self._fail(e, mask)
 
     @traitlets.observe("k", "exclude_query", "per_domain", "all_exact")
     def _options_changed(self, _change: dict) -> None:
@@ -184,7 +190,7 @@ class SearchWidget(anywidget.AnyWidget):
             try:
                 self._run(self.mask)
             except Exception as e:  # noqa: BLE001 - as in _on_message
-                self._fail(e)
+                self._fail(e, self.mask)
 
     # --- searching and showing --------------------------------------------------------------------------
     def _run(self, mask: np.ndarray) -> SearchResult:
@@ -214,8 +220,9 @@ class SearchWidget(anywidget.AnyWidget):
                     f"{int((mask > 0).sum())} of {h * w} feature cells ({h}×{w}), "
                     f"weight up to {mask.max():.2f}: the share of each cell painted"
                 )
+                found = len(result.top)
                 self.status = (
-                    f"{len(result.top)} matches among {self.cache.n} images in "
+                    f"{found} {'match' if found == 1 else 'matches'} among {self.cache.n} images in "
                     f"{result.elapsed_ms:.0f} ms ({result.method}, {result.device})"
                 )
             self.error = ""
@@ -242,8 +249,15 @@ class SearchWidget(anywidget.AnyWidget):
             for r, thumb in zip(rows, thumbs)
         ]
 
-    def _fail(self, error: Exception) -> None:
-        """Show what went wrong above the last results (a ValueError's text is meant for the user)."""
+    def _fail(self, error: Exception, mask: np.ndarray | None) -> None:
+        """Show what went wrong (a ValueError's text is meant for the user): above the results where
+        the region is the one they are of (an option change failed), else in their place — `mask`
+        becomes the region asked for, so that an option change retries it, and `result` None, so
+        that no analysis reads an older drawing's result."""
         with self.hold_sync():
+            if mask is not self.mask:
+                self.matches, self.mask_view, self.mask_caption, self.status = [], "", "", ""
             self.error = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             self.revision += 1
+        if mask is not self.mask:
+            self.mask, self.result = mask, None
