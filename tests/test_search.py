@@ -332,6 +332,33 @@ def test_image_indices_outside_the_source_are_refused(query, exclude, message, d
         search_regions(feats[:0], 0, np.ones((5, 5)), device=device)
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"k": 0}, "k must be at least 1"),
+        ({"k": 2.5}, "k must be a whole number of results, not 2.5"),
+        ({"per_domain": 0}, "per_domain must be a whole number ≥ 1"),
+        ({"per_domain": -1}, "per_domain must be a whole number ≥ 1"),
+    ],
+)
+def test_bad_options_are_refused_with_a_reason(options, message, device):
+    src = ArrayFeatures(random_features(np.random.default_rng(3), 4, 5, 5, 8))
+    src.domains = np.array(["a", "b", "a", "b"])
+    with pytest.raises(ValueError, match=message):
+        search_regions(src, 0, np.ones((5, 5)), device=device, **options)
+
+
+def test_the_query_is_checked_against_the_datasets_grid_and_may_be_a_grad_tensor(device):
+    feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
+    with pytest.raises(ValueError, match=r"the query's feature grid \(7, 7\) is not the dataset's \(5, 5\)"):
+        search_regions(feats, np.ones((7, 7, 8), np.float32), np.ones((5, 5)), device=device)
+    query = torch.tensor(feats[1], dtype=torch.float32, requires_grad=True)
+    found = search_regions(feats, query, np.ones((5, 5)), device=device)
+    assert found.top["index"].iloc[0] == 1
+    with pytest.raises(TypeError, match="source must be a feature cache.*not list"):
+        search_regions(list(feats), 0, np.ones((5, 5)), device=device)
+
+
 def test_zero_windows_score_zero_and_zero_query_is_refused(device):
     feats = random_features(np.random.default_rng(4), 6, 4, 4, 8)
     feats[2] = 0

@@ -196,7 +196,7 @@ class RegionQuery:
 
     @classmethod
     def create(cls, features: np.ndarray, mask: np.ndarray) -> RegionQuery:
-        f = torch.as_tensor(features).to(torch.float32).numpy()  # torch converts fp16 far faster than numpy
+        f = torch.as_tensor(features).detach().to(torch.float32).cpu().numpy()  # faster than numpy's fp16
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
         if np.shape(mask) != f.shape[:2]:

@@ -166,6 +166,19 @@ def search_regions(
     more at 10,000 × 7×7×192 on 2 cores).
     """
     t0 = time.perf_counter()
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be a whole number of results, not {k!r}")
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if per_domain is not None and (
+        isinstance(per_domain, bool) or not isinstance(per_domain, (int, np.integer)) or per_domain < 1
+    ):
+        raise ValueError(f"per_domain must be a whole number ≥ 1 (or None for no limit), not {per_domain!r}")
+    if not hasattr(source, "chunks") and not isinstance(source, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            "source must be a feature cache (vfs.open_cache), a FeatureSource or an (N, h, w, C) numpy "
+            f"array or torch tensor, not {type(source).__name__}"
+        )
     dev = resolve_device(device)
     dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
@@ -184,8 +197,6 @@ def search_regions(
         raise ValueError(
             f"the query has {rq.features.shape[-1]} channels, the dataset {c}: different layers?"
         )
-    if k < 1:
-        raise ValueError("k must be at least 1")
     geometry = QueryGeometry.create(rq, (h, w))
     if geometry.ph == geometry.pw == 1 and source.resident_on(dev) is not None:
         # One placement: the pairs kernel's fp16 run (fp32-tight bound) or torch's fp16 gemv, each
@@ -378,6 +389,11 @@ def region_query(
     if isinstance(query, (int, np.integer)):
         index = image_indices(query, source.shape[0], "query index")
         return RegionQuery.create(source.rows(index)[0], mask)
+    grid, cells = tuple(np.shape(query)[:2]), tuple(source.shape[1:3])
+    if np.ndim(query) == 3 and grid != cells:
+        raise ValueError(
+            f"the query's feature grid {grid} is not the dataset's {cells}: another layer or input size?"
+        )
     return RegionQuery.create(query, mask)
 
 
