@@ -23,12 +23,14 @@ from ..stats import group_table, long_scores, score_groups
 
 def _grouped(
     cache: FeatureCache,
-    result: SearchResult,
+    result: SearchResult | None,
     by: str,
     finding: str | None,
     leave_out: int | Iterable[int] | None,
 ) -> tuple[np.ndarray, pd.DataFrame, str]:
     """The kept images' scores, their group membership and the plot's name for the grouping."""
+    if result is None:
+        raise ValueError("no search result yet: paint a region in the widget first (its result is None)")
     manifest = cache.manifest
     choices = [c for c in manifest.columns if c != "path"]
     if by not in choices:
@@ -51,7 +53,7 @@ def _grouped(
 
 def distribution_figure(
     cache: FeatureCache,
-    result: SearchResult,
+    result: SearchResult | None,
     by: str = "label",
     kind: str = "box",
     finding: str | None = None,
@@ -70,7 +72,7 @@ def distribution_figure(
 
 def distribution_table(
     cache: FeatureCache,
-    result: SearchResult,
+    result: SearchResult | None,
     by: str = "label",
     finding: str | None = None,
     leave_out: int | Iterable[int] | None = None,
