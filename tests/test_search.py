@@ -526,10 +526,10 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
 
     tensor = torch.from_numpy(feats.copy())
     first = search_regions(tensor, 2, mask, k=5, device=device)
-    assert search_regions(tensor, 2, mask, k=5, device=device).source is first.source  # reused
+    assert search_regions(tensor, 2, mask, k=5, device=device).source._sqnorm is first.source._sqnorm  # reused
     tensor[7] = tensor[2]  # an in-place write: image 7 now matches the query exactly
     changed = search_regions(tensor, 2, mask, k=5, exclude=2, device=device)
-    assert changed.source is not first.source
+    assert changed.source._sqnorm is not first.source._sqnorm
     ref, _ = brute_force(tensor.numpy(), tensor[2].float().numpy(), mask)
     ref[2] = -np.inf
     assert changed.top["index"].iloc[0] == 7
@@ -538,19 +538,47 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
     frozen = feats.copy()
     frozen.flags.writeable = False
     assert (
-        search_regions(frozen, 2, mask, device=device).source
-        is search_regions(frozen, 2, mask, device=device).source
+        search_regions(frozen, 2, mask, device=device).source._sqnorm
+        is search_regions(frozen, 2, mask, device=device).source._sqnorm
     )
 
     writable = feats.copy()  # numpy counts no writes: prepared anew every call
     a, b = (search_regions(writable, 2, mask, device=device) for _ in range(2))
-    assert a.source is not b.source
+    assert a.source._sqnorm is not b.source._sqnorm
     view = writable.view()
     view.flags.writeable = False  # read-only, but its base is not
     assert (
-        search_regions(view, 2, mask, device=device).source
-        is not search_regions(view, 2, mask, device=device).source
+        search_regions(view, 2, mask, device=device).source._sqnorm
+        is not search_regions(view, 2, mask, device=device).source._sqnorm
     )
+
+
+@pytest.mark.parametrize("kind", ["tensor", "read-only", "fp32 tensor"])
+def test_a_kept_preparation_goes_with_its_array(kind, device):
+    """The preparation kept for the next call holds none of the array's memory: once the caller
+    drops the array (and the results that hold it), the array is freed and its entry goes."""
+    import gc
+    import weakref
+
+    from vfs import sources
+
+    rng = np.random.default_rng(5)
+    feats = random_features(rng, 12, 4, 4, 8)
+    array = {
+        "tensor": lambda: torch.from_numpy(feats.copy()),
+        "read-only": lambda: np.require(feats.copy(), requirements="O"),
+        "fp32 tensor": lambda: torch.from_numpy(feats.astype(np.float32)),
+    }[kind]()
+    if isinstance(array, np.ndarray):
+        array.flags.writeable = False
+    mask = soft_blob(rng, 4, 4)
+    first = search_regions(array, 1, mask, k=3, device=device)
+    again = search_regions(array, 1, mask, k=3, device=device)
+    assert again.source._sqnorm is first.source._sqnorm and id(array) in sources._prepared
+    alive, key = weakref.ref(array), id(array)
+    del array, first, again
+    gc.collect()
+    assert alive() is None and key not in sources._prepared
 
 
 def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from .masks import grid_mask, load_mask
     from .models import DEFAULT_MODEL, extractor_from_module, load_extractor
     from .search import RegionQuery, SearchResult, search_regions
+    from .sources import ArrayFeatures
 
 _EXPORTS = {
+    "ArrayFeatures": ".sources",
     "BuildJob": ".jobs",
     "BuildProgress": ".jobs",
     "CacheError": ".cache",
@@ -40,6 +42,7 @@ _EXPORTS = {
     "search_regions": ".search",
 }
 __all__ = [
+    "ArrayFeatures",
     "BuildJob",
     "BuildProgress",
     "CacheError",

@@ -13,6 +13,8 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -211,9 +213,7 @@ class ArrayFeatures:
         bf16 or fp32 copy is written in the preparing pass rather than in one more pass at the
         first search. `slice_bytes`: the slices it is scored in (default: the device's
         `RESIDENT_SLICE_BYTES`)."""
-        with warnings.catch_warnings():  # a read-only array: only ever read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            t = torch.as_tensor(features)
+        t = _as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
         self.cpu_dtype = cpu_dtype
@@ -233,6 +233,23 @@ class ArrayFeatures:
         if copy is not None:
             self._on[torch.device("cpu"), cpu_dtype] = (copy, self._sqnorm)
 
+    @classmethod
+    def _reusing(cls, features: np.ndarray | torch.Tensor, kept: _Kept) -> ArrayFeatures:
+        """The source of `features` from the preparation `prepared` kept of it."""
+        source = cls.__new__(cls)
+        source.cpu_dtype, source._slice_bytes = kept.cpu_dtype, None
+        source._fp16 = _as_tensor(features) if kept.fp16_copy is None else kept.fp16_copy
+        source._sqnorm, source.nonnegative, source._on = kept.sqnorm, kept.nonnegative, kept.copies
+        return source
+
+    def _kept(self, features: np.ndarray | torch.Tensor, version: tuple) -> _Kept:
+        """What `prepared` keeps between calls: none of the array's own memory (the fp16 features
+        only where they are a copy; operand copies never are), so that dropping it frees it."""
+        own = self._fp16.untyped_storage().data_ptr() == _as_tensor(features).untyped_storage().data_ptr()
+        return _Kept(
+            version, None if own else self._fp16, self._sqnorm, self.nonnegative, self.cpu_dtype, self._on
+        )
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         n, h, w, c = self._fp16.shape
@@ -241,9 +258,12 @@ class ArrayFeatures:
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        if (device, dtype) not in self._on:
-            self._on[device, dtype] = (converted(self._fp16, dtype, device), self._sqnorm.to(device))
-        x, s = self._on[device, dtype]
+        if dtype == torch.float16 and device == self._fp16.device:
+            x, s = self._fp16, self._sqnorm  # the features as held: no copy, none kept
+        else:
+            if (device, dtype) not in self._on:
+                self._on[device, dtype] = (converted(self._fp16, dtype, device), self._sqnorm.to(device))
+            x, s = self._on[device, dtype]
         n, row_bytes = len(x), math.prod(x.shape[1:]) * 2
         if self._slice_bytes is None:
             slices = resident_slices(n, row_bytes, device)
@@ -266,10 +286,37 @@ class ArrayFeatures:
         return {}
 
 
+def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The array as a tensor on its memory (no copy)."""
+    with warnings.catch_warnings():  # a read-only array: only ever read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(features)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """An array's preparation between calls (`ArrayFeatures._kept`)."""
+
+    version: tuple  # `_unchanged_since` when it was prepared
+    fp16_copy: torch.Tensor | None  # None: the array itself is the fp16 features
+    sqnorm: torch.Tensor
+    nonnegative: bool
+    cpu_dtype: torch.dtype
+    copies: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+
+
 PREPARED_ARRAYS = 4
-"""Arrays whose preparation (`ArrayFeatures`) `prepared` keeps for the next call: a notebook's few."""
-_prepared: OrderedDict[int, tuple[weakref.ref, tuple, ArrayFeatures]] = OrderedDict()
+"""Arrays whose preparation `prepared` keeps for the next call: a notebook's few. An array's entry
+goes when the array does."""
+_prepared: OrderedDict[int, tuple[weakref.ref, _Kept]] = OrderedDict()
 _prepared_lock = threading.Lock()
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """The array of `ref` is gone: so is its preparation (unless the key holds a newer array's)."""
+    with _prepared_lock:
+        if key in _prepared and _prepared[key][0] is ref:
+            del _prepared[key]
 
 
 def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch.float16) -> ArrayFeatures:
@@ -284,12 +331,14 @@ def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch
     key = id(features)
     with _prepared_lock:
         held = _prepared.get(key)
-        if held is not None and held[0]() is features and held[1] == version:
+        kept = held[1] if held is not None and held[0]() is features and held[1].version == version else None
+        if kept is not None:
             _prepared.move_to_end(key)
-            return held[2]
+    if kept is not None:
+        return ArrayFeatures._reusing(features, kept)
     source = ArrayFeatures(features, cpu_dtype=cpu_dtype)
     with _prepared_lock:
-        _prepared[key] = (weakref.ref(features), version, source)
+        _prepared[key] = (weakref.ref(features, partial(_forget, key)), source._kept(features, version))
         while len(_prepared) > PREPARED_ARRAYS:
             _prepared.popitem(last=False)
     return source
