@@ -526,7 +526,9 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
 
     tensor = torch.from_numpy(feats.copy())
     first = search_regions(tensor, 2, mask, k=5, device=device)
-    assert search_regions(tensor, 2, mask, k=5, device=device).source._sqnorm is first.source._sqnorm  # reused
+    assert (
+        search_regions(tensor, 2, mask, k=5, device=device).source._sqnorm is first.source._sqnorm
+    )  # reused
     tensor[7] = tensor[2]  # an in-place write: image 7 now matches the query exactly
     changed = search_regions(tensor, 2, mask, k=5, exclude=2, device=device)
     assert changed.source._sqnorm is not first.source._sqnorm

@@ -20,6 +20,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+Box = tuple[int, int, int, int]
+
+
+def grid_edges(cells: int, pixels: int) -> np.ndarray:
+    """Pixel boundaries of `cells` grid cells over `pixels` pixels (rounded, so cells differ by at most
+    1 px): how every picture and every exported box places the grid on the model's view."""
+    return np.rint(np.arange(cells + 1) * pixels / cells).astype(int)
+
+
+def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int]) -> Box:
+    """Pixel box (y0, x0, y1, x1), end-exclusive, covered by the grid-cell box `box` on an image of
+    size (H, W)."""
+    y0, x0, y1, x1 = box
+    rows, cols = grid_edges(grid[0], size[0]), grid_edges(grid[1], size[1])
+    return int(rows[y0]), int(cols[x0]), int(rows[y1]), int(cols[x1])
+
 
 def _area_weights(src: int, dst: int) -> np.ndarray:
     """(dst, src) matrix whose row i averages the source pixels under output cell i by overlap."""

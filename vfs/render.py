@@ -1,7 +1,8 @@
 """Pictures of search results: matched windows, region masks, placement heat maps and paper figures.
 
 Thumbnails are uint8 (S, S, 3) arrays of the model-input view, so a feature grid (h, w) lies evenly
-over them; every grid-to-pixel conversion goes through `_edges` so boxes, masks and heat maps agree.
+over them; every grid-to-pixel conversion goes through `vfs.masks.grid_edges` so boxes, masks and heat
+maps agree.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import plotly.graph_objects as go
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw, ImageFont
 
-Box = tuple[int, int, int, int]
+from .masks import Box, grid_box_to_pixels, grid_edges
+
+__all__ = ["grid_box_to_pixels"]  # the boxes' pixels, for the pages that outline them
 Color = tuple[int, int, int]
 
 _VIRIDIS = (
@@ -26,26 +29,11 @@ _VIRIDIS = (
 ).round()
 
 
-def _edges(cells: int, pixels: int) -> np.ndarray:
-    """Pixel boundaries of `cells` grid cells over `pixels` pixels (rounded, so cells differ by at most 1
-    px)."""
-    return np.rint(np.arange(cells + 1) * pixels / cells).astype(int)
-
-
 def _upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour upsampling of a (h, w, ...) grid to (H, W, ...) on the same edges as the boxes."""
-    rows = np.diff(_edges(cells.shape[0], size[0]))
-    cols = np.diff(_edges(cells.shape[1], size[1]))
+    rows = np.diff(grid_edges(cells.shape[0], size[0]))
+    cols = np.diff(grid_edges(cells.shape[1], size[1]))
     return np.repeat(np.repeat(cells, rows, axis=0), cols, axis=1)
-
-
-def grid_box_to_pixels(box: Box, grid: tuple[int, int], size: tuple[int, int]) -> Box:
-    """Pixel box (y0, x0, y1, x1), end-exclusive, covered by the grid-cell box `box` on an image of size
-    (H, W)."""
-    y0, x0, y1, x1 = box
-    rows = _edges(grid[0], size[0])
-    cols = _edges(grid[1], size[1])
-    return int(rows[y0]), int(cols[x0]), int(rows[y1]), int(cols[x1])
 
 
 def outline(
@@ -63,8 +51,8 @@ def outline(
 def _grid_lines(image: np.ndarray, grid: tuple[int, int], strength: float = 0.25) -> np.ndarray:
     """Lighten the inner cell boundaries faintly so the feature cells can be told apart."""
     out = image.astype(float)
-    rows = _edges(grid[0], image.shape[0])[1:-1]
-    cols = _edges(grid[1], image.shape[1])[1:-1]
+    rows = grid_edges(grid[0], image.shape[0])[1:-1]
+    cols = grid_edges(grid[1], image.shape[1])[1:-1]
     out[rows, :] += strength * (255 - out[rows, :])
     out[:, cols] += strength * (255 - out[:, cols])
     return out

@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from ..devices import cuda_free_bytes
+from ..masks import grid_box_to_pixels
 from ..models import Extractor, Preprocess, is_module_spec, load_extractor
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
@@ -373,14 +374,10 @@ class FeatureCache:
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         """Path, label, domain and the pixel box (in the model-input view) of some images."""
         idx = np.asarray(indices, dtype=np.int64)
-        h, w = self.spec.grid
         s = self.spec.input_size
         return {
             "path": self._column("path")[idx],
-            "pixel_box": [
-                (round(y0 * s / h), round(x0 * s / w), round(y1 * s / h), round(x1 * s / w))
-                for y0, x0, y1, x1 in grid_boxes
-            ],
+            "pixel_box": [grid_box_to_pixels(box, self.spec.grid, (s, s)) for box in grid_boxes],
             "label": self._column(self.label_col)[idx] if self.label_col else [None] * len(idx),
             "domain": self._column(self.domain_col)[idx] if self.domain_col else [None] * len(idx),
         }
