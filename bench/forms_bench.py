@@ -71,7 +71,7 @@ def shape_cases(args, shape_name: str, device: torch.device) -> list[dict]:
 
         case = {"shape": shape_name, "n": args.n, "mask": mask_name, "planned": search().method, "forms": {}}
         for form in forms(crop_mask(mask).shape == mask.shape, device, x.shape[-1]):
-            plan = QueryPlan(form, 0.0, 0.0)
+            plan = QueryPlan(form)
             with mock.patch.object(vfs.search, "plan_query", lambda *a, plan=plan: plan):
                 rescored = search().rescored
                 times = [timed(search, device)[0] for _ in range(args.repeats)]

@@ -97,7 +97,7 @@ def kernels(x: torch.Tensor, rq, rescored: int, repeats: int) -> dict:
     slices = resident_slices(n, h * w * c * 2, cpu)  # as a CPU search slices a resident source
     chunks = [x[a:b] for a, b in slices]
     geometry = QueryGeometry.create(rq, (h, w))
-    forms = {m: Scorer.fast(geometry, QueryPlan(m, 0, 0), cpu) for m in ("cells", "band")}
+    forms = {m: Scorer.fast(geometry, QueryPlan(m), cpu) for m in ("cells", "band")}
     k = int((rq.mask.weights > 0).sum())
     W = torch.randn(c, k).half()
     Wt = W.T.contiguous()

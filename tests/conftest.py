@@ -35,7 +35,7 @@ def force_form(monkeypatch):
     from vfs.scoring import QueryPlan
 
     def force(method: str) -> None:
-        monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method, 0, 0))
+        monkeypatch.setattr("vfs.search.plan_query", lambda *a: QueryPlan(method))
 
     return force
 

@@ -140,7 +140,7 @@ def search_cases(draw):
 def check_against_brute_force(feats, query, mask, k, device, method=None):
     q = feats[query].astype(np.float32) if isinstance(query, int) else query
     ref, _ = brute_force(feats, q, mask)
-    plan = None if method is None else (lambda *a, m=method: QueryPlan(m, 0, 0))
+    plan = None if method is None else (lambda *a, m=method: QueryPlan(m))
     with mock.patch.object(vfs.search, "plan_query", plan or vfs.search.plan_query):
         try:
             result = search_regions(feats, query, mask, k=k, device=device)

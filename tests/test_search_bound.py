@@ -49,7 +49,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
     exact = every_placement(x, q.features, mask)
     source = ArrayFeatures(x)
     dev = torch.device(device)
-    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method)
     scorer, bound = Scorer.fast(geometry, plan, dev, dtype), FastBound.create(q, geometry, plan, dtype, dev)
     features = torch.from_numpy(x).to(dev)
     t = features.to(dtype)  # bf16 operands: features rounded too, as a bf16 copy holds them
@@ -118,7 +118,7 @@ def test_subnormal_query_weights_are_bounded(device):
     mask = np.zeros((2, 2), np.float32)
     mask[0, 0] = 1
     rq = RegionQuery.create(q, mask)
-    geometry, plan = QueryGeometry.create(rq, (2, 2)), QueryPlan("cells", 0, 0)
+    geometry, plan = QueryGeometry.create(rq, (2, 2)), QueryPlan("cells")
     dev = torch.device(device)
     scorer, bound = Scorer.fast(geometry, plan, dev), FastBound.create(rq, geometry, plan, device=dev)
     assert bound.weight_error > 0
@@ -182,7 +182,7 @@ def test_the_weight_term_is_every_weights_rounding_beyond_its_unit_roundoff(meth
     q = (rng.standard_normal((4, 5, c)) * 10.0 ** rng.uniform(-44, 0, (4, 5, c))).astype(np.float32)
     mask = rng.uniform(0.2, 1, (4, 5)).astype(np.float32)  # m² q: not a value of the query's type
     rq = RegionQuery.create(q, mask)
-    geometry, plan = QueryGeometry.create(rq, (4, 5)), QueryPlan(method, 0, 0)
+    geometry, plan = QueryGeometry.create(rq, (4, 5)), QueryPlan(method)
     bound = FastBound.create(rq, geometry, plan, dtype, torch.device("cpu"))
     pairs = method == "pairs"
     rounding = torch.float32 if pairs and dtype == torch.float16 else dtype

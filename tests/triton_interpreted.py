@@ -94,7 +94,7 @@ def test_the_bound_holds_through_the_kernels(method, case, interpreted):
     q = RegionQuery.create(x[1].astype(np.float32), mask)
     cpu = torch.device("cpu")
     assert product_output_dtype(cpu, torch.float16) == torch.float32
-    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method)
     scorer, bound = Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan, torch.float16, cpu)
     features = torch.from_numpy(x)
     wnorm = scorer.window_norms(torch.linalg.vector_norm(features.float(), dim=-1).square())
@@ -120,7 +120,7 @@ def test_the_fused_epilogue_gives_what_the_operations_it_replaces_give(method, c
     x[69] = 0  # every window all-zero: scores 0, the first placement best
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     cpu = torch.device("cpu")
-    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method, 0, 0)
+    geometry, plan = QueryGeometry.create(q, x.shape[1:3]), QueryPlan(method)
     scorer, bound = Scorer.fast(geometry, plan, cpu), FastBound.create(q, geometry, plan, torch.float16, cpu)
     features = torch.from_numpy(x)
     sq = torch.linalg.vector_norm(features.float(), dim=-1).square()

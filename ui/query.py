@@ -202,7 +202,7 @@ def pick_query(cache: FeatureCache, key: str) -> Query:
     return _dataset_query(cache, key, filter_column) if source == DATASET else _upload_query(key)
 
 
-def _uploaded_image(query: Query) -> Image.Image:
+def _uploaded_image() -> Image.Image:
     digest, name, data = st.session_state[UPLOADED]
     with user_errors():
         return memo("upload", digest, lambda: load_image(data, name=f"the upload {name}"))
@@ -215,7 +215,7 @@ def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
     size = cache.thumbs.shape[1]
 
     def view() -> np.ndarray:
-        crop = cache.spec.preprocess.view(_uploaded_image(query))
+        crop = cache.spec.preprocess.view(_uploaded_image())
         return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
 
     return memo(f"view.{cache.location}", (query, cache.spec), view)
@@ -230,7 +230,7 @@ def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
         return memo(
             f"features.{cache.location}",
             (query, cache.spec),
-            lambda: extractor_for(cache).features(_uploaded_image(query)),
+            lambda: extractor_for(cache).features(_uploaded_image()),
         )
 
 

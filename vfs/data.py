@@ -345,8 +345,6 @@ class SkimageReader:
     """Reader for ``embedded:skimage`` virtual paths (``samples/<name>``, ``lfw/<kind>_<i>``)."""
 
     def __call__(self, path: str) -> Image.Image:
-        import skimage.data
-
         group, _, name = path.partition("/")
         if group == "samples" and name in _SKIMAGE_PHOTOS:
             return to_rgb(Image.fromarray(getattr(skimage.data, name)()))

@@ -109,7 +109,7 @@ class CroppedMask:
         return y0, x0, y0 + mh, x0 + mw
 
 
-def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
+def crop_mask(mask: np.ndarray) -> CroppedMask:
     """Crop to the nonzero bounding box, weights rescaled to a peak of 1 (scores do not change);
     refuse masks that select nothing, with a reason."""
     try:
@@ -122,7 +122,7 @@ def crop_mask(mask: np.ndarray, min_weight: float = 0.0) -> CroppedMask:
         raise ValueError("the mask contains NaN or inf")
     if (m < 0).any():
         raise ValueError("mask weights must be ≥ 0")
-    rows, cols = np.nonzero(m > min_weight)
+    rows, cols = np.nonzero(m > 0)
     if rows.size == 0:
         raise ValueError("the region is empty: nothing is painted (draw over the image)")
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1

@@ -23,6 +23,7 @@ from .masks import Box, grid_box_to_pixels, grid_edges
 
 __all__ = ["grid_box_to_pixels"]  # the boxes' pixels, for the pages that outline them
 Color = tuple[int, int, int]
+GRID_LINE_STRENGTH = 0.25  # how far a grid line is lightened towards white
 
 _VIRIDIS = (
     np.asarray(plotly.colors.sample_colorscale("Viridis", np.linspace(0, 1, 256), colortype="tuple")) * 255
@@ -48,13 +49,13 @@ def outline(
     return image
 
 
-def _grid_lines(image: np.ndarray, grid: tuple[int, int], strength: float = 0.25) -> np.ndarray:
+def _grid_lines(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Lighten the inner cell boundaries faintly so the feature cells can be told apart."""
     out = image.astype(float)
     rows = grid_edges(grid[0], image.shape[0])[1:-1]
     cols = grid_edges(grid[1], image.shape[1])[1:-1]
-    out[rows, :] += strength * (255 - out[rows, :])
-    out[:, cols] += strength * (255 - out[:, cols])
+    out[rows, :] += GRID_LINE_STRENGTH * (255 - out[rows, :])
+    out[:, cols] += GRID_LINE_STRENGTH * (255 - out[:, cols])
     return out
 
 

@@ -233,11 +233,9 @@ class RegionQuery:
 
 @dataclass(frozen=True)
 class QueryPlan:
-    """Which exact form to run, and why (its relative cost)."""
+    """Which form a scorer runs."""
 
     method: str  # "cells" | "band" | "pairs" | "whole" | "whole_cells"
-    cost_cells: float
-    cost_band: float
 
 
 @dataclass(frozen=True)
@@ -318,16 +316,16 @@ def plan_query(
     (h, w), c = grid, query.features.shape[-1]
     ph, pw = query.placements(grid)
     if uses_pairs(device, dtype, c, ph * pw):
-        return QueryPlan("pairs", 0.0, 0.0)
+        return QueryPlan("pairs")
     if ph == pw == 1 and device.type == "cuda":
-        return QueryPlan("whole_cells", 0.0, 0.0)
+        return QueryPlan("whole_cells")
     if ph == pw == 1 and h * w * c <= _WHOLE_MAX_TERMS:
-        return QueryPlan("whole", 0.0, 0.0)
+        return QueryPlan("whole")
     cost = _PRODUCT_COST.get((device.type, dtype), _PRODUCT_COST["cpu", torch.float16])
     cells = 1 + int((query.mask.weights > 0).sum()) / cost.free + cost.per_row / c
     columns = ph * query.mask.shape[0] * pw / h  # Σ over data rows of their columns, ÷ h
     band = cost.band_fixed + columns / cost.free + cost.per_row / (w * c)
-    return QueryPlan("cells" if cells <= band else "band", cells, band)
+    return QueryPlan("cells" if cells <= band else "band")
 
 
 def plan_exact(geometry: QueryGeometry) -> QueryPlan:
@@ -335,10 +333,10 @@ def plan_exact(geometry: QueryGeometry) -> QueryPlan:
     by `_EXACT_BAND_FACTOR` (its h products cost more than their work on few images); one product
     where there is one placement."""
     if geometry.ph == geometry.pw == 1:
-        return QueryPlan("whole", 0.0, 0.0)
+        return QueryPlan("whole")
     cells = len(geometry.cells)
     band = _EXACT_BAND_FACTOR * geometry.ph * geometry.mh * geometry.pw / len(geometry.band)
-    return QueryPlan("cells" if cells <= band else "band", cells, band)
+    return QueryPlan("cells" if cells <= band else "band")
 
 
 @cache
