@@ -1,10 +1,11 @@
-"""What is loaded once per server, what a session remembers, and how errors reach the user.
+"""What is loaded once per server, and what a session remembers.
 
 Caches, extractors and thumbnails are `st.cache_resource` objects shared by every session, keyed
 by their spec strings (and, for local caches, the time their metadata last changed, so a rebuilt
 cache is reopened). Small per-session results (the last search, an upload's features) live in
 `st.session_state` through `memo`, so a rerun that changes nothing recomputes nothing. The light
-helpers (settings, errors, `bind`, `memo`) live in `base.py`, imported again here for the pages.
+helpers (settings, how errors reach the user, `bind`, `memo`) live in `base.py`, imported again here
+for the pages.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A dataset is a table of records (``path`` first, then labels and metadata) plus a
 *reader* that turns a record's ``path`` into an RGB image.  Sources:
 
-* a folder of images (recursive; label = first-level sub-folder),
+* a folder of images (recursive; label = the first sub-folder below the folders all images share),
 * a ``.csv`` / ``.parquet`` manifest with a ``path`` column (other columns kept),
 * ``embedded:skimage`` - an offline demo built from scikit-image's bundled images,
 * ``torchvision:<Dataset>[?root=DIR&split=S&...]`` - downloaded by torchvision.
@@ -171,7 +171,7 @@ def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What to open: enough to reopen the same dataset later (saved with an index)."""
+    """What to open: enough to reopen the same dataset later (saved with a cache)."""
 
     source: str
     label_col: str | None = None

@@ -1,8 +1,8 @@
 """What a search reads: the `FeatureSource` protocol, and `ArrayFeatures` for arrays in memory.
 
-A cache (`vfs.cache.FeatureCache`) is the other source; both hand the search features (fp16 as
-stored, or a bf16 / fp32 copy) and fp32 squared norms on its device, slice by slice, and fp16 rows
-for re-scoring.
+The other sources are a cache (`vfs.cache.FeatureCache`) and a Ray shard's rows of one
+(`vfs.cluster.rows.CacheRows`); each hands the search features (fp16 as stored, or a bf16 / fp32
+copy) and fp32 squared norms on its device, slice by slice, and fp16 rows for re-scoring.
 """
 
 from __future__ import annotations
