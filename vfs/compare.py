@@ -12,12 +12,13 @@ the same names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
 
-from .cache.format import CacheSpec
+if TYPE_CHECKING:
+    from .cache.format import CacheSpec
 
 
 class _Cache(Protocol):
