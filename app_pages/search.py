@@ -22,7 +22,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     )
     from ui.views import downloads, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache
-    from vfs.render import jpeg_data_url, mask_overlay
+    from vfs.render import jpeg_data_url, mask_overlay, mask_summary
 
 cache = pick_cache("search.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -68,12 +68,10 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     result = run_search(cache, query, region, k, exclude, domains, tuple(labels))
     mask = region.mask(cache.spec.grid)
     with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
-        h, w = cache.spec.grid
-        cells = f"{int((mask > 0).sum())} of {h * w} feature cells selected, weight up to {mask.max():.2f}"
         st.image(
             jpeg_data_url(mask_overlay(view, mask)),
             width="stretch",
-            caption=f"{cells} (the share of each cell painted; stronger blue = more weight)",
+            caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
         )
 
     st.header("Results")

@@ -93,7 +93,11 @@ def test_results_figure_and_png_bytes():
     assert figure.width > 3 * 64 and figure.height > 2 * 64
     decoded = Image.open(io.BytesIO(render.png_bytes(figure)))
     assert decoded.format == "PNG" and decoded.size == figure.size
-    assert render._caption(1, matches[0]).startswith("1. score 0.87 · Cardiomegaly")
+    assert render.match_caption(1, 0.8734, ["face", "lfw"]) == "1. score 0.87 · face · lfw"
+    assert (
+        render.mask_summary(mask)
+        == f"{int((mask > 0).sum())} of 16 feature cells selected (4×4), weight up to 1.00"
+    )
 
 
 @pytest.mark.parametrize("kind", ["box", "violin", "strip"])

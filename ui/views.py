@@ -14,7 +14,15 @@ from vfs.background import BackgroundBuild
 from vfs.cache import FeatureCache, cache_name
 from vfs.export import search_json
 from vfs.jobs import BuildJob, duration
-from vfs.render import grid_box_to_pixels, heatmap_overlay, jpeg_data_url, outline, png_bytes, results_figure
+from vfs.render import (
+    grid_box_to_pixels,
+    heatmap_overlay,
+    jpeg_data_url,
+    match_caption,
+    outline,
+    png_bytes,
+    results_figure,
+)
 from vfs.search import SearchResult
 
 from .core import build_registry, outlined_tiles, thumbs
@@ -27,11 +35,6 @@ DONE_SHOWN_S = 600  # a finished build's message stays this long
 # --- results ------------------------------------------------------------------------------------------
 def _tags(row: dict) -> list[str]:
     return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
-
-
-def match_caption(row: dict) -> str:
-    """The paper's caption, "3. score 0.87 · face · lfw", under each match."""
-    return " · ".join([f"{row['rank']}. score {row['score']:.2f}", *_tags(row)])
 
 
 TILE_PX = 176  # five tiles a row beside the sidebar on a 1400-px screen; fewer on a narrower one
@@ -65,7 +68,11 @@ def result_tiles(
         images = outlined_tiles(cache, [(int(r["index"]), tuple(r["grid_box"])) for r in rows])
     st.html(TILES_CSS)
     with st.container(key=f"vfs-{key}"):
-        st.image(images, caption=[match_caption(row) for row in rows], width=width)
+        st.image(
+            images,
+            caption=[match_caption(row["rank"], row["score"], _tags(row)) for row in rows],
+            width=width,
+        )
 
 
 def result_columns(cache: FeatureCache, result: SearchResult) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
@@ -129,10 +130,15 @@ def _fit_text(
     return text + "…"
 
 
-def _caption(rank: int, match: dict) -> str:
-    """The paper's caption: "rank. score 0.87 · label"."""
-    text = f"{rank}. score {match['score']:.2f}"
-    return f"{text} · {match['caption']}" if match.get("caption") else text
+def match_caption(rank: int, score: float, tags: Sequence[str] = ()) -> str:
+    """The paper's caption under a match, "3. score 0.87 · face · lfw" (its label and domain)."""
+    return " · ".join([f"{rank}. score {score:.2f}", *tags])
+
+
+def mask_summary(mask: np.ndarray) -> str:
+    """What a grid mask selects, e.g. "9 of 49 feature cells selected (7×7), weight up to 1.00"."""
+    (h, w), selected = mask.shape, int((mask > 0).sum())
+    return f"{selected} of {h * w} feature cells selected ({h}×{w}), weight up to {mask.max():.2f}"
 
 
 def results_figure(
@@ -178,7 +184,10 @@ def results_figure(
         box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])
         row, col = divmod(i, columns)
         place(
-            outline(thumb, box_px), _caption(i + 1, match), pad + (col + 1) * cell_w + pad, top + row * cell_h
+            outline(thumb, box_px),
+            match_caption(i + 1, match["score"], [match["caption"]] if match.get("caption") else []),
+            pad + (col + 1) * cell_w + pad,
+            top + row * cell_h,
         )
     return figure
 

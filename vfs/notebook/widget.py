@@ -21,7 +21,7 @@ from ..cache import FeatureCache
 from ..data import load_image
 from ..masks import grid_mask
 from ..models import Extractor
-from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, outline
+from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, mask_summary, outline
 from ..search import SearchResult, image_indices, search_regions
 
 HERE = Path(__file__).parent
@@ -213,13 +213,9 @@ class SearchWidget(anywidget.AnyWidget):
             if result is None or mask is None:
                 self.matches, self.mask_view, self.mask_caption, self.status = [], "", "", PAINT_HINT
             else:
-                h, w = result.grid
                 self.matches = self._tiles(result)
                 self.mask_view = jpeg_data_url(mask_overlay(self._query.view, mask))
-                self.mask_caption = (
-                    f"{int((mask > 0).sum())} of {h * w} feature cells ({h}×{w}), "
-                    f"weight up to {mask.max():.2f}: the share of each cell painted"
-                )
+                self.mask_caption = f"{mask_summary(mask)}: the share of each cell painted"
                 found = len(result.top)
                 self.status = (
                     f"{found} {'match' if found == 1 else 'matches'} among {self.cache.n} images in "
