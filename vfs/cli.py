@@ -227,6 +227,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
     exclude = None if args.include_query else exclude
+    if args.address and not args.shards:
+        raise ValueError("--address is for a search on a Ray cluster: add --shards N")
     if args.shards:
         from .cluster.sharded import ShardedSearch
 
@@ -285,7 +287,9 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--engine", choices=("local", "ray"), help="ray: build on a Ray cluster (docs/cluster.md)"
     )
-    bp.add_argument("--address", help="ray: the cluster (auto, ray://HOST:10001); default: a local one")
+    bp.add_argument(
+        "--address", help="ray: the cluster (auto, HOST:6379); default: this machine's or a local one"
+    )
     bp.add_argument(
         "--gpus-per-worker", type=float, help="ray: GPUs per extractor actor (default 1 where there are GPUs)"
     )
@@ -338,10 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        resume = ": rerun the same command to resume" if args.command == "build" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
         print(f"error: {_in_cli_words(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not type(e).__module__.startswith(
+            "ray."
+        ):  # a Ray error (a worker that could not start): its words
+            raise
+        print(
+            f"error: on the Ray cluster: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -49,7 +49,9 @@ class BuildJob:
     limit: int | None = None
     chunk_images: int | None = None  # images per stored chunk (default ≤ 16 MB of features); set at creation
     engine: str = "local"  # "local": this process; "ray": a Ray cluster (vfs.cluster.build)
-    address: str | None = None  # ray: the cluster ("auto", "ray://host:10001"); None starts a local one
+    address: str | None = (
+        None  # ray: the cluster ("auto", "HOST:6379"); None: this machine's or a new local one
+    )
     gpus_per_worker: float | None = (
         None  # ray: GPUs per extractor actor (default 1 where the cluster has GPUs)
     )
@@ -81,6 +83,13 @@ class BuildJob:
             raise ValueError(f"gpus_per_worker must be a number ≥ 0; got {gpus!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown build engine {self.engine!r}: use {' or '.join(ENGINES)}")
+        if self.engine != "ray" and (self.address is not None or gpus is not None):
+            raise ValueError("address and gpus_per_worker are for a build on a Ray cluster: add --engine ray")
+        if self.engine == "ray" and (self.address or "").startswith("ray://"):
+            raise ValueError(
+                f"a build cannot run through Ray Client ({self.address}): Ray Data's pipeline needs its "
+                "driver on the cluster. Run the build on one of its nodes with --address auto"
+            )
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> BuildJob:
@@ -211,10 +220,12 @@ def build_cache(
     )
     spec = cache_spec(extractor, dataset)
     thumb = min(THUMB_MAX, spec.input_size)
-    if job.engine == "ray":  # before the cache is created: an unreachable cluster leaves nothing behind
+    if job.engine == "ray":  # before the cache is created: a cluster that cannot build leaves nothing
         from .cluster import connect
+        from .cluster.build import plan_workers
 
         connect(job.address)
+        pool = plan_workers(job)
     with BuildLock(job.out), _disk_full_names(job.out):
         try:
             writer = CacheWriter.open(
@@ -231,7 +242,7 @@ def build_cache(
         if job.engine == "ray":
             from .cluster.build import run_on_ray
 
-            run_on_ray(job, dataset, extractor.preprocess, writer, thumb, progress, cancel)
+            run_on_ray(job, pool, dataset, extractor.preprocess, writer, thumb, progress, cancel)
         else:
             _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
         if cancel is not None and cancel.is_set():

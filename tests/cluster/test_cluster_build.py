@@ -16,6 +16,7 @@ import torchvision
 from clusterhelpers import assert_same_cache, job
 
 from vfs import build_cache, open_cache
+from vfs.cluster import check_placeable
 from vfs.cluster.build import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,13 +136,49 @@ def test_a_worker_with_other_weights_than_the_cache_refuses_to_start(tmp_path):
 
 
 def test_worker_pool_plans():
-    assert WorkerPool.plan(0, None, {"CPU": 2.0}) == WorkerPool(1, 1.0, 0.0)
-    assert WorkerPool.plan(2, None, {"CPU": 2.0}) == WorkerPool(2, 0.5, 0.0)  # one CPU left to the decoders
-    assert WorkerPool.plan(0, None, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(8, 1.0, 1.0)
-    assert WorkerPool.plan(0, 0.5, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(16, 1.0, 0.5)
-    assert WorkerPool.plan(3, 0.0, {"CPU": 64.0, "GPU": 8.0}) == WorkerPool(
-        3, 21.0, 0.0
-    )  # CPUs only, as asked
+    one = [{"CPU": 2.0}]
+    assert WorkerPool.plan(0, None, one) == WorkerPool(1, 1.0, 0.0)
+    assert WorkerPool.plan(2, None, one) == WorkerPool(2, 0.5, 0.0)  # one CPU left to the decoders
+    gpus = [{"CPU": 64.0, "GPU": 8.0}]
+    assert WorkerPool.plan(0, None, gpus) == WorkerPool(8, 1.0, 1.0)
+    assert WorkerPool.plan(0, 0.5, gpus) == WorkerPool(16, 1.0, 0.5)
+    assert WorkerPool.plan(3, 0.0, gpus) == WorkerPool(3, 21.0, 0.0)  # CPUs only, as asked
+    # Several nodes: one actor per node by default, none asking for more than a node holds (a share of
+    # the whole cluster's CPUs, 3 of 2 + 2, could never be placed: the build waited forever).
+    assert WorkerPool.plan(0, None, [{"CPU": 2.0}, {"CPU": 2.0}]) == WorkerPool(2, 1.0, 0.0)
+    assert WorkerPool.plan(2, None, [{"CPU": 16.0}] * 4) == WorkerPool(2, 15.0, 0.0)
+    assert WorkerPool.plan(6, None, [{"CPU": 16.0}, {"CPU": 8.0}]) == WorkerPool(6, 7.0 / 3, 0.0)
+    assert WorkerPool.plan(0, None, [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}]) == WorkerPool(
+        3, 1.0, 1.0
+    )
+    with pytest.raises(
+        ValueError, match="gpus_per_worker=0.5, but no node of the cluster has that many GPUs"
+    ):
+        WorkerPool.plan(0, 0.5, [{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+def test_actors_the_nodes_cannot_hold_are_refused():
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}]
+    check_placeable([{"CPU": 1.0, "GPU": 0.0}] * 4, nodes, "4 shards")
+    check_placeable([{"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 0.0}], nodes, "2 actors")
+    with pytest.raises(
+        ValueError, match=r"cannot hold 5 shards \(5 asking for 1 CPU each\); its nodes have: "
+    ):
+        check_placeable([{"CPU": 1.0, "GPU": 0.0}] * 5, nodes, "5 shards")
+    with pytest.raises(ValueError, match="cannot hold 2 actors"):
+        check_placeable([{"CPU": 1.0, "GPU": 1.0}] * 2, nodes, "2 actors")
+    with pytest.raises(ValueError, match="cannot hold 1 actor"):
+        check_placeable([{"CPU": 3.0}], nodes, "1 actor")
+
+
+def test_cluster_options_without_the_ray_engine_and_ray_client_builds_are_refused(manifest, tmp_path):
+    with pytest.raises(ValueError, match="address and gpus_per_worker are for a build on a Ray cluster"):
+        job(manifest, tmp_path / "x.zarr", engine="local", address="auto")
+    with pytest.raises(ValueError, match="address and gpus_per_worker are for a build on a Ray cluster"):
+        job(manifest, tmp_path / "x.zarr", engine="local", gpus_per_worker=0.5)
+    with pytest.raises(ValueError, match="cannot run through Ray Client"):
+        job(manifest, tmp_path / "x.zarr", engine="ray", address="ray://head:10001")
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_an_unknown_engine_is_refused(manifest, tmp_path):

@@ -54,6 +54,8 @@ def test_cli_search_with_shards(cluster, reference, tmp_path, capsys):
     sharded = json.loads(capsys.readouterr().out)
     assert local.pop("elapsed_ms") >= 0 and sharded.pop("elapsed_ms") >= 0
     assert sharded == local
+    assert main([*args, "--address", "auto"]) == 2  # not silently searched in this process
+    assert "--address is for a search on a Ray cluster: add --shards N" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scheme", ["", "ray://"])
@@ -89,5 +91,23 @@ def test_an_address_nothing_answers_at_is_refused_at_once(reference, manifest, t
         timeout=120,
         cwd=Path(__file__).resolve().parents[2],  # the repository: `-m vfs` as its README runs it
     )
-    assert done.returncode == 2 and f"error: no Ray cluster answers at {address}" in done.stderr, done.stderr
+    refused = (
+        "a build cannot run through Ray Client"
+        if command == "build" and scheme
+        else "no Ray cluster answers at"
+    )
+    assert done.returncode == 2 and f"error: {refused}" in done.stderr, done.stderr
     assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
+def test_shards_the_cluster_cannot_hold_are_refused_and_a_relative_path_is_the_drivers(cluster, reference):
+    """Shards the 2 CPUs cannot hold — more than the CPUs, or more than those other shards leave
+    free — are refused at once (Ray would wait for them forever); a relative cache path reaches the
+    shards as the absolute path the driver means."""
+    with pytest.raises(ValueError, match="cannot hold 3 search shards"):
+        ShardedSearch(reference.location, shards=3)
+    relative = os.path.relpath(reference.location)
+    with ShardedSearch(relative, shards=2) as both:
+        assert both._args[0] == os.path.abspath(reference.location)
+        with pytest.raises(ValueError, match="1 search shards .* the cluster has 0 CPU free"):
+            ShardedSearch(reference.location, shards=1)

@@ -59,6 +59,7 @@ def test_filters_exclusions_and_domains(sharded, reference):
         dict(k=6, per_domain=1),
         dict(k=7, per_domain=2, exclude=[0, 17, 18]),
         dict(k=3, candidates=labels == "b", per_domain=1, exclude=range(10)),
+        dict(k=4, candidates=np.arange(reference.n) < 10),  # in one shard: the other's table is empty
     ):
         assert_same_answer(
             sharded.search(query, MASKS["block"], **kwargs),

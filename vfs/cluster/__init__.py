@@ -1,18 +1,22 @@
 """VFS on a Ray cluster: cache builds by Ray Data (`build`) and sharded exact search (`sharded`).
 
 Ray is imported only inside these modules' functions, so `vfs` stays importable (and the app
-runs) without it; `requirements-ray.txt` installs it. Without an address, `connect` starts a
-local cluster, so everything here runs on one machine exactly as on many.
+runs) without it; `requirements-ray.txt` installs it. Without an address, `connect` joins the
+cluster `ray start` runs on this machine, if any, else starts a local one, so everything here runs
+on one machine exactly as on many.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 REACH_TIMEOUT_S = 5.0
+FREE_WAIT_S = 15.0
+"""How long `check_free` waits for resources that actors just closed are giving back."""
 """How long `connect` waits for a cluster's address to answer before refusing it."""
 
 
@@ -33,6 +37,57 @@ def check_reachable(address: str | None) -> None:
         ) from e
 
 
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of each node of the connected cluster that is up ("CPU", "GPU", …)."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_free(requests: list[dict[str, float]], what: str) -> None:
+    """Refuse actors that the cluster's free resources cannot hold now (others, e.g. the shards of
+    another `ShardedSearch`, hold the rest): Ray would wait for them as long as those live."""
+    import ray
+
+    wanted = {key: sum(r.get(key, 0.0) for r in requests) for key in ("CPU", "GPU")}
+    deadline = time.monotonic() + FREE_WAIT_S
+    while True:  # actors just closed give their resources back within moments
+        free = ray.available_resources()
+        short = [k for k, v in wanted.items() if v > free.get(k, 0.0) + 1e-9]
+        if not short or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if short:
+        key = short[0]
+        raise ValueError(
+            f"{what} ask for {wanted[key]:g} {key} and the cluster has {free.get(key, 0.0):g} {key} free "
+            f"after {FREE_WAIT_S:g} s (other actors hold the rest, e.g. another search's shards): close "
+            "those, or ask for less"
+        )
+
+
+def check_placeable(requests: list[dict[str, float]], nodes: list[dict[str, float]], what: str) -> None:
+    """Refuse actors (each one's resource request) that the cluster's nodes cannot all hold at once:
+    Ray would wait for them forever, silently. Placed largest first, each on the node with the most
+    room left (a heuristic: a refusal says what the nodes have, and how to ask for less)."""
+    room = [dict(n) for n in nodes]
+    for request in sorted(requests, key=lambda r: sorted(r.items(), reverse=True), reverse=True):
+        fits = [n for n in room if all(n.get(k, 0.0) + 1e-9 >= v for k, v in request.items() if v > 0)]
+        if not fits:
+            have = (
+                "; ".join(", ".join(f"{n.get(k, 0.0):g} {k}" for k in ("CPU", "GPU")) for n in nodes)
+                or "no nodes"
+            )
+            want = ", ".join(f"{v:g} {k}" for k, v in request.items() if v > 0)
+            raise ValueError(
+                f"the cluster cannot hold {what} ({len(requests)} asking for {want} each); "
+                f"its nodes have: {have}"
+            )
+        node = max(fits, key=lambda n: n.get("CPU", 0.0))
+        for k, v in request.items():
+            node[k] = node.get(k, 0.0) - v
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ("auto", "ray://host:10001", …) or start a local one (with
     `num_cpus`); once per process. The cluster's workers import this process's `vfs` (shipped as a
@@ -45,13 +100,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     check_reachable(address)
-    ray.init(
-        address=address,
-        num_cpus=num_cpus,
-        include_dashboard=False if address is None else None,
-        runtime_env={
-            "py_modules": [str(Path(__file__).resolve().parents[1])],
-            "env_vars": {k: os.environ[k] for k in ("VFS_FAST_DTYPE",) if k in os.environ},
-        },
-        log_to_driver=False,
-    )
+    try:
+        ray.init(
+            address=address,
+            num_cpus=num_cpus,
+            include_dashboard=False if address is None else None,
+            runtime_env={
+                "py_modules": [str(Path(__file__).resolve().parents[1])],
+                "env_vars": {k: os.environ[k] for k in ("VFS_FAST_DTYPE",) if k in os.environ},
+            },
+            log_to_driver=False,
+        )
+    except ConnectionError as e:  # the port answers, but not to us: most often token authentication
+        raise RuntimeError(
+            f"{e} — a cluster started by `ray start --head` may require its token: set RAY_AUTH_MODE=token "
+            "and give this machine the cluster's token (docs/cluster.md, 'A cluster of several machines')"
+        ) from e

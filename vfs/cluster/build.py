@@ -38,6 +38,7 @@ from ..jobs import (
     write_batch,
 )
 from ..models import Preprocess, load_extractor
+from . import alive_nodes, check_placeable
 
 
 @dataclass(frozen=True)
@@ -108,20 +109,41 @@ class WorkerPool:
     gpus: float
 
     @classmethod
-    def plan(cls, workers: int, gpus_per_worker: float | None, resources: dict[str, float]) -> WorkerPool:
-        """One actor per GPU (or `gpus_per_worker` each) where the cluster has GPUs; on CPUs, `workers`
-        actors (default 1) sharing all CPUs but one, which is left to the decoding tasks — an actor
-        pool holding every CPU would starve them and stall the pipeline."""
-        gpus = resources.get("GPU", 0.0)
-        per_gpu = min(1.0, gpus) if gpus_per_worker is None else gpus_per_worker
+    def plan(cls, workers: int, gpus_per_worker: float | None, nodes: list[dict[str, float]]) -> WorkerPool:
+        """One actor per GPU (or `gpus_per_worker` each) where the cluster has GPUs; on CPUs,
+        `workers` actors (default: one per node), each asking for a share of a node's CPUs but one,
+        which is left to the decoding tasks — an actor pool holding every CPU would starve them and
+        stall the pipeline. Asks no actor for more than one node holds (Ray would wait forever)."""
+        gpus = [n.get("GPU", 0.0) for n in nodes]
+        per_gpu = min(1.0, max(gpus, default=0.0)) if gpus_per_worker is None else gpus_per_worker
         if per_gpu > 0:
-            return cls(workers or max(1, int(gpus // per_gpu)), 1.0, per_gpu)
-        size, cpus = workers or 1, resources.get("CPU", 1.0)
-        return cls(size, max(cpus - 1, cpus / 2) / size, 0.0)
+            if per_gpu > max(gpus, default=0.0):
+                raise ValueError(
+                    f"gpus_per_worker={per_gpu:g}, but no node of the cluster has that many GPUs (they have "
+                    f"{', '.join(f'{g:g}' for g in gpus) or 'none'}): ask for fewer, or 0 to build on CPUs"
+                )
+            return cls(workers or max(1, sum(int(g // per_gpu) for g in gpus)), 1.0, per_gpu)
+        cpus = [c for c in (n.get("CPU", 0.0) for n in nodes) if c > 0]
+        if not cpus:
+            raise ValueError("the cluster has no CPUs to build on")
+        size = workers or len(cpus)
+        per_node = -(-size // len(cpus))
+        return cls(size, min(max(c - 1, c / 2) for c in cpus) / per_node, 0.0)
+
+
+def plan_workers(job: BuildJob) -> WorkerPool:
+    """The extractor actors for `job` on the connected cluster, refused where its nodes cannot hold
+    them all (before the cache is created)."""
+    nodes = alive_nodes()
+    pool = WorkerPool.plan(job.workers, job.gpus_per_worker, nodes)
+    wanted = [{"CPU": pool.cpus, "GPU": pool.gpus}] * pool.size
+    check_placeable(wanted, nodes, f"{pool.size} extractor actors (--workers, --gpus-per-worker)")
+    return pool
 
 
 def run_on_ray(
     job: BuildJob,
+    pool: WorkerPool,
     dataset: ImageDataset,
     preprocess: Preprocess,
     writer: CacheWriter,
@@ -130,7 +152,7 @@ def run_on_ray(
     cancel: threading.Event | None,
 ) -> None:
     """Compute and store every candidate from the writer's `next_item` on (see the module's doc), on
-    the cluster `build_cache` has connected to."""
+    the cluster `build_cache` has connected to, by the actors of `pool` (`plan_workers`)."""
     import ray
     import ray.data
 
@@ -141,7 +163,6 @@ def run_on_ray(
     ]
     if not batches:
         return
-    pool = WorkerPool.plan(job.workers, job.gpus_per_worker, ray.cluster_resources())
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the writer stores in manifest order
     context.enable_progress_bars = False  # VFS reports its own progress …

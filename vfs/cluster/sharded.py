@@ -45,7 +45,8 @@ from ..search import (
     search_regions,
     select_top,
 )
-from . import connect
+from ..settings import is_url
+from . import alive_nodes, check_free, check_placeable, connect
 from .rows import CacheRows
 
 RESTARTS = 3
@@ -145,10 +146,14 @@ class ShardedSearch:
             if gpus_per_shard is None
             else gpus_per_shard
         )
+        wanted, what = [{"CPU": cpus_per_shard, "GPU": gpus}] * shards, f"{shards} search shards"
+        check_placeable(wanted, alive_nodes(), f"{what} (cpus_per_shard, gpus_per_shard)")
+        check_free(wanted, what)
         self._actor = ray.remote(Shard).options(
             num_cpus=cpus_per_shard, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS
         )
-        self._args = (str(cache_location), device, allow_partial)
+        location = str(cache_location)  # a local path as the driver means it, whatever a worker's folder
+        self._args = (location if is_url(location) else str(Path(location).resolve()), device, allow_partial)
         self._down: set[int] = set()
         self.shard_ms: list[float] = []  # the engine's time in each shard in the last search (the rest: Ray)
         self._shards = [self._start(i) for i in range(shards)]
@@ -235,7 +240,8 @@ class ShardedSearch:
             ]
         )
         self.shard_ms = [a.elapsed_ms for a in answers]
-        tops = pd.concat([a.top for a in answers], ignore_index=True).sort_values("index", ignore_index=True)
+        found = [a.top for a in answers if len(a.top)] or [answers[0].top]  # empty tables lose the dtypes
+        tops = pd.concat(found, ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
         picked = select_top(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
         top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
