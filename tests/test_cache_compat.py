@@ -53,3 +53,19 @@ def test_an_older_cache_searches_as_before(case, kernel, monkeypatch):
         top = got.top["index"].to_numpy()
         np.testing.assert_array_equal(got.placements[top], np.array(want["placements"])[top])
     assert got.top.drop(columns=["grid_box", "pixel_box"]).to_dict("list") == want["top"]
+
+
+def test_a_table_stores_a_missing_value_as_the_empty_string_and_reads_nul_as_missing(tmp_path):
+    """docs/cache-format.md: missing values are stored as "" (numpy's strings drop NUL, so no cache
+    ever held the "\\0" the page once named); both read back as missing, and so does an empty value."""
+    import pandas as pd
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+
+    group = zarr.open_group(tmp_path / "t.zarr", mode="w", zarr_format=3)
+    table = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "label": ["cat", None, "", "dog"]})
+    write_table(group, "manifest", table)
+    assert group["manifest"]["label"][:].tolist() == ["cat", "", "", "dog"]
+    group["manifest"]["label"][3] = "\x00"  # as another writer following the old page might
+    assert read_table(group, "manifest")["label"].tolist() == ["cat", None, None, None]

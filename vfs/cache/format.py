@@ -32,7 +32,8 @@ much."""
 SAFE_CODECS = frozenset(
     {"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "vlen-utf8", "vlen-bytes", "sharding_indexed"}
 )
-_MISSING = "\x00"  # how a table stores a missing value
+_MISSING = ""  # how a table stores a missing value (an empty value is one: statistics group it so)
+_READ_AS_MISSING = ("", "\x00")  # "\0" too: the format's first description named it
 
 
 class CacheError(ValueError):
@@ -145,7 +146,7 @@ def check_chunk_size(arr: zarr.Array, location: str) -> None:
 
 
 def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
-    """A DataFrame as one string array per column (missing values stored as NUL)."""
+    """A DataFrame as one string array per column (missing values stored as empty strings)."""
     g = group.require_group(name)
     for col in table.columns:
         values = table[col].map(
@@ -171,7 +172,8 @@ def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFra
         if not isinstance(arr, zarr.Array):
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")
         check_array(arr, str(group.store_path))
-        col = pd.Series(arr[:n], dtype=object).replace(_MISSING, None)
+        col = pd.Series(arr[:n], dtype=object)
+        col = col.where(~col.isin(_READ_AS_MISSING), None)
         if kinds.get(c) in ("i", "u", "f"):
             col = pd.to_numeric(col)
         elif kinds.get(c) == "b":
