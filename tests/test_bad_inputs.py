@@ -384,6 +384,22 @@ def test_cli_refuses_a_manifest_pointing_outside_its_root(tmp_path, capsys):
     assert code == 2 and "outside the dataset root" in err and not (tmp_path / "c.zarr").exists()
 
 
+def test_a_build_that_stores_no_image_fails_and_leaves_no_cache(tmp_path, capsys):
+    """Every image unreadable (a manifest copied away from its images): an error naming the first
+    reason, exit 2, and no 'complete' cache of nothing that a rerun after the fix would return."""
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path,label\na.png,x\nb.png,y\n")
+    (tmp_path / "data" / "b.png").write_bytes(b"not an image")
+    out = tmp_path / "c.zarr"
+    code = main(
+        ["build", "--data", str(manifest), "--layer", "blocks.5", "--image-size", "64", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "none of the 2 images could be read (the first, a.png:" in err, err
+    assert "no cache is left" in err and not out.exists()
+
+
 @pytest.mark.parametrize("bad", ["../outside.png", "sub/../../outside.png", "/etc/hostname", "~/x.png"])
 def test_manifest_paths_outside_the_root_are_refused(tmp_path, bad):
     (tmp_path / "data").mkdir()

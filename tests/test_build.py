@@ -86,6 +86,25 @@ def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypat
     )
 
 
+def test_ctrl_c_keeps_every_image_computed(tmp_path):
+    """Ctrl-C (here: after the second batch's progress report) stores the partial chunk, as a cancel
+    does: the images the progress counted as stored are on disk, and a rerun goes on from there."""
+    from vfs.cache import open_cache
+
+    out = tmp_path / "c.zarr"
+    job = BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out), limit=24, batch_size=8)
+
+    def interrupt(report):
+        if report.done >= 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(job, progress=interrupt)
+    partial = open_cache(out, allow_partial=True)
+    assert not partial.complete and partial.stored == 16
+    assert build_cache(job).n == 24
+
+
 def test_a_manifest_row_repeating_a_path_is_stored_and_reported(tmp_path, capsys):
     """A twin found at 1.000 puzzles a user who did not know the manifest repeats a row."""
     for i in range(2):

@@ -8,6 +8,7 @@ the next batch is computed. Nothing holds an fp32 copy of the whole cache.
 from __future__ import annotations
 
 import errno
+import shutil
 import threading
 import time
 import tomllib
@@ -244,10 +245,23 @@ def build_cache(
 
             run_on_ray(job, pool, dataset, extractor.preprocess, writer, thumb, progress, cancel)
         else:
-            _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
+            try:
+                _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
+            except KeyboardInterrupt:  # Ctrl-C: keep what was computed, as a cancel does (the writer's
+                writer.flush()  # thread has finished its batch, and this one makes no writes of its own)
+                raise
         if cancel is not None and cancel.is_set():
             writer.flush()  # keep every image computed: a resume goes on from the last one
             return None
+        writer.flush()  # every image handed over stored or skipped: the counts below are final
+        if writer.rows == 0 and writer.skipped:  # a cache of nothing would be 'complete' for good
+            first = writer.skipped[0]
+            shutil.rmtree(job.out)
+            raise ValueError(
+                f"none of the {len(dataset)} images could be read (the first, "
+                f"{dataset.records['path'].iloc[first['item']]}: {first['reason']}): nothing was stored, "
+                f"and no cache is left at {job.out}"
+            )
         repeated = int(dataset.records["path"].duplicated().sum())  # stored as images of their own
         writer.finish(dataset.records, {"repeated_paths": repeated} if repeated else None)
     return open_cache(job.out)
