@@ -138,12 +138,11 @@ def built(tmp_path_factory):
     (folder / "not_an_image.txt").write_text("ignored: not an image extension")
     (folder / "folder.jpg").mkdir()  # a folder with an image's name is not a candidate
     out = tmp_path_factory.mktemp("caches") / "corpus.zarr"
-    with pytest.warns(Image.DecompressionBombWarning):  # PIL warns about bomb.png; VFS refuses it
-        cache = build_cache(
-            BuildJob(
-                layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE, batch_size=8, device="cpu"
-            )
+    cache = build_cache(  # bomb.png is refused in words, without PIL's warning
+        BuildJob(
+            layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE, batch_size=8, device="cpu"
         )
+    )
     return cache, folder, good, odd, bad
 
 
@@ -233,7 +232,6 @@ def mask_file(built, tmp_path_factory):
     return path
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize(
     "name", ["zero.jpg", "truncated.jpg", "text.jpg", "phone.jpg", "bomb.png", "missing.png"]
 )
@@ -309,7 +307,9 @@ def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "no layer 'blocks.99'" in err and "blocks.5" in err
-    assert err.strip().endswith("(list them all with python -m vfs layers embedded:efficientnet_lite0)")
+    assert err.strip().endswith(
+        f"(list them all with python -m vfs layers embedded:efficientnet_lite0 --image-size {SIZE})"
+    )
     assert "list_layers" not in err
 
 
@@ -358,6 +358,17 @@ def test_a_job_file_is_completed_by_flags(tmp_path):
 def test_cli_layers_refuses_an_input_size_of_zero(capsys):
     assert main(["layers", "embedded:efficientnet_lite0", "--image-size", "0"]) == 2
     assert "the input size must be a whole number of pixels ≥ 1; got 0" in capsys.readouterr().err
+    assert main(["layers", "embedded:efficientnet_lite0", "--image-size", "2"]) == 2  # not an empty list
+    assert "no layer gives a spatial map of at least 2 cells at 2 px" in capsys.readouterr().err
+
+
+def test_a_layer_too_small_at_an_input_size_names_the_listing_at_that_size(tmp_path, capsys):
+    out = str(tmp_path / "c.zarr")
+    argv = ["build", "--data", "embedded:skimage", "--layer", "blocks.5", "--image-size", "8", "--out", out]
+    assert main(argv) == 2
+    assert "(list them all with python -m vfs layers embedded:efficientnet_lite0 --image-size 8)" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def test_a_bad_layer_error_carries_the_facts_and_names_the_python_call():
     assert (error.spec, error.layer) == (DEFAULT_MODEL, "blocks.99")
     valid = {info.name for info in list_layers(DEFAULT_MODEL, image_size=64)}
     assert error.examples and set(error.examples) <= valid
-    assert str(error).endswith(f"(list them all with vfs.models.list_layers({DEFAULT_MODEL!r}))")
+    assert str(error).endswith(f"(list them all with vfs.models.list_layers({DEFAULT_MODEL!r}, 64))")
     assert "list_layers" not in error.message("the layer list above")
 
 

@@ -55,7 +55,10 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         ]
         print(json.dumps(rows, indent=1))
         return
-    width = max((len(info.name) for info in layers), default=5)
+    if not layers:
+        size = "" if args.image_size is None else f" at {args.image_size} px"
+        raise ValueError(f"{args.spec}: no layer gives a spatial map of at least 2 cells{size}")
+    width = max(len(info.name) for info in layers)
     for info in layers:
         same = f"  (= {info.same_as[-1]})" if info.same_as else ""
         print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}{same}")
@@ -133,6 +136,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
             "device",
             "workers",
             "limit",
+            "chunk_images",
             "engine",
             "address",
             "gpus_per_worker",
@@ -185,7 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     )
     print(
         f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  "
-        f"labels {s.data.label_col}  domains {s.data.domain_col}"
+        f"labels {s.data.label_col or '(none)'}  domains {s.data.domain_col or '(none)'}"
     )
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")
     if cache.feature_scale != 1:  # the layer's values are beyond fp16's range as they are
@@ -258,7 +262,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         return
     print(f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})")
     cols = [c for c in ("rank", "index", "score", "label", "domain", "path", "grid_box") if c in result.top]
-    print(result.top[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(result.top[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -284,6 +288,9 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--device")
     bp.add_argument("--workers", type=int, help="local: decoding processes; ray: extractor actors")
     bp.add_argument("--limit", type=int)
+    bp.add_argument(
+        "--chunk-images", type=int, help="images per stored chunk (default: ≤ 16 MiB of features; new caches)"
+    )
     bp.add_argument(
         "--engine", choices=("local", "ray"), help="ray: build on a Ray cluster (docs/cluster.md)"
     )
@@ -366,5 +373,6 @@ def _in_cli_words(error: Exception) -> str:
     from .models import LayerError
 
     if isinstance(error, LayerError):
-        return error.message(f"python -m vfs layers {shlex.quote(error.spec)}")
+        size = "" if error.image_size is None else f" --image-size {error.image_size}"
+        return error.message(f"python -m vfs layers {shlex.quote(error.spec)}{size}")
     return str(error)

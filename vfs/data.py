@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cache
@@ -99,7 +100,13 @@ def load_image(
         reason = f"cannot read file ({e.strerror or e})"
         raise ImageError(reason, f"{where}{reason}") from e
     except ImageError as e:
-        raise ImageError(e.reason, f"{where}not a readable image — {e.reason}; {_READABLE}") from e
+        readable = (
+            "" if e.reason.startswith(_TOO_LARGE) else f"; {_READABLE}"
+        )  # its format is not the problem
+        raise ImageError(e.reason, f"{where}not a readable image — {e.reason}{readable}") from e
+
+
+_TOO_LARGE = "too large to decode safely"
 
 
 def _decode(fp: BinaryIO, limit: int) -> Image.Image:
@@ -108,11 +115,16 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
         raise ImageError("empty file")
     fp.seek(0)
     try:
-        with Image.open(fp) as im:
+        with warnings.catch_warnings():  # PIL's bomb warning: the check below refuses it in words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+        with im:
             width, height = im.size
             if width * height > limit:
                 pixels = width * height
-                raise ImageError(f"{width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels")
+                raise ImageError(
+                    f"{_TOO_LARGE}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels"
+                )
             if max(im.size) > MAX_DECODED_SIDE:
                 # JPEG only: decode at 1/2..1/8 scale directly, never holding the full raster.
                 im.draft(None, (MAX_DECODED_SIDE, MAX_DECODED_SIDE))
@@ -124,7 +136,9 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
         raise ImageError("not an image (cannot identify format)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL's own guard fires inside Image.open beyond twice its limit, before our check.
-        raise ImageError(f"image size exceeds the limit of PIL's decompression-bomb guard ({e})") from e
+        raise ImageError(
+            f"{_TOO_LARGE}: its size exceeds the limit of PIL's decompression-bomb guard ({e})"
+        ) from e
     except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ...
         if "truncated" in str(e).lower():
             raise ImageError("truncated image") from e

@@ -55,12 +55,16 @@ class LayerError(ValueError):
     can name its own way to list the layers (`message`); `str()` names the Python one.
     """
 
-    def __init__(self, spec: str, layer: str, problem: str, examples: Sequence[str]) -> None:
+    def __init__(
+        self, spec: str, layer: str, problem: str, examples: Sequence[str], image_size: int | None = None
+    ) -> None:
         self.spec = spec
         self.layer = layer
         self.problem = problem
         self.examples = tuple(examples)
-        call = "module, image_size" if is_module_spec(spec) else repr(spec)
+        self.image_size = image_size  # where not the model's own: the size the layers were listed at
+        size = "" if image_size is None else f", {image_size}"
+        call = "module, image_size" if is_module_spec(spec) else f"{spec!r}{size}"
         super().__init__(self.message(f"vfs.models.list_layers({call})"))
 
     def message(self, how_to_list: str) -> str:
@@ -476,7 +480,7 @@ def _build(
             names = [info.name for info in _spatial_layers(model, size)]
         except Exception as error:  # the model fails at this size at all: that is the message
             raise _input_size_error(spec, size, native, error) from error
-        return LayerError(spec, layer, problem, _example_layers(names))
+        return LayerError(spec, layer, problem, _example_layers(names), None if size == native else size)
 
     modules = dict(model.named_modules())
     if not layer or layer not in modules:
