@@ -83,16 +83,20 @@ def test_demo_build_runs_in_the_background_and_can_be_cancelled(tmp_path, monkey
 
 
 def test_a_cache_whose_every_image_was_skipped_is_not_offered_for_search(caches, tmp_path, monkeypatch):
-    """A build of only unreadable files completes empty; the search pages skip it (picking it crashed
-    the index input, whose range 0..n-1 was empty) and the Build page still lists it."""
-    from vfs.jobs import BuildJob, build_cache
+    """A complete cache of no image (builds before 2026-11-29 made one of only unreadable files; they
+    now fail instead): the search pages skip it (picking it crashed the index input, whose range
+    0..n-1 was empty) and the Build page still lists it."""
+    import pandas as pd
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "broken.jpg").write_bytes(b"not a JPEG")
+    from vfs.cache import CacheWriter, open_cache
+
     shutil.copytree(caches / "small.zarr", tmp_path / "caches" / "small.zarr")
-    empty = build_cache(
-        BuildJob(layer="blocks.5", data=str(tmp_path / "data"), out=str(tmp_path / "caches" / "a.zarr"))
-    )
+    small = open_cache(caches / "small.zarr")
+    records = pd.DataFrame({"path": ["broken.jpg"]})
+    writer = CacheWriter.open(tmp_path / "caches" / "a.zarr", small.spec, records, small.thumbs.shape[1])
+    writer.skip(0, "not an image (cannot identify format)")
+    writer.finish(records)
+    empty = open_cache(tmp_path / "caches" / "a.zarr")
     assert empty.complete and empty.n == 0
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
     for name, key in (
