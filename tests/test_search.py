@@ -583,6 +583,23 @@ def test_a_kept_preparation_goes_with_its_array(kind, device):
     assert alive() is None and key not in sources._prepared
 
 
+def test_an_array_gone_while_the_preparations_are_locked_is_forgotten_at_the_next_call():
+    """Its weakref callback cannot wait for the lock (it may run inside `prepared`, in a garbage
+    collection): the entry goes at the next call instead of deadlocking."""
+    from vfs import sources
+
+    rng = np.random.default_rng(6)
+    tensor = torch.from_numpy(random_features(rng, 6, 3, 3, 8))
+    search_regions(tensor, 0, np.ones((3, 3)), k=2, device="cpu")
+    key = id(tensor)
+    with sources._prepared_lock:
+        del tensor  # the callback runs here, the lock held
+    assert key in sources._prepared
+    other = torch.from_numpy(random_features(rng, 6, 3, 3, 8))
+    search_regions(other, 0, np.ones((3, 3)), k=2, device="cpu")
+    assert all(ref() is not None for ref, _ in sources._prepared.values())  # (`other` may reuse the id)
+
+
 def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
     """Where bf16 is chosen and the pairs kernel is off, a bare array whose preparation is kept is
     rounded to bf16 once, in the same pass as its norms, and searched in bf16 (top-k still exact);

@@ -312,17 +312,28 @@ _prepared: OrderedDict[int, tuple[weakref.ref, _Kept]] = OrderedDict()
 _prepared_lock = threading.Lock()
 
 
+_gone: list[tuple[int, weakref.ref]] = []  # arrays gone while the lock was held: forgotten next call
+
+
 def _forget(key: int, ref: weakref.ref) -> None:
-    """The array of `ref` is gone: so is its preparation (unless the key holds a newer array's)."""
-    with _prepared_lock:
+    """The array of `ref` is gone: so is its preparation (unless the key holds a newer array's). A
+    weakref callback runs wherever the array dies, maybe inside `prepared` while it holds the lock
+    (a garbage collection during its allocations): then the entry goes at the next call."""
+    if not _prepared_lock.acquire(blocking=False):
+        _gone.append((key, ref))
+        return
+    try:
         if key in _prepared and _prepared[key][0] is ref:
             del _prepared[key]
+    finally:
+        _prepared_lock.release()
 
 
 def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch.float16) -> ArrayFeatures:
-    """`ArrayFeatures(features, cpu_dtype=cpu_dtype)`, reused across calls while the array provably
-    has not changed: a torch tensor whose version counter (bumped by every in-place write) is the
-    same, or a numpy array nothing can write (it and every array it views are read-only). Any other
+    """`ArrayFeatures(features, cpu_dtype=cpu_dtype)`, reused across calls while the array has not
+    changed as far as its own bookkeeping tells: a torch tensor whose version counter (bumped by
+    every in-place write through it) is the same, or a numpy array that is read-only, as is every
+    array it views (README: writes that bypass these are not seen). Any other
     array is prepared anew, in fp16 only: its squared norms are one more pass over it, but never
     stale; a bf16 copy for one search would cost about what it saves."""
     version = _unchanged_since(features)
@@ -330,6 +341,10 @@ def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch
         return ArrayFeatures(features)
     key = id(features)
     with _prepared_lock:
+        while _gone:
+            gone, ref = _gone.pop()
+            if gone in _prepared and _prepared[gone][0] is ref:
+                del _prepared[gone]
         held = _prepared.get(key)
         kept = held[1] if held is not None and held[0]() is features and held[1].version == version else None
         if kept is not None:
