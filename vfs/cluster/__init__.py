@@ -15,9 +15,9 @@ from pathlib import Path
 
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 REACH_TIMEOUT_S = 5.0
+"""How long `connect` waits for a cluster's address to answer before refusing it."""
 FREE_WAIT_S = 15.0
 """How long `check_free` waits for resources that actors just closed are giving back."""
-"""How long `connect` waits for a cluster's address to answer before refusing it."""
 
 
 def check_reachable(address: str | None) -> None:
