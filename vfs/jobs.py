@@ -50,9 +50,7 @@ class BuildJob:
     limit: int | None = None
     chunk_images: int | None = None  # images per stored chunk (default ≤ 16 MB of features); set at creation
     engine: str = "local"  # "local": this process; "ray": a Ray cluster (vfs.cluster.build)
-    address: str | None = (
-        None  # ray: the cluster ("auto", "HOST:6379"); None: this machine's or a new local one
-    )
+    address: str | None = None  # ray: the cluster ("auto", "HOST:6379"); None: this machine's, or new
     gpus_per_worker: float | None = (
         None  # ray: GPUs per extractor actor (default 1 where the cluster has GPUs)
     )
