@@ -616,6 +616,49 @@ def test_download_failure_is_model_unavailable(offline, spec):
     assert isinstance(raised.value, RuntimeError)
 
 
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """A machine whose network is down but not declared so (no HF_HUB_OFFLINE), with an empty HF
+    cache; the hub is never to be asked: its client retries an unreachable host for ≈ 45 s."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "network disabled by the test")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the hub was asked although it cannot be reached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", asked)
+    return tmp_path / "hub"
+
+
+def test_unreachable_hub_fails_at_once_with_the_reason(hub_unreachable):
+    with pytest.raises(ModelUnavailable, match=r"no internet\?\): cannot reach huggingface\.co:443"):
+        load_model("timm:resnet18")
+
+
+def test_unreachable_hub_loads_weights_the_hub_cached_before(hub_unreachable):
+    """Weights downloaded on an earlier, online day load offline, as timm would load them online."""
+    import safetensors.torch
+    import timm
+
+    weights = timm.create_model("resnet18").state_dict()
+    repo = hub_unreachable / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    safetensors.torch.save_file(weights, repo / "snapshots" / "0123abcd" / "model.safetensors")
+    model, _ = load_model("timm:resnet18")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in weights.items())
+
+
 def test_random_init_works_offline(offline):
     assert isinstance(load_model("timm:resnet18?pretrained=false")[0], torch.nn.Module)
     model, preprocess = load_model("torchvision:resnet18@none")

@@ -14,12 +14,14 @@ import functools
 import importlib
 import math
 import re
+import socket
 import threading
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import torch
 from torch import nn
@@ -91,12 +93,57 @@ def _load_timm(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
 
     _check_timm_model(spec.raw, spec.name)
     pretrained = spec.options["pretrained"] == "true"
+    overlay = _offline_hub_weights(spec) if pretrained else {}
     try:
         with _seeded(not pretrained):
-            model = timm.create_model(spec.name, pretrained=pretrained)
+            model = timm.create_model(spec.name, pretrained=pretrained, **overlay)
     except _download_errors() as error:
         raise _unavailable(spec.raw, error) from error
     return model, _timm_preprocess(model)
+
+
+HUB_REACH_TIMEOUT_S = 5.0
+"""How long a pretrained timm load tries to reach the Hugging Face hub before it counts as offline.
+The hub's client retries an unreachable host with back-off (≈ 45 s for one model) before it looks in
+its own cache; this check makes an offline load take seconds, with the cache or the message."""
+
+_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order of preference
+
+
+def _offline_hub_weights(spec: ModelSpec) -> dict[str, Any]:
+    """`create_model` arguments that load hub weights from the local HF cache when the hub cannot be
+    reached ({} when it can, or when the weights do not come from the hub); `ModelUnavailable` when
+    it cannot be reached and they are not cached."""
+    import timm.models
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = timm.models.get_pretrained_cfg(spec.name)
+    if config is None or not config.hf_hub_id or constants.HF_HUB_OFFLINE:
+        return {}  # url weights (torch.hub asks once) or the hub's own offline mode: both fail fast
+    if urllib.request.getproxies().get("https"):
+        return {}  # the proxy, not this machine, reaches the hub
+    error = _unreachable(constants.ENDPOINT)
+    if error is None:
+        return {}
+    repo, _, revision = config.hf_hub_id.partition("@")
+    names = [config.hf_hub_filename] if config.hf_hub_filename else []
+    for filename in names + list(_HUB_WEIGHT_FILES):
+        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str):  # not None (never fetched) nor the "known missing" marker
+            return {"pretrained_cfg_overlay": {"file": cached}}
+    raise _unavailable(spec.raw, error)
+
+
+def _unreachable(endpoint: str) -> OSError | None:
+    """Why `endpoint`'s host cannot be connected to (a name that does not resolve, a refused or
+    timed-out connection), or None."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_REACH_TIMEOUT_S).close()
+    except OSError as error:
+        return OSError(f"cannot reach {url.hostname}:{port}: {error}")
+    return None
 
 
 _SEEDED = threading.Lock()  # one seeded draw at a time: two would interleave on the one generator
