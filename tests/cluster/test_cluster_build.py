@@ -3,11 +3,14 @@ after a killed driver."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,47 @@ def test_two_workers_one_killed_build_the_single_process_cache(cluster, manifest
     assert len(cache.report["skipped"]) == 5 and cache.attrs["job"]["engine"] == "ray"
     assert seen[-1].done == seen[-1].total == 40 and seen[-1].stored == 35 and seen[-1].skipped == 5
     assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+
+@dataclass(frozen=True)
+class _CrashingReader:
+    """The dataset's reader, but its process dies on one file, every time (a decoder that crashes)."""
+
+    reader: Callable
+    fatal: str
+
+    def __call__(self, path: str):
+        if path.endswith(self.fatal):
+            os._exit(1)
+        return self.reader(path)
+
+
+def test_an_image_that_kills_its_worker_every_time_stops_the_build_keeping_the_rest(
+    cluster, manifest, reference, tmp_path, monkeypatch
+):
+    """Ray Data retries a dead worker's task forever by default: the build hung without a word."""
+    import ray.cloudpickle
+
+    from vfs import jobs
+    from vfs.cluster.build import WORKER_RETRIES
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
+
+    opened = jobs.open_dataset
+
+    def crashing(*args, **kwargs):
+        dataset = opened(*args, **kwargs)
+        return dataclasses.replace(dataset, reader=_CrashingReader(dataset.reader, "images/30.png"))
+
+    out = tmp_path / "ray.zarr"
+    with monkeypatch.context() as patch:
+        patch.setattr(jobs, "open_dataset", crashing)
+        with pytest.raises(RuntimeError, match=rf"died {WORKER_RETRIES + 1} times") as raised:
+            build_cache(job(manifest, out, engine="ray", workers=1))
+    stored = open_cache(out, allow_partial=True).attrs["progress"]["next_item"]
+    assert 0 < stored <= 28 and f"from item {stored} of the manifest" in str(raised.value)
+    assert f"keeps the {stored} of 40 items" in str(raised.value)
+    assert_same_cache(build_cache(job(manifest, out, engine="ray", workers=1)), reference)  # resumed
 
 
 def test_a_killed_driver_resumes_on_rerun(cluster, manifest, reference, tmp_path):

@@ -9,7 +9,8 @@ bitwise. Each batch is one Ray Data row: CPU tasks decode it with the project's 
 (one model per actor, a GPU each where the cluster has GPUs), and the driver consumes the rows in
 manifest order and hands them to the one `CacheWriter`. One writer: no two writers ever touch a
 zarr chunk, and the writer's resume contract holds unchanged — a killed driver resumes on rerun,
-while Ray restarts a killed actor and retries its batches.
+while Ray restarts a killed actor and retries its batches (`WORKER_RETRIES` times, then the build
+stops with what it has stored: an image that kills its worker every time would otherwise loop).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from ..jobs import (
 )
 from ..models import Preprocess, load_extractor
 from . import alive_nodes, check_placeable
+
+WORKER_RETRIES = 3
+"""How many times Ray runs a batch again after its worker died on it (a killed process or node, an
+out-of-memory kill). Ray Data's default is forever: a build with an image that crashes the decoder
+or the model every time never ended, nor said why."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ def run_on_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # … and Ray Data's periodic log of it is noise
     rows = (
         ray.data.from_items(batches, override_num_blocks=len(batches))
-        .map(_Decode(dataset.reader, preprocess, thumb))
+        # Ray 2.60 names no parameter for retries: they go as the remote arguments it still takes
+        .map(_Decode(dataset.reader, preprocess, thumb), max_retries=WORKER_RETRIES)
         .map_batches(
             _Extract,
             fn_constructor_args=(
@@ -185,14 +192,32 @@ def run_on_ray(
             compute=ray.data.ActorPoolStrategy(size=pool.size),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus,
+            max_task_retries=WORKER_RETRIES,  # actors themselves restart without end (a lost node)
         )
     )
     meter = ProgressMeter(start, len(paths), writer.rows, len(writer.skipped))
-    for row in rows.iter_rows():  # leaving the loop (cancel) closes the iterator, which stops the pipeline
-        if cancel is not None and cancel.is_set():
-            break
-        failures = {int(i): reason for i, reason in json.loads(row["failures"])}
-        items, good = row["items"].tolist(), row["good"].tolist()
-        write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
-        if progress is not None:
-            progress(meter.report(items, failures))
+    try:
+        for row in rows.iter_rows():  # leaving the loop (cancel) closes the iterator: the pipeline stops
+            if cancel is not None and cancel.is_set():
+                break
+            failures = {int(i): reason for i, reason in json.loads(row["failures"])}
+            items, good = row["items"].tolist(), row["good"].tolist()
+            write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
+            if progress is not None:
+                progress(meter.report(items, failures))
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError) as error:
+        writer.flush()  # between two writes: keep every batch that came back
+        raise _worker_died(error, writer.next_item, paths) from error
+
+
+def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
+    """The stop after `WORKER_RETRIES`, in words. Ray does not say which batch: only that it is the
+    first one not stored or a later one (the batches run ahead of the writer)."""
+    reason = str(error).strip().splitlines()[0]
+    return RuntimeError(
+        f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({type(error).__name__}: "
+        f"{reason}): an image from item {stored} of the manifest on ({paths[stored]!r} first) crashes "
+        f"the decoder or the model, or the node runs out of memory. The cache keeps the {stored} of "
+        f"{len(paths)} items done so far; rerun to resume, and if it dies there again, build from that "
+        "item on alone to find the image, and leave it out of the manifest"
+    )
