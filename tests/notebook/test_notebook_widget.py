@@ -109,6 +109,47 @@ def test_options_search_again(demo_cache):
     assert_same(w.result, search_regions(demo_cache, FACE, mask, k=4))
 
 
+def test_another_query_searches_the_same_region(demo_cache):
+    w = SearchWidget(demo_cache, query=FACE, k=5)
+    assert w.set_query(3) is None and w.query_index == 3 and w.result is None
+    assert w.view == SearchWidget(demo_cache, query=3).view
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[2:5, 1:4] = 1
+    w.search(mask)
+    w.shapes = [{"kind": "rect", "box": [0, 0, 9, 9]}]  # the drawing, as the browser holds it
+    views = []
+    w.observe(lambda change: views.append(change["new"]), names="view")
+    result = w.set_query(FACE)
+    assert views and w.query_index == FACE and w.result is result and w.shapes  # the drawing stays
+    assert_same(result, search_regions(demo_cache, FACE, mask, k=5, exclude=FACE))
+    np.testing.assert_array_equal(w.mask, mask)
+    assert w.status.startswith("5 matches") and w.matches[0]["index"] == result.top["index"].iloc[0]
+    with pytest.raises(ValueError, match="outside 0..39"):
+        w.set_query(40)
+    assert (w.query_index, w.result, w.view) == (FACE, result, views[-1])  # as it was
+
+
+def test_another_image_query_goes_through_the_widgets_model(demo_cache, edited_model):
+    spec = demo_cache.spec
+    extractor = extractor_from_module(edited_model, spec.layer, spec.preprocess, name="edited")
+    w = SearchWidget(demo_cache, query=FACE, extractor=None)
+    mask = np.zeros(spec.grid, dtype=np.float32)
+    mask[1:4, 2:5] = 1
+    w.search(mask)
+    image = Image.fromarray(skimage.data.astronaut())
+    w.set_query(image)
+    assert w.query_index is None
+    assert_same(
+        w.result, search_regions(demo_cache, load_extractor(spec.model, spec.layer).features(image), mask)
+    )
+    edited = SearchWidget(demo_cache, query=image, extractor=extractor)
+    edited.search(mask)
+    edited.set_query(3)  # a dataset index: its stored features, whatever the widget's model
+    assert_same(edited.result, search_regions(demo_cache, 3, mask, exclude=3))
+    edited.set_query(image)
+    assert_same(edited.result, search_regions(demo_cache, extractor.features(image), mask))
+
+
 def test_all_exact_scores_every_image_as_search_regions_does(demo_cache):
     """`all_exact=True`: every image's score is the float64 one (what the Distributions page uses), and
     switching it on searches the region again."""

@@ -79,7 +79,8 @@ class SearchWidget(anywidget.AnyWidget):
     your analysis after every search. Scores beyond the top-k are the fast pass's (their third
     decimal may differ between machines); `all_exact=True` re-scores every image in float64, as
     the Distributions page does, for statistics over all of them (tens of ms more at 10,000 images).
-    `search(mask)` searches a grid mask from Python. Errors are shown in the widget.
+    `search(mask)` searches a grid mask from Python, `set_query(query)` searches the region from
+    another query. Errors are shown in the widget.
     """
 
     _esm = (HERE / "painter.js").read_text() + (HERE / "widget.js").read_text()
@@ -120,6 +121,7 @@ class SearchWidget(anywidget.AnyWidget):
     ) -> None:
         cache.check_searchable()
         self.cache = cache
+        self._extractor = extractor  # an image query's model, for `set_query` too
         self._query = resolve_query(cache, query, extractor)
         view = self._query.view
         super().__init__(
@@ -153,6 +155,29 @@ class SearchWidget(anywidget.AnyWidget):
         except Exception as e:
             self._fail(e, asked)
             raise
+
+    def set_query(self, query: int | Image.Image | str | Path) -> SearchResult | None:
+        """Search the same region from another query: a dataset index, or an image (or its file)
+        through the widget's model (`extractor=` when it was made, else the cache's).
+
+        The drawing stays, so that aligned images (chest X-rays, say) are compared region for region;
+        `clear()` removes it. Returns the new result (None before anything is painted). A query that
+        cannot be used raises and leaves the widget as it was; a failed search is shown and raised,
+        as `search`'s is.
+        """
+        is_index = isinstance(query, (int, np.integer)) and not isinstance(query, bool)
+        self._query = resolve_query(self.cache, query, None if is_index else self._extractor)
+        with self.hold_sync():  # the new view and its answer reach the browser together
+            self.view = jpeg_data_url(self._query.view)
+            self.view_size = list(self._query.view.shape[:2])
+            if self.mask is None:
+                self._show(None, None)
+                return None
+            try:
+                return self._run(self.mask)
+            except Exception as e:
+                self._fail(e, self.mask)
+                raise
 
     def clear(self) -> None:
         """Remove the drawing and the result."""
