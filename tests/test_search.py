@@ -285,6 +285,19 @@ def test_exclude_candidates_and_heat_map(device):
     assert np.unravel_index(heat.argmax(), heat.shape) == tuple(result.placements[i])
 
 
+def test_a_result_shows_as_its_summary_and_ranked_table():
+    """Not its arrays: a notebook cell ending in a search printed every image's score."""
+    feats = random_features(np.random.default_rng(1), 300, 6, 6, 8)
+    mask = np.zeros((6, 6), np.float32)
+    mask[1:3, 2:5] = 1
+    result = search_regions(feats, 7, mask, k=4)
+    first, *rows = repr(result).splitlines()
+    assert first.startswith("SearchResult: top 4 of 300 images for a 2×3-cell region of the 6×6 grid (")
+    assert len(rows) == 5 and rows[1].split()[:2] == ["1", str(result.top["index"].iloc[0])]
+    page = result._repr_html_()
+    assert page.startswith("<p>SearchResult: top 4 of 300") and page.count("<tr") == 5
+
+
 def test_per_domain_keeps_at_most_n_per_domain(device):
     rng = np.random.default_rng(2)
     src = ArrayFeatures(random_features(rng, 40, 5, 5, 8))

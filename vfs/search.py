@@ -10,6 +10,7 @@ other images keep fast scores.
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -87,6 +88,21 @@ class SearchResult:
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
         return _grid_box(self.placements[index], self.query.mask.shape)
+
+    def summary(self) -> str:
+        """One line: what was ranked, how, and in what time."""
+        (mh, mw), (h, w) = self.query.mask.shape, self.grid
+        return (
+            f"top {len(self.top)} of {len(self.scores)} images for a {mh}×{mw}-cell region of the "
+            f"{h}×{w} grid ({self.method}, {self.device}, {self.elapsed_ms:.1f} ms, "
+            f"{self.rescored} re-scored exactly)"
+        )
+
+    def __repr__(self) -> str:  # not the arrays: a notebook cell ending in a search printed pages of them
+        return f"SearchResult: {self.summary()}\n{self.top.to_string(index=False)}"
+
+    def _repr_html_(self) -> str:  # Jupyter's: the summary over the ranked table
+        return f"<p>SearchResult: {html.escape(self.summary())}</p>{self.top.to_html(index=False)}"
 
     def placement_scores(self, index: int) -> np.ndarray:
         """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map."""
