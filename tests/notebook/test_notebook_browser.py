@@ -190,6 +190,19 @@ def test_paint_in_jupyterlab(page, lab):
     page.wait_for_timeout(1500)
     assert revision(page) == before and matches(page) == second[:3]
     assert page.locator(".jp-CodeCell").count() == code_cells and page.locator(".jp-Cell").count() == cells
+
+    view = page.locator(".vfs-view").get_attribute("src")
+    painted = (
+        "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 == 3 && v)"
+    )
+    page.locator(".jp-CodeCell .jp-InputArea-editor").nth(1).click()
+    press_and_wait(page, "Shift+Enter")  # w.set_query(3): the drawing stays and is searched from there
+    assert page.locator(".vfs-view").get_attribute("src") != view and page.locator(".vfs-paint").evaluate(
+        painted
+    )
+    page.locator(".vfs-matches").scroll_into_view_if_needed()  # JupyterLab leaves unseen cells undrawn
+    third = matches(page)
+    assert len(third) == 3 and third != second[:3] and page.locator(".vfs-error").is_hidden()
     click_and_wait(page, "Clear")
     assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
 
