@@ -238,16 +238,16 @@ def build_cache(
             )
         except AlreadyComplete:  # a rerun of a finished build
             return open_cache(job.out)
-        if job.engine == "ray":
-            from .cluster.build import run_on_ray
+        try:
+            if job.engine == "ray":
+                from .cluster.build import run_on_ray
 
-            run_on_ray(job, pool, dataset, extractor.preprocess, writer, thumb, progress, cancel)
-        else:
-            try:
+                run_on_ray(job, pool, dataset, extractor.preprocess, writer, thumb, progress, cancel)
+            else:
                 _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
-            except KeyboardInterrupt:  # Ctrl-C: keep what was computed, as a cancel does (the writer's
-                writer.flush()  # thread has finished its batch, and this one makes no writes of its own)
-                raise
+        except KeyboardInterrupt:  # Ctrl-C: keep what was computed, as a cancel does. No write is cut
+            writer.flush()  # short: the local build's writer thread ends its batch first; Ray's holds it
+            raise
         if cancel is not None and cancel.is_set():
             writer.flush()  # keep every image computed: a resume goes on from the last one
             return None

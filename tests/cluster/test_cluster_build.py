@@ -100,28 +100,52 @@ def test_an_image_that_kills_its_worker_every_time_stops_the_build_keeping_the_r
     assert_same_cache(build_cache(job(manifest, out, engine="ray", workers=1)), reference)  # resumed
 
 
-def test_a_killed_driver_resumes_on_rerun(cluster, manifest, reference, tmp_path):
-    """`python -m vfs build JOB --engine ray --address …` killed once a chunk is stored; a rerun finishes."""
-    out = tmp_path / "ray.zarr"
-    spec = job(manifest, out, chunk_images=8)
-    (tmp_path / "job.toml").write_text(
+def _cli_build(cluster, spec, folder: Path) -> list[str]:
+    """The command line of `spec`'s build on the session's cluster, from a job file in `folder`."""
+    (folder / "job.toml").write_text(
         "[build]\n"
         + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in spec.__dict__.items() if v is not None)
     )
     address = cluster.get_runtime_context().gcs_address
-    cmd = [
-        sys.executable,
-        "-m",
-        "vfs",
-        "build",
-        str(tmp_path / "job.toml"),
-        "--engine",
-        "ray",
-        "--address",
-        address,
-        "--workers",
-        "1",
-    ]
+    build = ["build", str(folder / "job.toml"), "--engine", "ray", "--address", address, "--workers", "1"]
+    return [sys.executable, "-m", "vfs", *build]
+
+
+def test_ctrl_c_keeps_every_image_computed(cluster, manifest, reference, tmp_path):
+    """Before its first chunk is full (32 images) the build is interrupted: the images it reported
+    done are stored, as a local build's are, and a rerun resumes after them."""
+    out = tmp_path / "ray.zarr"
+    cmd = _cli_build(cluster, job(manifest, out, chunk_images=32), tmp_path)
+    env = os.environ | {"VFS_PROGRESS_EVERY_S": "0"}  # a line per batch
+    driver = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    try:
+        assert driver.stderr is not None
+        for line in driver.stderr:
+            lines.append(line)
+            if " / 40 images" in line and int(line.split(": ")[-1].split(" / ")[0]) >= 8:
+                break
+        done = int(lines[-1].split(": ")[-1].split(" / ")[0])
+        assert done < 32, lines
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130 and "interrupted: rerun the same command to resume" in err, err[-2000:]
+    partial = open_cache(out, allow_partial=True)
+    assert partial.attrs["progress"]["next_item"] >= done and not partial.complete
+    seen = []
+    cache = build_cache(job(manifest, out, chunk_images=32, engine="ray", workers=1), progress=seen.append)
+    assert seen[0].done > done  # resumed after them
+    assert_same_cache(cache, reference)
+
+
+def test_a_killed_driver_resumes_on_rerun(cluster, manifest, reference, tmp_path):
+    """`python -m vfs build JOB --engine ray --address …` killed once a chunk is stored; a rerun finishes."""
+    out = tmp_path / "ray.zarr"
+    cmd = _cli_build(cluster, job(manifest, out, chunk_images=8), tmp_path)
     driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while driver.poll() is None and not (out.exists() and open_cache(out).stored >= 8):

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,12 +204,34 @@ def run_on_ray(
                 break
             failures = {int(i): reason for i, reason in json.loads(row["failures"])}
             items, good = row["items"].tolist(), row["good"].tolist()
-            write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
+            with _interrupt_between_writes():
+                write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
             if progress is not None:
                 progress(meter.report(items, failures))
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError) as error:
         writer.flush()  # between two writes: keep every batch that came back
         raise _worker_died(error, writer.next_item, paths) from error
+
+
+@contextmanager
+def _interrupt_between_writes() -> Iterator[None]:
+    """Ctrl-C held while the writer writes and raised right after: an interrupt inside a write could
+    leave its pending images half stored, where `build_cache` stores them on an interrupt. Only the
+    main thread takes signals, and only Python's own handler is held (not a caller's)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
