@@ -10,7 +10,7 @@ from vfs.kernel import library
 from vfs.masks import crop_mask, grid_mask
 from vfs.scoring import QueryGeometry, RegionQuery, Scorer, plan_query
 from vfs.search import FastPass, _ExactScoring, _FastScoring, search_regions, select_top
-from vfs.sources import ArrayFeatures, even_slices
+from vfs.sources import ArrayFeatures, UnpreparedArray, even_slices
 
 
 def random_features(rng, n, h, w, c):
@@ -531,10 +531,11 @@ def test_all_exact_gives_every_image_its_exact_score_in_every_form(dtype, force_
 
 
 def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):
-    """search_regions on a bare array reuses its preparation (squared norms, fp16 copy) while the
-    array provably has not changed: a tensor with the same version counter, a read-only array."""
+    """search_regions on a bare array it must convert (fp32 here) reuses its preparation (squared
+    norms, fp16 copy) while the array provably has not changed: a tensor with the same version
+    counter, a read-only array."""
     rng = np.random.default_rng(11)
-    feats = random_features(rng, 30, 5, 5, 8)
+    feats = random_features(rng, 30, 5, 5, 8).astype(np.float32)
     mask = soft_blob(rng, 5, 5)
 
     tensor = torch.from_numpy(feats.copy())
@@ -568,19 +569,70 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
     )
 
 
-@pytest.mark.parametrize("kind", ["tensor", "read-only", "fp32 tensor"])
-def test_a_kept_preparation_goes_with_its_array(kind, device):
+def _writes_bookkeeping_cannot_see(array: torch.Tensor, source: int, target: int) -> None:
+    """Image `target` becomes image `source`, written where no version counter or flag tells."""
+    array.data[target] = array.data[source]  # `.data` bumps no version counter
+    view = array.numpy()  # nor does a numpy view's write
+    view[target, 0, 0] += 0  # (a no-op write, then a real one through the same view)
+    view[target] = view[source]
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+def test_an_fp16_array_is_searched_unprepared_and_never_stale(monkeypatch):
+    """Where the pairs kernel runs, an fp16 array is searched as it is: nothing kept between calls
+    (no blind spot for writes that bypass a version counter), and the same answers as a prepared
+    source of it (the same top-k and placements; scores as exact, or as fast, as its own)."""
+    from vfs import sources
+
+    monkeypatch.setenv("VFS_KERNEL", "on")  # whatever oneDNN's timing at 40 channels
+    rng = np.random.default_rng(21)
+    feats = np.ascontiguousarray(rng.standard_normal((60, 6, 6, 40)).astype(np.float16))
+    feats[:20] = np.abs(feats[:20])  # some images of either sign
+    mask = soft_blob(rng, 6, 6)
+    kept = len(sources._prepared)
+    for array in (feats.copy(), torch.from_numpy(feats.copy())):
+        result = search_regions(array, 3, mask, k=7, device="cpu")
+        assert isinstance(result.source, UnpreparedArray) and len(sources._prepared) == kept
+        prepared = search_regions(ArrayFeatures(array), 3, mask, k=7, device="cpu")
+        pd.testing.assert_frame_equal(result.top, prepared.top)
+        np.testing.assert_allclose(result.scores, prepared.scores, atol=2e-3)
+        np.testing.assert_array_equal(result.placements, prepared.placements)
+    tensor = torch.from_numpy(feats.copy())
+    search_regions(tensor, 3, mask, k=7, exclude=3, device="cpu")
+    _writes_bookkeeping_cannot_see(tensor, 3, 50)
+    changed = search_regions(tensor, 3, mask, k=7, exclude=3, device="cpu")
+    assert changed.top["index"].iloc[0] == 50 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+    ref, _ = brute_force(tensor.numpy(), tensor[3].float().numpy(), mask)
+    ref[3] = -np.inf
+    np.testing.assert_allclose(changed.top["score"], np.sort(ref)[::-1][:7], atol=1e-5)
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_unprepared_array_with_nan_or_inf_is_refused(bad, monkeypatch):
+    monkeypatch.setenv("VFS_KERNEL", "on")
+    feats = random_features(np.random.default_rng(2), 8, 4, 4, 16)
+    feats[5, 3, 3, 7] = bad  # a corner cell: every placement's, or none
+    for mask in (np.ones((4, 4)), np.pad(np.ones((2, 2)), 1)):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            search_regions(feats, 0, mask, device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["fp16 tensor", "read-only", "fp32 tensor"])
+def test_a_kept_preparation_goes_with_its_array(kind, device, monkeypatch):
     """The preparation kept for the next call holds none of the array's memory: once the caller
-    drops the array (and the results that hold it), the array is freed and its entry goes."""
+    drops the array (and the results that hold it), the array is freed and its entry goes. (fp16
+    arrays are prepared where the pairs kernel is off.)"""
     import gc
     import weakref
 
     from vfs import sources
 
+    monkeypatch.setenv("VFS_KERNEL", "off")
     rng = np.random.default_rng(5)
     feats = random_features(rng, 12, 4, 4, 8)
     array = {
-        "tensor": lambda: torch.from_numpy(feats.copy()),
+        "fp16 tensor": lambda: torch.from_numpy(feats.copy()),
         "read-only": lambda: np.require(feats.copy(), requirements="O"),
         "fp32 tensor": lambda: torch.from_numpy(feats.astype(np.float32)),
     }[kind]()
@@ -602,13 +654,13 @@ def test_an_array_gone_while_the_preparations_are_locked_is_forgotten_at_the_nex
     from vfs import sources
 
     rng = np.random.default_rng(6)
-    tensor = torch.from_numpy(random_features(rng, 6, 3, 3, 8))
+    tensor = torch.from_numpy(random_features(rng, 6, 3, 3, 8).astype(np.float32))
     search_regions(tensor, 0, np.ones((3, 3)), k=2, device="cpu")
     key = id(tensor)
     with sources._prepared_lock:
         del tensor  # the callback runs here, the lock held
     assert key in sources._prepared
-    other = torch.from_numpy(random_features(rng, 6, 3, 3, 8))
+    other = torch.from_numpy(random_features(rng, 6, 3, 3, 8).astype(np.float32))
     search_regions(other, 0, np.ones((3, 3)), k=2, device="cpu")
     assert all(ref() is not None for ref, _ in sources._prepared.values())  # (`other` may reuse the id)
 
@@ -641,14 +693,14 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
 @pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
 def test_an_array_is_searched_as_it_is_where_the_kernel_reads_fp16(monkeypatch):
     """With the pairs kernel, no bf16 copy of a notebook's array (its page faults cost more on the
-    first call than the kernel's fp16 reads cost on later ones)."""
+    first call than the kernel's fp16 reads cost on later ones), nor any preparation."""
     monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
     monkeypatch.setenv("VFS_KERNEL", "on")
     rng = np.random.default_rng(12)
     tensor = torch.from_numpy(random_features(rng, 40, 6, 6, 16))
     mask = soft_blob(rng, 6, 6)
     result = search_regions(tensor, 4, mask, k=8, device="cpu")
-    assert result.source.cpu_dtype == torch.float16 and result.method == "pairs"
+    assert isinstance(result.source, UnpreparedArray) and result.method == "pairs"
     ref, _ = brute_force(tensor.numpy(), tensor[4].float().numpy(), mask)
     np.testing.assert_allclose(result.scores, ref, atol=1e-4)  # fp32-tight for every image
     assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])

@@ -72,6 +72,33 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
         assert gap.max() < 1e-4
 
 
+@pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("seed", range(4))
+def test_the_kernels_own_norms_stay_within_the_bound(case, seed):
+    """Given no norms (an unprepared array), the kernel takes each cell's as it reads it, summed in
+    its own order: each image's largest bound stays above its exact best score, the runner-up's
+    above every other placement's, and the best fast score near its placement's exact one."""
+    x, mask = make(case, seed)
+    n = len(x)
+    q = RegionQuery.create(x[seed].astype(np.float32), mask)
+    exact = every_placement(x, q.features, mask).reshape(n, -1)
+    cpu, plan = torch.device("cpu"), QueryPlan("pairs")
+    geometry = QueryGeometry.create(q, x.shape[1:3])
+    scorer = Scorer.fast(geometry, plan, cpu, torch.float16)
+    bound = FastBound.create(q, geometry, plan, torch.float16, cpu)
+    out = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
+    best, where, upper, runner = (
+        t.numpy() for t in scorer.best_placements(torch.from_numpy(x), None, bound, False, out)
+    )
+    images = np.arange(n)
+    assert (exact.max(1) <= upper).all()
+    others = exact.copy()
+    others[images, where] = -np.inf
+    assert (others.max(1) <= runner).all()
+    np.testing.assert_allclose(best, exact[images, where], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_top_k_is_exact_on_tightly_packed_scores(case, device):
     """Random features pack the best scores within ~1e-3: the re-scoring must sort them out."""

@@ -57,6 +57,34 @@ static inline const uint16_t *tail_of(const uint16_t *xd, int full, int c, uint1
     return buf;
 }
 
+/* The squared norm of one row of c fp16 values (fp32 squares and sums: fp16 is exact in fp32), in
+ * two chains; *below set where a value is not ≥ 0 (negative or NaN). */
+static inline float row_sqnorm(const uint16_t *p, int c, int *below) {
+    const int full = c / L * L;
+    uint16_t buf[L];
+    vf a0 = zero_(), a1 = zero_();
+    int k = 0, neg = 0;
+    for (; k + 2 * L <= full; k += 2 * L) {
+        const vf v0 = load_h(p + k), v1 = load_h(p + k + L);
+        a0 = fma_(v0, v0, a0);
+        a1 = fma_(v1, v1, a1);
+        neg |= any_below_zero(v0) | any_below_zero(v1);
+    }
+    for (; k < full; k += L) {
+        const vf v = load_h(p + k);
+        a0 = fma_(v, v, a0);
+        neg |= any_below_zero(v);
+    }
+    const uint16_t *tail = tail_of(p, full, c, buf, L);
+    if (tail) {
+        const vf v = load_h(tail);
+        a0 = fma_(v, v, a0);
+        neg |= any_below_zero(v);
+    }
+    *below |= neg;
+    return hsum(add_(a0, a1));
+}
+
 #if defined(__AVX512BF16__)
 #define HAS_BF16 1
 static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
@@ -84,12 +112,15 @@ int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | (L << 8); }
 #define IMAGES 3
 #define RMAX 4
 #endif
+/* Pairs in a cell's first block where it also takes the cell's squared norm (`vfs_best.fill`): one
+ * more sum per image in registers (AVX-512: 20 + 4 + 1 + 4 of 32; AVX2: 9 + 3 + 1 + 3 of 16). */
+#define RNORM (RMAX - 1)
 #define AI static inline __attribute__((always_inline))
 
 /* One step of R pairs over one channel vector (at `off` in each of the M images' `src`, at `c` in
  * the weights). */
 AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const void *w, int cp, int c,
-             const int32_t *k, vf (*a)[RMAX]) {
+             const int32_t *k, vf (*a)[RMAX], vf *norm) {
 #if HAS_BF16
     if (bf16) {
         __m512bh xv[IMAGES];
@@ -105,6 +136,8 @@ AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const 
     (void)bf16;
     vf xv[IMAGES];
     for (int i = 0; i < M; i++) xv[i] = load_h(src[i] + off);
+    if (norm)
+        for (int i = 0; i < M; i++) norm[i] = fma_(xv[i], xv[i], norm[i]);
     for (int t = 0; t < R; t++) {
         vf wt = load_f((const float *)w + (int64_t)k[t] * cp + c);
         /* In a register, not folded by the compiler into each of the M multiply-adds as a memory
@@ -130,25 +163,32 @@ AI void prefetch_next(int M, const uint16_t *const *src, int off, int64_t ahead)
 
 /* R pairs of one data cell in M images: R dot products each over the cell's channels (the last
  * vector from `tails` where c is not a multiple of the width), added to their placements' lane
- * sums (acc + i·places·lanes for image i); the next cells prefetched where `ahead` is not 0. */
+ * sums (acc + i·places·lanes for image i); the next cells prefetched where `ahead` is not 0; and,
+ * where `sq` is given (fp16 only), each image's squared norm of the cell into sq[i · cells]. */
 AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t *const *tails, int full, int cp,
-              const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image, int64_t ahead) {
-    vf a[IMAGES][RMAX];
-    for (int i = 0; i < M; i++)
+              const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image, int64_t ahead,
+              float *sq, int32_t cells) {
+    vf a[IMAGES][RMAX], n[IMAGES];
+    vf *norm = sq ? n : 0;
+    for (int i = 0; i < M; i++) {
+        n[i] = zero_();
         for (int t = 0; t < R; t++) a[i][t] = zero_();
+    }
     if (ahead)
         for (int c = 0; c < full; c += WIDTH(bf16)) {
             prefetch_next(M, xs, c, ahead);
-            step(bf16, R, M, xs, c, w, cp, c, k, a);
+            step(bf16, R, M, xs, c, w, cp, c, k, a, norm);
         }
     else
-        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a);
-    if (tails) step(bf16, R, M, tails, 0, w, cp, full, k, a);
+        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a, norm);
+    if (tails) step(bf16, R, M, tails, 0, w, cp, full, k, a, norm);
     for (int i = 0; i < M; i++)
         for (int t = 0; t < R; t++) {
             float *dst = acc + i * per_image + (int64_t)p[t] * LANES(bf16);
             store_f(dst, add_(load_f(dst), a[i][t]));
         }
+    if (sq)
+        for (int i = 0; i < M; i++) sq[i * (int64_t)cells] = hsum(n[i]);
 }
 
 /* What the fast pass keeps of an image's placements, computed where its numerators are summed
@@ -160,13 +200,16 @@ AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t 
  * placements. As vfs.triton_products.best_kernel and the torch operators it replaces: fp32,
  * rounded to nearest (a multiply-add rounds once: within the same bound). */
 struct vfs_best {
-    const float *sq;        /* (n, cells) the cells' squared norms, fp32 */
+    float *sq;              /* (n, cells) the cells' squared norms, fp32: given, or written (`fill`) */
     const float *m2;        /* (K,) the query cells' squared mask weights, fp32 */
     const int32_t *origin;  /* (K,) the data cell each query cell covers at placement (0, 0) */
     int32_t k, ph, pw, w;   /* query cells, placements (ph, pw), grid width */
     float qnorm, smallest, output_error, weight_term, scale;
     float *best, *upper, *runner; /* (n,) each */
     int64_t *where;                /* (n,) placement index py * pw + px */
+    /* fill: the kernel takes each cell's squared norm into sq (fp16 features) in the cell's first
+     * block, which reads it anyway; the bound above is then the one for features of either sign. */
+    int32_t fill;
 };
 
 #if L == 16
@@ -253,6 +296,7 @@ AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int
     const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
     const int64_t per_image = (int64_t)places * lanes;
     uint16_t buf[IMAGES][32];
+    float *fill = b && b->fill ? b->sq + i * cells : 0; /* fp16 only: the caller's rule */
     memset(acc, 0, sizeof(float) * (size_t)(per_image * M));
     for (int d = 0; d < cells; d++) {
         int j = start[d];
@@ -263,12 +307,21 @@ AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int
             ts[m] = tail_of(xs[m], full, c, buf[m], width);
         }
         const uint16_t *const *tails = full < c ? ts : 0;
+        if (fill && j == e) { /* a cell no placement weighs: its norm only (a NaN there is still found) */
+            int unused = 0;
+            for (int m = 0; m < M; m++) fill[m * (int64_t)cells + d] = row_sqnorm(xs[m], c, &unused);
+        }
         while (j < e) {
+            float *sq = fill && j == start[d] ? fill + d : 0; /* the cell's first block takes its norm */
             int r = e - j;
             if (r > RMAX) r = r <= 2 * RMAX ? (r + 1) / 2 : RMAX;
+            if (sq && r > RNORM) r = RNORM;
             switch (r) { /* each size its own code: R is a constant in `block` */
 #define BLOCK(R) \
-    case R: block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0); break;
+    case R: \
+        if (sq) block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, c, sq, cells); \
+        else block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0, 0, 0); \
+        break;
                 BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4)
 #if RMAX > 4
                 BLOCK(5) BLOCK(6)
@@ -374,32 +427,8 @@ void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_f
  * What an array searched from a notebook is prepared with: torch's blocks (fp16 → fp32, then a
  * minimum and the norms) took 3-5× a read of it. */
 int vfs_sqnorms_f16(const uint16_t *x, int64_t r0, int64_t r1, int32_t c, float *sq) {
-    const int full = c / L * L;
-    uint16_t buf[L];
     int below = 0;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *p = x + r * (int64_t)c;
-        vf a0 = zero_(), a1 = zero_();
-        int k = 0;
-        for (; k + 2 * L <= full; k += 2 * L) {
-            const vf v0 = load_h(p + k), v1 = load_h(p + k + L);
-            a0 = fma_(v0, v0, a0);
-            a1 = fma_(v1, v1, a1);
-            below |= any_below_zero(v0) | any_below_zero(v1);
-        }
-        for (; k < full; k += L) {
-            const vf v = load_h(p + k);
-            a0 = fma_(v, v, a0);
-            below |= any_below_zero(v);
-        }
-        const uint16_t *tail = tail_of(p, full, c, buf, L);
-        if (tail) {
-            const vf v = load_h(tail);
-            a0 = fma_(v, v, a0);
-            below |= any_below_zero(v);
-        }
-        sq[r] = hsum(add_(a0, a1));
-    }
+    for (int64_t r = r0; r < r1; r++) sq[r] = row_sqnorm(x + r * (int64_t)c, c, &below);
     return below;
 }
 

@@ -57,6 +57,7 @@ class _Best(ctypes.Structure):
         ("upper", _P),
         ("runner", _P),
         ("where", _P),
+        ("fill", _I32),
     ]
 
 
@@ -270,7 +271,7 @@ class PairKernel:
     def best_placements(
         self,
         parts: list[torch.Tensor],
-        sqnorm: torch.Tensor,
+        sqnorm: torch.Tensor | None,
         m2: Sequence[float],
         qnorm: float,
         affine: tuple[float, float, float],
@@ -281,15 +282,29 @@ class PairKernel:
         (`out`: fp32, int64, fp32, fp32, each (n,)) — scored in the kernel as each image's
         numerators are summed (kernel.c's `best_of`). `sqnorm` (n, h, w) the cells' squared norms,
         `m2` (K,) the squared mask weights in the query cells' order, `affine` the bound's
-        (output_error, weight_term, scale) (`FastBound.affine`)."""
+        (output_error, weight_term, scale) (`FastBound.affine`).
+
+        `sqnorm` None (fp16 features): the kernel takes each cell's norm in the first block that
+        reads the cell (its sum in another order than `squared_norms`', within the same bound), with
+        nothing computed before; the sign of the features being unknown, `affine` must be the
+        bound's for either sign. ValueError where a value is NaN or infinite."""
+        n = sum(len(p) for p in parts)
+        fill = sqnorm is None
+        if fill:
+            if self.dtype != torch.float16:
+                raise ValueError("the kernel takes the norms of fp16 features only")
+            h, w = parts[0].shape[1:3]
+            sq = torch.empty(n, h * w, dtype=torch.float32)
+        else:
+            assert sqnorm is not None
+            sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
         output_error, weight_term, scale = affine
-        sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
         weights = np.ascontiguousarray(m2, np.float32)
         best, where, upper, runner = out
         for t, dtype in zip(out, (torch.float32, torch.int64, torch.float32, torch.float32)):
-            if t.dtype != dtype or t.device.type != "cpu" or t.shape != (len(sq),) or not t.is_contiguous():
+            if t.dtype != dtype or t.device.type != "cpu" or t.shape != (n,) or not t.is_contiguous():
                 found = f"{t.dtype} {tuple(t.shape)} on {t.device}"
-                raise ValueError(f"the kernel writes contiguous {dtype} ({len(sq)},) on the CPU, not {found}")
+                raise ValueError(f"the kernel writes contiguous {dtype} ({n},) on the CPU, not {found}")
         cells, origin = sq.shape[1], self.origin
         smallest = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
         scalars = (len(origin), *self.shape, self.width, qnorm, smallest, output_error, weight_term, scale)
@@ -298,9 +313,12 @@ class PairKernel:
             at = (best, upper, runner, where)
             ends = (t.data_ptr() + t.element_size() * offset for t in at)
             rows = sq.data_ptr() + 4 * offset * cells
-            return 0, 0, ctypes.byref(_Best(rows, weights.ctypes.data, origin.ctypes.data, *scalars, *ends))
+            best_of = _Best(rows, weights.ctypes.data, origin.ctypes.data, *scalars, *ends, int(fill))
+            return 0, 0, ctypes.byref(best_of)
 
         self._run(parts, epilogue)
+        if fill and not bool(torch.isfinite(sq).all()):
+            raise ValueError("the features contain NaN or inf")
         return out
 
     def _run(self, parts: list[torch.Tensor], outputs: Callable[[int], tuple[int, int, Any]]) -> None:

@@ -556,7 +556,7 @@ class Scorer:
     def best_placements(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        sqnorm: torch.Tensor,
+        sqnorm: torch.Tensor | None,
         bound: FastBound,
         nonnegative: bool,
         out: FastOutputs,
@@ -565,14 +565,15 @@ class Scorer:
         placements and the largest over its other placements, where `fuses(x)` (`out`, four (n,)
         tensors; see `kernel.PairKernel.best_placements`). Triton's epilogue computes no runner-up
         (∞). One placement (the whole grid): its numerators and squared norms are summed first,
-        then passed as one cell."""
+        then passed as one cell. `sqnorm` None: the pairs kernel takes them (`nonnegative` must
+        then be False: the features' sign is not known)."""
         affine = bound.affine(nonnegative)
         if self.pairs is not None:
             parts = x if isinstance(x, list) else [x]
             return self.pairs.best_placements(
                 parts, sqnorm, self.geometry.m2, self.geometry.qnorm, affine, out
             )
-        assert self.placements is not None and isinstance(x, torch.Tensor)
+        assert self.placements is not None and isinstance(x, torch.Tensor) and sqnorm is not None
         out[3].fill_(math.inf)
         first = (out[0], out[1], out[2])
         n, h, w, c = x.shape

@@ -36,7 +36,7 @@ from .scoring import (
     plan_query,
     uses_pairs,
 )
-from .sources import FeatureSource
+from .sources import FeatureSource, UnpreparedArray, cell_norms
 from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
@@ -203,10 +203,14 @@ def search_regions(
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
         # (1.2–1.4× its bf16 time on Zen 4, with a tighter bound), an array is searched as it is.
-        copy = dev.type == "cpu" and not uses_pairs(dev, torch.float16, source.shape[-1])
-        source = prepared_array(source, dtype if copy else torch.float16)
-        if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
-            dtype = source.cpu_dtype
+        pairs = dev.type == "cpu" and uses_pairs(dev, torch.float16, source.shape[-1])
+        if pairs and UnpreparedArray.takes(source):
+            source, dtype = UnpreparedArray(source), torch.float16  # the kernel takes the norms as it reads
+        else:
+            array = prepared_array(source, dtype if dev.type == "cpu" and not pairs else torch.float16)
+            if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
+                dtype = array.cpu_dtype
+            source = array
     n, h, w, c = source.shape
     rq = region_query(source, query, mask)
     if rq.features.shape[-1] != c:
@@ -279,7 +283,9 @@ class _FastScoring:
     hold its features in bf16 but stream them in fp16): a plan, scorer and bound per type, made
     once — the cheaper form differs between operand types."""
 
-    def __init__(self, query: RegionQuery, geometry: QueryGeometry, device: torch.device, nonnegative: bool):
+    def __init__(
+        self, query: RegionQuery, geometry: QueryGeometry, device: torch.device, nonnegative: bool | None
+    ):
         self.query, self.geometry, self.device = query, geometry, device
         self.nonnegative_source = nonnegative
         self._by_dtype: dict[torch.dtype, tuple[Scorer, FastBound]] = {}
@@ -288,13 +294,14 @@ class _FastScoring:
     def __call__(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        sqnorm: torch.Tensor,
+        sqnorm: torch.Tensor | None,
         out: FastOutputs | None = None,
     ) -> FastOutputs:
         """Per image of a chunk (into `out` where given): its best fast score, that placement's
         index (y·Pw + x), the largest upper bound over its placements, and the largest over its
         other placements (−∞ for one placement; ∞ where not computed: the fused GPU epilogue); a
-        placement that overflowed bounds nothing (inf)."""
+        placement that overflowed bounds nothing (inf). `sqnorm` None: the pairs kernel takes the
+        norms (`UnpreparedArray`)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
             plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
@@ -304,10 +311,16 @@ class _FastScoring:
             )
             self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
-        nonnegative = self.nonnegative_source and bound.nonnegative_weights
-        n = len(sqnorm)
+        features_nonnegative = self.nonnegative_source
+        if sqnorm is None and (scorer.pairs is None or dtype != torch.float16):
+            assert isinstance(x, torch.Tensor)  # an UnpreparedArray's slice, in another form
+            sqnorm, features_nonnegative = cell_norms(x)
+        # Unknown (None) where the kernel takes the norms: the bound for either sign, wider than the
+        # relative one by eps·(1 − score), eps ≤ 1.4e-4 for its fp32 sums at 2,048 channels.
+        nonnegative = bool(features_nonnegative) and bound.nonnegative_weights
+        n = _images_in(x)
         if out is None:
-            dev = sqnorm.device  # fp32 whatever torch's default type (the kernel writes fp32)
+            dev = self.device  # fp32 whatever torch's default type (the kernel writes fp32)
             out = (
                 torch.empty(n, dtype=torch.float32, device=dev),
                 torch.empty(n, dtype=torch.int64, device=dev),
@@ -316,6 +329,7 @@ class _FastScoring:
             )
         if scorer.fuses(x):
             return scorer.best_placements(x, sqnorm, bound, nonnegative, out)
+        assert sqnorm is not None  # above
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
@@ -357,9 +371,9 @@ def _fast_pass(
     coarse = False
     with torch.inference_mode():
         for start, x, sq in source.chunks(device, memory_budget, dtype):
-            stop = start + len(sq)
+            stop = start + _images_in(x)
             fast(x, sq, out=(best[start:stop], where[start:stop], upper[start:stop], runner[start:stop]))
-            if sqnorm is not None:  # every chunk's: a refined image may come from any
+            if sqnorm is not None and sq is not None:  # every chunk's: a refined image may come from any
                 sqnorm[start:stop] = sq
                 coarse = coarse or _operand_dtype(x) == torch.bfloat16
     placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
@@ -369,6 +383,10 @@ def _fast_pass(
 
 def _operand_dtype(x: torch.Tensor | list[torch.Tensor]) -> torch.dtype:
     return (x[0] if isinstance(x, list) else x).dtype
+
+
+def _images_in(x: torch.Tensor | list[torch.Tensor]) -> int:
+    return sum(len(part) for part in x) if isinstance(x, list) else len(x)
 
 
 def _refine(

@@ -35,8 +35,9 @@ class FeatureSource(Protocol):
     def shape(self) -> tuple[int, int, int, int]: ...
 
     @property
-    def nonnegative(self) -> bool:
-        """Every feature is ≥ 0 (post-ReLU layers): makes the fast score's bound relative to it."""
+    def nonnegative(self) -> bool | None:
+        """Every feature is ≥ 0 (post-ReLU layers): makes the fast score's bound relative to it.
+        None: not known before a search reads them (the pairs kernel then takes each image's)."""
         ...
 
     @property
@@ -46,12 +47,13 @@ class FeatureSource(Protocol):
 
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
-    ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor]]:
+    ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor | None]]:
         """(start, features (n, h, w, C), fp32 squared norms (n, h, w)) on `device`: features held
         resident in `dtype` (fp16 as stored, or bf16 / fp32 where their products run faster —
         converted once; fp16 where that copy would not fit), streamed ones in fp16. They may come
         as a list of tensors holding consecutive images (files mapped in place); a chunk's tensors
-        are only read until the next chunk is asked for."""
+        are only read until the next chunk is asked for. Norms None: the pairs kernel takes them
+        (`UnpreparedArray`)."""
         ...
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
@@ -177,6 +179,15 @@ def _fp16_and_sqnorms(
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
+def cell_norms(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Each cell's squared norm (fp32) of fp16 features, (n, h, w, C) → (n, h, w), and whether every
+    value is ≥ 0: for a form other than the pairs kernel's over an `UnpreparedArray`."""
+    _, sqnorm, nonnegative = _fp16_and_sqnorms(x)
+    if not torch.isfinite(sqnorm).all():
+        raise ValueError("the features contain NaN or inf")
+    return sqnorm, nonnegative
+
+
 FP16_SAFE_SQNORM = 2.0**-12
 """The least largest squared cell norm of an array taken in fp16 as it is: cells of norm ≥ 2⁻⁶
 hold values of fp16's normal range (≥ 2⁻¹⁴). A smaller array loses its values' bits to fp16's
@@ -283,6 +294,58 @@ class ArrayFeatures:
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         """Bare arrays know nothing of their images: no columns to add."""
+        return {}
+
+
+class UnpreparedArray:
+    """An fp16 array on the CPU searched as it is, on every call: the pairs kernel takes each cell's
+    squared norm in the pass that reads it (`PairKernel.best_placements` without norms). Nothing
+    is prepared before a search nor kept after it, so a changed array is never searched stale,
+    however it was changed — what `search_regions` makes of such an array where the kernel runs."""
+
+    domains: np.ndarray | None = None
+    nonnegative: bool | None = None  # not known before the kernel reads it: bounded for either sign
+
+    def __init__(self, features: np.ndarray | torch.Tensor):
+        t = _as_tensor(features).detach()
+        if not self.takes(t):
+            raise ValueError("an UnpreparedArray is a contiguous (N, h, w, C) fp16 array on the CPU")
+        self._fp16 = t
+
+    @staticmethod
+    def takes(features: np.ndarray | torch.Tensor) -> bool:
+        """Whether `features` can be searched without a preparation (else: `ArrayFeatures`)."""
+        if isinstance(features, np.ndarray):
+            return features.ndim == 4 and features.dtype == np.float16 and features.flags.c_contiguous
+        return (
+            features.ndim == 4
+            and features.dtype == torch.float16
+            and features.device.type == "cpu"
+            and features.is_contiguous()
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self._fp16.shape
+        return n, h, w, c
+
+    def chunks(
+        self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
+    ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor | None]]:
+        """The array's slices with no norms: only the pairs kernel's fp16 pass takes them."""
+        if device.type != "cpu" or dtype != torch.float16:
+            raise ValueError(f"an UnpreparedArray is searched in fp16 on the CPU, not {dtype} on {device}")
+        n, row_bytes = len(self._fp16), math.prod(self._fp16.shape[1:]) * 2
+        for a, b in resident_slices(n, row_bytes, device):
+            yield a, self._fp16[a:b], None
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        return gather_rows(self._fp16, indices).numpy()
+
+    def resident_on(self, device: torch.device) -> torch.Tensor | None:
+        return self._fp16 if device.type == "cpu" else None
+
+    def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         return {}
 
 
