@@ -290,13 +290,13 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
 }
 
 /* Every pair of images [i, i + M): the cells in order, each cell's pairs in blocks. */
-AI void images(int bf16, int M, const uint16_t *x, int64_t i, int32_t cells, int32_t c, const void *w, int32_t cp,
-               const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
+AI void images(int bf16, int M, int norms, const uint16_t *x, int64_t i, int32_t cells, int32_t c, const void *w,
+               int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
                int64_t stride, const struct vfs_best *b, float *acc) {
     const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
     const int64_t per_image = (int64_t)places * lanes;
     uint16_t buf[IMAGES][32];
-    float *fill = b && b->fill ? b->sq + i * cells : 0; /* fp16 only: the caller's rule */
+    float *fill = norms ? b->sq + i * cells : 0;
     memset(acc, 0, sizeof(float) * (size_t)(per_image * M));
     for (int d = 0; d < cells; d++) {
         int j = start[d];
@@ -343,9 +343,17 @@ AI void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, 
             int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
             int64_t stride, const struct vfs_best *b, float *acc) {
     int64_t i = i0;
+    /* The norms taken or given: each its own code (constants in `images`), so that the common case
+     * (given: caches, prepared sources) runs the same instructions as without the other. fp16 only. */
+    if (!bf16 && b && b->fill) {
+        for (; i + IMAGES <= i1; i += IMAGES)
+            images(0, IMAGES, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        for (; i < i1; i++) images(0, 1, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        return;
+    }
     for (; i + IMAGES <= i1; i += IMAGES)
-        images(bf16, IMAGES, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
-    for (; i < i1; i++) images(bf16, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        images(bf16, IMAGES, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    for (; i < i1; i++) images(bf16, 1, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 
 void vfs_pairs_f16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
