@@ -185,8 +185,8 @@ job = BuildJob(
     data=source,
     out=str(out),
     model=spec.strip(),
-    label_col=None if label == NONE else label,
-    domain_col=None if domain == NONE else domain,
+    label_col="" if label == NONE else label,  # none, as shown: None would take `label` where there is one
+    domain_col="" if domain == NONE else domain,
     image_size=size,
     limit=limit,
     **on_ray,

@@ -129,6 +129,8 @@ def test_manifest_keeps_columns_and_resolves_relative_paths(tmp_path: Path, suff
         table.to_parquet(manifest)
 
     ds = open_dataset(str(manifest))
+    unlabelled = open_dataset(str(manifest), label_col="", domain_col="")
+    assert (unlabelled.label_col, unlabelled.domain_col) == (None, None)  # "": none, not the default
 
     assert ds.records.columns.tolist() == ["path", "label", "domain", "age"]
     assert ds.records["age"].tolist() == [3, 4]

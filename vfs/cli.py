@@ -281,8 +281,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>"
     )
     bp.add_argument("--out")
-    bp.add_argument("--label-col")
-    bp.add_argument("--domain-col")
+    bp.add_argument(
+        "--label-col", help="the labels' column (default: 'label' where there is one; \"\" for none)"
+    )
+    bp.add_argument(
+        "--domain-col", help="the domains' column (default: 'domain' where there is one; \"\" for none)"
+    )
     bp.add_argument("--image-size", type=int)
     bp.add_argument("--batch-size", type=int)
     bp.add_argument("--device")

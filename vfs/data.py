@@ -241,8 +241,8 @@ class ImageDataset:
 def open_dataset(source: str, label_col: str | None = None, domain_col: str | None = None) -> ImageDataset:
     """Open a dataset source (folder, manifest, ``embedded:skimage`` or ``torchvision:...``).
 
-    Without explicit columns, ``label`` is the label column when present and the domain
-    column is ``domain`` (``source`` for the embedded demo) when present.
+    Without explicit columns (None), ``label`` is the label column when present and the domain
+    column is ``domain`` (``source`` for the embedded demo) when present; ``""`` means none.
     """
     default_domain = "domain"
     reader: Callable[[str], Image.Image]
@@ -263,11 +263,13 @@ def open_dataset(source: str, label_col: str | None = None, domain_col: str | No
                 f"unknown dataset source {source!r} ({found}): expected an image folder, a .csv/.parquet "
                 f"manifest, {EMBEDDED_DATASET!r} or 'torchvision:<Dataset>[?split=...]'"
             )
-    label_col = label_col or ("label" if "label" in records.columns else None)
-    domain_col = domain_col or (default_domain if default_domain in records.columns else None)
+    if label_col is None:
+        label_col = "label" if "label" in records.columns else None
+    if domain_col is None:
+        domain_col = default_domain if default_domain in records.columns else None
     if not (source == EMBEDDED_DATASET or source.startswith(TORCHVISION_PREFIX)):
         source = str(Path(source).expanduser().resolve())  # one name from any folder: resumes, Compare
-    return ImageDataset(DataSpec(source, label_col, domain_col), records, reader)
+    return ImageDataset(DataSpec(source, label_col or None, domain_col or None), records, reader)
 
 
 @dataclass(frozen=True)

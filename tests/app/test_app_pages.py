@@ -406,6 +406,13 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     assert any("ui_built: complete with 6 images (this run took" in t for t in texts(at.success))
     cache = open_cache(tmp_path / "ui_built.zarr")
     assert cache.domain_col == "view" and cache.label_col == "label"
+    at.selectbox(key="build.label").set_value("(none)")
+    at.selectbox(key="build.domain").set_value("(none)")
+    at.text_input(key="build.name").set_value("ui_unlabelled").run()
+    no_exceptions(at.button(key="build.start").click().run())
+    done = tmp_path / "ui_unlabelled.zarr"
+    wait_until(lambda: done.exists() and open_cache(done).complete)
+    assert (open_cache(done).label_col, open_cache(done).domain_col) == (None, None)  # as the page showed
 
 
 def test_delete_asks_first(caches, tmp_path, monkeypatch):
