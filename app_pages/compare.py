@@ -29,7 +29,7 @@ pick_left, pick_right = st.columns(2)
 with pick_left:
     left = pick_cache("compare.left", "Left cache")
 with pick_right:
-    right = pick_cache("compare.right", "Right cache", shared=None, avoid=left.location)
+    right = pick_cache("compare.right", "Right cache", shared=None, partner=left)
 if (reason := comparison_refusal(left, right)) is not None:
     st.error(f"These caches cannot be compared: {reason}" + ("" if reason.endswith("?") else "."))
     st.stop()

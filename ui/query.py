@@ -16,7 +16,8 @@ import streamlit as st
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
 
-from vfs.cache import FeatureCache
+from vfs.cache import CacheError, FeatureCache
+from vfs.compare import comparison_refusal
 from vfs.data import IMAGE_EXTENSIONS, load_image
 from vfs.masks import grid_mask
 from vfs.render import jpeg_data_url
@@ -91,13 +92,14 @@ def describe_cache(row: dict) -> str:
 
 
 def pick_cache(
-    key: str, label: str = "Cache", shared: str | None = CACHE, avoid: str | None = None
+    key: str, label: str = "Cache", shared: str | None = CACHE, partner: FeatureCache | None = None
 ) -> FeatureCache:
     """A selectbox of the complete caches that hold images (a build whose every image was skipped
     leaves an empty one, listed on the Build page with its report); stops the page with a hint when
     there are none.
 
-    `shared` keeps the choice for the other pages; `avoid` is a location to prefer not to default to.
+    `shared` keeps the choice for the other pages; `partner` is the cache this one is compared with:
+    the default is then another cache of the same images (`comparison_refusal`), if there is one.
     """
     rows = [r for r in cache_rows() if r["complete"] and r["n"]]
     if not rows:
@@ -107,12 +109,28 @@ def pick_cache(
         st.page_link("app_pages/home.py", label="Go to Home", icon=":material/home:")
         st.stop()
     choices = {r["path"]: describe_cache(r) for r in rows}
-    default = next((p for p in choices if p != avoid), rows[0]["path"])
+    default = rows[0]["path"]
+    if partner is not None:
+        others = tuple(p for p in choices if p != partner.location)
+        default = memo(f"{key}.default", (partner.location, others), lambda: _comparable(partner, others))
     location = st.selectbox(
         label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices)
     )
     with user_errors():
         return get_cache(location)
+
+
+def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str:
+    """The first of `locations` whose cache holds `partner`'s images in its order, else the first
+    (or the partner's own where there is no other)."""
+    for location in locations:
+        try:
+            cache = get_cache(location)
+        except CacheError:  # gone since it was listed
+            continue
+        if cache.n == partner.n and comparison_refusal(partner, cache) is None:
+            return location
+    return locations[0] if locations else partner.location
 
 
 # --- which image ------------------------------------------------------------------------------------

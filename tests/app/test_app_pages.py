@@ -349,6 +349,16 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
 
 
+def test_compare_opens_with_a_cache_of_the_same_images_on_the_right(app, caches):
+    """The Search page's cache on the left; on the right not the first other cache listed (findings,
+    other images: refused) but one of the same images (helper review)."""
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    at = page(at, "compare")
+    assert at.selectbox(key="compare.left").value == str(caches / "small.zarr")
+    assert at.selectbox(key="compare.right").value == str(caches / "small_b4.zarr")
+    assert not any("cannot be compared" in t for t in texts(at.error))
+
+
 def test_compare_refuses_caches_of_different_datasets(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
     at = use_cache(at, "compare.right", caches, "findings")
