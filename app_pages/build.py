@@ -28,7 +28,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         layers,
         user_errors,
     )
-    from ui.views import build_panel, cache_table, megabytes, start_build
+    from ui.views import build_panel, cache_table, megabytes, skipped_images, start_build
     from vfs.background import resume_job
     from vfs.cache import BuildLock
     from vfs.data import EMBEDDED_DATASET
@@ -226,6 +226,9 @@ target = st.selectbox(
 )
 path = s.cache_path(target)
 building = (b := registry.get(path)) is not None and b.status().running
+if not local[target]["error"]:
+    with user_errors():
+        skipped_images(get_cache(str(path)), "build.manage.skipped")
 actions = st.container(horizontal=True)
 if not local[target]["complete"] and not local[target]["error"] and not building:
     actions.button(

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BackgroundBuild
-from vfs.cache import FeatureCache, cache_name
+from vfs.cache import CacheError, FeatureCache, cache_name
 from vfs.export import search_json
 from vfs.jobs import BuildJob, duration
 from vfs.render import (
@@ -25,7 +25,7 @@ from vfs.render import (
 )
 from vfs.search import SearchResult
 
-from .core import build_registry, outlined_tiles, thumbs
+from .core import build_registry, get_cache, outlined_tiles, thumbs
 from .query import Query
 
 START_ERROR = "vfs.builds.error"
@@ -180,6 +180,14 @@ def cache_table(rows: list[dict]) -> None:
     st.dataframe(table, hide_index=True, key="caches.table")
 
 
+def skipped_images(cache: FeatureCache, key: str) -> None:
+    """Which images a build could not read, and why, folded (the CLI prints them after a build)."""
+    skipped = cache.report.get("skipped", [])
+    if skipped:
+        with st.expander(f"The {len(skipped)} skipped {'image' if len(skipped) == 1 else 'images'} and why"):
+            st.dataframe(pd.DataFrame(skipped, columns=["path", "reason"]), hide_index=True, key=key)
+
+
 def cache_provenance(cache: FeatureCache) -> str:
     """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
     s, skipped = cache.spec, len(cache.report.get("skipped", []))
@@ -231,6 +239,11 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
             f"{name}: complete with {status.stored} images{skipped} "
             f"(this run took {duration(status.finished - status.started)})."
         )
+        if skipped:
+            try:
+                skipped_images(get_cache(status.job.out), f"build.skipped.{status.job.out}")
+            except CacheError:  # deleted since: the list below says so
+                pass
     elif status.state in ("cancelled", "failed"):
         where = f" at {p.done} / {p.total} images" if p else ""
         chunks = " (a failed build keeps whole chunks only)" if status.state == "failed" else ""

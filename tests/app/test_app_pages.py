@@ -425,6 +425,31 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     assert (open_cache(done).label_col, open_cache(done).domain_col) == (None, None)  # as the page showed
 
 
+def test_the_build_page_names_the_images_it_skipped_and_why(findings_manifest, tmp_path, monkeypatch):
+    """As the CLI prints them: after the build, and for the cache picked under Manage a cache."""
+    import pandas as pd
+
+    table = pd.read_csv(findings_manifest)
+    table.loc[len(table)] = {**table.iloc[0].to_dict(), "path": "no_such_image.png"}
+    manifest = findings_manifest.with_name("with_a_missing_file.csv")
+    table.to_csv(manifest, index=False)
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(manifest)).run()
+    at.text_input(key="build.name").set_value("gappy").run()
+    no_exceptions(at.button(key="build.start").click().run())
+    wait_until(lambda: (tmp_path / "gappy.zarr").exists() and open_cache(tmp_path / "gappy.zarr").complete)
+    at.run()
+    assert any("complete with 6 images, 1 unreadable images skipped" in t for t in texts(at.success))
+    listed = [d.value for d in at.dataframe if "reason" in d.value.columns]  # (AppTest shows no keys)
+    assert len(listed) == 2  # after the build, and under Manage a cache
+    for table in listed:
+        assert table["path"].tolist() == ["no_such_image.png"]
+        assert "cannot read file" in table["reason"].iloc[0]
+    assert [e.label for e in at.expander].count("The 1 skipped image and why") == 2
+
+
 def test_delete_asks_first(caches, tmp_path, monkeypatch):
     shutil.copytree(caches / "findings.zarr", tmp_path / "doomed.zarr")
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
