@@ -200,14 +200,22 @@ elif existing is not None and existing["complete"]:
     st.warning(
         f"A complete cache called {name} exists in {s.cache_dir}/: choose another name, or delete it below."
     )
-else:
-    st.button(
-        "Resume build" if existing else "Build cache",
-        type="primary",
-        key="build.start",
-        on_click=start_build,
-        args=(job,),
+elif existing is not None:  # a partial cache goes on as it was started, whatever is chosen above
+    with user_errors():
+        started = resume_job(get_cache(str(out)))
+    differ = [
+        f"{what} {getattr(started, field)!r}, not {getattr(job, field)!r}"
+        for field, what in (("model", "model"), ("layer", "layer"), ("image_size", "image size"))
+        if getattr(started, field) != getattr(job, field)
+    ]
+    st.info(
+        f"A partial cache called {name} exists ({existing.get('stored', 0)} images stored): Resume build "
+        f"continues it with the settings it was started with"
+        + (f" ({'; '.join(differ)}). For the settings above, choose another name." if differ else ".")
     )
+    st.button("Resume build", type="primary", key="build.start", on_click=start_build, args=(started,))
+else:
+    st.button("Build cache", type="primary", key="build.start", on_click=start_build, args=(job,))
     st.caption(f"Writes {out}. A cancelled or interrupted build resumes where it stopped.")
 
 st.header("Builds")

@@ -6,6 +6,7 @@ Drawings are injected through the canvas's session state, as the component would
 import json
 import shutil
 import threading
+from dataclasses import replace
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +28,8 @@ from apphelpers import (
 from PIL import Image
 
 from vfs.cache import open_cache
+from vfs.data import EMBEDDED_DATASET
+from vfs.jobs import BuildJob, build_cache
 from vfs.stats import GROUP_TABLE_COLUMNS
 
 
@@ -448,6 +451,27 @@ def test_the_build_page_names_the_images_it_skipped_and_why(findings_manifest, t
         assert table["path"].tolist() == ["no_such_image.png"]
         assert "cannot read file" in table["reason"].iloc[0]
     assert [e.label for e in at.expander].count("The 1 skipped image and why") == 2
+
+
+def test_a_partial_cache_resumes_as_it_was_started_whatever_the_page_shows(tmp_path, monkeypatch):
+    """Resume build ran the page's settings, which the cache refused — and its button under the error
+    ran them again (helper review). It now continues the cache as recorded, and says where the page's
+    settings differ."""
+    stop = threading.Event()
+    started = BuildJob(
+        layer="blocks.4", data=EMBEDDED_DATASET, out=str(tmp_path / "halfway.zarr"), limit=12, batch_size=4
+    )
+    assert build_cache(replace(started, chunk_images=4), progress=lambda p: stop.set(), cancel=stop) is None
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.text_input(key="build.name").set_value("halfway").run()
+    assert at.selectbox(key="build.layer").value == "blocks.5"
+    (note,) = [t for t in texts(at.info) if "A partial cache called halfway exists" in t]
+    assert "layer 'blocks.4', not 'blocks.5'" in note and "choose another name" in note
+    no_exceptions(at.button(key="build.start").click().run())
+    wait_until(lambda: open_cache(tmp_path / "halfway.zarr", allow_partial=True).complete)
+    done = open_cache(tmp_path / "halfway.zarr")
+    assert done.spec.layer == "blocks.4" and done.n == 12
 
 
 def test_delete_asks_first(caches, tmp_path, monkeypatch):
