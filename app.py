@@ -13,7 +13,7 @@ import streamlit as st
 
 from ui.base import settings
 
-st.set_page_config(page_title="Visual Feature Search", page_icon=":material/image_search:", layout="wide")
+st.set_page_config(page_title="Visual Feature Search", page_icon="🔎", layout="wide")
 
 home = st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)
 build = st.Page("app_pages/build.py", title="Build", icon=":material/construction:", url_path="build")

@@ -191,6 +191,8 @@ def search_demo_face(page, server) -> int:
 
 # --- 1. Home: a fresh install builds the demo cache in one click ----------------------------------------
 def test_home_builds_the_demo_cache(page, server):
+    asked = []  # every URL the page fetches: none may leave the machine (README: works offline)
+    page.on("request", lambda request: asked.append(request.url))
     open_page(page, server)
     expect(page.get_by_role("heading", name="Visual Feature Search")).to_be_visible()
     expect(page.get_by_text("No caches yet in")).to_be_visible()
@@ -216,6 +218,8 @@ def test_home_builds_the_demo_cache(page, server):
     expect(page.get_by_role("button", name=re.compile("demo cache"))).to_have_count(0)
     expect(page.get_by_role("link", name="Search a cache")).to_be_visible()
     no_exception(page)
+    elsewhere = [u for u in asked if not u.startswith((server.url, "data:", "blob:"))]
+    assert not elsewhere, elsewhere  # e.g. a :material: favicon, which Streamlit fetches from Google
 
 
 # --- 2. Search: a real stroke over a face, k scored matches, and the time it takes -------------------------
