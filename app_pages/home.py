@@ -29,7 +29,9 @@ st.markdown("\n".join(f"{n}. {step}" for n, step in enumerate(steps, 1)))
 with loading():  # the text above is on screen while a fresh server loads PyTorch
     from ui.core import CACHE, DEMO_JOB, OPENED, build_registry, cache_rows, get_cache, user_errors
     from ui.views import build_panel, cache_provenance, cache_table, start_build
+    from vfs.cache import CacheError
     from vfs.jobs import BuildJob
+    from vfs.settings import is_url
 
 rows = cache_rows()
 demo = s.cache_path("demo")
@@ -78,9 +80,14 @@ if not s.hosted:
             placeholder="/data/caches/imagenet.zarr or https://example.org/caches/demo.zarr",
         )
         opened = st.form_submit_button("Open cache")
-    if opened and location.strip():
+    typed = location.strip()
+    if opened and typed:
+        if not is_url(typed):
+            typed = str(Path(typed).expanduser())
         with user_errors():
-            get_cache(location.strip())
-        st.session_state[OPENED] = [*st.session_state.get(OPENED, []), location.strip()]
-        st.session_state[CACHE] = location.strip()
+            if not is_url(typed) and not Path(typed).exists():  # a typo, not a cache gone since
+                raise CacheError(f"no cache at {typed}: there is no such folder")
+            get_cache(typed)
+        st.session_state[OPENED] = [*st.session_state.get(OPENED, []), typed]
+        st.session_state[CACHE] = typed
         st.rerun()
