@@ -643,6 +643,29 @@ def test_unreachable_hub_fails_at_once_with_the_reason(hub_unreachable):
         load_model("timm:resnet18")
 
 
+@pytest.mark.parametrize(
+    "proxy, bypass, checked",
+    [("HTTPS_PROXY", None, False), ("ALL_PROXY", None, False), ("ALL_PROXY", "huggingface.co", True)],
+)
+def test_behind_a_proxy_the_hub_client_decides(hub_unreachable, monkeypatch, proxy, bypass, checked):
+    """Where a proxy reaches the hub, no direct connection is tried (it would fail on a network that
+    only lets the proxy out); where NO_PROXY names the hub, it is."""
+    from vfs.models import kinds
+
+    tried = []
+    monkeypatch.setattr(kinds, "_unreachable", lambda endpoint: tried.append(endpoint) or OSError("down"))
+    monkeypatch.setenv(proxy, "http://proxy.invalid:3128")
+    if bypass:
+        monkeypatch.setenv("NO_PROXY", bypass)
+    spec = kinds.parse_model_spec("timm:resnet18")
+    if checked:
+        with pytest.raises(ModelUnavailable, match="down"):  # tried, and nothing cached
+            kinds._offline_hub_weights(spec)
+    else:
+        assert kinds._offline_hub_weights(spec) == {}
+    assert bool(tried) is checked
+
+
 def test_unreachable_hub_loads_weights_the_hub_cached_before(hub_unreachable):
     """Weights downloaded on an earlier, online day load offline, as timm would load them online."""
     import safetensors.torch

@@ -103,7 +103,8 @@ def _load_timm(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
 
 
 HUB_REACH_TIMEOUT_S = 5.0
-"""How long a pretrained timm load tries to reach the Hugging Face hub before it counts as offline.
+"""How long a pretrained timm load tries to reach the Hugging Face hub (each of its addresses) before
+it counts as offline.
 The hub's client retries an unreachable host with back-off (≈ 45 s for one model) before it looks in
 its own cache; this check makes an offline load take seconds, with the cache or the message."""
 
@@ -120,7 +121,9 @@ def _offline_hub_weights(spec: ModelSpec) -> dict[str, Any]:
     config = timm.models.get_pretrained_cfg(spec.name)
     if config is None or not config.hf_hub_id or constants.HF_HUB_OFFLINE:
         return {}  # url weights (torch.hub asks once) or the hub's own offline mode: both fail fast
-    if urllib.request.getproxies().get("https"):
+    host = urlsplit(constants.ENDPOINT).hostname or ""
+    proxies = urllib.request.getproxies()
+    if (proxies.get("https") or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return {}  # the proxy, not this machine, reaches the hub
     error = _unreachable(constants.ENDPOINT)
     if error is None:
