@@ -586,7 +586,7 @@ def test_an_fp16_array_is_searched_unprepared_and_never_stale(monkeypatch):
 
     monkeypatch.setenv("VFS_KERNEL", "on")  # whatever oneDNN's timing at 40 channels
     rng = np.random.default_rng(21)
-    feats = np.ascontiguousarray(rng.standard_normal((60, 6, 6, 40)).astype(np.float16))
+    feats = np.ascontiguousarray(rng.standard_normal((61, 6, 6, 40)).astype(np.float16))  # tail images
     feats[:20] = np.abs(feats[:20])  # some images of either sign
     mask = soft_blob(rng, 6, 6)
     kept = len(sources._prepared)
@@ -605,6 +605,11 @@ def test_an_fp16_array_is_searched_unprepared_and_never_stale(monkeypatch):
     ref, _ = brute_force(tensor.numpy(), tensor[3].float().numpy(), mask)
     ref[3] = -np.inf
     np.testing.assert_allclose(changed.top["score"], np.sort(ref)[::-1][:7], atol=1e-5)
+    # a result's source searched again where the kernel does not run: its array, prepared
+    monkeypatch.setenv("VFS_KERNEL", "off")
+    monkeypatch.setattr("vfs.search.fast_dtype", lambda *a: torch.bfloat16)
+    again = search_regions(changed.source, 3, mask, k=7, exclude=3, device="cpu")
+    assert isinstance(again.source, ArrayFeatures) and again.top["index"].equals(changed.top["index"])
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")

@@ -73,12 +73,15 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
 
 
 @pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
+@pytest.mark.parametrize("pool", [False, True], ids=["openmp-team", "own-pool"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
-def test_the_kernels_own_norms_stay_within_the_bound(case, seed):
+def test_the_kernels_own_norms_stay_within_the_bound(case, seed, pool, monkeypatch):
     """Given no norms (an unprepared array), the kernel takes each cell's as it reads it, summed in
     its own order: each image's largest bound stays above its exact best score, the runner-up's
     above every other placement's, and the best fast score near its placement's exact one."""
+    if pool:  # the kernel's threads of our own, where torch's OpenMP runtime is not found
+        monkeypatch.setattr("vfs.kernel.openmp", lambda: None)
     x, mask = make(case, seed)
     n = len(x)
     q = RegionQuery.create(x[seed].astype(np.float32), mask)

@@ -199,6 +199,8 @@ def search_regions(
     dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
         dtype = torch.float16  # fp32 products would run in bf16 / TF32, outside fp32's bound
+    if isinstance(source, UnpreparedArray):  # e.g. a result's `source`: its array, on any device, in any type
+        source = source.array
     if isinstance(source, (np.ndarray, torch.Tensor)):
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
@@ -312,11 +314,12 @@ class _FastScoring:
             self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
         features_nonnegative = self.nonnegative_source
-        if sqnorm is None and (scorer.pairs is None or dtype != torch.float16):
-            assert isinstance(x, torch.Tensor)  # an UnpreparedArray's slice, in another form
+        if sqnorm is None and scorer.pairs is None:  # an UnpreparedArray's fp16 slice, in another form
+            assert isinstance(x, torch.Tensor)
             sqnorm, features_nonnegative = cell_norms(x)
         # Unknown (None) where the kernel takes the norms: the bound for either sign, wider than the
-        # relative one by eps·(1 − score), eps ≤ 1.4e-4 for its fp32 sums at 2,048 channels.
+        # relative one by eps·(1 − score); with its fp32 sums eps ≈ 1.4e-4 for a 3×3 region at 2,048
+        # channels, growing with the region's cells (1.7e-4 for 14×14).
         nonnegative = bool(features_nonnegative) and bound.nonnegative_weights
         n = _images_in(x)
         if out is None:

@@ -325,6 +325,11 @@ class UnpreparedArray:
         )
 
     @property
+    def array(self) -> torch.Tensor:
+        """The array searched (no copy): `search_regions` given this source searches it anew."""
+        return self._fp16
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
         n, h, w, c = self._fp16.shape
         return n, h, w, c
