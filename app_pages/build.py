@@ -2,6 +2,7 @@
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -203,9 +204,17 @@ elif existing is not None and existing["complete"]:
 elif existing is not None:  # a partial cache goes on as it was started, whatever is chosen above
     with user_errors():
         started = resume_job(get_cache(str(out)))
+    if not (started.data.startswith(("embedded:", "torchvision:")) or Path(started.data).exists()):
+        started = replace(started, data=job.data)  # moved: the writer checks that the images are the same
     differ = [
         f"{what} {getattr(started, field)!r}, not {getattr(job, field)!r}"
-        for field, what in (("model", "model"), ("layer", "layer"), ("image_size", "image size"))
+        for field, what in (
+            ("model", "model"),
+            ("layer", "layer"),
+            ("image_size", "image size"),
+            ("data", "dataset"),
+            ("limit", "limit"),
+        )
         if getattr(started, field) != getattr(job, field)
     ]
     st.info(

@@ -468,11 +468,32 @@ def test_a_partial_cache_resumes_as_it_was_started_whatever_the_page_shows(tmp_p
     at.text_input(key="build.name").set_value("halfway").run()
     assert at.selectbox(key="build.layer").value == "blocks.5"
     (note,) = [t for t in texts(at.info) if "A partial cache called halfway exists" in t]
-    assert "layer 'blocks.4', not 'blocks.5'" in note and "choose another name" in note
+    assert "layer 'blocks.4', not 'blocks.5'" in note and "limit 12, not None" in note
+    assert "choose another name" in note
     no_exceptions(at.button(key="build.start").click().run())
     wait_until(lambda: open_cache(tmp_path / "halfway.zarr", allow_partial=True).complete)
     done = open_cache(tmp_path / "halfway.zarr")
     assert done.spec.layer == "blocks.4" and done.n == 12
+
+
+def test_a_partial_cache_of_a_moved_dataset_resumes_from_where_the_page_points(tmp_path, monkeypatch):
+    """The recorded dataset is gone (moved): the resume reads it where the page's manifest is."""
+    from conftest import write_findings
+
+    manifest = write_findings(tmp_path / "before")
+    stop = threading.Event()
+    started = BuildJob(layer="blocks.5", data=str(manifest), out=str(tmp_path / "moved.zarr"), batch_size=2)
+    assert build_cache(replace(started, chunk_images=2), progress=lambda p: stop.set(), cancel=stop) is None
+    (tmp_path / "before").rename(tmp_path / "after")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(tmp_path / "after" / manifest.name)).run()
+    at.text_input(key="build.name").set_value("moved").run()
+    assert not any("dataset" in t for t in texts(at.info))  # the page's is the one it will read
+    no_exceptions(at.button(key="build.start").click().run())
+    wait_until(lambda: open_cache(tmp_path / "moved.zarr", allow_partial=True).complete)
+    assert open_cache(tmp_path / "moved.zarr").n == 6
 
 
 def test_delete_asks_first(caches, tmp_path, monkeypatch):
