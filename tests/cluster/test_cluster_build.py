@@ -100,6 +100,29 @@ def test_an_image_that_kills_its_worker_every_time_stops_the_build_keeping_the_r
     assert_same_cache(build_cache(job(manifest, out, engine="ray", workers=1)), reference)  # resumed
 
 
+class _ModelMissingHere:
+    """The extractor actor of a node where the model cannot load."""
+
+    def __init__(self, *args):
+        raise RuntimeError("no such checkpoint on this node")
+
+    def __call__(self, batch):
+        return batch
+
+
+def test_a_model_that_cannot_load_on_the_workers_stops_the_build_with_that_error(
+    cluster, manifest, tmp_path, monkeypatch
+):
+    """Not as an image that crashed its worker: no image is to blame."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr("vfs.cluster.build._Extract", _ModelMissingHere)
+    with pytest.raises(Exception, match="no such checkpoint on this node|creation task") as raised:
+        build_cache(job(manifest, tmp_path / "ray.zarr", engine="ray", workers=1))
+    assert "an image from item" not in str(raised.value)
+
+
 def _cli_build(cluster, spec, folder: Path) -> list[str]:
     """The command line of `spec`'s build on the session's cluster, from a job file in `folder`."""
     (folder / "job.toml").write_text(

@@ -44,9 +44,10 @@ from ..models import Preprocess, load_extractor
 from . import alive_nodes, check_placeable
 
 WORKER_RETRIES = 3
-"""How many times Ray runs a batch again after its worker died on it (a killed process or node, an
-out-of-memory kill). Ray Data's default is forever: a build with an image that crashes the decoder
-or the model every time never ended, nor said why."""
+"""How many times Ray runs a batch again after its worker died on it (a crash, a killed process).
+Ray Data's default is forever: a build with an image that crashes the decoder or the model every
+time never ended, nor said why. (Ray's memory monitor retries its own kills under its own budget,
+`task_oom_retries`; when that is spent, the build stops as here.)"""
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,15 @@ def run_on_ray(
                 write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
             if progress is not None:
                 progress(meter.report(items, failures))
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError) as error:
+    except (
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.RayActorError,
+        ray.exceptions.OutOfMemoryError,
+        ray.exceptions.NodeDiedError,
+    ) as error:
         writer.flush()  # between two writes: keep every batch that came back
+        if isinstance(error, ray.exceptions.RayActorError) and error.actor_init_failed:
+            raise  # the model could not load on a worker (its error says why): no image to blame
         raise _worker_died(error, writer.next_item, paths) from error
 
 
