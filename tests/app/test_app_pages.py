@@ -476,11 +476,12 @@ def test_a_partial_cache_resumes_as_it_was_started_whatever_the_page_shows(tmp_p
     assert done.spec.layer == "blocks.4" and done.n == 12
 
 
-def test_a_partial_cache_of_a_moved_dataset_resumes_from_where_the_page_points(tmp_path, monkeypatch):
+def test_a_partial_cache_of_a_moved_dataset_resumes_from_where_the_page_points(
+    findings_manifest, tmp_path, monkeypatch
+):
     """The recorded dataset is gone (moved): the resume reads it where the page's manifest is."""
-    from conftest import write_findings
-
-    manifest = write_findings(tmp_path / "before")
+    shutil.copytree(findings_manifest.parent, tmp_path / "before")
+    manifest = tmp_path / "before" / findings_manifest.name
     stop = threading.Event()
     started = BuildJob(layer="blocks.5", data=str(manifest), out=str(tmp_path / "moved.zarr"), batch_size=2)
     assert build_cache(replace(started, chunk_images=2), progress=lambda p: stop.set(), cancel=stop) is None
