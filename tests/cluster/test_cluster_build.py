@@ -123,6 +123,27 @@ def test_a_model_that_cannot_load_on_the_workers_stops_the_build_with_that_error
     assert "an image from item" not in str(raised.value)
 
 
+class _ModelCrashesAsItLoads:
+    """The extractor actor of a node where loading the model kills the process (a segfault, say)."""
+
+    def __init__(self, *args):
+        os._exit(1)
+
+    def __call__(self, batch):
+        return batch
+
+
+def test_a_model_that_kills_its_process_as_it_loads_stops_the_build(cluster, manifest, tmp_path, monkeypatch):
+    """Ray Data restarted such an actor without end: the build hung without a word."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr("vfs.cluster.build._Extract", _ModelCrashesAsItLoads)
+    monkeypatch.setattr("vfs.cluster.build.ACTOR_RESTARTS", 2)  # not 16 starts of a few seconds each
+    with pytest.raises(RuntimeError, match="the extractor actors died before any batch came back"):
+        build_cache(job(manifest, tmp_path / "ray.zarr", engine="ray", workers=1))
+
+
 def _cli_build(cluster, spec, folder: Path) -> list[str]:
     """The command line of `spec`'s build on the session's cluster, from a job file in `folder`."""
     (folder / "job.toml").write_text(

@@ -49,6 +49,12 @@ Ray Data's default is forever: a build with an image that crashes the decoder or
 time never ended, nor said why. (Ray's memory monitor retries its own kills under its own budget,
 `task_oom_retries`; when that is spent, the build stops as here.)"""
 
+ACTOR_RESTARTS = 16
+"""How many times Ray starts an extractor actor again after its process died (a lost node, a crash):
+enough for a long build on preemptible nodes, but not forever — Ray Data's default, under which a
+model whose loading crashes the process (not an exception: a segfault, an abort) restarted its
+actor without end."""
+
 
 @dataclass(frozen=True)
 class _Decode:
@@ -195,12 +201,15 @@ def run_on_ray(
             compute=ray.data.ActorPoolStrategy(size=pool.size),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus,
-            max_task_retries=WORKER_RETRIES,  # actors themselves restart without end (a lost node)
+            max_task_retries=WORKER_RETRIES,
+            max_restarts=ACTOR_RESTARTS,
         )
     )
     meter = ProgressMeter(start, len(paths), writer.rows, len(writer.skipped))
+    came_back = False
     try:
         for row in rows.iter_rows():  # leaving the loop (cancel) closes the iterator: the pipeline stops
+            came_back = True
             if cancel is not None and cancel.is_set():
                 break
             failures = {int(i): reason for i, reason in json.loads(row["failures"])}
@@ -218,7 +227,18 @@ def run_on_ray(
         writer.flush()  # between two writes: keep every batch that came back
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_init_failed:
             raise  # the model could not load on a worker (its error says why): no image to blame
+        if isinstance(error, ray.exceptions.RayActorError) and not came_back:
+            raise RuntimeError(
+                f"the extractor actors died before any batch came back ({_first_line(error)}): the "
+                "model may crash as it loads on the workers, or on the first images (Ray's worker logs, "
+                "/tmp/ray/session_latest/logs on each node, say how); nothing of this run was stored, "
+                "and a rerun resumes"
+            ) from error
         raise _worker_died(error, writer.next_item, paths) from error
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
 
 
 @contextmanager
@@ -245,11 +265,10 @@ def _interrupt_between_writes() -> Iterator[None]:
 def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
     """The stop after `WORKER_RETRIES`, in words. Ray does not say which batch: only that it is the
     first one not stored or a later one (the batches run ahead of the writer)."""
-    reason = str(error).strip().splitlines()[0]
     return RuntimeError(
-        f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({type(error).__name__}: "
-        f"{reason}): an image from item {stored} of the manifest on ({paths[stored]!r} first) crashes "
-        f"the decoder or the model, or the node runs out of memory. The cache keeps the {stored} of "
+        f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({_first_line(error)}): "
+        f"an image from item {stored} of the manifest on ({paths[stored]!r} first) crashes the decoder "
+        f"or the model, or the workers' processes or nodes were lost. The cache keeps the {stored} of "
         f"{len(paths)} items done so far; rerun to resume, and if it dies there again, build from that "
         "item on alone to find the image, and leave it out of the manifest"
     )
