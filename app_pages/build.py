@@ -2,7 +2,6 @@
 
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -203,9 +202,7 @@ elif existing is not None and existing["complete"]:
     )
 elif existing is not None:  # a partial cache goes on as it was started, whatever is chosen above
     with user_errors():
-        started = resume_job(get_cache(str(out)))
-    if not (started.data.startswith(("embedded:", "torchvision:")) or Path(started.data).exists()):
-        started = replace(started, data=job.data)  # moved: the writer checks that the images are the same
+        started = resume_job(get_cache(str(out)), moved_to=job.data)
     differ = [
         f"{what} {getattr(started, field)!r}, not {getattr(job, field)!r}"
         for field, what in (

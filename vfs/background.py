@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cache import CacheError, FeatureCache, open_cache
+from .data import EMBEDDED_DATASET, TORCHVISION_PREFIX
 from .jobs import BuildJob, BuildProgress, build_cache
 
 State = Literal["running", "done", "cancelled", "failed"]
@@ -132,11 +133,21 @@ class BuildRegistry:
                 del self._builds[self._key(out)]
 
 
-def resume_job(cache: FeatureCache) -> BuildJob:
-    """The job that continues a partial local cache, as it was first asked (recorded in the cache)."""
+def resume_job(cache: FeatureCache, moved_to: str | None = None) -> BuildJob:
+    """The job that continues a partial local cache, as it was first asked (recorded in the cache);
+    where its dataset is no longer where it was recorded, read from `moved_to` when given (the
+    writer checks that the images are the same)."""
     job = cache.attrs.get("job")
     if job is None:
         raise CacheError(
             f"{cache.location} does not record the job that built it; rerun that build to resume it"
         )
-    return replace(BuildJob(**job), out=cache.location)
+    resumed = replace(BuildJob(**job), out=cache.location)
+    if moved_to is not None and not _dataset_there(resumed.data):
+        resumed = replace(resumed, data=moved_to)
+    return resumed
+
+
+def _dataset_there(source: str) -> bool:
+    """Whether a dataset source still names something: the embedded and torchvision ones always do."""
+    return source == EMBEDDED_DATASET or source.startswith(TORCHVISION_PREFIX) or Path(source).exists()
