@@ -104,10 +104,9 @@ _FAST_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FAST_DTYPES}
 _FAST_DTYPE_GAIN = 2.0
 """With `VFS_FAST_DTYPE=auto`, another operand type than fp16 is chosen only where its product runs
 this many times faster: a copy in another type is a second copy of the features (fp32: twice their
-size) and a bf16 bound is 2⁵ wider (more images need an fp16 pass after it). Where the pairs kernel
-runs, its bf16 product is 1.2–1.7× its fp16 one on Zen 4 from one process to the next: at 1.5 the
-choice, and the memory a search holds, changed between runs (docs/performance.md); oneDNN's bf16
-against fp16 without AVX512-FP16 / AMX is 3–5×."""
+size) and a bf16 bound is 2⁵ wider (more images need an fp16 pass after it). oneDNN's bf16
+against fp16 without AVX512-FP16 / AMX is 3–5×. The pairs kernel's bf16 run is no candidate (see
+`fast_dtype`)."""
 
 
 def _cpu_product_times(channels: int) -> dict[tuple[torch.dtype, str], float]:
@@ -168,8 +167,8 @@ def fast_dtype(device: torch.device, channels: int = 1024) -> torch.dtype:
     """The operand type of a prepared source's fast products on `device` for features of
     `channels` channels, chosen once per process and channel count by `VFS_FAST_DTYPE`: `auto`
     (the default) — on a CPU, the type whose fastest search-shaped product (oneDNN's or the pairs
-    kernel's, `_cpu_product_times`) beats fp16's by `_FAST_DTYPE_GAIN`×, else fp16 (Zen 4 with the
-    kernel: fp16, its bf16 run only 1.2–1.7× faster; without a compiler bf16 on AVX512-BF16 CPUs
+    kernel's for fp16, oneDNN's for the others, `_cpu_product_times`) beats fp16's by
+    `_FAST_DTYPE_GAIN`×, else fp16 (Zen 4 with the kernel: fp16; without a compiler bf16 on AVX512-BF16 CPUs
     without AVX512-FP16 / AMX, and fp32 where MKL's fp32 products win, e.g. AVX2 —
     docs/performance.md); or `float16` (features as stored, the only choice on GPUs), `bfloat16`,
     `float32`. The top-k is exact either way; other images' scores keep the chosen type's fast
@@ -182,7 +181,15 @@ def fast_dtype(device: torch.device, channels: int = 1024) -> torch.dtype:
     if choice != "auto":
         return _FAST_DTYPES_BY_NAME[choice]
     times = _cpu_product_times(channels)
-    best = {d: min(t for (dt, _), t in times.items() if dt == d) for d in FAST_DTYPES}
+    # The kernel's bf16 run is not a candidate against its fp16 run: one bf16 dot-product
+    # instruction does two fp32 multiply-adds, so its gain is near 2× at best (1.2–1.7× measured on
+    # a quiet Zen 4), the threshold itself. It won by noisy timings (a build beside the search:
+    # 1.3–5.3 ms against the fp16 run's 1.5–6.1, from one process to the next) and then cost a
+    # bf16 copy of the features and a refining pass for every search of the process.
+    best = {
+        d: min(t for (dt, form), t in times.items() if dt == d and (form != "pairs" or d == torch.float16))
+        for d in FAST_DTYPES
+    }
     fastest = min(best, key=best.__getitem__)
     return fastest if best[torch.float16] > _FAST_DTYPE_GAIN * best[fastest] else torch.float16
 
