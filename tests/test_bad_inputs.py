@@ -287,6 +287,24 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("shards", ["0", "-2", "99999"])
+def test_cli_a_bad_shard_count_is_refused_before_any_cluster_starts(
+    built, mask_file, capsys, monkeypatch, shards
+):
+    pytest.importorskip("ray")
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a Ray cluster was started before the shard count was checked")
+
+    monkeypatch.setattr("vfs.cluster.sharded.connect", no_cluster)
+    cache = built[0]
+    code = main(
+        ["search", cache.location, "--query-index", "0", "--mask", str(mask_file), "--shards", shards]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"shards must be 1..{cache.n} (the cache's images), not {shards}" in err, err
+
+
 def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys):
     """The engine's error carries the facts; the CLI words the next step as a CLI command."""
     code = main(

@@ -231,9 +231,9 @@ def _cmd_search(args: argparse.Namespace) -> None:
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
     exclude = None if args.include_query else exclude
-    if args.address and not args.shards:
+    if args.address and args.shards is None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
-    if args.shards:
+    if args.shards is not None:
         from .cluster.sharded import ShardedSearch
 
         with ShardedSearch(

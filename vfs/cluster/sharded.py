@@ -130,15 +130,15 @@ class ShardedSearch:
         cpus_per_shard: float = 1.0,
         gpus_per_shard: float | None = None,
     ):
-        connect(address)
-        import ray
-
         self.cache = open_cache(
             cache_location, allow_partial=allow_partial
         )  # attributes; a query's row; heat maps
         n = self.cache.shape[0]
-        if not 1 <= shards <= n:
-            raise ValueError(f"shards must be 1..{n} (the cache's images), not {shards}")
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= n:
+            raise ValueError(f"shards must be 1..{n} (the cache's images), not {shards!r}")
+        connect(address)  # after the checks: a bad cache or count starts no cluster
+        import ray
+
         edges = [round(i * n / shards) for i in range(shards + 1)]
         self.ranges = list(zip(edges[:-1], edges[1:]))
         gpus = (
