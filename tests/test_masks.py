@@ -62,6 +62,10 @@ FORMS = {
     "rgba.png": lambda: save(rgba(np.round(coverage() * 255).astype(np.uint8)), "PNG"),
     "grey_alpha.png": lambda: save(grey_alpha(), "PNG"),
     "palette_trns.png": lambda: save(palette_with_transparency(), "PNG"),
+    # a paint program's opaque canvas: white paint on black, alpha 255 everywhere (it says nothing)
+    "opaque_rgba.png": lambda: save(
+        Image.fromarray(np.round(coverage() * 255).astype(np.uint8)).convert("RGBA"), "PNG"
+    ),
 }
 
 

@@ -48,12 +48,17 @@ def _area_weights(src: int, dst: int) -> np.ndarray:
 
 def _image_coverage(im: Image.Image) -> np.ndarray:
     """An image's paint as an array at its own depth: its alpha where it has one (an alpha band,
-    or a palette's / colour key's transparency, as optimised PNGs store it), else its grey levels
-    — 16-bit and float greys kept as they are, since PIL's "L" would clip them to 8 bits."""
+    or a palette's / colour key's transparency, as optimised PNGs store it) and some pixel is not
+    opaque, else its grey levels — 16-bit and float greys kept as they are, since PIL's "L" would
+    clip them to 8 bits. An alpha opaque everywhere says nothing (paint programs export such
+    canvases): the region is then in the grey levels, as without alpha."""
+    alpha = None
     if "A" in im.getbands():
-        return np.asarray(im.getchannel("A"))
-    if "transparency" in im.info:
-        return np.asarray(im.convert("RGBA").getchannel("A"))
+        alpha = np.asarray(im.getchannel("A"))
+    elif "transparency" in im.info:
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    if alpha is not None and alpha.size and alpha.min() < np.iinfo(alpha.dtype).max:
+        return alpha
     if im.mode in ("1", "F") or im.mode.startswith("I;16"):
         return np.asarray(im)
     if im.mode == "I":  # PIL opens some 16-bit greys as 32-bit integers
