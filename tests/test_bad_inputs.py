@@ -305,6 +305,38 @@ def test_cli_a_bad_shard_count_is_refused_before_any_cluster_starts(
     assert code == 2 and f"shards must be 1..{cache.n} (the cache's images), not {shards}" in err, err
 
 
+def test_cli_text_table_shows_no_column_the_cache_lacks(built, mask_file, capsys):
+    cache = built[0]
+    assert cache.label_col == "label" and cache.domain_col is None  # a folder of images: no domains
+    code = main(["search", cache.location, "--query-index", "0", "--mask", str(mask_file), "--k", "3"])
+    out = capsys.readouterr().out
+    header = out.splitlines()[1].split()
+    assert code == 0 and header == ["rank", "index", "score", "label", "path", "grid_box"], out
+    assert "None" not in out
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """`python -m vfs models | head -1`: the reader left; no 'error: [Errno 32] Broken pipe'."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "vfs", "models"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
 def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys):
     """The engine's error carries the facts; the CLI words the next step as a CLI command."""
     code = main(

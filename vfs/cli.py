@@ -261,8 +261,14 @@ def _cmd_search(args: argparse.Namespace) -> None:
         print(json.dumps(search_json(cache, result, desc), indent=1, default=str))
         return
     print(f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})")
-    cols = [c for c in ("rank", "index", "score", "label", "domain", "path", "grid_box") if c in result.top]
-    print(result.top[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
+    roles = {"label": cache.label_col, "domain": cache.domain_col}  # none in the cache: not shown
+    names = ("rank", "index", "score", "label", "domain", "path", "grid_box")
+    cols = [c for c in names if roles.get(c, c in result.top)]
+    table = result.top[cols].copy()
+    for c in ("label", "domain"):  # an image without one: a dash, whether stored as None or NaN
+        if c in table:
+            table[c] = table[c].astype(object).where(table[c].notna(), "–")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -352,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
+    except BrokenPipeError:  # `… | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except KeyboardInterrupt:
         resume = ": rerun the same command to resume" if args.command == "build" else ""
         print(f"interrupted{resume}", file=sys.stderr)
