@@ -128,12 +128,26 @@ def test_nonnegative_is_recorded_across_a_resume(tmp_path):
     assert open_cache(tmp_path / "ok.zarr").nonnegative
 
 
+@pytest.mark.parametrize("now,words", [(12, "to include them"), (6, "for the smaller set")])
+def test_a_complete_cache_refuses_a_dataset_of_another_size_in_words_that_fit(tmp_path, now, words):
+    build(tmp_path / "c.zarr", 10)
+    with pytest.raises(CacheError, match=f"of 10 candidate images; the dataset now has {now}: .*{words}$"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(now), 32)
+
+
 def test_resume_refuses_another_spec(tmp_path):
     w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
     fill(w, range(8))
     other = replace(SPEC, layer="blocks.6")
     with pytest.raises(CacheError, match="layer: 'blocks.5' ≠ 'blocks.6'"):
         CacheWriter.open(tmp_path / "c.zarr", other, candidates(10), 32)
+    # the dataset's setting that differs, by name; where it is may differ (a moved dataset), so its
+    # place is no reason and is not shown (it showed the recorded source on both sides)
+    moved = replace(SPEC, data=replace(SPEC.data, source="/elsewhere/manifest.csv", domain_col=None))
+    with pytest.raises(CacheError) as refused:
+        CacheWriter.open(tmp_path / "c.zarr", moved, candidates(10), 32)
+    reason = str(refused.value).split("another setting (")[1]
+    assert reason.startswith("data.domain_col: 'dom' ≠ None)"), reason
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,13 @@ class CacheSpec:
         """Why two specs do not describe the same cache (None when they do); the weights count where
         both know them."""
         a, b = self.to_dict(), other.to_dict()
-        diffs = [f"{k}: {a[k]!r} ≠ {b[k]!r}" for k in a if k in b and a[k] != b[k]]
+        diffs = []
+        for k in (k for k in a if k in b and a[k] != b[k]):
+            x, y = a[k], b[k]
+            if isinstance(x, dict) and isinstance(y, dict):  # data, preprocess: the settings that differ
+                diffs += [f"{k}.{s}: {x.get(s)!r} ≠ {y.get(s)!r}" for s in x | y if x.get(s) != y.get(s)]
+            else:
+                diffs.append(f"{k}: {x!r} ≠ {y!r}")
         return "; ".join(diffs) or None
 
 

@@ -376,10 +376,12 @@ def _check_finished_on(
 ) -> None:
     """Refuse a rerun of a finished build on other images than it stored (its manifest less the
     skipped ones): only the same dataset has nothing left to do."""
-    if report.get("candidates") != len(candidates):
+    built_on = report.get("candidates")
+    if built_on != len(candidates):
+        todo = "to include them" if built_on is None or len(candidates) > built_on else "for the smaller set"
         raise CacheError(
-            f"{path} is complete, of {report.get('candidates')} candidate images; the dataset now has "
-            f"{len(candidates)}: build into another output to include them"
+            f"{path} is complete, of {built_on} candidate images; the dataset now has "
+            f"{len(candidates)}: build into another output {todo}"
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
