@@ -305,6 +305,30 @@ def test_cli_a_bad_shard_count_is_refused_before_any_cluster_starts(
     assert code == 2 and f"shards must be 1..{cache.n} (the cache's images), not {shards}" in err, err
 
 
+def test_cli_a_mask_painted_on_the_query_photo_is_cropped_as_the_model_saw_it(
+    built, shared_extractor, tmp_path, capsys
+):
+    cache = built[0]
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (640, 480), (90, 140, 60)).save(photo)
+    strip = np.zeros((480, 640), np.uint8)
+    strip[:, 560:] = 255  # right of the model's centre crop (stretched, it was the last grid column)
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    args = ["search", cache.location, "--image", str(photo), "--mask", str(tmp_path / "strip.png")]
+    assert main(args) == 2
+    assert "the painted region lies outside the part of the query the model sees" in capsys.readouterr().err
+    Image.fromarray(strip[::2, ::3]).save(
+        tmp_path / "other.png"
+    )  # 214×240: neither the photo's shape nor square
+    assert main([*args[:-1], str(tmp_path / "other.png")]) == 2
+    assert "paint the region on the query image (640×480 px, or its shape)" in capsys.readouterr().err
+    inside = np.zeros((480, 640), np.uint8)
+    inside[100:400, 150:300] = 255  # the left half of what the model sees
+    Image.fromarray(inside).save(tmp_path / "inside.png")
+    assert main([*args[:-1], str(tmp_path / "inside.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mask"]["box"] == [0, 0, 2, 1]
+
+
 def test_cli_text_table_shows_no_column_the_cache_lacks(built, mask_file, capsys):
     cache = built[0]
     assert cache.label_col == "label" and cache.domain_col is None  # a folder of images: no domains

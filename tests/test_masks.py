@@ -87,3 +87,62 @@ def test_a_mask_is_turned_upright_like_its_image(tmp_path):
     (tmp_path / "m.jpg").write_bytes(save(Image.fromarray(stored), "JPEG", exif=exif, quality=100))
     mask = load_mask(tmp_path / "m.jpg", (2, 4))
     assert mask[0, 3] > 0.95 and mask[:, :3].max() < 0.05 and mask[1].max() < 0.05
+
+
+# --------------------------------------------------------------------- a mask painted on the query
+PHOTO = (480, 640)  # (H, W) of a landscape query photo
+
+
+def painted_on(size=PHOTO):
+    from vfs.masks import PaintedOn
+    from vfs.models.specs import Preprocess
+
+    pre = Preprocess(224, 256)  # shorter side to 256, centre 224: x 58.7..282.7 of the 341-px-wide resize
+    return PaintedOn(size, 224, pre.view_coverage, pre.describe())
+
+
+def box_png(path, size, box):
+    """A white box (y0, x0, y1, x1) on black, opaque, as a paint program saves a canvas of `size`."""
+    pixels = np.zeros(size, np.uint8)
+    y0, x0, y1, x1 = box
+    pixels[y0:y1, x0:x1] = 255
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_a_mask_painted_on_the_query_photo_is_cropped_as_the_model_saw_it(tmp_path):
+    # the photo's centre (x 240..400, y 180..300) lands in the view at x 69..155, y 80..144: cells 2..4
+    mask = load_mask(box_png(tmp_path / "m.png", PHOTO, (180, 240, 300, 400)), (7, 7), painted_on())
+    rows, cols = np.nonzero(mask > 0.05)
+    assert set(rows) == {2, 3, 4} and set(cols) == {2, 3, 4}, mask.round(2)
+    # near the edge the crop shows: x 100..200 of 640 is x 0..48 of the view (stretched: x 35..70)
+    edge = load_mask(box_png(tmp_path / "e.png", PHOTO, (0, 100, 480, 200)), (7, 7), painted_on())
+    assert np.nonzero(edge.max(0) > 0.05)[0].tolist() == [0, 1], edge.round(2)
+    # half the size, same shape: the same region
+    half = load_mask(box_png(tmp_path / "h.png", (240, 320), (90, 120, 150, 200)), (7, 7), painted_on())
+    np.testing.assert_allclose(half, mask, atol=0.02)
+
+
+def test_a_region_outside_the_models_view_or_a_mask_of_another_shape_is_refused(tmp_path):
+    strip = box_png(tmp_path / "strip.png", PHOTO, (0, 560, 480, 640))  # right of the centre crop
+    with pytest.raises(ValueError, match="strip.png: the painted region lies outside the part of the query"):
+        load_mask(strip, (7, 7), painted_on())
+    other = box_png(tmp_path / "other.png", (200, 300), (50, 50, 150, 150))
+    with pytest.raises(
+        ValueError,
+        match=r"other.png is 300×200 px: paint the region on the query image "
+        r"\(640×480 px, or its shape\) or the model's square view \(224×224 px\)",
+    ):
+        load_mask(other, (7, 7), painted_on())
+    with pytest.raises(ValueError, match=r"other.png is 300×200 px: paint the region on the model's square"):
+        load_mask(other, (7, 7), painted_on(size=None))  # the query image not at hand
+
+
+def test_a_square_mask_spans_the_view_unless_it_has_the_query_photos_own_size(tmp_path):
+    square = box_png(tmp_path / "s.png", (224, 224), (0, 0, 32, 32))
+    np.testing.assert_array_equal(load_mask(square, (7, 7), painted_on()), load_mask(square, (7, 7)))
+    # a square photo (300×300) painted on as it is, a strip at its left edge: the crop leaves a sliver
+    on_photo = load_mask(
+        box_png(tmp_path / "p.png", (300, 300), (0, 0, 300, 20)), (7, 7), painted_on((300, 300))
+    )
+    assert 0 < on_photo[:, 0].max() < 0.2 and on_photo[:, 1:].max() == 0, on_photo.round(2)  # stretched: 0.47

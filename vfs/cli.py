@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from .cache import FeatureCache
     from .jobs import BuildProgress
 
 
@@ -187,6 +188,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
         f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
         f"grid {s.grid[0]}×{s.grid[1]}×{s.channels}"
     )
+    print(f"  view: {s.preprocess.describe()}")  # what a mask painted on the query photo is cropped to
     print(
         f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  "
         f"labels {s.data.label_col or '(none)'}  domains {s.data.domain_col or '(none)'}"
@@ -211,12 +213,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
     from .data import load_image
     from .export import search_json
-    from .masks import load_mask
+    from .masks import PaintedOn, load_mask
     from .models import model_kind
     from .search import search_regions
 
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
-    mask = load_mask(args.mask, cache.spec.grid)
     if args.model and not args.image:
         raise ValueError("--model is for an --image query; a --query-index uses the cache's stored features")
     model = args.model or cache.spec.model
@@ -226,10 +227,17 @@ def _cmd_search(args: argparse.Namespace) -> None:
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
+        image = load_image(args.image)
+        query_size: tuple[int, int] | None = (image.height, image.width)
         ex = cache.extractor(model)
-        query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
+        query, exclude, desc = ex.features(image), None, {"image": str(args.image)}
     else:
+        query_size = _dataset_image_size(cache, args.query_index)
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
+    pre = cache.spec.preprocess
+    mask = load_mask(
+        args.mask, cache.spec.grid, PaintedOn(query_size, pre.input_size, pre.view_coverage, pre.describe())
+    )
     exclude = None if args.include_query else exclude
     if args.address and args.shards is None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
@@ -269,6 +277,20 @@ def _cmd_search(args: argparse.Namespace) -> None:
         if c in table:
             table[c] = table[c].astype(object).where(table[c].notna(), "–")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _dataset_image_size(cache: FeatureCache, index: int) -> tuple[int, int] | None:
+    """(H, W) of a cache's image as a viewer shows it, where its dataset is at hand (a mask file may
+    be painted on it); None where it is not (moved, offline, an index out of range: said later)."""
+    from .data import open_dataset
+
+    try:
+        path = str(cache.manifest["path"].iat[index])
+        spec = cache.spec.data
+        image = open_dataset(spec.source, spec.label_col, spec.domain_col).reader(path)
+    except (LookupError, ValueError, RuntimeError, OSError):  # the mask then has to be square, as on the view
+        return None
+    return image.height, image.width
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ faint mask then cannot underflow in the search's float16 products.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +136,48 @@ def crop_mask(mask: np.ndarray) -> CroppedMask:
     return CroppedMask(np.ascontiguousarray(box / box.max(), dtype=np.float32), (int(y0), int(x0)))
 
 
-def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
+@dataclass(frozen=True)
+class PaintedOn:
+    """The query image a mask file may have been painted on (for `load_mask`): its size (H, W) as a
+    viewer shows it (None: not at hand), the side of the model's square view, `to_view`, which
+    crops a drawing's coverage as the view crops the image, and that crop in words."""
+
+    size: tuple[int, int] | None
+    view_side: int
+    to_view: Callable[[np.ndarray], np.ndarray]
+    crop: str
+
+    def place(self, cover: np.ndarray, name: str) -> np.ndarray:
+        """A drawing's coverage (H, W) on the model's view. Square: drawn on the view, as the app
+        and the notebook draw (the grid spans the view) — unless it has the query image's own
+        size. The query's size or shape: drawn on the query image, cropped as the model saw it.
+        Any other shape is refused: stretched onto the grid, it would put the region elsewhere."""
+        h, w = cover.shape
+        on_query, query = False, ""
+        if self.size is not None:
+            height, width = self.size
+            same_shape = abs(h * width - w * height) <= 0.01 * max(h * width, w * height)
+            on_query = ((h, w) == self.size and h != self.view_side) or (h != w and same_shape)
+            query = f"the query image ({width}×{height} px, or its shape) or "
+        if not on_query:
+            if h == w:
+                return cover
+            raise ValueError(
+                f"{name} is {w}×{h} px: paint the region on {query}the model's square view "
+                f"({self.view_side}×{self.view_side} px)"
+            )
+        view = self.to_view(cover)
+        if cover.max() > 0 and view.max() <= 0:
+            raise ValueError(
+                f"{name}: the painted region lies outside the part of the query the model sees ({self.crop})"
+            )
+        return view
+
+
+def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | None = None) -> np.ndarray:
     """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area,
-    turned upright by its EXIF orientation as query images are."""
+    turned upright by its EXIF orientation as query images are; placed on the model's view by
+    `painted_on` where given (else taken as spanning the grid)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -163,8 +203,11 @@ def load_mask(path: str | Path, grid: tuple[int, int]) -> np.ndarray:
                         f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                     )
                 im.load()
-                return grid_mask(ImageOps.exif_transpose(im), grid)
+                cover = _as_coverage(ImageOps.exif_transpose(im))
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"{path.name}: cannot read the mask image ({type(e).__name__}: {e})") from e
+    if painted_on is not None:
+        cover = painted_on.place(cover, path.name)
+    return grid_mask(cover, grid)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torch import nn
@@ -80,18 +81,26 @@ class Preprocess:
     def view(self, image: PIL.Image.Image) -> PIL.Image.Image:
         """The RGB crop the model sees, `input_size` pixels square, of an image as a viewer shows it
         (upright; 16-bit greys rescaled, transparency on white: `vfs.data.upright_rgb`)."""
-        image = upright_rgb(image)
-        interpolation = INTERPOLATIONS[self.interpolation]
+        fill = (round(255 * self.mean[0]), round(255 * self.mean[1]), round(255 * self.mean[2]))
+        return self._fit(upright_rgb(image), self.interpolation, fill)
+
+    def view_coverage(self, coverage: np.ndarray) -> np.ndarray:
+        """A drawing's coverage in [0, 1], (H, W) as painted on an image, cropped as `view` crops
+        that image: (input_size, input_size), padding uncovered."""
+        image = PIL.Image.fromarray(np.asarray(coverage, dtype=np.float32), mode="F")
+        return np.clip(np.asarray(self._fit(image, "bilinear", 0.0), dtype=np.float64), 0.0, 1.0)
+
+    def _fit(self, image: PIL.Image.Image, interpolation: str, fill: Any) -> PIL.Image.Image:
+        """Resize and crop (or pad with `fill`) to the input square, as `crop` says."""
         if self.crop == "border":  # timm's own steps, so that its models see what they were tested on
             from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 
             square = (self.resize_size, self.resize_size)
-            fill = (round(255 * self.mean[0]), round(255 * self.mean[1]), round(255 * self.mean[2]))
-            image = ResizeKeepRatio(square, interpolation=self.interpolation, longest=1.0)(image)
+            image = ResizeKeepRatio(square, interpolation=interpolation, longest=1.0)(image)
             padded: PIL.Image.Image = CenterCropOrPad(self.input_size, fill=fill)(image)
             return padded
         sides = [self.resize_size] * (2 if self.crop == "squash" else 1)
-        image = TF.resize(image, sides, interpolation=interpolation, antialias=True)
+        image = TF.resize(image, sides, interpolation=INTERPOLATIONS[interpolation], antialias=True)
         return TF.center_crop(image, [self.input_size])
 
     def to_tensor(self, view: PIL.Image.Image) -> torch.Tensor:
