@@ -185,7 +185,7 @@ def fast_dtype(device: torch.device, channels: int = 1024) -> torch.dtype:
     # instruction does two fp32 multiply-adds, so its gain is near 2× at best (1.2–1.7× measured on
     # a quiet Zen 4), the threshold itself. It won by noisy timings (a build beside the search:
     # 1.3–5.3 ms against the fp16 run's 1.5–6.1, from one process to the next) and then cost a
-    # bf16 copy of the features and a refining pass for every search of the process.
+    # second, bf16 copy of every searched source for searches no faster.
     best = {
         d: min(t for (dt, form), t in times.items() if dt == d and (form != "pairs" or d == torch.float16))
         for d in FAST_DTYPES
