@@ -148,6 +148,8 @@ def test_resume_refuses_another_spec(tmp_path):
         CacheWriter.open(tmp_path / "c.zarr", moved, candidates(10), 32)
     reason = str(refused.value).split("another setting (")[1]
     assert reason.startswith("data.domain_col: 'dom' ≠ None)"), reason
+    squashed = replace(SPEC, preprocess=replace(SPEC.preprocess, crop="squash"))  # "center" is not stored
+    assert SPEC.mismatch(squashed) == "preprocess.crop: 'center' ≠ 'squash'"
 
 
 @pytest.mark.parametrize(

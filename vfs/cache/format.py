@@ -7,7 +7,7 @@ report and progress.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -81,7 +81,7 @@ class CacheSpec:
     def mismatch(self, other: CacheSpec) -> str | None:
         """Why two specs do not describe the same cache (None when they do); the weights count where
         both know them."""
-        a, b = self.to_dict(), other.to_dict()
+        a, b = ({**s.to_dict(), "preprocess": asdict(s.preprocess)} for s in (self, other))  # every field
         diffs = []
         for k in (k for k in a if k in b and a[k] != b[k]):
             x, y = a[k], b[k]
