@@ -329,6 +329,28 @@ def test_cli_a_mask_painted_on_the_query_photo_is_cropped_as_the_model_saw_it(
     assert json.loads(capsys.readouterr().out)["mask"]["box"] == [0, 0, 2, 1]
 
 
+def test_cli_a_query_index_opens_its_dataset_only_for_a_mask_whose_size_leaves_it_open(
+    built, mask_file, tmp_path, monkeypatch, capsys
+):
+    """A .npy mask or one of the view's size needs no query image; a torchvision dataset would download."""
+    import vfs.data
+
+    opened = []
+    real = vfs.data.open_dataset
+    monkeypatch.setattr(vfs.data, "open_dataset", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    cache = built[0]
+    view = tmp_path / "view.png"
+    Image.new("L", (SIZE, SIZE), 255).save(view)
+    for mask in (mask_file, view):
+        assert main(["search", cache.location, "--query-index", "0", "--mask", str(mask)]) == 0
+    assert opened == []
+    other = tmp_path / "other.png"
+    Image.new("L", (SIZE + 10, SIZE + 10), 255).save(other)  # square, not the view's size: the photo's?
+    assert main(["search", cache.location, "--query-index", "0", "--mask", str(other)]) == 0
+    assert len(opened) == 1
+    capsys.readouterr()
+
+
 def test_cli_text_table_shows_no_column_the_cache_lacks(built, mask_file, capsys):
     cache = built[0]
     assert cache.label_col == "label" and cache.domain_col is None  # a folder of images: no domains
@@ -359,6 +381,48 @@ def test_cli_output_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+def test_cli_a_build_whose_progress_reader_died_does_not_say_it_succeeded(tmp_path):
+    """stderr's reader gone (a log collector that died) stops the build: not exit 0, as for `| head`."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 30), (40 * i, 90, 10)).save(tmp_path / "imgs" / f"{i}.png")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vfs",
+                "build",
+                "--layer",
+                "blocks.5",
+                "--data",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(tmp_path / "c.zarr"),
+                "--image-size",
+                "64",
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=write,
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "VFS_PROGRESS_EVERY_S": "0"},
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert run.returncode != 0
 
 
 def test_cli_bad_layer_names_the_command_that_lists_the_layers(tmp_path, capsys):

@@ -428,3 +428,16 @@ def test_shared_pacs_domains() -> None:
     domains = label_groups(ds.records, "domain").columns.tolist()
     assert domains == ["art_painting", "cartoon", "photo", "sketch"]
     assert ds.load(len(ds) - 1).mode == "RGB"
+
+
+def test_upright_size_is_the_files_own_turned_as_a_viewer_shows_it(tmp_path):
+    """What a mask painted on the photo measures: not `load_image`'s size (at most 4,096 px a side)."""
+    from PIL import Image
+
+    from vfs.data import MAX_DECODED_SIDE, load_image, upright_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (4200, 90), (10, 20, 30)).save(tmp_path / "wide.jpg", exif=exif)
+    assert upright_size(tmp_path / "wide.jpg") == (4200, 90)
+    assert max(load_image(tmp_path / "wide.jpg").size) == MAX_DECODED_SIDE

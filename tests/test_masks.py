@@ -98,7 +98,7 @@ def painted_on(size=PHOTO):
     from vfs.models.specs import Preprocess
 
     pre = Preprocess(224, 256)  # shorter side to 256, centre 224: x 58.7..282.7 of the 341-px-wide resize
-    return PaintedOn(size, 224, pre.view_coverage, pre.describe())
+    return PaintedOn(lambda: size, 224, pre.view_coverage, pre.describe())
 
 
 def box_png(path, size, box):

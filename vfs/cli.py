@@ -7,13 +7,17 @@ import json
 import math
 import os
 import re
+import select
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tqdm import tqdm
 
     from .cache import FeatureCache
@@ -211,7 +215,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
-    from .data import load_image
+    from .data import load_image, upright_size
     from .export import search_json
     from .masks import PaintedOn, load_mask
     from .models import model_kind
@@ -227,13 +231,12 @@ def _cmd_search(args: argparse.Namespace) -> None:
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
-        image = load_image(args.image)
-        query_size: tuple[int, int] | None = (image.height, image.width)
         ex = cache.extractor(model)
-        query, exclude, desc = ex.features(image), None, {"image": str(args.image)}
+        query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
+        query_size: Callable[[], tuple[int, int] | None] = partial(upright_size, args.image)
     else:
-        query_size = _dataset_image_size(cache, args.query_index)
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
+        query_size = partial(_dataset_image_size, cache, args.query_index)
     pre = cache.spec.preprocess
     mask = load_mask(
         args.mask, cache.spec.grid, PaintedOn(query_size, pre.input_size, pre.view_coverage, pre.describe())
@@ -281,13 +284,19 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 def _dataset_image_size(cache: FeatureCache, index: int) -> tuple[int, int] | None:
     """(H, W) of a cache's image as a viewer shows it, where its dataset is at hand (a mask file may
-    be painted on it); None where it is not (moved, offline, an index out of range: said later)."""
-    from .data import open_dataset
+    be painted on it); None where it is not (moved, an index out of range: said later) or would
+    have to be fetched (a torchvision dataset downloads itself: not for a mask's shape)."""
+    from .data import TORCHVISION_PREFIX, FileReader, open_dataset, upright_size
 
+    spec = cache.spec.data
+    if spec.source.startswith(TORCHVISION_PREFIX):
+        return None
     try:
         path = str(cache.manifest["path"].iat[index])
-        spec = cache.spec.data
-        image = open_dataset(spec.source, spec.label_col, spec.domain_col).reader(path)
+        reader = open_dataset(spec.source, spec.label_col, spec.domain_col).reader
+        if isinstance(reader, FileReader):
+            return upright_size(reader.resolve(path))  # its size as stored, not as decoded (≤ 4,096 px)
+        image = reader(path)
     except (LookupError, ValueError, RuntimeError, OSError):  # the mask then has to be square, as on the view
         return None
     return image.height, image.width
@@ -381,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
-    except BrokenPipeError:  # `… | head`: the reader has what it wanted
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):  # stderr's reader died (a log collector): the work is undone
+            return 1
+        # `… | head`: the reader of the output has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
     except KeyboardInterrupt:
@@ -402,6 +414,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     return 0
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """Whether `stream` is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or not a file
+        return False
 
 
 def _in_cli_words(error: Exception) -> str:

@@ -147,6 +147,17 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
     return rgb
 
 
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file as a viewer shows it (its EXIF orientation applied), from its header:
+    the size of a mask painted on it, whatever `load_image` shrinks the image to."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            width, height = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # a quarter turn: the sides swap
+    return (width, height) if turned else (height, width)
+
+
 def upright_rgb(im: Image.Image) -> Image.Image:
     """An image as a viewer shows it: turned by its EXIF orientation, then `to_rgb`. Images from
     files (`load_image`) and images a user hands over (a query as a PIL image) both pass here, so

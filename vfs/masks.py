@@ -138,26 +138,30 @@ def crop_mask(mask: np.ndarray) -> CroppedMask:
 
 @dataclass(frozen=True)
 class PaintedOn:
-    """The query image a mask file may have been painted on (for `load_mask`): its size (H, W) as a
-    viewer shows it (None: not at hand), the side of the model's square view, `to_view`, which
-    crops a drawing's coverage as the view crops the image, and that crop in words."""
+    """The query image a mask file may have been painted on (for `load_mask`): `query_size()`, its
+    size (H, W) as a viewer shows it (None: not at hand; asked only where a mask's size leaves it
+    open), the side of the model's square view, `to_view`, which crops a drawing's coverage as the
+    view crops the image, and that crop in words."""
 
-    size: tuple[int, int] | None
+    query_size: Callable[[], tuple[int, int] | None]
     view_side: int
     to_view: Callable[[np.ndarray], np.ndarray]
     crop: str
 
     def place(self, cover: np.ndarray, name: str) -> np.ndarray:
-        """A drawing's coverage (H, W) on the model's view. Square: drawn on the view, as the app
-        and the notebook draw (the grid spans the view) — unless it has the query image's own
-        size. The query's size or shape: drawn on the query image, cropped as the model saw it.
-        Any other shape is refused: stretched onto the grid, it would put the region elsewhere."""
+        """A drawing's coverage (H, W) on the model's view. The view's size: drawn on the view, as
+        the app and the notebook draw (the grid spans it). The query image's size or shape: drawn
+        on the query image, cropped as the model saw it. Another square: on the view. Any other
+        shape is refused: stretched onto the grid, it would put the region elsewhere."""
         h, w = cover.shape
-        on_query, query = False, ""
-        if self.size is not None:
-            height, width = self.size
+        if h == w == self.view_side:
+            return cover
+        size, query = self.query_size(), ""
+        on_query = False
+        if size is not None:
+            height, width = size
             same_shape = abs(h * width - w * height) <= 0.01 * max(h * width, w * height)
-            on_query = ((h, w) == self.size and h != self.view_side) or (h != w and same_shape)
+            on_query = (h, w) == size or (h != w and same_shape)
             query = f"the query image ({width}×{height} px, or its shape) or "
         if not on_query:
             if h == w:
