@@ -74,7 +74,7 @@ def _case(rng, n, grid, c, region):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "n,grid,c,region",
     [
@@ -88,15 +88,23 @@ def _case(rng, n, grid, c, region):
 def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
     """Channel counts off the vector width (40, 33: zero-padded tails), odd image counts (the
     kernel runs four or two images at a time), a chunk in two pieces, and pieces of more images
-    than the threads take at a time from their shared counter (32: kernel.c's SHARE)."""
+    than the threads take at a time from their shared counter (32: kernel.c's SHARE). fp32
+    features off fp16's grid by less than half its spacing: the kernel rounds them back to it."""
     if dtype not in BUILT.dtypes:
         pytest.skip("no AVX512-BF16 here")
-    x, g = _case(np.random.default_rng(n * c), n, grid, c, region)
+    rng = np.random.default_rng(n * c)
+    x, g = _case(rng, n, grid, c, region)
     weights = g.weights("cells")[0]
     pairs = PairKernel.create(BUILT, dtype, weights, g.cells, g.grid, (g.ph, g.pw))
     t = torch.from_numpy(x).to(dtype)
+    if dtype == torch.float32:
+        t *= 1 + torch.from_numpy(rng.uniform(-(2.0**-13), 2.0**-13, x.shape)).float()
+        assert torch.equal(t.half(), torch.from_numpy(x)) and not torch.equal(t, t.half().float())
+        t_rounded = t.half()
+    else:
+        t_rounded = t
     got = pairs.numerator([t[: n // 2], t[n // 2 :]] if n > 1 else [t]).double().numpy()
-    operands = t.double().numpy()  # bf16: the rounded features are what it multiplies
+    operands = t_rounded.double().numpy()  # bf16, fp32: the rounded features are what it multiplies
     want = reference(operands, pairs.weights[:, :c].double().numpy(), g.cells, (g.ph, g.pw))
     scale = reference(np.abs(operands), np.abs(pairs.weights[:, :c].double().numpy()), g.cells, (g.ph, g.pw))
     # fp32 sums of K·C terms (Higham), any order
@@ -109,7 +117,7 @@ def _fast_results(fast: _FastScoring, x, sq) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def avx2_build(tmp_path_factory):
-    """The kernel's AVX2 + F16C build (8 lanes, fp16 only), compiled once for the module."""
+    """The kernel's AVX2 + F16C build (8 lanes, no bf16), compiled once for the module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VFS_KERNEL_DIR", str(tmp_path_factory.mktemp("avx2")))
         return build(("-mavx2", "-mf16c", "-mfma", "-mno-avx512f"))
@@ -117,7 +125,14 @@ def avx2_build(tmp_path_factory):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "on,dtype", [("native", torch.float16), ("native", torch.bfloat16), ("avx2", torch.float16)]
+    "on,dtype",
+    [
+        ("native", torch.float16),
+        ("native", torch.bfloat16),
+        ("native", torch.float32),
+        ("avx2", torch.float16),
+        ("avx2", torch.float32),
+    ],
 )
 @pytest.mark.parametrize("nonnegative", [False, True])
 @pytest.mark.parametrize("output_error", [None, 1e-3])
@@ -188,11 +203,12 @@ def test_the_kernel_uses_no_wider_vectors_than_torch_dispatches_to(tmp_path):
 
 @needs_kernel
 def test_avx2_build_and_own_thread_pool_give_the_same_sums(monkeypatch, tmp_path):
-    """The AVX2 + F16C build (8 lanes, fp16 only) on this CPU, and the pool used where no OpenMP
-    runtime is found in the process, sum what the native build on torch's OpenMP team sums."""
+    """The AVX2 + F16C build (8 lanes, fp16 and fp32: no bf16) on this CPU, and the pool used where
+    no OpenMP runtime is found in the process, sum what the native build on torch's OpenMP team
+    sums."""
     monkeypatch.setenv("VFS_KERNEL_DIR", str(tmp_path))
     avx2 = build(("-mavx2", "-mf16c", "-mfma", "-mno-avx512f"))
-    assert avx2 is not None and avx2.lanes == 8 and avx2.dtypes == {torch.float16}
+    assert avx2 is not None and avx2.lanes == 8 and avx2.dtypes == {torch.float16, torch.float32}
     assert list(tmp_path.glob("pairs-*.so"))  # kept for the next process
     x, g = _case(np.random.default_rng(3), 11, (7, 7), 200, (3, 3))
     t = torch.from_numpy(x)
@@ -274,6 +290,7 @@ def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
     mask[2:5, 1:5] = 1
     times = _cpu_product_times(64)
     faster = times[torch.float16, "pairs"] < times[torch.float16, "onednn"]
+    faster32 = times[torch.float32, "pairs"] < times[torch.float32, "onednn"]
     for setting, expected, whole in [
         ("off", {"cells", "band"}, "whole"),
         ("on", {"pairs"}, "pairs"),
@@ -284,7 +301,7 @@ def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
         assert search_regions(ArrayFeatures(feats), 5, mask, k=5, device="cpu").method in expected
         assert search_regions(ArrayFeatures(feats), 5, np.ones((7, 7)), k=5, device="cpu").method == whole
         assert not uses_pairs(torch.device("cuda"), torch.float16, 64)
-        assert not uses_pairs(cpu, torch.float32, 64)  # the kernel reads fp16 or bf16 only
+        assert uses_pairs(cpu, torch.float32, 64) == (setting == "on" or (setting == "auto" and faster32))
     monkeypatch.setenv("VFS_KERNEL", "fast")
     with pytest.raises(ValueError, match="expected auto, on, off"):
         uses_pairs(cpu, torch.float16, 64)

@@ -537,10 +537,11 @@ def test_all_exact_gives_every_image_its_exact_score_in_every_form(dtype, force_
         assert result.rescored == len(feats) > fast.rescored and result.top.equals(fast.top)
 
 
-def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device):
-    """search_regions on a bare array it must convert (fp32 here) reuses its preparation (squared
-    norms, fp16 copy) while the array provably has not changed: a tensor with the same version
-    counter, a read-only array."""
+def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device, monkeypatch):
+    """search_regions on a bare array it must convert (fp32 here, the pairs kernel off) reuses its
+    preparation (squared norms, fp16 copy) while the array provably has not changed: a tensor with
+    the same version counter, a read-only array."""
+    monkeypatch.setenv("VFS_KERNEL", "off")  # else the kernel reads an fp32 array unprepared
     rng = np.random.default_rng(11)
     feats = random_features(rng, 30, 5, 5, 8).astype(np.float32)
     mask = soft_blob(rng, 5, 5)
@@ -660,11 +661,12 @@ def test_a_kept_preparation_goes_with_its_array(kind, device, monkeypatch):
     assert alive() is None and key not in sources._prepared
 
 
-def test_an_array_gone_while_the_preparations_are_locked_is_forgotten_at_the_next_call():
+def test_an_array_gone_while_the_preparations_are_locked_is_forgotten_at_the_next_call(monkeypatch):
     """Its weakref callback cannot wait for the lock (it may run inside `prepared`, in a garbage
     collection): the entry goes at the next call instead of deadlocking."""
     from vfs import sources
 
+    monkeypatch.setenv("VFS_KERNEL", "off")  # a prepared array
     rng = np.random.default_rng(6)
     tensor = torch.from_numpy(random_features(rng, 6, 3, 3, 8).astype(np.float32))
     search_regions(tensor, 0, np.ones((3, 3)), k=2, device="cpu")
@@ -700,6 +702,74 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
     for result in (kept, once):
         assert list(result.top["index"]) == list(np.argsort(-ref, kind="stable")[:8])
         np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=1e-5)
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(monkeypatch):
+    """Where the pairs kernel runs, an fp32 array is searched as it is, each value rounded to fp16
+    as the kernel reads it: nothing kept, never stale, and bit for bit the answers of its fp16 copy
+    — with values halfway between fp16's (to even), in its subnormal range and near its largest."""
+    from vfs import sources
+
+    monkeypatch.setenv("VFS_KERNEL", "on")
+    rng = np.random.default_rng(22)
+    feats = rng.standard_normal((61, 6, 6, 40)).astype(np.float32)
+    feats[:20] = np.abs(feats[:20])
+    feats[5, 2] *= 1e-5  # fp16 subnormals
+    feats[6, :, :, :8] = 1 + 2.0**-11  # halfway between 1 and fp16's next value: to even, 1
+    feats[7, 1, 1, :4] = 65519.0  # to fp16's largest, 65,504
+    mask = soft_blob(rng, 6, 6)
+    want = search_regions(feats.astype(np.float16), 3, mask, k=7, device="cpu")
+    kept = len(sources._prepared)
+    for array in (feats.copy(), torch.from_numpy(feats.copy())):
+        got = search_regions(array, 3, mask, k=7, device="cpu")
+        assert isinstance(got.source, UnpreparedArray) and got.method == "pairs"
+        assert len(sources._prepared) == kept
+        pd.testing.assert_frame_equal(got.top, want.top)
+        np.testing.assert_array_equal(got.scores, want.scores)  # the fast ones too: the same sums
+        np.testing.assert_array_equal(got.placements, want.placements)
+        np.testing.assert_array_equal(got.placement_scores(7), want.placement_scores(7))
+    tensor = torch.from_numpy(feats.copy())
+    search_regions(tensor, 3, mask, k=7, exclude=3, device="cpu")
+    _writes_bookkeeping_cannot_see(tensor, 3, 50)
+    changed = search_regions(tensor, 3, mask, k=7, exclude=3, device="cpu")
+    assert changed.top["index"].iloc[0] == 50 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+    # where oneDNN's fp32 product beats the kernel's fp32 run: its slices as their fp16 copy there
+    monkeypatch.setattr("vfs.scoring.uses_pairs", lambda device, dtype, *a: dtype == torch.float16)
+    other = search_regions(feats, 3, mask, k=7, device="cpu")
+    assert isinstance(other.source, UnpreparedArray) and other.method != "pairs"
+    pd.testing.assert_frame_equal(other.top, want.top)
+    copy16 = feats.astype(np.float16)
+    ref, _ = brute_force(copy16, copy16[3].astype(np.float32), mask)
+    np.testing.assert_allclose(other.scores, ref, atol=2e-5)  # fp32 products of the fp16 values
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+@pytest.mark.parametrize("case", ["beyond fp16", "query beyond fp16", "tiny", "tiny, a feature-map query"])
+def test_an_fp32_array_its_fp16_copy_would_lose_is_prepared_and_scaled(case, monkeypatch):
+    """Values fp16 cannot hold — beyond its largest (in any image, or in the query's), or an array
+    so small that its copy would fall to fp16's subnormals — send the search to the prepared
+    array, scaled by a power of two: the answers of `ArrayFeatures`, not inf, NaN or a refusal."""
+    monkeypatch.setenv("VFS_KERNEL", "on")
+    rng = np.random.default_rng(23)
+    feats = np.abs(rng.standard_normal((40, 5, 5, 24))).astype(np.float32)
+    if case == "beyond fp16":
+        feats[17, 2, 2, 0] = 1e5
+    elif case == "query beyond fp16":
+        feats[3, 0, 0, 0] = 7e4
+    else:
+        feats *= 1e-7
+    mask = soft_blob(rng, 5, 5)
+    query = feats[3] if "feature-map" in case else 3
+    got = search_regions(feats, query, mask, k=6, device="cpu")
+    assert isinstance(got.source, ArrayFeatures)
+    want = search_regions(ArrayFeatures(feats), query, mask, k=6, device="cpu")
+    pd.testing.assert_frame_equal(got.top, want.top)
+    ref, _ = brute_force(feats, feats[3], mask)
+    np.testing.assert_allclose(got.top["score"], ref[got.top["index"]], atol=2e-3)  # fp16's rounding
+    feats[9, 1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        search_regions(feats, query, mask, k=6, device="cpu")
 
 
 @pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")

@@ -73,27 +73,37 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
 
 
 @pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("pool", [False, True], ids=["openmp-team", "own-pool"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
-def test_the_kernels_own_norms_stay_within_the_bound(case, seed, pool, monkeypatch):
+def test_the_kernels_own_norms_stay_within_the_bound(case, seed, pool, dtype, monkeypatch):
     """Given no norms (an unprepared array), the kernel takes each cell's as it reads it, summed in
     its own order: each image's largest bound stays above its exact best score, the runner-up's
-    above every other placement's, and the best fast score near its placement's exact one."""
+    above every other placement's, and the best fast score near its placement's exact one. An fp32
+    array off fp16's grid (by less than half its spacing) is bounded as its fp16 copy."""
     if pool:  # the kernel's threads of our own, where torch's OpenMP runtime is not found
         monkeypatch.setattr("vfs.kernel.openmp", lambda: None)
     x, mask = make(case, seed)
     n = len(x)
+    features = torch.from_numpy(x)
+    if dtype == torch.float32:
+        jitter = np.random.default_rng(seed).uniform(-(2.0**-13), 2.0**-13, x.shape)
+        features = features.float() * (1 + torch.from_numpy(jitter).float())
+        assert torch.equal(features.half(), torch.from_numpy(x))
     q = RegionQuery.create(x[seed].astype(np.float32), mask)
     exact = every_placement(x, q.features, mask).reshape(n, -1)
     cpu, plan = torch.device("cpu"), QueryPlan("pairs")
     geometry = QueryGeometry.create(q, x.shape[1:3])
-    scorer = Scorer.fast(geometry, plan, cpu, torch.float16)
-    bound = FastBound.create(q, geometry, plan, torch.float16, cpu)
+    scorer = Scorer.fast(geometry, plan, cpu, dtype)
+    bound = FastBound.create(q, geometry, plan, dtype, cpu)
     out = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
+    taken = torch.empty(x.shape[:3])
     best, where, upper, runner = (
-        t.numpy() for t in scorer.best_placements(torch.from_numpy(x), None, bound, False, out)
+        t.numpy() for t in scorer.best_placements(features, taken, bound, False, out, fill=True)
     )
+    want = torch.linalg.vector_norm(torch.from_numpy(x).float(), dim=-1).square()
+    torch.testing.assert_close(taken, want, rtol=1e-5, atol=1e-30)  # the fp16 copy's norms
     images = np.arange(n)
     assert (exact.max(1) <= upper).all()
     others = exact.copy()

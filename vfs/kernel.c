@@ -3,6 +3,8 @@
  * to that placement's sum. Nothing else is computed: no cell outside a placement, no padding.
  *
  *   vfs_pairs_f16:  fp16 features (F16C, exact in fp32), fp32 weights, fp32 FMAs (AVX2 or AVX-512)
+ *   vfs_pairs_f32:  fp32 features, each value rounded to fp16 (to nearest, F16C) as it is loaded:
+ *                   the values of the array's fp16 copy, without the copy; then as vfs_pairs_f16
  *   vfs_pairs_bf16: bf16 features and weights, VDPBF16PS (AVX512-BF16: exact products, fp32 sums;
  *                   the instruction treats subnormal inputs as zero and flushes subnormal sums)
  *
@@ -21,6 +23,9 @@
 #define L 16
 typedef __m512 vf;
 static inline vf load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf load_r(const float *p) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(p), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 static inline vf load_f(const float *p) { return _mm512_loadu_ps(p); }
 static inline vf fma_(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf add_(vf a, vf b) { return _mm512_add_ps(a, b); }
@@ -32,6 +37,7 @@ static inline int any_below_zero(vf v) { return _mm512_cmp_ps_mask(v, _mm512_set
 #define L 8
 typedef __m256 vf;
 static inline vf load_h(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vf load_r(const float *p) { return _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(p), _MM_FROUND_TO_NEAREST_INT)); }
 static inline vf load_f(const float *p) { return _mm256_loadu_ps(p); }
 static inline vf fma_(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf add_(vf a, vf b) { return _mm256_add_ps(a, b); }
@@ -48,36 +54,47 @@ static inline int any_below_zero(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps
 #error "the pairs kernel needs AVX-512F, or AVX2 with F16C and FMA"
 #endif
 
+#define AI static inline __attribute__((always_inline))
+
+/* The features' type (`kind` below): each its own code, the kind a constant where it is used. */
+enum { F16 = 0, BF16 = 1, F32 = 2 };
+#define ESIZE(kind) ((kind) == F32 ? 4 : 2) /* bytes per value */
+#define TAIL_BYTES 64                       /* the widest vector of values: 32 bf16 or 16 fp32 */
+
+/* fp32 values of fp16 (F16), or of fp32 features rounded to fp16 (F32), `off` values past p. */
+AI vf load_x(int kind, const void *p, int64_t off) {
+    return kind == F32 ? load_r((const float *)p + off) : load_h((const uint16_t *)p + off);
+}
 
 /* A cell's last c % width channels, zero-padded to one vector (the weights are padded alike). */
-static inline const uint16_t *tail_of(const uint16_t *xd, int full, int c, uint16_t *buf, int width) {
+static inline const void *tail_of(const void *xd, int full, int c, int esize, unsigned char *buf, int width) {
     if (full == c) return 0;
-    memset(buf, 0, sizeof(uint16_t) * (size_t)width);
-    memcpy(buf, xd + full, sizeof(uint16_t) * (size_t)(c - full));
+    memset(buf, 0, (size_t)esize * (size_t)width);
+    memcpy(buf, (const char *)xd + (size_t)esize * (size_t)full, (size_t)esize * (size_t)(c - full));
     return buf;
 }
 
-/* The squared norm of one row of c fp16 values (fp32 squares and sums: fp16 is exact in fp32), in
- * two chains; *below set where a value is not ≥ 0 (negative or NaN). */
-static inline float row_sqnorm(const uint16_t *p, int c, int *below) {
+/* The squared norm of one row of c values as fp16 (fp32 squares and sums: fp16 is exact in fp32),
+ * in two chains; *below set where a value is not ≥ 0 (negative or NaN). */
+AI float row_sqnorm(int kind, const void *p, int c, int *below) {
     const int full = c / L * L;
-    uint16_t buf[L];
+    unsigned char buf[TAIL_BYTES];
     vf a0 = zero_(), a1 = zero_();
     int k = 0, neg = 0;
     for (; k + 2 * L <= full; k += 2 * L) {
-        const vf v0 = load_h(p + k), v1 = load_h(p + k + L);
+        const vf v0 = load_x(kind, p, k), v1 = load_x(kind, p, k + L);
         a0 = fma_(v0, v0, a0);
         a1 = fma_(v1, v1, a1);
         neg |= any_below_zero(v0) | any_below_zero(v1);
     }
     for (; k < full; k += L) {
-        const vf v = load_h(p + k);
+        const vf v = load_x(kind, p, k);
         a0 = fma_(v, v, a0);
         neg |= any_below_zero(v);
     }
-    const uint16_t *tail = tail_of(p, full, c, buf, L);
+    const void *tail = tail_of(p, full, c, ESIZE(kind), buf, L);
     if (tail) {
-        const vf v = load_h(tail);
+        const vf v = load_x(kind, tail, 0);
         a0 = fma_(v, v, a0);
         neg |= any_below_zero(v);
     }
@@ -92,11 +109,12 @@ static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_load
 #define HAS_BF16 0
 #endif
 
-/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16. Bits 8..15: the fp16 vector width. */
-int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | (L << 8); }
+/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16; bit 2: vfs_pairs_f32. Bits 8..15: the
+ * fp16 (and fp32) vector width. */
+int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | 4 | (L << 8); }
 
-#define WIDTH(bf16) ((bf16) ? 32 : L)  /* channels per vector */
-#define LANES(bf16) ((bf16) ? 16 : L)  /* fp32 sums per vector */
+#define WIDTH(kind) ((kind) == BF16 ? 32 : L)  /* channels per vector */
+#define LANES(kind) ((kind) == BF16 ? 16 : L)  /* fp32 sums per vector */
 
 /* Images per step: each weight vector loaded serves all of them (2,048-channel query cells outgrow
  * the L1 cache, and a block's set-up is paid once for them). Pairs per block: at most RMAX, so that
@@ -115,16 +133,15 @@ int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | (L << 8); }
 /* Pairs in a cell's first block where it also takes the cell's squared norm (`vfs_best.fill`): one
  * more sum per image in registers (AVX-512: 20 + 4 + 1 + 4 of 32; AVX2: 9 + 3 + 1 + 3 of 16). */
 #define RNORM (RMAX - 1)
-#define AI static inline __attribute__((always_inline))
 
 /* One step of R pairs over one channel vector (at `off` in each of the M images' `src`, at `c` in
  * the weights). */
-AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const void *w, int cp, int c,
+AI void step(int kind, int R, int M, const void *const *src, int off, const void *w, int cp, int c,
              const int32_t *k, vf (*a)[RMAX], vf *norm) {
 #if HAS_BF16
-    if (bf16) {
+    if (kind == BF16) {
         __m512bh xv[IMAGES];
-        for (int i = 0; i < M; i++) xv[i] = load_bh(src[i] + off);
+        for (int i = 0; i < M; i++) xv[i] = load_bh((const uint16_t *)src[i] + off);
         for (int t = 0; t < R; t++) {
             __m512bh wt = load_bh((const uint16_t *)w + (int64_t)k[t] * cp + c);
             __asm__("" : "+v"(wt)); /* in a register: see below */
@@ -133,9 +150,8 @@ AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const 
         return;
     }
 #endif
-    (void)bf16;
     vf xv[IMAGES];
-    for (int i = 0; i < M; i++) xv[i] = load_h(src[i] + off);
+    for (int i = 0; i < M; i++) xv[i] = load_x(kind, src[i], off);
     if (norm)
         for (int i = 0; i < M; i++) norm[i] = fma_(xv[i], xv[i], norm[i]);
     for (int t = 0; t < R; t++) {
@@ -149,14 +165,14 @@ AI void step(int bf16, int R, int M, const uint16_t *const *src, int off, const 
 
 /* The next cell of each of the M images (`ahead` values past `off`), requested a 64-byte line per
  * call while a cell's first block runs: the hardware's prefetch of M interleaved streams runs
- * behind the multiply-adds. Into L1 where M cells fit beside the weights (up to 256 channels), into L2 beyond
- * (into L1 they evicted the weights of 2,048-channel queries). Zen 4: 7-15% off queries on 768 and
- * 2,048 channels. */
-AI void prefetch_next(int M, const uint16_t *const *src, int off, int64_t ahead) {
-    if (off % 32) return;
+ * behind the multiply-adds. Into L1 where M cells fit beside the weights (up to 512 bytes: 256
+ * fp16 channels), into L2 beyond (into L1 they evicted the weights of 2,048-channel queries). Zen 4:
+ * 7-15% off queries on 768 and 2,048 channels. */
+AI void prefetch_next(int kind, int M, const void *const *src, int off, int64_t ahead) {
+    if (off % (64 / ESIZE(kind))) return;
     for (int i = 0; i < M; i++) {
-        const char *line = (const char *)(src[i] + off + ahead);
-        if (ahead <= 256) _mm_prefetch(line, _MM_HINT_T0);
+        const char *line = (const char *)src[i] + (off + ahead) * ESIZE(kind);
+        if (ahead * ESIZE(kind) <= 512) _mm_prefetch(line, _MM_HINT_T0);
         else _mm_prefetch(line, _MM_HINT_T1);
     }
 }
@@ -164,8 +180,8 @@ AI void prefetch_next(int M, const uint16_t *const *src, int off, int64_t ahead)
 /* R pairs of one data cell in M images: R dot products each over the cell's channels (the last
  * vector from `tails` where c is not a multiple of the width), added to their placements' lane
  * sums (acc + i·places·lanes for image i); the next cells prefetched where `ahead` is not 0; and,
- * where `sq` is given (fp16 only), each image's squared norm of the cell into sq[i · cells]. */
-AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t *const *tails, int full, int cp,
+ * where `sq` is given (not bf16), each image's squared norm of the cell into sq[i · cells]. */
+AI void block(int kind, int R, int M, const void *const *xs, const void *const *tails, int full, int cp,
               const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image, int64_t ahead,
               float *sq, int32_t cells) {
     vf a[IMAGES][RMAX], n[IMAGES];
@@ -175,16 +191,16 @@ AI void block(int bf16, int R, int M, const uint16_t *const *xs, const uint16_t 
         for (int t = 0; t < R; t++) a[i][t] = zero_();
     }
     if (ahead)
-        for (int c = 0; c < full; c += WIDTH(bf16)) {
-            prefetch_next(M, xs, c, ahead);
-            step(bf16, R, M, xs, c, w, cp, c, k, a, norm);
+        for (int c = 0; c < full; c += WIDTH(kind)) {
+            prefetch_next(kind, M, xs, c, ahead);
+            step(kind, R, M, xs, c, w, cp, c, k, a, norm);
         }
     else
-        for (int c = 0; c < full; c += WIDTH(bf16)) step(bf16, R, M, xs, c, w, cp, c, k, a, norm);
-    if (tails) step(bf16, R, M, tails, 0, w, cp, full, k, a, norm);
+        for (int c = 0; c < full; c += WIDTH(kind)) step(kind, R, M, xs, c, w, cp, c, k, a, norm);
+    if (tails) step(kind, R, M, tails, 0, w, cp, full, k, a, norm);
     for (int i = 0; i < M; i++)
         for (int t = 0; t < R; t++) {
-            float *dst = acc + i * per_image + (int64_t)p[t] * LANES(bf16);
+            float *dst = acc + i * per_image + (int64_t)p[t] * LANES(kind);
             store_f(dst, add_(load_f(dst), a[i][t]));
         }
     if (sq)
@@ -207,8 +223,9 @@ struct vfs_best {
     float qnorm, smallest, output_error, weight_term, scale;
     float *best, *upper, *runner; /* (n,) each */
     int64_t *where;                /* (n,) placement index py * pw + px */
-    /* fill: the kernel takes each cell's squared norm into sq (fp16 features) in the cell's first
-     * block, which reads it anyway; the bound above is then the one for features of either sign. */
+    /* fill: the kernel takes each cell's squared norm into sq (fp16 or fp32 features) in the cell's
+     * first block, which reads it anyway; the bound above is then the one for features of either
+     * sign. */
     int32_t fill;
 };
 
@@ -290,26 +307,26 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
 }
 
 /* Every pair of images [i, i + M): the cells in order, each cell's pairs in blocks. */
-AI void images(int bf16, int M, int norms, const uint16_t *x, int64_t i, int32_t cells, int32_t c, const void *w,
+AI void images(int kind, int M, int norms, const void *x, int64_t i, int32_t cells, int32_t c, const void *w,
                int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
                int64_t stride, const struct vfs_best *b, float *acc) {
-    const int width = WIDTH(bf16), lanes = LANES(bf16), full = c / width * width;
+    const int width = WIDTH(kind), lanes = LANES(kind), full = c / width * width, esize = ESIZE(kind);
     const int64_t per_image = (int64_t)places * lanes;
-    uint16_t buf[IMAGES][32];
+    unsigned char buf[IMAGES][TAIL_BYTES];
     float *fill = norms ? b->sq + i * cells : 0;
     memset(acc, 0, sizeof(float) * (size_t)(per_image * M));
     for (int d = 0; d < cells; d++) {
         int j = start[d];
         const int e = start[d + 1];
-        const uint16_t *xs[IMAGES], *ts[IMAGES];
+        const void *xs[IMAGES], *ts[IMAGES];
         for (int m = 0; m < M; m++) {
-            xs[m] = x + ((i + m) * cells + d) * (int64_t)c;
-            ts[m] = tail_of(xs[m], full, c, buf[m], width);
+            xs[m] = (const char *)x + ((i + m) * cells + d) * (int64_t)c * esize;
+            ts[m] = tail_of(xs[m], full, c, esize, buf[m], width);
         }
-        const uint16_t *const *tails = full < c ? ts : 0;
+        const void *const *tails = full < c ? ts : 0;
         if (fill && j == e) { /* a cell no placement weighs: its norm only (a NaN there is still found) */
             int unused = 0;
-            for (int m = 0; m < M; m++) fill[m * (int64_t)cells + d] = row_sqnorm(xs[m], c, &unused);
+            for (int m = 0; m < M; m++) fill[m * (int64_t)cells + d] = row_sqnorm(kind, xs[m], c, &unused);
         }
         while (j < e) {
             float *sq = fill && j == start[d] ? fill + d : 0; /* the cell's first block takes its norm */
@@ -319,8 +336,8 @@ AI void images(int bf16, int M, int norms, const uint16_t *x, int64_t i, int32_t
             switch (r) { /* each size its own code: R is a constant in `block` */
 #define BLOCK(R) \
     case R: \
-        if (sq) block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, c, sq, cells); \
-        else block(bf16, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0, 0, 0); \
+        if (sq) block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, c, sq, cells); \
+        else block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0, 0, 0); \
         break;
                 BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4)
 #if RMAX > 4
@@ -339,38 +356,44 @@ AI void images(int bf16, int M, int norms, const uint16_t *x, int64_t i, int32_t
 }
 
 /* Images [i0, i1), IMAGES at a time, then one by one. acc: vfs_scratch_floats(places) floats. */
-AI void run(int bf16, const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const void *w,
+AI void run(int kind, const void *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const void *w,
             int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
             int64_t stride, const struct vfs_best *b, float *acc) {
     int64_t i = i0;
     /* The norms taken or given: each its own code (constants in `images`), so that the common case
-     * (given: caches, prepared sources) runs the same instructions as without the other. fp16 only. */
-    if (!bf16 && b && b->fill) {
+     * (given: caches, prepared sources) runs the same instructions as without the other. Not bf16. */
+    if (kind != BF16 && b && b->fill) {
         for (; i + IMAGES <= i1; i += IMAGES)
-            images(0, IMAGES, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
-        for (; i < i1; i++) images(0, 1, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+            images(kind, IMAGES, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        for (; i < i1; i++) images(kind, 1, 1, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
         return;
     }
     for (; i + IMAGES <= i1; i += IMAGES)
-        images(bf16, IMAGES, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
-    for (; i < i1; i++) images(bf16, 1, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        images(kind, IMAGES, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    for (; i < i1; i++) images(kind, 1, 0, x, i, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 
 void vfs_pairs_f16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
                    int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
                    float *out, int64_t stride, const struct vfs_best *b, float *acc) {
-    run(0, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    run(F16, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+}
+
+void vfs_pairs_f32(const float *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const float *w,
+                   int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
+                   float *out, int64_t stride, const struct vfs_best *b, float *acc) {
+    run(F32, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 
 #if HAS_BF16
 void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, int32_t c, const uint16_t *w,
                     int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places,
                     float *out, int64_t stride, const struct vfs_best *b, float *acc) {
-    run(1, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    run(BF16, x, i0, i1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
 }
 #endif
 
-/* Both kernels on the caller's OpenMP team: `parallel` is the GOMP_parallel of the OpenMP runtime
+/* The kernels on the caller's OpenMP team: `parallel` is the GOMP_parallel of the OpenMP runtime
  * PyTorch runs its own operators on, so the threads it keeps spinning after an operator take this
  * work instead of competing with other threads for the cores. The threads take the images SHARE at
  * a time from a shared counter, not a fixed half each: where another process holds a core (the
@@ -381,8 +404,8 @@ typedef void (*vfs_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 typedef int (*vfs_team_fn)(void);
 
 struct vfs_job {
-    int bf16;
-    const uint16_t *x;
+    int kind;
+    const void *x;
     int64_t n;
     int32_t cells, c;
     const void *w;
@@ -409,22 +432,27 @@ static void vfs_job_run(void *arg) {
         if (i0 >= j->n) return;
         const int64_t i1 = i0 + SHARE < j->n ? i0 + SHARE : j->n;
 #if HAS_BF16
-        if (j->bf16) {
+        if (j->kind == BF16) {
             vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
                            j->stride, j->b, acc);
             continue;
         }
 #endif
+        if (j->kind == F32) {
+            vfs_pairs_f32(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
+                          j->stride, j->b, acc);
+            continue;
+        }
         vfs_pairs_f16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
                       j->stride, j->b, acc);
     }
 }
 
 void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_fn num_threads, int threads,
-                    int bf16, const uint16_t *x, int64_t n, int32_t cells, int32_t c, const void *w, int32_t cp,
+                    int kind, const void *x, int64_t n, int32_t cells, int32_t c, const void *w, int32_t cp,
                     const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
                     int64_t stride, const struct vfs_best *b, float *acc) {
-    struct vfs_job j = {bf16, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc, threads,
+    struct vfs_job j = {kind, x, n, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc, threads,
                         thread_num, num_threads, 0};
     parallel(vfs_job_run, &j, (unsigned)threads, 0);
 }
@@ -436,7 +464,7 @@ void vfs_pairs_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_f
  * minimum and the norms) took 3-5× a read of it. */
 int vfs_sqnorms_f16(const uint16_t *x, int64_t r0, int64_t r1, int32_t c, float *sq) {
     int below = 0;
-    for (int64_t r = r0; r < r1; r++) sq[r] = row_sqnorm(x + r * (int64_t)c, c, &below);
+    for (int64_t r = r0; r < r1; r++) sq[r] = row_sqnorm(F16, x + r * (int64_t)c, c, &below);
     return below;
 }
 

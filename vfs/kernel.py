@@ -1,6 +1,8 @@
 """The "pairs" form's compiled kernel (`kernel.c`) on x86 CPUs: per image, one dot product for each
 (data cell, query cell) pair that some placement uses, read from the fp16 features as stored
-(F16C, fp32 multiply-adds) or from a bf16 copy (AVX512-BF16 dot products), sums in fp32; in a
+(F16C, fp32 multiply-adds), from fp32 ones rounded to fp16 as they are read (a notebook's fp32
+array searched as its fp16 copy, without the copy), or from a bf16 copy (AVX512-BF16 dot
+products), sums in fp32; in a
 search, each image's placements are then scored and bounded in the same pass (`best_placements`:
 no (placements, n) arrays and no torch operators over them, which took 0.9–3 ms of a 10,000-image
 search on Zen 4 where the kernel now spends 0.3–0.9 ms).
@@ -42,6 +44,9 @@ _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 _ARGS: list[Any] = [_P, _I64, _I64, _I32, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _P, _P]
 _TEAM_ARGS: list[Any] = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _I64, *_ARGS[3:]]  # team, n
 _BF16_WIDTH = 32  # bf16 values per AVX-512 vector
+_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernel.c's F16, BF16, F32
+_BITS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 4}  # of vfs_kernel_info: built
+_FUNCTIONS = {d: f"vfs_pairs_{name}" for d, name in zip(_KINDS, ("f16", "bf16", "f32"))}
 
 
 class _Best(ctypes.Structure):
@@ -70,7 +75,7 @@ class Library:
     lanes: int
 
     def function(self, dtype: torch.dtype):
-        return self.cdll.vfs_pairs_bf16 if dtype == torch.bfloat16 else self.cdll.vfs_pairs_f16
+        return getattr(self.cdll, _FUNCTIONS[dtype])
 
     def width(self, dtype: torch.dtype) -> int:
         """Channels per vector: the weights are zero-padded to a multiple of it."""
@@ -131,9 +136,10 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
         log.info("vfs: the pairs kernel is off: %s", e)
         return None
     info = cdll.vfs_kernel_info()
-    dtypes = {torch.float16} | ({torch.bfloat16} if info & 2 else set())
-    for name in ("vfs_pairs_f16", "vfs_pairs_bf16") if info & 2 else ("vfs_pairs_f16",):
-        getattr(cdll, name).argtypes, getattr(cdll, name).restype = _ARGS, None
+    dtypes = {dtype for dtype, bit in _BITS.items() if info & bit}
+    for dtype in dtypes:
+        fn = getattr(cdll, _FUNCTIONS[dtype])
+        fn.argtypes, fn.restype = _ARGS, None
     cdll.vfs_pairs_team.argtypes, cdll.vfs_pairs_team.restype = _TEAM_ARGS, None
     cdll.vfs_sqnorms_f16.argtypes, cdll.vfs_sqnorms_f16.restype = [_P, _I64, _I64, _I32, _P], ctypes.c_int
     cdll.vfs_sqnorms_team.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I32, _P, _P]
@@ -220,8 +226,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 @dataclass(frozen=True)
 class PairKernel:
     """One query's pairs on one grid, with its weights in the kernel's type for one operand type:
-    fp16 features → fp32 weights; bf16 features → bf16 weights, subnormals flushed to zero (as the
-    instruction reads them)."""
+    fp16 features, and fp32 ones it rounds to fp16, → fp32 weights; bf16 features → bf16 weights,
+    subnormals flushed to zero (as the instruction reads them)."""
 
     library: Library
     dtype: torch.dtype  # of the features it reads
@@ -271,11 +277,12 @@ class PairKernel:
     def best_placements(
         self,
         parts: list[torch.Tensor],
-        sqnorm: torch.Tensor | None,
+        sqnorm: torch.Tensor,
         m2: Sequence[float],
         qnorm: float,
         affine: tuple[float, float, float],
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        fill: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image of consecutive pieces of a chunk: its best fast score, that placement's index,
         the largest upper bound over its placements and the largest over its other placements
@@ -284,19 +291,20 @@ class PairKernel:
         `m2` (K,) the squared mask weights in the query cells' order, `affine` the bound's
         (output_error, weight_term, scale) (`FastBound.affine`).
 
-        `sqnorm` None (fp16 features): the kernel takes each cell's norm in the first block that
-        reads the cell (its sum in another order than `squared_norms`', within the same bound), with
-        nothing computed before; the sign of the features being unknown, `affine` must be the
-        bound's for either sign. ValueError where a value is NaN or infinite."""
+        `fill` (fp16 or fp32 features): `sqnorm` is a contiguous fp32 buffer the kernel writes each
+        cell's squared norm into, taken in the first block that reads the cell (its sum in another
+        order than `squared_norms`', within the same bound), with nothing computed before; the sign
+        of the features being unknown, `affine` must be the bound's for either sign. A NaN or an
+        infinite value (or an fp32 one beyond fp16's range) leaves its cell's norm NaN or ∞: the
+        caller checks them."""
         n = sum(len(p) for p in parts)
-        fill = sqnorm is None
         if fill:
-            if self.dtype != torch.float16:
-                raise ValueError("the kernel takes the norms of fp16 features only")
-            h, w = parts[0].shape[1:3]
-            sq = torch.empty(n, h * w, dtype=torch.float32)
+            if self.dtype == torch.bfloat16:
+                raise ValueError("the kernel takes the norms of fp16 or fp32 features only")
+            if sqnorm.dtype != torch.float32 or not sqnorm.is_contiguous() or len(sqnorm) != n:
+                raise ValueError(f"the kernel writes the norms of {n} images into contiguous fp32")
+            sq = sqnorm.view(n, -1)
         else:
-            assert sqnorm is not None
             sq = sqnorm.reshape(len(sqnorm), -1).to(torch.float32).contiguous()
         output_error, weight_term, scale = affine
         weights = np.ascontiguousarray(m2, np.float32)
@@ -317,8 +325,6 @@ class PairKernel:
             return 0, 0, ctypes.byref(best_of)
 
         self._run(parts, epilogue)
-        if fill and not bool(torch.isfinite(sq).all()):
-            raise ValueError("the features contain NaN or inf")
         return out
 
     def _run(self, parts: list[torch.Tensor], outputs: Callable[[int], tuple[int, int, Any]]) -> None:
@@ -336,9 +342,8 @@ class PairKernel:
             m, h, w_, c = x.shape
             args = (h * w_, c, w, cp, *tables, places, *outputs(offset))
             if team is not None:
-                bf16 = int(self.dtype == torch.bfloat16)
                 run = self.library.cdll.vfs_pairs_team
-                run(*team, threads, bf16, x.data_ptr(), m, *args, acc.ctypes.data)
+                run(*team, threads, _KINDS[self.dtype], x.data_ptr(), m, *args, acc.ctypes.data)
             else:  # a pool of our own, one image range per thread
                 self._on_pool(x, np.linspace(0, m, threads + 1).astype(np.int64), args, acc)
             offset += m

@@ -563,24 +563,25 @@ class Scorer:
     def best_placements(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        sqnorm: torch.Tensor | None,
+        sqnorm: torch.Tensor,
         bound: FastBound,
         nonnegative: bool,
         out: FastOutputs,
+        fill: bool = False,
     ) -> FastOutputs:
         """Per image its best fast score, that placement, the largest upper bound over its
         placements and the largest over its other placements, where `fuses(x)` (`out`, four (n,)
         tensors; see `kernel.PairKernel.best_placements`). Triton's epilogue computes no runner-up
         (∞). One placement (the whole grid): its numerators and squared norms are summed first,
-        then passed as one cell. `sqnorm` None: the pairs kernel takes them (`nonnegative` must
-        then be False: the features' sign is not known)."""
+        then passed as one cell. `fill`: the pairs kernel takes the squared norms, into `sqnorm`
+        (`nonnegative` must then be False: the features' sign is not known)."""
         affine = bound.affine(nonnegative)
         if self.pairs is not None:
             parts = x if isinstance(x, list) else [x]
             return self.pairs.best_placements(
-                parts, sqnorm, self.geometry.m2, self.geometry.qnorm, affine, out
+                parts, sqnorm, self.geometry.m2, self.geometry.qnorm, affine, out, fill
             )
-        assert self.placements is not None and isinstance(x, torch.Tensor) and sqnorm is not None
+        assert self.placements is not None and isinstance(x, torch.Tensor) and not fill
         out[3].fill_(math.inf)
         first = (out[0], out[1], out[2])
         n, h, w, c = x.shape

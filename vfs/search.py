@@ -36,7 +36,7 @@ from .scoring import (
     plan_query,
     uses_pairs,
 )
-from .sources import FeatureSource, UnpreparedArray, cell_norms
+from .sources import BeyondFp16, FeatureSource, UnpreparedArray, cell_norms
 from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
@@ -195,6 +195,7 @@ def search_regions(
             "source must be a feature cache (vfs.open_cache), a FeatureSource or an (N, h, w, C) numpy "
             f"array or torch tensor, not {type(source).__name__}"
         )
+    options = _Options(k, exclude, per_domain, candidates, memory_budget, all_exact)
     dev = resolve_device(device)
     dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
@@ -204,15 +205,47 @@ def search_regions(
     if isinstance(source, (np.ndarray, torch.Tensor)):
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
-        # (1.2–1.4× its bf16 time on Zen 4, with a tighter bound), an array is searched as it is.
+        # (1.2–1.4× its bf16 time on Zen 4, with a tighter bound), an array is searched as it is —
+        # an fp32 one too, rounded to fp16 as the kernel reads it (its fp16 copy took 9× the search:
+        # 86 ms for 1,000 × 7×7×2048 on Zen 4), unless its fp16 copy loses values (`BeyondFp16`).
         pairs = dev.type == "cpu" and uses_pairs(dev, torch.float16, source.shape[-1])
         if pairs and UnpreparedArray.takes(source):
-            source, dtype = UnpreparedArray(source), torch.float16  # the kernel takes the norms as it reads
-        else:
-            array = prepared_array(source, dtype if dev.type == "cpu" and not pairs else torch.float16)
-            if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
-                dtype = array.cpu_dtype
-            source = array
+            unprepared = UnpreparedArray(source)
+            try:
+                return _search(unprepared, unprepared.array.dtype, dev, query, mask, options, t0)
+            except BeyondFp16:
+                pass
+        array = prepared_array(source, dtype if dev.type == "cpu" and not pairs else torch.float16)
+        if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
+            dtype = array.cpu_dtype
+        source = array
+    return _search(source, dtype, dev, query, mask, options, t0)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What `search_regions` was asked for beyond its source and query."""
+
+    k: int
+    exclude: int | Iterable[int] | None
+    per_domain: int | None
+    candidates: np.ndarray | None
+    memory_budget: int | None
+    all_exact: bool
+
+
+def _search(
+    source: FeatureSource,
+    dtype: torch.dtype,
+    dev: torch.device,
+    query: np.ndarray | int | RegionQuery,
+    mask: np.ndarray | None,
+    options: _Options,
+    t0: float,
+) -> SearchResult:
+    """`search_regions` of a source, its fast products in `dtype` on `dev`."""
+    k, exclude, per_domain, candidates = options.k, options.exclude, options.per_domain, options.candidates
+    memory_budget, all_exact = options.memory_budget, options.all_exact
     n, h, w, c = source.shape
     rq = region_query(source, query, mask)
     if rq.features.shape[-1] != c:
@@ -296,14 +329,15 @@ class _FastScoring:
     def __call__(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        sqnorm: torch.Tensor | None,
+        sqnorm: torch.Tensor,
         out: FastOutputs | None = None,
+        fill: bool = False,
     ) -> FastOutputs:
         """Per image of a chunk (into `out` where given): its best fast score, that placement's
         index (y·Pw + x), the largest upper bound over its placements, and the largest over its
         other placements (−∞ for one placement; ∞ where not computed: the fused GPU epilogue); a
-        placement that overflowed bounds nothing (inf). `sqnorm` None: the pairs kernel takes the
-        norms (`UnpreparedArray`)."""
+        placement that overflowed bounds nothing (inf). `fill`: `sqnorm` is where the norms go, taken
+        by the pairs kernel as it reads an `UnpreparedArray`'s slice."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
             plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
@@ -314,9 +348,11 @@ class _FastScoring:
             self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
         features_nonnegative = self.nonnegative_source
-        if sqnorm is None and scorer.pairs is None:  # an UnpreparedArray's fp16 slice, in another form
+        if fill and scorer.pairs is None:  # an UnpreparedArray's slice in another form: its fp16 copy
             assert isinstance(x, torch.Tensor)
-            sqnorm, features_nonnegative = cell_norms(x)
+            fp16, norms, features_nonnegative = cell_norms(x)
+            x, fill = fp16.to(dtype), False
+            sqnorm.copy_(norms)
         # Unknown (None) where the kernel takes the norms: the bound for either sign, wider than the
         # relative one by eps·(1 − score); with its fp32 sums eps ≈ 1.4e-4 for a 3×3 region at 2,048
         # channels, growing with the region's cells (1.7e-4 for 14×14).
@@ -331,8 +367,7 @@ class _FastScoring:
                 torch.empty(n, dtype=torch.float32, device=dev),
             )
         if scorer.fuses(x):
-            return scorer.best_placements(x, sqnorm, bound, nonnegative, out)
-        assert sqnorm is not None  # above
+            return scorer.best_placements(x, sqnorm, bound, nonnegative, out, fill)
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
@@ -364,21 +399,30 @@ def _fast_pass(
 ) -> tuple[FastPass, torch.Tensor | None]:
     """Every image's fast results over the source's chunks in `dtype`; and, where some chunk came
     in bf16 (coarser than the features as stored), every cell's squared norm, for refining (a few
-    MB: n·h·w fp32)."""
+    MB: n·h·w fp32). An `UnpreparedArray`'s norms are taken by the kernel, then checked."""
     n, h, w, _ = source.shape
     best = torch.empty(n, dtype=torch.float32, device=device)  # on the device: one copy back, no sync
     where = torch.empty(n, dtype=torch.int64, device=device)
     upper = torch.empty(n, dtype=torch.float32, device=device)
     runner = torch.empty(n, dtype=torch.float32, device=device)
     sqnorm = torch.empty((n, h, w), device=device) if dtype == torch.bfloat16 else None
+    taken = torch.empty((n, h, w), dtype=torch.float32) if isinstance(source, UnpreparedArray) else None
     coarse = False
     with torch.inference_mode():
         for start, x, sq in source.chunks(device, memory_budget, dtype):
             stop = start + _images_in(x)
-            fast(x, sq, out=(best[start:stop], where[start:stop], upper[start:stop], runner[start:stop]))
+            out = (best[start:stop], where[start:stop], upper[start:stop], runner[start:stop])
+            if taken is not None:
+                fast(x, taken[start:stop], out, fill=True)
+            else:
+                assert sq is not None
+                fast(x, sq, out)
             if sqnorm is not None and sq is not None:  # every chunk's: a refined image may come from any
                 sqnorm[start:stop] = sq
                 coarse = coarse or _operand_dtype(x) == torch.bfloat16
+    if isinstance(source, UnpreparedArray):
+        assert taken is not None
+        source.check_norms(taken)
     placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
     found = FastPass(best.cpu().numpy(), placements, upper.cpu().numpy(), runner.cpu().numpy())
     return found, sqnorm if coarse else None

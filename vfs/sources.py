@@ -179,13 +179,12 @@ def _fp16_and_sqnorms(
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
-def cell_norms(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Each cell's squared norm (fp32) of fp16 features, (n, h, w, C) → (n, h, w), and whether every
-    value is ≥ 0: for a form other than the pairs kernel's over an `UnpreparedArray`."""
-    _, sqnorm, nonnegative = _fp16_and_sqnorms(x)
-    if not torch.isfinite(sqnorm).all():
-        raise ValueError("the features contain NaN or inf")
-    return sqnorm, nonnegative
+def cell_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """An `UnpreparedArray`'s slice as fp16 (itself where it is), each cell's squared norm (fp32),
+    (n, h, w, C) → (n, h, w), and whether every value is ≥ 0: for a form other than the pairs
+    kernel's."""
+    fp16, sqnorm, nonnegative = _fp16_and_sqnorms(x)
+    return fp16, sqnorm, nonnegative
 
 
 FP16_SAFE_SQNORM = 2.0**-12
@@ -297,11 +296,23 @@ class ArrayFeatures:
         return {}
 
 
+FP16_OVERFLOW = 65520.0
+"""The least |fp32 value| that rounds to an infinite fp16 (to nearest: halfway past 65,504)."""
+
+
+class BeyondFp16(ValueError):
+    """An fp32 array searched unprepared (`UnpreparedArray`) holds values its fp16 copy loses:
+    beyond fp16's largest, or all so small that they fall to its subnormals. `search_regions`
+    then prepares it (`ArrayFeatures`: scaled by a power of two first)."""
+
+
 class UnpreparedArray:
-    """An fp16 array on the CPU searched as it is, on every call: the pairs kernel takes each cell's
-    squared norm in the pass that reads it (`PairKernel.best_placements` without norms). Nothing
-    is prepared before a search nor kept after it, so a changed array is never searched stale,
-    however it was changed — what `search_regions` makes of such an array where the kernel runs."""
+    """An fp16 or fp32 array on the CPU searched as it is, on every call: the pairs kernel takes
+    each cell's squared norm in the pass that reads it (`PairKernel.best_placements`, `fill`), and
+    rounds fp32 values to fp16 as it loads them — the answers of the array's fp16 copy, as
+    `ArrayFeatures` holds it, without the copy. Nothing is prepared before a search nor kept after
+    it, so a changed array is never searched stale, however it was changed — what `search_regions`
+    makes of such an array where the kernel runs."""
 
     domains: np.ndarray | None = None
     nonnegative: bool | None = None  # not known before the kernel reads it: bounded for either sign
@@ -309,17 +320,21 @@ class UnpreparedArray:
     def __init__(self, features: np.ndarray | torch.Tensor):
         t = _as_tensor(features).detach()
         if not self.takes(t):
-            raise ValueError("an UnpreparedArray is a contiguous (N, h, w, C) fp16 array on the CPU")
-        self._fp16 = t
+            raise ValueError("an UnpreparedArray is a contiguous (N, h, w, C) fp16 or fp32 array on the CPU")
+        self._array = t
 
     @staticmethod
     def takes(features: np.ndarray | torch.Tensor) -> bool:
         """Whether `features` can be searched without a preparation (else: `ArrayFeatures`)."""
         if isinstance(features, np.ndarray):
-            return features.ndim == 4 and features.dtype == np.float16 and features.flags.c_contiguous
+            return (
+                features.ndim == 4
+                and features.dtype in (np.float16, np.float32)
+                and features.flags.c_contiguous
+            )
         return (
             features.ndim == 4
-            and features.dtype == torch.float16
+            and features.dtype in (torch.float16, torch.float32)
             and features.device.type == "cpu"
             and features.is_contiguous()
         )
@@ -327,28 +342,52 @@ class UnpreparedArray:
     @property
     def array(self) -> torch.Tensor:
         """The array searched (no copy): `search_regions` given this source searches it anew."""
-        return self._fp16
+        return self._array
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        n, h, w, c = self._fp16.shape
+        n, h, w, c = self._array.shape
         return n, h, w, c
 
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor | None]]:
-        """The array's slices with no norms: only the pairs kernel's fp16 pass takes them."""
-        if device.type != "cpu" or dtype != torch.float16:
-            raise ValueError(f"an UnpreparedArray is searched in fp16 on the CPU, not {dtype} on {device}")
-        n, row_bytes = len(self._fp16), math.prod(self._fp16.shape[1:]) * 2
+        """The array's slices as they are, with no norms: the pairs kernel's pass takes them
+        (`check_norms` after it)."""
+        if device.type != "cpu" or dtype != self._array.dtype:
+            own = self._array.dtype
+            raise ValueError(f"an UnpreparedArray is searched in {own} on the CPU, not {dtype} on {device}")
+        n, row_bytes = len(self._array), self._array[:1].nbytes
         for a, b in resident_slices(n, row_bytes, device):
-            yield a, self._fp16[a:b], None
+            yield a, self._array[a:b], None
+
+    def check_norms(self, sqnorm: torch.Tensor) -> None:
+        """After the kernel's pass, its squared norms of every cell: ValueError where a value is
+        NaN or infinite; `BeyondFp16` where an fp32 array's fp16 copy loses its values (as
+        `ArrayFeatures` decides it: the largest cell norm infinite or below `FP16_SAFE_SQNORM`)."""
+        if self._array.dtype == torch.float16:
+            if not bool(torch.isfinite(sqnorm).all()):
+                raise ValueError("the features contain NaN or inf")
+            return
+        largest = float(sqnorm.max()) if sqnorm.numel() else FP16_SAFE_SQNORM
+        if not FP16_SAFE_SQNORM <= largest < math.inf:  # NaN too: the preparation names it
+            raise BeyondFp16("the array holds values fp16 cannot: NaN, inf, beyond ±65,504 or all tiny")
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        return gather_rows(self._fp16, indices).numpy()
+        """fp16 rows, an fp32 array's rounded as the kernel reads them; `BeyondFp16` where that
+        makes a value infinite, or every value subnormal but not every one zero (a query of such
+        rows would be refused before `check_norms` could tell that the array is to be scaled)."""
+        rows = gather_rows(self._array, indices)
+        if rows.dtype == torch.float16:
+            return rows.numpy()
+        peak = float(rows.abs().amax()) if rows.numel() else 0.0
+        if not peak < FP16_OVERFLOW or 0 < peak < torch.finfo(torch.float16).smallest_normal:
+            raise BeyondFp16("these rows hold values fp16 cannot: NaN, inf, beyond ±65,504 or all tiny")
+        return rows.to(torch.float16).numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
-        return self._fp16 if device.type == "cpu" else None
+        """The array where it is the fp16 features; an fp32 one's rows come rounded from `rows`."""
+        return self._array if device.type == "cpu" and self._array.dtype == torch.float16 else None
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         return {}
