@@ -577,6 +577,13 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
     )
 
 
+def _kept(array: np.ndarray | torch.Tensor) -> bool:
+    """Whether a preparation of `array` is kept for the next call."""
+    from vfs import sources
+
+    return any(ref() is array for ref, _ in sources._prepared.values())
+
+
 def _writes_bookkeeping_cannot_see(array: torch.Tensor, source: int, target: int) -> None:
     """Image `target` becomes image `source`, written where no version counter or flag tells."""
     array.data[target] = array.data[source]  # `.data` bumps no version counter
@@ -590,17 +597,15 @@ def test_an_fp16_array_is_searched_unprepared_and_never_stale(monkeypatch):
     """Where the pairs kernel runs, an fp16 array is searched as it is: nothing kept between calls
     (no blind spot for writes that bypass a version counter), and the same answers as a prepared
     source of it (the same top-k and placements; scores as exact, or as fast, as its own)."""
-    from vfs import sources
 
     monkeypatch.setenv("VFS_KERNEL", "on")  # whatever oneDNN's timing at 40 channels
     rng = np.random.default_rng(21)
     feats = np.ascontiguousarray(rng.standard_normal((61, 6, 6, 40)).astype(np.float16))  # tail images
     feats[:20] = np.abs(feats[:20])  # some images of either sign
     mask = soft_blob(rng, 6, 6)
-    kept = len(sources._prepared)
     for array in (feats.copy(), torch.from_numpy(feats.copy())):
         result = search_regions(array, 3, mask, k=7, device="cpu")
-        assert isinstance(result.source, UnpreparedArray) and len(sources._prepared) == kept
+        assert isinstance(result.source, UnpreparedArray) and not _kept(array)
         prepared = search_regions(ArrayFeatures(array), 3, mask, k=7, device="cpu")
         pd.testing.assert_frame_equal(result.top, prepared.top)
         np.testing.assert_allclose(result.scores, prepared.scores, atol=2e-3)
@@ -705,11 +710,10 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
-def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(monkeypatch):
+def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(monkeypatch, force_form):
     """Where the pairs kernel runs, an fp32 array is searched as it is, each value rounded to fp16
     as the kernel reads it: nothing kept, never stale, and bit for bit the answers of its fp16 copy
     — with values halfway between fp16's (to even), in its subnormal range and near its largest."""
-    from vfs import sources
 
     monkeypatch.setenv("VFS_KERNEL", "on")
     rng = np.random.default_rng(22)
@@ -720,11 +724,10 @@ def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(
     feats[7, 1, 1, :4] = 65519.0  # to fp16's largest, 65,504
     mask = soft_blob(rng, 6, 6)
     want = search_regions(feats.astype(np.float16), 3, mask, k=7, device="cpu")
-    kept = len(sources._prepared)
     for array in (feats.copy(), torch.from_numpy(feats.copy())):
         got = search_regions(array, 3, mask, k=7, device="cpu")
         assert isinstance(got.source, UnpreparedArray) and got.method == "pairs"
-        assert len(sources._prepared) == kept
+        assert not _kept(array)
         pd.testing.assert_frame_equal(got.top, want.top)
         np.testing.assert_array_equal(got.scores, want.scores)  # the fast ones too: the same sums
         np.testing.assert_array_equal(got.placements, want.placements)
@@ -734,22 +737,44 @@ def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(
     _writes_bookkeeping_cannot_see(tensor, 3, 50)
     changed = search_regions(tensor, 3, mask, k=7, exclude=3, device="cpu")
     assert changed.top["index"].iloc[0] == 50 and changed.top["score"].iloc[0] == pytest.approx(1.0)
-    # where oneDNN's fp32 product beats the kernel's fp32 run: its slices as their fp16 copy there
-    monkeypatch.setattr("vfs.scoring.uses_pairs", lambda device, dtype, *a: dtype == torch.float16)
-    other = search_regions(feats, 3, mask, k=7, device="cpu")
-    assert isinstance(other.source, UnpreparedArray) and other.method != "pairs"
+    # one image all in fp16's subnormals (not zero) in an array fp16 holds: searched as it is,
+    # that image as the query and in `placement_scores`
+    feats[9] *= 1e-6
+    want = search_regions(feats.astype(np.float16), 9, mask, k=7, device="cpu")
+    for array in (feats.copy(), torch.from_numpy(feats.copy())):
+        got = search_regions(array, 9, mask, k=7, device="cpu")
+        assert isinstance(got.source, UnpreparedArray) and not _kept(array)
+        pd.testing.assert_frame_equal(got.top, want.top)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.placement_scores(9), want.placement_scores(9))
+    # where oneDNN's fp32 product beats the kernel's fp32 run: the array is prepared (fp16 copy)
+    faster = lambda device, dtype, *a: dtype == torch.float16
+    with monkeypatch.context() as slower_fp32:
+        slower_fp32.setattr("vfs.search.uses_pairs", faster)
+        slower_fp32.setattr("vfs.scoring.uses_pairs", faster)
+        other = search_regions(feats, 9, mask, k=7, device="cpu")
+    assert isinstance(other.source, ArrayFeatures) and other.method == "pairs"
     pd.testing.assert_frame_equal(other.top, want.top)
-    copy16 = feats.astype(np.float16)
-    ref, _ = brute_force(copy16, copy16[3].astype(np.float32), mask)
-    np.testing.assert_allclose(other.scores, ref, atol=2e-5)  # fp32 products of the fp16 values
+    # a form other than the kernel's (forced): the slices' fp16 copy
+    force_form("cells")
+    cells = search_regions(feats, 9, mask, k=7, device="cpu")
+    assert isinstance(cells.source, UnpreparedArray) and cells.method == "cells"
+    pd.testing.assert_frame_equal(cells.top, want.top)
+    copy_cells = search_regions(feats.astype(np.float16), 9, mask, k=7, device="cpu")
+    np.testing.assert_allclose(cells.scores, copy_cells.scores, rtol=0, atol=1e-6)  # norms' rounding apart
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
-@pytest.mark.parametrize("case", ["beyond fp16", "query beyond fp16", "tiny", "tiny, a feature-map query"])
+@pytest.mark.parametrize(
+    "case", ["beyond fp16", "query beyond fp16", "tiny", "tiny, a feature-map query", "at the limit"]
+)
 def test_an_fp32_array_its_fp16_copy_would_lose_is_prepared_and_scaled(case, monkeypatch):
     """Values fp16 cannot hold — beyond its largest (in any image, or in the query's), or an array
-    so small that its copy would fall to fp16's subnormals — send the search to the prepared
-    array, scaled by a power of two: the answers of `ArrayFeatures`, not inf, NaN or a refusal."""
+    so small that its copy would fall to fp16's subnormals — send the search to a prepared array,
+    scaled by a power of two and kept for no next call: the answers of `ArrayFeatures`, not inf,
+    NaN or a refusal. So does a largest cell norm at the limit, within the rounding of the
+    kernel's norms (`ArrayFeatures` sums them in another order)."""
+
     monkeypatch.setenv("VFS_KERNEL", "on")
     rng = np.random.default_rng(23)
     feats = np.abs(rng.standard_normal((40, 5, 5, 24))).astype(np.float32)
@@ -759,14 +784,19 @@ def test_an_fp32_array_its_fp16_copy_would_lose_is_prepared_and_scaled(case, mon
         feats[3, 0, 0, 0] = 7e4
     else:
         feats *= 1e-7
+    if case == "at the limit":  # one cell of squared norm 2⁻¹², exactly FP16_SAFE_SQNORM
+        feats[11, 0, 0] = 0
+        feats[11, 0, 0, 0] = 2.0**-6
     mask = soft_blob(rng, 5, 5)
     query = feats[3] if "feature-map" in case else 3
-    got = search_regions(feats, query, mask, k=6, device="cpu")
-    assert isinstance(got.source, ArrayFeatures)
+    tensor = torch.from_numpy(feats)
+    got = search_regions(tensor, query, mask, k=6, device="cpu")
+    assert isinstance(got.source, ArrayFeatures) and not _kept(tensor)
     want = search_regions(ArrayFeatures(feats), query, mask, k=6, device="cpu")
     pd.testing.assert_frame_equal(got.top, want.top)
-    ref, _ = brute_force(feats, feats[3], mask)
-    np.testing.assert_allclose(got.top["score"], ref[got.top["index"]], atol=2e-3)  # fp16's rounding
+    if case != "at the limit":  # there fp16's subnormals hold the other values, unscaled
+        ref, _ = brute_force(feats, feats[3], mask)
+        np.testing.assert_allclose(got.top["score"], ref[got.top["index"]], atol=2e-3)  # fp16's rounding
     feats[9, 1, 1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         search_regions(feats, query, mask, k=6, device="cpu")

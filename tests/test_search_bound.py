@@ -73,7 +73,7 @@ def test_upper_bound_holds_for_every_placement(case, method, seed, dtype, device
 
 
 @pytest.mark.skipif(library() is None, reason="the pairs kernel is not built here")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("pool", [False, True], ids=["openmp-team", "own-pool"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))

@@ -36,7 +36,7 @@ from .scoring import (
     plan_query,
     uses_pairs,
 )
-from .sources import BeyondFp16, FeatureSource, UnpreparedArray, cell_norms
+from .sources import ArrayFeatures, BeyondFp16, FeatureSource, UnpreparedArray, fp16_with_norms
 from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
@@ -206,15 +206,19 @@ def search_regions(
         # A copy in another type than fp16 costs its page faults on the first call (67–145 ms for
         # 200 MB on a VM) and the memory of a second array: where the pairs kernel reads fp16
         # (1.2–1.4× its bf16 time on Zen 4, with a tighter bound), an array is searched as it is —
-        # an fp32 one too, rounded to fp16 as the kernel reads it (its fp16 copy took 9× the search:
-        # 86 ms for 1,000 × 7×7×2048 on Zen 4), unless its fp16 copy loses values (`BeyondFp16`).
-        pairs = dev.type == "cpu" and uses_pairs(dev, torch.float16, source.shape[-1])
+        # an fp32 one too where the kernel's fp32 run beats oneDNN's, rounded to fp16 as it is read
+        # (its fp16 copy took 9× the search: 75–90 ms for 1,000 × 7×7×2048 on Zen 4). One whose
+        # copy loses values (`BeyondFp16`) is prepared anew, scaled, on every call: kept, its
+        # preparation would have the blind spots that searching it as it is has not.
+        c = source.shape[-1]
+        pairs = dev.type == "cpu" and uses_pairs(dev, torch.float16, c)
         if pairs and UnpreparedArray.takes(source):
             unprepared = UnpreparedArray(source)
-            try:
-                return _search(unprepared, unprepared.array.dtype, dev, query, mask, options, t0)
-            except BeyondFp16:
-                pass
+            if uses_pairs(dev, unprepared.array.dtype, c):
+                try:
+                    return _search(unprepared, unprepared.array.dtype, dev, query, mask, options, t0)
+                except BeyondFp16:
+                    return _search(ArrayFeatures(source), torch.float16, dev, query, mask, options, t0)
         array = prepared_array(source, dtype if dev.type == "cpu" and not pairs else torch.float16)
         if dev.type == "cpu":  # bf16 or fp32 where the preparation is kept for the next calls
             dtype = array.cpu_dtype
@@ -337,7 +341,8 @@ class _FastScoring:
         index (y·Pw + x), the largest upper bound over its placements, and the largest over its
         other placements (−∞ for one placement; ∞ where not computed: the fused GPU epilogue); a
         placement that overflowed bounds nothing (inf). `fill`: `sqnorm` is where the norms go, taken
-        by the pairs kernel as it reads an `UnpreparedArray`'s slice."""
+        by the pairs kernel as it reads an `UnpreparedArray`'s slice (`search_regions` searches one
+        only where the kernel runs on its type; in another form, forced, its fp16 copy is)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
             plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
@@ -347,16 +352,10 @@ class _FastScoring:
             )
             self.method = self.method or plan.method
         scorer, bound = self._by_dtype[dtype]
-        features_nonnegative = self.nonnegative_source
-        if fill and scorer.pairs is None:  # an UnpreparedArray's slice in another form: its fp16 copy
-            assert isinstance(x, torch.Tensor)
-            fp16, norms, features_nonnegative = cell_norms(x)
-            x, fill = fp16.to(dtype), False
-            sqnorm.copy_(norms)
         # Unknown (None) where the kernel takes the norms: the bound for either sign, wider than the
         # relative one by eps·(1 − score); with its fp32 sums eps ≈ 1.4e-4 for a 3×3 region at 2,048
         # channels, growing with the region's cells (1.7e-4 for 14×14).
-        nonnegative = bool(features_nonnegative) and bound.nonnegative_weights
+        nonnegative = bool(self.nonnegative_source) and bound.nonnegative_weights
         n = _images_in(x)
         if out is None:
             dev = self.device  # fp32 whatever torch's default type (the kernel writes fp32)
@@ -368,6 +367,11 @@ class _FastScoring:
             )
         if scorer.fuses(x):
             return scorer.best_placements(x, sqnorm, bound, nonnegative, out, fill)
+        if fill:
+            assert isinstance(x, torch.Tensor)
+            fp16, norms = fp16_with_norms(x)
+            sqnorm.copy_(norms)  # checked after the pass, as the kernel's are
+            return self(fp16, sqnorm, out)
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is

@@ -179,12 +179,12 @@ def _fp16_and_sqnorms(
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
-def cell_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """An `UnpreparedArray`'s slice as fp16 (itself where it is), each cell's squared norm (fp32),
-    (n, h, w, C) → (n, h, w), and whether every value is ≥ 0: for a form other than the pairs
-    kernel's."""
-    fp16, sqnorm, nonnegative = _fp16_and_sqnorms(x)
-    return fp16, sqnorm, nonnegative
+def fp16_with_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An `UnpreparedArray`'s slice as its fp16 copy (itself where it is fp16) and each cell's
+    squared norm (fp32), (n, h, w, C) → (n, h, w): for a form other than the pairs kernel's (a
+    test's forced one)."""
+    fp16, sqnorm, _ = _fp16_and_sqnorms(x)
+    return fp16, sqnorm
 
 
 FP16_SAFE_SQNORM = 2.0**-12
@@ -193,13 +193,18 @@ hold values of fp16's normal range (≥ 2⁻¹⁴). A smaller array loses its va
 subnormals, or every value, and is scaled first (`_fp16_scale`)."""
 
 
+def _fp16_holds(largest_sqnorm: float) -> bool:
+    """Whether an array whose fp16 copy's largest squared cell norm is this keeps its values in
+    fp16 as it is: no cell infinite (overflow), not every one tiny (underflow)."""
+    return FP16_SAFE_SQNORM <= largest_sqnorm < math.inf
+
+
 def _fp16_scale(t: torch.Tensor, sqnorm: torch.Tensor) -> float | None:
     """The power of two that takes an array's largest |value| to [8, 16) where its fp16 copy lost
-    range — its largest cell is inf (overflow) or tiny (underflow) — else None: the usual case,
-    decided by one max over the norms. Scaling changes no cosine, and a power of two changes no
-    bit of a value."""
+    range (`_fp16_holds` not), else None: the usual case, decided by one max over the norms.
+    Scaling changes no cosine, and a power of two changes no bit of a value."""
     largest = float(sqnorm.max()) if sqnorm.numel() else 0.0
-    if FP16_SAFE_SQNORM <= largest < math.inf or not t.numel():
+    if _fp16_holds(largest) or not t.numel():
         return None
     low, high = torch.aminmax(t)
     peak = max(-float(low), float(high))
@@ -303,7 +308,7 @@ FP16_OVERFLOW = 65520.0
 class BeyondFp16(ValueError):
     """An fp32 array searched unprepared (`UnpreparedArray`) holds values its fp16 copy loses:
     beyond fp16's largest, or all so small that they fall to its subnormals. `search_regions`
-    then prepares it (`ArrayFeatures`: scaled by a power of two first)."""
+    then searches an `ArrayFeatures` of it, scaled by a power of two first."""
 
 
 class UnpreparedArray:
@@ -363,26 +368,33 @@ class UnpreparedArray:
 
     def check_norms(self, sqnorm: torch.Tensor) -> None:
         """After the kernel's pass, its squared norms of every cell: ValueError where a value is
-        NaN or infinite; `BeyondFp16` where an fp32 array's fp16 copy loses its values (as
-        `ArrayFeatures` decides it: the largest cell norm infinite or below `FP16_SAFE_SQNORM`)."""
+        NaN or infinite; `BeyondFp16` where an fp32 array's fp16 copy loses its values, as
+        `ArrayFeatures` decides it (`_fp16_holds`) — on norms summed in another order than its
+        own, so a largest norm within their rounding of the limit goes to `ArrayFeatures` too."""
         if self._array.dtype == torch.float16:
             if not bool(torch.isfinite(sqnorm).all()):
                 raise ValueError("the features contain NaN or inf")
             return
         largest = float(sqnorm.max()) if sqnorm.numel() else FP16_SAFE_SQNORM
-        if not FP16_SAFE_SQNORM <= largest < math.inf:  # NaN too: the preparation names it
+        if not _fp16_holds(largest / (1 + (2 * self._array.shape[-1] + 8) * 2.0**-24)):  # NaN too
             raise BeyondFp16("the array holds values fp16 cannot: NaN, inf, beyond ±65,504 or all tiny")
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        """fp16 rows, an fp32 array's rounded as the kernel reads them; `BeyondFp16` where that
-        makes a value infinite, or every value subnormal but not every one zero (a query of such
-        rows would be refused before `check_norms` could tell that the array is to be scaled)."""
+        """fp16 rows, an fp32 array's rounded as the kernel reads them. `BeyondFp16` where one
+        becomes infinite (the whole array is then scaled); and where every value is below fp16's
+        normal range but not every one zero, if the whole array is so small that its copy is
+        scaled (a query of such rows could round to zero and be refused before `check_norms`)."""
         rows = gather_rows(self._array, indices)
         if rows.dtype == torch.float16:
             return rows.numpy()
-        peak = float(rows.abs().amax()) if rows.numel() else 0.0
-        if not peak < FP16_OVERFLOW or 0 < peak < torch.finfo(torch.float16).smallest_normal:
-            raise BeyondFp16("these rows hold values fp16 cannot: NaN, inf, beyond ±65,504 or all tiny")
+        low, high = torch.aminmax(rows) if rows.numel() else (torch.zeros(()), torch.zeros(()))
+        peak = max(-float(low), float(high))
+        if not peak < FP16_OVERFLOW:  # NaN too: the preparation names it
+            raise BeyondFp16("these rows hold values fp16 cannot: NaN, inf or beyond ±65,504")
+        if 0 < peak < torch.finfo(torch.float16).smallest_normal:  # rare: one more pass, to decide
+            _, sqnorm, _ = _fp16_and_sqnorms(self._array)
+            if not _fp16_holds(float(sqnorm.max())):
+                raise BeyondFp16("the array's values are all below fp16's normal range")
         return rows.to(torch.float16).numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
