@@ -342,7 +342,8 @@ class _FastScoring:
         other placements (−∞ for one placement; ∞ where not computed: the fused GPU epilogue); a
         placement that overflowed bounds nothing (inf). `fill`: `sqnorm` is where the norms go, taken
         by the pairs kernel as it reads an `UnpreparedArray`'s slice (`search_regions` searches one
-        only where the kernel runs on its type; in another form, forced, its fp16 copy is)."""
+        only where the kernel runs on its type; in another form — forced by a test, or Triton's
+        interpreted on the CPU — its fp16 copy is)."""
         dtype = _operand_dtype(x)
         if dtype not in self._by_dtype:
             plan = plan_query(self.query, self.geometry.grid, self.device, dtype)
@@ -365,13 +366,13 @@ class _FastScoring:
                 torch.empty(n, dtype=torch.float32, device=dev),
                 torch.empty(n, dtype=torch.float32, device=dev),
             )
-        if scorer.fuses(x):
-            return scorer.best_placements(x, sqnorm, bound, nonnegative, out, fill)
-        if fill:
+        if fill and scorer.pairs is None:  # another form than the kernel's: the slice's fp16 copy
             assert isinstance(x, torch.Tensor)
             fp16, norms = fp16_with_norms(x)
             sqnorm.copy_(norms)  # checked after the pass, as the kernel's are
             return self(fp16, sqnorm, out)
+        if scorer.fuses(x):
+            return scorer.best_placements(x, sqnorm, bound, nonnegative, out, fill)
         wnorm = scorer.window_norms(sqnorm)
         scores = scorer.scores(x, wnorm)
         upper = bound.upper(scores, wnorm, nonnegative)  # NaN or ±∞ exactly where the score is
