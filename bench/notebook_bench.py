@@ -11,7 +11,9 @@ in one process, best (and median) of `--repeats`:
 - repeated: `search_regions(t, 0, mask)` on one unchanged tensor;
 - numpy: `search_regions(a, 0, mask)` on a writable numpy array;
 - with `--fp32`, the same array as fp32 (what a model's `.numpy()` gives): its one read
-  (`view(torch.int32).amax()`), a writable numpy array's search and a repeated tensor's.
+  (`view(torch.int32).amax()`), a writable numpy array's search and a repeated tensor's; and the
+  array as a CNN gives it, (N, C, h, w), searched through its permuted (N, h, w, C) view (a numpy
+  transpose, no copy).
 Where the pairs kernel runs, all of them search the array unprepared (the kernel takes the norms
 in its pass, rounding fp32 to fp16 as it reads: nothing kept); elsewhere a tensor's preparation is
 kept while its version counter stays, and a writable numpy array is prepared every call.
@@ -80,6 +82,8 @@ def main() -> None:
         cases["prepare_torch_fp32"] = lambda: ArrayFeatures(x32)
         cases["search_fp32_numpy_writable"] = lambda: search_regions(x32n, 0, mask, device=cpu)
         cases["search_fp32_repeated"] = lambda: search_regions(repeated32, 0, mask, device=cpu)
+        channels_first = x32.permute(0, 3, 1, 2).contiguous().numpy().transpose(0, 2, 3, 1)
+        cases["search_fp32_channels_first_view"] = lambda: search_regions(channels_first, 0, mask, device=cpu)
     times: dict[str, list[float]] = {k: [] for k in cases}
     foreign: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(args.repeats):  # interleaved: a burst of load hits every case alike
@@ -116,6 +120,9 @@ def main() -> None:
             ),
             "fp32_first_call_minus_prepared_over_floor": round(
                 (best["search_fp32_numpy_writable"] - prep) / floor, 3
+            ),
+            "fp32_channels_first_view_over_prepared": round(
+                best["search_fp32_channels_first_view"] / prep, 3
             ),
         }
     emit(doc, args.out)

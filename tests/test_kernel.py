@@ -308,6 +308,32 @@ def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(19, 37, 6, 5), (3, 2048, 7, 7), (2, 8, 8, 8), (5, 3, 1, 2)])
+@pytest.mark.parametrize("on", ["native", "avx2", "own-pool"])
+def test_cells_last_copies_a_channels_first_view_channels_last(dtype, shape, on, avx2_build, monkeypatch):
+    """kernel.c's transposing pass: every value of a permuted (N, C, h, w) array where a contiguous
+    copy puts it — channel and cell counts off its 8 × 8 tiles, a tile exactly, fewer channels
+    than a tile — in both builds, on torch's team and on the pool used without one; and only
+    channels-first fp16 / fp32 views are taken."""
+    lib = avx2_build if on == "avx2" else BUILT
+    if on == "own-pool":
+        monkeypatch.setattr(kernel, "openmp", lambda: None)
+    nchw = torch.randn(*shape).to(dtype)
+    view = nchw.permute(0, 2, 3, 1)
+    assert kernel.channels_first(view) and not view.is_contiguous()
+    assert torch.equal(kernel.cells_last(lib, view), view.contiguous())
+    out = torch.full(view.shape, float("nan"), dtype=dtype)
+    assert kernel.cells_last(lib, view[1:], out=out[1:]) is not None and torch.equal(out[1:], view[1:])
+    for other in (view.contiguous(), nchw.permute(0, 3, 2, 1), view.double()):
+        if kernel.channels_first(other) and other.dtype == dtype:  # (N, C, h, w) memory all the same
+            assert torch.equal(kernel.cells_last(lib, other), other.contiguous())  # (w = 1 or h = 1)
+            continue
+        with pytest.raises(ValueError):
+            kernel.cells_last(lib, other)
+
+
+@needs_kernel
 @pytest.mark.parametrize("c", [5, 16, 200, 2048])
 @pytest.mark.parametrize("avx2", [False, True])
 def test_squared_norms_and_the_sign_check_read_fp16_once(c, avx2, monkeypatch):

@@ -765,6 +765,35 @@ def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_a_channels_first_view_is_searched_unprepared_slice_by_slice(dtype, monkeypatch):
+    """A CNN's (N, C, h, w) output permuted to (N, h, w, C) — a numpy transpose or a torch permute,
+    no copy — is searched as it is: its slices copied channels last one at a time into one buffer,
+    bit for bit the answers of a contiguous copy, nothing kept, never stale."""
+    from vfs import sources
+
+    monkeypatch.setenv("VFS_KERNEL", "on")
+    monkeypatch.setattr(sources, "CELLS_LAST_BYTES", 1)  # slices of 7 images: 9 of them, the last 5
+    monkeypatch.setattr(sources, "CELLS_LAST_IMAGES", 7)
+    rng = np.random.default_rng(24)
+    nchw = rng.standard_normal((61, 37, 6, 5)).astype(dtype)
+    mask = soft_blob(rng, 6, 5)
+    want = search_regions(np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)), 3, mask, k=7, device="cpu")
+    for view in (nchw.transpose(0, 2, 3, 1), torch.from_numpy(nchw).permute(0, 2, 3, 1)):
+        got = search_regions(view, 3, mask, k=7, device="cpu")
+        assert isinstance(got.source, UnpreparedArray) and got.method == "pairs" and not _kept(view)
+        pd.testing.assert_frame_equal(got.top, want.top)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.placement_scores(40), want.placement_scores(40))
+    base = torch.from_numpy(nchw.copy())
+    view = base.permute(0, 2, 3, 1)
+    search_regions(view, 3, mask, k=7, exclude=3, device="cpu")
+    base.data[50] = base.data[3]  # no version counter bumped
+    changed = search_regions(view, 3, mask, k=7, exclude=3, device="cpu")
+    assert changed.top["index"].iloc[0] == 50 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
 @pytest.mark.parametrize(
     "case", ["beyond fp16", "query beyond fp16", "tiny", "tiny, a feature-map query", "at the limit"]
 )

@@ -311,22 +311,43 @@ class BeyondFp16(ValueError):
     then searches an `ArrayFeatures` of it, scaled by a power of two first."""
 
 
+CELLS_LAST_BYTES = 16 << 20
+"""A channels-first view is searched in slices of at least this many bytes, each copied channels
+last into one buffer (`kernel.cells_last`) — and of at least `CELLS_LAST_IMAGES` images, so that
+every thread of the kernel takes some (kernel.c's SHARE: 32 images a take)."""
+CELLS_LAST_IMAGES = 64
+_cells_last = threading.local()
+
+
+def _cells_last_buffer(values: int, dtype: torch.dtype) -> torch.Tensor:
+    """The calling thread's buffer for channels-last slices, kept from one search to the next (at
+    most 64 images: 26 MB at 7×7×2048 fp32): a fresh one cost its page faults, 10–15 ms a search."""
+    held = getattr(_cells_last, "buffer", None)
+    if held is None or held.dtype != dtype or held.numel() < values:
+        held = _cells_last.buffer = torch.empty(values, dtype=dtype)
+    return held[:values]
+
+
 class UnpreparedArray:
     """An fp16 or fp32 array on the CPU searched as it is, on every call: the pairs kernel takes
     each cell's squared norm in the pass that reads it (`PairKernel.best_placements`, `fill`), and
     rounds fp32 values to fp16 as it loads them — the answers of the array's fp16 copy, as
     `ArrayFeatures` holds it, without the copy. Nothing is prepared before a search nor kept after
     it, so a changed array is never searched stale, however it was changed — what `search_regions`
-    makes of such an array where the kernel runs."""
+    makes of such an array where the kernel runs. The array is contiguous, or the (N, h, w, C) view
+    of a contiguous (N, C, h, w) one (a CNN's output, permuted), whose slices are copied channels
+    last one at a time as they are searched."""
 
     domains: np.ndarray | None = None
     nonnegative: bool | None = None  # not known before the kernel reads it: bounded for either sign
 
     def __init__(self, features: np.ndarray | torch.Tensor):
-        t = _as_tensor(features).detach()
-        if not self.takes(t):
-            raise ValueError("an UnpreparedArray is a contiguous (N, h, w, C) fp16 or fp32 array on the CPU")
-        self._array = t
+        if not self.takes(features):
+            raise ValueError(
+                "an UnpreparedArray is an (N, h, w, C) fp16 or fp32 array on the CPU, contiguous or a"
+                " channels-first one's permuted view"
+            )
+        self._array = _as_tensor(features).detach()
 
     @staticmethod
     def takes(features: np.ndarray | torch.Tensor) -> bool:
@@ -335,13 +356,13 @@ class UnpreparedArray:
             return (
                 features.ndim == 4
                 and features.dtype in (np.float16, np.float32)
-                and features.flags.c_contiguous
+                and (features.flags.c_contiguous or features.transpose(0, 3, 1, 2).flags.c_contiguous)
             )
         return (
             features.ndim == 4
             and features.dtype in (torch.float16, torch.float32)
             and features.device.type == "cpu"
-            and features.is_contiguous()
+            and (features.is_contiguous() or kernel.channels_first(features))
         )
 
     @property
@@ -357,14 +378,25 @@ class UnpreparedArray:
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor | None]]:
-        """The array's slices as they are, with no norms: the pairs kernel's pass takes them
-        (`check_norms` after it)."""
-        if device.type != "cpu" or dtype != self._array.dtype:
-            own = self._array.dtype
-            raise ValueError(f"an UnpreparedArray is searched in {own} on the CPU, not {dtype} on {device}")
-        n, row_bytes = len(self._array), self._array[:1].nbytes
-        for a, b in resident_slices(n, row_bytes, device):
-            yield a, self._array[a:b], None
+        """The array's slices with no norms, the pairs kernel's pass takes them (`check_norms` after
+        it): as they are, or a channels-first view's copied channels last, each into the buffer of
+        the one before."""
+        x = self._array
+        if device.type != "cpu" or dtype != x.dtype:
+            raise ValueError(f"it is searched in {x.dtype} on the CPU, not {dtype} on {device}")
+        n, row_bytes = len(x), x[:1].nbytes
+        if x.is_contiguous():
+            for a, b in resident_slices(n, row_bytes, device):
+                yield a, x[a:b], None
+            return
+        lib = kernel.library()
+        if lib is None:
+            raise RuntimeError("the pairs kernel searches a channels-first view unprepared: not built here")
+        step = max(CELLS_LAST_IMAGES, CELLS_LAST_BYTES // max(1, row_bytes))
+        buffer = _cells_last_buffer(min(step, n) * x[:1].numel(), x.dtype).view(min(step, n), *x.shape[1:])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            yield a, kernel.cells_last(lib, x[a:b], out=buffer[: b - a]), None
 
     def check_norms(self, sqnorm: torch.Tensor) -> None:
         """After the kernel's pass, its squared norms of every cell: ValueError where a value is
@@ -384,7 +416,10 @@ class UnpreparedArray:
         becomes infinite (the whole array is then scaled); and where every value is below fp16's
         normal range but not every one zero, if the whole array is so small that its copy is
         scaled (a query of such rows could round to zero and be refused before `check_norms`)."""
-        rows = gather_rows(self._array, indices)
+        if self._array.is_contiguous():
+            rows = gather_rows(self._array, indices)
+        else:  # a channels-first view: from its own memory, then channels last
+            rows = gather_rows(self._array.permute(0, 3, 1, 2), indices).permute(0, 2, 3, 1).contiguous()
         if rows.dtype == torch.float16:
             return rows.numpy()
         low, high = torch.aminmax(rows) if rows.numel() else (torch.zeros(()), torch.zeros(()))
@@ -398,8 +433,9 @@ class UnpreparedArray:
         return rows.to(torch.float16).numpy()
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
-        """The array where it is the fp16 features; an fp32 one's rows come rounded from `rows`."""
-        return self._array if device.type == "cpu" and self._array.dtype == torch.float16 else None
+        """The array where it is the fp16 features, contiguous; other rows come from `rows`."""
+        x = self._array
+        return x if device.type == "cpu" and x.dtype == torch.float16 and x.is_contiguous() else None
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
         return {}
