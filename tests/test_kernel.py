@@ -309,28 +309,40 @@ def test_vfs_kernel_setting_decides_who_runs(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("shape", [(19, 37, 6, 5), (3, 2048, 7, 7), (2, 8, 8, 8), (5, 3, 1, 2)])
+@pytest.mark.parametrize(
+    "shape,region",
+    [((19, 37, 6, 5), (3, 2)), ((6, 2048, 7, 7), (3, 3)), ((9, 16, 8, 1), (2, 1)), ((5, 3, 1, 2), (1, 2))],
+)
 @pytest.mark.parametrize("on", ["native", "avx2", "own-pool"])
-def test_cells_last_copies_a_channels_first_view_channels_last(dtype, shape, on, avx2_build, monkeypatch):
-    """kernel.c's transposing pass: every value of a permuted (N, C, h, w) array where a contiguous
-    copy puts it — channel and cell counts off its 8 × 8 tiles, a tile exactly, fewer channels
-    than a tile — in both builds, on torch's team and on the pool used without one; and only
-    channels-first fp16 / fp32 views are taken."""
+def test_a_channels_first_view_is_read_as_its_contiguous_copy(
+    dtype, shape, region, on, avx2_build, monkeypatch
+):
+    """kernel.c's CF16 / CF32: a permuted (N, C, h, w) array read as it is, a few images at a time
+    transposed in cache, sums bit for bit what a contiguous copy's sum — channel and cell counts
+    off its 8 × 8 tiles, 16 channels exactly, fewer cells than a tile, image counts off its groups
+    — in both builds, on torch's team and on the pool used without one; its scores and bounds too,
+    with the norms taken."""
     lib = avx2_build if on == "avx2" else BUILT
     if on == "own-pool":
         monkeypatch.setattr(kernel, "openmp", lambda: None)
+    n, c, h, w = shape
     nchw = torch.randn(*shape).to(dtype)
     view = nchw.permute(0, 2, 3, 1)
-    assert kernel.channels_first(view) and not view.is_contiguous()
-    assert torch.equal(kernel.cells_last(lib, view), view.contiguous())
-    out = torch.full(view.shape, float("nan"), dtype=dtype)
-    assert kernel.cells_last(lib, view[1:], out=out[1:]) is not None and torch.equal(out[1:], view[1:])
-    for other in (view.contiguous(), nchw.permute(0, 3, 2, 1), view.double()):
-        if kernel.channels_first(other) and other.dtype == dtype:  # (N, C, h, w) memory all the same
-            assert torch.equal(kernel.cells_last(lib, other), other.contiguous())  # (w = 1 or h = 1)
-            continue
-        with pytest.raises(ValueError):
-            kernel.cells_last(lib, other)
+    assert kernel.channels_first(view) and (not view.is_contiguous() or min(h, w, c) == 1)
+    mask = np.zeros((h, w), np.float32)
+    mask[: region[0], : region[1]] = 1
+    g = QueryGeometry.create(RegionQuery.create(view[0].float().numpy(), mask), (h, w))
+    pairs = PairKernel.create(lib, dtype, g.weights("cells")[0], g.cells, g.grid, (g.ph, g.pw))
+    copy = view.contiguous()
+    assert torch.equal(pairs.numerator([view[:2], view[2:]]), pairs.numerator([copy[:2], copy[2:]]))
+    results = []
+    for x in (view, copy):
+        out = (torch.empty(n), torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
+        taken = torch.empty(n, h, w)
+        pairs.best_placements([x], taken, g.m2, g.qnorm, (1e-30, 1e-6, 1.0), out, fill=True)
+        results.append([*out, taken])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 @needs_kernel

@@ -766,15 +766,15 @@ def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
-def test_a_channels_first_view_is_searched_unprepared_slice_by_slice(dtype, monkeypatch):
+def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkeypatch):
     """A CNN's (N, C, h, w) output permuted to (N, h, w, C) — a numpy transpose or a torch permute,
-    no copy — is searched as it is: its slices copied channels last one at a time into one buffer,
-    bit for bit the answers of a contiguous copy, nothing kept, never stale."""
+    no copy — is searched as it is, slice by slice: bit for bit the answers of a contiguous copy,
+    nothing kept, never stale."""
     from vfs import sources
 
     monkeypatch.setenv("VFS_KERNEL", "on")
-    monkeypatch.setattr(sources, "CELLS_LAST_BYTES", 1)  # slices of 7 images: 9 of them, the last 5
-    monkeypatch.setattr(sources, "CELLS_LAST_IMAGES", 7)
+    image = 6 * 5 * 37 * np.dtype(dtype).itemsize
+    monkeypatch.setattr(sources, "RESIDENT_SLICE_BYTES", {"cpu": 7 * image})  # 9 slices, 6-7 images each
     rng = np.random.default_rng(24)
     nchw = rng.standard_normal((61, 37, 6, 5)).astype(dtype)
     mask = soft_blob(rng, 6, 5)

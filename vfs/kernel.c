@@ -56,8 +56,11 @@ static inline int any_below_zero(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps
 
 #define AI static inline __attribute__((always_inline))
 
-/* The features' type (`kind` below): each its own code, the kind a constant where it is used. */
-enum { F16 = 0, BF16 = 1, F32 = 2 };
+/* The features' type (`kind` below): each its own code, the kind a constant where it is used.
+ * CF16 / CF32: a channels-first (n, c, cells) array of fp16 / fp32 values, IMAGES images at a time
+ * transposed to (cells, c) fp16 in the thread's scratch (fp32 rounded to nearest, as F32 rounds
+ * it), then run as F16 (`vfs_pairs_channels_first`). */
+enum { F16 = 0, BF16 = 1, F32 = 2, CF16 = 3, CF32 = 4 };
 #define ESIZE(kind) ((kind) == F32 ? 4 : 2) /* bytes per value */
 #define TAIL_BYTES 64                       /* the widest vector of values: 32 bf16 or 16 fp32 */
 
@@ -109,8 +112,8 @@ static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_load
 #define HAS_BF16 0
 #endif
 
-/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16; bit 2: vfs_pairs_f32. Bits 8..15: the
- * fp16 (and fp32) vector width. */
+/* Bit 0: vfs_pairs_f16 is built; bit 1: vfs_pairs_bf16; bit 2: vfs_pairs_f32 (and the channels-first
+ * kinds). Bits 8..15: the fp16 (and fp32) vector width. */
 int vfs_kernel_info(void) { return 1 | (HAS_BF16 ? 2 : 0) | 4 | (L << 8); }
 
 #define WIDTH(kind) ((kind) == BF16 ? 32 : L)  /* channels per vector */
@@ -393,6 +396,105 @@ void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, in
 }
 #endif
 
+/* Channels last: one image's (c, cells) values, fp16 or fp32, as (cells, c) fp16 — a CNN's
+ * (N, C, h, w) output, which a notebook permutes to (N, h, w, C) without moving it, laid out as
+ * the kernel reads it. 8 × 8 tiles transposed in registers (AVX2); see CELLS_LAST. torch's strided
+ * copy of such a view ran at a tenth of the memory's speed. */
+static inline void transpose8_ps(__m256 *r) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+static inline void transpose8_epi16(__m128i *r) {
+    const __m128i t0 = _mm_unpacklo_epi16(r[0], r[1]), t1 = _mm_unpackhi_epi16(r[0], r[1]);
+    const __m128i t2 = _mm_unpacklo_epi16(r[2], r[3]), t3 = _mm_unpackhi_epi16(r[2], r[3]);
+    const __m128i t4 = _mm_unpacklo_epi16(r[4], r[5]), t5 = _mm_unpackhi_epi16(r[4], r[5]);
+    const __m128i t6 = _mm_unpacklo_epi16(r[6], r[7]), t7 = _mm_unpackhi_epi16(r[6], r[7]);
+    const __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+    const __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+    const __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+    const __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+    r[0] = _mm_unpacklo_epi64(u0, u4), r[1] = _mm_unpackhi_epi64(u0, u4);
+    r[2] = _mm_unpacklo_epi64(u1, u5), r[3] = _mm_unpackhi_epi64(u1, u5);
+    r[4] = _mm_unpacklo_epi64(u2, u6), r[5] = _mm_unpackhi_epi64(u2, u6);
+    r[6] = _mm_unpacklo_epi64(u3, u7), r[7] = _mm_unpackhi_epi64(u3, u7);
+}
+
+/* One image: s (c, cells) → d (cells, c). 8 cells at a time (past a multiple of 8, the last 8
+ * again), their rows written in order, 16 channels at a time: two tiles, so that each 64-byte line
+ * of a row is written whole (1.4× faster than one tile on Zen 4); past a multiple of 16 one tile,
+ * past 8 one by one. */
+#define CELLS_LAST(NAME, TS, TD, V, LOAD, STORE, TRANSPOSE, SCALAR)                                          \
+    static void NAME(const TS *s, TD *d, int32_t c, int32_t cells) {                                         \
+        const int32_t c8 = c / 8 * 8;                                                                         \
+        for (int32_t y0 = 0; y0 < cells && cells >= 8; y0 += 8) {                                             \
+            const int32_t y = y0 + 8 <= cells ? y0 : cells - 8;                                               \
+            for (int32_t k = 0; k < c8; k += 8) {                                                             \
+                V r[8], q[8];                                                                                 \
+                const int two = k + 16 <= c8;                                                                 \
+                for (int j = 0; j < 8; j++) r[j] = LOAD(s + (int64_t)(k + j) * cells + y);                    \
+                if (two)                                                                                      \
+                    for (int j = 0; j < 8; j++) q[j] = LOAD(s + (int64_t)(k + 8 + j) * cells + y);            \
+                TRANSPOSE(r);                                                                                 \
+                if (two) TRANSPOSE(q);                                                                        \
+                for (int j = 0; j < 8; j++) {                                                                 \
+                    STORE(d + (int64_t)(y + j) * c + k, r[j]);                                                \
+                    if (two) STORE(d + (int64_t)(y + j) * c + k + 8, q[j]);                                   \
+                }                                                                                             \
+                k += two ? 8 : 0;                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int32_t y = 0; y < cells; y++) /* the channels past 8's multiple; every one where cells < 8 */   \
+            for (int32_t k = cells < 8 ? 0 : c8; k < c; k++) d[(int64_t)y * c + k] = SCALAR(s[(int64_t)k * cells + y]); \
+    }
+static inline __m256 load8_ps(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m128i load8_epi16(const uint16_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+static inline void store8_epi16(uint16_t *p, __m128i v) { _mm_storeu_si128((__m128i *)p, v); }
+static inline void store8_ph(uint16_t *p, __m256 v) { /* rounded to nearest, as load_r rounds */
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static inline uint16_t same_f16(uint16_t v) { return v; }
+static inline uint16_t round_f16(float v) { return _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+CELLS_LAST(cells_last_f32, float, uint16_t, __m256, load8_ps, store8_ph, transpose8_ps, round_f16)
+CELLS_LAST(cells_last_f16, uint16_t, uint16_t, __m128i, load8_epi16, store8_epi16, transpose8_epi16, same_f16)
+#undef CELLS_LAST
+
+/* The scratch a thread needs for `kind`: the lane sums and `best_of`'s arrays
+ * (`vfs_scratch_floats`), and for a channels-first array IMAGES transposed fp16 images. */
+int64_t vfs_thread_floats(int32_t places, int kind, int32_t cells, int32_t c) {
+    const int64_t images = kind == CF16 || kind == CF32 ? ((int64_t)IMAGES * cells * c + 1) / 2 + 16 : 0;
+    return vfs_scratch_floats(places) + images;
+}
+
+/* Images [i0, i1) of a channels-first (n, c, cells) array (kind CF16 / CF32), IMAGES at a time:
+ * transposed into the fp16 scratch after the lane sums in `acc` (`vfs_thread_floats`), where the
+ * F16 kernel reads them while they are in cache — one read of the array, no copy of it. */
+void vfs_pairs_channels_first(int kind, const void *x, int64_t i0, int64_t i1, int32_t cells, int32_t c,
+                              const float *w, int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp,
+                              int32_t places, float *out, int64_t stride, const struct vfs_best *b, float *acc) {
+    uint16_t *scratch = (uint16_t *)(acc + vfs_scratch_floats(places));
+    const int64_t size = (int64_t)c * cells;
+    for (int64_t g = i0; g < i1; g += IMAGES) {
+        const int64_t g1 = g + IMAGES < i1 ? g + IMAGES : i1;
+        for (int64_t i = g; i < g1; i++)
+            if (kind == CF16) cells_last_f16((const uint16_t *)x + i * size, scratch + (i - g) * size, c, cells);
+            else cells_last_f32((const float *)x + i * size, scratch + (i - g) * size, c, cells);
+        /* image i of the scratch where image i of an array would be: the kernel indexes its outputs by i */
+        const uint16_t *origin = (const uint16_t *)((uintptr_t)scratch - (uintptr_t)(g * size * 2));
+        vfs_pairs_f16(origin, g, g1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+    }
+}
+
 /* The kernels on the caller's OpenMP team: `parallel` is the GOMP_parallel of the OpenMP runtime
  * PyTorch runs its own operators on, so the threads it keeps spinning after an operator take this
  * work instead of competing with other threads for the cores. The threads take the images SHARE at
@@ -415,7 +517,7 @@ struct vfs_job {
     float *out;
     int64_t stride;
     const struct vfs_best *b;
-    float *acc; /* per thread: vfs_scratch_floats(places) floats */
+    float *acc; /* per thread: vfs_thread_floats(places, kind, cells, c) floats */
     int max_threads;
     vfs_team_fn thread_num, num_threads;
     int64_t next; /* the first image no thread has taken yet */
@@ -426,11 +528,16 @@ static void vfs_job_run(void *arg) {
     int t = j->thread_num(), team = j->num_threads();
     if (team > j->max_threads) team = j->max_threads; /* never more scratch than allocated */
     if (t >= team) return;
-    float *acc = j->acc + t * vfs_scratch_floats(j->places);
+    float *acc = j->acc + t * vfs_thread_floats(j->places, j->kind, j->cells, j->c);
     for (;;) {
         const int64_t i0 = __atomic_fetch_add(&j->next, SHARE, __ATOMIC_RELAXED);
         if (i0 >= j->n) return;
         const int64_t i1 = i0 + SHARE < j->n ? i0 + SHARE : j->n;
+        if (j->kind == CF16 || j->kind == CF32) {
+            vfs_pairs_channels_first(j->kind, j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp,
+                                     j->places, j->out, j->stride, j->b, acc);
+            continue;
+        }
 #if HAS_BF16
         if (j->kind == BF16) {
             vfs_pairs_bf16(j->x, i0, i1, j->cells, j->c, j->w, j->cp, j->start, j->pk, j->pp, j->places, j->out,
@@ -502,110 +609,3 @@ void vfs_sqnorms_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team
 }
 
 
-/* Channels last: images [i0, i1) of (n, c, cells) values of `esize` bytes (2: fp16, 4: fp32)
- * into (n, cells, c) — a CNN's (N, C, h, w) output, which a notebook permutes to (N, h, w, C)
- * without moving it, laid out as the kernel reads it. 8 channels at a time, read in order, their
- * cells 8 at a time transposed in registers (AVX2) and written as runs of 8 channels into the
- * cells' rows (which stay in L1 from one 8 channels to the next); the cells and channels past a
- * multiple of 8 one by one. torch's strided copy of such a view ran at 1/10 of the memory's speed. */
-static inline void transpose8_ps(__m256 *r) {
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
-static inline void transpose8_epi16(__m128i *r) {
-    const __m128i t0 = _mm_unpacklo_epi16(r[0], r[1]), t1 = _mm_unpackhi_epi16(r[0], r[1]);
-    const __m128i t2 = _mm_unpacklo_epi16(r[2], r[3]), t3 = _mm_unpackhi_epi16(r[2], r[3]);
-    const __m128i t4 = _mm_unpacklo_epi16(r[4], r[5]), t5 = _mm_unpackhi_epi16(r[4], r[5]);
-    const __m128i t6 = _mm_unpacklo_epi16(r[6], r[7]), t7 = _mm_unpackhi_epi16(r[6], r[7]);
-    const __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
-    const __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
-    const __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
-    const __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
-    r[0] = _mm_unpacklo_epi64(u0, u4), r[1] = _mm_unpackhi_epi64(u0, u4);
-    r[2] = _mm_unpacklo_epi64(u1, u5), r[3] = _mm_unpackhi_epi64(u1, u5);
-    r[4] = _mm_unpacklo_epi64(u2, u6), r[5] = _mm_unpackhi_epi64(u2, u6);
-    r[6] = _mm_unpacklo_epi64(u3, u7), r[7] = _mm_unpackhi_epi64(u3, u7);
-}
-
-/* One image: s (c, cells) → d (cells, c). 8 cells at a time (past a multiple of 8, the last 8
- * again), their rows written in order, 16 channels at a time: two tiles, so that each 64-byte line
- * of a row is written whole (1.4× faster than one tile on Zen 4); past a multiple of 16 one tile,
- * past 8 one by one. */
-#define CELLS_LAST(NAME, T, V, LOAD, STORE, TRANSPOSE)                                                       \
-    static void NAME(const T *s, T *d, int32_t c, int32_t cells) {                                           \
-        const int32_t c8 = c / 8 * 8;                                                                         \
-        for (int32_t y0 = 0; y0 < cells && cells >= 8; y0 += 8) {                                             \
-            const int32_t y = y0 + 8 <= cells ? y0 : cells - 8;                                               \
-            for (int32_t k = 0; k < c8; k += 8) {                                                             \
-                V r[8], q[8];                                                                                 \
-                const int two = k + 16 <= c8;                                                                 \
-                for (int j = 0; j < 8; j++) r[j] = LOAD(s + (int64_t)(k + j) * cells + y);                    \
-                if (two)                                                                                      \
-                    for (int j = 0; j < 8; j++) q[j] = LOAD(s + (int64_t)(k + 8 + j) * cells + y);            \
-                TRANSPOSE(r);                                                                                 \
-                if (two) TRANSPOSE(q);                                                                        \
-                for (int j = 0; j < 8; j++) {                                                                 \
-                    STORE(d + (int64_t)(y + j) * c + k, r[j]);                                                \
-                    if (two) STORE(d + (int64_t)(y + j) * c + k + 8, q[j]);                                   \
-                }                                                                                             \
-                k += two ? 8 : 0;                                                                             \
-            }                                                                                                 \
-        }                                                                                                     \
-        for (int32_t y = 0; y < cells; y++) /* the channels past 8's multiple; every one where cells < 8 */   \
-            for (int32_t k = cells < 8 ? 0 : c8; k < c; k++) d[(int64_t)y * c + k] = s[(int64_t)k * cells + y]; \
-    }
-static inline __m256 load8_ps(const float *p) { return _mm256_loadu_ps(p); }
-static inline void store8_ps(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
-static inline __m128i load8_epi16(const uint16_t *p) { return _mm_loadu_si128((const __m128i *)p); }
-static inline void store8_epi16(uint16_t *p, __m128i v) { _mm_storeu_si128((__m128i *)p, v); }
-CELLS_LAST(cells_last_f32, float, __m256, load8_ps, store8_ps, transpose8_ps)
-CELLS_LAST(cells_last_f16, uint16_t, __m128i, load8_epi16, store8_epi16, transpose8_epi16)
-#undef CELLS_LAST
-
-/* Images [i0, i1) channels last (see `cells_last_f32`), on the caller's thread. */
-void vfs_cells_last(const void *src, void *dst, int64_t i0, int64_t i1, int32_t c, int32_t cells, int32_t esize) {
-    const int64_t size = (int64_t)c * cells;
-    for (int64_t i = i0; i < i1; i++)
-        if (esize == 2) cells_last_f16((const uint16_t *)src + i * size, (uint16_t *)dst + i * size, c, cells);
-        else cells_last_f32((const float *)src + i * size, (float *)dst + i * size, c, cells);
-}
-
-#define CL_SHARE 8 /* images per take */
-
-struct vfs_cl_job {
-    const void *src;
-    void *dst;
-    int64_t n;
-    int32_t c, cells, esize;
-    int max_threads;
-    vfs_team_fn thread_num, num_threads;
-    int64_t next;
-};
-
-static void vfs_cl_job_run(void *arg) {
-    struct vfs_cl_job *j = arg;
-    if (j->thread_num() >= j->max_threads) return;
-    for (;;) {
-        const int64_t i0 = __atomic_fetch_add(&j->next, CL_SHARE, __ATOMIC_RELAXED);
-        if (i0 >= j->n) return;
-        vfs_cells_last(j->src, j->dst, i0, i0 + CL_SHARE < j->n ? i0 + CL_SHARE : j->n, j->c, j->cells, j->esize);
-    }
-}
-
-/* All n images channels last on the caller's OpenMP team (see `vfs_pairs_team`). */
-void vfs_cells_last_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team_fn num_threads, int threads,
-                         const void *src, void *dst, int64_t n, int32_t c, int32_t cells, int32_t esize) {
-    struct vfs_cl_job j = {src, dst, n, c, cells, esize, threads, thread_num, num_threads, 0};
-    parallel(vfs_cl_job_run, &j, (unsigned)threads, 0);
-}

@@ -311,23 +311,6 @@ class BeyondFp16(ValueError):
     then searches an `ArrayFeatures` of it, scaled by a power of two first."""
 
 
-CELLS_LAST_BYTES = 16 << 20
-"""A channels-first view is searched in slices of at least this many bytes, each copied channels
-last into one buffer (`kernel.cells_last`) — and of at least `CELLS_LAST_IMAGES` images, so that
-every thread of the kernel takes some (kernel.c's SHARE: 32 images a take)."""
-CELLS_LAST_IMAGES = 64
-_cells_last = threading.local()
-
-
-def _cells_last_buffer(values: int, dtype: torch.dtype) -> torch.Tensor:
-    """The calling thread's buffer for channels-last slices, kept from one search to the next (at
-    most 64 images: 26 MB at 7×7×2048 fp32): a fresh one cost its page faults, 10–15 ms a search."""
-    held = getattr(_cells_last, "buffer", None)
-    if held is None or held.dtype != dtype or held.numel() < values:
-        held = _cells_last.buffer = torch.empty(values, dtype=dtype)
-    return held[:values]
-
-
 class UnpreparedArray:
     """An fp16 or fp32 array on the CPU searched as it is, on every call: the pairs kernel takes
     each cell's squared norm in the pass that reads it (`PairKernel.best_placements`, `fill`), and
@@ -335,8 +318,8 @@ class UnpreparedArray:
     `ArrayFeatures` holds it, without the copy. Nothing is prepared before a search nor kept after
     it, so a changed array is never searched stale, however it was changed — what `search_regions`
     makes of such an array where the kernel runs. The array is contiguous, or the (N, h, w, C) view
-    of a contiguous (N, C, h, w) one (a CNN's output, permuted), whose slices are copied channels
-    last one at a time as they are searched."""
+    of a contiguous (N, C, h, w) one (a CNN's output, permuted: `kernel.channels_first`), which the
+    kernel reads as it is."""
 
     domains: np.ndarray | None = None
     nonnegative: bool | None = None  # not known before the kernel reads it: bounded for either sign
@@ -378,25 +361,13 @@ class UnpreparedArray:
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor | list[torch.Tensor], torch.Tensor | None]]:
-        """The array's slices with no norms, the pairs kernel's pass takes them (`check_norms` after
-        it): as they are, or a channels-first view's copied channels last, each into the buffer of
-        the one before."""
+        """The array's slices as they are (a channels-first view's too), with no norms: the pairs
+        kernel's pass takes them (`check_norms` after it)."""
         x = self._array
         if device.type != "cpu" or dtype != x.dtype:
             raise ValueError(f"it is searched in {x.dtype} on the CPU, not {dtype} on {device}")
-        n, row_bytes = len(x), x[:1].nbytes
-        if x.is_contiguous():
-            for a, b in resident_slices(n, row_bytes, device):
-                yield a, x[a:b], None
-            return
-        lib = kernel.library()
-        if lib is None:
-            raise RuntimeError("the pairs kernel searches a channels-first view unprepared: not built here")
-        step = max(CELLS_LAST_IMAGES, CELLS_LAST_BYTES // max(1, row_bytes))
-        buffer = _cells_last_buffer(min(step, n) * x[:1].numel(), x.dtype).view(min(step, n), *x.shape[1:])
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            yield a, kernel.cells_last(lib, x[a:b], out=buffer[: b - a]), None
+        for a, b in resident_slices(len(x), x[:1].nbytes, device):
+            yield a, x[a:b], None
 
     def check_norms(self, sqnorm: torch.Tensor) -> None:
         """After the kernel's pass, its squared norms of every cell: ValueError where a value is
