@@ -163,6 +163,8 @@ def test_resume_refuses_another_spec(tmp_path):
             "has format version '1'; this VFS reads version 1",
         ),
         (lambda g: g.attrs.update({"n": 500}), "its attributes count 500 images, its arrays hold 10"),
+        (lambda g: g["sqnorm"].resize((9, 4, 5)), "its attributes count 10 images, its arrays hold 9"),
+        (lambda g: g["sqnorm"].resize((10, 4, 4)), r"do not match the spec \(images, 4, 5, 8\)"),
         (
             lambda g: (g.store_path.store.root / "features" / "zarr.json").write_text(""),
             "the metadata of its 'features' array cannot be read",
@@ -174,6 +176,20 @@ def test_open_refuses_damaged_caches(tmp_path, damage, message):
     damage(zarr.open_group(str(tmp_path / "c.zarr"), mode="r+"))
     with pytest.raises(CacheError, match=message):
         open_cache(tmp_path / "c.zarr")
+
+
+def test_a_cache_opened_while_its_build_resizes_its_arrays_reads_as_it_will_be(tmp_path):
+    """A build that finishes resizes its row arrays one after another (features to n, then the norms):
+    a reader opening the cache in between — the Build page polling it — reads its n images, not an
+    error about shapes (a flaky app test found it)."""
+    build(tmp_path / "c.zarr", 10)
+    before = open_cache(tmp_path / "c.zarr")
+    want = (before.rows(np.arange(10)), before.sqnorm[:])
+    zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")["sqnorm"].resize((12, 4, 5))  # not shrunk yet
+    during = open_cache(tmp_path / "c.zarr")
+    assert during.n == 10
+    np.testing.assert_array_equal(during.rows(np.arange(10)), want[0])
+    np.testing.assert_array_equal(during.sqnorm[:10], want[1])
 
 
 def test_open_missing_path(tmp_path):

@@ -107,16 +107,16 @@ class FeatureCache:
             check_array(arr, location, dtype)
             check_chunk_size(arr, location)
         h, w = self.spec.grid
-        expect = (self.features.shape[0], h, w, self.spec.channels)
-        if self.features.shape[0] < self.n:
-            raise CacheError(
-                f"{location}: its attributes count {self.n} images, its arrays hold {self.features.shape[0]}"
-            )
-        if self.features.shape != expect or self.sqnorm.shape != expect[:3]:
+        if self.features.shape[1:] != (h, w, self.spec.channels) or self.sqnorm.shape[1:] != (h, w):
             raise CacheError(
                 f"{location}: array shapes {self.features.shape}/{self.sqnorm.shape} "
-                f"do not match the spec {expect}"
+                f"do not match the spec (images, {h}, {w}, {self.spec.channels})"
             )
+        # Rows past n are never read, and their counts may differ: a build that finishes resizes its
+        # arrays one after another, which a reader opening the cache meanwhile sees.
+        held = min(self.features.shape[0], self.sqnorm.shape[0])
+        if held < self.n:
+            raise CacheError(f"{location}: its attributes count {self.n} images, its arrays hold {held}")
         every_chunk_stored = bool(attrs.get("all_chunks_stored"))
         self._features: RowReader = row_reader(self.features, location, every_chunk_stored)
         self._sqnorm: RowReader = row_reader(self.sqnorm, location, every_chunk_stored)
