@@ -766,7 +766,7 @@ def test_an_fp32_array_is_searched_unprepared_with_the_answers_of_its_fp16_copy(
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
-def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkeypatch):
+def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkeypatch, force_form):
     """A CNN's (N, C, h, w) output permuted to (N, h, w, C) — a numpy transpose or a torch permute,
     no copy — is searched as it is, slice by slice: bit for bit the answers of a contiguous copy,
     nothing kept, never stale."""
@@ -791,6 +791,11 @@ def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkey
     base.data[50] = base.data[3]  # no version counter bumped
     changed = search_regions(view, 3, mask, k=7, exclude=3, device="cpu")
     assert changed.top["index"].iloc[0] == 50 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+    force_form("cells")  # another form: the slices' fp16 copies, their norms summed as a copy's
+    cells = search_regions(nchw.transpose(0, 2, 3, 1), 3, mask, k=7, device="cpu")
+    copy = search_regions(np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)), 3, mask, k=7, device="cpu")
+    assert cells.method == "cells" and isinstance(cells.source, UnpreparedArray)
+    np.testing.assert_array_equal(cells.scores, copy.scores)
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")

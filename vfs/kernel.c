@@ -8,11 +8,12 @@
  *   vfs_pairs_bf16: bf16 features and weights, VDPBF16PS (AVX512-BF16: exact products, fp32 sums;
  *                   the instruction treats subnormal inputs as zero and flushes subnormal sums)
  *
- * Layout: x (n, cells, c) row-major; w (K, cp) row-major, cp = c rounded up to the vector width
+ * Layout: x (n, cells, c) row-major — or (n, c, cells), a channels-first array (kinds CF16 / CF32,
+ * `vfs_pairs_channels_first`); w (K, cp) row-major, cp = c rounded up to the vector width
  * with zeros; pairs of data cell d: pk[j], pp[j] for j in start[d]..start[d+1] (query cell, and the
  * placement it lands in); out[p * stride + i] for images i in [i0, i1); acc: scratch of
- * vfs_scratch_floats(places) floats. Each placement sums its lanes over all its pairs, then once
- * across.
+ * vfs_scratch_floats(places) floats (the team's: vfs_thread_floats per thread). Each placement
+ * sums its lanes over all its pairs, then once across.
  * Given a `struct vfs_best`, each image's placements are scored instead (see there). */
 #include <immintrin.h>
 #include <math.h>
@@ -431,9 +432,9 @@ static inline void transpose8_epi16(__m128i *r) {
 }
 
 /* One image: s (c, cells) → d (cells, c). 8 cells at a time (past a multiple of 8, the last 8
- * again), their rows written in order, 16 channels at a time: two tiles, so that each 64-byte line
- * of a row is written whole (1.4× faster than one tile on Zen 4); past a multiple of 16 one tile,
- * past 8 one by one. */
+ * again), their rows written in order, 16 channels at a time: two tiles, a longer run of each row
+ * per step (1.4× faster than one tile on Zen 4, measured writing fp32: whole 64-byte lines; fp16
+ * rows get 32 bytes a step); past a multiple of 16 one tile, past 8 one by one. */
 #define CELLS_LAST(NAME, TS, TD, V, LOAD, STORE, TRANSPOSE, SCALAR)                                          \
     static void NAME(const TS *s, TD *d, int32_t c, int32_t cells) {                                         \
         const int32_t c8 = c / 8 * 8;                                                                         \
@@ -489,9 +490,14 @@ void vfs_pairs_channels_first(int kind, const void *x, int64_t i0, int64_t i1, i
         for (int64_t i = g; i < g1; i++)
             if (kind == CF16) cells_last_f16((const uint16_t *)x + i * size, scratch + (i - g) * size, c, cells);
             else cells_last_f32((const float *)x + i * size, scratch + (i - g) * size, c, cells);
-        /* image i of the scratch where image i of an array would be: the kernel indexes its outputs by i */
-        const uint16_t *origin = (const uint16_t *)((uintptr_t)scratch - (uintptr_t)(g * size * 2));
-        vfs_pairs_f16(origin, g, g1, cells, c, w, cp, start, pk, pp, places, out, stride, b, acc);
+        /* images g..g1 are the scratch's 0..g1-g: the outputs shifted to match */
+        struct vfs_best shifted;
+        if (b) {
+            shifted = *b;
+            shifted.sq += g * cells, shifted.best += g, shifted.upper += g, shifted.runner += g, shifted.where += g;
+        }
+        vfs_pairs_f16(scratch, 0, g1 - g, cells, c, w, cp, start, pk, pp, places, out ? out + g : out, stride,
+                      b ? &shifted : b, acc);
     }
 }
 
@@ -607,5 +613,3 @@ void vfs_sqnorms_team(vfs_parallel_fn parallel, vfs_team_fn thread_num, vfs_team
     struct vfs_sq_job j = {x, rows, c, sq, below, threads, thread_num, num_threads, 0};
     parallel(vfs_sq_job_run, &j, (unsigned)threads, 0);
 }
-
-

@@ -350,7 +350,8 @@ class PairKernel:
         w, cp = self.weights.data_ptr(), self.weights.shape[1]
         offset = 0
         for part in parts:
-            as_is = part.dtype in _CHANNELS_FIRST and not part.is_contiguous() and channels_first(part)
+            same = part.dtype == self.dtype and self.dtype in _CHANNELS_FIRST
+            as_is = same and not part.is_contiguous() and channels_first(part)
             x = part if as_is else part.contiguous()
             kind = _CHANNELS_FIRST[self.dtype] if as_is else _KINDS[self.dtype]
             m, h, w_, c = x.shape

@@ -180,10 +180,13 @@ def _fp16_and_sqnorms(
 
 
 def fp16_with_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An `UnpreparedArray`'s slice as its fp16 copy (itself where it is fp16) and each cell's
-    squared norm (fp32), (n, h, w, C) → (n, h, w): for a form other than the pairs kernel's (a
-    test's forced one)."""
-    fp16, sqnorm, _ = _fp16_and_sqnorms(x)
+    """An `UnpreparedArray`'s slice as its contiguous fp16 copy (itself where it is one) and each
+    cell's squared norm (fp32), (n, h, w, C) → (n, h, w), summed as for the copy wherever the slice
+    came from: for a form other than the pairs kernel's (a test's forced one, Triton's
+    interpreted)."""
+    own = x.dtype == torch.float16 and x.is_contiguous()
+    fp16 = x if own else torch.empty(x.shape, dtype=torch.float16).copy_(x)
+    _, sqnorm, _ = _fp16_and_sqnorms(fp16)
     return fp16, sqnorm
 
 
@@ -336,11 +339,9 @@ class UnpreparedArray:
     def takes(features: np.ndarray | torch.Tensor) -> bool:
         """Whether `features` can be searched without a preparation (else: `ArrayFeatures`)."""
         if isinstance(features, np.ndarray):
-            return (
-                features.ndim == 4
-                and features.dtype in (np.float16, np.float32)
-                and (features.flags.c_contiguous or features.transpose(0, 3, 1, 2).flags.c_contiguous)
-            )
+            if min(features.strides, default=0) < 0:  # torch takes no negative strides
+                return False
+            features = _as_tensor(features)
         return (
             features.ndim == 4
             and features.dtype in (torch.float16, torch.float32)
