@@ -145,7 +145,6 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     cdll.vfs_sqnorms_f16.argtypes, cdll.vfs_sqnorms_f16.restype = [_P, _I64, _I64, _I32, _P], ctypes.c_int
     cdll.vfs_sqnorms_team.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I32, _P, _P]
     cdll.vfs_sqnorms_team.restype = None
-    cdll.vfs_scratch_floats.argtypes, cdll.vfs_scratch_floats.restype = [_I32], _I64
     cdll.vfs_thread_floats.argtypes, cdll.vfs_thread_floats.restype = [_I32, ctypes.c_int, _I32, _I32], _I64
     cdll.vfs_pairs_channels_first.argtypes = [ctypes.c_int, *_ARGS]
     cdll.vfs_pairs_channels_first.restype = None
