@@ -167,10 +167,10 @@ AI void step(int kind, int R, int M, const void *const *src, int off, const void
     }
 }
 
-/* The next cell of each of the M images (`ahead` values past `off`), requested a 64-byte line per
- * call while a cell's first block runs: the hardware's prefetch of M interleaved streams runs
- * behind the multiply-adds. Into L1 where M cells fit beside the weights (up to 512 bytes: 256
- * fp16 channels), into L2 beyond (into L1 they evicted the weights of 2,048-channel queries). Zen 4:
+/* The lines `ahead` values past `off` in each of the M images, requested a 64-byte line per call
+ * while a cell's first block runs: the hardware's prefetch of M interleaved streams runs behind the
+ * multiply-adds. Into L1 where M cells fit beside the weights (up to 512 bytes: 256 fp16
+ * channels), into L2 beyond (into L1 they evicted the weights of 2,048-channel queries). Zen 4:
  * 7-15% off queries on 768 and 2,048 channels. */
 AI void prefetch_next(int kind, int M, const void *const *src, int off, int64_t ahead) {
     if (off % (64 / ESIZE(kind))) return;
@@ -181,9 +181,23 @@ AI void prefetch_next(int kind, int M, const void *const *src, int off, int64_t 
     }
 }
 
+/* How far past the start of data cell d its first block prefetches, in bytes: the next cell; in
+ * images of at most SHORT_IMAGE bytes (7×7 grids up to 512 channels), the whole cells in NEAR bytes,
+ * and past the image's end in image m + M, the one its stream reads next (m + 1 is another stream's,
+ * read already). The hardware's prefetch restarts at each short image. Zen 4, 10,000 × 7×7×192:
+ * 7-13% off each mask (AVX2 build 12-14%), 2,000 × 7×7×512: 4-10%; at 14×14×384 and 768, two cells
+ * ahead cost whole-grid masks 5-14%, and wrapping into the next images cost 2,048-channel ones 2%. */
+#define SHORT_IMAGE 65536
+#define NEAR 2048
+static inline int64_t prefetch_distance(int M, int32_t d, int64_t cell_bytes, int64_t image_bytes) {
+    if (image_bytes > SHORT_IMAGE || cell_bytes >= NEAR) return cell_bytes;
+    const int64_t to = d * cell_bytes + NEAR / cell_bytes * cell_bytes;
+    return to - d * cell_bytes + to / image_bytes * (M - 1) * image_bytes;
+}
+
 /* R pairs of one data cell in M images: R dot products each over the cell's channels (the last
  * vector from `tails` where c is not a multiple of the width), added to their placements' lane
- * sums (acc + i·places·lanes for image i); the next cells prefetched where `ahead` is not 0; and,
+ * sums (acc + i·places·lanes for image i); the lines `ahead` values on prefetched where it is not 0; and,
  * where `sq` is given (not bf16), each image's squared norm of the cell into sq[i · cells]. */
 AI void block(int kind, int R, int M, const void *const *xs, const void *const *tails, int full, int cp,
               const void *w, const int32_t *k, const int32_t *p, float *acc, int64_t per_image, int64_t ahead,
@@ -315,7 +329,7 @@ AI void images(int kind, int M, int norms, const void *x, int64_t i, int32_t cel
                int32_t cp, const int32_t *start, const int32_t *pk, const int32_t *pp, int32_t places, float *out,
                int64_t stride, const struct vfs_best *b, float *acc) {
     const int width = WIDTH(kind), lanes = LANES(kind), full = c / width * width, esize = ESIZE(kind);
-    const int64_t per_image = (int64_t)places * lanes;
+    const int64_t per_image = (int64_t)places * lanes, cell_bytes = (int64_t)c * esize;
     unsigned char buf[IMAGES][TAIL_BYTES];
     float *fill = norms ? b->sq + i * cells : 0;
     memset(acc, 0, sizeof(float) * (size_t)(per_image * M));
@@ -323,6 +337,7 @@ AI void images(int kind, int M, int norms, const void *x, int64_t i, int32_t cel
         int j = start[d];
         const int e = start[d + 1];
         const void *xs[IMAGES], *ts[IMAGES];
+        const int64_t ahead = prefetch_distance(M, d, cell_bytes, cells * cell_bytes) / esize;
         for (int m = 0; m < M; m++) {
             xs[m] = (const char *)x + ((i + m) * cells + d) * (int64_t)c * esize;
             ts[m] = tail_of(xs[m], full, c, esize, buf[m], width);
@@ -340,8 +355,8 @@ AI void images(int kind, int M, int norms, const void *x, int64_t i, int32_t cel
             switch (r) { /* each size its own code: R is a constant in `block` */
 #define BLOCK(R) \
     case R: \
-        if (sq) block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, c, sq, cells); \
-        else block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? c : 0, 0, 0); \
+        if (sq) block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, ahead, sq, cells); \
+        else block(kind, R, M, xs, tails, full, cp, w, pk + j, pp + j, acc, per_image, j == start[d] ? ahead : 0, 0, 0); \
         break;
                 BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4)
 #if RMAX > 4
