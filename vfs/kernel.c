@@ -256,7 +256,12 @@ static inline vf finite_or_inf(vf v) {
     const vf inf = _mm512_set1_ps(INFINITY);
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), inf, _CMP_LT_OQ), inf, v);
 }
+static inline vf keep_bits(vf v, unsigned bits, vf other) { return _mm512_mask_blend_ps((__mmask16)bits, other, v); }
+static inline unsigned nan_bits(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
+static inline unsigned equal_bits(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 #define set1_ _mm512_set1_ps
+#define max_ _mm512_max_ps
 #define mul_ _mm512_mul_ps
 #define div_ _mm512_div_ps
 #define sqrt_ _mm512_sqrt_ps
@@ -270,7 +275,20 @@ static inline vf finite_or_inf(vf v) {
     const vf inf = _mm256_set1_ps(INFINITY), size = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
     return _mm256_blendv_ps(inf, v, _mm256_cmp_ps(size, inf, _CMP_LT_OQ));
 }
+static inline vf keep_bits(vf v, unsigned bits, vf other) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), lane), lane);
+    return _mm256_blendv_ps(other, v, _mm256_castsi256_ps(on));
+}
+static inline unsigned nan_bits(vf v) { return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+static inline unsigned equal_bits(vf a, vf b) { return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+static inline float hmax(vf v) {
+    const __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+}
 #define set1_ _mm256_set1_ps
+#define max_ _mm256_max_ps
 #define mul_ _mm256_mul_ps
 #define div_ _mm256_div_ps
 #define sqrt_ _mm256_sqrt_ps
@@ -309,15 +327,35 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
         store_f(score + p, s);
         store_f(up + p, finite_or_inf(div_(add_(add_(tiny, s), weight_term), scale)));
     }
-    float best = -INFINITY, upper = -INFINITY, runner = -INFINITY;
-    int64_t where = 0;
-    for (int p = 0; p < places; p++) { /* no branches: which placement wins is not predictable */
-        const int better = (score[p] > best) | (isnan(score[p]) & !isnan(best));
-        best = better ? score[p] : best;
-        where = better ? p : where;
-        upper = up[p] > upper ? up[p] : upper;
+    /* The best score (the first NaN, else the first largest) and its placement, the largest bound
+     * and the largest over the other placements, a vector at a time (no branch on a placement's
+     * score: which wins is not predictable). max_(a, b) is b where a is NaN; no bound is NaN. */
+    const vf lowest = set1_(-INFINITY);
+    vf top = lowest, high = lowest;
+    int64_t where = -1;
+    for (int p = 0; p < places; p += L) {
+        const unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+        const vf s = load_f(score + p);
+        const unsigned nan = nan_bits(s) & valid;
+        if (nan && where < 0) where = p + __builtin_ctz(nan);
+        top = max_(keep_bits(s, valid, lowest), top);
+        high = max_(keep_bits(load_f(up + p), valid, lowest), high);
     }
-    for (int p = 0; p < places; p++) runner = p != where && up[p] > runner ? up[p] : runner;
+    if (where < 0) { /* no NaN: the first of the largest, a valid lane's (−∞ where all are) */
+        const vf largest = set1_(hmax(top));
+        for (int p = 0; where < 0; p += L) {
+            const unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+            const unsigned equal = equal_bits(load_f(score + p), largest) & valid;
+            if (equal) where = p + __builtin_ctz(equal);
+        }
+    }
+    vf others = lowest;
+    for (int p = 0; p < places; p += L) {
+        unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+        if (where >= p && where < p + L) valid &= ~(1u << (where - p));
+        others = max_(keep_bits(load_f(up + p), valid, lowest), others);
+    }
+    const float best = score[where], upper = hmax(high), runner = hmax(others);
     b->best[i] = best;
     b->where[i] = where;
     b->upper[i] = upper;
