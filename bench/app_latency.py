@@ -19,6 +19,10 @@ Prints ONE JSON document (median / p95 / per-stroke ms, the environment with the
 
     .venv/bin/python bench/app_latency.py                       # 10,000 images, 6 strokes (~1.5 min)
     .venv/bin/python bench/app_latency.py --cache-dir /tmp/vfs-bench --strokes 8   # keeps the cache
+    .venv/bin/python bench/app_latency.py --cache /tmp/vfs-bench/real10k.zarr    # a real cache instead
+
+`--cache` times an existing cache (e.g. bench/real_cache.py's: the embedded model's features of
+10,000 real images, their thumbnails) in place of the synthetic one, linked as the app's only cache.
 """
 
 from __future__ import annotations
@@ -64,6 +68,25 @@ def write_cache(cache_dir: Path, n: int) -> Path:
     write_synthetic_cache(out, n)
     log(f"wrote {out} ({n} images) in {time.perf_counter() - t:.1f} s")
     return out
+
+
+def describe(path: Path) -> dict:
+    """What the JSON records of an existing cache: its size, shape and model."""
+    from vfs.cache import open_cache
+
+    cache = open_cache(path)
+    if not cache.complete:
+        raise SystemExit(f"{path} is not a complete cache")
+    spec = cache.spec
+    return {
+        "path": str(path),
+        "n": cache.n,
+        "shape": [*spec.grid, spec.channels],
+        "dtype": "float16",
+        "synthetic": False,
+        "model": spec.model,
+        "layer": spec.layer,
+    }
 
 
 def first_paint(browser, url: str) -> dict:
@@ -127,8 +150,11 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir", help="where the cache is written (and reused); default: a temporary folder"
     )
+    parser.add_argument("--cache", help="time this existing cache instead of a synthetic one")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.cache and args.cache_dir:
+        parser.error("--cache runs on the cache given: no --cache-dir to write one into")
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.exists():
@@ -139,7 +165,12 @@ def main() -> None:
     env = environment(torch.device("cpu"))
     proc = None
     try:
-        write_cache(cache_dir, args.n)
+        if args.cache:
+            (cache_dir / Path(args.cache).name).symlink_to(Path(args.cache).resolve())
+            described = describe(Path(args.cache))
+        else:
+            write_cache(cache_dir, args.n)
+            described = {"n": args.n, "shape": [7, 7, 192], "dtype": "float16", "synthetic": True}
         server_log = cache_dir / "streamlit.log"
         t0 = time.perf_counter()
         proc, url = start_app(cache_dir, server_log, timeout_s=120)
@@ -164,7 +195,7 @@ def main() -> None:
         {
             "bench": "app_latency",
             "what": "mouse-up → results on the Search page (Chromium), first paint of a fresh server",
-            "cache": {"n": args.n, "shape": [7, 7, 192], "dtype": "float16", "synthetic": True},
+            "cache": described,
             "k": K,
             "pause_s": args.pause_s,
             "median_ms": round(float(np.median(latencies)), 1),
