@@ -138,7 +138,14 @@ def avx2_build(tmp_path_factory):
 @pytest.mark.parametrize("output_error", [None, 1e-3])
 @pytest.mark.parametrize(
     "grid,c,region",
-    [((7, 7), 192, (3, 3)), ((3, 40), 33, (1, 2)), ((5, 6), 16, (5, 6)), ((14, 14), 24, (8, 9))],
+    [
+        ((7, 7), 192, (3, 3)),
+        ((3, 40), 33, (1, 2)),
+        ((5, 6), 16, (5, 6)),
+        ((14, 14), 24, (8, 9)),
+        ((4, 4), 16, (1, 1)),  # 16 placements: whole vectors of either build
+        ((1, 17), 8, (1, 1)),  # 17: one placement in the last vector
+    ],
 )
 def test_placements_scored_in_the_kernel_match_torchs_operators_and_bound_the_exact_scores(
     on, dtype, nonnegative, output_error, grid, c, region, avx2_build, force_form, monkeypatch
@@ -146,8 +153,9 @@ def test_placements_scored_in_the_kernel_match_torchs_operators_and_bound_the_ex
     """`PairKernel.best_placements` (kernel.c's `best_of`) against the torch operators it replaces
     (`Scorer.window_norms`, `scores`, `FastBound.upper`, the maxima over placements) and against
     float64 scores, on both builds: rows of placements wider than a vector (39 on the 3×40 grid),
-    one placement (the 5×6 region), an all-zero image (score 0), images holding a NaN or an inf
-    (bound ∞), tied placements (the first kept), a chunk in uneven pieces, taken by both threads;
+    one placement (the 5×6 region), placements filling whole vectors and one past them, an all-zero
+    and an all −0 image (score 0), images holding a NaN (at the first cell, or the last only) or an
+    inf (bound ∞), tied placements (the first kept), a chunk in uneven pieces, taken by both threads;
     an output error large enough to show in the bound (it is ≈ 1e-43 for fp16)."""
     lib = BUILT if on == "native" else avx2_build
     if dtype not in lib.dtypes:
@@ -165,6 +173,8 @@ def test_placements_scored_in_the_kernel_match_torchs_operators_and_bound_the_ex
     feats[2, 0, 0, 0] = np.nan
     feats[3, -1, -1, 1] = np.inf
     feats[4] = feats[4, 0, 0]  # every cell alike: every placement ties
+    feats[6] = -0.0
+    feats[7, -1, -1, 0] = np.nan  # the first NaN placement is in the last vector
     feats = feats.astype(np.float16)
     mask = np.zeros(grid, np.float32)
     mask[: region[0], grid[1] - region[1] :] = rng.uniform(0.2, 1, region)
@@ -184,7 +194,8 @@ def test_placements_scored_in_the_kernel_match_torchs_operators_and_bound_the_ex
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)  # NaN and ∞ where torch's are
     assert fused[0][1] == 0 and np.isfinite(fused[2][1]) and np.isinf(fused[2][2:4]).all()
     assert (fused[3] == -np.inf).all() == (geometry.ph * geometry.pw == 1)
-    finite = np.setdiff1d(np.arange(len(feats)), [2, 3])
+    assert fused[0][6] == 0 and np.isnan(fused[0][7]) and fused[1][7] == want[1][7]
+    finite = np.setdiff1d(np.arange(len(feats)), [2, 3, 7])
     exact = exact_scores(feats[finite], rq).reshape(len(finite), -1)
     assert (fused[2][finite] >= exact.max(1)).all()
     exact[np.arange(len(finite)), fused[1][finite]] = -np.inf

@@ -169,9 +169,10 @@ AI void step(int kind, int R, int M, const void *const *src, int off, const void
 
 /* The lines `ahead` values past `off` in each of the M images, requested a 64-byte line per call
  * while a cell's first block runs: the hardware's prefetch of M interleaved streams runs behind the
- * multiply-adds. Into L1 where M cells fit beside the weights (up to 512 bytes: 256 fp16
- * channels), into L2 beyond (into L1 they evicted the weights of 2,048-channel queries). Zen 4:
- * 7-15% off queries on 768 and 2,048 channels. */
+ * multiply-adds. Into L1 where they are at most 512 bytes on (a cell of ≤ 256 fp16 channels in a
+ * large image), into L2 beyond — which short images' 2 KB always are (into L1 they were 10-13%
+ * slower on 7×7×192, and evicted the weights of 2,048-channel queries). Zen 4: 7-15% off queries
+ * on 768 and 2,048 channels. */
 AI void prefetch_next(int kind, int M, const void *const *src, int off, int64_t ahead) {
     if (off % (64 / ESIZE(kind))) return;
     for (int i = 0; i < M; i++) {
@@ -190,7 +191,7 @@ AI void prefetch_next(int kind, int M, const void *const *src, int off, int64_t 
 #define SHORT_IMAGE 65536
 #define NEAR 2048
 static inline int64_t prefetch_distance(int M, int32_t d, int64_t cell_bytes, int64_t image_bytes) {
-    if (image_bytes > SHORT_IMAGE || cell_bytes >= NEAR) return cell_bytes;
+    if (image_bytes > SHORT_IMAGE || cell_bytes >= NEAR || cell_bytes == 0) return cell_bytes;
     const int64_t to = d * cell_bytes + NEAR / cell_bytes * cell_bytes;
     return to - d * cell_bytes + to / image_bytes * (M - 1) * image_bytes;
 }
@@ -330,6 +331,7 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
     /* The best score (the first NaN, else the first largest) and its placement, the largest bound
      * and the largest over the other placements, a vector at a time (no branch on a placement's
      * score: which wins is not predictable). max_(a, b) is b where a is NaN; no bound is NaN. */
+    if (places < 1) return; /* no placement: `PairKernel` is never made so (the region fits the grid) */
     const vf lowest = set1_(-INFINITY);
     vf top = lowest, high = lowest;
     int64_t where = -1;
