@@ -19,7 +19,7 @@ import torchvision
 from clusterhelpers import assert_same_cache, job
 
 from vfs import build_cache, open_cache
-from vfs.cluster import check_placeable
+from vfs.cluster import OOM_RETRIES, check_placeable
 from vfs.cluster.build import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,3 +296,55 @@ def test_cluster_options_without_the_ray_engine_and_ray_client_builds_are_refuse
 def test_an_unknown_engine_is_refused(manifest, tmp_path):
     with pytest.raises(ValueError, match="unknown build engine 'spark'"):
         job(manifest, tmp_path / "x.zarr", engine="spark")
+
+
+_OOM_TASK = """
+import numpy as np, ray, time
+from vfs.cluster import connect
+connect(num_cpus=1)
+
+@ray.remote
+def hold():
+    block = np.ones(1 << 27)  # 1 GiB, above the cluster's threshold with the node's own use
+    time.sleep(30)
+
+t0 = time.perf_counter()
+try:
+    ray.get(hold.remote())
+except ray.exceptions.OutOfMemoryError:
+    print(f"stopped after {time.perf_counter() - t0:.0f} s")
+"""
+
+
+def test_a_task_the_memory_monitor_kills_runs_again_a_bounded_number_of_times(tmp_path):
+    """Ray's memory monitor kills the newest workers while a node's memory is above its threshold,
+    and by default runs their tasks again forever: a cluster build with a batch too large for its
+    node stalled without a word. A fresh process (a cluster of its own, a threshold every node is
+    above) that joins through `connect` gets the OutOfMemoryError the build then reports, after
+    `OOM_RETRIES` runs (Ray's delays between them shortened here)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
+    env |= {"RAY_task_oom_retry_delay_base_ms": "100", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _OOM_TASK], capture_output=True, text=True, timeout=200, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0 and "stopped after" in done.stdout, done.stderr[-2000:]
+    said = done.stdout + done.stderr  # Ray's own log of each kill, as its driver shows it
+    assert f"There are {OOM_RETRIES} oom retries remaining" in said and "infinite" not in said
+
+
+def test_the_driver_bounds_the_memory_monitors_retries_unless_told_otherwise(monkeypatch):
+    """`connect` sets Ray's budget (read as Ray starts in this process, which decides the retries of
+    the tasks it submits, on any cluster) and leaves a budget set by the user as it is."""
+    import ray
+
+    from vfs.cluster import connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.delenv("RAY_task_oom_retries", raising=False)
+    connect()
+    assert os.environ["RAY_task_oom_retries"] == str(OOM_RETRIES)
+    monkeypatch.setenv("RAY_task_oom_retries", "-1")
+    connect()
+    assert os.environ["RAY_task_oom_retries"] == "-1"

@@ -18,6 +18,12 @@ REACH_TIMEOUT_S = 5.0
 """How long `connect` waits for a cluster's address to answer before refusing it."""
 FREE_WAIT_S = 15.0
 """How long `check_free` waits for resources that actors just closed are giving back."""
+OOM_RETRIES = 5
+"""How many times a task that Ray's memory monitor killed runs again, unless `RAY_task_oom_retries`
+says otherwise (the owner of a task decides, so this process's setting holds on any cluster).
+Ray's default is forever: a batch that takes more memory than its node has made a build stall,
+its progress still, until stopped by hand. Ray waits 1, 2, 4, 8, 16 s between the runs, so memory
+held for half a minute by something else is waited out."""
 
 
 def check_reachable(address: str | None) -> None:
@@ -100,6 +106,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     check_reachable(address)
+    os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))  # read as Ray starts here
     try:
         ray.init(
             address=address,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -41,13 +42,13 @@ from ..jobs import (
     write_batch,
 )
 from ..models import Preprocess, load_extractor
-from . import alive_nodes, check_placeable
+from . import OOM_RETRIES, alive_nodes, check_placeable
 
 WORKER_RETRIES = 3
 """How many times Ray runs a batch again after its worker died on it (a crash, a killed process).
 Ray Data's default is forever: a build with an image that crashes the decoder or the model every
 time never ended, nor said why. (Ray's memory monitor retries its own kills under its own budget,
-`task_oom_retries`; when that is spent, the build stops as here.)"""
+`vfs.cluster.OOM_RETRIES`; when that is spent, the build stops as here, saying so.)"""
 
 ACTOR_RESTARTS = 16
 """How many times Ray starts an extractor actor again after its process died (a lost node, a crash):
@@ -234,7 +235,22 @@ def run_on_ray(
                 "/tmp/ray/session_latest/logs on each node, say how); nothing of this run was stored, "
                 "and a rerun resumes"
             ) from error
+        if isinstance(error, ray.exceptions.OutOfMemoryError):
+            raise _out_of_memory(error, writer.next_item, paths) from error
         raise _worker_died(error, writer.next_item, paths) from error
+
+
+def _out_of_memory(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
+    """The stop after Ray's memory monitor killed a worker on one batch as often as its budget allows
+    (`OOM_RETRIES` + 1 times, unless `RAY_task_oom_retries` was set)."""
+    runs = int(os.environ.get("RAY_task_oom_retries", OOM_RETRIES)) + 1
+    return RuntimeError(
+        f"a node ran low on memory: Ray's memory monitor killed a worker of the build {runs} times on one "
+        f"task, decoding a batch from item {stored} of the manifest on or extracting its features "
+        f"({_first_line(error)}). The cache keeps the {stored} of {len(paths)} items done so far; rerun "
+        "to resume, with a smaller --batch-size or fewer --workers per node, or where the nodes have "
+        "more memory free"
+    )
 
 
 def _first_line(error: Exception) -> str:
