@@ -295,6 +295,9 @@ static inline float hmax(vf v) {
 #define sqrt_ _mm256_sqrt_ps
 #endif
 
+/* The bits of a vector's first n lanes (all of them from L on). */
+static inline unsigned first_lanes(int n) { return n < L ? (1u << n) - 1 : (1u << L) - 1; }
+
 /* The scratch a thread needs: ≤ 4 images' lane sums (places × 16 each), then `best_of`'s three
  * arrays, each padded to whole vectors (on the heap, not a thread's stack: 12 bytes a placement). */
 int64_t vfs_scratch_floats(int32_t places) { return 4 * (int64_t)places * 16 + 3 * ((int64_t)places + 16); }
@@ -304,6 +307,7 @@ int64_t vfs_scratch_floats(int32_t places) { return 4 * (int64_t)places * 16 + 3
  * rows), over the query cells in 4 interleaved sums: any order is within the bound (K terms). */
 static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t places, int lanes, const float *acc,
                     float *scratch) {
+    if (places < 1) return; /* no placement: `PairKernel` is never made so (the region fits the grid) */
     const int32_t ph = b->ph, pw = b->pw;
     float *score = scratch, *up = score + places + L, *wn2 = up + places + L; /* padded to whole vectors */
     for (int p = 0; p < places; p++) score[p] = hsum(load_f(acc + (int64_t)p * lanes)); /* the numerator, for now */
@@ -331,12 +335,11 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
     /* The best score (the first NaN, else the first largest) and its placement, the largest bound
      * and the largest over the other placements, a vector at a time (no branch on a placement's
      * score: which wins is not predictable). max_(a, b) is b where a is NaN; no bound is NaN. */
-    if (places < 1) return; /* no placement: `PairKernel` is never made so (the region fits the grid) */
     const vf lowest = set1_(-INFINITY);
     vf top = lowest, high = lowest;
     int64_t where = -1;
     for (int p = 0; p < places; p += L) {
-        const unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+        const unsigned valid = first_lanes(places - p);
         const vf s = load_f(score + p);
         const unsigned nan = nan_bits(s) & valid;
         if (nan && where < 0) where = p + __builtin_ctz(nan);
@@ -346,14 +349,14 @@ static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t 
     if (where < 0) { /* no NaN: the first of the largest, a valid lane's (−∞ where all are) */
         const vf largest = set1_(hmax(top));
         for (int p = 0; where < 0; p += L) {
-            const unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+            const unsigned valid = first_lanes(places - p);
             const unsigned equal = equal_bits(load_f(score + p), largest) & valid;
             if (equal) where = p + __builtin_ctz(equal);
         }
     }
     vf others = lowest;
     for (int p = 0; p < places; p += L) {
-        unsigned valid = places - p < L ? (1u << (places - p)) - 1 : (1u << L) - 1;
+        unsigned valid = first_lanes(places - p);
         if (where >= p && where < p + L) valid &= ~(1u << (where - p));
         others = max_(keep_bits(load_f(up + p), valid, lowest), others);
     }
