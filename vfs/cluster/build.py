@@ -241,8 +241,9 @@ def run_on_ray(
 
 
 def _out_of_memory(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
-    """The stop after Ray's memory monitor killed a worker on one batch as often as its budget allows
-    (`OOM_RETRIES` + 1 times, unless `RAY_task_oom_retries` was set)."""
+    """The stop after Ray's memory monitor killed the worker of one task (a batch's decoding, or an
+    extractor as it loads or runs) as often as the budget allows: `OOM_RETRIES` + 1 times, unless
+    `RAY_task_oom_retries` was set. Ray does not say which batch: the first not stored or a later one."""
     runs = int(os.environ.get("RAY_task_oom_retries", OOM_RETRIES)) + 1
     return RuntimeError(
         f"a node ran low on memory: Ray's memory monitor killed a worker of the build {runs} times on one "
