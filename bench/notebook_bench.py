@@ -13,7 +13,10 @@ in one process, best (and median) of `--repeats`:
 - with `--fp32`, the same array as fp32 (what a model's `.numpy()` gives): its one read
   (`view(torch.int32).amax()`), a writable numpy array's search and a repeated tensor's; and the
   array as a CNN gives it, (N, C, h, w), searched through its permuted (N, h, w, C) view (a numpy
-  transpose, no copy).
+  transpose, no copy);
+- with `--fp32 --masks square3,blob,full` (`search_bench.make_mask`'s): that view per mask, and with
+  `--paper` the paper's `CachedSearchTool` (`visualfeaturesearch` 1.0.0) on the same memory — its
+  fp32 (N, C, h, w) cache is that array — `--paper-repeats` times, its top-10 compared.
 Where the pairs kernel runs, all of them search the array unprepared (the kernel takes the norms
 in its pass, rounding fp32 to fp16 as it reads: nothing kept); elsewhere a tensor's preparation is
 kept while its version counter stays, and a writable numpy array is prepared every call.
@@ -22,17 +25,20 @@ The issue's goals, as ratios: repeated ≤ 1.2× prepared; first call ≤ prepar
 Prints ONE JSON document on stdout; progress goes to stderr. Example:
 
     .venv/bin/python bench/notebook_bench.py --repeats 7
+    .venv/bin/python bench/notebook_bench.py --repeats 7 --fp32 --masks square3,blob,full --paper
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
 from _common import emit, environment, log, summary, timed_metered
+from search_bench import Paper, make_mask
 
 
 def main() -> None:
@@ -41,8 +47,16 @@ def main() -> None:
     ap.add_argument("--shape", default="7,7,2048", help="h,w,C")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--fp32", action="store_true", help="also time the fp32 array's preparation and searches")
+    ap.add_argument(
+        "--masks", default="", help="with --fp32: the channels-first view per mask (square3,blob,full)"
+    )
+    ap.add_argument("--paper", action="store_true", help="with --masks: the paper's code on the same memory")
+    ap.add_argument("--paper-repeats", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    masks = [m for m in args.masks.split(",") if m]
+    if masks and not args.fp32:
+        ap.error("--masks times the fp32 channels-first view: add --fp32")
 
     from vfs.search import search_regions
     from vfs.sources import ArrayFeatures
@@ -64,6 +78,7 @@ def main() -> None:
     prepared = ArrayFeatures(xt)
     repeated = torch.from_numpy(xn)
     search_regions(repeated, 0, mask, device=cpu)  # warm-up, and the repeated tensor's preparation
+    paper: Paper | None = None
     cases = {
         "floor_int16_amax": lambda: xt.view(torch.int16).amax(),
         "prepare_numpy": lambda: ArrayFeatures(xn),
@@ -82,13 +97,23 @@ def main() -> None:
         cases["prepare_torch_fp32"] = lambda: ArrayFeatures(x32)
         cases["search_fp32_numpy_writable"] = lambda: search_regions(x32n, 0, mask, device=cpu)
         cases["search_fp32_repeated"] = lambda: search_regions(repeated32, 0, mask, device=cpu)
-        channels_first = x32.permute(0, 3, 1, 2).contiguous().numpy().transpose(0, 2, 3, 1)
+        nchw = x32.permute(0, 3, 1, 2).contiguous()
+        channels_first = nchw.numpy().transpose(0, 2, 3, 1)
         cases["search_fp32_channels_first_view"] = lambda: search_regions(channels_first, 0, mask, device=cpu)
+        for name in masks:
+            m = make_mask(name, (h, w))
+            cases[f"view_{name}"] = partial(search_regions, channels_first, 0, m, k=10, exclude=0, device=cpu)
+            if args.paper:
+                paper = paper or Paper(nchw, cpu)
+                cases[f"paper_{name}"] = partial(paper.search, 0, m)
     times: dict[str, list[float]] = {k: [] for k in cases}
     foreign: dict[str, list[float]] = {k: [] for k in cases}
+    answers: dict[str, object] = {}
     for r in range(args.repeats):  # interleaved: a burst of load hits every case alike
         for name, fn in cases.items():
-            ms, _, f = timed_metered(fn, cpu)
+            if name.startswith("paper_") and r >= args.paper_repeats:
+                continue
+            ms, answers[name], f = timed_metered(fn, cpu)
             times[name].append(ms)
             foreign[name].append(f)
         log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()))
@@ -125,6 +150,15 @@ def main() -> None:
                 best["search_fp32_channels_first_view"] / prep, 3
             ),
         }
+    for name in masks:
+        view = {"view_ms": best[f"view_{name}"], "view_over_fp32_floor": None}
+        view["view_over_fp32_floor"] = round(best[f"view_{name}"] / best["floor_fp32_int32_amax"], 3)
+        if args.paper:
+            view["paper_ms"] = best[f"paper_{name}"]
+            view["speedup_vs_paper"] = round(best[f"paper_{name}"] / best[f"view_{name}"], 1)
+            paper_top = answers[f"paper_{name}"][0]
+            view["same_top10_as_paper"] = set(answers[f"view_{name}"].top["index"]) == set(paper_top.tolist())
+        doc.setdefault("channels_first_view_by_mask", {})[name] = view
     emit(doc, args.out)
 
 

@@ -147,15 +147,22 @@ def mask_info(m: np.ndarray) -> dict:
 class Paper:
     """The paper's CachedSearchTool in its best case: fp32 NCHW cache resident on the device."""
 
-    def __init__(self, x: torch.Tensor, device: torch.device, batch_size: int):
+    def __init__(self, cache: torch.Tensor, device: torch.device, batch_size: int = 500):
+        """On `cache`, fp32 (N, C, h, w) on `device`, as it is (500: the tool's own batch size)."""
         from visualfeaturesearch.searchtool import CachedSearchTool
 
-        n = x.shape[0]
-        self.cache = torch.empty((n, x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32, device=device)
-        for a in range(0, n, 1024):  # block by block: no second fp32 copy of the whole cache
-            self.cache[a : a + 1024] = x[a : a + 1024].to(device).permute(0, 3, 1, 2).float()
+        self.cache = cache
         self.tool = CachedSearchTool(torch.nn.Identity(), self.cache, device, batch_size=batch_size)
         self.batch_size = batch_size
+
+    @classmethod
+    def of(cls, x: torch.Tensor, device: torch.device, batch_size: int) -> Paper:
+        """On an fp32 (N, C, h, w) copy of (N, h, w, C) features `x`, made on `device`."""
+        n = x.shape[0]
+        cache = torch.empty((n, x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32, device=device)
+        for a in range(0, n, 1024):  # block by block: no second fp32 copy of the whole cache
+            cache[a : a + 1024] = x[a : a + 1024].to(device).permute(0, 3, 1, 2).float()
+        return cls(cache, device, batch_size)
 
     def search(self, q: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.tool.set_input_image(self.cache[q])  # identity model: the query's features are the "image"
@@ -376,7 +383,7 @@ def in_memory(args, device: torch.device) -> dict:
         paper = None
         if not args.no_paper:
             t0 = time.perf_counter()
-            paper = Paper(x, device, args.paper_batch)
+            paper = Paper.of(x, device, args.paper_batch)
             log(
                 f"{shape_name}: paper's fp32 NCHW cache on {device} ({paper.cache.numel() * 4 / 1e9:.2f} GB) "
                 f"in {time.perf_counter() - t0:.1f} s"

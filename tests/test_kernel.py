@@ -111,8 +111,8 @@ def test_numerator_equals_float64_sums(dtype, n, grid, c, region):
     np.testing.assert_array_less(np.abs(got - want), (len(g.cells) * c + 16) * 2.0**-24 * scale + 1e-30)
 
 
-def _fast_results(fast: _FastScoring, x, sq) -> list[np.ndarray]:
-    return [t.numpy() for t in fast(x, sq)]
+def _fast_results(fast: _FastScoring, x, sq, fill: bool = False) -> list[np.ndarray]:
+    return [t.numpy() for t in fast(x, sq, fill=fill)]
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +354,62 @@ def test_a_channels_first_view_is_read_as_its_contiguous_copy(
         results.append([*out, taken])
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(37, 2048, 7, 7), (13, 192, 7, 7), (9, 40, 3, 5), (70, 33, 1, 17)])
+@pytest.mark.parametrize("on", ["native", "avx2", "own-pool"])
+def test_a_channels_first_view_under_a_whole_grid_region_is_read_in_order(
+    dtype, shape, on, avx2_build, monkeypatch
+):
+    """kernel.c's WCF16 / WCF32: one placement covering the grid of a permuted (N, C, h, w) array is
+    one dot product per image over its memory in order, no transposition — its sums in another
+    order than a contiguous copy's, within the same bound: scores and bounds as the copy's to fp32
+    rounding, every upper bound above the float64 score of the features' fp16 copy, each cell's
+    squared norm to fp32 rounding (a NaN or an inf found in its own cell); a soft mask with a
+    hole; images off the chunk's groups, channels × cells off the vector width and the periods
+    of lanes over cells (7×7, 3×5, 1×17), both builds, torch's team and the pool used without one."""
+    lib = avx2_build if on == "avx2" else BUILT
+    monkeypatch.setattr(kernel, "library", lambda: lib)
+    monkeypatch.setattr(scoring, "library", lambda: lib)
+    if on == "own-pool":
+        monkeypatch.setattr(kernel, "openmp", lambda: None)
+    n, c, h, w = shape
+    rng = np.random.default_rng(c + h)
+    nchw = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    nchw[1] = 0
+    view = nchw.permute(0, 2, 3, 1)
+    mask = rng.uniform(0.2, 1, (h, w)).astype(np.float32)
+    mask[h // 2, w // 2] = 0  # a hole: that cell's weights are zero, its norm still taken
+    rq = RegionQuery.create(view[5].float().numpy(), mask)
+    geometry, cpu = QueryGeometry.create(rq, (h, w)), torch.device("cpu")
+    assert (geometry.ph, geometry.pw) == (1, 1)
+    results = []
+    for x in (view, view.contiguous()):
+        fast = _FastScoring(rq, geometry, cpu, None)
+        taken = torch.empty(n, h, w)
+        results.append((_fast_results(fast, [x[:3], x[3:]], taken, fill=True), taken))
+        pairs = fast._by_dtype[dtype][0].pairs
+        assert pairs is not None and pairs._whole_grid is not None
+    (got, got_sq), (want, want_sq) = results
+    fp16 = view.to(torch.float16).numpy()
+    exact = exact_scores(fp16, rq).reshape(n)
+    np.testing.assert_array_equal(got[1], 0)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(got[2], want[2], rtol=2e-6, atol=1e-7)
+    assert (got[2] >= exact).all() and got[0][1] == 0 and (got[3] == -np.inf).all()
+    sq = np.square(fp16.astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(got_sq.numpy(), sq, rtol=c * 2**-24)
+    np.testing.assert_allclose(want_sq.numpy(), sq, rtol=c * 2**-24)
+    nchw[2, c - 1, h - 1, w - 1] = float("nan")
+    nchw[3, 0, h // 2, w // 2] = float("inf")  # in the hole
+    taken = torch.empty(n, h, w)
+    bad = _fast_results(_FastScoring(rq, geometry, cpu, None), view, taken, fill=True)
+    taken = taken.numpy()
+    assert np.isnan(taken[2, h - 1, w - 1]) and np.isinf(taken[3, h // 2, w // 2])
+    assert np.isfinite(taken[2]).sum() == np.isfinite(taken[3]).sum() == h * w - 1
+    np.testing.assert_array_equal(np.delete(bad[0], [2, 3]), np.delete(got[0], [2, 3]))
 
 
 @needs_kernel

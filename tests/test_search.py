@@ -799,6 +799,31 @@ def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkey
 
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_a_channels_first_view_under_a_whole_grid_region_finds_its_contiguous_copys_top(dtype, monkeypatch):
+    """A region covering the grid reads a channels-first view in order (kernel.c's WCF kinds):
+    the top-k and its exact scores are a contiguous copy's, the other images' fast scores within
+    fp32 rounding of the copy's; a changed array is searched anew."""
+    from vfs import sources
+
+    image = 5 * 5 * 48 * np.dtype(dtype).itemsize
+    monkeypatch.setattr(sources, "RESIDENT_SLICE_BYTES", {"cpu": 9 * image})  # 10 slices
+    rng = np.random.default_rng(25)
+    nchw = rng.standard_normal((90, 48, 5, 5)).astype(dtype)
+    mask = rng.uniform(0.1, 1, (5, 5)).astype(np.float32)
+    copy = search_regions(np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)), 4, mask, k=9, device="cpu")
+    got = search_regions(nchw.transpose(0, 2, 3, 1), 4, mask, k=9, device="cpu")
+    assert isinstance(got.source, UnpreparedArray) and got.method == "pairs"
+    pd.testing.assert_frame_equal(got.top, copy.top)
+    np.testing.assert_allclose(got.scores, copy.scores, rtol=1e-6, atol=1e-7)
+    tensor = torch.from_numpy(nchw.copy())
+    view = tensor.permute(0, 2, 3, 1)
+    tensor[70] = tensor[4] * 3
+    changed = search_regions(view, 4, mask, k=9, exclude=4, device="cpu")
+    assert changed.top["index"].iloc[0] == 70 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
 @pytest.mark.parametrize(
     "case", ["beyond fp16", "query beyond fp16", "tiny", "tiny, a feature-map query", "at the limit"]
 )

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache, lru_cache, partial
+from functools import cache, cached_property, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ _TEAM_ARGS: list[Any] = [_P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _I64, *_ARG
 _BF16_WIDTH = 32  # bf16 values per AVX-512 vector
 _KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # kernel.c's F16, BF16, F32
 _CHANNELS_FIRST = {torch.float16: 3, torch.float32: 4}  # CF16, CF32
+_WHOLE_GRID = {torch.float16: 5, torch.float32: 6}  # WCF16, WCF32: channels-first, one placement
 _BITS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 4}  # of vfs_kernel_info: built
 _FUNCTIONS = {d: f"vfs_pairs_{name}" for d, name in zip(_KINDS, ("f16", "bf16", "f32"))}
 
@@ -148,6 +149,9 @@ def build(flags: tuple[str, ...] = ("-march=native",)) -> Library | None:
     cdll.vfs_thread_floats.argtypes, cdll.vfs_thread_floats.restype = [_I32, ctypes.c_int, _I32, _I32], _I64
     cdll.vfs_pairs_channels_first.argtypes = [ctypes.c_int, *_ARGS]
     cdll.vfs_pairs_channels_first.restype = None
+    cdll.vfs_whole_channels_first.argtypes = [ctypes.c_int, _P, _I64, _I64, _I32, _I32, _P, _I32, _P, _P, _P]
+    cdll.vfs_whole_channels_first.restype = None
+    cdll.vfs_whole_grid_block.argtypes, cdll.vfs_whole_grid_block.restype = [_I32, _I32, _P], _I32
     return Library(cdll, frozenset(dtypes), (info >> 8) & 0xFF)
 
 
@@ -201,7 +205,8 @@ def channels_first(x: torch.Tensor) -> bool:
     """Whether an (N, h, w, C) tensor is a channels-first array's permuted view: its (N, C, h, w)
     memory contiguous, as a CNN's output permuted without moving it. The kernel reads such fp16
     and fp32 views as they are (kernel.c's CF16 / CF32: a few images at a time transposed in
-    cache), where torch's strided copy of one ran at a tenth of the memory's speed."""
+    cache; under a region that covers the grid, WCF16 / WCF32: in order, one dot product per
+    image), where torch's strided copy of one ran at a tenth of the memory's speed."""
     return x.ndim == 4 and x.permute(0, 3, 1, 2).is_contiguous()
 
 
@@ -248,7 +253,8 @@ class PairKernel:
     placement: np.ndarray  # (pairs,) int32: py * pw + px
     shape: tuple[int, int]  # placements (ph, pw)
     origin: np.ndarray  # (K,) int32: the data cell (y·w + x) each query cell covers at placement (0, 0)
-    width: int  # of the grid
+    grid: tuple[int, int]
+    channels: int
 
     @classmethod
     def create(
@@ -275,7 +281,8 @@ class PairKernel:
             placement,
             placements,
             np.array([ky * grid[1] + kx for ky, kx in cells], np.int32),
-            grid[1],
+            grid,
+            c,
         )
 
     def numerator(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -326,7 +333,7 @@ class PairKernel:
                 raise ValueError(f"the kernel writes contiguous {dtype} ({n},) on the CPU, not {found}")
         cells, origin = sq.shape[1], self.origin
         smallest = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
-        scalars = (len(origin), *self.shape, self.width, qnorm, smallest, output_error, weight_term, scale)
+        scalars = (len(origin), *self.shape, self.grid[1], qnorm, smallest, output_error, weight_term, scale)
 
         def epilogue(offset: int) -> tuple[int, int, Any]:
             at = (best, upper, runner, where)
@@ -338,6 +345,24 @@ class PairKernel:
         self._run(parts, epilogue)
         return out
 
+    @cached_property
+    def _whole_grid(self) -> tuple[int, torch.Tensor] | None:
+        """For a channels-first view under one placement that covers the grid (kernel.c's WCF16 /
+        WCF32: read in order, not transposed): its block and the weights laid out as its images
+        are; None where its sums could round more often than the pairs' (`summation_depth`, which
+        the bound counts) — the view is then transposed as under other queries."""
+        if self.shape != (1, 1) or self.dtype not in _WHOLE_GRID:
+            return None
+        c, cells = self.channels, self.grid[0] * self.grid[1]
+        depth = ctypes.c_int32()
+        block = self.library.cdll.vfs_whole_grid_block(c, cells, ctypes.byref(depth))
+        if not block or depth.value > _pairs_depth(self.library, self.dtype, c, len(self.origin)):
+            return None
+        lanes = self.library.lanes
+        weights = torch.zeros(-(-c * cells // lanes) * lanes)  # zeros past the last value: whole vectors
+        weights[: c * cells].view(c, cells)[:, torch.from_numpy(self.origin).long()] = self.weights[:, :c].T
+        return block, weights
+
     def _run(self, parts: list[torch.Tensor], outputs: Callable[[int], tuple[int, int, Any]]) -> None:
         """The kernel over each piece, its outputs for the piece at image `offset` given by
         `outputs(offset)`: numerators (pointer, stride) or a `_Best` (by reference). A piece that
@@ -346,13 +371,15 @@ class PairKernel:
         threads = max(1, torch.get_num_threads())
         team = openmp()
         tables = (self.start.ctypes.data, self.query_cell.ctypes.data, self.placement.ctypes.data)
-        w, cp = self.weights.data_ptr(), self.weights.shape[1]
         offset = 0
         for part in parts:
             same = part.dtype == self.dtype and self.dtype in _CHANNELS_FIRST
             as_is = same and not part.is_contiguous() and channels_first(part)
             x = part if as_is else part.contiguous()
             kind = _CHANNELS_FIRST[self.dtype] if as_is else _KINDS[self.dtype]
+            w, cp = self.weights.data_ptr(), self.weights.shape[1]
+            if as_is and self._whole_grid is not None:  # the weights as the images lie; cp: the block
+                kind, cp, w = _WHOLE_GRID[self.dtype], self._whole_grid[0], self._whole_grid[1].data_ptr()
             m, h, w_, c = x.shape
             floats = self.library.cdll.vfs_thread_floats(places, kind, h * w_, c)
             acc = np.empty((threads, floats), np.float32)  # per thread
@@ -365,7 +392,11 @@ class PairKernel:
             offset += m
 
     def _on_pool(self, kind: int, x: torch.Tensor, bounds: np.ndarray, args: tuple, acc: np.ndarray) -> None:
-        if kind in _CHANNELS_FIRST.values():
+        if kind in _WHOLE_GRID.values():  # (cells, c, weights, block, out, best) of `args`
+            cells, c, w, block, *_, out, _stride, best = args
+            args = (cells, c, w, block, out, best)
+            fn = partial(self.library.cdll.vfs_whole_channels_first, kind)
+        elif kind in _CHANNELS_FIRST.values():
             fn = partial(self.library.cdll.vfs_pairs_channels_first, kind)
         else:
             fn = self.library.function(self.dtype)
@@ -401,6 +432,10 @@ def summation_depth(dtype: torch.dtype, channels: int, pairs: int) -> int:
     lib = library()
     if lib is None:
         raise RuntimeError("the pairs kernel is not built here")
+    return _pairs_depth(lib, dtype, channels, pairs)
+
+
+def _pairs_depth(lib: Library, dtype: torch.dtype, channels: int, pairs: int) -> int:
     width, lanes = lib.width(dtype), 16 if dtype == torch.bfloat16 else lib.lanes
     chain = -(-channels // width) * (2 if dtype == torch.bfloat16 else 1)
     return chain + pairs + lanes.bit_length() - 1
