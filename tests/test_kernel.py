@@ -358,7 +358,9 @@ def test_a_channels_first_view_is_read_as_its_contiguous_copy(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("shape", [(37, 2048, 7, 7), (13, 192, 7, 7), (9, 40, 3, 5), (70, 33, 1, 17)])
+@pytest.mark.parametrize(
+    "shape", [(37, 2048, 7, 7), (13, 192, 7, 7), (9, 40, 3, 5), (70, 33, 1, 17), (21, 64, 4, 4)]
+)
 @pytest.mark.parametrize("on", ["native", "avx2", "own-pool"])
 def test_a_channels_first_view_under_a_whole_grid_region_is_read_in_order(
     dtype, shape, on, avx2_build, monkeypatch
@@ -369,7 +371,8 @@ def test_a_channels_first_view_under_a_whole_grid_region_is_read_in_order(
     rounding, every upper bound above the float64 score of the features' fp16 copy, each cell's
     squared norm to fp32 rounding (a NaN or an inf found in its own cell); a soft mask with a
     hole; images off the chunk's groups, channels × cells off the vector width and the periods
-    of lanes over cells (7×7, 3×5, 1×17), both builds, torch's team and the pool used without one."""
+    of lanes over cells (7×7, 3×5, 1×17; 4×4: a lane per cell), both builds, torch's team and the
+    pool used without one."""
     lib = avx2_build if on == "avx2" else BUILT
     monkeypatch.setattr(kernel, "library", lambda: lib)
     monkeypatch.setattr(scoring, "library", lambda: lib)

@@ -800,10 +800,12 @@ def test_a_channels_first_view_is_searched_as_it_is_slice_by_slice(dtype, monkey
 
 @pytest.mark.skipif(library() is None, reason="the unprepared path is the pairs kernel's")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
-def test_a_channels_first_view_under_a_whole_grid_region_finds_its_contiguous_copys_top(dtype, monkeypatch):
+def test_a_channels_first_view_under_a_whole_grid_region_finds_its_contiguous_copys_top(
+    dtype, default_dtype, monkeypatch
+):
     """A region covering the grid reads a channels-first view in order (kernel.c's WCF kinds):
     the top-k and its exact scores are a contiguous copy's, the other images' fast scores within
-    fp32 rounding of the copy's; a changed array is searched anew."""
+    fp32 rounding of the copy's, whatever torch's default type; a changed array is searched anew."""
     from vfs import sources
 
     image = 5 * 5 * 48 * np.dtype(dtype).itemsize

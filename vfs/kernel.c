@@ -589,7 +589,7 @@ static inline int32_t gcd_(int32_t a, int32_t b) {
 int32_t vfs_whole_grid_block(int32_t c, int32_t cells, int32_t *depth) {
     const int64_t vectors = ((int64_t)c * cells + L - 1) / L, per_chain = (vectors + CHAINS - 1) / CHAINS;
     const int32_t g = gcd_(cells, L);
-    if (c <= 0 || cells <= 0 || ((int64_t)c * g + L - 1) / L + L / g > c) return *depth = 0;
+    if (c <= 0 || cells <= 0 || ((int64_t)c * g + L - 1) / L + L / g - 1 > c) return *depth = 0;
     int32_t block = 1;
     while ((int64_t)block * block < per_chain) block++; /* ⌈√per_chain⌉: block + per_chain / block at its least */
     *depth = (int32_t)(block + (per_chain + block - 1) / block + 1 + __builtin_ctz(CHAINS) + __builtin_ctz(L));

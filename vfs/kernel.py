@@ -359,7 +359,8 @@ class PairKernel:
         if not block or depth.value > _pairs_depth(self.library, self.dtype, c, len(self.origin)):
             return None
         lanes = self.library.lanes
-        weights = torch.zeros(-(-c * cells // lanes) * lanes)  # zeros past the last value: whole vectors
+        # fp32 on the CPU whatever torch's defaults; zeros past the last value: whole vectors
+        weights = torch.zeros(-(-c * cells // lanes) * lanes, dtype=torch.float32, device="cpu")
         weights[: c * cells].view(c, cells)[:, torch.from_numpy(self.origin).long()] = self.weights[:, :c].T
         return block, weights
 
