@@ -457,25 +457,10 @@ void vfs_pairs_bf16(const uint16_t *x, int64_t i0, int64_t i1, int32_t cells, in
 }
 #endif
 
-/* Channels last: one image's (c, cells) values, fp16 or fp32, as (cells, c) fp16 — a CNN's
- * (N, C, h, w) output, which a notebook permutes to (N, h, w, C) without moving it, laid out as
- * the kernel reads it. 8 × 8 tiles transposed in registers (AVX2); see CELLS_LAST. torch's strided
- * copy of such a view ran at a tenth of the memory's speed. */
-static inline void transpose8_ps(__m256 *r) {
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
+/* Channels last: one image's (c, cells) fp16 values as (cells, c) — a CNN's (N, C, h, w) output,
+ * which a notebook permutes to (N, h, w, C) without moving it, laid out as the kernel reads it.
+ * 8 × 8 tiles transposed in registers. torch's strided copy of such a view ran at a tenth of the
+ * memory's speed. */
 static inline void transpose8_epi16(__m128i *r) {
     const __m128i t0 = _mm_unpacklo_epi16(r[0], r[1]), t1 = _mm_unpackhi_epi16(r[0], r[1]);
     const __m128i t2 = _mm_unpacklo_epi16(r[2], r[3]), t3 = _mm_unpackhi_epi16(r[2], r[3]);
@@ -495,47 +480,50 @@ static inline void transpose8_epi16(__m128i *r) {
  * again), their rows written in order, 16 channels at a time: two tiles, a longer run of each row
  * per step (1.4× faster than one tile on Zen 4, measured writing fp32: whole 64-byte lines; fp16
  * rows get 32 bytes a step); past a multiple of 16 one tile, past 8 one by one. */
-#define CELLS_LAST(NAME, TS, TD, V, LOAD, STORE, TRANSPOSE, SCALAR)                                          \
-    static void NAME(const TS *s, TD *d, int32_t c, int32_t cells) {                                         \
-        const int32_t c8 = c / 8 * 8;                                                                         \
-        for (int32_t y0 = 0; y0 < cells && cells >= 8; y0 += 8) {                                             \
-            const int32_t y = y0 + 8 <= cells ? y0 : cells - 8;                                               \
-            for (int32_t k = 0; k < c8; k += 8) {                                                             \
-                V r[8], q[8];                                                                                 \
-                const int two = k + 16 <= c8;                                                                 \
-                for (int j = 0; j < 8; j++) r[j] = LOAD(s + (int64_t)(k + j) * cells + y);                    \
-                if (two)                                                                                      \
-                    for (int j = 0; j < 8; j++) q[j] = LOAD(s + (int64_t)(k + 8 + j) * cells + y);            \
-                TRANSPOSE(r);                                                                                 \
-                if (two) TRANSPOSE(q);                                                                        \
-                for (int j = 0; j < 8; j++) {                                                                 \
-                    STORE(d + (int64_t)(y + j) * c + k, r[j]);                                                \
-                    if (two) STORE(d + (int64_t)(y + j) * c + k + 8, q[j]);                                   \
-                }                                                                                             \
-                k += two ? 8 : 0;                                                                             \
-            }                                                                                                 \
-        }                                                                                                     \
-        for (int32_t y = 0; y < cells; y++) /* the channels past 8's multiple; every one where cells < 8 */   \
-            for (int32_t k = cells < 8 ? 0 : c8; k < c; k++) d[(int64_t)y * c + k] = SCALAR(s[(int64_t)k * cells + y]); \
+static void cells_last(const uint16_t *s, uint16_t *d, int32_t c, int32_t cells) {
+    const int32_t c8 = c / 8 * 8;
+    for (int32_t y0 = 0; y0 < cells && cells >= 8; y0 += 8) {
+        const int32_t y = y0 + 8 <= cells ? y0 : cells - 8;
+        for (int32_t k = 0; k < c8; k += 8) {
+            __m128i r[8], q[8];
+            const int two = k + 16 <= c8;
+            for (int j = 0; j < 8; j++) r[j] = _mm_loadu_si128((const __m128i *)(s + (int64_t)(k + j) * cells + y));
+            if (two)
+                for (int j = 0; j < 8; j++) q[j] = _mm_loadu_si128((const __m128i *)(s + (int64_t)(k + 8 + j) * cells + y));
+            transpose8_epi16(r);
+            if (two) transpose8_epi16(q);
+            for (int j = 0; j < 8; j++) {
+                _mm_storeu_si128((__m128i *)(d + (int64_t)(y + j) * c + k), r[j]);
+                if (two) _mm_storeu_si128((__m128i *)(d + (int64_t)(y + j) * c + k + 8), q[j]);
+            }
+            k += two ? 8 : 0;
+        }
     }
-static inline __m256 load8_ps(const float *p) { return _mm256_loadu_ps(p); }
-static inline __m128i load8_epi16(const uint16_t *p) { return _mm_loadu_si128((const __m128i *)p); }
-static inline void store8_epi16(uint16_t *p, __m128i v) { _mm_storeu_si128((__m128i *)p, v); }
-static inline void store8_ph(uint16_t *p, __m256 v) { /* rounded to nearest, as load_r rounds */
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    for (int32_t y = 0; y < cells; y++) /* the channels past 8's multiple; every one where cells < 8 */
+        for (int32_t k = cells < 8 ? 0 : c8; k < c; k++) d[(int64_t)y * c + k] = s[(int64_t)k * cells + y];
 }
-static inline uint16_t same_f16(uint16_t v) { return v; }
-static inline uint16_t round_f16(float v) { return _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
-CELLS_LAST(cells_last_f32, float, uint16_t, __m256, load8_ps, store8_ph, transpose8_ps, round_f16)
-CELLS_LAST(cells_last_f16, uint16_t, uint16_t, __m128i, load8_epi16, store8_epi16, transpose8_epi16, same_f16)
-#undef CELLS_LAST
+
+/* n fp32 values rounded to fp16 (to nearest, as load_r rounds), read and written in order: an fp32
+ * image is rounded so before `cells_last` reads it, which then transposes half the bytes, in cache
+ * (1,000 × 2,048 × 7×7, Zen 4: the kernel's pass 40 → 27 ms; transposing the fp32 values from
+ * memory had cost 2.5× a read of them). */
+static void rounded_f16(const float *s, uint16_t *d, int64_t n) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        _mm_storeu_si128((__m128i *)(d + k), _mm256_cvtps_ph(_mm256_loadu_ps(s + k), _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)(d + k + 8), _mm256_cvtps_ph(_mm256_loadu_ps(s + k + 8), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; k < n; k++) d[k] = _cvtss_sh(s[k], _MM_FROUND_TO_NEAREST_INT);
+}
 
 /* The scratch a thread needs for `kind`: the lane sums and `best_of`'s arrays
- * (`vfs_scratch_floats`), and for a channels-first array IMAGES transposed fp16 images — under a
- * whole-grid placement one placement's, its lane sums and `whole_image`'s slots. */
+ * (`vfs_scratch_floats`), and for a channels-first array IMAGES transposed fp16 images (fp32: and
+ * one rounded in order) — under a whole-grid placement one placement's, its lane sums and
+ * `whole_image`'s slots. */
 int64_t vfs_thread_floats(int32_t places, int kind, int32_t cells, int32_t c) {
     if (kind == WCF16 || kind == WCF32) return vfs_scratch_floats(1) + L + (int64_t)cells * L;
-    const int64_t images = kind == CF16 || kind == CF32 ? ((int64_t)IMAGES * cells * c + 1) / 2 + 16 : 0;
+    const int64_t fp16 = kind == CF16 ? IMAGES : kind == CF32 ? IMAGES + 1 : 0; /* fp16 images */
+    const int64_t images = fp16 ? (fp16 * cells * c + 1) / 2 + 16 : 0;
     return vfs_scratch_floats(places) + images;
 }
 
@@ -547,11 +535,15 @@ void vfs_pairs_channels_first(int kind, const void *x, int64_t i0, int64_t i1, i
                               int32_t places, float *out, int64_t stride, const struct vfs_best *b, float *acc) {
     uint16_t *scratch = (uint16_t *)(acc + vfs_scratch_floats(places));
     const int64_t size = (int64_t)c * cells;
+    uint16_t *rounded = scratch + IMAGES * size; /* CF32's */
     for (int64_t g = i0; g < i1; g += IMAGES) {
         const int64_t g1 = g + IMAGES < i1 ? g + IMAGES : i1;
         for (int64_t i = g; i < g1; i++)
-            if (kind == CF16) cells_last_f16((const uint16_t *)x + i * size, scratch + (i - g) * size, c, cells);
-            else cells_last_f32((const float *)x + i * size, scratch + (i - g) * size, c, cells);
+            if (kind == CF16) cells_last((const uint16_t *)x + i * size, scratch + (i - g) * size, c, cells);
+            else { /* rounded in order first: see `rounded_f16` */
+                rounded_f16((const float *)x + i * size, rounded, size);
+                cells_last(rounded, scratch + (i - g) * size, c, cells);
+            }
         /* images g..g1 are the scratch's 0..g1-g: the outputs shifted to match */
         struct vfs_best shifted;
         if (b) {
