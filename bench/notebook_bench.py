@@ -14,9 +14,11 @@ in one process, best (and median) of `--repeats`:
   (`view(torch.int32).amax()`), a writable numpy array's search and a repeated tensor's; and the
   array as a CNN gives it, (N, C, h, w), searched through its permuted (N, h, w, C) view (a numpy
   transpose, no copy);
-- with `--fp32 --masks square3,blob,full` (`search_bench.make_mask`'s): that view per mask, and with
-  `--paper` the paper's `CachedSearchTool` (`visualfeaturesearch` 1.0.0) on the same memory — its
-  fp32 (N, C, h, w) cache is that array — `--paper-repeats` times, its top-10 compared.
+- with `--fp32 --masks square3,blob,full` (`search_bench.make_mask`'s), per mask: the array as
+  fp16 (one repeated tensor), as fp32 (a writable numpy array) and that channels-first view; with
+  `--paper` the paper's `CachedSearchTool` (`visualfeaturesearch` 1.0.0) on the view's memory — its
+  fp32 (N, C, h, w) cache is that array — `--paper-repeats` times, each one's top-10 compared with
+  the paper's.
 Where the pairs kernel runs, all of them search the array unprepared (the kernel takes the norms
 in its pass, rounding fp32 to fp16 as it reads: nothing kept); elsewhere a tensor's preparation is
 kept while its version counter stays, and a writable numpy array is prepared every call.
@@ -48,7 +50,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--fp32", action="store_true", help="also time the fp32 array's preparation and searches")
     ap.add_argument(
-        "--masks", default="", help="with --fp32: the channels-first view per mask (square3,blob,full)"
+        "--masks",
+        default="",
+        help="with --fp32: fp16, fp32 and channels-first arrays per mask (square3,blob,full)",
     )
     ap.add_argument("--paper", action="store_true", help="with --masks: the paper's code on the same memory")
     ap.add_argument("--paper-repeats", type=int, default=1)
@@ -56,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     masks = [m for m in args.masks.split(",") if m]
     if masks and not args.fp32:
-        ap.error("--masks times the fp32 channels-first view: add --fp32")
+        ap.error("--masks times the fp32 arrays too: add --fp32")
 
     from vfs.search import search_regions
     from vfs.sources import ArrayFeatures
@@ -102,7 +106,9 @@ def main() -> None:
         cases["search_fp32_channels_first_view"] = lambda: search_regions(channels_first, 0, mask, device=cpu)
         for name in masks:
             m = make_mask(name, (h, w))
-            cases[f"view_{name}"] = partial(search_regions, channels_first, 0, m, k=10, exclude=0, device=cpu)
+            layouts = {"fp16": repeated, "fp32": x32n, "view": channels_first}
+            for layout, array in layouts.items():
+                cases[f"{layout}_{name}"] = partial(search_regions, array, 0, m, k=10, exclude=0, device=cpu)
             if args.paper:
                 paper = paper or Paper(nchw, cpu)
                 cases[f"paper_{name}"] = partial(paper.search, 0, m)
@@ -150,15 +156,21 @@ def main() -> None:
                 best["search_fp32_channels_first_view"] / prep, 3
             ),
         }
+    floors = {"fp16": floor, "fp32": best["floor_fp32_int32_amax"], "view": best["floor_fp32_int32_amax"]}
     for name in masks:
-        view = {"view_ms": best[f"view_{name}"], "view_over_fp32_floor": None}
-        view["view_over_fp32_floor"] = round(best[f"view_{name}"] / best["floor_fp32_int32_amax"], 3)
+        row: dict[str, object] = {}
+        for layout, read in floors.items():
+            ms = best[f"{layout}_{name}"]
+            row[f"{layout}_ms"], row[f"{layout}_over_its_floor"] = ms, round(ms / read, 3)
+            if args.paper:
+                row[f"{layout}_speedup_vs_paper"] = round(best[f"paper_{name}"] / ms, 1)
+                paper_top = set(answers[f"paper_{name}"][0].tolist())
+                row[f"{layout}_same_top10_as_paper"] = (
+                    set(answers[f"{layout}_{name}"].top["index"]) == paper_top
+                )
         if args.paper:
-            view["paper_ms"] = best[f"paper_{name}"]
-            view["speedup_vs_paper"] = round(best[f"paper_{name}"] / best[f"view_{name}"], 1)
-            paper_top = answers[f"paper_{name}"][0]
-            view["same_top10_as_paper"] = set(answers[f"view_{name}"].top["index"]) == set(paper_top.tolist())
-        doc.setdefault("channels_first_view_by_mask", {})[name] = view
+            row["paper_ms"] = best[f"paper_{name}"]
+        doc.setdefault("by_mask", {})[name] = row
     emit(doc, args.out)
 
 
