@@ -60,8 +60,8 @@ static inline int any_below_zero(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps
 
 /* The features' type (`kind` below): each its own code, the kind a constant where it is used.
  * CF16 / CF32: a channels-first (n, c, cells) array of fp16 / fp32 values, IMAGES images at a time
- * transposed to (cells, c) fp16 in the thread's scratch (fp32 rounded to nearest, as F32 rounds
- * it), then run as F16 (`vfs_pairs_channels_first`). WCF16 / WCF32: such an array under one
+ * transposed to (cells, c) fp16 in the thread's scratch (fp32 first rounded to nearest in order, as
+ * F32 rounds it), then run as F16 (`vfs_pairs_channels_first`). WCF16 / WCF32: such an array under one
  * placement that covers the grid, read in order (`vfs_whole_channels_first`). */
 enum { F16 = 0, BF16 = 1, F32 = 2, CF16 = 3, CF32 = 4, WCF16 = 5, WCF32 = 6 };
 #define ESIZE(kind) ((kind) == F32 ? 4 : 2) /* bytes per value */
