@@ -69,3 +69,43 @@ def test_a_table_stores_a_missing_value_as_the_empty_string_and_reads_nul_as_mis
     assert group["manifest"]["label"][:].tolist() == ["cat", "", "", "dog"]
     group["manifest"]["label"][3] = "\x00"  # as another writer following the old page might
     assert read_table(group, "manifest")["label"].tolist() == ["cat", None, None, None]
+
+
+def test_a_tables_nullable_and_time_gaps_are_stored_and_read_as_missing(tmp_path):
+    """A parquet manifest's nullable Int64 / Float64 / boolean columns and its times hold pd.NA and
+    NaT for a gap: stored as "" like None and NaN, and read back as missing — and so are the
+    "<NA>" / "NaT" that caches written before stored for them (that cache's manifest could not be
+    read: to_numeric refused "<NA>")."""
+    import pandas as pd
+    import zarr
+
+    from vfs.cache.format import CacheError, read_table, write_table
+
+    group = zarr.open_group(tmp_path / "t.zarr", mode="w", zarr_format=3)
+    table = pd.DataFrame(
+        {
+            "age": pd.array([1, None, 3], dtype="Int64"),
+            "dose": pd.array([1.5, None, 2.0], dtype="Float64"),
+            "flag": pd.array([True, None, False], dtype="boolean"),
+            "when": pd.to_datetime(["2020-01-01", None, "2020-01-03"]),
+            "label": ["<NA>", "NaT", None],  # text: kept as written
+        }
+    )
+    write_table(group, "manifest", table)
+    assert [group["manifest"][c][1] for c in ("age", "dose", "flag", "when")] == ["", "", "", ""]
+    back = read_table(group, "manifest")
+    assert back["age"].tolist()[::2] == [1, 3] and pd.isna(back["age"][1])
+    assert back["dose"].tolist()[::2] == [1.5, 2.0] and pd.isna(back["dose"][1])
+    assert back["flag"].tolist()[::2] == [True, False] and pd.isna(back["flag"][1])
+    assert pd.isna(back["when"][1]) and back["when"][0] == "2020-01-01 00:00:00"
+    assert back["label"].tolist() == ["<NA>", "NaT", None]
+
+    for column, old in (("age", "<NA>"), ("dose", "<NA>"), ("flag", "<NA>"), ("when", "NaT")):
+        group["manifest"][column][1] = old  # as written before
+    old_back = read_table(group, "manifest")
+    assert all(pd.isna(old_back[c][1]) for c in ("age", "dose", "flag", "when"))
+    assert old_back["age"].tolist()[::2] == [1, 3]
+
+    group["manifest"]["age"][0] = "one"  # damage: a clear refusal, not pandas' ValueError
+    with pytest.raises(CacheError, match="'age' is not numbers"):
+        read_table(group, "manifest")

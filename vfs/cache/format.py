@@ -34,6 +34,15 @@ SAFE_CODECS = frozenset(
 )
 _MISSING = ""  # how a table stores a missing value (an empty value is one: statistics group it so)
 _READ_AS_MISSING = ("", "\x00")  # "\0" too: the format's first description named it
+_WRITTEN_AS_TEXT = ("<NA>", "NaT", "nan")
+"""How caches written before `_is_missing` stored pandas' own missing values (pd.NA of a nullable
+column, NaT): missing where the column's kind says numbers, booleans or times, text elsewhere."""
+_TYPED_KINDS = ("i", "u", "f", "b", "M", "m")
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN, pd.NA and NaT: what a manifest's nullable, float and time columns hold for a gap."""
+    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
 class CacheError(ValueError):
@@ -155,9 +164,7 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
     """A DataFrame as one string array per column (missing values stored as empty strings)."""
     g = group.require_group(name)
     for col in table.columns:
-        values = table[col].map(
-            lambda v: _MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-        )
+        values = table[col].map(lambda v: _MISSING if _is_missing(v) else str(v))
         arr = g.create_array(
             str(col), shape=(len(table),), chunks=(max(1, len(table)),), dtype=str, overwrite=True
         )
@@ -179,10 +186,17 @@ def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFra
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")
         check_array(arr, str(group.store_path))
         col = pd.Series(arr[:n], dtype=object)
-        col = col.where(~col.isin(_READ_AS_MISSING), None)
-        if kinds.get(c) in ("i", "u", "f"):
-            col = pd.to_numeric(col)
-        elif kinds.get(c) == "b":
+        kind = kinds.get(c)
+        missing = _READ_AS_MISSING + (_WRITTEN_AS_TEXT if kind in _TYPED_KINDS else ())
+        col = col.where(~col.isin(missing), None)
+        if kind in ("i", "u", "f"):
+            try:
+                col = pd.to_numeric(col)
+            except (TypeError, ValueError) as e:
+                raise CacheError(
+                    f"{group.store_path}: table {name!r} column {c!r} is not numbers ({e})"
+                ) from e
+        elif kind == "b":
             col = col.map({"True": True, "False": False})
         out[c] = col
     return pd.DataFrame(out)
