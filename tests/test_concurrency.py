@@ -156,6 +156,18 @@ def test_second_build_of_one_output_in_one_process_is_refused(tmp_path):
         pass
 
 
+def test_an_output_named_with_a_trailing_slash_takes_the_same_lock_beside_it(tmp_path):
+    """`--out c.zarr/` is c.zarr: the lock was `c.zarr/.lock`, whose folder then stood where the
+    cache was to be made (refused as "not a VFS cache", every rerun too), and another build of
+    `c.zarr` took another lock."""
+    out = tmp_path / "c.zarr"
+    with BuildLock(f"{out}/") as lock:
+        assert lock.path == tmp_path / "c.zarr.lock" and not out.exists()
+        with pytest.raises(CacheError, match="another build is writing"):
+            with BuildLock(out):
+                pass
+
+
 def test_a_background_build_does_not_block_searches_on_another_cache(cache_path, tmp_path):
     from vfs.models import load_extractor
 

@@ -24,7 +24,8 @@ class BuildLock:
     Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored."""
 
     def __init__(self, out: str | Path):
-        self.path = Path(f"{out}.lock")  # beside the cache, so it can be taken before the cache exists
+        cache = Path(out)  # "x.zarr/" is x.zarr: its lock is x.zarr.lock, never a file inside it
+        self.path = cache.with_name(cache.name + ".lock")  # beside the cache: taken before it exists
         self._fd: int | None = None
 
     def _refuse(self, owner: str) -> CacheError:
