@@ -2,11 +2,13 @@
 
 import json
 import os
+import threading
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import zarr
 from cachehelpers import synthetic_spec
 
@@ -285,6 +287,57 @@ def test_thumbnails_come_back_in_the_order_asked_from_storage_and_from_memory(tm
     np.testing.assert_array_equal(c.thumb(7), stored[7])
     with pytest.raises(IndexError):
         c.thumbs_at([30])
+
+
+def test_thumbnails_evicted_by_another_session_during_a_read_still_come_back(tmp_path, monkeypatch):
+    """App sessions share one cache: while one reads the thumbnails it lacks, another may evict
+    those it had found held (the LRU full, as it is in a running app) — a KeyError before."""
+    monkeypatch.setattr("vfs.cache.reader.RECENT_THUMBS", 2)
+    build(tmp_path / "c.zarr", 10)
+    c = open_cache(tmp_path / "c.zarr")
+    stored = c.thumbs[:]
+    c.thumbs_at([0])
+    gather, reading, evicted = c._thumbs.gather, threading.Event(), threading.Event()
+
+    def paused(rows):
+        if threading.current_thread().name == "a":
+            reading.set()
+            assert evicted.wait(10)
+        return gather(rows)
+
+    monkeypatch.setattr(c._thumbs, "gather", paused)
+    got = {}
+    a = threading.Thread(target=lambda: got.update(a=c.thumbs_at([0, 1])), name="a")
+    a.start()
+    assert reading.wait(10)
+    c.thumbs_at([2, 3, 4])  # evicts 0, which a found held
+    evicted.set()
+    a.join(10)
+    np.testing.assert_array_equal(got["a"], stored[[0, 1]])
+
+
+def test_thumbnails_do_not_wait_for_the_whole_cache_to_load(tmp_path, monkeypatch):
+    """The app loads a cache's features while the user picks a query by its thumbnail: the pick
+    waited for the whole load (one lock for both)."""
+    build(tmp_path / "c.zarr", 10)
+    c = open_cache(tmp_path / "c.zarr")
+    read, loading, done = c._read_features, threading.Event(), threading.Event()
+
+    def slow(a, b):
+        loading.set()
+        assert done.wait(10)
+        return read(a, b)
+
+    monkeypatch.setattr(c, "_read_features", slow)
+    load = threading.Thread(target=c.resident, args=(torch.device("cpu"),))
+    load.start()
+    assert loading.wait(10)
+    try:
+        np.testing.assert_array_equal(c.thumbs_at([3, 5]), c.thumbs[[3, 5]])  # while the load waits
+    finally:
+        done.set()
+        load.join(10)
+    assert c.resident_on(torch.device("cpu")) is not None
 
 
 def described(**changes):

@@ -122,7 +122,8 @@ class FeatureCache:
         self._sqnorm: RowReader = row_reader(self.sqnorm, location, every_chunk_stored)
         self._thumbs = ZarrRows(self.thumbs, location, every_chunk_stored)  # small, compressed: zarr decodes
         self._resident: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the resident copies: held while the whole cache loads
+        self._thumbs_lock = threading.Lock()  # the recent thumbnails: never waits on that load
         self._manifest: pd.DataFrame | None = None
         self._columns: dict[str, np.ndarray] = {}
         self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -342,20 +343,20 @@ class FeatureCache:
         idx = self._indices(indices, "images")
         if not len(idx):
             return np.empty((0, *self.thumbs.shape[1:]), dtype=np.uint8)
-        with self._lock:
-            missing = np.array(sorted(set(idx.tolist()) - self._recent_thumbs.keys()), dtype=np.int64)
+        wanted = idx.tolist()
+        with self._thumbs_lock:  # what is held now: another session may evict it during the read
+            held = {i: self._recent_thumbs[i] for i in set(wanted) & self._recent_thumbs.keys()}
+        missing = np.array(sorted(set(wanted) - held.keys()), dtype=np.int64)
         if len(missing):
             with self._reading(f"the thumbnails of rows {_describe_rows(missing)}"):
-                read = self._thumbs.gather(missing)
-        with self._lock:
-            if len(missing):
-                self._recent_thumbs.update(zip(missing.tolist(), read))
-            out = np.stack([self._recent_thumbs[i] for i in idx.tolist()])
-            for i in idx.tolist():
+                held.update(zip(missing.tolist(), self._thumbs.gather(missing)))
+        with self._thumbs_lock:
+            for i in wanted:
+                self._recent_thumbs[i] = held[i]
                 self._recent_thumbs.move_to_end(i)
             while len(self._recent_thumbs) > RECENT_THUMBS:
                 self._recent_thumbs.popitem(last=False)
-        return out
+        return np.stack([held[i] for i in wanted])
 
     def resident_on(self, device: torch.device) -> torch.Tensor | None:
         """The fp16 features if loaded whole on `device` (see `resident`), else None."""
