@@ -99,6 +99,48 @@ def test_killed_build_resumes_to_identical_cache(tmp_path):
     assert a.nonnegative and b.nonnegative
 
 
+@pytest.mark.parametrize("left", ["renamed", "half deleted in place"])
+def test_a_build_killed_while_finish_deletes_its_candidates_finishes_on_rerun(tmp_path, monkeypatch, left):
+    """`finish` deletes the candidates table after writing the manifest. A kill there left it
+    half deleted in place (zarr removes a group file by file; caches finished before the rename),
+    and every rerun failed reading it (KeyError): now it finishes, as one killed anywhere else,
+    and still refuses other images than it stored."""
+    import shutil
+
+    build(tmp_path / "clean.zarr", 12, bad={5})
+    out = tmp_path / "c.zarr"
+    w = CacheWriter.open(out, SPEC, candidates(12), 32)
+    fill(w, range(12), bad={5})
+    if left == "renamed":
+
+        def killed(path, *args, **kwargs):  # the table renamed, then the kill as it is deleted
+            if os.path.exists(path):
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr("vfs.cache.writer.shutil.rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            w.finish(candidates(12))
+        monkeypatch.undo()
+        monkeypatch.setattr("vfs.cache.writer.CHUNK_BYTES", 4 * 5 * 8 * 2 * 7)
+        assert (out / "candidates.deleted").is_dir() and not (out / "candidates").exists()
+    else:
+        from vfs.cache.format import write_table
+
+        w.flush()  # as `finish` does first
+        write_table(w.group, "manifest", candidates(12).drop(index=5).reset_index(drop=True))
+        shutil.rmtree(out / "candidates" / "label")  # zarr.json and the other columns still there
+    assert not open_cache(out, allow_partial=True).complete
+    others = candidates(12).assign(path=[f"other/{i}.png" for i in range(12)])
+    with pytest.raises(CacheError, match="started on other images than these"):
+        CacheWriter.open(out, SPEC, others, 32)
+    resumed = CacheWriter.open(out, SPEC, candidates(12), 32)
+    assert resumed.next_item == 12
+    resumed.finish(candidates(12))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("candidates")) == []
+    assert_built_alike(tmp_path / "clean.zarr", out)
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+
+
 def test_a_slow_build_stores_its_partial_chunk_before_a_kill(tmp_path):
     """Past `save_every` seconds without a store, the images handed over are stored: a kill then
     loses none of them, and the resumed cache equals an uninterrupted one."""

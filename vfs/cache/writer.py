@@ -194,8 +194,12 @@ class CacheWriter:
         if attrs.get("complete"):
             _check_finished_on(path, g, attrs.get("report", {}), candidates)
             raise AlreadyComplete(f"{path} is already complete: nothing to do")
-        if "candidates" in g:
-            _check_same_images(path, read_table(g, "candidates"), candidates)
+        started = _candidates_table(path, g)
+        if started is not None:
+            _check_same_images(path, started, candidates)
+        elif "manifest" in g:  # killed in `finish` after the candidates went: the stored rows say it
+            _check_stored_images(path, g, candidates)
+        shutil.rmtree(path / _DELETED_CANDIDATES, ignore_errors=True)  # what such a kill left
         if recorded.data.source != spec.data.source:  # a resume reruns where the data is now
             g.attrs.update(
                 {"spec": attrs["spec"] | {"data": spec.data.to_dict()}}  # the rest stays as recorded
@@ -326,8 +330,10 @@ class CacheWriter:
         for name in ROW_ARRAYS:
             arr = member_array(self.group, name)
             arr.resize((self.rows, *arr.shape[1:]))
-        if "candidates" in self.group:
-            del self.group["candidates"]
+        if (self.path / "candidates").exists():  # renamed first: whole, or gone from the group at once
+            shutil.rmtree(self.path / _DELETED_CANDIDATES, ignore_errors=True)
+            (self.path / "candidates").rename(self.path / _DELETED_CANDIDATES)
+            shutil.rmtree(self.path / _DELETED_CANDIDATES)
         paths = candidates["path"].astype(str).to_numpy()
         report: dict[str, Any] = {
             "candidates": len(candidates),
@@ -352,6 +358,37 @@ class CacheWriter:
 
 class AlreadyComplete(CacheError):
     """A rerun of a build that finished: nothing is left to do."""
+
+
+_DELETED_CANDIDATES = "candidates.deleted"
+"""`finish` renames the candidates table so before it deletes it: a kill while zarr removed it
+in place left a group whose columns were partly gone, and every rerun failed reading it."""
+
+
+def _candidates_table(path: Path, group: zarr.Group) -> pd.DataFrame | None:
+    """The images the build started on, or None where `finish` has deleted them — also where a
+    kill left them half deleted in place (before `_DELETED_CANDIDATES`), a manifest being written."""
+    if "candidates" not in group:
+        return None
+    try:
+        return read_table(group, "candidates")
+    except (KeyError, CacheError):
+        if "manifest" not in group:
+            raise CacheError(
+                f"{path}: its table of candidate images is damaged; choose another output"
+            ) from None
+        shutil.rmtree(path / "candidates", ignore_errors=True)
+        return None
+
+
+def _check_stored_images(path: Path, group: zarr.Group, candidates: pd.DataFrame) -> None:
+    """Refuse to finish on other images than those stored: the manifest `finish` wrote against
+    the candidates at the stored rows' source indices."""
+    stored = read_table(group, "manifest")["path"].astype(str).to_numpy()
+    index = np.asarray(member_array(group, "source_index")[: len(stored)], dtype=np.int64)
+    now = candidates["path"].astype(str).to_numpy()
+    if len(index) != len(stored) or (len(index) and index.max() >= len(now)) or (now[index] != stored).any():
+        raise CacheError(f"{path} was started on other images than these; choose another output")
 
 
 def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFrame) -> None:
