@@ -294,7 +294,12 @@ class FileReader:
         while symlinks placed inside the root by the data's owner keep working."""
         full = Path(os.path.normpath(self.root / path))
         if not full.is_relative_to(self.root):
-            raise ValueError(f"image path {path!r} resolves outside the dataset root {str(self.root)!r}")
+            raise ValueError(
+                f"image path {path!r} resolves outside the dataset root {str(self.root)!r}: a manifest's "
+                "paths are relative to its folder and may not leave it (absolute paths and '..' are "
+                "refused, docs/security.md) — write them relative to a manifest placed above the images, "
+                "or link the image folder inside the manifest's"
+            )
         return full
 
     def __call__(self, path: str) -> Image.Image:
