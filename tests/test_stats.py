@@ -115,6 +115,16 @@ def test_long_scores_repeats_multi_label_images():
     assert long.loc[long["index"] == 10, "score"].eq(0.9).all()
 
 
+@pytest.mark.parametrize("name", ["index", "score", "__score", "__member", "group"])
+def test_long_scores_takes_a_group_named_like_its_own_columns(name):
+    """A label is the user's word: one named "index" broke the Distributions page's plot."""
+    groups = stats.label_groups(pd.DataFrame({"label": [name, "other", name]}, index=[7, 8, 9]), "label")
+    long = stats.long_scores(np.array([0.1, 0.2, 0.3]), groups)
+    got = sorted(zip(long["index"], long["group"], long["score"]))
+    assert got == [(7, name, 0.1), (8, "other", 0.2), (9, name, 0.3)]
+    assert stats.long_scores(np.array([0.1]), pd.DataFrame(index=[0])).empty  # no group: no rows
+
+
 def test_rank_agreement():
     scores = np.random.default_rng(1).random(50)
     same = stats.rank_agreement(scores, scores, k=10)

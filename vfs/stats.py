@@ -181,14 +181,17 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
 
 
 def long_scores(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
-    """Tidy (index, group, score) rows for box/violin/strip plots; an image appears once per group it is
-    in."""
-    wide = groups.astype(bool).assign(**{"__score": np.asarray(scores, dtype=float)})
-    tidy = wide.reset_index(names="index").melt(
-        id_vars=["index", "__score"], var_name="group", value_name="__member"
+    """Tidy (index, group, score) rows for box/violin/strip plots, group by group in the groups'
+    order; an image appears once per group it is in. Positional: a group may be named anything,
+    "index" and "score" too."""
+    group, image = np.nonzero(groups.astype(bool).to_numpy().T)
+    return pd.DataFrame(
+        {
+            "index": groups.index.to_numpy()[image],
+            "group": groups.columns.to_numpy(dtype=object)[group],
+            "score": np.asarray(scores, dtype=float)[image],
+        }
     )
-    tidy = tidy[tidy["__member"]].rename(columns={"__score": "score"})
-    return tidy[["index", "group", "score"]].reset_index(drop=True)
 
 
 def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
