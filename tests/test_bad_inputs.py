@@ -197,6 +197,15 @@ def test_an_image_handed_over_opened_gives_the_features_of_its_file(built, extra
     with Image.open(folder / name) as opened:
         handed = extractor.features(opened)
     np.testing.assert_array_equal(handed, extractor.features(load_image(folder / name)))
+    np.testing.assert_array_equal(handed, extractor.features(str(folder / name)))  # a path: the same
+
+
+def test_features_of_what_is_no_image_say_so(built, extractor):
+    """`ex.features("photo.jpg")` raised AttributeError ('str' object has no attribute 'load')."""
+    with pytest.raises(ImageError, match="not a readable image"):
+        extractor.features(built[1] / "text.jpg")
+    with pytest.raises(TypeError, match="PIL image or an image file's path, not ndarray"):
+        extractor.features(np.zeros((8, 8, 3), np.uint8))
 
 
 def test_huge_legal_image_is_decoded_small(built):

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from ..data import load_image
 from ..devices import resolve_device
 from ..fp16 import fp16_holds
 from .kinds import load_model
@@ -383,8 +385,13 @@ class Extractor:
         self._layout = layout
         self._lock = threading.Lock()
 
-    def features(self, image: PIL.Image.Image) -> np.ndarray:
-        """(h, w, C) float32 features of one image."""
+    def features(self, image: PIL.Image.Image | str | Path) -> np.ndarray:
+        """(h, w, C) float32 features of one image, or of the image file at a path (decoded as a
+        build decodes it: `ImageError` saying why where it cannot be)."""
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif not isinstance(image, PIL.Image.Image):
+            raise TypeError(f"features of a PIL image or an image file's path, not {type(image).__name__}")
         tensor = self.preprocess.to_tensor(self.preprocess.view(image))
         return self.features_batch(tensor.unsqueeze(0))[0].cpu().numpy()
 
