@@ -105,6 +105,36 @@ def test_ctrl_c_keeps_every_image_computed(tmp_path):
     assert build_cache(job).n == 24
 
 
+def test_sigterm_stops_a_cli_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """`kill`, a scheduler's stop: the build keeps what it computed and says how to go on (it died
+    with no word before, exit -15), and the rerun finishes it."""
+    import os
+    import signal
+
+    from vfs.cache import CacheWriter, open_cache
+
+    add, added = CacheWriter.add, []
+
+    def add_then_kill(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        added.append(1)
+        if len(added) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(CacheWriter, "add", add_then_kill)
+    out = tmp_path / "c.zarr"
+    argv = ["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "24"]
+    argv += ["--batch-size", "4", "--image-size", "64", "--out", str(out)]
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 128 + signal.SIGTERM
+    assert "terminated: rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was the build's only
+    partial = open_cache(out, allow_partial=True)
+    assert not partial.complete and partial.stored >= 10
+    monkeypatch.undo()
+    assert main(argv) == 0 and open_cache(out).n == 24
+
+
 def test_a_manifest_row_repeating_a_path_is_stored_and_reported(tmp_path, capsys):
     """A twin found at 1.000 puzzles a user who did not know the manifest repeats a row."""
     for i in range(2):

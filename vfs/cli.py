@@ -9,7 +9,9 @@ import os
 import re
 import select
 import shlex
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -385,8 +387,19 @@ COMMANDS = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's or `docker stop`'s stop): a build stops as Ctrl-C stops
+    it, keeping what it computed, instead of dying with no word."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    on_term = args.command == "build" and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
@@ -396,10 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         # `… | head`: the reader of the output has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         resume = ": rerun the same command to resume" if args.command == "build" else ""
-        print(f"interrupted{resume}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, _Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
         print(f"error: {_in_cli_words(e)}", file=sys.stderr)
         return 2
@@ -413,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        if on_term:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
     return 0
 
 
