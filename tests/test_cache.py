@@ -13,7 +13,7 @@ import zarr
 from cachehelpers import synthetic_spec
 
 import vfs.kernel
-from vfs.cache import BuildLock, CacheError, CacheWriter, list_caches, open_cache
+from vfs.cache import AlreadyComplete, BuildLock, CacheError, CacheWriter, list_caches, open_cache
 from vfs.search import search_regions
 
 SPEC = synthetic_spec((4, 5), 8, label_col="label", domain_col="dom")
@@ -504,13 +504,43 @@ def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
     fill(w, range(23), bad={3})
     assert w.rows == 21
     (tmp_path / "p.zarr" / "features" / "c" / "1" / "0" / "0" / "0").unlink()  # rows 7..13
-    with pytest.warns(UserWarning, match="images 7..20 of the partial cache are missing on disk"):
+    with pytest.warns(UserWarning, match="images 7..20 of the cache are missing on disk"):
         resumed = CacheWriter.open(tmp_path / "p.zarr", SPEC, candidates(30), 32)
     assert (resumed.rows, resumed.next_item, resumed.skipped) == (7, 8, w.skipped)  # item 3 skipped
     assert open_cache(tmp_path / "p.zarr", allow_partial=True).n == 7  # recorded at once: the rest is gone
     fill(resumed, range(8, 30), bad={3})
     resumed.finish(candidates(30))
     assert_built_alike(tmp_path / "clean.zarr", tmp_path / "p.zarr")
+
+
+@pytest.mark.parametrize("lost", ["features", "thumbs", "source_index"])
+def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lost):
+    """A complete cache that lost a chunk file (a disk fault, a copy cut short): searches say it is
+    damaged and to rerun its build — which said "complete: nothing to do" and left it so. Now
+    `info` says where, and the rerun computes those images again and finishes alike."""
+    import shutil
+
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
+    out = tmp_path / "c.zarr"
+    chunk = open_cache(out).group[lost]
+    per = chunk.chunks[0]
+    (out / lost / chunk.metadata.encode_chunk_key((1, *(0,) * (chunk.ndim - 1)))).unlink()  # rows per..
+    damaged = open_cache(out)
+    assert damaged.complete and damaged.info()["lost_from"] == per
+    assert open_cache(tmp_path / "clean.zarr").info()["lost_from"] is None
+    redo = per - per % damaged.features.chunks[0]  # from the start of a features chunk
+    with pytest.warns(UserWarning, match=f"images {redo}..28 of the cache are missing on disk"):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    assert resumed.rows == redo and resumed.next_item == redo + (redo > 9)  # item 9 is skipped
+    assert not open_cache(out, allow_partial=True).complete  # a search refuses it until it finishes
+    fill(resumed, range(resumed.next_item, 30), bad={9})
+    resumed.finish(candidates(30))
+    assert_built_alike(tmp_path / "clean.zarr", out)
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+    assert open_cache(out).info()["lost_from"] is None
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(out, SPEC, candidates(30), 32)
 
 
 def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(tmp_path):

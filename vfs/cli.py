@@ -189,7 +189,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=1, default=str))
         return
     s = cache.spec
-    print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'})")
+    lost = info["lost_from"]
+    damage = "" if lost is None else f", DAMAGED: images from {lost} are missing on disk — rerun its build"
+    print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'}{damage})")
     print(
         f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
         f"grid {s.grid[0]}×{s.grid[1]}×{s.channels}"

@@ -7,8 +7,10 @@ report and progress.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,3 +202,23 @@ def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFra
             col = col.map({"True": True, "False": False})
         out[c] = col
     return pd.DataFrame(out)
+
+
+ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
+
+
+def first_lost_row(path: Path, group: zarr.Group, rows: int) -> int | None:
+    """The first of a local cache's `rows` (stored, as its writer recorded them) whose chunk file
+    is missing (or, for the uncompressed features, short), in any row array; None when all are
+    there. A builder redoes them; `info` says so."""
+    lost = []
+    for name in ROW_ARRAYS:
+        arr = member_array(group, name)
+        per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
+        size = per * math.prod(arr.chunks[1:]) * arr.dtype.itemsize if name == "features" else 0
+        for i in range(-(-rows // per)):
+            f = path / name / arr.metadata.encode_chunk_key((i, *tail))
+            if not f.is_file() or f.stat().st_size < size:
+                lost.append(i * per)
+                break
+    return min(lost, default=None)

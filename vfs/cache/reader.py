@@ -30,6 +30,7 @@ from .format import (
     CacheSpec,
     check_array,
     check_chunk_size,
+    first_lost_row,
     member_array,
     read_table,
 )
@@ -220,7 +221,17 @@ class FeatureCache:
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions", {}),
             "columns": columns,
+            "lost_from": self.lost_from(),
         }
+
+    def lost_from(self) -> int | None:
+        """The first stored row whose chunk file is gone (a disk fault, a copy cut short) in a local
+        cache whose writer stored every chunk; None where all are there, or where that cannot be told
+        (a remote store). A rerun of the build computes them again."""
+        store = self.group.store
+        if not (self.attrs.get("all_chunks_stored") and isinstance(store, zarr.storage.LocalStore)):
+            return None
+        return first_lost_row(Path(store.root), self.group, self.stored)
 
     def list_row(self) -> dict[str, Any]:
         """What a list of caches shows of this one (see `cache_row`)."""

@@ -49,7 +49,8 @@ class RowReader(ABC):
         end = min((i + 1) * self.per, self.arr.shape[0]) - 1
         return CacheError(
             f"the cache at {self.location} is damaged: {self.arr.path} rows {i * self.per}..{end} "
-            f"are missing (chunk {key!r}; {count} chunk(s) missing); rebuild it"
+            f"are missing (chunk {key!r}; {count} chunk(s) missing); rerun the build that made it "
+            "(the same command computes the missing rows again) or build it anew"
         )
 
     def _key(self, i: int) -> str:

@@ -23,9 +23,11 @@ from .format import (
     CHUNK_MAX_IMAGES,
     FORMAT,
     FORMAT_VERSION,
+    ROW_ARRAYS,
     THUMB_CHUNK,
     CacheError,
     CacheSpec,
+    first_lost_row,
     library_versions,
     member_array,
     read_table,
@@ -38,7 +40,6 @@ FSYNC = os.environ.get("VFS_FSYNC", "1") != "0"
 _ZARR_TEMP = re.compile(
     r"\.[0-9a-f]{32}\.partial$"
 )  # zarr's LocalStore writes `<key>.<uuid4 hex>.partial`, then renames
-ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
 SAVE_SECONDS = 30.0
 """A partial chunk is stored when nothing was stored for this long: a killed build of a slow model
 (a chunk of ViT-L features takes minutes on a CPU) loses at most about this much work."""
@@ -193,7 +194,10 @@ class CacheWriter:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
             _check_finished_on(path, g, attrs.get("report", {}), candidates)
-            raise AlreadyComplete(f"{path} is already complete: nothing to do")
+            if first_lost_row(path, g, int(attrs["n"])) is None:
+                raise AlreadyComplete(f"{path} is already complete: nothing to do")
+            _reopen(g, candidates)  # chunk files gone since: the resume below computes them again
+            attrs = dict(g.attrs)
         started = _candidates_table(path, g)
         if started is not None:
             _check_same_images(path, started, candidates)
@@ -210,14 +214,14 @@ class CacheWriter:
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
-        lost = _first_lost_row(path, g, rows)
+        lost = first_lost_row(path, g, rows)
         if lost is not None:  # chunk files gone (a copy taken mid-build, a disk fault): redo from there
             rows = lost - lost % member_array(g, "features").chunks[0]
             last = np.asarray(member_array(g, "source_index")[max(rows - 1, 0) : rows])  # kept, or none
             next_item = int(last[0]) + 1 if rows else 0
             skipped = [s for s in skipped if s["item"] < next_item]
             warnings.warn(
-                f"{path}: images {rows}..{p['rows'] - 1} of the partial cache are missing on disk; "
+                f"{path}: images {rows}..{p['rows'] - 1} of the cache are missing on disk; "
                 "the build computes them again",
                 stacklevel=3,
             )
@@ -408,6 +412,18 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
         )
 
 
+def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
+    """A complete cache whose chunk files went missing (a disk fault, a copy cut short) back to
+    the partial build it was when it finished — its candidates, its arrays at their full length,
+    the progress `finish` left (every row stored) — so that the resume redoes the lost rows and
+    finishes again. A kill at any step leaves it complete and damaged, or partial: a rerun goes on."""
+    write_table(group, "candidates", candidates)
+    for name in ROW_ARRAYS:
+        arr = member_array(group, name)
+        arr.resize((len(candidates), *arr.shape[1:]))
+    group.attrs.update({"complete": False, "n": 0})
+
+
 def _check_finished_on(
     path: Path, group: zarr.Group, report: dict[str, Any], candidates: pd.DataFrame
 ) -> None:
@@ -424,22 +440,6 @@ def _check_finished_on(
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
     if read_table(group, "manifest")["path"].astype(str).tolist() != wanted:
         raise CacheError(f"{path} is complete, built from other images than these; choose another output")
-
-
-def _first_lost_row(path: Path, group: zarr.Group, rows: int) -> int | None:
-    """The first of the `rows` recorded as stored whose chunk file is missing (or, for the
-    uncompressed features, short), in any row array; None when all are there."""
-    lost = []
-    for name in ROW_ARRAYS:
-        arr = member_array(group, name)
-        per, tail = arr.chunks[0], (0,) * (arr.ndim - 1)
-        size = per * math.prod(arr.chunks[1:]) * arr.dtype.itemsize if name == "features" else 0
-        for i in range(-(-rows // per)):
-            f = path / name / arr.metadata.encode_chunk_key((i, *tail))
-            if not f.is_file() or f.stat().st_size < size:
-                lost.append(i * per)
-                break
-    return min(lost, default=None)
 
 
 def _fsync(paths: Iterable[Path]) -> None:
