@@ -74,9 +74,17 @@ def get_cache(location: str) -> FeatureCache:
     return _open_cache(location, stamp)
 
 
-@st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
+@st.cache_resource(
+    max_entries=4,
+    show_spinner="Starting the cache's search shards on the Ray cluster…",
+    on_release=ShardedSearch.close,  # evicted: its actors stop now, not whenever it is collected
+)
 def _shards(location: str, stamp: int, address: str, shards: int) -> ShardedSearch:
     return ShardedSearch(location, shards=shards, address=address)
+
+
+_shards_stamp: dict[tuple[str, str, int], int] = {}  # the cache's stamp its running shards hold
+_shards_lock = threading.Lock()
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -113,7 +121,12 @@ def sharded_search(cache: FeatureCache) -> ShardedSearch | None:
     s = settings()
     if not (s.ray_address and s.ray_shards) or not cache.complete:
         return None
-    return _shards(cache.location, _stamp(cache.location), s.ray_address, s.ray_shards)
+    key, stamp = (cache.location, s.ray_address, s.ray_shards), _stamp(cache.location)
+    with _shards_lock:
+        before, _shards_stamp[key] = _shards_stamp.get(key), stamp
+    if before not in (None, stamp):  # rebuilt: its old shards hold the cluster CPUs the new ones need
+        _shards.clear(cache.location, before, s.ray_address, s.ray_shards)
+    return _shards(cache.location, stamp, s.ray_address, s.ray_shards)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
