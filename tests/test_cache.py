@@ -253,6 +253,23 @@ def test_list_caches_reports_partial_and_broken(tmp_path):
     assert rows["junk"]["error"]
 
 
+def test_list_caches_counts_nothing_for_a_file_a_running_build_renamed_away(tmp_path, monkeypatch):
+    """The Build page lists caches while a build writes one (temporary files renamed into place):
+    a file gone between the listing and its size raised FileNotFoundError."""
+    build(tmp_path / "c.zarr", 10)
+    whole = list_caches(tmp_path)[0]["size_bytes"]
+    gone = tmp_path / "c.zarr" / "zarr.json"
+    stat = os.stat
+
+    def renamed_away(path, *args, **kwargs):
+        if str(path) == str(gone):
+            raise FileNotFoundError(path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr("vfs.cache.reader.os.stat", renamed_away)
+    assert list_caches(tmp_path)[0]["size_bytes"] == whole - stat(gone).st_size
+
+
 def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
     out = tmp_path / "c.zarr"
     with BuildLock(out):

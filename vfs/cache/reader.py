@@ -4,6 +4,7 @@ its features (resident on a device, or streamed from storage with one range pref
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -543,9 +544,22 @@ def list_caches(root: str | Path) -> list[dict[str, Any]]:
             opened: FeatureCache | CacheError = open_cache(p)
         except CacheError as e:
             opened = e
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        out.append(cache_row(str(p), opened, size if isinstance(opened, FeatureCache) else None))
+        size = _bytes_under(p) if isinstance(opened, FeatureCache) else None
+        out.append(cache_row(str(p), opened, size))
     return out
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes of the files below a folder. A running build renames files and removes folders as
+    it goes: what is gone by the time it is looked at counts nothing (os.walk skips such a folder)."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def _describe_rows(idx: np.ndarray) -> str:
