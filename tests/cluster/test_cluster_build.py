@@ -348,3 +348,12 @@ def test_the_driver_bounds_the_memory_monitors_retries_unless_told_otherwise(mon
     monkeypatch.setenv("RAY_task_oom_retries", "-1")
     connect()
     assert os.environ["RAY_task_oom_retries"] == "-1"
+
+
+def test_a_worker_lost_after_every_item_was_stored_is_said_so():
+    """`_worker_died` named the first item not stored: past the last one, an IndexError instead."""
+    from vfs.cluster.build import _worker_died
+
+    said = str(_worker_died(RuntimeError("node lost"), 3, ["a", "b", "c"]))
+    assert "after all 3 items were stored" in said and "rerun to finish" in said
+    assert "item 1 of the manifest on ('b' first)" in str(_worker_died(RuntimeError("x"), 1, ["a", "b", "c"]))

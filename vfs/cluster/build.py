@@ -282,6 +282,11 @@ def _interrupt_between_writes() -> Iterator[None]:
 def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
     """The stop after `WORKER_RETRIES`, in words. Ray does not say which batch: only that it is the
     first one not stored or a later one (the batches run ahead of the writer)."""
+    if stored >= len(paths):  # every item stored: the workers were lost as the build ended
+        return RuntimeError(
+            f"a Ray worker died {WORKER_RETRIES + 1} times ({_first_line(error)}) after all {len(paths)} "
+            "items were stored: the workers' processes or nodes were lost; rerun to finish the cache"
+        )
     return RuntimeError(
         f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({_first_line(error)}): "
         f"an image from item {stored} of the manifest on ({paths[stored]!r} first) crashes the decoder "
