@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import skimage.data
 import torch
+import traitlets
 from nbhelpers import FACE
 from PIL import Image
 
@@ -175,22 +176,65 @@ def test_errors_are_shown_not_raised_from_the_browser(demo_cache):
     assert "NaN" in w.error
     paint(w, strokes(tuple(w.view_size), seed=1))
     assert w.error == "" and w.result is not None
-    w.k = 0
-    assert w.error == "k must be at least 1" and len(w.matches) == 10  # the same region's results stay
-    w.k = 10
+    w.per_domain = 1  # at most one per domain: the demo cache's two domains give two matches
+    assert w.error == "" and len(w.matches) == 2
 
 
-def test_a_failed_search_leaves_no_result_of_an_older_drawing(demo_cache):
+def test_options_that_cannot_search_are_refused_where_they_are_set(demo_cache):
+    """k = 0 or True, per_domain = 0 were taken and failed at the next stroke (or every later call)."""
+    with pytest.raises(traitlets.TraitError, match="k must be a whole number of results ≥ 1, not 0"):
+        SearchWidget(demo_cache, query=FACE, k=0)
+    with pytest.raises(traitlets.TraitError, match="per_domain must be a whole number ≥ 1"):
+        SearchWidget(demo_cache, query=FACE, per_domain=0)
+    w = SearchWidget(demo_cache, query=FACE)
+    for bad in (True, 0, -3):
+        with pytest.raises(traitlets.TraitError, match="k must be"):
+            w.k = bad
+    assert w.k == 10
+    w.per_domain = None  # no limit
+    assert w.search(np.ones(demo_cache.spec.grid)).top.shape[0] == 10
+
+
+def test_an_observers_error_is_the_users_not_the_searchs(demo_cache, capsys):
+    """An analysis observing `result` that raises: its error was shown as the search's, with no
+    traceback anywhere. Now the matches are shown, the widget says whose error it is, a painted
+    stroke's traceback goes to the kernel's output and a call raises it in the cell."""
+    w = SearchWidget(demo_cache, query=FACE)
+
+    def analysis(change):
+        return change["new"].top["labell"]  # a typo
+
+    w.observe(analysis, names="result")
+    paint(w, strokes(tuple(w.view_size), seed=1))
+    assert w.result is not None and len(w.matches) == 10
+    assert w.error.startswith(
+        "your observer of `result` raised KeyError: 'labell' — the search itself succeeded"
+    )
+    assert "Traceback" in capsys.readouterr().err and "labell" in w.error
+    with pytest.raises(KeyError, match="labell"):
+        w.search(np.ones(demo_cache.spec.grid))
+    w.unobserve(analysis, names="result")
+    paint(w, strokes(tuple(w.view_size), seed=2))
+    assert w.error == ""
+
+
+def test_a_failed_search_leaves_no_result_of_an_older_drawing(demo_cache, monkeypatch):
     """A drawing whose search fails replaces the older drawing's result (none, not the older one), and
     an option change then searches the drawing on the canvas."""
     w = SearchWidget(demo_cache, query=FACE)
     first, second = strokes(tuple(w.view_size), seed=1), strokes(tuple(w.view_size), seed=3)
     paint(w, first)
     assert w.error == "" and w.result is not None
-    w.k = 0
-    assert "k must be" in w.error and w.result is not None  # the same drawing: its results stay shown
-    paint(w, second)
-    assert "k must be" in w.error and (w.result, w.matches) == (None, [])
+
+    def failing(*args, **kwargs):
+        raise ValueError("the search failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("vfs.notebook.widget.search_regions", failing)
+        w.k = 9
+        assert w.error == "the search failed" and w.result is not None  # the same drawing: its results stay
+        paint(w, second)
+        assert w.error == "the search failed" and (w.result, w.matches) == (None, [])
     w.k = 10
     mask = grid_mask(second > 0, demo_cache.spec.grid)
     assert w.error == "" and np.array_equal(w.mask, mask)

@@ -8,6 +8,7 @@ by `vfs.render`: so a painted region is searched exactly as the dashboard and th
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def _text(value: object) -> str | None:
     return None if value is None or (np.isscalar(value) and pd.isna(value)) else str(value)
 
 
+class _ObserverFailed(Exception):
+    """An observer of the widget's `result` raised `original`: the user's code, not the search."""
+
+    def __init__(self, original: Exception):
+        super().__init__(str(original))
+        self.original = original
+
+
 class SearchWidget(anywidget.AnyWidget):
     """Paint a region on a query image; see the cache's most similar regions, ranked and outlined.
 
@@ -107,6 +116,23 @@ class SearchWidget(anywidget.AnyWidget):
     exclude_query = traitlets.Bool(True)
     per_domain = traitlets.Int(None, allow_none=True)
     all_exact = traitlets.Bool(False)
+
+    @traitlets.validate("k")
+    def _k_is_a_count(self, proposal: dict) -> int:
+        """Refused where it is set (a cell, the constructor), not at the next stroke's search."""
+        k = proposal["value"]
+        if isinstance(k, bool) or k < 1:
+            raise traitlets.TraitError(f"k must be a whole number of results ≥ 1, not {k!r}")
+        return k
+
+    @traitlets.validate("per_domain")
+    def _per_domain_is_a_count(self, proposal: dict) -> int | None:
+        n = proposal["value"]
+        if n is not None and (isinstance(n, bool) or n < 1):
+            raise traitlets.TraitError(
+                f"per_domain must be a whole number ≥ 1 (or None for no limit), not {n!r}"
+            )
+        return n
 
     def __init__(
         self,
@@ -152,6 +178,8 @@ class SearchWidget(anywidget.AnyWidget):
         asked = np.asarray(mask, dtype=np.float32)
         try:
             return self._run(asked)
+        except _ObserverFailed as e:
+            raise e.original from None  # the caller's own observer: its exception, to the cell
         except Exception as e:
             self._fail(e, asked)
             raise
@@ -170,11 +198,13 @@ class SearchWidget(anywidget.AnyWidget):
         with self.hold_sync():  # the new view and its answer reach the browser together
             self.view = jpeg_data_url(self._query.view)
             self.view_size = list(self._query.view.shape[:2])
-            if self.mask is None:
-                self._show(None, None)
-                return None
             try:
+                if self.mask is None:
+                    self._show(None, None)
+                    return None
                 return self._run(self.mask)
+            except _ObserverFailed as e:
+                raise e.original from None
             except Exception as e:
                 self._fail(e, self.mask)
                 raise
@@ -183,7 +213,10 @@ class SearchWidget(anywidget.AnyWidget):
         """Remove the drawing and the result."""
         with self.hold_sync():
             self.shapes = []
-            self._show(None, None)
+            try:
+                self._show(None, None)
+            except _ObserverFailed as e:
+                raise e.original from None
 
     # --- the browser's messages and option changes ---------------------------------------------------
     def _on_message(self, _widget: SearchWidget, content: dict, buffers: list[memoryview]) -> None:
@@ -197,15 +230,17 @@ class SearchWidget(anywidget.AnyWidget):
                     f"the drawing has {paint.size} pixels; the query's view has {self.view_size}"
                 )
             painted = paint.reshape(self.view_size) > 0  # any paint counts fully, as on the dashboard
-            if not painted.any():
-                self._show(None, None)
-                return
-            mask = grid_mask(painted, self.cache.spec.grid)
+            mask = grid_mask(painted, self.cache.spec.grid) if painted.any() else None
         except Exception as e:  # noqa: BLE001 - shown in the widget, not as a traceback in the kernel log
             self._fail(e, None)
             return
         try:
-            self._run(mask)
+            if mask is None:
+                self._show(None, None)
+            else:
+                self._run(mask)
+        except _ObserverFailed as e:  # shown in the widget; its traceback to the kernel's output
+            traceback.print_exception(e.original)
         except Exception as e:  # noqa: BLE001 - as above
             self._fail(e, mask)
 
@@ -214,6 +249,8 @@ class SearchWidget(anywidget.AnyWidget):
         if self.mask is not None:
             try:
                 self._run(self.mask)
+            except _ObserverFailed as e:
+                traceback.print_exception(e.original)
             except Exception as e:  # noqa: BLE001 - as in _on_message
                 self._fail(e, self.mask)
 
@@ -248,7 +285,18 @@ class SearchWidget(anywidget.AnyWidget):
                 )
             self.error = ""
             self.revision += 1
-        self.mask, self.result = mask, result
+        self.mask = mask
+        try:
+            self.result = result
+        except Exception as e:  # an observer of `result`, the user's analysis: the search went well
+            with self.hold_sync():
+                self.error = (
+                    f"your observer of `result` raised {type(e).__name__}: {e} — the search itself succeeded "
+                    "(its matches are below); the traceback is in the kernel's output (JupyterLab: View → "
+                    "Show Log Console) for a painted stroke, in the cell for a call"
+                )
+                self.revision += 1
+            raise _ObserverFailed(e) from e
 
     def _tiles(self, result: SearchResult) -> list[dict]:
         """Each match as the model saw it, its best window outlined, with its score, label and domain."""
