@@ -205,6 +205,26 @@ def test_paint_in_jupyterlab(page, lab):
     assert len(third) == 3 and third != second[:3] and page.locator(".vfs-error").is_hidden()
     click_and_wait(page, "Clear")
     assert matches(page) == [] and "Paint over" in page.locator(".vfs-status").inner_text()
+    redo = page.get_by_role("button", name="Redo", exact=True)  # nothing to redo after a clear
+    assert redo.is_disabled() and float(redo.evaluate("b => getComputedStyle(b).opacity")) < 1  # looks it
+
+    # A restarted kernel leaves the widget without its Python: a stroke says so, not "Searching…" for ever.
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.get_by_role("menuitem", name="Kernel", exact=True).click()
+    page.get_by_role("menuitem", name="Restart Kernel…").click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()  # "Restart"
+    page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+    page.locator(".vfs-paint").scroll_into_view_if_needed()
+    box = page.locator(".vfs-paint").bounding_box()
+    page.mouse.move(box["x"] + 0.4 * box["width"], box["y"] + 0.4 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.5 * box["height"], steps=8)
+    page.mouse.up()
+    error = page.locator(".vfs-error")
+    error.wait_for(state="visible", timeout=10_000)
+    assert "lost its kernel" in error.inner_text() and "run its cell again" in error.inner_text()
+    assert "Searching" not in page.locator(".vfs-status").inner_text() and errors == []
 
     figures = {"first_stroke_s": round(first_s, 3), "second_stroke_s": round(second_s, 3)}
     artifact("notebook-latency.json").write_text(json.dumps(figures) + "\n")

@@ -64,11 +64,19 @@ function render({ model, el }) {
 
   function send(shapes) {
     const alpha = painter.alpha();
-    model.set("shapes", shapes);
-    model.save_changes();
+    try {
+      model.set("shapes", shapes);
+      model.save_changes();
+      model.send({ type: "paint" }, undefined, [alpha.buffer]);
+    } catch (failure) { // no kernel behind the widget (restarted, shut down): it would wait for ever
+      status.textContent = "";
+      error.textContent = "This widget has lost its kernel (restarted or shut down): run its cell again "
+        + `to search (${failure.message || failure}).`;
+      error.hidden = false;
+      return;
+    }
     root.classList.add("vfs-busy");
     status.textContent = shapes.length ? "Searching…" : "";
-    model.send({ type: "paint" }, undefined, [alpha.buffer]);
   }
 
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
