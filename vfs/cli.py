@@ -11,11 +11,13 @@ import select
 import shlex
 import signal
 import sys
-import threading
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+from .interrupts import Terminated, sigterm_stops_builds
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -389,22 +391,12 @@ COMMANDS = {
 }
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler's or `docker stop`'s stop): a build stops as Ctrl-C stops
-    it, keeping what it computed, instead of dying with no word."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    on_term = args.command == "build" and threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
-        COMMANDS[args.command](args)
-        sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
+        with sigterm_stops_builds() if args.command == "build" else nullcontext():
+            COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
     except BrokenPipeError:
         if not _reader_gone(sys.stdout):  # stderr's reader died (a log collector): the work is undone
             return 1
@@ -413,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as e:
         resume = ": rerun the same command to resume" if args.command == "build" else ""
-        terminated = isinstance(e, _Terminated)
+        terminated = isinstance(e, Terminated)
         print(f"{'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
@@ -429,9 +421,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    finally:
-        if on_term:
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
     return 0
 
 

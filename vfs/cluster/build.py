@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +30,7 @@ from ..cache import CacheSpec, CacheWriter
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
 from ..fp16 import stored_features
+from ..interrupts import between_writes
 from ..jobs import (
     BuildJob,
     BuildProgress,
@@ -215,7 +214,7 @@ def run_on_ray(
                 break
             failures = {int(i): reason for i, reason in json.loads(row["failures"])}
             items, good = row["items"].tolist(), row["good"].tolist()
-            with _interrupt_between_writes():
+            with between_writes():
                 write_batch(writer, items, good, row["features"], row["thumbs"], failures, start)
             if progress is not None:
                 progress(meter.report(items, failures))
@@ -256,27 +255,6 @@ def _out_of_memory(error: Exception, stored: int, paths: list[str]) -> RuntimeEr
 
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-
-
-@contextmanager
-def _interrupt_between_writes() -> Iterator[None]:
-    """Ctrl-C held while the writer writes and raised right after: an interrupt inside a write could
-    leave its pending images half stored, where `build_cache` stores them on an interrupt. Only the
-    main thread takes signals, and only Python's own handler is held (not a caller's)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
