@@ -11,6 +11,7 @@ for the pages.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,16 +75,17 @@ def get_cache(location: str) -> FeatureCache:
     return _open_cache(location, stamp)
 
 
-@st.cache_resource(
-    max_entries=4,
-    show_spinner="Starting the cache's search shards on the Ray cluster…",
-    on_release=ShardedSearch.close,  # evicted: its actors stop now, not whenever it is collected
-)
+@st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
 def _shards(location: str, stamp: int, address: str, shards: int) -> ShardedSearch:
-    return ShardedSearch(location, shards=shards, address=address)
+    search = ShardedSearch(location, shards=shards, address=address)
+    with _shards_lock:
+        _shards_started[location, address, shards] = (stamp, weakref.ref(search))
+    return search
 
 
-_shards_stamp: dict[tuple[str, str, int], int] = {}  # the cache's stamp its running shards hold
+_shards_started: dict[tuple[str, str, int], tuple[int, weakref.ref[ShardedSearch]]] = {}
+"""The cache's stamp when its latest shards started, and them (not kept alive here: an evicted
+entry's shards stop once no session holds them)."""
 _shards_lock = threading.Lock()
 
 
@@ -123,9 +125,14 @@ def sharded_search(cache: FeatureCache) -> ShardedSearch | None:
         return None
     key, stamp = (cache.location, s.ray_address, s.ray_shards), _stamp(cache.location)
     with _shards_lock:
-        before, _shards_stamp[key] = _shards_stamp.get(key), stamp
-    if before not in (None, stamp):  # rebuilt: its old shards hold the cluster CPUs the new ones need
-        _shards.clear(cache.location, before, s.ray_address, s.ray_shards)
+        started = _shards_started.get(key)
+    if started is not None and started[0] < stamp:  # rebuilt: its old shards hold the CPUs new ones need
+        _shards.clear(cache.location, started[0], s.ray_address, s.ray_shards)
+        old = started[1]()
+        if old is not None:
+            old.close()  # a search still on them is told to search again
+    elif started is not None and started[0] > stamp:  # read before a rebuild another session has seen
+        stamp = started[0]
     return _shards(cache.location, stamp, s.ray_address, s.ray_shards)
 
 

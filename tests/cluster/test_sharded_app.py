@@ -8,11 +8,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 
 import ui.core
 from vfs import ShardedSearch
+from vfs.cluster.sharded import ShardError
 from vfs.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
@@ -75,3 +77,5 @@ def test_search_page_searches_through_shards(cluster, reference, tmp_path, monke
     (tmp_path / "ref.zarr" / "zarr.json").touch()  # rewritten, as a rebuild does
     assert table().equals(local) and len(started) == 2
     assert first._shards == []  # its actors stopped before the new ones started: not left holding CPUs
+    with pytest.raises(ShardError, match="shards were stopped .* search again"):  # a session still on it
+        first.search(0, np.ones(first.cache.spec.grid))

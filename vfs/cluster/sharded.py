@@ -219,6 +219,11 @@ class ShardedSearch:
         import ray
 
         t0 = time.perf_counter()
+        if not self._shards:
+            raise ShardError(
+                "this cache's search shards were stopped (the cache was rebuilt, or close() was called): "
+                "search again"
+            )
         for i in sorted(self._down):  # shards a previous query found dead
             self._shards[i] = self._start(i)
         self._down.clear()
