@@ -41,3 +41,25 @@ def test_a_callers_own_handler_is_left_alone():
         assert seen == [signal.SIGINT]  # called at once, as the caller asked, and nothing raised
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_build_keeps_its_sigterm_handler_through_ray_init():
+    """ray.init sets SIGTERM to sys.exit: a cluster build stopped with no word and nothing flushed."""
+    import sys
+
+    from vfs.interrupts import sigterm_kept
+
+    with sigterm_stops_builds():
+        ours = signal.getsignal(signal.SIGTERM)
+        with sigterm_kept():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) is ours
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+    theirs = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # no build: another's handler is left as set
+    try:
+        with sigterm_kept():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, theirs)

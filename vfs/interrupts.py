@@ -35,6 +35,18 @@ def sigterm_stops_builds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """A build's SIGTERM handler back after the block: `ray.init` puts its own in its place
+    (`sys.exit`), which would stop a cluster build without keeping what it computed, or a word."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is _raise_terminated and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
+
+
 _RAISING = {
     signal.SIGINT: (signal.default_int_handler, KeyboardInterrupt),
     signal.SIGTERM: (_raise_terminated, Terminated),

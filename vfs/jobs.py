@@ -27,6 +27,7 @@ from .cache import AlreadyComplete, BuildLock, CacheError, CacheSpec, CacheWrite
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
 from .fp16 import cache_feature_scale, stored_features
+from .interrupts import sigterm_kept
 from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
 
 THUMB_MAX = 224
@@ -223,7 +224,8 @@ def build_cache(
         from .cluster import connect
         from .cluster.build import plan_workers
 
-        connect(job.address)
+        with sigterm_kept():  # ray.init's own SIGTERM handler would exit on the spot
+            connect(job.address)
         pool = plan_workers(job)
     with BuildLock(job.out), _disk_full_names(job.out):
         try:
