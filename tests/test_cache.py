@@ -99,7 +99,7 @@ def test_killed_build_resumes_to_identical_cache(tmp_path):
     assert a.nonnegative and b.nonnegative
 
 
-@pytest.mark.parametrize("left", ["renamed", "half deleted in place"])
+@pytest.mark.parametrize("left", ["renamed", "half deleted in place", "a chunk of its paths gone"])
 def test_a_build_killed_while_finish_deletes_its_candidates_finishes_on_rerun(tmp_path, monkeypatch, left):
     """`finish` deletes the candidates table after writing the manifest. A kill there left it
     half deleted in place (zarr removes a group file by file; caches finished before the rename),
@@ -128,11 +128,17 @@ def test_a_build_killed_while_finish_deletes_its_candidates_finishes_on_rerun(tm
 
         w.flush()  # as `finish` does first
         write_table(w.group, "manifest", candidates(12).drop(index=5).reset_index(drop=True))
-        shutil.rmtree(out / "candidates" / "label")  # zarr.json and the other columns still there
+        if left == "half deleted in place":
+            shutil.rmtree(out / "candidates" / "label")  # zarr.json and the other columns still there
+        else:  # zarr reads the column's missing chunk as missing values
+            shutil.rmtree(out / "candidates" / "path" / "c")
     assert not open_cache(out, allow_partial=True).complete
     others = candidates(12).assign(path=[f"other/{i}.png" for i in range(12)])
     with pytest.raises(CacheError, match="started on other images than these"):
         CacheWriter.open(out, SPEC, others, 32)
+    for n in (11, 13):  # as many images as it handled: a smaller set made finish fail, a larger one grew
+        with pytest.raises(CacheError, match=f"started on a dataset of 12 images, this one has {n}"):
+            CacheWriter.open(out, SPEC, candidates(n), 32)
     resumed = CacheWriter.open(out, SPEC, candidates(12), 32)
     assert resumed.next_item == 12
     resumed.finish(candidates(12))
@@ -558,6 +564,23 @@ def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lo
     assert open_cache(out).info()["lost_from"] is None
     with pytest.raises(AlreadyComplete):
         CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
+def test_an_older_cache_without_every_chunk_stored_is_not_taken_for_damaged(tmp_path):
+    """Caches written before `all_chunks_stored` have no file for an all-zero chunk (zarr's
+    default): a rerun of their build must find them complete, not recompute from there."""
+    build(tmp_path / "c.zarr", 30)
+    out = tmp_path / "c.zarr"
+    group = zarr.open_group(out, mode="r+")
+    group.attrs.update(
+        {k: v for k, v in group.attrs.items() if k != "all_chunks_stored"} | {"all_chunks_stored": False}
+    )
+    thumbs = group["thumbs"]
+    (out / "thumbs" / thumbs.metadata.encode_chunk_key((1, 0, 0, 0))).unlink()  # as if all black
+    assert open_cache(out).info()["lost_from"] is None
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(out, SPEC, candidates(30), 32)
+    assert open_cache(out).complete
 
 
 def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(tmp_path):

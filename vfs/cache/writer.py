@@ -194,7 +194,7 @@ class CacheWriter:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
             _check_finished_on(path, g, attrs.get("report", {}), candidates)
-            if first_lost_row(path, g, int(attrs["n"])) is None:
+            if _lost_from(path, g, attrs, int(attrs["n"])) is None:
                 raise AlreadyComplete(f"{path} is already complete: nothing to do")
             _reopen(g, candidates)  # chunk files gone since: the resume below computes them again
             attrs = dict(g.attrs)
@@ -202,7 +202,7 @@ class CacheWriter:
         if started is not None:
             _check_same_images(path, started, candidates)
         elif "manifest" in g:  # killed in `finish` after the candidates went: the stored rows say it
-            _check_stored_images(path, g, candidates)
+            _check_stored_images(path, g, candidates, int(attrs["progress"]["next_item"]))
         shutil.rmtree(path / _DELETED_CANDIDATES, ignore_errors=True)  # what such a kill left
         if recorded.data.source != spec.data.source:  # a resume reruns where the data is now
             g.attrs.update(
@@ -214,7 +214,7 @@ class CacheWriter:
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
-        lost = first_lost_row(path, g, rows)
+        lost = _lost_from(path, g, attrs, rows)
         if lost is not None:  # chunk files gone (a copy taken mid-build, a disk fault): redo from there
             rows = lost - lost % member_array(g, "features").chunks[0]
             last = np.asarray(member_array(g, "source_index")[max(rows - 1, 0) : rows])  # kept, or none
@@ -371,23 +371,31 @@ in place left a group whose columns were partly gone, and every rerun failed rea
 
 def _candidates_table(path: Path, group: zarr.Group) -> pd.DataFrame | None:
     """The images the build started on, or None where `finish` has deleted them — also where a
-    kill left them half deleted in place (before `_DELETED_CANDIDATES`), a manifest being written."""
+    kill left them half deleted in place (before `_DELETED_CANDIDATES`), a manifest being written:
+    a column gone, or a chunk of one (zarr reads it as missing values; a path never is one)."""
     if "candidates" not in group:
         return None
     try:
-        return read_table(group, "candidates")
+        table = read_table(group, "candidates")
     except (KeyError, CacheError):
-        if "manifest" not in group:
-            raise CacheError(
-                f"{path}: its table of candidate images is damaged; choose another output"
-            ) from None
-        shutil.rmtree(path / "candidates", ignore_errors=True)
-        return None
+        table = None
+    if table is not None and "path" in table and not table["path"].isna().any():
+        return table
+    if "manifest" not in group:
+        raise CacheError(f"{path}: its table of candidate images is damaged; choose another output")
+    shutil.rmtree(path / "candidates", ignore_errors=True)
+    return None
 
 
-def _check_stored_images(path: Path, group: zarr.Group, candidates: pd.DataFrame) -> None:
-    """Refuse to finish on other images than those stored: the manifest `finish` wrote against
+def _check_stored_images(path: Path, group: zarr.Group, candidates: pd.DataFrame, handled: int) -> None:
+    """Refuse to finish on other images than those stored: as many candidates as the build
+    handled (`finish` runs once every one is stored or skipped), and the manifest it wrote equal to
     the candidates at the stored rows' source indices."""
+    if len(candidates) != handled:
+        raise CacheError(
+            f"{path} was started on a dataset of {handled} images, this one has {len(candidates)}; "
+            "choose another output"
+        )
     stored = read_table(group, "manifest")["path"].astype(str).to_numpy()
     index = np.asarray(member_array(group, "source_index")[: len(stored)], dtype=np.int64)
     now = candidates["path"].astype(str).to_numpy()
@@ -410,6 +418,12 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
             f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
             "choose another output"
         )
+
+
+def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) -> int | None:
+    """`first_lost_row` where the writer stored every chunk; caches written before that skipped
+    all-zero chunks (zarr's default), so a missing file there is such a chunk, not damage."""
+    return first_lost_row(path, group, rows) if attrs.get("all_chunks_stored") else None
 
 
 def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
