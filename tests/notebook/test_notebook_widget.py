@@ -213,6 +213,9 @@ def test_an_observers_error_is_the_users_not_the_searchs(demo_cache, capsys):
     assert "Traceback" in capsys.readouterr().err and "labell" in w.error
     with pytest.raises(KeyError, match="labell"):
         w.search(np.ones(demo_cache.spec.grid))
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'top'"):
+        w.clear()  # the observer gets None: said so, not "the search itself succeeded"
+    assert "the result was cleared (None: nothing painted)" in w.error and w.matches == []
     w.unobserve(analysis, names="result")
     paint(w, strokes(tuple(w.view_size), seed=2))
     assert w.error == ""

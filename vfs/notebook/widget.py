@@ -289,11 +289,16 @@ class SearchWidget(anywidget.AnyWidget):
         try:
             self.result = result
         except Exception as e:  # an observer of `result`, the user's analysis: the search went well
+            done = (
+                "the search itself succeeded (its matches are below)"
+                if result is not None
+                else "the result was cleared (None: nothing painted)"
+            )
             with self.hold_sync():
                 self.error = (
-                    f"your observer of `result` raised {type(e).__name__}: {e} — the search itself succeeded "
-                    "(its matches are below); the traceback is in the kernel's output (JupyterLab: View → "
-                    "Show Log Console) for a painted stroke, in the cell for a call"
+                    f"your observer of `result` raised {type(e).__name__}: {e} — {done}; the traceback is in "
+                    "the kernel's output (JupyterLab: View → Show Log Console) for a painted stroke, in the "
+                    "cell for a call"
                 )
                 self.revision += 1
             raise _ObserverFailed(e) from e
