@@ -166,6 +166,8 @@ def test_an_output_named_with_a_trailing_slash_takes_the_same_lock_beside_it(tmp
         with pytest.raises(CacheError, match="another build is writing"):
             with BuildLock(out):
                 pass
+    with pytest.raises(CacheError, match="'/' names no folder to build a cache in"):
+        BuildLock("/")  # Path('/').with_name raised "has an empty name"
 
 
 def test_a_background_build_does_not_block_searches_on_another_cache(cache_path, tmp_path):
