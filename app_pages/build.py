@@ -167,6 +167,7 @@ name = st.text_input("Cache name", key=bind("build.name", ""), placeholder=sugge
 with user_errors():
     out = s.cache_path(name)
 HERE, cluster = "This machine", f"The Ray cluster at {s.ray_address}"
+through_client = (s.ray_address or "").startswith("ray://")  # Ray Client: searches, not builds
 where = (
     st.radio(
         "Run on",
@@ -176,9 +177,15 @@ where = (
         help="VFS_RAY_ADDRESS names a Ray cluster: images are decoded and the model runs on "
         "its nodes, which must read the dataset at the same path (docs/cluster.md).",
     )
-    if s.ray_address
+    if s.ray_address and not through_client
     else HERE
 )
+if through_client:
+    st.caption(
+        f"Builds run on this machine: {s.ray_address} is a Ray Client address, through which searches run "
+        "but not builds (Ray Data's pipeline needs its driver on the cluster: run the app on one of its "
+        "nodes with VFS_RAY_ADDRESS=auto to build there; docs/cluster.md)."
+    )
 on_ray = {"engine": "ray", "address": s.ray_address} if where == cluster else {}
 job = BuildJob(
     layer=layer,

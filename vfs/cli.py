@@ -356,7 +356,11 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--query-index", type=int)
     q.add_argument("--image", type=Path)
     sp.add_argument(
-        "--mask", required=True, type=Path, help="PNG (alpha or grey, any size) or .npy of the grid's shape"
+        "--mask",
+        required=True,
+        type=Path,
+        help="PNG (alpha or grey) of the model's square view or the query photo's size or shape "
+        "(docs/cli.md), or .npy of the grid's shape",
     )
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--per-domain", type=int)
@@ -376,7 +380,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
     sp.add_argument("--shards", type=int, help="search on a Ray cluster, the cache split across N actors")
     sp.add_argument(
-        "--address", help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: a local one"
+        "--address",
+        help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: this machine's or a new one",
     )
     sp.add_argument("--json", action="store_true")
     return p

@@ -11,7 +11,8 @@ Environment variables (on Streamlit Community Cloud, root-level secrets become v
 - ``VFS_ALLOW_BUILD``: ``0`` switches building from the UI off (default ``1``; always off when hosted);
 - ``VFS_MAX_UPLOAD_MB``: the largest query image accepted (default 20);
 - ``VFS_REMOTE_CACHES``: comma-separated cache URLs (http, https, s3) listed beside the local ones;
-- ``VFS_RAY_ADDRESS``: a Ray cluster (``auto``, ``ray://host:10001``): builds may run there (docs/cluster.md);
+- ``VFS_RAY_ADDRESS``: a Ray cluster (``auto``, ``host:6379``: builds may run there; ``ray://host:10001``,
+  Ray Client: searches only) (docs/cluster.md);
 - ``VFS_RAY_SHARDS``: with ``VFS_RAY_ADDRESS``, searches run on that many shards of the cache there.
 """
 

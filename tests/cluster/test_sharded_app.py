@@ -35,9 +35,13 @@ def test_build_page_offers_the_cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
     at = no_exceptions(start_app().switch_page("app_pages/build.py").run())
     assert "build.where" not in [r.key for r in at.radio]
-    monkeypatch.setenv("VFS_RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("VFS_RAY_ADDRESS", "head:6379")
     at = no_exceptions(start_app().switch_page("app_pages/build.py").run())
-    assert at.radio(key="build.where").options == ["This machine", "The Ray cluster at ray://head:10001"]
+    assert at.radio(key="build.where").options == ["This machine", "The Ray cluster at head:6379"]
+    monkeypatch.setenv("VFS_RAY_ADDRESS", "ray://head:10001")  # Ray Client: BuildJob refuses it for builds
+    at = no_exceptions(start_app().switch_page("app_pages/build.py").run())
+    assert "build.where" not in [r.key for r in at.radio]
+    assert any("ray://head:10001 is a Ray Client address" in c.value for c in at.caption)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..cache import open_cache
+from ..cache import FeatureCache, open_cache
 from ..devices import resolve_device
 from ..search import (
     RegionQuery,
@@ -115,14 +115,15 @@ class Shard:
 class ShardedSearch:
     """`search_regions` over a cache held by `shards` Ray actors; the same `search(...)` → `SearchResult`.
 
-    `address` is the Ray cluster ("auto", "ray://host:10001"); None starts a local one. Shards ask
+    `cache` is an opened cache or its location. `address` is the Ray cluster ("auto",
+    "ray://host:10001"); None joins this machine's running cluster, else starts a local one. Shards ask
     for `cpus_per_shard` CPUs and `gpus_per_shard` GPUs each (default: an even share of the
     cluster's GPUs, at most one, so several shards can share a GPU; none on a CPU cluster).
     """
 
     def __init__(
         self,
-        cache_location: str | Path,
+        cache: str | Path | FeatureCache,
         shards: int = 4,
         address: str | None = None,
         device: str = "auto",
@@ -130,9 +131,8 @@ class ShardedSearch:
         cpus_per_shard: float = 1.0,
         gpus_per_shard: float | None = None,
     ):
-        self.cache = open_cache(
-            cache_location, allow_partial=allow_partial
-        )  # attributes; a query's row; heat maps
+        cache_location = cache.location if isinstance(cache, FeatureCache) else cache
+        self.cache = open_cache(cache_location, allow_partial=allow_partial)  # its attributes, a query's row
         n = self.cache.shape[0]
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= n:
             raise ValueError(f"shards must be 1..{n} (the cache's images), not {shards!r}")
