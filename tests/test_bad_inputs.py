@@ -761,6 +761,26 @@ def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_pa
     meta.write_text(json.dumps(doc | {"chunk_grid": huge}))
     with pytest.raises(CacheError, match="declares chunks .* of more than 1024 MiB"):
         open_cache(path)
+    meta.write_text(json.dumps(doc))
+    column = path / "manifest" / "path" / "zarr.json"  # the tables too (read when first asked for)
+    text = json.loads(column.read_text())
+    column.write_text(
+        json.dumps(text | {"chunk_grid": {**text["chunk_grid"], "configuration": {"chunk_shape": [2**40]}}})
+    )
+    with pytest.raises(CacheError, match="'manifest/path' declares chunks .* of more than 1024 MiB"):
+        open_cache(path).manifest
+    column.write_text(
+        json.dumps(
+            text
+            | {
+                "data_type": "float64",
+                "fill_value": 0.0,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            }
+        )
+    )
+    with pytest.raises(CacheError, match="column 'path' holds float64, not text"):
+        open_cache(path).manifest
     # a zarr 2 group (whose codecs could include pickle) is not even looked into
     v2 = tmp_path / "v2.zarr"
     (v2 / "features").mkdir(parents=True)

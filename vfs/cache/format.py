@@ -187,6 +187,9 @@ def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFra
         if not isinstance(arr, zarr.Array):
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")
         check_array(arr, str(group.store_path))
+        if arr.dtype.kind not in "TUO":  # VFS writes variable-length strings
+            raise CacheError(f"{group.store_path}: table {name!r} column {c!r} holds {arr.dtype}, not text")
+        check_chunk_size(arr, str(group.store_path))
         col = pd.Series(arr[:n], dtype=object)
         kind = kinds.get(c)
         missing = _READ_AS_MISSING + (_WRITTEN_AS_TEXT if kind in _TYPED_KINDS else ())

@@ -184,6 +184,7 @@ class FeatureCache:
                 elif self.allow_partial and "candidates" in self.group:
                     source_index = member_array(self.group, "source_index")
                     check_array(source_index, self.location, "int64")
+                    check_chunk_size(source_index, self.location)
                     index = source_index[: self.n]
                     self._manifest = read_table(self.group, "candidates").iloc[index].reset_index(drop=True)
                 else:
