@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,12 @@ def test_search_page_searches_through_shards(cluster, reference, tmp_path, monke
     started = []
 
     class Recorded(ShardedSearch):
-        made: list[ShardedSearch] = []
+        made: list[weakref.ref[ShardedSearch]] = []  # weak: held, they would keep the cluster's CPUs
 
         def __init__(self, location, **options):
             started.append((location, options["shards"]))
             super().__init__(location, **options)
-            self.made.append(self)
+            self.made.append(weakref.ref(self))
 
     monkeypatch.setattr(ui.core, "ShardedSearch", Recorded)
     monkeypatch.setenv("VFS_RAY_ADDRESS", cluster.get_runtime_context().gcs_address)
@@ -77,7 +78,7 @@ def test_search_page_searches_through_shards(cluster, reference, tmp_path, monke
     sharded = table()
     assert started == [(str(tmp_path / "ref.zarr"), 2)]
     assert len(local) == 10 and sharded.equals(local)
-    first = Recorded.made[0]
+    first = Recorded.made[0]()
     (tmp_path / "ref.zarr" / "zarr.json").touch()  # rewritten, as a rebuild does
     assert table().equals(local) and len(started) == 2
     assert first._shards == []  # its actors stopped before the new ones started: not left holding CPUs
