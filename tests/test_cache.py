@@ -566,6 +566,52 @@ def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lo
         CacheWriter.open(out, SPEC, candidates(30), 32)
 
 
+@pytest.mark.parametrize("lost", ["path", "label"])
+def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_path, lost):
+    """A complete cache whose manifest lost a column's file read it as all missing: labels gone
+    from the statistics, or "built from other images" on the rerun meant to mend it. Now reading
+    it is refused with the reason, `info` names it, and the rerun of the same build writes it
+    again — the images checked against the stored paths, or against their digest where the
+    paths are what was lost."""
+    import shutil
+
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
+    out = tmp_path / "c.zarr"
+    (out / "manifest" / lost / "c" / "0").unlink()
+    damaged = open_cache(out)
+    assert damaged.info()["lost_columns"] == [lost] and damaged.info()["lost_from"] is None
+    with pytest.raises(CacheError, match=f"manifest table's column\\(s\\) '{lost}' are missing on disk"):
+        damaged.manifest
+    shuffled = candidates(30).iloc[::-1].reset_index(drop=True)
+    with pytest.raises(CacheError, match="built from other images"):
+        CacheWriter.open(out, SPEC, shuffled, 32)
+    assert open_cache(out).complete  # refused without a change
+    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing on disk"):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    assert resumed.rows == 29 and resumed.next_item == 30  # nothing to compute
+    resumed.finish(candidates(30))
+    assert_built_alike(tmp_path / "clean.zarr", out)
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+    assert open_cache(out).info()["lost_columns"] == []
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
+def test_a_manifest_column_of_missing_values_is_stored_not_taken_for_lost(tmp_path):
+    """zarr leaves out a chunk that is all fill value; a table's column of missing values ("")
+    is stored all the same, so that a missing file can be told for damage."""
+    table = candidates(30).assign(label=None)
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, table, 32)
+    fill(w, range(30))
+    w.finish(table)
+    assert (tmp_path / "c.zarr" / "manifest" / "label" / "c" / "0").is_file()
+    cache = open_cache(tmp_path / "c.zarr")
+    assert cache.info()["lost_columns"] == [] and cache.manifest["label"].isna().all()
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, table, 32)
+
+
 def test_an_older_cache_without_every_chunk_stored_is_not_taken_for_damaged(tmp_path):
     """Caches written before `all_chunks_stored` have no file for an all-zero chunk (zarr's
     default): a rerun of their build must find them complete, not recompute from there."""

@@ -7,7 +7,9 @@ report and progress.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -163,26 +165,70 @@ def check_chunk_size(arr: zarr.Array, location: str) -> None:
 
 
 def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
-    """A DataFrame as one string array per column (missing values stored as empty strings)."""
+    """A DataFrame as one string array per column (missing values stored as empty strings), each
+    column's chunk stored even where every value is missing: a missing file is then damage."""
     g = group.require_group(name)
     for col in table.columns:
         values = table[col].map(lambda v: _MISSING if _is_missing(v) else str(v))
         arr = g.create_array(
-            str(col), shape=(len(table),), chunks=(max(1, len(table)),), dtype=str, overwrite=True
+            str(col),
+            shape=(len(table),),
+            chunks=(max(1, len(table)),),
+            dtype=str,
+            overwrite=True,
+            config={"write_empty_chunks": True},
         )
         if len(table):
             arr[:] = values.to_numpy(dtype=str)
-    g.attrs["columns"] = [str(c) for c in table.columns]
-    g.attrs["kinds"] = {str(c): table[c].dtype.kind for c in table.columns}
+    g.attrs.update(
+        {
+            "columns": [str(c) for c in table.columns],
+            "kinds": {str(c): table[c].dtype.kind for c in table.columns},
+            "all_chunks_stored": True,
+        }
+    )
 
 
-def read_table(group: zarr.Group, name: str, n: int | None = None) -> pd.DataFrame:
-    """Back to a DataFrame, numbers and booleans restored from their stored kind."""
+def lost_columns(group: zarr.Group, name: str) -> list[str]:
+    """The columns of a table whose data is gone from the store (a disk fault, a copy cut short):
+    zarr would read them as all missing. None are told lost in tables written before every chunk
+    was stored (an all-missing column had no file)."""
+    g = group[name]
+    attrs: dict[str, Any] = dict(g.attrs)
+    if not isinstance(g, zarr.Group) or not attrs.get("all_chunks_stored"):
+        return []
+    lost = []
+    for c in map(str, attrs.get("columns", [])):
+        arr = g.get(c)
+        if isinstance(arr, zarr.Array) and arr.shape[0] and arr.nchunks_initialized < arr.nchunks:
+            lost.append(c)
+    return lost
+
+
+def paths_digest(paths: Iterable[str]) -> str:
+    """The stored images' paths, in order, as one sha256: what a rerun of a finished build checks
+    its images against where the manifest's own paths are lost."""
+    return "sha256:" + hashlib.sha256("\0".join(paths).encode()).hexdigest()
+
+
+def read_table(
+    group: zarr.Group, name: str, n: int | None = None, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Back to a DataFrame (all its columns, or `columns`), numbers and booleans restored from
+    their stored kind; a column lost on disk is refused."""
     g = group[name]
     attrs: dict[str, Any] = dict(g.attrs)
     kinds = attrs.get("kinds", {})
+    wanted = attrs["columns"] if columns is None else list(columns)
+    lost = [c for c in lost_columns(group, name) if c in wanted]
+    if lost:
+        raise CacheError(
+            f"the cache at {group.store_path} is damaged: its {name} table's column(s) "
+            f"{', '.join(map(repr, lost))} are missing on disk; rerun the build that made it "
+            "(the same command writes them again) or build it anew"
+        )
     out = {}
-    for c in attrs["columns"]:
+    for c in wanted:
         arr = g[c] if isinstance(g, zarr.Group) else None
         if not isinstance(arr, zarr.Array):
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")

@@ -32,6 +32,7 @@ from .format import (
     check_array,
     check_chunk_size,
     first_lost_row,
+    lost_columns,
     member_array,
     read_table,
 )
@@ -224,6 +225,7 @@ class FeatureCache:
             "versions": self.attrs.get("versions", {}),
             "columns": columns,
             "lost_from": self.lost_from(),
+            "lost_columns": lost_columns(self.group, "manifest") if "manifest" in self.group else [],
         }
 
     def lost_from(self) -> int | None:

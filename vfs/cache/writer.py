@@ -29,7 +29,9 @@ from .format import (
     CacheSpec,
     first_lost_row,
     library_versions,
+    lost_columns,
     member_array,
+    paths_digest,
     read_table,
     write_table,
 )
@@ -193,10 +195,17 @@ class CacheWriter:
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
-            _check_finished_on(path, g, attrs.get("report", {}), candidates)
-            if _lost_from(path, g, attrs, int(attrs["n"])) is None:
+            _check_finished_on(path, g, attrs, candidates)
+            lost_manifest = lost_columns(g, "manifest")
+            if _lost_from(path, g, attrs, int(attrs["n"])) is None and not lost_manifest:
                 raise AlreadyComplete(f"{path} is already complete: nothing to do")
-            _reopen(g, candidates)  # chunk files gone since: the resume below computes them again
+            if lost_manifest:
+                warnings.warn(
+                    f"{path}: its manifest's column(s) {', '.join(map(repr, lost_manifest))} are missing "
+                    "on disk; the build writes the manifest again",
+                    stacklevel=3,
+                )
+            _reopen(g, candidates)  # files gone since: the resume below computes and writes them again
             attrs = dict(g.attrs)
         started = _candidates_table(path, g)
         if started is not None:
@@ -331,6 +340,7 @@ class CacheWriter:
         index = member_array(self.group, "source_index")[: self.rows]
         manifest = candidates.iloc[index].reset_index(drop=True)
         write_table(self.group, "manifest", manifest)
+        digest = paths_digest(manifest["path"].astype(str))
         for name in ROW_ARRAYS:
             arr = member_array(self.group, name)
             arr.resize((self.rows, *arr.shape[1:]))
@@ -354,6 +364,7 @@ class CacheWriter:
                 "n": self.rows,
                 "report": report | (extra_report or {}),
                 "nonnegative": self.nonnegative,
+                "paths_digest": digest,
                 "complete": True,
             }
         )
@@ -396,7 +407,7 @@ def _check_stored_images(path: Path, group: zarr.Group, candidates: pd.DataFrame
             f"{path} was started on a dataset of {handled} images, this one has {len(candidates)}; "
             "choose another output"
         )
-    stored = read_table(group, "manifest")["path"].astype(str).to_numpy()
+    stored = read_table(group, "manifest", columns=["path"])["path"].astype(str).to_numpy()
     index = np.asarray(member_array(group, "source_index")[: len(stored)], dtype=np.int64)
     now = candidates["path"].astype(str).to_numpy()
     if len(index) != len(stored) or (len(index) and index.max() >= len(now)) or (now[index] != stored).any():
@@ -439,10 +450,12 @@ def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
 
 
 def _check_finished_on(
-    path: Path, group: zarr.Group, report: dict[str, Any], candidates: pd.DataFrame
+    path: Path, group: zarr.Group, attrs: dict[str, Any], candidates: pd.DataFrame
 ) -> None:
     """Refuse a rerun of a finished build on other images than it stored (its manifest less the
-    skipped ones): only the same dataset has nothing left to do."""
+    skipped ones, or, where the manifest's paths are lost on disk, their digest): only the same
+    dataset has nothing left to do, or can repair it."""
+    report = attrs.get("report", {})
     built_on = report.get("candidates")
     if built_on != len(candidates):
         todo = "to include them" if built_on is None or len(candidates) > built_on else "for the smaller set"
@@ -452,7 +465,11 @@ def _check_finished_on(
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
-    if read_table(group, "manifest")["path"].astype(str).tolist() != wanted:
+    if "path" in lost_columns(group, "manifest"):
+        same = attrs.get("paths_digest") == paths_digest(wanted)
+    else:
+        same = read_table(group, "manifest", columns=["path"])["path"].astype(str).tolist() == wanted
+    if not same:
         raise CacheError(f"{path} is complete, built from other images than these; choose another output")
 
 
