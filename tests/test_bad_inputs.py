@@ -810,3 +810,25 @@ def test_an_older_cache_without_its_all_zero_chunk_files_still_searches(small_ch
         assert got.top["index"].tolist() == ref.top["index"].tolist()
     assert not open_cache(path).rows(np.array([8, 20])).astype(bool)[0].any()
     assert before.top["index"].iloc[0] == 0
+
+
+def test_cli_names_a_manifest_column_lost_on_disk_and_its_rerun_writes_it_again(tmp_path, capsys):
+    """`info` says DAMAGED and which column; the rerun of the same build says it in one line (not
+    Python's warning with its file, line and source, which reads as a trace) and mends it."""
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (80 * i, 0, 0)).save(tmp_path / "data" / f"{i}.png")
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("path,label\n0.png,a\n1.png,b\n2.png,a\n")
+    out = tmp_path / "c.zarr"
+    argv = ["build", "--data", str(manifest), "--layer", "blocks.5", "--image-size", "64", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "manifest" / "label" / "c" / "0").unlink()
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "DAMAGED: manifest column 'label' missing on disk — rerun its build" in capsys.readouterr().out
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out}: its manifest's column(s) 'label' are missing on disk" in err
+    assert "UserWarning" not in err and "CacheWriter.open" not in err
+    assert open_cache(out).manifest["label"].tolist() == ["a", "b", "a"]

@@ -12,7 +12,8 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 from .interrupts import Terminated, sigterm_stops_builds
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tqdm import tqdm
 
@@ -191,8 +192,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=1, default=str))
         return
     s = cache.spec
-    lost = info["lost_from"]
-    damage = "" if lost is None else f", DAMAGED: images from {lost} are missing on disk — rerun its build"
+    lost = [] if info["lost_from"] is None else [f"images from {info['lost_from']}"]
+    lost += [f"manifest column {c!r}" for c in info["lost_columns"]]
+    damage = f", DAMAGED: {', '.join(lost)} missing on disk — rerun its build" if lost else ""
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'}{damage})")
     print(
         f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
@@ -399,7 +401,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        with sigterm_stops_builds() if args.command == "build" else nullcontext():
+        with _warnings_in_words(), sigterm_stops_builds() if args.command == "build" else nullcontext():
             COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
     except BrokenPipeError:
@@ -427,6 +429,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     return 0
+
+
+@contextmanager
+def _warnings_in_words() -> Iterator[None]:
+    """A warning (a resumed build's images lost on disk, a library's notice) as one line
+    `warning: …`, not Python's file, line and source line, which read as a stack trace."""
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _reader_gone(stream: TextIO) -> bool:
