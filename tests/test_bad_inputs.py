@@ -625,6 +625,22 @@ def test_cache_of_another_layer_refused_for_a_real_extractor(built, extractor, t
     built[0].check_extractor(extractor.describe())  # its own extractor is accepted
 
 
+def test_a_checkpoint_loaded_as_a_near_relative_of_its_architecture_is_refused(built, tmp_path):
+    """The embedded model is timm's tf_efficientnet_lite0; its weights fit efficientnet_lite0 too,
+    key for key — a network with other padding and normalisation, whose features scored the
+    query's own image 0.58 against itself. Its weights digest is the cache's: the probe refuses it."""
+    import torch
+
+    from vfs.models import load_model
+
+    cache = built[0]
+    torch.save(load_model(cache.spec.model)[0].state_dict(), tmp_path / "lite0.pth")
+    with pytest.raises(CacheError, match=r"probe image features 0\.[5-9].* apart.*arch=efficientnet_lite0"):
+        cache.extractor(f"file:{tmp_path / 'lite0.pth'}?arch=efficientnet_lite0")
+    same = cache.extractor(f"file:{tmp_path / 'lite0.pth'}?arch=tf_efficientnet_lite0")
+    assert same.weights == cache.spec.weights
+
+
 def copy_cache(built, tmp_path) -> Path:
     import shutil
 

@@ -519,6 +519,46 @@ def test_a_resume_with_other_weights_is_refused(tmp_path):
     CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa"), candidates(20), 32)
 
 
+def test_check_extractor_compares_the_probe_within_its_tolerance(tmp_path):
+    """Weights can be the same tensors in another network (a checkpoint loaded as a near relative
+    of its architecture): the layer's output on the probe image tells them apart, within a
+    tolerance, as floats differ from machine to machine. Caches without a probe, and extractors
+    made from a module (edited on purpose), are not compared."""
+    probe = tuple(np.linspace(-1.0, 1.0, 64))
+    w = CacheWriter.open(
+        tmp_path / "c.zarr", replace(SPEC, weights="sha256:aa", probe=probe), candidates(5), 32
+    )
+    fill(w, range(5))
+    w.finish(candidates(5))
+    c = open_cache(tmp_path / "c.zarr")
+    assert c.spec.probe == probe and len(c.spec.to_dict()["probe"]) == 64
+    near = list(np.asarray(probe) * (1 + 1e-5))  # another CPU's rounding
+    far = list(np.asarray(probe) + 0.05)
+    c.check_extractor(described(weights="sha256:aa", probe=near, spec="file:/x.pt?arch=y"))
+    c.check_extractor(described(weights="sha256:aa", probe=None))  # an extractor that does not say
+    c.check_extractor(described(weights="sha256:bb", probe=far, spec="module:edited"))
+    for spec in (SPEC.model, "file:/x.pt?arch=efficientnet_lite0"):
+        with pytest.raises(
+            CacheError, match=r"probe image features 0.085 apart \(relative\).*as it was built"
+        ):
+            c.check_extractor(described(weights="sha256:aa", probe=far, spec=spec))
+    build(tmp_path / "old.zarr", 5)  # from before the probe: not compared
+    assert open_cache(tmp_path / "old.zarr").spec.probe is None
+    open_cache(tmp_path / "old.zarr").check_extractor(described(probe=far))
+
+
+def test_a_resume_with_a_model_computing_otherwise_is_refused(tmp_path):
+    probe = tuple(np.linspace(-1.0, 1.0, 64))
+    w = CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, probe=probe), candidates(20), 32)
+    fill(w, range(9))
+    with pytest.raises(CacheError, match=r"probe: the layer's output on the probe image 0.085 apart"):
+        CacheWriter.open(
+            tmp_path / "c.zarr", replace(SPEC, probe=tuple(np.asarray(probe) + 0.05)), candidates(20), 32
+        )
+    near = tuple(np.asarray(probe) * (1 + 1e-5))
+    assert CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, probe=near), candidates(20), 32).rows == 7
+
+
 def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
     """A partial cache copied mid-build (or hit by a disk fault) lacks chunk files its progress
     counts: the resume computes those images again, instead of finishing a cache search refuses."""

@@ -38,7 +38,7 @@ from vfs.models import (
     model_kind,
     parse_model_spec,
 )
-from vfs.models.layers import _GraphLayer, _HookedLayer, weights_digest
+from vfs.models.layers import _GraphLayer, _HookedLayer, probe_difference, probe_sketch, weights_digest
 from vfs.settings import Settings
 
 CHELSEA = PIL.Image.fromarray(skimage.data.chelsea())
@@ -113,7 +113,11 @@ def test_lite0_features_match_full_forward(lite0, layer, shape):
     expected = hooked_output(model, layer, model_input(preprocess))[0].permute(1, 2, 0)
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
 
-    assert extractor.describe() == {
+    described = extractor.describe()
+    probe = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # the seeded probe
+    expected_probe = probe_sketch(hooked_output(model, layer, probe)[0].permute(1, 2, 0))
+    assert probe_difference(described.pop("probe"), expected_probe) < 1e-6
+    assert described == {
         "spec": DEFAULT_MODEL,
         "layer": layer,
         "input_size": 224,
@@ -562,8 +566,13 @@ def test_extractor_from_module_is_load_extractor_on_a_module_you_hold(lite0):
     with torch.no_grad():  # an edit, as in model editing: the same architecture, other features
         held.blocks[5][0].conv_pw.weight.neg_()
     edited = extractor_from_module(held, "blocks.5", preprocess.with_input_size(64), name="edited")
-    assert edited.describe() == loaded.describe() | {"spec": "module:edited", "weights": weights_digest(held)}
+    assert edited.describe() == loaded.describe() | {
+        "spec": "module:edited",
+        "weights": weights_digest(held),
+        "probe": list(edited.probe),
+    }
     assert edited.weights != loaded.weights
+    assert probe_difference(edited.probe, loaded.probe) > 0.1  # what the layer computes changed too
     assert not np.allclose(edited.features(CHELSEA), loaded.features(CHELSEA), atol=1e-2)
 
 

@@ -197,6 +197,7 @@ def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
         preprocess=extractor.preprocess,
         data=dataset.spec,
         weights=extractor.weights,
+        probe=extractor.probe,
     )
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 
 from ..data import DataSpec
-from ..models import Preprocess
+from ..models import PROBE_TOLERANCE, Preprocess, probe_difference
 
 FORMAT = "vfs-feature-cache"
 FORMAT_VERSION = 1
@@ -65,17 +65,24 @@ class CacheSpec:
     preprocess: Preprocess
     data: DataSpec
     weights: str | None = None  # `vfs.models.weights_digest` of the model (None: built before VFS kept it)
+    probe: tuple[float, ...] | None = None
+    """The layer's `probe_sketch` (None: built before VFS kept it): what the model computes, which
+    the weights alone do not say. Compared within `PROBE_TOLERANCE`, as floats differ by machine."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "layer": self.layer,
-            "input_size": self.input_size,
-            "grid": list(self.grid),
-            "channels": self.channels,
-            "preprocess": self.preprocess.to_dict(),
-            "data": self.data.to_dict(),
-        } | ({} if self.weights is None else {"weights": self.weights})
+        return (
+            {
+                "model": self.model,
+                "layer": self.layer,
+                "input_size": self.input_size,
+                "grid": list(self.grid),
+                "channels": self.channels,
+                "preprocess": self.preprocess.to_dict(),
+                "data": self.data.to_dict(),
+            }
+            | ({} if self.weights is None else {"weights": self.weights})
+            | ({} if self.probe is None else {"probe": list(self.probe)})
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
@@ -89,13 +96,19 @@ class CacheSpec:
             preprocess=Preprocess.from_dict(d["preprocess"]),
             data=DataSpec.from_dict(d["data"]),
             weights=d.get("weights"),
+            probe=None if d.get("probe") is None else tuple(float(v) for v in d["probe"]),
         )
 
     def mismatch(self, other: CacheSpec) -> str | None:
-        """Why two specs do not describe the same cache (None when they do); the weights count where
-        both know them."""
+        """Why two specs do not describe the same cache (None when they do); the weights and the
+        probe count where both know them, the probe within `PROBE_TOLERANCE`."""
         a, b = ({**s.to_dict(), "preprocess": asdict(s.preprocess)} for s in (self, other))  # every field
+        a.pop("probe", None), b.pop("probe", None)
         diffs = []
+        if self.probe is not None and other.probe is not None:
+            apart = probe_difference(self.probe, other.probe)
+            if apart > PROBE_TOLERANCE:
+                diffs.append(f"probe: the layer's output on the probe image {apart:.2g} apart (relative)")
         for k in (k for k in a if k in b and a[k] != b[k]):
             x, y = a[k], b[k]
             if isinstance(x, dict) and isinstance(y, dict):  # data, preprocess: the settings that differ

@@ -20,7 +20,7 @@ import zarr
 
 from ..devices import cuda_free_bytes
 from ..masks import grid_box_to_pixels
-from ..models import Extractor, Preprocess, is_module_spec, load_extractor
+from ..models import PROBE_TOLERANCE, Extractor, Preprocess, is_module_spec, load_extractor, probe_difference
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
@@ -265,12 +265,18 @@ class FeatureCache:
         Layer, input size, grid, channels and preprocessing must be the cache's (grid, channels and
         preprocessing when described: every `Extractor` describes them). So must the weights, where
         the cache and the extractor both know their digest — then the spec string may differ (the
-        same checkpoint at another path); else the model spec must be the cache's. An extractor made
-        from a module (`extractor_from_module`) is exempt from both: that is its user's statement
+        same checkpoint at another path); else the model spec must be the cache's. And the layer's
+        output on the probe image (`spec.probe`), where both know it: the same weights can be loaded
+        into another network. An extractor made from a module (`extractor_from_module`) is exempt
+        from the spec, weights and probe: that is its user's statement
         that it is the cache's architecture, e.g. with edited weights, whose features are meant to
         differ.
         """
         architecture = "the model is not the cache's architecture at this layer"
+        versions = self.attrs.get("versions", {})
+        built_with = ", ".join(
+            f"{lib} {versions[lib]}" for lib in ("torch", "timm", "torchvision") if lib in versions
+        )
         next_steps = {
             "spec": "load the cache's model (the same weights at another path pass), or make the "
             "extractor from a model object with "
@@ -284,6 +290,11 @@ class FeatureCache:
             "weights": "the model's weights are not those the cache was built with (a checkpoint "
             "rewritten since the build, or a random init another torch version draws?): load the "
             "cache's weights, or rebuild the cache",
+            "probe": "the model computes other features at this layer than the cache's did, "
+            "although its weights may be the same (a checkpoint loaded into a near relative of its "
+            "architecture, e.g. the embedded tf_efficientnet_lite0 loaded with ?arch=efficientnet_lite0; or "
+            "a library version that changed the architecture — the cache was built with "
+            f"{built_with}): load the cache's model ({self.spec.model}) as it was built",
         }
         mine: dict[str, Any] = {
             "spec": self.spec.model,
@@ -293,29 +304,41 @@ class FeatureCache:
             "channels": self.spec.channels,
             "preprocess": self.spec.preprocess.to_dict(),
             "weights": self.spec.weights,
+            "probe": self.spec.probe,
         }
         theirs: dict[str, Any] = {key: description.get(key) for key in mine}
         if theirs["grid"] is not None:
             theirs["grid"] = list(theirs["grid"])
         if theirs["preprocess"] is not None:  # the same values whether from JSON or from a Preprocess
             theirs["preprocess"] = Preprocess.from_dict(theirs["preprocess"]).to_dict()
-        skipped = {key for key in ("grid", "channels", "preprocess", "weights") if theirs[key] is None}
-        if mine["weights"] is None:
-            skipped.add("weights")
-        elif mine["weights"] == theirs["weights"]:
+        skipped = {
+            key for key in ("grid", "channels", "preprocess", "weights", "probe") if theirs[key] is None
+        }
+        skipped |= {key for key in ("weights", "probe") if mine[key] is None}
+        if mine["weights"] is not None and mine["weights"] == theirs["weights"]:
             skipped.add("spec")  # the same weights under another name: a checkpoint that moved
         if isinstance(theirs["spec"], str) and is_module_spec(theirs["spec"]):
-            skipped |= {"spec", "weights"}
-        wrong = next((key for key in mine if key not in skipped and theirs[key] != mine[key]), None)
+            skipped |= {"spec", "weights", "probe"}
+
+        def differs(key: str) -> bool:
+            if key == "probe":
+                return probe_difference(mine[key], theirs[key]) > PROBE_TOLERANCE
+            return bool(theirs[key] != mine[key])
+
+        wrong = next((key for key in mine if key not in skipped and differs(key)), None)
         if wrong is None:
             return
         if wrong == "preprocess":
             a, b = mine[wrong], theirs[wrong]
             shown = "; ".join(f"{key} {a[key]!r}, not {b[key]!r}" for key in a if a[key] != b[key])
+            built = f"{wrong} {shown}"
+        elif wrong == "probe":
+            apart = probe_difference(mine[wrong], theirs[wrong])
+            built = f"a model whose layer gives the probe image features {apart:.2g} apart (relative)"
         else:
-            shown = f"{mine[wrong]!r}, not {theirs[wrong]!r}"
+            built = f"{wrong} {mine[wrong]!r}, not {theirs[wrong]!r}"
         raise CacheError(
-            f"the cache {self.location} was built with {wrong} {shown}: its features cannot be compared "
+            f"the cache {self.location} was built with {built}: its features cannot be compared "
             f"with this extractor's; {next_steps[wrong]}"
         )
 

@@ -11,6 +11,7 @@ loaded model, or of a module the user holds (``module:<name>``), into an (h, w, 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .kinds import KINDS, load_model, model_kind, parse_model_spec
 from .layers import (
+    PROBE_TOLERANCE,
     Extractor,
     LayerError,
     LayerInfo,
@@ -18,6 +19,7 @@ from .layers import (
     is_module_spec,
     list_layers,
     load_extractor,
+    probe_difference,
     weights_digest,
 )
 from .specs import IMAGENET_MEAN, IMAGENET_STD, ModelKind, ModelSpec, ModelUnavailable, Preprocess
@@ -31,6 +33,7 @@ __all__ = [
     "KINDS",
     "LayerError",
     "LayerInfo",
+    "PROBE_TOLERANCE",
     "ModelKind",
     "ModelSpec",
     "ModelUnavailable",
@@ -42,5 +45,6 @@ __all__ = [
     "load_model",
     "model_kind",
     "parse_model_spec",
+    "probe_difference",
     "weights_digest",
 ]

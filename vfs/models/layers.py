@@ -372,6 +372,7 @@ class Extractor:
         device: torch.device,
         probe_peak: float = 1.0,
         weights: str | None = None,
+        probe: tuple[float, ...] | None = None,
     ) -> None:
         self.spec = spec
         self.layer = layer
@@ -381,6 +382,7 @@ class Extractor:
         self.device = device
         self.probe_peak = probe_peak  # largest |value| of the layer for a seeded N(0, 1) image: its range
         self.weights = weights  # `weights_digest` of the model
+        self.probe = probe  # `probe_sketch` of the layer's output on the seeded probe image
         self._body = body
         self._layout = layout
         self._lock = threading.Lock()
@@ -421,6 +423,7 @@ class Extractor:
             "channels": self.channels,
             "preprocess": self.preprocess.to_dict(),
             "weights": self.weights,
+            "probe": None if self.probe is None else list(self.probe),
         }
 
 
@@ -434,6 +437,37 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return "sha256:" + digest.hexdigest()[:32]
+
+
+PROBE_BUCKETS = 64
+PROBE_TOLERANCE = 1e-3
+"""Largest relative difference of two `probe_sketch`es taken as one model: the same model on
+other code paths (AVX2, AVX-512, SSE4.1) and thread counts stayed within 1.5e-6, a near relative
+of its architecture was 0.13–0.84 apart (docs/cache-format.md)."""
+
+
+def probe_sketch(grid: torch.Tensor) -> tuple[float, ...]:
+    """What a layer computes, in 64 numbers: its (h, w, C) output on the seeded probe image summed
+    into buckets, each value with a sign, bucket and sign from a fixed hash of its position (a
+    count sketch: the sketches' relative difference follows the outputs'). It tells apart models
+    whose weights are the same tensors but whose networks differ — the weights of timm's
+    `tf_efficientnet_lite0` loaded as `efficientnet_lite0` (other padding and normalisation), a
+    library version that changed an architecture — which `weights_digest` cannot."""
+    x = grid.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    position = np.arange(x.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: a hash
+    bucket = (position >> np.uint64(58)).astype(np.intp)  # the top 6 bits: 0..63
+    sign = 1.0 - 2.0 * ((position >> np.uint64(57)) & np.uint64(1)).astype(np.float64)
+    sketch = np.bincount(bucket, weights=sign * x, minlength=PROBE_BUCKETS)
+    return tuple(float(f"{v:.8g}") for v in sketch)
+
+
+def probe_difference(a: Sequence[float], b: Sequence[float]) -> float:
+    """Relative L2 difference of two probe sketches (inf for sketches of other sizes)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return math.inf
+    scale = max(float(np.linalg.norm(x)), float(np.linalg.norm(y)))
+    return float(np.linalg.norm(x - y)) / scale if scale > 0 else 0.0
 
 
 def load_extractor(
@@ -517,5 +551,6 @@ def _build(
     body = body.to(resolved).eval()
     if resolved.type == "cuda":
         body = body.to(memory_format=torch.channels_last)
-    peak = float(layout.to_grid(reference).abs().max())
-    return Extractor(spec, layer, preprocess, body, layout, resolved, peak, weights)
+    grid = layout.to_grid(reference)[0]
+    peak = float(grid.abs().max())
+    return Extractor(spec, layer, preprocess, body, layout, resolved, peak, weights, probe_sketch(grid))
