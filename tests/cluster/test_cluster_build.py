@@ -240,10 +240,15 @@ def test_a_worker_with_other_weights_than_the_cache_refuses_to_start(tmp_path):
         "embedded:efficientnet_lite0", "blocks.5", replace(spec, weights=None), "cpu", 1, 1.0
     )  # before digests
     with pytest.raises(
-        RuntimeError, match="a worker loaded 'embedded:efficientnet_lite0' with other weights"
+        RuntimeError,
+        match="a worker loaded 'embedded:efficientnet_lite0' other than the cache's \\(weights: ",
     ):
         _Extract(
             "embedded:efficientnet_lite0", "blocks.5", replace(spec, weights="sha256:other"), "cpu", 1, 1.0
+        )
+    with pytest.raises(RuntimeError, match="other than the cache's \\(probe: the layer's output"):
+        _Extract(  # the same weights built otherwise, e.g. by another timm version on that node
+            "embedded:efficientnet_lite0", "blocks.5", replace(spec, probe=(1.0,) * 64), "cpu", 1, 1.0
         )
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -98,12 +98,12 @@ class _Extract:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.extractor = load_extractor(model, layer, device=str(self.device), preprocess=spec.preprocess)
-        if (
-            spec.weights is not None and self.extractor.weights != spec.weights
-        ):  # e.g. another checkpoint there
+        loaded = replace(spec, weights=self.extractor.weights, probe=self.extractor.probe)
+        differs = spec.mismatch(loaded)  # another checkpoint there, a timm that builds it otherwise
+        if differs:
             raise RuntimeError(
-                f"a worker loaded {model!r} with other weights ({self.extractor.weights}) than the cache's "
-                f"({spec.weights}): give every node the same checkpoint file and library versions"
+                f"a worker loaded {model!r} other than the cache's ({differs}): give every node the "
+                "same checkpoint file and library versions"
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
