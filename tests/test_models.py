@@ -8,6 +8,8 @@ import copy
 import json
 import math
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 from dataclasses import replace
@@ -775,3 +777,17 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
             resolve_device("cuda")
+
+
+def test_import_vfs_loads_no_torch_and_gives_submodules_on_first_use():
+    """`import vfs` alone: no PyTorch yet (the app draws its first page meanwhile), and then
+    `vfs.models.load_model` as docs/notebook.md writes it (it raised AttributeError), an export,
+    and a clear AttributeError for a name that is neither."""
+    code = (
+        "import sys, vfs\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert callable(vfs.models.load_model) and callable(vfs.open_cache) and 'models' in dir(vfs)\n"
+        "try:\n    vfs.nothing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "module 'vfs' has no attribute 'nothing'"
