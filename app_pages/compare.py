@@ -27,7 +27,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
 
 pick_left, pick_right = st.columns(2)
 with pick_left:
-    left = pick_cache("compare.left", "Left cache")
+    left = pick_cache("compare.left", "Left cache", paired=True)
 with pick_right:
     right = pick_cache("compare.right", "Right cache", shared=None, partner=left)
 if (reason := comparison_refusal(left, right)) is not None:

@@ -10,6 +10,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -92,14 +93,20 @@ def describe_cache(row: dict) -> str:
 
 
 def pick_cache(
-    key: str, label: str = "Cache", shared: str | None = CACHE, partner: FeatureCache | None = None
+    key: str,
+    label: str = "Cache",
+    shared: str | None = CACHE,
+    partner: FeatureCache | None = None,
+    paired: bool = False,
 ) -> FeatureCache:
     """A selectbox of the complete caches that hold images (a build whose every image was skipped
     leaves an empty one, listed on the Build page with its report); stops the page with a hint when
     there are none.
 
     `shared` keeps the choice for the other pages; `partner` is the cache this one is compared with:
-    the default is then another cache of the same images (`comparison_refusal`), if there is one.
+    the default is then another cache of the same images (`comparison_refusal`), if there is one,
+    and a new partner brings the default back. `paired`: the default is the first cache that
+    another can be compared with.
     """
     rows = [r for r in cache_rows() if r["complete"] and r["n"]]
     if not rows:
@@ -110,9 +117,19 @@ def pick_cache(
         st.stop()
     choices = {r["path"]: describe_cache(r) for r in rows}
     default = rows[0]["path"]
+    if paired:
+        default = memo(f"{key}.default", tuple(choices), lambda: _first_paired(rows) or default)
     if partner is not None:
         others = tuple(p for p in choices if p != partner.location)
-        default = memo(f"{key}.default", (partner.location, others), lambda: _comparable(partner, others))
+        default = memo(
+            f"{key}.default",
+            (partner.location, others),
+            lambda: _comparable(partner, others) or (others[0] if others else partner.location),
+        )
+        if st.session_state.get(f"{key}.partner", partner.location) != partner.location:
+            st.session_state.pop(key, None)  # chosen for another partner: the default comes back
+            st.session_state.pop(shared or f"vfs.kept.{key}", None)
+        st.session_state[f"{key}.partner"] = partner.location
     location = st.selectbox(
         label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices)
     )
@@ -120,9 +137,8 @@ def pick_cache(
         return get_cache(location)
 
 
-def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str:
-    """The first of `locations` whose cache holds `partner`'s images in its order, else the first
-    (or the partner's own where there is no other)."""
+def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str | None:
+    """The first of `locations` whose cache holds `partner`'s images in its order, if any."""
     for location in locations:
         try:
             cache = get_cache(location)
@@ -130,7 +146,22 @@ def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str:
             continue
         if cache.n == partner.n and comparison_refusal(partner, cache) is None:
             return location
-    return locations[0] if locations else partner.location
+    return None
+
+
+def _first_paired(rows: list[dict[str, Any]]) -> str | None:
+    """The first listed cache that another listed cache of as many images can be compared with."""
+    for row in rows:
+        others = tuple(o["path"] for o in rows if o["path"] != row["path"] and o["n"] == row["n"])
+        if not others:
+            continue
+        try:
+            cache = get_cache(row["path"])
+        except CacheError:
+            continue
+        if _comparable(cache, others) is not None:
+            return str(row["path"])
+    return None
 
 
 # --- which image ------------------------------------------------------------------------------------

@@ -64,9 +64,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_SUBMODULES = frozenset(
-    info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
-)
+_SUBMODULES = frozenset(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
 
 
 def __getattr__(name: str) -> Any:

@@ -363,6 +363,22 @@ def test_compare_opens_with_a_cache_of_the_same_images_on_the_right(app, caches)
     assert not any("cannot be compared" in t for t in texts(at.error))
 
 
+def test_compare_pairs_its_caches_when_opened_and_when_the_left_changes(app, caches):
+    """Opened first, Compare showed the first listed cache (findings, paired with none) and an
+    error; choosing another left cache kept the right one, refused or the same (helper trial)."""
+    at = page(app, "compare")
+    assert at.selectbox(key="compare.left").value == str(caches / "small.zarr")
+    assert at.selectbox(key="compare.right").value == str(caches / "small_b4.zarr")
+    assert not texts(at.error) and not texts(at.warning)
+    at = use_cache(at, "compare.left", caches, "small_b4")
+    assert at.selectbox(key="compare.right").value == str(caches / "small.zarr")
+    assert not texts(at.error) and not texts(at.warning)
+    at = use_cache(at, "compare.right", caches, "findings")  # the user's own choice stays…
+    assert at.selectbox(key="compare.right").value == str(caches / "findings.zarr")
+    at = use_cache(at, "compare.left", caches, "small")  # …until the left changes
+    assert at.selectbox(key="compare.right").value == str(caches / "small_b4.zarr")
+
+
 def test_compare_refuses_caches_of_different_datasets(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
     at = use_cache(at, "compare.right", caches, "findings")
