@@ -303,6 +303,11 @@ def test_a_result_shows_as_its_summary_and_ranked_table():
     assert len(rows) == 5 and rows[1].split()[:2] == ["1", str(result.top["index"].iloc[0])]
     page = result._repr_html_()
     assert page.startswith("<p>SearchResult: top 4 of 300") and page.count("<tr") == 5
+    assert result.ranked == 300 and search_regions(feats, 7, mask, k=4, exclude=7).ranked == 299
+    some = np.zeros(300, dtype=bool)
+    some[:83] = True  # e.g. a label filter: the summary says how many could be returned
+    filtered = search_regions(feats, 7, mask, k=4, candidates=some, exclude=7)
+    assert filtered.ranked == 82 and filtered.summary().startswith("top 4 of 82 of 300 images for")
 
 
 def test_per_domain_keeps_at_most_n_per_domain(device):

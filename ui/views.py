@@ -94,9 +94,10 @@ def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
 
 
 def search_summary(cache: FeatureCache, result: SearchResult) -> str:
-    """E.g. "10 results from 213 images in 23 ms (cells, cpu)"."""
+    """E.g. "10 results from 213 images in 23 ms (cells, cpu)", "… from 83 of 300 images …" under
+    a label filter."""
     return (
-        f"{len(result.top)} results from {cache.n} images in {result.elapsed_ms:.0f} ms "
+        f"{len(result.top)} results from {result.images_ranked()} in {result.elapsed_ms:.0f} ms "
         f"({result.method}, {result.device})"
     )
 

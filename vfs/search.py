@@ -84,16 +84,22 @@ class SearchResult:
     elapsed_ms: float
     rescored: int  # images re-scored exactly because the fast bound could not rank them
     excluded: np.ndarray  # (sorted) the images `exclude` kept out of the ranking, e.g. the query
+    ranked: int  # the images that could be returned: `candidates` (e.g. a label filter) less `exclude`
     source: FeatureSource = field(repr=False)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
         return _grid_box(self.placements[index], self.query.mask.shape)
 
+    def images_ranked(self) -> str:
+        """ "300 images", or "83 of 300 images" where `candidates` left some out (not `exclude`)."""
+        n = len(self.scores)
+        return f"{n} images" if self.ranked + len(self.excluded) >= n else f"{self.ranked} of {n} images"
+
     def summary(self) -> str:
         """One line: what was ranked, how, and in what time."""
         (mh, mw), (h, w) = self.query.mask.shape, self.grid
         return (
-            f"top {len(self.top)} of {len(self.scores)} images for a {mh}×{mw}-cell region of the "
+            f"top {len(self.top)} of {self.images_ranked()} for a {mh}×{mw}-cell region of the "
             f"{h}×{w} grid ({self.method}, {self.device}, {self.elapsed_ms:.1f} ms, "
             f"{self.rescored} re-scored exactly)"
         )
@@ -313,6 +319,7 @@ def _search(
         elapsed_ms,
         int(exact.sum()),
         excluded_images(n, exclude),
+        int(eligible.sum()),
         source,
     )
 

@@ -228,6 +228,10 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
     labels = at.multiselect(key=f"search.labels.{caches / 'small.zarr'}")
     labels.select("face").run()
     assert len(at.dataframe[0].value) == 10 and set(at.dataframe[0].value["label"]) == {"face"}
+    faces = int((open_cache(caches / "small.zarr").manifest["label"] == "face").sum())
+    assert faces < SMALL and any(
+        t.startswith(f"10 results from {faces} of {SMALL} images in") for t in texts(at.caption)
+    )
     no_exceptions(at.toggle(key="search.heat").set_value(True).run())
     assert len([c for image in at.image for c in image.captions if ". score " in c]) == 10
     at.number_input(key="search.per_domain").set_value(1).run()

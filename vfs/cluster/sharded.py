@@ -268,6 +268,7 @@ class ShardedSearch:
             (time.perf_counter() - t0) * 1e3,
             sum(a.rescored for a in answers),
             excluded_images(n, exclude),
+            int(eligible.sum()),
             self.cache,
         )
 
