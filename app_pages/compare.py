@@ -13,6 +13,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         canvas_row,
         draw_region,
         leave_out_query,
+        leave_out_sharing,
         pick_cache,
         pick_query,
         query_view,
@@ -56,9 +57,13 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         )
         k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
         exclude = leave_out_query("Exclude the query image", "compare.exclude", query)
+        sharing = leave_out_sharing(left, query, "compare.sharing")  # the same images on both sides
     region = require_region(region)
     # every image's score exact, as on Distributions: the correlations below read alike on every machine
-    sides = [(cache, run_search(cache, query, region, k, exclude, all_exact=True)) for cache in (left, right)]
+    sides = [
+        (cache, run_search(cache, query, region, k, exclude, all_exact=True, leave_out=sharing))
+        for cache in (left, right)
+    ]
 
     for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
         with column:
@@ -75,6 +80,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     compared = np.ones(left.n, dtype=bool)  # the images the lists rank: the query left out where it is
     if exclude:
         compared[query.index] = False
+    compared[list(sharing)] = False
     agreement = rank_agreement(a.scores[compared], b.scores[compared], k)
     metrics = st.columns(3)
     metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")

@@ -16,6 +16,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         canvas_row,
         draw_region,
         leave_out_query,
+        leave_out_sharing,
         pick_cache,
         pick_query,
         query_view,
@@ -70,6 +71,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         keep = np.ones(cache.n, dtype=bool)
         if leave_out_query("Leave out the query image", "dist.leave_out", query):
             keep[query.index] = False
+        keep[list(leave_out_sharing(cache, query, "dist.sharing"))] = False
     scores, table = result.scores[keep], table[keep]
     grouped = keep.copy()  # the table's images: kept, and in a group (not those without a value)
     grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)

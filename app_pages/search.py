@@ -14,6 +14,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         canvas_row,
         draw_region,
         leave_out_query,
+        leave_out_sharing,
         pick_cache,
         pick_query,
         query_view,
@@ -39,6 +40,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     with side:
         k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
         exclude = leave_out_query("Exclude the query image", "search.exclude", query)
+        sharing = leave_out_sharing(cache, query, "search.sharing")
         per_domain = st.number_input(
             f"At most n per domain ({cache.domain_col or 'no domain column'})",
             1,
@@ -65,7 +67,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
 
     region = require_region(region)
     domains = per_domain if cache.domain_col else None
-    result = run_search(cache, query, region, k, exclude, domains, tuple(labels))
+    result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing)
     mask = region.mask(cache.spec.grid)
     with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
         st.image(

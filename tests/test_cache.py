@@ -446,6 +446,49 @@ def test_check_extractor_compares_preprocessing_and_the_spec_only_of_a_loaded_mo
     c.check_extractor(described(preprocess=dict(vars(SPEC.preprocess))))  # tuples, not JSON's lists: the same
 
 
+def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, capsys):
+    """A subject's other images (a patient's X-rays) left out with the query: by the API, and by
+    the CLI's --exclude-same, whose JSON records them as excluded."""
+    from vfs.cli import main
+    from vfs.stats import repeated_columns
+
+    build(tmp_path / "c.zarr", 12)
+    cache = open_cache(tmp_path / "c.zarr")
+    assert repeated_columns(cache.manifest) == [
+        "dom",
+        "sick",
+    ]  # not path, age: all distinct; label: one value
+    assert cache.images_sharing("dom", 4).tolist() == [0, 2, 6, 8, 10]
+    assert cache.images_sharing("label", 3).tolist() == []  # no value: nothing shares it
+    assert cache.images_sharing("label", 4).tolist() == [1, 2, 5, 7, 8, 10, 11]
+    with pytest.raises(ValueError, match="no column 'patient'"):
+        cache.images_sharing("patient", 0)
+    np.save(tmp_path / "m.npy", np.ones((4, 5), np.float32))
+    argv = ["search", str(tmp_path / "c.zarr"), "--query-index", "4", "--mask", str(tmp_path / "m.npy")]
+    assert main([*argv, "--k", "12", "--exclude-same", "dom", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["excluded"] == [0, 2, 4, 6, 8, 10]
+    assert sorted(r["index"] for r in found["results"]) == [1, 3, 5, 7, 9, 11]
+    assert main([*argv, "--exclude-same", "dom", "--include-query", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["excluded"] == [0, 2, 6, 8, 10]
+    assert (
+        main(
+            [
+                "search",
+                str(tmp_path / "c.zarr"),
+                "--image",
+                "x.png",
+                "--mask",
+                "m.npy",
+                "--exclude-same",
+                "dom",
+            ]
+        )
+        == 2
+    )
+    assert "--exclude-same is for a --query-index query" in capsys.readouterr().err
+
+
 def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
     """`search --json` and the app's download: a blank in a numeric label column is null, not the
     NaN that `json.dumps` writes and strict parsers (JSON.parse, jq) refuse."""

@@ -24,6 +24,7 @@ from vfs.masks import grid_mask
 from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
 from vfs.settings import is_url
+from vfs.stats import repeated_columns
 
 from .canvas import Drawing, DrawingError, paint_canvas
 from .core import (
@@ -350,6 +351,28 @@ def leave_out_query(label: str, key: str, query: Query) -> bool:
     return st.checkbox(label, key=bind(key, True))
 
 
+NO_COLUMN = "(none)"
+
+
+def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int, ...]:
+    """A page's "also leave out the images sharing the query's <column>" choice (e.g. a patient's
+    other X-rays), over the manifest columns whose values repeat; the images it leaves out."""
+    columns = memo(f"{key}.columns", cache.location, lambda: repeated_columns(cache.manifest))
+    if query.index is None or not columns:
+        return ()
+    options = [NO_COLUMN, *columns]
+    column = st.selectbox(
+        "Also leave out the images sharing the query's",
+        options,
+        key=bind(f"{key}.{cache.location}", NO_COLUMN, options=options),
+        help="E.g. a patient's other images: alike in ways no finding explains, and the statistics "
+        "take every image as independent of the others.",
+    )
+    if column == NO_COLUMN:
+        return ()
+    return tuple(cache.images_sharing(column, query.index).tolist())
+
+
 def require_region(region: Region | None) -> Region:
     """Stop the page with a hint until a region is drawn."""
     if region is None or region.empty:
@@ -368,11 +391,14 @@ def run_search(
     per_domain: int | None = None,
     labels: tuple[str, ...] = (),
     all_exact: bool = False,
+    leave_out: tuple[int, ...] = (),
 ) -> SearchResult:
     """`vfs.search.search_regions` for this query, remembered until the query or an option changes;
-    `all_exact` for pages that use every image's score (see there)."""
+    `all_exact` for pages that use every image's score (see there); `leave_out`: other images kept
+    out of the ranking (`leave_out_sharing`)."""
     mask = region.mask(cache.spec.grid)
-    exclude = query.index if exclude_query and query.index is not None else None
+    query_out = (query.index,) if exclude_query and query.index is not None else ()
+    exclude = query_out + leave_out or None
     key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels, all_exact)
 
     def search() -> SearchResult:

@@ -232,6 +232,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
     if args.model and not args.image:
         raise ValueError("--model is for an --image query; a --query-index uses the cache's stored features")
+    if args.exclude_same and args.image:
+        raise ValueError("--exclude-same is for a --query-index query: an --image has no manifest row")
     model = args.model or cache.spec.model
     if args.image and not args.model and model_kind(model).runs_user_code and not args.trust_model_code:
         raise ValueError(
@@ -250,6 +252,9 @@ def _cmd_search(args: argparse.Namespace) -> None:
         args.mask, cache.spec.grid, PaintedOn(query_size, pre.input_size, pre.view_coverage, pre.describe())
     )
     exclude = None if args.include_query else exclude
+    if args.exclude_same:
+        sharing = cache.images_sharing(args.exclude_same, args.query_index).tolist()
+        exclude = sharing if exclude is None else [exclude, *sharing]
     if args.address and args.shards is None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
     if args.shards is not None:
@@ -367,6 +372,11 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--per-domain", type=int)
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
+    sp.add_argument(
+        "--exclude-same",
+        metavar="COLUMN",
+        help="leave out the other images whose manifest COLUMN holds the query's value (e.g. patient_id)",
+    )
     sp.add_argument(
         "--allow-partial", action="store_true", help="search the images an unfinished build has stored"
     )

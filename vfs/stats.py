@@ -212,6 +212,17 @@ def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
     }
 
 
+def repeated_columns(manifest: pd.DataFrame) -> list[str]:
+    """The manifest's columns (not `path`) in which some images share a value and not all do:
+    what a search can leave out the query's fellows by (a patient, a study, a source video)."""
+    out = []
+    for column in manifest.columns:
+        values = manifest[column].dropna()
+        if column != "path" and 1 < values.nunique() < len(values):
+            out.append(str(column))
+    return out
+
+
 def column_summary(
     manifest: pd.DataFrame, label_col: str | None = None, domain_col: str | None = None
 ) -> list[dict]:

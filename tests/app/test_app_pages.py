@@ -326,6 +326,23 @@ def test_distributions_split_a_multi_label_column_into_present_and_absent(app, c
     assert any("Groups by Cardiomegaly present" in h for h in texts(at.header))
 
 
+def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(app, caches):
+    """A patient's other X-rays are alike beyond any finding (the helper's study: 9 of the top 10
+    were the query's patient): the pages leave out the images sharing a chosen column's value."""
+    at = use_cache(page(app, "distributions"), "dist.cache", caches, "findings")
+    no_exceptions(draw(at))
+    key = f"dist.sharing.{caches / 'findings.zarr'}"
+    assert at.selectbox(key=key).options == ["(none)", "label", "view"]  # "No Finding" repeats
+    at.selectbox(key="dist.column").set_value("view").run()
+    assert dict(at.dataframe[0].value.set_index("group")["n"]) == {"AP": 3, "PA": 2}  # less the query
+    at.selectbox(key=key).set_value("view").run()
+    assert dict(at.dataframe[0].value.set_index("group")["n"]) == {"AP": 3, "PA": 0}  # 0, 2, 4 are PA
+    at = use_cache(page(at, "search"), "search.cache", caches, "findings")
+    no_exceptions(draw(at))
+    at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").set_value("view").run()
+    assert sorted(at.dataframe[0].value["index"]) == [1, 3, 5]
+
+
 def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_path):
     """Another session's Build page (or the disk) removed the cache: the next rerun of the page's
     fragment says so, not a traceback."""

@@ -203,6 +203,19 @@ class FeatureCache:
             self._columns[name] = self.manifest[name].to_numpy()
         return self._columns[name]
 
+    def images_sharing(self, column: str, index: int) -> np.ndarray:
+        """(sorted) the other images whose `column` holds image `index`'s value (none where it has
+        none): those to leave out with it where one subject has many images — a patient's X-rays
+        are alike in ways no finding explains, and statistics assume independent images."""
+        if column not in self.manifest.columns:
+            raise ValueError(f"no column {column!r} in the manifest of {self.location}")
+        values = self._column(column)
+        (i,) = self._indices([index], "the query image")
+        if pd.isna(values[i]):
+            return np.empty(0, dtype=np.int64)
+        same = np.flatnonzero(values == values[i])
+        return same[same != i].astype(np.int64)
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to
         group by (`vfs.stats.column_summary`) once the manifest can be read."""
