@@ -207,7 +207,7 @@ def test_resume_refuses_another_spec(tmp_path):
     [
         (lambda g: g.attrs.update({"format_version": 99}), "format version 99"),
         (lambda g: g.attrs.update({"format": "other"}), "not a VFS feature cache"),
-        (lambda g: g.__delitem__("sqnorm"), "missing the array"),
+        (lambda g: g.__delitem__("sqnorm"), "its array .sqnorm. is missing"),
         (
             lambda g: g.attrs.update({"format_version": "1"}),
             "has format version '1'; this VFS reads version 1",
@@ -650,7 +650,8 @@ def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lo
 
 
 @pytest.mark.parametrize("lost", ["path", "label"])
-def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_path, lost):
+@pytest.mark.parametrize("gone", ["c/0", "."])  # its chunk file, or its whole folder
+def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_path, lost, gone):
     """A complete cache whose manifest lost a column's file read it as all missing: labels gone
     from the statistics, or "built from other images" on the rerun meant to mend it. Now reading
     it is refused with the reason, `info` names it, and the rerun of the same build writes it
@@ -661,7 +662,7 @@ def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_pat
     build(tmp_path / "clean.zarr", 30, bad={9})
     shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
     out = tmp_path / "c.zarr"
-    (out / "manifest" / lost / "c" / "0").unlink()
+    shutil.rmtree(out / "manifest" / lost) if gone == "." else (out / "manifest" / lost / gone).unlink()
     damaged = open_cache(out)
     assert damaged.info()["lost_columns"] == [lost] and damaged.info()["lost_from"] is None
     with pytest.raises(CacheError, match=f"manifest table's column\\(s\\) '{lost}' are missing on disk"):
@@ -679,6 +680,45 @@ def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_pat
     assert open_cache(out).info()["lost_columns"] == []
     with pytest.raises(AlreadyComplete):
         CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
+def test_a_rerun_of_a_finished_build_writes_its_whole_manifest_lost_since(tmp_path):
+    import shutil
+
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
+    out = tmp_path / "c.zarr"
+    shutil.rmtree(out / "manifest")
+    with pytest.raises(CacheError, match="damaged: its manifest is missing; rerun the build"):
+        open_cache(out).manifest
+    with pytest.raises(CacheError, match="built from other images"):
+        CacheWriter.open(out, SPEC, candidates(30).iloc[::-1].reset_index(drop=True), 32)
+    with pytest.warns(UserWarning, match="its manifest is missing on disk; the build writes it again"):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    resumed.finish(candidates(30))
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+    group = zarr.open_group(out, mode="r+")  # a cache from before the digest cannot be checked
+    del group.attrs["paths_digest"]
+    shutil.rmtree(out / "manifest")
+    with pytest.raises(CacheError, match="built before VFS recorded their digest.*build it anew"):
+        CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
+@pytest.mark.parametrize("array", ["features", "sqnorm", "source_index"])
+def test_a_cache_that_lost_an_array_is_named_damaged_not_a_traceback(tmp_path, array, capsys):
+    """A whole array's folder gone: `info`, a search and the build's rerun said KeyError with a
+    stack trace (helper trial); now each says which array and to build the cache anew."""
+    import shutil
+
+    from vfs.cli import main
+
+    build(tmp_path / "c.zarr", 12)
+    shutil.rmtree(tmp_path / "c.zarr" / array)
+    damaged = f"damaged: its array '{array}' is missing; build it anew"
+    with pytest.raises(CacheError, match=damaged):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(12), 32)
+    assert main(["info", str(tmp_path / "c.zarr")]) == 2
+    assert damaged in capsys.readouterr().err
 
 
 def test_a_manifest_column_of_missing_values_is_stored_not_taken_for_lost(tmp_path):

@@ -143,8 +143,14 @@ def codec_names(codecs: list[Any]) -> list[str]:
 
 
 def member_array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array `name` of a group; a group in its place is damage (KeyError when absent)."""
-    arr = group[name]
+    """The array `name` of a group; missing, or a group in its place, is damage."""
+    try:
+        arr = group[name]
+    except KeyError:
+        raise CacheError(
+            f"the cache at {group.store_path} is damaged: its array {name!r} is missing; build it anew "
+            "(remove it, or build into another output)"
+        ) from None
     if not isinstance(arr, zarr.Array):
         raise CacheError(f"{group.store_path}: {name!r} is a group, not an array")
     return arr
@@ -213,8 +219,8 @@ def lost_columns(group: zarr.Group, name: str) -> list[str]:
     lost = []
     for c in map(str, attrs.get("columns", [])):
         arr = g.get(c)
-        if isinstance(arr, zarr.Array) and arr.shape[0] and arr.nchunks_initialized < arr.nchunks:
-            lost.append(c)
+        if not isinstance(arr, zarr.Array) or (arr.shape[0] and arr.nchunks_initialized < arr.nchunks):
+            lost.append(c)  # its folder gone, or its chunk
     return lost
 
 

@@ -62,8 +62,8 @@ def _array(group: zarr.Group, name: str, location: str) -> zarr.Array:
     """One of a cache's arrays, or a CacheError naming it: missing, or metadata zarr cannot parse."""
     try:
         return member_array(group, name)
-    except KeyError as e:
-        raise CacheError(f"{location} is missing the array {e}") from e
+    except CacheError:
+        raise
     except Exception as e:  # metadata zarr cannot parse (an empty zarr.json, unknown codec, ...)
         raise CacheError(
             f"{location}: the metadata of its {name!r} array cannot be read ({type(e).__name__}: {e})"
@@ -180,7 +180,10 @@ class FeatureCache:
             with self._reading("the manifest"):
                 if self.complete:
                     if "manifest" not in self.group:
-                        raise CacheError(f"{self.location} has no manifest although it is marked complete")
+                        raise CacheError(
+                            f"the cache at {self.location} is damaged: its manifest is missing; rerun the "
+                            "build that made it (the same command writes it again) or build it anew"
+                        )
                     self._manifest = read_table(self.group, "manifest", self.n)
                 elif self.allow_partial and "candidates" in self.group:
                     source_index = member_array(self.group, "source_index")

@@ -196,15 +196,11 @@ class CacheWriter:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
             _check_finished_on(path, g, attrs, candidates)
-            lost_manifest = lost_columns(g, "manifest")
+            lost_manifest = _manifest_lost(g)
             if _lost_from(path, g, attrs, int(attrs["n"])) is None and not lost_manifest:
                 raise AlreadyComplete(f"{path} is already complete: nothing to do")
             if lost_manifest:
-                warnings.warn(
-                    f"{path}: its manifest's column(s) {', '.join(map(repr, lost_manifest))} are missing "
-                    "on disk; the build writes the manifest again",
-                    stacklevel=3,
-                )
+                warnings.warn(f"{path}: {lost_manifest} on disk; the build writes it again", stacklevel=3)
             _reopen(g, candidates)  # files gone since: the resume below computes and writes them again
             attrs = dict(g.attrs)
         started = _candidates_table(path, g)
@@ -437,6 +433,15 @@ def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) 
     return first_lost_row(path, group, rows) if attrs.get("all_chunks_stored") else None
 
 
+def _manifest_lost(group: zarr.Group) -> str | None:
+    """What a finished cache lost of its manifest ("its manifest is missing", "its manifest's
+    column(s) 'label' are missing"); None where it is whole."""
+    if "manifest" not in group:
+        return "its manifest is missing"
+    lost = lost_columns(group, "manifest")
+    return f"its manifest's column(s) {', '.join(map(repr, lost))} are missing" if lost else None
+
+
 def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
     """A complete cache whose chunk files went missing (a disk fault, a copy cut short) back to
     the partial build it was when it finished — its candidates, its arrays at their full length,
@@ -465,8 +470,14 @@ def _check_finished_on(
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
-    if "path" in lost_columns(group, "manifest"):
-        same = attrs.get("paths_digest") == paths_digest(wanted)
+    if "manifest" not in group or "path" in lost_columns(group, "manifest"):
+        if "paths_digest" not in attrs:
+            raise CacheError(
+                f"{path} is damaged: its manifest's paths are missing on disk, and it was built before VFS "
+                "recorded their digest, so its images cannot be checked; build it anew (remove it, or "
+                "build into another output)"
+            )
+        same = attrs["paths_digest"] == paths_digest(wanted)
     else:
         same = read_table(group, "manifest", columns=["path"])["path"].astype(str).tolist() == wanted
     if not same:
