@@ -704,6 +704,26 @@ def test_a_rerun_of_a_finished_build_writes_its_whole_manifest_lost_since(tmp_pa
         CacheWriter.open(out, SPEC, candidates(30), 32)
 
 
+def test_features_damaged_on_disk_since_the_build_are_refused_naming_the_image(tmp_path):
+    """Bytes of a feature chunk changed on disk (its squared norms, checked on every read, still
+    fine): searches gave NaN scores, exit 0 and invalid JSON, or blamed the query (helper trial)."""
+    build(tmp_path / "c.zarr", 12)
+    cache = open_cache(tmp_path / "c.zarr")
+    chunk = tmp_path / "c.zarr" / "features" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    at = (3 * 4 * 5 * 8 + 5) * 2  # image 3, a value in its second cell
+    data[at : at + 2] = np.float16(np.inf).tobytes()
+    chunk.write_bytes(bytes(data))
+    mask = np.ones((4, 5))
+    with pytest.raises(
+        ValueError, match=r"features of image\(s\) 3 \(1 in all\) contain NaN or inf: .*c.zarr is damaged"
+    ):
+        search_regions(open_cache(tmp_path / "c.zarr"), 0, mask)
+    with pytest.raises(ValueError, match="features of the query image 3 contain NaN or inf: .*damaged"):
+        search_regions(open_cache(tmp_path / "c.zarr"), 3, mask)
+    assert cache.n == 12
+
+
 @pytest.mark.parametrize("array", ["features", "sqnorm", "source_index"])
 def test_a_cache_that_lost_an_array_is_named_damaged_not_a_traceback(tmp_path, array, capsys):
     """A whole array's folder gone: `info`, a search and the build's rerun said KeyError with a

@@ -273,6 +273,7 @@ def _search(
 
     found, sqnorm = _fast_pass(source, fast, dev, memory_budget, dtype)
     scores, upper = found.scores, found.upper
+    _check_finite(source, scores)
     eligible = eligible_images(n, candidates, exclude)
     domains = source.domains
     if per_domain is not None and domains is None:
@@ -469,6 +470,18 @@ def _refine(
             found.runner_up[part] = runner.cpu().numpy()
 
 
+def _check_finite(source: FeatureSource, scores: np.ndarray) -> None:
+    """Refuse scores that are not numbers: stored features damaged since they were checked (a
+    cache's bytes changed on disk; its squared norms, checked on every read, were not)."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
+        raise ValueError(
+            f"the stored features of image(s) {shown} ({len(bad)} in all) contain NaN or inf: "
+            f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
+        )
+
+
 def region_query(
     source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None
 ) -> RegionQuery:
@@ -481,7 +494,13 @@ def region_query(
         raise ValueError("a mask is needed with a query feature map or index (see vfs.masks.grid_mask)")
     if isinstance(query, (int, np.integer)):
         index = image_indices(query, source.shape[0], "query index")
-        return RegionQuery.create(source.rows(index)[0], mask)
+        stored = source.rows(index)[0]
+        if not np.isfinite(stored).all():
+            raise ValueError(
+                f"the stored features of the query image {int(query)} contain NaN or inf: "
+                f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
+            )
+        return RegionQuery.create(stored, mask)
     grid, cells = tuple(np.shape(query)[:2]), tuple(source.shape[1:3])
     if np.ndim(query) == 3 and grid != cells:
         raise ValueError(
