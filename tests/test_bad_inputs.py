@@ -848,3 +848,21 @@ def test_cli_names_a_manifest_column_lost_on_disk_and_its_rerun_writes_it_again(
     assert f"warning: {out}: its manifest's column(s) 'label' are missing on disk" in err
     assert "UserWarning" not in err and "CacheWriter.open" not in err
     assert open_cache(out).manifest["label"].tolist() == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize("budget", ["1e400", "inf", "nan"])
+def test_a_memory_budget_beyond_any_number_is_a_usage_error(budget, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["search", "c.zarr", "--query-index", "0", "--mask", "m.npy", "--memory-budget", budget])
+    assert stopped.value.code == 2
+    assert f"--memory-budget: not a size: '{budget}'" in capsys.readouterr().err
+
+
+def test_an_input_size_at_which_no_layer_is_spatial_says_so():
+    """`--image-size 1`: 'slice step cannot be zero' (helper trial)."""
+    from vfs.models import load_extractor
+
+    with pytest.raises(
+        ValueError, match="no layer gives a spatial map at input size 1: choose a larger input"
+    ):
+        load_extractor("embedded:efficientnet_lite0", "blocks.5", image_size=1)

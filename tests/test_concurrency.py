@@ -170,6 +170,21 @@ def test_an_output_named_with_a_trailing_slash_takes_the_same_lock_beside_it(tmp
         BuildLock("/")  # Path('/').with_name raised "has an empty name"
 
 
+def test_a_cache_named_through_a_link_takes_the_same_lock(tmp_path):
+    """A second build of one cache through a linked folder took its own lock beside the link: two
+    writers at once (helper trial)."""
+    out = tmp_path / "c.zarr"
+    out.mkdir()
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "alias" / "c.zarr").symlink_to(out)
+    (tmp_path / "linked").symlink_to(tmp_path / "alias")
+    with BuildLock(out):
+        for other in (tmp_path / "alias" / "c.zarr", tmp_path / "linked" / "c.zarr"):
+            with pytest.raises(CacheError, match="another build is writing"):
+                with BuildLock(other):
+                    pass
+
+
 def test_a_background_build_does_not_block_searches_on_another_cache(cache_path, tmp_path):
     from vfs.models import load_extractor
 

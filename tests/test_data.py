@@ -86,6 +86,22 @@ def test_folder_with_class_subfolders(tmp_path: Path) -> None:
     assert ds.load(0).mode == "RGB" and ds.load(0).size == (12, 10)
 
 
+def test_a_folder_dataset_lists_its_dangling_links_for_the_build_to_report(tmp_path: Path) -> None:
+    """A link to a file gone, or a loop of links: silently left out, where a manifest naming them
+    has them reported as skipped (helper trial)."""
+    save(tmp_path / "a.png", solid())
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "d.png").symlink_to(tmp_path / "e.png")
+    (tmp_path / "e.png").symlink_to(tmp_path / "d.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "folder.png").symlink_to(tmp_path / "sub")  # a link to a folder is no image
+    ds = open_dataset(str(tmp_path))
+    assert ds.records["path"].tolist() == ["a.png", "d.png", "e.png", "gone.png"]
+    for i in (1, 2, 3):
+        with pytest.raises(ImageError, match="cannot read file"):
+            ds.load(i)
+
+
 def test_folder_without_subfolders_has_no_label(tmp_path: Path) -> None:
     for name in ("b.png", "a.bmp", "c.webp"):
         save(tmp_path / name, solid())

@@ -35,7 +35,13 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    try:
+        size = float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " ")
+    except ValueError:  # "1.2.3", "e"
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
+    if not math.isfinite(size):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} is beyond any memory")
+    return int(size)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:

@@ -318,7 +318,7 @@ def _folder_records(root: Path) -> pd.DataFrame:
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS
-        and p.is_file()
+        and (p.is_file() or (p.is_symlink() and not p.is_dir()))  # a dangling link: skipped, reported
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not paths:

@@ -24,7 +24,9 @@ class BuildLock:
     Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored."""
 
     def __init__(self, out: str | Path):
-        cache = Path(os.path.abspath(out))  # "x.zarr/" is x.zarr (its lock never inside it); "." a name
+        # "x.zarr/" is x.zarr (its lock never inside it); a link to it, or through a linked folder,
+        # is it too (one lock for both names); "." a name
+        cache = Path(os.path.realpath(out))
         if not cache.name:
             raise CacheError(f"{str(out)!r} names no folder to build a cache in; name one (caches/c.zarr)")
         self.path = cache.with_name(cache.name + ".lock")  # beside the cache: taken before it exists

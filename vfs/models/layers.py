@@ -71,6 +71,9 @@ class LayerError(ValueError):
 
     def message(self, how_to_list: str) -> str:
         """The error, ending with `how_to_list`: the command, call or page that lists the layers."""
+        if not self.examples:  # e.g. an input so small that no layer keeps 2 cells
+            size = "" if self.image_size is None else f" at input size {self.image_size}"
+            return f"{self.spec}: {self.problem}; no layer gives a spatial map{size}: choose a larger input"
         return (
             f"{self.spec}: {self.problem}; spatial layers include {', '.join(self.examples)} "
             f"(list them all with {how_to_list})"
@@ -244,7 +247,7 @@ def _example_layers(names: list[str]) -> list[str]:
     while sum(name.count(".") <= depth for name in names) < min(fewest, len(names)):
         depth += 1
     shallow = [name for name in names if name.count(".") <= depth]
-    return shallow[:: math.ceil(len(shallow) / most)]
+    return shallow[:: max(1, math.ceil(len(shallow) / most))]  # none at all: none to show
 
 
 def _model_at_size(spec: str, image_size: int | None) -> tuple[nn.Module, Preprocess, int]:
