@@ -255,7 +255,9 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
     assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], err
     assert "Traceback" not in err
     if name != "missing.png":  # the file is there, but not an image VFS can decode
-        assert f"{folder / name}: not a readable image — " in lines[0] and ".png" in lines[0]
+        assert f"{folder / name}: not a readable image — " in lines[0]
+        # the formats VFS reads where the format is the question, not for an empty or cut file
+        assert (".webp" in lines[0]) == (name in ("text.jpg", "phone.jpg")), lines[0]
 
 
 @pytest.mark.parametrize(

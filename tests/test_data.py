@@ -290,21 +290,36 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
         load_image(tmp_path / "cut.jpg")
 
 
+def test_a_strip_beyond_500_to_1_is_refused_before_it_is_resized(tmp_path: Path) -> None:
+    """A 2×30000 PNG of 400 bytes took 2 GB and 4 s to resize for the model (helper trial)."""
+    Image.new("RGB", (2, 30000)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageError, match="a strip of 2x30000 pixels: beyond 500:1"):
+        load_image(tmp_path / "strip.png")
+    Image.new("RGB", (4000, 8)).save(tmp_path / "panorama.png")  # 500:1 is an image
+    assert load_image(tmp_path / "panorama.png").size == (4000, 8)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read file"):
         load_image(tmp_path / "nope.png")
 
 
 def test_an_unreadable_image_names_the_file_the_cause_and_the_formats(tmp_path: Path) -> None:
-    """The message names the image; the short reason alone is kept for build reports."""
-    path = tmp_path / "cut.jpg"
-    path.write_bytes(jpeg_bytes(solid())[:100])
+    """The message names the image; the short reason alone is kept for build reports. The formats
+    VFS reads are named where the format is the question, not for a truncated or empty file."""
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"plain text, not pixels")
     with pytest.raises(ImageError) as raised:
         load_image(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: not a readable image — ")
-    assert raised.value.reason in message and ".jpg" in message and ".png" in message
-    with pytest.raises(ImageError, match=r"^upload\.png: not a readable image — empty file; VFS reads"):
+    assert raised.value.reason in message and ".jpg" in message and ".webp" in message
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = jpeg_bytes(noise)
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # a JPEG named .png: PIL reads its header
+    with pytest.raises(ImageError, match=r"cut\.png: not a readable image — truncated image$"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match=r"^upload\.png: not a readable image — empty file$"):
         load_image(b"", name="upload.png")  # an upload: bytes, named by the caller
     missing = re.escape(str(tmp_path / "nope.png"))
     with pytest.raises(ImageError, match=f"^{missing}: cannot read file"):

@@ -47,6 +47,9 @@ MAX_IMAGE_PIXELS: int = int(os.environ.get("VFS_MAX_IMAGE_PIXELS", "89478485"))
 MAX_DECODED_SIDE = 4096
 """Legal but huge images are shrunk to this long side: models see at most ~1024 px,
 so keeping more only costs memory (a 20k x 20k RGB raster is 1.2 GB)."""
+MAX_ASPECT = 500
+"""Sides' ratio beyond which an image is refused: resized for the model's short side, a 2×30000
+strip became a 256×3.8-million raster (2 GB, 4 s) to crop a square from; at 500:1, 100 MB."""
 
 TORCHVISION_ROOT = Path("~/.cache/vfs/datasets")
 
@@ -100,9 +103,8 @@ def load_image(
         reason = f"cannot read file ({e.strerror or e})"
         raise ImageError(reason, f"{where}{reason}") from e
     except ImageError as e:
-        readable = (
-            "" if e.reason.startswith(_TOO_LARGE) else f"; {_READABLE}"
-        )  # its format is not the problem
+        format_unknown = e.reason.startswith(("not an image", "corrupt or unsupported"))
+        readable = f"; {_READABLE}" if format_unknown else ""  # else its format is not the problem
         raise ImageError(e.reason, f"{where}not a readable image — {e.reason}{readable}") from e
 
 
@@ -124,6 +126,11 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
                 pixels = width * height
                 raise ImageError(
                     f"{_TOO_LARGE}: {width}x{height} = {pixels} pixels exceeds the limit of {limit} pixels"
+                )
+            if max(width, height) > MAX_ASPECT * min(width, height):
+                raise ImageError(
+                    f"a strip of {width}x{height} pixels: beyond {MAX_ASPECT}:1, its resizing for the "
+                    "model would take more memory than a photo's many times over"
                 )
             if max(im.size) > MAX_DECODED_SIDE:
                 # JPEG only: decode at 1/2..1/8 scale directly, never holding the full raster.
