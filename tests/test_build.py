@@ -105,6 +105,52 @@ def test_ctrl_c_keeps_every_image_computed(tmp_path):
     assert build_cache(job).n == 24
 
 
+def test_a_decoding_worker_killed_mid_build_is_started_again(demo, tmp_path, monkeypatch):
+    """A DataLoader worker killed (the out-of-memory killer) stopped the build with a bare message
+    (helper trial): the build now starts its workers again from the first image not stored, and
+    gives the cache an unbroken build gives; past LOADER_RETRIES deaths it says to rerun."""
+    import signal
+
+    import vfs.jobs
+    from vfs.data import TorchImageDataset
+
+    marks = tmp_path / "deaths"
+    marks.mkdir()
+    decode = TorchImageDataset.__getitem__
+
+    def dying(self, i, deaths=1):
+        if i == 13 and len(list(marks.iterdir())) < deaths:  # in a forked worker: once per death
+            (marks / str(len(list(marks.iterdir())))).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decode(self, i)
+
+    monkeypatch.setattr(TorchImageDataset, "__getitem__", dying)
+    job = BuildJob(
+        layer="blocks.5",
+        data="embedded:skimage",
+        out=str(tmp_path / "c.zarr"),
+        limit=24,
+        batch_size=8,
+        workers=1,
+    )
+    with pytest.warns(
+        UserWarning, match=r"a decoding worker died .*killed by signal.*goes on from image \d+"
+    ):
+        cache = build_cache(job)
+    clean, _ = demo
+    np.testing.assert_array_equal(cache.features[:], clean.features[:])
+    assert cache.report == clean.report
+
+    monkeypatch.setattr(TorchImageDataset, "__getitem__", lambda self, i: dying(self, i, deaths=99))
+    job = BuildJob(**{**vars(job), "out": str(tmp_path / "d.zarr")})
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(RuntimeError, match=r"died 4 times.*rerun the same command to resume"),
+    ):
+        build_cache(job)
+    assert len(list(marks.iterdir())) == 1 + vfs.jobs.LOADER_RETRIES + 1
+
+
 def test_sigterm_stops_a_cli_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     """`kill`, a scheduler's stop: the build keeps what it computed and says how to go on (it died
     with no word before, exit -15), and the rerun finishes it."""

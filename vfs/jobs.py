@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -295,7 +296,31 @@ def _disk_full_names(out: str) -> Iterator[None]:
         ) from error
 
 
+LOADER_RETRIES = 3
+"""Times a build starts its decoding workers again after one died (the system's out-of-memory
+killer, a decoder crash), from the first image not yet stored."""
+
+
 def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
+    for retry in range(LOADER_RETRIES + 1):
+        try:
+            return _run_from_next(job, dataset, extractor, writer, device, thumb, progress, cancel)
+        except RuntimeError as died:
+            if "DataLoader worker (pid" not in str(died):
+                raise
+            if retry == LOADER_RETRIES:
+                raise RuntimeError(
+                    f"{died} (its decoding workers died {retry + 1} times: out of memory? fewer --workers "
+                    "use less); rerun the same command to resume"
+                ) from died
+            writer.flush()  # what the dead loader's batches gave is kept; the next starts after it
+            warnings.warn(
+                f"a decoding worker died ({died}); the build goes on from image {writer.next_item}",
+                stacklevel=2,
+            )
+
+
+def _run_from_next(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
     start = writer.next_item
     first = first_batch_item(start, job.batch_size)
     remaining = torch.utils.data.Subset(
