@@ -155,6 +155,26 @@ def test_manifest_keeps_columns_and_resolves_relative_paths(tmp_path: Path, suff
     assert ds.load(1).getpixel((0, 0)) == (200, 30, 30)  # absolute path inside the root is fine
 
 
+def test_a_csv_manifest_keeps_its_values_as_written(tmp_path: Path) -> None:
+    """pandas took "NA" (North America), "None", "null", "n/a" for missing values and read the ID
+    "0012" as the number 12 (helper trial); only an empty cell is missing now, and a column with a
+    number written with a leading zero stays text. Other numbers and booleans are still typed."""
+    for name in "abc":
+        save(tmp_path / f"{name}.png", solid())
+    (tmp_path / "m.csv").write_text(
+        "path,label,domain,patient,age,sick\n"
+        "a.png,NA,NA,0012,3,True\n"
+        "b.png,None,null,0013,,False\n"
+        "c.png,,EU,14,5.5,True\n"
+    )
+    records = open_dataset(str(tmp_path / "m.csv")).records
+    assert records["label"].tolist()[:2] == ["NA", "None"] and pd.isna(records["label"][2])
+    assert records["domain"].tolist() == ["NA", "null", "EU"]
+    assert records["patient"].tolist() == ["0012", "0013", "14"]
+    assert records["age"].tolist()[::2] == [3.0, 5.5] and pd.isna(records["age"][1])
+    assert records["sick"].tolist() == [True, False, True]
+
+
 @pytest.mark.parametrize("bad", ["../outside.png", "img/../../outside.png", "/etc/passwd"])
 def test_manifest_path_escaping_root_is_refused(tmp_path: Path, bad: str) -> None:
     root = tmp_path / "data"

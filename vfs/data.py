@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -338,11 +339,23 @@ def _folder_records(root: Path) -> pd.DataFrame:
     return records
 
 
+_LEADING_ZERO = re.compile(r"^[+-]?0\d")
+
+
+def _read_csv(manifest: Path) -> pd.DataFrame:
+    """A CSV manifest with its values as written: only an empty cell is missing (pandas also took
+    "NA" — North America —, "None", "null", "n/a" for missing), and a column with a number written
+    with a leading zero ("0012": an ID) stays text; other columns of numbers are numbers."""
+    text = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    ids = [c for c in text.columns if text[c].str.match(_LEADING_ZERO).any()]
+    return pd.read_csv(manifest, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(ids, str))
+
+
 def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
     """Read a manifest; every path is checked up front so a hostile one fails at open time."""
     try:
         parquet = manifest.suffix.lower() == ".parquet"
-        records = pd.read_parquet(manifest) if parquet else pd.read_csv(manifest)
+        records = pd.read_parquet(manifest) if parquet else _read_csv(manifest)
     except ValueError as e:  # pandas' parser errors, an empty file, bad text encoding, pyarrow's
         raise ValueError(f"manifest {str(manifest)!r} cannot be read as a table ({e})") from e
     if "path" not in records.columns:
