@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -868,3 +869,34 @@ def test_an_input_size_at_which_no_layer_is_spatial_says_so():
         ValueError, match="no layer gives a spatial map at input size 1: choose a larger input"
     ):
         load_extractor("embedded:efficientnet_lite0", "blocks.5", image_size=1)
+
+
+def test_a_complex_array_or_a_bool_query_is_refused_not_taken_for_another():
+    """A complex64 array lost its imaginary parts with a warning, and `query=True` was image 1
+    (helper trial)."""
+    feats = np.random.default_rng(0).standard_normal((5, 3, 3, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="features must be real numbers, not torch.complex64"):
+        search_regions(feats.astype(np.complex64), 0, np.ones((3, 3)))
+    with pytest.raises(TypeError, match="an image index, a feature map or a RegionQuery, not a bool"):
+        search_regions(feats, True, np.ones((3, 3)))
+
+
+def test_a_job_file_that_is_no_text_or_a_folder_is_named(tmp_path, capsys):
+    (tmp_path / "mask.npy").write_bytes(b"\x93NUMPY\x01\x00")
+    for job, message in [
+        (tmp_path / "mask.npy", "not a valid TOML file"),
+        (tmp_path, "a folder, not a job file"),
+    ]:
+        assert main(["build", str(job)]) == 2
+        assert f"error: {job}: {message}" in capsys.readouterr().err
+
+
+def test_a_float_image_with_nan_and_inf_is_read_without_warnings(tmp_path):
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    values[0, 0], values[1, 1], values[2, 2] = np.nan, np.inf, -np.inf
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = load_image(tmp_path / "f.tif")
+    pixels = np.asarray(image)[..., 0]
+    assert pixels[1, 1] == 255 and pixels[0, 0] == pixels[2, 2] == 0 and pixels[7, 7] == 255

@@ -213,6 +213,10 @@ def test_resume_refuses_another_spec(tmp_path):
             "has format version '1'; this VFS reads version 1",
         ),
         (lambda g: g.attrs.update({"n": 500}), "its attributes count 500 images, its arrays hold 10"),
+        (
+            lambda g: g.attrs.update({"n": -1}),
+            r"its attributes are damaged \(ValueError: it counts -1 images",
+        ),
         (lambda g: g["sqnorm"].resize((9, 4, 5)), "its attributes count 10 images, its arrays hold 9"),
         (lambda g: g["sqnorm"].resize((10, 4, 4)), r"do not match the spec \(images, 4, 5, 8\)"),
         (
@@ -487,6 +491,19 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
         == 2
     )
     assert "--exclude-same is for a --query-index query" in capsys.readouterr().err
+
+
+def test_a_label_column_its_manifest_lacks_is_named_not_a_key_error(tmp_path):
+    """A spec edited by hand (or a manifest damaged) naming a column the manifest lacks: a search
+    raised KeyError with a trace (helper trial)."""
+    build(tmp_path / "c.zarr", 6)
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    spec = dict(group.attrs["spec"])
+    group.attrs["spec"] = spec | {"data": spec["data"] | {"label_col": "finding"}}
+    with pytest.raises(
+        CacheError, match="names the column 'finding', which its manifest lacks \\(columns: path, label"
+    ):
+        search_regions(open_cache(tmp_path / "c.zarr"), 0, np.ones((4, 5)))
 
 
 def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):

@@ -194,8 +194,10 @@ def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
     if np.issubdtype(values.dtype, np.integer):
         scaled = np.clip(values, 0, 65535) / 257.0
     else:
-        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-        scaled = (np.nan_to_num(values, nan=lo) - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+        finite = values[np.isfinite(values)]  # NaN and ±inf: the range's ends
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        clipped = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+        scaled = (clipped - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
     return np.round(scaled).astype(np.uint8)
 
 

@@ -96,10 +96,12 @@ class BuildJob:
     def from_toml(cls, path: str | Path, **overrides) -> BuildJob:
         """The job of a file's [build] table; `overrides` that are not None (the CLI's flags) replace
         or complete its keys."""
+        if Path(path).is_dir():
+            raise ValueError(f"{path}: a folder, not a job file (a dataset is given with --data)")
         with open(path, "rb") as f:
             try:
                 table = tomllib.load(f).get("build")
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a valid TOML file ({e})") from e
         if not isinstance(table, dict):
             raise ValueError(f"{path}: a job file needs a [build] table")

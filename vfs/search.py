@@ -492,6 +492,8 @@ def region_query(
         return query
     if mask is None:
         raise ValueError("a mask is needed with a query feature map or index (see vfs.masks.grid_mask)")
+    if isinstance(query, (bool, np.bool_)):
+        raise TypeError("the query is an image index, a feature map or a RegionQuery, not a bool")
     if isinstance(query, (int, np.integer)):
         index = image_indices(query, source.shape[0], "query index")
         stored = source.rows(index)[0]

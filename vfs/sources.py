@@ -414,10 +414,14 @@ class UnpreparedArray:
 
 
 def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The array as a tensor on its memory (no copy)."""
+    """The array as a tensor on its memory (no copy); complex numbers refused (their imaginary
+    parts would be dropped with no more than a warning)."""
     with warnings.catch_warnings():  # a read-only array: only ever read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(features)
+        tensor = torch.as_tensor(features)
+    if tensor.is_complex():
+        raise ValueError(f"features must be real numbers, not {tensor.dtype}")
+    return tensor
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ class FeatureCache:
             self.n = int(attrs["n"])
             if not self.complete and allow_partial:
                 self.n = int(attrs["progress"]["rows"])
+            if self.n < 0:
+                raise ValueError(f"it counts {self.n} images")
             # What the stored features are the layer's times; caches created before say nothing: 1.
             self.feature_scale = float(attrs.get("feature_scale", 1.0))
             if not 0 < self.feature_scale < math.inf:
@@ -203,6 +205,11 @@ class FeatureCache:
         """A manifest column as numpy, converted once: every search indexes the domains and its
         top rows' paths and labels (an Arrow string column takes ms to convert each time)."""
         if name not in self._columns:
+            if name not in self.manifest.columns:  # a spec edited by hand, or a manifest damaged
+                raise CacheError(
+                    f"the cache at {self.location} names the column {name!r}, which its manifest lacks "
+                    f"(columns: {', '.join(map(str, self.manifest.columns))})"
+                )
             self._columns[name] = self.manifest[name].to_numpy()
         return self._columns[name]
 
