@@ -23,6 +23,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.views import TILE_PX, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache, cache_name
     from vfs.compare import comparison_note, comparison_refusal
+    from vfs.export import compared_scores
     from vfs.render import comparison_figure
     from vfs.stats import rank_agreement
 
@@ -91,6 +92,16 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
             a.scores[compared], b.scores[compared], (cache_name(left.location), cache_name(right.location))
         ),
         key="compare.plot",
+    )
+    st.download_button(
+        "Download both sides' scores (CSV)",
+        lambda: compared_scores(left, a, b, compared).to_csv(),  # the compared images; made on click
+        f"vfs-{cache_name(left.location)}-vs-{cache_name(right.location)}-{query.key}-scores.csv",
+        "text/csv",
+        key="compare.csv",
+        on_click="ignore",
+        help="Each compared image's manifest row with both sides' best scores and windows: what the "
+        "overlap and correlations above are computed from.",
     )
 
 

@@ -80,7 +80,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     st.caption(search_summary(cache, result))
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
-    downloads(cache, result, query, view, mask, "search")
+    downloads(cache, result, query, view, mask, region.drawing.paint, "search")
 
 
 region_and_results(cache, query, view)

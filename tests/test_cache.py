@@ -550,6 +550,26 @@ def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     assert len(plain) == 12 and "vfs_score" in plain  # every image without `keep`
 
 
+def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_path):
+    from vfs.export import compared_scores
+    from vfs.stats import rank_agreement
+
+    build(tmp_path / "c.zarr", 12)
+    cache = open_cache(tmp_path / "c.zarr")
+    wide, narrow = np.ones((4, 5)), np.zeros((4, 5))
+    narrow[1:3, 1:3] = 1
+    a, b = (search_regions(cache, 3, m, k=4, exclude=3, all_exact=True) for m in (wide, narrow))
+    keep = np.arange(12) != 3
+    table = compared_scores(cache, a, b, keep)
+    assert table.index.name == "index" and table.index.tolist() == [i for i in range(12) if i != 3]
+    assert table["path"].tolist() == cache.manifest["path"][keep].tolist()
+    np.testing.assert_array_equal(table["left_score"], a.scores[keep])
+    np.testing.assert_array_equal(table["right_score"], b.scores[keep])
+    assert table["right_grid_box"].tolist() == [b.grid_box(i) for i in table.index]
+    again = rank_agreement(table["left_score"].to_numpy(), table["right_score"].to_numpy(), 4)
+    assert again == rank_agreement(a.scores[keep], b.scores[keep], 4)
+
+
 def test_check_extractor_compares_the_weights_where_both_know_them(tmp_path):
     """The weights' digest says which model made the features: another digest is refused whatever
     the spec says, the same one is accepted under another spec (a checkpoint moved)."""

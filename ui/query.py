@@ -304,8 +304,6 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
 
     The region drawn is kept in session state; a canvas opened on another page starts from its shapes.
     """
-    stored = st.session_state.get(REGION)
-    stored = stored if stored is not None and stored.query == query else None
     st.caption("Paint the region to search for")
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
     freehand = (
@@ -315,6 +313,16 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         == "Free-hand"
     )
     width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
+    keep = st.checkbox(
+        "Keep the region for other images",
+        key=bind("region.keep", False),
+        help="Another query image opens with this region painted on its view (e.g. the heart, on "
+        "every X-ray); off, each image is painted anew.",
+    )
+    stored = st.session_state.get(REGION)
+    if stored is not None and stored.query != query:
+        stored = Region(query, stored.drawing) if keep else None
+        st.session_state[REGION] = stored
     try:
         with canvas:
             drawing = paint_canvas(

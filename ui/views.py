@@ -21,6 +21,7 @@ from vfs.render import (
     match_caption,
     outline,
     png_bytes,
+    region_mask_image,
     results_figure,
 )
 from vfs.search import SearchResult
@@ -103,10 +104,16 @@ def search_summary(cache: FeatureCache, result: SearchResult) -> str:
 
 
 def downloads(
-    cache: FeatureCache, result: SearchResult, query: Query, view: np.ndarray, mask: np.ndarray, key: str
+    cache: FeatureCache,
+    result: SearchResult,
+    query: Query,
+    view: np.ndarray,
+    mask: np.ndarray,
+    paint: np.ndarray,
+    key: str,
 ) -> None:
-    """Export the ranked results (CSV, JSON as the CLI writes it) and a paper-style figure (PNG, made on
-    click)."""
+    """Export the ranked results (CSV, JSON as the CLI writes it), a paper-style figure (PNG, made on
+    click) and the painted region (a PNG mask the CLI's --mask reads: the search again, elsewhere)."""
     stem = f"vfs-{cache_name(cache.location)}-{query.key}"
 
     def figure() -> bytes:
@@ -118,7 +125,7 @@ def downloads(
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
         return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
 
-    csv, js, png = st.columns(3)
+    csv, js, png, region = st.columns(4)
     csv.download_button(
         "Download results (CSV)",
         result.top[result_columns(cache, result)].to_csv(index=False),
@@ -145,6 +152,16 @@ def downloads(
         key=f"{key}.png",
         on_click="ignore",
         width="stretch",
+    )
+    region.download_button(
+        "Download region (PNG mask)",
+        lambda: png_bytes(region_mask_image(paint)),
+        f"{stem}-region.png",
+        "image/png",
+        key=f"{key}.region",
+        on_click="ignore",
+        width="stretch",
+        help="The painted region on the model's view: `python -m vfs search CACHE --mask` reads it.",
     )
 
 

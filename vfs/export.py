@@ -61,6 +61,20 @@ def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | N
     return table if keep is None else table[np.asarray(keep, dtype=bool)]
 
 
+def compared_scores(
+    cache: FeatureCache, left: SearchResult, right: SearchResult, keep: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Two searches of caches of the same images side by side: each kept image's manifest row
+    (`cache`'s) with each side's best score and window — the Compare page's export, the rows its
+    agreement figures are computed from."""
+    added: dict[str, Any] = {}
+    for side, result in (("left", left), ("right", right)):
+        added[f"{side}_score"] = result.scores
+        added[f"{side}_grid_box"] = [result.grid_box(i) for i in range(len(result.scores))]
+    table = cache.manifest.assign(**added).rename_axis("index")
+    return table if keep is None else table[np.asarray(keep, dtype=bool)]
+
+
 def _json_value(value: Any) -> Any:
     """A manifest value as JSON has it: a missing one (NaN, NA, None) or an infinite one is null,
     since `json.dumps` would write NaN / Infinity, which strict parsers refuse."""

@@ -192,6 +192,15 @@ def results_figure(
     return figure
 
 
+def region_mask_image(paint: np.ndarray) -> Image.Image:
+    """A painted region as a mask file that `vfs.masks.load_mask` (the CLI's --mask) reads and a
+    paint program edits: blue and opaque where painted, transparent elsewhere."""
+    rgba = np.zeros((*np.shape(paint), 4), dtype=np.uint8)
+    rgba[..., 2] = 255
+    rgba[..., 3] = np.where(np.asarray(paint) > 0, 255, 0)
+    return Image.fromarray(rgba, "RGBA")
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """PNG encoding of `image`, for download buttons and saved figures."""
     buffer = io.BytesIO()

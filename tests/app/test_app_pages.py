@@ -152,6 +152,7 @@ def test_search_waits_for_a_stroke_then_ranks_scored_outlined_matches(app, cache
         "Download results (CSV)",
         "Download results (JSON)",
         "Download figure (PNG)",
+        "Download region (PNG mask)",
     ]
 
 
@@ -264,6 +265,32 @@ def test_query_by_index_thumbnails_random_and_label(app, caches):
     )
 
 
+def test_the_region_can_be_kept_for_other_images_and_downloaded_as_a_mask(app, caches, tmp_path):
+    """A researcher applies one region (the heart) to X-ray after X-ray: a new query image dropped
+    the drawing (helper trial). Kept, it searches the next image at once, the same cells; and the
+    region's PNG is a mask the CLI reads to the same grid mask."""
+    from vfs.masks import load_mask
+
+    at = searched(app, caches)
+    first = at.dataframe[0].value
+    at.checkbox(key="region.keep").check().run()
+    at.number_input(key="search.index").set_value(5).run()
+    assert not any("Draw on the query image" in t for t in texts(at.info))
+    kept = at.dataframe[0].value
+    assert 5 not in set(kept["index"]) and list(kept["index"]) != list(first["index"])
+    region = at.session_state["vfs.region"]
+    assert region.query.index == 5
+    assert "Download region (PNG mask)" in [b.label for b in at.get("download_button")]
+    from vfs.render import png_bytes, region_mask_image
+
+    (tmp_path / "region.png").write_bytes(png_bytes(region_mask_image(region.drawing.paint)))
+    grid = open_cache(caches / "small.zarr").spec.grid
+    np.testing.assert_allclose(load_mask(tmp_path / "region.png", grid), region.mask(grid), atol=1e-6)
+    at.checkbox(key="region.keep").uncheck().run()
+    at.number_input(key="search.index").set_value(6).run()
+    assert any("Draw on the query image" in t for t in texts(at.info))  # off: a new image, a new drawing
+
+
 def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()
@@ -372,6 +399,7 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
     assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
+    assert "Download both sides' scores (CSV)" in [b.label for b in at.get("download_button")]
 
 
 def test_compare_opens_with_a_cache_of_the_same_images_on_the_right(app, caches):

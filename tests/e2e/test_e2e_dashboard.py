@@ -45,6 +45,9 @@ from e2ehelpers import (
     wait_idle,
 )
 
+from vfs.cache import open_cache
+from vfs.masks import load_mask
+from vfs.search import search_regions
 from vfs.stats import GROUP_TABLE_COLUMNS
 
 pytestmark = [
@@ -292,6 +295,16 @@ def test_export_results(page, server, demo_cache, tmp_path):
     with page.expect_download() as info:
         page.get_by_role("button", name="Download figure (PNG)").click()
     assert Path(info.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the figure is not a PNG"
+
+    # the painted region as a mask file: the same search again, outside the app
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download region (PNG mask)").click()
+    cache = open_cache(demo_cache)
+    mask = load_mask(Path(info.value.path()), cache.spec.grid)
+    again = search_regions(cache, FACE, mask, k=k, exclude=FACE)
+    assert again.top["index"].tolist() == [int(r["index"]) for r in rows], (
+        "the region does not repeat the search"
+    )
     no_exception(page)
 
 
