@@ -57,7 +57,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
             ),
         )
         table, title = groups(cache, column), column
-        if is_multilabel(cache.manifest, column):
+        if column in cache.manifest.columns and is_multilabel(cache.manifest, column):  # not quartiles
             choices = [EVERY, *findings(cache.manifest, column)]
             finding = st.selectbox(
                 "Finding",

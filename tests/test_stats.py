@@ -212,3 +212,17 @@ def test_q_values_are_benjamini_hochberg_over_the_tables_groups():
     expected = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1)
     np.testing.assert_allclose(table.loc[p.index[order], "q_value"], expected)
     assert np.isnan(table.loc["none", "q_value"])
+
+
+def test_quartile_groups_of_a_numeric_column():
+    from vfs.stats import QUARTILES, binnable_columns, column_groups, quartile_groups
+
+    records = pd.DataFrame(
+        {"age": [20, 30, 40, 50, 60, 70, 80, 90, 100, None], "sick": [True, False] * 5, "n": [1] * 10}
+    )
+    groups = quartile_groups(records["age"])
+    assert list(groups.columns) == ["20–40", "40–60", "60–80", "80–100"]
+    assert groups.sum().tolist() == [3, 2, 2, 2] and not groups.iloc[9].any()  # no age: in no group
+    assert binnable_columns(records) == ["age"]  # not a boolean, not a column of one value
+    pd.testing.assert_frame_equal(column_groups(records, "age" + QUARTILES), groups)
+    assert list(column_groups(records, "sick").columns) == ["False", "True"]

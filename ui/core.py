@@ -30,7 +30,7 @@ from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extra
 from vfs.render import grid_box_to_pixels, jpeg_data_url, outline
 from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
-from vfs.stats import label_groups
+from vfs.stats import QUARTILES, binnable_columns, column_groups
 
 from .base import bind, memo, settings, user_errors
 
@@ -244,7 +244,7 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _groups(location: str, stamp: int, column: str) -> pd.DataFrame:
-    return label_groups(get_cache(location).manifest, column)
+    return column_groups(get_cache(location).manifest, column)
 
 
 def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
@@ -255,6 +255,8 @@ def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
 
 
 def group_columns(cache: FeatureCache, most: int = 50) -> list[str]:
-    """Manifest columns worth grouping by: between 2 and `most` groups (not paths, ids or ages)."""
+    """Manifest columns worth grouping by: between 2 and `most` groups (not paths or ids), then
+    the numeric ones by quartiles (an age, an image size)."""
     columns = [c for c in cache.manifest.columns if c != "path"]
-    return [c for c in columns if 2 <= groups(cache, c).shape[1] <= most]
+    plain = [c for c in columns if 2 <= groups(cache, c).shape[1] <= most]
+    return plain + [c + QUARTILES for c in binnable_columns(cache.manifest) if c != "path"]

@@ -52,6 +52,43 @@ def label_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
     return _labels(records[column]).str.get_dummies(sep=SEPARATOR).astype(bool)
 
 
+QUARTILES = " (quartiles)"
+"""The suffix of a numeric column's name that groups images by its quartiles (`column_groups`)."""
+
+
+def quartile_groups(values: pd.Series) -> pd.DataFrame:
+    """Four groups of about as many images each by a numeric column's quartiles (fewer where
+    values repeat across a boundary), named by their ranges ("20–35" holds 20 < age ≤ 35, the first
+    its least value too); a row without a number is in none."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bins = pd.qcut(numbers, 4, duplicates="drop")
+    ranges = list(bins.cat.categories)
+    names = [f"{numbers.min() if i == 0 else r.left:g}–{r.right:g}" for i, r in enumerate(ranges)]
+    return pd.DataFrame(
+        {n: (bins == r).fillna(False).to_numpy(bool) for n, r in zip(names, ranges)}, index=values.index
+    )
+
+
+def binnable_columns(records: pd.DataFrame, fewest: int = 9) -> list[str]:
+    """Numeric columns (not booleans) with at least `fewest` distinct values: an age, a size, a
+    score — grouped by quartiles (`QUARTILES`) where one group per value would be too many."""
+    return [
+        str(c)
+        for c in records.columns
+        if pd.api.types.is_numeric_dtype(records[c])
+        and not pd.api.types.is_bool_dtype(records[c])
+        and records[c].nunique() >= fewest
+    ]
+
+
+def column_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
+    """`label_groups` of a column, or `quartile_groups` of "<column> (quartiles)"."""
+    base = column.removesuffix(QUARTILES)
+    if base != column and base in records.columns:
+        return quartile_groups(records[base])
+    return label_groups(records, column)
+
+
 def presence(records: pd.DataFrame, column: str, value: str) -> pd.Series:
     """Whether `value` is among each row's (possibly '|'-joined) labels: the "F present: True/False" split."""
     groups = label_groups(records, column)

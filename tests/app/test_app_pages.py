@@ -370,6 +370,26 @@ def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(
     assert sorted(at.dataframe[0].value["index"]) == [1, 3, 5]
 
 
+def test_distributions_group_a_numeric_column_by_its_quartiles(app, caches, tmp_path):
+    """An age (53 values in the helper's X-rays) was offered as one group per value or not at all."""
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+
+    shutil.copytree(caches / "small.zarr", tmp_path / "aged.zarr")
+    group = zarr.open_group(tmp_path / "aged.zarr", mode="r+")
+    manifest = read_table(group, "manifest")
+    write_table(group, "manifest", manifest.assign(age=np.arange(len(manifest)) * 2 + 20))
+    at = page(app, "distributions")
+    at.session_state["vfs.opened"] = [str(tmp_path / "aged.zarr")]
+    at = no_exceptions(draw(use_cache(at.run(), "dist.cache", tmp_path, "aged")))
+    assert "age (quartiles)" in at.selectbox(key="dist.column").options
+    at = no_exceptions(at.selectbox(key="dist.column").set_value("age (quartiles)").run())
+    table = at.dataframe[0].value.set_index("group")
+    assert sorted(table.index) == ["20–39.5", "39.5–59", "59–78.5", "78.5–98"]
+    assert table["n"].sum() == SMALL - 1 and table["n"].between(9, 10).all()  # the query left out
+
+
 def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_path):
     """Another session's Build page (or the disk) removed the cache: the next rerun of the page's
     fragment says so, not a traceback."""
