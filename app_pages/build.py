@@ -135,6 +135,8 @@ source = source.strip()
 if not source:
     st.info("Give the dataset's location.")
     st.stop()
+label_default: str | None
+count: int | None
 if kind == TORCHVISION:  # opening it would download it: torchvision datasets have one `label` column
     columns, count, label_default, domain_default = ["label"], None, "label", None
 else:
@@ -186,7 +188,6 @@ if through_client:
         "but not builds (Ray Data's pipeline needs its driver on the cluster: run the app on one of its "
         "nodes with VFS_RAY_ADDRESS=auto to build there; docs/cluster.md)."
     )
-on_ray = {"engine": "ray", "address": s.ray_address} if where == cluster else {}
 job = BuildJob(
     layer=layer,
     data=source,
@@ -196,7 +197,8 @@ job = BuildJob(
     domain_col="" if domain == NONE else domain,
     image_size=size,
     limit=limit,
-    **on_ray,
+    engine="ray" if where == cluster else "local",
+    address=s.ray_address if where == cluster else None,
 )
 rows = cache_rows()
 existing = next((r for r in rows if Path(r["path"]) == out), None)
@@ -258,8 +260,8 @@ if not local[target]["complete"] and not local[target]["error"] and not building
 if actions.button("Delete…", key="build.delete", disabled=building):
     st.session_state["build.confirm"] = target
 if st.session_state.get("build.confirm") == target:
-    size = megabytes(local[target].get("size_bytes"))
-    st.warning(f"Delete the cache {target} ({size or 'size unknown'}, {path})? This cannot be undone.")
+    held = megabytes(local[target].get("size_bytes"))
+    st.warning(f"Delete the cache {target} ({held or 'size unknown'}, {path})? This cannot be undone.")
     yes, no = st.columns(2)
     if yes.button("Yes, delete it", type="primary", key="build.delete_yes"):
         with user_errors():

@@ -132,10 +132,10 @@ def pick_cache(
             st.session_state.pop(shared or f"vfs.kept.{key}", None)
         st.session_state[f"{key}.partner"] = partner.location
     location = st.selectbox(
-        label, list(choices), format_func=choices.get, key=bind(key, default, shared, choices)
+        label, list(choices), format_func=lambda path: choices[path], key=bind(key, default, shared, choices)
     )
     with user_errors():
-        return get_cache(location)
+        return get_cache(location or default)  # never None: the options are not empty
 
 
 def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str | None:
@@ -410,7 +410,9 @@ def run_search(
     key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels, all_exact)
 
     def search() -> SearchResult:
-        candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy() if labels else None
+        candidates = None
+        if labels and cache.label_col:
+            candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy()
         sharded = sharded_search(cache)  # on a Ray cluster when the app is configured so
         search = partial(search_regions, cache) if sharded is None else sharded.search
         return search(

@@ -251,7 +251,7 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
         bar, cancel = st.columns([5, 1], vertical_alignment="bottom")
         bar.progress(status.fraction, text=text)
         cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
-    elif status.state == "done" and now - status.finished < DONE_SHOWN_S:
+    elif status.state == "done" and status.finished is not None and now - status.finished < DONE_SHOWN_S:
         skipped = f", {p.skipped} unreadable images skipped" if p and p.skipped else ""
         st.success(
             f"{name}: complete with {status.stored} images{skipped} "
