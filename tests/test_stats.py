@@ -215,7 +215,7 @@ def test_q_values_are_benjamini_hochberg_over_the_tables_groups():
 
 
 def test_quartile_groups_of_a_numeric_column():
-    from vfs.stats import QUARTILES, binnable_columns, column_groups, quartile_groups
+    from vfs.stats import QUARTILES, binnable_columns, column_groups, quartile_groups, score_groups
 
     records = pd.DataFrame(
         {"age": [20, 30, 40, 50, 60, 70, 80, 90, 100, None], "sick": [True, False] * 5, "n": [1] * 10}
@@ -225,4 +225,7 @@ def test_quartile_groups_of_a_numeric_column():
     assert groups.sum().tolist() == [3, 2, 2, 2] and not groups.iloc[9].any()  # no age: in no group
     assert binnable_columns(records) == ["age"]  # not a boolean, not a column of one value
     pd.testing.assert_frame_equal(column_groups(records, "age" + QUARTILES), groups)
+    grouped, title = score_groups(records, "age" + QUARTILES)  # the page's and the notebook's
+    pd.testing.assert_frame_equal(grouped, groups)
+    assert title == "age (quartiles)"
     assert list(column_groups(records, "sick").columns) == ["False", "True"]

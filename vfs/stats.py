@@ -118,10 +118,10 @@ def findings(records: pd.DataFrame, column: str) -> list[str]:
 
 def score_groups(records: pd.DataFrame, column: str, finding: str | None = None) -> tuple[pd.DataFrame, str]:
     """What the Distributions page and the notebook's `distribution_table` group scores by, and its
-    name: one group per value of `column` (per finding of a '|'-joined one), or, given a `finding`,
-    the images with and without it (`presence_groups`)."""
+    name: one group per value of `column` (per finding of a '|'-joined one; its quartiles for
+    "<column> (quartiles)"), or, given a `finding`, the images with and without it (`presence_groups`)."""
     if finding is None:
-        return label_groups(records, column), column
+        return column_groups(records, column), column
     present = findings(records, column)
     if finding not in present:
         raise ValueError(f"no image has {finding!r} in column {column!r}; its values: {', '.join(present)}")

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
 from ..search import SearchResult, excluded_images
-from ..stats import group_table, long_scores, score_groups
+from ..stats import QUARTILES, binnable_columns, group_table, long_scores, score_groups
 
 
 def _grouped(
@@ -33,6 +33,7 @@ def _grouped(
         raise ValueError("no search result yet: paint a region in the widget first (its result is None)")
     manifest = cache.manifest
     choices = [c for c in manifest.columns if c != "path"]
+    choices += [c + QUARTILES for c in binnable_columns(manifest)]
     if by not in choices:
         raise ValueError(
             f"the cache's manifest has no column {by!r} to group by; its columns: {', '.join(choices)}"
