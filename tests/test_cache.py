@@ -728,6 +728,7 @@ def test_a_rerun_of_a_finished_build_writes_its_whole_manifest_lost_since(tmp_pa
     shutil.rmtree(out / "manifest")
     with pytest.raises(CacheError, match="damaged: its manifest is missing; rerun the build"):
         open_cache(out).manifest
+    assert open_cache(out).info()["lost_columns"] is None
     with pytest.raises(CacheError, match="built from other images"):
         CacheWriter.open(out, SPEC, candidates(30).iloc[::-1].reset_index(drop=True), 32)
     with pytest.warns(UserWarning, match="its manifest is missing on disk; the build writes it again"):

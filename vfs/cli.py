@@ -199,7 +199,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         return
     s = cache.spec
     lost = [] if info["lost_from"] is None else [f"images from {info['lost_from']}"]
-    lost += [f"manifest column {c!r}" for c in info["lost_columns"]]
+    columns = info["lost_columns"]
+    lost += ["the manifest"] if columns is None else [f"manifest column {c!r}" for c in columns]
     damage = f", DAMAGED: {', '.join(lost)} missing on disk — rerun its build" if lost else ""
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'}{damage})")
     print(

@@ -248,8 +248,16 @@ class FeatureCache:
             "versions": self.attrs.get("versions", {}),
             "columns": columns,
             "lost_from": self.lost_from(),
-            "lost_columns": lost_columns(self.group, "manifest") if "manifest" in self.group else [],
+            "lost_columns": self.lost_columns(),
         }
+
+    def lost_columns(self) -> list[str] | None:
+        """The manifest columns whose data is gone from the store ([] where none is, or where that
+        cannot be told: tables written before every chunk was stored); None where a complete
+        cache's whole manifest is gone. A rerun of the build writes it again."""
+        if "manifest" in self.group:
+            return lost_columns(self.group, "manifest")
+        return None if self.complete else []
 
     def lost_from(self) -> int | None:
         """The first stored row whose chunk file is gone (a disk fault, a copy cut short) in a local
