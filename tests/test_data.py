@@ -162,16 +162,18 @@ def test_a_csv_manifest_keeps_its_values_as_written(tmp_path: Path) -> None:
     for name in "abc":
         save(tmp_path / f"{name}.png", solid())
     (tmp_path / "m.csv").write_text(
-        "path,label,domain,patient,age,sick\n"
-        "a.png,NA,NA,0012,3,True\n"
-        "b.png,None,null,0013,,False\n"
-        "c.png,,EU,14,5.5,True\n"
+        "path,label,domain,patient,age,weight,sick\n"
+        "a.png,NA,NA, 0012,3,NA,True\n"
+        "b.png,None,null,0013,,nan,False\n"
+        "c.png,,EU,14,5.5,70,True\n"
     )
     records = open_dataset(str(tmp_path / "m.csv")).records
     assert records["label"].tolist()[:2] == ["NA", "None"] and pd.isna(records["label"][2])
     assert records["domain"].tolist() == ["NA", "null", "EU"]
-    assert records["patient"].tolist() == ["0012", "0013", "14"]
+    assert records["patient"].tolist() == [" 0012", "0013", "14"]
     assert records["age"].tolist()[::2] == [3.0, 5.5] and pd.isna(records["age"][1])
+    assert records["weight"].isna().tolist() == [True, True, False]  # R's NA, numpy's nan: no number
+    assert records["weight"].dtype.kind == "f"
     assert records["sick"].tolist() == [True, False, True]
 
 

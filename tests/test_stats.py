@@ -228,4 +228,12 @@ def test_quartile_groups_of_a_numeric_column():
     grouped, title = score_groups(records, "age" + QUARTILES)  # the page's and the notebook's
     pd.testing.assert_frame_equal(grouped, groups)
     assert title == "age (quartiles)"
+    stamps = quartile_groups(pd.Series(1_700_000_000 + np.arange(40)))  # 7 digits alike: names apart
+    assert list(stamps.columns) == [  # six digits named them all "1.7e+09–1.7e+09": one group was left
+        "1700000000–1700000010",
+        "1700000010–1700000020",
+        "1700000020–1700000030",
+        "1700000030–1700000040",
+    ]
+    assert stamps.sum().tolist() == [10, 10, 10, 10]
     assert list(column_groups(records, "sick").columns) == ["False", "True"]

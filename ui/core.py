@@ -30,7 +30,7 @@ from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extra
 from vfs.render import grid_box_to_pixels, jpeg_data_url, outline
 from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
-from vfs.stats import QUARTILES, binnable_columns, column_groups
+from vfs.stats import QUARTILES, binnable_columns, column_groups, repeated_columns
 
 from .base import bind, memo, settings, user_errors
 
@@ -252,6 +252,18 @@ def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
     a message, not a traceback, where the cache is gone since the page picked it."""
     with user_errors():
         return _groups(cache.location, _stamp(cache.location), column)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _repeated_columns(location: str, stamp: int) -> list[str]:
+    return repeated_columns(get_cache(location).manifest)
+
+
+def sharing_columns(cache: FeatureCache) -> list[str]:
+    """The manifest columns whose values repeat (`vfs.stats.repeated_columns`): what a page can
+    leave out the query's fellows by; anew for a cache rebuilt at the same place."""
+    with user_errors():
+        return _repeated_columns(cache.location, _stamp(cache.location))
 
 
 def group_columns(cache: FeatureCache, most: int = 50) -> list[str]:

@@ -24,7 +24,6 @@ from vfs.masks import grid_mask
 from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
 from vfs.settings import is_url
-from vfs.stats import repeated_columns
 
 from .canvas import Drawing, DrawingError, paint_canvas
 from .core import (
@@ -37,6 +36,7 @@ from .core import (
     memo,
     settings,
     sharded_search,
+    sharing_columns,
     thumbs,
     user_errors,
 )
@@ -365,7 +365,7 @@ NO_COLUMN = "(none)"
 def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int, ...]:
     """A page's "also leave out the images sharing the query's <column>" choice (e.g. a patient's
     other X-rays), over the manifest columns whose values repeat; the images it leaves out."""
-    columns = memo(f"{key}.columns", cache.location, lambda: repeated_columns(cache.manifest))
+    columns = sharing_columns(cache)
     if query.index is None or not columns:
         return ()
     options = [NO_COLUMN, *columns]

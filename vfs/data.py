@@ -341,16 +341,27 @@ def _folder_records(root: Path) -> pd.DataFrame:
     return records
 
 
-_LEADING_ZERO = re.compile(r"^[+-]?0\d")
+_LEADING_ZERO = re.compile(r"^\s*[+-]?0\d")
+_NUMBERS_MISSING = ("NA", "N/A", "n/a", "NaN", "nan", "-nan", "NULL", "null", "None", "#N/A", "<NA>")
+"""How R, numpy, spreadsheets and databases write a missing number: missing in a column of numbers."""
 
 
 def _read_csv(manifest: Path) -> pd.DataFrame:
-    """A CSV manifest with its values as written: only an empty cell is missing (pandas also took
-    "NA" — North America —, "None", "null", "n/a" for missing), and a column with a number written
-    with a leading zero ("0012": an ID) stays text; other columns of numbers are numbers."""
+    """A CSV manifest with its values as written: in a text column only an empty cell is missing
+    (pandas also took "NA" — North America —, "None", "null" for missing); in a column of numbers
+    "NA", "nan" and the like are missing too (R writes NA); a column with a number written with a
+    leading zero ("0012": an ID) stays text."""
     text = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    ids = [c for c in text.columns if text[c].str.match(_LEADING_ZERO).any()]
-    return pd.read_csv(manifest, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(ids, str))
+    ids, numbers = [], []
+    for column in text.columns:
+        values = text[column].str.strip()
+        written = values[(values != "") & ~values.isin(_NUMBERS_MISSING)]
+        if values.str.match(_LEADING_ZERO).any():
+            ids.append(column)
+        elif len(written) and pd.to_numeric(written, errors="coerce").notna().all():
+            numbers.append(column)
+    missing = {c: ["", *(_NUMBERS_MISSING if c in numbers else ())] for c in text.columns}
+    return pd.read_csv(manifest, keep_default_na=False, na_values=missing, dtype=dict.fromkeys(ids, str))
 
 
 def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:

@@ -63,7 +63,15 @@ def quartile_groups(values: pd.Series) -> pd.DataFrame:
     numbers = pd.to_numeric(values, errors="coerce")
     bins = pd.qcut(numbers, 4, duplicates="drop")
     ranges = list(bins.cat.categories)
-    names = [f"{numbers.min() if i == 0 else r.left:g}–{r.right:g}" for i, r in enumerate(ranges)]
+    edges = [float(numbers.min()), *(float(r.right) for r in ranges)]
+
+    def shown(value: float, digits: int) -> str:  # no exponent: "1700000000", "39.5"
+        return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+
+    digits = 6  # as many as tell the edges apart (timestamps, frame numbers share their first six)
+    while len({shown(e, digits) for e in edges}) < len(set(edges)) and digits < 17:
+        digits += 1
+    names = [f"{shown(a, digits)}–{shown(b, digits)}" for a, b in zip(edges, edges[1:])]
     return pd.DataFrame(
         {n: (bins == r).fillna(False).to_numpy(bool) for n, r in zip(names, ranges)}, index=values.index
     )

@@ -142,13 +142,21 @@ def codec_names(codecs: list[Any]) -> list[str]:
     return names
 
 
+def location_of(group: zarr.Group) -> str:
+    """Where a cache's group is, as a user named it: a local folder, or the store's URL."""
+    store = group.store
+    if isinstance(store, zarr.storage.LocalStore):
+        return str(Path(store.root) / group.path)
+    return str(getattr(store, "path", store))
+
+
 def member_array(group: zarr.Group, name: str) -> zarr.Array:
     """The array `name` of a group; missing, or a group in its place, is damage."""
     try:
         arr = group[name]
     except KeyError:
         raise CacheError(
-            f"the cache at {group.store_path} is damaged: its array {name!r} is missing; build it anew "
+            f"the cache at {location_of(group)} is damaged: its array {name!r} is missing; build it anew "
             "(remove it, or build into another output)"
         ) from None
     if not isinstance(arr, zarr.Array):
@@ -209,12 +217,14 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
 
 
 def lost_columns(group: zarr.Group, name: str) -> list[str]:
-    """The columns of a table whose data is gone from the store (a disk fault, a copy cut short):
-    zarr would read them as all missing. None are told lost in tables written before every chunk
-    was stored (an all-missing column had no file)."""
+    """The columns of a local cache's table whose data is gone from disk (a disk fault, a copy cut
+    short): zarr would read them as all missing. None are told lost where that cannot be told: a
+    remote store (many HTTP servers list no folders), or a table written before every chunk was
+    stored (an all-missing column had no file)."""
     g = group[name]
     attrs: dict[str, Any] = dict(g.attrs)
-    if not isinstance(g, zarr.Group) or not attrs.get("all_chunks_stored"):
+    local = isinstance(group.store, zarr.storage.LocalStore)
+    if not local or not isinstance(g, zarr.Group) or not attrs.get("all_chunks_stored"):
         return []
     lost = []
     for c in map(str, attrs.get("columns", [])):
@@ -242,7 +252,7 @@ def read_table(
     lost = [c for c in lost_columns(group, name) if c in wanted]
     if lost:
         raise CacheError(
-            f"the cache at {group.store_path} is damaged: its {name} table's column(s) "
+            f"the cache at {location_of(group)} is damaged: its {name} table's column(s) "
             f"{', '.join(map(repr, lost))} are missing on disk; rerun the build that made it "
             "(the same command writes them again) or build it anew"
         )

@@ -205,9 +205,9 @@ class FeatureCache:
         """A manifest column as numpy, converted once: every search indexes the domains and its
         top rows' paths and labels (an Arrow string column takes ms to convert each time)."""
         if name not in self._columns:
-            if name not in self.manifest.columns:  # a spec edited by hand, or a manifest damaged
+            if name not in self.manifest.columns:  # a typo, a spec edited by hand, a manifest damaged
                 raise CacheError(
-                    f"the cache at {self.location} names the column {name!r}, which its manifest lacks "
+                    f"the manifest of the cache at {self.location} has no column {name!r} "
                     f"(columns: {', '.join(map(str, self.manifest.columns))})"
                 )
             self._columns[name] = self.manifest[name].to_numpy()
@@ -217,8 +217,6 @@ class FeatureCache:
         """(sorted) the other images whose `column` holds image `index`'s value (none where it has
         none): those to leave out with it where one subject has many images — a patient's X-rays
         are alike in ways no finding explains, and statistics assume independent images."""
-        if column not in self.manifest.columns:
-            raise ValueError(f"no column {column!r} in the manifest of {self.location}")
         values = self._column(column)
         (i,) = self._indices([index], "the query image")
         if pd.isna(values[i]):
