@@ -146,3 +146,20 @@ def test_a_square_mask_spans_the_view_unless_it_has_the_query_photos_own_size(tm
         box_png(tmp_path / "p.png", (300, 300), (0, 0, 300, 20)), (7, 7), painted_on((300, 300))
     )
     assert 0 < on_photo[:, 0].max() < 0.2 and on_photo[:, 1:].max() == 0, on_photo.round(2)  # stretched: 0.47
+
+
+def test_the_apps_region_download_is_the_view_whatever_the_query_photos_size(tmp_path):
+    """The Search page's region PNG is the canvas (320 px) over the view: for a query photo that
+    is 320×320 itself, load_mask took it for one painted on the photo and cropped it again
+    (review). It says it was painted on the view, and reads back to the app's own grid mask."""
+    from vfs.masks import grid_mask
+    from vfs.render import region_mask_png
+
+    paint = np.zeros((320, 320), bool)
+    paint[:, :40] = True  # a band along the view's left edge
+    (tmp_path / "region.png").write_bytes(region_mask_png(paint))
+    for photo in ((320, 320), (480, 640)):
+        got = load_mask(tmp_path / "region.png", (7, 7), painted_on(photo))
+        np.testing.assert_array_equal(got, grid_mask(paint, (7, 7)))
+    plain = box_png(tmp_path / "plain.png", (320, 320), (0, 0, 320, 40))  # the same, saved elsewhere
+    assert not np.array_equal(load_mask(plain, (7, 7), painted_on((320, 320))), grid_mask(paint, (7, 7)))

@@ -308,6 +308,9 @@ def test_a_result_shows_as_its_summary_and_ranked_table():
     some[:83] = True  # e.g. a label filter: the summary says how many could be returned
     filtered = search_regions(feats, 7, mask, k=4, candidates=some, exclude=7)
     assert filtered.ranked == 82 and filtered.summary().startswith("top 4 of 82 of 300 images for")
+    # a filter that the excluded images lie outside of: still said (review)
+    others = search_regions(feats, 7, mask, k=4, candidates=~some, exclude=list(range(83)))
+    assert others.ranked == 217 and others.summary().startswith("top 4 of 217 of 300 images for")
 
 
 def test_per_domain_keeps_at_most_n_per_domain(device):

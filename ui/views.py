@@ -21,7 +21,7 @@ from vfs.render import (
     match_caption,
     outline,
     png_bytes,
-    region_mask_image,
+    region_mask_png,
     results_figure,
 )
 from vfs.search import SearchResult
@@ -155,7 +155,7 @@ def downloads(
     )
     region.download_button(
         "Download region (PNG mask)",
-        lambda: png_bytes(region_mask_image(paint)),
+        lambda: region_mask_png(paint),
         f"{stem}-region.png",
         "image/png",
         key=f"{key}.region",

@@ -178,10 +178,16 @@ class PaintedOn:
         return view
 
 
+PAINTED_ON_VIEW = ("vfs:painted_on", "view")
+"""A PNG text entry saying its mask was painted on the model's view (the app's region download):
+`load_mask` then takes it so whatever its size."""
+
+
 def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | None = None) -> np.ndarray:
     """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area,
     turned upright by its EXIF orientation as query images are; placed on the model's view by
-    `painted_on` where given (else taken as spanning the grid)."""
+    `painted_on` where given (else taken as spanning the grid), unless it says it was painted on the
+    view (`PAINTED_ON_VIEW`)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -207,11 +213,12 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
                         f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                     )
                 im.load()
+                on_view = im.info.get(PAINTED_ON_VIEW[0]) == PAINTED_ON_VIEW[1]
                 cover = _as_coverage(ImageOps.exif_transpose(im))
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"{path.name}: cannot read the mask image ({type(e).__name__}: {e})") from e
-    if painted_on is not None:
+    if painted_on is not None and not on_view:
         cover = painted_on.place(cover, path.name)
     return grid_mask(cover, grid)

@@ -19,8 +19,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from .masks import Box, grid_box_to_pixels, grid_edges
+from .masks import PAINTED_ON_VIEW, Box, grid_box_to_pixels, grid_edges
 
 __all__ = ["grid_box_to_pixels"]  # the boxes' pixels, for the pages that outline them
 Color = tuple[int, int, int]
@@ -192,13 +193,19 @@ def results_figure(
     return figure
 
 
-def region_mask_image(paint: np.ndarray) -> Image.Image:
-    """A painted region as a mask file that `vfs.masks.load_mask` (the CLI's --mask) reads and a
-    paint program edits: blue and opaque where painted, transparent elsewhere."""
+def region_mask_png(paint: np.ndarray) -> bytes:
+    """A region painted on a canvas over the model's view as a PNG mask that a paint program edits
+    (blue and opaque where painted) and `vfs.masks.load_mask` (the CLI's --mask) reads back to the
+    same grid mask: marked as painted on the view (`PAINTED_ON_VIEW`), so that it is never taken
+    for one painted on a query photo that happens to have the canvas's size."""
     rgba = np.zeros((*np.shape(paint), 4), dtype=np.uint8)
     rgba[..., 2] = 255
     rgba[..., 3] = np.where(np.asarray(paint) > 0, 255, 0)
-    return Image.fromarray(rgba, "RGBA")
+    info = PngInfo()
+    info.add_text(*PAINTED_ON_VIEW)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def png_bytes(image: Image.Image) -> bytes:

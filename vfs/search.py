@@ -85,15 +85,16 @@ class SearchResult:
     rescored: int  # images re-scored exactly because the fast bound could not rank them
     excluded: np.ndarray  # (sorted) the images `exclude` kept out of the ranking, e.g. the query
     ranked: int  # the images that could be returned: `candidates` (e.g. a label filter) less `exclude`
+    filtered: bool  # whether `candidates` limited them
     source: FeatureSource = field(repr=False)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
         return _grid_box(self.placements[index], self.query.mask.shape)
 
     def images_ranked(self) -> str:
-        """ "300 images", or "83 of 300 images" where `candidates` left some out (not `exclude`)."""
+        """What was searched: "300 images", or "83 of 300 images" under `candidates` (a label filter)."""
         n = len(self.scores)
-        return f"{n} images" if self.ranked + len(self.excluded) >= n else f"{self.ranked} of {n} images"
+        return f"{self.ranked} of {n} images" if self.filtered else f"{n} images"
 
     def summary(self) -> str:
         """One line: what was ranked, how, and in what time."""
@@ -321,6 +322,7 @@ def _search(
         int(exact.sum()),
         excluded_images(n, exclude),
         int(eligible.sum()),
+        candidates is not None,
         source,
     )
 

@@ -45,9 +45,7 @@ from e2ehelpers import (
     wait_idle,
 )
 
-from vfs.cache import open_cache
-from vfs.masks import load_mask
-from vfs.search import search_regions
+from vfs.cli import main as cli_main
 from vfs.stats import GROUP_TABLE_COLUMNS
 
 pytestmark = [
@@ -268,7 +266,7 @@ def test_search_stroke_on_a_face(page, server, demo_cache, synthetic_cache):
 
 
 # --- 3. Export: CSV (and JSON, PNG) of the results ------------------------------------------------------------
-def test_export_results(page, server, demo_cache, tmp_path):
+def test_export_results(page, server, demo_cache, tmp_path, capsys):
     k = search_demo_face(page, server)
     shown = score_captions(page)
 
@@ -296,13 +294,23 @@ def test_export_results(page, server, demo_cache, tmp_path):
         page.get_by_role("button", name="Download figure (PNG)").click()
     assert Path(info.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the figure is not a PNG"
 
-    # the painted region as a mask file: the same search again, outside the app
+    # the painted region as a mask file: the same search again, by the CLI
     with page.expect_download() as info:
         page.get_by_role("button", name="Download region (PNG mask)").click()
-    cache = open_cache(demo_cache)
-    mask = load_mask(Path(info.value.path()), cache.spec.grid)
-    again = search_regions(cache, FACE, mask, k=k, exclude=FACE)
-    assert again.top["index"].tolist() == [int(r["index"]) for r in rows], (
+    capsys.readouterr()
+    argv = [
+        "search",
+        str(demo_cache),
+        "--query-index",
+        str(FACE),
+        "--mask",
+        str(info.value.path()),
+        "--k",
+        str(k),
+    ]
+    assert cli_main([*argv, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["results"]
+    assert [r["index"] for r in again] == [int(r["index"]) for r in rows], (
         "the region does not repeat the search"
     )
     no_exception(page)

@@ -269,6 +269,7 @@ class ShardedSearch:
             sum(a.rescored for a in answers),
             excluded_images(n, exclude),
             int(eligible.sum()),
+            candidates is not None,
             self.cache,
         )
 
