@@ -11,6 +11,7 @@ for the pages.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -22,7 +23,8 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BuildRegistry
-from vfs.cache import CacheError, FeatureCache, cache_row, list_caches, open_cache
+from vfs.cache import CacheError, FeatureCache, cache_name, cache_row, list_caches, open_cache
+from vfs.cluster import ClusterFull
 from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
 from vfs.devices import resolve_device
@@ -117,23 +119,47 @@ def warm_up(cache: FeatureCache) -> None:
         _warm_up(cache.location, _stamp(cache.location))
 
 
+NO_ROOM_RETRY_S = 60.0
+"""How long a cache whose shards found no room on the cluster is searched in this process before
+its shards are tried again."""
+_no_room: dict[tuple[str, str, int], float] = {}
+
+
 def sharded_search(cache: FeatureCache) -> ShardedSearch | None:
     """The cache's shards on the Ray cluster when `VFS_RAY_ADDRESS` and `VFS_RAY_SHARDS` are set (started
-    once per server and kept between queries), else None: searches run in this process."""
+    once per server and kept between queries), else None: searches run in this process — also while
+    the cluster has no room for them (other caches' shards hold its CPUs, e.g. on Compare: told once,
+    tried again after NO_ROOM_RETRY_S)."""
     s = settings()
     if not (s.ray_address and s.ray_shards) or not cache.complete:
         return None
     key, stamp = (cache.location, s.ray_address, s.ray_shards), _stamp(cache.location)
     with _shards_lock:
+        refused = _no_room.get(key)
+    if refused is not None and time.monotonic() - refused < NO_ROOM_RETRY_S:
+        return None
+    try:
+        return _started_shards(key, stamp)
+    except ClusterFull as full:
+        with _shards_lock:
+            _no_room[key] = time.monotonic()
+        st.toast(f"{cache_name(cache.location)} is searched on this machine: {full}", icon="⚠️")
+        return None
+
+
+def _started_shards(key: tuple[str, str, int], stamp: int) -> ShardedSearch:
+    """The shards of `key` (location, address, shards) for the cache as it is at `stamp`."""
+    location, address, shards = key
+    with _shards_lock:
         started = _shards_started.get(key)
     if started is not None and started[0] < stamp:  # rebuilt: its old shards hold the CPUs new ones need
-        _shards.clear(cache.location, started[0], s.ray_address, s.ray_shards)
+        _shards.clear(location, started[0], address, shards)
         old = started[1]()
         if old is not None:
-            old.close()  # a search still on them is told to search again
+            old.close()  # a search still on them fails; the session's next one finds the new shards
     elif started is not None and started[0] > stamp:  # read before a rebuild another session has seen
         stamp = started[0]
-    return _shards(cache.location, stamp, s.ray_address, s.ray_shards)
+    return _shards(location, stamp, address, shards)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

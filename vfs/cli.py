@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from .cache import FeatureCache
     from .jobs import BuildProgress
+    from .search import SearchResult
 
 
 def parse_bytes(text: str) -> int:
@@ -231,7 +232,6 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
     from .data import load_image, upright_size
-    from .export import search_json
     from .masks import PaintedOn, load_mask
     from .models import model_kind
     from .search import search_regions
@@ -264,34 +264,48 @@ def _cmd_search(args: argparse.Namespace) -> None:
         exclude = sharing if exclude is None else [exclude, *sharing]
     if args.address and args.shards is None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
+    if args.shards is not None and args.memory_budget is not None:
+        raise ValueError("--memory-budget is for a search on this machine: shards hold their rows in memory")
     if args.shards is not None:
         from .cluster.sharded import ShardedSearch
 
-        with ShardedSearch(
-            cache.location,
-            shards=args.shards,
-            address=args.address,
-            device=args.device,
-            allow_partial=args.allow_partial,
-        ) as sharded:
-            result = sharded.search(
-                query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain, all_scores=False
-            )  # the CLI prints the ranked table only
-    else:
-        result = search_regions(
-            cache,
-            query,
-            mask,
-            k=args.k,
-            exclude=exclude,
-            per_domain=args.per_domain,
-            device=args.device,
-            memory_budget=args.memory_budget,
-        )
-    if args.json:
-        print(json.dumps(search_json(cache, result, desc), indent=1, default=str))
+        with _ray_prints_to_stderr() as out:
+            with ShardedSearch(
+                cache.location,
+                shards=args.shards,
+                address=args.address,
+                device=args.device,
+                allow_partial=args.allow_partial,
+            ) as sharded:
+                result = sharded.search(
+                    query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain, all_scores=False
+                )  # the CLI prints the ranked table only
+            _show_result(cache, result, desc, args.json, out)
         return
-    print(f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})")
+    result = search_regions(
+        cache,
+        query,
+        mask,
+        k=args.k,
+        exclude=exclude,
+        per_domain=args.per_domain,
+        device=args.device,
+        memory_budget=args.memory_budget,
+    )
+    _show_result(cache, result, desc, args.json, sys.stdout)
+
+
+def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json: bool, out: TextIO) -> None:
+    """The search's answer on `out`: its JSON (docs/cli.md), or a summary line and the ranked table."""
+    from .export import search_json
+
+    if as_json:
+        print(json.dumps(search_json(cache, result, desc), indent=1, default=str), file=out)
+        return
+    print(
+        f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})",
+        file=out,
+    )
     roles = {"label": cache.label_col, "domain": cache.domain_col}  # none in the cache: not shown
     names = ("rank", "index", "score", "label", "domain", "path", "grid_box")
     cols = [c for c in names if roles.get(c, c in result.top)]
@@ -299,7 +313,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     for c in ("label", "domain"):  # an image without one: a dash, whether stored as None or NaN
         if c in table:
             table[c] = table[c].astype(object).where(table[c].notna(), "–")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=out)
 
 
 def _dataset_image_size(cache: FeatureCache, index: int) -> tuple[int, int] | None:
@@ -459,6 +473,19 @@ def _warnings_in_words() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
+
+
+@contextmanager
+def _ray_prints_to_stderr() -> Iterator[TextIO]:
+    """Ray's driver prints its workers' and raylet's lines ("(raylet) A worker died…") to
+    `sys.stdout`, at any moment: sent to stderr while a command works on the cluster, so that stdout
+    holds the answer alone (`--json`), written to the stdout this yields."""
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield out
+    finally:
+        sys.stdout = out
 
 
 def _reader_gone(stream: TextIO) -> bool:

@@ -82,5 +82,34 @@ def test_search_page_searches_through_shards(cluster, reference, tmp_path, monke
     (tmp_path / "ref.zarr" / "zarr.json").touch()  # rewritten, as a rebuild does
     assert table().equals(local) and len(started) == 2
     assert first._shards == []  # its actors stopped before the new ones started: not left holding CPUs
-    with pytest.raises(ShardError, match="shards were stopped .* search again"):  # a session still on it
+    with pytest.raises(
+        ShardError, match="shards were stopped .* make a new ShardedSearch"
+    ):  # a session still on it
         first.search(0, np.ones(first.cache.spec.grid))
+
+
+def test_a_cache_the_cluster_has_no_room_for_is_searched_here(
+    cluster, reference, tmp_path, monkeypatch, shards_released
+):
+    """Another cache's shards (another session's, or Compare's other side) held the 2 CPUs: every
+    search waited 15 s and failed (trial). It is searched in this process, said once in a toast,
+    and its shards are tried again after NO_ROOM_RETRY_S."""
+    import vfs.cluster
+
+    shutil.copytree(reference.location, tmp_path / "ref.zarr")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(vfs.cluster, "FREE_WAIT_S", 0.5)
+
+    def table(opened=None):
+        at = opened or start_app().switch_page("app_pages/search.py").run()
+        return no_exceptions(draw(at, box_paint(0.2, 0.1, 0.7, 0.6))).dataframe[0].value
+
+    local = table()
+    monkeypatch.setenv("VFS_RAY_ADDRESS", cluster.get_runtime_context().gcs_address)
+    monkeypatch.setenv("VFS_RAY_SHARDS", "2")
+    with ShardedSearch(reference.location, shards=2):  # every CPU of the cluster
+        opened = no_exceptions(start_app().switch_page("app_pages/search.py").run())
+        assert any("ref is searched on this machine" in t.value for t in opened.toast)  # the page's first run
+        assert table(opened).equals(local)
+        assert table().equals(local)  # not tried again meanwhile: no second wait, no second toast
+    assert len(ui.core._no_room) == 1

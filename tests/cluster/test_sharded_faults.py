@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
+from clusterhelpers import job
 from test_sharded_search import MASKS, assert_same_answer
 
 from vfs import ShardedSearch, search_regions
@@ -46,16 +49,29 @@ def search_args(reference, folder) -> list[str]:
     return ["search", reference.location, "--query-index", "2", "--mask", str(folder / "m.npy")]
 
 
-def test_cli_search_with_shards(cluster, reference, tmp_path, capsys):
+def test_cli_search_with_shards(cluster, reference, tmp_path, capsys, monkeypatch):
+    """The same JSON as a search here; Ray's own lines ("(raylet) A worker died…", printed by the
+    driver at any moment) go to stderr, not into the JSON (trial)."""
     args = [*search_args(reference, tmp_path), "--k", "5", "--json"]
     assert main(args) == 0
     local = json.loads(capsys.readouterr().out)
+    search = ShardedSearch.search
+
+    def noisy(self, *a, **kw):
+        print("(raylet) A worker died or was killed while executing a task")  # as Ray's driver does
+        return search(self, *a, **kw)
+
+    monkeypatch.setattr(ShardedSearch, "search", noisy)
     assert main([*args, "--shards", "2"]) == 0
-    sharded = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    sharded = json.loads(out)
+    assert "(raylet) A worker died" in err
     assert local.pop("elapsed_ms") >= 0 and sharded.pop("elapsed_ms") >= 0
     assert sharded == local
     assert main([*args, "--address", "auto"]) == 2  # not silently searched in this process
     assert "--address is for a search on a Ray cluster: add --shards N" in capsys.readouterr().err
+    assert main([*args, "--shards", "2", "--memory-budget", "1KB"]) == 2  # it was silently ignored
+    assert "--memory-budget is for a search on this machine" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scheme", ["", "ray://"])
@@ -100,10 +116,15 @@ def test_an_address_nothing_answers_at_is_refused_at_once(reference, manifest, t
     assert time.perf_counter() - t0 < 60 and not out.exists()
 
 
-def test_shards_the_cluster_cannot_hold_are_refused_and_a_relative_path_is_the_drivers(cluster, reference):
+def test_shards_the_cluster_cannot_hold_are_refused_and_a_relative_path_is_the_drivers(
+    cluster, reference, manifest, tmp_path
+):
     """Shards the 2 CPUs cannot hold — more than the CPUs, or more than those other shards leave
-    free — are refused at once (Ray would wait for them forever); a relative cache path reaches the
-    shards as the absolute path the driver means."""
+    free — are refused at once (Ray would wait for them forever); so is a cluster build then (it
+    waited silently, its cache created: trial). A relative cache path reaches the shards as the
+    absolute path the driver means."""
+    from vfs import build_cache
+
     with pytest.raises(ValueError, match="cannot hold 3 search shards"):
         ShardedSearch(reference.location, shards=3)
     relative = os.path.relpath(reference.location)
@@ -111,3 +132,55 @@ def test_shards_the_cluster_cannot_hold_are_refused_and_a_relative_path_is_the_d
         assert both._args[0] == os.path.abspath(reference.location)
         with pytest.raises(ValueError, match="1 search shards .* the cluster has 0 CPU free"):
             ShardedSearch(reference.location, shards=1)
+        with pytest.raises(ValueError, match="extractor actors .* the cluster has 0 CPU free"):
+            build_cache(job(manifest, tmp_path / "b.zarr", engine="ray"))
+        assert not (tmp_path / "b.zarr").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: the Ray cluster has no GPU"):
+            build_cache(job(manifest, tmp_path / "g.zarr", engine="ray", device="cuda"))
+        assert not (tmp_path / "g.zarr").exists()
+
+
+def test_shards_of_a_cache_rebuilt_since_they_started_refuse_to_answer(cluster, reference, tmp_path):
+    """The shards hold the old rows, the driver read the query's row from the new cache: answers
+    of neither, silently (trial). The search now says the cache was rebuilt."""
+    location = tmp_path / "c.zarr"
+    shutil.copytree(reference.location, location)
+    s = ShardedSearch(location, shards=2)
+    assert_same_answer(
+        s.search(2, MASKS["block"], k=4), search_regions(reference, 2, MASKS["block"], k=4), reference
+    )
+    group = zarr.open_group(location, mode="r+")
+    group.attrs["created"] = "2026-12-01T00:00:00+0000"  # as a build into the same place writes it
+    with pytest.raises(ShardError, match="was rebuilt since its shards started: make a new"):
+        s.search(2, MASKS["block"], k=4)
+    assert s._shards == []  # stopped: their CPUs are free for the new one
+    with pytest.raises(ShardError, match="make a new ShardedSearch"):
+        s.search(2, MASKS["block"], k=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a cluster without a GPU")
+def test_a_shard_that_cannot_start_says_why_once(cluster, reference):
+    """A constructor's error (no GPU for device='cuda') came as 'down …; the next search starts it
+    again', which no search could (trial): now why it could not start."""
+    with pytest.raises(ShardError, match=r"shard 0 \(rows 0..17\) could not start: .*device 'cuda'"):
+        ShardedSearch(reference.location, shards=2, device="cuda")
+
+
+def test_auto_with_no_cluster_running_says_how_to_start_one(monkeypatch):
+    """`--address auto` with no cluster on this machine blamed a token (trial)."""
+    import ray
+
+    import vfs.cluster
+
+    def no_cluster(**options):
+        raise ConnectionError(
+            "Could not find any running Ray instance. Please specify the one to connect to."
+        )
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(vfs.cluster, "check_reachable", lambda address: None)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(RuntimeError, match="start one with `ray start --head`, or give no address") as raised:
+        vfs.cluster.connect("auto")
+    assert "token" not in str(raised.value)

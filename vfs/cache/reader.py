@@ -249,6 +249,18 @@ class FeatureCache:
             "lost_columns": self.lost_columns(),
         }
 
+    def replaced_on_disk(self) -> bool:
+        """Whether another cache now stands at this location: rebuilt (another creation time or,
+        once complete, other images), or finished since. What long-lived holders of its rows check
+        (`ShardedSearch`): the disk's rows would no longer be theirs. A cache that cannot be read
+        now (moved away, a store that does not answer) is not taken for replaced: it may be back."""
+        try:
+            now = dict(zarr.open_group(self.group.store, mode="r", zarr_format=3).attrs)
+        except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+            return False
+        keys = ("created", "complete") + (("n", "paths_digest") if self.complete else ())
+        return any(now.get(key) != self.attrs.get(key) for key in keys)
+
     def lost_columns(self) -> list[str] | None:
         """The manifest columns whose data is gone from the store ([] where none is, or where that
         cannot be told: tables written before every chunk was stored); None where a complete

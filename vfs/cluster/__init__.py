@@ -50,6 +50,10 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+class ClusterFull(ValueError):
+    """The cluster's free resources cannot hold some actors now (others hold the rest)."""
+
+
 def check_free(requests: list[dict[str, float]], what: str) -> None:
     """Refuse actors that the cluster's free resources cannot hold now (others, e.g. the shards of
     another `ShardedSearch`, hold the rest): Ray would wait for them as long as those live."""
@@ -65,7 +69,7 @@ def check_free(requests: list[dict[str, float]], what: str) -> None:
         time.sleep(0.2)
     if short:
         key = short[0]
-        raise ValueError(
+        raise ClusterFull(
             f"{what} ask for {wanted[key]:g} {key} and the cluster has {free.get(key, 0.0):g} {key} free "
             f"after {FREE_WAIT_S:g} s (other actors hold the rest, e.g. another search's shards): close "
             "those, or ask for less"
@@ -119,6 +123,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             log_to_driver=False,
         )
     except ConnectionError as e:  # the port answers, but not to us: most often token authentication
+        if "Could not find any running Ray instance" in str(e):  # `auto` with no cluster on this machine
+            raise RuntimeError(
+                f"{e} — start one with `ray start --head`, or give no address to start a local one"
+            ) from e
         raise RuntimeError(
             f"{e} — a cluster started by `ray start --head` may require its token: set RAY_AUTH_MODE=token "
             "and give this machine the cluster's token (docs/cluster.md, 'A cluster of several machines')"

@@ -41,7 +41,7 @@ from ..jobs import (
     write_batch,
 )
 from ..models import Preprocess, load_extractor
-from . import OOM_RETRIES, alive_nodes, check_placeable
+from . import OOM_RETRIES, alive_nodes, check_free, check_placeable
 
 WORKER_RETRIES = 3
 """How many times Ray runs a batch again after its worker died on it (a crash, a killed process).
@@ -147,12 +147,17 @@ class WorkerPool:
 
 
 def plan_workers(job: BuildJob) -> WorkerPool:
-    """The extractor actors for `job` on the connected cluster, refused where its nodes cannot hold
-    them all (before the cache is created)."""
+    """The extractor actors for `job` on the connected cluster, refused (before the cache is
+    created) where its nodes cannot hold them all, where other actors hold the resources they need
+    now (Ray would wait for those as long as they live), or where `--device cuda` finds no GPU."""
     nodes = alive_nodes()
+    if job.device == "cuda" and not any(n.get("GPU", 0.0) > 0 for n in nodes):
+        raise ValueError("--device cuda: the Ray cluster has no GPU; build with --device cpu (or auto)")
     pool = WorkerPool.plan(job.workers, job.gpus_per_worker, nodes)
     wanted = [{"CPU": pool.cpus, "GPU": pool.gpus}] * pool.size
-    check_placeable(wanted, nodes, f"{pool.size} extractor actors (--workers, --gpus-per-worker)")
+    what = f"{pool.size} extractor actors (--workers, --gpus-per-worker)"
+    check_placeable(wanted, nodes, what)
+    check_free(wanted, what)
     return pool
 
 

@@ -157,15 +157,17 @@ class ShardedSearch:
         self._down: set[int] = set()
         self.shard_ms: list[float] = []  # the engine's time in each shard in the last search (the rest: Ray)
         self._shards = [self._start(i) for i in range(shards)]
-        self.status()  # waits until every shard holds its rows; a shard that cannot start is named
+        self._gather([s.status.remote() for s in self._shards], starting=True)  # every shard holds its rows
 
     def _start(self, i: int) -> Any:
         location, device, allow_partial = self._args
         return self._actor.remote(location, *self.ranges[i], device, allow_partial)
 
-    def _gather(self, refs: list) -> list:
+    def _gather(self, refs: list, starting: bool = False) -> list:
         """Every shard's answer, or an error naming the first shard that could not answer (every
-        answer is collected first: Ray reports an error no one collected as unhandled)."""
+        answer is collected first: Ray reports an error no one collected as unhandled). `starting`:
+        a shard whose constructor fails is said to be unable to start (no search would restart it);
+        later, a restart that fails is a shard down (the next search tries again)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -184,6 +186,9 @@ class ShardedSearch:
                     )
                 )
             except RayActorError as e:
+                if starting and getattr(e, "actor_init_failed", False):  # its first constructor raised
+                    errors.append(ShardError(f"shard {i} (rows {a}..{b - 1}) could not start: {_cause(e)}"))
+                    continue
                 self._down.add(i)
                 errors.append(
                     ShardError(
@@ -222,7 +227,13 @@ class ShardedSearch:
         if not self._shards:
             raise ShardError(
                 "this cache's search shards were stopped (the cache was rebuilt, or close() was called): "
-                "search again"
+                "make a new ShardedSearch"
+            )
+        if self.cache.replaced_on_disk():  # the shards' rows are the old cache's; a query's row the new
+            self.close()
+            raise ShardError(
+                f"the cache at {self.cache.location} was rebuilt since its shards started: "
+                "make a new ShardedSearch"
             )
         for i in sorted(self._down):  # shards a previous query found dead
             self._shards[i] = self._start(i)
