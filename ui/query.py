@@ -321,8 +321,10 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
     )
     stored = st.session_state.get(REGION)
     if stored is not None and stored.query != query:
-        stored = Region(query, stored.drawing) if keep else None
-        st.session_state[REGION] = stored
+        if keep:  # the drawing, on this query's view
+            stored = st.session_state[REGION] = Region(query, stored.drawing)
+        else:  # this query's canvas starts blank; the other's drawing comes back with it
+            stored = None
     try:
         with canvas:
             drawing = paint_canvas(

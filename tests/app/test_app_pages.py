@@ -289,6 +289,9 @@ def test_the_region_can_be_kept_for_other_images_and_downloaded_as_a_mask(app, c
     at.checkbox(key="region.keep").uncheck().run()
     at.number_input(key="search.index").set_value(6).run()
     assert any("Draw on the query image" in t for t in texts(at.info))  # off: a new image, a new drawing
+    at.number_input(key="search.index").set_value(5).run()  # … and the drawn one comes back with its image
+    assert not any("Draw on the query image" in t for t in texts(at.info))
+    assert at.dataframe[0].value.equals(kept)
 
 
 def test_uploaded_query_uses_the_caches_own_model(app, caches):
