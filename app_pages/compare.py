@@ -50,7 +50,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     """The canvas, both result lists and their agreement: a stroke or an option reruns only this."""
     query_column, option_column = canvas_row()
     with query_column:
-        region = draw_region(query_view(left, query), query, "compare")
+        region = draw_region(left, query_view(left, query), query, "compare")
     with option_column:
         st.caption(
             "The region is drawn once, on the left cache's view; each side searches its own features "

@@ -38,7 +38,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     """The canvas, the grouping options, the plot and the table: a stroke or an option reruns only this."""
     query_column, option_column = canvas_row()
     with query_column:
-        region = draw_region(query_view(cache, query), query, "dist")
+        region = draw_region(cache, query_view(cache, query), query, "dist")
     region = require_region(region)
     result = run_search(cache, query, region, all_exact=True)  # statistics alike on every machine
     columns = group_columns(cache)

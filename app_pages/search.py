@@ -36,7 +36,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     """The canvas, the search options and the results: a stroke or an option reruns only this."""
     drawing, side = canvas_row()
     with drawing:
-        region = draw_region(view, query, "search")
+        region = draw_region(cache, view, query, "search")
     with side:
         k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
         exclude = leave_out_query("Exclude the query image", "search.exclude", query)

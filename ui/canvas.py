@@ -82,3 +82,21 @@ def _paint(url: object, size: int) -> np.ndarray:
     if image.size != (size, size):  # checked before decoding: a small file can hold a huge image
         raise DrawingError(f"the canvas's paint is {image.size[0]}×{image.size[1]} px, not {size}×{size}")
     return np.asarray(image.convert("RGBA"))[..., 3] > 0
+
+
+def mask_shape(paint: np.ndarray) -> dict:
+    """A painted (size, size) bool array as one shape the canvas draws pixel for pixel (and undoes as
+    one step): its runs of painted pixels, row by row, those of the same columns in adjacent rows
+    merged into one box [x0, y0, x1, y1] (end-exclusive)."""
+    boxes: list[list[int]] = []
+    open_boxes: dict[tuple[int, int], int] = {}  # (x0, x1) of a run → the row its box starts on
+    padded = np.zeros((paint.shape[0] + 1, paint.shape[1] + 2), dtype=np.int8)
+    padded[:-1, 1:-1] = paint  # a last blank row closes every box
+    for y, row in enumerate(padded):
+        edges = np.flatnonzero(np.diff(row))
+        runs = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        for run in open_boxes.keys() - runs:
+            boxes.append([run[0], open_boxes.pop(run), run[1], y])
+        for run in runs - open_boxes.keys():
+            open_boxes[run] = y
+    return {"kind": "mask", "boxes": sorted(boxes, key=lambda b: (b[1], b[0]))}

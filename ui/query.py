@@ -7,7 +7,9 @@ Distributions and Compare pages show the same query and the user's drawing follo
 from __future__ import annotations
 
 import hashlib
+import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,13 +21,13 @@ from streamlit.delta_generator import DeltaGenerator
 
 from vfs.cache import CacheError, FeatureCache
 from vfs.compare import comparison_refusal
-from vfs.data import IMAGE_EXTENSIONS, load_image
-from vfs.masks import grid_mask
+from vfs.data import IMAGE_EXTENSIONS, load_image, upright_size
+from vfs.masks import grid_mask, mask_image_coverage
 from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
 from vfs.settings import is_url
 
-from .canvas import Drawing, DrawingError, paint_canvas
+from .canvas import Drawing, DrawingError, mask_shape, paint_canvas
 from .core import (
     CACHE,
     bind,
@@ -298,11 +300,12 @@ def canvas_row() -> tuple[DeltaGenerator, DeltaGenerator]:
     return row.container(width=CANVAS_PX), row.container()
 
 
-def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
+def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -> Region | None:
     """The shared drawer: the view on a canvas (free-hand or rectangle; undo, redo and clear above it),
     the tool and brush size below it.
 
     The region drawn is kept in session state; a canvas opened on another page starts from its shapes.
+    A region can also be loaded from a PNG mask (`_load_region`): the canvas then opens anew with it.
     """
     st.caption("Paint the region to search for")
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
@@ -319,6 +322,19 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         help="Another query image opens with this region painted on its view (e.g. the heart, on "
         "every X-ray); off, each image is painted anew.",
     )
+    loads = st.session_state.setdefault(f"{key}.loads", 0)  # regions loaded: a new uploader, a new canvas
+    st.file_uploader(
+        "Load a region (PNG mask)",
+        type=["png"],
+        key=f"{key}.mask_file.{loads}",
+        on_change=_load_region,
+        args=(cache, query, key),
+        help="A mask painted on the query image or on the model's view, e.g. one downloaded here "
+        "(“Download region”): opaque, or white, where the region is. It replaces the drawing; the "
+        "canvas holds paint, not weights: any pixel the mask touches counts as painted.",
+    )
+    if (failure := st.session_state.pop(f"{key}.mask_error", None)) is not None:
+        st.error(failure)
     stored = st.session_state.get(REGION)
     if stored is not None and stored.query != query:
         if keep:  # the drawing, on this query's view
@@ -332,7 +348,7 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
                 CANVAS_PX,
                 "brush" if freehand else "rectangle",
                 width,
-                key=f"{key}.canvas.{query.key}",
+                key=f"{key}.canvas.{query.key}.{loads}",
                 shapes=stored.drawing.shapes if stored is not None else None,  # drawn when it mounts
             )
     except DrawingError as e:
@@ -342,6 +358,38 @@ def draw_region(view: np.ndarray, query: Query, key: str) -> Region | None:
         stored = Region(query, drawing)
         st.session_state[REGION] = stored
     return stored
+
+
+def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
+    """The uploader's callback: the mask file becomes the query's region, drawn as the canvas's paint
+    (`loaded_paint`); a file that cannot be used is said above the canvas, and the drawing stays."""
+    file = st.session_state.get(f"{key}.mask_file.{st.session_state[f'{key}.loads']}")
+    if file is None:  # the file was removed from the uploader
+        return
+    try:
+        paint = loaded_paint(cache, query, file.getvalue(), file.name)
+    except ValueError as e:
+        st.session_state[f"{key}.mask_error"] = str(e)
+        return
+    st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
+    st.session_state[f"{key}.loads"] += 1
+
+
+def loaded_paint(cache: FeatureCache, query: Query, data: bytes, name: str) -> np.ndarray:
+    """A mask file as canvas paint: (CANVAS_PX, CANVAS_PX) bool, true where it covers any part of a
+    pixel — as any paint counts fully on the canvas. Placed as the CLI's --mask places it: on the
+    query image (its size or shape), cropped as the model saw it, or on the model's view; the app's
+    own download ("Download region") comes back pixel for pixel."""
+    size: Callable[[], tuple[int, int] | None]
+    if query.index is not None:
+        size = partial(cache.image_size, query.index)
+    else:
+        size = partial(upright_size, io.BytesIO(st.session_state[UPLOADED][2]))
+    cover = mask_image_coverage(io.BytesIO(data), name, cache.spec.preprocess.painted_on(size))
+    paint = grid_mask(cover, (CANVAS_PX, CANVAS_PX)) > 0
+    if not paint.any():
+        raise ValueError(f"{name} paints nothing: the region is where the mask is opaque, or white")
+    return paint
 
 
 def leave_out_query(label: str, key: str, query: Query) -> bool:

@@ -232,7 +232,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
     from .data import load_image, upright_size
-    from .masks import PaintedOn, load_mask
+    from .masks import load_mask
     from .models import model_kind
     from .search import search_regions
 
@@ -253,11 +253,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
         query_size: Callable[[], tuple[int, int] | None] = partial(upright_size, args.image)
     else:
         query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
-        query_size = partial(_dataset_image_size, cache, args.query_index)
-    pre = cache.spec.preprocess
-    mask = load_mask(
-        args.mask, cache.spec.grid, PaintedOn(query_size, pre.input_size, pre.view_coverage, pre.describe())
-    )
+        query_size = partial(cache.image_size, args.query_index)
+    mask = load_mask(args.mask, cache.spec.grid, cache.spec.preprocess.painted_on(query_size))
     exclude = None if args.include_query else exclude
     if args.exclude_same:
         sharing = cache.images_sharing(args.exclude_same, args.query_index).tolist()
@@ -314,26 +311,6 @@ def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json:
         if c in table:
             table[c] = table[c].astype(object).where(table[c].notna(), "–")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=out)
-
-
-def _dataset_image_size(cache: FeatureCache, index: int) -> tuple[int, int] | None:
-    """(H, W) of a cache's image as a viewer shows it, where its dataset is at hand (a mask file may
-    be painted on it); None where it is not (moved, an index out of range: said later) or would
-    have to be fetched (a torchvision dataset downloads itself: not for a mask's shape)."""
-    from .data import TORCHVISION_PREFIX, FileReader, open_dataset, upright_size
-
-    spec = cache.spec.data
-    if spec.source.startswith(TORCHVISION_PREFIX):
-        return None
-    try:
-        path = str(cache.manifest["path"].iat[index])
-        reader = open_dataset(spec.source, spec.label_col, spec.domain_col).reader
-        if isinstance(reader, FileReader):
-            return upright_size(reader.resolve(path))  # its size as stored, not as decoded (≤ 4,096 px)
-        image = reader(path)
-    except (LookupError, ValueError, RuntimeError, OSError):  # the mask then has to be square, as on the view
-        return None
-    return image.height, image.width
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -155,7 +155,7 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
     return rgb
 
 
-def upright_size(path: str | Path) -> tuple[int, int]:
+def upright_size(path: str | Path | BinaryIO) -> tuple[int, int]:
     """(H, W) of an image file as a viewer shows it (its EXIF orientation applied), from its header:
     the size of a mask painted on it, whatever `load_image` shrinks the image to."""
     with warnings.catch_warnings():

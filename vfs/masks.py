@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -184,10 +185,8 @@ PAINTED_ON_VIEW = ("vfs:painted_on", "view")
 
 
 def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | None = None) -> np.ndarray:
-    """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area,
-    turned upright by its EXIF orientation as query images are; placed on the model's view by
-    `painted_on` where given (else taken as spanning the grid), unless it says it was painted on the
-    view (`PAINTED_ON_VIEW`)."""
+    """A mask file: `.npy` of exactly the grid's shape (used as is), or an image mapped by area
+    (`mask_image_coverage`)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -201,16 +200,25 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
                 f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}"
             )
         return m.astype(np.float32)
+    return grid_mask(mask_image_coverage(path, path.name, painted_on), grid)
+
+
+def mask_image_coverage(
+    file: str | Path | BinaryIO, name: str, painted_on: PaintedOn | None = None
+) -> np.ndarray:
+    """A mask image's paint coverage in [0, 1] (its alpha, or grey levels), turned upright by its
+    EXIF orientation as query images are; placed on the model's view by `painted_on` where given
+    (else taken as spanning the view), unless it says it was painted on the view (`PAINTED_ON_VIEW`)."""
     from .data import MAX_IMAGE_PIXELS
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
-            with Image.open(path) as im:
+            with Image.open(file) as im:
                 width, height = im.size  # from the header: a bomb is refused before decoding
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ValueError(
-                        f"{path.name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+                        f"{name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                     )
                 im.load()
                 on_view = im.info.get(PAINTED_ON_VIEW[0]) == PAINTED_ON_VIEW[1]
@@ -218,7 +226,7 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"{path.name}: cannot read the mask image ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{name}: cannot read the mask image ({type(e).__name__}: {e})") from e
     if painted_on is not None and not on_view:
-        cover = painted_on.place(cover, path.name)
-    return grid_mask(cover, grid)
+        cover = painted_on.place(cover, name)
+    return cover

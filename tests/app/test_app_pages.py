@@ -294,6 +294,67 @@ def test_the_region_can_be_kept_for_other_images_and_downloaded_as_a_mask(app, c
     assert at.dataframe[0].value.equals(kept)
 
 
+def test_a_region_loads_from_a_mask_file(app, caches, tmp_path):
+    """A region saved with "Download region" comes back pixel for pixel, on the canvas and in the
+    search; a mask painted on the query photo lands where the CLI's --mask puts it; a file that
+    cannot be used is said, and the drawing stays (a trial asked to upload the region it had saved)."""
+    from ui.canvas import mask_shape
+    from vfs.masks import load_mask
+    from vfs.render import region_mask_png
+
+    at = searched(app, caches, y0=0.2, x0=0.45, y1=0.5, x1=0.7)
+    saved, first = at.session_state["vfs.region"].drawing.paint, at.dataframe[0].value
+    draw(at, box_paint(0.6, 0.1, 0.9, 0.3))
+    assert not at.dataframe[0].value.equals(first)
+
+    at.file_uploader(key="search.mask_file.0").set_value(("r.png", region_mask_png(saved), "image/png"))
+    no_exceptions(at.run())
+    region = at.session_state["vfs.region"]
+    np.testing.assert_array_equal(region.drawing.paint, saved)
+    assert region.drawing.shapes == [mask_shape(saved)]  # what the new canvas draws when it mounts
+    assert at.dataframe[0].value.equals(first)
+    assert at.get("bidi_component")[0].proto.id.endswith(f"search.canvas.{region.query.key}.1")
+    assert at.file_uploader(key="search.mask_file.1").value is None  # emptied for the next file
+
+    cache = open_cache(caches / "small.zarr")
+    index = region.query.index
+    height, width = cache.image_size(index)
+    photo = np.zeros((height, width), np.uint8)
+    photo[height // 3 : height // 2, width // 4 : width // 2] = 255
+    Image.fromarray(photo).save(tmp_path / "on_photo.png")
+    at.file_uploader(key="search.mask_file.1").set_value(
+        ("on_photo.png", (tmp_path / "on_photo.png").read_bytes(), "image/png")
+    )
+    no_exceptions(at.run())
+    grid = cache.spec.grid
+    cli = load_mask(
+        tmp_path / "on_photo.png", grid, cache.spec.preprocess.painted_on(lambda: (height, width))
+    )
+    loaded = at.session_state["vfs.region"].mask(grid)
+    np.testing.assert_array_equal(loaded > 0.05, cli > 0.05)
+    np.testing.assert_allclose(loaded, cli, atol=0.06)  # the canvas's paint: a pixel touched is painted
+
+    kept = at.session_state["vfs.region"]
+    for name, data, said in [
+        ("blank.png", region_mask_png(np.zeros((320, 320), bool)), "paints nothing"),
+        ("bad.png", b"not a png", "cannot read the mask image"),
+        ("strip.png", _strip_png(), "square view"),
+    ]:
+        at.file_uploader(key="search.mask_file.2").set_value((name, data, "image/png"))
+        no_exceptions(at.run())
+        assert any(name in t and said in t for t in texts(at.error)), (name, texts(at.error))
+        assert at.session_state["vfs.region"] is kept and len(at.dataframe) == 1
+
+
+def _strip_png() -> bytes:
+    """A 300×10 mask: neither the query photo's shape nor a square."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((10, 300), 255, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()

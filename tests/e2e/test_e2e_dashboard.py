@@ -16,6 +16,7 @@ run state (`data-test-script-state` on the stApp element) instead of sleeping.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -25,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from e2ehelpers import (
     CHROMIUM,
@@ -44,6 +46,7 @@ from e2ehelpers import (
     timed_stroke,
     wait_idle,
 )
+from PIL import Image
 
 from vfs.cli import main as cli_main
 from vfs.stats import GROUP_TABLE_COLUMNS
@@ -313,7 +316,36 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     assert [r["index"] for r in again] == [int(r["index"]) for r in rows], (
         "the region does not repeat the search"
     )
+
+    # … and back into the app: on a cleared canvas, the file gives the same paint and the same results
+    region_file = tmp_path / info.value.suggested_filename  # as a browser saves it: the uploader wants .png
+    assert region_file.suffix == ".png", region_file
+    info.value.save_as(region_file)
+    searched = page.evaluate(RESULTS_CHANGED, [k, ""])[1]
+    wait_idle(page)
+    page.locator(".vfs-canvas-bar").get_by_role("button", name="Clear", exact=True).click()
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
+    wait_idle(page)
+    uploader = page.get_by_test_id("stFileUploader").filter(has_text="Load a region (PNG mask)")
+    uploader.locator("input[type=file]").set_input_files(region_file)
+    page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
+    assert page.evaluate(RESULTS_CHANGED, [k, ""])[1] == searched
+    canvas = page.locator("canvas.vfs-paint")
+    loaded = canvas_alpha(canvas) > 0
+    np.testing.assert_array_equal(loaded, np.asarray(Image.open(region_file))[..., 3] > 0)
+    wait_idle(page)
+    more = timed_stroke(page, k, searched, y=0.8, timeout_ms=RESULT_TIMEOUT_MS).signature  # paints on it
+    assert canvas.evaluate(PAINTED) > loaded.sum()
+    wait_idle(page)
+    assert press_and_wait(page, "Control+z", k, more) == searched  # the loaded region, one step back
+    np.testing.assert_array_equal(canvas_alpha(canvas) > 0, loaded)
     no_exception(page)
+
+
+def canvas_alpha(canvas) -> np.ndarray:
+    """The canvas's paint (its alpha), read from the page as the PNG it would send."""
+    url = canvas.evaluate("c => c.toDataURL('image/png')")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGBA"))[..., 3]
 
 
 # --- 4. Distributions: the query drawn on Search, box plot and group table (face / not face) ------------------

@@ -413,6 +413,25 @@ class FeatureCache:
             raise IndexError(f"{what} outside 0..{self.n - 1}")
         return idx
 
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """(H, W) of an image as a viewer shows it, where its dataset is at hand (a mask file may be
+        painted on it); None where it is not (moved, an index out of range: said later) or would
+        have to be fetched (a torchvision dataset downloads itself: not for a mask's shape)."""
+        from ..data import TORCHVISION_PREFIX, FileReader, open_dataset, upright_size
+
+        spec = self.spec.data
+        if spec.source.startswith(TORCHVISION_PREFIX):
+            return None
+        try:
+            path = str(self.manifest["path"].iat[index])
+            reader = open_dataset(spec.source, spec.label_col, spec.domain_col).reader
+            if isinstance(reader, FileReader):
+                return upright_size(reader.resolve(path))  # its size as stored, not as decoded (≤ 4,096 px)
+            image = reader(path)
+        except (LookupError, ValueError, RuntimeError, OSError):  # a mask then has to be square, as the view
+            return None
+        return image.height, image.width
+
     def thumb(self, index: int) -> np.ndarray:
         return self.thumbs_at([int(index)])[0]
 

@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..data import upright_rgb
+from ..masks import PaintedOn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,6 +90,12 @@ class Preprocess:
         that image: (input_size, input_size), padding uncovered."""
         image = PIL.Image.fromarray(np.asarray(coverage, dtype=np.float32), mode="F")
         return np.clip(np.asarray(self._fit(image, "bilinear", 0.0), dtype=np.float64), 0.0, 1.0)
+
+    def painted_on(self, query_size: Callable[[], tuple[int, int] | None]) -> PaintedOn:
+        """Where a mask file for a query of size `query_size()` (H, W; None: not at hand) may have
+        been painted, for `vfs.masks.load_mask`: on that image, cropped as this view crops it, or on
+        the view."""
+        return PaintedOn(query_size, self.input_size, self.view_coverage, self.describe())
 
     def _fit(self, image: PIL.Image.Image, interpolation: str, fill: Any) -> PIL.Image.Image:
         """Resize and crop (or pad with `fill`) to the input square, as `crop` says."""

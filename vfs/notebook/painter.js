@@ -7,6 +7,11 @@
 const PAINT = "rgb(255, 96, 0)"; // opaque on the canvas; the canvas is shown half transparent
 
 function drawShape(ctx, shape) {
+  if (shape.kind === "mask") {
+    // a region loaded from a mask file: its painted pixels as boxes [x0, y0, x1, y1], end-exclusive
+    for (const [x0, y0, x1, y1] of shape.boxes) ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
+    return;
+  }
   if (shape.kind === "rect") {
     const [x0, y0, x1, y1] = shape.box;
     ctx.fillRect(Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0));
