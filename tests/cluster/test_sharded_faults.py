@@ -10,7 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,44 @@ def test_an_address_nothing_answers_at_is_refused_at_once(reference, manifest, t
     )
     assert done.returncode == 2 and f"error: {refused}" in done.stderr, done.stderr
     assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
+def test_an_address_that_answers_but_not_as_ray_is_refused_at_once(cluster):
+    """A web server (the dashboard's port, given for the cluster's) or a server that never speaks
+    kept `ray.init` retrying for minutes (trial: 5 min, then killed); the cluster's own GCS port and
+    a gRPC server pass."""
+    import grpc
+    import ray
+
+    from vfs.cluster import REACH_TIMEOUT_S, check_reachable
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in its backlog; nothing is ever sent
+    try:
+        for scheme in ("", "ray://"):
+            for port, waited in (
+                (web.server_address[1], 2.0),
+                (silent.getsockname()[1], REACH_TIMEOUT_S + 2),
+            ):
+                t0 = time.perf_counter()
+                with pytest.raises(RuntimeError, match="answers, but not as a Ray cluster does"):
+                    check_reachable(f"{scheme}127.0.0.1:{port}")
+                assert time.perf_counter() - t0 < waited
+    finally:
+        web.shutdown()
+        silent.close()
+
+    check_reachable(ray.get_runtime_context().gcs_address)
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        check_reachable(f"ray://127.0.0.1:{port}")
+    finally:
+        server.stop(None)
 
 
 def test_shards_the_cluster_cannot_hold_are_refused_and_a_relative_path_is_the_drivers(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ held for half a minute by something else is waited out."""
 
 
 def check_reachable(address: str | None) -> None:
-    """Refuse at once a "host:port" or "ray://host:port" address that nothing answers at: `ray.init`
-    retries one for minutes, deaf to SIGTERM meanwhile. Other forms ("auto", none) are Ray's own."""
+    """Refuse at once a "host:port" or "ray://host:port" address that nothing answers at, or that
+    answers but not as Ray does (no gRPC: a web server such as the dashboard's port, a silent one):
+    `ray.init` retries either for minutes, deaf to SIGTERM meanwhile. Other forms ("auto", none)
+    are Ray's own."""
     if address is None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -41,6 +44,37 @@ def check_reachable(address: str | None) -> None:
             f"no Ray cluster answers at {address} ({e.strerror or e}): start one there "
             "(ray start --head) or give its address"
         ) from e
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # the check below speaks plain gRPC
+        return
+    if not _speaks_grpc(f"{host}:{port}", REACH_TIMEOUT_S):
+        raise RuntimeError(
+            f"{address} answers, but not as a Ray cluster does (no gRPC there: a web page, such as the "
+            "dashboard's port 8265, or another server): give the cluster's address, the port "
+            "`ray start --head` printed (6379 unless --port said otherwise), or ray://host:10001"
+        )
+
+
+def _speaks_grpc(target: str, timeout_s: float) -> bool:
+    """Whether an HTTP/2 (gRPC) connection to `target` ("host:port") is set up within `timeout_s`,
+    as it is at a Ray cluster's GCS and Ray Client ports; False as soon as the server refuses the
+    handshake. (grpc comes with Ray.)"""
+    import grpc
+
+    ready, answered = [False], threading.Event()
+
+    def changed(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            ready[0] = state is grpc.ChannelConnectivity.READY
+            answered.set()
+
+    channel = grpc.insecure_channel(target)
+    try:
+        channel.subscribe(changed, try_to_connect=True)
+        answered.wait(timeout_s)
+        channel.unsubscribe(changed)
+    finally:
+        channel.close()
+    return ready[0]
 
 
 def alive_nodes() -> list[dict[str, float]]:
