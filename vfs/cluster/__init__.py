@@ -8,6 +8,7 @@ on one machine exactly as on many.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -155,6 +156,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                 "env_vars": {k: os.environ[k] for k in ("VFS_FAST_DTYPE",) if k in os.environ},
             },
             log_to_driver=False,
+            logging_level=logging.WARNING,  # not its INFO lines (a local instance started, a package pushed)
         )
     except ConnectionError as e:  # the port answers, but not to us: most often token authentication
         if "Could not find any running Ray instance" in str(e):  # `auto` with no cluster on this machine

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -175,6 +176,7 @@ def run_on_ray(
     the cluster `build_cache` has connected to, by the actors of `pool` (`plan_workers`)."""
     import ray
     import ray.data
+    from ray.util.annotations import RayDeprecationWarning
 
     start, b = writer.next_item, job.batch_size
     paths = dataset.records["path"].astype(str).tolist()
@@ -187,29 +189,33 @@ def run_on_ray(
     context.execution_options.preserve_order = True  # the writer stores in manifest order
     context.enable_progress_bars = False  # VFS reports its own progress …
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # … and Ray Data's periodic log of it is noise
-    rows = (
-        ray.data.from_items(batches, override_num_blocks=len(batches))
-        # Ray 2.60 names no parameter for retries: they go as the remote arguments it still takes
-        .map(_Decode(dataset.reader, preprocess, thumb), max_retries=WORKER_RETRIES)
-        .map_batches(
-            _Extract,
-            fn_constructor_args=(
-                job.model,
-                job.layer,
-                writer.spec,
-                job.device,
-                torch.get_num_threads(),
-                writer.feature_scale,
-            ),
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.cpus,
-            num_gpus=pool.gpus,
-            max_task_retries=WORKER_RETRIES,
-            max_restarts=ACTOR_RESTARTS,
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # as is its "bars disabled"
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for retries and restarts: they go as the remote arguments it
+        # deprecates (requirements-ray.txt pins it), and its warning is none the user can act on
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        rows = (
+            ray.data.from_items(batches, override_num_blocks=len(batches))
+            .map(_Decode(dataset.reader, preprocess, thumb), max_retries=WORKER_RETRIES)
+            .map_batches(
+                _Extract,
+                fn_constructor_args=(
+                    job.model,
+                    job.layer,
+                    writer.spec,
+                    job.device,
+                    torch.get_num_threads(),
+                    writer.feature_scale,
+                ),
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool.size),
+                num_cpus=pool.cpus,
+                num_gpus=pool.gpus,
+                max_task_retries=WORKER_RETRIES,
+                max_restarts=ACTOR_RESTARTS,
+            )
         )
-    )
     meter = ProgressMeter(start, len(paths), writer.rows, len(writer.skipped))
     came_back = False
     try:
