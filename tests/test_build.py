@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,46 @@ def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypat
     assert f"no space left on the disk holding {out}: free some and rerun the same build to resume" in err, (
         err
     )
+
+
+def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_path, monkeypatch):
+    """A finished cache on read-only media (a shared, read-only mount): its build's rerun answered
+    "[Errno 30] Read-only file system: '….lock'" (trial). Now the rerun is the finished cache, as
+    anywhere; a build to resume there, or a new one, is refused with why; nothing is written."""
+    import errno
+    import shutil
+
+    from vfs.cache import BuildLock, CacheError
+
+    def read_only(self, owner):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+
+    cache, _ = demo
+    done, partial = tmp_path / "done.zarr", tmp_path / "partial.zarr"
+    shutil.copytree(cache.location, done)
+    job = BuildJob(layer="blocks.5", data="embedded:skimage", out=str(partial), limit=24, batch_size=8)
+
+    def interrupt(report):
+        if report.done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(job, progress=interrupt)
+
+    def files():
+        return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.rglob("*")}
+
+    before = files()
+    monkeypatch.setattr(BuildLock, "_enter_flock", read_only)
+    monkeypatch.setattr(BuildLock, "_enter_pidfile", read_only)
+    monkeypatch.setattr("vfs.jobs._run", lambda *a: pytest.fail("a build ran where nothing may be written"))
+    assert build_cache(replace(job, out=str(done))).complete
+    for out in (partial, tmp_path / "new.zarr"):
+        with pytest.raises(
+            CacheError, match=f"cannot build {out}: its folder {tmp_path} cannot be written here"
+        ):
+            build_cache(replace(job, out=str(out)))
+    assert files() == before
 
 
 def test_ctrl_c_keeps_every_image_computed(tmp_path):

@@ -231,7 +231,7 @@ def build_cache(
         with sigterm_kept():  # ray.init's own SIGTERM handler would exit on the spot
             connect(job.address)
         pool = plan_workers(job)
-    with BuildLock(job.out), _disk_full_names(job.out):
+    with BuildLock(job.out) as lock, _disk_full_names(job.out):
         try:
             writer = CacheWriter.open(
                 job.out,
@@ -242,8 +242,14 @@ def build_cache(
                 job=asdict(replace(job, data=dataset.spec.source)),  # a resume from any folder finds it
                 feature_scale=cache_feature_scale(extractor.probe_peak),
             )
-        except AlreadyComplete:  # a rerun of a finished build
+        except AlreadyComplete:  # a rerun of a finished build (also where its folder is read-only)
             return open_cache(job.out)
+        except OSError as e:
+            if lock.unwritable is None:
+                raise
+            raise lock.refusal() from e
+        if lock.unwritable is not None:  # a build to resume, unlocked: nothing may be written
+            raise lock.refusal()
         try:
             if job.engine == "ray":
                 from .cluster.build import run_on_ray

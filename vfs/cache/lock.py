@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -16,12 +17,19 @@ try:
 except ImportError:  # Windows: the lock falls back to a pid file
     fcntl = None
 
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""What creating the lock file raises where the folder cannot be written here (read-only media)."""
+
 
 class BuildLock:
     """One build per output. `<out>.lock` is locked with flock(2), which the kernel releases when
     the owner exits or is killed, so a dead build never blocks the next one (and a reused pid
     cannot fake an owner); the file names the owner (pid, host) for the refusal message.
-    Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored."""
+    Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored.
+
+    Where the folder cannot be written (a cache on read-only media), no lock is taken and nothing can
+    be written: `unwritable` says why, for a rerun of a finished build to answer "complete", and for
+    anything else to be refused (`refusal`)."""
 
     def __init__(self, out: str | Path):
         # "x.zarr/" is x.zarr (its lock never inside it); a link to it, or through a linked folder,
@@ -31,6 +39,7 @@ class BuildLock:
             raise CacheError(f"{str(out)!r} names no folder to build a cache in; name one (caches/c.zarr)")
         self.path = cache.with_name(cache.name + ".lock")  # beside the cache: taken before it exists
         self._fd: int | None = None
+        self.unwritable: OSError | None = None
 
     def _refuse(self, owner: str) -> CacheError:
         return CacheError(
@@ -38,11 +47,30 @@ class BuildLock:
             f"{owner.strip() or 'owner unknown'}); wait for it to finish or stop it first"
         )
 
+    def refusal(self) -> CacheError:
+        """Why a build cannot go on in a folder it cannot write."""
+        cache = self.path.with_suffix("")
+        why = self.unwritable.strerror if self.unwritable is not None else "not writable"
+        return CacheError(
+            f"cannot build {cache}: its folder {cache.parent} cannot be written here ({why}); "
+            "build into a writable folder, or resume it where it can be written"
+        )
+
     def __enter__(self) -> BuildLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-        if fcntl is None:
-            return self._enter_pidfile(owner)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+            return self._enter_pidfile(owner) if fcntl is None else self._enter_flock(owner)
+        except OSError as e:
+            if e.errno not in UNWRITABLE:
+                raise
+            self.unwritable = e
+            if not self.path.with_suffix("").is_dir():  # nothing there to find complete
+                raise self.refusal() from e
+            return self
+
+    def _enter_flock(self, owner: bytes) -> BuildLock:
+        assert fcntl is not None
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -93,7 +121,8 @@ class BuildLock:
         return True
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.unwritable is None:
+            self.path.unlink(missing_ok=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
