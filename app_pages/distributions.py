@@ -84,8 +84,9 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     st.header(f"Groups by {title}")
     st.caption(
         "Each group against the other images: AUROC of the score as a detector of the group, with "
-        "its 95% DeLong interval; the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg "
-        "q-value over the table's groups."
+        "its 95% DeLong interval (logit scale; none for fewer than 10 images a side, or an AUROC of 0 "
+        "or 1); the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg q-value over the "
+        "table's groups."
         + (f" {unknown} images without a value in {column!r} are in neither group." if unknown else "")
     )
     st.dataframe(
