@@ -87,6 +87,17 @@ def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypat
     )
 
 
+def interrupted_build(job: BuildJob, after: int) -> None:
+    """`job` built until its progress reports `after` images done, then stopped by Ctrl-C."""
+
+    def interrupt(report):
+        if report.done >= after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(job, progress=interrupt)
+
+
 def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_path, monkeypatch):
     """A finished cache on read-only media (a shared, read-only mount): its build's rerun answered
     "[Errno 30] Read-only file system: '….lock'" (trial). Now the rerun is the finished cache, as
@@ -103,13 +114,7 @@ def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_p
     done, partial = tmp_path / "done.zarr", tmp_path / "partial.zarr"
     shutil.copytree(cache.location, done)
     job = BuildJob(layer="blocks.5", data="embedded:skimage", out=str(partial), limit=24, batch_size=8)
-
-    def interrupt(report):
-        if report.done >= 8:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(job, progress=interrupt)
+    interrupted_build(job, after=8)
 
     def files():
         return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.rglob("*")}
@@ -134,13 +139,7 @@ def test_ctrl_c_keeps_every_image_computed(tmp_path):
 
     out = tmp_path / "c.zarr"
     job = BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out), limit=24, batch_size=8)
-
-    def interrupt(report):
-        if report.done >= 16:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(job, progress=interrupt)
+    interrupted_build(job, after=16)
     partial = open_cache(out, allow_partial=True)
     assert not partial.complete and partial.stored == 16
     assert build_cache(job).n == 24
