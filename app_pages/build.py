@@ -98,7 +98,7 @@ layer = st.selectbox(
     key=bind("build.layer", fallback, options=found),
     format_func=lambda n: (
         f"{n} — {found[n].height}×{found[n].width} grid, {found[n].channels} channels"
-        + (f" (= {found[n].same_as[-1]})" if found[n].same_as else "")
+        + (f" {found[n].note}" if found[n].note else "")
     ),
 )
 

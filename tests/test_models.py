@@ -322,6 +322,46 @@ def test_file_spec_takes_a_fine_tuned_classifiers_head_size(tmp_path, arch):
     assert weights_digest(model) == weights_digest(tuned.eval())
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torchvision.models.resnet18(weights=None),
+        lambda: torchvision.models.vgg11(weights=None),  # three linear layers in its classifier
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False),
+        lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False),  # two heads
+    ],
+)
+def test_a_backbone_checkpoint_without_its_classifier_loads(tmp_path, make):
+    """Self-supervised and feature-extractor checkpoints carry no classifier: they were refused as
+    "another architecture" (trial). The classifier becomes an identity: the spatial layers are the
+    full model's, and no random weight enters."""
+    full = make().eval()
+    arch = {"ResNet": "torchvision:resnet18", "VGG": "torchvision:vgg11"}.get(
+        type(full).__name__, full.default_cfg["architecture"] if hasattr(full, "default_cfg") else ""
+    )
+    head = ("fc.", "classifier.", "head.", "head_dist.")
+    torch.save({k: v for k, v in full.state_dict().items() if not k.startswith(head)}, tmp_path / "b.pt")
+    spec = f"file:{tmp_path / 'b.pt'}?arch={arch}"
+    layer = {"ResNet": "layer3", "VGG": "features.10"}.get(type(full).__name__, "blocks.5")
+    extractor = load_extractor(spec, layer)
+    expected = hooked_output(full, layer, model_input(extractor.preprocess))
+    got = torch.from_numpy(extractor.features(CHELSEA))
+    expected = expected[0] if expected.ndim == 3 else expected[0].permute(1, 2, 0)
+    if expected.ndim == 2:  # tokens: the class (and distillation) tokens first
+        expected = expected[-got.shape[0] * got.shape[1] :].reshape(got.shape)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert weights_digest(load_model(spec)[0]) == weights_digest(load_model(spec)[0])
+
+
+def test_a_checkpoint_missing_more_than_its_classifier_is_refused(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(
+        {k: v for k, v in state.items() if not k.startswith(("fc.", "layer4.1.conv2."))}, tmp_path / "b.pt"
+    )
+    with pytest.raises(ValueError, match="does not fit torchvision:resnet18: 3 of its weights missing"):
+        load_model(f"file:{tmp_path / 'b.pt'}?arch=torchvision:resnet18")
+
+
 def test_file_spec_says_what_a_checkpoint_holds_and_what_to_save(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     torch.save(model, tmp_path / "whole.pt")
@@ -372,6 +412,38 @@ def test_vit_tokens_become_a_grid():
     extractor = load_extractor(spec, "blocks.3")
     assert (extractor.grid, extractor.channels) == ((14, 14), 192)
     assert isinstance(extractor._body, _GraphLayer)
+
+
+def test_what_only_looks_like_a_map_is_not_a_layer():
+    """From a trial over many architectures: a Swin window's attention weights (1, 24 heads, 64, 64)
+    were listed as a 64×64×24 map, and an MLP-Mixer's token-mixing output (1, 64 channels, 16
+    tokens) as 8×8 tokens of 16 channels; both built and searched without a word."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    spec = "timm:swin_tiny_patch4_window7_224?pretrained=false"
+    names = {info.name for info in list_layers(spec, 256)}
+    assert "layers.3.blocks.0" in names and not any(
+        n.endswith(("attn.softmax", "attn.attn_drop")) for n in names
+    )
+    with pytest.raises(ValueError, match=r"gives \(1, 24, 64, 64\) at input size 256: attention weights"):
+        load_extractor(spec, "layers.3.blocks.0.attn.softmax", image_size=256)
+
+    mixer = MlpMixer(img_size=64, patch_size=16, num_blocks=1, embed_dim=64).eval()  # 4×4 patches
+    layers = {info.name: info for info in list_layers(mixer, 64)}
+    assert (layers["blocks.0.norm1"].height, layers["blocks.0.norm1"].channels) == (4, 64)
+    assert "blocks.0.mlp_tokens" not in layers and "blocks.0.mlp_tokens.fc1" not in layers
+
+
+def test_maps_of_valid_convolutions_and_modules_that_run_more_than_once_are_listed():
+    """Inception's and SqueezeNet's unpadded convolutions lose a few cells a stage (35 of 299 / 8):
+    such maps were left out (trial). A module that runs more than once (a ResNet block's one ReLU)
+    gives its first output, and the listing says so."""
+    squeeze = {info.name: info for info in list_layers("torchvision:squeezenet1_0@none")}
+    assert (squeeze["features.0"].height, squeeze["features.2"].height) == (109, 54)
+    resnet = {info.name: info for info in list_layers("torchvision:resnet18@none")}
+    relu = resnet["layer2.0.relu"]
+    assert (relu.height, relu.calls, relu.note) == (28, 2, "(its first of 2 calls)")
+    assert resnet["layer2"].calls == 1 and resnet["layer2"].note == "(= layer2.1)"
 
 
 def test_fixed_size_model_at_another_size():

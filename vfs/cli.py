@@ -67,6 +67,7 @@ def _cmd_layers(args: argparse.Namespace) -> None:
                 "grid": [info.height, info.width],
                 "channels": info.channels,
                 "same_as": list(info.same_as),
+                "calls": info.calls,
             }
             for info in layers
         ]
@@ -77,8 +78,8 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.spec}: no layer gives a spatial map of at least 2 cells{size}")
     width = max(len(info.name) for info in layers)
     for info in layers:
-        same = f"  (= {info.same_as[-1]})" if info.same_as else ""
-        print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}{same}")
+        note = f"  {info.note}" if info.note else ""
+        print(f"{info.name:<{width}}  {info.height}×{info.width}×{info.channels}{note}")
 
 
 class _ProgressBar:

@@ -303,6 +303,7 @@ def _load_file(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     if classes is not None:  # a fine-tuned classifier: the head's size is the checkpoint's
         with contextlib.suppress(TypeError, ValueError):  # a constructor without num_classes
             model = make(num_classes=classes)
+    _drop_missing_head(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -383,6 +384,24 @@ def _head_size(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Ten
     if weight is None or not differ <= {f"{head}.weight", f"{head}.bias"} or weight.ndim < 2:
         return None
     return int(weight.shape[0]) if weight.shape[1:] == wanted[f"{head}.weight"].shape[1:] else None
+
+
+def _drop_missing_head(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """A backbone's checkpoint (self-supervised weights, timm's `num_classes=0`, a feature
+    extractor) lacks the classifier and nothing else: where every weight it lacks is a linear
+    layer's, and those are the model's last layers with weights, they become identities, so that
+    the spatial layers load and no random weights enter (nor the weights digest)."""
+    wanted = model.state_dict()
+    missing = wanted.keys() - state.keys()
+    if not missing or state.keys() - wanted.keys():
+        return
+    owners = {key.rpartition(".")[0] for key in missing}
+    modules = dict(model.named_modules())
+    weighted = [name for name, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
+    if set(weighted[-len(owners) :]) != owners or not all(isinstance(modules[o], nn.Linear) for o in owners):
+        return
+    for name in owners:
+        model.set_submodule(name, nn.Identity())
 
 
 def _misfit(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> str:

@@ -48,6 +48,15 @@ class LayerInfo:
     width: int
     channels: int
     same_as: tuple[str, ...] = ()  # later modules giving the very same output (`blocks` is `blocks.11`)
+    calls: int = 1  # times the module runs in one forward pass: its first output is the layer's
+
+    @property
+    def note(self) -> str:
+        """What a listing adds to the grid: the module it equals, and that it runs more than once."""
+        same = f"= {self.same_as[-1]}" if self.same_as else ""
+        calls = f"its first of {self.calls} calls" if self.calls > 1 else ""
+        shown = "; ".join(part for part in (same, calls) if part)
+        return f"({shown})" if shown else ""
 
 
 class LayerError(ValueError):
@@ -100,10 +109,20 @@ class _Layout:
 
 
 def _plausible_side(side: int, input_size: int) -> bool:
-    """Whether a map side is the input side divided by some integer stride (±1 for padding);
-    this tells spatial maps from other 4D/3D tensors such as attention matrices."""
+    """Whether a map side is the input side divided by some integer stride, give or take padding
+    (±1) or the cells valid convolutions lose (up to a tenth: Inception's 35 of 299 / 8 = 37.4);
+    this tells spatial maps from other 4D/3D tensors."""
     stride = max(1, round(input_size / side))
-    return abs(input_size / stride - side) <= 1
+    return abs(input_size / stride - side) <= max(1.0, 0.1 * side)
+
+
+def _is_attention(output: torch.Tensor) -> bool:
+    """Attention weights, (…, queries, keys) with each row a distribution over as many keys as
+    queries (a Swin window's 64 × 64 at 24 heads): shaped like a map, but none."""
+    if output.ndim < 3 or output.shape[-1] != output.shape[-2] or output.shape[-1] < 2:
+        return False
+    rows = output.detach().float()
+    return bool(rows.min() >= 0 and torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-3))
 
 
 def _layout(output: Any, input_size: int, model: nn.Module) -> _Layout | None:
@@ -111,7 +130,7 @@ def _layout(output: Any, input_size: int, model: nn.Module) -> _Layout | None:
     of at least 2 cells (a 1×1 map cannot locate anything)."""
     if not isinstance(output, torch.Tensor) or not output.is_floating_point():
         return None
-    if output.shape[0] != 1:  # e.g. Swin's windows folded into the batch
+    if output.shape[0] != 1 or _is_attention(output):  # e.g. Swin's windows folded into the batch
         return None
     layout = None
     if output.ndim == 4:
@@ -140,16 +159,20 @@ def _token_owner(modules: dict[str, nn.Module], layer: str) -> nn.Module:
 
 def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module) -> _Layout | None:
     """(1, T, C) tokens as a grid after dropping prefix tokens (timm: num_prefix_tokens;
-    otherwise try none, then one class token)."""
+    otherwise try none, then one class token). Where the model declares its patch grid (timm's
+    patch embedding's `grid_size`), tokens never outnumber its patches: an MLP-Mixer's
+    token-mixing output, (1, 1024 channels, 196 tokens), is no 32 × 32 grid."""
     declared = getattr(model, "num_prefix_tokens", None)
     prefixes = (declared, 0) if isinstance(declared, int) else (0, 1)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    grids = (getattr(m, "grid_size", None) for m in model.modules())
+    grid: tuple[int, ...] | None = next((g for g in grids if isinstance(g, tuple)), None)
     for prefix in dict.fromkeys(prefixes):
         count = tokens - prefix
         if grid is not None and count == grid[0] * grid[1]:
             return _Layout("tokens", int(grid[0]), int(grid[1]), channels, prefix)
         side = math.isqrt(max(count, 0))
-        if side > 0 and side * side == count and _plausible_side(side, input_size):
+        finer = grid is not None and side > min(grid)
+        if side > 0 and side * side == count and _plausible_side(side, input_size) and not finer:
             return _Layout("tokens", side, side, channels, prefix)
     return None
 
@@ -193,14 +216,18 @@ def _input_size_error(spec: str, size: int, native: int, error: Exception) -> Va
     return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
 
 
-def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, int]]:
-    """Each module's output (and its tensor version) on its first call, for a zero image."""
-    outputs: dict[str, tuple[Any, int]] = {}
+def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, int, int]]:
+    """Each module's output (and its tensor version) on its first call, for a zero image, and how
+    many times it ran (a ResNet block's one ReLU module runs three times)."""
+    outputs: dict[str, tuple[Any, int, int]] = {}
 
     def recorder(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
-            if name not in outputs:
-                outputs[name] = (output, getattr(output, "_version", 0))
+            if name in outputs:
+                first, version, calls = outputs[name]
+                outputs[name] = (first, version, calls + 1)
+            else:
+                outputs[name] = (output, getattr(output, "_version", 0), 1)
 
         return record
 
@@ -223,7 +250,7 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
     for name in modules:  # parents come before their children
         if name not in outputs:
             continue
-        output, version = outputs[name]
+        output, version, calls = outputs[name]
         # The same tensor, unmodified, as an enclosing or earlier module (a container and its
         # last child, BatchNormAct and its activation): same features, listed once, by the first
         # name, with the others named (a ViT's `blocks` ends at `blocks.11`).
@@ -236,7 +263,7 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
         first[key] = name
         layout = _layout(output, input_size, _token_owner(modules, name))
         if layout is not None:
-            layers[name] = LayerInfo(name, layout.height, layout.width, layout.channels)
+            layers[name] = LayerInfo(name, layout.height, layout.width, layout.channels, calls=calls)
     return list(layers.values())
 
 
@@ -543,9 +570,12 @@ def _build(
         layout = _channels_placed(body, size, layout)
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
-        raise unusable(
-            f"layer {layer!r} gives {shape} at input size {size}, not a spatial map of at least 2 cells"
+        what = (
+            "attention weights (each row sums to 1), not a spatial map"
+            if isinstance(reference, torch.Tensor) and _is_attention(reference)
+            else "not a spatial map of at least 2 cells"
         )
+        raise unusable(f"layer {layer!r} gives {shape} at input size {size}: {what}")
     traced = _traced(model, layer, probe, reference)
     if traced is not None:
         body = traced
