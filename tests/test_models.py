@@ -434,6 +434,37 @@ def test_what_only_looks_like_a_map_is_not_a_layer():
     assert "blocks.0.mlp_tokens" not in layers and "blocks.0.mlp_tokens.fc1" not in layers
 
 
+class SequenceFirstViT(torch.nn.Module):
+    """A ViT as nn.TransformerEncoder builds it by default and CLIP's original code does: tokens
+    (T, B, C), the class token first."""
+
+    def __init__(self, size: int = 64, patch: int = 16, width: int = 32):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, width, patch, patch)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, width))
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 64, dropout=0.0)  # batch_first=False
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).permute(2, 0, 1)  # (T, B, C)
+        tokens = torch.cat([self.cls.expand(1, x.shape[0], -1), tokens])
+        return self.encoder(tokens)[0]
+
+
+def test_sequence_first_tokens_are_a_grid():
+    """Layers giving (T, B, C) were never offered, and asked for, "not a spatial map" (trial)."""
+    from vfs.models import extractor_from_module
+
+    torch.manual_seed(0)
+    model = SequenceFirstViT().eval()
+    layers = {info.name: info for info in list_layers(model, 64)}
+    assert (layers["encoder.layers.0"].height, layers["encoder.layers.0"].channels) == (4, 32)
+    extractor = extractor_from_module(model, "encoder.layers.1", Preprocess(64, 64))
+    batch = torch.randn(3, 3, 64, 64)
+    expected = hooked_output(model, "encoder.layers.1", batch)[1:].permute(1, 0, 2).reshape(3, 4, 4, 32)
+    torch.testing.assert_close(extractor.features_batch(batch), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_maps_of_valid_convolutions_and_modules_that_run_more_than_once_are_listed():
     """Inception's and SqueezeNet's unpadded convolutions lose a few cells a stage (35 of 299 / 8):
     such maps were left out (trial). A module that runs more than once (a ResNet block's one ReLU)

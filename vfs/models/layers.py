@@ -93,7 +93,7 @@ class LayerError(ValueError):
 class _Layout:
     """How a layer's output tensor maps onto an (h, w, C) grid."""
 
-    kind: str  # "nchw" | "nhwc" | "tokens"
+    kind: str  # "nchw" | "nhwc" | "tokens" | "sequence first" (tokens as (T, B, C))
     height: int
     width: int
     channels: int
@@ -102,7 +102,9 @@ class _Layout:
     def to_grid(self, output: torch.Tensor) -> torch.Tensor:
         if self.kind == "nchw":
             return output.permute(0, 2, 3, 1)
-        if self.kind == "tokens":
+        if self.kind == "sequence first":
+            output = output.transpose(0, 1)
+        if self.kind in ("tokens", "sequence first"):
             patches = output[:, self.prefix_tokens :]
             return patches.reshape(output.shape[0], self.height, self.width, self.channels)
         return output
@@ -130,7 +132,12 @@ def _layout(output: Any, input_size: int, model: nn.Module) -> _Layout | None:
     of at least 2 cells (a 1×1 map cannot locate anything)."""
     if not isinstance(output, torch.Tensor) or not output.is_floating_point():
         return None
-    if output.shape[0] != 1 or _is_attention(output):  # e.g. Swin's windows folded into the batch
+    if _is_attention(output):
+        return None
+    if output.shape[0] != 1:  # e.g. Swin's windows folded into the batch
+        if output.ndim == 3 and output.shape[1] == 1:  # tokens sequence first: nn.Transformer's, CLIP's
+            tokens = _token_layout(output.shape[0], output.shape[2], input_size, model)
+            return None if tokens is None else replace(tokens, kind="sequence first")
         return None
     layout = None
     if output.ndim == 4:
@@ -566,7 +573,7 @@ def _build(
     except Exception as error:  # e.g. a ViT with a fixed input size
         raise _input_size_error(spec, size, native, error) from error
     layout = _layout(reference, size, _token_owner(modules, layer))
-    if layout is not None and layout.kind != "tokens" and layout.height == layout.channels:
+    if layout is not None and layout.kind in ("nchw", "nhwc") and layout.height == layout.channels:
         layout = _channels_placed(body, size, layout)
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
