@@ -126,9 +126,20 @@ def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_p
     assert build_cache(replace(job, out=str(done))).complete
     for out in (partial, tmp_path / "new.zarr"):
         with pytest.raises(
-            CacheError, match=f"cannot build {out}: its folder {tmp_path} cannot be written here"
+            CacheError, match=f"cannot build or change {out}: its folder {tmp_path} is on read-only"
         ):
             build_cache(replace(job, out=str(out)))
+    with pytest.raises(CacheError, match="is on read-only media"):  # the Build page's delete, say
+        with BuildLock(done):
+            pytest.fail("entered without a lock")
+
+    def not_mine(self, owner):  # another user's build holds the lock: the system's error, as before
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(BuildLock, "_enter_flock", not_mine)
+    monkeypatch.setattr(BuildLock, "_enter_pidfile", not_mine)
+    with pytest.raises(PermissionError):
+        build_cache(replace(job, out=str(partial)))
     assert files() == before
 
 

@@ -231,7 +231,7 @@ def build_cache(
         with sigterm_kept():  # ray.init's own SIGTERM handler would exit on the spot
             connect(job.address)
         pool = plan_workers(job)
-    with BuildLock(job.out) as lock, _disk_full_names(job.out):
+    with BuildLock(job.out, read_only_ok=True) as lock, _disk_full_names(job.out):
         try:
             writer = CacheWriter.open(
                 job.out,
@@ -244,11 +244,11 @@ def build_cache(
             )
         except AlreadyComplete:  # a rerun of a finished build (also where its folder is read-only)
             return open_cache(job.out)
-        except OSError as e:
+        except OSError as e:  # on read-only media, the first write of a resume
             if lock.unwritable is None:
                 raise
             raise lock.refusal() from e
-        if lock.unwritable is not None:  # a build to resume, unlocked: nothing may be written
+        if lock.unwritable is not None:  # a build to resume on read-only media
             raise lock.refusal()
         try:
             if job.engine == "ray":

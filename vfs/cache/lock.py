@@ -17,9 +17,6 @@ try:
 except ImportError:  # Windows: the lock falls back to a pid file
     fcntl = None
 
-UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-"""What creating the lock file raises where the folder cannot be written here (read-only media)."""
-
 
 class BuildLock:
     """One build per output. `<out>.lock` is locked with flock(2), which the kernel releases when
@@ -27,11 +24,13 @@ class BuildLock:
     cannot fake an owner); the file names the owner (pid, host) for the refusal message.
     Without fcntl (Windows) the file's existence is the lock and a dead owner's pid is ignored.
 
-    Where the folder cannot be written (a cache on read-only media), no lock is taken and nothing can
-    be written: `unwritable` says why, for a rerun of a finished build to answer "complete", and for
-    anything else to be refused (`refusal`)."""
+    On read-only media (EROFS: nothing there can be written, by anyone) the lock is refused with
+    the reason (`refusal`), unless `read_only_ok` and the cache is there: then no lock is taken,
+    and `unwritable` says so, for a rerun of a finished build to answer "complete" (any write
+    fails). A folder merely not writable by this user (EACCES) is no such case: another user's
+    build may hold the lock, and the error is the system's."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, read_only_ok: bool = False):
         # "x.zarr/" is x.zarr (its lock never inside it); a link to it, or through a linked folder,
         # is it too (one lock for both names); "." a name
         cache = Path(os.path.realpath(out))
@@ -39,6 +38,7 @@ class BuildLock:
             raise CacheError(f"{str(out)!r} names no folder to build a cache in; name one (caches/c.zarr)")
         self.path = cache.with_name(cache.name + ".lock")  # beside the cache: taken before it exists
         self._fd: int | None = None
+        self._read_only_ok = read_only_ok
         self.unwritable: OSError | None = None
 
     def _refuse(self, owner: str) -> CacheError:
@@ -48,11 +48,10 @@ class BuildLock:
         )
 
     def refusal(self) -> CacheError:
-        """Why a build cannot go on in a folder it cannot write."""
+        """Why nothing can be done to the cache in a folder on read-only media."""
         cache = self.path.with_suffix("")
-        why = self.unwritable.strerror if self.unwritable is not None else "not writable"
         return CacheError(
-            f"cannot build {cache}: its folder {cache.parent} cannot be written here ({why}); "
+            f"cannot build or change {cache}: its folder {cache.parent} is on read-only media; "
             "build into a writable folder, or resume it where it can be written"
         )
 
@@ -62,11 +61,11 @@ class BuildLock:
             owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
             return self._enter_pidfile(owner) if fcntl is None else self._enter_flock(owner)
         except OSError as e:
-            if e.errno not in UNWRITABLE:
+            if e.errno != errno.EROFS:
                 raise
-            self.unwritable = e
-            if not self.path.with_suffix("").is_dir():  # nothing there to find complete
+            if not (self._read_only_ok and self.path.with_suffix("").is_dir()):
                 raise self.refusal() from e
+            self.unwritable = e
             return self
 
     def _enter_flock(self, owner: bytes) -> BuildLock:
