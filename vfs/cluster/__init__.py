@@ -58,7 +58,8 @@ def check_reachable(address: str | None) -> None:
 def _speaks_grpc(target: str, timeout_s: float) -> bool:
     """Whether an HTTP/2 (gRPC) connection to `target` ("host:port") is set up within `timeout_s`,
     as it is at a Ray cluster's GCS and Ray Client ports; False as soon as the server refuses the
-    handshake. (grpc comes with Ray.)"""
+    handshake. Like Ray's own channels, it bypasses an HTTP proxy unless RAY_grpc_enable_http_proxy
+    says otherwise (a proxy would answer for the cluster). (grpc comes with Ray.)"""
     import grpc
 
     ready, answered = [False], threading.Event()
@@ -68,7 +69,8 @@ def _speaks_grpc(target: str, timeout_s: float) -> bool:
             ready[0] = state is grpc.ChannelConnectivity.READY
             answered.set()
 
-    channel = grpc.insecure_channel(target)
+    proxy = os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true")
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", int(proxy))])  # as Ray's
     try:
         channel.subscribe(changed, try_to_connect=True)
         answered.wait(timeout_s)

@@ -190,32 +190,32 @@ def run_on_ray(
     context.enable_progress_bars = False  # VFS reports its own progress …
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # … and Ray Data's periodic log of it is noise
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # as is its "bars disabled"
-    with warnings.catch_warnings():
-        # Ray 2.60 names no parameter for retries and restarts: they go as the remote arguments it
-        # deprecates (requirements-ray.txt pins it), and its warning is none the user can act on
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        rows = (
-            ray.data.from_items(batches, override_num_blocks=len(batches))
-            .map(_Decode(dataset.reader, preprocess, thumb), max_retries=WORKER_RETRIES)
-            .map_batches(
-                _Extract,
-                fn_constructor_args=(
-                    job.model,
-                    job.layer,
-                    writer.spec,
-                    job.device,
-                    torch.get_num_threads(),
-                    writer.feature_scale,
-                ),
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=pool.size),
-                num_cpus=pool.cpus,
-                num_gpus=pool.gpus,
-                max_task_retries=WORKER_RETRIES,
-                max_restarts=ACTOR_RESTARTS,
-            )
+    # Ray 2.60 names no parameter for retries and restarts: they go as the remote arguments it
+    # deprecates (requirements-ray.txt pins it), and its warning is none the user can act on
+    # (filtered for the process: `catch_warnings` is not thread-safe, and the app builds in threads)
+    warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+    rows = (
+        ray.data.from_items(batches, override_num_blocks=len(batches))
+        .map(_Decode(dataset.reader, preprocess, thumb), max_retries=WORKER_RETRIES)
+        .map_batches(
+            _Extract,
+            fn_constructor_args=(
+                job.model,
+                job.layer,
+                writer.spec,
+                job.device,
+                torch.get_num_threads(),
+                writer.feature_scale,
+            ),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool.size),
+            num_cpus=pool.cpus,
+            num_gpus=pool.gpus,
+            max_task_retries=WORKER_RETRIES,
+            max_restarts=ACTOR_RESTARTS,
         )
+    )
     meter = ProgressMeter(start, len(paths), writer.rows, len(writer.skipped))
     came_back = False
     try:
