@@ -432,6 +432,12 @@ def test_what_only_looks_like_a_map_is_not_a_layer():
     layers = {info.name: info for info in list_layers(mixer, 64)}
     assert (layers["blocks.0.norm1"].height, layers["blocks.0.norm1"].channels) == (4, 64)
     assert "blocks.0.mlp_tokens" not in layers and "blocks.0.mlp_tokens.fc1" not in layers
+    # … while a ViT at twice its size has twice the patches a side (its grid_size says 14)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True).eval()
+    assert LayerInfo("blocks.3", 28, 28, 192) in list_layers(vit, 448)
+    # … and a map of one value everywhere (1/2 on a 2-cell side) is a map, not attention
+    flat = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, 32, bias=False), torch.nn.Sigmoid()).eval()
+    assert {info.name for info in list_layers(flat, 64)} == {"0", "1"}
 
 
 class SequenceFirstViT(torch.nn.Module):
@@ -463,6 +469,13 @@ def test_sequence_first_tokens_are_a_grid():
     batch = torch.randn(3, 3, 64, 64)
     expected = hooked_output(model, "encoder.layers.1", batch)[1:].permute(1, 0, 2).reshape(3, 4, 4, 32)
     torch.testing.assert_close(extractor.features_batch(batch), expected, rtol=1e-4, atol=1e-5)
+
+    class Folded(torch.nn.Module):  # one token per image row of a folded batch: (T·B, 1, C)
+        def forward(self, x):
+            return model.conv(x).flatten(2).transpose(1, 2).reshape(-1, 1, 32)
+
+    with pytest.raises(ValueError, match="not a spatial map"):
+        extractor_from_module(torch.nn.Sequential(Folded()), "0", Preprocess(64, 64))
 
 
 def test_maps_of_valid_convolutions_and_modules_that_run_more_than_once_are_listed():

@@ -400,6 +400,8 @@ def _drop_missing_head(model: nn.Module, state: Mapping[str, torch.Tensor]) -> N
     weighted = [name for name, m in modules.items() if next(m.parameters(recurse=False), None) is not None]
     if set(weighted[-len(owners) :]) != owners or not all(isinstance(modules[o], nn.Linear) for o in owners):
         return
+    if any(f"{o}.{name}" not in missing for o in owners for name, _ in modules[o].named_parameters()):
+        return  # part of a layer (its bias, say): a damaged checkpoint, not a backbone's
     for name in owners:
         model.set_submodule(name, nn.Identity())
 

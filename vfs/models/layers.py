@@ -112,8 +112,9 @@ class _Layout:
 
 def _plausible_side(side: int, input_size: int) -> bool:
     """Whether a map side is the input side divided by some integer stride, give or take padding
-    (±1) or the cells valid convolutions lose (up to a tenth: Inception's 35 of 299 / 8 = 37.4);
-    this tells spatial maps from other 4D/3D tensors."""
+    (±1) or the cells valid convolutions lose (up to a tenth: Inception's 35 of 299 / 8 = 37.4).
+    A weak filter (most small sides pass): attention weights and tokens on the channel axis are
+    told by `_is_attention` and `_token_layout`."""
     stride = max(1, round(input_size / side))
     return abs(input_size / stride - side) <= max(1.0, 0.1 * side)
 
@@ -166,19 +167,21 @@ def _token_owner(modules: dict[str, nn.Module], layer: str) -> nn.Module:
 
 def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module) -> _Layout | None:
     """(1, T, C) tokens as a grid after dropping prefix tokens (timm: num_prefix_tokens;
-    otherwise try none, then one class token). Where the model declares its patch grid (timm's
-    patch embedding's `grid_size`), tokens never outnumber its patches: an MLP-Mixer's
-    token-mixing output, (1, 1024 channels, 196 tokens), is no 32 × 32 grid."""
+    otherwise try none, then one class token). Where the model has a patch embedding (timm's:
+    `patch_size`, `grid_size`), tokens never outnumber its patches at this input size: an
+    MLP-Mixer's token-mixing output, (1, 1024 channels, 196 tokens), is no 32 × 32 grid."""
     declared = getattr(model, "num_prefix_tokens", None)
     prefixes = (declared, 0) if isinstance(declared, int) else (0, 1)
-    grids = (getattr(m, "grid_size", None) for m in model.modules())
-    grid: tuple[int, ...] | None = next((g for g in grids if isinstance(g, tuple)), None)
+    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)  # a ViT's, a Mixer's
+    grid = getattr(embed, "grid_size", None)
+    patch = getattr(embed, "patch_size", None)
+    most = input_size // min(patch) if isinstance(patch, tuple) and min(patch) > 0 else None
     for prefix in dict.fromkeys(prefixes):
         count = tokens - prefix
-        if grid is not None and count == grid[0] * grid[1]:
+        if isinstance(grid, tuple) and count == grid[0] * grid[1]:
             return _Layout("tokens", int(grid[0]), int(grid[1]), channels, prefix)
         side = math.isqrt(max(count, 0))
-        finer = grid is not None and side > min(grid)
+        finer = most is not None and side > most
         if side > 0 and side * side == count and _plausible_side(side, input_size) and not finer:
             return _Layout("tokens", side, side, channels, prefix)
     return None
@@ -223,9 +226,15 @@ def _input_size_error(spec: str, size: int, native: int, error: Exception) -> Va
     return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
 
 
+def _probe_image(size: int) -> torch.Tensor:
+    """The seeded random image layers are listed and extractors checked on: a blank one would make
+    a uniform map look like attention weights (`_is_attention`)."""
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, int, int]]:
-    """Each module's output (and its tensor version) on its first call, for a zero image, and how
-    many times it ran (a ResNet block's one ReLU module runs three times)."""
+    """Each module's output (and its tensor version) on its first call, for the probe image, and
+    how many times it ran (a ResNet block's one ReLU module runs three times)."""
     outputs: dict[str, tuple[Any, int, int]] = {}
 
     def recorder(name: str) -> Callable[..., None]:
@@ -242,7 +251,7 @@ def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, in
     device = next(model.parameters(), torch.zeros(())).device  # a module the user holds may be on a GPU
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            model(_probe_image(input_size).to(device))
     finally:
         for handle in handles:
             handle.remove()
@@ -563,7 +572,7 @@ def _build(
     modules = dict(model.named_modules())
     if not layer or layer not in modules:
         raise unusable(f"no layer {layer!r}")
-    probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    probe = _probe_image(size)
     body: nn.Module = _HookedLayer(model, layer)
     try:
         with torch.no_grad():
@@ -575,6 +584,11 @@ def _build(
     layout = _layout(reference, size, _token_owner(modules, layer))
     if layout is not None and layout.kind in ("nchw", "nhwc") and layout.height == layout.channels:
         layout = _channels_placed(body, size, layout)
+    if layout is not None and layout.kind == "sequence first":  # (T, B, C), or tokens folded (T·B, 1, C)?
+        with torch.no_grad():
+            pair = body(probe.expand(2, -1, -1, -1))
+        if not (isinstance(pair, torch.Tensor) and pair.shape[:2] == (reference.shape[0], 2)):
+            layout = None
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
         what = (
