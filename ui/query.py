@@ -367,29 +367,41 @@ def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
     if file is None:  # the file was removed from the uploader
         return
     try:
-        paint = loaded_paint(cache, query, file.getvalue(), file.name)
+        paint, faint = loaded_paint(cache, query, file.getvalue(), file.name)
     except ValueError as e:
         st.session_state[f"{key}.mask_error"] = str(e)
-        return
-    st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
-    st.session_state[f"{key}.loads"] += 1
+    else:
+        st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
+        if faint > FAINT_SHARE:
+            st.session_state[f"{key}.mask_error"] = (
+                f"{file.name}: {faint:.0%} of the pixels it paints are faint (under 10% opaque, or "
+                "nearly black): a grey background counts as painted; make it transparent, or black"
+            )
+    st.session_state[f"{key}.loads"] += 1  # an empty uploader, for this file again or another
 
 
-def loaded_paint(cache: FeatureCache, query: Query, data: bytes, name: str) -> np.ndarray:
+FAINT_SHARE = 0.5
+"""Above this share of faint pixels (coverage under 10%) in a loaded mask, the page warns: most
+likely a background that is not quite transparent or black, which the canvas takes as paint."""
+
+
+def loaded_paint(cache: FeatureCache, query: Query, data: bytes, name: str) -> tuple[np.ndarray, float]:
     """A mask file as canvas paint: (CANVAS_PX, CANVAS_PX) bool, true where it covers any part of a
-    pixel — as any paint counts fully on the canvas. Placed as the CLI's --mask places it: on the
-    query image (its size or shape), cropped as the model saw it, or on the model's view; the app's
-    own download ("Download region") comes back pixel for pixel."""
+    pixel — as any paint counts fully on the canvas — and the share of those pixels it covers under
+    10%. Placed as the CLI's --mask places it: on the query image (its size or shape), cropped as
+    the model saw it, or on the model's view; the app's own download ("Download region") comes back
+    pixel for pixel."""
     size: Callable[[], tuple[int, int] | None]
     if query.index is not None:
         size = partial(cache.image_size, query.index)
     else:
         size = partial(upright_size, io.BytesIO(st.session_state[UPLOADED][2]))
     cover = mask_image_coverage(io.BytesIO(data), name, cache.spec.preprocess.painted_on(size))
-    paint = grid_mask(cover, (CANVAS_PX, CANVAS_PX)) > 0
+    coverage = grid_mask(cover, (CANVAS_PX, CANVAS_PX))
+    paint = coverage > 0
     if not paint.any():
         raise ValueError(f"{name} paints nothing: the region is where the mask is opaque, or white")
-    return paint
+    return paint, float((coverage[paint] < 0.1).mean())
 
 
 def leave_out_query(label: str, key: str, query: Query) -> bool:

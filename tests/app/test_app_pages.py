@@ -335,23 +335,32 @@ def test_a_region_loads_from_a_mask_file(app, caches, tmp_path):
     np.testing.assert_allclose(loaded, cli, atol=0.06)  # the canvas's paint: a pixel touched is painted
 
     kept = at.session_state["vfs.region"]
-    for name, data, said in [
-        ("blank.png", region_mask_png(np.zeros((320, 320), bool)), "paints nothing"),
-        ("bad.png", b"not a png", "cannot read the mask image"),
-        ("strip.png", _strip_png(), "square view"),
-    ]:
-        at.file_uploader(key="search.mask_file.2").set_value((name, data, "image/png"))
+    for loads, (name, data, said) in enumerate(
+        [
+            ("blank.png", region_mask_png(np.zeros((320, 320), bool)), "paints nothing"),
+            ("bad.png", b"not a png", "cannot read the mask image"),
+            ("strip.png", _png(np.full((10, 300), 255, np.uint8)), "square view"),  # no shape of the photo
+        ],
+        start=2,
+    ):
+        at.file_uploader(key=f"search.mask_file.{loads}").set_value((name, data, "image/png"))
         no_exceptions(at.run())
         assert any(name in t and said in t for t in texts(at.error)), (name, texts(at.error))
         assert at.session_state["vfs.region"] is kept and len(at.dataframe) == 1
 
+    grey = np.full((320, 320), 2, np.uint8)  # a background of 2/255: paint, and most of it faint
+    grey[100:200, 100:200] = 255
+    at.file_uploader(key="search.mask_file.5").set_value(("grey.png", _png(grey), "image/png"))
+    no_exceptions(at.run())
+    assert any("grey.png: 90% of the pixels it paints are faint" in t for t in texts(at.error))
+    assert at.session_state["vfs.region"].drawing.paint.all()  # as the canvas takes it, said
 
-def _strip_png() -> bytes:
-    """A 300×10 mask: neither the query photo's shape nor a square."""
+
+def _png(grey: np.ndarray) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray(np.full((10, 300), 255, np.uint8)).save(buffer, "PNG")
+    Image.fromarray(grey).save(buffer, "PNG")
     return buffer.getvalue()
 
 
