@@ -435,6 +435,9 @@ def test_what_only_looks_like_a_map_is_not_a_layer():
     # … while a ViT at twice its size has twice the patches a side (its grid_size says 14)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True).eval()
     assert LayerInfo("blocks.3", 28, 28, 192) in list_layers(vit, 448)
+    # … and an overlapping patch embedding (7 px patches, stride 4) makes 56 × 56 tokens of 224 px
+    pvt = {info.name: info for info in list_layers("timm:pvt_v2_b0?pretrained=false")}
+    assert (pvt["stages.0.blocks.0"].height, pvt["stages.0.blocks.0"].channels) == (56, 32)
     # … and a map of one value everywhere (1/2 on a 2-cell side) is a map, not attention
     flat = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, 32, bias=False), torch.nn.Sigmoid()).eval()
     assert {info.name for info in list_layers(flat, 64)} == {"0", "1"}

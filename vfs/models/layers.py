@@ -167,15 +167,17 @@ def _token_owner(modules: dict[str, nn.Module], layer: str) -> nn.Module:
 
 def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module) -> _Layout | None:
     """(1, T, C) tokens as a grid after dropping prefix tokens (timm: num_prefix_tokens;
-    otherwise try none, then one class token). Where the model has a patch embedding (timm's:
-    `patch_size`, `grid_size`), tokens never outnumber its patches at this input size: an
+    otherwise try none, then one class token). Where the model has a patch embedding that tiles
+    the input (timm's: `patch_size`, `grid_size`), tokens never outnumber its patches: an
     MLP-Mixer's token-mixing output, (1, 1024 channels, 196 tokens), is no 32 × 32 grid."""
     declared = getattr(model, "num_prefix_tokens", None)
     prefixes = (declared, 0) if isinstance(declared, int) else (0, 1)
     embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)  # a ViT's, a Mixer's
     grid = getattr(embed, "grid_size", None)
     patch = getattr(embed, "patch_size", None)
-    most = input_size // min(patch) if isinstance(patch, tuple) and min(patch) > 0 else None
+    most = None  # patches a side: the grid it was made for, or what this input makes (dynamic size)
+    if isinstance(grid, tuple) and isinstance(patch, tuple) and min(patch) > 0:
+        most = max(max(grid), input_size // min(patch))  # (an overlapping embedding declares no grid)
     for prefix in dict.fromkeys(prefixes):
         count = tokens - prefix
         if isinstance(grid, tuple) and count == grid[0] * grid[1]:
