@@ -335,6 +335,8 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
     )
     if (failure := st.session_state.pop(f"{key}.mask_error", None)) is not None:
         st.error(failure)
+    if (caution := st.session_state.pop(f"{key}.mask_warning", None)) is not None:
+        st.warning(caution)
     stored = st.session_state.get(REGION)
     if stored is not None and stored.query != query:
         if keep:  # the drawing, on this query's view
@@ -373,7 +375,7 @@ def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
     else:
         st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
         if faint > FAINT_SHARE:
-            st.session_state[f"{key}.mask_error"] = (
+            st.session_state[f"{key}.mask_warning"] = (
                 f"{file.name}: {faint:.0%} of the pixels it paints are faint (under 10% opaque, or "
                 "nearly black): a grey background counts as painted; make it transparent, or black"
             )

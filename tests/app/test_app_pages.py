@@ -352,7 +352,7 @@ def test_a_region_loads_from_a_mask_file(app, caches, tmp_path):
     grey[100:200, 100:200] = 255
     at.file_uploader(key="search.mask_file.5").set_value(("grey.png", _png(grey), "image/png"))
     no_exceptions(at.run())
-    assert any("grey.png: 90% of the pixels it paints are faint" in t for t in texts(at.error))
+    assert any("grey.png: 90% of the pixels it paints are faint" in t for t in texts(at.warning))
     assert at.session_state["vfs.region"].drawing.paint.all()  # as the canvas takes it, said
 
 
