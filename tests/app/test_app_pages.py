@@ -364,6 +364,21 @@ def _png(grey: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def test_a_loaded_mask_is_a_few_kilobytes_of_json_whatever_its_pixels():
+    """A dithered mask (a thresholded saliency map) became ≈ 1 MB of boxes, resent on every rerun; its
+    bits come back exactly, rows padded to whole bytes (the painter reads them so: tests/e2e)."""
+    import base64
+
+    from ui.canvas import mask_shape
+
+    paint = np.random.default_rng(0).random((203, 301)) < 0.5  # odd sizes: rows end mid-byte
+    shape = mask_shape(paint)
+    assert shape["kind"] == "mask" and shape["size"] == [301, 203]
+    rows = np.frombuffer(base64.b64decode(shape["bits"]), np.uint8).reshape(203, -1)
+    np.testing.assert_array_equal(np.unpackbits(rows, axis=1)[:, :301].astype(bool), paint)
+    assert len(json.dumps(shape)) < 203 * 38 * 4 / 3 + 100  # 38 bytes a row
+
+
 def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()

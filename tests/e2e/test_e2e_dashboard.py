@@ -49,6 +49,7 @@ from e2ehelpers import (
 from PIL import Image
 
 from vfs.cli import main as cli_main
+from vfs.render import region_mask_png
 from vfs.stats import GROUP_TABLE_COLUMNS
 
 pytestmark = [
@@ -339,6 +340,13 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     wait_idle(page)
     assert press_and_wait(page, "Control+z", k, more) == searched  # the loaded region, one step back
     np.testing.assert_array_equal(canvas_alpha(canvas) > 0, loaded)
+    # a dithered mask (a thresholded saliency map, say) is drawn pixel for pixel too
+    dithered = np.random.default_rng(0).random(loaded.shape) < 0.5
+    (tmp_path / "dithered.png").write_bytes(region_mask_png(dithered))
+    wait_idle(page)
+    uploader.locator("input[type=file]").set_input_files(tmp_path / "dithered.png")
+    page.wait_for_function(RESULTS_CHANGED, arg=[k, searched], timeout=RESULT_TIMEOUT_MS)
+    np.testing.assert_array_equal(canvas_alpha(canvas) > 0, dithered)
     no_exception(page)
 
 

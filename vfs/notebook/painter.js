@@ -6,10 +6,32 @@
 
 const PAINT = "rgb(255, 96, 0)"; // opaque on the canvas; the canvas is shown half transparent
 
+const MASKS = new WeakMap(); // a mask shape → its pixels, decoded once (a redraw follows every stroke)
+
+// A region loaded from a mask file (ui/canvas.py mask_shape): rows of bits, high bit first, in base64.
+function maskCanvas(shape) {
+  if (!MASKS.has(shape)) {
+    const [width, height] = shape.size;
+    const bytes = Uint8Array.from(atob(shape.bits), (c) => c.charCodeAt(0));
+    const rowBytes = Math.ceil(width / 8);
+    const image = new ImageData(width, height);
+    const pixel = Uint8ClampedArray.of(...PAINT.match(/\d+/g).map(Number), 255);
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < width; x++) {
+        if (bytes[y * rowBytes + (x >> 3)] & (0x80 >> (x & 7))) image.data.set(pixel, 4 * (y * width + x));
+      }
+    }
+    const canvas = document.createElement("canvas");
+    Object.assign(canvas, { width, height });
+    canvas.getContext("2d").putImageData(image, 0, 0);
+    MASKS.set(shape, canvas);
+  }
+  return MASKS.get(shape);
+}
+
 function drawShape(ctx, shape) {
   if (shape.kind === "mask") {
-    // a region loaded from a mask file: its painted pixels as boxes [x0, y0, x1, y1], end-exclusive
-    for (const [x0, y0, x1, y1] of shape.boxes) ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
+    ctx.drawImage(maskCanvas(shape), 0, 0); // 1:1 at whole pixels: pixel for pixel
     return;
   }
   if (shape.kind === "rect") {
