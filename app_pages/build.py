@@ -33,7 +33,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import BuildLock
     from vfs.data import EMBEDDED_DATASET
     from vfs.jobs import BuildJob
-    from vfs.models import EMBEDDED_MODELS
+    from vfs.models import EMBEDDED_MODELS, input_shape_note
 
 OTHER_MODEL = "Another model (type its spec)"
 NONE = "(none)"
@@ -89,6 +89,9 @@ with user_errors():
 if not found:
     st.error(f"{spec} has no layer with a spatial output at {size or 'its own'} px input.")
     st.stop()
+note = input_shape_note(spec.strip())
+if note:
+    st.info(note)
 fallback = (
     DEMO.layer if DEMO.layer in found else next((n for n in reversed(found) if "." not in n), list(found)[-1])
 )

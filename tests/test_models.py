@@ -397,6 +397,22 @@ def test_timm_preprocessing_is_timms_in_every_crop_mode(crop_mode):
     assert ("crop" in preprocess.to_dict()) == (crop_mode != "center")  # older caches' dicts unchanged
 
 
+def test_a_model_made_for_non_square_input_says_it_runs_square(capsys):
+    """Sapiens (1024×768 px) ran on 768-px squares without a word (a trial over many architectures)."""
+    from vfs.cli import main
+    from vfs.models import input_shape_note
+
+    spec = "timm:vit_base_patch16_sapiens2.fb?pretrained=false"
+    note = input_shape_note(spec)
+    assert note and "made for 1024×768 px input" in note and "768×768 px" in note
+    assert "1024×768" in input_shape_note("file:edited.pt?arch=vit_base_patch16_sapiens2")
+    for square in ("timm:resnet50", "file:x.pt?arch=torchvision:vit_b_16", "embedded:efficientnet_lite0"):
+        assert input_shape_note(square) is None, square
+    assert main(["layers", spec, "--image-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {note}" in err.splitlines() and out.splitlines()[-1].split() == ["norm", "2×2×768"]
+
+
 def test_file_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint file"):
         load_model(f"file:{tmp_path / 'missing.pt'}?arch=resnet18")

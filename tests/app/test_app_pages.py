@@ -570,6 +570,17 @@ def test_build_page_lists_the_models_real_layers(app):
     )
 
 
+def test_build_page_says_a_model_made_for_non_square_input_runs_square(app):
+    at = page(app, "build")
+    at.selectbox(key="build.model").set_value("Another model (type its spec)").run()
+    at.text_input(key="build.spec").set_value("timm:resnet18?pretrained=false").run()
+    at.number_input(key="build.size").set_value(32).run()  # (a 768-px listing of a ViT-B takes seconds)
+    at.text_input(key="build.spec").set_value("timm:vit_base_patch16_sapiens2.fb?pretrained=false").run()
+    assert any("made for 1024×768 px input" in t for t in texts(at.info)), texts(at.info)
+    at.text_input(key="build.spec").set_value("timm:resnet18?pretrained=false").run()
+    assert not any("made for" in t for t in texts(at.info))
+
+
 def test_build_page_refuses_names_that_leave_the_caches_folder(app):
     at = page(app, "build")
     at.text_input(key="build.name").set_value("../elsewhere").run()

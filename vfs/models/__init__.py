@@ -9,7 +9,7 @@ loaded model, or of a module the user holds (``module:<name>``), into an (h, w, 
 """
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
-from .kinds import KINDS, load_model, model_kind, parse_model_spec
+from .kinds import KINDS, input_shape_note, load_model, model_kind, parse_model_spec
 from .layers import (
     PROBE_TOLERANCE,
     Extractor,
@@ -39,6 +39,7 @@ __all__ = [
     "ModelUnavailable",
     "Preprocess",
     "extractor_from_module",
+    "input_shape_note",
     "is_module_spec",
     "list_layers",
     "load_extractor",

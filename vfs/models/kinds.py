@@ -17,6 +17,7 @@ import re
 import socket
 import threading
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,7 +180,7 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
     import timm.data
 
     config = timm.data.resolve_model_data_config(model)
-    size = int(config["input_size"][-1])
+    size = int(config["input_size"][-1])  # the width: see input_shape_note
     interpolation = config.get("interpolation", "bicubic")
     return Preprocess(
         input_size=size,
@@ -574,7 +575,31 @@ def model_kind(spec: str) -> ModelKind:
 
 
 def load_model(spec: str) -> tuple[nn.Module, Preprocess]:
-    """The model in eval mode on the CPU, with the preprocessing its weights expect."""
+    """The model in eval mode on the CPU, with the preprocessing its weights expect (a warning where
+    that is not its own input shape: `input_shape_note`)."""
     parsed = parse_model_spec(spec)
     model, preprocess = KINDS[parsed.kind].load(parsed)
+    note = input_shape_note(spec)
+    if note:
+        warnings.warn(note, stacklevel=2)
     return model.eval(), preprocess
+
+
+def input_shape_note(spec: str) -> str | None:
+    """What to tell a user of a timm model made for non-square input (Sapiens: 1024×768 px): VFS's
+    views, grids and canvases are square, so it runs on square crops of its width. None for the others
+    (torchvision's and the embedded models' inputs are square; a python: model says nothing)."""
+    parsed = parse_model_spec(spec)
+    name = {"timm": parsed.name, "file": parsed.options.get("arch", "")}.get(parsed.kind, "")
+    if not name or ":" in name:  # not a timm architecture
+        return None
+    import timm.models
+
+    config = timm.models.get_pretrained_cfg(name)  # by name: without making the model
+    height, width = config.input_size[-2:] if config and config.input_size else (0, 0)
+    if height == width:
+        return None
+    return (
+        f"{spec}: the model was made for {height}×{width} px input (height × width); VFS runs every "
+        f"model on square crops: {width}×{width} px unless another input size is chosen"
+    )
