@@ -31,7 +31,9 @@ function mount(parentElement, setStateValue) {
   state.show = (data) => {
     if (state.data === null) {
       canvas.width = canvas.height = data.size;
-      stage.style.width = stage.style.height = `${data.size}px`;
+      // its size, or the window's width on a narrow window (a phone): the painter maps the pointer by
+      // the shown size, and the paint stays size × size pixels
+      Object.assign(stage.style, { width: `min(${data.size}px, 100%)`, aspectRatio: "1" });
       painter.set(data.shapes || []); // the region drawn on another page
     }
     state.data = data;

@@ -59,9 +59,7 @@ def paint_canvas(
     """
     data = {"background": background, "size": size, "tool": tool, "brush": brush, "shapes": shapes}
     # the drawing is the component's state, and Streamlit keeps a state only with its change callback
-    sent = _canvas(
-        key=key, data=data, default={"drawing": None}, on_drawing_change=lambda: None, width=size
-    ).drawing
+    sent = _canvas(key=key, data=data, default={"drawing": None}, on_drawing_change=lambda: None).drawing
     if sent is None:
         return None
     if not (isinstance(sent, dict) and isinstance(sent.get("shapes"), list)):

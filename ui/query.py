@@ -294,8 +294,8 @@ def _background(view: np.ndarray) -> str:
 
 
 def canvas_row() -> tuple[DeltaGenerator, DeltaGenerator]:
-    """A row of the drawing (exactly the canvas's width, so a narrow window never clips the canvas) and the
-    page's options beside it, taking the rest."""
+    """A row of the drawing (the canvas's width, or the window's where that is narrower: the canvas
+    shrinks to fit) and the page's options beside it, taking the rest."""
     row = st.container(horizontal=True, gap="medium")
     return row.container(width=CANVAS_PX), row.container()
 

@@ -125,42 +125,38 @@ def downloads(
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
         return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
 
-    csv, js, png, region = st.columns(4)
-    csv.download_button(
+    row = st.container(horizontal=True)  # labels whole, wrapping on a narrow window (columns cut them)
+    row.download_button(
         "Download results (CSV)",
         result.top[result_columns(cache, result)].to_csv(index=False),
         f"{stem}.csv",
         "text/csv",
         key=f"{key}.csv",
         on_click="ignore",
-        width="stretch",
     )
-    js.download_button(
+    row.download_button(
         "Download results (JSON)",
         json.dumps(search_json(cache, result, query.describe()), indent=1, default=str),
         f"{stem}.json",
         "application/json",
         key=f"{key}.json",
         on_click="ignore",
-        width="stretch",
     )
-    png.download_button(
+    row.download_button(
         "Download figure (PNG)",
         figure,
         f"{stem}.png",
         "image/png",
         key=f"{key}.png",
         on_click="ignore",
-        width="stretch",
     )
-    region.download_button(
+    row.download_button(
         "Download region (PNG mask)",
         lambda: region_mask_png(paint),
         f"{stem}-region.png",
         "image/png",
         key=f"{key}.region",
         on_click="ignore",
-        width="stretch",
         help="The painted region on the model's view: `python -m vfs search CACHE --mask` reads it.",
     )
 

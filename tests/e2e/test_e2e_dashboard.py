@@ -274,6 +274,11 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     k = search_demo_face(page, server)
     shown = score_captions(page)
 
+    for width in (1400, 1024, 800):  # each label whole at any width (four columns cut them to "Download …")
+        page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
+        page.wait_for_timeout(300)
+        assert not page.evaluate(CUT_LABELS), (width, page.evaluate(CUT_LABELS))
+    page.set_viewport_size(VIEWPORT)
     with page.expect_download() as info:
         page.get_by_role("button", name="Download results (CSV)").click()
     download = info.value
@@ -348,6 +353,12 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     page.wait_for_function(RESULTS_CHANGED, arg=[k, searched], timeout=RESULT_TIMEOUT_MS)
     np.testing.assert_array_equal(canvas_alpha(canvas) > 0, dithered)
     no_exception(page)
+
+
+# The download buttons whose label does not fit them.
+CUT_LABELS = """() => [...document.querySelectorAll('[data-testid=stDownloadButton] button')].filter(
+  b => [b, ...b.querySelectorAll('*')].some(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+).map(b => b.innerText.trim())"""
 
 
 def canvas_alpha(canvas) -> np.ndarray:
@@ -433,8 +444,11 @@ def test_compare_lite0_with_lite1(page, server, demo_cache, lite1_cache):
 
 
 # --- 6. The canvas: whole on a wide and a narrow screen, its buttons work, its drawing follows the query ---
-WIDTHS = (1400, 1024)
+WIDTHS = (1400, 1024)  # a laptop and a tablet beside the sidebar (a phone's, 320 px, folds it: below)
 CANVAS_PX = 320
+
+# How far the page's main area can scroll sideways (a narrow window: nothing may stick out).
+SIDEWAYS = """() => { const m = document.querySelector('[data-testid="stMain"]'); return m.scrollWidth - m.clientWidth; }"""
 
 # Every Streamlit element on the page (leaf element containers) with its box and first line of text.
 ELEMENT_BOXES = """() => [...document.querySelectorAll('[data-testid="stElementContainer"]')].map(e => {
@@ -483,8 +497,12 @@ def canvas_whole(page, where: str) -> None:
         path=str(artifact(f"canvas-{where}.png")),
         clip={"x": 0, "y": max(0, bar["y"] - 200), "width": page.viewport_size["width"], "height": 760},
     )
-    assert (box["width"], box["height"]) == (CANVAS_PX, CANVAS_PX), f"{where}: the canvas shows as {box}"
-    assert 0 <= box["x"] and box["x"] + box["width"] <= page.viewport_size["width"], f"{where}: {box}"
+    width = page.viewport_size["width"]
+    assert box["width"] == box["height"], f"{where}: the canvas shows as {box}"
+    assert box["width"] == CANVAS_PX or width < 2 * CANVAS_PX, f"{where}: the canvas shows as {box}"
+    assert 0 <= box["x"] and box["x"] + box["width"] <= width and page.evaluate(SIDEWAYS) == 0, (
+        f"{where}: {box}"
+    )
     own = [e for e in page.evaluate(ELEMENT_BOXES) if inside(box, e) and inside(bar, e)]
     assert own, f"{where}: the canvas and its buttons are not in one element"
     for name, part in (("buttons", bar), ("canvas", box)):
@@ -510,6 +528,22 @@ def test_the_canvas_shows_whole_and_its_buttons_cover_no_control(page, server, d
                 choose(page, "Left cache", f"{DEMO} — ")
                 choose(page, "Right cache", f"{LITE1} — ")
             canvas_whole(page, f"{name}-{width}")
+    page.set_viewport_size({"width": 320, "height": VIEWPORT["height"]})  # a phone: the canvas shrinks to fit
+    page.wait_for_timeout(500)
+    canvas_whole(page, "compare-320")
+    # … and a stroke on it paints where it is drawn, in canvas pixels
+    stroke(page, y=0.45, x0=0.3, x1=0.7)
+    painted = np.argwhere(canvas_alpha(page.locator("canvas.vfs-paint")) > 0)
+    (y0, x0), (y1, x1) = painted.min(0), painted.max(0)
+    brush = 32
+    assert abs(x0 - (0.3 * CANVAS_PX - brush / 2)) <= 2 and abs(x1 - (0.7 * CANVAS_PX + brush / 2)) <= 2, (
+        x0,
+        x1,
+    )
+    assert abs(y0 - (0.45 * CANVAS_PX - brush / 2)) <= 2 and abs(y1 - (0.49 * CANVAS_PX + brush / 2)) <= 2, (
+        y0,
+        y1,
+    )
     no_exception(page)
 
 
