@@ -54,7 +54,8 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     with option_column:
         st.caption(
             "The region is drawn once, on the left cache's view; each side searches its own features "
-            "(an uploaded image goes through each side's own model)."
+            "for the same part of the image, as its own model crops it (an uploaded image goes through "
+            "each side's own model)."
         )
         k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
         exclude = leave_out_query("Exclude the query image", "compare.exclude", query)
@@ -62,7 +63,10 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     region = require_region(region)
     # every image's score exact, as on Distributions: the correlations below read alike on every machine
     sides = [
-        (cache, run_search(cache, query, region, k, exclude, all_exact=True, leave_out=sharing))
+        (
+            cache,
+            run_search(cache, query, region, k, exclude, all_exact=True, leave_out=sharing, drawn_on=left),
+        )
         for cache in (left, right)
     ]
 

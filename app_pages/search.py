@@ -68,7 +68,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     region = require_region(region)
     domains = per_domain if cache.domain_col else None
     result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing)
-    mask = region.mask(cache.spec.grid)
+    mask = region.mask(cache)
     with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
         st.image(
             jpeg_data_url(mask_overlay(view, mask)),

@@ -41,6 +41,7 @@ from vfs.models import (
     parse_model_spec,
 )
 from vfs.models.layers import _GraphLayer, _HookedLayer, probe_difference, probe_sketch, weights_digest
+from vfs.models.specs import CROPS
 from vfs.settings import Settings
 
 CHELSEA = PIL.Image.fromarray(skimage.data.chelsea())
@@ -411,6 +412,54 @@ def test_a_model_made_for_non_square_input_says_it_runs_square(capsys):
     assert main(["layers", spec, "--image-size", "32"]) == 0
     out, err = capsys.readouterr()
     assert f"warning: {note}" in err.splitlines() and out.splitlines()[-1].split() == ["norm", "2×2×768"]
+
+
+def _box_on_views(rng, views, size):
+    """A random box of an image of `size` that every view in `views` shows, as each view's coverage
+    (CANVAS-like 320 px, painted where it covers half a pixel or more)."""
+    h, w = size
+    side = 0.7 * min(h, w) * min(v.input_size / v.resize_size for v in views)
+    y0, y1 = sorted(rng.integers(int(h / 2 - side / 2), int(h / 2 + side / 2), 2))
+    x0, x1 = sorted(rng.integers(int(w / 2 - side / 2), int(w / 2 + side / 2), 2))
+    photo = np.zeros(size)
+    photo[y0 : y1 + 8, x0 : x1 + 8] = 1
+    picks = [((np.arange(320) + 0.5) * v.input_size / 320).astype(int) for v in views]
+    return [v.view_coverage(photo)[np.ix_(p, p)] >= 0.5 for v, p in zip(views, picks)]
+
+
+def test_a_region_drawn_on_one_view_lands_on_the_same_part_of_the_image_in_another():
+    """The Compare page drew once, on its left cache's view, and searched the right cache with that paint
+    as it was: where the two models crop the image otherwise (Lite0's 256 → 224 against a timm ResNet's
+    235 → 224), the right side searched another part of the image (a trial: 3.7 columns of cells where
+    the region covered 4.5). A box of the image painted on one view lands where the other view shows it."""
+    rng = np.random.default_rng(0)
+    worst = 0
+    for _ in range(60):
+        size = (int(rng.integers(60, 1500)), 0)
+        size = (size[0], int(size[0] * rng.uniform(0.5, 2.0)))
+        here, there = (
+            Preprocess(int(rng.choice([224, 240, 384])), 1, crop=str(rng.choice(CROPS))) for _ in range(2)
+        )
+        here, there = (
+            replace(p, resize_size=round(p.input_size * rng.uniform(1.0, 1.3))) for p in (here, there)
+        )
+        painted, expected = _box_on_views(rng, (here, there), size)
+        got = here.reframe(painted, there, size)
+        rows, cols = (np.flatnonzero(got.any(axis)) for axis in (1, 0))
+        want_rows, want_cols = (np.flatnonzero(expected.any(axis)) for axis in (1, 0))
+        worst = max(
+            worst, *np.abs([rows[[0, -1]] - want_rows[[0, -1]], cols[[0, -1]] - want_cols[[0, -1]]]).flat
+        )
+    assert worst <= 3, worst  # pixels of 320: what painting at one view's resolution leaves
+    lite0 = Preprocess(224, 256)
+    assert lite0.reframe(painted, replace(lite0, mean=(0.5,) * 3, interpolation="bilinear"), size) is painted
+    edge = np.zeros((320, 320), bool)
+    edge[:, :8] = True
+    wide, squash, crop = (100, 300), Preprocess(224, 224, crop="squash"), Preprocess(224, 256)
+    assert not squash.reframe(edge, crop, wide).any()  # the image's left edge: not in the centre crop
+    # the crop's left 8/320 are the image's columns 106.25–108.4 (150 ± 50·224/256), 113.3–115.7 of 320
+    cols = np.flatnonzero(crop.reframe(edge, squash, wide).any(axis=0))
+    assert abs(cols[0] - 113) <= 1 and abs(cols[-1] - 115) <= 1, cols
 
 
 def test_file_spec_errors(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -84,8 +83,15 @@ class Region:
     def empty(self) -> bool:
         return not self.drawing.shapes
 
-    def mask(self, grid: tuple[int, int]) -> np.ndarray:
-        return grid_mask(self.drawing.paint, grid)
+    def mask(self, cache: FeatureCache, drawn_on: FeatureCache | None = None) -> np.ndarray:
+        """The region on `cache`'s grid. Drawn on another cache's view (`drawn_on`: the Compare page's
+        left), it is placed through the image: the same part of it, as `cache`'s model crops it (an
+        image whose size is not at hand is taken as square)."""
+        paint = self.drawing.paint
+        if drawn_on is not None:
+            size = query_size(drawn_on, self.query) or (CANVAS_PX, CANVAS_PX)
+            paint = drawn_on.spec.preprocess.reframe(paint, cache.spec.preprocess, size)
+        return grid_mask(paint, cache.spec.grid)
 
 
 # --- which cache ------------------------------------------------------------------------------------
@@ -387,18 +393,27 @@ FAINT_SHARE = 0.5
 likely a background that is not quite transparent or black, which the canvas takes as paint."""
 
 
+def query_size(cache: FeatureCache, query: Query) -> tuple[int, int] | None:
+    """(H, W) of the query image as a viewer shows it (None: a dataset image not at hand), read once
+    per query: a dataset image's means opening its dataset."""
+
+    def size() -> tuple[int, int] | None:
+        if query.index is not None:
+            return cache.image_size(query.index)
+        return upright_size(io.BytesIO(st.session_state[UPLOADED][2]))
+
+    return memo("query_size", (cache.location, query), size)
+
+
 def loaded_paint(cache: FeatureCache, query: Query, data: bytes, name: str) -> tuple[np.ndarray, float]:
     """A mask file as canvas paint: (CANVAS_PX, CANVAS_PX) bool, true where it covers any part of a
     pixel — as any paint counts fully on the canvas — and the share of those pixels it covers under
     10%. Placed as the CLI's --mask places it: on the query image (its size or shape), cropped as
     the model saw it, or on the model's view; the app's own download ("Download region") comes back
     pixel for pixel."""
-    size: Callable[[], tuple[int, int] | None]
-    if query.index is not None:
-        size = partial(cache.image_size, query.index)
-    else:
-        size = partial(upright_size, io.BytesIO(st.session_state[UPLOADED][2]))
-    cover = mask_image_coverage(io.BytesIO(data), name, cache.spec.preprocess.painted_on(size))
+    cover = mask_image_coverage(
+        io.BytesIO(data), name, cache.spec.preprocess.painted_on(partial(query_size, cache, query))
+    )
     coverage = grid_mask(cover, (CANVAS_PX, CANVAS_PX))
     paint = coverage > 0
     if not paint.any():
@@ -464,11 +479,13 @@ def run_search(
     labels: tuple[str, ...] = (),
     all_exact: bool = False,
     leave_out: tuple[int, ...] = (),
+    drawn_on: FeatureCache | None = None,
 ) -> SearchResult:
     """`vfs.search.search_regions` for this query, remembered until the query or an option changes;
     `all_exact` for pages that use every image's score (see there); `leave_out`: other images kept
-    out of the ranking (`leave_out_sharing`)."""
-    mask = region.mask(cache.spec.grid)
+    out of the ranking (`leave_out_sharing`); `drawn_on`: the cache on whose view the region was
+    drawn, where that is another (`Region.mask`)."""
+    mask = region.mask(cache, drawn_on)
     query_out = (query.index,) if exclude_query and query.index is not None else ()
     exclude = query_out + leave_out or None
     key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels, all_exact)

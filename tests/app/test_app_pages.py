@@ -510,6 +510,43 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     assert "Download both sides' scores (CSV)" in [b.label for b in at.get("download_button")]
 
 
+def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops_it_otherwise(
+    app, caches, tmp_path
+):
+    """The right side searched the left view's paint as it was: with Lite0 (256 → 224) on the left and a
+    timm ResNet (235 → 224) on the right, another part of the image (a trial of an edited-model study)."""
+    from vfs.masks import grid_mask
+    from vfs.search import search_regions
+
+    out = tmp_path / "r18.zarr"
+    build_cache(
+        BuildJob(
+            model="timm:resnet18?pretrained=false",
+            layer="layer4",
+            data=EMBEDDED_DATASET,
+            out=str(out),
+            limit=SMALL,
+        )
+    )
+    at = page(app, "compare")
+    at.session_state["vfs.opened"] = [str(out)]  # as the Home page opens one
+    at = use_cache(at.run(), "compare.left", caches, "small")
+    at = no_exceptions(draw(use_cache(at, "compare.right", tmp_path, "r18")))
+    left, right = open_cache(caches / "small.zarr"), open_cache(out)
+    assert (left.spec.preprocess.resize_size, right.spec.preprocess.resize_size) == (256, 235)
+    index = at.number_input(key="compare.index").value
+    paint = box_paint()
+
+    def scores(cache, drawn):
+        mask = grid_mask(drawn, cache.spec.grid)
+        return search_regions(cache, index, mask, exclude=index, all_exact=True).top["score"].to_numpy()
+
+    placed = left.spec.preprocess.reframe(paint, right.spec.preprocess, left.image_size(index))
+    np.testing.assert_allclose(at.dataframe[0].value["score"], scores(left, paint), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(at.dataframe[1].value["score"], scores(right, placed), rtol=0, atol=1e-6)
+    assert not np.allclose(at.dataframe[1].value["score"], scores(right, paint), rtol=0, atol=1e-6)
+
+
 def test_compare_opens_with_a_cache_of_the_same_images_on_the_right(app, caches):
     """The Search page's cache on the left; on the right not the first other cache listed (findings,
     other images: refused) but one of the same images (helper review)."""

@@ -6,6 +6,7 @@ loading a network.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -91,6 +92,28 @@ class Preprocess:
         image = PIL.Image.fromarray(np.asarray(coverage, dtype=np.float32), mode="F")
         return np.clip(np.asarray(self._fit(image, "bilinear", 0.0), dtype=np.float64), 0.0, 1.0)
 
+    def reframe(self, cover: np.ndarray, onto: Preprocess, size: tuple[int, int]) -> np.ndarray:
+        """A coverage painted on this view (any square size) of an image of `size` (H, W), as it lies on
+        `onto`'s view of the same image, at the same size: each pixel takes the paint of the point of
+        the image it shows (nearest), none where that point is not in this view (the Compare page: one
+        drawing, two models that crop the image otherwise). Unchanged where the two views coincide."""
+        side = cover.shape[0]
+        centres = (np.arange(side) + 0.5) / side  # of `onto`'s view, as fractions of its side
+        picks = []
+        for (a, b), (a_here, b_here), length in zip(_view_axes(onto, size), _view_axes(self, size), size):
+            point = a * centres * onto.input_size + b  # on the image
+            here = (point - b_here) / (a_here * self.input_size) * side  # on this view, in `cover`'s pixels
+            if np.abs(here - centres * side).max() < 1e-3:
+                picks.append(np.arange(side))
+                continue
+            pick = np.floor(here).astype(np.int64)
+            picks.append(np.where((0 <= point) & (point < length) & (0 <= pick) & (pick < side), pick, -1))
+        rows, cols = picks
+        if (rows == np.arange(side)).all() and (cols == np.arange(side)).all():
+            return cover
+        out = cover[rows.clip(0)][:, cols.clip(0)]
+        return np.where((rows >= 0)[:, None] & (cols >= 0)[None, :], out, np.zeros_like(out))
+
     def painted_on(self, query_size: Callable[[], tuple[int, int] | None]) -> PaintedOn:
         """Where a mask file for a query of size `query_size()` (H, W; None: not at hand) may have
         been painted, for `vfs.masks.load_mask`: on that image, cropped as this view crops it, or on
@@ -134,6 +157,28 @@ class Preprocess:
         so that caches written by older or newer versions still load."""
         known = ("input_size", "resize_size", "interpolation", "mean", "std", "crop")
         return cls(**{key: data[key] for key in known if key in data})
+
+
+@functools.lru_cache(maxsize=64)
+def _view_axes(preprocess: Preprocess, size: tuple[int, int]) -> tuple[tuple[float, float], ...]:
+    """Where the view of an image of `size` (H, W) lies on it: for rows, then columns, (a, b) such that
+    view coordinate v (pixels from its edge) shows image coordinate a·v + b. Found by cropping
+    coordinate ramps as `Preprocess.view` crops an image, so every crop mode agrees with it; on a copy
+    of at most 512 px, scaled back (the rounding of sizes moves it by a fraction of a pixel)."""
+    scale = max(1.0, max(size) / 512)
+    small = (max(1, round(size[0] / scale)), max(1, round(size[1] / scale)))
+    middle = preprocess.input_size // 2
+    axes = []
+    for axis, length in enumerate(small):
+        line = np.arange(length, dtype=np.float32) + 0.5
+        ramp = np.ascontiguousarray(np.broadcast_to(line[:, None] if axis == 0 else line[None, :], small))
+        seen = np.asarray(preprocess._fit(PIL.Image.fromarray(ramp, "F"), "bilinear", np.nan), np.float64)
+        across = seen[:, middle] if axis == 0 else seen[middle, :]
+        shown = np.flatnonzero(np.isfinite(across))
+        inner = shown[2:-2] if len(shown) > 8 else shown  # not the edges, where the resize's filter is cut
+        a, b = np.polyfit(inner + 0.5, across[inner], 1)
+        axes.append((a * size[axis] / length, b * size[axis] / length))
+    return tuple(axes)
 
 
 @dataclass(frozen=True)
