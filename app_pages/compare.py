@@ -1,5 +1,7 @@
 """Compare: one query on two caches of the same dataset (two models, two layers, or two checkpoints)."""
 
+import json
+
 import numpy as np
 import streamlit as st
 
@@ -22,8 +24,8 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     )
     from ui.views import TILE_PX, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache, cache_name
-    from vfs.compare import comparison_note, comparison_refusal
-    from vfs.export import compared_scores
+    from vfs.compare import comparison_note, comparison_refusal, short_weights
+    from vfs.export import compared_scores, comparison_json
     from vfs.render import comparison_figure
     from vfs.stats import rank_agreement
 
@@ -74,7 +76,8 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         with column:
             st.subheader(cache_name(cache.location))
             st.caption(
-                f"{cache.spec.model} · {cache.spec.layer} · grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
+                f"{cache.spec.model} (weights {short_weights(cache.spec)}) · {cache.spec.layer} · "
+                f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
                 f"{search_summary(cache, result)}"
             )
             result_tiles(cache, result, width=TILE_PX * 3 // 4, key=f"tiles.{side}")  # three a row
@@ -97,15 +100,31 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         ),
         key="compare.plot",
     )
-    st.download_button(
+    stem = f"vfs-{cache_name(left.location)}-vs-{cache_name(right.location)}-{query.key}"
+    downloads = st.container(horizontal=True)
+    downloads.download_button(
         "Download both sides' scores (CSV)",
         lambda: compared_scores(left, a, b, compared).to_csv(),  # the compared images; made on click
-        f"vfs-{cache_name(left.location)}-vs-{cache_name(right.location)}-{query.key}-scores.csv",
+        f"{stem}-scores.csv",
         "text/csv",
         key="compare.csv",
         on_click="ignore",
-        help="Each compared image's manifest row with both sides' best scores and windows: what the "
-        "overlap and correlations above are computed from.",
+        help="Each compared image's manifest row with both sides' best scores, ranks and windows: what "
+        "the overlap and correlations above are computed from.",
+    )
+    downloads.download_button(
+        "Download the comparison (JSON)",
+        lambda: json.dumps(
+            comparison_json((left, a), (right, b), query.describe(), agreement, k, int(compared.sum())),
+            indent=1,
+            default=str,
+        ),
+        f"{stem}.json",
+        "application/json",
+        key="compare.json",
+        on_click="ignore",
+        help="Both sides' searches as the CLI writes them (cache, model, weights, layer, mask, top "
+        "results) and their agreement.",
     )
 
 

@@ -352,8 +352,11 @@ def test_cli_json_round_trip(demo, tmp_path, capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["results"] == out["results"]
+    assert out["weights"] == cache.spec.weights and cache.spec.weights.startswith("sha256:")
     assert main(["info", cache.location, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 24
+    assert main(["info", cache.location]) == 0  # which weights, in words too (a checkpoint may be rewritten)
+    assert f"  weights {cache.spec.weights}" in capsys.readouterr().out.splitlines()
 
 
 def test_cli_errors_are_one_line(demo, tmp_path, capsys):

@@ -566,6 +566,19 @@ def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_
     np.testing.assert_array_equal(table["left_score"], a.scores[keep])
     np.testing.assert_array_equal(table["right_score"], b.scores[keep])
     assert table["right_grid_box"].tolist() == [b.grid_box(i) for i in table.index]
+    for side, result in (("left", a), ("right", b)):  # ranks among the compared images, 1 the best
+        order = table.index[np.argsort(-result.scores[keep], kind="stable")]
+        assert table.loc[order, f"{side}_rank"].tolist() == list(range(1, 12)), side
+    assert table["left_rank"].dtype == np.int64
+    # … and the JSON: each side as the CLI writes a search, with its weights, and the agreement
+    from vfs.export import comparison_json, search_json
+
+    agreement = rank_agreement(a.scores[keep], b.scores[keep], 4)
+    out = json.loads(json.dumps(comparison_json((cache, a), (cache, b), {"index": 3}, agreement, 4, 11)))
+    assert out["left"] == json.loads(json.dumps(search_json(cache, a, {"index": 3}), default=str))
+    assert out["right"]["results"][0]["index"] == int(b.top["index"].iloc[0])
+    assert out["agreement"]["compared_images"] == 11 and out["agreement"]["k"] == 4
+    assert out["agreement"]["spearman"] == pytest.approx(agreement["spearman"], abs=1e-6)
     again = rank_agreement(table["left_score"].to_numpy(), table["right_score"].to_numpy(), 4)
     assert again == rank_agreement(a.scores[keep], b.scores[keep], 4)
 

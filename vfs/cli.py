@@ -209,6 +209,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
         f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
         f"grid {s.grid[0]}×{s.grid[1]}×{s.channels}"
     )
+    print(f"  weights {s.weights or '(not recorded: built before VFS kept their digest)'}")
     print(f"  view: {s.preprocess.describe()}")  # what a mask painted on the query photo is cropped to
     print(
         f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  "

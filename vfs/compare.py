@@ -47,7 +47,13 @@ def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     differ = np.flatnonzero(paths_a != paths_b)
     if differ.size:
         i = int(differ[0])
-        why = f"they are of {other}" if other else "one build skipped an image the other kept"
+        if sorted(paths_a) == sorted(paths_b):
+            why = (
+                "they hold the same images in another order (ranks compare image by image): "
+                "build both from one order"
+            )
+        else:
+            why = f"they are of {other}" if other else "one build skipped an image the other kept"
         return f"image {i} differs ({paths_a[i]!r} and {paths_b[i]!r}): {why}"
     unlike = _first_unlike(a, b) if other and a.spec.preprocess == b.spec.preprocess else None
     if unlike is not None:
@@ -67,13 +73,31 @@ def _first_unlike(a: _Cache, b: _Cache) -> int | None:
 
 def comparison_note(a: _Cache, b: _Cache) -> str | None:
     """What a user comparing `a` and `b` should know though they compare (None when nothing): that
-    they were built from differently named dataset sources, taken as one by their paths."""
+    they were built from differently named dataset sources, taken as one by their paths; that one
+    model spec gave other weights (a checkpoint rewritten between the builds), or the same features."""
+    notes = []
     other = _other_sources(a, b)
-    if other is None:
-        return None
-    return (
-        f"built from {other}, their {a.n} images have the same paths in the same order: taken as one dataset"
-    )
+    if other is not None:
+        notes.append(
+            f"built from {other}, their {a.n} images have the same paths in the same order: "
+            "taken as one dataset"
+        )
+    x, y = a.spec, b.spec
+    if x.model == y.model and x.weights and y.weights and x.weights != y.weights:
+        notes.append(
+            f"one model spec ({x.model}) with other weights ({short_weights(x)} and {short_weights(y)}): "
+            "its checkpoint changed between the builds"
+        )
+    same = ("model", "weights", "layer", "preprocess")
+    if x.weights and all(getattr(x, name) == getattr(y, name) for name in same):
+        notes.append("the same model, weights, layer and view: both hold the same features")
+    return "; ".join(notes) or None
+
+
+def short_weights(spec: CacheSpec) -> str:
+    """The weights' digest as a listing shows it: its first 8 hex digits, or "not recorded" (a cache
+    built before VFS kept it)."""
+    return spec.weights.removeprefix("sha256:")[:8] if spec.weights else "not recorded"
 
 
 def _other_sources(a: _Cache, b: _Cache) -> str | None:

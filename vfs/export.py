@@ -35,6 +35,7 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "schema": JSON_SCHEMA_VERSION,
         "cache": cache.location,
         "model": cache.spec.model,
+        "weights": cache.spec.weights,
         "layer": cache.spec.layer,
         "grid": list(result.grid),
         "query": query_desc,
@@ -65,14 +66,39 @@ def compared_scores(
     cache: FeatureCache, left: SearchResult, right: SearchResult, keep: np.ndarray | None = None
 ) -> pd.DataFrame:
     """Two searches of caches of the same images side by side: each kept image's manifest row
-    (`cache`'s) with each side's best score and window — the Compare page's export, the rows its
-    agreement figures are computed from."""
+    (`cache`'s) with each side's best score, its rank among the kept images (1: the best; ties share
+    the best rank) and its window — the Compare page's export, the rows its agreement figures are
+    computed from."""
+    kept = np.ones(len(left.scores), bool) if keep is None else np.asarray(keep, dtype=bool)
     added: dict[str, Any] = {}
     for side, result in (("left", left), ("right", right)):
         added[f"{side}_score"] = result.scores
+        ranks = pd.Series(np.where(kept, result.scores, np.nan)).rank(
+            ascending=False, method="min", na_option="bottom"
+        )
+        added[f"{side}_rank"] = ranks.to_numpy(dtype=np.int64)
         added[f"{side}_grid_box"] = [result.grid_box(i) for i in range(len(result.scores))]
-    table = cache.manifest.assign(**added).rename_axis("index")
-    return table if keep is None else table[np.asarray(keep, dtype=bool)]
+    return cache.manifest.assign(**added).rename_axis("index")[kept]
+
+
+def comparison_json(
+    left: tuple[FeatureCache, SearchResult],
+    right: tuple[FeatureCache, SearchResult],
+    query_desc: dict[str, Any],
+    agreement: dict[str, float],
+    k: int,
+    compared: int,
+) -> dict[str, Any]:
+    """The Compare page's JSON: each side's search as `search_json` writes it (cache, model, weights,
+    layer, mask, results) and their agreement over the `compared` images."""
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "query": query_desc,
+        "left": search_json(*left, query_desc),
+        "right": search_json(*right, query_desc),
+        "agreement": {"k": k, "compared_images": compared}
+        | {key: round(v, 6) for key, v in agreement.items()},
+    }
 
 
 def _json_value(value: Any) -> Any:

@@ -8,10 +8,23 @@ import pandas as pd
 from vfs.compare import comparison_note, comparison_refusal
 
 
-def cache(source="embedded:skimage", paths=("a.png", "b.png", "c.png"), view="224 px", pixels=0):
+def cache(
+    source="embedded:skimage",
+    paths=("a.png", "b.png", "c.png"),
+    view="224 px",
+    pixels=0,
+    weights=None,
+    layer="x",
+):
     """A stand-in: `view` its preprocessing, image i's thumbnail all `pixels + 10 i`."""
     return SimpleNamespace(
-        spec=SimpleNamespace(data=SimpleNamespace(source=source, label_col="label"), preprocess=view),
+        spec=SimpleNamespace(
+            data=SimpleNamespace(source=source, label_col="label"),
+            preprocess=view,
+            model="file:edited.pt?arch=resnet50",
+            weights=weights,
+            layer=layer,
+        ),
         n=len(paths),
         manifest=pd.DataFrame({"path": list(paths)}),
         thumbs_at=lambda idx: np.stack([np.full((8, 8, 3), pixels + 10 * i, np.uint8) for i in idx]),
@@ -71,3 +84,19 @@ def test_same_names_with_other_pixels_under_one_view_are_refused():
     assert (
         comparison_refusal(here, cache(source="/home/me/a.csv", pixels=100)) is None
     )  # one source: not looked at
+
+
+def test_the_same_images_in_another_order_are_refused_saying_so():
+    """A trial's shuffled manifest of the same 500 paths was refused as "differently named datasets"."""
+    reason = comparison_refusal(cache(), cache(source="shuffled.csv", paths=("c.png", "a.png", "b.png")))
+    assert "image 0 differs ('a.png' and 'c.png')" in reason and "the same images in another order" in reason
+
+
+def test_one_checkpoint_rewritten_between_two_builds_is_said():
+    """Two caches of `file:edited.pt` looked identical everywhere while the file had changed between the
+    builds (a trial); the same weights, layer and view are said to hold the same features."""
+    v1, v2 = "sha256:fc0f9447" + "0" * 24, "sha256:c987afac" + "0" * 24
+    assert "other weights (fc0f9447 and c987afac)" in comparison_note(cache(weights=v1), cache(weights=v2))
+    assert "both hold the same features" in comparison_note(cache(weights=v1), cache(weights=v1))
+    assert comparison_note(cache(weights=v1), cache(weights=v1, layer="y")) is None
+    assert comparison_note(cache(weights=v1), cache()) is None  # a cache built before digests were kept

@@ -507,7 +507,11 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
     assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
-    assert "Download both sides' scores (CSV)" in [b.label for b in at.get("download_button")]
+    assert {"Download both sides' scores (CSV)", "Download the comparison (JSON)"} <= {
+        b.label for b in at.get("download_button")
+    }
+    digest = open_cache(caches / "small.zarr").spec.weights.removeprefix("sha256:")[:8]
+    assert sum(f"(weights {digest})" in c for c in texts(at.caption)) == 2  # which weights each side holds
 
 
 def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops_it_otherwise(
