@@ -298,11 +298,21 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
     [
         lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 3},  # the tutorials'
         lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}},  # Lightning's
+        lambda sd: {
+            "state_dict": {f"model.{k}": v for k, v in sd.items()} | {"criterion.weight": torch.ones(9)}
+        },
         lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # a torch.compile'd model's
         lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
         lambda sd: {"state_dict": sd, "args": argparse.Namespace(lr=0.1)},  # timm train.py's
     ],
-    ids=["model_state_dict", "lightning", "compiled", "dataparallel-compiled", "timm-train"],
+    ids=[
+        "model_state_dict",
+        "lightning",
+        "lightning-with-loss",
+        "compiled",
+        "dataparallel-compiled",
+        "timm-train",
+    ],
 )
 def test_file_spec_reads_the_common_checkpoint_layouts(tmp_path, save):
     reference = timm.create_model("resnet18", pretrained=False)
@@ -368,13 +378,17 @@ def test_file_spec_says_what_a_checkpoint_holds_and_what_to_save(tmp_path):
     torch.save(model, tmp_path / "whole.pt")
     (tmp_path / "notes.txt").write_text("hello")
     torch.save(
-        {f"backbone.{k}": v for k, v in model.state_dict().items()} | {"extra": torch.ones(1)},
+        {f"backbone.{k}": v for k, v in model.state_dict().items() if "layer4" not in k},
         tmp_path / "other.pt",
     )
+    edited = {k: v for k, v in model.state_dict().items() if k.startswith("layer4.1.conv2.")}
+    torch.save(edited, tmp_path / "edited.pt")  # only the tensors an edit changed (a trial)
     cases = {
         "whole.pt": "holds a pickled timm.models.resnet.ResNet object, which VFS does not unpickle",
         "notes.txt": "not a PyTorch checkpoint or .safetensors file",
-        "other.pt": "122 of its weights missing (bn1.bias, bn1.num_batches_tracked, bn1.running_mean, …); 123 unknown (backbone.bn1.bias",
+        "other.pt": "30 of its weights missing (layer4.0.bn1.bias, layer4.0.bn1.num_batches_tracked, "
+        "layer4.0.bn1.running_mean, …); it holds 92 of the model's 122 weights",
+        "edited.pt": "it holds 1 of the model's 122 weights, each one of the model's: save the whole state_dict()",
     }
     for name, message in cases.items():
         with pytest.raises(ValueError) as error:
@@ -467,8 +481,11 @@ def test_file_spec_errors(tmp_path):
         load_model(f"file:{tmp_path / 'missing.pt'}?arch=resnet18")
     path = tmp_path / "small.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(ValueError, match="does not fit"):
+    family = r"does not fit .*; it holds 122 of the model's 218 weights, .* name that one with \?arch="
+    with pytest.raises(ValueError, match=family):
         load_model(f"file:{path}?arch=resnet34")
+    with pytest.raises(ValueError, match=r"unknown .*; \?arch= must name the architecture the checkpoint"):
+        load_model(f"file:{path}?arch=vit_tiny_patch16_224")
 
 
 def test_vit_tokens_become_a_grid():

@@ -310,7 +310,7 @@ def _load_file(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     except RuntimeError as error:
         raise ValueError(
             f"{spec.raw!r}: the checkpoint does not fit {arch}: {_misfit(state, model.state_dict())}; "
-            "?arch= must name the architecture the checkpoint was saved from"
+            + _misfit_hint(state, model.state_dict())
         ) from error
     return model, preprocess or _timm_preprocess(model)
 
@@ -359,18 +359,24 @@ def _unreadable(error: BaseException) -> str:
 def _matching_keys(
     state: Mapping[str, torch.Tensor], wanted: Mapping[str, Any]
 ) -> Mapping[str, torch.Tensor]:
-    """`state` with the leading name parts every key shares removed while that matches more of the
-    model's keys: DataParallel's `module.`, torch.compile's `_orig_mod.`, Lightning's `model.`."""
+    """`state` with a leading name part removed while that matches more of the model's keys:
+    DataParallel's `module.`, torch.compile's `_orig_mod.`, Lightning's `model.` — shared by every
+    key, or by the part of the checkpoint that is the model beside other tensors (a loss's class
+    weights in a Lightning module's state, a wrapper's `head.`), which is then left out."""
     best = state
-    while best and len(first := next(iter(best)).split(".", 1)) == 2:
-        prefix = first[0] + "."
-        if not all(key.startswith(prefix) for key in best):
-            break
-        stripped = {key.removeprefix(prefix): value for key, value in best.items()}
-        if len(stripped.keys() & wanted.keys()) < len(best.keys() & wanted.keys()):
-            break
-        best = stripped
-    return best
+    while True:
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in best.items():
+            name, dot, rest = key.partition(".")
+            if dot:
+                parts.setdefault(name, {})[rest] = value
+        if not parts:
+            return best
+        part = max(parts.values(), key=lambda p: len(p.keys() & wanted.keys()))  # the first of equals
+        gained = len(part.keys() & wanted.keys()) - len(best.keys() & wanted.keys())
+        if gained < 0 or (gained == 0 and len(part) < len(best)):  # a shared prefix may gain on a later one
+            return best
+        best = part
 
 
 def _head_size(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> int | None:
@@ -422,6 +428,18 @@ def _misfit(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor
         f"{len(resized)} of other sizes ({first(resized)})" if resized else "",
     ]
     return "; ".join(p for p in parts if p)
+
+
+def _misfit_hint(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> str:
+    """What to do about a checkpoint that does not fit: where every weight it holds is one of the
+    model's, of its size, it is part of them (only the tensors an edit changed) or a smaller member
+    of the family (ResNet-18's into a ResNet-34); else another architecture."""
+    if state.keys() <= wanted.keys() and all(state[k].shape == wanted[k].shape for k in state):
+        return (
+            f"it holds {len(state)} of the model's {len(wanted)} weights, each one of the model's: save "
+            "the whole state_dict(), or, if it is another architecture's, name that one with ?arch="
+        )
+    return "?arch= must name the architecture the checkpoint was saved from"
 
 
 # --- python: python:<module>:<function>, user code returning a module or (module, preprocessing) --
