@@ -243,9 +243,10 @@ def test_a_random_init_spec_is_one_model_on_every_load(spec, monkeypatch):
     assert load_extractor(spec, "layer2", image_size=64).weights == first
 
 
-def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp_path, capsys):
+def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp_path, capsys, monkeypatch):
     """A checkpoint rewritten since the build is refused (it gave top scores near 0, silently); the
-    same checkpoint at a new path is named with --model."""
+    same checkpoint at a new path is named with --model. A relative path is recorded absolute: it
+    named the build's working folder, and failed from any other (a trial)."""
     from vfs.jobs import BuildJob, build_cache
 
     folder = tmp_path / "images"
@@ -257,8 +258,14 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
     checkpoint = tmp_path / "r18.pt"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), checkpoint)
     spec = f"file:{checkpoint}?arch=resnet18"
-    cache = build_cache(BuildJob("layer3", str(folder), str(tmp_path / "c.zarr"), model=spec, image_size=64))
+    monkeypatch.chdir(tmp_path)
+    job = BuildJob(
+        "layer3", str(folder), str(tmp_path / "c.zarr"), model="file:r18.pt?arch=resnet18", image_size=64
+    )
+    cache = build_cache(job)
     assert cache is not None and cache.spec.weights == weights_digest(load_model(spec)[0])
+    assert cache.spec.model == spec
+    monkeypatch.chdir(folder)
     mask = tmp_path / "m.npy"
     np.save(mask, np.ones(cache.spec.grid, dtype=np.float32))
     search = [
@@ -275,7 +282,11 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
 
     moved = tmp_path / "moved.pt"
     checkpoint.rename(moved)
-    assert main(search) == 2 and "no checkpoint file" in capsys.readouterr().err
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint file" in err and "where the cache was built with it" in err and "--model" in err, (
+        err
+    )
     assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 0
     top = json.loads(capsys.readouterr().out)["results"][0]
     assert top["path"] == "1.png" and top["score"] > 0.999

@@ -243,14 +243,18 @@ def _cmd_search(args: argparse.Namespace) -> None:
         raise ValueError("--model is for an --image query; a --query-index uses the cache's stored features")
     if args.exclude_same and args.image:
         raise ValueError("--exclude-same is for a --query-index query: an --image has no manifest row")
-    model = args.model or cache.spec.model
-    if args.image and not args.model and model_kind(model).runs_user_code and not args.trust_model_code:
+    if (
+        args.image
+        and not args.model
+        and model_kind(cache.spec.model).runs_user_code
+        and not args.trust_model_code
+    ):
         raise ValueError(
-            f"the cache's model {model!r} is code that would run here; "
+            f"the cache's model {cache.spec.model!r} is code that would run here; "
             "pass --trust-model-code if you trust whoever built the cache"
         )
     if args.image:
-        ex = cache.extractor(model)
+        ex = cache.extractor(args.model)
         query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
         query_size: Callable[[], tuple[int, int] | None] = partial(upright_size, args.image)
     else:

@@ -29,7 +29,7 @@ from .data import ImageDataset, TorchImageDataset, collate_skipping, open_datase
 from .devices import resolve_device
 from .fp16 import cache_feature_scale, stored_features
 from .interrupts import sigterm_kept
-from .models import DEFAULT_MODEL, Extractor, Preprocess, load_extractor
+from .models import DEFAULT_MODEL, Extractor, Preprocess, absolute_spec, load_extractor
 
 THUMB_MAX = 224
 ENGINES = ("local", "ray")
@@ -216,7 +216,7 @@ def build_cache(
         dataset = dataset.limit(job.limit)
     device = resolve_device("cpu" if job.engine == "ray" else job.device)  # ray: here only for the spec
     extractor = extractor or load_extractor(
-        job.model,
+        absolute_spec(job.model),  # recorded: found from any folder
         job.layer,
         job.image_size,
         device=str(device),

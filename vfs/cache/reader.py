@@ -20,7 +20,15 @@ import zarr
 
 from ..devices import cuda_free_bytes
 from ..masks import grid_box_to_pixels
-from ..models import PROBE_TOLERANCE, Extractor, Preprocess, is_module_spec, load_extractor, probe_difference
+from ..models import (
+    PROBE_TOLERANCE,
+    CheckpointNotFound,
+    Extractor,
+    Preprocess,
+    is_module_spec,
+    load_extractor,
+    probe_difference,
+)
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
@@ -296,7 +304,17 @@ class FeatureCache:
         """The cache's model (or `model`: e.g. its checkpoint at another path) at the cache's layer
         and preprocessing, checked against the cache (`check_extractor`): what an outside image is
         queried with."""
-        extractor = load_extractor(model or self.spec.model, self.spec.layer, preprocess=self.spec.preprocess)
+        try:
+            extractor = load_extractor(
+                model or self.spec.model, self.spec.layer, preprocess=self.spec.preprocess
+            )
+        except CheckpointNotFound as error:
+            if model is not None:
+                raise
+            raise CheckpointNotFound(
+                f"{error}, where the cache was built with it: name where it is now (the CLI's --model "
+                "file:<path>?arch=…, or cache.extractor(model=…))"
+            ) from error
         self.check_extractor(extractor.describe())
         return extractor
 

@@ -9,7 +9,15 @@ loaded model, or of a module the user holds (``module:<name>``), into an (h, w, 
 """
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
-from .kinds import KINDS, input_shape_note, load_model, model_kind, parse_model_spec
+from .kinds import (
+    KINDS,
+    CheckpointNotFound,
+    absolute_spec,
+    input_shape_note,
+    load_model,
+    model_kind,
+    parse_model_spec,
+)
 from .layers import (
     PROBE_TOLERANCE,
     Extractor,
@@ -25,6 +33,7 @@ from .layers import (
 from .specs import IMAGENET_MEAN, IMAGENET_STD, ModelKind, ModelSpec, ModelUnavailable, Preprocess
 
 __all__ = [
+    "CheckpointNotFound",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "Extractor",
@@ -38,6 +47,7 @@ __all__ = [
     "ModelSpec",
     "ModelUnavailable",
     "Preprocess",
+    "absolute_spec",
     "extractor_from_module",
     "input_shape_note",
     "is_module_spec",

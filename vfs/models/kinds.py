@@ -281,13 +281,27 @@ def _parse_file(spec: str, body: str, options: dict[str, str]) -> tuple[str, dic
     return body, options
 
 
+class CheckpointNotFound(ValueError):
+    """A `file:` spec's checkpoint is not at its path (moved since a cache was built with it?)."""
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with a `file:` checkpoint's path made absolute (else as it is): what a cache records, so
+    that its model is found from any folder (a relative path named the build's working folder)."""
+    parsed = parse_model_spec(spec)
+    if parsed.kind != "file":
+        return spec
+    options = spec.strip().partition(":")[2].rpartition("?")[2]  # a file: spec has ?arch=
+    return f"file:{Path(parsed.name).expanduser().resolve()}?{options}"
+
+
 def _load_file(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     import timm
     import torchvision
 
     path = Path(spec.name).expanduser()
     if not path.is_file():
-        raise ValueError(f"model spec {spec.raw!r}: no checkpoint file {str(path)!r}")
+        raise CheckpointNotFound(f"model spec {spec.raw!r}: no checkpoint file {str(path)!r}")
     arch = spec.options["arch"]
     arch_kind, _, arch_name = arch.rpartition(":")
     if arch_kind == "torchvision":
