@@ -200,7 +200,7 @@ def run_on_ray(
         .map_batches(
             _Extract,
             fn_constructor_args=(
-                job.model,
+                writer.spec.model,  # as recorded: a checkpoint by its absolute path, not the driver's folder
                 job.layer,
                 writer.spec,
                 job.device,
