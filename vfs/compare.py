@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pandas as pd
 
+from .models import PROBE_TOLERANCE, probe_difference
+
 if TYPE_CHECKING:
     from .cache.format import CacheSpec
 
@@ -91,6 +93,19 @@ def comparison_note(a: _Cache, b: _Cache) -> str | None:
     same = ("model", "weights", "layer", "preprocess")
     if x.weights and all(getattr(x, name) == getattr(y, name) for name in same):
         notes.append("the same model, weights, layer and view: both hold the same features")
+    if (
+        x.weights
+        and x.weights == y.weights
+        and x.layer == y.layer
+        and x.probe is not None
+        and y.probe is not None
+        and probe_difference(x.probe, y.probe) > PROBE_TOLERANCE
+    ):
+        notes.append(
+            f"the same weights compute other features at {x.layer} ({x.model} and {y.model}): another "
+            "architecture took them (a near relative, e.g. efficientnet_lite0 for tf_efficientnet_lite0), "
+            "not an edit of the weights, makes the difference"
+        )
     return "; ".join(notes) or None
 
 

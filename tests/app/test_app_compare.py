@@ -15,15 +15,18 @@ def cache(
     pixels=0,
     weights=None,
     layer="x",
+    model="file:edited.pt?arch=resnet50",
+    probe=None,
 ):
     """A stand-in: `view` its preprocessing, image i's thumbnail all `pixels + 10 i`."""
     return SimpleNamespace(
         spec=SimpleNamespace(
             data=SimpleNamespace(source=source, label_col="label"),
             preprocess=view,
-            model="file:edited.pt?arch=resnet50",
+            model=model,
             weights=weights,
             layer=layer,
+            probe=probe,
         ),
         n=len(paths),
         manifest=pd.DataFrame({"path": list(paths)}),
@@ -100,3 +103,14 @@ def test_one_checkpoint_rewritten_between_two_builds_is_said():
     assert "both hold the same features" in comparison_note(cache(weights=v1), cache(weights=v1))
     assert comparison_note(cache(weights=v1), cache(weights=v1, layer="y")) is None
     assert comparison_note(cache(weights=v1), cache()) is None  # a cache built before digests were kept
+
+
+def test_the_same_weights_in_a_near_relative_of_their_architecture_are_said():
+    """A trial loaded the embedded Lite0's weights with ?arch=efficientnet_lite0 (not tf_…): same digest,
+    other features; a Compare against the original would blame the edit for the architecture."""
+    w = "sha256:" + "1" * 32
+    tf = cache(weights=w, model="embedded:efficientnet_lite0", probe=(1.0, 2.0, 3.0))
+    near = cache(weights=w, model="file:noop.pt?arch=efficientnet_lite0", probe=(1.0, 2.5, 3.0))
+    assert "the same weights compute other features at x" in comparison_note(tf, near)
+    same = cache(weights=w, model="file:noop.pt?arch=tf_efficientnet_lite0", probe=(1.0, 2.0, 3.0))
+    assert comparison_note(tf, same) is None
