@@ -579,6 +579,9 @@ def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_
     assert out["right"]["results"][0]["index"] == int(b.top["index"].iloc[0])
     assert out["agreement"]["compared_images"] == 11 and out["agreement"]["k"] == 4
     assert out["agreement"]["spearman"] == pytest.approx(agreement["spearman"], abs=1e-6)
+    flat = rank_agreement(np.ones(11), b.scores[keep], 4)  # one side's scores all alike: no correlation
+    out = comparison_json((cache, a), (cache, b), {"index": 3}, flat, 4, 11)
+    assert out["agreement"]["spearman"] is None and json.dumps(out, allow_nan=False, default=str)
     again = rank_agreement(table["left_score"].to_numpy(), table["right_score"].to_numpy(), 4)
     assert again == rank_agreement(a.scores[keep], b.scores[keep], 4)
 
@@ -852,6 +855,21 @@ def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(t
         CacheWriter.open(tmp_path / "c.zarr", moved, shuffled, 32)
     with pytest.raises(CacheError, match="dataset of 20 images, this one has 21"):
         CacheWriter.open(tmp_path / "c.zarr", moved, candidates(21), 32)
+
+
+def test_a_resume_follows_a_checkpoint_to_its_recorded_absolute_path_but_not_to_other_weights(tmp_path):
+    """Caches recorded a `file:` checkpoint as typed (relative to the build's folder); VFS now records it
+    absolute, and a cache started before resumed no more: "built with another setting (model: …)" (a
+    review). The same weights under the new spec resume, and the cache then records the new one."""
+    before = replace(SPEC, model="file:r18.pt?arch=resnet18", weights="sha256:aa")
+    w = CacheWriter.open(tmp_path / "c.zarr", before, candidates(20), 32, job={"model": before.model})
+    fill(w, range(9))
+    now = replace(before, model=f"file:{tmp_path / 'r18.pt'}?arch=resnet18")
+    assert CacheWriter.open(tmp_path / "c.zarr", now, candidates(20), 32).rows == 7
+    attrs = open_cache(tmp_path / "c.zarr", allow_partial=True).attrs
+    assert attrs["spec"]["model"] == attrs["job"]["model"] == now.model
+    with pytest.raises(CacheError, match="weights: 'sha256:aa' ≠ 'sha256:bb'"):
+        CacheWriter.open(tmp_path / "c.zarr", replace(before, weights="sha256:bb"), candidates(20), 32)
 
 
 def test_a_rerun_of_a_finished_build_has_nothing_to_do(tmp_path):

@@ -97,7 +97,7 @@ def comparison_json(
         "left": search_json(*left, query_desc),
         "right": search_json(*right, query_desc),
         "agreement": {"k": k, "compared_images": compared}
-        | {key: round(v, 6) for key, v in agreement.items()},
+        | {key: round(v, 6) if math.isfinite(v) else None for key, v in agreement.items()},  # NaN: none
     }
 
 

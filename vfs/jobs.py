@@ -239,7 +239,7 @@ def build_cache(
                 dataset.records,
                 thumb,
                 chunk_images=job.chunk_images,
-                job=asdict(replace(job, data=dataset.spec.source)),  # a resume from any folder finds it
+                job=asdict(replace(job, data=dataset.spec.source, model=spec.model)),  # found from any folder
                 feature_scale=cache_feature_scale(extractor.probe_peak),
             )
         except AlreadyComplete:  # a rerun of a finished build (also where its folder is read-only)

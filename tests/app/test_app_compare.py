@@ -17,6 +17,7 @@ def cache(
     layer="x",
     model="file:edited.pt?arch=resnet50",
     probe=None,
+    input_size=224,
 ):
     """A stand-in: `view` its preprocessing, image i's thumbnail all `pixels + 10 i`."""
     return SimpleNamespace(
@@ -27,6 +28,7 @@ def cache(
             weights=weights,
             layer=layer,
             probe=probe,
+            input_size=input_size,
         ),
         n=len(paths),
         manifest=pd.DataFrame({"path": list(paths)}),
@@ -114,3 +116,7 @@ def test_the_same_weights_in_a_near_relative_of_their_architecture_are_said():
     assert "the same weights compute other features at x" in comparison_note(tf, near)
     same = cache(weights=w, model="file:noop.pt?arch=tf_efficientnet_lite0", probe=(1.0, 2.0, 3.0))
     assert comparison_note(tf, same) is None
+    larger = cache(weights=w, model="embedded:efficientnet_lite0", probe=(1.0, 2.5, 3.0), input_size=256)
+    assert comparison_note(tf, larger) is None  # the probe image is made at each input size (a review)
+    newer = cache(weights=w, model="embedded:efficientnet_lite0", probe=(1.0, 2.5, 3.0))  # another timm?
+    assert "the same features" not in comparison_note(tf, newer)

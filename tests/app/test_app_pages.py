@@ -284,8 +284,8 @@ def test_the_region_can_be_kept_for_other_images_and_downloaded_as_a_mask(app, c
     from vfs.render import region_mask_png
 
     (tmp_path / "region.png").write_bytes(region_mask_png(region.drawing.paint))
-    grid = open_cache(caches / "small.zarr").spec.grid
-    np.testing.assert_array_equal(load_mask(tmp_path / "region.png", grid), region.mask(grid))
+    cache = open_cache(caches / "small.zarr")
+    np.testing.assert_array_equal(load_mask(tmp_path / "region.png", cache.spec.grid), region.mask(cache))
     at.checkbox(key="region.keep").uncheck().run()
     at.number_input(key="search.index").set_value(6).run()
     assert any("Draw on the query image" in t for t in texts(at.info))  # off: a new image, a new drawing

@@ -190,8 +190,15 @@ class CacheWriter:
         if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
         recorded = CacheSpec.from_dict(attrs["spec"])
-        # Where the dataset is may change (another folder, another machine); what it is may not.
-        reason = recorded.mismatch(replace(spec, data=replace(spec.data, source=recorded.data.source)))
+        # Where the dataset or a checkpoint is may change (another folder, another machine; a path
+        # recorded relative before VFS made it absolute); what they are may not: the weights' digest says.
+        moved = (
+            recorded.model != spec.model and recorded.weights is not None and recorded.weights == spec.weights
+        )
+        model = recorded.model if moved else spec.model
+        reason = recorded.mismatch(
+            replace(spec, model=model, data=replace(spec.data, source=recorded.data.source))
+        )
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
         if attrs.get("complete"):
@@ -209,10 +216,12 @@ class CacheWriter:
         elif "manifest" in g:  # killed in `finish` after the candidates went: the stored rows say it
             _check_stored_images(path, g, candidates, int(attrs["progress"]["next_item"]))
         shutil.rmtree(path / _DELETED_CANDIDATES, ignore_errors=True)  # what such a kill left
-        if recorded.data.source != spec.data.source:  # a resume reruns where the data is now
+        if recorded.data.source != spec.data.source or moved:  # a resume reruns where they are now
+            now = {"data": spec.data.to_dict()} | ({"model": spec.model} if moved else {})
+            job = {"data": spec.data.source} | ({"model": spec.model} if moved else {})
             g.attrs.update(
-                {"spec": attrs["spec"] | {"data": spec.data.to_dict()}}  # the rest stays as recorded
-                | ({"job": attrs["job"] | {"data": spec.data.source}} if "job" in attrs else {})
+                {"spec": attrs["spec"] | now}  # the rest stays as recorded
+                | ({"job": attrs["job"] | job} if "job" in attrs else {})
             )
         for leftover in path.rglob("*.partial"):  # zarr's temporary files from writes a kill interrupted
             if _ZARR_TEMP.search(leftover.name):

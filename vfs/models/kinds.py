@@ -375,9 +375,10 @@ def _matching_keys(
 ) -> Mapping[str, torch.Tensor]:
     """`state` with a leading name part removed while that matches more of the model's keys:
     DataParallel's `module.`, torch.compile's `_orig_mod.`, Lightning's `model.` — shared by every
-    key, or by the part of the checkpoint that is the model beside other tensors (a loss's class
-    weights in a Lightning module's state, a wrapper's `head.`), which is then left out."""
-    best = state
+    key, or by the part of the checkpoint that holds most of the model's weights beside other
+    tensors (a loss's class weights, an EMA copy: the part not named EMA is taken), which are then
+    left out with a warning."""
+    best, dropped = state, set[str]()
     while True:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in best.items():
@@ -385,12 +386,22 @@ def _matching_keys(
             if dot:
                 parts.setdefault(name, {})[rest] = value
         if not parts:
-            return best
-        part = max(parts.values(), key=lambda p: len(p.keys() & wanted.keys()))  # the first of equals
-        gained = len(part.keys() & wanted.keys()) - len(best.keys() & wanted.keys())
-        if gained < 0 or (gained == 0 and len(part) < len(best)):  # a shared prefix may gain on a later one
-            return best
+            break
+        name = max(parts, key=lambda n: (len(parts[n].keys() & wanted.keys()), "ema" not in n.lower()))
+        part = parts[name]
+        matched = len(part.keys() & wanted.keys())
+        gained = matched - len(best.keys() & wanted.keys())
+        shared = len(part) == len(best)  # a prefix of every key may gain only on a later one
+        if gained < 0 or (not shared and (gained == 0 or 2 * matched < len(wanted))):
+            break
+        dropped |= {
+            key.partition(".")[0] + "." * ("." in key) for key in best if not key.startswith(name + ".")
+        }
         best = part
+    if dropped:
+        names = ", ".join(sorted(dropped))
+        warnings.warn(f"the checkpoint's tensors under {names} are left out: not the model's", stacklevel=2)
+    return best
 
 
 def _head_size(state: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor]) -> int | None:

@@ -96,11 +96,20 @@ class Preprocess:
         """A coverage painted on this view (any square size) of an image of `size` (H, W), as it lies on
         `onto`'s view of the same image, at the same size: each pixel takes the paint of the point of
         the image it shows (nearest), none where that point is not in this view (the Compare page: one
-        drawing, two models that crop the image otherwise). Unchanged where the two views coincide."""
+        drawing, two models that crop the image otherwise). Unchanged where the two views coincide, and
+        where one shows too little of the image to place it (a side of a pixel or two)."""
+        there, here_axes = _view_axes(onto, size), _view_axes(self, size)
+        same = (onto.input_size, onto.resize_size, onto.crop) == (
+            self.input_size,
+            self.resize_size,
+            self.crop,
+        )
+        if same or there is None or here_axes is None:  # one view, or too little of the image to place it
+            return cover
         side = cover.shape[0]
         centres = (np.arange(side) + 0.5) / side  # of `onto`'s view, as fractions of its side
         picks = []
-        for (a, b), (a_here, b_here), length in zip(_view_axes(onto, size), _view_axes(self, size), size):
+        for (a, b), (a_here, b_here), length in zip(there, here_axes, size):
             point = a * centres * onto.input_size + b  # on the image
             here = (point - b_here) / (a_here * self.input_size) * side  # on this view, in `cover`'s pixels
             if np.abs(here - centres * side).max() < 1e-3:
@@ -160,23 +169,31 @@ class Preprocess:
 
 
 @functools.lru_cache(maxsize=64)
-def _view_axes(preprocess: Preprocess, size: tuple[int, int]) -> tuple[tuple[float, float], ...]:
+def _view_axes(preprocess: Preprocess, size: tuple[int, int]) -> tuple[tuple[float, float], ...] | None:
     """Where the view of an image of `size` (H, W) lies on it: for rows, then columns, (a, b) such that
-    view coordinate v (pixels from its edge) shows image coordinate a·v + b. Found by cropping
-    coordinate ramps as `Preprocess.view` crops an image, so every crop mode agrees with it; on a copy
-    of at most 512 px, scaled back (the rounding of sizes moves it by a fraction of a pixel)."""
-    scale = max(1.0, max(size) / 512)
+    view coordinate v (pixels from its edge) shows image coordinate a·v + b; None where the view shows
+    too little of it to say (a side of a pixel or two). Found by cropping coordinate ramps as
+    `Preprocess.view` crops an image, so every crop mode agrees with it; on a copy of at most 512 px
+    (its shorter side at least 32), scaled back: the rounding of sizes moves it by a fraction of a pixel."""
+    scale = max(1.0, min(max(size) / 512, min(size) / 32))
     small = (max(1, round(size[0] / scale)), max(1, round(size[1] / scale)))
-    middle = preprocess.input_size // 2
     axes = []
     for axis, length in enumerate(small):
         line = np.arange(length, dtype=np.float32) + 0.5
         ramp = np.ascontiguousarray(np.broadcast_to(line[:, None] if axis == 0 else line[None, :], small))
-        seen = np.asarray(preprocess._fit(PIL.Image.fromarray(ramp, "F"), "bilinear", np.nan), np.float64)
-        across = seen[:, middle] if axis == 0 else seen[middle, :]
-        shown = np.flatnonzero(np.isfinite(across))
+        try:
+            seen = np.asarray(preprocess._fit(PIL.Image.fromarray(ramp, "F"), "bilinear", np.nan), np.float64)
+        except ValueError:  # a side resized to nothing (a border crop of a 1-px-high image): no view
+            return None
+        shows = np.isfinite(seen) & (seen > 0.25)  # not the padding: NaN (timm's), 0 (torchvision's crop)
+        if axis == 1:
+            seen, shows = seen.T, shows.T
+        best = int(np.argmax(shows.sum(axis=0)))  # the line across the view that shows the most of it
+        shown = np.flatnonzero(shows[:, best])
         inner = shown[2:-2] if len(shown) > 8 else shown  # not the edges, where the resize's filter is cut
-        a, b = np.polyfit(inner + 0.5, across[inner], 1)
+        if len(inner) < 2 or np.ptp(seen[inner, best]) == 0:
+            return None
+        a, b = np.polyfit(inner + 0.5, seen[inner, best], 1)
         axes.append((a * size[axis] / length, b * size[axis] / length))
     return tuple(axes)
 
