@@ -330,7 +330,7 @@ def test_a_region_loads_from_a_mask_file(app, caches, tmp_path):
     cli = load_mask(
         tmp_path / "on_photo.png", grid, cache.spec.preprocess.painted_on(lambda: (height, width))
     )
-    loaded = at.session_state["vfs.region"].mask(grid)
+    loaded = at.session_state["vfs.region"].mask(cache)
     np.testing.assert_array_equal(loaded > 0.05, cli > 0.05)
     np.testing.assert_allclose(loaded, cli, atol=0.06)  # the canvas's paint: a pixel touched is painted
 
