@@ -26,7 +26,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.compare import comparison_note, comparison_refusal, short_weights
     from vfs.export import compared_scores, comparison_json
-    from vfs.render import comparison_figure
+    from vfs.render import comparison_figure, jpeg_data_url, mask_overlay, mask_summary
     from vfs.stats import rank_agreement
 
 pick_left, pick_right = st.columns(2)
@@ -80,6 +80,13 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
                 f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
                 f"{search_summary(cache, result)}"
             )
+            with st.expander("The region on this side's cells"):  # placed through the image on the right
+                mask = region.mask(cache, drawn_on=left)
+                st.image(
+                    jpeg_data_url(mask_overlay(query_view(cache, query), mask)),
+                    width=TILE_PX,
+                    caption=f"{mask_summary(mask)} (stronger blue = more weight)",
+                )
             result_tiles(cache, result, width=TILE_PX * 3 // 4, key=f"tiles.{side}")  # three a row
             result_table(cache, result, key=f"compare.table.{side}")
 

@@ -549,6 +549,13 @@ def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops
     np.testing.assert_allclose(at.dataframe[0].value["score"], scores(left, paint), rtol=0, atol=1e-6)
     np.testing.assert_allclose(at.dataframe[1].value["score"], scores(right, placed), rtol=0, atol=1e-6)
     assert not np.allclose(at.dataframe[1].value["score"], scores(right, paint), rtol=0, atol=1e-6)
+    shown = [e.label for e in at.expander]  # where the region lies on each side's cells, to look at
+    assert shown.count("The region on this side's cells") == 2
+    from vfs.render import mask_summary
+
+    captions = [c for image in at.image for c in image.captions]
+    for mask in (grid_mask(paint, left.spec.grid), grid_mask(placed, right.spec.grid)):
+        assert any(c.startswith(mask_summary(mask)) for c in captions), (mask_summary(mask), captions)
 
 
 def test_compare_opens_with_a_cache_of_the_same_images_on_the_right(app, caches):
