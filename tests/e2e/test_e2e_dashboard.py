@@ -429,7 +429,9 @@ def test_compare_lite0_with_lite1(page, server, demo_cache, lite1_cache):
         expect(column).to_have_count(1)
         expect(
             column.get_by_text(
-                re.compile(rf"{model} · blocks\.5 · grid \d+×\d+ — {k} results from {DEMO_N} images")
+                re.compile(
+                    rf"{model} \(weights [0-9a-f]{{8}}\) · blocks\.5 · grid \d+×\d+ — {k} results from {DEMO_N} images"
+                )
             )
         ).to_be_visible()
         captions = [
