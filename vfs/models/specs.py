@@ -98,13 +98,10 @@ class Preprocess:
         the image it shows (nearest), none where that point is not in this view (the Compare page: one
         drawing, two models that crop the image otherwise). Unchanged where the two views coincide, and
         where one shows too little of the image to place it (a side of a pixel or two)."""
+        if (onto.input_size, onto.resize_size, onto.crop) == (self.input_size, self.resize_size, self.crop):
+            return cover  # one view
         there, here_axes = _view_axes(onto, size), _view_axes(self, size)
-        same = (onto.input_size, onto.resize_size, onto.crop) == (
-            self.input_size,
-            self.resize_size,
-            self.crop,
-        )
-        if same or there is None or here_axes is None:  # one view, or too little of the image to place it
+        if there is None or here_axes is None:  # too little of the image shown to place it
             return cover
         side = cover.shape[0]
         centres = (np.arange(side) + 0.5) / side  # of `onto`'s view, as fractions of its side
