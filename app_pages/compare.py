@@ -18,6 +18,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         leave_out_sharing,
         pick_cache,
         pick_query,
+        query_size,
         query_view,
         require_region,
         run_search,
@@ -26,7 +27,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.compare import comparison_note, comparison_refusal, short_weights
     from vfs.export import compared_scores, comparison_json
-    from vfs.render import comparison_figure, jpeg_data_url, mask_overlay, mask_summary
+    from vfs.render import comparison_figure, jpeg_data_url, mask_overlay, mask_summary, region_mask_png
     from vfs.stats import rank_agreement
 
 pick_left, pick_right = st.columns(2)
@@ -133,6 +134,24 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         help="Both sides' searches as the CLI writes them (cache, model, weights, layer, mask, top "
         "results) and their agreement.",
     )
+    if (size := query_size(left, query)) is not None:
+
+        def region_png() -> bytes:
+            on_image = left.spec.preprocess.image_coverage(region.drawing.paint, size)
+            if on_image is None:  # an image too thin to place: the view's
+                return region_mask_png(region.drawing.paint)
+            return region_mask_png(on_image, on_view=False)
+
+        downloads.download_button(
+            "Download region (PNG mask, on the image)",
+            region_png,
+            f"{stem}-region.png",
+            "image/png",
+            key="compare.region",
+            on_click="ignore",
+            help="The region as painted on the query image: `python -m vfs search CACHE --mask` places "
+            "it through either cache's crop, as this page does.",
+        )
 
 
 region_and_comparison(left, right, query)

@@ -549,6 +549,20 @@ def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops
     np.testing.assert_allclose(at.dataframe[0].value["score"], scores(left, paint), rtol=0, atol=1e-6)
     np.testing.assert_allclose(at.dataframe[1].value["score"], scores(right, placed), rtol=0, atol=1e-6)
     assert not np.allclose(at.dataframe[1].value["score"], scores(right, paint), rtol=0, atol=1e-6)
+    # the region as painted on the image: the CLI's --mask places it on each cache as the page does
+    from vfs.masks import load_mask
+    from vfs.render import region_mask_png
+
+    assert "Download region (PNG mask, on the image)" in [b.label for b in at.get("download_button")]
+    size = left.image_size(index)
+    (tmp_path / "region.png").write_bytes(
+        region_mask_png(left.spec.preprocess.image_coverage(paint, size), on_view=False)
+    )
+    for cache, drawn in ((left, paint), (right, placed)):
+        cli = load_mask(
+            tmp_path / "region.png", cache.spec.grid, cache.spec.preprocess.painted_on(lambda: size)
+        )
+        np.testing.assert_allclose(cli, grid_mask(drawn, cache.spec.grid), atol=0.06)
     shown = [e.label for e in at.expander]  # where the region lies on each side's cells, to look at
     assert shown.count("The region on this side's cells") == 2
     from vfs.render import mask_summary
