@@ -337,8 +337,10 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
     assert page.evaluate(RESULTS_CHANGED, [k, ""])[1] == searched
     canvas = page.locator("canvas.vfs-paint")
+    saved = np.asarray(Image.open(region_file))[..., 3] > 0
+    wait_painted(canvas, int(saved.sum()))
     loaded = canvas_alpha(canvas) > 0
-    np.testing.assert_array_equal(loaded, np.asarray(Image.open(region_file))[..., 3] > 0)
+    np.testing.assert_array_equal(loaded, saved)
     wait_idle(page)
     more = timed_stroke(page, k, searched, y=0.8, timeout_ms=RESULT_TIMEOUT_MS).signature  # paints on it
     assert canvas.evaluate(PAINTED) > loaded.sum()
@@ -351,6 +353,7 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     wait_idle(page)
     uploader.locator("input[type=file]").set_input_files(tmp_path / "dithered.png")
     page.wait_for_function(RESULTS_CHANGED, arg=[k, searched], timeout=RESULT_TIMEOUT_MS)
+    wait_painted(canvas, int(dithered.sum()))
     np.testing.assert_array_equal(canvas_alpha(canvas) > 0, dithered)
     no_exception(page)
 
@@ -359,6 +362,15 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
 CUT_LABELS = """() => [...document.querySelectorAll('[data-testid=stDownloadButton] button')].filter(
   b => [b, ...b.querySelectorAll('*')].some(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
 ).map(b => b.innerText.trim())"""
+
+
+def wait_painted(canvas, n: int, timeout_s: float = 10.0) -> None:
+    """Wait until the canvas holds n painted pixels: a canvas opened anew (a loaded region) draws its
+    shapes as it mounts, which can come after the results it searched for are on screen."""
+    end = time.monotonic() + timeout_s
+    while (painted := canvas.evaluate(PAINTED)) != n:
+        assert time.monotonic() < end, f"the canvas holds {painted} painted pixels, not {n}"
+        time.sleep(0.1)
 
 
 def canvas_alpha(canvas) -> np.ndarray:
