@@ -90,19 +90,16 @@ def comparison_note(a: _Cache, b: _Cache) -> str | None:
             f"one model spec ({x.model}) with other weights ({short_weights(x)} and {short_weights(y)}): "
             "its checkpoint changed between the builds"
         )
-    computes_alike = (
-        x.probe is None or y.probe is None or probe_difference(x.probe, y.probe) <= PROBE_TOLERANCE
-    )
+    apart = None if x.probe is None or y.probe is None else probe_difference(x.probe, y.probe)
     same = ("model", "weights", "layer", "preprocess")
-    if x.weights and computes_alike and all(getattr(x, name) == getattr(y, name) for name in same):
+    if x.weights and (apart or 0) <= PROBE_TOLERANCE and all(getattr(x, n) == getattr(y, n) for n in same):
         notes.append("the same model, weights, layer and view: both hold the same features")
     if (  # (the probe image is made at the input size: at two sizes one model's probes differ)
         x.weights
         and x.weights == y.weights
         and (x.layer, x.input_size) == (y.layer, y.input_size)
-        and x.probe is not None
-        and y.probe is not None
-        and probe_difference(x.probe, y.probe) > PROBE_TOLERANCE
+        and apart is not None
+        and apart > PROBE_TOLERANCE
     ):
         notes.append(
             f"the same weights compute other features at {x.layer} ({x.model} and {y.model}): another "

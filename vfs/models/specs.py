@@ -117,8 +117,7 @@ class Preprocess:
         rows, cols = picks
         if (rows == np.arange(side)).all() and (cols == np.arange(side)).all():
             return cover
-        out = cover[rows.clip(0)][:, cols.clip(0)]
-        return np.where((rows >= 0)[:, None] & (cols >= 0)[None, :], out, np.zeros_like(out))
+        return _picked(cover, rows, cols)
 
     def image_coverage(self, cover: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
         """A coverage painted on this view (any square size) as painted on the image of `size` (H, W)
@@ -137,9 +136,7 @@ class Preprocess:
             point = (np.arange(n) + 0.5) * length / n  # pixel centres, on the image
             pick = np.floor((point - b) / (a * self.input_size) * side).astype(np.int64)
             picks.append(np.where((0 <= pick) & (pick < side), pick, -1))
-        rows, cols = picks
-        out = cover[rows.clip(0)][:, cols.clip(0)]
-        return np.where((rows >= 0)[:, None] & (cols >= 0)[None, :], out, np.zeros_like(out))
+        return _picked(cover, *picks)
 
     def painted_on(self, query_size: Callable[[], tuple[int, int] | None]) -> PaintedOn:
         """Where a mask file for a query of size `query_size()` (H, W; None: not at hand) may have
@@ -184,6 +181,12 @@ class Preprocess:
         so that caches written by older or newer versions still load."""
         known = ("input_size", "resize_size", "interpolation", "mean", "std", "crop")
         return cls(**{key: data[key] for key in known if key in data})
+
+
+def _picked(cover: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`cover`'s pixels at rows × cols, none where an index is -1 (a point `cover` does not show)."""
+    out = cover[rows.clip(0)][:, cols.clip(0)]
+    return np.where((rows >= 0)[:, None] & (cols >= 0)[None, :], out, np.zeros_like(out))
 
 
 @functools.lru_cache(maxsize=64)
