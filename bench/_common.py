@@ -198,26 +198,10 @@ def vm_status(key: str) -> int | None:
 
 
 def parse_bytes(text: str) -> int:
-    """'2GB', '400MB', '1.5GiB', '123' → bytes (GB = 10⁹, GiB = 2³⁰)."""
-    t = text.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "B": 1,
-    }
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(float(t))
+    """'2GB', '400MB', '1.5GiB', '123' → bytes (GB = 10⁹, GiB = 2³⁰): the CLI's rule."""
+    from vfs.devices import memory_bytes
+
+    return memory_bytes(text)
 
 
 def emit(doc: dict, out: str | None, indent: int | None = 2) -> None:

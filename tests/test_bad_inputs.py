@@ -205,8 +205,14 @@ def test_features_of_what_is_no_image_say_so(built, extractor):
     """`ex.features("photo.jpg")` raised AttributeError ('str' object has no attribute 'load')."""
     with pytest.raises(ImageError, match="not a readable image"):
         extractor.features(built[1] / "text.jpg")
-    with pytest.raises(TypeError, match="PIL image or an image file's path, not ndarray"):
-        extractor.features(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(
+        TypeError, match=r"8-bit pixels, \(H, W\) or \(H, W, 3 \| 4\); got float32 \(8, 8, 3\)"
+    ):
+        extractor.features(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(TypeError, match="an image array or an image file's path, not list"):
+        extractor.features([[0, 0]])
+    pixels = np.asarray(load_image(built[1] / "good_noise.png"))
+    np.testing.assert_array_equal(extractor.features(pixels), extractor.features(Image.fromarray(pixels)))
 
 
 def test_huge_legal_image_is_decoded_small(built):
@@ -543,7 +549,7 @@ def features(seed=0, n=12, grid=(5, 6), c=8):
     [
         (np.zeros((5, 6)), "region is empty"),
         (np.ones((4, 6)), "does not match the feature grid"),
-        (np.ones((5, 6, 1)), "does not match the feature grid"),
+        (np.ones((5, 6, 1)), "a mask must be 2-D"),
         (np.full((5, 6), np.nan), "NaN or inf"),
         (np.where(np.eye(5, 6) > 0, np.inf, 0), "NaN or inf"),
         (-np.ones((5, 6)), "≥ 0"),

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import re
 import select
 import shlex
 import signal
@@ -31,18 +30,13 @@ if TYPE_CHECKING:
 
 
 def parse_bytes(text: str) -> int:
-    """'2GB', '512 MiB', '1e9' → bytes (decimal and binary units)."""
-    m = re.fullmatch(r"\s*([\d.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)")
-    base = 1024 if m.group(3) else 1000
+    """`--memory-budget`'s type: `vfs.devices.memory_bytes`, its refusal argparse's."""
+    from .devices import memory_bytes  # torch: loaded by the search this budget is for anyway
+
     try:
-        size = float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " ")
-    except ValueError:  # "1.2.3", "e"
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
-    if not math.isfinite(size):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} is beyond any memory")
-    return int(size)
+        return memory_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -324,28 +318,28 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list model specs")
     lp = sub.add_parser("layers", help="list a model's spatial layers with (h, w, C)")
-    lp.add_argument("spec")
-    lp.add_argument("--image-size", type=int)
-    lp.add_argument("--json", action="store_true")
+    lp.add_argument("spec", help="a model spec, as `models` lists them (timm:…, torchvision:…, file:…)")
+    lp.add_argument("--image-size", type=int, help="input side in px (default: the model's own)")
+    lp.add_argument("--json", action="store_true", help="print JSON")
     bp = sub.add_parser("build", help="build or resume a feature cache")
     bp.add_argument("job", nargs="?", help="a job file (TOML with a [build] table); flags override it")
-    bp.add_argument("--model")
-    bp.add_argument("--layer")
+    bp.add_argument("--model", help="model spec (default: the embedded EfficientNet-Lite0; see `models`)")
+    bp.add_argument("--layer", help="the layer whose features are stored (see `layers SPEC`)")
     bp.add_argument(
         "--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>"
     )
-    bp.add_argument("--out")
+    bp.add_argument("--out", help="the cache to write, NAME.zarr (an unfinished one resumes)")
     bp.add_argument(
         "--label-col", help="the labels' column (default: 'label' where there is one; \"\" for none)"
     )
     bp.add_argument(
         "--domain-col", help="the domains' column (default: 'domain' where there is one; \"\" for none)"
     )
-    bp.add_argument("--image-size", type=int)
-    bp.add_argument("--batch-size", type=int)
-    bp.add_argument("--device")
+    bp.add_argument("--image-size", type=int, help="input side in px (default: the model's own)")
+    bp.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    bp.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     bp.add_argument("--workers", type=int, help="local: decoding processes; ray: extractor actors")
-    bp.add_argument("--limit", type=int)
+    bp.add_argument("--limit", type=int, help="only the first N images of the dataset (a quick try)")
     bp.add_argument(
         "--chunk-images", type=int, help="images per stored chunk (default: ≤ 16 MiB of features; new caches)"
     )
@@ -359,13 +353,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--gpus-per-worker", type=float, help="ray: GPUs per extractor actor (default 1 where there are GPUs)"
     )
     ip = sub.add_parser("info", help="describe a cache")
-    ip.add_argument("cache")
-    ip.add_argument("--json", action="store_true")
+    ip.add_argument("cache", help="a cache's path or URL")
+    ip.add_argument("--json", action="store_true", help="print JSON")
     sp = sub.add_parser("search", help="rank a cache's images by similarity to a masked query region")
-    sp.add_argument("cache")
+    sp.add_argument("cache", help="a cache's path or URL")
     q = sp.add_mutually_exclusive_group(required=True)
-    q.add_argument("--query-index", type=int)
-    q.add_argument("--image", type=Path)
+    q.add_argument("--query-index", type=int, help="the query: an image of the cache, by its index")
+    q.add_argument("--image", type=Path, help="the query: an image file, through the cache's own model")
     sp.add_argument(
         "--mask",
         required=True,
@@ -373,8 +367,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="PNG (alpha or grey) of the model's square view or the query photo's size or shape "
         "(docs/cli.md), or .npy of the grid's shape",
     )
-    sp.add_argument("--k", type=int, default=10)
-    sp.add_argument("--per-domain", type=int)
+    sp.add_argument("--k", type=int, default=10, help="results to rank (default 10)")
+    sp.add_argument("--per-domain", type=int, help="at most N results from any one domain")
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
     sp.add_argument(
         "--exclude-same",
@@ -392,14 +386,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="with --image: the model spec to load instead of the cache's, e.g. its checkpoint at a new "
         "path (it must hold the weights the cache was built with)",
     )
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
     sp.add_argument("--memory-budget", type=parse_bytes, help="stream from disk beyond this (e.g. 2GB)")
     sp.add_argument("--shards", type=int, help="search on a Ray cluster, the cache split across N actors")
     sp.add_argument(
         "--address",
         help="with --shards: the Ray cluster (auto, ray://HOST:10001); default: this machine's or a new one",
     )
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON (ranks, scores, boxes, the query)")
     return p
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -47,3 +49,24 @@ def working_bytes(limits: dict[str, int], device: torch.device, free_share: int,
     if device.type == "cuda":
         limit = min(limit, max(floor, cuda_free_bytes(device) // free_share))
     return limit
+
+
+def memory_bytes(size: int | str) -> int:
+    """A memory budget in bytes: a whole number, or text such as '2GB', '512 MiB', '1e9' (decimal and
+    binary units) — the CLI's `--memory-budget` and `search_regions`'s take the same."""
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*([\d.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", size)
+        try:
+            if not m:
+                raise ValueError
+            value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** " KMGT".index(
+                m.group(2).upper() or " "
+            )
+        except ValueError:  # "1.2.3", "e"
+            raise ValueError(f"not a size: {size!r} (e.g. 2GB, 512MiB)") from None
+        if not math.isfinite(value):
+            raise ValueError(f"not a size: {size!r} is beyond any memory")
+        size = int(value)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"a memory budget is a positive number of bytes (or e.g. '2GB'), not {size!r}")
+    return size

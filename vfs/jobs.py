@@ -8,6 +8,7 @@ the next batch is computed. Nothing holds an fp32 copy of the whole cache.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import threading
 import time
@@ -59,7 +60,10 @@ class BuildJob:
 
     def __post_init__(self) -> None:
         """Refuse a bad value here, before anything is created on disk (a job file's values arrive
-        untyped)."""
+        untyped). A path given as a `Path` is kept as its string."""
+        for name in ("data", "out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         for name in ("layer", "data", "out", "model", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")

@@ -68,12 +68,38 @@ def _image_coverage(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+def _numbers(values: object, what: str) -> np.ndarray:
+    """A mask or drawing as a numpy array of real numbers: numpy, a torch tensor (detached: one
+    that requires grad has no `.numpy()`) or nested lists; anything else refused, naming it."""
+    if isinstance(values, (str, bytes, Path)):
+        raise TypeError(
+            f"a {what} is an array of weights, not a {type(values).__name__}: "
+            "read a mask file with vfs.load_mask(path, grid)"
+        )
+    detach = getattr(values, "detach", None)  # a torch tensor (torch is not imported here)
+    if callable(detach):
+        values = detach().cpu().numpy()
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise ValueError(f"a {what} must be a 2-D array of numbers ({e})") from e
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"a {what} must hold real numbers, not {a.dtype} values")
+    return a
+
+
+_GREY_LEVELS_ABOVE = 2.0
+"""A float drawing reaching past this holds grey levels (0..255), not coverage in [0, 1]: refused,
+where clipping would turn its soft weights into a hard region. Up to it, overshoot (a resampled
+drawing's ringing) is clipped."""
+
+
 def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
     """Paint coverage in [0, 1]: an image's alpha or grey levels (scaled by its depth), or a bool /
     float array."""
     if isinstance(drawn, Image.Image):
         drawn = _image_coverage(drawn)
-    a = np.asarray(drawn)
+    a = _numbers(drawn, "drawing")
     if a.ndim == 3:
         if a.shape[2] not in (2, 4):
             raise ValueError(f"a drawing needs an alpha channel; got {a.shape[2]} channels")
@@ -87,12 +113,22 @@ def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
         raise ValueError("the drawing contains NaN or inf")
+    if a.max() > _GREY_LEVELS_ABOVE:
+        raise ValueError(
+            f"a float drawing holds coverage in [0, 1]; this one reaches {a.max():g}: grey levels? "
+            "Divide by their maximum (255 for 8 bits), or pass them as uint8"
+        )
     return np.clip(a, 0.0, 1.0)
 
 
-def grid_mask(drawn: np.ndarray | Image.Image, grid: tuple[int, int]) -> np.ndarray:
-    """Area-average a drawing of any size onto the (h, w) feature grid → float32 weights in [0, 1]."""
-    h, w = grid
+def grid_mask(drawn: np.ndarray | Image.Image, grid: tuple[int, int] | int) -> np.ndarray:
+    """Area-average a drawing of any size onto the (h, w) feature grid (an int: a square one) →
+    float32 weights in [0, 1]: `search_regions`'s mask. A drawing is coverage — bool, float in
+    [0, 1], or integer grey levels scaled by their type's maximum — or an image (its alpha, else
+    its grey levels), as a numpy array, a torch tensor or a PIL image, drawn on the model's view."""
+    h, w = (grid, grid) if isinstance(grid, (int, np.integer)) else grid
+    if h < 1 or w < 1:
+        raise ValueError(f"a grid has at least one cell each way, not {h}×{w}")
     cover = _as_coverage(drawn)
     mask = _area_weights(cover.shape[0], h) @ cover @ _area_weights(cover.shape[1], w).T
     return np.clip(mask, 0.0, 1.0).astype(np.float32)
@@ -116,15 +152,20 @@ class CroppedMask:
         return y0, x0, y0 + mh, x0 + mw
 
 
+def mask_values(mask: object) -> np.ndarray:
+    """A mask — numpy, a torch tensor or nested lists — as (h, w) float64 weights, or refused
+    with a reason (a file name, a box, a 1-D array, complex numbers …)."""
+    m = _numbers(mask, "mask").astype(np.float64)
+    if m.ndim != 2:
+        box = " (a box? set its cells of an (h, w) array of zeros to 1)" if m.shape == (4,) else ""
+        raise ValueError(f"a mask must be 2-D (h, w): one weight per grid cell; got shape {m.shape}{box}")
+    return m
+
+
 def crop_mask(mask: np.ndarray) -> CroppedMask:
     """Crop to the nonzero bounding box, weights rescaled to a peak of 1 (scores do not change);
     refuse masks that select nothing, with a reason."""
-    try:
-        m = np.asarray(mask, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"a mask must be a 2-D array of numbers ({e})") from e
-    if m.ndim != 2:
-        raise ValueError(f"a mask must be 2-D (h, w); got shape {m.shape}")
+    m = mask_values(mask)
     if not np.isfinite(m).all():
         raise ValueError("the mask contains NaN or inf")
     if (m < 0).any():

@@ -37,7 +37,7 @@ import torch
 
 from . import triton_products
 from .kernel import PairKernel, kernel_setting, kernel_weights, library, summation_depth
-from .masks import CroppedMask, crop_mask
+from .masks import CroppedMask, crop_mask, mask_values
 
 _U32 = 2.0**-24  # unit roundoff of fp32
 
@@ -202,14 +202,16 @@ class RegionQuery:
     mask: CroppedMask
 
     @classmethod
-    def create(cls, features: np.ndarray, mask: np.ndarray) -> RegionQuery:
+    def create(cls, features: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor) -> RegionQuery:
         f = torch.as_tensor(features).detach().to(torch.float32).cpu().numpy()  # faster than numpy's fp16
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
-        if np.shape(mask) != f.shape[:2]:
-            raise ValueError(
-                f"the mask's shape {np.shape(mask)} does not match the feature grid {f.shape[:2]}"
-            )
+        mask = mask_values(mask)
+        if mask.shape != f.shape[:2]:
+            finer = all(m >= g for m, g in zip(mask.shape, f.shape[:2]))
+            hint = f": vfs.grid_mask(drawing, {f.shape[:2]}) averages a drawing onto it" if finer else ""
+            grid = f.shape[:2]
+            raise ValueError(f"the mask's shape {mask.shape} does not match the feature grid {grid}{hint}")
         if not np.isfinite(f).all():
             raise ValueError("the query features contain NaN or inf")
         q = cls(f, crop_mask(mask))
@@ -218,6 +220,10 @@ class RegionQuery:
                 "the query region's features are all zero: nothing to compare (try another region or layer)"
             )
         return q
+
+    def __repr__(self) -> str:  # not the feature map: a notebook would print pages of it
+        (h, w, c), (mh, mw) = self.features.shape, self.mask.shape
+        return f"RegionQuery({mh}×{mw} cells at {self.mask.origin} of an {h}×{w}×{c} feature map)"
 
     @cached_property
     def kernel(self) -> np.ndarray:

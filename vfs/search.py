@@ -13,15 +13,18 @@ from __future__ import annotations
 import html
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
-from .devices import resolve_device, working_bytes
+from .devices import memory_bytes, resolve_device, working_bytes
+from .masks import mask_values
 from .scoring import (
     ExactScore,
     FastBound,
@@ -41,6 +44,15 @@ from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
+Exclude = int | Iterable[int] | np.ndarray | torch.Tensor | None
+"""Images kept out of a ranking: an index, several, or a boolean array of one entry per image."""
+Mask = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+"""A soft mask on the feature grid: (h, w) weights ≥ 0 (`vfs.grid_mask` makes one of a drawing)."""
+Query = np.ndarray | torch.Tensor | int | np.integer | RegionQuery | str | Path | Image.Image
+"""What a search is for: a query image's (h, w, C) features, the index of an image in the source,
+a `RegionQuery` (its mask with it), or — searching a feature cache — an image: a path, a PIL image
+or 8-bit pixels, made into features by the cache's own model."""
+
 _REFINE_ALL_SHARE = 0.5
 """Past this share of the images to refine, one fp16 pass over all costs less than gathering them
 (a gathered image costs ≈ 1.5 of a pass's per image: its copy, then the same product)."""
@@ -51,6 +63,9 @@ _SETTLE_MARGIN = 1e-9
 """A window's float64 score settles its image only where the runner-up bound lies below it by more
 than its own rounding (≈ K·C·2⁻⁵³ of it, < 1e-10 for 10⁶ terms): a tie at an earlier placement
 must never settle, whatever bound comes (today's carry 5% slack above their worst case)."""
+_STALE = 1e-5
+"""A ranked image's best placement scored anew differs from its search's exact score by more than
+this only where its features changed: both are float64 sums of the same values, rounded to float32."""
 _BLOCK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
 """Images re-scored at once hold at most this in the type they are scored in (fp16 or float64),
 in one buffer reused across blocks. On a CPU fresh temporaries cost their page faults, which on
@@ -89,6 +104,8 @@ class SearchResult:
     source: FeatureSource = field(repr=False)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1), end-exclusive, of image `index`'s best window on the grid."""
+        (index,) = image_indices(index, len(self.scores), "image")
         return _grid_box(self.placements[index], self.query.mask.shape)
 
     def images_ranked(self) -> str:
@@ -112,8 +129,17 @@ class SearchResult:
         return f"<p>SearchResult: {html.escape(self.summary())}</p>{self.top.to_html(index=False)}"
 
     def placement_scores(self, index: int) -> np.ndarray:
-        """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map."""
-        return exact_scores(self.source.rows(np.array([index])), self.query)[0]
+        """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map. Read
+        from the source as it is now: a ranked image whose features changed since (an array written
+        in place) is refused rather than shown with its old score."""
+        (index,) = image_indices(index, len(self.scores), "image")
+        scores = exact_scores(self.source.rows(np.array([index])), self.query)[0]
+        if index in self.top["index"].to_numpy() and abs(scores.max() - self.scores[index]) > _STALE:
+            raise ValueError(
+                f"image {index}'s features changed since this search (its best score was "
+                f"{self.scores[index]:.6f}, now {scores.max():.6f}): search again"
+            )
+        return scores
 
 
 def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -167,26 +193,39 @@ def _kth_smallest(values: np.ndarray, k: int) -> float:
 
 def search_regions(
     source: FeatureSource | np.ndarray | torch.Tensor,
-    query: np.ndarray | int | RegionQuery,
-    mask: np.ndarray | None = None,
-    k: int = 10,
-    exclude: int | Iterable[int] | None = None,
+    query: Query,
+    mask: Mask | None = None,
+    k: int | np.integer = 10,
+    exclude: Exclude = None,
     per_domain: int | None = None,
     candidates: np.ndarray | None = None,
     device: str | torch.device = "auto",
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     all_exact: bool = False,
 ) -> SearchResult:
     """Rank every image of `source` by its best placement of the masked query region.
 
-    `query` is an (h, w, C) feature map or the index of an image in `source`, with `mask` the
-    (h, w) soft mask (see `vfs.masks.grid_mask`); or a `RegionQuery`, which carries its mask.
+    `source`: a feature cache (`vfs.open_cache`), an `ArrayFeatures`, or an (N, h, w, C) numpy
+    array or torch tensor of any real type (channels last: permute a CNN's (N, C, h, w) first; a
+    view costs nothing), searched as it is now on every call — never stale after writes.
+
+    `query` (see `Query`): an image's (h, w, C) features, the index of an image in `source`, or —
+    searching a cache — an image (a path, a PIL image, 8-bit pixels) made into features by the
+    cache's model; with `mask`, the (h, w) soft weights on the grid (numpy, torch or lists;
+    `vfs.grid_mask` makes them of a drawing). Or a `RegionQuery`, which carries its mask.
+
     `candidates` (bool, N) limits which images may be returned (e.g. a label filter); `exclude`
-    removes images (e.g. the query itself). `per_domain=n` keeps at most n results per domain
-    (needs a source with domains). `all_exact=True` re-scores every image in float64, not only
-    those the bound cannot rule out of the top-k: statistics over every image's score (the
-    Distributions page's) then read alike on every machine, whatever its fast pass ran (0.05–0.25 s
-    more at 10,000 × 7×7×192 on 2 cores).
+    removes images: an index, several, or a boolean array (N). The query image is not left out
+    unless excluded (the app and the CLI leave it out). `per_domain=n` keeps at most n results per
+    domain (needs a source with domains: a cache's domain column, `ArrayFeatures(…, domains=…)`).
+    `all_exact=True` re-scores every image in float64, not only those the bound cannot rule out
+    of the top-k: statistics over every image's score (the Distributions page's) then read alike on
+    every machine, whatever its fast pass ran (0.05–0.25 s more at 10,000 × 7×7×192 on 2 cores).
+    `device`: "auto" (cuda, then mps, then cpu) or a torch device. `memory_budget`: bytes or text
+    ("2GB") a cache may take in memory before it is streamed from disk.
+
+    Returns a `SearchResult`: every image's best score and placement, the ranked `top` table, and
+    `placement_scores(i)`, one image's scores at every placement. The top-k's scores are exact.
     """
     t0 = time.perf_counter()
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -202,7 +241,8 @@ def search_regions(
             "source must be a feature cache (vfs.open_cache), a FeatureSource or an (N, h, w, C) numpy "
             f"array or torch tensor, not {type(source).__name__}"
         )
-    options = _Options(k, exclude, per_domain, candidates, memory_budget, all_exact)
+    budget = None if memory_budget is None else memory_bytes(memory_budget)
+    options = _Options(int(k), exclude, per_domain, candidates, budget, all_exact)
     dev = resolve_device(device)
     dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
@@ -238,7 +278,7 @@ class _Options:
     """What `search_regions` was asked for beyond its source and query."""
 
     k: int
-    exclude: int | Iterable[int] | None
+    exclude: Exclude
     per_domain: int | None
     candidates: np.ndarray | None
     memory_budget: int | None
@@ -249,8 +289,8 @@ def _search(
     source: FeatureSource,
     dtype: torch.dtype,
     dev: torch.device,
-    query: np.ndarray | int | RegionQuery,
-    mask: np.ndarray | None,
+    query: Query,
+    mask: Mask | None,
     options: _Options,
     t0: float,
 ) -> SearchResult:
@@ -484,9 +524,7 @@ def _check_finite(source: FeatureSource, scores: np.ndarray) -> None:
         )
 
 
-def region_query(
-    source: FeatureSource, query: np.ndarray | int | RegionQuery, mask: np.ndarray | None
-) -> RegionQuery:
+def region_query(source: FeatureSource, query: Query, mask: Mask | None) -> RegionQuery:
     """The query of `search_regions` prepared, checked as it checks it (sharded searches share it)."""
     if isinstance(query, RegionQuery):
         if mask is not None:
@@ -494,10 +532,25 @@ def region_query(
         return query
     if mask is None:
         raise ValueError("a mask is needed with a query feature map or index (see vfs.masks.grid_mask)")
+    mask = mask_values(mask)
     if isinstance(query, (bool, np.bool_)):
         raise TypeError("the query is an image index, a feature map or a RegionQuery, not a bool")
+    if isinstance(query, (np.ndarray, torch.Tensor)) and query.ndim == 0:  # np.argmax's, torch.argmax's
+        if query.dtype.is_floating_point if isinstance(query, torch.Tensor) else query.dtype.kind == "f":
+            raise TypeError(f"an image index is a whole number, not {query.item()!r}")
+        query = int(query.item())
+    if isinstance(query, (float, np.floating)):
+        raise TypeError(f"an image index is a whole number, not {query!r}")
+    if _is_image(query):
+        query = _image_features(source, query)
+    n, h, w, c = source.shape
+    if mask.shape == (w, c) != (h, w):
+        raise ValueError(
+            f"the features look channels-first, (N, C, h, w) = {tuple(source.shape)}: search "
+            "array.transpose(0, 2, 3, 1) (a tensor: .permute(0, 2, 3, 1)), a view that copies nothing"
+        )
     if isinstance(query, (int, np.integer)):
-        index = image_indices(query, source.shape[0], "query index")
+        index = image_indices(int(query), source.shape[0], "query index")
         stored = source.rows(index)[0]
         if not np.isfinite(stored).all():
             raise ValueError(
@@ -505,15 +558,38 @@ def region_query(
                 f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
             )
         return RegionQuery.create(stored, mask)
-    grid, cells = tuple(np.shape(query)[:2]), tuple(source.shape[1:3])
-    if np.ndim(query) == 3 and grid != cells:
+    if not isinstance(query, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            "the query is an image index, (h, w, C) features, a RegionQuery or (searching a cache) an "
+            f"image, not a {type(query).__name__}"
+        )
+    grid, cells = tuple(query.shape[:2]), tuple(source.shape[1:3])
+    if query.ndim == 3 and grid != cells:
         raise ValueError(
             f"the query's feature grid {grid} is not the dataset's {cells}: another layer or input size?"
         )
     return RegionQuery.create(query, mask)
 
 
-def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterable[int] | None) -> np.ndarray:
+def _is_image(query: object) -> bool:
+    """A query image rather than features: a path, a PIL image, or 8-bit pixels (features are never
+    uint8)."""
+    pixels = isinstance(query, np.ndarray) and query.dtype == np.uint8
+    return isinstance(query, (str, Path, Image.Image)) or pixels
+
+
+def _image_features(source: FeatureSource, image: object) -> np.ndarray:
+    """A query image's features by the cache's own model, layer and preprocessing."""
+    extractor = getattr(source, "extractor", None)
+    if extractor is None:
+        raise TypeError(
+            "an image query needs a feature cache (vfs.open_cache), whose model makes its features; "
+            "searching features of your own, pass the query image's (h, w, C) features"
+        )
+    return extractor().features(image)
+
+
+def eligible_images(n: int, candidates: np.ndarray | None, exclude: Exclude) -> np.ndarray:
     """(n,) which images may be returned: `candidates` (all when None) less `exclude`."""
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
     if eligible.shape != (n,):
@@ -522,11 +598,22 @@ def eligible_images(n: int, candidates: np.ndarray | None, exclude: int | Iterab
     return eligible
 
 
-def excluded_images(n: int, exclude: int | Iterable[int] | None) -> np.ndarray:
-    """The sorted indices of the images `exclude` names (an index, several, or None: none)."""
+def excluded_images(n: int, exclude: Exclude) -> np.ndarray:
+    """The sorted indices of the images `exclude` names: an index, several, a boolean array of one
+    entry per image (True: left out, as `candidates` takes one), or None: none."""
     if exclude is None:
         return np.empty(0, dtype=np.int64)
-    excluded = [exclude] if isinstance(exclude, (int, np.integer)) else list(exclude)
+    if isinstance(exclude, (bool, np.bool_)):
+        raise TypeError("exclude names images: an index, several, or a boolean array of one entry per image")
+    if isinstance(exclude, torch.Tensor):
+        exclude = exclude.cpu().numpy()
+    excluded = np.asarray([exclude] if isinstance(exclude, (int, np.integer)) else list(exclude))
+    if excluded.dtype == np.bool_:
+        if excluded.shape != (n,):
+            raise ValueError(f"a boolean exclude has one entry per image ({n}), not shape {excluded.shape}")
+        return np.flatnonzero(excluded)
+    if excluded.size and excluded.dtype.kind not in "iu":
+        raise TypeError(f"exclude names images by index (whole numbers), not {excluded.dtype} values")
     return np.unique(image_indices(excluded, n, "excluded image"))
 
 

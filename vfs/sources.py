@@ -12,7 +12,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -226,14 +226,22 @@ class ArrayFeatures:
         features: np.ndarray | torch.Tensor,
         slice_bytes: int | None = None,
         cpu_dtype: torch.dtype = torch.float16,
+        domains: Sequence[object] | np.ndarray | None = None,
     ):
         """`cpu_dtype`: the operand type CPU searches will ask for (`vfs.scoring.fast_dtype`); a
         bf16 or fp32 copy is written in the preparing pass rather than in one more pass at the
         first search. `slice_bytes`: the slices it is scored in (default: the device's
-        `RESIDENT_SLICE_BYTES`)."""
+        `RESIDENT_SLICE_BYTES`). `domains`: one per image (e.g. PACS's photo / sketch), for
+        `search_regions`'s `per_domain`."""
         t = _as_tensor(features)
         if t.ndim != 4:
             raise ValueError(f"features must be (N, h, w, C); got shape {tuple(t.shape)}")
+        if domains is not None:
+            self.domains = np.asarray(domains, dtype=object)
+            if self.domains.shape != (len(t),):
+                raise ValueError(
+                    f"domains must have one entry per image ({len(t)}); got shape {self.domains.shape}"
+                )
         self.cpu_dtype = cpu_dtype
         copy = (
             None
@@ -273,6 +281,11 @@ class ArrayFeatures:
         n, h, w, c = self._fp16.shape
         return n, h, w, c
 
+    def __repr__(self) -> str:
+        n, h, w, c = self.shape
+        domains = "" if self.domains is None else f", {len(set(self.domains))} domains"
+        return f"ArrayFeatures({n} images × {h}×{w}×{c}, held in fp16{domains})"
+
     def chunks(
         self, device: torch.device, memory_budget: int | None = None, dtype: torch.dtype = torch.float16
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -300,8 +313,8 @@ class ArrayFeatures:
         return None if held is None else held[0]
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
-        """Bare arrays know nothing of their images: no columns to add."""
-        return {}
+        """Bare arrays know nothing of their images but the domains they were given."""
+        return {} if self.domains is None else {"domain": self.domains[np.asarray(indices, dtype=np.int64)]}
 
 
 FP16_OVERFLOW = 65520.0
@@ -414,8 +427,11 @@ class UnpreparedArray:
 
 
 def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The array as a tensor on its memory (no copy); complex numbers refused (their imaginary
+    """The array as a tensor on its memory (no copy; a copy of a numpy view with negative strides,
+    `a[::-1]` or `np.flip`'s, which no tensor can view); complex numbers refused (their imaginary
     parts would be dropped with no more than a warning)."""
+    if isinstance(features, np.ndarray) and any(stride < 0 for stride in features.strides):
+        features = features.copy()
     with warnings.catch_warnings():  # a read-only array: only ever read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensor = torch.as_tensor(features)

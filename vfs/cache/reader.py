@@ -7,7 +7,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import PIL.Image
 import torch
 import zarr
 
@@ -140,6 +141,15 @@ class FeatureCache:
         self._manifest: pd.DataFrame | None = None
         self._columns: dict[str, np.ndarray] = {}
         self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._extractors: dict[str, Extractor] = {}  # by model spec: loaded once, checked once
+
+    def __repr__(self) -> str:
+        s = self.spec
+        state = "" if self.complete else f", incomplete: {self.stored} stored"
+        return (
+            f"FeatureCache({self.location!r}: {self.n} images{state}, {s.model} · {s.layer} · "
+            f"grid {s.grid[0]}×{s.grid[1]} × {s.channels} channels)"
+        )
 
     # --- what it is -------------------------------------------------------------------------
     @property
@@ -303,7 +313,10 @@ class FeatureCache:
     def extractor(self, model: str | None = None) -> Extractor:
         """The cache's model (or `model`: e.g. its checkpoint at another path) at the cache's layer
         and preprocessing, checked against the cache (`check_extractor`): what an outside image is
-        queried with."""
+        queried with. Loaded once per model for this cache object."""
+        key = model or self.spec.model
+        if key in self._extractors:
+            return self._extractors[key]
         try:
             extractor = load_extractor(
                 model or self.spec.model, self.spec.layer, preprocess=self.spec.preprocess
@@ -316,6 +329,7 @@ class FeatureCache:
                 "file:<path>?arch=…, or cache.extractor(model=…))"
             ) from error
         self.check_extractor(extractor.describe())
+        self._extractors[key] = extractor
         return extractor
 
     def check_extractor(self, description: dict[str, Any]) -> None:
@@ -435,20 +449,31 @@ class FeatureCache:
         """(H, W) of an image as a viewer shows it, where its dataset is at hand (a mask file may be
         painted on it); None where it is not (moved, an index out of range: said later) or would
         have to be fetched (a torchvision dataset downloads itself: not for a mask's shape)."""
-        from ..data import TORCHVISION_PREFIX, FileReader, open_dataset, upright_size
+        from ..data import TORCHVISION_PREFIX, FileReader, upright_size
 
-        spec = self.spec.data
-        if spec.source.startswith(TORCHVISION_PREFIX):
+        if self.spec.data.source.startswith(TORCHVISION_PREFIX):
             return None
         try:
             path = str(self.manifest["path"].iat[index])
-            reader = open_dataset(spec.source, spec.label_col, spec.domain_col).reader
+            reader = self._image_reader()
             if isinstance(reader, FileReader):
                 return upright_size(reader.resolve(path))  # its size as stored, not as decoded (≤ 4,096 px)
             image = reader(path)
         except (LookupError, ValueError, RuntimeError, OSError):  # a mask then has to be square, as the view
             return None
         return image.height, image.width
+
+    def image(self, index: int) -> PIL.Image.Image:
+        """Image `index` itself, at full size (the cache holds thumbnails), read from the dataset
+        the cache was built from (`spec.data.source`) as a build reads it: upright RGB."""
+        (i,) = self._indices(index, "image")
+        return self._image_reader()(str(self.manifest["path"].iat[i]))
+
+    def _image_reader(self) -> Callable[[str], PIL.Image.Image]:
+        from ..data import open_dataset
+
+        spec = self.spec.data
+        return open_dataset(spec.source, spec.label_col, spec.domain_col).reader
 
     def thumb(self, index: int) -> np.ndarray:
         return self.thumbs_at([int(index)])[0]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,9 @@ import pandas as pd
 from ..cache import FeatureCache, open_cache
 from ..devices import resolve_device
 from ..search import (
+    Exclude,
+    Mask,
+    Query,
     RegionQuery,
     SearchResult,
     eligible_images,
@@ -206,10 +208,10 @@ class ShardedSearch:
 
     def search(
         self,
-        query: np.ndarray | int | RegionQuery,
-        mask: np.ndarray | None = None,
-        k: int = 10,
-        exclude: int | Iterable[int] | None = None,
+        query: Query,
+        mask: Mask | None = None,
+        k: int | np.integer = 10,
+        exclude: Exclude = None,
         per_domain: int | None = None,
         candidates: np.ndarray | None = None,
         all_scores: bool = True,
@@ -259,7 +261,8 @@ class ShardedSearch:
         found = [a.top for a in answers if len(a.top)] or [answers[0].top]  # empty tables lose the dtypes
         tops = pd.concat(found, ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
-        picked = select_top(tops["score"].to_numpy(), np.ones(len(tops), dtype=bool), k, domains, per_domain)
+        every = np.ones(len(tops), dtype=bool)
+        picked = select_top(tops["score"].to_numpy(), every, int(k), domains, per_domain)
         top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
         if all_scores:
             scores = np.concatenate([a.scores for a in answers])

@@ -435,13 +435,25 @@ class Extractor:
         self._layout = layout
         self._lock = threading.Lock()
 
-    def features(self, image: PIL.Image.Image | str | Path) -> np.ndarray:
-        """(h, w, C) float32 features of one image, or of the image file at a path (decoded as a
-        build decodes it: `ImageError` saying why where it cannot be)."""
+    def features(self, image: PIL.Image.Image | np.ndarray | str | Path) -> np.ndarray:
+        """(h, w, C) float32 features of one image — a PIL image, 8-bit pixels (H, W) or (H, W, 3 | 4),
+        or the image file at a path (decoded as a build decodes it: `ImageError` saying why where
+        it cannot be)."""
         if isinstance(image, (str, Path)):
             image = load_image(image)
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or not (
+                image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+            ):
+                raise TypeError(
+                    "an image array holds 8-bit pixels, (H, W) or (H, W, 3 | 4); "
+                    f"got {image.dtype} {image.shape}"
+                )
+            image = PIL.Image.fromarray(image)
         elif not isinstance(image, PIL.Image.Image):
-            raise TypeError(f"features of a PIL image or an image file's path, not {type(image).__name__}")
+            raise TypeError(
+                f"features of a PIL image, an image array or an image file's path, not {type(image).__name__}"
+            )
         tensor = self.preprocess.to_tensor(self.preprocess.view(image))
         return self.features_batch(tensor.unsqueeze(0))[0].cpu().numpy()
 

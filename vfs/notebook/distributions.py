@@ -9,15 +9,13 @@ scores beyond its top-k: their third decimal may differ between machines).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
-from ..search import SearchResult, excluded_images
+from ..search import Exclude, SearchResult, excluded_images
 from ..stats import QUARTILES, binnable_columns, group_table, long_scores, score_groups
 
 
@@ -26,7 +24,7 @@ def _grouped(
     result: SearchResult | None,
     by: str,
     finding: str | None,
-    leave_out: int | Iterable[int] | None,
+    leave_out: Exclude,
 ) -> tuple[np.ndarray, pd.DataFrame, str]:
     """The kept images' scores, their group membership and the plot's name for the grouping."""
     if result is None:
@@ -58,7 +56,7 @@ def distribution_figure(
     by: str = "label",
     kind: str = "box",
     finding: str | None = None,
-    leave_out: int | Iterable[int] | None = None,
+    leave_out: Exclude = None,
 ) -> go.Figure:
     """Box (violin, strip) plot of every image's best-region score per group of column `by`.
 
@@ -76,7 +74,7 @@ def distribution_table(
     result: SearchResult | None,
     by: str = "label",
     finding: str | None = None,
-    leave_out: int | Iterable[int] | None = None,
+    leave_out: Exclude = None,
 ) -> pd.DataFrame:
     """The page's table for the same grouping (`vfs.stats.group_table`): per group n, median, mean,
     std, AUROC with its 95% DeLong interval, Mann–Whitney p and Benjamini–Hochberg q."""

@@ -1,0 +1,224 @@
+"""The Python API takes what a notebook user hands it, or refuses it in one line that says what to do.
+
+From an API trial (a helper acting as a researcher in a notebook): a boolean `exclude` left out
+images 0 and 1; an image given as the query was taken for features ("another layer?"); a heat map
+read an array written since its search; a "2GB" budget, a float drawing in grey levels, a
+channels-first array, a flipped view, a mask tensor that requires grad and a 0-d index tensor each
+met a raw numpy / torch error or a misleading one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vfs
+from vfs.jobs import BuildJob, build_cache
+from vfs.masks import grid_mask
+from vfs.search import search_regions
+from vfs.sources import ArrayFeatures
+
+SIZE = 64  # Lite0 blocks.5 at 64 px: a 2×2 grid
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A real build of eight generated images, two domains, with the embedded model."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        pixels = (rng.random((40 + 4 * i, 48, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"im{i}.png")
+        rows.append(f"im{i}.png,{'a' if i % 2 else 'b'}")
+    (folder / "manifest.csv").write_text("path,domain\n" + "\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("caches") / "small.zarr"
+    job = BuildJob(layer="blocks.5", data=folder / "manifest.csv", out=out, image_size=SIZE, device="cpu")
+    return build_cache(job), folder
+
+
+def arrays(seed=0, n=40, grid=(5, 6), c=8, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal((n, *grid, c)).astype(dtype)
+
+
+MASK = np.zeros((5, 6))
+MASK[1:4, 2:4] = [[0.5, 1], [1, 1], [0.2, 0.7]]
+
+
+# --------------------------------------------------------------------------- which images
+
+
+def test_a_boolean_exclude_leaves_out_the_images_it_marks():
+    feats = arrays()
+    marked = np.arange(40) % 3 == 0
+    result = search_regions(feats, 1, MASK, k=40, exclude=marked)
+    assert np.array_equal(result.excluded, np.flatnonzero(marked))
+    assert set(result.top["index"]) == set(np.flatnonzero(~marked))
+    as_tensor = search_regions(feats, 1, MASK, k=40, exclude=torch.from_numpy(marked))
+    assert np.array_equal(as_tensor.excluded, result.excluded)
+
+
+@pytest.mark.parametrize(
+    "exclude,error,message",
+    [
+        (np.ones(39, bool), ValueError, r"one entry per image \(40\), not shape \(39,\)"),
+        ([1.5], TypeError, "by index \\(whole numbers\\), not float64"),
+        (True, TypeError, "exclude names images"),
+    ],
+)
+def test_an_exclude_that_names_no_images_is_refused(exclude, error, message):
+    with pytest.raises(error, match=message):
+        search_regions(arrays(), 1, MASK, exclude=exclude)
+
+
+def test_domains_given_to_an_array_limit_results_per_domain():
+    feats = arrays()
+    domains = np.where(np.arange(40) < 30, "photo", "sketch")
+    result = search_regions(ArrayFeatures(feats, domains=domains), 0, MASK, k=6, per_domain=2)
+    assert sorted(result.top["domain"]) == ["photo", "photo", "sketch", "sketch"]
+    with pytest.raises(ValueError, match="one entry per image \\(40\\)"):
+        ArrayFeatures(feats, domains=domains[:5])
+
+
+# --------------------------------------------------------------------------- the query
+
+
+def test_an_image_query_on_a_cache_is_made_by_its_model(small_cache):
+    cache, folder = small_cache
+    path = folder / "im3.png"
+    expected = search_regions(cache, cache.extractor().features(path), np.ones((2, 2)), k=8)
+    image = Image.open(path)
+    for query in (str(path), path, image, np.asarray(image)):
+        result = search_regions(cache, query, np.ones((2, 2)), k=8)
+        assert result.top["index"].tolist() == expected.top["index"].tolist()
+        np.testing.assert_allclose(result.top["score"], expected.top["score"], rtol=1e-6)
+    assert result.top["index"].iloc[0] == 3  # the image itself, stored as the build stored it
+    assert cache.extractor() is cache.extractor()  # loaded once per cache
+
+
+def test_an_image_query_on_plain_features_says_what_to_pass():
+    with pytest.raises(TypeError, match="an image query needs a feature cache"):
+        search_regions(arrays(), "photo.jpg", MASK)
+    with pytest.raises(TypeError, match="an image query needs a feature cache"):
+        search_regions(arrays(), np.zeros((30, 30, 3), np.uint8), MASK)
+
+
+def test_an_index_from_argmax_is_an_index_and_a_float_is_refused():
+    feats = arrays()
+    expected = search_regions(feats, 3, MASK).top
+    for index in (np.int64(3), np.array(3), torch.tensor(3)):
+        assert search_regions(feats, index, MASK).top.equals(expected)
+    for index in (3.0, torch.tensor(3.0), np.float32(3)):
+        with pytest.raises(TypeError, match="an image index is a whole number"):
+            search_regions(feats, index, MASK)
+
+
+# --------------------------------------------------------------------------- the features
+
+
+def test_a_channels_first_array_is_named_as_such():
+    feats = torch.from_numpy(arrays(grid=(7, 7), c=16))
+    with pytest.raises(ValueError, match=r"look channels-first.*permute\(0, 2, 3, 1\)"):
+        search_regions(feats.permute(0, 3, 1, 2), 0, np.ones((7, 7)))
+
+
+def test_a_flipped_view_is_searched_as_its_copy():
+    feats = arrays()
+    flipped = feats[::-1, :, ::-1]
+    result = search_regions(flipped, 2, MASK)
+    copied = search_regions(flipped.copy(), 2, MASK)
+    assert result.top.equals(copied.top)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_heat_map_of_an_image_written_since_its_search_is_refused(dtype):
+    feats = arrays(dtype=dtype)
+    result = search_regions(feats, 0, MASK, k=5)
+    first = int(result.top["index"].iloc[1])
+    assert result.placement_scores(first).max() == pytest.approx(result.scores[first], abs=1e-6)
+    feats[first] = arrays(seed=9, n=1, dtype=dtype)[0]
+    with pytest.raises(ValueError, match=f"image {first}'s features changed since this search"):
+        result.placement_scores(first)
+    with pytest.raises(ValueError, match="image 40 is outside 0..39"):
+        result.grid_box(40)
+
+
+# --------------------------------------------------------------------------- masks and budgets
+
+
+def test_a_mask_tensor_that_requires_grad_or_a_list_is_a_mask():
+    feats = arrays()
+    expected = search_regions(feats, 0, MASK).top
+    weights = torch.tensor(MASK, requires_grad=True)
+    assert search_regions(feats, 0, weights).top.equals(expected)
+    assert search_regions(feats, 0, MASK.tolist()).top.equals(expected)
+
+
+@pytest.mark.parametrize(
+    "mask,error,message",
+    [
+        ("mask.png", TypeError, "not a str: read a mask file with vfs.load_mask"),
+        ((1, 2, 3, 4), ValueError, r"got shape \(4,\) \(a box\?"),
+        (np.full((5, 6), None), TypeError, "real numbers, not object"),
+        (np.ones((5, 6)) * 1j, TypeError, "real numbers, not complex128"),
+        ([[1, 2], [3]], ValueError, "a 2-D array of numbers"),
+        (np.ones((5, 6, 1)), ValueError, "a mask must be 2-D"),
+        (np.ones((50, 60)), ValueError, r"vfs.grid_mask\(drawing, \(5, 6\)\) averages a drawing onto it"),
+    ],
+)
+def test_what_is_no_mask_of_the_grid_says_so(mask, error, message):
+    with pytest.raises(error, match=message):
+        search_regions(arrays(), 0, mask)
+
+
+def test_a_float_drawing_in_grey_levels_is_refused_not_clipped():
+    ramp = np.tile(np.linspace(0, 255, 70), (70, 1))
+    with pytest.raises(ValueError, match="reaches 255: grey levels"):
+        grid_mask(ramp, (7, 7))
+    soft = grid_mask(ramp / 255, 7)  # an int: a square grid
+    np.testing.assert_allclose(soft, grid_mask(ramp.astype(np.uint8), (7, 7)), atol=0.01)
+    assert 0.05 < soft.min() < 0.1 and 0.9 < soft.max() < 0.95
+    assert np.array_equal(grid_mask(torch.from_numpy(ramp / 255), (7, 7)), soft)
+    with pytest.raises(ValueError, match="at least one cell each way"):
+        grid_mask(ramp, (0, 7))
+
+
+def test_a_memory_budget_may_be_written_as_the_cli_writes_it(small_cache):
+    cache, _ = small_cache
+    expected = search_regions(cache, 0, np.ones((2, 2)), k=8).top
+    assert search_regions(cache, 0, np.ones((2, 2)), k=8, memory_budget="2GB").top.equals(expected)
+    for budget in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="a memory budget is a positive number|not a size"):
+            search_regions(cache, 0, np.ones((2, 2)), memory_budget=budget)
+
+
+# --------------------------------------------------------------------------- what comes back
+
+
+def test_a_cache_gives_back_its_images_and_says_what_it_is(small_cache):
+    cache, folder = small_cache
+    assert np.array_equal(np.asarray(cache.image(5)), np.asarray(Image.open(folder / "im5.png")))
+    with pytest.raises(IndexError, match="outside 0..7"):
+        cache.image(8)
+    assert repr(cache) == (
+        f"FeatureCache({cache.location!r}: 8 images, embedded:efficientnet_lite0 · blocks.5 · "
+        f"grid 2×2 × {cache.spec.channels} channels)"
+    )
+    assert repr(ArrayFeatures(arrays(), domains=["a", "b"] * 20)) == (
+        "ArrayFeatures(40 images × 5×6×8, held in fp16, 2 domains)"
+    )
+    query = search_regions(arrays(), 0, MASK).query
+    assert repr(query) == "RegionQuery(3×2 cells at (1, 2) of an 5×6×8 feature map)"
+
+
+def test_a_build_job_takes_paths(small_cache):
+    job = BuildJob(layer="blocks.5", data=Path("data"), out=Path("out.zarr"))
+    assert (job.data, job.out) == ("data", "out.zarr")
+
+
+def test_the_package_says_it_is_typed():
+    assert (Path(vfs.__file__).parent / "py.typed").is_file()
