@@ -867,6 +867,19 @@ def test_a_memory_budget_beyond_any_number_is_a_usage_error(budget, capsys):
     assert f"--memory-budget: not a size: '{budget}'" in capsys.readouterr().err
 
 
+def test_bad_arguments_are_one_error_line_naming_the_usage(capsys):
+    """argparse printed its usage block before the error, where docs/cli.md promises one line."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["search", "c.zarr", "--query-index", "0", "--mask", "m.npy", "--k", "abc"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m vfs search: error: argument --k: invalid int value: 'abc' "
+        "(usage: python -m vfs search --help)\n"
+    )
+    assert main([]) == 2  # no command: the commands, not an error
+    assert "{models,layers,build,info,search}" in capsys.readouterr().err
+
+
 def test_an_input_size_at_which_no_layer_is_spatial_says_so():
     """`--image-size 1`: 'slice step cannot be zero' (helper trial)."""
     from vfs.models import load_extractor

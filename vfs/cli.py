@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from .interrupts import Terminated, sigterm_stops_builds
 
@@ -313,8 +313,16 @@ def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=out)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end as every other bad input does: one `error:` line, exit 2 (argparse's own
+    way prints its usage block first), naming where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vfs", description=__doc__)
+    p = _Parser(prog="python -m vfs", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list model specs")
     lp = sub.add_parser("layers", help="list a model's spatial layers with (h, w, C)")
@@ -407,7 +415,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # no command at all: what the commands are
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         with _warnings_in_words(), sigterm_stops_builds() if args.command == "build" else nullcontext():
             COMMANDS[args.command](args)
