@@ -476,6 +476,7 @@ class FeatureCache:
         return open_dataset(spec.source, spec.label_col, spec.domain_col).reader
 
     def thumb(self, index: int) -> np.ndarray:
+        """(S, S, 3) uint8: image `index` as the model saw it (its square view), at most 224 px."""
         return self.thumbs_at([int(index)])[0]
 
     def thumbs_at(self, indices: Any) -> np.ndarray:
@@ -505,6 +506,8 @@ class FeatureCache:
         return None if held is None else held[0]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Some images' features as stored, (m, h, w, C) fp16: the layer's × `feature_scale` (a power
+        of two, which changes no score)."""
         self.check_searchable()
         idx = self._indices(indices, "rows")
         held = self.resident_on(torch.device("cpu"))
