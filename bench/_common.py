@@ -197,13 +197,6 @@ def vm_status(key: str) -> int | None:
     return None
 
 
-def parse_bytes(text: str) -> int:
-    """'2GB', '400MB', '1.5GiB', '123' → bytes (GB = 10⁹, GiB = 2³⁰): the CLI's rule."""
-    from vfs.devices import memory_bytes
-
-    return memory_bytes(text)
-
-
 def emit(doc: dict, out: str | None, indent: int | None = 2) -> None:
     """Print the JSON document to stdout, and also write it to `out` when given (indent=None: one line)."""
     text = json.dumps(doc, indent=indent, default=_jsonable)

@@ -33,10 +33,11 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import pandas as pd
 import torch
-from _common import CpuMeter, emit, environment, log, parse_bytes, resolve, wait_quiet
+from _common import CpuMeter, emit, environment, log, resolve, wait_quiet
 
 from vfs.cache import CacheSpec, CacheWriter, open_cache
 from vfs.data import DataSpec
+from vfs.devices import memory_bytes
 from vfs.models import Preprocess
 from vfs.search import search_regions
 
@@ -134,7 +135,9 @@ def main() -> None:
     p.add_argument("--threads", default="1,2,4,8", help="concurrency levels, comma-separated")
     p.add_argument("--searches", type=int, default=64, help="searches per concurrency level")
     p.add_argument("--queries", type=int, default=16, help="distinct (index, mask) queries, cycled")
-    p.add_argument("--memory-budget", type=parse_bytes, help="stream the cache within this budget (e.g. 8MB)")
+    p.add_argument(
+        "--memory-budget", type=memory_bytes, help="stream the cache within this budget (e.g. 8MB)"
+    )
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument(

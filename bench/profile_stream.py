@@ -21,8 +21,10 @@ from pathlib import Path
 import _common  # noqa: F401
 import numpy as np
 import torch
-from _common import CpuMeter, emit, environment, log, parse_bytes, summary, wait_quiet
+from _common import CpuMeter, emit, environment, log, summary, wait_quiet
 from search_bench import K, chunk_files, make_mask
+
+from vfs.devices import memory_bytes
 
 
 def main(argv=None) -> None:
@@ -38,7 +40,7 @@ def main(argv=None) -> None:
     from vfs.search import search_regions
     from vfs.sources import ArrayFeatures
 
-    budget = parse_bytes(args.memory_budget)
+    budget = memory_bytes(args.memory_budget)
     cpu = torch.device("cpu")
     env = environment(cpu)
     cache = open_cache(args.cache)

@@ -55,7 +55,6 @@ from _common import (
     emit,
     environment,
     log,
-    parse_bytes,
     resolve,
     summary,
     timed,
@@ -63,6 +62,8 @@ from _common import (
     vm_status,
     wait_quiet,
 )
+
+from vfs.devices import memory_bytes
 
 SHAPES = {"r50l4": (7, 7, 2048), "r50l3": (14, 14, 1024), "vitb16": (14, 14, 768)}
 MASKS = ("square3", "blob", "full")
@@ -596,7 +597,7 @@ def out_of_core(args) -> dict:
 
     shape_name = args.shape if args.shape in SHAPES else "r50l4"
     shape = SHAPES[shape_name]
-    budget = parse_bytes(args.memory_budget)
+    budget = memory_bytes(args.memory_budget)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     # a stable name only when it is meant to be kept or reused; otherwise one per process, so that two

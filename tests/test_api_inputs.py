@@ -9,6 +9,7 @@ met a raw numpy / torch error or a misleading one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ import torch
 from PIL import Image
 
 import vfs
+from vfs.cache import open_cache
 from vfs.jobs import BuildJob, build_cache
+from vfs.kernel import library
 from vfs.masks import grid_mask
 from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
@@ -67,12 +70,18 @@ def test_a_boolean_exclude_leaves_out_the_images_it_marks():
     [
         (np.ones(39, bool), ValueError, r"one entry per image \(40\), not shape \(39,\)"),
         ([1.5], TypeError, "by index \\(whole numbers\\), not float64"),
-        (True, TypeError, "exclude names images"),
+        (True, ValueError, r"one entry per image \(40\), not shape \(\)"),
     ],
 )
 def test_an_exclude_that_names_no_images_is_refused(exclude, error, message):
     with pytest.raises(error, match=message):
         search_regions(arrays(), 1, MASK, exclude=exclude)
+
+
+def test_an_index_to_exclude_may_come_from_argmax():
+    feats = arrays()
+    for exclude in (np.array(3), torch.tensor(3), {3, 5}, range(3, 4)):
+        assert 3 in search_regions(feats, 1, MASK, exclude=exclude).excluded
 
 
 def test_domains_given_to_an_array_limit_results_per_domain():
@@ -115,6 +124,25 @@ def test_an_index_from_argmax_is_an_index_and_a_float_is_refused():
     for index in (3.0, torch.tensor(3.0), np.float32(3)):
         with pytest.raises(TypeError, match="an image index is a whole number"):
             search_regions(feats, index, MASK)
+    for index in (True, np.array(True), torch.tensor(True)):
+        with pytest.raises(TypeError, match="not a bool"):
+            search_regions(feats, index, MASK)
+
+
+def test_uint8_features_on_the_grid_are_features_not_an_image():
+    """Only 8-bit pixels off the grid are an image: a uint8 feature map searched as one was refused."""
+    feats = (arrays() * 40 + 128).clip(0, 255).astype(np.uint8)
+    result = search_regions(feats, feats[3], MASK)
+    assert result.top["index"].iloc[0] == 3
+    with pytest.raises(TypeError, match="an image query needs a feature cache"):
+        search_regions(feats, feats[3, :, :, :3].repeat(2, axis=0), MASK)  # 10×6×3: pixels
+
+
+def test_an_image_query_never_runs_a_model_that_is_code(small_cache, monkeypatch):
+    cache, folder = small_cache
+    monkeypatch.setattr(cache, "spec", replace(cache.spec, model="python:evil.models:make"))
+    with pytest.raises(ValueError, match="is code that would run here.*cache.extractor"):
+        search_regions(cache, folder / "im1.png", np.ones((2, 2)))
 
 
 # --------------------------------------------------------------------------- the features
@@ -134,15 +162,24 @@ def test_a_flipped_view_is_searched_as_its_copy():
     assert result.top.equals(copied.top)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "off"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_a_heat_map_of_an_image_written_since_its_search_is_refused(dtype):
+def test_a_heat_map_never_disagrees_with_its_search(dtype, kernel, monkeypatch):
+    """Read as it is (the kernel's path; an fp16 array's prepared source views it too), an array
+    written since is refused; prepared as a copy, the heat map is of the copy the search read."""
+    monkeypatch.setenv("VFS_KERNEL", kernel)
     feats = arrays(dtype=dtype)
     result = search_regions(feats, 0, MASK, k=5)
     first = int(result.top["index"].iloc[1])
     assert result.placement_scores(first).max() == pytest.approx(result.scores[first], abs=1e-6)
     feats[first] = arrays(seed=9, n=1, dtype=dtype)[0]
-    with pytest.raises(ValueError, match=f"image {first}'s features changed since this search"):
-        result.placement_scores(first)
+    try:
+        heat = result.placement_scores(first)
+    except ValueError as error:
+        assert f"image {first}'s features changed since this search" in str(error)
+    else:  # a copy the search prepared: its heat map is of that copy
+        assert heat.max() == pytest.approx(result.scores[first], abs=1e-6)
+        assert not (kernel == "auto" and library() is not None)  # the kernel reads the array itself
     with pytest.raises(ValueError, match="image 40 is outside 0..39"):
         result.grid_box(40)
 
@@ -191,7 +228,9 @@ def test_a_memory_budget_may_be_written_as_the_cli_writes_it(small_cache):
     cache, _ = small_cache
     expected = search_regions(cache, 0, np.ones((2, 2)), k=8).top
     assert search_regions(cache, 0, np.ones((2, 2)), k=8, memory_budget="2GB").top.equals(expected)
-    for budget in (0, -1, "lots"):
+    for budget in (np.int64(2_000_000_000), 2e9):
+        assert search_regions(cache, 0, np.ones((2, 2)), k=8, memory_budget=budget).top.equals(expected)
+    for budget in (0, -1, "lots", "2iB", float("nan"), True):
         with pytest.raises(ValueError, match="a memory budget is a positive number|not a size"):
             search_regions(cache, 0, np.ones((2, 2)), memory_budget=budget)
 
@@ -204,6 +243,10 @@ def test_a_cache_gives_back_its_images_and_says_what_it_is(small_cache):
     assert np.array_equal(np.asarray(cache.image(5)), np.asarray(Image.open(folder / "im5.png")))
     with pytest.raises(IndexError, match="outside 0..7"):
         cache.image(8)
+    partial = open_cache(cache.location)
+    partial.n = 0  # as an unfinished build's cache opened without allow_partial
+    with pytest.raises(IndexError, match="holds no images yet"):
+        partial.image(0)
     assert repr(cache) == (
         f"FeatureCache({cache.location!r}: 8 images, embedded:efficientnet_lite0 · blocks.5 · "
         f"grid 2×2 × {cache.spec.channels} channels)"

@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -51,22 +52,23 @@ def working_bytes(limits: dict[str, int], device: torch.device, free_share: int,
     return limit
 
 
-def memory_bytes(size: int | str) -> int:
+def memory_bytes(size: int | float | np.integer | np.floating | str) -> int:
     """A memory budget in bytes: a whole number, or text such as '2GB', '512 MiB', '1e9' (decimal and
     binary units) — the CLI's `--memory-budget` and `search_regions`'s take the same."""
     if isinstance(size, str):
-        m = re.fullmatch(r"\s*([\d.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", size)
+        m = re.fullmatch(r"\s*([\d.eE+]+)\s*(?:([kKmMgGtT])(i?))?[bB]?\s*", size)
         try:
             if not m:
                 raise ValueError
-            value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** " KMGT".index(
-                m.group(2).upper() or " "
-            )
+            unit = (m.group(2) or " ").upper()
+            value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** " KMGT".index(unit)
         except ValueError:  # "1.2.3", "e"
             raise ValueError(f"not a size: {size!r} (e.g. 2GB, 512MiB)") from None
         if not math.isfinite(value):
             raise ValueError(f"not a size: {size!r} is beyond any memory")
-        size = int(value)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    else:
+        value = size
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not number or not 1 <= value < math.inf:
         raise ValueError(f"a memory budget is a positive number of bytes (or e.g. '2GB'), not {size!r}")
-    return size
+    return int(value)

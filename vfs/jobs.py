@@ -38,7 +38,8 @@ ENGINES = ("local", "ray")
 
 @dataclass(frozen=True)
 class BuildJob:
-    """Everything a build needs; a job file (TOML, table [build]) holds the same fields."""
+    """Everything a build needs; a job file (TOML, table [build]) holds the same fields. `data` and
+    `out` are strings (a `Path` is taken too, and kept as its string)."""
 
     layer: str
     data: str

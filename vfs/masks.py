@@ -17,10 +17,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch  # a drawing or mask may be a tensor: taken by duck typing, torch not imported here
 
 Box = tuple[int, int, int, int]
 
@@ -94,7 +97,7 @@ where clipping would turn its soft weights into a hard region. Up to it, oversho
 drawing's ringing) is clipped."""
 
 
-def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
+def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
     """Paint coverage in [0, 1]: an image's alpha or grey levels (scaled by its depth), or a bool /
     float array."""
     if isinstance(drawn, Image.Image):
@@ -116,12 +119,12 @@ def _as_coverage(drawn: np.ndarray | Image.Image) -> np.ndarray:
     if a.max() > _GREY_LEVELS_ABOVE:
         raise ValueError(
             f"a float drawing holds coverage in [0, 1]; this one reaches {a.max():g}: grey levels? "
-            "Divide by their maximum (255 for 8 bits), or pass them as uint8"
+            "Divide by their maximum (255 for 8 bits), or store them as 8- or 16-bit integers"
         )
     return np.clip(a, 0.0, 1.0)
 
 
-def grid_mask(drawn: np.ndarray | Image.Image, grid: tuple[int, int] | int) -> np.ndarray:
+def grid_mask(drawn: np.ndarray | torch.Tensor | Image.Image, grid: tuple[int, int] | int) -> np.ndarray:
     """Area-average a drawing of any size onto the (h, w) feature grid (an int: a square one) →
     float32 weights in [0, 1]: `search_regions`'s mask. A drawing is coverage — bool, float in
     [0, 1], or integer grey levels scaled by their type's maximum — or an image (its alpha, else

@@ -203,6 +203,8 @@ class RegionQuery:
 
     @classmethod
     def create(cls, features: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor) -> RegionQuery:
+        if isinstance(features, np.ndarray):  # a flipped view has negative strides: no tensor views it
+            features = np.ascontiguousarray(features)
         f = torch.as_tensor(features).detach().to(torch.float32).cpu().numpy()  # faster than numpy's fp16
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")

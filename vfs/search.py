@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -46,9 +47,9 @@ __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
 Exclude = int | Iterable[int] | np.ndarray | torch.Tensor | None
 """Images kept out of a ranking: an index, several, or a boolean array of one entry per image."""
-Mask = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+MaskLike = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
 """A soft mask on the feature grid: (h, w) weights ≥ 0 (`vfs.grid_mask` makes one of a drawing)."""
-Query = np.ndarray | torch.Tensor | int | np.integer | RegionQuery | str | Path | Image.Image
+QueryLike = np.ndarray | torch.Tensor | int | np.integer | RegionQuery | str | Path | Image.Image
 """What a search is for: a query image's (h, w, C) features, the index of an image in the source,
 a `RegionQuery` (its mask with it), or — searching a feature cache — an image: a path, a PIL image
 or 8-bit pixels, made into features by the cache's own model."""
@@ -129,9 +130,10 @@ class SearchResult:
         return f"<p>SearchResult: {html.escape(self.summary())}</p>{self.top.to_html(index=False)}"
 
     def placement_scores(self, index: int) -> np.ndarray:
-        """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map. Read
-        from the source as it is now: a ranked image whose features changed since (an array written
-        in place) is refused rather than shown with its old score."""
+        """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map, read
+        from the features the search read. Where those are an array written in place since (searched
+        as it is, or viewed in fp16), a ranked image whose best score no longer matches is refused
+        rather than shown beside its old score."""
         (index,) = image_indices(index, len(self.scores), "image")
         scores = exact_scores(self.source.rows(np.array([index])), self.query)[0]
         if index in self.top["index"].to_numpy() and abs(scores.max() - self.scores[index]) > _STALE:
@@ -193,8 +195,8 @@ def _kth_smallest(values: np.ndarray, k: int) -> float:
 
 def search_regions(
     source: FeatureSource | np.ndarray | torch.Tensor,
-    query: Query,
-    mask: Mask | None = None,
+    query: QueryLike,
+    mask: MaskLike | None = None,
     k: int | np.integer = 10,
     exclude: Exclude = None,
     per_domain: int | None = None,
@@ -209,7 +211,7 @@ def search_regions(
     array or torch tensor of any real type (channels last: permute a CNN's (N, C, h, w) first; a
     view costs nothing), searched as it is now on every call — never stale after writes.
 
-    `query` (see `Query`): an image's (h, w, C) features, the index of an image in `source`, or —
+    `query` (see `QueryLike`): an image's (h, w, C) features, the index of an image in `source`, or —
     searching a cache — an image (a path, a PIL image, 8-bit pixels) made into features by the
     cache's model; with `mask`, the (h, w) soft weights on the grid (numpy, torch or lists;
     `vfs.grid_mask` makes them of a drawing). Or a `RegionQuery`, which carries its mask.
@@ -289,8 +291,8 @@ def _search(
     source: FeatureSource,
     dtype: torch.dtype,
     dev: torch.device,
-    query: Query,
-    mask: Mask | None,
+    query: QueryLike,
+    mask: MaskLike | None,
     options: _Options,
     t0: float,
 ) -> SearchResult:
@@ -524,7 +526,7 @@ def _check_finite(source: FeatureSource, scores: np.ndarray) -> None:
         )
 
 
-def region_query(source: FeatureSource, query: Query, mask: Mask | None) -> RegionQuery:
+def region_query(source: FeatureSource, query: QueryLike, mask: MaskLike | None) -> RegionQuery:
     """The query of `search_regions` prepared, checked as it checks it (sharded searches share it)."""
     if isinstance(query, RegionQuery):
         if mask is not None:
@@ -536,14 +538,17 @@ def region_query(source: FeatureSource, query: Query, mask: Mask | None) -> Regi
     if isinstance(query, (bool, np.bool_)):
         raise TypeError("the query is an image index, a feature map or a RegionQuery, not a bool")
     if isinstance(query, (np.ndarray, torch.Tensor)) and query.ndim == 0:  # np.argmax's, torch.argmax's
-        if query.dtype.is_floating_point if isinstance(query, torch.Tensor) else query.dtype.kind == "f":
-            raise TypeError(f"an image index is a whole number, not {query.item()!r}")
-        query = int(query.item())
+        value = query.item()
+        if isinstance(value, bool):
+            raise TypeError("the query is an image index, a feature map or a RegionQuery, not a bool")
+        if not isinstance(value, int):
+            raise TypeError(f"an image index is a whole number, not {value!r}")
+        query = value
     if isinstance(query, (float, np.floating)):
         raise TypeError(f"an image index is a whole number, not {query!r}")
-    if _is_image(query):
-        query = _image_features(source, query)
     n, h, w, c = source.shape
+    if _is_image(query, (h, w)):
+        query = _image_features(source, query)
     if mask.shape == (w, c) != (h, w):
         raise ValueError(
             f"the features look channels-first, (N, C, h, w) = {tuple(source.shape)}: search "
@@ -571,22 +576,36 @@ def region_query(source: FeatureSource, query: Query, mask: Mask | None) -> Regi
     return RegionQuery.create(query, mask)
 
 
-def _is_image(query: object) -> bool:
-    """A query image rather than features: a path, a PIL image, or 8-bit pixels (features are never
-    uint8)."""
-    pixels = isinstance(query, np.ndarray) and query.dtype == np.uint8
+def _is_image(query: object, grid: tuple[int, int]) -> TypeGuard[str | Path | Image.Image | np.ndarray]:
+    """A query image rather than features: a path, a PIL image, or 8-bit pixels — (H, W) or
+    (H, W, 3 | 4) uint8 off the feature grid (uint8 features on it are features)."""
+    pixels = (
+        isinstance(query, np.ndarray)
+        and query.dtype == np.uint8
+        and (query.ndim == 2 or (query.ndim == 3 and query.shape[2] in (3, 4)))
+        and query.shape[:2] != grid
+    )
     return isinstance(query, (str, Path, Image.Image)) or pixels
 
 
-def _image_features(source: FeatureSource, image: object) -> np.ndarray:
-    """A query image's features by the cache's own model, layer and preprocessing."""
-    extractor = getattr(source, "extractor", None)
-    if extractor is None:
+def _image_features(source: FeatureSource, image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """A query image's features by the cache's own model, layer and preprocessing: never a model
+    that is code (a `python:` spec a cache may name), which the caller runs knowingly, as the CLI's
+    `--trust-model-code` does."""
+    from .cache import FeatureCache
+    from .models import model_kind
+
+    if not isinstance(source, FeatureCache):
         raise TypeError(
             "an image query needs a feature cache (vfs.open_cache), whose model makes its features; "
             "searching features of your own, pass the query image's (h, w, C) features"
         )
-    return extractor().features(image)
+    if model_kind(source.spec.model).runs_user_code:
+        raise ValueError(
+            f"the cache's model {source.spec.model!r} is code that would run here: if you trust whoever "
+            "built the cache, make the query's features yourself, cache.extractor().features(image)"
+        )
+    return source.extractor().features(image)
 
 
 def eligible_images(n: int, candidates: np.ndarray | None, exclude: Exclude) -> np.ndarray:
@@ -603,11 +622,12 @@ def excluded_images(n: int, exclude: Exclude) -> np.ndarray:
     entry per image (True: left out, as `candidates` takes one), or None: none."""
     if exclude is None:
         return np.empty(0, dtype=np.int64)
-    if isinstance(exclude, (bool, np.bool_)):
-        raise TypeError("exclude names images: an index, several, or a boolean array of one entry per image")
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.cpu().numpy()
-    excluded = np.asarray([exclude] if isinstance(exclude, (int, np.integer)) else list(exclude))
+    if isinstance(exclude, (int, np.integer, np.ndarray, Sequence)) or hasattr(exclude, "to_numpy"):
+        excluded = np.asarray(exclude)  # not through a list: 1.28 M bools would take 45 ms
+    else:  # a set, a generator
+        excluded = np.asarray(list(exclude))
     if excluded.dtype == np.bool_:
         if excluded.shape != (n,):
             raise ValueError(f"a boolean exclude has one entry per image ({n}), not shape {excluded.shape}")

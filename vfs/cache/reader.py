@@ -145,9 +145,9 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         s = self.spec
-        state = "" if self.complete else f", incomplete: {self.stored} stored"
+        images = f"{self.n} images" if self.complete else f"incomplete, {self.stored} images stored so far"
         return (
-            f"FeatureCache({self.location!r}: {self.n} images{state}, {s.model} · {s.layer} · "
+            f"FeatureCache({self.location!r}: {images}, {s.model} · {s.layer} · "
             f"grid {s.grid[0]}×{s.grid[1]} × {s.channels} channels)"
         )
 
@@ -442,6 +442,11 @@ class FeatureCache:
     def _indices(self, indices: Any, what: str) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            if not self.n:
+                raise IndexError(
+                    f"{what}: the cache at {self.location} holds no images yet (its build has stored "
+                    f"{self.stored}; open it with allow_partial=True to read those)"
+                )
             raise IndexError(f"{what} outside 0..{self.n - 1}")
         return idx
 
@@ -464,8 +469,9 @@ class FeatureCache:
         return image.height, image.width
 
     def image(self, index: int) -> PIL.Image.Image:
-        """Image `index` itself, at full size (the cache holds thumbnails), read from the dataset
-        the cache was built from (`spec.data.source`) as a build reads it: upright RGB."""
+        """Image `index` itself, not its thumbnail: read from the dataset the cache was built from
+        (`spec.data.source`) as a build reads it — upright RGB, at its own size up to 4,096 px a
+        side (larger ones are shrunk as they are decoded)."""
         (i,) = self._indices(index, "image")
         return self._image_reader()(str(self.manifest["path"].iat[i]))
 

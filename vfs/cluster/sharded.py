@@ -37,8 +37,8 @@ from ..cache import FeatureCache, open_cache
 from ..devices import resolve_device
 from ..search import (
     Exclude,
-    Mask,
-    Query,
+    MaskLike,
+    QueryLike,
     RegionQuery,
     SearchResult,
     eligible_images,
@@ -208,8 +208,8 @@ class ShardedSearch:
 
     def search(
         self,
-        query: Query,
-        mask: Mask | None = None,
+        query: QueryLike,
+        mask: MaskLike | None = None,
         k: int | np.integer = 10,
         exclude: Exclude = None,
         per_domain: int | None = None,
