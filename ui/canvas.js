@@ -22,7 +22,7 @@ function mount(parentElement, setStateValue) {
 
   const state = { data: null };
   const painter = createPainter(canvas, {
-    settings: () => ({ tool: state.data.tool, brush: state.data.brush }),
+    settings: () => ({ tool: state.data.tool, brush: state.data.brush, grid: state.data.grid }),
     changed: (shapes) =>
       setStateValue("drawing", { shapes, paint: shapes.length ? canvas.toDataURL("image/png") : null }),
     bar,

@@ -48,16 +48,25 @@ def paint_canvas(
     size: int,
     tool: Literal["brush", "rectangle"],
     brush: int,
+    grid: tuple[int, int],
     key: str,
     shapes: list[dict] | None = None,
 ) -> Drawing | None:
     """A `size`-pixel square canvas over `background` (an image URL); None until the first stroke.
 
-    `tool` paints free-hand, `brush` pixels wide, or drags rectangles; `shapes` are drawn when the
-    canvas mounts (later values are ignored: the browser holds the drawing from then on).
+    `tool` paints free-hand, `brush` pixels wide, or drags rectangles; the keys paint the feature
+    `grid`'s cells (painter.js); `shapes` are drawn when the canvas mounts (later values are ignored:
+    the browser holds the drawing from then on).
     Raises DrawingError if what it holds is not what the canvas sends.
     """
-    data = {"background": background, "size": size, "tool": tool, "brush": brush, "shapes": shapes}
+    data = {
+        "background": background,
+        "size": size,
+        "tool": tool,
+        "brush": brush,
+        "grid": list(grid),
+        "shapes": shapes,
+    }
     # the drawing is the component's state, and Streamlit keeps a state only with its change callback
     sent = _canvas(key=key, data=data, default={"drawing": None}, on_drawing_change=lambda: None).drawing
     if sent is None:

@@ -356,6 +356,7 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
                 CANVAS_PX,
                 "brush" if freehand else "rectangle",
                 width,
+                cache.spec.grid,
                 key=f"{key}.canvas.{query.key}.{loads}",
                 shapes=stored.drawing.shapes if stored is not None else None,  # drawn when it mounts
             )

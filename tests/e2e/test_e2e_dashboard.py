@@ -20,6 +20,7 @@ import base64
 import csv
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -659,6 +660,47 @@ def test_undo_redo_clear_rectangle_and_the_drawing_follows_the_query(page, serve
     expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=RESULT_TIMEOUT_MS)
     expect(canvas).to_be_visible()
     page.wait_for_function(f"c => ({PAINTED})(c) === {rectangle}", arg=canvas.element_handle())
+    no_exception(page)
+
+
+def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
+    """No pointer (an accessibility trial: the canvas was out of the tab order, with no name): Tab
+    reaches the canvas, which shows a cell cursor and says where it is; the arrows move it, Shift
+    stretches it, Space paints it — the searched mask holds exactly the covered cells, at ≈ 1."""
+    open_page(page, server, "search")
+    choose(page, "Cache", f"{DEMO} — ")
+    set_query_index(page, DEMO_N, FACE)
+    k = k_value(page)
+    canvas = page.locator("canvas.vfs-paint")
+    assert canvas.get_attribute("role") == "application"
+    assert "arrows move a cursor" in canvas.get_attribute("aria-label")
+    page.get_by_text("Drawing tool", exact=True).click()  # a start above the canvas, then the keys
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if canvas.evaluate("c => c.matches(':focus-visible')"):
+            break
+    else:
+        raise AssertionError("Tab never reached the canvas")
+    said = page.locator(".vfs-said")
+    expect(page.locator(".vfs-cell-cursor")).to_be_visible()
+    expect(said).to_have_text("row 4 of 7, column 4 of 7")  # the middle cell of the 7×7 grid
+    for key in ("ArrowUp", "ArrowLeft", "Shift+ArrowRight", "Shift+ArrowRight", "Shift+ArrowDown"):
+        page.keyboard.press(key)
+    expect(said).to_have_text("row 3 to 4 of 7, column 3 to 5 of 7")
+    page.keyboard.press("Space")
+    page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
+    expect(said).to_have_text("painted row 3 to 4 of 7, column 3 to 5 of 7")
+    expect(
+        page.get_by_text(re.compile(r"^6 of 49 feature cells selected \(7×7\), weight up to 0\.9[6-9]"))
+    ).to_be_visible()
+    cells = [round(i * CANVAS_PX / 7, 6) for i in range(8)]
+    width = math.floor(cells[5]) - math.ceil(cells[2])
+    height = math.floor(cells[4]) - math.ceil(cells[2])
+    assert canvas.evaluate(PAINTED) == width * height  # inset to whole pixels: no neighbour touched
+    assert_ranked(score_captions(page), k)
+    page.keyboard.press("Control+z")  # the keys' paint is undone as a stroke is
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
+    assert canvas.evaluate(PAINTED) == 0
     no_exception(page)
 
 

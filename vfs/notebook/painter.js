@@ -80,11 +80,25 @@ function cursorFor(tool, diameter) {
   return `url('data:image/svg+xml,${encodeURIComponent(svg)}') ${Math.round(r + 1)} ${Math.round(r + 1)}, crosshair`;
 }
 
-// `settings()` gives {tool: "brush" | "rectangle", brush: diameter in canvas pixels} when a stroke starts;
+// Keyboard painting, by the feature grid's cells: the painter's edges of cell i of n over `pixels`, inset to
+// whole pixels — painted, a cell weighs ≈ 1 on the grid (vfs.masks.grid_mask) and its neighbours nothing.
+function cellSpan(first, last, cells, pixels) {
+  return [Math.ceil((first * pixels) / cells), Math.floor(((last + 1) * pixels) / cells)];
+}
+
+const ARROWS = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+
+const KEYS_HELP =
+  "Region to search for. Paint with the mouse, a pen or a finger; or with the keys: the arrows move a " +
+  "cursor over the feature grid's cells, Shift with the arrows stretches it, Space or Enter paints " +
+  "what it covers, Escape shrinks it to one cell; Ctrl+Z undoes, Ctrl+Shift+Z redoes.";
+
+// `settings()` gives {tool: "brush" | "rectangle", brush: diameter in canvas pixels, grid: [rows, columns]};
 // `changed(shapes)` runs after a finished stroke, an undo, a redo or a clear — not after `set`.
 // Undo, Redo and Clear buttons (class `buttonClass`) go into `bar`, each enabled only when it would change
 // the drawing; while the focus is inside `keys` (a stroke or a button gives it to the canvas), Ctrl+Z
-// undoes and Ctrl+Shift+Z or Ctrl+Y redoes (⌘ on a Mac). Clear is undone like any other change.
+// undoes and Ctrl+Shift+Z or Ctrl+Y redoes (⌘ on a Mac). Clear is undone like any other change. The
+// canvas is in the tab order: focused from the keyboard, it shows a cell cursor (KEYS_HELP), said aloud.
 function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" }) {
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   let shapes = [];
@@ -92,7 +106,18 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
   let future = []; // the drawings undone, last undone last: what redo brings back
   let current = null; // the stroke being drawn, by the pointer `pointer`
   let pointer = null;
-  canvas.tabIndex = -1; // focusable from code only: it takes the keys after a stroke
+  canvas.tabIndex = 0;
+  canvas.setAttribute("role", "application"); // its own keys: a screen reader passes them through
+  canvas.setAttribute("aria-label", KEYS_HELP);
+  const cellCursor = document.createElement("div");
+  cellCursor.className = "vfs-cell-cursor";
+  cellCursor.hidden = true;
+  const said = document.createElement("div"); // what the cursor covers and what was painted, read aloud
+  said.className = "vfs-said";
+  said.setAttribute("aria-live", "polite");
+  canvas.after(cellCursor, said);
+  let anchor = null; // [row, column] where Shift-stretching began; `at` is the cursor's own cell
+  let at = null;
 
   const buttons = Object.fromEntries(
     HISTORY.map(([name, title]) => {
@@ -192,6 +217,75 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
     if (!current || event.pointerId !== pointer) return;
     current = null; // the system took the pointer (a gesture, palm rejection): the stroke was not meant
     redraw();
+  });
+
+  // --- the keys ------------------------------------------------------------------------------------------
+  function covered() {
+    const [r0, r1] = [Math.min(anchor[0], at[0]), Math.max(anchor[0], at[0])];
+    const [c0, c1] = [Math.min(anchor[1], at[1]), Math.max(anchor[1], at[1])];
+    return { r0, r1, c0, c1 };
+  }
+  function describe({ r0, r1, c0, c1 }) {
+    const [rows, columns] = settings().grid;
+    const span = (a, b, n) => (a === b ? `${a + 1}` : `${a + 1} to ${b + 1}`) + ` of ${n}`;
+    return `row ${span(r0, r1, rows)}, column ${span(c0, c1, columns)}`;
+  }
+  function showCellCursor() {
+    const [rows, columns] = settings().grid;
+    const { r0, r1, c0, c1 } = covered();
+    const [x0, x1] = cellSpan(c0, c1, columns, canvas.width);
+    const [y0, y1] = cellSpan(r0, r1, rows, canvas.height);
+    const percent = (v, total) => `${(100 * v) / total}%`;
+    Object.assign(cellCursor.style, {
+      left: percent(x0, canvas.width),
+      top: percent(y0, canvas.height),
+      width: percent(x1 - x0, canvas.width),
+      height: percent(y1 - y0, canvas.height),
+    });
+    cellCursor.hidden = false;
+  }
+  function startCursor() {
+    if (at === null) {
+      const [rows, columns] = settings().grid;
+      at = anchor = [Math.floor(rows / 2), Math.floor(columns / 2)]; // the middle cell
+    }
+    showCellCursor();
+    said.textContent = describe(covered());
+  }
+  canvas.addEventListener("focus", () => {
+    if (canvas.matches(":focus-visible") && settings().grid) startCursor(); // not a stroke's focus
+  });
+  canvas.addEventListener("blur", () => {
+    cellCursor.hidden = true;
+  });
+  canvas.addEventListener("keydown", (event) => {
+    const grid = settings().grid;
+    if (!grid || event.ctrlKey || event.metaKey || event.altKey) return;
+    const move = ARROWS[event.key];
+    if (cellCursor.hidden && (move || event.key === " " || event.key === "Enter")) {
+      startCursor(); // focused by a stroke, then the keys: the cursor first, where it was
+      event.preventDefault();
+      return;
+    }
+    if (move) {
+      at = [Math.min(grid[0] - 1, Math.max(0, at[0] + move[0])), Math.min(grid[1] - 1, Math.max(0, at[1] + move[1]))];
+      if (!event.shiftKey) anchor = at;
+    } else if (event.key === "Escape") {
+      anchor = at;
+    } else if (event.key === " " || event.key === "Enter") {
+      const { r0, r1, c0, c1 } = covered();
+      const [x0, x1] = cellSpan(c0, c1, grid[1], canvas.width);
+      const [y0, y1] = cellSpan(r0, r1, grid[0], canvas.height);
+      commit([...shapes, { kind: "rect", box: [x0, y0, x1, y1] }]);
+      said.textContent = `painted ${describe({ r0, r1, c0, c1 })}`;
+      event.preventDefault();
+      return;
+    } else {
+      return;
+    }
+    event.preventDefault(); // the arrows would scroll the page
+    showCellCursor();
+    said.textContent = describe(covered());
   });
 
   show([], [[], []]);

@@ -55,7 +55,7 @@ function render({ model, el }) {
   const matches = element("div", "vfs-matches", root);
 
   const painter = createPainter(canvas, {
-    settings: () => ({ tool: model.get("tool"), brush: model.get("brush") }),
+    settings: () => ({ tool: model.get("tool"), brush: model.get("brush"), grid: model.get("grid") }),
     changed: send,
     bar: history,
     keys: root,
