@@ -75,7 +75,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
 
     for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
         with column:
-            st.subheader(cache_name(cache.location))
+            st.header(cache_name(cache.location))  # under the page's title: no heading level skipped
             st.caption(
                 f"{cache.spec.model} (weights {short_weights(cache.spec)}) · {cache.spec.layer} · "
                 f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
@@ -87,6 +87,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
                     jpeg_data_url(mask_overlay(query_view(cache, query), mask)),
                     width=TILE_PX,
                     caption=f"{mask_summary(mask)} (stronger blue = more weight)",
+                    alt=f"The region searched on this side, over its query: {mask_summary(mask)}",
                 )
             result_tiles(cache, result, width=TILE_PX * 3 // 4, key=f"tiles.{side}")  # three a row
             result_table(cache, result, key=f"compare.table.{side}")

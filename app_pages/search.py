@@ -21,7 +21,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         require_region,
         run_search,
     )
-    from ui.views import downloads, result_table, result_tiles, search_summary
+    from ui.views import announce, downloads, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache
     from vfs.render import jpeg_data_url, mask_overlay, mask_summary
 
@@ -74,10 +74,13 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             jpeg_data_url(mask_overlay(view, mask)),
             width="stretch",
             caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
+            alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
 
     st.header("Results")
-    st.caption(search_summary(cache, result))
+    summary = search_summary(cache, result)
+    st.caption(summary)
+    announce(f"Search done: {summary}")  # not the caption's words alone: one text, one element
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
     downloads(cache, result, query, view, mask, region.drawing.paint, "search")

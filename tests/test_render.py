@@ -29,7 +29,8 @@ def test_outline_draws_border_only():
     assert image.shape == thumb.shape
     for y, x in [(32, 50), (33, 50), (95, 50), (60, 32), (60, 79)]:
         assert tuple(image[y, x]) == color
-    interior = image[34:94, 34:78]
+    assert (image[34, 34:78] == 0).all() and (image[34:94, 77] == 0).all()  # a black line inside the colour
+    interior = image[35:93, 35:77]
     assert (interior == 100).all()
     assert (image[:31] == 100).all() and (image[97:] == 100).all()
 

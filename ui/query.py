@@ -204,9 +204,9 @@ def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: s
     columns = st.columns(6)
     for n, (i, thumb) in enumerate(zip(shown, thumbs(cache, shown))):
         with columns[n % 6]:
-            st.image(thumb, caption=f"#{i}", width="stretch", output_format="JPEG")
-            st.button(
-                "Use", key=f"{key}.use.{i}", on_click=_choose, args=(index_key, int(i)), width="stretch"
+            st.image(thumb, caption=f"#{i}", width="stretch", output_format="JPEG", alt=f"Image #{i}")
+            st.button(  # its number in its name: a screen reader lists the buttons, not the captions
+                f"Use #{i}", key=f"{key}.use.{i}", on_click=_choose, args=(index_key, int(i)), width="stretch"
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from pathlib import Path
@@ -36,6 +37,24 @@ DONE_SHOWN_S = 600  # a finished build's message stays this long
 # --- results ------------------------------------------------------------------------------------------
 def _tags(row: dict) -> list[str]:
     return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
+
+
+def window_text(grid_box: tuple[int, int, int, int], grid: tuple[int, int]) -> str:
+    """Where a match's best window lies, in words (a screen reader's, the table's): "rows 2–4, column
+    3 of 7×7", counted from 1."""
+    y0, x0, y1, x1 = grid_box
+
+    def span(what: str, first: int, end: int) -> str:
+        return f"{what} {first + 1}" if end == first + 1 else f"{what}s {first + 1}–{end}"
+
+    return f"{span('row', y0, y1)}, {span('column', x0, x1)} of {grid[0]}×{grid[1]}"
+
+
+def match_alt(row: dict, grid: tuple[int, int]) -> str:
+    """A result tile's text alternative: what it is, its score and where its window lies."""
+    what = " · ".join([str(row.get("path") or f"image {row['index']}"), *_tags(row)])
+    window = window_text(row["grid_box"], grid)
+    return f"Match {row['rank']}: {what}, score {row['score']:.2f}, best window {window}"
 
 
 TILE_PX = 176  # five tiles a row beside the sidebar on a 1400-px screen; fewer on a narrower one
@@ -73,6 +92,7 @@ def result_tiles(
             images,
             caption=[match_caption(row["rank"], row["score"], _tags(row)) for row in rows],
             width=width,
+            alt=[match_alt(row, result.grid) for row in rows],
         )
 
 
@@ -84,14 +104,28 @@ def result_columns(cache: FeatureCache, result: SearchResult) -> list[str]:
 
 
 def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
+    """The ranked matches as text: with where each best window lies (the tiles show it as an outline)."""
     shown = result_columns(cache, result)
     columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in shown]
+    windows = [window_text(box, result.grid) for box in result.top["grid_box"]]
     st.dataframe(
-        result.top[columns],
+        result.top[columns].assign(window=windows),
         hide_index=True,
         key=key,
         column_config={"score": st.column_config.NumberColumn("score", format="%.2f")},
     )
+
+
+ANNOUNCED_CSS = (  # read by screen readers, not shown
+    "<style>.vfs-announced {position: absolute; width: 1px; height: 1px; overflow: hidden; "
+    "clip-path: inset(50%); white-space: nowrap}</style>"
+)
+
+
+def announce(text: str) -> None:
+    """Say `text` to a screen reader when it changes (a live region: new results after a stroke would
+    otherwise come silently)."""
+    st.html(f'{ANNOUNCED_CSS}<div class="vfs-announced" role="status">{html.escape(text)}</div>')
 
 
 def search_summary(cache: FeatureCache, result: SearchResult) -> str:

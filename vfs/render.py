@@ -42,12 +42,17 @@ def _upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def outline(
     thumb: np.ndarray, box_px: Box, color: Color = (255, 64, 0), width: int | None = None
 ) -> Image.Image:
-    """The thumbnail with the matched window's border drawn inside `box_px`, leaving its content visible."""
+    """The thumbnail with the matched window's border drawn inside `box_px`, leaving its content visible:
+    the colour, then a black line inside it — seen on any image, and without colour (orange alone is
+    as light as mid-grey: 1.3–1.8:1 against faces, an accessibility trial found)."""
     image = Image.fromarray(thumb).convert("RGB")
     if width is None:
         width = max(1, round(min(image.size) / 100))
     y0, x0, y1, x1 = box_px
-    ImageDraw.Draw(image).rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
+    if x1 - x0 > 2 * width and y1 - y0 > 2 * width:
+        draw.rectangle([x0 + width, y0 + width, x1 - 1 - width, y1 - 1 - width], outline=(0, 0, 0), width=1)
     return image
 
 
@@ -253,10 +258,14 @@ def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[s
     """Two models' score distributions on the same dataset as overlaid density histograms."""
     figure = go.Figure(
         [
-            go.Histogram(
-                x=np.asarray(scores, dtype=float), name=name, opacity=0.6, histnorm="probability density"
+            go.Histogram(  # told apart by their hatching too, not by their shade alone
+                x=np.asarray(scores, dtype=float),
+                name=name,
+                opacity=0.6,
+                histnorm="probability density",
+                marker_pattern_shape=pattern,
             )
-            for scores, name in zip((scores_a, scores_b), names)
+            for scores, name, pattern in zip((scores_a, scores_b), names, ("", "/"))
         ]
     )
     return figure.update_layout(barmode="overlay", xaxis_title="cosine similarity", yaxis_title="density")

@@ -506,7 +506,7 @@ def test_compare_two_layers_of_the_same_images(app, caches):
         "Kendall τ (all images)",
     ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
-    assert [s.value for s in at.subheader][:2] == ["small", "small_b4"]
+    assert [s.value for s in at.header][:2] == ["small", "small_b4"]  # h2 under the title: no level skipped
     assert {"Download both sides' scores (CSV)", "Download the comparison (JSON)"} <= {
         b.label for b in at.get("download_button")
     }

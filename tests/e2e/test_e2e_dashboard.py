@@ -691,6 +691,11 @@ def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
     page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
     expect(said).to_have_text("painted row 3 to 4 of 7, column 3 to 5 of 7")
     expect(
+        page.get_by_role("status").filter(has_text="Search done: 10 results from 213 images")
+    ).to_have_count(1)
+    tile = page.get_by_role("img", name=re.compile(r"^Match 1: .*, score \d\.\d\d, best window row"))
+    expect(tile).to_have_count(1)
+    expect(
         page.get_by_text(re.compile(r"^6 of 49 feature cells selected \(7×7\), weight up to 0\.9[6-9]"))
     ).to_be_visible()
     cells = [round(i * CANVAS_PX / 7, 6) for i in range(8)]
