@@ -62,8 +62,9 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         heat = st.toggle(
             "Show heat maps",
             key=bind("search.heat", False),
-            help="Colour each match by the region's score at every placement in it (Viridis, scaled per "
-            "image: dark purple its lowest placement, yellow its best; the outlined window is the best).",
+            help="Colour each match by the region's score at every placement in it: each cell the best "
+            "placement covering it (Viridis, scaled per image: dark purple its lowest, yellow its best — "
+            "the outlined window).",
         )
 
     region = require_region(region)
