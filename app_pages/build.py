@@ -207,8 +207,6 @@ rows = cache_rows()
 existing = next((r for r in rows if Path(r["path"]) == out), None)
 current = registry.get(out)
 if current is not None and current.status().running:
-    # the button stays, disabled, where it was: replaced, it would take the keyboard's focus with it
-    st.button("Build cache", type="primary", key="build.start", disabled=True)
     st.info(f"{name} is being built: its progress is below.")
 elif existing is not None and existing["complete"]:
     st.warning(

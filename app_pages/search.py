@@ -7,6 +7,7 @@ from ui.base import loading
 
 st.title("Search")
 with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.announce import announce
     from ui.core import bind, groups, warm_up
     from ui.query import (
         CANVAS_PX,
@@ -21,7 +22,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         require_region,
         run_search,
     )
-    from ui.views import announce, downloads, result_table, result_tiles, search_summary
+    from ui.views import downloads, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache
     from vfs.render import jpeg_data_url, mask_overlay, mask_summary
 
@@ -66,7 +67,10 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             "placement covering it (Viridis, scaled per image: dark purple its lowest, yellow its best — "
             "the outlined window).",
         )
-
+        said = st.empty()  # for a screen reader: one element, kept whether a region is drawn or not
+    if region is None or region.empty:
+        with said:
+            announce("No region drawn: nothing searched.")
     region = require_region(region)
     domains = per_domain if cache.domain_col else None
     result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing)
@@ -78,11 +82,12 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
             alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
+    summary = search_summary(cache, result)
+    with said:
+        announce(f"Search done: {summary}")
 
     st.header("Results")
-    summary = search_summary(cache, result)
     st.caption(summary)
-    announce(f"Search done: {summary}")  # not the caption's words alone: one text, one element
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
     downloads(cache, result, query, view, mask, region.drawing.paint, "search")

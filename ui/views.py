@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from vfs.render import (
     png_bytes,
     region_mask_png,
     results_figure,
+    window_text,
 )
 from vfs.search import SearchResult
 
@@ -37,17 +37,6 @@ DONE_SHOWN_S = 600  # a finished build's message stays this long
 # --- results ------------------------------------------------------------------------------------------
 def _tags(row: dict) -> list[str]:
     return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
-
-
-def window_text(grid_box: tuple[int, int, int, int], grid: tuple[int, int]) -> str:
-    """Where a match's best window lies, in words (a screen reader's, the table's): "rows 2–4, column
-    3 of 7×7", counted from 1."""
-    y0, x0, y1, x1 = grid_box
-
-    def span(what: str, first: int, end: int) -> str:
-        return f"{what} {first + 1}" if end == first + 1 else f"{what}s {first + 1}–{end}"
-
-    return f"{span('row', y0, y1)}, {span('column', x0, x1)} of {grid[0]}×{grid[1]}"
 
 
 def match_alt(row: dict, grid: tuple[int, int]) -> str:
@@ -114,18 +103,6 @@ def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
         key=key,
         column_config={"score": st.column_config.NumberColumn("score", format="%.2f")},
     )
-
-
-ANNOUNCED_CSS = (  # read by screen readers, not shown
-    "<style>.vfs-announced {position: absolute; width: 1px; height: 1px; overflow: hidden; "
-    "clip-path: inset(50%); white-space: nowrap}</style>"
-)
-
-
-def announce(text: str) -> None:
-    """Say `text` to a screen reader when it changes (a live region: new results after a stroke would
-    otherwise come silently)."""
-    st.html(f'{ANNOUNCED_CSS}<div class="vfs-announced" role="status">{html.escape(text)}</div>')
 
 
 def search_summary(cache: FeatureCache, result: SearchResult) -> str:

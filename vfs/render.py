@@ -141,6 +141,17 @@ def match_caption(rank: int, score: float, tags: Sequence[str] = ()) -> str:
     return " · ".join([f"{rank}. score {score:.2f}", *tags])
 
 
+def window_text(grid_box: Box, grid: tuple[int, int]) -> str:
+    """Where a match's best window lies, in words (the outline's, for a screen reader and a table):
+    "rows 2–4, column 3 of 7×7", counted from 1."""
+    y0, x0, y1, x1 = grid_box
+
+    def span(what: str, first: int, end: int) -> str:
+        return f"{what} {first + 1}" if end == first + 1 else f"{what}s {first + 1}–{end}"
+
+    return f"{span('row', y0, y1)}, {span('column', x0, x1)} of {grid[0]}×{grid[1]}"
+
+
 def mask_summary(mask: np.ndarray) -> str:
     """What a grid mask selects, e.g. "9 of 49 feature cells selected (7×7), weight up to 1.00"."""
     (h, w), selected = mask.shape, int((mask > 0).sum())
@@ -264,6 +275,7 @@ def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[s
                 opacity=0.6,
                 histnorm="probability density",
                 marker_pattern_shape=pattern,
+                marker_pattern_fillmode="overlay",  # the hatching over the bars' fill, not instead of it
             )
             for scores, name, pattern in zip((scores_a, scores_b), names, ("", "/"))
         ]

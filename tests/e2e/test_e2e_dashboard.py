@@ -681,7 +681,9 @@ def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
             break
     else:
         raise AssertionError("Tab never reached the canvas")
-    said = page.locator(".vfs-said")
+    said = page.locator(
+        ".vfs-stage .vfs-said"
+    )  # the canvas's own line (the page says its results in another)
     expect(page.locator(".vfs-cell-cursor")).to_be_visible()
     expect(said).to_have_text("row 4 of 7, column 4 of 7")  # the middle cell of the 7×7 grid
     for key in ("ArrowUp", "ArrowLeft", "Shift+ArrowRight", "Shift+ArrowRight", "Shift+ArrowDown"):
@@ -690,9 +692,9 @@ def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
     page.keyboard.press("Space")
     page.wait_for_function(RESULTS_CHANGED, arg=[k, ""], timeout=RESULT_TIMEOUT_MS)
     expect(said).to_have_text("painted row 3 to 4 of 7, column 3 to 5 of 7")
-    expect(
-        page.get_by_role("status").filter(has_text="Search done: 10 results from 213 images")
-    ).to_have_count(1)
+    status = page.get_by_role("status").filter(has_text="Search done: 10 results from 213 images")
+    expect(status).to_have_count(1)  # said once, by one element kept from rerun to rerun
+    status.evaluate("e => { e.dataset.mark = 'kept'; }")
     tile = page.get_by_role("img", name=re.compile(r"^Match 1: .*, score \d\.\d\d, best window row"))
     expect(tile).to_have_count(1)
     expect(
@@ -703,9 +705,29 @@ def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
     height = math.floor(cells[4]) - math.ceil(cells[2])
     assert canvas.evaluate(PAINTED) == width * height  # inset to whole pixels: no neighbour touched
     assert_ranked(score_captions(page), k)
+    wait_idle(page)
+    page.keyboard.press("Space")  # the same cells again: no second change
+    page.wait_for_timeout(500)
+    assert canvas.evaluate(PAINTED) == width * height and button_states(page)["Undo"]
     page.keyboard.press("Control+z")  # the keys' paint is undone as a stroke is
     expect(page.get_by_text(NO_REGION)).to_be_visible()
     assert canvas.evaluate(PAINTED) == 0
+    wait_idle(page)
+
+    # A stroke keeps the focus for Ctrl+Z, not for the keys: Space and the arrows paint nothing then.
+    before = timed_stroke(page, k, "", y=0.7, timeout_ms=RESULT_TIMEOUT_MS).signature
+    wait_idle(page)
+    stroked = canvas.evaluate(PAINTED)
+    for key in ("Space", "ArrowDown", "Space", "Enter"):
+        page.keyboard.press(key)
+    page.wait_for_timeout(500)
+    assert canvas.evaluate(PAINTED) == stroked and page.locator(".vfs-cell-cursor").is_hidden()
+    assert before and button_states(page)["Undo"]
+    assert (
+        page.get_by_role("status").filter(has_text="Search done:").evaluate("e => e.dataset.mark") == "kept"
+    )
+    page.keyboard.press("Control+z")  # the focus the stroke left still undoes
+    expect(page.get_by_text(NO_REGION)).to_be_visible()
     no_exception(page)
 
 

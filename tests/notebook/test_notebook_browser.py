@@ -208,11 +208,14 @@ def test_paint_in_jupyterlab(page, lab):
     redo = page.get_by_role("button", name="Redo", exact=True)  # nothing to redo after a clear
     assert redo.is_disabled() and float(redo.evaluate("b => getComputedStyle(b).opacity")) < 1  # looks it
 
-    # The keys paint the grid's cells (the painter's keyboard painting, as in the dashboard): the Clear
-    # click left the focus on the canvas; an arrow shows the cell cursor, Space paints its cell.
+    # The keys paint the grid's cells (the painter's keyboard painting, as in the dashboard). The Clear
+    # click left the focus on the canvas, for Ctrl+Z: there the keys do not paint; Tab brings the cursor.
     page.keyboard.press("ArrowRight")
+    assert page.locator(".vfs-cell-cursor").is_hidden()
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")
     page.locator(".vfs-cell-cursor").wait_for(state="visible")
-    assert page.locator(".vfs-said").inner_text() == "row 4 of 7, column 4 of 7"
+    assert page.locator(".vfs-stage .vfs-said").inner_text() == "row 4 of 7, column 4 of 7"
     page.keyboard.press("Shift+ArrowRight")
     press_and_wait(page, "Space")
     assert len(matches(page)) == 3 and page.locator(".vfs-error").is_hidden()

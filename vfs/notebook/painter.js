@@ -80,8 +80,10 @@ function cursorFor(tool, diameter) {
   return `url('data:image/svg+xml,${encodeURIComponent(svg)}') ${Math.round(r + 1)} ${Math.round(r + 1)}, crosshair`;
 }
 
-// Keyboard painting, by the feature grid's cells: the painter's edges of cell i of n over `pixels`, inset to
-// whole pixels — painted, a cell weighs ≈ 1 on the grid (vfs.masks.grid_mask) and its neighbours nothing.
+// Keyboard painting, by the feature grid's cells: the pixels cells first..last of `cells` span over
+// `pixels`, inset to whole pixels — painted, the cells weigh what share of them that is on the grid
+// (vfs.masks.grid_mask: 0.93–0.97 for 7×7 to 14×14 over 320 px, 0.77–0.93 for 28×28) and their
+// neighbours nothing, so the region's window is exactly the cells covered.
 function cellSpan(first, last, cells, pixels) {
   return [Math.ceil((first * pixels) / cells), Math.floor(((last + 1) * pixels) / cells)];
 }
@@ -118,6 +120,13 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
   canvas.after(cellCursor, said);
   let anchor = null; // [row, column] where Shift-stretching began; `at` is the cursor's own cell
   let at = null;
+  let cursorGrid = null; // the grid `at` and `anchor` are on (a canvas may change caches, not queries)
+  let focusing = false; // the painter's own focus calls (after a stroke, a button): no cell cursor
+  function focusCanvas() {
+    focusing = true; // focus events run within focus(): the flag is read there
+    canvas.focus({ preventScroll: true });
+    focusing = false;
+  }
 
   const buttons = Object.fromEntries(
     HISTORY.map(([name, title]) => {
@@ -125,7 +134,7 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
       Object.assign(node, { type: "button", className: buttonClass, textContent: name, title });
       node.addEventListener("click", () => {
         ({ Undo: undo, Redo: redo, Clear: clear })[name]();
-        canvas.focus({ preventScroll: true }); // a button that disables itself would drop the focus
+        if (node.disabled) focusCanvas(); // a button that disables itself drops the focus: the keys go on
       });
       bar.appendChild(node);
       return [name, node];
@@ -183,7 +192,8 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
     if (current || !event.isPrimary || event.button !== 0) return; // one stroke at a time: no second finger
     event.preventDefault();
     canvas.setPointerCapture(event.pointerId);
-    canvas.focus({ preventScroll: true });
+    cellCursor.hidden = true; // a pointer's user: the keys paint again once Tab brings the focus back
+    focusCanvas();
     pointer = event.pointerId;
     const p = point(event);
     const { tool, brush } = settings();
@@ -230,11 +240,15 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
     const span = (a, b, n) => (a === b ? `${a + 1}` : `${a + 1} to ${b + 1}`) + ` of ${n}`;
     return `row ${span(r0, r1, rows)}, column ${span(c0, c1, columns)}`;
   }
-  function showCellCursor() {
+  function coveredBox() {
     const [rows, columns] = settings().grid;
     const { r0, r1, c0, c1 } = covered();
     const [x0, x1] = cellSpan(c0, c1, columns, canvas.width);
     const [y0, y1] = cellSpan(r0, r1, rows, canvas.height);
+    return [x0, y0, x1, y1];
+  }
+  function showCellCursor() {
+    const [x0, y0, x1, y1] = coveredBox();
     const percent = (v, total) => `${(100 * v) / total}%`;
     Object.assign(cellCursor.style, {
       left: percent(x0, canvas.width),
@@ -243,49 +257,45 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
       height: percent(y1 - y0, canvas.height),
     });
     cellCursor.hidden = false;
-  }
-  function startCursor() {
-    if (at === null) {
-      const [rows, columns] = settings().grid;
-      at = anchor = [Math.floor(rows / 2), Math.floor(columns / 2)]; // the middle cell
-    }
-    showCellCursor();
     said.textContent = describe(covered());
   }
+  // Keys paint only once Tab (or Shift+Tab) has brought the focus: after a stroke or a button the focus
+  // stays for Ctrl+Z, and Space and the arrows keep scrolling the page.
   canvas.addEventListener("focus", () => {
-    if (canvas.matches(":focus-visible") && settings().grid) startCursor(); // not a stroke's focus
+    const grid = settings().grid;
+    if (focusing || !grid) return;
+    if (at === null || String(grid) !== String(cursorGrid)) {
+      at = anchor = [Math.floor(grid[0] / 2), Math.floor(grid[1] / 2)]; // the middle cell
+      cursorGrid = grid;
+    }
+    showCellCursor();
   });
   canvas.addEventListener("blur", () => {
     cellCursor.hidden = true;
   });
   canvas.addEventListener("keydown", (event) => {
     const grid = settings().grid;
-    if (!grid || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (cellCursor.hidden || !grid || event.ctrlKey || event.metaKey || event.altKey) return;
     const move = ARROWS[event.key];
-    if (cellCursor.hidden && (move || event.key === " " || event.key === "Enter")) {
-      startCursor(); // focused by a stroke, then the keys: the cursor first, where it was
-      event.preventDefault();
-      return;
-    }
     if (move) {
-      at = [Math.min(grid[0] - 1, Math.max(0, at[0] + move[0])), Math.min(grid[1] - 1, Math.max(0, at[1] + move[1]))];
+      const step = (v, d, n) => Math.min(n - 1, Math.max(0, v + d));
+      at = [step(at[0], move[0], grid[0]), step(at[1], move[1], grid[1])];
       if (!event.shiftKey) anchor = at;
     } else if (event.key === "Escape") {
       anchor = at;
     } else if (event.key === " " || event.key === "Enter") {
-      const { r0, r1, c0, c1 } = covered();
-      const [x0, x1] = cellSpan(c0, c1, grid[1], canvas.width);
-      const [y0, y1] = cellSpan(r0, r1, grid[0], canvas.height);
-      commit([...shapes, { kind: "rect", box: [x0, y0, x1, y1] }]);
-      said.textContent = `painted ${describe({ r0, r1, c0, c1 })}`;
       event.preventDefault();
+      const box = coveredBox();
+      const last = shapes[shapes.length - 1];
+      if (event.repeat || (last && last.kind === "rect" && String(last.box) === String(box))) return; // painted
+      commit([...shapes, { kind: "rect", box }]);
+      said.textContent = `painted ${describe(covered())}`;
       return;
     } else {
       return;
     }
     event.preventDefault(); // the arrows would scroll the page
     showCellCursor();
-    said.textContent = describe(covered());
   });
 
   show([], [[], []]);

@@ -131,7 +131,7 @@ function render({ model, el }) {
       tile.dataset.index = m.index;
       const image = element("img", "", tile);
       image.src = m.image;
-      image.alt = `image ${m.index}, its best window outlined`;
+      image.alt = `Match ${m.rank}: image ${m.index}, score ${m.score.toFixed(2)}, best window ${m.window}`;
       const caption = element("figcaption", "", tile);
       element("b", "vfs-rank", caption, `${m.rank}.`);
       element("span", "vfs-score", caption, m.score.toFixed(3));

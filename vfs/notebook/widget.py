@@ -22,7 +22,7 @@ from ..cache import FeatureCache
 from ..data import load_image
 from ..masks import grid_mask
 from ..models import Extractor
-from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, mask_summary, outline
+from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, mask_summary, outline, window_text
 from ..search import SearchResult, image_indices, search_regions
 
 HERE = Path(__file__).parent
@@ -105,7 +105,7 @@ class SearchWidget(anywidget.AnyWidget):
     k = traitlets.Int(10).tag(sync=True)
     mask_view = traitlets.Unicode().tag(sync=True)  # the grid mask over the view (vfs.render.mask_overlay)
     mask_caption = traitlets.Unicode().tag(sync=True)
-    matches = traitlets.List(traitlets.Dict()).tag(sync=True)  # rank, index, score, label, domain, image
+    matches = traitlets.List(traitlets.Dict()).tag(sync=True)  # rank, index, score, tags, window, image
     status = traitlets.Unicode(PAINT_HINT).tag(sync=True)
     error = traitlets.Unicode().tag(sync=True)
     revision = traitlets.Int(0).tag(sync=True)  # answers sent (results, cleared or error): a view's "done"
@@ -316,6 +316,7 @@ class SearchWidget(anywidget.AnyWidget):
                 "score": float(r["score"]),
                 "label": _text(r.get("label")),
                 "domain": _text(r.get("domain")),
+                "window": window_text(r["grid_box"], result.grid),
                 "image": jpeg_data_url(
                     outline(thumb, grid_box_to_pixels(r["grid_box"], result.grid, thumb.shape[:2])), 85
                 ),
