@@ -34,7 +34,7 @@ function mount(parentElement, setStateValue) {
       // its size, or the window's width on a narrow window (a phone): the painter maps the pointer by
       // the shown size, and the paint stays size × size pixels
       Object.assign(stage.style, { width: `min(${data.size}px, 100%)`, aspectRatio: "1" });
-      painter.set(data.shapes || []); // the region drawn on another page
+      painter.set(data.shapes || [], data.undo_to); // the region drawn on another page, or loaded
     }
     state.data = data;
     if (view.getAttribute("src") !== data.background) view.src = data.background;

@@ -51,12 +51,14 @@ def paint_canvas(
     grid: tuple[int, int],
     key: str,
     shapes: list[dict] | None = None,
+    undo_to: list[dict] | None = None,
 ) -> Drawing | None:
     """A `size`-pixel square canvas over `background` (an image URL); None until the first stroke.
 
     `tool` paints free-hand, `brush` pixels wide, or drags rectangles; the keys paint the feature
-    `grid`'s cells (painter.js); `shapes` are drawn when the canvas mounts (later values are ignored:
-    the browser holds the drawing from then on).
+    `grid`'s cells (painter.js); `shapes` are drawn when the canvas mounts, and `undo_to` is what its
+    Undo goes back to then (later values of both are ignored: the browser holds the drawing from then
+    on).
     Raises DrawingError if what it holds is not what the canvas sends.
     """
     data = {
@@ -66,6 +68,7 @@ def paint_canvas(
         "brush": brush,
         "grid": list(grid),
         "shapes": shapes,
+        "undo_to": undo_to,
     }
     # the drawing is the component's state, and Streamlit keeps a state only with its change callback
     sent = _canvas(key=key, data=data, default={"drawing": None}, on_drawing_change=lambda: None).drawing

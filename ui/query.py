@@ -359,6 +359,7 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
                 cache.spec.grid,
                 key=f"{key}.canvas.{query.key}.{loads}",
                 shapes=stored.drawing.shapes if stored is not None else None,  # drawn when it mounts
+                undo_to=_replaced(key, query, loads),
             )
     except DrawingError as e:
         st.error(f"The drawing could not be read ({e}): clear the canvas and draw again.")
@@ -380,6 +381,10 @@ def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
     except ValueError as e:
         st.session_state[f"{key}.mask_error"] = str(e)
     else:
+        replaced = st.session_state.get(REGION)  # an Undo on the canvas the mask opens brings it back
+        if replaced is not None and replaced.query == query:
+            opens = (query.key, st.session_state[f"{key}.loads"] + 1)  # the canvas's, below
+            st.session_state[f"{key}.replaced"] = (opens, replaced.drawing.shapes)
         st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
         if faint > FAINT_SHARE:
             st.session_state[f"{key}.mask_warning"] = (
@@ -387,6 +392,12 @@ def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
                 "nearly black): a grey background counts as painted; make it transparent, or black"
             )
     st.session_state[f"{key}.loads"] += 1  # an empty uploader, for this file again or another
+
+
+def _replaced(key: str, query: Query, loads: int) -> list[dict] | None:
+    """The drawing a loaded mask replaced, for the canvas that mask opened (none for another)."""
+    opened, shapes = st.session_state.get(f"{key}.replaced", (None, None))
+    return shapes if opened == (query.key, loads) else None
 
 
 FAINT_SHARE = 0.5

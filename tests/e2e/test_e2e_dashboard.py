@@ -356,6 +356,11 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     page.wait_for_function(RESULTS_CHANGED, arg=[k, searched], timeout=RESULT_TIMEOUT_MS)
     wait_painted(canvas, int(dithered.sum()))
     np.testing.assert_array_equal(canvas_alpha(canvas) > 0, dithered)
+    wait_idle(page)
+    undo = page.locator(".vfs-canvas-bar").get_by_role("button", name="Undo", exact=True)
+    assert click_and_wait(page, "Undo", k, page.evaluate(RESULTS_CHANGED, [k, ""])[1]) == searched
+    np.testing.assert_array_equal(canvas_alpha(canvas) > 0, loaded)  # the drawing the mask replaced
+    assert undo.is_disabled()  # and no further: the canvas opened with the mask
     no_exception(page)
 
 

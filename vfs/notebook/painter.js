@@ -303,9 +303,11 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
     get shapes() {
       return shapes;
     },
-    set(next) {
+    // `undoTo`: the drawing an Undo goes back to (the app's canvas, opened on a loaded mask, over the
+    // drawing the mask replaced); none by default.
+    set(next, undoTo = null) {
       current = null;
-      show(next.slice(), [[], []]);
+      show(next.slice(), [undoTo ? [undoTo] : [], []]);
     },
     redraw,
     alpha() {
