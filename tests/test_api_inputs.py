@@ -22,6 +22,7 @@ from vfs.cache import open_cache
 from vfs.jobs import BuildJob, build_cache
 from vfs.kernel import library
 from vfs.masks import grid_mask
+from vfs.render import ranked_matches, results_figure
 from vfs.search import search_regions
 from vfs.sources import ArrayFeatures
 
@@ -256,6 +257,21 @@ def test_a_cache_gives_back_its_images_and_says_what_it_is(small_cache):
     )
     query = search_regions(arrays(), 0, MASK).query
     assert repr(query) == "RegionQuery(3×2 cells at (1, 2) of an 5×6×8 feature map)"
+
+
+def test_a_cache_search_draws_the_papers_figure(small_cache):
+    """A notebook's figure in one call (the app's "Download figure"): the query by its index, the
+    region as searched (peak 1), the matches' thumbnails with their windows."""
+    cache, _ = small_cache
+    result = search_regions(cache, 2, np.array([[0.25, 0.5], [0.0, 0.0]]), k=4)
+    np.testing.assert_array_equal(result.grid_mask(), [[0.5, 1.0], [0.0, 0.0]])
+    figure = result.figure(2, columns=2, title="two of four")
+    matches = ranked_matches(result.top, cache.thumbs_at(result.top["index"]))
+    expected = results_figure(cache.thumb(2), result.grid_mask(), matches, (2, 2), 2, "two of four")
+    assert figure.size == expected.size and np.array_equal(np.asarray(figure), np.asarray(expected))
+    assert [m["caption"] for m in matches] == result.top["domain"].tolist()  # no labels: the domains
+    with pytest.raises(TypeError, match="a figure needs the images"):
+        search_regions(arrays(), 0, MASK).figure(0)
 
 
 def test_a_build_job_takes_paths(small_cache):

@@ -19,8 +19,10 @@ from vfs.render import (
     heatmap_overlay,
     jpeg_data_url,
     match_caption,
+    match_tags,
     outline,
     png_bytes,
+    ranked_matches,
     region_mask_png,
     results_figure,
     window_text,
@@ -35,13 +37,9 @@ DONE_SHOWN_S = 600  # a finished build's message stays this long
 
 
 # --- results ------------------------------------------------------------------------------------------
-def _tags(row: dict) -> list[str]:
-    return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
-
-
 def match_alt(row: dict, grid: tuple[int, int]) -> str:
     """A result tile's text alternative: what it is, its score and where its window lies."""
-    what = " · ".join([str(row.get("path") or f"image {row['index']}"), *_tags(row)])
+    what = " · ".join([str(row.get("path") or f"image {row['index']}"), *match_tags(row)])
     window = window_text(row["grid_box"], grid)
     return f"Match {row['rank']}: {what}, score {row['score']:.2f}, best window {window}"
 
@@ -79,7 +77,7 @@ def result_tiles(
     with st.container(key=f"vfs-{key}"):
         st.image(
             images,
-            caption=[match_caption(row["rank"], row["score"], _tags(row)) for row in rows],
+            caption=[match_caption(row["rank"], row["score"], match_tags(row)) for row in rows],
             width=width,
             alt=[match_alt(row, result.grid) for row in rows],
         )
@@ -128,11 +126,7 @@ def downloads(
     stem = f"vfs-{cache_name(cache.location)}-{query.key}"
 
     def figure() -> bytes:
-        rows = result.top.to_dict("records")
-        matches = [
-            {"thumb": t, "box": r["grid_box"], "score": r["score"], "caption": " · ".join(_tags(r))}
-            for r, t in zip(rows, thumbs(cache, [r["index"] for r in rows]))
-        ]
+        matches = ranked_matches(result.top, thumbs(cache, result.top["index"].tolist()))
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
         return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
 

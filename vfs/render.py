@@ -136,6 +136,19 @@ def _fit_text(
     return text + "…"
 
 
+def match_tags(row: dict) -> list[str]:
+    """A ranked row's label and domain, where it has them: what its caption adds to its score."""
+    return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
+
+
+def ranked_matches(top: pd.DataFrame, thumbs: Sequence[np.ndarray]) -> list[dict]:
+    """`results_figure`'s matches from a search's ranked table and its images' thumbnails, in rank order."""
+    return [
+        {"thumb": t, "box": r["grid_box"], "score": r["score"], "caption": " · ".join(match_tags(r))}
+        for r, t in zip(top.to_dict("records"), thumbs)
+    ]
+
+
 def match_caption(rank: int, score: float, tags: Sequence[str] = ()) -> str:
     """The paper's caption under a match, "3. score 0.87 · face · lfw" (its label and domain)."""
     return " · ".join([f"{rank}. score {score:.2f}", *tags])

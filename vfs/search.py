@@ -129,6 +129,28 @@ class SearchResult:
     def _repr_html_(self) -> str:  # Jupyter's: the summary over the ranked table
         return f"<p>SearchResult: {html.escape(self.summary())}</p>{self.top.to_html(index=False)}"
 
+    def grid_mask(self) -> np.ndarray:
+        """(h, w) the region's weights on the grid (peak 1), as searched."""
+        mask = np.zeros(self.grid, dtype=np.float32)
+        y0, x0, y1, x1 = self.query.mask.query_box()
+        mask[y0:y1, x0:x1] = self.query.mask.weights
+        return mask
+
+    def figure(self, query_view: np.ndarray | int, columns: int = 5, title: str | None = None) -> Image.Image:
+        """The paper's figure as a PIL image (`.save("figure.png")`; the app's "Download figure"):
+        the query with the region over it — `query_view`, its view as the model saw it, or its index in
+        the cache searched — then the matches, best windows outlined, ranked, scored and tagged. Needs
+        the images: a feature cache's thumbnails."""
+        from .render import ranked_matches, results_figure
+
+        thumbs_at = getattr(self.source, "thumbs_at", None)
+        if thumbs_at is None:
+            raise TypeError("a figure needs the images: search a feature cache (plain features hold none)")
+        if isinstance(query_view, (int, np.integer)):
+            query_view = thumbs_at([int(query_view)])[0]
+        matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
+        return results_figure(np.asarray(query_view), self.grid_mask(), matches, self.grid, columns, title)
+
     def placement_scores(self, index: int) -> np.ndarray:
         """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map, read
         from the features the search read. Where those are an array written in place since (searched
