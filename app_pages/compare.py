@@ -9,6 +9,7 @@ from ui.base import loading
 
 st.title("Compare two caches")
 with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.announce import announce
     from ui.core import bind, warm_up
     from ui.query import (
         Query,
@@ -63,7 +64,8 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
         exclude = leave_out_query("Exclude the query image", "compare.exclude", query)
         sharing = leave_out_sharing(left, query, "compare.sharing")  # the same images on both sides
-    region = require_region(region)
+        said = st.empty()  # for a screen reader (ui.announce)
+    region = require_region(region, said)
     # every image's score exact, as on Distributions: the correlations below read alike on every machine
     sides = [
         (
@@ -103,6 +105,11 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")
     metrics[1].metric("Spearman ρ (all images)", f"{agreement['spearman']:.2f}")
     metrics[2].metric("Kendall τ (all images)", f"{agreement['kendall']:.2f}")
+    with said:
+        announce(
+            f"Compared: top-{k} overlap {agreement['topk_overlap']:.0%}, "
+            f"Spearman {agreement['spearman']:.2f}, Kendall {agreement['kendall']:.2f}"
+        )
     st.plotly_chart(
         comparison_figure(
             a.scores[compared], b.scores[compared], (cache_name(left.location), cache_name(right.location))

@@ -10,6 +10,7 @@ EVERY = "(every finding)"
 
 st.title("Score distributions")
 with loading():  # the title is on screen while a fresh server loads PyTorch
+    from ui.announce import announce
     from ui.core import bind, group_columns, groups, warm_up
     from ui.query import (
         Query,
@@ -39,7 +40,8 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     query_column, option_column = canvas_row()
     with query_column:
         region = draw_region(cache, query_view(cache, query), query, "dist")
-    region = require_region(region)
+        said = st.empty()  # for a screen reader (ui.announce)
+    region = require_region(region, said)
     result = run_search(cache, query, region, all_exact=True)  # statistics alike on every machine
     columns = group_columns(cache)
     if not columns:
@@ -81,6 +83,9 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         key="dist.plot",
     )
 
+    with said:
+        groups_said = f"{len(table.columns)} groups, plot and table below"
+        announce(f"Scores of {int(grouped.sum())} images by {title}: {groups_said}")
     st.header(f"Groups by {title}")
     st.caption(
         "Each group against the other images: AUROC of the score as a detector of the group, with "

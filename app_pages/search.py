@@ -68,10 +68,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             "the outlined window).",
         )
         said = st.empty()  # for a screen reader: one element, kept whether a region is drawn or not
-    if region is None or region.empty:
-        with said:
-            announce("No region drawn: nothing searched.")
-    region = require_region(region)
+    region = require_region(region, said)
     domains = per_domain if cache.domain_col else None
     result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing)
     mask = region.mask(cache)

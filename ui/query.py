@@ -26,6 +26,7 @@ from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
 from vfs.settings import is_url
 
+from .announce import announce
 from .canvas import Drawing, DrawingError, mask_shape, paint_canvas
 from .core import (
     CACHE,
@@ -472,10 +473,13 @@ def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int,
     return tuple(cache.images_sharing(column, query.index).tolist())
 
 
-def require_region(region: Region | None) -> Region:
-    """Stop the page with a hint until a region is drawn."""
+def require_region(region: Region | None, said: DeltaGenerator) -> Region:
+    """Stop the page with a hint until a region is drawn; `said`, the page's place for what it says to
+    a screen reader (`ui.announce`: one element from run to run), says so too."""
     if region is None or region.empty:
         st.info("Draw on the query image to search: paint over the part you are interested in.")
+        with said:
+            announce("No region drawn: nothing searched.")
         st.stop()
     return region
 

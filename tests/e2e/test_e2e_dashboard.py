@@ -398,6 +398,7 @@ def test_distributions_box_plot_and_table(page, server, demo_cache):
     expect(plot.first).to_be_visible(timeout=RESULT_TIMEOUT_MS)
     traces = plot.first.evaluate("e => (e.data || []).map(t => [t.type, t.name])")
     assert ["box", "face"] in traces and ["box", "not face"] in traces, traces
+    expect(page.get_by_role("status")).to_have_text(re.compile(r"^Scores of \d+ images by label: \d+ groups"))
     expect(plot.first.locator("g.trace.boxes").first).to_be_attached()
 
     expect(page.get_by_role("heading", name="Groups by label")).to_be_visible()
@@ -458,6 +459,7 @@ def test_compare_lite0_with_lite1(page, server, demo_cache, lite1_cache):
         ranks = [int(m.group(1)) for m in captions if m]
         assert ranks == list(range(1, k + 1)), f"{name}: {ranks}"
     expect(page.get_by_role("heading", name="Agreement")).to_be_visible()
+    expect(page.get_by_role("status")).to_have_text(re.compile(r"^Compared: top-\d+ overlap \d+%, Spearman"))
     expect(page.get_by_text(f"Top-{k} overlap")).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
     no_exception(page)
