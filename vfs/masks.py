@@ -158,7 +158,7 @@ class CroppedMask:
 def mask_values(mask: object) -> np.ndarray:
     """A mask — numpy, a torch tensor or nested lists — as (h, w) float64 weights, or refused
     with a reason (a file name, a box, a 1-D array, complex numbers …)."""
-    m = _numbers(mask, "mask").astype(np.float64)
+    m = np.asarray(_numbers(mask, "mask"), dtype=np.float64)  # no copy of one checked before
     if m.ndim != 2:
         box = " (a box? set its cells of an (h, w) array of zeros to 1)" if m.shape == (4,) else ""
         raise ValueError(f"a mask must be 2-D (h, w): one weight per grid cell; got shape {m.shape}{box}")
