@@ -460,7 +460,7 @@ def test_compare_lite0_with_lite1(page, server, demo_cache, lite1_cache):
         assert ranks == list(range(1, k + 1)), f"{name}: {ranks}"
     expect(page.get_by_role("heading", name="Agreement")).to_be_visible()
     expect(page.get_by_role("status")).to_have_text(re.compile(r"^Compared: top-\d+ overlap \d+%, Spearman"))
-    expect(page.get_by_text(f"Top-{k} overlap")).to_be_visible()
+    expect(page.get_by_text(f"Top-{k} overlap", exact=True)).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
     no_exception(page)
 
