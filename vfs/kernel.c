@@ -310,6 +310,25 @@ int64_t vfs_scratch_floats(int32_t places) { return 4 * (int64_t)places * 16 + 3
 static void best_of(const struct vfs_best *b, int64_t i, int32_t cells, int32_t places, int lanes, const float *acc,
                     float *scratch) {
     if (places < 1) return; /* no placement: `PairKernel` is never made so (the region fits the grid) */
+    if (places == 1) { /* a whole-grid region: the same operations in scalars, not in vectors of one lane
+                        * (1.0 of 7.1 ms at 10,000 × 7×7×192 on a Xeon went to those) */
+        const float *sq = b->sq + i * cells;
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int k = 0;
+        for (; k + 4 <= b->k; k += 4)
+            for (int u = 0; u < 4; u++) sum[u] = fmaf(b->m2[k + u], sq[b->origin[k + u]], sum[u]);
+        for (; k < b->k; k++) sum[0] = fmaf(b->m2[k], sq[b->origin[k]], sum[0]);
+        const float wn = sqrtf((sum[0] + sum[1]) + (sum[2] + sum[3]));
+        const float product = wn * b->qnorm;
+        const float s = hsum(load_f(acc)) / (product < b->smallest ? b->smallest : product); /* NaN stays */
+        const float tiny = wn > 0.0f ? b->output_error / wn : 0.0f;
+        const float up = ((tiny + s) + b->weight_term) / b->scale;
+        b->best[i] = s;
+        b->where[i] = 0;
+        b->upper[i] = fabsf(up) < INFINITY ? up : INFINITY;
+        b->runner[i] = -INFINITY;
+        return;
+    }
     const int32_t ph = b->ph, pw = b->pw;
     float *score = scratch, *up = score + places + L, *wn2 = up + places + L; /* padded to whole vectors */
     for (int p = 0; p < places; p++) score[p] = hsum(load_f(acc + (int64_t)p * lanes)); /* the numerator, for now */
