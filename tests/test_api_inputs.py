@@ -94,6 +94,20 @@ def test_domains_given_to_an_array_limit_results_per_domain():
         ArrayFeatures(feats, domains=domains[:5])
 
 
+def test_the_ranked_table_is_built_when_read_and_describes_the_ranked_images(small_cache):
+    cache, _ = small_cache
+    result = search_regions(cache, 0, np.ones((2, 2)), k=3, exclude=0)
+    assert "top" not in vars(result)  # a caller of scores alone pays no pandas
+    assert "top 3 of 8 images" in result.summary() and "top" not in vars(result)
+    top = result.top
+    order = np.argsort(-result.scores, kind="stable")
+    assert top["index"].tolist() == result.top_indices.tolist() == order[order != 0][:3].tolist()
+    assert top["rank"].tolist() == [1, 2, 3] and result.top is top  # built once
+    assert top["score"].tolist() == result.scores[result.top_indices].astype(float).tolist()
+    assert {"path", "domain", "pixel_box"} <= set(top.columns)
+    assert top["grid_box"].tolist() == [result.grid_box(i) for i in result.top_indices]
+
+
 # --------------------------------------------------------------------------- the query
 
 

@@ -92,7 +92,7 @@ class SearchResult:
 
     scores: np.ndarray  # (N,) float32, each image's best score
     placements: np.ndarray  # (N, 2) int, top-left grid cell (y, x) of each image's best window
-    top: pd.DataFrame  # rank, index, score, grid_box, (pixel_box, path, label, domain where known)
+    top_indices: np.ndarray  # (k,) int64, the ranked images, best first
     query: RegionQuery
     grid: tuple[int, int]
     method: str
@@ -103,6 +103,14 @@ class SearchResult:
     ranked: int  # the images that could be returned: `candidates` (e.g. a label filter) less `exclude`
     filtered: bool  # whether `candidates` limited them
     source: FeatureSource = field(repr=False)
+
+    @cached_property
+    def top(self) -> pd.DataFrame:
+        """The ranked table: rank, index, score, grid_box (and pixel_box, path, label, domain where
+        the source knows them). Built when first read, not by the search: 0.5–0.8 ms of pandas after
+        the features' pass has emptied the CPU's caches, which a caller of scores alone (statistics,
+        a loop over queries) need not pay."""
+        return _top_table(self.scores, self.placements, self.query.mask.shape, self.top_indices, self.source)
 
     def grid_box(self, index: int) -> tuple[int, int, int, int]:
         """(y0, x0, y1, x1), end-exclusive, of image `index`'s best window on the grid."""
@@ -118,7 +126,7 @@ class SearchResult:
         """One line: what was ranked, how, and in what time."""
         (mh, mw), (h, w) = self.query.mask.shape, self.grid
         return (
-            f"top {len(self.top)} of {self.images_ranked()} for a {mh}×{mw}-cell region of the "
+            f"top {len(self.top_indices)} of {self.images_ranked()} for a {mh}×{mw}-cell region of the "
             f"{h}×{w} grid ({self.method}, {self.device}, {self.elapsed_ms:.1f} ms, "
             f"{self.rescored} re-scored exactly)"
         )
@@ -248,8 +256,9 @@ def search_regions(
     `device`: "auto" (cuda, then mps, then cpu) or a torch device. `memory_budget`: bytes or text
     ("2GB") a cache may take in memory before it is streamed from disk.
 
-    Returns a `SearchResult`: every image's best score and placement, the ranked `top` table, and
-    `placement_scores(i)`, one image's scores at every placement. The top-k's scores are exact.
+    Returns a `SearchResult`: every image's best score and placement, the ranked images
+    (`top_indices`) and their `top` table, and `placement_scores(i)`, one image's scores at every
+    placement. The top-k's scores are exact.
     """
     t0 = time.perf_counter()
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -372,12 +381,11 @@ def _search(
     if all_exact:  # their bounds are below the k-th exact score: the top-k stays as it is
         rescore(np.flatnonzero(~exact), found, exact)
 
-    top = _top_table(scores, found.placements, rq.mask.shape, picked, source)
     elapsed_ms = (time.perf_counter() - t0) * 1e3
     return SearchResult(
         scores,
         found.placements,
-        top,
+        picked.astype(np.int64),
         rq,
         (h, w),
         fast.method or plan_query(rq, (h, w), dev, dtype).method,
@@ -502,7 +510,8 @@ def _fast_pass(
     if isinstance(source, UnpreparedArray):
         assert taken is not None
         source.check_norms(taken)
-    placements = np.stack(np.divmod(where.cpu().numpy(), fast.geometry.pw), axis=1)
+    placements = np.empty((n, 2), dtype=np.int64)  # (y, x): one pass, no stacked copy
+    np.divmod(where.cpu().numpy(), fast.geometry.pw, out=(placements[:, 0], placements[:, 1]))
     found = FastPass(best.cpu().numpy(), placements, upper.cpu().numpy(), runner.cpu().numpy())
     return found, sqnorm if coarse else None
 

@@ -263,7 +263,6 @@ class ShardedSearch:
         domains = tops["domain"].to_numpy() if per_domain is not None else None
         every = np.ones(len(tops), dtype=bool)
         picked = select_top(tops["score"].to_numpy(), every, int(k), domains, per_domain)
-        top = tops.iloc[picked].reset_index(drop=True).assign(rank=np.arange(1, len(picked) + 1))
         if all_scores:
             scores = np.concatenate([a.scores for a in answers])
             placements = np.concatenate([a.placements for a in answers])
@@ -274,7 +273,7 @@ class ShardedSearch:
         return SearchResult(
             scores,
             placements,
-            top,
+            tops["index"].to_numpy(np.int64)[picked],  # its table as the cache describes these rows
             rq,
             (h, w),
             answers[0].method,
