@@ -75,6 +75,22 @@ def test_heatmap_overlay_leaves_uncovered_cells_and_checks_shape():
         render.heatmap_overlay(thumb, placements, (2, 2), (2, 2))
 
 
+def test_the_heat_legend_states_the_range_the_colours_span():
+    grid, mask_shape = (4, 5), (2, 2)
+    placements = np.arange(12, dtype=float).reshape(3, 4) / 20 - 0.1  # −0.10 … 0.45
+    placements[0, 0] = np.nan
+    low, high = render.placement_heat_range(placements, mask_shape)
+    assert (low, high) == pytest.approx((-0.05, 0.45))  # cell (0, 0): only the NaN covers it, uncoloured
+    thumb = np.zeros((80, 100, 3), dtype=np.uint8)
+    image = np.asarray(render.heatmap_overlay(thumb, placements, mask_shape, grid, alpha=1.0)).astype(int)
+    bar = np.asarray(render.colour_bar(64, 5)).astype(int)
+    assert bar.shape == (5, 64, 3) and (bar[0] == bar[-1]).all()
+    centres = image[cell_centres(grid, thumb.shape[:2])]
+    assert np.abs(centres[-1, -1] - bar[0, -1]).max() <= 1  # the best cell: the bar's right end
+    assert np.abs(centres[0, 1] - bar[0, 0]).max() <= 1  # the lowest cell: its left end
+    assert render.placement_heat_range(np.full((3, 4), np.nan), mask_shape) == (0.0, 0.0)
+
+
 def test_results_figure_and_png_bytes():
     rng = np.random.default_rng(0)
     thumb = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)

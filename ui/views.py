@@ -15,12 +15,14 @@ from vfs.cache import CacheError, FeatureCache, cache_name
 from vfs.export import search_json
 from vfs.jobs import BuildJob, duration
 from vfs.render import (
+    colour_bar,
     grid_box_to_pixels,
     heatmap_overlay,
     jpeg_data_url,
     match_caption,
     match_tags,
     outline,
+    placement_heat_range,
     png_bytes,
     ranked_matches,
     region_mask_png,
@@ -64,23 +66,36 @@ def result_tiles(
     if not rows:
         st.warning("No image passes the filters: loosen the label filter or the per-domain limit.")
         return
+    captions = [match_caption(row["rank"], row["score"], match_tags(row)) for row in rows]
+    alts = [match_alt(row, result.grid) for row in rows]
     if heat:
         images = []
-        for row, thumb in zip(rows, thumbs(cache, [r["index"] for r in rows])):
+        for i, (row, thumb) in enumerate(zip(rows, thumbs(cache, [r["index"] for r in rows]))):
             scores = result.placement_scores(row["index"])
             heated = np.asarray(heatmap_overlay(thumb, scores, result.query.mask.shape, result.grid))
             window = grid_box_to_pixels(row["grid_box"], result.grid, heated.shape[:2])
             images.append(jpeg_data_url(outline(heated, window)))
+            low, high = placement_heat_range(scores, result.query.mask.shape)
+            captions[i] += f" · heat {low:.2f}–{high:.2f}"
+            alts[i] += f"; its heat map runs from {low:.2f} (dark purple) to {high:.2f} (yellow)"
+        heat_legend()
     else:
         images = outlined_tiles(cache, [(int(r["index"]), tuple(r["grid_box"])) for r in rows])
     st.html(TILES_CSS)
     with st.container(key=f"vfs-{key}"):
-        st.image(
-            images,
-            caption=[match_caption(row["rank"], row["score"], match_tags(row)) for row in rows],
-            width=width,
-            alt=[match_alt(row, result.grid) for row in rows],
-        )
+        st.image(images, caption=captions, width=width, alt=alts)
+
+
+def heat_legend() -> None:
+    """The heat maps' colour bar: each tile is scaled on its own, so the scale's ends are words, and
+    each caption gives its tile's range ("heat 0.41–0.87")."""
+    st.image(
+        jpeg_data_url(colour_bar(TILE_PX * 2, 12)),
+        caption="Heat: dark purple the tile's lowest cell → yellow its best (each tile its own range)",
+        width=TILE_PX * 2,
+        alt="Colour bar of the heat maps, from dark purple (a tile's lowest score) through green to "
+        "yellow (its best): each tile's caption gives its range",
+    )
 
 
 def result_columns(cache: FeatureCache, result: SearchResult) -> list[str]:

@@ -116,13 +116,30 @@ def heatmap_overlay(
         )
     cells = _cell_max(placement_scores, mask_shape)
     finite = np.isfinite(cells)
-    low, high = (cells[finite].min(), cells[finite].max()) if finite.any() else (0.0, 0.0)
+    low, high = heat_range(cells)
     scaled = np.where(finite, (cells - low) / (high - low) if high > low else 1.0, 0.0)
     colors = _VIRIDIS[(scaled * 255).round().astype(int)]
     weight = alpha * finite[..., None].astype(float)
     size = thumb.shape[:2]
     blended = (1 - _upsample(weight, size)) * thumb[..., :3] + _upsample(weight * colors, size)
     return Image.fromarray(np.clip(blended, 0, 255).round().astype(np.uint8))
+
+
+def heat_range(cells: np.ndarray) -> tuple[float, float]:
+    """The scores a heat map's colours span: its lowest and best finite cell (0, 0 where none is)."""
+    finite = cells[np.isfinite(cells)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
+def placement_heat_range(placement_scores: np.ndarray, mask_shape: tuple[int, int]) -> tuple[float, float]:
+    """`heat_range` of an image's heat map (`heatmap_overlay`'s scale): what a legend states."""
+    return heat_range(_cell_max(np.asarray(placement_scores, dtype=float), mask_shape))
+
+
+def colour_bar(width: int = 256, height: int = 12) -> Image.Image:
+    """The heat maps' Viridis scale, left (lowest) to right (best): a legend beside them."""
+    columns = _VIRIDIS[np.linspace(0, 255, width).round().astype(int)]
+    return Image.fromarray(np.repeat(columns[None], height, axis=0).astype(np.uint8))
 
 
 def _fit_text(

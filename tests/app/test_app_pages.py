@@ -4,6 +4,7 @@ Drawings are injected through the canvas's session state, as the component would
 """
 
 import json
+import re
 import shutil
 import threading
 from dataclasses import replace
@@ -234,7 +235,14 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
         t.startswith(f"10 results from {faces} of {SMALL} images in") for t in texts(at.caption)
     )
     no_exceptions(at.toggle(key="search.heat").set_value(True).run())
-    assert len([c for image in at.image for c in image.captions if ". score " in c]) == 10
+    captions = [c for image in at.image for c in image.captions if ". score " in c]
+    assert len(captions) == 10
+    for caption in captions:  # each tile's own scale, its best at least its score (a cell's best placement)
+        m = re.search(r"score (-?[\d.]+).* · heat (-?[\d.]+)–(-?[\d.]+)$", caption)
+        assert m and float(m[2]) <= float(m[3]) and float(m[1]) == pytest.approx(float(m[3]), abs=0.011), (
+            caption
+        )
+    assert any("lowest cell → yellow its best" in c for image in at.image for c in image.captions)
     at.number_input(key="search.per_domain").set_value(1).run()
     assert list(at.dataframe[0].value["domain"]) == ["lfw"]
     at.multiselect(key=f"search.labels.{caches / 'small.zarr'}").unselect("face").run()
