@@ -278,15 +278,15 @@ class QueryGeometry:
         # Scaled by a power of two (exact) to a largest weight in (½, 1]: the fp16 weights keep full
         # precision down to 2⁻¹⁴ of it, with room before the outputs overflow.
         scale = 2.0 ** -math.ceil(math.log2(float(np.abs(query.kernel).max())))
-        cells = tuple((int(y), int(x)) for y, x in zip(*np.nonzero(weights > 0)))
+        ys, xs = np.nonzero(weights > 0)  # in arrays: a whole-grid region has 49–196 cells
         return cls(
             grid=grid,
             ph=ph,
             pw=pw,
             mh=mh,
             mw=mw,
-            cells=cells,
-            m2=tuple(float(weights[y, x]) ** 2 for y, x in cells),
+            cells=tuple(zip(ys.tolist(), xs.tolist())),
+            m2=tuple((weights[ys, xs].astype(np.float64) ** 2).tolist()),
             band=tuple(range(max(0, y - ph + 1), min(mh, y + 1)) for y in range(grid[0])),
             kernel=torch.from_numpy(query.kernel * scale),
             scale=scale,
