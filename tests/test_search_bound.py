@@ -132,9 +132,14 @@ def test_top_k_is_exact_on_tightly_packed_scores(case, device):
         assert result.rescored < n // 2
 
 
-def test_fp16_overflow_is_re_scored_not_lost(device):
-    """Products beyond fp16's range come out as inf / NaN: those images are re-scored in fp32 (on a
-    GPU, whose products output fp32, nothing overflows: the top-k is checked all the same)."""
+@pytest.mark.parametrize("form", [None, "cells", "band"])
+def test_fp16_overflow_is_re_scored_not_lost(device, form, force_form):
+    """Products beyond fp16's range come out as inf / NaN: those images are re-scored in float64 (on
+    a GPU, whose products output fp32, nothing overflows: the top-k is checked all the same), not
+    taken for damaged features — oneDNN's forms, which run where the kernel does not (no compiler,
+    an ARM CPU), output fp16 on a CPU."""
+    if form is not None:
+        force_form(form)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((30, 5, 5, 256)) * 2000).astype(np.float16)
     mask = np.ones((5, 5), np.float32)

@@ -347,7 +347,6 @@ def _search(
 
     found, sqnorm = _fast_pass(source, fast, dev, memory_budget, dtype)
     scores, upper = found.scores, found.upper
-    _check_finite(source, scores)
     eligible = eligible_images(n, candidates, exclude)
     domains = source.domains
     if per_domain is not None and domains is None:
@@ -368,6 +367,13 @@ def _search(
         picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     rescore = _ExactScoring(source, rq, geometry, dev)
+    overflowed = np.flatnonzero(~np.isfinite(scores))
+    if len(overflowed):
+        # Not a number: products beyond fp16's range (oneDNN's fp16 outputs, where the kernel does
+        # not run), or features damaged since they were checked — float64 tells which.
+        rescore(overflowed, found, exact)
+        _check_finite(source, scores)
+        picked = select_top(scores, eligible, k, domains, per_domain)
     if len(picked):
         # The fast top-k exactly, then every image whose bound reaches its k-th exact score: no
         # other image can enter the top-k (and under per_domain the greedy pick never reaches one).
