@@ -310,8 +310,8 @@ class QueryGeometry:
         if method == "whole_cells":
             return [self.kernel.reshape(-1, 1, c)]
         if method == "cells":
-            ky, kx = zip(*self.cells)
-            return [self.kernel[list(ky), list(kx)].contiguous()]
+            ky, kx = np.array(self.cells).T  # numpy's gather: a third of torch's with index lists
+            return [torch.from_numpy(self.kernel.numpy()[ky, kx])]
         placed = torch.zeros(self.mh, self.pw, self.grid[1] * c, dtype=torch.float64)
         for px in range(self.pw):
             placed[:, px, px * c : (px + self.mw) * c] = self.kernel.reshape(self.mh, self.mw * c)
@@ -504,7 +504,10 @@ class Scorer:
         dtype: torch.dtype,
         pairs: PairKernel | None = None,
     ) -> Scorer:
-        """A scorer with its query's other constants put on `device` once, in the sums' type."""
+        """A scorer with its query's other constants put on `device` once, in the sums' type (the
+        pairs kernel takes its own)."""
+        if pairs is not None:
+            return cls(geometry, plan, weights, dtype, pairs)
         norm_weights = _grid_norm_weights(geometry, device, dtype)
         return cls(
             geometry, plan, weights, dtype, pairs, norm_weights, placement_index(geometry, device, dtype)
