@@ -286,7 +286,7 @@ class QueryGeometry:
             mh=mh,
             mw=mw,
             cells=tuple(zip(ys.tolist(), xs.tolist())),
-            m2=tuple((weights[ys, xs].astype(np.float64) ** 2).tolist()),
+            m2=tuple(w**2 for w in weights[ys, xs].tolist()),  # Python floats squared, as ever
             band=tuple(range(max(0, y - ph + 1), min(mh, y + 1)) for y in range(grid[0])),
             kernel=torch.from_numpy(query.kernel * scale),
             scale=scale,
