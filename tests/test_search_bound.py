@@ -7,6 +7,7 @@ import torch
 from search_reference import every_placement
 from test_search import soft_blob
 
+import vfs.search
 from vfs.kernel import kernel_weights, library
 from vfs.scoring import FastBound, QueryGeometry, QueryPlan, RegionQuery, Scorer, product_output_dtype
 from vfs.search import search_regions
@@ -133,7 +134,7 @@ def test_top_k_is_exact_on_tightly_packed_scores(case, device):
 
 
 @pytest.mark.parametrize("form", [None, "cells", "band"])
-def test_fp16_overflow_is_re_scored_not_lost(device, form, force_form):
+def test_fp16_overflow_is_re_scored_not_lost(device, form, force_form, monkeypatch):
     """Products beyond fp16's range come out as inf / NaN: those images are re-scored in float64 (on
     a GPU, whose products output fp32, nothing overflows: the top-k is checked all the same), not
     taken for damaged features — oneDNN's forms, which run where the kernel does not (no compiler,
@@ -145,9 +146,18 @@ def test_fp16_overflow_is_re_scored_not_lost(device, form, force_form):
     mask = np.ones((5, 5), np.float32)
     mask[0, 0] = 0
     ref = every_placement(x, x[4].astype(np.float32), mask).reshape(30, -1).max(1)
+    scored = []  # each image re-scored in float64 once, though its bound stays ∞
+    row_blocks = vfs.search._row_blocks
+
+    def spy(source, indices, *args):
+        scored.extend(indices.tolist())
+        return row_blocks(source, indices, *args)
+
+    monkeypatch.setattr(vfs.search, "_row_blocks", spy)
     result = search_regions(x, 4, mask, k=5, device=device)
     assert result.top["index"].tolist() == np.argsort(-ref, kind="stable")[:5].tolist()
     np.testing.assert_allclose(result.top["score"], ref[result.top["index"]], atol=2e-6)
+    assert len(scored) == len(set(scored)) == result.rescored
 
 
 def test_subnormal_query_weights_are_bounded(device):

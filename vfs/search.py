@@ -166,7 +166,7 @@ class SearchResult:
         rather than shown beside its old score."""
         (index,) = image_indices(index, len(self.scores), "image")
         scores = exact_scores(self.source.rows(np.array([index])), self.query)[0]
-        if index in self.top["index"].to_numpy() and abs(scores.max() - self.scores[index]) > _STALE:
+        if index in self.top_indices and abs(scores.max() - self.scores[index]) > _STALE:
             raise ValueError(
                 f"image {index}'s features changed since this search (its best score was "
                 f"{self.scores[index]:.6f}, now {scores.max():.6f}): search again"
@@ -745,8 +745,9 @@ class _ExactScoring:
         return exact_scorer(QueryGeometry.create(self.query, self.query.mask.shape), self.device)
 
     def __call__(self, indices: np.ndarray, found: FastPass, exact: np.ndarray) -> None:
-        """Replace some images' fast scores and placements in `found` by exact ones."""
-        indices = np.sort(indices)
+        """Replace some images' fast scores and placements in `found` by exact ones (those not
+        exact yet: an overflowed image's bound stays ∞ after its re-scoring)."""
+        indices = np.sort(indices[~exact[indices]])
         if self.geometry.ph * self.geometry.pw == 1:  # the window is every placement
             hopeful = indices[:0]
         else:  # ∞: not computed (fused on a GPU)
