@@ -512,7 +512,7 @@ def run_search(
             candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy()
         sharded = sharded_search(cache)  # on a Ray cluster when the app is configured so
         search = partial(search_regions, cache) if sharded is None else sharded.search
-        return search(
+        result = search(
             query_features(cache, query),
             mask,
             k=k,
@@ -521,6 +521,8 @@ def run_search(
             candidates=candidates,
             all_exact=all_exact,
         )
+        _ = result.top  # every page shows it: built here, where a damaged manifest is a message (user_errors)
+        return result
 
     with user_errors():
         return memo(f"search.{cache.location}", key, search)

@@ -76,7 +76,7 @@ def result_tiles(
             window = grid_box_to_pixels(row["grid_box"], result.grid, heated.shape[:2])
             images.append(jpeg_data_url(outline(heated, window)))
             low, high = placement_heat_range(scores, result.query.mask.shape)
-            captions[i] += f" · heat {low:.2f}–{high:.2f}"
+            captions[i] += f" · heat {low:.2f} to {high:.2f}"
             alts[i] += f"; its heat map runs from {low:.2f} (dark purple) to {high:.2f} (yellow)"
         heat_legend()
     else:
@@ -88,7 +88,7 @@ def result_tiles(
 
 def heat_legend() -> None:
     """The heat maps' colour bar: each tile is scaled on its own, so the scale's ends are words, and
-    each caption gives its tile's range ("heat 0.41–0.87")."""
+    each caption gives its tile's range ("heat 0.41 to 0.87")."""
     st.image(
         jpeg_data_url(colour_bar(TILE_PX * 2, 12)),
         caption="Heat: dark purple the tile's lowest cell → yellow its best (each tile its own range)",

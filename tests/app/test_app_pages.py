@@ -238,7 +238,7 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
     captions = [c for image in at.image for c in image.captions if ". score " in c]
     assert len(captions) == 10
     for caption in captions:  # each tile's own scale, its best at least its score (a cell's best placement)
-        m = re.search(r"score (-?[\d.]+).* · heat (-?[\d.]+)–(-?[\d.]+)$", caption)
+        m = re.search(r"score (-?[\d.]+).* · heat (-?[\d.]+) to (-?[\d.]+)$", caption)
         assert m and float(m[2]) <= float(m[3]) and float(m[1]) == pytest.approx(float(m[3]), abs=0.011), (
             caption
         )
