@@ -372,9 +372,11 @@ CUT_LABELS = """() => [...document.querySelectorAll('[data-testid=stDownloadButt
 
 def wait_painted(canvas, n: int, timeout_s: float = 10.0) -> None:
     """Wait until the canvas holds n painted pixels: a canvas opened anew (a loaded region) draws its
-    shapes as it mounts, which can come after the results it searched for are on screen."""
+    shapes as it mounts, which can come after the results it searched for are on screen — and the
+    canvas it replaces can still be on the page beside it for a moment (CI, 30 Nov)."""
     end = time.monotonic() + timeout_s
-    while (painted := canvas.evaluate(PAINTED)) != n:
+    painted = None
+    while canvas.count() != 1 or (painted := canvas.evaluate(PAINTED)) != n:
         assert time.monotonic() < end, f"the canvas holds {painted} painted pixels, not {n}"
         time.sleep(0.1)
 
