@@ -516,10 +516,16 @@ def _fast_pass(
     if isinstance(source, UnpreparedArray):
         assert taken is not None
         source.check_norms(taken)
-    placements = np.empty((n, 2), dtype=np.int64)  # (y, x): one pass, no stacked copy
-    np.divmod(where.cpu().numpy(), fast.geometry.pw, out=(placements[:, 0], placements[:, 1]))
+    placements = _grid_placements(where.cpu().numpy(), fast.geometry.pw)
     found = FastPass(best.cpu().numpy(), placements, upper.cpu().numpy(), runner.cpu().numpy())
     return found, sqnorm if coarse else None
+
+
+def _grid_placements(where: np.ndarray, pw: int) -> np.ndarray:
+    """(n, 2) int64 top-left cells (y, x) of placement indices y·pw + x: one pass, no stacked copy."""
+    placements = np.empty((len(where), 2), dtype=np.int64)
+    np.divmod(where, pw, out=(placements[:, 0], placements[:, 1]))
+    return placements
 
 
 def _operand_dtype(x: torch.Tensor | list[torch.Tensor]) -> torch.dtype:
@@ -546,7 +552,7 @@ def _refine(
             index = torch.as_tensor(part, dtype=torch.long, device=device)
             best, where, upper, runner = fast(x, sqnorm.index_select(0, index))
             found.scores[part] = best.cpu().numpy()
-            found.placements[part] = np.stack(np.divmod(where.cpu().numpy(), pw), axis=1)
+            found.placements[part] = _grid_placements(where.cpu().numpy(), pw)
             found.upper[part] = upper.cpu().numpy()
             found.runner_up[part] = runner.cpu().numpy()
 
@@ -770,7 +776,7 @@ class _ExactScoring:
         for part, x in _row_blocks(self.source, indices[~settled], self.device, torch.float64):
             s = self.every_placement(x).reshape(len(part), -1)
             found.scores[part] = s.max(1)
-            found.placements[part] = np.stack(np.divmod(s.argmax(1), pw), axis=1)
+            found.placements[part] = _grid_placements(s.argmax(1), pw)
             exact[part] = True
 
 
