@@ -547,7 +547,8 @@ def _refine(
 ) -> None:
     """Replace some images' coarse fast results by fp16 ones (the features as stored, their squared
     norms as the first pass had them), 2⁵ tighter."""
-    for part, x in _row_blocks(source, indices, device, torch.float16):
+    _, h, w, c = source.shape
+    for part, x in _row_blocks(source, indices, device, 2 * h * w * c):
         with torch.inference_mode():
             index = torch.as_tensor(part, dtype=torch.long, device=device)
             best, where, upper, runner = fast(x, sqnorm.index_select(0, index))
@@ -692,39 +693,27 @@ def image_indices(indices: int | Iterable[int], n: int, what: str) -> np.ndarray
 
 
 def _row_blocks(
-    source: FeatureSource,
-    indices: np.ndarray,
-    device: torch.device,
-    dtype: torch.dtype,
-    image_bytes: int | None = None,
+    source: FeatureSource, indices: np.ndarray, device: torch.device, image_bytes: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """`indices` in consecutive blocks, each with its images' features in `dtype` on `device`, in
-    one buffer: gathered (into a reused staging buffer) from features the source holds on `device`,
-    no host round trip from a GPU, else read from the source; then converted. A block holds at
-    most `_BLOCK_BYTES` at `image_bytes` an image (what the caller makes of a block; default its
-    features in `dtype`). Two operations per block: many small ones wait on every busy core."""
+    """`indices` in consecutive blocks, each with its images' fp16 features on `device`, in one
+    buffer: gathered from features the source holds on `device`, no host round trip from a GPU, else
+    read from the source. A block holds at most `_BLOCK_BYTES` at `image_bytes` an image (what the
+    caller makes of a block). One operation per block: many small ones wait on every busy core."""
     if not len(indices):
         return
     _, h, w, c = source.shape
     limit = working_bytes(_BLOCK_BYTES, device, free_share=8)
-    per_block = min(len(indices), max(1, limit // (image_bytes or h * w * c * dtype.itemsize)))
+    per_block = min(len(indices), max(1, limit // image_bytes))
     resident = source.resident_on(device)
-    buffer = torch.empty((per_block, h * w * c), dtype=dtype, device=device)
-    if resident is not None:
-        flat = resident.reshape(len(resident), -1)
-        if resident.dtype != dtype:
-            staging = torch.empty((per_block, h * w * c), dtype=resident.dtype, device=device)
+    buffer = torch.empty((per_block, h * w * c), dtype=torch.float16, device=device)
+    flat = None if resident is None else resident.reshape(len(resident), -1)
     for start in range(0, len(indices), per_block):
         part = indices[start : start + per_block]
         block = buffer[: len(part)]
-        if resident is None:
+        if flat is None:
             block.copy_(torch.from_numpy(source.rows(part)).reshape(len(part), -1))
         else:
-            index = torch.as_tensor(part, dtype=torch.long, device=device)
-            if resident.dtype == dtype:
-                torch.index_select(flat, 0, index, out=block)
-            else:
-                block.copy_(torch.index_select(flat, 0, index, out=staging[: len(part)]))
+            torch.index_select(flat, 0, torch.as_tensor(part, dtype=torch.long, device=device), out=block)
         yield part, block.view(len(part), h, w, c)
 
 
@@ -763,7 +752,7 @@ class _ExactScoring:
         (h, w), c = self.geometry.grid, self.geometry.channels
         # an fp16 row, and its window in fp16, fp32 and float64 (the exact scorer's conversions)
         image_bytes = (2 * h * w + (2 + 4 + 8) * mh * mw) * c
-        for part, x in _row_blocks(self.source, hopeful, self.device, torch.float16, image_bytes):
+        for part, x in _row_blocks(self.source, hopeful, self.device, image_bytes):
             py, px = (torch.as_tensor(found.placements[part][:, i], device=x.device) for i in (0, 1))
             rows = torch.arange(len(part), device=x.device)[:, None, None]
             ys = (py[:, None] + torch.arange(mh, device=x.device))[:, :, None]
@@ -773,7 +762,8 @@ class _ExactScoring:
             found.scores[part[alone]] = best[alone]
             exact[part[alone]] = True
             settled[np.searchsorted(indices, part[alone])] = True
-        for part, x in _row_blocks(self.source, indices[~settled], self.device, torch.float64):
+        # fp16 rows, each converted by the exact scorer via fp32 (half the time of fp16 → float64)
+        for part, x in _row_blocks(self.source, indices[~settled], self.device, (2 + 4 + 8) * h * w * c):
             s = self.every_placement(x).reshape(len(part), -1)
             found.scores[part] = s.max(1)
             found.placements[part] = _grid_placements(s.argmax(1), pw)
