@@ -149,12 +149,12 @@ else:
 options = [NONE, *columns]
 left, right = st.columns(2)
 label = left.selectbox(
-    "Label column", options, key=bind("build.label", label_default or NONE, options=options)
+    "Label column", options, key=bind("build.label", label_default or NONE, options=options, context=source)
 )
 domain = right.selectbox(
     "Domain column",
     options,
-    key=bind("build.domain", domain_default or NONE, options=options),
+    key=bind("build.domain", domain_default or NONE, options=options, context=source),
     help="e.g. the source, site or style of each image: search can keep at most n per domain.",
 )
 limit = st.number_input(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -67,17 +67,28 @@ def loading() -> Iterator[None]:
             gc.freeze()
 
 
-def bind(key: str, default: Any, shared: str | None = None, options: Container | None = None) -> str:
+def bind(
+    key: str,
+    default: Any,
+    shared: str | None = None,
+    options: Container | None = None,
+    context: Hashable = None,
+) -> str:
     """Key for a widget whose value survives visits to other pages.
 
     Streamlit drops a widget's state when its page is left; the value is also kept under `shared`
-    (a session value several pages' widgets show, e.g. the current cache) or a private name.
+    (a session value several pages' widgets show, e.g. the current cache) or a private name. With
+    `context` (e.g. the dataset a column was picked from), a value is kept only while its context
+    is the same: for another one the widget shows `default` again.
     """
     store = shared or f"vfs.kept.{key}"
     value = st.session_state[key] if key in st.session_state else st.session_state.get(store, default)
-    if options is not None and value not in options:
+    if (options is not None and value not in options) or st.session_state.get(
+        f"vfs.context.{key}", context
+    ) != context:
         value = default
     st.session_state[key] = st.session_state[store] = value
+    st.session_state[f"vfs.context.{key}"] = context
     return key
 
 

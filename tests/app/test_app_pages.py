@@ -640,6 +640,32 @@ def test_build_page_lists_the_models_real_layers(app):
     )
 
 
+def test_build_page_detects_the_columns_of_each_dataset_anew(app, findings_manifest):
+    """A column picked for one dataset is kept while it is shown (other pages visited), but another
+    dataset gets its own detected columns: the domain column of the demo set came back "(none)"
+    after a dataset without one, and the cache was built without domains."""
+    at = page(app, "build")
+    at.selectbox(key="build.domain").set_value("(none)").run()
+    assert at.selectbox(key="build.domain").value == "(none)"  # the user's choice, kept on reruns
+    at.radio(key="build.source").set_value("Image folder").run()
+    at.text_input(key="build.folder").set_value(str(findings_manifest.parent / "images")).run()
+    assert at.selectbox(key="build.domain").value == "(none)"
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(findings_manifest)).run()
+    assert (at.selectbox(key="build.label").value, at.selectbox(key="build.domain").value) == (
+        "label",
+        "(none)",
+    )
+    at.selectbox(key="build.label").set_value("view").run()
+    at.radio(key="build.source").set_value("Embedded demo (scikit-image)").run()
+    assert (at.selectbox(key="build.label").value, at.selectbox(key="build.domain").value) == (
+        "label",
+        "source",
+    )
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    assert at.selectbox(key="build.label").value == "label"  # detected again, not the earlier pick
+
+
 def test_build_page_says_a_model_made_for_non_square_input_runs_square(app):
     at = page(app, "build")
     at.selectbox(key="build.model").set_value("Another model (type its spec)").run()
