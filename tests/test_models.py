@@ -97,6 +97,9 @@ def test_lite0_layer_grids():
     assert layers["blocks.3"] == LayerInfo("blocks.3", 14, 14, 80, ("blocks.3.2",))
     assert layers["conv_head"] == LayerInfo("conv_head", 7, 7, 1280)
     assert layers["conv_stem"] == LayerInfo("conv_stem", 112, 112, 32)
+    # the last stage is the whole `blocks` container's output: the listing names the stage a user
+    # looks for (the Build page's filter matches its text) and the innermost module
+    assert layers["blocks"].note == "(= blocks.6 = blocks.6.0.bn3.act)" and "blocks.6" not in layers
     assert "" not in layers and "classifier" not in layers and "global_pool" not in layers
     names = list(layers)
     assert names.index("conv_stem") < names.index("blocks.3") < names.index("conv_head")

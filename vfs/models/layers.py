@@ -52,8 +52,10 @@ class LayerInfo:
 
     @property
     def note(self) -> str:
-        """What a listing adds to the grid: the module it equals, and that it runs more than once."""
-        same = f"= {self.same_as[-1]}" if self.same_as else ""
+        """What a listing adds to the grid: the modules it equals — the first, often the stage a user
+        knows (EfficientNet's `blocks` is `blocks.6`), and the innermost — and that it runs more than
+        once."""
+        same = " ".join(f"= {name}" for name in dict.fromkeys(self.same_as[:1] + self.same_as[-1:]))
         calls = f"its first of {self.calls} calls" if self.calls > 1 else ""
         shown = "; ".join(part for part in (same, calls) if part)
         return f"({shown})" if shown else ""
