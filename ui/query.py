@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
@@ -184,15 +185,42 @@ def _choose_random(index_key: str, candidates: np.ndarray) -> None:
         st.session_state[index_key] = int(random.choice(candidates))
 
 
-def _label_filter(cache: FeatureCache, key: str) -> np.ndarray:
-    """Indices of the images carrying the label chosen for browsing (all images without a label column)."""
+def _label_filter(cache: FeatureCache, key: str, index_key: str) -> np.ndarray:
+    """Indices of the images carrying the label chosen for browsing (all images without a label
+    column). Choosing one that the query image lacks makes its first image the query: a choice
+    that changed nothing on screen read as a control that did nothing."""
     if not cache.label_col:
         return np.arange(cache.n)
     table = groups(cache, cache.label_col)
     label = st.selectbox(
-        "Browse by label", [ALL, *table.columns], key=bind(f"{key}.label", ALL, options=[ALL, *table.columns])
+        "Browse by label",
+        [ALL, *table.columns],
+        key=bind(f"{key}.label", ALL, options=[ALL, *table.columns]),
+        on_change=_label_chosen,
+        args=(cache, cache.label_col, f"{key}.label", index_key),
+        help="The random image and the thumbnails come from the images with this label.",
     )
-    return np.arange(cache.n) if label == ALL else np.flatnonzero(table[label].to_numpy())
+    if label == ALL:
+        return np.arange(cache.n)
+    members = np.flatnonzero(table[label].to_numpy())
+    st.caption(f"{len(members)} images labelled {label}")
+    return members
+
+
+def _label_chosen(cache: FeatureCache, column: str, label_key: str, index_key: str) -> None:
+    label = st.session_state[label_key]
+    if label == ALL:
+        return
+    members = np.flatnonzero(groups(cache, column)[label].to_numpy())
+    if len(members) and st.session_state.get(index_key) not in members:
+        st.session_state[index_key] = int(members[0])
+
+
+def _query_caption(cache: FeatureCache, index: int) -> str:
+    """What the dataset says of the query image, as a result tile says it of a match, and its file."""
+    row = cache.manifest.iloc[index]
+    tags = [str(row[c]) for c in (cache.label_col, cache.domain_col) if c and not pd.isna(row[c])]
+    return " · ".join([f"#{index}", *tags, str(row["path"])])
 
 
 def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: str) -> None:
@@ -215,7 +243,7 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
     index_key = f"{key}.index"
     bind(index_key, 0, INDEX, range(cache.n))
     with filter_column:
-        candidates = _label_filter(cache, key)
+        candidates = _label_filter(cache, key, index_key)
     left, right = st.columns([3, 2], vertical_alignment="bottom")
     index = left.number_input(f"Image index (0–{cache.n - 1})", 0, cache.n - 1, step=1, key=index_key)
     right.button(
@@ -225,6 +253,7 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
         on_click=_choose_random,
         args=(index_key, candidates),
     )
+    st.caption(_query_caption(cache, int(index)))
     if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
         _browser(cache, candidates, key, index_key)
     return Query(cache.spec.data.source, int(index))

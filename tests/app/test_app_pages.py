@@ -262,7 +262,10 @@ def test_query_by_index_thumbnails_random_and_label(app, caches):
     at.toggle(key="search.browse").set_value(True).run()
     at.button(key="search.use.7").click().run()
     assert at.number_input(key="search.index").value == 7
+    assert any(t.startswith("#7 · ") for t in texts(at.caption))  # the query's label, domain and file
     at.selectbox(key="search.label").set_value("face").run()
+    first_face = at.number_input(key="search.index").value  # #7 is no face: the first face is the query
+    assert first_face >= 13 and any(t.startswith(f"#{first_face} · face") for t in texts(at.caption))
     at.button(key="search.random").click().run()
     assert at.number_input(key="search.index").value >= 13  # the first 13 images are photos
     assert all(
