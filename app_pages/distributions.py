@@ -91,12 +91,19 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         "Each group against the other images: AUROC of the score as a detector of the group, with "
         "its 95% DeLong interval (logit scale; none for fewer than 10 images a side, or an AUROC of 0 "
         "or 1); the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg q-value over the "
-        "table's groups."
+        "table's groups. Highest AUROC first."
         + (f" {unknown} images without a value in {column!r} are in neither group." if unknown else "")
+        + (
+            " Two groups that split the images are one test, read from either side: one's AUROC is 1 − "
+            "the other's, and their p-value is the same."
+            if len(table.columns) == 2 and not table.all(axis=1).any()
+            else ""
+        )
     )
     st.dataframe(
         group_table(scores, table),
         hide_index=True,
+        height="content",  # every group: the default showed ten rows of 15 findings
         key="dist.table",
         column_config={
             c: st.column_config.NumberColumn(c, format="%.3f")

@@ -128,6 +128,7 @@ def test_distribution_figure_one_trace_per_group(kind):
     )
     figure = render.distribution_figure(long, kind=kind, by="finding")
     assert sorted(trace.name for trace in figure.data) == ["Effusion", "False", "True"]
+    assert [trace.marker.color for trace in figure.data] == list(render.GROUP_COLOURS[:3])  # distinct hues
     assert figure.layout.title.text == "Best-region score by finding"
 
 
@@ -138,5 +139,8 @@ def test_distribution_figure_rejects_unknown_kind():
 
 def test_comparison_figure_has_both_models():
     rng = np.random.default_rng(0)
-    figure = render.comparison_figure(rng.random(30), rng.random(30), ("dino", "clip"))
+    figure = render.comparison_figure(rng.random(30), rng.random(30) / 4, ("dino", "clip"))
     assert [trace.name for trace in figure.data] == ["dino", "clip"]
+    # the same bins (plotly's own per trace were 2.5× apart), in two hues, not two shades of one
+    assert figure.data[0].xbins == figure.data[1].xbins and figure.data[0].xbins.size > 0
+    assert figure.data[0].marker.color != figure.data[1].marker.color

@@ -275,6 +275,9 @@ def jpeg_data_url(image: Image.Image | np.ndarray, quality: int = 90) -> str:
 
 
 _DISTRIBUTION_PLOTS = {"box": px.box, "violin": partial(px.violin, box=True), "strip": px.strip}
+GROUP_COLOURS = plotly.colors.qualitative.Safe
+"""Distinct hues, safe for colour-blind readers: Streamlit's own palette pairs a dark and a light
+shade of each hue, which made unrelated groups (dog / elephant) look like a pair."""
 
 
 def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = None) -> go.Figure:
@@ -288,6 +291,7 @@ def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = 
         x="group",
         y="score",
         color="group",
+        color_discrete_sequence=GROUP_COLOURS,
         hover_data=["index"],
         category_orders={"group": order},
         title=f"Best-region score by {by}" if by else None,
@@ -296,18 +300,26 @@ def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = 
 
 
 def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[str, str]) -> go.Figure:
-    """Two models' score distributions on the same dataset as overlaid density histograms."""
+    """Two models' score distributions on the same dataset as overlaid density histograms, in the
+    same bins (plotly's own bins per trace differed, 0.05 against 0.02: the shapes did not compare)."""
+    both = np.concatenate([np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)])
+    finite = both[np.isfinite(both)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    size = (high - low) / 40 or 0.01
+    bins = go.histogram.XBins(start=low, end=high + size / 2, size=size)  # the largest: in the last bin
     figure = go.Figure(
         [
-            go.Histogram(  # told apart by their hatching too, not by their shade alone
+            go.Histogram(  # told apart by their hatching too, not by their hue alone
                 x=np.asarray(scores, dtype=float),
                 name=name,
                 opacity=0.6,
                 histnorm="probability density",
+                xbins=bins,
+                marker_color=colour,
                 marker_pattern_shape=pattern,
                 marker_pattern_fillmode="overlay",  # the hatching over the bars' fill, not instead of it
             )
-            for scores, name, pattern in zip((scores_a, scores_b), names, ("", "/"))
+            for scores, name, pattern, colour in zip((scores_a, scores_b), names, ("", "/"), GROUP_COLOURS)
         ]
     )
     return figure.update_layout(barmode="overlay", xaxis_title="cosine similarity", yaxis_title="density")

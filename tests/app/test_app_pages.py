@@ -446,9 +446,12 @@ def test_distributions_split_a_multi_label_column_into_present_and_absent(app, c
     assert at.selectbox(key="dist.column").options == ["label", "view"]
     groups = set(at.dataframe[0].value["group"])
     assert groups == {"Cardiomegaly", "Effusion", "Edema", "No Finding"}
+    one_test = "Two groups that split the images are one test"
+    assert not any(one_test in t for t in texts(at.caption))  # findings overlap: four tests
     at.selectbox(key="dist.finding.label").set_value("Cardiomegaly").run()
     table = at.dataframe[0].value.set_index("group")
     assert dict(table["n"]) == {"True": 2, "False": 3}  # image 0 (Cardiomegaly|Effusion) is the query
+    assert any(one_test in t for t in texts(at.caption))  # True's AUROC is 1 − False's, one p-value
     assert any("Groups by Cardiomegaly present" in h for h in texts(at.header))
 
 
