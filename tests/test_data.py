@@ -122,8 +122,21 @@ def test_folder_labels_skip_shared_wrapper_folder(tmp_path: Path) -> None:
 def test_empty_folder_and_unknown_source_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no images"):
         open_dataset(str(tmp_path))
-    with pytest.raises(ValueError, match="unknown dataset source"):
+    with pytest.raises(
+        ValueError, match=r"^no such folder or file: '.*missing'; a dataset is an image folder"
+    ):
         open_dataset(str(tmp_path / "missing"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder or a .csv/.parquet file: give an image folder"):
+        open_dataset(str(tmp_path / "notes.txt"))
+
+
+def test_a_relative_dataset_path_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """The app's server runs from its own folder: "../shared/data/…/manifest.csv" typed on the Build
+    page is read from there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"from {tmp_path}: {tmp_path / 'data' / 'manifest.csv'}"):
+        open_dataset("data/manifest.csv")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -279,11 +279,16 @@ def open_dataset(source: str, label_col: str | None = None, domain_col: str | No
         elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
             records, reader = _manifest_records(path)
         else:
-            found = "no such folder or file" if not path.exists() else "not a folder or a .csv/.parquet file"
-            raise ValueError(
-                f"unknown dataset source {source!r} ({found}): expected an image folder, a .csv/.parquet "
-                f"manifest, {EMBEDDED_DATASET!r} or 'torchvision:<Dataset>[?split=...]'"
+            kinds = (
+                f"an image folder, a .csv/.parquet manifest, {EMBEDDED_DATASET!r} or "
+                "'torchvision:<Dataset>[?split=...]'"
             )
+            if path.exists():
+                raise ValueError(
+                    f"the dataset {source!r} is not a folder or a .csv/.parquet file: give {kinds}"
+                )
+            where = "" if path.is_absolute() else f" (from {Path.cwd()}: {path.resolve()})"
+            raise ValueError(f"no such folder or file: {source!r}{where}; a dataset is {kinds}")
     if label_col is None:
         label_col = "label" if "label" in records.columns else None
     if domain_col is None:
