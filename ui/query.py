@@ -195,7 +195,7 @@ def _label_filter(cache: FeatureCache, key: str, index_key: str) -> np.ndarray:
     label = st.selectbox(
         "Browse by label",
         [ALL, *table.columns],
-        key=bind(f"{key}.label", ALL, options=[ALL, *table.columns]),
+        key=bind(f"{key}.label", ALL, "query.label", options=[ALL, *table.columns]),
         on_change=_label_chosen,
         args=(cache, cache.label_col, f"{key}.label", index_key),
         help="The random image and the thumbnails come from the images with this label.",
@@ -347,11 +347,16 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
     canvas = st.empty()  # filled last: it needs the tool and brush chosen below it
     freehand = (
         st.radio(
-            "Drawing tool", ["Free-hand", "Rectangle"], horizontal=True, key=bind(f"{key}.tool", "Free-hand")
+            "Drawing tool",
+            ["Free-hand", "Rectangle"],
+            horizontal=True,
+            key=bind(f"{key}.tool", "Free-hand", "region.tool"),
         )
         == "Free-hand"
     )
-    width = st.slider("Brush size", 4, 80, key=bind(f"{key}.brush", 32), disabled=not freehand)
+    width = st.slider(
+        "Brush size", 4, 80, key=bind(f"{key}.brush", 32, "region.brush"), disabled=not freehand
+    )
     keep = st.checkbox(
         "Keep the region for other images",
         key=bind("region.keep", False),

@@ -194,6 +194,8 @@ def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_
     assert canvas_data(at)["tool"] == "rectangle" and at.slider(key="search.brush").disabled
     at = page(draw(at), "distributions")
     assert canvas_data(at)["shapes"] == [BOX_SHAPE]  # draw()'s
+    data = canvas_data(at)  # and the tool and brush chosen (a page of its own had its own)
+    assert (data["tool"], data["brush"], at.radio(key="dist.tool").value) == ("rectangle", 50, "Rectangle")
 
 
 @pytest.mark.parametrize(
