@@ -547,22 +547,22 @@ def test_all_exact_gives_every_image_its_exact_score_in_every_form(dtype, force_
 
 def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale_results(device, monkeypatch):
     """search_regions on a bare array it must convert (fp32 here, the pairs kernel off) reuses its
-    preparation (squared norms, fp16 copy) while the array provably has not changed: a tensor with
-    the same version counter, a read-only array."""
+    preparation (squared norms, fp16 copy) while the array provably has not changed: a GPU tensor
+    with the same version counter, a read-only array. A CPU tensor is prepared anew on every call:
+    a numpy array may share its memory, whose writes bump no version counter."""
     monkeypatch.setenv("VFS_KERNEL", "off")  # else the kernel reads an fp32 array unprepared
     rng = np.random.default_rng(11)
     feats = random_features(rng, 30, 5, 5, 8).astype(np.float32)
     mask = soft_blob(rng, 5, 5)
 
-    tensor = torch.from_numpy(feats.copy())
+    tensor = torch.from_numpy(feats.copy()).to(device)
     first = search_regions(tensor, 2, mask, k=5, device=device)
-    assert (
-        search_regions(tensor, 2, mask, k=5, device=device).source._sqnorm is first.source._sqnorm
-    )  # reused
+    again = search_regions(tensor, 2, mask, k=5, device=device)
+    assert (again.source._sqnorm is first.source._sqnorm) == (tensor.device.type != "cpu")  # reused
     tensor[7] = tensor[2]  # an in-place write: image 7 now matches the query exactly
     changed = search_regions(tensor, 2, mask, k=5, exclude=2, device=device)
     assert changed.source._sqnorm is not first.source._sqnorm
-    ref, _ = brute_force(tensor.numpy(), tensor[2].float().numpy(), mask)
+    ref, _ = brute_force(tensor.cpu().numpy(), tensor[2].float().cpu().numpy(), mask)
     ref[2] = -np.inf
     assert changed.top["index"].iloc[0] == 7
     np.testing.assert_allclose(changed.top["score"], np.sort(ref)[::-1][:5], atol=1e-5)
@@ -583,6 +583,24 @@ def test_an_unchanged_array_is_prepared_once_and_a_changed_one_never_gives_stale
         search_regions(view, 2, mask, device=device).source._sqnorm
         is not search_regions(view, 2, mask, device=device).source._sqnorm
     )
+
+
+def test_a_cpu_tensor_written_through_numpy_is_never_searched_stale(monkeypatch):
+    """`torch.from_numpy(a)` and then `a[i] = …` (a notebook's everyday pattern; float64, which the
+    kernel does not read, so the array is prepared): the write bumps no version counter, so a CPU
+    tensor's preparation is never kept (it was, and the next search used the norms of before)."""
+    monkeypatch.setenv("VFS_KERNEL", "auto")
+    rng = np.random.default_rng(13)
+    feats = random_features(rng, 40, 5, 5, 16).astype(np.float64)
+    mask = soft_blob(rng, 5, 5)
+    tensor = torch.from_numpy(feats)
+    first = search_regions(tensor, 3, mask, k=5, exclude=3, device="cpu")
+    assert isinstance(first.source, ArrayFeatures) and not _kept(tensor)
+    _writes_bookkeeping_cannot_see(tensor, 3, 30)
+    changed = search_regions(tensor, 3, mask, k=5, exclude=3, device="cpu")
+    assert changed.top["index"].iloc[0] == 30 and changed.top["score"].iloc[0] == pytest.approx(1.0)
+    ref, _ = brute_force(feats.astype(np.float16), feats[3].astype(np.float16).astype(np.float32), mask)
+    np.testing.assert_allclose(changed.scores, ref, atol=2e-3)  # every image's, the query's (1) too
 
 
 def _kept(array: np.ndarray | torch.Tensor) -> bool:
@@ -658,12 +676,16 @@ def test_a_kept_preparation_goes_with_its_array(kind, device, monkeypatch):
     rng = np.random.default_rng(5)
     feats = random_features(rng, 12, 4, 4, 8)
     array = {
-        "fp16 tensor": lambda: torch.from_numpy(feats.copy()),
+        "fp16 tensor": lambda: torch.from_numpy(feats.copy()).to(device),
         "read-only": lambda: np.require(feats.copy(), requirements="O"),
-        "fp32 tensor": lambda: torch.from_numpy(feats.astype(np.float32)),
+        "fp32 tensor": lambda: torch.from_numpy(feats.astype(np.float32)).to(device),
     }[kind]()
     if isinstance(array, np.ndarray):
         array.flags.writeable = False
+    elif array.device.type == "cpu":
+        search_regions(array, 1, soft_blob(rng, 4, 4), k=3, device=device)
+        assert not _kept(array)  # a CPU tensor's memory may be a numpy array's: never kept
+        return
     mask = soft_blob(rng, 4, 4)
     first = search_regions(array, 1, mask, k=3, device=device)
     again = search_regions(array, 1, mask, k=3, device=device)
@@ -681,13 +703,19 @@ def test_an_array_gone_while_the_preparations_are_locked_is_forgotten_at_the_nex
 
     monkeypatch.setenv("VFS_KERNEL", "off")  # a prepared array
     rng = np.random.default_rng(6)
-    tensor = torch.from_numpy(random_features(rng, 6, 3, 3, 8).astype(np.float32))
-    search_regions(tensor, 0, np.ones((3, 3)), k=2, device="cpu")
-    key = id(tensor)
+
+    def read_only() -> np.ndarray:  # kept: no write can reach it
+        array = random_features(rng, 6, 3, 3, 8).astype(np.float32)
+        array.flags.writeable = False
+        return array
+
+    array = read_only()
+    search_regions(array, 0, np.ones((3, 3)), k=2, device="cpu")
+    key = id(array)
     with sources._prepared_lock:
-        del tensor  # the callback runs here, the lock held
+        del array  # the callback runs here, the lock held
     assert key in sources._prepared
-    other = torch.from_numpy(random_features(rng, 6, 3, 3, 8).astype(np.float32))
+    other = read_only()
     search_regions(other, 0, np.ones((3, 3)), k=2, device="cpu")
     assert all(ref() is not None for ref, _ in sources._prepared.values())  # (`other` may reuse the id)
 
@@ -703,12 +731,13 @@ def test_a_kept_array_gets_its_bf16_copy_in_the_preparing_pass(monkeypatch):
     feats = random_features(rng, 40, 6, 6, 16)
     mask = soft_blob(rng, 6, 6)
     ref, _ = brute_force(feats, feats[4].astype(np.float32), mask)
-    tensor = torch.from_numpy(feats.copy())
-    kept = search_regions(tensor, 4, mask, k=8, device="cpu")
+    frozen = feats.copy()
+    frozen.flags.writeable = False  # kept: no write can reach it
+    kept = search_regions(frozen, 4, mask, k=8, device="cpu")
     source = kept.source
     assert isinstance(source, ArrayFeatures) and source.cpu_dtype == torch.bfloat16
     (_, held, _), *_ = source.chunks(torch.device("cpu"), dtype=torch.bfloat16)
-    assert torch.equal(held, tensor.to(torch.bfloat16))
+    assert torch.equal(held, torch.from_numpy(feats).to(torch.bfloat16))
     once = search_regions(feats.copy(), 4, mask, k=8, device="cpu")
     assert once.source.cpu_dtype == torch.float16
     np.testing.assert_allclose(once.scores, ref, atol=2e-3)  # fp16-level scores for every image

@@ -239,7 +239,8 @@ def search_regions(
 
     `source`: a feature cache (`vfs.open_cache`), an `ArrayFeatures`, or an (N, h, w, C) numpy
     array or torch tensor of any real type (channels last: permute a CNN's (N, C, h, w) first; a
-    view costs nothing), searched as it is now on every call — never stale after writes.
+    view costs nothing), searched as it is now on every call — never stale after writes (but for
+    those that bypass a GPU tensor's version counter, through `.data` or DLPack: README).
 
     `query` (see `QueryLike`): an image's (h, w, C) features, the index of an image in `source`, or —
     searching a cache — an image (a path, a PIL image, 8-bit pixels) made into features by the

@@ -478,11 +478,12 @@ def _forget(key: int, ref: weakref.ref) -> None:
 
 def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch.float16) -> ArrayFeatures:
     """`ArrayFeatures(features, cpu_dtype=cpu_dtype)`, reused across calls while the array has not
-    changed as far as its own bookkeeping tells: a torch tensor whose version counter (bumped by
+    changed as far as its own bookkeeping tells: a GPU tensor whose version counter (bumped by
     every in-place write through it) is the same, or a numpy array that is read-only, as is every
-    array it views (README: writes that bypass these are not seen). Any other
-    array is prepared anew, in fp16 only: its squared norms are one more pass over it, but never
-    stale; a bf16 copy for one search would cost about what it saves."""
+    array it views (README: writes that bypass these are not seen). Any other array — a CPU tensor
+    too: numpy writes to its memory (`torch.from_numpy(a)`, then `a[i] = …`) bump no counter — is
+    prepared anew, in fp16 only: its squared norms are one more pass over it, but never stale; a
+    bf16 copy for one search would cost about what it saves."""
     version = _unchanged_since(features)
     if version is None:
         return ArrayFeatures(features)
@@ -509,7 +510,8 @@ def prepared(features: np.ndarray | torch.Tensor, cpu_dtype: torch.dtype = torch
 def _unchanged_since(features: np.ndarray | torch.Tensor) -> tuple | None:
     """What must be equal for `features` to be unchanged, or None where nothing can tell."""
     if isinstance(features, torch.Tensor):
-        if features.is_inference():  # no version counter to tell
+        # on the CPU a numpy array may share its memory; under inference mode no counter is kept
+        if features.device.type == "cpu" or features.is_inference():
             return None
         return (
             features._version,
