@@ -165,6 +165,17 @@ def mask_values(mask: object) -> np.ndarray:
     return m
 
 
+def grid_mask_values(mask: object, grid: tuple[int, int]) -> np.ndarray:
+    """`mask_values` of a mask that must be one weight per cell of `grid`, refused otherwise with
+    the way to make one of a drawing."""
+    m = mask_values(mask)
+    if m.shape != tuple(grid):
+        finer = all(a >= g for a, g in zip(m.shape, grid))
+        hint = f": vfs.grid_mask(drawing, {tuple(grid)}) averages a drawing onto it" if finer else ""
+        raise ValueError(f"the mask's shape {m.shape} does not match the feature grid {tuple(grid)}{hint}")
+    return m
+
+
 def crop_mask(mask: np.ndarray) -> CroppedMask:
     """Crop to the nonzero bounding box, weights rescaled to a peak of 1 (scores do not change);
     refuse masks that select nothing, with a reason."""

@@ -37,7 +37,7 @@ import torch
 
 from . import triton_products
 from .kernel import PairKernel, kernel_setting, kernel_weights, library, summation_depth
-from .masks import CroppedMask, crop_mask, mask_values
+from .masks import CroppedMask, crop_mask, grid_mask_values
 
 _U32 = 2.0**-24  # unit roundoff of fp32
 
@@ -208,12 +208,7 @@ class RegionQuery:
         f = torch.as_tensor(features).detach().to(torch.float32).cpu().numpy()  # faster than numpy's fp16
         if f.ndim != 3:
             raise ValueError(f"query features must be (h, w, C); got shape {f.shape}")
-        mask = mask_values(mask)
-        if mask.shape != f.shape[:2]:
-            finer = all(m >= g for m, g in zip(mask.shape, f.shape[:2]))
-            hint = f": vfs.grid_mask(drawing, {f.shape[:2]}) averages a drawing onto it" if finer else ""
-            grid = f.shape[:2]
-            raise ValueError(f"the mask's shape {mask.shape} does not match the feature grid {grid}{hint}")
+        mask = grid_mask_values(mask, f.shape[:2])
         if not np.isfinite(f).all():
             raise ValueError("the query features contain NaN or inf")
         q = cls(f, crop_mask(mask))

@@ -66,5 +66,5 @@ def test_wrong_column_finding_or_cache(xray_cache, demo_cache, result):
         distribution_figure(xray_cache, result, by="label", finding="cardiomegaly")
     with pytest.raises(ValueError, match="another cache"):
         distribution_table(demo_cache, result, by="label")
-    with pytest.raises(ValueError, match="no search result yet: paint a region"):
+    with pytest.raises(ValueError, match="no search result: paint a region"):
         distribution_figure(xray_cache, None, by="label")  # a widget's result before any stroke

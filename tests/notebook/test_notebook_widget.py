@@ -170,14 +170,29 @@ def test_errors_are_shown_not_raised_from_the_browser(demo_cache):
     w = SearchWidget(demo_cache, query=FACE)
     paint(w, np.zeros(10, dtype=np.uint8))  # not the view's size
     assert "the drawing has 10 pixels" in w.error and w.result is None
-    nan = np.full(demo_cache.spec.grid, np.nan, dtype=np.float32)
-    with pytest.raises(ValueError, match="NaN"):
-        w.search(nan)
-    assert "NaN" in w.error
     paint(w, strokes(tuple(w.view_size), seed=1))
     assert w.error == "" and w.result is not None
     w.per_domain = 1  # at most one per domain: the demo cache's two domains give two matches
     assert w.error == "" and len(w.matches) == 2
+
+
+def test_a_mask_that_is_no_region_of_the_grid_raises_and_leaves_the_widget_as_it_was(demo_cache):
+    """A (14, 14) mask on the 7×7 grid was kept as the widget's region: every later `set_query`
+    raised its shape error, and `result` was None (API review)."""
+    w = SearchWidget(demo_cache, query=FACE)
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[2:5, 2:5] = 1
+    before = w.search(mask)
+    nan = np.full(demo_cache.spec.grid, np.nan)
+    for bad, says in (
+        (np.ones((14, 14)), "does not match the feature grid"),
+        (nan, "NaN"),
+        (0 * mask, "empty"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            w.search(bad)
+        assert w.result is before and np.array_equal(w.mask, mask) and w.error == ""
+    assert_same(w.set_query(7), search_regions(demo_cache, 7, mask, k=10, exclude=7))
 
 
 def test_options_that_cannot_search_are_refused_where_they_are_set(demo_cache):

@@ -28,7 +28,10 @@ def _grouped(
 ) -> tuple[np.ndarray, pd.DataFrame, str]:
     """The kept images' scores, their group membership and the plot's name for the grouping."""
     if result is None:
-        raise ValueError("no search result yet: paint a region in the widget first (its result is None)")
+        raise ValueError(
+            "no search result: paint a region in the widget first (its result is None: nothing painted "
+            "yet, or the last search failed — the widget shows why)"
+        )
     manifest = cache.manifest
     choices = [c for c in manifest.columns if c != "path"]
     choices += [c + QUARTILES for c in binnable_columns(manifest)]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..cache import FeatureCache
 from ..data import load_image
-from ..masks import grid_mask
+from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
 from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, mask_summary, outline, window_text
 from ..search import SearchResult, image_indices, search_regions
@@ -171,11 +171,13 @@ class SearchWidget(anywidget.AnyWidget):
     def search(self, mask: np.ndarray) -> SearchResult:
         """Search the grid mask `mask` (h, w; see `vfs.grid_mask`) as if it had been painted.
 
-        The drawing is cleared (it no longer is the query); the widget shows the result or the
-        error, which is raised too.
+        A mask that is no region of this grid (its shape, its values, nothing in it) raises and
+        leaves the widget as it was. Else the drawing is cleared (it no longer is the query); the
+        widget shows the result or the error, which is raised too.
         """
+        asked = grid_mask_values(mask, self.cache.spec.grid).astype(np.float32)
+        crop_mask(asked)  # its values checked: NaN, negative or empty
         self.shapes = []
-        asked = np.asarray(mask, dtype=np.float32)
         try:
             return self._run(asked)
         except _ObserverFailed as e:
