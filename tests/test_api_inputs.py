@@ -239,6 +239,27 @@ def test_a_float_drawing_in_grey_levels_is_refused_not_clipped():
         grid_mask(ramp, (0, 7))
 
 
+def test_pixels_as_an_array_give_the_mask_their_image_gives():
+    """`np.asarray(Image.open(canvas))` of an opaque RGBA canvas gave every cell (its alpha, opaque
+    everywhere, taken as paint) where the image gave the painted one (API review)."""
+    canvas = np.zeros((64, 64, 4), np.uint8)
+    canvas[..., 3] = 255
+    canvas[:32, :32, :3] = 255  # white paint in the top-left quarter
+    corner = np.zeros((2, 2), np.float32)
+    corner[0, 0] = 1
+    for pixels in (canvas, canvas[..., :3], canvas[..., [0, 3]]):  # RGBA, RGB, LA
+        np.testing.assert_array_equal(grid_mask(pixels, 2), corner)
+        np.testing.assert_array_equal(grid_mask(pixels, 2), grid_mask(Image.fromarray(pixels), 2))
+    see_through = canvas.copy()
+    see_through[..., 3] = 0
+    see_through[32:, 32:, 3] = 255  # alpha where the paint is: the alpha tells
+    np.testing.assert_array_equal(grid_mask(see_through, 2), corner[::-1, ::-1])
+    with pytest.raises(ValueError, match="alpha is opaque everywhere"):
+        grid_mask(canvas.astype(np.float32) / 255, 2)
+    with pytest.raises(ValueError, match="float32 pixels needs an alpha channel"):
+        grid_mask(canvas[..., :3].astype(np.float32) / 255, 2)
+
+
 def test_a_memory_budget_may_be_written_as_the_cli_writes_it(small_cache):
     cache, _ = small_cache
     expected = search_regions(cache, 0, np.ones((2, 2)), k=8).top

@@ -99,13 +99,25 @@ drawing's ringing) is clipped."""
 
 def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
     """Paint coverage in [0, 1]: an image's alpha or grey levels (scaled by its depth), or a bool /
-    float array."""
+    float array. 8-bit pixels (H, W, 2 | 3 | 4) are read as the PIL image they make is
+    (`np.asarray(Image.open(canvas))` and the image itself gave different masks)."""
     if isinstance(drawn, Image.Image):
         drawn = _image_coverage(drawn)
     a = _numbers(drawn, "drawing")
+    if a.ndim == 3 and a.dtype == np.uint8 and a.shape[2] in (2, 3, 4):
+        return _as_coverage(Image.fromarray(np.ascontiguousarray(a)))
     if a.ndim == 3:
         if a.shape[2] not in (2, 4):
-            raise ValueError(f"a drawing needs an alpha channel; got {a.shape[2]} channels")
+            raise ValueError(
+                f"a drawing of {a.dtype} pixels needs an alpha channel; got {a.shape[2]} channels "
+                "(8-bit colour pixels are read by their grey levels)"
+            )
+        opaque = np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else 1
+        if a[..., -1].min() >= opaque:
+            raise ValueError(
+                "the drawing's alpha is opaque everywhere: it says nothing of where the region is "
+                "(give its coverage as a 2-D array, or 8-bit pixels, read by their grey levels)"
+            )
         a = a[..., -1]
     if a.ndim != 2 or a.size == 0:
         raise ValueError(f"a drawing must be a 2-D array or an image; got shape {a.shape}")
