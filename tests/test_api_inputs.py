@@ -72,11 +72,34 @@ def test_a_boolean_exclude_leaves_out_the_images_it_marks():
         (np.ones(39, bool), ValueError, r"one entry per image \(40\), not shape \(39,\)"),
         ([1.5], TypeError, "by index \\(whole numbers\\), not float64"),
         (True, ValueError, r"one entry per image \(40\), not shape \(\)"),
+        (
+            20.0,
+            TypeError,
+            "by index \\(whole numbers\\), not float64",
+        ),  # was "'float' object is not iterable"
+        (object(), TypeError, "by index \\(whole numbers\\) or a boolean mask, not <object"),
+        # 0/1 integers, one per image: a mask (it left out images 0 and 1 alone)
+        (
+            np.r_[np.ones(20, int), np.zeros(20, int)],
+            ValueError,
+            r"40 zeros and ones, one per image: a mask\?",
+        ),
     ],
 )
 def test_an_exclude_that_names_no_images_is_refused(exclude, error, message):
     with pytest.raises(error, match=message):
         search_regions(arrays(), 1, MASK, exclude=exclude)
+
+
+def test_candidates_are_a_boolean_mask_and_indices_are_refused_with_the_way_to_make_one():
+    """`exclude` takes indices, `candidates` a mask: indices passed as candidates were read as a
+    mask of their truth (every nonzero index True)."""
+    feats = arrays()
+    with pytest.raises(TypeError, match=r"np.isin\(np.arange\(40\), indices\)"):
+        search_regions(feats, 1, MASK, candidates=np.arange(40))
+    some = np.zeros(40, bool)
+    some[[3, 5, 8]] = True
+    assert set(search_regions(feats, 1, MASK, candidates=some).top_indices) == {3, 5, 8}
 
 
 def test_an_index_to_exclude_may_come_from_argmax():

@@ -655,6 +655,11 @@ def _image_features(source: FeatureSource, image: str | Path | Image.Image | np.
 
 def eligible_images(n: int, candidates: np.ndarray | None, exclude: Exclude) -> np.ndarray:
     """(n,) which images may be returned: `candidates` (all when None) less `exclude`."""
+    if candidates is not None and np.asarray(candidates).dtype != np.bool_:
+        raise TypeError(
+            f"candidates is a boolean array, one entry per image ({n}; True: may be returned), not "
+            f"{np.asarray(candidates).dtype} values; of indices make one: np.isin(np.arange({n}), indices)"
+        )
     eligible = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
     if eligible.shape != (n,):
         raise ValueError(f"candidates must be a boolean array of length {n}")
@@ -669,16 +674,25 @@ def excluded_images(n: int, exclude: Exclude) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     if isinstance(exclude, torch.Tensor):
         exclude = exclude.cpu().numpy()
-    if isinstance(exclude, (int, np.integer, np.ndarray, Sequence)) or hasattr(exclude, "to_numpy"):
+    if isinstance(exclude, (int, np.integer, float, np.floating, np.ndarray, Sequence)) or hasattr(
+        exclude, "to_numpy"
+    ):
         excluded = np.asarray(exclude)  # not through a list: 1.28 M bools would take 45 ms
-    else:  # a set, a generator
+    elif isinstance(exclude, Iterable):  # a set, a generator
         excluded = np.asarray(list(exclude))
+    else:
+        raise TypeError(f"exclude names images by index (whole numbers) or a boolean mask, not {exclude!r}")
     if excluded.dtype == np.bool_:
         if excluded.shape != (n,):
             raise ValueError(f"a boolean exclude has one entry per image ({n}), not shape {excluded.shape}")
         return np.flatnonzero(excluded)
     if excluded.size and excluded.dtype.kind not in "iu":
         raise TypeError(f"exclude names images by index (whole numbers), not {excluded.dtype} values")
+    if n > 2 and excluded.shape == (n,) and np.isin(excluded, (0, 1)).all():
+        raise ValueError(
+            f"exclude holds {n} zeros and ones, one per image: a mask? Pass it as booleans "
+            "(mask.astype(bool)); indices of images to leave out: np.flatnonzero(mask)"
+        )
     return np.unique(image_indices(excluded, n, "excluded image"))
 
 
