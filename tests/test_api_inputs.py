@@ -330,6 +330,24 @@ def test_a_cache_search_draws_the_papers_figure(small_cache):
     assert [m["caption"] for m in matches] == result.top["domain"].tolist()  # no labels: the domains
     with pytest.raises(TypeError, match="a figure needs the images"):
         search_regions(arrays(), 0, MASK).figure(0)
+    as_image = result.figure(Image.fromarray(cache.thumb(2)), columns=2, title="two of four")
+    assert np.array_equal(np.asarray(as_image), np.asarray(expected))
+    # what is no view is said so (a path, None: "not enough values to unpack"; a photo: drawn out of place)
+    for bad, error, says in (
+        ("query.jpg", TypeError, "query_view is the query's index .* not 'query.jpg'"),
+        (None, TypeError, "not None"),
+        (2.0, TypeError, "not 2.0"),
+        (
+            np.zeros((30, 40, 3), np.uint8),
+            ValueError,
+            r"the square view .* not \(30, 40, 3\) uint8 — the photo",
+        ),
+    ):
+        with pytest.raises(error, match=says):
+            result.figure(bad)
+    for columns in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="columns is a whole number ≥ 1"):
+            result.figure(2, columns=columns)
 
 
 def test_a_build_job_takes_paths(small_cache):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -154,10 +154,11 @@ class SearchResult:
         thumbs_at = getattr(self.source, "thumbs_at", None)
         if thumbs_at is None:
             raise TypeError("a figure needs the images: search a feature cache (plain features hold none)")
-        if isinstance(query_view, (int, np.integer)):
-            query_view = thumbs_at([int(query_view)])[0]
+        if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+            raise ValueError(f"columns is a whole number ≥ 1 of matches a row, not {columns!r}")
+        view = _query_view(query_view, thumbs_at)
         matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
-        return results_figure(np.asarray(query_view), self.grid_mask(), matches, self.grid, columns, title)
+        return results_figure(view, self.grid_mask(), matches, self.grid, columns, title)
 
     def placement_scores(self, index: int) -> np.ndarray:
         """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map, read
@@ -172,6 +173,26 @@ class SearchResult:
                 f"{self.scores[index]:.6f}, now {scores.max():.6f}): search again"
             )
         return scores
+
+
+def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+    """A figure's query tile: the view at an index of the cache, or one given — square, as the
+    model sees it (a photo's region would be drawn out of place)."""
+    how = "for an image query, its view: cache.spec.preprocess.view(image)"
+    if isinstance(query_view, (int, np.integer)) and not isinstance(query_view, bool):
+        return thumbs_at([int(query_view)])[0]
+    if not isinstance(query_view, (np.ndarray, Image.Image)):
+        raise TypeError(
+            "query_view is the query's index in the cache searched or its view as the model saw it "
+            f"(an (H, W, 3) uint8 array or a PIL image, e.g. cache.thumb(i)), not {query_view!r}; {how}"
+        )
+    view = np.asarray(query_view.convert("RGB") if isinstance(query_view, Image.Image) else query_view)
+    if view.ndim != 3 or view.shape[2] != 3 or view.shape[0] != view.shape[1] or view.dtype != np.uint8:
+        raise ValueError(
+            f"query_view must be the square view the model saw, (H, H, 3) uint8, not {view.shape} "
+            f"{view.dtype} — the photo itself? The region would be drawn out of place; {how}"
+        )
+    return view
 
 
 def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, int, int, int]:
