@@ -380,6 +380,11 @@ def test_the_query_is_checked_against_the_datasets_grid_and_may_be_a_grad_tensor
     feats = random_features(np.random.default_rng(3), 4, 5, 5, 8)
     with pytest.raises(ValueError, match=r"the query's feature grid \(7, 7\) is not the dataset's \(5, 5\)"):
         search_regions(feats, np.ones((7, 7, 8), np.float32), np.ones((5, 5)), device=device)
+    # an image that was taken as features says so (it read as another layer)
+    with pytest.raises(ValueError, match=r"Or an image\? .* this float64 array was taken as features"):
+        search_regions(feats, np.random.default_rng(0).random((100, 100, 3)), np.ones((5, 5)), device=device)
+    with pytest.raises(ValueError, match=r"Or a channels-first image\? .* image.transpose\(1, 2, 0\)"):
+        search_regions(feats, np.zeros((3, 100, 100), np.uint8), np.ones((5, 5)), device=device)
     query = torch.tensor(feats[1], dtype=torch.float32, requires_grad=True)
     found = search_regions(feats, query, np.ones((5, 5)), device=device)
     assert found.top["index"].iloc[0] == 1

@@ -636,8 +636,17 @@ def region_query(source: FeatureSource, query: QueryLike, mask: MaskLike | None)
         )
     grid, cells = tuple(query.shape[:2]), tuple(source.shape[1:3])
     if query.ndim == 3 and grid != cells:
+        image = ""
+        if query.shape[0] in (3, 4) and query.dtype == np.uint8 and c not in (3, 4):
+            image = " Or a channels-first image? Pass it as (H, W, 3): image.transpose(1, 2, 0)."
+        elif query.shape[2] in (3, 4) and c not in (3, 4):
+            image = (
+                f" Or an image? A query image is 8-bit pixels ((H, W, 3) uint8) or a PIL image: this "
+                f"{query.dtype} array was taken as features."
+            )
         raise ValueError(
-            f"the query's feature grid {grid} is not the dataset's {cells}: another layer or input size?"
+            f"the query's feature grid {grid} is not the dataset's {cells}: another layer or input "
+            f"size?{image}"
         )
     return RegionQuery.create(query, mask)
 
