@@ -73,7 +73,10 @@ def test_a_negative_value_anywhere_makes_the_source_signed(where, blocks):
 def test_non_finite_values_in_any_block_are_refused(value, where, blocks):
     for x in (relu(2), relu(2).astype(np.float32)):
         x[where] = value
-        with pytest.raises(ValueError, match=r"the features contain NaN or inf$"):
+        image = where[0] % len(x)
+        with pytest.raises(
+            ValueError, match=rf"the features of image\(s\) {image} \(1 in all\) contain NaN or inf"
+        ):
             ArrayFeatures(x)
 
 

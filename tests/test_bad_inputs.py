@@ -596,7 +596,9 @@ def test_non_finite_features_are_refused(value):
     with pytest.raises(ValueError, match="query features contain NaN or inf"):
         search_regions(x, q, mask, device="cpu")
     x[4, 1, 1, 0] = value
-    with pytest.raises(ValueError, match="features contain NaN or inf"):
+    with pytest.raises(
+        ValueError, match=r"features of image\(s\) 4 \(1 in all\) contain NaN or inf: fix or drop"
+    ):
         ArrayFeatures(x)
     with pytest.raises(ValueError, match="contain NaN or inf"):
         RegionQuery.create(q, mask)

@@ -179,6 +179,16 @@ def _fp16_and_sqnorms(
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
+def nonfinite_features(sqnorm: torch.Tensor) -> ValueError:
+    """The error for an array whose cells' squared norms (n, h, w) are not all finite: which images."""
+    bad = torch.nonzero(~torch.isfinite(sqnorm.reshape(len(sqnorm), -1)).all(1)).flatten().tolist()
+    shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
+    return ValueError(
+        f"the features of image(s) {shown} ({len(bad)} in all) contain NaN or inf: fix or drop them "
+        "(np.isfinite(features).all(axis=(1, 2, 3)) is False for each)"
+    )
+
+
 def fp16_with_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An `UnpreparedArray`'s slice as its contiguous fp16 copy (itself where it is one) and each
     cell's squared norm (fp32), (n, h, w, C) → (n, h, w), summed as for the copy wherever the slice
@@ -253,7 +263,7 @@ class ArrayFeatures:
         if scale is not None:  # values beyond fp16's range either way
             self._fp16, self._sqnorm, self.nonnegative = _fp16_and_sqnorms(t, copy, scale)
         if not torch.isfinite(self._sqnorm).all():
-            raise ValueError("the features contain NaN or inf")
+            raise nonfinite_features(self._sqnorm)
         self._slice_bytes = slice_bytes
         self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         if copy is not None:
@@ -390,7 +400,7 @@ class UnpreparedArray:
         own, so a largest norm within their rounding of the limit goes to `ArrayFeatures` too."""
         if self._array.dtype == torch.float16:
             if not bool(torch.isfinite(sqnorm).all()):
-                raise ValueError("the features contain NaN or inf")
+                raise nonfinite_features(sqnorm)
             return
         largest = float(sqnorm.max()) if sqnorm.numel() else FP16_SAFE_SQNORM
         if not _fp16_holds(largest / (1 + (2 * self._array.shape[-1] + 8) * 2.0**-24)):  # NaN too
