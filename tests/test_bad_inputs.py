@@ -525,6 +525,24 @@ def test_a_build_that_stores_no_image_fails_and_leaves_no_cache(tmp_path, capsys
     assert "no cache is left" in err and not out.exists()
 
 
+def test_a_rerun_of_a_complete_build_says_its_skipped_images_were_not_retried(tmp_path, capsys):
+    """An image fixed after the build, the same build run again: it exited 0 and listed the image
+    as skipped ("truncated") as if it had just been tried (API review)."""
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "b.png").write_bytes(b"not an image")
+    argv = ["build", "--data", str(tmp_path / "data"), "--layer", "blocks.5", "--image-size", "64"]
+    argv += ["--out", str(tmp_path / "c.zarr")]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "1 skipped\n" in first and "  skipped b.png:" in first and "not retried" not in first
+    Image.fromarray(np.full((32, 32, 3), 40, np.uint8)).save(tmp_path / "data" / "b.png")  # fixed
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "1 skipped (as when it was built: it was complete, nothing was built now)" in again
+    assert "not retried: a complete cache is not built again" in again
+
+
 @pytest.mark.parametrize("bad", ["../outside.png", "sub/../../outside.png", "/etc/hostname", "~/x.png"])
 def test_manifest_paths_outside_the_root_are_refused(tmp_path, bad):
     (tmp_path / "data").mkdir()

@@ -122,6 +122,16 @@ class _ProgressLines:
             self._print(self.last)
 
 
+def _complete(location: str | Path) -> bool:
+    """Whether a cache is complete at `location` already (a build there then does nothing)."""
+    from .cache import open_cache
+
+    try:
+        return open_cache(location).complete
+    except Exception:  # noqa: BLE001 - none there, or one the build itself will judge and report
+        return False
+
+
 def _progress_every_s() -> float:
     """Seconds between progress lines in a log: $VFS_PROGRESS_EVERY_S, default 10."""
     text = os.environ.get("VFS_PROGRESS_EVERY_S", "10")
@@ -167,6 +177,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
     show: _ProgressBar | _ProgressLines = (
         _ProgressBar(name) if sys.stderr.isatty() else _ProgressLines(name, _progress_every_s())
     )
+    finished_before = _complete(job.out)
     try:
         cache = build_cache(job, progress=show)
     finally:
@@ -176,9 +187,15 @@ def _cmd_build(args: argparse.Namespace) -> None:
     print(
         f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
         f"{len(report.get('skipped', []))} skipped"
+        + (" (as when it was built: it was complete, nothing was built now)" if finished_before else "")
     )
     for s in report.get("skipped", []):
         print(f"  skipped {s['path']}: {s['reason']}")
+    if finished_before and report.get("skipped"):
+        print(
+            "  (not retried: a complete cache is not built again — to retry images fixed since, build "
+            "into another --out, or delete this one first)"
+        )
     if report.get("repeated_paths"):  # a long-format manifest, or a mistake: each row is an image of its own
         print(
             f"  note: {report['repeated_paths']} manifest rows repeat an earlier row's path; each is stored"
