@@ -305,6 +305,18 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("given", ["0", "-1", "two"])
+def test_cli_a_per_domain_limit_below_one_is_refused_in_the_clis_words(built, mask_file, capsys, given):
+    """It said "per_domain must be … (or None for no limit)": Python's words in a shell."""
+    cache = built[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            ["search", cache.location, "--query-index", "0", "--mask", str(mask_file), "--per-domain", given]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --per-domain: a whole number ≥ 1" in err and "None" not in err
+
+
 @pytest.mark.parametrize("shards", ["0", "-2", "99999"])
 def test_cli_a_bad_shard_count_is_refused_before_any_cluster_starts(
     built, mask_file, capsys, monkeypatch, shards

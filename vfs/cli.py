@@ -122,6 +122,17 @@ class _ProgressLines:
             self._print(self.last)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse's type of a count ≥ 1: its own message ("argument --per-domain: …"), not Python's."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number ≥ 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number ≥ 1, not {value} (leave it out for no limit)")
+    return value
+
+
 def _complete(location: str | Path) -> bool:
     """Whether a cache is complete at `location` already (a build there then does nothing)."""
     from .cache import open_cache
@@ -234,10 +245,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         counts = column.get("counts")
         shown = ", ".join(f"{value} {n}" for value, n in list(counts.items())[:8]) if counts else ""
         more = f", … ({len(counts) - 8} more)" if counts and len(counts) > 8 else ""
-        print(
-            f"  column {column['column']}{role}: {column['distinct']} values"
-            + (f": {shown}{more}" if shown else "")
-        )
+        values = f"{column['distinct']} value{'' if column['distinct'] == 1 else 's'}"
+        print(f"  column {column['column']}{role}: {values}" + (f": {shown}{more}" if shown else ""))
     for sk in cache.report.get("skipped", []):
         print(f"  skipped {sk['path']}: {sk['reason']}")
 
@@ -393,7 +402,11 @@ def make_parser() -> argparse.ArgumentParser:
         "(docs/cli.md), or .npy of the grid's shape",
     )
     sp.add_argument("--k", type=int, default=10, help="results to rank (default 10)")
-    sp.add_argument("--per-domain", type=int, help="at most N results from any one domain")
+    sp.add_argument(
+        "--per-domain",
+        type=_at_least_one,
+        help="at most N results from any one domain (N ≥ 1; default: no limit)",
+    )
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
     sp.add_argument(
         "--exclude-same",
