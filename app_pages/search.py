@@ -79,7 +79,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
             alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
-    summary = search_summary(cache, result)
+    summary = search_summary(cache, result, k, domains)
     with said:
         announce(f"Search done: {summary}")
 

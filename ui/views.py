@@ -118,12 +118,20 @@ def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
     )
 
 
-def search_summary(cache: FeatureCache, result: SearchResult) -> str:
+def search_summary(
+    cache: FeatureCache, result: SearchResult, k: int | None = None, per_domain: int | None = None
+) -> str:
     """E.g. "10 results from 213 images in 23 ms (cells, cpu)", "… from 83 of 300 images …" under
-    a label filter."""
+    a label filter; and why, where fewer than the `k` asked came back (4 of 5 at one per domain
+    read as a search that lost one)."""
+    found = len(result.top)
+    why = ""
+    if k is not None and found < k:
+        limit = f"at most {per_domain} per domain" if per_domain is not None else "no more images to rank"
+        why = f" — {found} of the {k} asked: {limit}"
     return (
-        f"{len(result.top)} results from {result.images_ranked()} in {result.elapsed_ms:.0f} ms "
-        f"({result.method}, {result.device})"
+        f"{found} results from {result.images_ranked()} in {result.elapsed_ms:.0f} ms "
+        f"({result.method}, {result.device}){why}"
     )
 
 

@@ -249,6 +249,8 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
     assert list(at.dataframe[0].value["domain"]) == ["lfw"]
     at.multiselect(key=f"search.labels.{caches / 'small.zarr'}").unselect("face").run()
     assert sorted(at.dataframe[0].value["domain"]) == ["lfw", "samples"]
+    # fewer than asked, and why: 2 of 10 read as a search that lost eight
+    assert any(t.endswith(" — 2 of the 10 asked: at most 1 per domain") for t in texts(at.caption))
 
 
 def test_an_empty_region_is_an_error_message_not_a_traceback(app, caches):
