@@ -260,6 +260,9 @@ def test_a_float_drawing_in_grey_levels_is_refused_not_clipped():
     assert np.array_equal(grid_mask(torch.from_numpy(ramp / 255), (7, 7)), soft)
     with pytest.raises(ValueError, match="at least one cell each way"):
         grid_mask(ramp, (0, 7))
+    with pytest.raises(ValueError, match="goes down to -0.5: a signed map"):  # was clipped to 0, unsaid
+        grid_mask(ramp / 255 - 0.5, 7)
+    assert grid_mask(np.zeros((2, 2)), 1) == 0  # nothing painted: no error here (the search says so)
 
 
 def test_pixels_as_an_array_give_the_mask_their_image_gives():

@@ -133,6 +133,11 @@ def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
             f"a float drawing holds coverage in [0, 1]; this one reaches {a.max():g}: grey levels? "
             "Divide by their maximum (255 for 8 bits), or store them as 8- or 16-bit integers"
         )
+    if a.min() < 0:  # clipped, a signed map (a saliency, a difference) lost its negative half unsaid
+        raise ValueError(
+            f"a drawing holds coverage in [0, 1]; this one goes down to {a.min():g}: a signed map? "
+            "Take the part to search (np.clip(map, 0, None) / map.max(), say)"
+        )
     return np.clip(a, 0.0, 1.0)
 
 
