@@ -302,6 +302,7 @@ def test_a_memory_budget_may_be_written_as_the_cli_writes_it(small_cache):
 
 def test_a_cache_gives_back_its_images_and_says_what_it_is(small_cache):
     cache, folder = small_cache
+    assert len(cache) == cache.n == cache.shape[0] == 8  # len() raised TypeError
     assert np.array_equal(np.asarray(cache.image(5)), np.asarray(Image.open(folder / "im5.png")))
     with pytest.raises(IndexError, match="outside 0..7"):
         cache.image(8)

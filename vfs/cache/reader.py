@@ -171,6 +171,10 @@ class FeatureCache:
     def report(self) -> dict[str, Any]:
         return self.attrs.get("report", {})
 
+    def __len__(self) -> int:
+        """The images stored (`n`), as `len` of an array of their features gives."""
+        return self.n
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(N, h, w, C) of what can be searched: refused (CacheError) for an incomplete cache not
