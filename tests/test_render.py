@@ -108,6 +108,11 @@ def test_results_figure_and_png_bytes():
     ]
     figure = render.results_figure(thumb, mask, matches, (4, 4), columns=2, title="Cardiomegaly query")
     assert figure.width > 3 * 64 and figure.height > 2 * 64
+    # the query's region outlined as the matches' windows are (a blue tint alone faded on blue
+    # images): its tile, at (pad, title + pad) = (4, 18 + 4), is the overlay with the box (1, 1)–(3, 3)
+    expected = render.outline(np.asarray(render.mask_overlay(thumb, mask)), (16, 16, 48, 48))
+    np.testing.assert_array_equal(np.asarray(figure)[22 : 22 + 64, 4 : 4 + 64], np.asarray(expected))
+    assert (np.asarray(expected)[16, 16:48] == (255, 64, 0)).all()
     decoded = Image.open(io.BytesIO(render.png_bytes(figure)))
     assert decoded.format == "PNG" and decoded.size == figure.size
     assert render.match_caption(1, 0.8734, ["face", "lfw"]) == "1. score 0.87 · face · lfw"

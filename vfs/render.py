@@ -225,7 +225,12 @@ def results_figure(
         )
 
     top = title_h + pad
-    place(mask_overlay(query_thumb, query_mask), "query", pad, top)
+    query = mask_overlay(query_thumb, query_mask)
+    rows_, cols_ = np.nonzero(np.asarray(query_mask) > 0)
+    if rows_.size:  # the region's window outlined as the matches' are: a tint alone faded on blue images
+        window = (int(rows_.min()), int(cols_.min()), int(rows_.max()) + 1, int(cols_.max()) + 1)
+        query = outline(np.asarray(query), grid_box_to_pixels(window, grid, query_thumb.shape[:2]))
+    place(query, "query", pad, top)
     for i, match in enumerate(matches):
         thumb = match["thumb"]
         box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])
