@@ -20,8 +20,9 @@ in one process, best (and median) of `--repeats`:
   fp32 (N, C, h, w) cache is that array — `--paper-repeats` times, each one's top-10 compared with
   the paper's.
 Where the pairs kernel runs, all of them search the array unprepared (the kernel takes the norms
-in its pass, rounding fp32 to fp16 as it reads: nothing kept); elsewhere a tensor's preparation is
-kept while its version counter stays, and a writable numpy array is prepared every call.
+in its pass, rounding fp32 to fp16 as it reads: nothing kept); elsewhere a GPU tensor's preparation
+is kept while its version counter stays, and a CPU tensor (whose memory numpy may write) and a
+writable numpy array are prepared every call.
 
 The issue's goals, as ratios: repeated ≤ 1.2× prepared; first call ≤ prepared + 3× floor.
 Prints ONE JSON document on stdout; progress goes to stderr. Example:
@@ -156,8 +157,8 @@ def main() -> None:
                 best["search_fp32_channels_first_view"] / prep, 3
             ),
         }
-    floors = {"fp16": floor, "fp32": best["floor_fp32_int32_amax"], "view": best["floor_fp32_int32_amax"]}
-    for name in masks:
+    for name in masks:  # (--masks needs --fp32: its floor was read)
+        floors = {"fp16": floor, "fp32": best["floor_fp32_int32_amax"], "view": best["floor_fp32_int32_amax"]}
         row: dict[str, object] = {}
         for layout, read in floors.items():
             ms = best[f"{layout}_{name}"]
