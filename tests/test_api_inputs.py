@@ -100,6 +100,8 @@ def test_candidates_are_a_boolean_mask_and_indices_are_refused_with_the_way_to_m
     some = np.zeros(40, bool)
     some[[3, 5, 8]] = True
     assert set(search_regions(feats, 1, MASK, candidates=some).top_indices) == {3, 5, 8}
+    as_tensor = search_regions(feats, 1, MASK, candidates=torch.from_numpy(some))
+    assert set(as_tensor.top_indices) == {3, 5, 8}
 
 
 def test_an_index_to_exclude_may_come_from_argmax():
@@ -260,8 +262,14 @@ def test_a_float_drawing_in_grey_levels_is_refused_not_clipped():
     assert np.array_equal(grid_mask(torch.from_numpy(ramp / 255), (7, 7)), soft)
     with pytest.raises(ValueError, match="at least one cell each way"):
         grid_mask(ramp, (0, 7))
-    with pytest.raises(ValueError, match="goes down to -0.5: a signed map"):  # was clipped to 0, unsaid
-        grid_mask(ramp / 255 - 0.5, 7)
+    with pytest.raises(ValueError, match="goes down to -1: a signed map"):  # was clipped to 0, unsaid
+        grid_mask(ramp / 127.5 - 1, 7)
+    with pytest.raises(ValueError, match="goes down to -5: a signed map"):  # int8 was averaged in
+        grid_mask(np.array([[-5, 100]], np.int8), 1)
+    ringing = np.zeros((70, 70))
+    ringing[20:50, 20:50] = 1
+    ringing[19, 20:50], ringing[50, 20:50] = -0.12, 1.15  # a bicubic resampling's under- and overshoot
+    np.testing.assert_array_equal(grid_mask(ringing, 7), grid_mask(np.clip(ringing, 0, 1), 7))
     assert grid_mask(np.zeros((2, 2)), 1) == 0  # nothing painted: no error here (the search says so)
 
 
@@ -273,9 +281,9 @@ def test_pixels_as_an_array_give_the_mask_their_image_gives():
     canvas[:32, :32, :3] = 255  # white paint in the top-left quarter
     corner = np.zeros((2, 2), np.float32)
     corner[0, 0] = 1
-    for pixels in (canvas, canvas[..., :3], canvas[..., [0, 3]]):  # RGBA, RGB, LA
+    for pixels in (canvas, canvas[..., :3], canvas[..., [0, 3]], canvas.astype(np.int64)):  # RGBA, RGB, LA
         np.testing.assert_array_equal(grid_mask(pixels, 2), corner)
-        np.testing.assert_array_equal(grid_mask(pixels, 2), grid_mask(Image.fromarray(pixels), 2))
+        np.testing.assert_array_equal(grid_mask(pixels, 2), grid_mask(Image.fromarray(canvas), 2))
     see_through = canvas.copy()
     see_through[..., 3] = 0
     see_through[32:, 32:, 3] = 255  # alpha where the paint is: the alpha tells

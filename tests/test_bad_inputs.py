@@ -553,6 +553,11 @@ def test_a_rerun_of_a_complete_build_says_its_skipped_images_were_not_retried(tm
     again = capsys.readouterr().out
     assert "1 skipped (as when it was built: it was complete, nothing was built now)" in again
     assert "not retried: a complete cache is not built again" in again
+    chunks = sorted((tmp_path / "c.zarr" / "features").rglob("c/*/*/*/*"))
+    chunks[0].unlink()  # a complete cache that lost a chunk file: the rerun computes its images again
+    assert main(argv) == 0
+    resumed = capsys.readouterr().out
+    assert "nothing was built now" not in resumed and "not retried" not in resumed, resumed
 
 
 @pytest.mark.parametrize("bad", ["../outside.png", "sub/../../outside.png", "/etc/hostname", "~/x.png"])

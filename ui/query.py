@@ -195,7 +195,7 @@ def _label_filter(cache: FeatureCache, key: str, index_key: str) -> np.ndarray:
     label = st.selectbox(
         "Browse by label",
         [ALL, *table.columns],
-        key=bind(f"{key}.label", ALL, "query.label", options=[ALL, *table.columns]),
+        key=bind(f"{key}.label", ALL, "vfs.query.label", options=[ALL, *table.columns]),
         on_change=_label_chosen,
         args=(cache, cache.label_col, f"{key}.label", index_key),
         help="The random image and the thumbnails come from the images with this label.",
@@ -253,7 +253,8 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
         on_click=_choose_random,
         args=(index_key, candidates),
     )
-    st.caption(_query_caption(cache, int(index)))
+    with user_errors():  # a damaged manifest: its message, as the search would give it
+        st.caption(_query_caption(cache, int(index)))
     if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
         _browser(cache, candidates, key, index_key)
     return Query(cache.spec.data.source, int(index))
@@ -350,12 +351,12 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
             "Drawing tool",
             ["Free-hand", "Rectangle"],
             horizontal=True,
-            key=bind(f"{key}.tool", "Free-hand", "region.tool"),
+            key=bind(f"{key}.tool", "Free-hand", "vfs.region.tool"),
         )
         == "Free-hand"
     )
     width = st.slider(
-        "Brush size", 4, 80, key=bind(f"{key}.brush", 32, "region.brush"), disabled=not freehand
+        "Brush size", 4, 80, key=bind(f"{key}.brush", 32, "vfs.region.brush"), disabled=not freehand
     )
     keep = st.checkbox(
         "Keep the region for other images",

@@ -127,7 +127,8 @@ def search_summary(
     found = len(result.top)
     why = ""
     if k is not None and found < k:
-        limit = f"at most {per_domain} per domain" if per_domain is not None else "no more images to rank"
+        capped = per_domain is not None and result.ranked > found  # images were left: the cap held them
+        limit = f"at most {per_domain} per domain" if capped else "no more images to rank"
         why = f" — {found} of the {k} asked: {limit}"
     return (
         f"{found} results from {result.images_ranked()} in {result.elapsed_ms:.0f} ms "

@@ -189,20 +189,27 @@ def _cmd_build(args: argparse.Namespace) -> None:
         _ProgressBar(name) if sys.stderr.isatty() else _ProgressLines(name, _progress_every_s())
     )
     finished_before = _complete(job.out)
+    computed = []  # a progress report: images were computed (a complete cache's lost chunks, too)
+
+    def progress(p: BuildProgress) -> None:
+        computed.append(True)
+        show(p)
+
     try:
-        cache = build_cache(job, progress=show)
+        cache = build_cache(job, progress=progress)
     finally:
         show.close()
+    untouched = finished_before and not computed  # complete before, and nothing computed now
     assert cache is not None  # None means cancelled, and the CLI never cancels
     report = cache.report
     print(
         f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
         f"{len(report.get('skipped', []))} skipped"
-        + (" (as when it was built: it was complete, nothing was built now)" if finished_before else "")
+        + (" (as when it was built: it was complete, nothing was built now)" if untouched else "")
     )
     for s in report.get("skipped", []):
         print(f"  skipped {s['path']}: {s['reason']}")
-    if finished_before and report.get("skipped"):
+    if untouched and report.get("skipped"):
         print(
             "  (not retried: a complete cache is not built again — to retry images fixed since, build "
             "into another --out, or delete this one first)"

@@ -95,6 +95,17 @@ _GREY_LEVELS_ABOVE = 2.0
 """A float drawing reaching past this holds grey levels (0..255), not coverage in [0, 1]: refused,
 where clipping would turn its soft weights into a hard region. Up to it, overshoot (a resampled
 drawing's ringing) is clipped."""
+_SIGNED_BELOW = -0.5
+"""A drawing reaching below this is a signed map (a saliency, a difference), not coverage: refused,
+where clipping would drop its negative half unsaid. Above it, undershoot (a bicubic resampling's
+ringing reaches −0.12 on a binary mask) is clipped."""
+
+
+def _eight_bit(a: np.ndarray) -> bool:
+    """Pixels of 8-bit images: uint8, or integers within 0..255 (a copy in a wider type)."""
+    if a.dtype == np.uint8:
+        return True
+    return bool(np.issubdtype(a.dtype, np.integer) and a.size and a.min() >= 0 and a.max() <= 255)
 
 
 def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
@@ -104,8 +115,8 @@ def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
     if isinstance(drawn, Image.Image):
         drawn = _image_coverage(drawn)
     a = _numbers(drawn, "drawing")
-    if a.ndim == 3 and a.dtype == np.uint8 and a.shape[2] in (2, 3, 4):
-        return _as_coverage(Image.fromarray(np.ascontiguousarray(a)))
+    if a.ndim == 3 and a.shape[2] in (2, 3, 4) and _eight_bit(a):  # e.g. np.asarray(img).astype(int)
+        return _as_coverage(Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8)))
     if a.ndim == 3:
         if a.shape[2] not in (2, 4):
             raise ValueError(
@@ -123,6 +134,8 @@ def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
         raise ValueError(f"a drawing must be a 2-D array or an image; got shape {a.shape}")
     if a.dtype == np.bool_:
         return a.astype(np.float64)
+    if np.issubdtype(a.dtype, np.signedinteger) and a.min() < 0:
+        raise ValueError(f"a drawing holds coverage, ≥ 0; this one goes down to {a.min()}: a signed map?")
     if np.issubdtype(a.dtype, np.integer):
         return a.astype(np.float64) / np.iinfo(a.dtype).max
     a = a.astype(np.float64)
@@ -133,7 +146,7 @@ def _as_coverage(drawn: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
             f"a float drawing holds coverage in [0, 1]; this one reaches {a.max():g}: grey levels? "
             "Divide by their maximum (255 for 8 bits), or store them as 8- or 16-bit integers"
         )
-    if a.min() < 0:  # clipped, a signed map (a saliency, a difference) lost its negative half unsaid
+    if a.min() < _SIGNED_BELOW:
         raise ValueError(
             f"a drawing holds coverage in [0, 1]; this one goes down to {a.min():g}: a signed map? "
             "Take the part to search (np.clip(map, 0, None) / map.max(), say)"

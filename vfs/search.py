@@ -685,7 +685,9 @@ def _image_features(source: FeatureSource, image: str | Path | Image.Image | np.
 
 def eligible_images(n: int, candidates: np.ndarray | None, exclude: Exclude) -> np.ndarray:
     """(n,) which images may be returned: `candidates` (all when None) less `exclude`."""
-    if candidates is not None and np.asarray(candidates).dtype != np.bool_:
+    if isinstance(candidates, torch.Tensor):  # on a GPU too, as `exclude`
+        candidates = candidates.cpu().numpy()
+    if candidates is not None and np.asarray(candidates).dtype != np.bool_ and np.size(candidates):
         raise TypeError(
             f"candidates is a boolean array, one entry per image ({n}; True: may be returned), not "
             f"{np.asarray(candidates).dtype} values; of indices make one: np.isin(np.arange({n}), indices)"

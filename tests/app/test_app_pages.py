@@ -259,6 +259,20 @@ def test_an_empty_region_is_an_error_message_not_a_traceback(app, caches):
     assert any("the region is empty" in t for t in texts(at.error))
 
 
+def test_a_damaged_manifest_is_a_message_at_the_query_picker(tmp_path, monkeypatch):
+    """The query's caption reads the manifest: a cache that lost it showed a traceback there (a
+    review of the caption's commit), where the search said it in words."""
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    out = tmp_path / "caches" / "plain.zarr"
+    build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "images"), out=str(out), image_size=64))
+    shutil.rmtree(out / "manifest")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
+    at = page(start_app(), "search")
+    assert any("its manifest is missing" in t for t in texts(at.error)), texts(at.error)
+
+
 def test_query_by_index_thumbnails_random_and_label(app, caches):
     at = searched(app, caches)
     at.number_input(key="search.index").set_value(5).run()
