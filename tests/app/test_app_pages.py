@@ -253,6 +253,17 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
     assert any(t.endswith(" — 2 of the 10 asked: at most 1 per domain") for t in texts(at.caption))
 
 
+def test_fewer_results_than_asked_say_why(app, caches):
+    """The per-domain cap is named only where it held images back (it was blamed for a dataset that
+    had no more images: a review)."""
+    at = use_cache(page(app, "search"), "search.cache", caches, "findings")  # 6 images, 3 PA and 3 AP
+    at = no_exceptions(draw(at))
+    at.number_input(key="search.per_domain").set_value(3).run()  # the 5 others: 2 PA, 3 AP, none held back
+    assert any(t.endswith(" — 5 of the 10 asked: no more images to rank") for t in texts(at.caption))
+    at.number_input(key="search.per_domain").set_value(1).run()
+    assert any(t.endswith(" — 2 of the 10 asked: at most 1 per domain") for t in texts(at.caption))
+
+
 def test_an_empty_region_is_an_error_message_not_a_traceback(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     no_exceptions(draw(at, np.zeros((320, 320), bool)))
