@@ -40,7 +40,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         region = draw_region(cache, view, query, "search")
     with side:
         k = st.slider("Results (k)", 1, 50, key=bind("search.k", 10))
-        exclude = leave_out_query("Exclude the query image", "search.exclude", query)
+        exclude = leave_out_query("Leave out the query image", "search.exclude", query)
         sharing = leave_out_sharing(cache, query, "search.sharing")
         per_domain = st.number_input(
             f"At most n per domain ({cache.domain_col or 'no domain column'})",

@@ -483,7 +483,7 @@ def leave_out_query(label: str, key: str, query: Query) -> bool:
             "If it is a copy of one, that image is ranked with the others.",
         )
         return False
-    return st.checkbox(label, key=bind(key, True))
+    return st.checkbox(label, key=bind(key, True, "vfs.leave_out.query"))  # the same on every page
 
 
 NO_COLUMN = "(none)"
@@ -499,7 +499,11 @@ def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int,
     column = st.selectbox(
         "Also leave out the images sharing the query's",
         options,
-        key=bind(f"{key}.{cache.location}", NO_COLUMN, options=options),
+        # the same on every page: the Distributions page's statistics counted the patient's other
+        # X-rays after the Search page had left them out
+        key=bind(
+            f"{key}.{cache.location}", NO_COLUMN, f"vfs.leave_out.sharing.{cache.location}", options=options
+        ),
         help="E.g. a patient's other images: alike in ways no finding explains, and the statistics "
         "take every image as independent of the others.",
     )

@@ -497,8 +497,14 @@ def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(
     assert dict(at.dataframe[0].value.set_index("group")["n"]) == {"AP": 3, "PA": 0}  # 0, 2, 4 are PA
     at = use_cache(page(at, "search"), "search.cache", caches, "findings")
     no_exceptions(draw(at))
-    at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").set_value("view").run()
+    # the choice follows to the other page (the Distributions page counted the patient's other
+    # X-rays after the Search page had left them out: a review), and back
+    assert at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").value == "view"
     assert sorted(at.dataframe[0].value["index"]) == [1, 3, 5]
+    at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").set_value("(none)").run()
+    at.checkbox(key="search.exclude").uncheck().run()
+    at = page(at, "distributions")
+    assert at.selectbox(key=key).value == "(none)" and not at.checkbox(key="dist.leave_out").value
 
 
 def test_distributions_group_a_numeric_column_by_its_quartiles(app, caches, tmp_path):
