@@ -501,6 +501,7 @@ def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(
     # X-rays after the Search page had left them out: a review), and back
     assert at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").value == "view"
     assert sorted(at.dataframe[0].value["index"]) == [1, 3, 5]
+    assert any("; 3 images left out" in t for t in texts(at.caption))  # the query and its fellow PAs
     at.selectbox(key=f"search.sharing.{caches / 'findings.zarr'}").set_value("(none)").run()
     at.checkbox(key="search.exclude").uncheck().run()
     at = page(at, "distributions")
