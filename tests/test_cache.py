@@ -553,6 +553,26 @@ def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     assert len(plain) == 12 and "vfs_score" in plain  # every image without `keep`
 
 
+def test_the_search_csv_holds_each_ranked_images_manifest_row(tmp_path):
+    """The Search page's CSV: the ranked table and the rest of each image's manifest row (a patient
+    id: a leave-out can be checked in it — it held the table alone, a review found)."""
+    from vfs.export import ranked_rows
+
+    rows = candidates(12).assign(score=np.arange(12) * 10.0)  # a manifest column named as a table one
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, rows, 32)
+    fill(w, range(12))
+    w.finish(rows)
+    cache = open_cache(tmp_path / "c.zarr")
+    result = search_regions(cache, 3, np.ones((4, 5)), k=4, exclude=3)
+    columns = ["rank", "index", "score", "label", "domain", "path"]
+    table = ranked_rows(cache, result, columns)
+    assert list(table.columns) == [*columns, "age", "sick", "manifest_score"]  # label, dom and path once
+    assert table["index"].tolist() == result.top_indices.tolist()
+    assert table["age"].tolist() == [i * 1.5 for i in result.top_indices]
+    assert table["manifest_score"].tolist() == [i * 10.0 for i in result.top_indices]
+    np.testing.assert_array_equal(table["score"], result.scores[result.top_indices])
+
+
 def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_path):
     from vfs.export import compared_scores
     from vfs.stats import rank_agreement

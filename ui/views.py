@@ -12,7 +12,7 @@ import streamlit as st
 
 from vfs.background import BackgroundBuild
 from vfs.cache import CacheError, FeatureCache, cache_name
-from vfs.export import search_json
+from vfs.export import ranked_rows, search_json
 from vfs.jobs import BuildJob, duration
 from vfs.render import (
     colour_bar,
@@ -159,7 +159,7 @@ def downloads(
     row = st.container(horizontal=True)  # labels whole, wrapping on a narrow window (columns cut them)
     row.download_button(
         "Download results (CSV)",
-        result.top[result_columns(cache, result)].to_csv(index=False),
+        lambda: ranked_rows(cache, result, result_columns(cache, result)).to_csv(index=False),  # on click
         f"{stem}.csv",
         "text/csv",
         key=f"{key}.csv",

@@ -62,6 +62,17 @@ def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | N
     return table if keep is None else table[np.asarray(keep, dtype=bool)]
 
 
+def ranked_rows(cache: FeatureCache, result: SearchResult, columns: list[str]) -> pd.DataFrame:
+    """The ranked table's `columns` with the rest of each ranked image's manifest row (a patient id,
+    a study, a site): the Search page's CSV, in which a leave-out can be checked (it held the table
+    alone). A manifest column named as a table column keeps its name with `manifest_` before it."""
+    table = result.top[columns].reset_index(drop=True)
+    rows = cache.manifest.iloc[result.top_indices].reset_index(drop=True)
+    shown = {"path", cache.label_col, cache.domain_col}  # already in the table, as path, label and domain
+    more = rows[[c for c in rows.columns if c not in shown]]
+    return table.join(more.rename(columns=lambda c: f"manifest_{c}" if c in table.columns else c))
+
+
 def compared_scores(
     cache: FeatureCache, left: SearchResult, right: SearchResult, keep: np.ndarray | None = None
 ) -> pd.DataFrame:
