@@ -337,13 +337,17 @@ def test_a_cache_search_draws_the_papers_figure(small_cache):
     np.testing.assert_array_equal(result.grid_mask(), [[0.5, 1.0], [0.0, 0.0]])
     figure = result.figure(2, columns=2, title="two of four")
     matches = ranked_matches(result.top, cache.thumbs_at(result.top["index"]))
-    expected = results_figure(cache.thumb(2), result.grid_mask(), matches, (2, 2), 2, "two of four")
+    expected = results_figure(
+        cache.thumb(2), result.grid_mask(), matches, (2, 2), 2, "two of four", "query #2"
+    )
     assert figure.size == expected.size and np.array_equal(np.asarray(figure), np.asarray(expected))
+    unnamed = results_figure(cache.thumb(2), result.grid_mask(), matches, (2, 2), 2, "two of four")
+    assert not np.array_equal(np.asarray(figure), np.asarray(unnamed))  # the query tile names its image
     assert [m["caption"] for m in matches] == result.top["domain"].tolist()  # no labels: the domains
     with pytest.raises(TypeError, match="a figure needs the images"):
         search_regions(arrays(), 0, MASK).figure(0)
     as_image = result.figure(Image.fromarray(cache.thumb(2)), columns=2, title="two of four")
-    assert np.array_equal(np.asarray(as_image), np.asarray(expected))
+    assert np.array_equal(np.asarray(as_image), np.asarray(unnamed))  # a view: no index to name
     # what is no view is said so (a path, None: "not enough values to unpack"; a photo: drawn out of place)
     for bad, error, says in (
         ("query.jpg", TypeError, "query_view is the query's index .* not 'query.jpg'"),

@@ -218,9 +218,14 @@ def _label_chosen(cache: FeatureCache, column: str, label_key: str, index_key: s
 
 def _query_caption(cache: FeatureCache, index: int) -> str:
     """What the dataset says of the query image, as a result tile says it of a match, and its file."""
+    return " · ".join([query_tag(cache, index), str(cache.manifest["path"].iloc[index])])
+
+
+def query_tag(cache: FeatureCache, index: int) -> str:
+    """A dataset image as its caption names it: "#342 · Cardiomegaly · PA"."""
     row = cache.manifest.iloc[index]
     tags = [str(row[c]) for c in (cache.label_col, cache.domain_col) if c and not pd.isna(row[c])]
-    return " · ".join([f"#{index}", *tags, str(row["path"])])
+    return " · ".join([f"#{index}", *tags])
 
 
 def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: str) -> None:
@@ -276,8 +281,8 @@ def _upload_query(key: str) -> Query:
         st.info("Upload an image to search the dataset for regions like one of its regions.")
         st.stop()
     digest, name, _ = st.session_state[UPLOADED]
-    if file is None:
-        st.caption(f"Using the image uploaded before: {name}")
+    # its name in full, as a dataset image's caption gives its file (the uploader's chip shortens it)
+    st.caption(f"Query: {name}, uploaded" if file is not None else f"Using the image uploaded before: {name}")
     return Query("upload", digest=digest, name=name)
 
 

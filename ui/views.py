@@ -32,7 +32,7 @@ from vfs.render import (
 from vfs.search import SearchResult
 
 from .core import build_registry, get_cache, outlined_tiles, thumbs
-from .query import Query
+from .query import Query, query_tag
 
 START_ERROR = "vfs.builds.error"
 DONE_SHOWN_S = 600  # a finished build's message stays this long
@@ -154,7 +154,10 @@ def downloads(
     def figure() -> bytes:
         matches = ranked_matches(result.top, thumbs(cache, result.top["index"].tolist()))
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
-        return png_bytes(results_figure(view, mask, matches, result.grid, title=title))
+        named = query_tag(cache, query.index) if query.index is not None else query.name
+        return png_bytes(
+            results_figure(view, mask, matches, result.grid, title=title, query_caption=f"query {named}")
+        )
 
     row = st.container(horizontal=True)  # labels whole, wrapping on a narrow window (columns cut them)
     row.download_button(

@@ -195,6 +195,7 @@ def results_figure(
     grid: tuple[int, int],
     columns: int = 5,
     title: str | None = None,
+    query_caption: str = "query",
 ) -> Image.Image:
     """The paper's figure: the query with its mask on the left, then the matches with their windows outlined.
 
@@ -230,7 +231,7 @@ def results_figure(
     if rows_.size:  # the region's window outlined as the matches' are: a tint alone faded on blue images
         window = (int(rows_.min()), int(cols_.min()), int(rows_.max()) + 1, int(cols_.max()) + 1)
         query = outline(np.asarray(query), grid_box_to_pixels(window, grid, query_thumb.shape[:2]))
-    place(query, "query", pad, top)
+    place(query, query_caption, pad, top)
     for i, match in enumerate(matches):
         thumb = match["thumb"]
         box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])

@@ -158,7 +158,9 @@ class SearchResult:
             raise ValueError(f"columns is a whole number ≥ 1 of matches a row, not {columns!r}")
         view = _query_view(query_view, thumbs_at)
         matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
-        return results_figure(view, self.grid_mask(), matches, self.grid, columns, title)
+        named = isinstance(query_view, (int, np.integer)) and not isinstance(query_view, bool)
+        caption = f"query #{int(query_view)}" if named else "query"
+        return results_figure(view, self.grid_mask(), matches, self.grid, columns, title, caption)
 
     def placement_scores(self, index: int) -> np.ndarray:
         """(Ph, Pw) exact scores of every placement in one image: the Search page's heat map, read

@@ -424,6 +424,7 @@ def test_uploaded_query_uses_the_caches_own_model(app, caches):
     at.radio(key="search.from").set_value("Upload").run()
     assert any("Upload an image" in t for t in texts(at.info))
     at.file_uploader(key="search.upload").set_value(("noise.png", png(), "image/png")).run()
+    assert "Query: noise.png, uploaded" in texts(at.caption)  # its name whole (the chip shortens it)
     no_exceptions(draw(at))
     top = at.dataframe[0].value
     assert len(top) == 10 and top["score"].is_monotonic_decreasing
