@@ -141,9 +141,16 @@ def pick_cache(
             st.session_state.pop(key, None)  # chosen for another partner: the default comes back
             st.session_state.pop(shared or f"vfs.kept.{key}", None)
         st.session_state[f"{key}.partner"] = partner.location
+    store = shared or f"vfs.kept.{key}"
+    chosen = st.session_state.get(key, st.session_state.get(store))
     location = st.selectbox(
         label, list(choices), format_func=lambda path: choices[path], key=bind(key, default, shared, choices)
     )
+    if chosen is not None and chosen not in choices and chosen != location:  # the page went on silently
+        st.warning(
+            f"The cache chosen before, {chosen}, is gone (deleted or moved?): "
+            f"{label.lower()} is now this one."
+        )
     with user_errors():
         return get_cache(location or default)  # never None: the options are not empty
 

@@ -541,6 +541,19 @@ def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_pa
     assert not at.exception and any("(deleted or moved?): pick another one" in t for t in texts(at.error))
 
 
+def test_a_page_that_opens_on_another_cache_than_the_one_chosen_before_says_why(app, caches):
+    """The chosen cache was deleted from the caches' folder: the next page opened on another one
+    without a word, and computed its statistics there (a review)."""
+    at = page(app, "search")
+    gone = str(caches / "deleted_since.zarr")
+    at.session_state["vfs.cache"] = gone  # as the pages share the chosen cache
+    at = page(at, "distributions")
+    assert any(
+        f"The cache chosen before, {gone}, is gone (deleted or moved?)" in t for t in texts(at.warning)
+    )
+    assert not any("is gone" in t for t in texts(page(at, "search").warning))  # said once
+
+
 # --- Compare --------------------------------------------------------------------------------------
 def test_compare_two_layers_of_the_same_images(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
