@@ -207,18 +207,19 @@ def _label_filter(cache: FeatureCache, key: str, index_key: str) -> np.ndarray:
         args=(cache, cache.label_col, f"{key}.label", index_key),
         help="The random image and the thumbnails come from the images with this label.",
     )
-    if label == ALL:
-        return np.arange(cache.n)
-    members = np.flatnonzero(table[label].to_numpy())
-    st.caption(f"{len(members)} images labelled {label}")
+    members = _labelled(cache, cache.label_col, label)
+    if label != ALL:
+        st.caption(f"{len(members)} images labelled {label}")
     return members
 
 
+def _labelled(cache: FeatureCache, column: str, label: str) -> np.ndarray:
+    """The images carrying `label` in `column` (every image for ALL)."""
+    return np.arange(cache.n) if label == ALL else np.flatnonzero(groups(cache, column)[label].to_numpy())
+
+
 def _label_chosen(cache: FeatureCache, column: str, label_key: str, index_key: str) -> None:
-    label = st.session_state[label_key]
-    if label == ALL:
-        return
-    members = np.flatnonzero(groups(cache, column)[label].to_numpy())
+    members = _labelled(cache, column, st.session_state[label_key])
     if len(members) and st.session_state.get(index_key) not in members:
         st.session_state[index_key] = int(members[0])
 
