@@ -682,7 +682,7 @@ def test_a_region_is_painted_with_the_keys_alone(page, server, demo_cache):
     k = k_value(page)
     canvas = page.locator("canvas.vfs-paint")
     assert canvas.get_attribute("role") == "application"
-    assert "arrows move a cursor" in canvas.get_attribute("aria-label")
+    assert "arrows move a one-cell cursor" in canvas.get_attribute("aria-label")
     page.get_by_text("Drawing tool", exact=True).click()  # a start above the canvas, then the keys
     for _ in range(40):
         page.keyboard.press("Tab")

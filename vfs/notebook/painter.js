@@ -92,8 +92,9 @@ const ARROWS = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowR
 
 const KEYS_HELP =
   "Region to search for. Paint with the mouse, a pen or a finger; or with the keys: the arrows move a " +
-  "cursor over the feature grid's cells, Shift with the arrows stretches it, Space or Enter paints " +
-  "what it covers, Escape shrinks it to one cell; Ctrl+Z undoes, Ctrl+Shift+Z redoes.";
+  "one-cell cursor over the feature grid's cells (a stretched one becomes one cell again as it moves), " +
+  "Shift with the arrows stretches it, Space or Enter paints what it covers, Escape shrinks it to one " +
+  "cell; Ctrl+Z undoes, Ctrl+Shift+Z redoes.";
 
 // `settings()` gives {tool: "brush" | "rectangle", brush: diameter in canvas pixels, grid: [rows, columns]};
 // `changed(shapes)` runs after a finished stroke, an undo, a redo or a clear — not after `set`.
