@@ -81,7 +81,7 @@ def bind(
     `context` (e.g. the dataset a column was picked from), a value is kept only while its context
     is the same: for another one the widget shows `default` again.
     """
-    store = shared or f"vfs.kept.{key}"
+    store = kept_key(key, shared)
     value = st.session_state[key] if key in st.session_state else st.session_state.get(store, default)
     if (options is not None and value not in options) or st.session_state.get(
         f"vfs.context.{key}", context
@@ -90,6 +90,11 @@ def bind(
     st.session_state[key] = st.session_state[store] = value
     st.session_state[f"vfs.context.{key}"] = context
     return key
+
+
+def kept_key(key: str, shared: str | None = None) -> str:
+    """Where `bind` keeps a widget's value between pages: `shared`, or a private name of its own."""
+    return shared or f"vfs.kept.{key}"
 
 
 def memo(name: str, key: object, compute: Callable[[], T]) -> T:

@@ -34,13 +34,13 @@ from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
 from vfs.stats import QUARTILES, binnable_columns, column_groups, repeated_columns
 
-from .base import bind, memo, settings, user_errors
+from .base import bind, kept_key, memo, settings, user_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = ROOT / "cache_jobs" / "demo.toml"
 CACHE = "vfs.cache"  # the location of the cache the user works with, shared by the pages
 OPENED = "vfs.opened"  # caches this session opened by path or URL (Home page)
-__all__ = ["bind", "memo", "settings", "user_errors"]  # from .base, for the pages
+__all__ = ["bind", "kept_key", "memo", "settings", "user_errors"]  # from .base, for the pages
 
 
 # --- builds ---------------------------------------------------------------------------------------

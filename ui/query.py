@@ -36,6 +36,7 @@ from .core import (
     extractor_for,
     get_cache,
     groups,
+    kept_key,
     memo,
     settings,
     sharded_search,
@@ -139,10 +140,9 @@ def pick_cache(
         )
         if st.session_state.get(f"{key}.partner", partner.location) != partner.location:
             st.session_state.pop(key, None)  # chosen for another partner: the default comes back
-            st.session_state.pop(shared or f"vfs.kept.{key}", None)
+            st.session_state.pop(kept_key(key, shared), None)
         st.session_state[f"{key}.partner"] = partner.location
-    store = shared or f"vfs.kept.{key}"
-    chosen = st.session_state.get(key, st.session_state.get(store))
+    chosen = st.session_state.get(key, st.session_state.get(kept_key(key, shared)))
     location = st.selectbox(
         label, list(choices), format_func=lambda path: choices[path], key=bind(key, default, shared, choices)
     )

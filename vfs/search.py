@@ -40,7 +40,7 @@ from .scoring import (
     plan_query,
     uses_pairs,
 )
-from .sources import ArrayFeatures, BeyondFp16, FeatureSource, UnpreparedArray, fp16_with_norms
+from .sources import ArrayFeatures, BeyondFp16, FeatureSource, UnpreparedArray, fp16_with_norms, some_images
 from .sources import prepared as prepared_array
 
 __all__ = ["RegionQuery", "SearchResult", "search_regions"]
@@ -156,10 +156,8 @@ class SearchResult:
             raise TypeError("a figure needs the images: search a feature cache (plain features hold none)")
         if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
             raise ValueError(f"columns is a whole number ≥ 1 of matches a row, not {columns!r}")
-        view = _query_view(query_view, thumbs_at)
+        view, caption = _query_view(query_view, thumbs_at)
         matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
-        named = isinstance(query_view, (int, np.integer)) and not isinstance(query_view, bool)
-        caption = f"query #{int(query_view)}" if named else "query"
         return results_figure(view, self.grid_mask(), matches, self.grid, columns, title, caption)
 
     def placement_scores(self, index: int) -> np.ndarray:
@@ -177,12 +175,12 @@ class SearchResult:
         return scores
 
 
-def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]) -> np.ndarray:
-    """A figure's query tile: the view at an index of the cache, or one given — square, as the
-    model sees it (a photo's region would be drawn out of place)."""
+def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, str]:
+    """A figure's query tile and its caption: the view at an index of the cache ("query #3"), or
+    one given — square, as the model sees it (a photo's region would be drawn out of place)."""
     how = "for an image query, its view: cache.spec.preprocess.view(image)"
     if isinstance(query_view, (int, np.integer)) and not isinstance(query_view, bool):
-        return thumbs_at([int(query_view)])[0]
+        return thumbs_at([int(query_view)])[0], f"query #{int(query_view)}"
     if not isinstance(query_view, (np.ndarray, Image.Image)):
         raise TypeError(
             "query_view is the query's index in the cache searched or its view as the model saw it "
@@ -194,7 +192,7 @@ def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]
             f"query_view must be the square view the model saw, (H, H, 3) uint8, not {view.shape} "
             f"{view.dtype} — the photo itself? The region would be drawn out of place; {how}"
         )
-    return view
+    return view, "query"
 
 
 def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -587,9 +585,8 @@ def _check_finite(source: FeatureSource, scores: np.ndarray) -> None:
     cache's bytes changed on disk; its squared norms, checked on every read, were not)."""
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
-        shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
         raise ValueError(
-            f"the stored features of image(s) {shown} ({len(bad)} in all) contain NaN or inf: "
+            f"the stored features of {some_images(bad)} contain NaN or inf: "
             f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
         )
 

@@ -179,12 +179,17 @@ def _fp16_and_sqnorms(
     return fp16, sqnorm.square_(), bool((least >= 0).all())
 
 
+def some_images(indices: Sequence[int] | np.ndarray) -> str:
+    """Images named in an error: "image(s) 3, 17, … (12 in all)", the first five."""
+    shown = ", ".join(map(str, indices[:5])) + (", …" if len(indices) > 5 else "")
+    return f"image(s) {shown} ({len(indices)} in all)"
+
+
 def nonfinite_features(sqnorm: torch.Tensor) -> ValueError:
     """The error for an array whose cells' squared norms (n, h, w) are not all finite: which images."""
     bad = torch.nonzero(~torch.isfinite(sqnorm.reshape(len(sqnorm), -1)).all(1)).flatten().tolist()
-    shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
     return ValueError(
-        f"the features of image(s) {shown} ({len(bad)} in all) contain NaN or inf: fix or drop them "
+        f"the features of {some_images(bad)} contain NaN or inf: fix or drop them "
         "(np.isfinite(features).all(axis=(1, 2, 3)) is False for each)"
     )
 
