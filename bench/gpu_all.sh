@@ -7,7 +7,7 @@
 #   1. search, N=50,000 at 7×7×2048 (ResNet-50 layer4), masks square3/blob/full:
 #      vfs vs the paper's CachedSearchTool (fp32 NCHW cache on the GPU, batch 5000) vs fp16 read floor
 #   2. search, N=20,000 at 14×14×1024 (layer3), same three masks
-#   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=2,000, ReLU and signed)
+#   3. issue 11's shape grid (bench/grid.sh, synthetic shapes at N=N_SYN=2,000, ReLU and signed)
 #   4. the fast pass's products alone, each way cuBLAS and Triton run them, on one resident slice
 #   5. every exact form forced, at N=20,000 (r50l4, r50l3), with a profile of the planned search
 #   6. cache builds on cuda: build_cache images/s vs forward-only, Lite0 and a ResNet-50's layer4
@@ -20,7 +20,7 @@
 #
 # BUILD_DATA names the build's images where ../shared/data does not travel (a manifest.csv).
 # Check it without a GPU (tiny sizes, CPU):
-#   DEVICE=cpu N_L4=300 N_L3=100 N_FORMS=100 BUILD_LIMIT=64 BUILD_COPIES=2 WORKERS=0 bench/gpu_all.sh
+#   DEVICE=cpu N_L4=300 N_L3=100 N_SYN=200 N_FORMS=100 BUILD_LIMIT=64 BUILD_COPIES=2 WORKERS=0 bench/gpu_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,7 @@ DEVICE=${DEVICE:-cuda}
 N_L4=${N_L4:-50000}
 N_L3=${N_L3:-20000}
 N_FORMS=${N_FORMS:-20000}
+N_SYN=${N_SYN:-2000}  # the grid's synthetic shapes
 REPEATS=${REPEATS:-10}
 PAPER_REPEATS=${PAPER_REPEATS:-5}
 PAPER_BATCH=${PAPER_BATCH:-5000}
@@ -38,6 +39,9 @@ BUILD_LIMIT=${BUILD_LIMIT:-}
 BUILD_DATA=${BUILD_DATA:-}
 BUILD_COPIES=${BUILD_COPIES:-20}
 STEPS=" ${STEPS:-tests l4 l3 grid products forms build} "
+# The steps' limits are a GPU's; the check on a CPU (the paper's code and the builds run there)
+# gets SLOW times them
+SLOW=${SLOW:-$( [ "$DEVICE" = cpu ] && echo 5 || echo 1 )}
 DEST=${DEST:-$( [ -n "${OUT:-}" ] && echo /tmp/gpu || echo bench/results/gpu )}
 mkdir -p "$DEST"
 start=$(date +%s)
@@ -56,7 +60,7 @@ pack() {  # with OUT set, the results so far: a run cut short by the runner's li
   return 0
 }
 step() {  # step NAME TIMEOUT_S ARGS...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SLOW )); shift 2
   echo "== $name (limit ${limit}s, $(( $(date +%s) - start ))s elapsed)" >&2
   timeout "$limit" "$PY" "$@" --out "$DEST/$name.json" > /dev/null 2> "$DEST/$name.log"
   local r=$?
@@ -67,13 +71,13 @@ step() {  # step NAME TIMEOUT_S ARGS...
 
 if wanted tests; then
   echo "== tests on $DEVICE ($(( $(date +%s) - start ))s elapsed)" >&2
-  VFS_TEST_DEVICE="$DEVICE" timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+  VFS_TEST_DEVICE="$DEVICE" timeout $(( 120 * SLOW )) "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
     tests/test_search_bound.py tests/test_properties.py tests/test_array_features.py tests/test_build.py \
     tests/test_triton_products.py \
     > "$DEST/tests.log" 2>&1 || { echo "!! tests on $DEVICE failed, see $DEST/tests.log" >&2; rc=1; }
   tail -n 3 "$DEST/tests.log" >&2
   # torch's products, where Triton's do not build (VFS_KERNEL=off turns them off)
-  VFS_KERNEL=off VFS_TEST_DEVICE="$DEVICE" timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
+  VFS_KERNEL=off VFS_TEST_DEVICE="$DEVICE" timeout $(( 60 * SLOW )) "$PY" -m pytest -q -p no:cacheprovider tests/test_search.py \
     tests/test_search_bound.py > "$DEST/tests_torch_products.log" 2>&1 \
     || { echo "!! tests on $DEVICE without Triton failed, see $DEST/tests_torch_products.log" >&2; rc=1; }
   tail -n 1 "$DEST/tests_torch_products.log" >&2
@@ -87,8 +91,8 @@ wanted l3 && step search_r50l3_n${N_L3} 70 bench/search_bench.py --device "$DEVI
 # Issue 11's shape grid (synthetic ViT-B/16, R50 layer3/layer4 at N=2,000, ReLU and signed features)
 if wanted grid; then
   echo "== grid ($(( $(date +%s) - start ))s elapsed)" >&2
-  DEVICE="$DEVICE" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
-    timeout 90 bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
+  DEVICE="$DEVICE" N_SYN="$N_SYN" REAL=0 WAIT=0 REPEATS="$REPEATS" PAPER_REPEATS=2 PY="$PY" \
+    timeout $(( 90 * SLOW )) bench/grid.sh "$DEST/grid" >&2 || { echo "!! grid failed, see $DEST/grid/*.log" >&2; rc=1; }
   pack
 fi
 # The products alone on one 4 GiB slice: cuBLAS's and Triton's, against the read floor
