@@ -113,7 +113,7 @@ def box_png(path, size, box):
 def test_a_mask_painted_on_the_query_photo_is_cropped_as_the_model_saw_it(tmp_path):
     # the photo's centre (x 240..400, y 180..300) lands in the view at x 69..155, y 80..144: cells 2..4
     mask = load_mask(box_png(tmp_path / "m.png", PHOTO, (180, 240, 300, 400)), (7, 7), painted_on())
-    rows, cols = np.nonzero(mask > 0.05)
+    rows, cols = np.nonzero(mask)
     assert set(rows) == {2, 3, 4} and set(cols) == {2, 3, 4}, mask.round(2)
     # near the edge the crop shows: x 100..200 of 640 is x 0..48 of the view (stretched: x 35..70)
     edge = load_mask(box_png(tmp_path / "e.png", PHOTO, (0, 100, 480, 200)), (7, 7), painted_on())
@@ -121,6 +121,24 @@ def test_a_mask_painted_on_the_query_photo_is_cropped_as_the_model_saw_it(tmp_pa
     # half the size, same shape: the same region
     half = load_mask(box_png(tmp_path / "h.png", (240, 320), (90, 120, 150, 200)), (7, 7), painted_on())
     np.testing.assert_allclose(half, mask, atol=0.02)
+
+
+def test_a_region_painted_on_the_photo_weighs_only_the_cells_it_covers(tmp_path):
+    """A box whose top and bottom edges land on cell edges of the view (rows 75 and 165 of a 240-px
+    photo: 256/240 · y − 16 = 64 and 160, cells 2..4) gave rows 1 and 5 weights of 0.001: the
+    bilinear resize spread the paint a pixel beyond its edge, and the region's box (placements,
+    outlines) grew by two rows of cells (docs review). Each view pixel now takes the paint of the
+    part of the photo it shows, by area."""
+    from vfs.masks import crop_mask
+
+    mask = load_mask(
+        box_png(tmp_path / "m.png", (240, 320), (75, 115, 165, 235)), (7, 7), painted_on((240, 320))
+    )
+    assert not mask[[0, 1, 5, 6]].any() and not mask[:, :2].any(), mask.round(3)
+    assert crop_mask(mask).query_box() == (2, 2, 5, 7)
+    # by area: x 115..235 of the photo is 64.2..192.2 of the view (the 341-px-wide resize, cropped at
+    # 58.5): column 2 covered but for 0.2 of its 32 px, column 6 by 0.2 px of them
+    np.testing.assert_allclose(mask[2:5, 2:7], [[0.9828, 1, 1, 1, 0.0133]] * 3, atol=2e-3)
 
 
 def test_a_region_outside_the_models_view_or_a_mask_of_another_shape_is_refused(tmp_path):

@@ -88,9 +88,16 @@ class Preprocess:
 
     def view_coverage(self, coverage: np.ndarray) -> np.ndarray:
         """A drawing's coverage in [0, 1], (H, W) as painted on an image, cropped as `view` crops
-        that image: (input_size, input_size), padding uncovered."""
-        image = PIL.Image.fromarray(np.asarray(coverage, dtype=np.float32), mode="F")
-        return np.clip(np.asarray(self._fit(image, "bilinear", 0.0), dtype=np.float64), 0.0, 1.0)
+        that image: (input_size, input_size), padding uncovered. Each view pixel takes the mean paint
+        of the part of the image it shows, by area: a resampling filter would spread paint onto
+        pixels next to it, and the region's box onto a row of cells it does not touch."""
+        cover = np.asarray(coverage, dtype=np.float64)
+        axes = _view_axes(self, cover.shape)
+        if axes is None:  # too little of the image shown to place it: resized as the view is
+            image = PIL.Image.fromarray(cover.astype(np.float32), mode="F")
+            return np.clip(np.asarray(self._fit(image, "bilinear", 0.0), dtype=np.float64), 0.0, 1.0)
+        rows, cols = (_view_spans(a, b, self.input_size, n) for (a, b), n in zip(axes, cover.shape))
+        return np.clip(rows @ (cover @ cols.T), 0.0, 1.0)
 
     def reframe(self, cover: np.ndarray, onto: Preprocess, size: tuple[int, int]) -> np.ndarray:
         """A coverage painted on this view (any square size) of an image of `size` (H, W), as it lies on
@@ -181,6 +188,16 @@ class Preprocess:
         so that caches written by older or newer versions still load."""
         known = ("input_size", "resize_size", "interpolation", "mean", "std", "crop")
         return cls(**{key: data[key] for key in known if key in data})
+
+
+def _view_spans(a: float, b: float, side: int, length: int) -> np.ndarray:
+    """(side, length): row v averages the image pixels under view pixel v, [a·v + b, a·(v + 1) + b)
+    (`_view_axes`), by overlap; nothing past the image's edges. The edges are taken to 1/64 pixel,
+    past the fit's error (≈ 1e-3 px), so that one on a pixel's edge covers none of its neighbour."""
+    edges = np.round((a * np.arange(side + 1) + b) * 64) / 64
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixels = np.arange(length)[None, :]
+    return np.clip(np.minimum(hi, pixels + 1) - np.maximum(lo, pixels), 0.0, None) / (hi - lo)
 
 
 def _picked(cover: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
