@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -742,6 +745,100 @@ def test_missing_or_truncated_chunks_are_a_clear_error(small_chunked, array, dam
     # rows elsewhere still read: the damage is reported where it is
     np.testing.assert_array_equal(open_cache(path).rows(np.array([0, 1, 27])), x[[0, 1, 27]])
     assert ok.top["index"].iloc[0] == 0
+
+
+@contextmanager
+def within(seconds: int):
+    """Fail, rather than hang, where a read waits for ever (a pipe)."""
+
+    def expired(*_):
+        raise TimeoutError(f"still reading after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def zstd_frame_declaring(size: int) -> bytes:
+    """A zstd frame header that declares `size` bytes decoded (RFC 8878: single segment, 8-byte
+    size), followed by nothing a decoder could use: what a hostile cache needs to make numcodecs
+    allocate `size`."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little") + b"\0" * 16
+
+
+@pytest.fixture
+def zstd_features(small_chunked):
+    """small_chunked with its features zstd-compressed (a codec a cache may use): each chunk file
+    is then read and decoded whole."""
+    import numcodecs
+
+    path, x = small_chunked
+    meta = path / "features" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    zstd = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
+    meta.write_text(json.dumps(doc | {"codecs": [*doc["codecs"], zstd]}))
+    for f in (path / "features").rglob("c/**/*"):
+        if f.is_file():
+            f.write_bytes(numcodecs.Zstd().encode(f.read_bytes()))
+    return path, x
+
+
+@pytest.mark.parametrize("stored", ["plain", "zstd"])
+@pytest.mark.parametrize("kind", ["/dev/zero", "a pipe", "a link out", "a zstd bomb"])
+def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
+    small_chunked, zstd_features, stored, kind
+):
+    """A cache from someone else may hold a link to /dev/zero (a read without end: a MemoryError
+    after gigabytes, or zeros taken as features), a pipe (a read that waits for ever), a link to a
+    file outside it, or a zstd frame declaring any size (security review): each is refused at once,
+    naming the rows it held."""
+    path, x = zstd_features if stored == "zstd" else small_chunked
+    if kind == "a zstd bomb" and stored == "plain":
+        pytest.skip("a plain chunk file is read at the rows' offsets, never decoded")
+    cache = open_cache(path)
+    np.testing.assert_array_equal(cache.rows(np.arange(30)), x)  # as written, before the damage
+    target = chunk_file(path, "features", 1)  # rows 7..13
+    target.unlink()
+    if kind == "/dev/zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "a pipe":
+        os.mkfifo(target)
+    elif kind == "a link out":
+        outside = path.parent / "elsewhere.bin"
+        outside.write_bytes(bytes(7 * 2 * 3 * 4 * 2))
+        target.symlink_to(outside)
+    else:
+        target.write_bytes(zstd_frame_declaring(1 << 40))
+    why = {"/dev/zero": "leads out of the cache", "a pipe": "no regular file", "a link out": "leads out"}
+    match = (
+        rf"features rows 7..13 of the cache at {path}: .*{why.get(kind, 'declares 1,099,511,627,776 bytes')}"
+    )
+    with within(20):
+        for read in (lambda: cache.rows(np.array([9])), lambda: search_regions(cache, 0, np.ones((2, 3)))):
+            with pytest.raises(CacheError, match=match):
+                read()
+        np.testing.assert_array_equal(cache.rows(np.array([0, 20])), x[[0, 20]])  # the others still read
+
+
+def test_metadata_or_a_zarr_decoded_chunk_no_build_writes_is_refused(small_chunked):
+    """The same through zarr's reads: a `zarr.json` linked to /dev/zero (the app lists every cache
+    in its folder) and a thumbnails chunk (zstd, decoded by zarr) that declares a terabyte."""
+    path, _ = small_chunked
+    per = open_cache(path).thumbs.chunks[0]
+    bomb = chunk_file(path, "thumbs", 0)
+    bomb.write_bytes(zstd_frame_declaring(1 << 40))
+    with within(20), pytest.raises(CacheError, match="declares 1,099,511,627,776 bytes decoded"):
+        open_cache(path).thumb(0)
+    assert open_cache(path).thumb(per).shape == (8, 8, 3)  # another chunk still reads
+    meta = path / "sqnorm" / "zarr.json"
+    meta.unlink()
+    meta.symlink_to("/dev/zero")
+    with within(20), pytest.raises(CacheError, match="sqnorm.*leads out of the cache"):
+        open_cache(path)
 
 
 def test_damaged_thumbs_and_manifest_are_a_clear_error(small_chunked):

@@ -268,16 +268,14 @@ def test_list_caches_counts_nothing_for_a_file_a_running_build_renamed_away(tmp_
     a file gone between the listing and its size raised FileNotFoundError."""
     build(tmp_path / "c.zarr", 10)
     whole = list_caches(tmp_path)[0]["size_bytes"]
-    gone = tmp_path / "c.zarr" / "zarr.json"
-    stat = os.stat
+    walk = os.walk
 
-    def renamed_away(path, *args, **kwargs):
-        if str(path) == str(gone):
-            raise FileNotFoundError(path)
-        return stat(path, *args, **kwargs)
+    def listing_a_file_renamed_since(folder):  # a temporary file, renamed before its size is taken
+        for parent, folders, files in walk(folder):
+            yield parent, folders, [*files, "features.tmp"]
 
-    monkeypatch.setattr("vfs.cache.reader.os.stat", renamed_away)
-    assert list_caches(tmp_path)[0]["size_bytes"] == whole - stat(gone).st_size
+    monkeypatch.setattr("vfs.cache.reader.os.walk", listing_a_file_renamed_since)
+    assert list_caches(tmp_path)[0]["size_bytes"] == whole
 
 
 def test_build_lock_refuses_a_second_build_but_not_a_dead_one(tmp_path):
@@ -925,3 +923,21 @@ def test_the_notebook_offers_no_missing_value_as_a_finding(tmp_path):
     }
     with pytest.raises(ValueError, match="no image has '\\(missing\\)' in column 'label'"):
         distribution_table(cache, result, by="label", finding="(missing)")
+
+
+def test_a_remote_cache_that_never_answers_fails_after_its_silence(monkeypatch):
+    """A server that takes the connection and sends nothing held a reader for aiohttp's five
+    minutes (security review): a read now fails after `REMOTE_SILENCE_S` without a byte."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []  # the connections, open and silent
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(8)], daemon=True).start()
+    monkeypatch.setattr("vfs.cache.reader.REMOTE_SILENCE_S", 1)
+    start = time.perf_counter()
+    with pytest.raises(CacheError, match="cannot open the cache at http"):
+        open_cache(f"http://127.0.0.1:{listener.getsockname()[1]}/c.zarr")
+    assert time.perf_counter() - start < 20
+    listener.close()

@@ -33,6 +33,7 @@ from ..models import (
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
+from .files import CacheStore
 from .format import (
     FORMAT,
     FORMAT_VERSION,
@@ -48,6 +49,7 @@ from .format import (
 from .rows import RowReader, ZarrRows, row_reader
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
+REMOTE_SILENCE_S = 60  # seconds a remote store may send nothing before a read fails
 """A cache up to this size is held resident in RAM by a CPU search; a larger one is streamed."""
 RESIDENT_HEADROOM = 1.1
 """Resident features take their size plus the squared norms (C × smaller) and slack."""
@@ -651,13 +653,14 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
     """
     location = str(location)
     try:
-        store: zarr.storage.FsspecStore | zarr.storage.LocalStore
+        store: zarr.storage.FsspecStore | CacheStore
         if is_url(location):
-            store = zarr.storage.FsspecStore.from_url(location, read_only=True)
+            options = _remote_options(location)
+            store = zarr.storage.FsspecStore.from_url(location, read_only=True, storage_options=options)
         else:
             if not Path(location).exists():
                 raise CacheError(f"no cache at {location}")
-            store = zarr.storage.LocalStore(location, read_only=True)
+            store = CacheStore(location, read_only=True)
         group = zarr.open_group(store, mode="r", zarr_format=3)  # never zarr 2 (its codecs include pickle)
     except CacheError:
         raise
@@ -666,6 +669,18 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
             f"cannot open the cache at {location} (a VFS cache is a zarr 3 group): {type(e).__name__}: {e}"
         ) from e
     return FeatureCache(group, location, allow_partial=allow_partial)
+
+
+def _remote_options(location: str) -> dict[str, Any]:
+    """fsspec's options for a cache at a URL: over HTTP, a read that gets no byte for
+    `REMOTE_SILENCE_S` fails (aiohttp's default waits five minutes for a whole answer, however
+    long a large chunk takes to come; a server that never answers held a reader that long)."""
+    if not location.lower().startswith(("http://", "https://")):
+        return {}
+    import aiohttp
+
+    silence = aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_SILENCE_S, sock_read=REMOTE_SILENCE_S)
+    return {"client_kwargs": {"timeout": silence}}
 
 
 def cache_row(

@@ -23,6 +23,7 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from .files import MAX_CHUNK_FILE_BYTES, UnsafeFile, check_zstd, checked_file
 from .format import CacheError
 
 
@@ -99,6 +100,7 @@ class ChunkFileRows(RowReader):
     def __init__(self, arr: zarr.Array, location: str, root: Path, compressed: bool):
         super().__init__(arr, location)
         self.root, self.compressed = root, compressed
+        self.real_root = os.path.realpath(root)
         self.dtype = np.dtype(arr.dtype).newbyteorder("<")
         self.row_shape = tuple(arr.shape[1:])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
@@ -152,10 +154,14 @@ class ChunkFileRows(RowReader):
         return self.root / self.arr.path / self._key(i)
 
     def _open(self, i: int) -> BufferedReader:
+        """Chunk i's file, once `checked_file` (no device, pipe or link out of the cache)."""
         try:
+            checked_file(self.real_root, self._file(i), MAX_CHUNK_FILE_BYTES)
             return open(self._file(i), "rb")
         except FileNotFoundError:
             raise self._missing(i, f"{self.arr.path}/{self._key(i)}") from None
+        except UnsafeFile as e:
+            raise self._damaged(i, str(e)) from None
 
     def _spans(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """(chunk id, first row, end row) of the chunks holding rows start..stop-1, their files
@@ -167,8 +173,9 @@ class ChunkFileRows(RowReader):
         if hasattr(os, "posix_fadvise"):
             for i, *_ in spans:
                 try:
+                    checked_file(self.real_root, self._file(i), MAX_CHUNK_FILE_BYTES)  # never a pipe's wait
                     fd = os.open(self._file(i), os.O_RDONLY)
-                except OSError:
+                except (OSError, UnsafeFile):
                     continue  # reported by the read itself
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 os.close(fd)
@@ -185,21 +192,24 @@ class ChunkFileRows(RowReader):
     def _chunk(self, i: int) -> np.ndarray:
         """Chunk i decoded whole (zstd), checked for its size."""
         with self._open(i) as f:
-            data = numcodecs.Zstd().decode(f.read())
-        chunk = np.frombuffer(data, dtype=self.dtype)
+            data = f.read()
+        try:
+            check_zstd(data, str(self._file(i)), self.per * self.row_bytes)
+        except UnsafeFile as e:
+            raise self._damaged(i, str(e)) from None
+        chunk = np.frombuffer(numcodecs.Zstd().decode(data), dtype=self.dtype)
         expected = self.per * self.row_bytes // self.dtype.itemsize
         if chunk.size != expected:
-            raise CacheError(
-                f"cannot read {self.arr.path} rows {i * self.per}..{(i + 1) * self.per - 1} of the cache at "
-                f"{self.location}: their chunk holds {chunk.size} values, not {expected}; "
-                "the cache is damaged: rebuild or re-download it"
-            )
+            raise self._damaged(i, f"their chunk holds {chunk.size} values, not {expected}")
         return chunk.reshape(self.per, *self.row_shape)
 
     def _truncated(self, i: int) -> CacheError:
+        return self._damaged(i, "their chunk file is truncated")
+
+    def _damaged(self, i: int, why: str) -> CacheError:
         return CacheError(
             f"cannot read {self.arr.path} rows {i * self.per}..{(i + 1) * self.per - 1} of the cache at "
-            f"{self.location}: their chunk file is truncated; the cache is damaged: rebuild or re-download it"
+            f"{self.location}: {why}; the cache is damaged: rebuild or re-download it"
         )
 
 
