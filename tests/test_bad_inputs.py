@@ -874,6 +874,43 @@ def test_unsupported_format_version_and_damaged_attributes(small_chunked):
         open_cache(path)
 
 
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        (("spec", "data", "label_col"), ["a"]),
+        (("spec", "data", "source"), 5),
+        (("spec", "model"), 5),
+        (("spec", "layer"), {"a": 1}),
+        (("spec", "preprocess", "resize_size"), 10**9),
+        (("spec", "preprocess", "input_size"), 224.5),
+        (("report",), "x"),
+        (("report", "skipped"), "abc"),
+        (("report", "skipped"), [{"path": 3}]),
+        (("progress",), "x"),
+    ],
+)
+def test_attributes_of_the_wrong_kind_are_damage_not_a_traceback(small_chunked, capsys, where, value):
+    """A cache's attributes of another type than its writer's (a list for a column name, a number
+    for the model, a report that is text, a resize to 10⁹ px) raised TypeError, AttributeError or
+    MemoryError where they were used — `info`, a search by image, the app's cache picker (security
+    review): they are damage, said when the cache is opened."""
+    path, _ = small_chunked
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    attrs = doc["attributes"]
+    *parents, last = where
+    node = attrs
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match=f"{path}: its attributes are damaged"):
+        open_cache(path)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
+
+
 def test_a_cache_holding_nan_is_refused(small_chunked):
     path, _ = small_chunked
     sq = zarr.open_array(str(path / "sqnorm"), mode="r+")

@@ -212,6 +212,13 @@ class DataSpec:
     label_col: str | None = None
     domain_col: str | None = None
 
+    def __post_init__(self) -> None:  # a cache's attributes come from strangers: checked as read
+        if not isinstance(self.source, str):
+            raise TypeError(f"a dataset source is text (a folder, a manifest, …), not {self.source!r}")
+        for role, column in (("label", self.label_col), ("domain", self.domain_col)):
+            if column is not None and not isinstance(column, str):
+                raise TypeError(f"the {role} column is named by text, not {column!r}")
+
     def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
 

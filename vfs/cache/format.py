@@ -69,6 +69,11 @@ class CacheSpec:
     """The layer's `probe_sketch` (None: built before VFS kept it): what the model computes, which
     the weights alone do not say. Compared within `PROBE_TOLERANCE`, as floats differ by machine."""
 
+    def __post_init__(self) -> None:  # a cache's attributes come from strangers: checked as read
+        for name in ("model", "layer") + (("weights",) if self.weights is not None else ()):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is text, not {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return (
             {

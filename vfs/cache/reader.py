@@ -69,6 +69,19 @@ def cache_name(location: str) -> str:
     return Path(str(location).rstrip("/")).name.removesuffix(CACHE_SUFFIX)
 
 
+def _check_build_records(attrs: dict[str, Any]) -> None:
+    """The build's progress and report as its writer keeps them (read by `stored`, `info` and the
+    pages' lists of skipped images): mappings, the report's skipped images each a path and a reason."""
+    for name in ("progress", "report"):
+        record = attrs.get(name, {})
+        if not isinstance(record, dict) or not isinstance(record.get("skipped", []), list):
+            raise TypeError(f"{name} is no mapping with a list of skipped images: {str(record)[:60]!r}")
+    for skipped in attrs.get("report", {}).get("skipped", []):
+        said = isinstance(skipped, dict) and all(isinstance(skipped.get(k), str) for k in ("path", "reason"))
+        if not said:
+            raise TypeError(f"a skipped image in the report is no path and reason: {str(skipped)[:60]!r}")
+
+
 def _array(group: zarr.Group, name: str, location: str) -> zarr.Array:
     """One of a cache's arrays, or a CacheError naming it: missing, or metadata zarr cannot parse."""
     try:
@@ -105,6 +118,7 @@ class FeatureCache:
         self.allow_partial = allow_partial
         try:
             self.spec = CacheSpec.from_dict(attrs["spec"])
+            _check_build_records(attrs)
             self.n = int(attrs["n"])
             if not self.complete and allow_partial:
                 self.n = int(attrs["progress"]["rows"])

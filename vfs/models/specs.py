@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import upright_rgb
+from ..data import MAX_DECODED_SIDE, upright_rgb
 from ..masks import PaintedOn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,8 +60,14 @@ class Preprocess:
             )
         if self.crop not in CROPS:
             raise ValueError(f"crop {self.crop!r}: expected one of {', '.join(CROPS)}")
-        if self.input_size < 1 or self.resize_size < 1:
-            raise ValueError(f"sizes must be positive: {self.input_size}, {self.resize_size}")
+        sizes = (self.input_size, self.resize_size)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in sizes):
+            raise TypeError(f"sizes are whole numbers of pixels: {self.input_size!r}, {self.resize_size!r}")
+        if min(sizes) < 1 or max(sizes) > MAX_DECODED_SIDE:  # a cache's attributes come from strangers
+            raise ValueError(
+                f"sizes must be 1..{MAX_DECODED_SIDE} px (images are decoded at most that large): "
+                f"{self.input_size}, {self.resize_size}"
+            )
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) != 3:
