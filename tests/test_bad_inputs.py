@@ -281,6 +281,8 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
         ("wrong_shape.npy", None, "grid's shape"),
         ("zeros.npy", None, "empty"),
         ("nan.npy", None, "NaN"),
+        # 200 bytes whose header declares 100,000² float64 (75 GiB): np.load allocated it first
+        ("huge.npy", None, "cannot read the mask"),
     ],
 )
 def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, content, message):
@@ -294,6 +296,11 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
         np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     elif mask == "strings.npy":
         np.save(path, np.array([["a", "b"], ["c", "d"]]))
+    elif mask == "huge.npy":
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f8", "fortran_order": False, "shape": (10**5,) * 2}
+            )
     else:
         np.save(
             path,
@@ -306,6 +313,29 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     code = main(["search", cache.location, "--query-index", "0", "--mask", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_dataset_image_made_a_bomb_since_the_build_gives_no_size_and_one_error_line(tmp_path, capsys):
+    """A mask painted on a dataset image is placed by that image's size, read from its header: an
+    image replaced since the build by one past twice the pixel limit (PIL refuses even its header)
+    raised DecompressionBombError (security review). Its size is then unknown, as for an image
+    that is gone: a mask must be the view's square."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        two_colour().save(folder / f"{i}.png")
+    out = tmp_path / "c.zarr"
+    cache = build_cache(
+        BuildJob(layer="blocks.5", data=str(folder), out=str(out), image_size=SIZE, device="cpu")
+    )
+    assert cache.image_size(0) == (24, 48)
+    (folder / "0.png").write_bytes(png_header(20_000, 10_000))
+    assert cache.image_size(0) is None
+    mask = tmp_path / "mask.png"
+    Image.new("L", (48, 24), 255).save(mask)  # the image's shape, not the view's square
+    assert main(["search", str(out), "--query-index", "0", "--mask", str(mask)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mask.png is 48×24 px") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("given", ["0", "-1", "two"])

@@ -455,12 +455,13 @@ likely a background that is not quite transparent or black, which the canvas tak
 
 
 def query_size(cache: FeatureCache, query: Query) -> tuple[int, int] | None:
-    """(H, W) of the query image as a viewer shows it (None: a dataset image not at hand), read once
-    per query: a dataset image's means opening its dataset."""
+    """(H, W) of the query image as a viewer shows it (None: a dataset image not at hand, or on a
+    hosted server outside its caches folder), read once per query: a dataset image's means opening
+    its dataset."""
 
     def size() -> tuple[int, int] | None:
-        if query.index is not None:
-            return cache.image_size(query.index)
+        if query.index is not None:  # a hosted server reads no dataset outside its caches folder
+            return cache.image_size(query.index) if settings().reads_dataset(cache.spec.data.source) else None
         return upright_size(io.BytesIO(st.session_state[UPLOADED][2]))
 
     return memo("query_size", (cache.location, query), size)

@@ -275,7 +275,8 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
-            m = np.load(path, allow_pickle=False)  # never unpickle: a .npy can carry code
+            # never unpickled (a .npy can carry code); mapped, not read: its header may declare any shape
+            m = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{path.name}: cannot read the mask ({e})") from e
         if m.dtype.kind not in "biuf":
@@ -284,7 +285,7 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
             raise ValueError(
                 f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}"
             )
-        return m.astype(np.float32)
+        return np.array(m, dtype=np.float32)
     return grid_mask(mask_image_coverage(path, path.name, painted_on), grid)
 
 

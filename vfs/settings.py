@@ -115,6 +115,17 @@ class Settings:
         """Where the cache called `name` lives in this instance's caches folder."""
         return safe_cache_path(self.cache_dir, name)
 
+    def reads_dataset(self, source: str) -> bool:
+        """Whether this instance may open a cache's dataset (`spec.data.source`, which whoever built
+        the cache named) for a query image's own size: when hosted, only one in its caches folder or
+        the images shipped with VFS."""
+        from .data import EMBEDDED_DATASET  # here: the app reads its settings before PyTorch loads
+
+        if not self.hosted or source == EMBEDDED_DATASET:
+            return True
+        root = Path(os.path.abspath(self.cache_dir))
+        return not is_url(source) and Path(os.path.abspath(Path(source).expanduser())).is_relative_to(root)
+
     def check_model_spec(self, spec: str) -> None:
         """Refuse model specs that would run user code or read files outside the caches folder (hosted)."""
         from .models import KINDS, parse_model_spec  # here: the app reads its settings before PyTorch loads

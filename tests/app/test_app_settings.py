@@ -83,6 +83,19 @@ def test_hosted_refuses_user_code_and_outside_checkpoints(tmp_path):
     hosted.check_model_spec("embedded:efficientnet_lite0")
 
 
+def test_hosted_reads_no_dataset_outside_its_caches_folder(tmp_path):
+    """A cache's dataset source is whoever built it's choice: a hosted app opened it (to size a
+    query image for a mask painted on it), and a source of "/" listed the whole disk (security
+    review). Hosted, only a dataset in the caches folder is opened."""
+    hosted = Settings(cache_dir=tmp_path, hosted=True, allow_build=False)
+    assert hosted.reads_dataset(str(tmp_path / "data" / "manifest.csv")) and hosted.reads_dataset(
+        "embedded:skimage"
+    )
+    for elsewhere in ("/", "/etc", f"{tmp_path}/../data", "https://example.org/m.csv", "torchvision:CIFAR10"):
+        assert not hosted.reads_dataset(elsewhere), elsewhere
+    assert Settings(cache_dir=tmp_path).reads_dataset("/")  # one's own machine: any
+
+
 def test_malformed_model_spec_is_a_value_error():
     with pytest.raises(ValueError):
         Settings().check_model_spec("resnet50")

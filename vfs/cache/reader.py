@@ -484,7 +484,9 @@ class FeatureCache:
             if isinstance(reader, FileReader):
                 return upright_size(reader.resolve(path))  # its size as stored, not as decoded (≤ 4,096 px)
             image = reader(path)
-        except (LookupError, ValueError, RuntimeError, OSError):  # a mask then has to be square, as the view
+        except (LookupError, ValueError, RuntimeError, OSError, PIL.Image.DecompressionBombError):
+            # a mask then has to be square, as the view (an image past twice the pixel limit: its header
+            # is not read)
             return None
         return image.height, image.width
 
