@@ -27,7 +27,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.views import TILE_PX, result_table, result_tiles, search_summary
     from vfs.cache import FeatureCache, cache_name
     from vfs.compare import comparison_note, comparison_refusal, short_weights
-    from vfs.export import compared_scores, comparison_json
+    from vfs.export import compared_scores, comparison_json, spreadsheet_csv
     from vfs.render import comparison_figure, jpeg_data_url, mask_overlay, mask_summary, region_mask_png
     from vfs.stats import rank_agreement
 
@@ -120,7 +120,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     downloads = st.container(horizontal=True)
     downloads.download_button(
         "Download both sides' scores (CSV)",
-        lambda: compared_scores(left, a, b, compared).to_csv(),  # the compared images; made on click
+        lambda: spreadsheet_csv(compared_scores(left, a, b, compared)),  # the compared images; made on click
         f"{stem}-scores.csv",
         "text/csv",
         key="compare.csv",

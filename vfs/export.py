@@ -1,5 +1,6 @@
-"""Search results in their stable exchange form: the JSON that `python -m vfs search --json` prints
-and the app offers for download (documented in docs/cli.md), kept below both so they agree."""
+"""Search results in their stable exchange forms: the JSON that `python -m vfs search --json` prints
+and the app offers for download (documented in docs/cli.md), kept below both so they agree, and the
+tables the app's pages offer as CSV (`spreadsheet_csv`)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,30 @@ def comparison_json(
         "agreement": {"k": k, "compared_images": compared}
         | {key: round(v, 6) if math.isfinite(v) else None for key, v in agreement.items()},  # NaN: none
     }
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_csv(table: pd.DataFrame, index: bool = True) -> str:
+    """`table` as CSV that a spreadsheet opens as values: a text cell or column name that begins as a
+    formula does (=, +, -, @, a tab or a carriage return) gets a leading apostrophe, OWASP's remedy
+    for CSV injection — a dataset's label such as `=HYPERLINK("http://…?"&A1, "…")` would otherwise
+    send the sheet's cells away from whoever opens a hosted app's download. Numbers stay numbers."""
+
+    def value(cell: Any) -> Any:
+        return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
+
+    def text(kind: Any) -> bool:  # object, string or categorical: where text may be
+        return not (pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_datetime64_any_dtype(kind))
+
+    safe = table.rename(columns=value)
+    if text(safe.index.dtype):
+        safe.index = safe.index.map(value)
+    for at, kind in enumerate(safe.dtypes):
+        if text(kind):
+            safe.isetitem(at, safe.iloc[:, at].map(value))
+    return safe.to_csv(index=index)
 
 
 def _json_value(value: Any) -> Any:
