@@ -478,7 +478,7 @@ JOB = 'layer = "blocks.5"\ndata = "embedded:skimage"\n'
 @pytest.mark.parametrize(
     "job,flags,message",
     [
-        (JOB, [], "job.toml: the job needs out: set them in its [build] table or by --out"),
+        (JOB, [], "job.toml: the job needs out: set it in its [build] table or by --out"),
         (
             JOB + "batch_size = 0\n",
             ["--out", "OUT"],

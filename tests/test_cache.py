@@ -491,6 +491,10 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
         == 2
     )
     assert "--exclude-same is for a --query-index query" in capsys.readouterr().err
+    # and the --image query's own options with an index (--trust-model-code was taken without a word)
+    for option in (["--model", "embedded:efficientnet_lite0"], ["--trust-model-code"]):
+        assert main([*argv, *option]) == 2
+        assert f"{option[0]} is for an --image query" in capsys.readouterr().err
 
 
 def test_a_label_column_its_manifest_lacks_is_named_not_a_key_error(tmp_path):

@@ -266,8 +266,9 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from .search import search_regions
 
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
-    if args.model and not args.image:
-        raise ValueError("--model is for an --image query; a --query-index uses the cache's stored features")
+    for flag, given in (("--model", args.model), ("--trust-model-code", args.trust_model_code)):
+        if given and not args.image:
+            raise ValueError(f"{flag} is for an --image query; a --query-index searches the stored features")
     if args.exclude_same and args.image:
         raise ValueError("--exclude-same is for a --query-index query: an --image has no manifest row")
     if (

@@ -117,7 +117,8 @@ class BuildJob:
         missing = [k for k in ("layer", "data", "out") if k not in table]
         if missing:
             keys, flags = ", ".join(missing), ", ".join(f"--{k}" for k in missing)
-            raise ValueError(f"{path}: the job needs {keys}: set them in its [build] table or by {flags}")
+            them = "them" if len(missing) > 1 else "it"
+            raise ValueError(f"{path}: the job needs {keys}: set {them} in its [build] table or by {flags}")
         try:
             return cls(**table)
         except ValueError as e:

@@ -71,7 +71,7 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 
 def _unavailable(spec: str, error: BaseException) -> ModelUnavailable:
     return ModelUnavailable(
-        f"The weights for {spec!r} could not be downloaded (no internet?): {_one_line(error).rstrip('.')}. "
+        f"the weights for {spec!r} could not be downloaded (no internet?): {_one_line(error).rstrip('.')}. "
         f"Models that work offline: {', '.join(EMBEDDED_MODELS)}; a local checkpoint with "
         "file:<path>?arch=<name>; or random weights with timm:<name>?pretrained=false "
         "or torchvision:<name>@none."
