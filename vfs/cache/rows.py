@@ -111,22 +111,23 @@ class ChunkFileRows(RowReader):
             if self.compressed:
                 out[a - start : b - start] = self._chunk(i)[a - i * self.per : b - i * self.per]
             else:
-                self._read_into(i, a - i * self.per, out[a - start : b - start])
+                with self._open(i) as f:
+                    self._read_into(f, i, a - i * self.per, out[a - start : b - start])
         return out
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """Each row on its own: re-scoring a few images must not read (or decode) their whole chunks
         (compressed chunks are decoded once each)."""
         out = np.empty((len(indices), *self.row_shape), dtype=self.dtype)
-        decoded: dict[int, np.ndarray] = {}
-        for j, r in enumerate(indices):
-            i, first = divmod(int(r), self.per)
+        chunks, firsts = np.divmod(np.asarray(indices, dtype=np.int64), self.per)
+        for i in np.unique(chunks).tolist():  # each chunk's file opened (and checked) once
+            rows = np.flatnonzero(chunks == i)
             if self.compressed:
-                if i not in decoded:
-                    decoded[i] = self._chunk(i)
-                out[j] = decoded[i][first]
-            else:
-                self._read_into(i, first, out[j : j + 1])
+                out[rows] = self._chunk(i)[firsts[rows]]
+                continue
+            with self._open(i) as f:
+                for j in rows.tolist():
+                    self._read_into(f, i, int(firsts[j]), out[j : j + 1])
         return out
 
     def stream(self, start: int, stop: int) -> np.ndarray | list[torch.Tensor]:
@@ -154,7 +155,8 @@ class ChunkFileRows(RowReader):
         return self.root / self.arr.path / self._key(i)
 
     def _open(self, i: int) -> BufferedReader:
-        """Chunk i's file, once `checked_file` (no device, pipe or link out of the cache)."""
+        """Chunk i's file, once `checked_file` (no device, pipe or link out of the cache; ≈ 25 µs,
+        on every opening: a file replaced since would be read otherwise)."""
         try:
             checked_file(self.real_root, self._file(i), MAX_CHUNK_FILE_BYTES)
             return open(self._file(i), "rb")
@@ -181,11 +183,10 @@ class ChunkFileRows(RowReader):
                 os.close(fd)
         return spans
 
-    def _read_into(self, i: int, first: int, out: np.ndarray) -> None:
-        """Rows `first`.. of chunk i's plain file into `out` (contiguous); a file too short is damage."""
-        with self._open(i) as f:
-            f.seek(first * self.row_bytes)
-            got = f.readinto(out.reshape(-1).view(np.uint8).data)
+    def _read_into(self, f: BufferedReader, i: int, first: int, out: np.ndarray) -> None:
+        """Rows `first`.. of chunk i's plain file `f` into `out` (contiguous); a file too short is damage."""
+        f.seek(first * self.row_bytes)
+        got = f.readinto(out.reshape(-1).view(np.uint8).data)
         if got != out.nbytes:
             raise self._truncated(i)
 
