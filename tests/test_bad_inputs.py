@@ -26,6 +26,7 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pandas as pd
 import pytest
@@ -794,18 +795,15 @@ def within(seconds: int):
 
 
 def zstd_frame_declaring(size: int) -> bytes:
-    """A zstd frame header that declares `size` bytes decoded (RFC 8878: single segment, 8-byte
-    size), followed by nothing a decoder could use: what a hostile cache needs to make numcodecs
-    allocate `size`."""
-    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little") + b"\0" * 16
+    """A zstd frame that declares `size` bytes decoded (RFC 8878: single segment, an 8-byte size) and
+    holds one RLE block of one byte: all a hostile cache needs to make numcodecs allocate `size`."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little") + bytes([0x0B, 0, 0, 7])
 
 
 @pytest.fixture
 def zstd_features(small_chunked):
     """small_chunked with its features zstd-compressed (a codec a cache may use): each chunk file
     is then read and decoded whole."""
-    import numcodecs
-
     path, x = small_chunked
     meta = path / "features" / "zarr.json"
     doc = json.loads(meta.read_text())
@@ -818,7 +816,7 @@ def zstd_features(small_chunked):
 
 
 @pytest.mark.parametrize("stored", ["plain", "zstd"])
-@pytest.mark.parametrize("kind", ["/dev/zero", "a pipe", "a link out", "a zstd bomb"])
+@pytest.mark.parametrize("kind", ["/dev/zero", "a pipe", "a link out", "a zstd bomb", "two zstd frames"])
 def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
     small_chunked, zstd_features, stored, kind
 ):
@@ -827,7 +825,7 @@ def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
     file outside it, or a zstd frame declaring any size (security review): each is refused at once,
     naming the rows it held."""
     path, x = zstd_features if stored == "zstd" else small_chunked
-    if kind == "a zstd bomb" and stored == "plain":
+    if "zstd" in kind and stored == "plain":
         pytest.skip("a plain chunk file is read at the rows' offsets, never decoded")
     cache = open_cache(path)
     np.testing.assert_array_equal(cache.rows(np.arange(30)), x)  # as written, before the damage
@@ -841,12 +839,18 @@ def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
         outside = path.parent / "elsewhere.bin"
         outside.write_bytes(bytes(7 * 2 * 3 * 4 * 2))
         target.symlink_to(outside)
-    else:
+    elif kind == "a zstd bomb":
         target.write_bytes(zstd_frame_declaring(1 << 40))
-    why = {"/dev/zero": "leads out of the cache", "a pipe": "no regular file", "a link out": "leads out"}
-    match = (
-        rf"features rows 7..13 of the cache at {path}: .*{why.get(kind, 'declares 1,099,511,627,776 bytes')}"
-    )
+    else:  # an empty first frame, then 30 MB: numcodecs decodes them all (code review)
+        target.write_bytes(numcodecs.Zstd().encode(b"") + numcodecs.Zstd().encode(bytes(30 << 20)))
+    why = {
+        "/dev/zero": "leads out of the cache",
+        "a pipe": "no regular file",
+        "a link out": "leads out",
+        "a zstd bomb": "declares 1,099,511,627,776 bytes",
+        "two zstd frames": "declares 31,457,280 bytes",
+    }[kind]
+    match = rf"features rows 7..13 of the cache at {path}: .*{why}"
     with within(20):
         for read in (lambda: cache.rows(np.array([9])), lambda: search_regions(cache, 0, np.ones((2, 3)))):
             with pytest.raises(CacheError, match=match):
@@ -862,6 +866,12 @@ def test_metadata_or_a_zarr_decoded_chunk_no_build_writes_is_refused(small_chunk
     bomb = chunk_file(path, "thumbs", 0)
     bomb.write_bytes(zstd_frame_declaring(1 << 40))
     with within(20), pytest.raises(CacheError, match="declares 1,099,511,627,776 bytes decoded"):
+        open_cache(path).thumb(0)
+    chunk_bytes = per * 8 * 8 * 3  # valid zstd of one byte more than a chunk: it would decode
+    bomb.write_bytes(numcodecs.Zstd().encode(bytes(chunk_bytes + 1)))
+    with pytest.raises(
+        CacheError, match=f"declares {chunk_bytes + 1:,} bytes decoded, more than .*{chunk_bytes:,}"
+    ):
         open_cache(path).thumb(0)
     assert open_cache(path).thumb(per).shape == (8, 8, 3)  # another chunk still reads
     meta = path / "sqnorm" / "zarr.json"
@@ -979,6 +989,16 @@ def test_hostile_cache_formats_are_refused_before_decoding(small_chunked, tmp_pa
         open_cache(path)
     meta.write_text(json.dumps(doc | {"codecs": [{"name": "no.such.codec", "configuration": {}}]}))
     with pytest.raises(CacheError, match="the metadata of its 'sqnorm' array cannot be read"):
+        open_cache(path)
+    # codecs whose decoded size no header bounds, and sharding (inner chunks read by byte range): no
+    # VFS wrote them, and a 300 KB gzip chunk decoded to 300 MB (code review)
+    gzip = {"name": "gzip", "configuration": {"level": 5}}
+    meta.write_text(json.dumps(doc | {"codecs": [*doc["codecs"], gzip]}))
+    with pytest.raises(CacheError, match="uses codec\\(s\\) gzip, which VFS does not read"):
+        open_cache(path)
+    dotted = {"name": "default", "configuration": {"separator": "."}}  # keys the stores' checks do not read
+    meta.write_text(json.dumps(doc | {"chunk_key_encoding": dotted}))
+    with pytest.raises(CacheError, match="'sqnorm' names its chunks otherwise than VFS writes them"):
         open_cache(path)
     meta.write_text(json.dumps(doc | {"data_type": "float64"}))
     with pytest.raises(CacheError, match="holds float64, not float32"):

@@ -32,10 +32,12 @@ MAX_CHUNK_BYTES = 1 << 30
 is decoded whole, so a hostile cache declaring huge chunks would otherwise make each read allocate that
 much."""
 # Codecs a cache's arrays may use. Caches come from strangers (URLs, shared folders): anything
-# else (a plugin codec, an object codec) is refused before a byte of data is decoded.
-SAFE_CODECS = frozenset(
-    {"bytes", "zstd", "blosc", "gzip", "crc32c", "transpose", "vlen-utf8", "vlen-bytes", "sharding_indexed"}
-)
+# else (a plugin codec, an object codec) is refused before a byte of data is decoded — gzip and
+# blosc too, whose decoded size no header bounds as zstd's does (`files.check_zstd`), and sharding,
+# whose inner chunks are read by byte range; no VFS version wrote any of them.
+SAFE_CODECS = frozenset({"bytes", "zstd", "crc32c", "transpose", "vlen-utf8", "vlen-bytes"})
+CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+"""The chunk keys every VFS version wrote (`<array>/c/0/0`), which the stores' checks read."""
 _MISSING = ""  # how a table stores a missing value (an empty value is one: statistics group it so)
 _READ_AS_MISSING = ("", "\x00")  # "\0" too: the format's first description named it
 _WRITTEN_AS_TEXT = ("<NA>", "NaT", "nan")
@@ -183,6 +185,11 @@ def check_array(arr: zarr.Array, location: str, dtype: str | None = None) -> Non
         raise CacheError(
             f"{location}: array {arr.path!r} uses codec(s) {', '.join(unsafe)}, which VFS does not read "
             f"(allowed: {', '.join(sorted(SAFE_CODECS))})"
+        )
+    keys = meta.to_dict().get("chunk_key_encoding")
+    if keys != CHUNK_KEYS:
+        raise CacheError(
+            f"{location}: array {arr.path!r} names its chunks otherwise than VFS writes them: {keys}"
         )
     if dtype is not None and str(arr.dtype) != dtype:
         raise CacheError(f"{location}: array {arr.path!r} holds {arr.dtype}, not {dtype}")

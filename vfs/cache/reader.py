@@ -33,7 +33,7 @@ from ..models import (
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
 from ..stats import column_summary
-from .files import CacheStore
+from .files import CacheStore, RemoteCacheStore
 from .format import (
     FORMAT,
     FORMAT_VERSION,
@@ -49,8 +49,11 @@ from .format import (
 from .rows import RowReader, ZarrRows, row_reader
 
 DEFAULT_MEMORY_BUDGET = 4 << 30
-REMOTE_SILENCE_S = 60  # seconds a remote store may send nothing before a read fails
 """A cache up to this size is held resident in RAM by a CPU search; a larger one is streamed."""
+REMOTE_SILENCE_S = 60
+"""Seconds a remote store may send nothing (or take to connect) before a read fails."""
+REMOTE_READ_S = 600
+"""Seconds one read from a remote store may take in all (a chunk VFS writes is ≤ 40 MB)."""
 RESIDENT_HEADROOM = 1.1
 """Resident features take their size plus the squared norms (C × smaller) and slack."""
 CUDA_FREE_SHARE = 0.6
@@ -669,10 +672,12 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
     """
     location = str(location)
     try:
-        store: zarr.storage.FsspecStore | CacheStore
+        store: RemoteCacheStore | CacheStore
         if is_url(location):
             options = _remote_options(location)
-            store = zarr.storage.FsspecStore.from_url(location, read_only=True, storage_options=options)
+            remote = RemoteCacheStore.from_url(location, read_only=True, storage_options=options)
+            assert isinstance(remote, RemoteCacheStore)  # from_url makes its own class
+            store = remote
         else:
             if not Path(location).exists():
                 raise CacheError(f"no cache at {location}")
@@ -688,15 +693,16 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
 
 
 def _remote_options(location: str) -> dict[str, Any]:
-    """fsspec's options for a cache at a URL: over HTTP, a read that gets no byte for
-    `REMOTE_SILENCE_S` fails (aiohttp's default waits five minutes for a whole answer, however
-    long a large chunk takes to come; a server that never answers held a reader that long)."""
+    """fsspec's options for a cache at a URL: over HTTP, a read fails that gets no byte for
+    `REMOTE_SILENCE_S` (a server that never answered held a reader for aiohttp's five minutes) or
+    takes more than `REMOTE_READ_S` in all (one that sends a byte a minute)."""
     if not location.lower().startswith(("http://", "https://")):
         return {}
     import aiohttp
 
-    silence = aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_SILENCE_S, sock_read=REMOTE_SILENCE_S)
-    return {"client_kwargs": {"timeout": silence}}
+    quiet = REMOTE_SILENCE_S
+    limits = aiohttp.ClientTimeout(total=REMOTE_READ_S, connect=quiet, sock_connect=quiet, sock_read=quiet)
+    return {"client_kwargs": {"timeout": limits}}
 
 
 def cache_row(
