@@ -139,6 +139,16 @@ def test_a_region_painted_on_the_photo_weighs_only_the_cells_it_covers(tmp_path)
     # by area: x 115..235 of the photo is 64.2..192.2 of the view (the 341-px-wide resize, cropped at
     # 58.5): column 2 covered but for 0.2 of its 32 px, column 6 by 0.2 px of them
     np.testing.assert_allclose(mask[2:5, 2:7], [[0.9828, 1, 1, 1, 0.0133]] * 3, atol=2e-3)
+    # a 5:4 photo whose view was placed from a copy of another ratio (410×512: resized to 319 px where
+    # the photo's view is 320): 0.85 px off, a column of cells too many (code review). Rows 800..1760,
+    # columns 1120..2400 of 2560×3200 are the view's 64..160 and 64..192: cells 2..4 and 2..5 exactly
+    big = load_mask(
+        box_png(tmp_path / "b.png", (2560, 3200), (800, 1120, 1760, 2400)), (7, 7), painted_on((2560, 3200))
+    )
+    assert crop_mask(big).query_box() == (2, 2, 5, 6) and big[2:5, 2:6].min() == 1, big.round(3)
+    # a photo of 3×5 px: each view pixel shows a sliver of one (rounding edges had made some empty: NaN)
+    tiny = load_mask(box_png(tmp_path / "t.png", (3, 5), (0, 0, 3, 5)), (7, 7), painted_on((3, 5)))
+    assert np.isfinite(tiny).all() and tiny.min() > 0.5, tiny.round(2)
 
 
 def test_a_region_outside_the_models_view_or_a_mask_of_another_shape_is_refused(tmp_path):

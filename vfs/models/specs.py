@@ -7,6 +7,7 @@ loading a network.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -198,9 +199,12 @@ class Preprocess:
 
 def _view_spans(a: float, b: float, side: int, length: int) -> np.ndarray:
     """(side, length): row v averages the image pixels under view pixel v, [a·v + b, a·(v + 1) + b)
-    (`_view_axes`), by overlap; nothing past the image's edges. The edges are taken to 1/64 pixel,
-    past the fit's error (≈ 1e-3 px), so that one on a pixel's edge covers none of its neighbour."""
-    edges = np.round((a * np.arange(side + 1) + b) * 64) / 64
+    (`_view_axes`), by overlap; nothing past the image's edges. An edge within 0.01 px of a pixel's
+    (past the fit's error; a quarter of a view pixel where one shows less) is taken on it, so that it
+    covers none of its neighbour."""
+    edges = a * np.arange(side + 1) + b
+    whole = np.round(edges)
+    edges = np.where(np.abs(edges - whole) < min(0.01, a / 4), whole, edges)
     lo, hi = edges[:-1, None], edges[1:, None]
     pixels = np.arange(length)[None, :]
     return np.clip(np.minimum(hi, pixels + 1) - np.maximum(lo, pixels), 0.0, None) / (hi - lo)
@@ -212,15 +216,30 @@ def _picked(cover: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return np.where((rows >= 0)[:, None] & (cols >= 0)[None, :], out, np.zeros_like(out))
 
 
+def _ramp_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The size of the copy `_view_axes` crops: `size` divided by a whole divisor of both sides, so
+    that its sides' ratio — and with it each resize's rounding of the sides — is the image's own (a
+    2560×3200 image's copy of 410×512 was resized to 319 px where the image's view is 320: the
+    view's place was 0.85 px off); where no divisor brings it to ≤ 512 px (its shorter side ≥ 32),
+    the image itself up to 4,096 px, else a copy rounded to ≤ 512 px."""
+    need = max(1.0, min(max(size) / 512, min(size) / 32))
+    common = math.gcd(*size)
+    divisors = [d for d in range(math.ceil(need), common + 1) if common % d == 0][:1]
+    if divisors:
+        return size[0] // divisors[0], size[1] // divisors[0]
+    if max(size) <= 4096:
+        return size
+    return max(1, round(size[0] / need)), max(1, round(size[1] / need))
+
+
 @functools.lru_cache(maxsize=64)
 def _view_axes(preprocess: Preprocess, size: tuple[int, int]) -> tuple[tuple[float, float], ...] | None:
     """Where the view of an image of `size` (H, W) lies on it: for rows, then columns, (a, b) such that
     view coordinate v (pixels from its edge) shows image coordinate a·v + b; None where the view shows
     too little of it to say (a side of a pixel or two). Found by cropping coordinate ramps as
     `Preprocess.view` crops an image, so every crop mode agrees with it; on a copy of at most 512 px
-    (its shorter side at least 32), scaled back: the rounding of sizes moves it by a fraction of a pixel."""
-    scale = max(1.0, min(max(size) / 512, min(size) / 32))
-    small = (max(1, round(size[0] / scale)), max(1, round(size[1] / scale)))
+    (its shorter side at least 32), scaled back (`_ramp_size`)."""
+    small = _ramp_size(size)
     axes = []
     for axis, length in enumerate(small):
         line = np.arange(length, dtype=np.float32) + 0.5
