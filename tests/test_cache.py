@@ -592,8 +592,9 @@ def test_the_pages_csv_opens_in_a_spreadsheet_as_values_not_formulas(tmp_path):
         "-1+2",
         "\tx",
     ]
+    after_a_separator = "cat;=1+1"  # one cell; a formula where a spreadsheet splits on ';' (code review)
     rows = candidates(8).assign(
-        label=[*evil, "cat", "-", None],
+        label=[*evil, after_a_separator, "-", None],
         dom=["=1+1", *["d"] * 7],
         **{"=col": range(8)},
         delta=np.arange(8) - 4.5,
@@ -612,12 +613,15 @@ def test_the_pages_csv_opens_in_a_spreadsheet_as_values_not_formulas(tmp_path):
         cells = [v for row in read for v in row.values()] + list(read[0])
         assert not [c for c in cells if c and c[0] in "=+@\t"], text  # no formula left
         assert {"'" + e for e in evil} <= set(cells) and "'=col" in read[0] and "'=1+1" in cells
-        assert {"cat", "'-"} <= set(cells)  # other text as it was; a lone "-" is text too
+        assert {after_a_separator, "'-"} <= set(cells)  # other text as it was; a lone "-" is text too
+        assert f'"{after_a_separator}"' in text  # quoted: one cell, whatever splits the others
         back = pd.read_csv(io.StringIO(text))
         if "delta" in back:
             np.testing.assert_array_equal(np.sort(back["delta"]), np.arange(8) - 4.5)  # numbers stay numbers
         assert back["score" if "score" in back else "vfs_score"].dtype == float
-    assert spreadsheet_csv(pd.DataFrame({"a": [1]})) == pd.DataFrame({"a": [1]}).to_csv()
+    assert (
+        spreadsheet_csv(pd.DataFrame({"a": [1.5], "b": ["x"]})).splitlines()[1] == '0,1.5,"x"'
+    )  # numbers bare
 
 
 def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_path):

@@ -4,6 +4,7 @@ tables the app's pages offer as CSV (`spreadsheet_csv`)."""
 
 from __future__ import annotations
 
+import csv
 import math
 from typing import Any
 
@@ -117,10 +118,12 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def spreadsheet_csv(table: pd.DataFrame, index: bool = True) -> str:
-    """`table` as CSV that a spreadsheet opens as values: a text cell or column name that begins as a
-    formula does (=, +, -, @, a tab or a carriage return) gets a leading apostrophe, OWASP's remedy
-    for CSV injection — a dataset's label such as `=HYPERLINK("http://…?"&A1, "…")` would otherwise
-    send the sheet's cells away from whoever opens a hosted app's download. Numbers stay numbers."""
+    """`table` as CSV that a spreadsheet opens as values: a text cell, column or index name that
+    begins as a formula does (=, +, -, @, a tab or a carriage return) gets a leading apostrophe, and
+    every text is quoted (a spreadsheet that splits on `;` would find a formula after one), OWASP's
+    remedies for CSV injection — a dataset's label such as `=HYPERLINK("http://…?"&A1, "…")` would
+    otherwise send the sheet's cells away from whoever opens a hosted app's download. Numbers stay
+    numbers, unquoted."""
 
     def value(cell: Any) -> Any:
         return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
@@ -128,13 +131,13 @@ def spreadsheet_csv(table: pd.DataFrame, index: bool = True) -> str:
     def text(kind: Any) -> bool:  # object, string or categorical: where text may be
         return not (pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_datetime64_any_dtype(kind))
 
-    safe = table.rename(columns=value)
+    safe = table.rename(columns=value).rename_axis(index=[value(n) for n in table.index.names])
     if text(safe.index.dtype):
         safe.index = safe.index.map(value)
     for at, kind in enumerate(safe.dtypes):
         if text(kind):
             safe.isetitem(at, safe.iloc[:, at].map(value))
-    return safe.to_csv(index=index)
+    return safe.to_csv(index=index, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _json_value(value: Any) -> Any:
