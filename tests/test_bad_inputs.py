@@ -927,6 +927,8 @@ def test_unsupported_format_version_and_damaged_attributes(small_chunked):
         (("report", "skipped"), "abc"),
         (("report", "skipped"), [{"path": 3}]),
         (("progress",), "x"),
+        (("complete",), "false"),
+        (("n",), 30.0),
     ],
 )
 def test_attributes_of_the_wrong_kind_are_damage_not_a_traceback(small_chunked, capsys, where, value):

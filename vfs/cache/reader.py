@@ -73,8 +73,13 @@ def cache_name(location: str) -> str:
 
 
 def _check_build_records(attrs: dict[str, Any]) -> None:
-    """The build's progress and report as its writer keeps them (read by `stored`, `info` and the
-    pages' lists of skipped images): mappings, the report's skipped images each a path and a reason."""
+    """The build's records as its writer keeps them: `complete` true or false (the text "false" was
+    taken for true), `n` a whole number, progress and report mappings (read by `stored`, `info` and
+    the pages' lists of skipped images), the report's skipped images each a path and a reason."""
+    if not isinstance(attrs.get("complete", False), bool):
+        raise TypeError(f"complete is true or false, not {attrs['complete']!r}")
+    if isinstance(attrs.get("n"), bool) or not isinstance(attrs.get("n", 0), int):
+        raise TypeError(f"n is a whole number of images, not {attrs['n']!r}")
     for name in ("progress", "report"):
         record = attrs.get(name, {})
         if not isinstance(record, dict) or not isinstance(record.get("skipped", []), list):
