@@ -191,3 +191,21 @@ def test_the_apps_region_download_is_the_view_whatever_the_query_photos_size(tmp
         np.testing.assert_array_equal(got, grid_mask(paint, (7, 7)))
     plain = box_png(tmp_path / "plain.png", (320, 320), (0, 0, 320, 40))  # the same, saved elsewhere
     assert not np.array_equal(load_mask(plain, (7, 7), painted_on((320, 320))), grid_mask(paint, (7, 7)))
+
+
+def test_a_drawing_of_another_shape_than_the_grid_is_stretched_with_a_warning():
+    """grid_mask stretched a photo-shaped drawing onto a square grid without a word (UX review): the
+    region then lay elsewhere than painted. It still does (its arithmetic holds for any shapes) but
+    says so and how to place a drawing on the photo; a square one, or one a pixel off, says nothing."""
+    import warnings
+
+    from vfs.masks import grid_mask
+
+    photo = np.zeros((480, 640))
+    photo[200:280, 300:340] = 1
+    with pytest.warns(UserWarning, match=r"a 640×480 drawing is stretched onto the 7×7 grid.*view_coverage"):
+        grid_mask(photo, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid_mask(np.ones((320, 320)), 7)
+        grid_mask(np.ones((224, 225)), (7, 7))  # a pixel of rounding

@@ -30,6 +30,9 @@ from vfs.search import search_regions
 EXAMPLES = int(os.environ.get("VFS_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a soak
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
+# grid_mask's arithmetic on drawings of any shape: its warning for a stretched one is not the point here
+pytestmark = pytest.mark.filterwarnings("ignore:a .* drawing is stretched onto")
+
 
 # --------------------------------------------------------------------------- strategies
 

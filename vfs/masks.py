@@ -158,11 +158,22 @@ def grid_mask(drawn: np.ndarray | torch.Tensor | Image.Image, grid: tuple[int, i
     """Area-average a drawing of any size onto the (h, w) feature grid (an int: a square one) →
     float32 weights in [0, 1]: `search_regions`'s mask. A drawing is coverage — bool, float in
     [0, 1], or integer grey levels scaled by their type's maximum — or an image (its alpha, else
-    its grey levels), as a numpy array, a torch tensor or a PIL image, drawn on the model's view."""
+    its grey levels), as a numpy array, a torch tensor or a PIL image, drawn on the model's view.
+    A drawing of another shape than the grid's is stretched onto it, with a warning: one painted on
+    a query photo belongs where the model's crop puts it (`preprocess.view_coverage` first)."""
     h, w = (grid, grid) if isinstance(grid, (int, np.integer)) else grid
     if h < 1 or w < 1:
         raise ValueError(f"a grid has at least one cell each way, not {h}×{w}")
     cover = _as_coverage(drawn)
+    rows, cols = cover.shape
+    if abs(rows * w - cols * h) > max(rows * w, cols * h) * 0.02:  # beyond a pixel or two of rounding
+        warnings.warn(
+            f"a {cols}×{rows} drawing is stretched onto the {w}×{h} grid (its sides' ratio another): if "
+            "it was painted on the query photo, place it as the model crops the photo first — "
+            "cache.spec.preprocess.view_coverage(drawing), or vfs.load_mask(file, grid, "
+            "cache.spec.preprocess.painted_on(lambda: photo_size)) for a file",
+            stacklevel=2,
+        )
     mask = _area_weights(cover.shape[0], h) @ cover @ _area_weights(cover.shape[1], w).T
     return np.clip(mask, 0.0, 1.0).astype(np.float32)
 
