@@ -999,24 +999,15 @@ def test_a_remote_cache_that_never_answers_fails_after_its_silence(monkeypatch):
 def test_a_remote_caches_zstd_chunk_is_bounded_as_a_local_ones(tmp_path):
     """Over HTTP too, a zstd chunk that declares more than its chunk's bytes is refused before zarr
     decodes it (code review: only local caches were checked)."""
-    import threading
-    from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
     import numcodecs
+    from cachehelpers import served
 
     build(tmp_path / "c.zarr", 6)
     thumbs = tmp_path / "c.zarr" / "thumbs" / "c" / "0" / "0" / "0" / "0"
     assert thumbs.is_file()
-    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/c.zarr"
+    with served(tmp_path) as base:
+        url = f"{base}/c.zarr"
         assert open_cache(url).thumb(0).shape == open_cache(tmp_path / "c.zarr").thumb(0).shape
         thumbs.write_bytes(numcodecs.Zstd().encode(bytes(1 << 26)))  # 64 MiB of zeros, 2 KB compressed
         with pytest.raises(CacheError, match="declares 67,108,864 bytes decoded, more than its chunk may"):
             open_cache(url).thumb(0)
-    finally:
-        server.shutdown()

@@ -9,7 +9,6 @@ import shutil
 import threading
 from dataclasses import replace
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -884,12 +883,10 @@ def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches,
 
 
 def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeypatch):
-    handler = partial(SimpleHTTPRequestHandler, directory=str(caches))
-    handler.log_message = lambda *args: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/small.zarr"
+    from cachehelpers import served
+
+    with served(caches) as base:
+        url = f"{base}/small.zarr"
         monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
         monkeypatch.setenv("VFS_HOSTED", "1")
         monkeypatch.setenv("VFS_REMOTE_CACHES", url)
@@ -899,8 +896,6 @@ def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeyp
         assert at.selectbox(key="search.cache").value == url
         at = no_exceptions(draw(at))
         assert len(at.dataframe[0].value) == 10
-    finally:
-        server.shutdown()
 
 
 def test_builds_can_be_switched_off(caches, monkeypatch):
