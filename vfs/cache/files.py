@@ -103,7 +103,10 @@ class ChunkBounds:
     declared decoded size, at most a chunk of the array's (`MAX_CHUNK_BYTES` for strings). Chunk
     keys are the default ones, `<array>/c/0/…` (`check_array` refuses others)."""
 
-    _bounds: dict[str, int | None]
+    @cached_property
+    def _bounds(self) -> dict[str, int | None]:
+        """Each array's bound, by its path, read from its metadata once."""
+        return {}
 
     async def chunk_bound(self, key: str) -> int | None:
         """The decoded bytes `key`'s chunk may have where its array is zstd-coded, else None."""
@@ -112,7 +115,7 @@ class ChunkBounds:
         if not marks:
             return None
         array = "/".join(parts[: marks[-1]])
-        bounds = self.__dict__.setdefault("_bounds", {})
+        bounds = self._bounds
         if array not in bounds:
             meta = await self.get(f"{array}/zarr.json" if array else "zarr.json", default_buffer_prototype())  # type: ignore[attr-defined]
             bounds[array] = None if meta is None else _zstd_chunk_bytes(json.loads(meta.to_bytes()))
