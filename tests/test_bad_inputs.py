@@ -815,8 +815,12 @@ def zstd_features(small_chunked):
     return path, x
 
 
-@pytest.mark.parametrize("stored", ["plain", "zstd"])
-@pytest.mark.parametrize("kind", ["/dev/zero", "a pipe", "a link out", "a zstd bomb", "two zstd frames"])
+@pytest.mark.parametrize(
+    "stored,kind",
+    [(stored, kind) for stored in ("plain", "zstd") for kind in ("/dev/zero", "a pipe", "a link out")]
+    # a plain chunk file is read at the rows' offsets, never decoded: zstd data matters in zstd chunks
+    + [("zstd", "a zstd bomb"), ("zstd", "two zstd frames")],
+)
 def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
     small_chunked, zstd_features, stored, kind
 ):
@@ -825,8 +829,6 @@ def test_a_chunk_file_no_build_writes_is_refused_before_it_is_read(
     file outside it, or a zstd frame declaring any size (security review): each is refused at once,
     naming the rows it held."""
     path, x = zstd_features if stored == "zstd" else small_chunked
-    if "zstd" in kind and stored == "plain":
-        pytest.skip("a plain chunk file is read at the rows' offsets, never decoded")
     cache = open_cache(path)
     np.testing.assert_array_equal(cache.rows(np.arange(30)), x)  # as written, before the damage
     target = chunk_file(path, "features", 1)  # rows 7..13
