@@ -33,9 +33,9 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
 
 pick_left, pick_right = st.columns(2)
 with pick_left:
-    left = pick_cache("compare.left", "Left cache", paired=True)
+    left = pick_cache("compare.left", "Left cache", paired=True, spelled_out=True)
 with pick_right:
-    right = pick_cache("compare.right", "Right cache", shared=None, partner=left)
+    right = pick_cache("compare.right", "Right cache", shared=None, partner=left, spelled_out=True)
 if (reason := comparison_refusal(left, right)) is not None:
     st.error(f"These caches cannot be compared: {reason}" + ("" if reason.endswith("?") else "."))
     st.stop()

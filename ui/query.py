@@ -110,6 +110,7 @@ def pick_cache(
     shared: str | None = CACHE,
     partner: FeatureCache | None = None,
     paired: bool = False,
+    spelled_out: bool = False,
 ) -> FeatureCache:
     """A selectbox of the complete caches that hold images (a build whose every image was skipped
     leaves an empty one, listed on the Build page with its report); stops the page with a hint when
@@ -118,7 +119,8 @@ def pick_cache(
     `shared` keeps the choice for the other pages; `partner` is the cache this one is compared with:
     the default is then another cache of the same images (`comparison_refusal`), if there is one,
     and a new partner brings the default back. `paired`: the default is the first cache that
-    another can be compared with.
+    another can be compared with. `spelled_out`: the chosen cache's description in full under the
+    box too, which a half-width box cuts (two caches differ in their model or layer past the cut).
     """
     rows = [r for r in cache_rows() if r["complete"] and r["n"]]
     if not rows:
@@ -146,6 +148,8 @@ def pick_cache(
     location = st.selectbox(
         label, list(choices), format_func=lambda path: choices[path], key=bind(key, default, shared, choices)
     )
+    if spelled_out:
+        st.caption(choices[location or default])
     if chosen is not None and chosen not in choices and chosen != location:  # the page went on silently
         st.warning(
             f"The cache chosen before, {chosen}, is gone (deleted or moved?): "

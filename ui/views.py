@@ -106,12 +106,16 @@ def result_columns(cache: FeatureCache, result: SearchResult) -> list[str]:
 
 
 def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
-    """The ranked matches as text: with where each best window lies (the tiles show it as an outline)."""
+    """The ranked matches as text: with where each best window lies (the tiles show it as an outline),
+    before the path, the longest column, which a half-width table (Compare's) cuts."""
     shown = result_columns(cache, result)
-    columns = [c for c in ("rank", "index", "score", "label", "domain", "path") if c in shown]
+    columns = [c for c in ("rank", "index", "score", "label", "domain") if c in shown]
     windows = [window_text(box, result.grid) for box in result.top["grid_box"]]
+    table = result.top[columns].assign(window=windows)
+    if "path" in shown:
+        table = table.assign(path=result.top["path"])
     st.dataframe(
-        result.top[columns].assign(window=windows),
+        table,
         hide_index=True,
         key=key,
         column_config={"score": st.column_config.NumberColumn("score", format="%.2f")},

@@ -575,6 +575,13 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     }
     digest = open_cache(caches / "small.zarr").spec.weights.removeprefix("sha256:")[:8]
     assert sum(f"(weights {digest})" in c for c in texts(at.caption)) == 2  # which weights each side holds
+    # each picker's choice in full under it: a half-width box cut the model and layer of a long name
+    for key, name in (("compare.left", "small"), ("compare.right", "small_b4")):
+        spec = open_cache(caches / f"{name}.zarr").spec
+        full = at.selectbox(key=key).format_func(at.selectbox(key=key).value)
+        assert full.startswith(f"{name} — {spec.model} · {spec.layer} · ") and full in texts(at.caption)
+    # the window before the path, which a half-width table cuts
+    assert list(left.columns)[-2:] == ["window", "path"] and list(right.columns)[-2:] == ["window", "path"]
 
 
 def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops_it_otherwise(
