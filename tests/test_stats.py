@@ -61,6 +61,15 @@ def test_label_groups_booleans(values):
     assert groups["True"].tolist() == [True, False, True]
 
 
+def test_a_blank_cell_leaves_a_true_false_column_one_finding():
+    """A blank cell is missing before true / false is recognised: it split the rest by case (review)."""
+    records = pd.DataFrame({"flag": ["true", "false", "TRUE", " ", "False"]})
+    groups = stats.label_groups(records, "flag")
+    assert list(groups.columns) == ["(missing)", "False", "True"]
+    assert groups["True"].tolist() == [True, False, True, False, False]
+    assert stats.column_summary(records)[0]["role"] == "finding"
+
+
 def test_presence():
     assert stats.presence(NIH, "finding", "Cardiomegaly").tolist() == [True, False, False, True]
     absent = stats.presence(NIH, "finding", "Hernia")
@@ -173,6 +182,26 @@ def test_a_present_absent_split_leaves_out_images_without_a_value():
     assert table.loc["True", "p_value"] == pytest.approx(expected)
 
 
+def test_images_without_a_label_are_described_not_compared():
+    """Every group's test leaves out the unlabelled images, as a present / absent split does: one
+    finding got two AUROCs, the unlabelled (low) scores counted as its absence in one (review);
+    their own row has no test and no place in the Benjamini–Hochberg family."""
+    rng = np.random.default_rng(3)
+    records = pd.DataFrame({"f": ["A"] * 15 + ["B"] * 15 + [None] * 15})
+    scores = np.r_[rng.normal(1, 1, 15), rng.normal(0, 1, 15), rng.normal(-2, 0.5, 15)]
+    every = stats.group_table(scores, stats.score_groups(records, "f")[0]).set_index("group")
+    split = stats.group_table(scores, stats.score_groups(records, "f", "A")[0]).set_index("group")
+    assert (
+        every.loc["A", "auroc"] == split.loc["True", "auroc"] == stats.auroc(scores[:30], np.arange(30) < 15)
+    )
+    expected = sps.mannwhitneyu(scores[:15], scores[15:30], alternative="two-sided").pvalue
+    assert every.loc["A", "p_value"] == pytest.approx(expected) == split.loc["True", "p_value"]
+    missing = every.loc["(missing)"]
+    assert missing["n"] == 15 and missing["median"] == pytest.approx(np.median(scores[30:]))
+    assert missing[["auroc", "auroc_low", "auroc_high", "p_value", "q_value"]].isna().all()
+    assert every.loc["A", "q_value"] == pytest.approx(expected)  # a family of two equal p-values
+
+
 def brute_force_delong(scores, positive, z=1.959963984540054):
     """DeLong's interval from the pairwise kernel ψ(x, y) = 1[x > y] + ½·1[x = y] written out, on
     the logit scale."""
@@ -253,6 +282,8 @@ def test_q_values_are_benjamini_hochberg_over_the_tables_groups():
         np.r_[np.zeros(500), np.arange(500.0)],  # a repeated value across a boundary
         np.array([0.0, 10.0]),  # fewer values than quartiles: no empty group
         -np.logspace(-3, 6, 777),
+        np.r_[np.arange(1.0, 21.0), -np.inf],  # quantiles of −inf left the lowest group out (review)
+        np.r_[np.arange(1.0, 21.0), -np.inf, np.inf],  # two of four groups, 12 of 22 images left out
     ],
 )
 def test_quartile_names_say_what_each_group_holds(values):

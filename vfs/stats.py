@@ -35,11 +35,12 @@ def _labels(values: pd.Series) -> pd.Series:
     or empty values get their own visible group.
     """
     text = values.astype("string").str.strip()
+    text = text.str.replace(r"\s*\|[\s|]*", SEPARATOR, regex=True).str.strip(SEPARATOR)
+    text = text.mask(text == "")  # missing before the true / false test: a blank cell is no third value
     present = text.dropna().str.lower()
     if not present.empty and present.isin(["true", "false"]).all():
         text = text.str.capitalize()
-    text = text.str.replace(r"\s*\|[\s|]*", SEPARATOR, regex=True).str.strip(SEPARATOR)
-    return text.mask(text == "").fillna(MISSING)
+    return text.fillna(MISSING)
 
 
 def label_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -60,9 +61,13 @@ def quartile_groups(values: pd.Series) -> pd.DataFrame:
     """Four groups of about as many images each by a numeric column's quartiles (fewer where values
     repeat across a boundary, or are few), each named by its least and greatest value ("20–38"
     holds every image with 20 ≤ age ≤ 38: names say what is in a group, not the cut between
-    groups); a row without a number is in none."""
+    groups); a row without a number is in none, an infinite one in the first or last group (its
+    name then says "inf": quantiles of infinities would leave whole groups out)."""
     numbers = pd.to_numeric(values, errors="coerce")
-    bins = pd.qcut(numbers, 4, labels=False, duplicates="drop")
+    finite = numbers[np.isfinite(numbers)]
+    if finite.empty:
+        return pd.DataFrame(index=values.index)
+    bins = pd.qcut(numbers.clip(finite.min(), finite.max()), 4, labels=False, duplicates="drop")
     members = [(bins == code).to_numpy(bool) for code in sorted(bins.dropna().unique())]
     ranges = [(float(numbers[m].min()), float(numbers[m].max())) for m in members]
     ends = sorted({end for pair in ranges for end in pair})
@@ -213,7 +218,9 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
     """One row per group: n, median, mean, std, AUROC with its 95% DeLong interval, and the
     Mann-Whitney p-value of the score, group vs the other images in any group (an image in none, e.g.
     one without a value in a present/absent split, is left out), with the Benjamini–Hochberg q-value
-    over the table's groups that have one.
+    over the table's groups that have one. The images without a value (the group `MISSING`) are
+    described, not compared: an unknown label is no other label, as an unknown finding is no absent
+    one — they are in no other group's rest, and their own row has no AUROC, p or q.
 
     Sorted by AUROC descending so the groups the query region best picks out come first.
     Refuses scores that are not finite: one NaN would make every group's AUROC and p-value NaN.
@@ -221,12 +228,14 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
     scores = np.asarray(scores, dtype=float)
     if not np.isfinite(scores).all():
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are not finite: no statistics of them")
-    grouped = groups.to_numpy(dtype=bool).any(axis=1) if len(groups.columns) else np.zeros(len(scores), bool)
+    known = groups.drop(columns=MISSING, errors="ignore")
+    grouped = known.to_numpy(dtype=bool).any(axis=1) if len(known.columns) else np.zeros(len(scores), bool)
     rows = []
     for name in groups.columns:
         member = groups[name].to_numpy(dtype=bool)
         inside = pd.Series(scores[member])
-        low, high = auroc_interval(scores[grouped], member[grouped])
+        compared = name != MISSING
+        low, high = auroc_interval(scores[grouped], member[grouped]) if compared else (np.nan, np.nan)
         rows.append(
             {
                 "group": name,
@@ -234,10 +243,10 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
                 "median": inside.median(),
                 "mean": inside.mean(),
                 "std": inside.std(),
-                "auroc": auroc(scores[grouped], member[grouped]),
+                "auroc": auroc(scores[grouped], member[grouped]) if compared else np.nan,
                 "auroc_low": low,
                 "auroc_high": high,
-                "p_value": _p_value(scores[member], scores[grouped & ~member]),
+                "p_value": _p_value(scores[member], scores[grouped & ~member]) if compared else np.nan,
             }
         )
     table = pd.DataFrame(rows, columns=GROUP_TABLE_COLUMNS[:-1])
