@@ -11,8 +11,9 @@ EVERY = "(every finding)"
 st.title("Score distributions")
 with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.announce import announce
-    from ui.core import bind, group_columns, groups, warm_up
+    from ui.core import bind, group_columns, groups, sharing_columns, warm_up
     from ui.query import (
+        NO_COLUMN,
         Query,
         canvas_row,
         draw_region,
@@ -27,7 +28,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.export import image_scores, spreadsheet_csv
     from vfs.render import distribution_figure
-    from vfs.stats import findings, group_table, is_multilabel, long_scores, score_groups
+    from vfs.stats import MISSING, findings, group_table, is_multilabel, long_scores, score_groups
 
 cache = pick_cache("dist.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -74,6 +75,17 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         if leave_out_query("Leave out the query image", "dist.leave_out", query):
             keep[query.index] = False
         keep[list(leave_out_sharing(cache, query, "dist.sharing"))] = False
+        if repeating := sharing_columns(cache):
+            options = [NO_COLUMN, *repeating]
+            one_per = st.selectbox(
+                "Count one image per",
+                options,
+                key=bind(f"dist.one_per.{cache.location}", NO_COLUMN, options=options),
+                help="Each value's first image in the manifest only, e.g. a patient's first X-ray: the "
+                "statistics take the images as independent, and a patient's X-rays are not.",
+            )
+            if one_per != NO_COLUMN:
+                keep[cache.repeats(one_per)] = False
     scores, table = result.scores[keep], table[keep]
     grouped = keep.copy()  # the table's images: kept, and in a group (not those without a value)
     grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)
@@ -93,6 +105,12 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         "or 1); the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg q-value over the "
         "table's groups. Highest AUROC first."
         + (f" {unknown} images without a value in {column!r} are in neither group." if unknown else "")
+        + (
+            f" The images without a value, {MISSING}, are described, not tested: in no other group's "
+            "rest, and their row has no AUROC, p or q."
+            if MISSING in table.columns
+            else ""
+        )
         + (
             " Two groups that split the images are one test, read from either side: one's AUROC is 1 − "
             "the other's, and their p-value is the same."

@@ -463,6 +463,13 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
     assert cache.images_sharing("dom", 4).tolist() == [0, 2, 6, 8, 10]
     assert cache.images_sharing("label", 3).tolist() == []  # no value: nothing shares it
     assert cache.images_sharing("label", 4).tolist() == [1, 2, 5, 7, 8, 10, 11]
+    # each value's first image kept (one image per subject), none without a value left out
+    dom, label = cache.manifest["dom"].to_numpy(), cache.manifest["label"]
+    assert cache.repeats("dom").tolist() == [i for i in range(12) if dom[i] in dom[:i]]
+    assert len(cache.repeats("dom")) == 12 - len(set(dom))
+    kept = [i for i in range(12) if i not in cache.repeats("label")]
+    assert label[kept].dropna().is_unique and set(label[kept].dropna()) == set(label.dropna())
+    assert label.isna().any() and label[kept].isna().sum() == label.isna().sum()  # no value: no subject
     with pytest.raises(
         CacheError, match="has no column 'patient' \\(columns: path, label, dom, age, sick\\)"
     ):
@@ -976,6 +983,9 @@ def test_the_notebook_offers_no_missing_value_as_a_finding(tmp_path):
     }
     with pytest.raises(ValueError, match="no image has '\\(missing\\)' in column 'label'"):
         distribution_table(cache, result, by="label", finding="(missing)")
+    # one image per value of a column, as the page's "Count one image per": each dom's first
+    per_dom = distribution_table(cache, result, by="dom", leave_out=(), one_per="dom")
+    assert per_dom["n"].tolist() == [1] * cache.manifest["dom"].nunique()
 
 
 def test_a_remote_cache_that_never_answers_fails_after_its_silence(monkeypatch):

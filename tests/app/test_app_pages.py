@@ -508,6 +508,21 @@ def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(
     assert at.selectbox(key=key).value == "(none)" and not at.checkbox(key="dist.leave_out").value
 
 
+def test_distributions_count_one_image_per_value_of_a_column(app, caches):
+    """Statistics take the images as independent: "Count one image per" keeps each value's first
+    image (a patient's first X-ray), whatever query is drawn on (the stats review)."""
+    at = use_cache(page(app, "distributions"), "dist.cache", caches, "findings")
+    no_exceptions(draw(at))
+    at.checkbox(key="dist.leave_out").uncheck().run()
+    at.selectbox(key="dist.column").set_value("view").run()
+    every = dict(at.dataframe[0].value.set_index("group")["n"])
+    key = f"dist.one_per.{caches / 'findings.zarr'}"
+    assert at.selectbox(key=key).options == ["(none)", "label", "view"]
+    at.selectbox(key=key).set_value("view").run()
+    assert dict(at.dataframe[0].value.set_index("group")["n"]) == {"AP": 1, "PA": 1} != every
+    assert at.dataframe[0].value[["auroc", "p_value"]].notna().all().all()  # two images: still a test
+
+
 def test_distributions_group_a_numeric_column_by_its_quartiles(app, caches, tmp_path):
     """An age (53 values in the helper's X-rays) was offered as one group per value or not at all."""
     import zarr

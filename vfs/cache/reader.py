@@ -270,6 +270,14 @@ class FeatureCache:
         same = np.flatnonzero(values == values[i])
         return same[same != i].astype(np.int64)
 
+    def repeats(self, column: str) -> np.ndarray:
+        """(sorted) the images whose `column` value an earlier image in the manifest holds (none
+        without a value): left out, each subject counts once, by its first image — as statistics
+        that take the images as independent need (a patient's X-rays are alike in ways no finding
+        explains)."""
+        values = pd.Series(self._column(column))
+        return np.flatnonzero(values.duplicated() & values.notna()).astype(np.int64)
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to
         group by (`vfs.stats.column_summary`) once the manifest can be read."""

@@ -25,6 +25,7 @@ def _grouped(
     by: str,
     finding: str | None,
     leave_out: Exclude,
+    one_per: str | None,
 ) -> tuple[np.ndarray, pd.DataFrame, str]:
     """The kept images' scores, their group membership and the plot's name for the grouping."""
     if result is None:
@@ -50,6 +51,8 @@ def _grouped(
         keep[result.excluded] = False
     else:
         keep[excluded_images(len(manifest), leave_out)] = False
+    if one_per is not None:
+        keep[cache.repeats(one_per)] = False
     return result.scores[keep], groups[keep], title
 
 
@@ -60,6 +63,7 @@ def distribution_figure(
     kind: str = "box",
     finding: str | None = None,
     leave_out: Exclude = None,
+    one_per: str | None = None,
 ) -> go.Figure:
     """Box (violin, strip) plot of every image's best-region score per group of column `by`.
 
@@ -67,8 +71,10 @@ def distribution_figure(
     images into those with and without that value instead (an image without a value is in neither).
     `leave_out` drops images; by default those the search excluded (a `SearchWidget` excludes its
     query image, as the page's "Leave out the query image" does); `leave_out=()` keeps them all.
+    `one_per="patient_id"` keeps only the first image of each value of that column (the page's
+    "Count one image per"): the statistics take the images as independent.
     """
-    scores, groups, title = _grouped(cache, result, by, finding, leave_out)
+    scores, groups, title = _grouped(cache, result, by, finding, leave_out, one_per)
     return _figure(long_scores(scores, groups), kind, by=title)
 
 
@@ -78,8 +84,10 @@ def distribution_table(
     by: str = "label",
     finding: str | None = None,
     leave_out: Exclude = None,
+    one_per: str | None = None,
 ) -> pd.DataFrame:
     """The page's table for the same grouping (`vfs.stats.group_table`): per group n, median, mean,
-    std, AUROC with its 95% DeLong interval, Mann–Whitney p and Benjamini–Hochberg q."""
-    scores, groups, _ = _grouped(cache, result, by, finding, leave_out)
+    std, AUROC with its 95% DeLong interval, Mann–Whitney p and Benjamini–Hochberg q; `leave_out`
+    and `one_per` as `distribution_figure`'s."""
+    scores, groups, _ = _grouped(cache, result, by, finding, leave_out, one_per)
     return group_table(scores, groups)
