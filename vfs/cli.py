@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
+from .errors import error_line
 from .interrupts import Terminated, sigterm_stops_builds
 
 if TYPE_CHECKING:
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         ):  # a Ray error (a worker that could not start): its words
             raise
         print(
-            f"error: on the Ray cluster: {type(e).__name__}: {str(e).strip().splitlines()[-1]}",
+            f"error: on the Ray cluster: {error_line(e, 'last', named=True)}",
             file=sys.stderr,
         )
         return 2

@@ -30,6 +30,7 @@ import torch
 from ..cache import CacheSpec, CacheWriter
 from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
 from ..devices import resolve_device
+from ..errors import error_line
 from ..fp16 import stored_features
 from ..interrupts import between_writes
 from ..jobs import (
@@ -239,8 +240,9 @@ def run_on_ray(
         if isinstance(error, ray.exceptions.RayActorError) and error.actor_init_failed:
             raise  # the model could not load on a worker (its error says why): no image to blame
         if isinstance(error, ray.exceptions.RayActorError) and not came_back:
+            why = error_line(error, "first", named=True)
             raise RuntimeError(
-                f"the extractor actors died before any batch came back ({_first_line(error)}): the "
+                f"the extractor actors died before any batch came back ({why}): the "
                 "model may crash as it loads on the workers, or on the first images (Ray's worker logs, "
                 "/tmp/ray/session_latest/logs on each node, say how); nothing of this run was stored, "
                 "and a rerun resumes"
@@ -255,29 +257,27 @@ def _out_of_memory(error: Exception, stored: int, paths: list[str]) -> RuntimeEr
     extractor as it loads or runs) as often as the budget allows: `OOM_RETRIES` + 1 times, unless
     `RAY_task_oom_retries` was set. Ray does not say which batch: the first not stored or a later one."""
     runs = int(os.environ.get("RAY_task_oom_retries", OOM_RETRIES)) + 1
+    why = error_line(error, "first", named=True)
     return RuntimeError(
         f"a node ran low on memory: Ray's memory monitor killed a worker of the build {runs} times on one "
         f"task, decoding a batch from item {stored} of the manifest on or extracting its features "
-        f"({_first_line(error)}). The cache keeps the {stored} of {len(paths)} items done so far; rerun "
+        f"({why}). The cache keeps the {stored} of {len(paths)} items done so far; rerun "
         "to resume, with a smaller --batch-size or fewer --workers per node, or where the nodes have "
         "more memory free"
     )
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-
-
 def _worker_died(error: Exception, stored: int, paths: list[str]) -> RuntimeError:
     """The stop after `WORKER_RETRIES`, in words. Ray does not say which batch: only that it is the
     first one not stored or a later one (the batches run ahead of the writer)."""
+    why = error_line(error, "first", named=True)
     if stored >= len(paths):  # every item stored: the workers were lost as the build ended
         return RuntimeError(
-            f"a Ray worker died {WORKER_RETRIES + 1} times ({_first_line(error)}) after all {len(paths)} "
+            f"a Ray worker died {WORKER_RETRIES + 1} times ({why}) after all {len(paths)} "
             "items were stored: the workers' processes or nodes were lost; rerun to finish the cache"
         )
     return RuntimeError(
-        f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({_first_line(error)}): "
+        f"a Ray worker died {WORKER_RETRIES + 1} times on one batch of images ({why}): "
         f"an image from item {stored} of the manifest on ({paths[stored]!r} first) crashes the decoder "
         f"or the model, or the workers' processes or nodes were lost. The cache keeps the {stored} of "
         f"{len(paths)} items done so far; rerun to resume, and if it dies there again, build from that "

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ..cache import FeatureCache, open_cache
 from ..devices import resolve_device
+from ..errors import error_line
 from ..search import (
     Exclude,
     MaskLike,
@@ -189,13 +190,14 @@ class ShardedSearch:
                 )
             except RayActorError as e:
                 if starting and getattr(e, "actor_init_failed", False):  # its first constructor raised
-                    errors.append(ShardError(f"shard {i} (rows {a}..{b - 1}) could not start: {_cause(e)}"))
+                    why = error_line(e, "last")
+                    errors.append(ShardError(f"shard {i} (rows {a}..{b - 1}) could not start: {why}"))
                     continue
                 self._down.add(i)
                 errors.append(
                     ShardError(
                         f"shard {i} (rows {a}..{b - 1} of {self.cache.location}) is down: "
-                        f"{_cause(e)}; the next search starts it again"
+                        f"{error_line(e, 'last')}; the next search starts it again"
                     )
                 )
         if errors:
@@ -299,9 +301,3 @@ class ShardedSearch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _cause(error: Exception) -> str:
-    """The last line of a Ray actor error: what killed it (or why its constructor failed)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 from torch import nn
 
+from ..errors import error_line
 from . import embedded
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .specs import (
@@ -41,13 +42,6 @@ from .specs import (
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-_ERROR_CHARS = 300  # third-party errors (state-dict mismatches, unpickling) run to pages; keep a line
-
-
-def _one_line(error: BaseException) -> str:
-    """A third-party error as one short line, for messages that must fit one `error:` line."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())  # no terminal colour codes
-    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
 def _check_name(spec: str, name: str) -> None:
@@ -71,7 +65,7 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 
 def _unavailable(spec: str, error: BaseException) -> ModelUnavailable:
     return ModelUnavailable(
-        f"the weights for {spec!r} could not be downloaded (no internet?): {_one_line(error).rstrip('.')}. "
+        f"the weights for {spec!r} could not be downloaded (no internet?): {error_line(error).rstrip('.')}. "
         f"Models that work offline: {', '.join(EMBEDDED_MODELS)}; a local checkpoint with "
         "file:<path>?arch=<name>; or random weights with timm:<name>?pretrained=false "
         "or torchvision:<name>@none."
@@ -367,7 +361,7 @@ def _unreadable(error: BaseException) -> str:
         )
     if "TorchScript" in text:
         return "it is a TorchScript archive: save the model's state_dict() instead"
-    return f"not a PyTorch checkpoint or .safetensors file ({type(error).__name__}: {_one_line(error)})"
+    return f"not a PyTorch checkpoint or .safetensors file ({type(error).__name__}: {error_line(error)})"
 
 
 def _matching_keys(
@@ -497,7 +491,7 @@ def _load_python(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
         result = function()
     except Exception as error:  # user code: report which call failed, not a bare traceback
         raise ValueError(
-            f"model spec {spec.raw!r}: {function_name}() raised {type(error).__name__}: {_one_line(error)}"
+            f"model spec {spec.raw!r}: {function_name}() raised {type(error).__name__}: {error_line(error)}"
         ) from error
     model, preprocess = result if isinstance(result, tuple) else (result, Preprocess(224, 256))
     if isinstance(preprocess, Mapping):
