@@ -585,6 +585,38 @@ def test_what_only_looks_like_a_map_is_not_a_layer():
     assert {info.name for info in list_layers(flat, 64)} == {"0", "1"}
 
 
+@pytest.mark.parametrize(
+    ("arch", "stages"),
+    [
+        # tokens "unrolled" (each pooling window contiguous) up to the last stage: read row by row,
+        # every earlier grid was scrambled, silently (a helper's sweep against timm's own maps)
+        ("hiera_tiny_224", {"blocks.0": 0, "blocks.2": 1, "blocks.9": 2, "blocks.11": 3}),
+        # stages and blocks return (tokens, size): not one of them was listed
+        ("mvitv2_tiny", {"stages.0": 0, "stages.1": 1, "stages.2": 2, "stages.3": 3}),
+    ],
+)
+def test_token_grids_are_timms_own_maps(arch, stages, capfd):
+    model = timm.create_model(arch, pretrained=False).eval()
+    batch = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(batch, indices=[0, 1, 2, 3], norm=False)
+    listed = {info.name for info in list_layers(model, 224)}
+    preprocess = Preprocess(224, 256)
+    for layer, stage in stages.items():
+        assert layer in listed
+        grid = extractor_from_module(model, layer, preprocess).features_batch(batch)
+        torch.testing.assert_close(grid, maps[stage].permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    if arch.startswith("hiera"):  # inside a block, and the unrolled tokens themselves: in order too
+        inner = extractor_from_module(model, "blocks.1.norm1", preprocess).features_batch(batch)
+        unrolled = extractor_from_module(model, "unroll", preprocess).features_batch(batch)
+        assert inner.shape == unrolled.shape == (2, 56, 56, 96)
+        with torch.no_grad():
+            placed = model._pos_embed(model.patch_embed(batch))  # the tokens before unrolling
+        torch.testing.assert_close(unrolled, placed.view(2, 56, 56, 96))
+    # its traced graph fails as it runs and the hooked forward is used: no page of torch.fx's traceback
+    assert "FX-traced" not in capfd.readouterr().err
+
+
 class SequenceFirstViT(torch.nn.Module):
     """A ViT as nn.TransformerEncoder builds it by default and CLIP's original code does: tokens
     (T, B, C), the class token first."""

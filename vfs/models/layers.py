@@ -10,11 +10,12 @@ an edited copy); both go through one builder.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, redirect_stderr
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class _Layout:
     width: int
     channels: int
     prefix_tokens: int = 0  # tokens (class, register) before the patch tokens
+    order: tuple[int, ...] | None = None  # each grid cell's token, row by row, where not in order
 
     def to_grid(self, output: torch.Tensor) -> torch.Tensor:
         if self.kind == "nchw":
@@ -108,6 +110,8 @@ class _Layout:
             output = output.transpose(0, 1)
         if self.kind in ("tokens", "sequence first"):
             patches = output[:, self.prefix_tokens :]
+            if self.order is not None:
+                patches = patches[:, torch.tensor(self.order, device=patches.device)]
             return patches.reshape(output.shape[0], self.height, self.width, self.channels)
         return output
 
@@ -191,6 +195,50 @@ def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module)
     return None
 
 
+def _tensor_of(output: Any) -> Any:
+    """A layer's output as the map it holds: the tensor of a (tokens, size) pair (timm's MViTv2
+    stages and blocks return one), else the output as it is."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        rest = output[1:]
+        if all(not isinstance(part, (torch.Tensor, tuple, list)) or _sizes(part) for part in rest):
+            return output[0]
+    return output
+
+
+def _sizes(part: Any) -> bool:
+    return isinstance(part, (tuple, list, torch.Size)) and all(isinstance(v, int) for v in part)
+
+
+def _in_order(layout: _Layout, modules: dict[str, nn.Module], layer: str, tokens: int) -> _Layout | None:
+    """A token layout with its tokens put back in row order where the model keeps them otherwise:
+    timm's Hiera "unrolls" them, so that each pooling window is contiguous, up to its last stage —
+    read as rows, its grids were silently scrambled (a helper's sweep against timm's own maps). The
+    model's `reroll` gives each cell's token (that of the block whose output, or input, holds this
+    many tokens); None where neither does: an order not known is no map."""
+    parts = layer.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        reroll = getattr(modules.get(".".join(parts[:depth])), "reroll", None)
+        schedule = getattr(reroll, "schedule", None)
+        if isinstance(reroll, nn.Module) and isinstance(schedule, dict):
+            break
+    else:
+        return layout
+    rest = parts[depth:]
+    if rest == ["unroll"]:
+        block = 0
+    elif len(rest) > 1 and rest[0] == "blocks" and rest[1].isdigit():
+        block = int(rest[1])
+    else:  # before the tokens are unrolled (the patch embedding), or after (the head)
+        return layout
+    for b in (block, block - 1):
+        if b in schedule and math.prod(schedule[b][1]) == tokens:
+            index = torch.arange(tokens, dtype=torch.float32).view(1, tokens, 1)
+            with torch.no_grad():
+                order = tuple(int(i) for i in reroll(index, b).reshape(-1))
+            return layout if order == tuple(range(tokens)) else replace(layout, order=order)
+    return None
+
+
 def _channels_placed(body: nn.Module, size: int, layout: _Layout) -> _Layout:
     """The layout of a (1, S, S, S) map — as many channels as cells a side (ConvNeXt-T's and Swin-T's
     first stages at 384 px, channels last). The image's right half is blanked: the axis whose first
@@ -243,6 +291,7 @@ def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, in
 
     def recorder(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
+            output = _tensor_of(output)
             if name in outputs:
                 first, version, calls = outputs[name]
                 outputs[name] = (first, version, calls + 1)
@@ -282,6 +331,8 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
             continue
         first[key] = name
         layout = _layout(output, input_size, _token_owner(modules, name))
+        if layout is not None and layout.kind == "tokens":
+            layout = _in_order(layout, modules, name, layout.height * layout.width)
         if layout is not None:
             layers[name] = LayerInfo(name, layout.height, layout.width, layout.channels, calls=calls)
     return list(layers.values())
@@ -366,7 +417,7 @@ class _HookedLayer(nn.Module):
         try:
             self.model(x)
         except _StopForward:
-            return grabbed[0]
+            return _tensor_of(grabbed[0])
         finally:
             handle.remove()
         raise _LayerNeverRan(f"the forward pass never reached layer {self.layer!r}")
@@ -379,8 +430,8 @@ class _GraphLayer(nn.Module):
         super().__init__()
         self.graph = graph
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)["out"]
+    def forward(self, x: torch.Tensor) -> Any:
+        return _tensor_of(self.graph(x)["out"])
 
 
 def _traced(model: nn.Module, layer: str, probe: torch.Tensor, reference: torch.Tensor) -> nn.Module | None:
@@ -392,7 +443,9 @@ def _traced(model: nn.Module, layer: str, probe: torch.Tensor, reference: torch.
         with warnings.catch_warnings():  # torchvision notes train/eval graph differences
             warnings.simplefilter("ignore", UserWarning)
             traced = _GraphLayer(create_feature_extractor(model, {layer: "out"})).eval()
-        with torch.no_grad():
+        # torch.fx prints the generated code's traceback of a traced graph that fails as it runs (timm's
+        # Hiera): pages on stderr for an error that is handled here
+        with torch.no_grad(), redirect_stderr(io.StringIO()):
             output = traced(probe)
     except Exception:  # noqa: BLE001 - arbitrary code may not trace; the hook fallback handles it
         return None
@@ -598,6 +651,8 @@ def _build(
     except Exception as error:  # e.g. a ViT with a fixed input size
         raise _input_size_error(spec, size, native, error) from error
     layout = _layout(reference, size, _token_owner(modules, layer))
+    if layout is not None and layout.kind == "tokens":
+        layout = _in_order(layout, modules, layer, layout.height * layout.width)
     if layout is not None and layout.kind in ("nchw", "nhwc") and layout.height == layout.channels:
         layout = _channels_placed(body, size, layout)
     if layout is not None and layout.kind == "sequence first":  # (T, B, C), or tokens folded (T·B, 1, C)?
