@@ -81,7 +81,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
             st.caption(
                 f"{cache.spec.model} (weights {short_weights(cache.spec)}) · {cache.spec.layer} · "
                 f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
-                f"{search_summary(cache, result, k)}"
+                f"{search_summary(result, k)}"
             )
             with st.expander("The region on this side's cells"):  # placed through the image on the right
                 mask = region.mask(cache, drawn_on=left)

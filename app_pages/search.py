@@ -79,7 +79,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
             alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
-    summary = search_summary(cache, result, k, domains)
+    summary = search_summary(result, k, domains)
     with said:
         announce(f"Search done: {summary}")
 
@@ -87,7 +87,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     st.caption(summary)
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
-    downloads(cache, result, query, view, mask, region.drawing.paint, "search")
+    downloads(cache, result, query, view, region.drawing.paint, "search")
 
 
 region_and_results(cache, query, view)

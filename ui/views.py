@@ -24,9 +24,7 @@ from vfs.render import (
     outline,
     placement_heat_range,
     png_bytes,
-    ranked_matches,
     region_mask_png,
-    results_figure,
     window_text,
 )
 from vfs.search import SearchResult
@@ -122,9 +120,7 @@ def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
     )
 
 
-def search_summary(
-    cache: FeatureCache, result: SearchResult, k: int | None = None, per_domain: int | None = None
-) -> str:
+def search_summary(result: SearchResult, k: int | None = None, per_domain: int | None = None) -> str:
     """E.g. "10 results from 213 images in 23 ms (cells, cpu); 1 image left out", "… from 83 of 300
     images …" under a label filter; and why, where fewer than the `k` asked came back (4 of 5 at
     one per domain read as a search that lost one)."""
@@ -147,7 +143,6 @@ def downloads(
     result: SearchResult,
     query: Query,
     view: np.ndarray,
-    mask: np.ndarray,
     paint: np.ndarray,
     key: str,
 ) -> None:
@@ -156,12 +151,9 @@ def downloads(
     stem = f"vfs-{cache_name(cache.location)}-{query.key}"
 
     def figure() -> bytes:
-        matches = ranked_matches(result.top, thumbs(cache, result.top["index"].tolist()))
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"
         named = query_tag(cache, query.index) if query.index is not None else query.name
-        return png_bytes(
-            results_figure(view, mask, matches, result.grid, title=title, query_caption=f"query {named}")
-        )
+        return png_bytes(result.figure(view, title=title, query_caption=f"query {named}"))
 
     row = st.container(horizontal=True)  # labels whole, wrapping on a narrow window (columns cut them)
     row.download_button(

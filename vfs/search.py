@@ -47,6 +47,8 @@ __all__ = ["RegionQuery", "SearchResult", "search_regions"]
 
 Exclude = int | Iterable[int] | np.ndarray | torch.Tensor | None
 """Images kept out of a ranking: an index, several, or a boolean array of one entry per image."""
+Candidates = np.ndarray | torch.Tensor | None
+"""Images that may be ranked: a boolean array of one entry per image (numpy, or torch on any device)."""
 MaskLike = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
 """A soft mask on the feature grid: (h, w) weights ≥ 0 (`vfs.grid_mask` makes one of a drawing)."""
 QueryLike = np.ndarray | torch.Tensor | int | np.integer | RegionQuery | str | Path | Image.Image
@@ -144,11 +146,17 @@ class SearchResult:
         mask[y0:y1, x0:x1] = self.query.mask.weights
         return mask
 
-    def figure(self, query_view: np.ndarray | int, columns: int = 5, title: str | None = None) -> Image.Image:
+    def figure(
+        self,
+        query_view: np.ndarray | Image.Image | int,
+        columns: int = 5,
+        title: str | None = None,
+        query_caption: str | None = None,
+    ) -> Image.Image:
         """The paper's figure as a PIL image (`.save("figure.png")`; the app's "Download figure"):
         the query with the region over it — `query_view`, its view as the model saw it, or its index in
-        the cache searched — then the matches, best windows outlined, ranked, scored and tagged. Needs
-        the images: a feature cache's thumbnails."""
+        the cache searched ("query #3" under it, or `query_caption`) — then the matches, best windows
+        outlined, ranked, scored and tagged. Needs the images: a feature cache's thumbnails."""
         from .render import ranked_matches, results_figure
 
         thumbs_at = getattr(self.source, "thumbs_at", None)
@@ -158,6 +166,7 @@ class SearchResult:
             raise ValueError(f"columns is a whole number ≥ 1 of matches a row, not {columns!r}")
         view, caption = _query_view(query_view, thumbs_at)
         matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
+        caption = caption if query_caption is None else query_caption
         return results_figure(view, self.grid_mask(), matches, self.grid, columns, title, caption)
 
     def placement_scores(self, index: int) -> np.ndarray:
@@ -251,7 +260,7 @@ def search_regions(
     k: int | np.integer = 10,
     exclude: Exclude = None,
     per_domain: int | None = None,
-    candidates: np.ndarray | None = None,
+    candidates: Candidates = None,
     device: str | torch.device = "auto",
     memory_budget: int | str | None = None,
     all_exact: bool = False,
@@ -335,7 +344,7 @@ class _Options:
     k: int
     exclude: Exclude
     per_domain: int | None
-    candidates: np.ndarray | None
+    candidates: Candidates
     memory_budget: int | None
     all_exact: bool
 
@@ -385,7 +394,7 @@ def _search(
             found, _ = _fast_pass(source, fast, dev, memory_budget, torch.float16)
             scores, upper = found.scores, found.upper
         elif len(reach) * h * w * c > _REFINE_MIN_VALUES:
-            _refine(source, fast, dev, geometry.pw, reach, sqnorm, found)
+            _refine(source, fast, dev, reach, sqnorm, found)
         picked = select_top(scores, eligible, k, domains, per_domain)
     exact = np.zeros(n, dtype=bool)
     rescore = _ExactScoring(source, rq, geometry, dev)
@@ -562,7 +571,6 @@ def _refine(
     source: FeatureSource,
     fast: _FastScoring,
     device: torch.device,
-    pw: int,
     indices: np.ndarray,
     sqnorm: torch.Tensor,
     found: FastPass,
@@ -575,7 +583,7 @@ def _refine(
             index = torch.as_tensor(part, dtype=torch.long, device=device)
             best, where, upper, runner = fast(x, sqnorm.index_select(0, index))
             found.scores[part] = best.cpu().numpy()
-            found.placements[part] = _grid_placements(where.cpu().numpy(), pw)
+            found.placements[part] = _grid_placements(where.cpu().numpy(), fast.geometry.pw)
             found.upper[part] = upper.cpu().numpy()
             found.runner_up[part] = runner.cpu().numpy()
 
@@ -682,7 +690,7 @@ def _image_features(source: FeatureSource, image: str | Path | Image.Image | np.
     return source.extractor().features(image)
 
 
-def eligible_images(n: int, candidates: np.ndarray | None, exclude: Exclude) -> np.ndarray:
+def eligible_images(n: int, candidates: Candidates, exclude: Exclude) -> np.ndarray:
     """(n,) which images may be returned: `candidates` (all when None) less `exclude`."""
     if isinstance(candidates, torch.Tensor):  # on a GPU too, as `exclude`
         candidates = candidates.cpu().numpy()

@@ -37,6 +37,7 @@ from ..cache import FeatureCache, open_cache
 from ..devices import resolve_device
 from ..errors import error_line
 from ..search import (
+    Candidates,
     Exclude,
     MaskLike,
     QueryLike,
@@ -87,7 +88,7 @@ class Shard:
         query: RegionQuery,
         k: int,
         per_domain: int | None,
-        candidates: np.ndarray | None,
+        candidates: Candidates,
         all_scores: bool,
         all_exact: bool,
     ) -> ShardAnswer:
@@ -215,7 +216,7 @@ class ShardedSearch:
         k: int | np.integer = 10,
         exclude: Exclude = None,
         per_domain: int | None = None,
-        candidates: np.ndarray | None = None,
+        candidates: Candidates = None,
         all_scores: bool = True,
         all_exact: bool = False,
     ) -> SearchResult:

@@ -1,7 +1,7 @@
 """What a model spec means as data: the preprocessing a model expects, a parsed spec, a kind of spec.
 
-Plain data with no model code, so that caches, settings and the CLI can hold and check specs without
-loading a network.
+Data, not a network: caches, settings and the CLI hold and check specs without building or loading
+a model (the preprocessing's own steps use torch and torchvision's transforms, imported with it).
 """
 
 from __future__ import annotations
