@@ -29,7 +29,7 @@ from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
 from vfs.devices import resolve_device
 from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extractor
-from vfs.render import grid_box_to_pixels, jpeg_data_url, outline
+from vfs.render import jpeg_data_url, outlined_match
 from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
 from vfs.stats import QUARTILES, binnable_columns, column_groups, repeated_columns
@@ -257,8 +257,7 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
         found = {m: store.urls[m] for m in matches if m in store.urls}
     missing = [m for m in dict.fromkeys(matches) if m not in found]
     for (index, box), thumb in zip(missing, thumbs(cache, [index for index, _ in missing])):
-        window = grid_box_to_pixels(box, cache.spec.grid, thumb.shape[:2])
-        found[index, box] = jpeg_data_url(outline(thumb, window))
+        found[index, box] = jpeg_data_url(outlined_match(thumb, box, cache.spec.grid))
     with store.lock:
         for m in matches:
             store.urls[m] = found[m]

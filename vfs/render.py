@@ -56,6 +56,12 @@ def outline(
     return image
 
 
+def outlined_match(thumb: np.ndarray, grid_box: Box, grid: tuple[int, int]) -> Image.Image:
+    """A match's thumbnail with its best window, a box of grid cells, outlined: as the pages, the
+    notebook's widget and the figure show every match."""
+    return outline(thumb, grid_box_to_pixels(grid_box, grid, thumb.shape[:2]))
+
+
 def _grid_lines(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Lighten the inner cell boundaries faintly so the feature cells can be told apart."""
     out = image.astype(float)
@@ -233,11 +239,9 @@ def results_figure(
         query = outline(np.asarray(query), grid_box_to_pixels(window, grid, query_thumb.shape[:2]))
     place(query, query_caption, pad, top)
     for i, match in enumerate(matches):
-        thumb = match["thumb"]
-        box_px = grid_box_to_pixels(match["box"], grid, thumb.shape[:2])
         row, col = divmod(i, columns)
         place(
-            outline(thumb, box_px),
+            outlined_match(match["thumb"], match["box"], grid),
             match_caption(i + 1, match["score"], [match["caption"]] if match.get("caption") else []),
             pad + (col + 1) * cell_w + pad,
             top + row * cell_h,

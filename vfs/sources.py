@@ -181,7 +181,9 @@ def _fp16_and_sqnorms(
 
 def some_images(indices: Sequence[int] | np.ndarray) -> str:
     """Images named in an error: "image(s) 3, 17, … (12 in all)", the first five."""
-    shown = ", ".join(map(str, indices[:5])) + (", …" if len(indices) > 5 else "")
+    if not len(indices):
+        return "no image"
+    shown = ", ".join(map(str, list(indices[:5]))) + (", …" if len(indices) > 5 else "")
     return f"image(s) {shown} ({len(indices)} in all)"
 
 

@@ -31,7 +31,7 @@ from ..models import (
     probe_difference,
 )
 from ..settings import CACHE_SUFFIX, is_url
-from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices
+from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices, some_images
 from ..stats import column_summary
 from .files import CacheStore, RemoteCacheStore
 from .format import (
@@ -534,7 +534,7 @@ class FeatureCache:
             held = {i: self._recent_thumbs[i] for i in set(wanted) & self._recent_thumbs.keys()}
         missing = np.array(sorted(set(wanted) - held.keys()), dtype=np.int64)
         if len(missing):
-            with self._reading(f"the thumbnails of rows {_describe_rows(missing)}"):
+            with self._reading(f"the thumbnails of {some_images(missing)}"):
                 held.update(zip(missing.tolist(), self._thumbs.gather(missing)))
         with self._thumbs_lock:
             for i in wanted:
@@ -557,7 +557,7 @@ class FeatureCache:
         held = self.resident_on(torch.device("cpu"))
         if held is not None:
             return gather_rows(held, idx).numpy()
-        with self._reading(f"the features of rows {_describe_rows(idx)}"):
+        with self._reading(f"the features of {some_images(idx)}"):
             return self._features.gather(idx)
 
     def describe_rows(self, indices: np.ndarray, grid_boxes: list[tuple[int, int, int, int]]) -> Columns:
@@ -752,10 +752,3 @@ def _bytes_under(folder: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def _describe_rows(idx: np.ndarray) -> str:
-    if len(idx) == 0:
-        return "(none)"
-    shown = ", ".join(map(str, idx[:5].tolist()))
-    return shown + (f", … ({len(idx)} rows)" if len(idx) > 5 else "")

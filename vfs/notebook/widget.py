@@ -22,7 +22,7 @@ from ..cache import FeatureCache
 from ..data import load_image
 from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
-from ..render import grid_box_to_pixels, jpeg_data_url, mask_overlay, mask_summary, outline, window_text
+from ..render import jpeg_data_url, mask_overlay, mask_summary, outlined_match, window_text
 from ..search import SearchResult, image_indices, search_regions
 
 HERE = Path(__file__).parent
@@ -319,9 +319,7 @@ class SearchWidget(anywidget.AnyWidget):
                 "label": _text(r.get("label")),
                 "domain": _text(r.get("domain")),
                 "window": window_text(r["grid_box"], result.grid),
-                "image": jpeg_data_url(
-                    outline(thumb, grid_box_to_pixels(r["grid_box"], result.grid, thumb.shape[:2])), 85
-                ),
+                "image": jpeg_data_url(outlined_match(thumb, r["grid_box"], result.grid), 85),
             }
             for r, thumb in zip(rows, thumbs)
         ]
