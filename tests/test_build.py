@@ -27,6 +27,21 @@ def demo(tmp_path_factory):
     return cache, seen
 
 
+def test_an_uploaded_querys_view_is_shown_as_the_caches_images_are(tmp_path):
+    """The app showed an upload's view resized by PIL's bicubic filter, the cache's images by
+    torchvision's antialiased one (up to 23 levels apart on a 240 px Lite1 view; code review)."""
+    from vfs.jobs import view_thumbnail
+
+    out = tmp_path / "c.zarr"
+    cache = build_cache(
+        BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out), limit=3, image_size=288)
+    )
+    assert cache.thumbs.shape[1] < cache.spec.input_size == 288  # thumbnails smaller than the views
+    for i in range(3):
+        view = cache.spec.preprocess.view(cache.image(i))
+        np.testing.assert_array_equal(view_thumbnail(view, cache.thumbs.shape[1]), cache.thumb(i))
+
+
 def test_embedded_build(demo):
     cache, seen = demo
     assert cache.complete and cache.n == 24 and cache.shape == (24, 7, 7, 192)

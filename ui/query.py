@@ -22,6 +22,7 @@ from streamlit.delta_generator import DeltaGenerator
 from vfs.cache import CacheError, FeatureCache
 from vfs.compare import comparison_refusal
 from vfs.data import IMAGE_EXTENSIONS, load_image, upright_size
+from vfs.jobs import view_thumbnail
 from vfs.masks import grid_mask, mask_image_coverage
 from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, search_regions
@@ -321,8 +322,7 @@ def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
     size = cache.thumbs.shape[1]
 
     def view() -> np.ndarray:
-        crop = cache.spec.preprocess.view(_uploaded_image())
-        return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC))
+        return view_thumbnail(cache.spec.preprocess.view(_uploaded_image()), size)
 
     return memo(f"view.{cache.location}", (query, cache.spec), view)
 

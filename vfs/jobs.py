@@ -194,6 +194,12 @@ def thumbnails(views: torch.Tensor, size: int) -> np.ndarray:
     return views.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def view_thumbnail(view: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the thumbnail of one view (`Preprocess.view`, e.g. an uploaded query's)
+    made as a build makes its images' (`thumbnails`), so that it looks as theirs do."""
+    return thumbnails(torch.from_numpy(np.array(view.convert("RGB"))).permute(2, 0, 1)[None], size)[0]
+
+
 def cache_spec(extractor: Extractor, dataset: ImageDataset) -> CacheSpec:
     d = extractor.describe()
     h, w = d["grid"]
