@@ -35,7 +35,8 @@ from PIL import Image
 
 from vfs.cache import CacheError, open_cache
 from vfs.cli import main
-from vfs.data import ImageError, load_image, open_dataset
+from vfs.data import open_dataset
+from vfs.images import ImageError, load_image
 from vfs.jobs import BuildJob, build_cache
 from vfs.masks import crop_mask, grid_mask
 from vfs.search import RegionQuery, search_regions
@@ -277,6 +278,8 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
         ("text.png", b"not a png", "cannot read the mask image"),
         ("truncated.png", None, "cannot read the mask image"),
         ("bomb.png", png_header(10_000, 10_000), "exceeds the limit"),
+        # the images' own guard (vfs.images.opened_within): a mask read a 2×30,000 strip whole
+        ("strip.png", png_header(2, 30_000), "a strip of 2x30000 pixels"),
         ("pickled.npy", None, "cannot read the mask"),
         ("strings.npy", None, "must hold numbers"),
         ("wrong_shape.npy", None, "grid's shape"),

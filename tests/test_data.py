@@ -28,12 +28,11 @@ from vfs.data import (
     EMBEDDED_DATASET,
     DatasetUnavailable,
     DataSpec,
-    ImageError,
     TorchImageDataset,
     collate_skipping,
-    load_image,
     open_dataset,
 )
+from vfs.images import ImageError, load_image
 from vfs.stats import MISSING, label_groups, presence
 
 SHARED_DATA = Path(os.environ.get("VFS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -500,7 +499,7 @@ def test_upright_size_is_the_files_own_turned_as_a_viewer_shows_it(tmp_path):
     """What a mask painted on the photo measures: not `load_image`'s size (at most 4,096 px a side)."""
     from PIL import Image
 
-    from vfs.data import MAX_DECODED_SIDE, load_image, upright_size
+    from vfs.images import MAX_DECODED_SIDE, load_image, upright_size
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait

@@ -21,7 +21,7 @@ from streamlit.delta_generator import DeltaGenerator
 
 from vfs.cache import CacheError, FeatureCache
 from vfs.compare import comparison_refusal
-from vfs.data import IMAGE_EXTENSIONS, load_image, upright_size
+from vfs.images import IMAGE_EXTENSIONS, load_image, upright_size
 from vfs.jobs import view_thumbnail
 from vfs.masks import grid_mask, mask_image_coverage
 from vfs.render import jpeg_data_url

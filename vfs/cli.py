@@ -261,7 +261,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
-    from .data import load_image, upright_size
+    from .images import load_image, upright_size
     from .masks import load_mask
     from .models import model_kind
     from .search import search_regions

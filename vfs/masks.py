@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from .images import ImageError, opened_within
+
 if TYPE_CHECKING:
     import torch  # a drawing or mask may be a tensor: taken by duck typing, torch not imported here
 
@@ -306,20 +308,13 @@ def mask_image_coverage(
     """A mask image's paint coverage in [0, 1] (its alpha, or grey levels), turned upright by its
     EXIF orientation as query images are; placed on the model's view by `painted_on` where given
     (else taken as spanning the view), unless it says it was painted on the view (`PAINTED_ON_VIEW`)."""
-    from .data import MAX_IMAGE_PIXELS
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
-            with Image.open(file) as im:
-                width, height = im.size  # from the header: a bomb is refused before decoding
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"{name}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
-                    )
-                im.load()
-                on_view = im.info.get(PAINTED_ON_VIEW[0]) == PAINTED_ON_VIEW[1]
-                cover = _as_coverage(ImageOps.exif_transpose(im))
+        with opened_within(file) as im:  # from the header: a bomb is refused before decoding
+            im.load()
+            on_view = im.info.get(PAINTED_ON_VIEW[0]) == PAINTED_ON_VIEW[1]
+            cover = _as_coverage(ImageOps.exif_transpose(im))
+    except ImageError as e:
+        raise ValueError(f"{name}: {e.reason}") from e
     except ValueError:
         raise
     except Exception as e:

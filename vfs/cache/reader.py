@@ -490,7 +490,8 @@ class FeatureCache:
         """(H, W) of an image as a viewer shows it, where its dataset is at hand (a mask file may be
         painted on it); None where it is not (moved, an index out of range: said later) or would
         have to be fetched (a torchvision dataset downloads itself: not for a mask's shape)."""
-        from ..data import TORCHVISION_PREFIX, FileReader, upright_size
+        from ..data import TORCHVISION_PREFIX, FileReader
+        from ..images import upright_size
 
         if self.spec.data.source.startswith(TORCHVISION_PREFIX):
             return None

@@ -25,9 +25,9 @@ import PIL.Image
 import torch
 from torch import nn
 
-from ..data import load_image
 from ..devices import resolve_device
 from ..fp16 import fp16_holds
+from ..images import load_image
 from .kinds import load_model
 from .specs import Preprocess
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import MAX_DECODED_SIDE, upright_rgb
+from ..images import MAX_DECODED_SIDE, upright_rgb
 from ..masks import PaintedOn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,7 +89,7 @@ class Preprocess:
 
     def view(self, image: PIL.Image.Image) -> PIL.Image.Image:
         """The RGB crop the model sees, `input_size` pixels square, of an image as a viewer shows it
-        (upright; 16-bit greys rescaled, transparency on white: `vfs.data.upright_rgb`)."""
+        (upright; 16-bit greys rescaled, transparency on white: `vfs.images.upright_rgb`)."""
         fill = (round(255 * self.mean[0]), round(255 * self.mean[1]), round(255 * self.mean[2]))
         return self._fit(upright_rgb(image), self.interpolation, fill)
 

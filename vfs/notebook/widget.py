@@ -19,7 +19,7 @@ import traitlets
 from PIL import Image
 
 from ..cache import FeatureCache
-from ..data import load_image
+from ..images import load_image
 from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
 from ..render import jpeg_data_url, mask_overlay, mask_summary, outlined_match, window_text
