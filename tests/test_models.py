@@ -1084,3 +1084,18 @@ def test_import_vfs_loads_no_torch_and_gives_submodules_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "module 'vfs' has no attribute 'nothing'"
+    # the notebook's distributions without anywidget (the widget's own import; code review), and
+    # no image decoding that loads PyTorch
+    code = (
+        "import sys\n"
+        "from vfs.notebook import distribution_table\n"
+        "import vfs.images, vfs.notebook\n"
+        "assert 'anywidget' not in sys.modules and 'SearchWidget' in dir(vfs.notebook)\n"
+        "import vfs.notebook.distributions, vfs.images\n"
+        "print(vfs.notebook.SearchWidget.__name__, 'anywidget' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["SearchWidget", "True"]
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, vfs.images; assert 'torch' not in sys.modules"], check=True
+    )

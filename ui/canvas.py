@@ -21,7 +21,7 @@ from PIL import Image
 import vfs
 
 HERE = Path(__file__).parent
-PAINTER = Path(vfs.__file__).parent / "notebook"  # painter.js / .css as files: vfs.notebook imports anywidget
+PAINTER = Path(vfs.__file__).parent / "notebook"  # painter.js / .css: the widget paints with them too
 PNG_URL = "data:image/png;base64,"
 
 _canvas = st.components.v2.component(
