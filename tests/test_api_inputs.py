@@ -131,6 +131,9 @@ def test_the_ranked_table_is_built_when_read_and_describes_the_ranked_images(sma
     assert top["score"].tolist() == result.scores[result.top_indices].astype(float).tolist()
     assert {"path", "domain", "pixel_box"} <= set(top.columns)
     assert top["grid_box"].tolist() == [result.grid_box(i) for i in result.top_indices]
+    boxes = result.grid_boxes()  # every image's, in one pass (the exports' column)
+    assert boxes == [result.grid_box(i) for i in range(len(result.scores))]
+    assert all(type(v) is int for box in boxes for v in box)  # plain ints: JSON and CSV as before
 
 
 # --------------------------------------------------------------------------- the query

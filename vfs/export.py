@@ -58,7 +58,7 @@ def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | N
     box: the per-image export, the rows a Distributions table is computed from. A manifest column
     already named `score` or `grid_box` keeps its name; VFS's then reads `vfs_score`, `vfs_grid_box`."""
     manifest = cache.manifest
-    added = {"score": result.scores, "grid_box": [result.grid_box(i) for i in range(len(result.scores))]}
+    added = {"score": result.scores, "grid_box": result.grid_boxes()}
     table = manifest.assign(**{(f"vfs_{k}" if k in manifest.columns else k): v for k, v in added.items()})
     table = table.rename_axis("index")
     return table if keep is None else table[np.asarray(keep, dtype=bool)]
@@ -90,7 +90,7 @@ def compared_scores(
             ascending=False, method="min", na_option="bottom"
         )
         added[f"{side}_rank"] = ranks.to_numpy(dtype=np.int64)
-        added[f"{side}_grid_box"] = [result.grid_box(i) for i in range(len(result.scores))]
+        added[f"{side}_grid_box"] = result.grid_boxes()
     return cache.manifest.assign(**added).rename_axis("index")[kept]
 
 

@@ -119,6 +119,12 @@ class SearchResult:
         (index,) = image_indices(index, len(self.scores), "image")
         return _grid_box(self.placements[index], self.query.mask.shape)
 
+    def grid_boxes(self) -> list[tuple[int, int, int, int]]:
+        """Every image's `grid_box`, in one pass: the per-image exports' column (a call per image
+        checked its index each time, seconds at a million images)."""
+        (mh, mw), p = self.query.mask.shape, self.placements
+        return list(zip(*(c.tolist() for c in (p[:, 0], p[:, 1], p[:, 0] + mh, p[:, 1] + mw)), strict=True))
+
     def images_ranked(self) -> str:
         """What was searched: "300 images", or "83 of 300 images" under `candidates` (a label filter)."""
         n = len(self.scores)
