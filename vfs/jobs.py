@@ -321,7 +321,16 @@ LOADER_RETRIES = 3
 killer, a decoder crash), from the first image not yet stored."""
 
 
-def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
+def _run(
+    job: BuildJob,
+    dataset: ImageDataset,
+    extractor: Extractor,
+    writer: CacheWriter,
+    device: torch.device,
+    thumb: int,
+    progress: Callable[[BuildProgress], None] | None,
+    cancel: threading.Event | None,
+) -> None:
     for retry in range(LOADER_RETRIES + 1):
         try:
             return _run_from_next(job, dataset, extractor, writer, device, thumb, progress, cancel)
@@ -340,7 +349,16 @@ def _run(job, dataset, extractor, writer, device, thumb, progress, cancel) -> No
             )
 
 
-def _run_from_next(job, dataset, extractor, writer, device, thumb, progress, cancel) -> None:
+def _run_from_next(
+    job: BuildJob,
+    dataset: ImageDataset,
+    extractor: Extractor,
+    writer: CacheWriter,
+    device: torch.device,
+    thumb: int,
+    progress: Callable[[BuildProgress], None] | None,
+    cancel: threading.Event | None,
+) -> None:
     start = writer.next_item
     first = first_batch_item(start, job.batch_size)
     remaining = torch.utils.data.Subset(
@@ -385,7 +403,13 @@ def _run_from_next(job, dataset, extractor, writer, device, thumb, progress, can
 
 
 def write_batch(
-    writer: CacheWriter, items, good, feats, thumbs, failures: dict[int, str], start: int = 0
+    writer: CacheWriter,
+    items: Sequence[int],
+    good: Sequence[int],
+    feats: np.ndarray | None,
+    thumbs: np.ndarray | None,
+    failures: dict[int, str],
+    start: int = 0,
 ) -> None:
     """Hand a batch to the writer in candidate order (stored and skipped interleaved); items
     before `start` (the part of a resume's first batch stored before) are left out."""
@@ -395,5 +419,6 @@ def write_batch(
             continue
         if item in failures:
             writer.skip(item, failures[item])
-        else:
+        else:  # a good image: the batch had features (None only where every image failed)
+            assert feats is not None and thumbs is not None
             writer.add(item, feats[row[item]], thumbs[row[item]])
