@@ -617,6 +617,16 @@ def test_token_grids_are_timms_own_maps(arch, stages, capfd):
     assert "FX-traced" not in capfd.readouterr().err
 
 
+def test_a_layer_that_is_the_same_for_every_image_is_no_map():
+    """XCiT's Fourier position encoding was listed as a 14×14 map and searched: two images' features
+    were equal to the last bit (a helper's sweep)."""
+    spec = "timm:xcit_nano_12_p16_224?pretrained=false"
+    names = {info.name for info in list_layers(spec)}
+    assert "blocks.3" in names and not {"pos_embed", "pos_embed.token_projection"} & names
+    with pytest.raises(ValueError, match="'pos_embed' gives the same values for every image"):
+        load_extractor(spec, "pos_embed")
+
+
 class SequenceFirstViT(torch.nn.Module):
     """A ViT as nn.TransformerEncoder builds it by default and CLIP's original code does: tokens
     (T, B, C), the class token first."""

@@ -278,41 +278,56 @@ def _input_size_error(spec: str, size: int, native: int, error: Exception) -> Va
     return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
 
 
-def _probe_image(size: int) -> torch.Tensor:
+def _probe_image(size: int, seed: int = 0) -> torch.Tensor:
     """The seeded random image layers are listed and extractors checked on: a blank one would make
     a uniform map look like attention weights (`_is_attention`)."""
-    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _first_outputs(model: nn.Module, input_size: int) -> dict[str, tuple[Any, int, int]]:
+def _first_outputs(model: nn.Module, input_size: int) -> tuple[dict[str, tuple[Any, int, int]], set[str]]:
     """Each module's output (and its tensor version) on its first call, for the probe image, and
-    how many times it ran (a ResNet block's one ReLU module runs three times)."""
+    how many times it ran (a ResNet block's one ReLU module runs three times); and the modules
+    whose first output is the same for another image: none of it comes from the image (XCiT's
+    Fourier position encoding was listed as a map, two images' features equal to the last bit)."""
     outputs: dict[str, tuple[Any, int, int]] = {}
+    same: dict[str, bool] = {}
 
     def recorder(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             output = _tensor_of(output)
-            if name in outputs:
+            if name in same:  # the other image's pass: the first call only
+                return
+            if name in outputs and not comparing:
                 first, version, calls = outputs[name]
                 outputs[name] = (first, version, calls + 1)
-            else:
+            elif not comparing:
                 outputs[name] = (output, getattr(output, "_version", 0), 1)
+            else:
+                first = outputs.get(name, (None,))[0]
+                same[name] = (
+                    isinstance(output, torch.Tensor)
+                    and isinstance(first, torch.Tensor)
+                    and (first.shape == output.shape and torch.equal(first, output))
+                )
 
         return record
 
     handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
     device = next(model.parameters(), torch.zeros(())).device  # a module the user holds may be on a GPU
+    comparing = False
     try:
         with torch.no_grad():
             model(_probe_image(input_size).to(device))
+            comparing = True
+            model(_probe_image(input_size, seed=1).to(device))
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
+    return outputs, {name for name, equal in same.items() if equal}
 
 
 def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
-    outputs = _first_outputs(model, input_size)
+    outputs, constant = _first_outputs(model, input_size)
     modules = dict(model.named_modules())
     first: dict[tuple[int, int], str] = {}
     layers: dict[str, LayerInfo] = {}
@@ -330,6 +345,8 @@ def _spatial_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
                 layers[first[key]] = replace(info, same_as=(*info.same_as, name))
             continue
         first[key] = name
+        if name in constant:  # not a feature of the image
+            continue
         layout = _layout(output, input_size, _token_owner(modules, name))
         if layout is not None and layout.kind == "tokens":
             layout = _in_order(layout, modules, name, layout.height * layout.width)
@@ -660,6 +677,14 @@ def _build(
             pair = body(probe.expand(2, -1, -1, -1))
         if not (isinstance(pair, torch.Tensor) and pair.shape[:2] == (reference.shape[0], 2)):
             layout = None
+    if layout is not None:
+        with torch.no_grad():
+            other = body(_probe_image(size, seed=1))
+        if isinstance(other, torch.Tensor) and torch.equal(other, reference):
+            raise unusable(
+                f"layer {layer!r} gives the same values for every image (a position encoding, a "
+                "constant): nothing of it comes from the image"
+            )
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
         what = (
