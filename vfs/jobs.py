@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,8 @@ def build_cache(
 
                 run_on_ray(job, pool, dataset, extractor.preprocess, writer, thumb, progress, cancel)
             else:
-                _run(job, dataset, extractor, writer, device, thumb, progress, cancel)
+                local = (job, dataset, extractor, writer, device, thumb, progress, cancel)
+                _retrying_dead_loaders(writer, partial(_run_from_next, *local))
         except KeyboardInterrupt:  # Ctrl-C: keep what was computed, as a cancel does. No write is cut
             writer.flush()  # short: the local build's writer thread ends its batch first; Ray's holds it
             raise
@@ -321,19 +323,12 @@ LOADER_RETRIES = 3
 killer, a decoder crash), from the first image not yet stored."""
 
 
-def _run(
-    job: BuildJob,
-    dataset: ImageDataset,
-    extractor: Extractor,
-    writer: CacheWriter,
-    device: torch.device,
-    thumb: int,
-    progress: Callable[[BuildProgress], None] | None,
-    cancel: threading.Event | None,
-) -> None:
+def _retrying_dead_loaders(writer: CacheWriter, run_from_next: Callable[[], None]) -> None:
+    """`run_from_next` (the build from the writer's next item on) again where a decoding worker
+    died — killed for memory, most often — up to `LOADER_RETRIES` times, keeping what was stored."""
     for retry in range(LOADER_RETRIES + 1):
         try:
-            return _run_from_next(job, dataset, extractor, writer, device, thumb, progress, cancel)
+            return run_from_next()
         except RuntimeError as died:
             if "DataLoader worker (pid" not in str(died):
                 raise
