@@ -280,7 +280,7 @@ def test_a_small_groups_p_value_is_exact_in_a_large_table_and_in_time():
     groups = pd.DataFrame({"a": np.arange(23) < 3, "b": np.arange(23) >= 3})
     asymptotic = sps.mannwhitneyu(tied[:3], tied[3:], method="asymptotic").pvalue
     assert stats.group_table(tied, groups).set_index("group").loc["a", "p_value"] == pytest.approx(asymptotic)
-    big = rng.random(3300)  # too many coefficients to count (300 × ~495,000): asymptotic
+    big = rng.random(3300)  # too many coefficients to count (300 × ~450,000): asymptotic
     groups = pd.DataFrame({"a": np.arange(3300) < 300, "b": np.arange(3300) >= 300})
     asymptotic = sps.mannwhitneyu(big[:300], big[300:], method="asymptotic").pvalue
     assert stats.group_table(big, groups).set_index("group").loc["a", "p_value"] == pytest.approx(asymptotic)
