@@ -114,7 +114,8 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         + (
             " Two groups that split the images are one test, read from either side: one's AUROC is 1 − "
             "the other's, and their p-value is the same."
-            if len(table.columns) == 2 and not table.all(axis=1).any()
+            if len(tested := table.drop(columns=MISSING, errors="ignore").columns) == 2
+            and not table[tested].all(axis=1).any()
             else ""
         )
     )

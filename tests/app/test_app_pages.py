@@ -543,6 +543,32 @@ def test_distributions_group_a_numeric_column_by_its_quartiles(app, caches, tmp_
     assert table["n"].sum() == SMALL - 1 and table["n"].between(9, 10).all()  # the query left out
 
 
+def test_distributions_test_only_the_groups_of_a_value(app, caches, tmp_path):
+    """The images without a value are described, not tested: a column of one value and blanks is no
+    grouping (its table was all NaN), and two groups of a value beside "(missing)" are one test —
+    the caption said so of "A" and "(missing)" instead (review)."""
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+
+    shutil.copytree(caches / "small.zarr", tmp_path / "sexed.zarr")
+    group = zarr.open_group(tmp_path / "sexed.zarr", mode="r+")
+    manifest = read_table(group, "manifest")
+    n = len(manifest)
+    sex = [None if i % 5 == 0 else "MF"[i % 2] for i in range(n)]
+    write_table(group, "manifest", manifest.assign(sex=sex, site=["A" if i % 2 else None for i in range(n)]))
+    at = page(app, "distributions")
+    at.session_state["vfs.opened"] = [str(tmp_path / "sexed.zarr")]
+    at = no_exceptions(draw(use_cache(at.run(), "dist.cache", tmp_path, "sexed")))
+    options = at.selectbox(key="dist.column").options
+    assert "sex" in options and "site" not in options
+    at = no_exceptions(at.selectbox(key="dist.column").set_value("sex").run())
+    table = at.dataframe[0].value.set_index("group")
+    assert table.loc[["F", "M"], "p_value"].notna().all() and np.isnan(table.loc["(missing)", "p_value"])
+    caption = next(t for t in texts(at.caption) if t.startswith("Each group against"))
+    assert "Two groups that split the images are one test" in caption and "described, not tested" in caption
+
+
 def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_path):
     """Another session's Build page (or the disk) removed the cache: the next rerun of the page's
     fragment says so, not a traceback."""
