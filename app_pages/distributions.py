@@ -81,11 +81,12 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
                 "Count one image per",
                 options,
                 key=bind(f"dist.one_per.{cache.location}", NO_COLUMN, options=options),
-                help="Each value's first image in the manifest only, e.g. a patient's first X-ray: the "
-                "statistics take the images as independent, and a patient's X-rays are not.",
+                help="Each value's first image in the manifest only (of those not left out), e.g. a "
+                "patient's first X-ray: the statistics take the images as independent, and a patient's "
+                "X-rays are not.",
             )
             if one_per != NO_COLUMN:
-                keep[cache.repeats(one_per)] = False
+                keep[cache.repeats(one_per, among=keep)] = False
     scores, table = result.scores[keep], table[keep]
     grouped = keep.copy()  # the table's images: kept, and in a group (not those without a value)
     grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)

@@ -470,6 +470,21 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
     kept = [i for i in range(12) if i not in cache.repeats("label")]
     assert label[kept].dropna().is_unique and set(label[kept].dropna()) == set(label.dropna())
     assert label.isna().any() and label[kept].isna().sum() == label.isna().sum()  # no value: no subject
+    # among the images kept: a subject whose first image is left out counts by its next one
+    among = np.ones(12, bool)
+    among[0] = False  # dom[0]'s first image
+    again = [i for i in range(1, 12) if dom[i] == dom[0]][0]
+    assert again not in cache.repeats("dom", among=among) and 0 not in cache.repeats("dom", among=among)
+    assert len(cache.repeats("dom", among=among)) == 11 - len(set(dom[1:]))
+    # a blank id is no subject: blank images are not one patient's
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    ids = ["", " ", "p1", "p1", None, "", "p2", "p2", "p2", " ", "p3", ""]
+    write_table(group, "manifest", read_table(group, "manifest").assign(pid=ids))
+    assert open_cache(tmp_path / "c.zarr").repeats("pid").tolist() == [3, 7, 8]
     with pytest.raises(
         CacheError, match="has no column 'patient' \\(columns: path, label, dom, age, sick\\)"
     ):

@@ -270,13 +270,18 @@ class FeatureCache:
         same = np.flatnonzero(values == values[i])
         return same[same != i].astype(np.int64)
 
-    def repeats(self, column: str) -> np.ndarray:
-        """(sorted) the images whose `column` value an earlier image in the manifest holds (none
-        without a value): left out, each subject counts once, by its first image — as statistics
-        that take the images as independent need (a patient's X-rays are alike in ways no finding
-        explains)."""
+    def repeats(self, column: str, among: np.ndarray | None = None) -> np.ndarray:
+        """(sorted) the images whose `column` value an earlier image in the manifest holds, among the
+        images `among` keeps (a boolean mask; all by default: a subject whose first image was left
+        out counts by its next one), none without a value (missing or blank): left out, each subject
+        counts once — as statistics that take the images as independent need (a patient's X-rays
+        are alike in ways no finding explains)."""
         values = pd.Series(self._column(column))
-        return np.flatnonzero(values.duplicated() & values.notna()).astype(np.int64)
+        known = values.notna() & values.astype(str).str.strip().ne("")
+        if among is not None:
+            known &= np.asarray(among, dtype=bool)
+        held = values[known]
+        return held.index[held.duplicated()].to_numpy(np.int64)
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to

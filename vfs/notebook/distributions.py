@@ -52,7 +52,7 @@ def _grouped(
     else:
         keep[excluded_images(len(manifest), leave_out)] = False
     if one_per is not None:
-        keep[cache.repeats(one_per)] = False
+        keep[cache.repeats(one_per, among=keep)] = False
     return result.scores[keep], groups[keep], title
 
 
@@ -71,8 +71,8 @@ def distribution_figure(
     images into those with and without that value instead (an image without a value is in neither).
     `leave_out` drops images; by default those the search excluded (a `SearchWidget` excludes its
     query image, as the page's "Leave out the query image" does); `leave_out=()` keeps them all.
-    `one_per="patient_id"` keeps only the first image of each value of that column (the page's
-    "Count one image per"): the statistics take the images as independent.
+    `one_per="patient_id"` keeps only the first image of each value of that column among those not
+    left out (the page's "Count one image per"): the statistics take the images as independent.
     """
     scores, groups, title = _grouped(cache, result, by, finding, leave_out, one_per)
     return _figure(long_scores(scores, groups), kind, by=title)
