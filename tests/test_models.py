@@ -627,6 +627,26 @@ def test_a_layer_that_is_the_same_for_every_image_is_no_map():
         load_extractor(spec, "pos_embed")
 
 
+class _RewritesItsBuffer(torch.nn.Module):
+    """A layer that writes its result into a buffer it keeps and returns it (a preallocated output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("out", torch.zeros(1, 8, 16, 16))
+
+    def forward(self, x):
+        return self.out.copy_(x)
+
+
+def test_a_layer_returning_one_buffer_rewritten_is_still_a_map():
+    """Compared with itself, such a layer looked the same for every image and was dropped (review)."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 4, 4), _RewritesItsBuffer(), torch.nn.Conv2d(8, 8, 1)
+    ).eval()
+    assert {info.name for info in list_layers(net, 64)} == {"0", "1", "2"}
+    assert extractor_from_module(net, "1", Preprocess(64, 64)).grid == (16, 16)
+
+
 class SequenceFirstViT(torch.nn.Module):
     """A ViT as nn.TransformerEncoder builds it by default and CLIP's original code does: tokens
     (T, B, C), the class token first."""

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext, redirect_stderr
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,10 @@ class _Layout:
     prefix_tokens: int = 0  # tokens (class, register) before the patch tokens
     order: tuple[int, ...] | None = None  # each grid cell's token, row by row, where not in order
 
+    @cached_property
+    def _order_index(self) -> torch.Tensor:
+        return torch.tensor(self.order)
+
     def to_grid(self, output: torch.Tensor) -> torch.Tensor:
         if self.kind == "nchw":
             return output.permute(0, 2, 3, 1)
@@ -111,7 +116,7 @@ class _Layout:
         if self.kind in ("tokens", "sequence first"):
             patches = output[:, self.prefix_tokens :]
             if self.order is not None:
-                patches = patches[:, torch.tensor(self.order, device=patches.device)]
+                patches = patches[:, self._order_index.to(patches.device)]
             return patches.reshape(output.shape[0], self.height, self.width, self.channels)
         return output
 
@@ -303,11 +308,13 @@ def _first_outputs(model: nn.Module, input_size: int) -> tuple[dict[str, tuple[A
             elif not comparing:
                 outputs[name] = (output, getattr(output, "_version", 0), 1)
             else:
-                first = outputs.get(name, (None,))[0]
+                first = outputs.get(name, (None,))[0]  # the same object: a buffer rewritten, not known
                 same[name] = (
                     isinstance(output, torch.Tensor)
                     and isinstance(first, torch.Tensor)
-                    and (first.shape == output.shape and torch.equal(first, output))
+                    and output is not first
+                    and first.shape == output.shape
+                    and torch.equal(first, output)
                 )
 
         return record
@@ -680,7 +687,7 @@ def _build(
     if layout is not None:
         with torch.no_grad():
             other = body(_probe_image(size, seed=1))
-        if isinstance(other, torch.Tensor) and torch.equal(other, reference):
+        if isinstance(other, torch.Tensor) and other is not reference and torch.equal(other, reference):
             raise unusable(
                 f"layer {layer!r} gives the same values for every image (a position encoding, a "
                 "constant): nothing of it comes from the image"
