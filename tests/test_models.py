@@ -638,6 +638,25 @@ class _RewritesItsBuffer(torch.nn.Module):
         return self.out.copy_(x)
 
 
+class _TinyAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 16, 16)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.drop(self.attn(tokens, tokens, tokens, need_weights=False)[0])
+
+
+def test_only_a_tokens_and_size_pair_is_taken_apart():
+    """(tokens, size) is MViTv2's map; an attention's (output, None) stays a pair: its output is
+    listed by the module after it, as torchvision's ViT layers always were (review)."""
+    names = {info.name for info in list_layers(_TinyAttention().eval(), 64)}
+    assert "drop" in names and "attn" not in names
+
+
 def test_a_layer_returning_one_buffer_rewritten_is_still_a_map():
     """Compared with itself, such a layer looked the same for every image and was dropped (review)."""
     net = torch.nn.Sequential(

@@ -202,16 +202,19 @@ def _token_layout(tokens: int, channels: int, input_size: int, model: nn.Module)
 
 def _tensor_of(output: Any) -> Any:
     """A layer's output as the map it holds: the tensor of a (tokens, size) pair (timm's MViTv2
-    stages and blocks return one), else the output as it is."""
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        rest = output[1:]
-        if all(not isinstance(part, (torch.Tensor, tuple, list)) or _sizes(part) for part in rest):
+    stages and blocks return one), else the output as it is — an attention's (output, weights or
+    None) too: its output is listed as the dropout or block after it, as before."""
+    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[0], torch.Tensor):
+        if all(_size(part) for part in output[1:]):
             return output[0]
     return output
 
 
-def _sizes(part: Any) -> bool:
-    return isinstance(part, (tuple, list, torch.Size)) and all(isinstance(v, int) for v in part)
+def _size(part: Any) -> bool:
+    """A grid's size as a model passes it on: a whole number, or a tuple or list of them."""
+    if isinstance(part, (tuple, list)):
+        return len(part) > 0 and all(_size(v) for v in part)
+    return isinstance(part, int) and not isinstance(part, bool)
 
 
 def _in_order(layout: _Layout, modules: dict[str, nn.Module], layer: str, tokens: int) -> _Layout | None:
