@@ -73,7 +73,7 @@ def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, tmp_path,
     import zarr
 
     cache, _ = demo
-    monkeypatch.setattr("vfs.jobs._run", lambda *a: pytest.fail("a finished build computed again"))
+    monkeypatch.setattr("vfs.jobs._run_from_next", lambda *a: pytest.fail("a finished build computed again"))
     flags = ["--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "24", "--batch-size", "8"]
     assert main(["build", *flags, "--out", cache.location]) == 0
     assert f"{cache.location}: 24 images" in capsys.readouterr().out
@@ -137,7 +137,9 @@ def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_p
     before = files()
     monkeypatch.setattr(BuildLock, "_enter_flock", read_only)
     monkeypatch.setattr(BuildLock, "_enter_pidfile", read_only)
-    monkeypatch.setattr("vfs.jobs._run", lambda *a: pytest.fail("a build ran where nothing may be written"))
+    monkeypatch.setattr(
+        "vfs.jobs._run_from_next", lambda *a: pytest.fail("a build ran where nothing may be written")
+    )
     assert build_cache(replace(job, out=str(done))).complete
     for out in (partial, tmp_path / "new.zarr"):
         with pytest.raises(
