@@ -506,3 +506,19 @@ def test_upright_size_is_the_files_own_turned_as_a_viewer_shows_it(tmp_path):
     Image.new("RGB", (4200, 90), (10, 20, 30)).save(tmp_path / "wide.jpg", exif=exif)
     assert upright_size(tmp_path / "wide.jpg") == (4200, 90)
     assert max(load_image(tmp_path / "wide.jpg").size) == MAX_DECODED_SIDE
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1e6"])
+def test_a_pixel_limit_that_is_no_whole_number_is_said(value):
+    """int()'s bare "invalid literal" broke every import of the decoder (code review)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import vfs.images"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VFS_MAX_IMAGE_PIXELS": value},
+    )
+    assert done.returncode != 0
+    assert f"VFS_MAX_IMAGE_PIXELS={value!r}: expected a whole number of pixels ≥ 1" in done.stderr

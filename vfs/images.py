@@ -23,7 +23,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _READABLE = f"VFS reads {', '.join(sorted(IMAGE_EXTENSIONS))} images"
 
-MAX_IMAGE_PIXELS: int = int(os.environ.get("VFS_MAX_IMAGE_PIXELS", "89478485"))
+
+def _pixel_limit() -> int:
+    """$VFS_MAX_IMAGE_PIXELS, said in words where it is no whole number ≥ 1 (int()'s bare error
+    broke every import of the decoder)."""
+    text = os.environ.get("VFS_MAX_IMAGE_PIXELS", "89478485")
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(
+            f"VFS_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels ≥ 1 (default 89478485)"
+        )
+    return limit
+
+
+MAX_IMAGE_PIXELS: int = _pixel_limit()
 """Decompression-bomb guard (PIL's default); larger images are refused before decoding."""
 
 MAX_DECODED_SIDE = 4096
