@@ -28,7 +28,15 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.cache import FeatureCache, cache_name
     from vfs.export import image_scores, spreadsheet_csv
     from vfs.render import distribution_figure
-    from vfs.stats import MISSING, findings, group_table, is_multilabel, long_scores, score_groups
+    from vfs.stats import (
+        MISSING,
+        findings,
+        group_table,
+        is_multilabel,
+        long_scores,
+        score_groups,
+        tested_groups,
+    )
 
 cache = pick_cache("dist.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
@@ -115,8 +123,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         + (
             " Two groups that split the images are one test, read from either side: one's AUROC is 1 − "
             "the other's, and their p-value is the same."
-            if len(tested := table.drop(columns=MISSING, errors="ignore").columns) == 2
-            and not table[tested].all(axis=1).any()
+            if len((tested := tested_groups(table)).columns) == 2 and not tested.all(axis=1).any()
             else ""
         )
     )

@@ -244,6 +244,12 @@ def _q_values(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def tested_groups(groups: pd.DataFrame) -> pd.DataFrame:
+    """The groups of a value: all but `MISSING`, whose images are described, not tested (an unknown
+    label is no other label) — what `group_table` compares, and what a page may offer to group by."""
+    return groups.drop(columns=MISSING, errors="ignore")
+
+
 def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
     """One row per group: n, median, mean, std, AUROC with its 95% DeLong interval, and the
     Mann-Whitney p-value of the score, group vs the other images in any group (an image in none, e.g.
@@ -258,7 +264,7 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
     scores = np.asarray(scores, dtype=float)
     if not np.isfinite(scores).all():
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are not finite: no statistics of them")
-    known = groups.drop(columns=MISSING, errors="ignore")
+    known = tested_groups(groups)
     grouped = known.to_numpy(dtype=bool).any(axis=1) if len(known.columns) else np.zeros(len(scores), bool)
     rows = []
     for name in groups.columns:
