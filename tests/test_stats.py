@@ -235,6 +235,39 @@ def test_auroc_interval_is_delongs_on_the_logit_scale():
     assert np.isnan(stats.auroc(with_nan, ten)) and np.isnan(stats.auroc_interval(with_nan, ten)).all()
 
 
+def test_a_tables_groups_ranked_once_are_each_groups_own_statistics():
+    """`group_table` ranks the grouped images once for all its groups (it ranked them three times a
+    group: 225 ms for 32 groups of 10,000 images); each row must stay what the group alone gives —
+    overlapping groups, ties, an image in no group, the "(missing)" group out of every rest."""
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        n = int(rng.integers(60, 400))
+        scores = rng.integers(0, 25, n) / 4  # many ties
+        groups = pd.DataFrame({f"g{i}": rng.random(n) < rng.uniform(0.05, 0.5) for i in range(4)})
+        groups["(missing)"] = rng.random(n) < 0.1
+        table = stats.group_table(scores, groups).set_index("group")
+        grouped = groups.drop(columns="(missing)").to_numpy().any(axis=1)
+        for name in groups.columns.drop("(missing)"):
+            member = groups[name].to_numpy()[grouped]
+            pool = scores[grouped]
+            row = table.loc[name]
+            assert row["auroc"] == pytest.approx(brute_force_auroc(pool, member), abs=1e-12)
+            expected = sps.mannwhitneyu(pool[member], pool[~member], method="asymptotic").pvalue
+            assert row["p_value"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
+            if min(member.sum(), (~member).sum()) >= stats.INTERVAL_FEWEST:
+                assert (row["auroc_low"], row["auroc_high"]) == pytest.approx(
+                    brute_force_delong(pool, member)
+                )
+        untied = rng.permutation(n) + 0.5  # no ties, small: the exact null
+        small = np.arange(n) < 6
+        groups_small = pd.DataFrame({"small": small, "rest": ~small})
+        expected = sps.mannwhitneyu(untied[small], untied[~small], method="exact").pvalue
+        got = stats.group_table(untied, groups_small).set_index("group").loc["small", "p_value"]
+        assert got == pytest.approx(expected, rel=1e-9)
+    tied = pd.DataFrame({"a": np.arange(40) < 20, "b": np.arange(40) >= 20})
+    assert stats.group_table(np.ones(40), tied)["p_value"].tolist() == [1.0, 1.0]  # as scipy: all tied
+
+
 def test_a_small_groups_p_value_is_exact_in_a_large_table_and_in_time():
     """scipy's exact Mann–Whitney test for a side of ≤ 8 images took 41 s for 1 image against
     100,000 and minutes for 8 (trial); the normal approximation used instead was orders of magnitude

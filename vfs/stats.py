@@ -143,21 +143,81 @@ def score_groups(records: pd.DataFrame, column: str, finding: str | None = None)
     return presence_groups(records, column, finding), f"{finding} present"
 
 
+class _RankedPool:
+    """Scores ranked once, to compare several groups of them against the rest: every group of a
+    `group_table` is compared within the same pool (the grouped images), so sorting it once serves them all.
+    A group's ranks within itself and within its rest are counted along the pool's tie blocks, O(n)."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        scores = np.asarray(scores, dtype=float)
+        self.order = np.argsort(scores, kind="stable")
+        ordered = scores[self.order]
+        self.has_nan = bool(np.isnan(ordered[-1:]).any())  # NaN sorts last
+        self.starts = np.flatnonzero(np.r_[ordered.size > 0, ordered[1:] != ordered[:-1]])
+        self.ties = np.diff(np.r_[self.starts, ordered.size]).astype(float)  # each block's size
+        self.midranks = self.starts + (self.ties + 1) / 2  # a block's average rank in the pool
+        self.tie_term = float((self.ties**3 - self.ties).sum())
+
+    def counts(self, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How many of each tie block are positive and how many are not."""
+        inside = np.add.reduceat(np.asarray(positive, bool)[self.order].astype(float), self.starts)
+        return inside, self.ties - inside
+
+    def auroc(self, positive: np.ndarray) -> float:
+        inside, outside = self.counts(positive)
+        m, n = inside.sum(), outside.sum()
+        if m == 0 or n == 0 or self.has_nan:
+            return float("nan")
+        return float((inside @ self.midranks - m * (m + 1) / 2) / (m * n))
+
+    def auroc_interval(self, positive: np.ndarray, level: float) -> tuple[float, float]:
+        inside, outside = self.counts(positive)
+        m, n = inside.sum(), outside.sum()
+        if min(m, n) < INTERVAL_FEWEST or self.has_nan:
+            return float("nan"), float("nan")
+        # Each positive's share of negatives below it, each negative's share of positives above it
+        # (ties one half), block by block: the structural components whose mean is the AUROC.
+        below_in, below_out = np.cumsum(inside) - inside, np.cumsum(outside) - outside
+        v10 = np.repeat((below_out + outside / 2) / n, inside.astype(int))
+        v01 = np.repeat(1 - (below_in + inside / 2) / m, outside.astype(int))
+        se = np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+        area, z = v10.mean(), stats.norm.ppf(0.5 + level / 2)
+        if not (0 < area < 1 and se > 0):
+            return float("nan"), float("nan")
+        logit, spread = np.log(area / (1 - area)), z * se / (area * (1 - area))
+        low, high = stats.logistic.cdf([logit - spread, logit + spread])
+        return float(low), float(high)
+
+    def p_value(self, positive: np.ndarray) -> float:
+        """Two-sided Mann–Whitney p-value of the positives against the rest of the pool: exact where no
+        score is tied and counting its null takes at most `EXACT_WORK` coefficients, else asymptotic with
+        the tie and continuity corrections (as scipy's `mannwhitneyu(method="asymptotic")`) — which in a
+        far tail is orders of magnitude too large (9 images ranked first of 7,009: 2.1e-7 for the exact
+        1.8e-29; review); NaN when a side is empty."""
+        inside, outside = self.counts(positive)
+        m, n = int(inside.sum()), int(outside.sum())
+        if m == 0 or n == 0 or self.has_nan:
+            return float("nan")
+        u = float(inside @ self.midranks - m * (m + 1) / 2)
+        tail, side = min(u, m * n - u), min(m, n)
+        arrangements = (math.lgamma(m + n + 1) - math.lgamma(m + 1) - math.lgamma(n + 1)) / math.log(10)
+        if self.tie_term == 0 and side * tail <= EXACT_WORK and arrangements <= 300:
+            return _exact_p(u, m, n)
+        total = m + n
+        spread = math.sqrt(m * n / 12 * ((total + 1) - self.tie_term / (total * (total - 1))))
+        if spread == 0:  # every score tied: no evidence either way
+            return 1.0
+        z = (max(u, m * n - u) - m * n / 2 - 0.5) / spread
+        return float(min(1.0, 2 * stats.norm.sf(z)))
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of `scores` as a detector of `positive`, from the Mann-Whitney U.
 
     Ties count one half (average ranks), matching the pairwise definition P(s+ > s-) + P(s+ = s-)/2.
     NaN when either class is empty, where the AUROC is undefined.
     """
-    scores = np.asarray(scores, dtype=float)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = stats.rankdata(scores)
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    return _RankedPool(scores).auroc(positive)
 
 
 INTERVAL_FEWEST = 10
@@ -177,40 +237,7 @@ def auroc_interval(scores: np.ndarray, positive: np.ndarray, level: float = 0.95
     81% coverage plain, 89% on the logit scale; 100 images: 89% and 94%). NaN where it would mislead:
     a class of fewer than `INTERVAL_FEWEST` images, and a complete separation or all scores tied
     (an AUROC of 0 or 1, or no variance), where the approximation gives an interval of no width."""
-    scores = np.asarray(scores, dtype=float)
-    positive = np.asarray(positive, dtype=bool)
-    x, y = scores[positive], scores[~positive]
-    if min(x.size, y.size) < INTERVAL_FEWEST:
-        return float("nan"), float("nan")
-    ranks = stats.rankdata(np.concatenate([x, y]))
-    # Each positive's share of negatives below it, each negative's share of positives above it
-    # (ties one half): the structural components whose mean is the AUROC.
-    v10 = (ranks[: x.size] - stats.rankdata(x)) / y.size
-    v01 = 1 - (ranks[x.size :] - stats.rankdata(y)) / x.size
-    se = np.sqrt(v10.var(ddof=1) / x.size + v01.var(ddof=1) / y.size)
-    area, z = v10.mean(), stats.norm.ppf(0.5 + level / 2)
-    if not (0 < area < 1 and se > 0):  # NaN scores land here too, as auroc's
-        return float("nan"), float("nan")
-    logit, spread = np.log(area / (1 - area)), z * se / (area * (1 - area))
-    low, high = stats.logistic.cdf([logit - spread, logit + spread])
-    return float(low), float(high)
-
-
-def _p_value(inside: np.ndarray, outside: np.ndarray) -> float:
-    """Two-sided Mann–Whitney p-value of a group against the other grouped images: exact where no
-    score is tied and counting its null takes at most `EXACT_WORK` coefficients, else asymptotic with
-    the tie and continuity corrections — which in a far tail is orders of magnitude too large
-    (9 images ranked first of 7,009: 2.1e-7 for the exact 1.8e-29; review); NaN when a side is empty."""
-    m, n = inside.size, outside.size
-    if m == 0 or n == 0:
-        return float("nan")
-    both = np.concatenate([inside, outside])
-    u = float(stats.rankdata(both)[:m].sum() - m * (m + 1) / 2)
-    tail, side = min(u, m * n - u), min(m, n)
-    arrangements = (math.lgamma(m + n + 1) - math.lgamma(m + 1) - math.lgamma(n + 1)) / math.log(10)
-    if np.unique(both).size == both.size and side * tail <= EXACT_WORK and arrangements <= 300:
-        return _exact_p(u, m, n)
-    return float(stats.mannwhitneyu(inside, outside, alternative="two-sided", method="asymptotic").pvalue)
+    return _RankedPool(scores).auroc_interval(positive, level)
 
 
 def _exact_p(u: float, m: int, n: int) -> float:
@@ -266,12 +293,13 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are not finite: no statistics of them")
     known = tested_groups(groups)
     grouped = known.to_numpy(dtype=bool).any(axis=1) if len(known.columns) else np.zeros(len(scores), bool)
+    pool = _RankedPool(scores[grouped])
     rows = []
     for name in groups.columns:
         member = groups[name].to_numpy(dtype=bool)
         inside = pd.Series(scores[member])
         compared = name != MISSING
-        low, high = auroc_interval(scores[grouped], member[grouped]) if compared else (np.nan, np.nan)
+        low, high = pool.auroc_interval(member[grouped], 0.95) if compared else (np.nan, np.nan)
         rows.append(
             {
                 "group": name,
@@ -279,10 +307,10 @@ def group_table(scores: np.ndarray, groups: pd.DataFrame) -> pd.DataFrame:
                 "median": inside.median(),
                 "mean": inside.mean(),
                 "std": inside.std(),
-                "auroc": auroc(scores[grouped], member[grouped]) if compared else np.nan,
+                "auroc": pool.auroc(member[grouped]) if compared else np.nan,
                 "auroc_low": low,
                 "auroc_high": high,
-                "p_value": _p_value(scores[member], scores[grouped & ~member]) if compared else np.nan,
+                "p_value": pool.p_value(member[grouped]) if compared else np.nan,
             }
         )
     table = pd.DataFrame(rows, columns=GROUP_TABLE_COLUMNS[:-1])
