@@ -30,6 +30,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.render import distribution_figure
     from vfs.stats import (
         MISSING,
+        MOST_GROUPS,
         findings,
         group_table,
         is_multilabel,
@@ -55,7 +56,8 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     columns = group_columns(cache)
     if not columns:
         st.info(
-            "The cache's manifest has no column with 2 to 50 groups (labels, domains, findings) to group by."
+            f"The cache's manifest has no column with 2 to {MOST_GROUPS} groups (labels, domains, findings) "
+            "to group by."
         )
         return
 

@@ -363,6 +363,28 @@ def test_quartile_names_say_what_each_group_holds(values):
         assert float(high or low) == pytest.approx(held.max(), rel=1e-5, abs=1e-12)
 
 
+def test_grouping_columns_are_those_of_2_to_50_groups_then_numeric_ones_by_quartiles():
+    records = pd.DataFrame(
+        {
+            "path": [f"{i}.png" for i in range(60)],
+            "id": [f"p{i}" for i in range(60)],  # one image a group
+            "site": ["A"] * 59 + [None],  # one group and the missing
+            "label": ["a|b", "c", None, "b|"] * 15,  # three findings
+            "flag": [True, False] * 30,
+            "age": np.arange(60.0),  # 60 groups of a value: by quartiles only
+            "many": [f"v{i % 50}" for i in range(60)],  # 50: the most
+        }
+    )
+    assert [stats.group_count(records, c) for c in records.columns[1:]] == [60, 1, 3, 2, 60, 50]
+    assert stats.grouping_columns(records) == ["label", "flag", "many", "age (quartiles)"]
+    assert stats.grouping_columns(records, most=49) == ["label", "flag", "age (quartiles)"]
+    for column in ("label", "flag", "many"):
+        assert (
+            stats.group_count(records, column)
+            == stats.tested_groups(stats.label_groups(records, column)).shape[1]
+        )
+
+
 def test_quartile_groups_of_a_numeric_column():
     from vfs.stats import QUARTILES, binnable_columns, column_groups, quartile_groups, score_groups
 

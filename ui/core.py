@@ -32,7 +32,7 @@ from vfs.models import Extractor, LayerInfo, Preprocess, list_layers, load_extra
 from vfs.render import jpeg_data_url, outlined_match
 from vfs.search import search_regions
 from vfs.settings import CACHE_SUFFIX, is_url
-from vfs.stats import QUARTILES, binnable_columns, column_groups, repeated_columns, tested_groups
+from vfs.stats import column_groups, grouping_columns, repeated_columns
 
 from .base import bind, kept_key, memo, settings, user_errors
 
@@ -291,9 +291,13 @@ def sharing_columns(cache: FeatureCache) -> list[str]:
         return _repeated_columns(cache.location, _stamp(cache.location))
 
 
-def group_columns(cache: FeatureCache, most: int = 50) -> list[str]:
-    """Manifest columns worth grouping by: between 2 and `most` groups of a value (not paths or ids;
-    the images without one are no group to test), then the numeric ones by quartiles (an age)."""
-    columns = [c for c in cache.manifest.columns if c != "path"]
-    plain = [c for c in columns if 2 <= tested_groups(groups(cache, c)).shape[1] <= most]
-    return plain + [c + QUARTILES for c in binnable_columns(cache.manifest) if c != "path"]
+@st.cache_data(max_entries=16, show_spinner=False)
+def _grouping_columns(location: str, stamp: int) -> list[str]:
+    return grouping_columns(get_cache(location).manifest)
+
+
+def group_columns(cache: FeatureCache) -> list[str]:
+    """The manifest's columns worth grouping by (`vfs.stats.grouping_columns`); anew for a cache
+    rebuilt at the same place."""
+    with user_errors():
+        return _grouping_columns(cache.location, _stamp(cache.location))

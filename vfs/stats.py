@@ -104,6 +104,27 @@ def column_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
     return label_groups(records, column)
 
 
+MOST_GROUPS = 50
+"""The most groups a column may make to be grouped by: past it, a column of ids or paths (one image a
+group) whose table and plot would tell nothing; a numeric one groups by quartiles instead."""
+
+
+def group_count(records: pd.DataFrame, column: str) -> int:
+    """How many groups of a value `column` makes: `label_groups`' groups but the missing one, counted
+    without building them (a column of 10,000 ids would make 10,000 columns)."""
+    labels = _labels(records[column])
+    return int(labels[labels != MISSING].str.split(SEPARATOR).explode().nunique())
+
+
+def grouping_columns(records: pd.DataFrame, most: int = MOST_GROUPS) -> list[str]:
+    """The columns worth grouping scores by, as the Distributions page and the notebook offer them:
+    those making 2 to `most` groups of a value (the images without one are no group to test), then
+    the numeric ones by quartiles ("age (quartiles)"). Not `path`."""
+    columns = [str(c) for c in records.columns if c != "path"]
+    plain = [c for c in columns if 2 <= group_count(records, c) <= most]
+    return plain + [c + QUARTILES for c in binnable_columns(records) if c != "path"]
+
+
 def presence(records: pd.DataFrame, column: str, value: str) -> pd.Series:
     """Whether `value` is among each row's (possibly '|'-joined) labels: the "F present: True/False" split."""
     groups = label_groups(records, column)

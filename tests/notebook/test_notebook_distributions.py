@@ -68,3 +68,27 @@ def test_wrong_column_finding_or_cache(xray_cache, demo_cache, result):
         distribution_table(demo_cache, result, by="label")
     with pytest.raises(ValueError, match="no search result: paint a region"):
         distribution_figure(xray_cache, None, by="label")  # a widget's result before any stroke
+
+
+def test_a_column_of_ids_or_of_one_value_is_refused_as_the_page_offers_none(xray_cache, result, monkeypatch):
+    """The page offers columns of 2 to 50 groups; the notebook grouped by anything — a column of ids
+    made one group an image (a table of 10,000 rows at 10,000 images), one of one value a table of NaN."""
+    manifest = xray_cache.manifest.assign(
+        study=[f"s{i}" for i in range(12)], site="A", size=np.arange(12.0), dose=[1.0, 2.0] * 6
+    )
+    monkeypatch.setattr(xray_cache, "_manifest", manifest)
+    monkeypatch.setattr("vfs.notebook.distributions.MOST_GROUPS", 10)  # 12 images: ids make 12 groups
+    with pytest.raises(ValueError, match=r"'site' makes 1 group of a value where grouping needs 2 to 10"):
+        distribution_table(xray_cache, result, by="site")
+    with pytest.raises(
+        ValueError, match=r"'size' makes 12 groups.*or by its quartiles: 'size \(quartiles\)'"
+    ):
+        distribution_figure(xray_cache, result, by="size")
+    assert len(distribution_table(xray_cache, result, by="size (quartiles)", leave_out=())) == 4
+    assert len(distribution_table(xray_cache, result, by="dose")) == 2
+    with pytest.raises(
+        ValueError, match=r"'study' makes 12 groups.*label, view, cardiomegaly, dose, size \("
+    ):
+        distribution_table(xray_cache, result, by="study")  # not numeric: no quartiles to offer
+    with pytest.raises(ValueError, match=r"no column 'path'; the columns to group by: label, view"):
+        distribution_table(xray_cache, result, by="path")

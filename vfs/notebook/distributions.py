@@ -16,7 +16,15 @@ import plotly.graph_objects as go
 from ..cache import FeatureCache
 from ..render import distribution_figure as _figure
 from ..search import Exclude, SearchResult, excluded_images
-from ..stats import QUARTILES, binnable_columns, group_table, long_scores, score_groups
+from ..stats import (
+    MOST_GROUPS,
+    QUARTILES,
+    group_count,
+    group_table,
+    grouping_columns,
+    long_scores,
+    score_groups,
+)
 
 
 def _grouped(
@@ -34,11 +42,18 @@ def _grouped(
             "yet, or the last search failed — the widget shows why)"
         )
     manifest = cache.manifest
-    choices = [c for c in manifest.columns if c != "path"]
-    choices += [c + QUARTILES for c in binnable_columns(manifest)]
-    if by not in choices:
+    choices = grouping_columns(manifest, MOST_GROUPS)
+    offered = ", ".join(choices) or "none"
+    splittable = finding is not None and by in manifest.columns and by != "path"  # one finding: two groups
+    if by not in choices and not splittable:
+        if by not in manifest.columns or by == "path":
+            raise ValueError(f"the cache's manifest has no column {by!r}; the columns to group by: {offered}")
+        count = group_count(manifest, by)
+        quartiles = f", or by its quartiles: {by + QUARTILES!r}" if by + QUARTILES in choices else ""
         raise ValueError(
-            f"the cache's manifest has no column {by!r} to group by; its columns: {', '.join(choices)}"
+            f"column {by!r} makes {count} group{'s' * (count != 1)} of a value where grouping needs 2 to "
+            f"{MOST_GROUPS} (one compares nothing; ids make one image a group){quartiles}; the columns to "
+            f"group by: {offered}"
         )
     if len(result.scores) != len(manifest):
         raise ValueError(
