@@ -1,7 +1,6 @@
 """Distributions: every image's best score for the query region, grouped by a label (the paper's X-ray
 study)."""
 
-import numpy as np
 import streamlit as st
 
 from ui.base import loading
@@ -81,13 +80,14 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
             if finding != EVERY:
                 table, title = score_groups(cache.manifest, column, finding)
         kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
-        keep = np.ones(cache.n, dtype=bool)
-        if leave_out_query("Leave out the query image", "dist.leave_out", query):
-            keep[query.index] = False
-        keep[list(leave_out_sharing(cache, query, "dist.sharing"))] = False
+        leave_query = leave_out_query("Leave out the query image", "dist.leave_out", query)
+        left_out = [*leave_out_sharing(cache, query, "dist.sharing")]
+        if leave_query and query.index is not None:  # an upload is none of the cache's images
+            left_out.append(query.index)
+        one_per = None
         if repeating := sharing_columns(cache):
             options = [NO_COLUMN, *repeating]
-            one_per = st.selectbox(
+            chosen = st.selectbox(
                 "Count one image per",
                 options,
                 key=bind(f"dist.one_per.{cache.location}", NO_COLUMN, options=options),
@@ -95,8 +95,8 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
                 "patient's first X-ray: the statistics take the images as independent, and a patient's "
                 "X-rays are not.",
             )
-            if one_per != NO_COLUMN:
-                keep[cache.repeats(one_per, among=keep)] = False
+            one_per = None if chosen == NO_COLUMN else chosen
+    keep = cache.counted(left_out, one_per)
     scores, table = result.scores[keep], table[keep]
     grouped = keep.copy()  # the table's images: kept, and in a group (not those without a value)
     grouped[keep] = table.to_numpy(dtype=bool).any(axis=1)

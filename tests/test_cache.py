@@ -476,6 +476,12 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
     again = [i for i in range(1, 12) if dom[i] == dom[0]][0]
     assert again not in cache.repeats("dom", among=among) and 0 not in cache.repeats("dom", among=among)
     assert len(cache.repeats("dom", among=among)) == 11 - len(set(dom[1:]))
+    # what a statistic counts: the same, with the images left out
+    counted = cache.counted([0, 3], one_per="dom")
+    assert not counted[[0, 3]].any() and counted.sum() == len(
+        set(dom[[i for i in range(12) if i not in (0, 3)]])
+    )
+    assert cache.counted().all() and cache.counted([5]).sum() == 11
     # a blank id is no subject: blank images are not one patient's
     import zarr
 

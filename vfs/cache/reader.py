@@ -7,7 +7,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -282,6 +282,16 @@ class FeatureCache:
             known &= np.asarray(among, dtype=bool)
         held = values[known]
         return held.index[held.duplicated()].to_numpy(np.int64)
+
+    def counted(self, left_out: Sequence[int] | np.ndarray = (), one_per: str | None = None) -> np.ndarray:
+        """(n,) bool: the images a statistic over the cache counts — all but the indices `left_out`
+        and, with `one_per` (a column), each value's first image of those left (`repeats`). What the
+        Distributions page and the notebook's tables count."""
+        keep = np.ones(self.n, dtype=bool)
+        keep[np.asarray(left_out, dtype=np.int64)] = False
+        if one_per is not None:
+            keep[self.repeats(one_per, among=keep)] = False
+        return keep
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (the CLI's `info --json`), with what each manifest column offers to

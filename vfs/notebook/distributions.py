@@ -61,13 +61,8 @@ def _grouped(
             "a result of another cache?"
         )
     groups, title = score_groups(manifest, by, finding)
-    keep = np.ones(len(manifest), dtype=bool)
-    if leave_out is None:
-        keep[result.excluded] = False
-    else:
-        keep[excluded_images(len(manifest), leave_out)] = False
-    if one_per is not None:
-        keep[cache.repeats(one_per, among=keep)] = False
+    left_out = result.excluded if leave_out is None else excluded_images(len(manifest), leave_out)
+    keep = cache.counted(left_out, one_per)
     return result.scores[keep], groups[keep], title
 
 
