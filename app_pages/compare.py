@@ -5,7 +5,7 @@ import json
 import numpy as np
 import streamlit as st
 
-from ui.base import loading
+from ui.base import loading, user_errors
 
 st.title("Compare two caches")
 with loading():  # the title is on screen while a fresh server loads PyTorch
@@ -36,7 +36,9 @@ with pick_left:
     left = pick_cache("compare.left", "Left cache", paired=True, spelled_out=True)
 with pick_right:
     right = pick_cache("compare.right", "Right cache", shared=None, partner=left, spelled_out=True)
-if (reason := comparison_refusal(left, right)) is not None:
+with user_errors():  # a damaged cache, said in words
+    reason = comparison_refusal(left, right)
+if reason is not None:
     st.error(f"These caches cannot be compared: {reason}" + ("" if reason.endswith("?") else "."))
     st.stop()
 if left.location == right.location:

@@ -165,10 +165,10 @@ def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str | None
     for location in locations:
         try:
             cache = get_cache(location)
-        except CacheError:  # gone since it was listed
+            if cache.n == partner.n and comparison_refusal(partner, cache) is None:
+                return location
+        except CacheError:  # gone since it was listed, or damaged (picked, the page says why)
             continue
-        if cache.n == partner.n and comparison_refusal(partner, cache) is None:
-            return location
     return None
 
 

@@ -709,6 +709,23 @@ def test_compare_pairs_its_caches_when_opened_and_when_the_left_changes(app, cac
     assert at.selectbox(key="compare.right").value == str(caches / "small_b4.zarr")
 
 
+def test_a_damaged_cache_among_the_listed_ones_leaves_compare_usable(caches, tmp_path, monkeypatch):
+    """Pairing the caches read each one's manifest outside the guard: one cache that lost a manifest
+    column crashed the whole Compare page, healthy caches too (new-user review)."""
+    for name in ("small", "small_b4"):
+        shutil.copytree(caches / f"{name}.zarr", tmp_path / f"{name}.zarr")
+    shutil.copytree(caches / "small.zarr", tmp_path / "a_damaged.zarr")  # listed first
+    shutil.rmtree(tmp_path / "a_damaged.zarr" / "manifest" / "label")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "compare")
+    no_exceptions(at)
+    assert at.selectbox(key="compare.left").value == str(tmp_path / "small.zarr")
+    assert at.selectbox(key="compare.right").value == str(tmp_path / "small_b4.zarr")
+    at = use_cache(at, "compare.left", tmp_path, "a_damaged")  # picked, it says why
+    no_exceptions(at)
+    assert any("damaged" in t and "'label'" in t for t in texts(at.error)), texts(at.error)
+
+
 def test_compare_refuses_caches_of_different_datasets(app, caches):
     at = use_cache(page(app, "compare"), "compare.left", caches, "small")
     at = use_cache(at, "compare.right", caches, "findings")
