@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from nbhelpers import write_xrays
 
+from vfs.cache import open_cache
+from vfs.jobs import BuildJob, build_cache
 from vfs.notebook import SearchWidget, distribution_figure, distribution_table
 from vfs.render import distribution_figure as page_figure
 from vfs.stats import group_table, long_scores, presence_groups
@@ -92,3 +95,20 @@ def test_a_column_of_ids_or_of_one_value_is_refused_as_the_page_offers_none(xray
         distribution_table(xray_cache, result, by="study")  # not numeric: no quartiles to offer
     with pytest.raises(ValueError, match=r"no column 'path'; the columns to group by: label, view"):
         distribution_table(xray_cache, result, by="path")
+
+
+def test_a_result_of_as_many_other_images_is_refused(xray_cache, result, tmp_path):
+    """Only the numbers of images were compared: another cache's result of as many images paired
+    one cache's scores with the other's labels, a full table of wrong statistics (new-user review)."""
+    write_xrays(tmp_path)
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    manifest.iloc[::-1].to_csv(tmp_path / "manifest.csv", index=False)  # the same images, reversed
+    build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "manifest.csv"), out=str(tmp_path / "r.zarr")))
+    reversed_cache = open_cache(tmp_path / "r.zarr")
+    assert reversed_cache.n == xray_cache.n
+    with pytest.raises(
+        ValueError, match=r"ranks the images of .*xrays.zarr, not those of .*r.zarr .*another cache\?"
+    ):
+        distribution_table(reversed_cache, result, by="label")
+    again = open_cache(xray_cache.location)  # the same cache opened anew: its own result
+    assert len(distribution_table(again, result, by="label")) == 4

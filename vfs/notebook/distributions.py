@@ -60,6 +60,12 @@ def _grouped(
             f"the result scores {len(result.scores)} images, the cache holds {len(manifest)}: "
             "a result of another cache?"
         )
+    searched = getattr(result.source, "manifest", None)  # a cache's result: its images, in their order
+    if searched is not None and not np.array_equal(searched["path"].to_numpy(), manifest["path"].to_numpy()):
+        raise ValueError(
+            f"the result ranks the images of {getattr(result.source, 'location', 'another cache')}, not "
+            f"those of {cache.location} (as many, others or in another order): a result of another cache?"
+        )
     groups, title = score_groups(manifest, by, finding)
     left_out = result.excluded if leave_out is None else excluded_images(len(manifest), leave_out)
     keep = cache.counted(left_out, one_per)
