@@ -496,6 +496,9 @@ JOB = 'layer = "blocks.5"\ndata = "embedded:skimage"\n'
         (None, ["--workers", "-2"], "workers must be a whole number ≥ 0; got -2"),
         (None, ["--image-size", "0"], "image_size must be a whole number ≥ 1; got 0"),
         (None, ["--limit", "0"], "limit must be a whole number ≥ 1; got 0"),
+        # the writer took a URL for a folder: a tree named "http:" after the whole build (review)
+        (None, ["--out", "http://127.0.0.1:9/new.zarr"], "out must be a folder on this machine, not a URL"),
+        ("", ["--out", "OUT"], "job.toml: no such job file (a build is described by a TOML job file"),
     ],
 )
 def test_cli_bad_build_settings_are_one_error_line_and_create_nothing(tmp_path, capsys, job, flags, message):
@@ -504,12 +507,13 @@ def test_cli_bad_build_settings_are_one_error_line_and_create_nothing(tmp_path, 
     if job is None:
         args = ["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--out", str(out), *flags]
     else:
-        (tmp_path / "job.toml").write_text(f"[build]\n{job}" if not job.startswith("build") else job)
+        if job:  # "": no file
+            (tmp_path / "job.toml").write_text(f"[build]\n{job}" if not job.startswith("build") else job)
         args = ["build", str(tmp_path / "job.toml"), *flags]
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
-    assert not out.exists() and not list(tmp_path.glob("*.zarr"))
+    assert not out.exists() and not list(tmp_path.glob("*.zarr")) and not Path("http:").exists()
 
 
 def test_a_job_file_is_completed_by_flags(tmp_path):

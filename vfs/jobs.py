@@ -32,6 +32,7 @@ from .devices import resolve_device
 from .fp16 import cache_feature_scale, stored_features
 from .interrupts import sigterm_kept
 from .models import DEFAULT_MODEL, Extractor, Preprocess, absolute_spec, load_extractor
+from .settings import is_url
 
 THUMB_MAX = 224
 ENGINES = ("local", "ray")
@@ -69,6 +70,11 @@ class BuildJob:
         for name in ("layer", "data", "out", "model", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")
+        if is_url(self.out):  # the writer takes it for a folder: a tree named "http:" after the whole build
+            raise ValueError(
+                f"out must be a folder on this machine, not a URL ({self.out}): build the cache here, then "
+                "copy it where it is served (a bucket, a web server); searches open it by its URL"
+            )
         for name in ("label_col", "domain_col", "address"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string; got {getattr(self, name)!r}")
@@ -104,6 +110,11 @@ class BuildJob:
         or complete its keys."""
         if Path(path).is_dir():
             raise ValueError(f"{path}: a folder, not a job file (a dataset is given with --data)")
+        if not Path(path).exists():
+            raise ValueError(
+                f"{path}: no such job file (a build is described by a TOML job file, or by --layer, --data "
+                "and --out without one)"
+            )
         with open(path, "rb") as f:
             try:
                 table = tomllib.load(f).get("build")
