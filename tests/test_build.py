@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vfs import BuildJob, build_cache, search_regions
+from vfs import BuildJob, build_cache, open_cache, search_regions
 from vfs.cli import main
 from vfs.masks import grid_mask
 
@@ -158,6 +158,44 @@ def test_a_cache_on_read_only_media_is_complete_or_refused_untouched(demo, tmp_p
     with pytest.raises(PermissionError):
         build_cache(replace(job, out=str(partial)))
     assert files() == before
+
+
+def test_a_cache_folder_mounted_read_only_is_refused_before_any_work(tmp_path):
+    """The folder holding it writable, the cache's own folder read-only (a bind mount): the lock
+    was taken, a batch computed, then "[Errno 30] Read-only file system: '….zarr/features/c'"
+    (new-user review). Now refused in words before the model runs; nothing is written."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("a read-only bind mount needs unshare -m (root)")
+    partial = tmp_path / "partial.zarr"
+    flags = ["--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "24", "--batch-size", "8"]
+    interrupted_build(
+        BuildJob(layer="blocks.5", data="embedded:skimage", out=str(partial), limit=24, batch_size=8), after=8
+    )
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in partial.rglob("*")}
+    build = " ".join([sys.executable, "-m", "vfs", "build", *flags, "--out", str(partial)])
+    script = (
+        f"mount --bind {partial} {partial} && mount -o remount,ro,bind {partial} {partial} && exec {build}"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"error: cannot build or change {partial}: the cache's folder is on read-only media; resume it "
+        "where it can be written, or build into another folder"
+    )
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in partial.rglob("*")} == before
+    assert not open_cache(partial, allow_partial=True).complete
 
 
 def test_ctrl_c_keeps_every_image_computed(tmp_path):

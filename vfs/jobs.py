@@ -274,6 +274,7 @@ def build_cache(
             raise lock.refusal() from e
         if lock.unwritable is not None:  # a build to resume on read-only media
             raise lock.refusal()
+        lock.refuse_unwritable_cache()
         try:
             if job.engine == "ray":
                 from .cluster.build import run_on_ray

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -54,6 +55,22 @@ class BuildLock:
             f"cannot build or change {cache}: its folder {cache.parent} is on read-only media; "
             "build into a writable folder, or resume it where it can be written"
         )
+
+    def refuse_unwritable_cache(self) -> None:
+        """Refuse, before anything is computed, to resume a cache whose own folder cannot be written
+        though the folder holding it can (mounted read-only on its own; not this user's to write):
+        the first write failed after a batch's work, as "[Errno 30] Read-only file system: '….zarr/
+        features/c'" (review). One file made and removed in it tells."""
+        cache = self.path.with_suffix("")
+        try:
+            with tempfile.TemporaryFile(dir=cache):
+                pass
+        except OSError as e:
+            why = "is on read-only media" if e.errno == errno.EROFS else f"cannot be written ({e.strerror})"
+            raise CacheError(
+                f"cannot build or change {cache}: the cache's folder {why}; resume it where it can be "
+                "written, or build into another folder"
+            ) from e
 
     def __enter__(self) -> BuildLock:
         try:
