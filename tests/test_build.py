@@ -257,6 +257,27 @@ def test_a_decoding_worker_killed_mid_build_is_started_again(demo, tmp_path, mon
     assert len(list(marks.iterdir())) == 1 + vfs.jobs.LOADER_RETRIES + 1
 
 
+def test_a_worker_reported_dead_while_a_stop_unwinds_is_no_death_to_retry():
+    """SIGTERM to a build's process group: the main process's Terminated unwound, and torch's report
+    of its workers' end (a RuntimeError raised in that unwinding) was taken for a dead worker — the
+    build went on from the next image, the stop lost (review)."""
+    from vfs.interrupts import Terminated
+    from vfs.jobs import _retrying_dead_loaders
+
+    runs = []
+
+    def stopped_while_workers_end():
+        runs.append(1)
+        try:
+            raise Terminated
+        finally:  # what torch's SIGCHLD handler raises as the stop unwinds
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+    with pytest.raises(Terminated):
+        _retrying_dead_loaders(None, stopped_while_workers_end)  # type: ignore[arg-type]
+    assert runs == [1]
+
+
 def test_sigterm_stops_a_cli_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     """`kill`, a scheduler's stop: the build keeps what it computed and says how to go on (it died
     with no word before, exit -15), and the rerun finishes it."""

@@ -229,6 +229,46 @@ def test_sigkill_at_random_moments_resumes_to_an_identical_cache(tmp_path):
     assert not Path(f"{out}.creating").exists() and not Path(f"{out}.lock").exists()
 
 
+def test_sigterm_to_the_process_group_stops_a_build_with_workers_in_one_line(tmp_path):
+    """`timeout`, systemd and `kill -- -PGID` signal the whole group: the decoding workers died of
+    SIGTERM and torch printed ~20 lines ("Exception ignored in … DataLoader worker (pid …) is killed
+    by signal: Terminated") before the CLI's one line (new-user review). The rerun resumes."""
+    import signal
+    import time
+
+    data = tmp_path / "images"
+    make_dataset(data)
+    for i in range(N_IMAGES, 4 * N_IMAGES):  # more batches: the signal lands while workers decode
+        Image.fromarray(np.full((40, 40, 3), i % 256, np.uint8)).save(data / f"{i:03d}.png")
+    out = tmp_path / "c.zarr"
+    job = job_file(tmp_path / "job.toml", data, out)
+    build = subprocess.Popen(
+        [sys.executable, "-m", "vfs", "build", str(job), "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, the workers in it
+    )
+    deadline = time.monotonic() + 300
+    while not list((out / "features").rglob("c/*/*/*/*")) and build.poll() is None:  # a chunk stored
+        assert time.monotonic() < deadline, "no chunk stored in 300 s"
+        time.sleep(0.01)
+    assert build.poll() is None, "finished before the signal"
+    os.killpg(build.pid, signal.SIGTERM)
+    _, err = build.communicate(timeout=120)
+    assert build.returncode == 128 + signal.SIGTERM, err
+    *progress, last = err.strip().splitlines()  # progress lines, then one line: no worker's traceback
+    assert last == "terminated: rerun the same command to resume" and all(
+        p.startswith("c.zarr: ") for p in progress
+    ), err
+    rerun = cli_build(job)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    assert open_cache(out).n == 4 * N_IMAGES
+
+
 # --- the crash-safety steps one by one (no model: the writer directly) ------------------------------
 def test_a_creation_killed_half_way_does_not_block_the_rerun(tmp_path):
     from cachehelpers import synthetic_spec

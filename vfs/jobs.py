@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import threading
 import time
 import tomllib
@@ -342,6 +343,8 @@ def _retrying_dead_loaders(writer: CacheWriter, run_from_next: Callable[[], None
         try:
             return run_from_next()
         except RuntimeError as died:
+            if isinstance(died.__context__, KeyboardInterrupt):  # a worker's end reported while Ctrl-C or
+                raise died.__context__ from None  # SIGTERM unwound: the build was stopped, none died
             if "DataLoader worker (pid" not in str(died):
                 raise
             if retry == LOADER_RETRIES:
@@ -354,6 +357,14 @@ def _retrying_dead_loaders(writer: CacheWriter, run_from_next: Callable[[], None
                 f"a decoding worker died ({died}); the build goes on from image {writer.next_item}",
                 stacklevel=2,
             )
+
+
+def _stop_quietly_on_sigterm(worker_id: int) -> None:
+    """A decoding worker ends on SIGTERM as on Ctrl-C: quietly (torch's worker loop returns on
+    KeyboardInterrupt). A signal to the build's whole process group (`timeout`, systemd, `kill --
+    -PGID`) is then the main process's to report; killed by it, the workers were reported dead by
+    torch — 20 lines of traceback, and a build that went on, retrying them (review)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _run_from_next(
@@ -376,6 +387,7 @@ def _run_from_next(
         batch_size=job.batch_size,
         num_workers=job.workers,
         collate_fn=collate_skipping,
+        worker_init_fn=_stop_quietly_on_sigterm,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
