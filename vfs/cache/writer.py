@@ -187,8 +187,15 @@ class CacheWriter:
             raise CacheError(
                 f"{path} exists and is not a VFS cache ({type(e).__name__}: {e}); choose another output"
             ) from e
-        if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{path} is not a VFS cache of format version {FORMAT_VERSION}")
+        if attrs.get("format") != FORMAT:
+            raise CacheError(
+                f"{path} exists and is no VFS cache (a zarr group of another kind); choose another output"
+            )
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{path} is a VFS cache of format version {attrs.get('format_version')!r}, this VFS writes "
+                f"version {FORMAT_VERSION}: build into another output, or resume it with the VFS that made it"
+            )
         recorded = CacheSpec.from_dict(attrs["spec"])
         # Where the dataset or a checkpoint is may change (another folder, another machine; a path
         # recorded relative before VFS made it absolute); what they are may not: the weights' digest says.
@@ -235,8 +242,8 @@ class CacheWriter:
             next_item = int(last[0]) + 1 if rows else 0
             skipped = [s for s in skipped if s["item"] < next_item]
             warnings.warn(
-                f"{path}: images {rows}..{p['rows'] - 1} of the cache are missing on disk; "
-                "the build computes them again",
+                f"{path}: a chunk file of the cache is missing on disk (its first image: {lost}); the "
+                f"build computes images {rows}..{p['rows'] - 1} again, from its chunk on",
                 stacklevel=3,
             )
         writer = cls(
@@ -472,10 +479,9 @@ def _check_finished_on(
     report = attrs.get("report", {})
     built_on = report.get("candidates")
     if built_on != len(candidates):
-        todo = "to include them" if built_on is None or len(candidates) > built_on else "for the smaller set"
         raise CacheError(
-            f"{path} is complete, of {built_on} candidate images; the dataset now has "
-            f"{len(candidates)}: build into another output {todo}"
+            f"{path} is complete, built on a dataset of {built_on} images; this one has {len(candidates)}: "
+            "build it into another output (a cache holds the images it was built on)"
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
