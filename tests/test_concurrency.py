@@ -156,6 +156,19 @@ def test_second_build_of_one_output_in_one_process_is_refused(tmp_path):
         pass
 
 
+def test_a_second_build_is_refused_before_its_model_loads(tmp_path, monkeypatch):
+    """The refusal came after the model had loaded (seconds, for a big one; review)."""
+    from vfs import BuildJob, build_cache
+
+    monkeypatch.setattr("vfs.jobs.load_extractor", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "c.zarr"
+    with BuildLock(out):
+        with pytest.raises(CacheError, match="another build is writing"):
+            build_cache(BuildJob(layer="blocks.5", data="embedded:skimage", out=str(out)))
+    BuildLock(out).refuse_if_held()  # released: nothing to refuse, and nothing made
+    assert not out.exists() and not (tmp_path / "c.zarr.lock").exists()
+
+
 def test_an_output_named_with_a_trailing_slash_takes_the_same_lock_beside_it(tmp_path):
     """`--out c.zarr/` is c.zarr: the lock was `c.zarr/.lock`, whose folder then stood where the
     cache was to be made (refused as "not a VFS cache", every rerun too), and another build of

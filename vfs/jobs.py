@@ -236,6 +236,7 @@ def build_cache(
     extractor: Extractor | None = None,
 ) -> FeatureCache | None:
     """Build (or resume) the cache `job.out`; returns it opened, or None when cancelled."""
+    BuildLock(job.out).refuse_if_held()  # before the model loads: a second build of one output
     dataset = open_dataset(job.data, job.label_col, job.domain_col)
     if job.limit is not None:
         dataset = dataset.limit(job.limit)

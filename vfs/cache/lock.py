@@ -72,6 +72,24 @@ class BuildLock:
                 "written, or build into another folder"
             ) from e
 
+    def refuse_if_held(self) -> None:
+        """Refuse now where another build holds the lock, before a build spends seconds loading its
+        model only to be refused (review); the lock itself is taken later, by `with`."""
+        if fcntl is None:
+            if self.path.exists() and self._owner_alive():
+                raise self._refuse(self.path.read_text())
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file: no build there (or none this user may see)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while an exclusive lock is held
+        except OSError:
+            raise self._refuse(os.read(fd, 4096).decode(errors="replace")) from None
+        finally:
+            os.close(fd)  # a shared lock, if taken, goes with it
+
     def __enter__(self) -> BuildLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
