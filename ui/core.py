@@ -52,10 +52,10 @@ def build_registry() -> BuildRegistry:
 
 # --- caches ---------------------------------------------------------------------------------------
 def _stamp(location: str) -> int:
-    """Changes whenever a local cache's metadata is rewritten (progress, completion, a rebuild); 0 for a
-    URL (its store is asked when it is opened)."""
+    """Changes whenever a local cache's metadata is rewritten (progress, completion, a rebuild), and
+    whenever the cache behind a URL is found replaced (`_url_stamp`); -1 for a local one gone."""
     if is_url(location):
-        return 0
+        return _url_stamp(location)
     try:
         return (Path(location) / "zarr.json").stat().st_mtime_ns
     except OSError:
@@ -65,6 +65,37 @@ def _stamp(location: str) -> int:
 @st.cache_resource(max_entries=16, show_spinner="Opening the cache…")
 def _open_cache(location: str, stamp: int) -> FeatureCache:
     return open_cache(location)
+
+
+REMOTE_CHECK_S = 5.0
+"""How often a cache behind a URL is asked whether another stands there now (one read of its metadata)."""
+_url_generations: dict[str, tuple[int, float]] = {}
+"""Per URL: how many times this server found its cache replaced, and when it last asked."""
+_url_lock = threading.Lock()
+
+
+def _url_stamp(location: str) -> int:
+    """The cache behind a URL as this server has seen it: one more each time it was found rebuilt
+    or finished since it was opened (`FeatureCache.replaced_on_disk`), asked at most every
+    `REMOTE_CHECK_S`. A URL's stamp was 0 for good: a cache rebuilt behind it was searched as it was
+    (features in memory) until the server restarted, or, with shards, not at all (review)."""
+    with _url_lock:
+        generation, asked = _url_generations.get(location, (0, -REMOTE_CHECK_S))
+        if time.monotonic() - asked < REMOTE_CHECK_S:
+            return generation
+        _url_generations[location] = (generation, time.monotonic())
+    try:
+        replaced = _open_cache(location, generation).replaced_on_disk()
+    except CacheError:  # not reachable now: opening it says why
+        return generation
+    if not replaced:
+        return generation
+    with _url_lock:  # another session may have counted this replacement already
+        current = _url_generations[location][0]
+        current += current == generation
+        _url_generations[location] = (current, time.monotonic())
+    _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
+    return current
 
 
 def get_cache(location: str) -> FeatureCache:

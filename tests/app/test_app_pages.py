@@ -963,6 +963,24 @@ def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeyp
         assert len(at.dataframe[0].value) == 10
 
 
+def test_a_remote_cache_rebuilt_behind_its_url_is_searched_anew(caches, tmp_path, monkeypatch):
+    """A URL's cache was opened once per server (its stamp was 0 for good): rebuilt behind its URL,
+    every session searched the old one's features, in memory (review)."""
+    from cachehelpers import served
+
+    monkeypatch.setattr("ui.core.REMOTE_CHECK_S", 0.0)
+    shutil.copytree(caches / "small.zarr", tmp_path / "served" / "c.zarr")
+    with served(tmp_path / "served") as base:
+        monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("VFS_REMOTE_CACHES", f"{base}/c.zarr")
+        at = no_exceptions(draw(page(start_app(), "search")))
+        assert len(at.dataframe[0].value) == 10
+        shutil.rmtree(tmp_path / "served" / "c.zarr")  # rebuilt: another dataset of 6 images, same grid
+        shutil.copytree(caches / "findings.zarr", tmp_path / "served" / "c.zarr")
+        at = no_exceptions(draw(page(start_app(), "search")))
+        assert len(at.dataframe[0].value) == 5  # the 6 images but the query
+
+
 def test_builds_can_be_switched_off(caches, monkeypatch):
     monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
     monkeypatch.setenv("VFS_ALLOW_BUILD", "0")

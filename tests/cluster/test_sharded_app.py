@@ -88,6 +88,44 @@ def test_search_page_searches_through_shards(cluster, reference, tmp_path, monke
         first.search(0, np.ones(first.cache.spec.grid))
 
 
+def test_a_remote_cache_rebuilt_behind_its_url_gets_new_shards(
+    cluster, reference, tmp_path, monkeypatch, shards_released
+):
+    """A URL's stamp was 0 for good: rebuilt behind its URL, the cache's shards refused ("rebuilt
+    since its shards started") and then, stopped, answered no search in any session until the
+    server restarted (review). New shards start, as for a local cache."""
+    import zarr
+    from cachehelpers import served
+
+    shutil.copytree(reference.location, tmp_path / "served" / "ref.zarr")
+    monkeypatch.setattr(ui.core, "REMOTE_CHECK_S", 0.0)
+    started = []
+
+    class Recorded(ShardedSearch):
+        def __init__(self, location, **options):
+            started.append(location)
+            super().__init__(location, **options)
+
+    monkeypatch.setattr(ui.core, "ShardedSearch", Recorded)
+    with served(tmp_path / "served") as base:
+        url = f"{base}/ref.zarr"
+        monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "local"))
+        monkeypatch.setenv("VFS_REMOTE_CACHES", url)
+        monkeypatch.setenv("VFS_RAY_ADDRESS", cluster.get_runtime_context().gcs_address)
+        monkeypatch.setenv("VFS_RAY_SHARDS", "2")
+
+        def table():
+            at = start_app().switch_page("app_pages/search.py").run()
+            return no_exceptions(draw(at, box_paint(0.2, 0.1, 0.7, 0.6))).dataframe[0].value
+
+        first = table()
+        group = zarr.open_group(str(tmp_path / "served" / "ref.zarr"), mode="r+")
+        group.attrs["created"] = "2099-01-01T00:00:00+0000"  # rebuilt: another creation
+        again = table()
+        assert started == [url, url] and len(first) == 10 and again.equals(first)
+        assert table().equals(first) and len(started) == 2  # not replaced again: the same shards
+
+
 def test_a_cache_the_cluster_has_no_room_for_is_searched_here(
     cluster, reference, tmp_path, monkeypatch, shards_released
 ):
