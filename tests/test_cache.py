@@ -1069,3 +1069,52 @@ def test_a_remote_caches_zstd_chunk_is_bounded_as_a_local_ones(tmp_path):
         thumbs.write_bytes(numcodecs.Zstd().encode(bytes(1 << 26)))  # 64 MiB of zeros, 2 KB compressed
         with pytest.raises(CacheError, match="declares 67,108,864 bytes decoded, more than its chunk may"):
             open_cache(url).thumb(0)
+
+
+def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path):
+    """fsspec's HTTP `exists` says False to any failure: a server answering 500, or gone, made every
+    read "damaged: features rows 0..5 are missing; rerun the build" (review). A 404 still is."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    build(tmp_path / "c.zarr", 6)
+    failing = {"on": False}
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if failing["on"] and "/features/c/" in self.path:
+                self.send_error(500, "disk on fire")
+            else:
+                super().do_GET()
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/c.zarr"
+    try:
+        cache = open_cache(url)
+        assert np.array_equal(cache.rows(np.array([1])), open_cache(tmp_path / "c.zarr").rows(np.array([1])))
+        failing["on"] = True
+        with pytest.raises(
+            CacheError, match=r"its server did not serve it \(ClientResponseError: 500"
+        ) as refused:
+            open_cache(url).rows(np.array([1]))
+        assert "missing" not in str(refused.value)
+        failing["on"] = False
+        chunk = tmp_path / "c.zarr" / "features" / "c" / "0" / "0" / "0" / "0"
+        chunk.rename(tmp_path / "away")
+        with pytest.raises(CacheError, match="is damaged: features rows 0..5 are missing"):
+            open_cache(url).rows(np.array([1]))  # a 404: lost
+        (tmp_path / "away").rename(chunk)
+        cache = open_cache(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(CacheError, match="its server did not serve it .*try again later") as refused:
+        cache.rows(np.array([1]))  # the server gone
+    assert "missing" not in str(refused.value)

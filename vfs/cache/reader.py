@@ -485,6 +485,11 @@ class FeatureCache:
         except CacheError:
             raise
         except Exception as e:  # zarr, numcodecs, fsspec and OSError all surface here
+            if is_url(self.location) and isinstance(e, _network_errors()):  # nothing wrong with the cache
+                raise CacheError(
+                    f"cannot read {what} of the cache at {self.location}: its server did not serve it "
+                    f"({type(e).__name__}: {e}); try again later, or ask whoever serves it"
+                ) from e
             raise CacheError(
                 f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}); "
                 f"the cache is damaged or unreachable: rebuild or re-download it"
@@ -691,6 +696,16 @@ def _on(device: torch.device, features: np.ndarray | list[torch.Tensor]) -> torc
         return features
     t = torch.from_numpy(features)
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a remote store raises where its server fails, not its cache: refused, timed out, an HTTP
+    error status (aiohttp's, where fsspec's HTTP is installed)."""
+    try:
+        from aiohttp import ClientError
+    except ImportError:
+        return (ConnectionError, TimeoutError)
+    return (ConnectionError, TimeoutError, ClientError)
 
 
 def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCache:

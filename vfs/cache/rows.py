@@ -21,6 +21,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from .files import MAX_CHUNK_FILE_BYTES, UnsafeFile, check_zstd, checked_file
@@ -85,12 +86,24 @@ class ZarrRows(RowReader):
         else:
 
             async def exists() -> list[bool]:
-                return list(await asyncio.gather(*(store.exists(k) for k in keys)))
+                return list(await asyncio.gather(*(_stored(store, k) for k in keys)))
 
             present = sync(exists())
         missing = [j for j, ok in enumerate(present) if not ok]
         if missing:
             raise self._missing(ids[missing[0]], keys[missing[0]], len(missing))
+
+
+async def _stored(store: Store, key: str) -> bool:
+    """Whether a remote store holds `key`; a store that does not answer raises. fsspec's HTTP
+    `exists` says False to any failure — a server down, or answering 500, read as a lost chunk:
+    "the cache is damaged: rerun the build" (review); asked strictly, only a 404 is False."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    fs = getattr(store, "fs", None)
+    if isinstance(fs, HTTPFileSystem) and isinstance(store, zarr.storage.FsspecStore):
+        return bool(await fs._exists(f"{store.path}/{key}", strict=True))
+    return await store.exists(key)
 
 
 class ChunkFileRows(RowReader):
