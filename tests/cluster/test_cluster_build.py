@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from clusterhelpers import assert_same_cache, job
 
-from vfs import build_cache, open_cache
+from vfs import ShardedSearch, build_cache, open_cache, search_regions
 from vfs.cluster import OOM_RETRIES, check_placeable
 from vfs.cluster.build import WorkerPool
 
@@ -183,6 +184,10 @@ def test_ctrl_c_keeps_every_image_computed(cluster, manifest, reference, tmp_pat
     assert driver.returncode == 130 and "interrupted: rerun the same command to resume" in err, err[-2000:]
     partial = open_cache(out, allow_partial=True)
     assert partial.attrs["progress"]["next_item"] >= done and not partial.complete
+    mask = np.ones(partial.spec.grid)
+    with ShardedSearch(partial, shards=1) as sharded:  # refused: "open it with allow_partial=True" (review)
+        found = sharded.search(0, mask, k=3)
+    assert found.top_indices.tolist() == search_regions(partial, 0, mask, k=3).top_indices.tolist()
     seen = []
     cache = build_cache(job(manifest, out, chunk_images=32, engine="ray", workers=1), progress=seen.append)
     assert seen[0].done > done  # resumed after them

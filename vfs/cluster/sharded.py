@@ -119,10 +119,11 @@ class Shard:
 class ShardedSearch:
     """`search_regions` over a cache held by `shards` Ray actors; the same `search(...)` → `SearchResult`.
 
-    `cache` is an opened cache or its location. `address` is the Ray cluster ("auto",
-    "ray://host:10001"); None joins this machine's running cluster, else starts a local one. Shards ask
-    for `cpus_per_shard` CPUs and `gpus_per_shard` GPUs each (default: an even share of the
-    cluster's GPUs, at most one, so several shards can share a GPU; none on a CPU cluster).
+    `cache` is an opened cache (opened with `allow_partial=True`, it is searched so) or its location.
+    `address` is the Ray cluster ("auto", "ray://host:10001"); None joins this machine's running
+    cluster, else starts a local one. Shards ask for `cpus_per_shard` CPUs and `gpus_per_shard` GPUs
+    each (default: an even share of the cluster's GPUs, at most one, so several shards can share a
+    GPU; none on a CPU cluster).
     """
 
     def __init__(
@@ -136,6 +137,8 @@ class ShardedSearch:
         gpus_per_shard: float | None = None,
     ):
         cache_location = cache.location if isinstance(cache, FeatureCache) else cache
+        if isinstance(cache, FeatureCache):  # opened with allow_partial: so it is searched (review)
+            allow_partial = allow_partial or cache.allow_partial
         self.cache = open_cache(cache_location, allow_partial=allow_partial)  # its attributes, a query's row
         n = self.cache.shape[0]
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= n:
