@@ -1,4 +1,5 @@
-"""For the tests that write caches by hand (their spec) or read them over HTTP (a server)."""
+"""For the tests that write caches by hand (their spec), datasets of findings, or read caches over
+HTTP (a server)."""
 
 import threading
 from collections.abc import Iterator
@@ -6,6 +7,10 @@ from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
 
 from vfs.cache import CacheSpec
 from vfs.data import DataSpec
@@ -44,3 +49,36 @@ def served(folder: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+FINDINGS = [
+    "Cardiomegaly|Effusion",
+    "No Finding",
+    "Cardiomegaly",
+    "Effusion",
+    "No Finding",
+    "Cardiomegaly|Edema",
+]
+
+
+def write_findings(folder: Path, copies: int = 1, seed: int = 0, finding_column: bool = False) -> Path:
+    """A small manifest dataset shaped like the NIH X-ray sample: `FINDINGS` × `copies` as '|'-joined
+    findings in `label`, a view, and with `finding_column` a true/false `cardiomegaly` column; random
+    48 px pictures. Returns the manifest."""
+    rng = np.random.default_rng(seed)
+    labels = FINDINGS * copies
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(len(labels)):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            folder / "images" / f"{i}.png"
+        )
+    columns = {
+        "path": [f"images/{i}.png" for i in range(len(labels))],
+        "label": labels,
+        "view": ["PA", "AP"] * (3 * copies),
+    }
+    if finding_column:
+        columns["cardiomegaly"] = ["true" if "Cardiomegaly" in v else "false" for v in labels]
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(columns).to_csv(manifest, index=False)
+    return manifest

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from apphelpers import SMALL, start_app
-from PIL import Image
+from cachehelpers import write_findings
 from streamlit.testing.v1 import AppTest
 
 from vfs.data import EMBEDDED_DATASET
 from vfs.jobs import BuildJob, build_cache
-
-
-def write_findings(folder: Path) -> Path:
-    """A tiny manifest dataset with NIH-style '|'-joined findings, for grouping and for 'another dataset'."""
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    labels = [
-        "Cardiomegaly|Effusion",
-        "No Finding",
-        "Cardiomegaly",
-        "Effusion",
-        "No Finding",
-        "Cardiomegaly|Edema",
-    ]
-    for i in range(len(labels)):
-        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
-            folder / "images" / f"{i}.png"
-        )
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(
-        {"path": [f"images/{i}.png" for i in range(len(labels))], "label": labels, "view": ["PA", "AP"] * 3}
-    ).to_csv(manifest, index=False)
-    return manifest
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from nbhelpers import DEMO_IMAGES, write_xrays
+from cachehelpers import write_findings
+from nbhelpers import DEMO_IMAGES
 
 from vfs.cache import FeatureCache, open_cache
 from vfs.data import EMBEDDED_DATASET
@@ -34,7 +35,7 @@ def xray_cache(tmp_path_factory) -> FeatureCache:
     build_cache(
         BuildJob(
             layer="blocks.5",
-            data=str(write_xrays(folder)),
+            data=str(write_findings(folder, copies=2, seed=1, finding_column=True)),
             out=str(out),
             label_col="label",
             domain_col="view",

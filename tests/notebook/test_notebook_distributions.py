@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from nbhelpers import write_xrays
+from cachehelpers import write_findings
 
 from vfs.cache import open_cache
 from vfs.jobs import BuildJob, build_cache
@@ -100,7 +100,7 @@ def test_a_column_of_ids_or_of_one_value_is_refused_as_the_page_offers_none(xray
 def test_a_result_of_as_many_other_images_is_refused(xray_cache, result, tmp_path):
     """Only the numbers of images were compared: another cache's result of as many images paired
     one cache's scores with the other's labels, a full table of wrong statistics (new-user review)."""
-    write_xrays(tmp_path)
+    write_findings(tmp_path, copies=2, seed=1, finding_column=True)
     manifest = pd.read_csv(tmp_path / "manifest.csv")
     manifest.iloc[::-1].to_csv(tmp_path / "manifest.csv", index=False)  # the same images, reversed
     build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "manifest.csv"), out=str(tmp_path / "r.zarr")))
