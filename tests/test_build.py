@@ -175,6 +175,9 @@ def test_a_cache_folder_mounted_read_only_is_refused_before_any_work(tmp_path):
     interrupted_build(
         BuildJob(layer="blocks.5", data="embedded:skimage", out=str(partial), limit=24, batch_size=8), after=8
     )
+    (
+        partial / "features" / "c" / "0" / "0" / "0" / "0"
+    ).unlink()  # lost: its resume rewrote the progress first
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in partial.rglob("*")}
     build = " ".join([sys.executable, "-m", "vfs", "build", *flags, "--out", str(partial)])
     script = (
@@ -255,6 +258,22 @@ def test_a_decoding_worker_killed_mid_build_is_started_again(demo, tmp_path, mon
     ):
         build_cache(job)
     assert len(list(marks.iterdir())) == 1 + vfs.jobs.LOADER_RETRIES + 1
+
+
+def test_a_builds_lock_waits_out_another_builds_look_at_it(tmp_path):
+    """`refuse_if_held` holds a shared lock for an instant: a build taking the lock then was refused,
+    "another build is writing … owner unknown" (review)."""
+    import fcntl
+    import threading
+
+    from vfs.cache import BuildLock
+
+    out = tmp_path / "c.zarr"
+    fd = os.open(tmp_path / "c.zarr.lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # another process's look, 20 ms long
+    threading.Timer(0.02, os.close, [fd]).start()
+    with BuildLock(out):
+        pass
 
 
 def test_a_worker_reported_dead_while_a_stop_unwinds_is_no_death_to_retry():

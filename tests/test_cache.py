@@ -1079,15 +1079,19 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     build(tmp_path / "c.zarr", 6)
-    failing = {"on": False}
+    failing = {"on": False, "status": 500, "forbidden_if_absent": False}
 
     class Handler(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_GET(self):
-            if failing["on"] and "/features/c/" in self.path:
-                self.send_error(500, "disk on fire")
+            if "//" in self.path:  # as S3 and GCS: a doubled slash names another key
+                self.send_error(404)
+            elif failing["forbidden_if_absent"] and not os.path.exists(self.translate_path(self.path)):
+                self.send_error(403)  # as S3 without the right to list: a key not there is forbidden
+            elif failing["on"] and ("/features/c/" in self.path or self.path.endswith("/zarr.json")):
+                self.send_error(failing["status"], "disk on fire")
             else:
                 super().do_GET()
 
@@ -1099,17 +1103,24 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
     try:
         cache = open_cache(url)
         assert np.array_equal(cache.rows(np.array([1])), open_cache(tmp_path / "c.zarr").rows(np.array([1])))
+        assert np.array_equal(open_cache(url + "/").rows(np.array([1])), cache.rows(np.array([1])))  # review
         failing["on"] = True
         with pytest.raises(
             CacheError, match=r"its server did not serve it \(ClientResponseError: 500"
         ) as refused:
-            open_cache(url).rows(np.array([1]))
+            cache.rows(np.array([1]))
         assert "missing" not in str(refused.value)
+        failing["status"] = 503
+        assert not cache.replaced_on_disk()  # unknown, not replaced: it raised, and crashed the app's pages
         failing["on"] = False
         chunk = tmp_path / "c.zarr" / "features" / "c" / "0" / "0" / "0" / "0"
         chunk.rename(tmp_path / "away")
         with pytest.raises(CacheError, match="is damaged: features rows 0..5 are missing"):
             open_cache(url).rows(np.array([1]))  # a 404: lost
+        failing["forbidden_if_absent"] = True
+        with pytest.raises(CacheError, match=r"its server refuses it \(ClientResponseError: 403.*not there"):
+            open_cache(url).rows(np.array([1]))  # not "try again later"
+        failing["forbidden_if_absent"] = False
         (tmp_path / "away").rename(chunk)
         cache = open_cache(url)
     finally:

@@ -26,6 +26,11 @@ def test_auroc_separation_and_empty_class():
     assert stats.auroc(scores, np.array([True, True, False, False])) == 0.0
     assert np.isnan(stats.auroc(scores, np.zeros(4, dtype=bool)))
     assert np.isnan(stats.auroc(scores, np.ones(4, dtype=bool)))
+    for wrong in (np.ones(6, bool), np.ones(3, bool)):  # one per score: 6 gave an AUROC (review)
+        with pytest.raises(ValueError, match=f"{wrong.size} true/false values for 4 scores"):
+            stats.auroc(scores, wrong)
+        with pytest.raises(ValueError, match=f"{wrong.size} true/false values for 4 scores"):
+            stats.auroc_interval(scores, wrong)
 
 
 NIH = pd.DataFrame(

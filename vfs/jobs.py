@@ -258,6 +258,8 @@ def build_cache(
             connect(job.address)
         pool = plan_workers(job)
     with BuildLock(job.out, read_only_ok=True) as lock, _disk_full_names(job.out):
+        if lock.unwritable is None and _resumable(job.out):  # before a resume's first write (its clean-up)
+            lock.refuse_unwritable_cache()
         try:
             writer = CacheWriter.open(
                 job.out,
@@ -276,7 +278,6 @@ def build_cache(
             raise lock.refusal() from e
         if lock.unwritable is not None:  # a build to resume on read-only media
             raise lock.refusal()
-        lock.refuse_unwritable_cache()
         try:
             if job.engine == "ray":
                 from .cluster.build import run_on_ray
@@ -358,6 +359,17 @@ def _retrying_dead_loaders(writer: CacheWriter, run_from_next: Callable[[], None
                 f"a decoding worker died ({died}); the build goes on from image {writer.next_item}",
                 stacklevel=2,
             )
+
+
+def _resumable(out: str) -> bool:
+    """Whether `out` holds a cache that a build would go on with, writing to it (not one finished,
+    nor a folder of something else: the writer says what that is)."""
+    if not os.path.isdir(out):
+        return False
+    try:
+        return not open_cache(out, allow_partial=True).complete
+    except CacheError:
+        return False
 
 
 def _stop_quietly_on_sigterm(worker_id: int) -> None:

@@ -170,7 +170,7 @@ class _RankedPool:
     A group's ranks within itself and within its rest are counted along the pool's tie blocks, O(n)."""
 
     def __init__(self, scores: np.ndarray) -> None:
-        scores = np.asarray(scores, dtype=float)
+        scores = np.asarray(scores, dtype=float).reshape(-1)
         self.order = np.argsort(scores, kind="stable")
         ordered = scores[self.order]
         self.has_nan = bool(np.isnan(ordered[-1:]).any())  # NaN sorts last
@@ -181,7 +181,10 @@ class _RankedPool:
 
     def counts(self, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How many of each tie block are positive and how many are not."""
-        inside = np.add.reduceat(np.asarray(positive, bool)[self.order].astype(float), self.starts)
+        positive = np.asarray(positive, bool).reshape(-1)
+        if positive.size != self.order.size:
+            raise ValueError(f"{positive.size} true/false values for {self.order.size} scores: one per score")
+        inside = np.add.reduceat(positive[self.order].astype(float), self.starts)
         return inside, self.ties - inside
 
     def auroc(self, positive: np.ndarray) -> float:

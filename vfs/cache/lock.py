@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -107,12 +108,10 @@ class BuildLock:
         assert fcntl is not None
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # BlockingIOError: held by a live process
+            if not _flocked(fd):  # held by a live process
                 text = os.read(fd, 4096).decode(errors="replace")
                 os.close(fd)
-                raise self._refuse(text) from None
+                raise self._refuse(text)
             try:  # the previous owner may have removed the file between our open and our flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -160,3 +159,17 @@ class BuildLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _flocked(fd: int, tries: int = 3, wait_s: float = 0.05) -> bool:
+    """Whether an exclusive flock on `fd` was taken, trying a few times: another process's
+    `refuse_if_held` holds a shared one for an instant, which alone must refuse no build (review)."""
+    assert fcntl is not None
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(wait_s)
+    return False

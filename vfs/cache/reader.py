@@ -323,9 +323,11 @@ class FeatureCache:
         once complete, other images), or finished since. What long-lived holders of its rows check
         (`ShardedSearch`): the disk's rows would no longer be theirs. A cache that cannot be read
         now (moved away, a store that does not answer) is not taken for replaced: it may be back."""
+        unread: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, zarr.errors.BaseZarrError)
+        unread += _network_errors()
         try:
             now = dict(zarr.open_group(self.group.store, mode="r", zarr_format=3).attrs)
-        except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        except unread:  # an HTTP server's error status too (review: it crashed every page)
             return False
         keys = ("created", "complete") + (("n", "paths_digest") if self.complete else ())
         return any(now.get(key) != self.attrs.get(key) for key in keys)
@@ -485,8 +487,15 @@ class FeatureCache:
         except CacheError:
             raise
         except Exception as e:  # zarr, numcodecs, fsspec and OSError all surface here
-            if is_url(self.location) and isinstance(e, _network_errors()):  # nothing wrong with the cache
-                raise CacheError(
+            if is_url(self.location) and isinstance(e, _network_errors()):
+                status = getattr(e, "status", None)  # an HTTP error's
+                if isinstance(status, int) and 400 <= status < 500:  # S3 answers 403 for a file not there
+                    raise CacheError(
+                        f"cannot read {what} of the cache at {self.location}: its server refuses it "
+                        f"({type(e).__name__}: {e}): not there (damaged: rerun the build that made it, "
+                        "or copy it again), or not allowed to this reader"
+                    ) from e
+                raise CacheError(  # refused, timed out, a server error: nothing wrong with the cache
                     f"cannot read {what} of the cache at {self.location}: its server did not serve it "
                     f"({type(e).__name__}: {e}); try again later, or ask whoever serves it"
                 ) from e

@@ -102,7 +102,7 @@ async def _stored(store: Store, key: str) -> bool:
 
     fs = getattr(store, "fs", None)
     if isinstance(fs, HTTPFileSystem) and isinstance(store, zarr.storage.FsspecStore):
-        return bool(await fs._exists(f"{store.path}/{key}", strict=True))
+        return bool(await fs._exists(f"{store.path.rstrip('/')}/{key}", strict=True))  # as zarr joins them
     return await store.exists(key)
 
 
