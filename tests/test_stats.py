@@ -378,12 +378,14 @@ def test_grouping_columns_are_those_of_2_to_50_groups_then_numeric_ones_by_quart
             "flag": [True, False] * 30,
             "age": np.arange(60.0),  # 60 groups of a value: by quartiles only
             "many": [f"v{i % 50}" for i in range(60)],  # 50: the most
+            "odd": ["x|(missing)", "y"]
+            * 30,  # a literal "(missing)" finding: dropped as tested_groups drops it
         }
     )
-    assert [stats.group_count(records, c) for c in records.columns[1:]] == [60, 1, 3, 2, 60, 50]
-    assert stats.grouping_columns(records) == ["label", "flag", "many", "age (quartiles)"]
-    assert stats.grouping_columns(records, most=49) == ["label", "flag", "age (quartiles)"]
-    for column in ("label", "flag", "many"):
+    assert [stats.group_count(records, c) for c in records.columns[1:]] == [60, 1, 3, 2, 60, 50, 2]
+    assert stats.grouping_columns(records) == ["label", "flag", "many", "odd", "age (quartiles)"]
+    assert stats.grouping_columns(records, most=49) == ["label", "flag", "odd", "age (quartiles)"]
+    for column in ("label", "flag", "many", "odd"):
         assert (
             stats.group_count(records, column)
             == stats.tested_groups(stats.label_groups(records, column)).shape[1]
