@@ -167,7 +167,8 @@ def score_groups(records: pd.DataFrame, column: str, finding: str | None = None)
 class _RankedPool:
     """Scores ranked once, to compare several groups of them against the rest: every group of a
     `group_table` is compared within the same pool (the grouped images), so sorting it once serves them all.
-    A group's ranks within itself and within its rest are counted along the pool's tie blocks, O(n)."""
+    A group's ranks within itself and within its rest are counted along the pool's tie blocks, O(n)
+    (scipy's `rankdata` / `mannwhitneyu` rank anew on every call: 225 ms for 32 groups of 10,000)."""
 
     def __init__(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=float).reshape(-1)
@@ -187,12 +188,17 @@ class _RankedPool:
         inside = np.add.reduceat(positive[self.order].astype(float), self.starts)
         return inside, self.ties - inside
 
+    def u_statistic(self, inside: np.ndarray) -> float:
+        """Mann–Whitney U of the positives (`counts`' first part): their rank sum less its least."""
+        m = inside.sum()
+        return float(inside @ self.midranks - m * (m + 1) / 2)
+
     def auroc(self, positive: np.ndarray) -> float:
         inside, outside = self.counts(positive)
         m, n = inside.sum(), outside.sum()
         if m == 0 or n == 0 or self.has_nan:
             return float("nan")
-        return float((inside @ self.midranks - m * (m + 1) / 2) / (m * n))
+        return self.u_statistic(inside) / (m * n)
 
     def auroc_interval(self, positive: np.ndarray, level: float) -> tuple[float, float]:
         inside, outside = self.counts(positive)
@@ -222,7 +228,7 @@ class _RankedPool:
         m, n = int(inside.sum()), int(outside.sum())
         if m == 0 or n == 0 or self.has_nan:
             return float("nan")
-        u = float(inside @ self.midranks - m * (m + 1) / 2)
+        u = self.u_statistic(inside)
         tail, side = min(u, m * n - u), min(m, n)
         arrangements = (math.lgamma(m + n + 1) - math.lgamma(m + 1) - math.lgamma(n + 1)) / math.log(10)
         if self.tie_term == 0 and side * tail <= EXACT_WORK and arrangements <= 300:
