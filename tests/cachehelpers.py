@@ -2,6 +2,7 @@
 HTTP (a server)."""
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -39,11 +40,20 @@ def synthetic_spec(
 
 
 @contextmanager
-def served(folder: Path) -> Iterator[str]:
-    """`folder` over HTTP on this machine, quietly, while the block runs: its base URL."""
-    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def served(folder: Path, stalled: threading.Event | None = None) -> Iterator[str]:
+    """`folder` over HTTP on this machine, quietly, while the block runs: its base URL. While
+    `stalled` is set, a request for a `zarr.json` gets no answer (a server that hangs)."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            while stalled is not None and stalled.is_set() and self.path.endswith("/zarr.json"):
+                time.sleep(0.02)
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"

@@ -69,33 +69,60 @@ def _open_cache(location: str, stamp: int) -> FeatureCache:
 
 REMOTE_CHECK_S = 5.0
 """How often a cache behind a URL is asked whether another stands there now (one read of its metadata)."""
+REMOTE_WAIT_S = 0.25
+"""How long a page's run waits for that answer. A server slower than that, or one that hangs, is
+answered for in the background: the page goes on with the cache it has in memory, and a later run
+takes the new one."""
 _url_generations: dict[str, tuple[int, float]] = {}
 """Per URL: how many times this server found its cache replaced, and when it last asked."""
+_url_asking: set[str] = set()
+"""The URLs whose cache is being asked now (one question at a time, however slow the server)."""
 _url_lock = threading.Lock()
 
 
 def _url_stamp(location: str) -> int:
     """The cache behind a URL as this server has seen it: one more each time it was found rebuilt
     or finished since it was opened (`FeatureCache.replaced_on_disk`), asked at most every
-    `REMOTE_CHECK_S`. A URL's stamp was 0 for good: a cache rebuilt behind it was searched as it was
-    (features in memory) until the server restarted, or, with shards, not at all (review)."""
+    `REMOTE_CHECK_S`, waited for at most `REMOTE_WAIT_S`. A URL's stamp was 0 for good: a cache
+    rebuilt behind it was searched as it was (features in memory) until the server restarted, or,
+    with shards, not at all (review); and asked in the page's own run, a server that hung held
+    every run for its 60 s timeout."""
     with _url_lock:
         generation, asked = _url_generations.get(location, (0, -REMOTE_CHECK_S))
-        if time.monotonic() - asked < REMOTE_CHECK_S:
+        if time.monotonic() - asked < REMOTE_CHECK_S or location in _url_asking:
             return generation
         _url_generations[location] = (generation, time.monotonic())
+        _url_asking.add(location)
+    cache = None
     try:
-        replaced = _open_cache(location, generation).replaced_on_disk()
+        cache = _open_cache(location, generation)
     except CacheError:  # not reachable now: opening it says why
         return generation
-    if not replaced:
-        return generation
-    with _url_lock:  # another session may have counted this replacement already
-        current = _url_generations[location][0]
-        current += current == generation
-        _url_generations[location] = (current, time.monotonic())
-    _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
-    return current
+    finally:
+        if cache is None:  # no question asked (a rerun may stop the run here too)
+            with _url_lock:
+                _url_asking.discard(location)
+    asking = threading.Thread(
+        target=_ask_if_replaced, args=(location, cache, generation), name="vfs-remote-check", daemon=True
+    )
+    asking.start()
+    asking.join(REMOTE_WAIT_S)
+    with _url_lock:
+        return _url_generations[location][0]
+
+
+def _ask_if_replaced(location: str, cache: FeatureCache, generation: int) -> None:
+    """Counts the URL's cache replaced if another stands there now, and lets its old rows go."""
+    try:
+        if not cache.replaced_on_disk():
+            return
+        with _url_lock:  # another session's question may have counted this replacement already
+            current = _url_generations[location][0]
+            _url_generations[location] = (current + (current == generation), time.monotonic())
+        _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
+    finally:
+        with _url_lock:
+            _url_asking.discard(location)
 
 
 def get_cache(location: str) -> FeatureCache:

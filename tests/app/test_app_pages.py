@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -969,6 +970,7 @@ def test_a_remote_cache_rebuilt_behind_its_url_is_searched_anew(caches, tmp_path
     from cachehelpers import served
 
     monkeypatch.setattr("ui.core.REMOTE_CHECK_S", 0.0)
+    monkeypatch.setattr("ui.core.REMOTE_WAIT_S", 60.0)  # the answer in the same run
     shutil.copytree(caches / "small.zarr", tmp_path / "served" / "c.zarr")
     with served(tmp_path / "served") as base:
         monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
@@ -979,6 +981,34 @@ def test_a_remote_cache_rebuilt_behind_its_url_is_searched_anew(caches, tmp_path
         shutil.copytree(caches / "findings.zarr", tmp_path / "served" / "c.zarr")
         at = no_exceptions(draw(page(start_app(), "search")))
         assert len(at.dataframe[0].value) == 5  # the 6 images but the query
+
+
+def test_a_remote_server_that_hangs_holds_no_page_run(caches, tmp_path, monkeypatch):
+    """The app asked a URL's cache whether it was replaced in the page's own run: a server that hung
+    held every run for its 60 s timeout, though the features were in memory (review). The question
+    waits in the background; the answer, once it comes, is taken by a later run."""
+    from cachehelpers import served
+
+    monkeypatch.setattr("ui.core.REMOTE_CHECK_S", 0.0)
+    shutil.copytree(caches / "small.zarr", tmp_path / "served" / "c.zarr")
+    stalled = threading.Event()
+    with served(tmp_path / "served", stalled) as base:
+        monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("VFS_REMOTE_CACHES", f"{base}/c.zarr")
+        first = no_exceptions(draw(page(start_app(), "search"))).dataframe[0].value
+        assert len(first) == 10
+        stalled.set()
+        shutil.rmtree(tmp_path / "served" / "c.zarr")  # rebuilt: another dataset of 6 images, same grid
+        shutil.copytree(caches / "findings.zarr", tmp_path / "served" / "c.zarr")
+        try:
+            started = time.monotonic()
+            at = no_exceptions(draw(page(start_app(), "search")))
+            assert time.monotonic() - started < 10
+            assert at.dataframe[0].value.equals(first)  # the cache in memory, as it was
+        finally:
+            stalled.clear()
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "vfs-remote-check"], 30)
+        assert len(no_exceptions(draw(page(start_app(), "search"))).dataframe[0].value) == 5
 
 
 def test_builds_can_be_switched_off(caches, monkeypatch):

@@ -99,6 +99,7 @@ def test_a_remote_cache_rebuilt_behind_its_url_gets_new_shards(
 
     shutil.copytree(reference.location, tmp_path / "served" / "ref.zarr")
     monkeypatch.setattr(ui.core, "REMOTE_CHECK_S", 0.0)
+    monkeypatch.setattr(ui.core, "REMOTE_WAIT_S", 60.0)  # the answer in the same run
     started = []
 
     class Recorded(ShardedSearch):
