@@ -361,6 +361,11 @@ def test_a_cache_search_draws_the_papers_figure(small_cache):
             ValueError,
             r"the square view .* not \(30, 40, 3\) uint8 — the photo",
         ),
+        (  # a square photo (PACS's 227 px) is no view either: its region was drawn out of place (review)
+            np.zeros((227, 227, 3), np.uint8),
+            ValueError,
+            r"query_view is 227 px square, where the model's view is 64 px .* the photo itself\?",
+        ),
     ):
         with pytest.raises(error, match=says):
             result.figure(bad)

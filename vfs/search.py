@@ -170,7 +170,8 @@ class SearchResult:
             raise TypeError("a figure needs the images: search a feature cache (plain features hold none)")
         if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
             raise ValueError(f"columns is a whole number ≥ 1 of matches a row, not {columns!r}")
-        view, caption = _query_view(query_view, thumbs_at)
+        sides = {thumbs_at([]).shape[1], getattr(getattr(self.source, "spec", None), "input_size", 0)} - {0}
+        view, caption = _query_view(query_view, thumbs_at, sides)
         matches = ranked_matches(self.top, thumbs_at(self.top["index"].to_numpy()))
         caption = caption if query_caption is None else query_caption
         return results_figure(view, self.grid_mask(), matches, self.grid, columns, title, caption)
@@ -190,9 +191,12 @@ class SearchResult:
         return scores
 
 
-def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, str]:
+def _query_view(
+    query_view: object, thumbs_at: Callable[[list[int]], np.ndarray], sides: set[int]
+) -> tuple[np.ndarray, str]:
     """A figure's query tile and its caption: the view at an index of the cache ("query #3"), or
-    one given — square, as the model sees it (a photo's region would be drawn out of place)."""
+    one given — square, as the model sees it, of its input size or its thumbnails' (`sides`): a
+    photo's region would be drawn out of place, and a square photo is no view either (PACS's)."""
     how = "for an image query, its view: cache.spec.preprocess.view(image)"
     if isinstance(query_view, (int, np.integer)) and not isinstance(query_view, bool):
         return thumbs_at([int(query_view)])[0], f"query #{int(query_view)}"
@@ -206,6 +210,12 @@ def _query_view(query_view: object, thumbs_at: Callable[[list[int]], np.ndarray]
         raise ValueError(
             f"query_view must be the square view the model saw, (H, H, 3) uint8, not {view.shape} "
             f"{view.dtype} — the photo itself? The region would be drawn out of place; {how}"
+        )
+    if view.shape[0] not in sides:
+        raise ValueError(
+            f"query_view is {view.shape[0]} px square, where the model's view is "
+            f"{' or '.join(f'{side} px' for side in sorted(sides, reverse=True))} (its input, its "
+            f"thumbnail) — the photo itself? The region would be drawn out of place; {how}"
         )
     return view, "query"
 
