@@ -306,7 +306,38 @@ def pick_query(cache: FeatureCache, key: str) -> Query:
     source = source_column.radio(
         "Query image", [DATASET, UPLOAD], horizontal=True, key=bind(f"{key}.from", DATASET, FROM)
     )
-    return _dataset_query(cache, key, filter_column) if source == DATASET else _upload_query(key)
+    if source == DATASET:
+        return _dataset_query(cache, key, filter_column)
+    upload = _upload_query(key)
+    copy = _image_uploaded(cache, upload)
+    if copy is None:
+        return upload
+    st.info(
+        f"{upload.name} is image {query_tag(cache, copy)} of this cache (the same features): it is "
+        "searched as that image, so leaving out the query, and the images sharing its values, apply to it."
+    )
+    return Query(cache.spec.data.source, copy)
+
+
+SAME_IMAGE = 1 - 1e-5
+"""The whole-map cosine above which an upload is taken for a cache image: the same file gives the
+same features up to their fp16 rounding and another machine's arithmetic (≈ 1 - 1e-7); another
+picture, or even the same one saved again as a JPEG, lies well below."""
+
+
+def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
+    """The cache image an upload is, if any: ranked among the others, a copy of the query scored
+    about 1 and counted in the statistics the page said it left out (researcher review)."""
+
+    def find() -> int | None:
+        sharded = sharded_search(cache)
+        search = partial(search_regions, cache) if sharded is None else sharded.search
+        result = search(query_features(cache, upload), np.ones(cache.spec.grid), k=1)
+        best = int(result.top_indices[0])
+        return best if result.scores[best] >= SAME_IMAGE else None
+
+    with user_errors():
+        return memo(f"uploaded.{cache.location}", (upload, cache.spec), find)
 
 
 def _uploaded_image() -> Image.Image:
@@ -497,8 +528,7 @@ def leave_out_query(label: str, key: str, query: Query) -> bool:
             False,
             key=f"{key}.upload",
             disabled=True,
-            help="An uploaded image is not one of the cache's images: there is nothing to leave out. "
-            "If it is a copy of one, that image is ranked with the others.",
+            help="The uploaded image is none of the cache's images: there is nothing to leave out.",
         )
         return False
     return st.checkbox(label, key=bind(key, True, "vfs.leave_out.query"))  # the same on every page

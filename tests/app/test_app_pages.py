@@ -432,6 +432,22 @@ def test_uploaded_query_uses_the_caches_own_model(app, caches):
     assert exclude.disabled and not exclude.value
 
 
+def test_an_upload_of_a_cache_image_is_searched_as_that_image(app, caches, findings_manifest):
+    """An upload of one of the dataset's files was ranked among the others (its copy first, score
+    ≈ 1) and counted in the statistics the pages said they left the query out of, its patient's
+    other images too (researcher review)."""
+    at = use_cache(page(app, "search"), "search.cache", caches, "findings")
+    at.radio(key="search.from").set_value("Upload").run()
+    data = (findings_manifest.parent / "images" / "2.png").read_bytes()
+    at.file_uploader(key="search.upload").set_value(("2.png", data, "image/png")).run()
+    assert any(t.startswith("2.png is image #2 · Cardiomegaly · PA of this cache") for t in texts(at.info))
+    top = no_exceptions(draw(at)).dataframe[0].value
+    assert len(top) == 5 and 2 not in set(top["index"])  # left out, as the dataset image is
+    assert at.selectbox(
+        key="search.sharing." + str(caches / "findings.zarr")
+    ).options  # its view's others too
+
+
 def test_an_unreadable_upload_is_an_error_message(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()
@@ -1028,9 +1044,9 @@ def test_hosted_mode_refuses_a_cache_whose_model_runs_user_code(caches, tmp_path
     monkeypatch.setenv("VFS_HOSTED", "1")
     at = page(start_app(), "search")
     at.radio(key="search.from").set_value("Upload").run()
-    at.file_uploader(key="search.upload").set_value(("q.png", png(), "image/png")).run()
-    no_exceptions(draw(at))
-    assert any("python: model specs run arbitrary code" in t for t in texts(at.error))
+    no_exceptions(at.file_uploader(key="search.upload").set_value(("q.png", png(), "image/png")).run())
+    assert any("python: model specs run arbitrary code" in t for t in texts(at.error))  # said on upload
+    assert not at.get("bidi_component")  # no canvas to draw a region the model cannot search
 
 
 def test_malformed_settings_are_shown(monkeypatch, caches):
