@@ -16,6 +16,7 @@ CLI, queries and damaged caches:
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -229,6 +230,34 @@ def test_huge_legal_image_is_decoded_small(built):
         load_image(folder / "huge_legal.jpg", max_pixels=1_000_000)
 
 
+def test_a_read_that_fails_through_no_fault_of_the_image_is_no_bad_image(tmp_path):
+    """Too many files open (a real EMFILE) was "cannot read file", the image skipped for good by a
+    build whose cache was then complete; the machine's faults are raised as they are (a build
+    stops and resumes), the file's own (gone, not readable) still make an ImageError."""
+    import resource
+
+    path = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        with pytest.raises(OSError) as raised:
+            while True:
+                held.append(open(path, "rb"))  # held open until the limit is reached
+        assert raised.value.errno == errno.EMFILE
+        with pytest.raises(OSError, match="Too many open files") as raised:
+            load_image(path)
+        assert not isinstance(raised.value, ImageError)
+    finally:
+        for file in held:
+            file.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert load_image(path).size == (8, 8)
+    with pytest.raises(ImageError, match="cannot read file"):
+        load_image(tmp_path / "gone.png")
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -270,6 +299,23 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
         assert f"{folder / name}: not a readable image — " in lines[0]
         # the formats VFS reads where the format is the question, not for an empty or cut file
         assert (".webp" in lines[0]) == (name in ("text.jpg", "phone.jpg")), lines[0]
+
+
+def test_cli_search_out_of_memory_is_one_error_line_with_the_way_on(built, mask_file, capsys, monkeypatch):
+    """A MemoryError was a traceback and exit 1 where the CLI promises one line and exit 2
+    (failure-injection review); a search says how to stream the cache instead."""
+
+    def short(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("vfs.search.search_regions", short)
+    code = main(["search", built[0].location, "--query-index", "0", "--mask", str(mask_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert (
+        err
+        == "error: out of memory (MemoryError) (--memory-budget streams a cache larger than the memory free)\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -86,20 +86,61 @@ def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, tmp_path,
     assert main(["build", *flags, "--out", str(older)]) == 0, capsys.readouterr().err
 
 
-def test_a_full_disk_names_the_output_and_the_way_on(tmp_path, capsys, monkeypatch):
+def test_memory_run_out_stops_a_build_that_resumes_with_every_image(tmp_path, capsys, monkeypatch):
+    """Memory run out while a good image decoded skipped it for good as "corrupt or unsupported
+    (MemoryError)", and the cache was marked complete without it (failure-injection review)."""
+    from PIL import ImageFile
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 40)] * 4 + [(77, 55)]):
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "c.zarr"
+    argv = ["build", "--layer", "blocks.5", "--data", str(tmp_path), "--batch-size", "2", "--out", str(out)]
+    load = ImageFile.ImageFile.load
+
+    def short_of_memory(image):
+        if image.size == (77, 55):
+            raise MemoryError
+        return load(image)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ImageFile.ImageFile, "load", short_of_memory)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: out of memory building {out} (MemoryError): lower the batch size" in err, err
+    assert "rerun the same build to resume it" in err
+    assert main(argv) == 0, capsys.readouterr().err
+    cache = open_cache(out)
+    assert cache.n == 5 and not cache.report.get("skipped")
+
+
+@pytest.mark.parametrize(
+    ("number", "says"),
+    [
+        ("ENOSPC", "no space left on the disk holding {out}: free some and rerun the same build to resume"),
+        ("EACCES", "Permission denied: {out}/features — put that right, then rerun the same build to resume"),
+        (
+            "EMFILE",
+            "Too many open files: {out}/features — put that right, then rerun the same build to resume",
+        ),
+    ],
+)
+def test_a_write_that_fails_names_what_and_the_way_on(tmp_path, capsys, monkeypatch, number, says):
+    """A full disk named the output and said a rerun resumes; a folder it may not write, or too many
+    files open, was a bare "[Errno 13] Permission denied: '…'" (failure-injection review)."""
     import errno
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("vfs.cache.writer.CacheWriter._store", full)
     out = tmp_path / "c.zarr"
+    code = getattr(errno, number)
+
+    def fails(*args, **kwargs):
+        raise OSError(code, os.strerror(code), f"{out}/features")
+
+    monkeypatch.setattr("vfs.cache.writer.CacheWriter._store", fails)
     argv = ["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--limit", "4", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"no space left on the disk holding {out}: free some and rerun the same build to resume" in err, (
-        err
-    )
+    assert says.format(out=out) in err, err
 
 
 def interrupted_build(job: BuildJob, after: int) -> None:
@@ -300,7 +341,6 @@ def test_a_worker_reported_dead_while_a_stop_unwinds_is_no_death_to_retry():
 def test_sigterm_stops_a_cli_build_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     """`kill`, a scheduler's stop: the build keeps what it computed and says how to go on (it died
     with no word before, exit -15), and the rerun finishes it."""
-    import os
     import signal
 
     from vfs.cache import CacheWriter, open_cache

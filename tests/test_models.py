@@ -716,6 +716,22 @@ def test_maps_of_valid_convolutions_and_modules_that_run_more_than_once_are_list
     assert resnet["layer2"].calls == 1 and resnet["layer2"].note == "(= layer2.1)"
 
 
+def test_memory_run_out_in_the_model_is_said_so_not_blamed_on_the_size():
+    """PyTorch's allocator failing while the model was probed read "the model fails on a 224×224
+    input (… can't allocate memory …)": a bad choice of size, where memory was short (review)."""
+
+    class Short(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
+            )
+
+    with pytest.raises(
+        RuntimeError, match="out of memory running the model on one 64×64 image .* too little memory"
+    ):
+        list_layers(Short(), image_size=64)
+
+
 def test_fixed_size_model_at_another_size():
     spec = "timm:mixer_s16_224?pretrained=false"  # an MLP over a fixed number of tokens
     with pytest.raises(ValueError, match="fails on a 448×448 input.*made for 224×224"):

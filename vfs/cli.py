@@ -477,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
         print(f"error: {_in_cli_words(e)}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # Python's or numpy's (PyTorch's allocator raises a RuntimeError that says so)
+        stream = (
+            " (--memory-budget streams a cache larger than the memory free)"
+            if args.command == "search"
+            else ""
+        )
+        print(f"error: out of memory ({error_line(e, named=True)}){stream}", file=sys.stderr)
+        return 2
     except Exception as e:
         if not type(e).__module__.startswith(
             "ray."

@@ -25,3 +25,15 @@ def error_line(
     if len(text) > ERROR_CHARS:
         text = text[: ERROR_CHARS - 1] + "…"
     return f"{type(error).__name__}: {text}" if named else text
+
+
+_MEMORY_WORDS = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says memory ran out: Python's `MemoryError` (numpy's too), or PyTorch's
+    RuntimeError from its CPU allocator ("can't allocate memory", "not enough memory") or a GPU's
+    (`torch.OutOfMemoryError`, "out of memory")."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _MEMORY_WORDS)

@@ -9,6 +9,7 @@ images read otherwise (a mask's coverage).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import warnings
@@ -82,6 +83,8 @@ def load_image(
                 return _decode(fp, limit)
         return _decode(io.BytesIO(source if isinstance(source, bytes) else source.read()), limit)
     except OSError as e:
+        if e.errno not in _FILE_FAULTS:
+            raise  # not the file's: a build stops (it is resumed), where it skipped the image for good
         reason = f"cannot read file ({e.strerror or e})"
         raise ImageError(reason, f"{where}{reason}") from e
     except ImageError as e:
@@ -90,6 +93,20 @@ def load_image(
         raise ImageError(e.reason, f"{where}not a readable image — {e.reason}{readable}") from e
 
 
+_FILE_FAULTS = {
+    None,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+}
+"""The errors of reading a file that are the file's own (gone, a folder, not readable to this user, a
+link that leads nowhere): such an image is skipped and reported. Others are the machine's — memory
+run out, too many files open, a disk's or a network file system's failure — and stop a build,
+whose rerun reads the image again: skipped, a good image was lost from a cache marked complete."""
 _TOO_LARGE = "too large to decode safely"
 
 
@@ -139,6 +156,8 @@ def _decode(fp: BinaryIO, limit: int) -> Image.Image:
             f"{_TOO_LARGE}: its size exceeds the limit of PIL's decompression-bomb guard ({e})"
         ) from e
     except Exception as e:  # decoders raise OSError, SyntaxError, struct.error, ...
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno is not None):
+            raise  # the machine's (its memory, a read that failed), not the image's: see load_image
         if "truncated" in str(e).lower():
             raise ImageError("truncated image") from e
         raise ImageError(f"corrupt or unsupported image ({type(e).__name__}: {e})") from e

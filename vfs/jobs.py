@@ -30,6 +30,7 @@ from PIL import Image
 from .cache import AlreadyComplete, BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache
 from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
 from .devices import resolve_device
+from .errors import error_line, out_of_memory
 from .fp16 import cache_feature_scale, stored_features
 from .interrupts import sigterm_kept
 from .models import DEFAULT_MODEL, Extractor, Preprocess, absolute_spec, load_extractor
@@ -257,7 +258,7 @@ def build_cache(
         with sigterm_kept():  # ray.init's own SIGTERM handler would exit on the spot
             connect(job.address)
         pool = plan_workers(job)
-    with BuildLock(job.out, read_only_ok=True) as lock, _disk_full_names(job.out):
+    with BuildLock(job.out, read_only_ok=True) as lock, _faults_in_words(job.out):
         if lock.unwritable is None and _resumable(job.out):  # before a resume's first write (its clean-up)
             lock.refuse_unwritable_cache()
         try:
@@ -319,17 +320,30 @@ def _resumed_preprocess(out: str, image_size: int | None) -> Preprocess | None:
 
 
 @contextmanager
-def _disk_full_names(out: str) -> Iterator[None]:
-    """A full disk as the user can act on it: which output, and that a rerun resumes."""
+def _faults_in_words(out: str) -> Iterator[None]:
+    """What stops a build through no fault of its images — a full disk, memory run out, a file or
+    folder it may not write, too many files open — as the user can act on it, in one line: what,
+    and that a rerun resumes (a bare errno, or PyTorch's allocator's words taken for the model's)."""
+    resume = "rerun the same build to resume it (every image recorded as stored is kept)"
     try:
         yield
     except OSError as error:
-        if error.errno != errno.ENOSPC:
+        if error.errno is None:
             raise
+        if error.errno == errno.ENOSPC:
+            raise OSError(
+                error.errno, f"no space left on the disk holding {out}: free some and {resume}"
+            ) from error
+        where = f": {error.filename}" if error.filename else ""
         raise OSError(
-            errno.ENOSPC,
-            f"no space left on the disk holding {out}: free some and rerun the same build to resume it "
-            "(every image recorded as stored is kept)",
+            error.errno, f"{error.strerror or error}{where} — put that right, then {resume}"
+        ) from error
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
+        raise RuntimeError(
+            f"out of memory building {out} ({error_line(error)}): lower the batch size (--batch-size) or the "
+            f"decoding workers (--workers), then {resume}"
         ) from error
 
 

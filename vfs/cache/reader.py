@@ -151,9 +151,10 @@ class FeatureCache:
                 f"do not match the spec (images, {h}, {w}, {self.spec.channels})"
             )
         # Rows past n are never read, and their counts may differ: a build that finishes resizes its
-        # arrays one after another, which a reader opening the cache meanwhile sees.
+        # arrays one after another, which a reader opening the cache meanwhile sees. Once complete
+        # (set last, after the resizing) they hold n: an n lowered since hid images without a word.
         held = min(self.features.shape[0], self.sqnorm.shape[0])
-        if held < self.n:
+        if held < self.n or (self.complete and self.n != self.features.shape[0]):
             raise CacheError(f"{location}: its attributes count {self.n} images, its arrays hold {held}")
         every_chunk_stored = bool(attrs.get("all_chunks_stored"))
         self._features: RowReader = row_reader(self.features, location, every_chunk_stored)

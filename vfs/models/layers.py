@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..errors import error_line, out_of_memory
 from ..fp16 import fp16_holds
 from ..images import load_image
 from .kinds import load_model
@@ -280,8 +281,14 @@ def _channels_placed(body: nn.Module, size: int, layout: _Layout) -> _Layout:
     return _Layout("nchw", side, side, side)
 
 
-def _input_size_error(spec: str, size: int, native: int, error: Exception) -> ValueError:
-    """A model failing on the chosen input size; most often a model made for one size (a ViT)."""
+def _input_size_error(spec: str, size: int, native: int, error: Exception) -> ValueError | RuntimeError:
+    """A model failing on the chosen input size; most often a model made for one size (a ViT). Not
+    where memory ran out: that read as the size's fault (review)."""
+    if out_of_memory(error):
+        return RuntimeError(
+            f"{spec}: out of memory running the model on one {size}×{size} image ({error_line(error)}): "
+            "this machine has too little memory free for it"
+        )
     hint = f"; it was made for {native}×{native}: use that image size" if native != size else ""
     return ValueError(f"{spec}: the model fails on a {size}×{size} input ({error}){hint}")
 
