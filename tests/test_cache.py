@@ -833,6 +833,40 @@ def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lo
         CacheWriter.open(out, SPEC, candidates(30), 32)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("features", lambda data: bytes(len(data))),  # zero-filled, as a crash or a copy can leave it
+        ("features", lambda data: data[::-1]),  # overwritten with other values of the same size
+        ("sqnorm", lambda data: os.urandom(len(data))),  # garbled: the codec cannot decode it
+    ],
+)
+def test_a_chunk_damaged_in_place_is_said_and_repaired_by_the_rerun(tmp_path, damage):
+    """A features chunk zero-filled in place was searched as it read — its images scored 0, the
+    results wrong without a word — and a chunk that a search said was damaged ("rebuild it") was
+    left so by the rerun ("nothing was built now"): a dead end (failure-injection review). Searches
+    check each image's largest cell against its stored norm; the rerun checks every cell, and
+    computes the images of a damaged chunk again."""
+    import shutil
+
+    name, garble = damage
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
+    out = tmp_path / "c.zarr"
+    chunk = out / name / "c" / "1" / "0" / "0" / ("0" if name == "features" else "")
+    chunk = chunk if chunk.is_file() else chunk.parent
+    chunk.write_bytes(garble(chunk.read_bytes()))
+    with pytest.raises(CacheError, match="damaged.*rerun its build to repair it"):
+        search_regions(open_cache(out), 0, np.ones((4, 5)))
+    with pytest.warns(UserWarning, match=r"on disk.*\(its first image: 7\); the build computes images 7..28"):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    fill(resumed, range(resumed.next_item, 30), bad={9})
+    resumed.finish(candidates(30))
+    assert_built_alike(tmp_path / "clean.zarr", out)
+    with pytest.raises(AlreadyComplete):
+        CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
 @pytest.mark.parametrize("lost", ["path", "label"])
 @pytest.mark.parametrize("gone", ["c/0", "."])  # its chunk file, or its whole folder
 def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_path, lost, gone):

@@ -609,10 +609,7 @@ def _check_finite(source: FeatureSource, scores: np.ndarray) -> None:
     cache's bytes changed on disk; its squared norms, checked on every read, were not)."""
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
-        raise ValueError(
-            f"the stored features of {some_images(bad)} contain NaN or inf: "
-            f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
-        )
+        raise ValueError(f"the stored features of {some_images(bad)} contain NaN or inf: {_damaged(source)}")
 
 
 def region_query(source: FeatureSource, query: QueryLike, mask: MaskLike | None) -> RegionQuery:
@@ -648,8 +645,7 @@ def region_query(source: FeatureSource, query: QueryLike, mask: MaskLike | None)
         stored = source.rows(index)[0]
         if not np.isfinite(stored).all():
             raise ValueError(
-                f"the stored features of the query image {int(query)} contain NaN or inf: "
-                f"{getattr(source, 'location', 'the features')} is damaged; rebuild it"
+                f"the stored features of the query image {int(query)} contain NaN or inf: {_damaged(source)}"
             )
         return RegionQuery.create(stored, mask)
     if not isinstance(query, (np.ndarray, torch.Tensor)):
@@ -672,6 +668,16 @@ def region_query(source: FeatureSource, query: QueryLike, mask: MaskLike | None)
             f"size?{image}"
         )
     return RegionQuery.create(query, mask)
+
+
+def _damaged(source: FeatureSource) -> str:
+    """What to do about damaged stored features: a cache's build repairs them when rerun."""
+    location = getattr(source, "location", None)
+    return (
+        "the features are damaged"
+        if location is None
+        else f"{location} is damaged; rerun its build to repair it"
+    )
 
 
 def _is_image(query: object, grid: tuple[int, int]) -> TypeGuard[str | Path | Image.Image | np.ndarray]:

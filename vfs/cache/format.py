@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import zarr
 
 from ..data import DataSpec
@@ -53,6 +54,30 @@ def _is_missing(value: object) -> bool:
 
 class CacheError(ValueError):
     """A cache that cannot be used, with the reason."""
+
+
+NORMS_AGREE = 1e-3
+"""How far (relative) a cell's squared norm summed again in fp32 may lie from the stored one: the
+writer summed the same fp16 values in fp32, in another order (≈ C · 2⁻²⁴ at worst)."""
+
+
+def rows_disagreeing(
+    features: np.ndarray | torch.Tensor, sqnorm: np.ndarray, every_cell: bool = False
+) -> np.ndarray:
+    """The rows (indices into these) whose fp16 features are not what their stored squared norms
+    were summed from: a chunk file zero-filled by a crash, overwritten, or garbled since it was
+    written, which a search would otherwise score as it reads (a zero-filled chunk scored 0, the
+    results wrong without a word). Each image's cell of largest norm — a spot check a search pays
+    next to nothing for — or, `every_cell`, all of them (a build's rerun, which reads every chunk)."""
+    x = torch.as_tensor(features)
+    m = x.shape[0]
+    x, q = x.reshape(m, -1, x.shape[-1]), torch.as_tensor(sqnorm).reshape(m, -1)
+    if not every_cell:
+        rows, cells = torch.arange(m), q.argmax(1)
+        x, q = x[rows, cells][:, None], q[rows, cells][:, None]
+    again = x.float().square().sum(-1)
+    agree = ((again - q).abs() <= NORMS_AGREE * q) & q.isfinite()  # NaN and inf disagree
+    return torch.nonzero(~agree.all(1)).flatten().numpy()
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from .format import (
     lost_columns,
     member_array,
     read_table,
+    rows_disagreeing,
 )
 from .rows import RowReader, ZarrRows, row_reader
 
@@ -502,7 +503,7 @@ class FeatureCache:
                 ) from e
             raise CacheError(
                 f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}); "
-                f"the cache is damaged or unreachable: rebuild or re-download it"
+                f"the cache is damaged or unreachable: rerun its build to repair it, or copy it again"
             ) from e
 
     def _indices(self, indices: Any, what: str) -> np.ndarray:
@@ -608,7 +609,9 @@ class FeatureCache:
         self.check_searchable()
         if not 0 <= start < stop <= self.n:
             raise IndexError(f"rows {start}..{stop - 1} are not within 0..{self.n - 1}")
-        return self._read_features(start, stop), self._read_sqnorm(start, stop)
+        features, sqnorm = self._read_features(start, stop), self._read_sqnorm(start, stop)
+        self._check_agree(start, features, sqnorm)
+        return features, sqnorm
 
     def _read_features(self, start: int, stop: int) -> np.ndarray:
         with self._reading(f"rows {start}..{stop - 1}"):
@@ -621,9 +624,24 @@ class FeatureCache:
         if not np.isfinite(q).all():
             bad = start + int(np.flatnonzero(~np.isfinite(q).reshape(len(q), -1).all(1))[0])
             raise CacheError(
-                f"the cache at {self.location} holds NaN or inf features (first at row {bad}); rebuild it"
+                f"the cache at {self.location} holds NaN or inf features (first at row {bad}); "
+                "rerun its build to repair it"
             )
         return q
+
+    def _check_agree(self, start: int, features: np.ndarray | list[torch.Tensor], sqnorm: np.ndarray) -> None:
+        """Rows read together (mapped files: one part a chunk) whose features disagree with their
+        norms (`rows_disagreeing`) are damage, said as such: a rerun of the build repairs them."""
+        first = start
+        for part in features if isinstance(features, list) else [features]:
+            bad = rows_disagreeing(part, sqnorm[first - start : first - start + len(part)])
+            if len(bad):
+                raise CacheError(
+                    f"the cache at {self.location} is damaged: the stored features of image {first + bad[0]} "
+                    "are not those its norms were summed from (a chunk file zero-filled, overwritten or "
+                    "garbled since it was written): rerun its build to repair it"
+                )
+            first += len(part)
 
     def _ranges(self, rows: int) -> list[tuple[int, int]]:
         return [(a, min(a + rows, self.n)) for a in range(0, self.n, rows)]
@@ -643,8 +661,10 @@ class FeatureCache:
                 x = torch.empty(self.shape, dtype=dtype, device=device)
                 s = torch.empty(self.shape[:3], dtype=torch.float32, device=device)
                 for a, b in self._ranges(self.features.chunks[0]):
-                    copy_converted(x[a:b], torch.from_numpy(self._read_features(a, b)))
-                    s[a:b].copy_(torch.from_numpy(self._read_sqnorm(a, b)))
+                    features, sqnorm = self._read_features(a, b), self._read_sqnorm(a, b)
+                    self._check_agree(a, features, sqnorm)
+                    copy_converted(x[a:b], torch.from_numpy(features))
+                    s[a:b].copy_(torch.from_numpy(sqnorm))
                 self._resident[device, dtype] = (x, s)
             return self._resident[device, dtype]
 
@@ -696,7 +716,9 @@ class FeatureCache:
     ) -> tuple[np.ndarray | list[torch.Tensor], np.ndarray]:
         with self._reading(f"rows {start}..{stop - 1}"):
             x = self._features.stream(start, stop) if mapped else self._features.read(start, stop)
-        return x, self._read_sqnorm(start, stop)
+        sqnorm = self._read_sqnorm(start, stop)
+        self._check_agree(start, x, sqnorm)
+        return x, sqnorm
 
 
 def _on(device: torch.device, features: np.ndarray | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

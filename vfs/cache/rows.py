@@ -223,7 +223,7 @@ class ChunkFileRows(RowReader):
     def _damaged(self, i: int, why: str) -> CacheError:
         return CacheError(
             f"cannot read {self.arr.path} rows {i * self.per}..{(i + 1) * self.per - 1} of the cache at "
-            f"{self.location}: {why}; the cache is damaged: rebuild or re-download it"
+            f"{self.location}: {why}; the cache is damaged: rerun its build to repair it, or copy it again"
         )
 
 

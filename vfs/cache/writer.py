@@ -33,6 +33,7 @@ from .format import (
     member_array,
     paths_digest,
     read_table,
+    rows_disagreeing,
     write_table,
 )
 
@@ -208,10 +209,12 @@ class CacheWriter:
         )
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
+        damaged = None
         if attrs.get("complete"):
             _check_finished_on(path, g, attrs, candidates)
             lost_manifest = _manifest_lost(g)
-            if _lost_from(path, g, attrs, int(attrs["n"])) is None and not lost_manifest:
+            damaged = _first_damaged_row(g, int(attrs["n"]))
+            if _lost_from(path, g, attrs, int(attrs["n"])) is None and damaged is None and not lost_manifest:
                 raise AlreadyComplete(f"{path} is already complete: nothing to do")
             if lost_manifest:
                 warnings.warn(f"{path}: {lost_manifest} on disk; the build writes it again", stacklevel=3)
@@ -235,14 +238,22 @@ class CacheWriter:
                 leftover.unlink(missing_ok=True)
         p = attrs["progress"]
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
-        lost = _lost_from(path, g, attrs, rows)
-        if lost is not None:  # chunk files gone (a copy taken mid-build, a disk fault): redo from there
+        gone = _lost_from(path, g, attrs, rows)
+        lost = min((r for r in (gone, damaged) if r is not None), default=None)
+        if (
+            lost is not None
+        ):  # chunk files gone or damaged (a copy taken mid-build, a disk fault): redo from there
             rows = lost - lost % member_array(g, "features").chunks[0]
             last = np.asarray(member_array(g, "source_index")[max(rows - 1, 0) : rows])  # kept, or none
             next_item = int(last[0]) + 1 if rows else 0
             skipped = [s for s in skipped if s["item"] < next_item]
+            what = (
+                "missing on disk"
+                if lost == gone
+                else "damaged on disk (its features are not those of its norms)"
+            )
             warnings.warn(
-                f"{path}: a chunk file of the cache is missing on disk (its first image: {lost}); the "
+                f"{path}: a chunk file of the cache is {what} (its first image: {lost}); the "
                 f"build computes images {rows}..{p['rows'] - 1} again, from its chunk on",
                 stacklevel=3,
             )
@@ -441,6 +452,24 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
             f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
             "choose another output"
         )
+
+
+def _first_damaged_row(group: zarr.Group, rows: int) -> int | None:
+    """The first of `rows` stored images whose chunk cannot be decoded or whose features are not
+    those of their stored norms (`rows_disagreeing`, every cell), read chunk by chunk: what a
+    finished build's rerun checks before it says there is nothing to do — a search that found such
+    damage sends the user here (a rerun said "nothing was built now": a dead end; review)."""
+    features, sqnorm = member_array(group, "features"), member_array(group, "sqnorm")
+    per = features.chunks[0]
+    for start in range(0, rows, per):
+        stop = min(start + per, rows)
+        try:
+            bad = rows_disagreeing(np.asarray(features[start:stop]), np.asarray(sqnorm[start:stop]), True)
+        except Exception:  # noqa: BLE001 - a chunk zarr or its codec cannot decode: damaged
+            return start
+        if len(bad):
+            return start + int(bad[0])
+    return None
 
 
 def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) -> int | None:
