@@ -781,6 +781,19 @@ def test_a_resume_with_a_model_computing_otherwise_is_refused(tmp_path):
     assert CacheWriter.open(tmp_path / "c.zarr", replace(SPEC, probe=near), candidates(20), 32).rows == 7
 
 
+def test_a_partial_cache_finished_while_open_says_to_open_it_again(tmp_path):
+    """A search of a cache being built, during its build's last step, was told "the cache is damaged
+    or unreachable: rebuild or re-download it" — of a healthy cache (failure-injection review)."""
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(20), 32)
+    fill(w, range(14))
+    reading = open_cache(tmp_path / "c.zarr", allow_partial=True)
+    fill(w, range(14, 20))
+    w.finish(candidates(20))
+    with pytest.raises(CacheError, match="was finished since it was opened: open it again"):
+        reading.manifest
+    assert len(open_cache(tmp_path / "c.zarr").manifest) == 20
+
+
 def test_a_resume_redoes_the_chunks_missing_on_disk(tmp_path):
     """A partial cache copied mid-build (or hit by a disk fault) lacks chunk files its progress
     counts: the resume computes those images again, instead of finishing a cache search refuses."""

@@ -241,6 +241,10 @@ class FeatureCache:
                     check_chunk_size(source_index, self.location)
                     index = source_index[: self.n]
                     self._manifest = read_table(self.group, "candidates").iloc[index].reset_index(drop=True)
+                elif self.allow_partial and self.replaced_on_disk():  # its candidates became the manifest
+                    raise CacheError(
+                        f"the cache at {self.location} was finished since it was opened: open it again"
+                    )
                 else:
                     raise CacheError(f"{self.location} has no manifest: the build did not finish")
         return self._manifest
@@ -500,6 +504,12 @@ class FeatureCache:
                 raise CacheError(  # refused, timed out, a server error: nothing wrong with the cache
                     f"cannot read {what} of the cache at {self.location}: its server did not serve it "
                     f"({type(e).__name__}: {e}); try again later, or ask whoever serves it"
+                ) from e
+            if not self.complete:  # its build may be writing it: finishing replaces its candidates
+                raise CacheError(
+                    f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}): a "
+                    "cache being built changes as it is read — open it again; if no build of it runs, "
+                    "rerun its build to resume it"
                 ) from e
             raise CacheError(
                 f"cannot read {what} of the cache at {self.location} ({type(e).__name__}: {e}); "
