@@ -301,21 +301,31 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
         assert (".webp" in lines[0]) == (name in ("text.jpg", "phone.jpg")), lines[0]
 
 
-def test_cli_search_out_of_memory_is_one_error_line_with_the_way_on(built, mask_file, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (MemoryError(), "out of memory (MemoryError)"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+            "DefaultCPUAllocator: can't allocate memory",
+        ),
+    ],
+)
+def test_cli_search_out_of_memory_is_one_error_line_with_the_way_on(
+    built, mask_file, capsys, monkeypatch, error, says
+):
     """A MemoryError was a traceback and exit 1 where the CLI promises one line and exit 2
-    (failure-injection review); a search says how to stream the cache instead."""
+    (failure-injection review); a search says how to stream the cache instead, PyTorch's allocator's
+    failure too (diff review)."""
 
     def short(*args, **kwargs):
-        raise MemoryError
+        raise error
 
     monkeypatch.setattr("vfs.search.search_regions", short)
     code = main(["search", built[0].location, "--query-index", "0", "--mask", str(mask_file)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert (
-        err
-        == "error: out of memory (MemoryError) (--memory-budget streams a cache larger than the memory free)\n"
-    )
+    assert err == f"error: {says} (--memory-budget streams a cache larger than the memory free)\n"
 
 
 @pytest.mark.parametrize(

@@ -86,9 +86,11 @@ def test_a_rerun_of_a_finished_build_succeeds_with_nothing_to_do(demo, tmp_path,
     assert main(["build", *flags, "--out", str(older)]) == 0, capsys.readouterr().err
 
 
-def test_memory_run_out_stops_a_build_that_resumes_with_every_image(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_memory_run_out_stops_a_build_that_resumes_with_every_image(tmp_path, capsys, monkeypatch, workers):
     """Memory run out while a good image decoded skipped it for good as "corrupt or unsupported
-    (MemoryError)", and the cache was marked complete without it (failure-injection review)."""
+    (MemoryError)", and the cache was marked complete without it (failure-injection review); in a
+    decoding worker it reached the build as PyTorch's traceback text (diff review)."""
     from PIL import ImageFile
 
     rng = np.random.default_rng(0)
@@ -96,6 +98,7 @@ def test_memory_run_out_stops_a_build_that_resumes_with_every_image(tmp_path, ca
         Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     out = tmp_path / "c.zarr"
     argv = ["build", "--layer", "blocks.5", "--data", str(tmp_path), "--batch-size", "2", "--out", str(out)]
+    argv += ["--workers", workers]  # a worker forks from here: the patch below holds there too
     load = ImageFile.ImageFile.load
 
     def short_of_memory(image):
@@ -107,7 +110,9 @@ def test_memory_run_out_stops_a_build_that_resumes_with_every_image(tmp_path, ca
         patched.setattr(ImageFile.ImageFile, "load", short_of_memory)
         assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"error: out of memory building {out} (MemoryError): lower the batch size" in err, err
+    last = err.splitlines()[-1]  # after the progress lines: one line, the worker's traceback not in it
+    assert last.startswith(f"error: out of memory building {out} (MemoryError): lower the batch size"), err
+    assert "Traceback" not in err
     assert "rerun the same build to resume it" in err
     assert main(argv) == 0, capsys.readouterr().err
     cache = open_cache(out)

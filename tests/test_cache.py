@@ -256,18 +256,18 @@ def test_open_refuses_damaged_caches(tmp_path, damage, message):
         open_cache(tmp_path / "c.zarr")
 
 
-def test_a_cache_opened_while_its_build_resizes_its_arrays_reads_as_it_will_be(tmp_path):
-    """A build that finishes resizes its row arrays one after another (features to n, then the norms):
-    a reader opening the cache in between — the Build page polling it — reads its n images, not an
-    error about shapes (a flaky app test found it)."""
+def test_a_finished_cache_whose_arrays_disagree_with_its_n_is_refused_and_repaired(tmp_path):
+    """A complete cache whose arrays hold more images than its n (an n edited lower, or a repair of
+    an older VFS killed after its first step) hid images without a word; it is refused, and the
+    build's rerun finishes it again (failure-injection and diff reviews)."""
+    build(tmp_path / "clean.zarr", 10)
     build(tmp_path / "c.zarr", 10)
-    before = open_cache(tmp_path / "c.zarr")
-    want = (before.rows(np.arange(10)), before.sqnorm[:])
-    zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")["sqnorm"].resize((12, 4, 5))  # not shrunk yet
-    during = open_cache(tmp_path / "c.zarr")
-    assert during.n == 10
-    np.testing.assert_array_equal(during.rows(np.arange(10)), want[0])
-    np.testing.assert_array_equal(during.sqnorm[:10], want[1])
+    zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")["sqnorm"].resize((12, 4, 5))
+    with pytest.raises(CacheError, match="count 10 images, its arrays hold 12: rerun its build to repair it"):
+        open_cache(tmp_path / "c.zarr")
+    resumed = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(10), 32)
+    resumed.finish(candidates(10))
+    assert_built_alike(tmp_path / "clean.zarr", tmp_path / "c.zarr")
 
 
 def test_open_missing_path(tmp_path):
@@ -846,38 +846,93 @@ def test_a_rerun_of_a_finished_build_computes_the_chunks_lost_since(tmp_path, lo
         CacheWriter.open(out, SPEC, candidates(30), 32)
 
 
+@pytest.mark.parametrize("finished", [True, False])
 @pytest.mark.parametrize(
     "damage",
     [
         ("features", lambda data: bytes(len(data))),  # zero-filled, as a crash or a copy can leave it
         ("features", lambda data: data[::-1]),  # overwritten with other values of the same size
         ("sqnorm", lambda data: os.urandom(len(data))),  # garbled: the codec cannot decode it
+        ("thumbs", lambda data: os.urandom(len(data))),
     ],
 )
-def test_a_chunk_damaged_in_place_is_said_and_repaired_by_the_rerun(tmp_path, damage):
+def test_a_chunk_damaged_in_place_is_said_and_repaired_by_the_rerun(tmp_path, damage, finished):
     """A features chunk zero-filled in place was searched as it read — its images scored 0, the
     results wrong without a word — and a chunk that a search said was damaged ("rebuild it") was
-    left so by the rerun ("nothing was built now"): a dead end (failure-injection review). Searches
-    check each image's largest cell against its stored norm; the rerun checks every cell, and
-    computes the images of a damaged chunk again."""
+    left so by the rerun ("nothing was built now"), or by a resume, which then marked it complete:
+    a dead end (failure-injection review, diff review). Searches check each image's largest cell
+    against its stored norm; a rerun or resume checks every cell and decodes every chunk, and
+    computes the images of a damaged one again."""
     import shutil
 
     name, garble = damage
     build(tmp_path / "clean.zarr", 30, bad={9})
-    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
     out = tmp_path / "c.zarr"
-    chunk = out / name / "c" / "1" / "0" / "0" / ("0" if name == "features" else "")
-    chunk = chunk if chunk.is_file() else chunk.parent
-    chunk.write_bytes(garble(chunk.read_bytes()))
-    with pytest.raises(CacheError, match="damaged.*rerun its build to repair it"):
-        search_regions(open_cache(out), 0, np.ones((4, 5)))
-    with pytest.warns(UserWarning, match=r"on disk.*\(its first image: 7\); the build computes images 7..28"):
+    if finished:
+        shutil.copytree(tmp_path / "clean.zarr", out)
+    else:
+        fill(CacheWriter.open(out, SPEC, candidates(30), 32), range(23), bad={9})  # 22 images stored
+    arr = open_cache(out, allow_partial=True).group[name]
+    chunk = out / name / arr.metadata.encode_chunk_key((7 // arr.chunks[0], *(0,) * (arr.ndim - 1)))
+    chunk.write_bytes(garble(chunk.read_bytes()))  # image 7's: the second features chunk's first
+    reading = open_cache(out, allow_partial=True)
+    with pytest.raises(CacheError, match="rerun its build to (repair|resume) it"):  # resume: partial
+        if name == "thumbs":
+            reading.thumbs_at([7])
+        else:
+            search_regions(reading, 0, np.ones((4, 5)))
+    last = 28 if finished else 20  # what was stored of the 22: whole chunks
+    with pytest.warns(
+        UserWarning, match=rf"damaged on disk.*\(its first image: 7\); the build computes images 7..{last}"
+    ):
         resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
     fill(resumed, range(resumed.next_item, 30), bad={9})
     resumed.finish(candidates(30))
     assert_built_alike(tmp_path / "clean.zarr", out)
     with pytest.raises(AlreadyComplete):
         CacheWriter.open(out, SPEC, candidates(30), 32)
+
+
+def test_a_failing_read_while_a_rerun_checks_the_chunks_is_no_damage(tmp_path, monkeypatch):
+    """The machine's faults (too many files open, memory) while a rerun read the chunks were taken
+    for damage, and a healthy cache computed again from there (diff review)."""
+    import errno
+
+    build(tmp_path / "c.zarr", 30)
+
+    def fails(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("vfs.cache.writer.rows_disagreeing", fails)
+    with pytest.raises(OSError, match="Too many open files"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
+    assert open_cache(tmp_path / "c.zarr").complete
+
+
+def test_a_repair_killed_while_it_reopens_the_cache_resumes(tmp_path, monkeypatch):
+    """Reopening a finished cache for repair resized its arrays before marking it partial: a reader
+    in between, or after a kill there, found a complete cache whose arrays disagree with its n
+    (diff review). Now it is partial first, and a resume gives its arrays their length back."""
+    import shutil
+
+    build(tmp_path / "clean.zarr", 30, bad={9})
+    shutil.copytree(tmp_path / "clean.zarr", tmp_path / "c.zarr")
+    chunk = tmp_path / "c.zarr" / "features" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(bytes(chunk.stat().st_size))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr("vfs.cache.writer._full_length", killed)
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+            CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
+    assert not open_cache(tmp_path / "c.zarr", allow_partial=True).complete
+    with pytest.warns(UserWarning, match="the build computes images 7..28"):
+        resumed = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
+    fill(resumed, range(resumed.next_item, 30), bad={9})
+    resumed.finish(candidates(30))
+    assert_built_alike(tmp_path / "clean.zarr", tmp_path / "c.zarr")
 
 
 @pytest.mark.parametrize("lost", ["path", "label"])

@@ -337,7 +337,9 @@ def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
         return best if result.scores[best] >= SAME_IMAGE else None
 
     with user_errors():
-        return memo(f"uploaded.{cache.location}", (upload, cache.spec), find)
+        # the cache as built: rebuilt over changed files with the same spec, its rows are other images
+        built = (cache.attrs.get("created"), cache.n, cache.attrs.get("paths_digest"))
+        return memo(f"uploaded.{cache.location}", (upload, cache.spec, built), find)
 
 
 def _uploaded_image() -> Image.Image:

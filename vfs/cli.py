@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from .errors import error_line
+from .errors import error_line, out_of_memory
 from .interrupts import Terminated, sigterm_stops_builds
 
 if TYPE_CHECKING:
@@ -474,16 +474,15 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(e, Terminated)
         print(f"{'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-    except (ValueError, RuntimeError, OSError) as e:  # CacheError, ImageError, ModelUnavailable, …
-        print(f"error: {_in_cli_words(e)}", file=sys.stderr)
-        return 2
-    except MemoryError as e:  # Python's or numpy's (PyTorch's allocator raises a RuntimeError that says so)
-        stream = (
-            " (--memory-budget streams a cache larger than the memory free)"
-            if args.command == "search"
-            else ""
-        )
-        print(f"error: out of memory ({error_line(e, named=True)}){stream}", file=sys.stderr)
+    except (
+        ValueError,
+        RuntimeError,
+        OSError,
+        MemoryError,
+    ) as e:  # CacheError, ImageError, ModelUnavailable, …
+        stream = out_of_memory(e) and args.command == "search"
+        hint = " (--memory-budget streams a cache larger than the memory free)" if stream else ""
+        print(f"error: {_in_cli_words(e)}{hint}", file=sys.stderr)
         return 2
     except Exception as e:
         if not type(e).__module__.startswith(
@@ -541,4 +540,6 @@ def _in_cli_words(error: Exception) -> str:
     if isinstance(error, LayerError):
         size = "" if error.image_size is None else f" --image-size {error.image_size}"
         return error.message(f"python -m vfs layers {shlex.quote(error.spec)}{size}")
+    if isinstance(error, MemoryError):  # Python's or numpy's, often without a word
+        return f"out of memory ({error_line(error, named=True)})"
     return str(error)

@@ -376,24 +376,36 @@ class TorchImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str | BaseException | None]:
         try:
-            image = self.dataset.load(i)
+            return i, self.transform(self.dataset.load(i)), None
         except ImageError as e:
             return i, None, e.reason  # the report lists it beside the record's path
-        return i, self.transform(image), None
+        except (OSError, MemoryError) as e:  # the machine's, not the image's: see `machine_faults_raised`
+            return i, None, e
 
 
 def collate_skipping(
-    batch: list[tuple[int, Any, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    batch: list[tuple[int, Any, str | BaseException | None]],
+) -> tuple[list[int], torch.Tensor | None, list[int], list[tuple[int, str | BaseException]]]:
     """Collate a batch, dropping failed items.
 
     Returns ``(indices, stacked, good_indices, failures)``: all indices in the batch, the
     good items collated (``None`` when none succeeded), their indices in the same order,
-    and ``(index, reason)`` for each failure.
+    and ``(index, reason)`` for each failure (an exception where the machine failed).
     """
     good = [(i, value) for i, value, error in batch if error is None]
     failures = [(i, error) for i, _, error in batch if error is not None]
     stacked = default_collate([value for _, value in good]) if good else None
     return [i for i, _, _ in batch], stacked, [i for i, _ in good], failures
+
+
+def machine_faults_raised(failures: list[tuple[int, str | BaseException]]) -> list[tuple[int, str]]:
+    """A batch's failures that are its images' own, to report, once a failure of the machine's
+    (memory run out, too many files open, a read error: what stops a build) is raised — here, in
+    the process that stores the batch: raised in a decoding worker, PyTorch handed it on as a
+    traceback's text, its errno lost."""
+    for _, error in failures:
+        if isinstance(error, BaseException):
+            raise error
+    return [(i, error) for i, error in failures if isinstance(error, str)]

@@ -28,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .cache import AlreadyComplete, BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache
-from .data import ImageDataset, TorchImageDataset, collate_skipping, open_dataset
+from .data import ImageDataset, TorchImageDataset, collate_skipping, machine_faults_raised, open_dataset
 from .devices import resolve_device
 from .errors import error_line, out_of_memory
 from .fp16 import cache_feature_scale, stored_features
@@ -421,9 +421,10 @@ def _run_from_next(
     meter = ProgressMeter(start, len(dataset), writer.rows, len(writer.skipped))
     with ThreadPoolExecutor(1, thread_name_prefix="vfs-writer") as pool:
         pending: Future | None = None
-        for items, views, good, failures in loader:
+        for items, views, good, faults in loader:
             if cancel is not None and cancel.is_set():
                 break
+            failures = machine_faults_raised(faults)
             feats = None
             if views is not None:
                 x = extractor.preprocess.normalize(views.to(device, non_blocking=True))

@@ -448,6 +448,30 @@ def test_an_upload_of_a_cache_image_is_searched_as_that_image(app, caches, findi
     ).options  # its view's others too
 
 
+def test_an_upload_recognised_in_a_cache_rebuilt_since_is_found_anew(
+    tmp_path, monkeypatch, findings_manifest
+):
+    """The image an upload was recognised as was remembered per cache spec: rebuilt over the same
+    files in another order, the cache's row of that number was another image (diff review)."""
+    import pandas as pd
+
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    out = str(tmp_path / "caches" / "f.zarr")
+    build_cache(BuildJob(layer="blocks.5", data=str(dataset), out=out, domain_col="view"))
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
+    at = page(start_app(), "search")
+    at.radio(key="search.from").set_value("Upload").run()
+    data = (dataset.parent / "images" / "2.png").read_bytes()
+    at.file_uploader(key="search.upload").set_value(("2.png", data, "image/png")).run()
+    assert any(t.startswith("2.png is image #2 ") for t in texts(at.info))
+    pd.read_csv(dataset).iloc[::-1].to_csv(dataset, index=False)  # the same files, in another order
+    shutil.rmtree(out)
+    build_cache(BuildJob(layer="blocks.5", data=str(dataset), out=out, domain_col="view"))
+    at = no_exceptions(at.run())
+    assert any(t.startswith("2.png is image #3 ") for t in texts(at.info)), texts(at.info)
+
+
 def test_an_unreadable_upload_is_an_error_message(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()

@@ -154,9 +154,13 @@ class FeatureCache:
         # Rows past n are never read, and their counts may differ: a build that finishes resizes its
         # arrays one after another, which a reader opening the cache meanwhile sees. Once complete
         # (set last, after the resizing) they hold n: an n lowered since hid images without a word.
-        held = min(self.features.shape[0], self.sqnorm.shape[0])
-        if held < self.n or (self.complete and self.n != self.features.shape[0]):
-            raise CacheError(f"{location}: its attributes count {self.n} images, its arrays hold {held}")
+        held = (self.features.shape[0], self.sqnorm.shape[0])
+        if min(held) < self.n or (self.complete and max(held) != self.n):
+            other = min(held) if min(held) != self.n else max(held)
+            raise CacheError(
+                f"{location}: its attributes count {self.n} images, its arrays hold {other}: rerun its "
+                "build to repair it"
+            )
         every_chunk_stored = bool(attrs.get("all_chunks_stored"))
         self._features: RowReader = row_reader(self.features, location, every_chunk_stored)
         self._sqnorm: RowReader = row_reader(self.sqnorm, location, every_chunk_stored)

@@ -209,12 +209,20 @@ class CacheWriter:
         )
         if reason:
             raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
-        damaged = None
-        if attrs.get("complete"):
+        damaged, complete = None, bool(attrs.get("complete"))
+        if complete:
             _check_finished_on(path, g, attrs, candidates)
             lost_manifest = _manifest_lost(g)
-            damaged = _first_damaged_row(g, int(attrs["n"]))
-            if _lost_from(path, g, attrs, int(attrs["n"])) is None and damaged is None and not lost_manifest:
+            n = int(attrs["n"])
+            damaged = _first_damaged_row(g, n)
+            # arrays of another length than n: its n edited, or a repair killed before its first step
+            resized = any(member_array(g, name).shape[0] != n for name in ROW_ARRAYS)
+            if (
+                _lost_from(path, g, attrs, n) is None
+                and damaged is None
+                and not lost_manifest
+                and not resized
+            ):
                 raise AlreadyComplete(f"{path} is already complete: nothing to do")
             if lost_manifest:
                 warnings.warn(f"{path}: {lost_manifest} on disk; the build writes it again", stacklevel=3)
@@ -239,6 +247,8 @@ class CacheWriter:
         p = attrs["progress"]
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
         gone = _lost_from(path, g, attrs, rows)
+        if not complete:  # a finished cache's rows were checked above
+            damaged = _first_damaged_row(g, rows)
         lost = min((r for r in (gone, damaged) if r is not None), default=None)
         if (
             lost is not None
@@ -257,6 +267,7 @@ class CacheWriter:
                 f"build computes images {rows}..{p['rows'] - 1} again, from its chunk on",
                 stacklevel=3,
             )
+        _full_length(g, len(candidates))
         writer = cls(
             path,
             g,
@@ -455,17 +466,26 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
 
 
 def _first_damaged_row(group: zarr.Group, rows: int) -> int | None:
-    """The first of `rows` stored images whose chunk cannot be decoded or whose features are not
-    those of their stored norms (`rows_disagreeing`, every cell), read chunk by chunk: what a
-    finished build's rerun checks before it says there is nothing to do — a search that found such
-    damage sends the user here (a rerun said "nothing was built now": a dead end; review)."""
+    """The first of `rows` stored images whose chunks cannot be decoded (features, norms, thumbnails,
+    source indices) or whose features are not those of their stored norms (`rows_disagreeing`,
+    every cell), read a features chunk at a time: what a build's rerun checks before it resumes, or
+    says there is nothing to do — a search that found such damage sends the user here (a rerun said
+    "nothing was built now": a dead end; review). The machine's faults (memory, a read that failed)
+    are raised: no damage of the cache's."""
     features, sqnorm = member_array(group, "features"), member_array(group, "sqnorm")
+    others = [member_array(group, name) for name in ("thumbs", "source_index")]
     per = features.chunks[0]
     for start in range(0, rows, per):
         stop = min(start + per, rows)
         try:
+            for arr in others:
+                arr[start:stop]
             bad = rows_disagreeing(np.asarray(features[start:stop]), np.asarray(sqnorm[start:stop]), True)
-        except Exception:  # noqa: BLE001 - a chunk zarr or its codec cannot decode: damaged
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:
+                raise
+            return start  # a codec's error about its data
+        except Exception:  # noqa: BLE001 - zarr's and the codecs' many kinds: a chunk that does not decode
             return start
         if len(bad):
             return start + int(bad[0])
@@ -493,10 +513,19 @@ def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
     the progress `finish` left (every row stored) — so that the resume redoes the lost rows and
     finishes again. A kill at any step leaves it complete and damaged, or partial: a rerun goes on."""
     write_table(group, "candidates", candidates)
+    group.attrs.update(
+        {"complete": False, "n": 0}
+    )  # first: a complete cache's arrays hold n (its readers check)
+    _full_length(group, len(candidates))
+
+
+def _full_length(group: zarr.Group, candidates: int) -> None:
+    """A partial cache's row arrays at the length of its candidates, where the writer stores them
+    (a finished one's were shrunk to its images; a kill may come between its reopening's steps)."""
     for name in ROW_ARRAYS:
         arr = member_array(group, name)
-        arr.resize((len(candidates), *arr.shape[1:]))
-    group.attrs.update({"complete": False, "n": 0})
+        if arr.shape[0] != candidates:
+            arr.resize((candidates, *arr.shape[1:]))
 
 
 def _check_finished_on(

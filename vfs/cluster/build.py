@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..cache import CacheSpec, CacheWriter
-from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping
+from ..data import DataSpec, ImageDataset, TorchImageDataset, collate_skipping, machine_faults_raised
 from ..devices import resolve_device
 from ..errors import error_line
 from ..fp16 import stored_features
@@ -70,7 +70,8 @@ class _Decode:
         start, paths = int(row["start"]), list(row["paths"])
         batch = ImageDataset(DataSpec("batch"), pd.DataFrame({"path": paths}), self.reader)
         images = TorchImageDataset(batch, ModelInputView(self.preprocess))
-        _, views, good, failures = collate_skipping([images[j] for j in range(len(paths))])
+        _, views, good, faults = collate_skipping([images[j] for j in range(len(paths))])
+        failures = machine_faults_raised(faults)
         if views is None:  # every image of the batch failed
             size = self.preprocess.input_size
             views = torch.empty((0, 3, size, size), dtype=torch.uint8)
