@@ -883,7 +883,7 @@ def test_a_chunk_damaged_in_place_is_said_and_repaired_by_the_rerun(tmp_path, da
             search_regions(reading, 0, np.ones((4, 5)))
     last = 28 if finished else 20  # what was stored of the 22: whole chunks
     with pytest.warns(
-        UserWarning, match=rf"damaged on disk.*\(its first image: 7\); the build computes images 7..{last}"
+        UserWarning, match=rf"damaged .*on disk \(its first image: 7\); the build computes images 7..{last}"
     ):
         resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
     fill(resumed, range(resumed.next_item, 30), bad={9})

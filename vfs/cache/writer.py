@@ -250,20 +250,19 @@ class CacheWriter:
         if not complete:  # a finished cache's rows were checked above
             damaged = _first_damaged_row(g, rows)
         lost = min((r for r in (gone, damaged) if r is not None), default=None)
-        if (
-            lost is not None
-        ):  # chunk files gone or damaged (a copy taken mid-build, a disk fault): redo from there
+        # chunk files gone or damaged (a copy taken mid-build, a disk fault): redo from there
+        if lost is not None:
             rows = lost - lost % member_array(g, "features").chunks[0]
             last = np.asarray(member_array(g, "source_index")[max(rows - 1, 0) : rows])  # kept, or none
             next_item = int(last[0]) + 1 if rows else 0
             skipped = [s for s in skipped if s["item"] < next_item]
             what = (
-                "missing on disk"
+                "missing"
                 if lost == gone
-                else "damaged on disk (its features are not those of its norms)"
+                else "damaged (it does not decode, or its features are not its norms')"
             )
             warnings.warn(
-                f"{path}: a chunk file of the cache is {what} (its first image: {lost}); the "
+                f"{path}: a chunk file of the cache is {what} on disk (its first image: {lost}); the "
                 f"build computes images {rows}..{p['rows'] - 1} again, from its chunk on",
                 stacklevel=3,
             )
@@ -513,9 +512,8 @@ def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
     the progress `finish` left (every row stored) — so that the resume redoes the lost rows and
     finishes again. A kill at any step leaves it complete and damaged, or partial: a rerun goes on."""
     write_table(group, "candidates", candidates)
-    group.attrs.update(
-        {"complete": False, "n": 0}
-    )  # first: a complete cache's arrays hold n (its readers check)
+    # partial first: a complete cache's arrays hold its n, as its readers check
+    group.attrs.update({"complete": False, "n": 0})
     _full_length(group, len(candidates))
 
 
