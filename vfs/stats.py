@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 MISSING = "(missing)"
 SEPARATOR = "|"
@@ -211,6 +210,8 @@ class _RankedPool:
         v10 = np.repeat((below_out + outside / 2) / n, inside.astype(int))
         v01 = np.repeat(1 - (below_in + inside / 2) / m, outside.astype(int))
         se = np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+        from scipy import stats  # here, not at import: a search or a build never pays for scipy.stats
+
         area, z = v10.mean(), stats.norm.ppf(0.5 + level / 2)
         if not (0 < area < 1 and se > 0):
             return float("nan"), float("nan")
@@ -238,6 +239,8 @@ class _RankedPool:
         if spread == 0:  # every score tied: no evidence either way
             return 1.0
         z = (max(u, m * n - u) - m * n / 2 - 0.5) / spread
+        from scipy import stats
+
         return float(min(1.0, 2 * stats.norm.sf(z)))
 
 
@@ -297,6 +300,8 @@ def _q_values(p: np.ndarray) -> np.ndarray:
     q = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
     if finite.any():
+        from scipy import stats
+
         q[finite] = stats.false_discovery_control(p[finite], method="bh")
     return q
 
@@ -375,6 +380,8 @@ def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, k: int) -> dict:
     top_a = np.argsort(-scores_a, kind="stable")[:k]
     top_b = np.argsort(-scores_b, kind="stable")[:k]
     overlap = np.intersect1d(top_a, top_b).size / k if k > 0 else float("nan")
+    from scipy import stats
+
     return {
         "topk_overlap": float(overlap),
         "spearman": float(stats.spearmanr(scores_a, scores_b).statistic),
