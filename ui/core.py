@@ -132,7 +132,12 @@ def get_cache(location: str) -> FeatureCache:
     stamp = _stamp(location)
     if stamp == -1:
         raise CacheError(f"no cache at {location} (deleted or moved?): pick another one")
-    return _open_cache(location, stamp)
+    cache = _open_cache(location, stamp)
+    with _url_lock:
+        replaced = is_url(location) and _url_generations.get(location, (stamp, 0.0))[0] != stamp
+    if replaced:  # found replaced since this run read its stamp: what it just opened is not kept
+        _open_cache.clear(location, stamp)  # under the old one (a second copy of the cache's rows)
+    return cache
 
 
 @st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")

@@ -1051,6 +1051,27 @@ def test_a_remote_server_that_hangs_holds_no_page_run(caches, tmp_path, monkeypa
         assert len(no_exceptions(draw(page(start_app(), "search"))).dataframe[0].value) == 5
 
 
+def test_a_remote_cache_opened_as_it_is_found_replaced_is_not_kept_twice(caches, tmp_path, monkeypatch):
+    """A run that read a URL's stamp just before another found its cache replaced opened the new
+    cache under the old stamp: a second copy of its rows, held until evicted (review)."""
+    from cachehelpers import served
+
+    import ui.core
+
+    opened = []
+    monkeypatch.setattr(
+        ui.core, "open_cache", lambda location: opened.append(location) or open_cache(location)
+    )
+    shutil.copytree(caches / "small.zarr", tmp_path / "c.zarr")
+    with served(tmp_path) as base:
+        url = f"{base}/c.zarr"
+        ui.core._url_generations[url] = (1, time.monotonic())  # found replaced by another session
+        monkeypatch.setattr(ui.core, "_stamp", lambda location: 0)  # as read before that
+        assert ui.core.get_cache(url).n == SMALL and len(opened) == 1
+        ui.core.get_cache(url)
+        assert len(opened) == 2  # not kept under stamp 0: opened again, as the next run opens stamp 1
+
+
 def test_builds_can_be_switched_off(caches, monkeypatch):
     monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
     monkeypatch.setenv("VFS_ALLOW_BUILD", "0")
