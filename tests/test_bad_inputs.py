@@ -301,6 +301,45 @@ def test_cli_search_with_a_bad_query_image_is_one_error_line(
         assert (".webp" in lines[0]) == (name in ("text.jpg", "phone.jpg")), lines[0]
 
 
+def test_cli_image_of_the_caches_own_is_searched_as_that_image(built, mask_file, shared_extractor, capsys):
+    """An --image that is a file of the cache's dataset ranked first among the others (score ≈ 1),
+    and --exclude-same refused it ("an --image has no manifest row"): it is that image, searched as
+    its index — left out unless --include-query, its value's images with --exclude-same (as the
+    app's uploads; researcher review)."""
+    cache, folder, good, *_ = built
+    name = sorted(good)[0]
+    index = cache.manifest["path"].tolist().index(name)
+    argv = ["search", cache.location, "--image", str(folder / name), "--mask", str(mask_file), "--json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert (
+        err == f"note: {folder / name} is image {index} of the cache (the same features): searched as it "
+        "(left out of the results unless --include-query)\n"
+    )
+    found = json.loads(out)
+    assert found["query"] == {"image": str(folder / name), "index": index} and found["excluded"] == [index]
+    assert main([*argv, "--include-query"]) == 0
+    assert json.loads(capsys.readouterr()[0])["results"][0]["index"] == index
+    other = folder.parent / "other.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(other)
+    assert (
+        main(
+            [
+                "search",
+                cache.location,
+                "--image",
+                str(other),
+                "--mask",
+                str(mask_file),
+                "--exclude-same",
+                "path",
+            ]
+        )
+        == 2
+    )
+    assert "--exclude-same is for a query image of the cache" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("error", "says"),
     [

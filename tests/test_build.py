@@ -544,12 +544,16 @@ def test_query_from_an_image_file(demo, tmp_path, capsys):
                 "--k",
                 "1",
                 "--json",
+                "--include-query",
             ]
         )
         == 0
     )
-    top = json.loads(capsys.readouterr().out)["results"][0]
-    assert top["index"] == 5 and top["score"] > 0.99
+    out, err = capsys.readouterr()
+    assert err.startswith(f"note: {tmp_path / 'q.png'} is image 5 of the cache (the same features)")
+    found = json.loads(out)
+    assert found["query"]["index"] == 5 and found["results"][0]["index"] == 5
+    assert found["results"][0]["score"] > 0.99
 
 
 @pytest.mark.skipif(

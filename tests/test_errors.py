@@ -1,4 +1,4 @@
-"""`vfs.errors.error_line`: a third-party error in one line, whatever its message."""
+"""`vfs.errors`: a third-party error in one line, whatever its message, and whether it says memory ran out."""
 
 import pytest
 
@@ -21,3 +21,25 @@ def test_an_error_without_a_message_is_named(part):
     """An empty message raised IndexError where a failed cluster build said its cause (review)."""
     assert error_line(MemoryError(), part) == "MemoryError"
     assert error_line(RuntimeError("\n \n"), part, named=True) == "RuntimeError"
+
+
+def test_memory_run_out_is_told_from_other_errors():
+    """What a build says to lower its batch size for: Python's and numpy's MemoryError, PyTorch's
+    allocators' words, and a thread that could not start (zarr's, under a tight address-space limit:
+    it was a bare "can't start new thread"; failure-injection recheck)."""
+    from vfs.errors import out_of_memory
+
+    for error in (
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 321126400 bytes"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("can't start new thread"),
+    ):
+        assert out_of_memory(error), error
+    for error in (
+        RuntimeError("the model fails"),
+        ValueError("out of memory"),
+        OSError(12, "Cannot allocate"),
+    ):
+        assert not out_of_memory(error), error

@@ -25,7 +25,7 @@ from vfs.images import IMAGE_EXTENSIONS, load_image, upright_size
 from vfs.jobs import view_thumbnail
 from vfs.masks import grid_mask, mask_image_coverage
 from vfs.render import jpeg_data_url
-from vfs.search import SearchResult, search_regions
+from vfs.search import SearchResult, image_searched, search_regions
 from vfs.settings import is_url
 
 from .announce import announce
@@ -319,12 +319,6 @@ def pick_query(cache: FeatureCache, key: str) -> Query:
     return Query(cache.spec.data.source, copy)
 
 
-SAME_IMAGE = 1 - 1e-5
-"""The whole-map cosine above which an upload is taken for a cache image: the same file gives the
-same features up to their fp16 rounding and another machine's arithmetic (≈ 1 - 1e-7); another
-picture, or even the same one saved again as a JPEG, lies well below."""
-
-
 def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
     """The cache image an upload is, if any: ranked among the others, a copy of the query scored
     about 1 and counted in the statistics the page said it left out (researcher review)."""
@@ -332,9 +326,7 @@ def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
     def find() -> int | None:
         sharded = sharded_search(cache)
         search = partial(search_regions, cache) if sharded is None else sharded.search
-        result = search(query_features(cache, upload), np.ones(cache.spec.grid), k=1)
-        best = int(result.top_indices[0])
-        return best if result.scores[best] >= SAME_IMAGE else None
+        return image_searched(search(query_features(cache, upload), np.ones(cache.spec.grid), k=1))
 
     with user_errors():
         # the cache as built: rebuilt over changed files with the same spec, its rows are other images

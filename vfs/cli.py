@@ -23,6 +23,7 @@ from .interrupts import Terminated, sigterm_stops_builds
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    import numpy as np
     from tqdm import tqdm
 
     from .cache import FeatureCache
@@ -261,17 +262,14 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
-    from .images import load_image, upright_size
+    from .images import upright_size
     from .masks import load_mask
     from .models import model_kind
-    from .search import search_regions
 
     cache = open_cache(args.cache, allow_partial=args.allow_partial)
     for flag, given in (("--model", args.model), ("--trust-model-code", args.trust_model_code)):
         if given and not args.image:
             raise ValueError(f"{flag} is for an --image query; a --query-index searches the stored features")
-    if args.exclude_same and args.image:
-        raise ValueError("--exclude-same is for a --query-index query: an --image has no manifest row")
     if (
         args.image
         and not args.model
@@ -282,49 +280,80 @@ def _cmd_search(args: argparse.Namespace) -> None:
             f"the cache's model {cache.spec.model!r} is code that would run here; "
             "pass --trust-model-code if you trust whoever built the cache"
         )
-    if args.image:
-        ex = cache.extractor(args.model)
-        query, exclude, desc = ex.features(load_image(args.image)), None, {"image": str(args.image)}
-        query_size: Callable[[], tuple[int, int] | None] = partial(upright_size, args.image)
-    else:
-        query, exclude, desc = args.query_index, args.query_index, {"index": args.query_index}
-        query_size = partial(cache.image_size, args.query_index)
-    mask = load_mask(args.mask, cache.spec.grid, cache.spec.preprocess.painted_on(query_size))
-    exclude = None if args.include_query else exclude
-    if args.exclude_same:
-        sharing = cache.images_sharing(args.exclude_same, args.query_index).tolist()
-        exclude = sharing if exclude is None else [exclude, *sharing]
     if args.address and args.shards is None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
     if args.shards is not None and args.memory_budget is not None:
         raise ValueError("--memory-budget is for a search on this machine: shards hold their rows in memory")
-    if args.shards is not None:
-        from .cluster.sharded import ShardedSearch
+    with _searcher(args, cache) as (search, out):
+        query_size: Callable[[], tuple[int, int] | None]
+        if args.image:
+            query: int | np.ndarray = _image_query(args, cache, search)
+            query_size = partial(upright_size, args.image)
+        else:
+            query, query_size = args.query_index, partial(cache.image_size, args.query_index)
+        mask = load_mask(args.mask, cache.spec.grid, cache.spec.preprocess.painted_on(query_size))
+        index = query if isinstance(query, int) else None  # an --image of the cache's: its row
+        desc: dict[str, object] = {"image": str(args.image)} if args.image else {}
+        desc |= {"index": index} if index is not None else {}
+        if args.exclude_same and index is None:
+            raise ValueError(
+                f"--exclude-same is for a query image of the cache: {args.image} is none of its images "
+                "(its features are not any image's)"
+            )
+        exclude: list[int] = [] if args.include_query or index is None else [index]
+        if args.exclude_same and index is not None:
+            exclude += cache.images_sharing(args.exclude_same, index).tolist()
+        result = search(query, mask, k=args.k, exclude=exclude or None, per_domain=args.per_domain)
+        _show_result(cache, result, desc, args.json, out)
 
-        with _ray_prints_to_stderr() as out:
-            with ShardedSearch(
-                cache.location,
-                shards=args.shards,
-                address=args.address,
-                device=args.device,
-                allow_partial=args.allow_partial,
-            ) as sharded:
-                result = sharded.search(
-                    query, mask, k=args.k, exclude=exclude, per_domain=args.per_domain, all_scores=False
-                )  # the CLI prints the ranked table only
-            _show_result(cache, result, desc, args.json, out)
-        return
-    result = search_regions(
-        cache,
-        query,
-        mask,
-        k=args.k,
-        exclude=exclude,
-        per_domain=args.per_domain,
-        device=args.device,
-        memory_budget=args.memory_budget,
+
+def _image_query(
+    args: argparse.Namespace, cache: FeatureCache, search: Callable[..., SearchResult]
+) -> int | np.ndarray:
+    """An --image's features by the cache's model, or, where it is one of the cache's images (the same
+    features: a file of its dataset), that image's index, said on stderr: searched as a query image it
+    ranked among the others, about 1, where --include-query, --exclude-same apply to an index."""
+    import numpy as np
+
+    from .images import load_image
+    from .search import image_searched
+
+    features = cache.extractor(args.model).features(load_image(args.image))
+    index = image_searched(search(features, np.ones(cache.spec.grid), k=1))
+    if index is None:
+        return features
+    left = "" if args.include_query else " (left out of the results unless --include-query)"
+    print(
+        f"note: {args.image} is image {index} of the cache (the same features): searched as it{left}",
+        file=sys.stderr,
     )
-    _show_result(cache, result, desc, args.json, sys.stdout)
+    return index
+
+
+@contextmanager
+def _searcher(
+    args: argparse.Namespace, cache: FeatureCache
+) -> Iterator[tuple[Callable[..., SearchResult], TextIO]]:
+    """The search the command runs, on this machine or (--shards) on a Ray cluster, and where its
+    answer is printed (stdout; Ray's own lines go to stderr meanwhile)."""
+    if args.shards is None:
+        from .search import search_regions
+
+        yield partial(search_regions, cache, device=args.device, memory_budget=args.memory_budget), sys.stdout
+        return
+    from .cluster.sharded import ShardedSearch
+
+    with (
+        _ray_prints_to_stderr() as out,
+        ShardedSearch(
+            cache.location,
+            shards=args.shards,
+            address=args.address,
+            device=args.device,
+            allow_partial=args.allow_partial,
+        ) as sharded,
+    ):
+        yield partial(sharded.search, all_scores=False), out  # the CLI prints the ranked table only
 
 
 def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json: bool, out: TextIO) -> None:

@@ -27,13 +27,14 @@ def error_line(
     return f"{type(error).__name__}: {text}" if named else text
 
 
-_MEMORY_WORDS = ("can't allocate memory", "not enough memory", "out of memory")
+_MEMORY_WORDS = ("can't allocate memory", "not enough memory", "out of memory", "can't start new thread")
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` says memory ran out: Python's `MemoryError` (numpy's too), or PyTorch's
+    """Whether `error` says memory ran out: Python's `MemoryError` (numpy's too), PyTorch's
     RuntimeError from its CPU allocator ("can't allocate memory", "not enough memory") or a GPU's
-    (`torch.OutOfMemoryError`, "out of memory")."""
+    (`torch.OutOfMemoryError`, "out of memory"), or Python's for a thread it could not start (its
+    stack not mapped: zarr's I/O thread under a tight address-space limit)."""
     if isinstance(error, MemoryError):
         return True
     return isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _MEMORY_WORDS)

@@ -220,6 +220,22 @@ def _query_view(
     return view, "query"
 
 
+SAME_IMAGE = 1 - 1e-5
+"""The whole-map cosine above which a query image is taken for one of the searched images: the same
+file gives the same features up to their fp16 rounding and another machine's arithmetic (≈ 1 − 1e-7);
+another picture, or the same one saved again as a JPEG, lies well below."""
+
+
+def image_searched(result: SearchResult) -> int | None:
+    """The searched image that a whole-grid search's query image is, if any (an upload, or a file of
+    the dataset, named by its path): searched as a query image, it ranked among the others with a
+    score of about 1 — and was counted in statistics said to leave the query out."""
+    if result.query.mask.shape != tuple(result.grid) or not len(result.top_indices):
+        raise ValueError("image_searched takes a search whose region is the whole grid (np.ones(grid))")
+    best = int(result.top_indices[0])
+    return best if result.scores[best] >= SAME_IMAGE else None
+
+
 def _grid_box(placement: np.ndarray, mask_shape: tuple[int, int]) -> tuple[int, int, int, int]:
     (y, x), (mh, mw) = placement, mask_shape
     return int(y), int(x), int(y + mh), int(x + mw)
