@@ -527,22 +527,7 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
     assert sorted(r["index"] for r in found["results"]) == [1, 3, 5, 7, 9, 11]
     assert main([*argv, "--exclude-same", "dom", "--include-query", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["excluded"] == [0, 2, 6, 8, 10]
-    assert (
-        main(
-            [
-                "search",
-                str(tmp_path / "c.zarr"),
-                "--image",
-                "x.png",
-                "--mask",
-                "m.npy",
-                "--exclude-same",
-                "dom",
-            ]
-        )
-        == 2
-    )
-    assert "--exclude-same is for a --query-index query" in capsys.readouterr().err
+    # an --image with --exclude-same: tests/test_bad_inputs.py (one of the cache's images, or refused)
     # and the --image query's own options with an index (--trust-model-code was taken without a word)
     for option in (["--model", "embedded:efficientnet_lite0"], ["--trust-model-code"]):
         assert main([*argv, *option]) == 2

@@ -291,8 +291,8 @@ def test_cli_search_by_image_checks_the_weights_and_takes_a_moved_checkpoint(tmp
     assert "no checkpoint file" in err and "where the cache was built with it" in err and "--model" in err, (
         err
     )
-    assert main([*search, "--model", f"file:{moved}?arch=resnet18"]) == 0
-    top = json.loads(capsys.readouterr().out)["results"][0]
+    assert main([*search, "--model", f"file:{moved}?arch=resnet18", "--include-query"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"][0]  # the file is image 1: searched as it
     assert top["path"] == "1.png" and top["score"] > 0.999
 
     other = timm.create_model("resnet18", pretrained=False)
