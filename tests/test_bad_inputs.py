@@ -1204,7 +1204,7 @@ def test_bad_arguments_are_one_error_line_naming_the_usage(capsys):
         "(usage: python -m vfs search --help)\n"
     )
     assert main([]) == 2  # no command: the commands, not an error
-    assert "{models,layers,build,info,search}" in capsys.readouterr().err
+    assert "{models,layers,build,info,check,search}" in capsys.readouterr().err
 
 
 def test_an_input_size_at_which_no_layer_is_spatial_says_so():

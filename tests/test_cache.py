@@ -888,10 +888,123 @@ def test_a_failing_read_while_a_rerun_checks_the_chunks_is_no_damage(tmp_path, m
     def fails(*args, **kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr("vfs.cache.writer.rows_disagreeing", fails)
+    monkeypatch.setattr("vfs.cache.format.rows_disagreeing", fails)
     with pytest.raises(OSError, match="Too many open files"):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
     assert open_cache(tmp_path / "c.zarr").complete
+    with pytest.raises(OSError, match="Too many open files"):  # nor for `vfs check`
+        open_cache(tmp_path / "c.zarr").check()
+
+
+def chunk_file(cache_path, name, row):
+    """The file of array `name`'s chunk holding `row`."""
+    arr = open_cache(cache_path, allow_partial=True).group[name]
+    return cache_path / name / arr.metadata.encode_chunk_key((row // arr.chunks[0], *(0,) * (arr.ndim - 1)))
+
+
+def test_check_reads_every_chunk_and_names_each_damage_a_rerun_repairs(tmp_path, capsys):
+    """`vfs check`: `info` reads no chunk, so a copied cache's damage in place was found only by the
+    searches that read it. The check decodes every chunk and checks every cell, names each damaged
+    chunk's images and each missing manifest column, exits 1; the build's rerun repairs them all."""
+    import shutil
+
+    from vfs.cli import main
+
+    build(tmp_path / "clean.zarr", 30, bad={9})  # 29 images stored, 7 a features chunk
+    out = tmp_path / "c.zarr"
+    shutil.copytree(tmp_path / "clean.zarr", out)
+    found = open_cache(out).check()
+    assert found.ok and found.problems() == [] and found.images == 29 and found.unverified == []
+    assert main(["check", str(out)]) == 0
+    assert "OK (complete) — 29 images read" in capsys.readouterr().out
+
+    features = chunk_file(out, "features", 7)
+    features.write_bytes(bytes(features.stat().st_size))  # zero-filled: images 7..13
+    thumbs = chunk_file(out, "thumbs", 20)
+    thumbs.write_bytes(os.urandom(thumbs.stat().st_size))  # in the third features chunk, 14..20
+    shutil.rmtree(out / "manifest" / "dom")
+    found = open_cache(out).check()
+    assert not found.ok and found.lost_columns == ["dom"]
+    assert [(d.first, d.stop) for d in found.damaged] == [(7, 14), (14, 21)]
+    assert "features of 7 images are not those" in found.damaged[0].what
+    assert "thumbnails does not decode" in found.damaged[1].what
+    assert main(["check", str(out)]) == 1
+    said = capsys.readouterr().out
+    assert "DAMAGED (complete)" in said and "images 7..13: the features of 7 images" in said
+    assert "images 14..20: a chunk of its thumbnails does not decode" in said
+    assert "column 'dom' is missing" in said and "rerun the build that made it" in said
+    assert main(["check", str(out), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and [d["first"] for d in report["damaged"]] == [7, 14]
+
+    with pytest.warns(UserWarning):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    fill(resumed, range(resumed.next_item, 30), bad={9})
+    resumed.finish(candidates(30))
+    assert open_cache(out).check().ok
+    assert_built_alike(tmp_path / "clean.zarr", out)
+
+
+def test_check_of_a_partial_and_of_a_remote_cache(tmp_path, capsys):
+    """A partial cache's stored images are checked (an interrupted build's copy); a cache behind a
+    URL is read through its server, whose failure is no damage of the cache's."""
+    from cachehelpers import served
+
+    from vfs.cli import main
+
+    fill(CacheWriter.open(tmp_path / "p.zarr", SPEC, candidates(30), 32), range(16))  # 14 stored
+    assert open_cache(tmp_path / "p.zarr", allow_partial=True).check().images == 14
+    assert main(["check", str(tmp_path / "p.zarr")]) == 0
+    assert "OK (PARTIAL: its images stored so far) — 14 images read" in capsys.readouterr().out
+
+    build(tmp_path / "c.zarr", 30)
+    sqnorm = chunk_file(tmp_path / "c.zarr", "sqnorm", 22)
+    sqnorm.write_bytes(os.urandom(sqnorm.stat().st_size))
+    with served(tmp_path) as url:
+        found = open_cache(f"{url}/c.zarr").check()
+        assert [(d.first, d.stop, d.what) for d in found.damaged] == [
+            (21, 28, "a chunk of its norms does not decode")
+        ]
+    with served(tmp_path) as url:
+        remote = open_cache(f"{url}/c.zarr")
+    with pytest.raises(CacheError, match="its server did not serve it"):
+        remote.check()
+
+
+def test_a_chunk_garbled_within_its_compressed_frame_is_damage(tmp_path):
+    """zstd frames without their checksum decode bytes garbled in their literals into other values
+    without a word: thumbnails, source indices and labels then wrong, a check and a rerun none the
+    wiser (found writing `vfs check`). Every compressed chunk now carries zstd's checksum; a cache
+    written without says so."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((30, 4, 5, 8)).astype(np.float16)
+    thumbs = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)  # incompressible: zstd's raw blocks
+
+    def write(path):
+        w = CacheWriter.open(path, SPEC, candidates(30), 32)
+        for i in range(30):
+            w.add(i, feats[i], thumbs[i])
+        w.finish(candidates(30))
+
+    write(tmp_path / "clean.zarr")
+    write(out := tmp_path / "c.zarr")
+    chunk = chunk_file(out, "thumbs", 10)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one pixel's byte, in the frame's stored literals
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="thumbnails"):
+        open_cache(out).thumbs_at([10])
+    found = open_cache(out).check()
+    assert [(d.first, d.stop, d.what) for d in found.damaged] == [
+        (7, 14, "a chunk of its thumbnails does not decode")
+    ]
+    assert found.unverified == []
+    with pytest.warns(UserWarning, match=r"damaged .*\(its first image: 7\)"):
+        resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
+    for i in range(resumed.next_item, 30):
+        resumed.add(i, feats[i], thumbs[i])
+    resumed.finish(candidates(30))
+    assert_built_alike(tmp_path / "clean.zarr", out)
 
 
 def test_a_repair_killed_while_it_reopens_the_cache_resumes(tmp_path, monkeypatch):

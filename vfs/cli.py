@@ -260,6 +260,54 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  skipped {sk['path']}: {sk['reason']}")
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 where damage is found, so that a script copying caches can stop on it."""
+    from .cache import open_cache
+
+    cache = open_cache(args.cache, allow_partial=True)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="img", dynamic_ncols=True, desc="check", total=total)
+        bar.update(done - bar.n)
+
+    t0 = time.perf_counter()
+    try:
+        found = cache.check(progress if sys.stderr.isatty() else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(found.to_dict() | {"seconds": round(seconds, 2)}, indent=1))
+        return 0 if found.ok else 1
+    state = "complete" if found.complete else "PARTIAL: its images stored so far"
+    arrays = sorted({name.split("/")[0] for name in found.unverified})
+    unverified = (
+        f"  (its {', '.join(arrays)} were written without checksums, by a VFS before it stored them: "
+        "a chunk of them garbled on disk may decode unnoticed)"
+    )
+    if found.ok:
+        print(
+            f"{found.location}: OK ({state}) — {found.images} images read in {seconds:.1f} s: every chunk "
+            "decodes, every cell's features are those of its stored norm, no file is missing"
+        )
+        if arrays:
+            print(unverified)
+        return 0
+    print(f"{found.location}: DAMAGED ({state}), {found.images} images read in {seconds:.1f} s:")
+    for problem in found.problems():
+        print(f"  {problem}")
+    if arrays:
+        print(unverified)
+    print("rerun the build that made it (the same command) to repair it, or copy it again")
+    return 1
+
+
 def _cmd_search(args: argparse.Namespace) -> None:
     from .cache import open_cache
     from .images import upright_size
@@ -427,6 +475,11 @@ def make_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("info", help="describe a cache")
     ip.add_argument("cache", help="a cache's path or URL")
     ip.add_argument("--json", action="store_true", help="print JSON")
+    cp = sub.add_parser(
+        "check", help="read every chunk of a cache and check it: damage a copy, crash or disk left"
+    )
+    cp.add_argument("cache", help="a cache's path or URL")
+    cp.add_argument("--json", action="store_true", help="print JSON")
     sp = sub.add_parser("search", help="rank a cache's images by similarity to a masked query region")
     sp.add_argument("cache", help="a cache's path or URL")
     q = sp.add_mutually_exclusive_group(required=True)
@@ -473,11 +526,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "models": _cmd_models,
     "layers": _cmd_layers,
     "build": _cmd_build,
     "info": _cmd_info,
+    "check": _cmd_check,
     "search": _cmd_search,
 }
 
@@ -490,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with _warnings_in_words(), sigterm_stops_builds() if args.command == "build" else nullcontext():
-            COMMANDS[args.command](args)
+            status = COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at the interpreter's exit
     except BrokenPipeError:
         if not _reader_gone(sys.stdout):  # stderr's reader died (a log collector): the work is undone
@@ -523,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return 0
+    return status or 0
 
 
 @contextmanager

@@ -7,12 +7,13 @@ read: through zarr or straight from chunk files), `reader` (`open_cache` → `Fe
 
 from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec
 from .lock import BuildLock
-from .reader import FeatureCache, cache_name, cache_row, list_caches, open_cache
+from .reader import CacheCheck, FeatureCache, cache_name, cache_row, list_caches, open_cache
 from .writer import AlreadyComplete, CacheWriter
 
 __all__ = [
     "AlreadyComplete",
     "BuildLock",
+    "CacheCheck",
     "CHUNK_BYTES",
     "CacheError",
     "CacheSpec",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 
 from ..data import DataSpec
 from ..models import PROBE_TOLERANCE, Preprocess, probe_difference
@@ -37,6 +38,10 @@ much."""
 # blosc too, whose decoded size no header bounds as zstd's does (`files.check_zstd`), and sharding,
 # whose inner chunks are read by byte range; no VFS version wrote any of them.
 SAFE_CODECS = frozenset({"bytes", "zstd", "crc32c", "transpose", "vlen-utf8", "vlen-bytes"})
+COMPRESSOR = ZstdCodec(level=0, checksum=True)
+"""zarr's default zstd, with each frame's checksum: without it a chunk garbled on disk decodes
+without a word into other pixels, indices or labels (the features, stored plain, are checked
+against their norms instead: `rows_disagreeing`)."""
 CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 """The chunk keys every VFS version wrote (`<array>/c/0/0`), which the stores' checks read."""
 _MISSING = ""  # how a table stores a missing value (an empty value is one: statistics group it so)
@@ -239,6 +244,7 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
             shape=(len(table),),
             chunks=(max(1, len(table)),),
             dtype=str,
+            compressors=COMPRESSOR,
             overwrite=True,
             config={"write_empty_chunks": True},
         )
@@ -320,6 +326,90 @@ def read_table(
 
 
 ROW_ARRAYS = ("features", "sqnorm", "thumbs", "source_index")  # the arrays with one row per stored image
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A chunk's worth of stored rows found damaged (`damaged_rows`): `first` is the first of them
+    that is wrong, `stop` the end of the chunk, which a build's rerun computes again from its start."""
+
+    first: int
+    stop: int
+    what: str
+
+
+def damaged_rows(
+    group: zarr.Group,
+    rows: int,
+    progress: Callable[[int, int], None] | None = None,
+    raised: tuple[type[BaseException], ...] = (),
+) -> Iterator[Damage]:
+    """Each features chunk's range among the first `rows` stored images where a chunk does not
+    decode (features, norms, thumbnails, source indices) or features are not those of their stored
+    norms (`rows_disagreeing`, every cell): every chunk read once, in order, `progress(rows done,
+    rows)` after each. What `vfs check` and a build's rerun read (a search's "damaged; rerun its
+    build" must meet a rerun that finds it). The machine's faults (memory, a read that failed) and
+    `raised` (a remote store's server failing) are raised: no damage of the cache's."""
+    arrays = {
+        "features": member_array(group, "features"),
+        "norms": member_array(group, "sqnorm"),
+        "thumbnails": member_array(group, "thumbs"),
+        "source indices": member_array(group, "source_index"),
+    }
+    per = arrays["features"].chunks[0]
+    for start in range(0, rows, per):
+        stop = min(start + per, rows)
+        damage = _chunk_damage(arrays, start, stop, raised)
+        if damage is not None:
+            yield damage
+        if progress is not None:
+            progress(stop, rows)
+
+
+def _chunk_damage(
+    arrays: dict[str, zarr.Array], start: int, stop: int, raised: tuple[type[BaseException], ...]
+) -> Damage | None:
+    """`damaged_rows`'s look at one features chunk's rows."""
+    read = {}
+    for name, arr in arrays.items():
+        try:
+            read[name] = np.asarray(arr[start:stop])
+        except raised:
+            raise
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:
+                raise
+            return Damage(start, stop, f"a chunk of its {name} does not decode")  # a codec's error
+        except Exception:  # noqa: BLE001 - zarr's and the codecs' many kinds: a chunk that does not decode
+            return Damage(start, stop, f"a chunk of its {name} does not decode")
+    bad = rows_disagreeing(read["features"], read["norms"], True)
+    if not len(bad):
+        return None
+    first = start + int(bad[0])
+    some = f"{len(bad)} image{'s' if len(bad) > 1 else ''}"
+    return Damage(
+        first,
+        stop,
+        f"the features of {some} are not those their norms were summed from (zero-filled, "
+        f"overwritten or garbled since written; first: image {first})",
+    )
+
+
+def without_checksum(group: zarr.Group) -> list[str]:
+    """The arrays of thumbnails, source indices and manifest columns stored without `COMPRESSOR`'s
+    checksum (caches written before it): a chunk of them garbled on disk decodes unnoticed."""
+    names = ["thumbs", "source_index"]
+    table = group.get("manifest") or group.get("candidates")
+    if isinstance(table, zarr.Group):
+        attrs: dict[str, Any] = dict(table.attrs)
+        names += [f"{table.basename}/{c}" for c in map(str, attrs.get("columns", []))]
+    found = []
+    for name in names:
+        arr = group.get(name)
+        codecs = getattr(arr.metadata, "codecs", ()) if isinstance(arr, zarr.Array) else ()
+        if any(getattr(c, "checksum", None) is False for c in codecs):
+            found.append(name)
+    return found
 
 
 def first_lost_row(path: Path, group: zarr.Group, rows: int) -> int | None:

@@ -21,19 +21,20 @@ import zarr
 from .format import (
     CHUNK_BYTES,
     CHUNK_MAX_IMAGES,
+    COMPRESSOR,
     FORMAT,
     FORMAT_VERSION,
     ROW_ARRAYS,
     THUMB_CHUNK,
     CacheError,
     CacheSpec,
+    damaged_rows,
     first_lost_row,
     library_versions,
     lost_columns,
     member_array,
     paths_digest,
     read_table,
-    rows_disagreeing,
     write_table,
 )
 
@@ -140,15 +141,25 @@ class CacheWriter:
             compressors=None,
             fill_value=0,
         )
-        g.create_array("sqnorm", shape=(n, h, w), chunks=(per, h, w), dtype="float32", fill_value=0)
+        g.create_array(
+            "sqnorm",
+            shape=(n, h, w),
+            chunks=(per, h, w),
+            dtype="float32",
+            compressors=COMPRESSOR,
+            fill_value=0,
+        )
         g.create_array(
             "thumbs",
             shape=(n, thumb_size, thumb_size, 3),
             chunks=(thumb_per, thumb_size, thumb_size, 3),
             dtype="uint8",
+            compressors=COMPRESSOR,
             fill_value=0,
         )
-        g.create_array("source_index", shape=(n,), chunks=(per,), dtype="int64", fill_value=-1)
+        g.create_array(
+            "source_index", shape=(n,), chunks=(per,), dtype="int64", compressors=COMPRESSOR, fill_value=-1
+        )
         write_table(g, "candidates", candidates)
         g.attrs.update(
             {
@@ -214,7 +225,7 @@ class CacheWriter:
             _check_finished_on(path, g, attrs, candidates)
             lost_manifest = _manifest_lost(g)
             n = int(attrs["n"])
-            damaged = _first_damaged_row(g, n)
+            damaged = next((d.first for d in damaged_rows(g, n)), None)
             # arrays of another length than n: its n edited, or a repair killed before its first step
             resized = any(member_array(g, name).shape[0] != n for name in ROW_ARRAYS)
             if (
@@ -248,7 +259,7 @@ class CacheWriter:
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
         gone = _lost_from(path, g, attrs, rows)
         if not complete:  # a finished cache's rows were checked above
-            damaged = _first_damaged_row(g, rows)
+            damaged = next((d.first for d in damaged_rows(g, rows)), None)
         lost = min((r for r in (gone, damaged) if r is not None), default=None)
         # chunk files gone or damaged (a copy taken mid-build, a disk fault): redo from there
         if lost is not None:
@@ -462,33 +473,6 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
             f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
             "choose another output"
         )
-
-
-def _first_damaged_row(group: zarr.Group, rows: int) -> int | None:
-    """The first of `rows` stored images whose chunks cannot be decoded (features, norms, thumbnails,
-    source indices) or whose features are not those of their stored norms (`rows_disagreeing`,
-    every cell), read a features chunk at a time: what a build's rerun checks before it resumes, or
-    says there is nothing to do — a search that found such damage sends the user here (a rerun said
-    "nothing was built now": a dead end; review). The machine's faults (memory, a read that failed)
-    are raised: no damage of the cache's."""
-    features, sqnorm = member_array(group, "features"), member_array(group, "sqnorm")
-    others = [member_array(group, name) for name in ("thumbs", "source_index")]
-    per = features.chunks[0]
-    for start in range(0, rows, per):
-        stop = min(start + per, rows)
-        try:
-            for arr in others:
-                arr[start:stop]
-            bad = rows_disagreeing(np.asarray(features[start:stop]), np.asarray(sqnorm[start:stop]), True)
-        except (MemoryError, OSError) as e:
-            if isinstance(e, MemoryError) or e.errno is not None:
-                raise
-            return start  # a codec's error about its data
-        except Exception:  # noqa: BLE001 - zarr's and the codecs' many kinds: a chunk that does not decode
-            return start
-        if len(bad):
-            return start + int(bad[0])
-    return None
 
 
 def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) -> int | None:
