@@ -44,6 +44,12 @@ def strokes(shape: tuple[int, int], seed: int) -> np.ndarray:
     return alpha
 
 
+def outside_image() -> Image.Image:
+    """An image none of the caches holds (the astronaut is the embedded dataset's first: as an image
+    query it is recognised as that image and searched as it)."""
+    return Image.fromarray(np.ascontiguousarray(skimage.data.astronaut()[:, ::-1]))
+
+
 def assert_same(result, expected) -> None:
     pd.testing.assert_frame_equal(result.top, expected.top)
     np.testing.assert_array_equal(result.scores, expected.scores)
@@ -137,7 +143,7 @@ def test_another_image_query_goes_through_the_widgets_model(demo_cache, edited_m
     mask = np.zeros(spec.grid, dtype=np.float32)
     mask[1:4, 2:5] = 1
     w.search(mask)
-    image = Image.fromarray(skimage.data.astronaut())
+    image = outside_image()
     w.set_query(image)
     assert w.query_index is None
     assert_same(
@@ -271,7 +277,7 @@ def test_clear_and_empty_paint(demo_cache):
 
 
 def test_image_query_uses_the_caches_model(demo_cache):
-    image = Image.fromarray(skimage.data.astronaut())
+    image = outside_image()
     mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
     mask[1:4, 2:5] = 1
     w = SearchWidget(demo_cache, query=image)
@@ -358,3 +364,105 @@ def test_engine_imports_without_the_notebook_stack():
     notebook_stack = ("anywidget", "ipywidgets", "vfs.notebook")
     code = f"import sys, vfs, vfs.cli; sys.exit(any(m in sys.modules for m in {notebook_stack}))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def large_input_cache(tmp_path_factory):
+    """Lite0 at a 448 px input (a 14×14 grid, thumbnails of 224 px), no domain column."""
+    out = tmp_path_factory.mktemp("large") / "large.zarr"
+    build_cache(
+        BuildJob(
+            layer="blocks.5", data=EMBEDDED_DATASET, out=str(out), image_size=448, limit=8, domain_col=""
+        )
+    )
+    from vfs.cache import open_cache
+
+    return open_cache(out)
+
+
+def test_a_drawing_keeps_its_place_from_an_index_query_to_an_image_query(large_input_cache):
+    """An image query's view was the model's input (448 px), a dataset image's its thumbnail (224):
+    `set_query` between them kept the strokes at their pixels — the drawing shown a quarter of the
+    image away from the mask searched, and the next stroke searched the moved drawing (notebook
+    review). Every query's view is now a thumbnail as the cache's images' are."""
+    from vfs.jobs import view_thumbnail
+
+    cache = large_input_cache
+    image = outside_image()
+    w = SearchWidget(cache, query=0)
+    assert w.view_size == [224, 224] and w.grid == [14, 14]
+    w.set_query(image)
+    assert w.view_size == [224, 224] and w.query_index is None
+    expected = view_thumbnail(cache.spec.preprocess.view(image), 224)
+    assert np.array_equal(w._query.view, expected)
+    alpha = np.zeros((224, 224), dtype=np.uint8)
+    alpha[128:192, 128:192] = 255  # cells 8..11 of 14, both ways
+    paint(w, alpha)
+    assert np.array_equal(np.flatnonzero(w.mask.any(1)), np.arange(8, 12))
+
+
+def test_an_image_query_that_is_a_dataset_image_is_searched_as_it(demo_cache):
+    """Given as an image (a file of the dataset), it ranked first among the others with a score of 1
+    and `distribution_table` counted it — `exclude_query` did not apply (notebook review). The CLI
+    and the app recognise it (`image_searched`): so does the widget, and says so."""
+    mask = np.zeros(demo_cache.spec.grid, dtype=np.float32)
+    mask[2:5, 1:4] = 1
+    w = SearchWidget(demo_cache, query=demo_cache.image(FACE), k=5)
+    assert w.query_index == FACE and w.view == SearchWidget(demo_cache, query=FACE).view
+    result = w.search(mask)
+    assert_same(result, search_regions(demo_cache, FACE, mask, k=5, exclude=FACE))
+    assert f"the query image is image {FACE} of the cache, searched as it (left out)" in w.status
+    w.set_query(outside_image())
+    assert w.query_index is None and "the query image is" not in w.status
+
+
+def test_a_cache_rebuilt_since_the_widget_opened_it_is_refused_in_words(demo_cache, tmp_path):
+    """Rebuilt while the kernel ran, its old rows in memory were shown with the new cache's
+    thumbnails and labels without a word, or its thumbnails said to be 'missing … damaged' (notebook
+    review). The widget asks the cache before each search, as the app does."""
+    import shutil
+
+    import zarr
+
+    from vfs.cache import open_cache
+
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(demo_cache.location, copy)
+    w = SearchWidget(open_cache(copy), query=FACE)
+    mask = np.ones(demo_cache.spec.grid, dtype=np.float32)
+    w.search(mask)
+    zarr.open_group(copy, mode="r+").attrs["created"] = "2026-12-01T00:00:00+0000"  # another build
+    with pytest.raises(CacheError, match="was rebuilt since it was opened .*open it again"):
+        w.search(mask)
+    assert "was rebuilt since it was opened" in w.error and (w.result, w.matches) == (None, [])
+
+
+def test_a_failed_query_change_leaves_no_result_of_the_old_query(demo_cache, monkeypatch):
+    """`set_query` whose search failed kept the old query's matches and `result` under the new
+    query's image, and `distribution_table` then analysed the old query (notebook review)."""
+    w = SearchWidget(demo_cache, query=FACE)
+    w.search(np.ones(demo_cache.spec.grid))
+
+    def failing(*args, **kwargs):
+        raise ValueError("the search failed")
+
+    monkeypatch.setattr("vfs.notebook.widget.search_regions", failing)
+    with pytest.raises(ValueError, match="the search failed"):
+        w.set_query(3)
+    assert w.query_index == 3 and (w.result, w.matches) == (None, []) and w.error == "the search failed"
+    monkeypatch.undo()
+    w.k = 9  # an option change searches the same region from the new query
+    assert_same(w.result, search_regions(demo_cache, 3, np.ones(demo_cache.spec.grid), k=9, exclude=3))
+
+
+def test_a_brush_of_no_size_and_per_domain_without_domains_are_refused_where_set(large_input_cache):
+    """`brush = 0` painted nothing, strokes searched anyway; `per_domain` on a cache without domains
+    failed only at the next search (notebook review)."""
+    w = SearchWidget(large_input_cache, query=0)
+    for bad in (0, -2, True):
+        with pytest.raises(traitlets.TraitError, match="brush is a diameter of at least 1 pixel"):
+            w.brush = bad
+    with pytest.raises(traitlets.TraitError, match="per_domain needs a dataset with a domain column"):
+        w.per_domain = 2
+    with pytest.raises(traitlets.TraitError, match="per_domain needs a dataset with a domain column"):
+        SearchWidget(large_input_cache, query=0, per_domain=1)

@@ -3,8 +3,6 @@
 // canvas's painted pixels (one alpha byte per pixel of the model's view) as a binary buffer; Python
 // answers by setting matches, mask_view, status or error and bumping `revision`.
 
-const DISPLAY_PX = 320; // the query's on-screen width; the canvas itself has the view's pixels
-
 function element(tag, className, parent, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -34,7 +32,7 @@ function render({ model, el }) {
   const history = element("span", "vfs-history", bar); // the painter's undo, redo and clear
   const kLabel = element("label", "vfs-k", bar, "k ");
   const k = element("input", "", kLabel);
-  Object.assign(k, { type: "number", min: 1, max: 200, step: 1, title: "How many matches to show" });
+  Object.assign(k, { type: "number", min: 1, step: 1, title: "How many matches to show" });
 
   // --- query, mask, status, matches ------------------------------------------------------------------
   const top = element("div", "vfs-top", root);
@@ -82,9 +80,12 @@ function render({ model, el }) {
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
   rectTool.addEventListener("click", () => { model.set("tool", "rectangle"); model.save_changes(); });
   size.addEventListener("input", () => { model.set("brush", Number(size.value)); model.save_changes(); });
-  const setK = () => {
-    const value = Math.min(200, Math.max(1, Math.round(Number(k.value)) || 1));
-    k.value = value;
+  const setK = () => { // a whole number ≥ 1; anything else gives the box its value back
+    const value = Number(k.value);
+    if (k.value.trim() === "" || !Number.isInteger(value) || value < 1) {
+      k.value = model.get("k");
+      return;
+    }
     if (value !== model.get("k")) { model.set("k", value); model.save_changes(); }
   };
   k.addEventListener("change", setK);
@@ -99,7 +100,7 @@ function render({ model, el }) {
     const [h, w] = model.get("grid");
     canvas.width = width;
     canvas.height = height;
-    stage.style.width = `${DISPLAY_PX}px`;
+    stage.style.width = "100%"; // of its figure: 320 px, less in a narrow output area (widget.css)
     stage.style.aspectRatio = `${width} / ${height}`;
     view.src = model.get("view");
     queryCaption.textContent = `Query as the model saw it (${width}×${height} px, ${h}×${w} feature grid)`;

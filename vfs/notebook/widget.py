@@ -18,12 +18,13 @@ import pandas as pd
 import traitlets
 from PIL import Image
 
-from ..cache import FeatureCache
+from ..cache import CacheError, FeatureCache
 from ..images import load_image
+from ..jobs import view_thumbnail
 from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
 from ..render import jpeg_data_url, mask_overlay, mask_summary, outlined_match, window_text
-from ..search import SearchResult, image_indices, search_regions
+from ..search import SearchResult, image_indices, image_searched, search_regions
 
 HERE = Path(__file__).parent
 PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle)."
@@ -33,16 +34,21 @@ PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle
 class Query:
     """The query image as the model saw it, and what the search takes for it."""
 
-    view: np.ndarray  # (S, S, 3) uint8: the model-input crop (a dataset image's thumbnail)
+    view: np.ndarray  # (S, S, 3) uint8: the thumbnail of the model-input crop, as the cache's images'
     features: int | np.ndarray  # a dataset index (its cached features) or an (h, w, C) feature map
     index: int | None  # the dataset image, if the query is one
+    recognized: bool = False  # an image given as such that is the dataset image `index`
 
 
 def resolve_query(
     cache: FeatureCache, query: int | Image.Image | str | Path, extractor: Extractor | None = None
 ) -> Query:
     """A dataset index as is; an image (or its file) through `extractor`, by default the cache's own
-    model and layer, refused (CacheError) when its features cannot be compared with the cache's."""
+    model and layer, refused (CacheError) when its features cannot be compared with the cache's.
+    An image's view is made into a thumbnail as the cache's images' are, so that a drawing keeps its
+    place from one query to the next (a 448 px model's view was twice a thumbnail's side: the
+    strokes stayed at their pixels, a quarter of the image away); an image that is one of the
+    cache's (the same features: `image_searched`) is that image, left out as a query index is."""
     if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
         if extractor is not None:
             raise ValueError(
@@ -60,8 +66,11 @@ def resolve_query(
         extractor = cache.extractor()
     else:
         cache.check_extractor(extractor.describe())
-    view = np.asarray(extractor.preprocess.view(query))
-    return Query(view, extractor.features(query), None)
+    features = extractor.features(query)
+    copy = image_searched(search_regions(cache, features, np.ones(cache.spec.grid), k=1))
+    if copy is not None:
+        return Query(cache.thumb(copy), copy, copy, recognized=True)
+    return Query(view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1]), features, None)
 
 
 def _text(value: object) -> str | None:
@@ -132,7 +141,19 @@ class SearchWidget(anywidget.AnyWidget):
             raise traitlets.TraitError(
                 f"per_domain must be a whole number ≥ 1 (or None for no limit), not {n!r}"
             )
+        if n is not None and self.cache.domains is None:
+            raise traitlets.TraitError(
+                f"per_domain needs a dataset with a domain column; the cache at {self.cache.location} "
+                "has none"
+            )
         return n
+
+    @traitlets.validate("brush")
+    def _brush_is_a_size(self, proposal: dict) -> int:
+        size = proposal["value"]
+        if isinstance(size, bool) or size < 1:
+            raise traitlets.TraitError(f"brush is a diameter of at least 1 pixel of the view, not {size!r}")
+        return size
 
     def __init__(
         self,
@@ -200,15 +221,17 @@ class SearchWidget(anywidget.AnyWidget):
         with self.hold_sync():  # the new view and its answer reach the browser together
             self.view = jpeg_data_url(self._query.view)
             self.view_size = list(self._query.view.shape[:2])
+            mask = self.mask
             try:
-                if self.mask is None:
+                if mask is None:
                     self._show(None, None)
                     return None
-                return self._run(self.mask)
+                return self._run(mask)
             except _ObserverFailed as e:
                 raise e.original from None
             except Exception as e:
-                self._fail(e, self.mask)
+                # another query: the matches shown, and `result`, are the old one's — cleared
+                self._fail(e, None if mask is None else mask.copy())
                 raise
 
     def clear(self) -> None:
@@ -258,6 +281,11 @@ class SearchWidget(anywidget.AnyWidget):
 
     # --- searching and showing --------------------------------------------------------------------------
     def _run(self, mask: np.ndarray) -> SearchResult:
+        if self.cache.replaced_on_disk():  # its rows in memory, its thumbnails and labels read now
+            raise CacheError(
+                f"the cache at {self.cache.location} was rebuilt since it was opened (another stands "
+                "there now): open it again (vfs.open_cache) and make a new widget of it"
+            )
         exclude = self._query.index if self.exclude_query else None
         result = search_regions(
             self.cache,
@@ -284,7 +312,7 @@ class SearchWidget(anywidget.AnyWidget):
                 self.status = (
                     f"{found} {'match' if found == 1 else 'matches'} among {self.cache.n} images in "
                     f"{result.elapsed_ms:.0f} ms ({result.method}, {result.device})"
-                )
+                ) + self._recognized()
             self.error = ""
             self.revision += 1
         self.mask = mask
@@ -304,6 +332,13 @@ class SearchWidget(anywidget.AnyWidget):
                 )
                 self.revision += 1
             raise _ObserverFailed(e) from e
+
+    def _recognized(self) -> str:
+        """What the status adds where the query image is one of the cache's."""
+        if not self._query.recognized:
+            return ""
+        left = "left out" if self.exclude_query else "included: exclude_query=False"
+        return f"; the query image is image {self._query.index} of the cache, searched as it ({left})"
 
     def _tiles(self, result: SearchResult) -> list[dict]:
         """Each match as the model saw it, its best window outlined, with its score, label and domain."""
