@@ -10,7 +10,7 @@ from ui.base import loading, user_errors
 st.title("Compare two caches")
 with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.announce import announce
-    from ui.core import bind, warm_up
+    from ui.core import bind, rerun_if_rebuilt, warm_up
     from ui.query import (
         Query,
         canvas_row,
@@ -54,6 +54,7 @@ query = pick_query(left, "compare")
 @st.fragment
 def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query) -> None:
     """The canvas, both result lists and their agreement: a stroke or an option reruns only this."""
+    rerun_if_rebuilt(left, right)
     query_column, option_column = canvas_row()
     with query_column:
         region = draw_region(left, query_view(left, query), query, "compare")

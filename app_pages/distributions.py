@@ -10,7 +10,7 @@ EVERY = "(every finding)"
 st.title("Score distributions")
 with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.announce import announce
-    from ui.core import bind, group_columns, groups, sharing_columns, warm_up
+    from ui.core import bind, group_columns, groups, rerun_if_rebuilt, sharing_columns, warm_up
     from ui.query import (
         NO_COLUMN,
         Query,
@@ -46,6 +46,7 @@ query = pick_query(cache, "dist")
 @st.fragment
 def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     """The canvas, the grouping options, the plot and the table: a stroke or an option reruns only this."""
+    rerun_if_rebuilt(cache)
     query_column, option_column = canvas_row()
     with query_column:
         region = draw_region(cache, query_view(cache, query), query, "dist")

@@ -8,7 +8,7 @@ from ui.base import loading
 st.title("Search")
 with loading():  # the title is on screen while a fresh server loads PyTorch
     from ui.announce import announce
-    from ui.core import bind, groups, warm_up
+    from ui.core import bind, groups, rerun_if_rebuilt, warm_up
     from ui.query import (
         CANVAS_PX,
         Query,
@@ -35,6 +35,7 @@ view = query_view(cache, query)
 @st.fragment
 def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> None:
     """The canvas, the search options and the results: a stroke or an option reruns only this."""
+    rerun_if_rebuilt(cache)
     drawing, side = canvas_row()
     with drawing:
         region = draw_region(cache, view, query, "search")

@@ -133,11 +133,49 @@ def get_cache(location: str) -> FeatureCache:
     if stamp == -1:
         raise CacheError(f"no cache at {location} (deleted or moved?): pick another one")
     cache = _open_cache(location, stamp)
+    if not is_url(location):
+        _forget_older(location, stamp, cache.built)
+        return cache
     with _url_lock:
-        replaced = is_url(location) and _url_generations.get(location, (stamp, 0.0))[0] != stamp
+        replaced = _url_generations.get(location, (stamp, 0.0))[0] != stamp
     if replaced:  # found replaced since this run read its stamp: what it just opened is not kept
         _open_cache.clear(location, stamp)  # under the old one (a second copy of the cache's rows)
     return cache
+
+
+_local_latest: dict[str, tuple[int, tuple]] = {}
+"""Per local cache: the stamp and the build (`FeatureCache.built`) it was last opened at."""
+
+
+def _forget_older(location: str, stamp: int, built: tuple) -> None:
+    """A local cache whose metadata was rewritten (rebuilt, repaired) is opened anew: the server's
+    entries of the one opened before go, and its rows in memory once no session holds it — each
+    kept its features resident, +200 MB a rebuild of a 10,000-image cache, for good (review)."""
+    with _url_lock:
+        before = _local_latest.get(location)
+        if before is not None and before[0] > stamp:  # this run read its stamp before another's
+            return
+        _local_latest[location] = (stamp, built)
+    if before is None or before[0] == stamp:
+        return
+    _open_cache.clear(location, before[0])
+    _warm_up.clear(location, before[0])
+    if before[1] != built:
+        _tiles.clear(location, before[1])
+
+
+def rerun_if_rebuilt(*caches: FeatureCache) -> None:
+    """For a fragment, which reruns with the caches its page's last full run opened: where one was
+    rebuilt since (another build stands at its place) or is gone, the whole page runs again and
+    picks it anew — a stroke searched the old one's rows, shown with the new one's thumbnails and
+    labels (review)."""
+    for cache in caches:
+        try:
+            rebuilt = get_cache(cache.location).built != cache.built
+        except CacheError:  # gone: the page's full run says so
+            rebuilt = True
+        if rebuilt:
+            st.rerun()
 
 
 @st.cache_resource(max_entries=4, show_spinner="Starting the cache's search shards on the Ray cluster…")
@@ -303,7 +341,7 @@ class _Tiles:
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def _tiles(location: str, stamp: int) -> _Tiles:
+def _tiles(location: str, built: tuple) -> _Tiles:
     return _Tiles()
 
 
@@ -315,7 +353,9 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
     thumbnail read nor an encoding, and is the same message Streamlit has already sent (it then sends
     only its hash). New matches are read in one read.
     """
-    store = _tiles(cache.location, _stamp(cache.location))
+    # the tiles of the cache as `cache` was built: under the disk's stamp, a session still on a cache
+    # rebuilt since stored its old thumbnails for every other session of the new one (review)
+    store = _tiles(cache.location, cache.built)
     with store.lock:
         found = {m: store.urls[m] for m in matches if m in store.urls}
     missing = [m for m in dict.fromkeys(matches) if m not in found]
@@ -331,36 +371,36 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _groups(location: str, stamp: int, column: str) -> pd.DataFrame:
-    return column_groups(get_cache(location).manifest, column)
+def _groups(_cache: FeatureCache, location: str, built: tuple, column: str) -> pd.DataFrame:
+    return column_groups(_cache.manifest, column)
 
 
 def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
     """Membership of every image in each group of `column` ('|'-joined values: one group per finding);
     a message, not a traceback, where the cache is gone since the page picked it."""
     with user_errors():
-        return _groups(cache.location, _stamp(cache.location), column)
+        return _groups(cache, cache.location, cache.built, column)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _repeated_columns(location: str, stamp: int) -> list[str]:
-    return repeated_columns(get_cache(location).manifest)
+def _repeated_columns(_cache: FeatureCache, location: str, built: tuple) -> list[str]:
+    return repeated_columns(_cache.manifest)
 
 
 def sharing_columns(cache: FeatureCache) -> list[str]:
     """The manifest columns whose values repeat (`vfs.stats.repeated_columns`): what a page can
     leave out the query's fellows by; anew for a cache rebuilt at the same place."""
     with user_errors():
-        return _repeated_columns(cache.location, _stamp(cache.location))
+        return _repeated_columns(cache, cache.location, cache.built)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _grouping_columns(location: str, stamp: int) -> list[str]:
-    return grouping_columns(get_cache(location).manifest)
+def _grouping_columns(_cache: FeatureCache, location: str, built: tuple) -> list[str]:
+    return grouping_columns(_cache.manifest)
 
 
 def group_columns(cache: FeatureCache) -> list[str]:
     """The manifest's columns worth grouping by (`vfs.stats.grouping_columns`); anew for a cache
     rebuilt at the same place."""
     with user_errors():
-        return _grouping_columns(cache.location, _stamp(cache.location))
+        return _grouping_columns(cache, cache.location, cache.built)

@@ -330,8 +330,7 @@ def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
 
     with user_errors():
         # the cache as built: rebuilt over changed files with the same spec, its rows are other images
-        built = (cache.attrs.get("created"), cache.n, cache.attrs.get("paths_digest"))
-        return memo(f"uploaded.{cache.location}", (upload, cache.spec, built), find)
+        return memo(f"uploaded.{cache.location}", (upload, cache.spec, cache.built), find)
 
 
 def _uploaded_image() -> Image.Image:
@@ -349,7 +348,7 @@ def query_view(cache: FeatureCache, query: Query) -> np.ndarray:
     def view() -> np.ndarray:
         return view_thumbnail(cache.spec.preprocess.view(_uploaded_image()), size)
 
-    return memo(f"view.{cache.location}", (query, cache.spec), view)
+    return memo(f"view.{cache.location}", (query, cache.spec, cache.built), view)
 
 
 def query_features(cache: FeatureCache, query: Query) -> int | np.ndarray:
@@ -493,7 +492,7 @@ def query_size(cache: FeatureCache, query: Query) -> tuple[int, int] | None:
             return cache.image_size(query.index) if settings().reads_dataset(cache.spec.data.source) else None
         return upright_size(io.BytesIO(st.session_state[UPLOADED][2]))
 
-    return memo("query_size", (cache.location, query), size)
+    return memo("query_size", (cache.location, cache.built, query), size)
 
 
 def loaded_paint(cache: FeatureCache, query: Query, data: bytes, name: str) -> tuple[np.ndarray, float]:
@@ -585,7 +584,8 @@ def run_search(
     mask = region.mask(cache, drawn_on)
     query_out = (query.index,) if exclude_query and query.index is not None else ()
     exclude = query_out + leave_out or None
-    key = (query, cache.spec, mask.tobytes(), k, exclude, per_domain, labels, all_exact)
+    # the cache as built: one rebuilt at its place with the same spec searched as the old (review)
+    key = (query, cache.spec, cache.built, mask.tobytes(), k, exclude, per_domain, labels, all_exact)
 
     def search() -> SearchResult:
         candidates = None

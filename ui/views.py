@@ -263,7 +263,9 @@ def cache_provenance(cache: FeatureCache) -> str:
 # --- background builds ----------------------------------------------------------------------------------
 def start_build(job: BuildJob) -> None:
     """Button callback: start (or resume) a build; a refusal (already building) is shown by the build
-    panel."""
+    panel until the next start — popped at its first showing, it was gone within a second, under
+    another user's build of that output shown running, as if it were this one (review)."""
+    st.session_state.pop(START_ERROR, None)
     try:
         build_registry().start(job)
     except ValueError as e:
@@ -316,7 +318,7 @@ def build_panel() -> None:
 
     @st.fragment(run_every=1.0 if polling else None)
     def panel() -> None:
-        if error := st.session_state.pop(START_ERROR, None):
+        if error := st.session_state.get(START_ERROR):
             st.error(error)
         now = time.time()
         builds = registry.builds()

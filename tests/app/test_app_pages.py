@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,6 +473,102 @@ def test_an_upload_recognised_in_a_cache_rebuilt_since_is_found_anew(
     assert any(t.startswith("2.png is image #3 ") for t in texts(at.info)), texts(at.info)
 
 
+def rebuilt(dataset: Path, out: str, rows=None) -> None:
+    """The cache at `out` built anew from `dataset` (its manifest's `rows` only, where given) — the
+    same spec, its manifest's path unchanged."""
+    import pandas as pd
+
+    if rows is not None:
+        pd.read_csv(dataset.with_name("all.csv")).iloc[rows].to_csv(dataset, index=False)
+    shutil.rmtree(out, ignore_errors=True)
+    build_cache(BuildJob(layer="blocks.5", data=str(dataset), out=out, domain_col="view"))
+
+
+def test_a_local_cache_rebuilt_at_its_place_is_searched_anew(tmp_path, monkeypatch, findings_manifest):
+    """A search was remembered per cache spec: rebuilt at its place from other images under the
+    same manifest path, the session's page showed the old cache's results (soak review)."""
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    out = str(tmp_path / "caches" / "f.zarr")
+    rebuilt(dataset, out)
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
+    at = no_exceptions(draw(page(start_app(), "search")))
+    before = at.dataframe[0].value
+    rebuilt(dataset, out, rows=slice(None, None, -1))  # the same files in another order: image 0 another
+    at = no_exceptions(at.run())
+    fresh = no_exceptions(draw(page(start_app(), "search"))).dataframe[0].value
+    assert not at.dataframe[0].value.equals(before) and at.dataframe[0].value.equals(fresh)
+
+
+def test_the_server_lets_a_rebuilt_local_cache_go(tmp_path, findings_manifest):
+    """Each rebuild of a local cache kept the old one open, its features in memory (+200 MB a
+    rebuild of a 10,000-image cache), for good (soak review): once the server opens the new one,
+    it holds the old one no more."""
+    import gc
+    import weakref
+
+    import ui.core
+
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    out = str(tmp_path / "f.zarr")
+    rebuilt(dataset, out)
+    cache = ui.core.get_cache(out)
+    ui.core.warm_up(cache)
+    ui.core.outlined_tiles(cache, [(0, (0, 0, 2, 2))])
+    ui.core.groups(cache, "label")
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("vfs-warm-up")], 60)
+    old = weakref.ref(cache)
+    del cache
+    rebuilt(dataset, out, rows=slice(None, None, -1))
+    assert ui.core.get_cache(out).n == 6
+    gc.collect()
+    assert old() is None
+
+
+def test_distributions_of_a_cache_rebuilt_with_more_images_is_no_crash(
+    tmp_path, monkeypatch, findings_manifest
+):
+    """Rebuilt from 4 images to 6 at its place, the page paired the remembered search's 4 scores with
+    the new cache's 6 labels: IndexError (soak review)."""
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    out = str(tmp_path / "caches" / "f.zarr")
+    rebuilt(dataset, out, rows=slice(0, 5))
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
+    at = no_exceptions(draw(page(start_app(), "distributions")))
+    before = at.dataframe[0].value
+    rebuilt(dataset, out, rows=slice(None))
+    at = no_exceptions(at.run())
+    fresh = no_exceptions(draw(page(start_app(), "distributions"))).dataframe[0].value
+    assert at.dataframe[0].value.equals(fresh) and not fresh.equals(before)
+
+
+def test_a_sessions_old_cache_stores_no_tiles_for_the_rebuilt_one(tmp_path, findings_manifest):
+    """Result tiles were kept per location under the disk's current stamp, but encoded from the
+    cache the session held: a session still on the old cache stored its thumbnails for every
+    session of the rebuilt one — a dog painting captioned 'guitar' (soak review)."""
+    import ui.core
+    from vfs.render import jpeg_data_url, outlined_match
+
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    out = str(tmp_path / "c.zarr")
+    rebuilt(dataset, out)
+    old = ui.core.get_cache(out)
+    matches = [(0, (0, 0, 2, 2)), (1, (1, 1, 3, 3))]
+    ui.core.outlined_tiles(old, matches)
+    rebuilt(dataset, out, rows=slice(None, None, -1))
+    ui.core.outlined_tiles(old, matches)  # the stale session, after the rebuild
+    new = ui.core.get_cache(out)
+    expected = [jpeg_data_url(outlined_match(new.thumb(i), box, new.spec.grid)) for i, box in matches]
+    assert ui.core.outlined_tiles(new, matches) == expected != ui.core.outlined_tiles(old, matches)
+
+
 def test_an_unreadable_upload_is_an_error_message(app, caches):
     at = use_cache(page(app, "search"), "search.cache", caches, "small")
     at.radio(key="search.from").set_value("Upload").run()
@@ -868,6 +965,29 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     done = tmp_path / "ui_unlabelled.zarr"
     wait_until(lambda: done.exists() and open_cache(done).complete)
     assert (open_cache(done).label_col, open_cache(done).domain_col) == (None, None)  # as the page showed
+
+
+def test_a_refused_build_stays_said_until_the_next_start(findings_manifest, tmp_path, monkeypatch):
+    """A second user's Build click on an output another's build was writing was refused in words
+    that the build panel's next second took away, leaving the other build's progress shown as if
+    it were theirs (soak review)."""
+    import ui.core
+
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(findings_manifest)).run()
+    at.text_input(key="build.name").set_value("dup").run()
+    other = BuildJob(layer="blocks.5", data=EMBEDDED_DATASET, out=str(tmp_path / "dup.zarr"), batch_size=1)
+    running = ui.core.build_registry().start(other)  # another user's, started meanwhile
+    try:
+        at = no_exceptions(at.button(key="build.start").click().run())
+        assert any("already being built" in t for t in texts(at.error))
+        for _ in range(2):  # the panel's reruns
+            assert any("already being built" in t for t in texts(no_exceptions(at.run()).error))
+    finally:
+        running.cancel()
+        running.wait(60)
 
 
 def test_the_build_page_names_the_images_it_skipped_and_why(findings_manifest, tmp_path, monkeypatch):

@@ -372,6 +372,13 @@ class FeatureCache:
             "lost_columns": self.lost_columns(),
         }
 
+    @property
+    def built(self) -> tuple[Any, ...]:
+        """Which build this is — its creation time, whether it finished, its images' number and
+        paths' digest —: what tells a cache rebuilt at its place from the one opened there before
+        (`replaced_on_disk`), and keys what is remembered of it (a server's results and tiles)."""
+        return _built(self.attrs)
+
     def replaced_on_disk(self) -> bool:
         """Whether another cache now stands at this location: rebuilt (another creation time or,
         once complete, other images), or finished since. What long-lived holders of its rows check
@@ -383,8 +390,7 @@ class FeatureCache:
             now = dict(zarr.open_group(self.group.store, mode="r", zarr_format=3).attrs)
         except unread:  # an HTTP server's error status too (review: it crashed every page)
             return False
-        keys = ("created", "complete") + (("n", "paths_digest") if self.complete else ())
-        return any(now.get(key) != self.attrs.get(key) for key in keys)
+        return _built(now) != self.built
 
     def check(self, progress: Callable[[int, int], None] | None = None) -> CacheCheck:
         """Every stored chunk read and every cell checked against its norm (`damaged_rows`), missing
@@ -814,6 +820,11 @@ def _on(device: torch.device, features: np.ndarray | list[torch.Tensor]) -> torc
         return features
     t = torch.from_numpy(features)
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _built(attrs: dict[str, Any]) -> tuple[Any, ...]:
+    """`FeatureCache.built` of a cache's attributes (a partial cache's `n` is 0, its digest unset)."""
+    return tuple(attrs.get(key) for key in ("created", "complete", "n", "paths_digest"))
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
