@@ -110,7 +110,9 @@ class SearchWidget(anywidget.AnyWidget):
     grid = traitlets.List(traitlets.Int()).tag(sync=True)  # [h, w] of the feature grid
     brush = traitlets.Int(22).tag(sync=True)  # brush diameter in view pixels
     tool = traitlets.Enum(["brush", "rectangle"], "brush").tag(sync=True)
-    shapes = traitlets.List(traitlets.Dict()).tag(sync=True)  # the strokes, in view pixels, oldest first
+    # the strokes, in view pixels, oldest first: the browser's record of the drawing — set from Python
+    # it is redrawn, not searched (the browser rasterises strokes; `search(mask)` searches a region)
+    shapes = traitlets.List(traitlets.Dict()).tag(sync=True)
     k = traitlets.Int(10).tag(sync=True)
     mask_view = traitlets.Unicode().tag(sync=True)  # the grid mask over the view (vfs.render.mask_overlay)
     mask_caption = traitlets.Unicode().tag(sync=True)
