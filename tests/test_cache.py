@@ -888,7 +888,7 @@ def test_a_failing_read_while_a_rerun_checks_the_chunks_is_no_damage(tmp_path, m
     def fails(*args, **kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr("vfs.cache.format.rows_disagreeing", fails)
+    monkeypatch.setattr("vfs.cache.damage.rows_disagreeing", fails)
     with pytest.raises(OSError, match="Too many open files"):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(30), 32)
     assert open_cache(tmp_path / "c.zarr").complete
@@ -960,15 +960,41 @@ def test_check_of_a_partial_and_of_a_remote_cache(tmp_path, capsys):
     build(tmp_path / "c.zarr", 30)
     sqnorm = chunk_file(tmp_path / "c.zarr", "sqnorm", 22)
     sqnorm.write_bytes(os.urandom(sqnorm.stat().st_size))
+    chunk_file(tmp_path / "c.zarr", "thumbs", 3).unlink()  # a download cut short (diff review: OK)
+    (tmp_path / "c.zarr" / "manifest" / "dom" / "c" / "0").unlink()
     with served(tmp_path) as url:
         found = open_cache(f"{url}/c.zarr").check()
         assert [(d.first, d.stop, d.what) for d in found.damaged] == [
-            (21, 28, "a chunk of its norms does not decode")
+            (0, 7, "a chunk of its thumbnails is missing"),
+            (21, 28, "a chunk of its norms does not decode"),
         ]
+        assert found.lost_columns == ["dom"] and not found.ok
     with served(tmp_path) as url:
         remote = open_cache(f"{url}/c.zarr")
     with pytest.raises(CacheError, match="its server did not serve it"):
         remote.check()
+
+
+def test_check_says_damaged_where_the_damage_stops_the_cache_opening(tmp_path, capsys):
+    """An array's metadata gone: exit 2, 'error', where the docs say 1 for damage (diff review)."""
+    from vfs.cli import main
+
+    build(tmp_path / "c.zarr", 10)
+    (tmp_path / "c.zarr" / "thumbs" / "zarr.json").unlink()
+    assert main(["check", str(tmp_path / "c.zarr")]) == 1
+    assert "DAMAGED, it cannot be opened" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "none.zarr")]) == 2  # no cache there: an error
+    assert main(["check", str(tmp_path)]) == 2  # a folder, no cache
+
+
+def test_a_cache_changed_while_checked_is_no_damage(tmp_path, monkeypatch):
+    """A partial cache finished while its check read it was said DAMAGED: 'finished since it was
+    opened' (diff review)."""
+    build(tmp_path / "c.zarr", 10)
+    cache = open_cache(tmp_path / "c.zarr")
+    monkeypatch.setattr(type(cache), "replaced_on_disk", lambda self: True)
+    with pytest.raises(CacheError, match="changed while it was checked .*check it again"):
+        cache.check()
 
 
 def test_a_chunk_garbled_within_its_compressed_frame_is_damage(tmp_path):

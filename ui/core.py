@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,9 @@ _url_generations: dict[str, tuple[int, float]] = {}
 """Per URL: how many times this server found its cache replaced, and when it last asked."""
 _url_asking: set[str] = set()
 """The URLs whose cache is being asked now (one question at a time, however slow the server)."""
-_url_lock = threading.Lock()
+_state_lock = threading.Lock()
+"""Guards what this module keeps of caches across sessions: the URLs' generations and questions,
+the local caches' latest stamps."""
 
 
 def _url_stamp(location: str) -> int:
@@ -87,7 +90,7 @@ def _url_stamp(location: str) -> int:
     rebuilt behind it was searched as it was (features in memory) until the server restarted, or,
     with shards, not at all (review); and asked in the page's own run, a server that hung held
     every run for its 60 s timeout."""
-    with _url_lock:
+    with _state_lock:
         generation, asked = _url_generations.get(location, (0, -REMOTE_CHECK_S))
         if time.monotonic() - asked < REMOTE_CHECK_S or location in _url_asking:
             return generation
@@ -100,14 +103,14 @@ def _url_stamp(location: str) -> int:
         return generation
     finally:
         if cache is None:  # no question asked (a rerun may stop the run here too)
-            with _url_lock:
+            with _state_lock:
                 _url_asking.discard(location)
     asking = threading.Thread(
         target=_ask_if_replaced, args=(location, cache, generation), name="vfs-remote-check", daemon=True
     )
     asking.start()
     asking.join(REMOTE_WAIT_S)
-    with _url_lock:
+    with _state_lock:
         return _url_generations[location][0]
 
 
@@ -116,12 +119,12 @@ def _ask_if_replaced(location: str, cache: FeatureCache, generation: int) -> Non
     try:
         if not cache.replaced_on_disk():
             return
-        with _url_lock:  # another session's question may have counted this replacement already
+        with _state_lock:  # another session's question may have counted this replacement already
             current = _url_generations[location][0]
             _url_generations[location] = (current + (current == generation), time.monotonic())
         _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
     finally:
-        with _url_lock:
+        with _state_lock:
             _url_asking.discard(location)
 
 
@@ -136,26 +139,30 @@ def get_cache(location: str) -> FeatureCache:
     if not is_url(location):
         _forget_older(location, stamp, cache.built)
         return cache
-    with _url_lock:
+    with _state_lock:
         replaced = _url_generations.get(location, (stamp, 0.0))[0] != stamp
     if replaced:  # found replaced since this run read its stamp: what it just opened is not kept
         _open_cache.clear(location, stamp)  # under the old one (a second copy of the cache's rows)
     return cache
 
 
-_local_latest: dict[str, tuple[int, tuple]] = {}
+_local_latest: dict[str, tuple[int, tuple[Any, ...]]] = {}
 """Per local cache: the stamp and the build (`FeatureCache.built`) it was last opened at."""
 
 
-def _forget_older(location: str, stamp: int, built: tuple) -> None:
-    """A local cache whose metadata was rewritten (rebuilt, repaired) is opened anew: the server's
-    entries of the one opened before go, and its rows in memory once no session holds it — each
-    kept its features resident, +200 MB a rebuild of a 10,000-image cache, for good (review)."""
-    with _url_lock:
+def _forget_older(location: str, stamp: int, built: tuple[Any, ...]) -> None:
+    """Opened anew after its metadata was rewritten (rebuilt, repaired, copied over), a local cache's
+    older entries go, and its rows in memory with them once no session holds it: each kept its
+    features resident for good. A run that read its stamp before the disk's latest change opened
+    an entry under a stamp no other run asks for: it goes too."""
+    with _state_lock:
         before = _local_latest.get(location)
-        if before is not None and before[0] > stamp:  # this run read its stamp before another's
-            return
-        _local_latest[location] = (stamp, built)
+        stale = before is not None and before[0] != stamp and _stamp(location) != stamp
+        if not stale:
+            _local_latest[location] = (stamp, built)
+    if stale:
+        _open_cache.clear(location, stamp)
+        return
     if before is None or before[0] == stamp:
         return
     _open_cache.clear(location, before[0])
@@ -167,8 +174,7 @@ def _forget_older(location: str, stamp: int, built: tuple) -> None:
 def rerun_if_rebuilt(*caches: FeatureCache) -> None:
     """For a fragment, which reruns with the caches its page's last full run opened: where one was
     rebuilt since (another build stands at its place) or is gone, the whole page runs again and
-    picks it anew — a stroke searched the old one's rows, shown with the new one's thumbnails and
-    labels (review)."""
+    picks it anew, rather than search the old one's rows and show the new one's thumbnails."""
     for cache in caches:
         try:
             rebuilt = get_cache(cache.location).built != cache.built
@@ -341,7 +347,7 @@ class _Tiles:
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
-def _tiles(location: str, built: tuple) -> _Tiles:
+def _tiles(location: str, built: tuple[Any, ...]) -> _Tiles:
     return _Tiles()
 
 
@@ -354,7 +360,7 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
     only its hash). New matches are read in one read.
     """
     # the tiles of the cache as `cache` was built: under the disk's stamp, a session still on a cache
-    # rebuilt since stored its old thumbnails for every other session of the new one (review)
+    # rebuilt since would store its old thumbnails for every other session of the new one
     store = _tiles(cache.location, cache.built)
     with store.lock:
         found = {m: store.urls[m] for m in matches if m in store.urls}
@@ -371,7 +377,7 @@ def outlined_tiles(cache: FeatureCache, matches: list[tuple[int, tuple[int, int,
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _groups(_cache: FeatureCache, location: str, built: tuple, column: str) -> pd.DataFrame:
+def _groups(_cache: FeatureCache, location: str, built: tuple[Any, ...], column: str) -> pd.DataFrame:
     return column_groups(_cache.manifest, column)
 
 
@@ -383,7 +389,7 @@ def groups(cache: FeatureCache, column: str) -> pd.DataFrame:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _repeated_columns(_cache: FeatureCache, location: str, built: tuple) -> list[str]:
+def _repeated_columns(_cache: FeatureCache, location: str, built: tuple[Any, ...]) -> list[str]:
     return repeated_columns(_cache.manifest)
 
 
@@ -395,7 +401,7 @@ def sharing_columns(cache: FeatureCache) -> list[str]:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _grouping_columns(_cache: FeatureCache, location: str, built: tuple) -> list[str]:
+def _grouping_columns(_cache: FeatureCache, location: str, built: tuple[Any, ...]) -> list[str]:
     return grouping_columns(_cache.manifest)
 
 

@@ -262,14 +262,13 @@ def cache_provenance(cache: FeatureCache) -> str:
 
 # --- background builds ----------------------------------------------------------------------------------
 def start_build(job: BuildJob) -> None:
-    """Button callback: start (or resume) a build; a refusal (already building) is shown by the build
-    panel until the next start — popped at its first showing, it was gone within a second, under
-    another user's build of that output shown running, as if it were this one (review)."""
+    """Button callback: start (or resume) a build; a refusal (another's build of that output runs)
+    is shown by the build panel while that build runs, above its progress, which is not this one's."""
     st.session_state.pop(START_ERROR, None)
     try:
         build_registry().start(job)
     except ValueError as e:
-        st.session_state[START_ERROR] = str(e)
+        st.session_state[START_ERROR] = (job.out, str(e))
 
 
 def _show_build(build: BackgroundBuild, now: float) -> None:
@@ -318,8 +317,13 @@ def build_panel() -> None:
 
     @st.fragment(run_every=1.0 if polling else None)
     def panel() -> None:
-        if error := st.session_state.get(START_ERROR):
-            st.error(error)
+        if refused := st.session_state.get(START_ERROR):
+            out, error = refused
+            build = registry.get(out)
+            if build is not None and build.status().running:
+                st.error(error)
+            else:
+                del st.session_state[START_ERROR]
         now = time.time()
         builds = registry.builds()
         if not builds:

@@ -262,9 +262,16 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Exit 1 where damage is found, so that a script copying caches can stop on it."""
-    from .cache import open_cache
+    from .cache import CacheError, open_cache
+    from .settings import is_url
 
-    cache = open_cache(args.cache, allow_partial=True)
+    try:
+        cache = open_cache(args.cache, allow_partial=True)
+    except CacheError as e:
+        if is_url(args.cache) or not (Path(args.cache) / "zarr.json").is_file():  # no zarr group there
+            raise
+        print(f"{args.cache}: DAMAGED, it cannot be opened: {e}")  # an array's metadata gone, say
+        return 1
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -286,6 +293,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(found.to_dict() | {"seconds": round(seconds, 2)}, indent=1))
         return 0 if found.ok else 1
     state = "complete" if found.complete else "PARTIAL: its images stored so far"
+    images = f"{found.images} image{'' if found.images == 1 else 's'}"
     arrays = sorted({name.split("/")[0] for name in found.unverified})
     unverified = (
         f"  (its {', '.join(arrays)} were written without checksums, by a VFS before it stored them: "
@@ -293,13 +301,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     )
     if found.ok:
         print(
-            f"{found.location}: OK ({state}) — {found.images} images read in {seconds:.1f} s: every chunk "
+            f"{found.location}: OK ({state}) — {images} read in {seconds:.1f} s: every chunk "
             "decodes, every cell's features are those of its stored norm, no file is missing"
         )
         if arrays:
             print(unverified)
         return 0
-    print(f"{found.location}: DAMAGED ({state}), {found.images} images read in {seconds:.1f} s:")
+    print(f"{found.location}: DAMAGED ({state}), {images} read in {seconds:.1f} s:")
     for problem in found.problems():
         print(f"  {problem}")
     if arrays:

@@ -4,6 +4,7 @@ Drawings are injected through the canvas's session state, as the component would
 """
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -526,6 +527,18 @@ def test_the_server_lets_a_rebuilt_local_cache_go(tmp_path, findings_manifest):
     assert ui.core.get_cache(out).n == 6
     gc.collect()
     assert old() is None
+    # replaced by a copy made earlier (cp -a, rsync -a, tar x keep its older time): let go too
+    older = weakref.ref(ui.core.get_cache(out))
+    shutil.copytree(out, tmp_path / "copy.zarr")
+    rebuilt(dataset, str(tmp_path / "copy.zarr"))  # another build, its files an hour old
+    stamp = (tmp_path / "copy.zarr" / "zarr.json").stat().st_mtime - 3600
+    os.utime(tmp_path / "copy.zarr" / "zarr.json", (stamp, stamp))
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "copy.zarr", out)
+    os.utime(Path(out) / "zarr.json", (stamp, stamp))
+    ui.core.get_cache(out)
+    gc.collect()
+    assert older() is None
 
 
 def test_distributions_of_a_cache_rebuilt_with_more_images_is_no_crash(
@@ -988,6 +1001,7 @@ def test_a_refused_build_stays_said_until_the_next_start(findings_manifest, tmp_
     finally:
         running.cancel()
         running.wait(60)
+    assert not any("already being built" in t for t in texts(no_exceptions(at.run()).error))  # it ended
 
 
 def test_the_build_page_names_the_images_it_skipped_and_why(findings_manifest, tmp_path, monkeypatch):

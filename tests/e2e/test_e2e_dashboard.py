@@ -23,12 +23,15 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from cachehelpers import write_findings
 from e2ehelpers import (
     CHROMIUM,
     DEMO,
@@ -50,6 +53,7 @@ from e2ehelpers import (
 from PIL import Image
 
 from vfs.cli import main as cli_main
+from vfs.jobs import BuildJob, build_cache
 from vfs.render import region_mask_png
 from vfs.stats import GROUP_TABLE_COLUMNS
 
@@ -802,3 +806,52 @@ def test_each_stroke_updates_the_results_on_10000_images(page, server, large_cac
     record_latency(f"synthetic_{LARGE_N}_images_strokes_s", [round(x, 3) for x in latencies])
     record_latency(f"synthetic_{LARGE_N}_images_strokes_median_s", round(median, 3))
     assert median <= GROSS_LATENCY_S, f"mouse-up → results on {LARGE_N} images: median {median:.2f} s"
+
+
+# --- 8. A cache rebuilt at its place while a tab searches it ----------------------------------------------
+def test_a_stroke_after_a_rebuild_searches_the_new_cache(page, server, browser, tmp_path):
+    """A cache is searched in a tab, then rebuilt at its place from its manifest's rows in another
+    order (the same spec: the same manifest path, model and layer; image 0 is another picture). A
+    new stroke in that tab reruns only the search fragment, which held the cache of the page's last
+    full run: it searched the deleted cache's rows (soak review). Its results must be those a fresh
+    tab shows for the same query and the same two strokes."""
+    dataset = write_findings(tmp_path / "data", copies=2)  # 12 random 48 px pictures
+    out = server.cache("rebuilt")
+    n = len(pd.read_csv(dataset))
+
+    def build(rows: slice) -> None:
+        pd.read_csv(dataset.with_name("all.csv")).iloc[rows].to_csv(dataset, index=False)
+        shutil.rmtree(out, ignore_errors=True)
+        build_cache(BuildJob(layer="blocks.5", data=str(dataset), out=str(out), domain_col="view"))
+
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    build(slice(None))
+
+    def search(tab, strokes: tuple[float, ...]) -> tuple[int, str]:
+        open_page(tab, server, "search")
+        choose(tab, "Cache", "rebuilt — ")
+        set_query_index(tab, n, 0)
+        k, shown = k_value(tab), ""
+        for y in strokes:
+            shown = timed_stroke(tab, k, shown, y=y, timeout_ms=RESULT_TIMEOUT_MS).signature
+            wait_idle(tab)
+        return k, shown
+
+    k, before = search(page, (0.3,))
+    build(slice(None, None, -1))  # the same files in reverse order, at the same place
+    timed_stroke(page, k, before, y=0.6, timeout_ms=RESULT_TIMEOUT_MS)  # a stroke: the fragment's rerun
+    wait_idle(page)
+    after = page.evaluate(RESULTS_CHANGED, [k, ""])
+    assert after, "no settled results after the stroke"
+    no_exception(page)
+
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(30_000)
+    try:
+        _, fresh = search(context.new_page(), (0.3, 0.6))
+    finally:
+        context.close()
+    assert re.match(rf"^{k} results from {n} images in \d+ ms", after[2]), after[2]
+    assert after[1] == fresh, "a stroke after the rebuild did not show what a fresh tab shows:\n" + "\n".join(
+        (after[1].split("#")[0], fresh.split("#")[0])
+    )

@@ -432,9 +432,9 @@ def test_a_cache_rebuilt_since_the_widget_opened_it_is_refused_in_words(demo_cac
     mask = np.ones(demo_cache.spec.grid, dtype=np.float32)
     w.search(mask)
     zarr.open_group(copy, mode="r+").attrs["created"] = "2026-12-01T00:00:00+0000"  # another build
-    with pytest.raises(CacheError, match="was rebuilt since it was opened .*open it again"):
+    with pytest.raises(CacheError, match="was rebuilt, or its build finished, since it was opened"):
         w.search(mask)
-    assert "was rebuilt since it was opened" in w.error and (w.result, w.matches) == (None, [])
+    assert "since it was opened: open it again" in w.error and (w.result, w.matches) == (None, [])
 
 
 def test_a_failed_query_change_leaves_no_result_of_the_old_query(demo_cache, monkeypatch):
@@ -466,3 +466,47 @@ def test_a_brush_of_no_size_and_per_domain_without_domains_are_refused_where_set
         w.per_domain = 2
     with pytest.raises(traitlets.TraitError, match="per_domain needs a dataset with a domain column"):
         SearchWidget(large_input_cache, query=0, per_domain=1)
+
+
+def test_a_remote_caches_rebuild_is_asked_in_the_background(demo_cache, tmp_path, monkeypatch):
+    """Asked before every search, a URL's server that hung held each stroke for its timeout, though
+    the search needs no network (diff review): a URL's cache is asked in the background, and the
+    answer refuses the next search."""
+    import shutil
+    import threading
+    import time
+
+    from cachehelpers import served
+
+    from vfs.cache import FeatureCache, open_cache
+
+    shutil.copytree(demo_cache.location, tmp_path / "c.zarr")
+    answer = threading.Event()
+
+    def slow(self):
+        answer.wait(30)
+        return True  # rebuilt, the server says — late
+
+    with served(tmp_path) as url:
+        w = SearchWidget(open_cache(f"{url}/c.zarr"), query=FACE)
+        monkeypatch.setattr(FeatureCache, "replaced_on_disk", slow)
+        started = time.monotonic()
+        w.search(np.ones(demo_cache.spec.grid))
+        assert time.monotonic() - started < 10 and w.error == ""
+        answer.set()
+        w._asking.join(10)
+        with pytest.raises(CacheError, match="was rebuilt, or its build finished, since it was opened"):
+            w.search(np.ones(demo_cache.spec.grid))
+
+
+def test_an_image_query_on_a_cache_of_no_images_is_no_error(demo_cache, tmp_path):
+    """Every image skipped: the recognition search of an image query raised 'image_searched takes a
+    search whose region is the whole grid' (diff review)."""
+    from vfs.cache import CacheWriter, open_cache
+
+    images = pd.DataFrame({"path": ["gone.png"], "label": ["face"], "source": ["lfw"]})
+    writer = CacheWriter.open(tmp_path / "e.zarr", demo_cache.spec, images, 224)
+    writer.skip(0, "cannot read file")
+    writer.finish(images)
+    w = SearchWidget(open_cache(tmp_path / "e.zarr"), query=outside_image())
+    assert w.query_index is None and w.search(np.ones((7, 7))).top.empty

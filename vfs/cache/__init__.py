@@ -1,8 +1,9 @@
 """Feature cache format v1: a zarr v3 group holding one layer's feature maps for a dataset.
 
 The rooms: `format` (what a cache is of, its limits and tables), `rows` (how an array's rows are
-read: through zarr or straight from chunk files), `reader` (`open_cache` → `FeatureCache`),
-`writer` (`CacheWriter`: append chunk by chunk, resumable) and `lock` (one build per cache).
+read: through zarr or straight from chunk files), `damage` (what a cache lost or has garbled since
+it was written), `reader` (`open_cache` → `FeatureCache`), `writer` (`CacheWriter`: append chunk
+by chunk, resumable) and `lock` (one build per cache).
 """
 
 from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec

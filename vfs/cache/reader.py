@@ -3,6 +3,7 @@ its features (resident on a device, or streamed from storage with one range pref
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -34,22 +35,25 @@ from ..models import (
 from ..settings import CACHE_SUFFIX, is_url
 from ..sources import Columns, converted, copy_converted, gather_rows, resident_slices, some_images
 from ..stats import column_summary
+from .damage import (
+    Damage,
+    damaged_rows,
+    first_lost_row,
+    missing_columns,
+    rows_disagreeing,
+    without_checksum,
+)
 from .files import CacheStore, RemoteCacheStore
 from .format import (
     FORMAT,
     FORMAT_VERSION,
     CacheError,
     CacheSpec,
-    Damage,
     check_array,
     check_chunk_size,
-    damaged_rows,
-    first_lost_row,
     lost_columns,
     member_array,
     read_table,
-    rows_disagreeing,
-    without_checksum,
 )
 from .rows import RowReader, ZarrRows, row_reader
 
@@ -375,7 +379,7 @@ class FeatureCache:
     @property
     def built(self) -> tuple[Any, ...]:
         """Which build this is — its creation time, whether it finished, its images' number and
-        paths' digest —: what tells a cache rebuilt at its place from the one opened there before
+        paths' digest, its spec —: what tells a cache rebuilt at its place from the one opened there before
         (`replaced_on_disk`), and keys what is remembered of it (a server's results and tiles)."""
         return _built(self.attrs)
 
@@ -394,27 +398,36 @@ class FeatureCache:
 
     def check(self, progress: Callable[[int, int], None] | None = None) -> CacheCheck:
         """Every stored chunk read and every cell checked against its norm (`damaged_rows`), missing
-        chunk files and manifest columns looked for, the manifest read: whether a copied or
-        long-kept cache can be trusted before a search runs into its damage (`python -m vfs check`).
-        It reads the whole cache (the real 10,000-image Lite0 cache: about 5 s from disk, its
-        thumbnails most of it); `progress(images done, images)` after each chunk."""
-        manifest_error = None
-        if self.complete or self.allow_partial:
-            try:
-                _ = self.manifest
-            except CacheError as e:
-                manifest_error = str(e)
+        chunks and manifest columns looked for, local or remote, the manifest (a partial cache's
+        candidates) read: whether a copied or long-kept cache can be trusted before a search runs
+        into its damage (`python -m vfs check`). It reads the whole cache (the real 10,000-image
+        Lite0 cache: about 5 s from disk, its thumbnails most of it); `progress(images done,
+        images)` after each chunk. A cache rebuilt or finished meanwhile is a CacheError."""
+        table = "manifest" if self.complete else "candidates"
         remote = is_url(self.location)
-        with self._reading("its chunks") if remote else nullcontext():
+        manifest_error, lost_columns = None, None
+        with self._reading(f"its {table}") if remote else nullcontext():
+            if table in self.group:
+                lost_columns = missing_columns(self.group, table)
+                try:
+                    with self._reading(f"its {table}"):
+                        read_table(self.group, table)
+                except CacheError as e:
+                    manifest_error = str(e)
             damaged = list(
                 damaged_rows(self.group, self.stored, progress, _network_errors() if remote else ())
+            )
+        if self.replaced_on_disk():
+            raise CacheError(
+                f"the cache at {self.location} changed while it was checked (rebuilt, or its build "
+                "finished): check it again"
             )
         return CacheCheck(
             self.location,
             self.stored,
             self.complete,
             self.lost_from(),
-            self.lost_columns(),
+            lost_columns,
             damaged,
             manifest_error,
             without_checksum(self.group),
@@ -823,8 +836,10 @@ def _on(device: torch.device, features: np.ndarray | list[torch.Tensor]) -> torc
 
 
 def _built(attrs: dict[str, Any]) -> tuple[Any, ...]:
-    """`FeatureCache.built` of a cache's attributes (a partial cache's `n` is 0, its digest unset)."""
-    return tuple(attrs.get(key) for key in ("created", "complete", "n", "paths_digest"))
+    """`FeatureCache.built` of a cache's attributes (a partial cache's `n` is 0, its digest unset;
+    its spec as JSON: `created` has whole seconds, in which a small cache of another layer builds)."""
+    spec = json.dumps(attrs.get("spec"), sort_keys=True)
+    return (*(attrs.get(key) for key in ("created", "complete", "n", "paths_digest")), spec)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from .damage import damaged_rows, first_lost_row
 from .format import (
     CHUNK_BYTES,
     CHUNK_MAX_IMAGES,
@@ -28,8 +29,6 @@ from .format import (
     THUMB_CHUNK,
     CacheError,
     CacheSpec,
-    damaged_rows,
-    first_lost_row,
     library_versions,
     lost_columns,
     member_array,
@@ -225,7 +224,7 @@ class CacheWriter:
             _check_finished_on(path, g, attrs, candidates)
             lost_manifest = _manifest_lost(g)
             n = int(attrs["n"])
-            damaged = next((d.first for d in damaged_rows(g, n)), None)
+            damaged = _first_garbled(g, n)
             # arrays of another length than n: its n edited, or a repair killed before its first step
             resized = any(member_array(g, name).shape[0] != n for name in ROW_ARRAYS)
             if (
@@ -259,7 +258,7 @@ class CacheWriter:
         rows, next_item, skipped = p["rows"], p["next_item"], list(p["skipped"])
         gone = _lost_from(path, g, attrs, rows)
         if not complete:  # a finished cache's rows were checked above
-            damaged = next((d.first for d in damaged_rows(g, rows)), None)
+            damaged = _first_garbled(g, rows)
         lost = min((r for r in (gone, damaged) if r is not None), default=None)
         # chunk files gone or damaged (a copy taken mid-build, a disk fault): redo from there
         if lost is not None:
@@ -473,6 +472,12 @@ def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFra
             f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
             "choose another output"
         )
+
+
+def _first_garbled(group: zarr.Group, rows: int) -> int | None:
+    """The first of `rows` stored images whose chunk does not decode or whose features are not
+    their norms' (`damaged_rows`); a missing chunk is `_lost_from`'s, and said as missing."""
+    return next((d.first for d in damaged_rows(group, rows) if not d.missing), None)
 
 
 def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) -> int | None:

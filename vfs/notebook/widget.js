@@ -3,6 +3,8 @@
 // canvas's painted pixels (one alpha byte per pixel of the model's view) as a binary buffer; Python
 // answers by setting matches, mask_view, status or error and bumping `revision`.
 
+const MOST_K = 1000; // typed in the box (a typo of 10000 would send as many tiles); Python may set more
+
 function element(tag, className, parent, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -32,7 +34,7 @@ function render({ model, el }) {
   const history = element("span", "vfs-history", bar); // the painter's undo, redo and clear
   const kLabel = element("label", "vfs-k", bar, "k ");
   const k = element("input", "", kLabel);
-  Object.assign(k, { type: "number", min: 1, step: 1, title: "How many matches to show" });
+  Object.assign(k, { type: "number", min: 1, max: MOST_K, step: 1, title: "How many matches to show" });
 
   // --- query, mask, status, matches ------------------------------------------------------------------
   const top = element("div", "vfs-top", root);
@@ -80,9 +82,9 @@ function render({ model, el }) {
   brushTool.addEventListener("click", () => { model.set("tool", "brush"); model.save_changes(); });
   rectTool.addEventListener("click", () => { model.set("tool", "rectangle"); model.save_changes(); });
   size.addEventListener("input", () => { model.set("brush", Number(size.value)); model.save_changes(); });
-  const setK = () => { // a whole number ≥ 1; anything else gives the box its value back
+  const setK = () => { // a whole number 1..MOST_K; anything else gives the box its value back
     const value = Number(k.value);
-    if (k.value.trim() === "" || !Number.isInteger(value) || value < 1) {
+    if (k.value.trim() === "" || !Number.isInteger(value) || value < 1 || value > MOST_K) {
       k.value = model.get("k");
       return;
     }

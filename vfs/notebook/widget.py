@@ -8,6 +8,7 @@ by `vfs.render`: so a painted region is searched exactly as the dashboard and th
 
 from __future__ import annotations
 
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
 from ..render import jpeg_data_url, mask_overlay, mask_summary, outlined_match, window_text
 from ..search import SearchResult, image_indices, image_searched, search_regions
+from ..settings import is_url
 
 HERE = Path(__file__).parent
 PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle)."
@@ -67,7 +69,8 @@ def resolve_query(
     else:
         cache.check_extractor(extractor.describe())
     features = extractor.features(query)
-    copy = image_searched(search_regions(cache, features, np.ones(cache.spec.grid), k=1))
+    whole = search_regions(cache, features, np.ones(cache.spec.grid), k=1) if cache.n else None
+    copy = None if whole is None else image_searched(whole)
     if copy is not None:
         return Query(cache.thumb(copy), copy, copy, recognized=True)
     return Query(view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1]), features, None)
@@ -170,6 +173,8 @@ class SearchWidget(anywidget.AnyWidget):
     ) -> None:
         cache.check_searchable()
         self.cache = cache
+        self._replaced = False  # `_check_rebuilt`: whether the disk said another cache stands there
+        self._asking: threading.Thread | None = None  # its question to a URL's server, if one is out
         self._extractor = extractor  # an image query's model, for `set_query` too
         self._query = resolve_query(cache, query, extractor)
         view = self._query.view
@@ -282,12 +287,28 @@ class SearchWidget(anywidget.AnyWidget):
                 self._fail(e, self.mask)
 
     # --- searching and showing --------------------------------------------------------------------------
-    def _run(self, mask: np.ndarray) -> SearchResult:
-        if self.cache.replaced_on_disk():  # its rows in memory, its thumbnails and labels read now
+    def _check_rebuilt(self) -> None:
+        """Refuse a cache rebuilt or finished since it was opened: its rows in memory would be shown
+        with the thumbnails and labels of another. A local one is asked before each search (≈ 1 ms);
+        one behind a URL in the background, the answer taken by the next search, so that a server
+        that hangs holds no stroke."""
+        if not is_url(self.cache.location):
+            self._replaced = self._replaced or self.cache.replaced_on_disk()
+        elif self._asking is None or not self._asking.is_alive():
+            asking = threading.Thread(target=self._ask_replaced, name="vfs-widget-check", daemon=True)
+            asking.start()
+            self._asking = asking
+        if self._replaced:
             raise CacheError(
-                f"the cache at {self.cache.location} was rebuilt since it was opened (another stands "
-                "there now): open it again (vfs.open_cache) and make a new widget of it"
+                f"the cache at {self.cache.location} was rebuilt, or its build finished, since it was "
+                "opened: open it again (vfs.open_cache) and make a new widget of it"
             )
+
+    def _ask_replaced(self) -> None:
+        self._replaced = self._replaced or self.cache.replaced_on_disk()
+
+    def _run(self, mask: np.ndarray) -> SearchResult:
+        self._check_rebuilt()
         exclude = self._query.index if self.exclude_query else None
         result = search_regions(
             self.cache,
