@@ -190,6 +190,13 @@ def test_paint_in_jupyterlab(page, lab):
     page.wait_for_timeout(1500)
     assert revision(page) == before and matches(page) == second[:3]
     assert page.locator(".jp-CodeCell").count() == code_cells and page.locator(".jp-Cell").count() == cells
+    for bad in ("0", "5000", "2.5"):  # not a count, or a typo's thousands of tiles: the box takes k back
+        page.locator(".vfs-k input").click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type(bad)
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(500)
+        assert page.locator(".vfs-k input").input_value() == "3" and revision(page) == before
 
     view = page.locator(".vfs-view").get_attribute("src")
     painted = (

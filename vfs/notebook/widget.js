@@ -62,6 +62,10 @@ function render({ model, el }) {
     buttonClass: "vfs-button",
   });
 
+  // This view's strokes not yet answered: busy until the last is, not at the first of several queued
+  // behind a busy kernel (Python answers each in turn, a `revision` each).
+  let pending = 0;
+
   function send(shapes) {
     const alpha = painter.alpha();
     try {
@@ -75,6 +79,7 @@ function render({ model, el }) {
       error.hidden = false;
       return;
     }
+    pending += 1;
     root.classList.add("vfs-busy");
     status.textContent = shapes.length ? "Searching…" : "";
   }
@@ -121,7 +126,8 @@ function render({ model, el }) {
     if (model.get("shapes") !== painter.shapes) painter.set(model.get("shapes"));
   }
   function showAnswer() {
-    root.classList.remove("vfs-busy");
+    pending = Math.max(0, pending - 1);
+    root.classList.toggle("vfs-busy", pending > 0);
     const mask = model.get("mask_view");
     maskFigure.hidden = !mask;
     if (mask) maskImage.src = mask;
