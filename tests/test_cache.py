@@ -902,7 +902,7 @@ def chunk_file(cache_path, name, row):
     return cache_path / name / arr.metadata.encode_chunk_key((row // arr.chunks[0], *(0,) * (arr.ndim - 1)))
 
 
-def test_check_reads_every_chunk_and_names_each_damage_a_rerun_repairs(tmp_path, capsys):
+def test_check_reads_every_chunk_and_names_each_damage_a_rerun_repairs(tmp_path, capsys, monkeypatch):
     """`vfs check`: `info` reads no chunk, so a copied cache's damage in place was found only by the
     searches that read it. The check decodes every chunk and checks every cell, names each damaged
     chunk's images and each missing manifest column, exits 1; the build's rerun repairs them all."""
@@ -915,8 +915,11 @@ def test_check_reads_every_chunk_and_names_each_damage_a_rerun_repairs(tmp_path,
     shutil.copytree(tmp_path / "clean.zarr", out)
     found = open_cache(out).check()
     assert found.ok and found.problems() == [] and found.images == 29 and found.unverified == []
+    monkeypatch.setenv("VFS_PROGRESS_EVERY_S", "0")  # in a log (stderr no terminal): lines, as a build's
     assert main(["check", str(out)]) == 0
-    assert "OK (complete) — 29 images read" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "OK (complete) — 29 images read" in said.out
+    assert said.err.splitlines() == [f"check: {i} / 29 images" for i in (7, 14, 21, 28)]
 
     features = chunk_file(out, "features", 7)
     features.write_bytes(bytes(features.stat().st_size))  # zero-filled: images 7..13

@@ -274,8 +274,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     bar = None
 
+    every_s, said = _progress_every_s(), time.monotonic()
+
     def progress(done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, said
+        if not sys.stderr.isatty():  # a log: a line every VFS_PROGRESS_EVERY_S, as a build's
+            if time.monotonic() - said >= every_s and done < total:
+                print(f"check: {done} / {total} images", file=sys.stderr, flush=True)
+                said = time.monotonic()
+            return
         if bar is None:
             from tqdm import tqdm
 
@@ -284,7 +291,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        found = cache.check(progress if sys.stderr.isatty() else None)
+        found = cache.check(progress)
     finally:
         if bar is not None:
             bar.close()
