@@ -474,6 +474,14 @@ def test_an_upload_recognised_in_a_cache_rebuilt_since_is_found_anew(
     assert any(t.startswith("2.png is image #3 ") for t in texts(at.info)), texts(at.info)
 
 
+def own_findings(tmp_path: Path, findings_manifest: Path) -> Path:
+    """A copy of the findings dataset, its manifest's rows kept beside it (all.csv) for `rebuilt`."""
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    shutil.copy(dataset, dataset.with_name("all.csv"))
+    return dataset
+
+
 def rebuilt(dataset: Path, out: str, rows=None) -> None:
     """The cache at `out` built anew from `dataset` (its manifest's `rows` only, where given) — the
     same spec, its manifest's path unchanged."""
@@ -488,9 +496,7 @@ def rebuilt(dataset: Path, out: str, rows=None) -> None:
 def test_a_local_cache_rebuilt_at_its_place_is_searched_anew(tmp_path, monkeypatch, findings_manifest):
     """A search was remembered per cache spec: rebuilt at its place from other images under the
     same manifest path, the session's page showed the old cache's results (soak review)."""
-    shutil.copytree(findings_manifest.parent, tmp_path / "data")
-    dataset = tmp_path / "data" / "manifest.csv"
-    shutil.copy(dataset, dataset.with_name("all.csv"))
+    dataset = own_findings(tmp_path, findings_manifest)
     out = str(tmp_path / "caches" / "f.zarr")
     rebuilt(dataset, out)
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
@@ -511,9 +517,7 @@ def test_the_server_lets_a_rebuilt_local_cache_go(tmp_path, findings_manifest):
 
     import ui.core
 
-    shutil.copytree(findings_manifest.parent, tmp_path / "data")
-    dataset = tmp_path / "data" / "manifest.csv"
-    shutil.copy(dataset, dataset.with_name("all.csv"))
+    dataset = own_findings(tmp_path, findings_manifest)
     out = str(tmp_path / "f.zarr")
     rebuilt(dataset, out)
     cache = ui.core.get_cache(out)
@@ -546,9 +550,7 @@ def test_distributions_of_a_cache_rebuilt_with_more_images_is_no_crash(
 ):
     """Rebuilt from 4 images to 6 at its place, the page paired the remembered search's 4 scores with
     the new cache's 6 labels: IndexError (soak review)."""
-    shutil.copytree(findings_manifest.parent, tmp_path / "data")
-    dataset = tmp_path / "data" / "manifest.csv"
-    shutil.copy(dataset, dataset.with_name("all.csv"))
+    dataset = own_findings(tmp_path, findings_manifest)
     out = str(tmp_path / "caches" / "f.zarr")
     rebuilt(dataset, out, rows=slice(0, 5))
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "caches"))
@@ -567,9 +569,7 @@ def test_a_sessions_old_cache_stores_no_tiles_for_the_rebuilt_one(tmp_path, find
     import ui.core
     from vfs.render import jpeg_data_url, outlined_match
 
-    shutil.copytree(findings_manifest.parent, tmp_path / "data")
-    dataset = tmp_path / "data" / "manifest.csv"
-    shutil.copy(dataset, dataset.with_name("all.csv"))
+    dataset = own_findings(tmp_path, findings_manifest)
     out = str(tmp_path / "c.zarr")
     rebuilt(dataset, out)
     old = ui.core.get_cache(out)
