@@ -91,7 +91,10 @@ def _paint(url: object, size: int) -> np.ndarray:
         raise DrawingError(f"the canvas's paint is not a readable PNG ({e})") from e
     if image.size != (size, size):  # checked before decoding: a small file can hold a huge image
         raise DrawingError(f"the canvas's paint is {image.size[0]}×{image.size[1]} px, not {size}×{size}")
-    return np.asarray(image.convert("RGBA"))[..., 3] > 0
+    try:
+        return np.asarray(image.convert("RGBA"))[..., 3] > 0  # decoded here: a truncated file fails here
+    except OSError as e:
+        raise DrawingError(f"the canvas's paint is not a readable PNG ({e})") from e
 
 
 def mask_shape(paint: np.ndarray) -> dict:

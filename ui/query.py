@@ -289,6 +289,10 @@ def _upload_query(key: str) -> Query:
     )
     if file is not None:
         data = file.getvalue()
+        if len(data) > s.max_upload_mb * (1 << 20):  # the uploader's limit is only the browser's to keep
+            size = f"{len(data) / (1 << 20):.1f} MB"
+            st.error(f"{file.name} is {size}: this server takes images of at most {s.max_upload_mb} MB")
+            st.stop()
         st.session_state[UPLOADED] = (hashlib.sha1(data).hexdigest(), file.name, data)
     if UPLOADED not in st.session_state:
         st.info("Upload an image to search the dataset for regions like one of its regions.")
@@ -334,9 +338,11 @@ def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
 
 
 def _uploaded_image() -> Image.Image:
-    digest, name, data = st.session_state[UPLOADED]
+    """The upload decoded, for the memos that keep what is made of it (its view, its features): not
+    kept itself — up to 4096² pixels a session, held for as long as the session lives."""
+    _, name, data = st.session_state[UPLOADED]
     with user_errors():
-        return memo("upload", digest, lambda: load_image(data, name=f"the upload {name}"))
+        return load_image(data, name=f"the upload {name}")
 
 
 def query_view(cache: FeatureCache, query: Query) -> np.ndarray:

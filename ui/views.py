@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -233,12 +234,24 @@ def skipped_images(cache: FeatureCache, key: str) -> None:
             st.dataframe(pd.DataFrame(skipped, columns=["path", "reason"]), hide_index=True, key=key)
 
 
+def _code(text: str) -> str:
+    """`text` as a markdown code span it cannot end (a cache's recorded names are anyone's text: a
+    backtick in one ended the span and rendered the rest, links and remote images, on a hosted Home
+    page)."""
+    return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
+
+
+def _plain(text: str) -> str:
+    """A name or date without markdown's characters (letters, digits, `_ . : + -` and spaces kept)."""
+    return re.sub(r"[^\w.:+\- ]", "_", text)
+
+
 def cache_provenance(cache: FeatureCache) -> str:
     """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
     s, skipped = cache.spec, len(cache.report.get("skipped", []))
     parts = [
-        f"**{cache_name(cache.location)}**: `{s.model}` at layer `{s.layer}` "
-        f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over `{s.data.source}`, "
+        f"**{_plain(cache_name(cache.location))}**: {_code(s.model)} at layer {_code(s.layer)} "
+        f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over {_code(s.data.source)}, "
         f"each image's {s.preprocess.describe()}",
         f"{cache.n} images"
         + (f" ({skipped} unreadable ones skipped)" if skipped else "")
@@ -247,14 +260,15 @@ def cache_provenance(cache: FeatureCache) -> str:
         ),
     ]
     parts += [
-        f"{what} from column `{column}`"
+        f"{what} from column {_code(column)}"
         for what, column in (("labels", cache.label_col), ("domains", cache.domain_col))
         if column
     ]
     versions = cache.attrs.get("versions", {})
-    tools = ", ".join(f"{name} {versions[name]}" for name in ("vfs", "torch", "timm") if name in versions)
+    recorded = [name for name in ("vfs", "torch", "timm") if name in versions]
+    tools = ", ".join(f"{name} {_code(versions[name])}" for name in recorded)
     built = " ".join(
-        ([f"on {cache.attrs['created'][:10]}"] if cache.attrs.get("created") else [])
+        ([f"on {_plain(cache.attrs['created'][:10])}"] if cache.attrs.get("created") else [])
         + ([f"with {tools}"] if tools else [])
     )
     return "; ".join(parts + ([f"built {built}"] if built else [])) + "."

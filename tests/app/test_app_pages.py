@@ -207,6 +207,8 @@ def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_
         ({"shapes": [BOX_SHAPE], "paint": "data:image/jpeg;base64,AAAA"}, "not a PNG data URL"),
         ({"shapes": [BOX_SHAPE], "paint": "data:image/png;base64,not base64!"}, "not a readable PNG"),
         ({"shapes": [BOX_SHAPE], "paint": png_url(np.ones((2000, 2000), bool))}, "2000×2000 px, not 320×320"),
+        # decoded lazily: a truncated file failed outside the check, a traceback (hosted review)
+        ({"shapes": [BOX_SHAPE], "paint": png_url(np.ones((320, 320), bool))[:200]}, "not a readable PNG"),
     ],
 )
 def test_a_drawing_the_canvas_does_not_send_is_an_error_message(app, caches, drawing, says):
@@ -589,6 +591,55 @@ def test_an_unreadable_upload_is_an_error_message(app, caches):
         at.file_uploader(key="search.upload").set_value(("bad.png", b"not an image", "image/png")).run()
     )
     assert any("not an image" in t for t in texts(at.error))
+
+
+def test_an_upload_over_the_servers_limit_is_refused_by_the_server(caches, monkeypatch):
+    """The uploader's max_upload_size is the browser's to keep: a crafted client sent more than
+    VFS_MAX_UPLOAD_MB and the server took it (hosted review)."""
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_MAX_UPLOAD_MB", "1")
+    at = use_cache(page(start_app(), "search"), "search.cache", caches, "small")
+    at.radio(key="search.from").set_value("Upload").run()
+    big = png() + bytes(3 << 19)  # a PNG and 1.5 MB more
+    at = no_exceptions(at.file_uploader(key="search.upload").set_value(("big.png", big, "image/png")).run())
+    assert any("this server takes images of at most 1 MB" in t for t in texts(at.error))
+
+
+def test_a_published_caches_recorded_text_renders_no_markdown(caches, tmp_path, monkeypatch):
+    """A backtick in a cache's recorded dataset source ended its code span on the hosted Home page,
+    the rest rendered as a live link and a remote image for every visitor (hosted review)."""
+    from ui.views import cache_provenance
+
+    shutil.copytree(caches / "small.zarr", tmp_path / "c.zarr")
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    spec = dict(group.attrs["spec"])
+    spec["data"] = dict(spec["data"]) | {
+        "source": "x` [Log in again](https://evil.example) ![t](https://evil.example/t.png) `"
+    }
+    group.attrs["spec"] = spec
+    said = cache_provenance(open_cache(tmp_path / "c.zarr"))
+    spans = said.split("`")
+    assert len(spans) % 2 == 1  # every code span closed
+    assert all("](" not in text for text in spans[::2]), said  # no link or image outside one
+
+
+@pytest.mark.parametrize(
+    "attribute, value", [("created", 20260101), ("versions", ["vfs", "torch"]), ("versions", "vfs torch")]
+)
+def test_a_published_cache_with_records_of_another_type_is_said_damaged(
+    caches, tmp_path, monkeypatch, attribute, value
+):
+    """Such a cache crashed the hosted Home page for every visitor ('int' object is not
+    subscriptable), and uploads searched on it (hosted review): refused where it is opened."""
+    from vfs.cache import CacheError
+
+    shutil.copytree(caches / "small.zarr", tmp_path / "c.zarr")
+    zarr.open_group(tmp_path / "c.zarr", mode="r+").attrs[attribute] = value
+    with pytest.raises(CacheError, match=f"its attributes are damaged .*{attribute}"):
+        open_cache(tmp_path / "c.zarr")
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("VFS_HOSTED", "1")
+    no_exceptions(start_app())
 
 
 # --- Distributions --------------------------------------------------------------------------------

@@ -97,6 +97,12 @@ def _check_build_records(attrs: dict[str, Any]) -> None:
         said = isinstance(skipped, dict) and all(isinstance(skipped.get(k), str) for k in ("path", "reason"))
         if not said:
             raise TypeError(f"a skipped image in the report is no path and reason: {str(skipped)[:60]!r}")
+    # the provenance every page shows (a published cache's: an int crashed the Home page for everyone)
+    if not isinstance(attrs.get("created", ""), str):
+        raise TypeError(f"created is a time as text, not {attrs['created']!r}")
+    versions = attrs.get("versions", {})
+    if not (isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
+        raise TypeError(f"versions is a mapping of library names to versions, not {str(versions)[:60]!r}")
 
 
 def _array(group: zarr.Group, name: str, location: str) -> zarr.Array:
