@@ -14,6 +14,9 @@ import streamlit as st
 from ui.base import settings
 
 st.set_page_config(page_title="Visual Feature Search", page_icon="🔎", layout="wide")
+# A public server's visitors get a generic message for an error the pages did not foresee; its
+# traceback, which names the server's paths, goes to the server's log.
+st.set_option("client.showErrorDetails", "none" if settings().hosted else "full")
 # The keyboard's focus, seen on every control: Streamlit's own rings are faint (its navigation links
 # 1.1:1 against the sidebar, a button's ring 1.9:1); this orange holds 5.2:1 on white.
 st.html("<style>:focus-visible {outline: 2px solid #c2410c !important; outline-offset: 2px}</style>")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import streamlit as st
 import zarr
 from apphelpers import (
     BOX_SHAPE,
@@ -1171,6 +1172,18 @@ def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches,
         assert fact in small, (fact, small)
     assert "; 6 images;" in built[0] and "domains from column `view`" in built[0]
     assert "layer `blocks.4` (14×14 cells × 112 channels)" in built[2]
+
+
+def test_a_hosted_server_shows_visitors_no_traceback(caches, monkeypatch):
+    """Streamlit's default showed an unforeseen error's traceback, the server's paths in it, to every
+    visitor (hosted review): a hosted server shows a generic message and logs the traceback."""
+    monkeypatch.setenv("VFS_CACHE_DIR", str(caches))
+    monkeypatch.setenv("VFS_HOSTED", "1")
+    no_exceptions(start_app())
+    assert st.get_option("client.showErrorDetails") == "none"
+    monkeypatch.delenv("VFS_HOSTED")
+    no_exceptions(start_app())
+    assert st.get_option("client.showErrorDetails") == "full"
 
 
 def test_hosted_mode_searches_a_remote_cache_read_only(caches, tmp_path, monkeypatch):
