@@ -229,9 +229,12 @@ another picture, or the same one saved again as a JPEG, lies well below."""
 def image_searched(result: SearchResult) -> int | None:
     """The searched image that a whole-grid search's query image is, if any (an upload, or a file of
     the dataset, named by its path): searched as a query image, it ranked among the others with a
-    score of about 1 — and was counted in statistics said to leave the query out."""
-    if result.query.mask.shape != tuple(result.grid) or not len(result.top_indices):
+    score of about 1 — and was counted in statistics said to leave the query out. None too where
+    nothing was ranked (a cache of no images)."""
+    if result.query.mask.shape != tuple(result.grid):
         raise ValueError("image_searched takes a search whose region is the whole grid (np.ones(grid))")
+    if not len(result.top_indices):
+        return None
     best = int(result.top_indices[0])
     return best if result.scores[best] >= SAME_IMAGE else None
 

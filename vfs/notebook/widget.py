@@ -69,8 +69,7 @@ def resolve_query(
     else:
         cache.check_extractor(extractor.describe())
     features = extractor.features(query)
-    whole = search_regions(cache, features, np.ones(cache.spec.grid), k=1) if cache.n else None
-    copy = None if whole is None else image_searched(whole)
+    copy = image_searched(search_regions(cache, features, np.ones(cache.spec.grid), k=1))
     if copy is not None:
         return Query(cache.thumb(copy), copy, copy, recognized=True)
     return Query(view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1]), features, None)
