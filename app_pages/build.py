@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui.base import loading, settings
+from ui.base import as_written, loading, settings
 
 st.title("Build a feature cache")
 s = settings()
@@ -145,7 +145,7 @@ if kind == TORCHVISION:  # opening it would download it: torchvision datasets ha
 else:
     with user_errors():
         columns, count, label_default, domain_default = dataset_columns(source)
-    st.caption(f"{count} images; columns: {', '.join(columns) or 'none besides path'}")
+    st.caption(f"{count} images; columns: {as_written(', '.join(columns)) or 'none besides path'}")
 options = [NONE, *columns]
 left, right = st.columns(2)
 label = left.selectbox(

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import streamlit as st
 
-from ui.base import loading, user_errors
+from ui.base import as_written, loading, user_errors
 
 st.title("Compare two caches")
 with loading():  # the title is on screen while a fresh server loads PyTorch
@@ -80,9 +80,12 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
 
     for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
         with column:
-            st.header(cache_name(cache.location))  # under the page's title: no heading level skipped
+            st.header(
+                as_written(cache_name(cache.location))
+            )  # under the page's title: no heading level skipped
             st.caption(
-                f"{cache.spec.model} (weights {short_weights(cache.spec)}) · {cache.spec.layer} · "
+                f"{as_written(cache.spec.model)} (weights {as_written(short_weights(cache.spec))}) · "
+                f"{as_written(cache.spec.layer)} · "
                 f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
                 f"{search_summary(result, k)}"
             )

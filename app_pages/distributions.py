@@ -3,7 +3,7 @@ study)."""
 
 import streamlit as st
 
-from ui.base import loading
+from ui.base import as_written, loading
 
 EVERY = "(every finding)"
 
@@ -110,13 +110,17 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
     with said:
         groups_said = f"{len(table.columns)} groups, plot and table below"
         announce(f"Scores of {int(grouped.sum())} images by {title}: {groups_said}")
-    st.header(f"Groups by {title}")
+    st.header(f"Groups by {as_written(title)}")
     st.caption(
         "Each group against the other images: AUROC of the score as a detector of the group, with "
         "its 95% DeLong interval (logit scale; none for fewer than 10 images a side, or an AUROC of 0 "
         "or 1); the two-sided Mann–Whitney U p-value, and the Benjamini–Hochberg q-value over the "
         "table's groups. Highest AUROC first."
-        + (f" {unknown} images without a value in {column!r} are in neither group." if unknown else "")
+        + (
+            f" {unknown} images without a value in {as_written(repr(column))} are in neither group."
+            if unknown
+            else ""
+        )
         + (
             f" The images without a value, {MISSING}, are described, not tested: in no other group's "
             "rest, and their row has no AUROC, p or q."

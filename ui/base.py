@@ -8,6 +8,8 @@ engine loads (several seconds, once per server process) under `loading()`.
 from __future__ import annotations
 
 import gc
+import re
+import string
 import sys
 import threading
 from collections.abc import Callable, Container, Hashable, Iterator
@@ -35,6 +37,19 @@ def user_errors() -> Iterator[None]:
         else:
             st.error(str(e) or type(e).__name__)
         st.stop()
+
+
+_MARKDOWN = re.compile(f"([{re.escape(string.punctuation)}])")
+
+
+def as_written(text: object) -> str:
+    """`text` as it reads where a page renders markdown (captions, headers, image captions): every
+    ASCII punctuation character escaped, as CommonMark allows, and its whitespace one space. A
+    manifest's labels and paths and a cache's recorded names are their author's text: a `[link](…)`,
+    `![…](…)`, `**`, `$…$` or `:red[…]` in one rendered as such (a link and a remote image on a hosted
+    server's pages). A URL in the text is still a link to itself, showing itself (GFM's autolinks
+    read the text as escaped)."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def settings() -> Settings:

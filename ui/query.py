@@ -29,6 +29,7 @@ from vfs.search import SearchResult, image_searched, search_regions
 from vfs.settings import is_url
 
 from .announce import announce
+from .base import as_written
 from .canvas import Drawing, DrawingError, mask_shape, paint_canvas
 from .core import (
     CACHE,
@@ -150,7 +151,7 @@ def pick_cache(
         label, list(choices), format_func=lambda path: choices[path], key=bind(key, default, shared, choices)
     )
     if spelled_out:
-        st.caption(choices[location or default])
+        st.caption(as_written(choices[location or default]))
     if chosen is not None and chosen not in choices and chosen != location:  # the page went on silently
         st.warning(
             f"The cache chosen before, {chosen}, is gone (deleted or moved?): "
@@ -214,7 +215,7 @@ def _label_filter(cache: FeatureCache, key: str, index_key: str) -> np.ndarray:
     )
     members = _labelled(cache, cache.label_col, label)
     if label != ALL:
-        st.caption(f"{len(members)} images labelled {label}")
+        st.caption(f"{len(members)} images labelled {as_written(label)}")
     return members
 
 
@@ -272,7 +273,7 @@ def _dataset_query(cache: FeatureCache, key: str, filter_column: DeltaGenerator)
         args=(index_key, candidates),
     )
     with user_errors():  # a damaged manifest: its message, as the search would give it
-        st.caption(_query_caption(cache, int(index)))
+        st.caption(as_written(_query_caption(cache, int(index))))
     if st.toggle("Browse thumbnails", key=bind(f"{key}.browse", False)):
         _browser(cache, candidates, key, index_key)
     return Query(cache.spec.data.source, int(index))
@@ -291,7 +292,9 @@ def _upload_query(key: str) -> Query:
         data = file.getvalue()
         if len(data) > s.max_upload_mb * (1 << 20):  # the uploader's limit is only the browser's to keep
             size = f"{len(data) / (1 << 20):.1f} MB"
-            st.error(f"{file.name} is {size}: this server takes images of at most {s.max_upload_mb} MB")
+            st.error(
+                f"{as_written(file.name)} is {size}: this server takes images of at most {s.max_upload_mb} MB"
+            )
             st.stop()
         st.session_state[UPLOADED] = (hashlib.sha1(data).hexdigest(), file.name, data)
     if UPLOADED not in st.session_state:
@@ -299,7 +302,10 @@ def _upload_query(key: str) -> Query:
         st.stop()
     digest, name, _ = st.session_state[UPLOADED]
     # its name in full, as a dataset image's caption gives its file (the uploader's chip shortens it)
-    st.caption(f"Query: {name}, uploaded" if file is not None else f"Using the image uploaded before: {name}")
+    named = as_written(name)
+    st.caption(
+        f"Query: {named}, uploaded" if file is not None else f"Using the image uploaded before: {named}"
+    )
     return Query("upload", digest=digest, name=name)
 
 
@@ -317,7 +323,8 @@ def pick_query(cache: FeatureCache, key: str) -> Query:
     if copy is None:
         return upload
     st.info(
-        f"{upload.name} is image {query_tag(cache, copy)} of this cache (the same features): it is "
+        f"{as_written(upload.name)} is image {as_written(query_tag(cache, copy))} of this cache (the same "
+        "features): it is "
         "searched as that image, so leaving out the query, and the images sharing its values, apply to it."
     )
     return Query(cache.spec.data.source, copy)

@@ -30,6 +30,7 @@ from vfs.render import (
 )
 from vfs.search import SearchResult
 
+from .base import as_written
 from .core import build_registry, get_cache, outlined_tiles, thumbs
 from .query import Query, query_tag
 
@@ -65,7 +66,9 @@ def result_tiles(
     if not rows:
         st.warning("No image passes the filters: loosen the label filter or the per-domain limit.")
         return
-    captions = [match_caption(row["rank"], row["score"], match_tags(row)) for row in rows]
+    captions = [
+        match_caption(row["rank"], row["score"], [as_written(t) for t in match_tags(row)]) for row in rows
+    ]
     alts = [match_alt(row, result.grid) for row in rows]
     if heat:
         images = []

@@ -275,6 +275,37 @@ def test_an_empty_region_is_an_error_message_not_a_traceback(app, caches):
     assert any("the region is empty" in t for t in texts(at.error))
 
 
+def test_a_manifests_text_is_shown_as_written_not_as_markdown(tmp_path, monkeypatch, findings_manifest):
+    """Labels, domains and column names are their author's text: a `[link](…)`, `**` or `$…$` in
+    one rendered as such in a caption, a result tile's caption or a header (a link and a remote
+    image on a hosted server's pages: hosted review). Each shows escaped: inert, and as written."""
+    import pandas as pd
+
+    shutil.copytree(findings_manifest.parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "manifest.csv"
+    label, domain = "x [log in](https://evil.example) ![t](https://evil.example/t.png)", "**PA** $y$ :red[z]"
+    view = "view_[v](https://evil.example)"
+    table = pd.read_csv(dataset).rename(columns={"view": view})
+    table["label"], table[view] = label, [domain, "AP"] * 3
+    table.to_csv(dataset, index=False)
+    build_cache(
+        BuildJob(layer="blocks.5", data=str(dataset), out=str(tmp_path / "c" / "f.zarr"), domain_col=view)
+    )
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "c"))
+    at = no_exceptions(draw(page(start_app(), "search")))
+    shown = texts(at.caption) + [c for image in at.image for c in image.captions]
+    said = [t for t in shown if "evil" in t or "PA" in t]  # the query's caption, the tiles' captions
+    assert len(said) > 3, shown
+    for text in (label, domain):
+        assert any(text in re.sub(r"\\(.)", r"\1", t) for t in said), said  # as written, once unescaped
+    for t in said:  # and inert: no markdown character of theirs left unescaped
+        assert not re.search(r"(?<!\\)[\[\]()*$:]", t), t
+    at = no_exceptions(page(at, "distributions"))
+    at.selectbox(key="dist.column").set_value(view).run()
+    header = next(h.value for h in at.header if h.value.startswith("Groups by"))
+    assert re.sub(r"\\(.)", r"\1", header) == f"Groups by {view}" and "\\[v\\]\\(" in header
+
+
 def test_a_damaged_manifest_is_a_message_at_the_query_picker(tmp_path, monkeypatch):
     """The query's caption reads the manifest: a cache that lost it showed a traceback there (a
     review of the caption's commit), where the search said it in words."""
