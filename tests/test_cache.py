@@ -1360,3 +1360,35 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
     with pytest.raises(CacheError, match="its server did not serve it .*try again later") as refused:
         cache.rows(np.array([1]))  # the server gone
     assert "missing" not in str(refused.value)
+
+
+def test_a_replacement_watch_asks_in_the_background_and_remembers_the_answer():
+    """The app's and the notebook widget's question whether another cache stands at an open one's
+    place: a server that hangs holds no caller past its wait, questions come at most every
+    `every_s`, one at a time, and a replaced cache stays replaced."""
+    import threading
+    import time
+
+    from vfs.cache import ReplacementWatch
+
+    answer, asked = threading.Event(), []
+
+    class Slow:  # a cache whose store answers once `answer` is set: `Slow.replaced`
+        replaced = False
+
+        def replaced_on_disk(self):
+            asked.append(time.monotonic())
+            answer.wait(30)
+            return Slow.replaced
+
+    watch = ReplacementWatch(Slow())
+    started = time.monotonic()
+    assert not watch.replaced(wait_s=0.05) and not watch.replaced(wait_s=0.05)
+    assert time.monotonic() - started < 5 and len(asked) == 1  # the question out: not asked twice
+    answer.set()
+    watch._asking.join(10)
+    assert not watch.replaced(every_s=60.0, wait_s=10) and len(asked) == 1  # asked less than 60 s ago
+    Slow.replaced = True
+    assert watch.replaced(every_s=0.0, wait_s=None) and len(asked) == 2  # waited for: asked in the call
+    Slow.replaced = False
+    assert watch.replaced() and len(asked) == 2  # replaced for good: not asked again

@@ -24,7 +24,15 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BuildRegistry
-from vfs.cache import CacheError, FeatureCache, cache_name, cache_row, list_caches, open_cache
+from vfs.cache import (
+    CacheError,
+    FeatureCache,
+    ReplacementWatch,
+    cache_name,
+    cache_row,
+    list_caches,
+    open_cache,
+)
 from vfs.cluster import ClusterFull
 from vfs.cluster.sharded import ShardedSearch
 from vfs.data import open_dataset
@@ -74,58 +82,41 @@ REMOTE_WAIT_S = 0.25
 """How long a page's run waits for that answer. A server slower than that, or one that hangs, is
 answered for in the background: the page goes on with the cache it has in memory, and a later run
 takes the new one."""
-_url_generations: dict[str, tuple[int, float]] = {}
-"""Per URL: how many times this server found its cache replaced, and when it last asked."""
-_url_asking: set[str] = set()
-"""The URLs whose cache is being asked now (one question at a time, however slow the server)."""
+_url_generations: dict[str, int] = {}
+"""Per URL: how many times this server found its cache replaced."""
+_url_watches: dict[str, ReplacementWatch] = {}
+"""Per URL: whether the cache opened at its latest generation was replaced (one question at a time,
+however slow the server)."""
 _state_lock = threading.Lock()
-"""Guards what this module keeps of caches across sessions: the URLs' generations and questions,
-the local caches' latest stamps."""
+"""Guards what this module keeps of caches across sessions: the URLs' generations and watches, the
+local caches' latest stamps."""
 
 
 def _url_stamp(location: str) -> int:
     """The cache behind a URL as this server has seen it: one more each time it was found rebuilt
-    or finished since it was opened (`FeatureCache.replaced_on_disk`), asked at most every
-    `REMOTE_CHECK_S`, waited for at most `REMOTE_WAIT_S`. A URL's stamp was 0 for good: a cache
-    rebuilt behind it was searched as it was (features in memory) until the server restarted, or,
-    with shards, not at all (review); and asked in the page's own run, a server that hung held
-    every run for its 60 s timeout."""
+    or finished since it was opened (`ReplacementWatch`), asked at most every `REMOTE_CHECK_S`,
+    waited for at most `REMOTE_WAIT_S`. A URL's stamp was 0 for good: a cache rebuilt behind it was
+    searched as it was (features in memory) until the server restarted, or, with shards, not at
+    all (review); and asked in the page's own run, a server that hung held every run for its 60 s
+    timeout."""
     with _state_lock:
-        generation, asked = _url_generations.get(location, (0, -REMOTE_CHECK_S))
-        if time.monotonic() - asked < REMOTE_CHECK_S or location in _url_asking:
-            return generation
-        _url_generations[location] = (generation, time.monotonic())
-        _url_asking.add(location)
-    cache = None
+        generation = _url_generations.get(location, 0)
     try:
         cache = _open_cache(location, generation)
     except CacheError:  # not reachable now: opening it says why
         return generation
-    finally:
-        if cache is None:  # no question asked (a rerun may stop the run here too)
-            with _state_lock:
-                _url_asking.discard(location)
-    asking = threading.Thread(
-        target=_ask_if_replaced, args=(location, cache, generation), name="vfs-remote-check", daemon=True
-    )
-    asking.start()
-    asking.join(REMOTE_WAIT_S)
     with _state_lock:
-        return _url_generations[location][0]
-
-
-def _ask_if_replaced(location: str, cache: FeatureCache, generation: int) -> None:
-    """Counts the URL's cache replaced if another stands there now, and lets its old rows go."""
-    try:
-        if not cache.replaced_on_disk():
-            return
-        with _state_lock:  # another session's question may have counted this replacement already
-            current = _url_generations[location][0]
-            _url_generations[location] = (current + (current == generation), time.monotonic())
-        _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
-    finally:
-        with _state_lock:
-            _url_asking.discard(location)
+        watch = _url_watches.get(location)
+        if watch is None or watch.cache is not cache:  # first opened, or opened again (evicted)
+            watch = _url_watches[location] = ReplacementWatch(cache)
+    if not watch.replaced(REMOTE_CHECK_S, REMOTE_WAIT_S):
+        return generation
+    with _state_lock:  # another session's run may have counted this replacement already
+        if _url_generations.get(location, 0) == generation:
+            _url_generations[location] = generation + 1
+        latest = _url_generations[location]
+    _open_cache.clear(location, generation)  # the old cache's rows: no session searches them again
+    return latest
 
 
 def get_cache(location: str) -> FeatureCache:
@@ -140,7 +131,7 @@ def get_cache(location: str) -> FeatureCache:
         _forget_older(location, stamp, cache.built)
         return cache
     with _state_lock:
-        replaced = _url_generations.get(location, (stamp, 0.0))[0] != stamp
+        replaced = _url_generations.get(location, 0) != stamp
     if replaced:  # found replaced since this run read its stamp: what it just opened is not kept
         _open_cache.clear(location, stamp)  # under the old one (a second copy of the cache's rows)
     return cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
 
 
 def texts(elements) -> list[str]:
-    return [e.value for e in elements]
+    """The elements' markdown as a reader sees it: the escapes of punctuation (`ui.base.as_written`) taken."""
+    return [re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", e.value) for e in elements]
 
 
 def no_exceptions(at: AppTest) -> AppTest:

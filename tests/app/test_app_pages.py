@@ -293,7 +293,7 @@ def test_a_manifests_text_is_shown_as_written_not_as_markdown(tmp_path, monkeypa
     )
     monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "c"))
     at = no_exceptions(draw(page(start_app(), "search")))
-    shown = texts(at.caption) + [c for image in at.image for c in image.captions]
+    shown = [c.value for c in at.caption] + [c for image in at.image for c in image.captions]  # as sent
     said = [t for t in shown if "evil" in t or "PA" in t]  # the query's caption, the tiles' captions
     assert len(said) > 3, shown
     for text in (label, domain):
@@ -845,7 +845,7 @@ def test_compare_two_layers_of_the_same_images(app, caches):
         "Kendall τ (all images)",
     ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
-    assert [s.value for s in at.header][:2] == ["small", "small_b4"]  # h2 under the title: no level skipped
+    assert texts(at.header)[:2] == ["small", "small_b4"]  # h2 under the title: no level skipped
     assert {"Download both sides' scores (CSV)", "Download the comparison (JSON)"} <= {
         b.label for b in at.get("download_button")
     }
@@ -1277,7 +1277,7 @@ def test_a_remote_server_that_hangs_holds_no_page_run(caches, tmp_path, monkeypa
             assert at.dataframe[0].value.equals(first)  # the cache in memory, as it was
         finally:
             stalled.clear()
-        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "vfs-remote-check"], 30)
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "vfs-replaced"], 30)
         assert len(no_exceptions(draw(page(start_app(), "search"))).dataframe[0].value) == 5
 
 
@@ -1295,7 +1295,7 @@ def test_a_remote_cache_opened_as_it_is_found_replaced_is_not_kept_twice(caches,
     shutil.copytree(caches / "small.zarr", tmp_path / "c.zarr")
     with served(tmp_path) as base:
         url = f"{base}/c.zarr"
-        ui.core._url_generations[url] = (1, time.monotonic())  # found replaced by another session
+        ui.core._url_generations[url] = 1  # found replaced by another session
         monkeypatch.setattr(ui.core, "_stamp", lambda location: 0)  # as read before that
         assert ui.core.get_cache(url).n == SMALL and len(opened) == 1
         ui.core.get_cache(url)

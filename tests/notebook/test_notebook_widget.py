@@ -494,7 +494,7 @@ def test_a_remote_caches_rebuild_is_asked_in_the_background(demo_cache, tmp_path
         w.search(np.ones(demo_cache.spec.grid))
         assert time.monotonic() - started < 10 and w.error == ""
         answer.set()
-        w._asking.join(10)
+        w._watch._asking.join(10)
         with pytest.raises(CacheError, match="was rebuilt, or its build finished, since it was opened"):
             w.search(np.ones(demo_cache.spec.grid))
 

@@ -8,7 +8,6 @@ by `vfs.render`: so a painted region is searched exactly as the dashboard and th
 
 from __future__ import annotations
 
-import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 import traitlets
 from PIL import Image
 
-from ..cache import CacheError, FeatureCache
+from ..cache import CacheError, FeatureCache, ReplacementWatch
 from ..images import load_image
 from ..jobs import view_thumbnail
 from ..masks import crop_mask, grid_mask, grid_mask_values
@@ -172,8 +171,7 @@ class SearchWidget(anywidget.AnyWidget):
     ) -> None:
         cache.check_searchable()
         self.cache = cache
-        self._replaced = False  # `_check_rebuilt`: whether the disk said another cache stands there
-        self._asking: threading.Thread | None = None  # its question to a URL's server, if one is out
+        self._watch = ReplacementWatch(cache)  # `_check_rebuilt`
         self._extractor = extractor  # an image query's model, for `set_query` too
         self._query = resolve_query(cache, query, extractor)
         view = self._query.view
@@ -291,20 +289,11 @@ class SearchWidget(anywidget.AnyWidget):
         with the thumbnails and labels of another. A local one is asked before each search (≈ 1 ms);
         one behind a URL in the background, the answer taken by the next search, so that a server
         that hangs holds no stroke."""
-        if not is_url(self.cache.location):
-            self._replaced = self._replaced or self.cache.replaced_on_disk()
-        elif self._asking is None or not self._asking.is_alive():
-            asking = threading.Thread(target=self._ask_replaced, name="vfs-widget-check", daemon=True)
-            asking.start()
-            self._asking = asking
-        if self._replaced:
+        if self._watch.replaced(wait_s=0.0 if is_url(self.cache.location) else None):
             raise CacheError(
                 f"the cache at {self.cache.location} was rebuilt, or its build finished, since it was "
                 "opened: open it again (vfs.open_cache) and make a new widget of it"
             )
-
-    def _ask_replaced(self) -> None:
-        self._replaced = self._replaced or self.cache.replaced_on_disk()
 
     def _run(self, mask: np.ndarray) -> SearchResult:
         self._check_rebuilt()
