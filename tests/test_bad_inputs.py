@@ -375,13 +375,16 @@ def test_cli_search_out_of_memory_is_one_error_line_with_the_way_on(
         ("bomb.png", png_header(10_000, 10_000), "exceeds the limit"),
         # the images' own guard (vfs.images.opened_within): a mask read a 2×30,000 strip whole
         ("strip.png", png_header(2, 30_000), "a strip of 2x30000 pixels"),
-        ("pickled.npy", None, "cannot read the mask"),
+        ("pickled.npy", None, "must hold numbers, not object"),  # its header says so: never loaded
         ("strings.npy", None, "must hold numbers"),
         ("wrong_shape.npy", None, "grid's shape"),
         ("zeros.npy", None, "empty"),
         ("nan.npy", None, "NaN"),
-        # 200 bytes whose header declares 100,000² float64 (75 GiB): np.load allocated it first
-        ("huge.npy", None, "cannot read the mask"),
+        # 200 bytes whose header declares 100,000² float64 (75 GiB): np.load allocated it first, then
+        # mapping it failed with mmap's words ("mmap length is greater than file size": docs review)
+        ("huge.npy", None, "grid's shape (2, 2); got (100000, 100000)"),
+        ("short.npy", None, "cannot read the mask"),  # the grid's shape, but two of its four values
+        ("v3.npy", None, "cannot read the mask (.npy format version 3.0"),
     ],
 )
 def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, content, message):
@@ -395,6 +398,12 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
         np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     elif mask == "strings.npy":
         np.save(path, np.array([["a", "b"], ["c", "d"]]))
+    elif mask == "short.npy":
+        np.save(path, np.ones((2, 2)))
+        path.write_bytes(path.read_bytes()[:-16])
+    elif mask == "v3.npy":
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.ones((2, 2)), version=(3, 0))
     elif mask == "huge.npy":
         with open(path, "wb") as f:
             np.lib.format.write_array_header_1_0(

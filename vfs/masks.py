@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
 from .images import ImageError, opened_within
@@ -303,6 +304,9 @@ class PaintedOn:
         return view
 
 
+_NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+"""numpy's readers of a .npy file's header by its format version: (shape, Fortran order, dtype)."""
+
 PAINTED_ON_VIEW = ("vfs:painted_on", "view")
 """A PNG text entry saying its mask was painted on the model's view (the app's region download):
 `load_mask` then takes it so whatever its size."""
@@ -313,18 +317,25 @@ def load_mask(path: str | Path, grid: tuple[int, int], painted_on: PaintedOn | N
     (`mask_image_coverage`)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        try:
-            # never unpickled (a .npy can carry code); mapped, not read: its header may declare any shape
-            m = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:  # its header first: it may declare any shape (a 200-byte file, 100000² float64)
+            with open(path, "rb") as file:
+                version = npy_format.read_magic(file)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f".npy format version {version[0]}.{version[1]}: expected 1.0 or 2.0")
+                shape, _, dtype = _NPY_HEADERS[version](file)
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{path.name}: cannot read the mask ({e})") from e
-        if m.dtype.kind not in "biuf":
-            raise ValueError(f"{path.name}: a .npy mask must hold numbers, not {m.dtype}")
-        if m.shape != tuple(grid):
+        if dtype.kind not in "biuf":
+            raise ValueError(f"{path.name}: a .npy mask must hold numbers, not {dtype}")
+        if shape != tuple(grid):
             raise ValueError(
-                f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {m.shape}"
+                f"{path.name}: a .npy mask must have the grid's shape {tuple(grid)}; got {shape}"
             )
-        return np.array(m, dtype=np.float32)
+        try:
+            m = np.load(path, allow_pickle=False)  # never unpickled: a .npy can carry code
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path.name}: cannot read the mask ({e})") from e
+        return np.asarray(m, dtype=np.float32)
     return grid_mask(mask_image_coverage(path, path.name, painted_on), grid)
 
 
