@@ -522,3 +522,45 @@ def test_a_pixel_limit_that_is_no_whole_number_is_said(value):
     )
     assert done.returncode != 0
     assert f"VFS_MAX_IMAGE_PIXELS={value!r}: expected a whole number of pixels ≥ 1" in done.stderr
+
+
+def test_a_folder_dataset_goes_through_linked_folders_once(tmp_path: Path) -> None:
+    """Datasets are often assembled from links: `Path.rglob` left a linked folder's images out
+    without a word (20 images built of 160: data review). Each folder is listed once, however
+    many links lead to it: a loop of links ends."""
+    save(tmp_path / "elsewhere" / "sketch" / "s.png", solid())
+    save(tmp_path / "data" / "photo" / "p.png", solid())
+    (tmp_path / "data" / "sketch").symlink_to(tmp_path / "elsewhere" / "sketch")
+    (tmp_path / "data" / "photo" / "loop").symlink_to(tmp_path / "data")
+    ds = open_dataset(str(tmp_path / "data"))
+    assert ds.records["path"].tolist() == ["photo/p.png", "sketch/s.png"]
+    assert ds.records["label"].tolist() == ["photo", "sketch"]
+    assert ds.load(1).size == (12, 10)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    """`Path.rglob` left an unreadable folder's images out without a word (data review). Refused
+    as a permission error says it (root lists any folder: the listing is refused here for it)."""
+    save(tmp_path / "a" / "1.png", solid())
+    save(tmp_path / "locked" / "2.png", solid())
+    scandir = os.scandir
+
+    def refused(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(
+        ValueError, match=r"cannot list '.*locked' in the dataset folder \(Permission denied\)"
+    ):
+        open_dataset(str(tmp_path))
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tmp_path: Path) -> None:
+    """It stopped the build with "'utf-8' codec can't encode character '\\udce9'…", naming no file
+    (data review): a cache's paths are text."""
+    save(tmp_path / "ok.png", solid())
+    save(Path(os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.png")), solid())
+    with pytest.raises(ValueError, match=r"'caf\\\\xe9\.png' in .*: its name is not UTF-8"):
+        open_dataset(str(tmp_path))

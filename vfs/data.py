@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cache
 from pathlib import Path
@@ -179,6 +179,47 @@ class FileReader:
         return load_image(self.resolve(path))
 
 
+def _image_files(root: Path) -> Iterator[str]:
+    """The image files under `root`, relative to it, through linked folders too (datasets are often
+    assembled from links; once each folder: a loop of links ends); hidden files and folders left
+    out. A link to a file gone is listed: the build reports it skipped. A folder that cannot be
+    listed, or a file name that is not UTF-8 (a cache's paths are text), stops the listing with a
+    ValueError naming it: the dataset would be another than its owner's (`Path.rglob` left out
+    linked and unreadable folders without a word)."""
+    seen: set[tuple[int, int]] = set()
+    unlisted: list[OSError] = []
+    for folder, subfolders, files in os.walk(root, onerror=unlisted.append, followlinks=True):
+        if unlisted:
+            break
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        relative = Path(folder).relative_to(root)
+        for name in files:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = (relative / name).as_posix()
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                raise ValueError(
+                    f"{shown!r} in {str(root)!r}: its name is not UTF-8 (e.g. Latin-1 from an old "
+                    "archive), which a cache's paths must be; rename it (convmv -f latin1 -t utf8) or "
+                    "move it out of the folder"
+                ) from None
+            yield path
+    if unlisted:
+        e = unlisted[0]
+        raise ValueError(
+            f"cannot list {e.filename!r} in the dataset folder ({e.strerror}): its images would be left "
+            "out; make it readable, or move it out of the folder"
+        )
+
+
 def _folder_records(root: Path) -> pd.DataFrame:
     """Images under ``root`` in sorted order; hidden files (e.g. macOS ``._x.jpg``) skipped.
 
@@ -187,13 +228,7 @@ def _folder_records(root: Path) -> pd.DataFrame:
     in that shared folder get a missing label (None) rather than "" so they never form a
     class of their own; with no sub-folders at all there is no ``label`` column.
     """
-    paths = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and (p.is_file() or (p.is_symlink() and not p.is_dir()))  # a dangling link: skipped, reported
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    paths = sorted(_image_files(root))
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {str(root)!r}")
     records = pd.DataFrame({"path": paths})
