@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import threading
 from dataclasses import replace
 
@@ -1392,3 +1393,40 @@ def test_a_replacement_watch_asks_in_the_background_and_remembers_the_answer():
     assert watch.replaced(every_s=0.0, wait_s=None) and len(asked) == 2  # waited for: asked in the call
     Slow.replaced = False
     assert watch.replaced() and len(asked) == 2  # replaced for good: not asked again
+
+
+@pytest.mark.parametrize("names", [["..", "."], ["path/c"], ["g/h", "g"], ["label/c/0", "__x", "column 5"]])
+def test_any_column_name_is_stored_and_read_back(tmp_path, names):
+    """A manifest's column names are anyone's text: `..`, `a/b`, `g` beside `g/h` failed the build
+    with zarr's words and left its `.creating` folder (data review). Each is stored under a name
+    zarr takes (the table's `keys`; "column 5" taken by a name, the next), read, checked, and found
+    lost as any other column when its array is gone."""
+    table = candidates(6)
+    for i, name in enumerate(names):
+        table[name] = [f"{name}-{j % (i + 2)}" for j in range(6)]
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, table, 32)
+    fill(w, range(6))
+    w.finish(table)
+    assert not list(tmp_path.glob("*.creating"))
+    cache = open_cache(tmp_path / "c.zarr")
+    pd.testing.assert_frame_equal(cache.manifest[names], table[names], check_dtype=False)
+    assert cache.check().ok
+    keys = zarr.open_group(tmp_path / "c.zarr", mode="r")["manifest"].attrs["keys"]
+    assert set(keys) == {n for n in names if n not in ("g", "column 5")} and len(set(keys.values())) == len(
+        keys
+    )
+    shutil.rmtree(tmp_path / "c.zarr" / "manifest" / keys[names[0]])
+    assert [names[0]] == cache.check().lost_columns == open_cache(tmp_path / "c.zarr").lost_columns()
+
+
+def test_a_cache_whose_creation_fails_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    """A creation that failed half-way left its `.creating` folder beside the output (data review)."""
+    import vfs.cache.writer
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vfs.cache.writer, "write_table", full)
+    with pytest.raises(OSError, match="No space left"):
+        CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(3), 32)
+    assert list(tmp_path.iterdir()) == []

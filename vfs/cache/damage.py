@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from .format import ROW_ARRAYS, CacheError, location_of, member_array
+from .format import ROW_ARRAYS, CacheError, column_key, location_of, member_array
 from .rows import ZarrRows
 
 NORMS_AGREE = 1e-3
@@ -131,7 +131,7 @@ def missing_columns(group: zarr.Group, name: str) -> list[str]:
         return []
     lost = []
     for column in map(str, attrs.get("columns", [])):
-        arr = table.get(column)
+        arr = table.get(column_key(attrs, column, location_of(group)))
         try:
             if not isinstance(arr, zarr.Array):
                 raise CacheError(f"column {column!r} is gone")
@@ -148,7 +148,10 @@ def without_checksum(group: zarr.Group) -> list[str]:
     table = group.get("manifest") or group.get("candidates")
     if isinstance(table, zarr.Group):
         attrs: dict[str, Any] = dict(table.attrs)
-        names += [f"{table.basename}/{c}" for c in map(str, attrs.get("columns", []))]
+        names += [
+            f"{table.basename}/{column_key(attrs, c, location_of(group))}"
+            for c in map(str, attrs.get("columns", []))
+        ]
     found = []
     for name in names:
         arr = group.get(name)

@@ -207,14 +207,49 @@ def check_chunk_size(arr: zarr.Array, location: str) -> None:
         )
 
 
+def _is_node_name(name: str) -> bool:
+    """Whether zarr stores an array under `name` in a group as it is: no `/` (a path), not only
+    dots, no `__` prefix (zarr's own)."""
+    return bool(name) and "/" not in name and name.strip(".") != "" and not name.startswith("__")
+
+
+def _column_keys(columns: Sequence[str]) -> dict[str, str]:
+    """The array names of a table's columns whose names zarr cannot store as they are (`a/b`,
+    `..`: a manifest's column names are anyone's text; they failed the build with zarr's words, and
+    `g` beside `g/h` with 'a parent … is an array'): `column 3` for the fourth, kept in the table's
+    `keys` attribute. Other columns are stored under their names, as before `keys` existed."""
+    keys: dict[str, str] = {}
+    for i, c in enumerate(columns):
+        if not _is_node_name(c):
+            key = f"column {i}"
+            while key in columns or key in keys.values():
+                key += "_"
+            keys[c] = key
+    return keys
+
+
+def column_key(attrs: dict[str, Any], column: str, location: str) -> str:
+    """The array name a table's `column` is stored under (`_column_keys`), checked: a cache's
+    attributes are anyone's text."""
+    keys = attrs.get("keys", {})
+    key = keys.get(column, column) if isinstance(keys, dict) else None
+    if not isinstance(key, str) or not _is_node_name(key):
+        raise CacheError(
+            f"{location}: a table's column {column!r} is stored under {key!r}, not a column's name"
+        )
+    return key
+
+
 def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
     """A DataFrame as one string array per column (missing values stored as empty strings), each
     column's chunk stored even where every value is missing: a missing file is then damage."""
     g = group.require_group(name)
-    for col in table.columns:
+    columns = [str(c) for c in table.columns]
+    keys = _column_keys(columns)
+    for col, column in zip(table.columns, columns):
         values = table[col].map(lambda v: _MISSING if _is_missing(v) else str(v))
         arr = g.create_array(
-            str(col),
+            keys.get(column, column),
             shape=(len(table),),
             chunks=(max(1, len(table)),),
             dtype=str,
@@ -226,9 +261,10 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
             arr[:] = values.to_numpy(dtype=str)
     g.attrs.update(
         {
-            "columns": [str(c) for c in table.columns],
+            "columns": columns,
             "kinds": {str(c): table[c].dtype.kind for c in table.columns},
             "all_chunks_stored": True,
+            **({"keys": keys} if keys else {}),
         }
     )
 
@@ -245,7 +281,7 @@ def lost_columns(group: zarr.Group, name: str) -> list[str]:
         return []
     lost = []
     for c in map(str, attrs.get("columns", [])):
-        arr = g.get(c)
+        arr = g.get(column_key(attrs, c, location_of(group)))
         if not isinstance(arr, zarr.Array) or (arr.shape[0] and arr.nchunks_initialized < arr.nchunks):
             lost.append(c)  # its folder gone, or its chunk
     return lost
@@ -275,7 +311,7 @@ def read_table(
         )
     out = {}
     for c in wanted:
-        arr = g[c] if isinstance(g, zarr.Group) else None
+        arr = g.get(column_key(attrs, c, location_of(group))) if isinstance(g, zarr.Group) else None
         if not isinstance(arr, zarr.Array):
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} is not an array")
         check_array(arr, str(group.store_path))

@@ -131,6 +131,29 @@ class CacheWriter:
         staging = path.with_name(path.name + ".creating")
         if staging.exists():  # a creation killed half-way: nothing in it was ever progress
             shutil.rmtree(staging)
+        try:
+            cls._create(staging, spec, candidates, (per, thumb_per), thumb_size, feature_scale, job)
+        except BaseException:  # an unforeseen failure, an interrupt: nothing of it left on disk
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        staging.rename(path)
+        if FSYNC:
+            _fsync([path.parent])
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        return cls(path, group, spec, feature_scale=feature_scale)
+
+    @staticmethod
+    def _create(
+        staging: Path,
+        spec: CacheSpec,
+        candidates: pd.DataFrame,
+        chunks: tuple[int, int],
+        thumb_size: int,
+        feature_scale: float,
+        job: dict[str, Any] | None,
+    ) -> None:
+        """A new cache's arrays, tables and attributes, written into `staging`."""
+        (h, w), (per, thumb_per), n = spec.grid, chunks, len(candidates)
         g = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-")
         g.create_array(
             "features",
@@ -183,11 +206,6 @@ class CacheWriter:
                     staging,
                 ]
             )
-        staging.rename(path)
-        if FSYNC:
-            _fsync([path.parent])
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
-        return cls(path, group, spec, feature_scale=feature_scale)
 
     @classmethod
     def _resume(cls, path: Path, spec: CacheSpec, candidates: pd.DataFrame) -> CacheWriter:
