@@ -202,8 +202,13 @@ def test_manifest_path_escaping_root_is_refused(tmp_path: Path, bad: str) -> Non
 
 def test_manifest_without_path_column(tmp_path: Path) -> None:
     pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "m.csv", index=False)
-    with pytest.raises(ValueError, match="no 'path' column"):
+    with pytest.raises(ValueError, match=r"no 'path' column \(columns: file\)$"):
         open_dataset(str(tmp_path / "m.csv"))
+    (tmp_path / "s.csv").write_text("path;label\na.png;cat\n")  # a European spreadsheet's (data review)
+    with pytest.raises(
+        ValueError, match="no 'path' column .*reads as ';'-separated: VFS reads comma-separated"
+    ):
+        open_dataset(str(tmp_path / "s.csv"))
 
 
 def test_columns_validated_spec_roundtrip_and_limit(tmp_path: Path) -> None:

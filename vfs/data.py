@@ -271,7 +271,9 @@ def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
         raise ValueError(f"manifest {str(manifest)!r} cannot be read as a table ({e})") from e
     if "path" not in records.columns:
         found = ", ".join(map(str, records.columns))
-        raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {found})")
+        other = next((sep for sep in ";\t|" if any(sep in str(c) for c in records.columns)), None)
+        hint = f"; its header reads as {other!r}-separated: VFS reads comma-separated CSV" if other else ""
+        raise ValueError(f"manifest {str(manifest)!r} has no 'path' column (columns: {found}){hint}")
     if records.empty:  # as an empty folder is: a cache of no images could only be refused later
         raise ValueError(f"manifest {str(manifest)!r} lists no images")
     missing = records.index[records["path"].isna()].tolist()
