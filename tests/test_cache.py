@@ -1037,6 +1037,28 @@ def test_a_chunk_garbled_within_its_compressed_frame_is_damage(tmp_path):
     assert_built_alike(tmp_path / "clean.zarr", out)
 
 
+def test_a_garbled_manifest_chunk_is_damage_check_finds_and_a_rerun_repairs(tmp_path):
+    """`check` stopped on the codec's error (exit 2, no JSON), `info` saw nothing, and the rerun of
+    the build, which looked for the column's files only, said the cache was complete, while every
+    search said to rerun it (CLI review)."""
+    import shutil
+
+    build(tmp_path / "clean.zarr", 12)
+    shutil.copytree(tmp_path / "clean.zarr", out := tmp_path / "c.zarr")
+    chunk = out / "manifest" / "dom" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    chunk.write_bytes(bytes(data))
+    found = open_cache(out).check()
+    assert found.lost_columns == ["dom"] and not found.ok
+    assert "its manifest's column 'dom' is missing or garbled" in found.problems()
+    with pytest.warns(UserWarning, match=r"column\(s\) 'dom' are missing or garbled on disk"):
+        resumed = CacheWriter.open(out, SPEC, candidates(12), 32)
+    resumed.finish(candidates(12))
+    assert open_cache(out).check().ok
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+
+
 def test_a_repair_killed_while_it_reopens_the_cache_resumes(tmp_path, monkeypatch):
     """Reopening a finished cache for repair resized its arrays before marking it partial: a reader
     in between, or after a kill there, found a complete cache whose arrays disagree with its n

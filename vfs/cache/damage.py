@@ -124,7 +124,9 @@ def _chunk_damage(
 
 def missing_columns(group: zarr.Group, name: str) -> list[str]:
     """The columns of a cache's table (`manifest`, `candidates`) whose data is gone from the store,
-    local or remote, where the writer stored every chunk (zarr reads a gone one as all missing)."""
+    local or remote, where the writer stored every chunk (zarr reads a gone one as all missing), or
+    does not decode (a chunk garbled on disk: it escaped `check` as a codec's error, and a rerun
+    of the build, which looked for files only, left it — CLI review)."""
     table = group[name]
     attrs: dict[str, Any] = dict(table.attrs)
     if not isinstance(table, zarr.Group) or not attrs.get("all_chunks_stored"):
@@ -136,7 +138,11 @@ def missing_columns(group: zarr.Group, name: str) -> list[str]:
             if not isinstance(arr, zarr.Array):
                 raise CacheError(f"column {column!r} is gone")
             ZarrRows(arr, location_of(group), True).read(0, arr.shape[0])
-        except CacheError:
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:
+                raise
+            lost.append(column)  # a codec's error
+        except Exception:  # noqa: BLE001 - CacheError, zarr's and the codecs' many kinds, as `_chunk_damage`
             lost.append(column)
     return lost
 

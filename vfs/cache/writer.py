@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .damage import damaged_rows, first_lost_row
+from .damage import damaged_rows, first_lost_row, missing_columns
 from .format import (
     CHUNK_BYTES,
     CHUNK_MAX_IMAGES,
@@ -30,7 +30,6 @@ from .format import (
     CacheError,
     CacheSpec,
     library_versions,
-    lost_columns,
     member_array,
     paths_digest,
     read_table,
@@ -509,8 +508,8 @@ def _manifest_lost(group: zarr.Group) -> str | None:
     column(s) 'label' are missing"); None where it is whole."""
     if "manifest" not in group:
         return "its manifest is missing"
-    lost = lost_columns(group, "manifest")
-    return f"its manifest's column(s) {', '.join(map(repr, lost))} are missing" if lost else None
+    lost = missing_columns(group, "manifest")  # every chunk decoded: a garbled one is lost too
+    return f"its manifest's column(s) {', '.join(map(repr, lost))} are missing or garbled" if lost else None
 
 
 def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
@@ -548,7 +547,7 @@ def _check_finished_on(
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
-    if "manifest" not in group or "path" in lost_columns(group, "manifest"):
+    if "manifest" not in group or "path" in missing_columns(group, "manifest"):
         if "paths_digest" not in attrs:
             raise CacheError(
                 f"{path} is damaged: its manifest's paths are missing on disk, and it was built before VFS "
