@@ -567,6 +567,31 @@ def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
     assert {r["domain"] for r in parsed["results"]} == {"d0", "d1"}
 
 
+def test_whole_numbers_with_gaps_come_back_whole(tmp_path):
+    """A label column of whole numbers with one blank read back as floats: groups "2.0", JSON 2.0
+    (data review). Stored and read as pandas' nullable integers; a search's labels are ints and None."""
+    from vfs.export import search_json
+    from vfs.stats import label_groups
+
+    spec = replace(SPEC, data=replace(SPEC.data, label_col="grade"))
+    rows = candidates(6).assign(grade=pd.array([1, 2, None, 1, 3, 2**60], dtype="Int64"))
+    w = CacheWriter.open(tmp_path / "c.zarr", spec, rows, 32)
+    fill(w, range(6))
+    w.finish(rows)
+    cache = open_cache(tmp_path / "c.zarr")
+    pd.testing.assert_series_equal(cache.manifest["grade"], rows["grade"])  # 2⁶⁰ too: no float between
+    assert list(label_groups(cache.manifest, "grade").columns) == [
+        "(missing)",
+        "1",
+        "1152921504606846976",
+        "2",
+        "3",
+    ]
+    doc = search_json(cache, search_regions(cache, 0, np.ones((4, 5)), k=6, exclude=None), {"index": 0})
+    labels = {r["index"]: r["label"] for r in json.loads(json.dumps(doc, allow_nan=False))["results"]}
+    assert labels == {0: 1, 1: 2, 2: None, 3: 1, 4: 3, 5: 2**60}
+
+
 def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     """The Distributions page's per-image export: the rows its table used (the query left out),
     each with its score and best window, without clobbering a manifest column named `score`."""

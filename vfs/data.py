@@ -240,6 +240,7 @@ def _folder_records(root: Path) -> pd.DataFrame:
 
 
 _LEADING_ZERO = re.compile(r"^\s*[+-]?0\d")
+_WHOLE_NUMBER = re.compile(r"[+-]?\d+")
 _NUMBERS_MISSING = ("NA", "N/A", "n/a", "NaN", "nan", "-nan", "NULL", "null", "None", "#N/A", "<NA>")
 """How R, numpy, spreadsheets and databases write a missing number: missing in a column of numbers."""
 
@@ -250,16 +251,19 @@ def _read_csv(manifest: Path) -> pd.DataFrame:
     "NA", "nan" and the like are missing too (R writes NA); a column with a number written with a
     leading zero ("0012": an ID) stays text."""
     text = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    ids, numbers = [], []
+    types: dict[str, str] = {}
+    numbers = []
     for column in text.columns:
         values = text[column].str.strip()
         written = values[(values != "") & ~values.isin(_NUMBERS_MISSING)]
         if values.str.match(_LEADING_ZERO).any():
-            ids.append(column)
+            types[column] = "str"
         elif len(written) and pd.to_numeric(written, errors="coerce").notna().all():
             numbers.append(column)
+            if len(written) < len(values) and written.str.fullmatch(_WHOLE_NUMBER).all():
+                types[column] = "Int64"  # whole numbers with gaps: pandas read them as floats ("2.0")
     missing = {c: ["", *(_NUMBERS_MISSING if c in numbers else ())] for c in text.columns}
-    return pd.read_csv(manifest, keep_default_na=False, na_values=missing, dtype=dict.fromkeys(ids, str))
+    return pd.read_csv(manifest, keep_default_na=False, na_values=missing, dtype=types)
 
 
 def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:

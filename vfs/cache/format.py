@@ -323,8 +323,9 @@ def read_table(
         missing = _READ_AS_MISSING + (_WRITTEN_AS_TEXT if kind in _TYPED_KINDS else ())
         col = col.where(~col.isin(missing), None)
         if kind in ("i", "u", "f"):
-            try:
-                col = pd.to_numeric(col)
+            try:  # whole numbers with gaps as pandas' nullable integers, as a manifest reads them
+                nullable = kind != "f" and bool(col.isna().any())
+                col = pd.to_numeric(col, dtype_backend="numpy_nullable") if nullable else pd.to_numeric(col)
             except (TypeError, ValueError) as e:
                 raise CacheError(
                     f"{group.store_path}: table {name!r} column {c!r} is not numbers ({e})"

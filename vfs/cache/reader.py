@@ -320,7 +320,12 @@ class FeatureCache:
                     f"the manifest of the cache at {self.location} has no column {name!r} "
                     f"(columns: {', '.join(map(str, self.manifest.columns))})"
                 )
-            self._columns[name] = self.manifest[name].to_numpy()
+            column = self.manifest[name]
+            nullable = pd.api.types.is_extension_array_dtype(column.dtype) and column.dtype.kind in "iub"
+            # pandas' nullable integers would come back as floats, their gaps NaN ("2.0")
+            self._columns[name] = (
+                column.to_numpy(dtype=object, na_value=None) if nullable else column.to_numpy()
+            )
         return self._columns[name]
 
     def images_sharing(self, column: str, index: int) -> np.ndarray:
