@@ -1012,6 +1012,9 @@ def test_check_says_damaged_where_the_damage_stops_the_cache_opening(tmp_path, c
     (tmp_path / "c.zarr" / "thumbs" / "zarr.json").unlink()
     assert main(["check", str(tmp_path / "c.zarr")]) == 1
     assert "DAMAGED, it cannot be opened" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "c.zarr"), "--json"]) == 1  # JSON, as a script reads it (CLI review)
+    said = json.loads(capsys.readouterr().out)
+    assert said["opened"] is False and said["ok"] is False and "cannot be opened" in said["problems"][0]
     assert main(["check", str(tmp_path / "none.zarr")]) == 2  # no cache there: an error
     assert main(["check", str(tmp_path)]) == 2  # a folder, no cache
 

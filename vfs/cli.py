@@ -270,7 +270,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except CacheError as e:
         if is_url(args.cache) or not (Path(args.cache) / "zarr.json").is_file():  # no zarr group there
             raise
-        print(f"{args.cache}: DAMAGED, it cannot be opened: {e}")  # an array's metadata gone, say
+        if args.json:  # a script reads JSON whatever it found (review: it got this line)
+            problem = f"it cannot be opened: {e}"
+            print(
+                json.dumps(
+                    {"location": args.cache, "opened": False, "ok": False, "problems": [problem]}, indent=1
+                )
+            )
+        else:
+            print(f"{args.cache}: DAMAGED, it cannot be opened: {e}")  # an array's metadata gone, say
         return 1
     bar = None
 
@@ -297,7 +305,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             bar.close()
     seconds = time.perf_counter() - t0
     if args.json:
-        print(json.dumps(found.to_dict() | {"seconds": round(seconds, 2)}, indent=1))
+        print(json.dumps(found.to_dict() | {"opened": True, "seconds": round(seconds, 2)}, indent=1))
         return 0 if found.ok else 1
     state = "complete" if found.complete else "PARTIAL: its images stored so far"
     images = f"{found.images} image{'' if found.images == 1 else 's'}"
