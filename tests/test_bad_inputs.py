@@ -1190,7 +1190,7 @@ def test_cli_names_a_manifest_column_lost_on_disk_and_its_rerun_writes_it_again(
     assert "DAMAGED: manifest column 'label' missing on disk — rerun its build" in capsys.readouterr().out
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert f"warning: {out}: its manifest's column(s) 'label' are missing on disk" in err
+    assert f"warning: {out}: its manifest's column(s) 'label' are missing or garbled on disk" in err
     assert "UserWarning" not in err and "CacheWriter.open" not in err
     assert open_cache(out).manifest["label"].tolist() == ["a", "b", "a"]
 

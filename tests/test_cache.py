@@ -1135,7 +1135,7 @@ def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_pat
     with pytest.raises(CacheError, match="built from other images"):
         CacheWriter.open(out, SPEC, shuffled, 32)
     assert open_cache(out).complete  # refused without a change
-    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing on disk"):
+    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing or garbled on disk"):
         resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
     assert resumed.rows == 29 and resumed.next_item == 30  # nothing to compute
     resumed.finish(candidates(30))
@@ -1256,6 +1256,8 @@ def test_a_resume_follows_the_dataset_to_its_new_place_but_not_to_other_images(t
     assert resumed.rows == 7
     partial = open_cache(tmp_path / "c.zarr", allow_partial=True)
     assert partial.info()["nbytes_features"] == 7 * 4 * 5 * 8 * 2  # the images stored so far
+    # of how many: "n": 0 and "stored" alone did not say (CLI review)
+    assert {k: partial.info()[k] for k in ("stored", "candidates")} == {"stored": 7, "candidates": 20}
     attrs = partial.attrs
     assert attrs["spec"]["data"]["source"] == attrs["job"]["data"] == "/mnt/elsewhere/manifest.csv"
     assert "weights" not in attrs["spec"]  # a cache from before digests is not stamped with today's model's

@@ -231,10 +231,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=1, default=str))
         return
     s = cache.spec
-    lost = [] if info["lost_from"] is None else [f"images from {info['lost_from']}"]
+    lost = [] if info["lost_from"] is None else [f"images from {info['lost_from']} missing or cut short"]
     columns = info["lost_columns"]
-    lost += ["the manifest"] if columns is None else [f"manifest column {c!r}" for c in columns]
-    damage = f", DAMAGED: {', '.join(lost)} missing on disk — rerun its build" if lost else ""
+    lost += (
+        ["the manifest missing"] if columns is None else [f"manifest column {c!r} missing" for c in columns]
+    )
+    damage = f", DAMAGED: {', '.join(lost)} on disk — rerun its build" if lost else ""
     print(f"{info['location']}  ({'complete' if cache.complete else 'PARTIAL'}{damage})")
     print(
         f"  model {s.model}  layer {s.layer}  input {s.input_size}px  "
@@ -243,7 +245,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"  weights {s.weights or '(not recorded: built before VFS kept their digest)'}")
     print(f"  view: {s.preprocess.describe()}")  # what a mask painted on the query photo is cropped to
     print(
-        f"  images {cache.stored}{'' if cache.complete else ' stored so far'}  data {s.data.source}  "
+        f"  images {cache.stored}{'' if cache.complete else f' of {cache.candidates} stored so far'}  "
+        f"data {s.data.source}  "
         f"labels {s.data.label_col or '(none)'}  domains {s.data.domain_col or '(none)'}"
     )
     print(f"  features {info['nbytes_features'] / 1e6:.1f} MB fp16, chunk {info['chunk']} images")

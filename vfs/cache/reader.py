@@ -144,7 +144,7 @@ class CacheCheck:
     def problems(self) -> list[str]:
         """Each problem found, in words."""
         lost = self.lost_from
-        found = [] if lost is None else [f"chunk files are missing on disk from image {lost}"]
+        found = [] if lost is None else [f"chunk files are missing or cut short on disk from image {lost}"]
         if self.lost_columns is None:
             found.append("its manifest is missing")
         found += [f"its manifest's column {c!r} is missing or garbled" for c in self.lost_columns or []]
@@ -375,6 +375,7 @@ class FeatureCache:
             "complete": self.complete,
             "n": self.n,
             "stored": self.stored,
+            "candidates": self.candidates,
             "spec": self.spec.to_dict(),
             "chunk": self.features.chunks[0],
             "nbytes_features": self.nbytes,
@@ -580,14 +581,22 @@ class FeatureCache:
             f"with this extractor's; {next_steps[wrong]}"
         )
 
+    @property
+    def candidates(self) -> int:
+        """The images its build started on (stored, skipped or to come): a finished cache's
+        stored images and those its build skipped, a partial one's rows to be."""
+        if self.complete:
+            return int(self.report.get("candidates", self.n + len(self.report.get("skipped", []))))
+        return int(self.features.shape[0])
+
     def check_searchable(self) -> None:
         """Refuse to search an incomplete cache unless it was opened with `allow_partial=True`."""
         if not self.complete and not self.allow_partial:
-            total = self.features.shape[0]
             raise CacheError(
                 f"{self.location} is incomplete: its build is running or was interrupted ({self.stored} of "
-                f"{total} images stored). Finish the build (rerun the same build to resume it), or open it "
-                f"with allow_partial=True (the CLI's --allow-partial) to search the images stored so far."
+                f"{self.candidates} images stored). Finish the build (rerun the same build to resume it), "
+                "or open it with allow_partial=True (the CLI's --allow-partial) to search the images stored "
+                "so far."
             )
 
     # --- reading ----------------------------------------------------------------------------
