@@ -423,6 +423,17 @@ def test_cli_bad_mask_files_are_one_error_line(built, tmp_path, capsys, mask, co
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_per_domain_on_a_cache_without_domains_names_the_flag(built, tmp_path, capsys):
+    """It said "per_domain needs a dataset with a domain column": the engine's parameter, not the
+    flag, nor what to do (CLI review)."""
+    np.save(mask := tmp_path / "m.npy", np.ones((2, 2)))
+    code = main(["search", built[0].location, "--query-index", "0", "--mask", str(mask), "--per-domain", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--per-domain needs a cache with a domain column" in err and "--domain-col" in err, (
+        err
+    )
+
+
 def test_a_dataset_image_made_a_bomb_since_the_build_gives_no_size_and_one_error_line(tmp_path, capsys):
     """A mask painted on a dataset image is placed by that image's size, read from its header: an
     image replaced since the build by one past twice the pixel limit (PIL refuses even its header)

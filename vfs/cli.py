@@ -358,6 +358,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
         raise ValueError("--address is for a search on a Ray cluster: add --shards N")
     if args.shards is not None and args.memory_budget is not None:
         raise ValueError("--memory-budget is for a search on this machine: shards hold their rows in memory")
+    if args.per_domain is not None and not cache.domain_col:  # the engine's words name its parameter
+        raise ValueError(
+            f"--per-domain needs a cache with a domain column; {args.cache} has none (build it with "
+            "--domain-col COLUMN)"
+        )
     with _searcher(args, cache) as (search, out):
         query_size: Callable[[], tuple[int, int] | None]
         if args.image:
