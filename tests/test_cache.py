@@ -1482,3 +1482,17 @@ def test_a_cache_whose_creation_fails_leaves_nothing_on_disk(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(3), 32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_folder_is_no_cache_to_open_but_an_output_to_build_into(tmp_path):
+    """`mkdir out && build --out out` was refused, and opening a folder that is no cache said
+    zarr's "GroupNotFoundError: No group found in store LocalStore(…)" (CLI review)."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(
+        CacheError, match=r"no cache at .*out: it is an empty folder; a cache is the folder a build"
+    ):
+        open_cache(tmp_path / "out")
+    with pytest.raises(CacheError, match=r"it is no zarr group; a cache is the folder"):
+        open_cache(tmp_path)
+    build(tmp_path / "out", 4)
+    assert open_cache(tmp_path / "out").n == 4

@@ -889,6 +889,18 @@ def open_cache(location: str | Path, allow_partial: bool = False) -> FeatureCach
         else:
             if not Path(location).exists():
                 raise CacheError(f"no cache at {location}")
+            folder = Path(location)
+            if not (folder / "zarr.json").exists():  # zarr said "No group found in store LocalStore…"
+                if (folder / ".zgroup").exists():
+                    what = "a zarr 2 group (a VFS cache is a zarr 3 group)"
+                elif folder.is_dir() and not any(folder.iterdir()):
+                    what = "an empty folder"
+                else:
+                    what = "no zarr group"
+                raise CacheError(
+                    f"no cache at {location}: it is {what}; a cache is the folder a build writes, holding "
+                    "zarr.json (e.g. caches/demo.zarr)"
+                )
             store = CacheStore(location, read_only=True)
         group = zarr.open_group(store, mode="r", zarr_format=3)  # never zarr 2 (its codecs include pickle)
     except CacheError:

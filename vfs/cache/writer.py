@@ -112,6 +112,8 @@ class CacheWriter:
         `job` (the build's settings) is recorded so that the app can resume the build as it was asked.
         """
         path = Path(path)
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()  # made for it (mkdir, then a build): refused as "not a VFS cache" (CLI review)
         if path.exists() and resume:
             return cls._resume(path, spec, candidates)
         if path.exists():
