@@ -479,7 +479,10 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--data", help="folder, manifest .csv/.parquet, embedded:skimage or torchvision:<Dataset>"
     )
-    bp.add_argument("--out", help="the cache to write, NAME.zarr (an unfinished one resumes)")
+    bp.add_argument(
+        "--out",
+        help="the cache to write, a folder (NAME.zarr: the app lists those; an unfinished one resumes)",
+    )
     bp.add_argument(
         "--label-col", help="the labels' column (default: 'label' where there is one; \"\" for none)"
     )
