@@ -5,6 +5,7 @@ import os
 import shutil
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -1496,3 +1497,23 @@ def test_an_empty_folder_is_no_cache_to_open_but_an_output_to_build_into(tmp_pat
         open_cache(tmp_path)
     build(tmp_path / "out", 4)
     assert open_cache(tmp_path / "out").n == 4
+
+
+def test_a_search_of_a_cache_imports_no_model_library(tmp_path):
+    """torchvision's import (1.3 s, torch._dynamo with it) came with `vfs.cache` — by the torchvision
+    datasets and transforms the data and spec modules imported — into every CLI search and app
+    start that loads no model: a CLI search of the demo cache took 4.6 s, 2.9 s without."""
+    import subprocess
+    import sys
+
+    build(tmp_path / "c.zarr", 6)
+    code = (
+        "import sys, numpy as np, vfs.cli, ui.core, ui.query, ui.views\n"
+        "from vfs.cache import open_cache\nfrom vfs.search import search_regions\n"
+        f"search_regions(open_cache({str(tmp_path / 'c.zarr')!r}), 0, np.ones((4, 5)), k=3)\n"
+        "print(sorted(m for m in ('torchvision', 'timm', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

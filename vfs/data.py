@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import skimage.data
 import torch
-import torchvision.datasets
 from PIL import Image
 from torch.utils.data import default_collate
 
@@ -342,6 +341,8 @@ def _torchvision_records(spec: str) -> tuple[pd.DataFrame, TorchvisionReader]:
 
     ``split`` maps to ``train=`` for datasets like CIFAR10 that only take a boolean.
     """
+    import torchvision.datasets  # here: its import (1.3 s, torch._dynamo with it) held every search's
+
     name, _, query = spec.partition("?")
     options = dict(parse_qsl(query))
     cls = getattr(torchvision.datasets, name, None)

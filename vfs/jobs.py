@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from .cache import AlreadyComplete, BuildLock, CacheError, CacheSpec, CacheWriter, FeatureCache, open_cache
@@ -198,12 +197,16 @@ class ModelInputView:
         self.preprocess = preprocess
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF  # where it runs: see vfs.models.specs
+
         return TF.pil_to_tensor(self.preprocess.view(image))
 
 
 def thumbnails(views: torch.Tensor, size: int) -> np.ndarray:
     """(B, size, size, 3) uint8 thumbnails of (B, 3, S, S) model-input views."""
     if views.shape[-1] != size:
+        from torchvision.transforms.v2 import functional as TF
+
         views = TF.resize(views, [size, size], antialias=True)
     return views.permute(0, 2, 3, 1).contiguous().numpy()
 

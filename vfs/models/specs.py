@@ -1,7 +1,8 @@
 """What a model spec means as data: the preprocessing a model expects, a parsed spec, a kind of spec.
 
 Data, not a network: caches, settings and the CLI hold and check specs without building or loading
-a model (the preprocessing's own steps use torch and torchvision's transforms, imported with it).
+a model (the preprocessing's own steps use torch and torchvision's transforms, imported where they
+run: torchvision's import, 1.3 s, held every CLI search and app start that built nothing).
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ import numpy as np
 import PIL.Image
 import torch
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from ..images import MAX_DECODED_SIDE, upright_rgb
 from ..masks import PaintedOn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "nearest": InterpolationMode.NEAREST,
-}
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+"""torchvision's `InterpolationMode` values a spec may name."""
 CROPS = ("center", "squash", "border")
 """How a resized image becomes the square input (timm's `crop_mode`): the shorter side resized and
 the centre cropped; both sides resized (the aspect ratio not kept), then the centre cropped; the
@@ -167,16 +163,23 @@ class Preprocess:
             image = ResizeKeepRatio(square, interpolation=interpolation, longest=1.0)(image)
             padded: PIL.Image.Image = CenterCropOrPad(self.input_size, fill=fill)(image)
             return padded
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
         sides = [self.resize_size] * (2 if self.crop == "squash" else 1)
-        image = TF.resize(image, sides, interpolation=INTERPOLATIONS[interpolation], antialias=True)
+        image = TF.resize(image, sides, interpolation=InterpolationMode(interpolation), antialias=True)
         return TF.center_crop(image, [self.input_size])
 
     def to_tensor(self, view: PIL.Image.Image) -> torch.Tensor:
         """A view as a normalized (3, S, S) float32 tensor."""
+        from torchvision.transforms.v2 import functional as TF
+
         return self.normalize(TF.pil_to_tensor(view))
 
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 views (…, 3, S, S) → normalized float32, on the views' device (builds do it on the GPU)."""
+        from torchvision.transforms.v2 import functional as TF
+
         tensor = TF.to_dtype(views, torch.float32, scale=True)
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
