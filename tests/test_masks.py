@@ -162,8 +162,12 @@ def test_a_region_outside_the_models_view_or_a_mask_of_another_shape_is_refused(
         r"\(640×480 px, or its shape\) or the model's square view \(224×224 px\)",
     ):
         load_mask(other, (7, 7), painted_on())
-    with pytest.raises(ValueError, match=r"other.png is 300×200 px: paint the region on the model's square"):
-        load_mask(other, (7, 7), painted_on(size=None))  # the query image not at hand
+    with pytest.raises(  # the query image not at hand: said, where the view alone was named (CLI review)
+        ValueError,
+        match=r"other.png is 300×200 px: paint the region on the model's square view \(224×224 px\) — or on "
+        r"the query image, whose file is not at hand to place it$",
+    ):
+        load_mask(other, (7, 7), painted_on(size=None))
 
 
 def test_a_square_mask_spans_the_view_unless_it_has_the_query_photos_own_size(tmp_path):

@@ -292,9 +292,13 @@ class PaintedOn:
         if not on_query:
             if h == w:
                 return cover
+            # the query image's size unknown: its file moved or deleted, say (it named the view only: review)
+            unknown = (
+                "" if size is not None else " — or on the query image, whose file is not at hand to place it"
+            )
             raise ValueError(
                 f"{name} is {w}×{h} px: paint the region on {query}the model's square view "
-                f"({self.view_side}×{self.view_side} px)"
+                f"({self.view_side}×{self.view_side} px){unknown}"
             )
         view = self.to_view(cover)
         if cover.max() > 0 and view.max() <= 0:
