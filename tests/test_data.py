@@ -571,3 +571,17 @@ def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(tmp_path: Path) -> N
     save(Path(os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.png")), solid())
     with pytest.raises(ValueError, match=r"'caf\\\\xe9\.png' in .*: its name is not UTF-8"):
         open_dataset(str(tmp_path))
+
+
+def test_a_manifest_written_on_windows_or_with_spaces_names_its_files(tmp_path: Path) -> None:
+    """`images\\a.png` and ` b.png ` named no file here: every image "No such file or directory"
+    (data review). Where the path as written names none, the one with `/` and without the spaces
+    does; a path that leaves the root is still refused or missing, however written."""
+    save(tmp_path / "images" / "a.png", solid())
+    save(tmp_path / "b.png", solid())
+    (tmp_path / "m.csv").write_text("path\nimages\\a.png\n b.png \n..\\outside.png\n")
+    ds = open_dataset(str(tmp_path / "m.csv"))
+    assert ds.records["path"].tolist() == ["images/a.png", "b.png", "..\\outside.png"]
+    assert ds.load(0).size == ds.load(1).size == (12, 10)
+    with pytest.raises(ImageError, match="cannot read file"):
+        ds.load(2)

@@ -286,11 +286,25 @@ def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:
             "fill them in or drop them"
         )
     reader = FileReader(manifest.parent.resolve())
-    records["path"] = records["path"].astype(str)
+    records["path"] = [_as_on_disk(reader, str(p)) for p in records["path"]]
     for path in records["path"]:
         reader.resolve(path)
     columns = ["path", *(c for c in records.columns if c != "path")]
     return records[columns].reset_index(drop=True), reader
+
+
+def _as_on_disk(reader: FileReader, path: str) -> str:
+    """A manifest's path as its file is named: one written on Windows (`images\\a.jpg`) or with
+    spaces around it (a spreadsheet's) names no file here, and every image was "No such file or
+    directory" (data review) — where the path as written names none, the one with `/` and without
+    the spaces is taken if it names a file."""
+    cleaned = path.strip().replace("\\", "/")
+    if cleaned == path or os.path.lexists(reader.resolve(path)):
+        return path
+    try:
+        return cleaned if os.path.lexists(reader.resolve(cleaned)) else path
+    except ValueError:  # it leaves the root: the path as written is refused, in its own words
+        return path
 
 
 @cache
