@@ -936,6 +936,19 @@ def test_extractor_from_module_is_load_extractor_on_a_module_you_hold(lite0):
     assert not np.allclose(edited.features(CHELSEA), loaded.features(CHELSEA), atol=1e-2)
 
 
+def test_a_map_whose_sides_differ_is_named_so(lite0):
+    """A convolution strided otherwise across than down gave (1, 16, 28, 14) and was refused as
+    "not a spatial map of at least 2 cells" (data review): its sides are what it lacks."""
+    from torch import nn
+
+    _, preprocess = lite0
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=(8, 16), padding=1))
+    with pytest.raises(
+        LayerError, match=r"gives \(1, 16, 28, 14\) .*: a map whose sides differ for a square input"
+    ):
+        extractor_from_module(model, "0", preprocess)
+
+
 def test_a_module_you_hold_is_refused_as_a_spec_is(lite0):
     model, preprocess = lite0
     small = preprocess.with_input_size(64)

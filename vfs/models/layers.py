@@ -704,11 +704,15 @@ def _build(
             )
     if layout is None:
         shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference)
-        what = (
-            "attention weights (each row sums to 1), not a spatial map"
-            if isinstance(reference, torch.Tensor) and _is_attention(reference)
-            else "not a spatial map of at least 2 cells"
-        )
+        if isinstance(reference, torch.Tensor) and _is_attention(reference):
+            what = "attention weights (each row sums to 1), not a spatial map"
+        elif (
+            isinstance(reference, torch.Tensor) and reference.ndim == 4 and len(set(reference.shape[1:])) == 3
+        ):
+            # e.g. a convolution strided otherwise across than down: its axes cannot be told apart
+            what = "a map whose sides differ for a square input (VFS takes square maps: NCHW or NHWC)"
+        else:
+            what = "not a spatial map of at least 2 cells"
         raise unusable(f"layer {layer!r} gives {shape} at input size {size}: {what}")
     traced = _traced(model, layer, probe, reference)
     if traced is not None:
