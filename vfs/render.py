@@ -8,6 +8,7 @@ maps agree.
 from __future__ import annotations
 
 import base64
+import html
 import io
 from collections.abc import Sequence
 from functools import partial
@@ -290,11 +291,19 @@ GROUP_COLOURS = plotly.colors.qualitative.Safe
 shade of each hue, which made unrelated groups (dog / elephant) look like a pair."""
 
 
+def _as_written(text: object) -> str:
+    """`text` as plotly shows it: its labels, titles and hovers take a few HTML tags (`<b>`,
+    `<a href>`), and a manifest's labels and column names are their author's text — a label's link
+    was a live link in the plot."""
+    return html.escape(str(text), quote=False)
+
+
 def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = None) -> go.Figure:
     """Score distribution per group (one trace each) from `long_scores` rows; kind is box, violin or
     strip; `by` names the grouping in the title."""
     if kind not in _DISTRIBUTION_PLOTS:
         raise ValueError(f"kind must be one of {sorted(_DISTRIBUTION_PLOTS)}, not {kind!r}")
+    long = long.assign(group=long["group"].map(_as_written))
     order = list(dict.fromkeys(long["group"]))
     figure = _DISTRIBUTION_PLOTS[kind](
         data_frame=long,
@@ -304,7 +313,7 @@ def distribution_figure(long: pd.DataFrame, kind: str = "box", by: str | None = 
         color_discrete_sequence=GROUP_COLOURS,
         hover_data=["index"],
         category_orders={"group": order},
-        title=f"Best-region score by {by}" if by else None,
+        title=f"Best-region score by {_as_written(by)}" if by else None,
     )
     return figure.update_layout(showlegend=False, yaxis_title="cosine similarity")
 
@@ -321,7 +330,7 @@ def comparison_figure(scores_a: np.ndarray, scores_b: np.ndarray, names: tuple[s
         [
             go.Histogram(  # told apart by their hatching too, not by their hue alone
                 x=np.asarray(scores, dtype=float),
-                name=name,
+                name=_as_written(name),
                 opacity=0.6,
                 histnorm="probability density",
                 xbins=bins,
