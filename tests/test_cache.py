@@ -204,7 +204,7 @@ def test_a_zarr_group_of_another_kind_or_version_is_no_cache_to_resume(tmp_path)
     group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
     group.attrs["format_version"] = 99
     with pytest.raises(
-        CacheError, match="c.zarr is a VFS cache of format version 99, this VFS writes version 1"
+        CacheError, match="c.zarr is a VFS cache of format version 99, this VFS writes versions 1, 2"
     ):
         CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(4), 32)
 
@@ -234,7 +234,7 @@ def test_resume_refuses_another_spec(tmp_path):
         (lambda g: g.__delitem__("sqnorm"), "its array .sqnorm. is missing"),
         (
             lambda g: g.attrs.update({"format_version": "1"}),
-            "has format version '1'; this VFS reads version 1",
+            "has format version '1'; this VFS reads versions 1, 2",
         ),
         (lambda g: g.attrs.update({"n": 500}), "its attributes count 500 images, its arrays hold 10"),
         # lowered, it hid images without a word (failure-injection review)
@@ -1364,7 +1364,7 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     build(tmp_path / "c.zarr", 6)
-    failing = {"on": False, "status": 500, "forbidden_if_absent": False}
+    failing = {"on": False, "status": 500, "forbidden_if_absent": False, "manifest": False}
 
     class Handler(SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -1377,6 +1377,8 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
                 self.send_error(403)  # as S3 without the right to list: a key not there is forbidden
             elif failing["on"] and ("/features/c/" in self.path or self.path.endswith("/zarr.json")):
                 self.send_error(failing["status"], "disk on fire")
+            elif failing["manifest"] and "/manifest/label/c/" in self.path:
+                self.send_error(500, "disk on fire")
             else:
                 super().do_GET()
 
@@ -1408,6 +1410,10 @@ def test_a_remote_server_that_fails_is_unreachable_not_a_damaged_cache(tmp_path)
         failing["forbidden_if_absent"] = False
         (tmp_path / "away").rename(chunk)
         cache = open_cache(url)
+        failing["manifest"] = True  # `check`: a column the server fails to serve is no lost column (review)
+        with pytest.raises(CacheError, match=r"its server did not serve it \(ClientResponseError: 500"):
+            cache.check()
+        failing["manifest"] = False
     finally:
         server.shutdown()
         server.server_close()
@@ -1437,8 +1443,10 @@ def test_a_replacement_watch_asks_in_the_background_and_remembers_the_answer():
 
     watch = ReplacementWatch(Slow())
     started = time.monotonic()
-    assert not watch.replaced(wait_s=0.05) and not watch.replaced(wait_s=0.05)
-    assert time.monotonic() - started < 5 and len(asked) == 1  # the question out: not asked twice
+    assert not watch.replaced(wait_s=0.05)
+    waited = time.monotonic()
+    assert not watch.replaced(wait_s=5.0)  # the question out: not asked twice, nor waited for again
+    assert time.monotonic() - waited < 1 and time.monotonic() - started < 5 and len(asked) == 1
     answer.set()
     watch._asking.join(10)
     assert not watch.replaced(every_s=60.0, wait_s=10) and len(asked) == 1  # asked less than 60 s ago
@@ -1448,7 +1456,10 @@ def test_a_replacement_watch_asks_in_the_background_and_remembers_the_answer():
     assert watch.replaced() and len(asked) == 2  # replaced for good: not asked again
 
 
-@pytest.mark.parametrize("names", [["..", "."], ["path/c"], ["g/h", "g"], ["label/c/0", "__x", "column 5"]])
+@pytest.mark.parametrize(
+    "names",
+    [["..", "."], ["path/c"], ["g/h", "g"], ["label/c/0", "__x", "column 5"], ["zarr.json", "é" * 150]],
+)
 def test_any_column_name_is_stored_and_read_back(tmp_path, names):
     """A manifest's column names are anyone's text: `..`, `a/b`, `g` beside `g/h` failed the build
     with zarr's words and left its `.creating` folder (data review). Each is stored under a name
@@ -1464,12 +1475,27 @@ def test_any_column_name_is_stored_and_read_back(tmp_path, names):
     cache = open_cache(tmp_path / "c.zarr")
     pd.testing.assert_frame_equal(cache.manifest[names], table[names], check_dtype=False)
     assert cache.check().ok
-    keys = zarr.open_group(tmp_path / "c.zarr", mode="r")["manifest"].attrs["keys"]
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r")
+    assert group.attrs["format_version"] == 2  # a VFS that knows no keys refuses it, not calls it damaged
+    keys = group["manifest"].attrs["keys"]
     assert set(keys) == {n for n in names if n not in ("g", "column 5")} and len(set(keys.values())) == len(
         keys
     )
     shutil.rmtree(tmp_path / "c.zarr" / "manifest" / keys[names[0]])
     assert [names[0]] == cache.check().lost_columns == open_cache(tmp_path / "c.zarr").lost_columns()
+
+
+def test_a_crafted_column_key_is_a_lost_column_not_a_crash(tmp_path):
+    """A cache whose `keys` names no column's array (`../features`, markdown): `check` stopped
+    with an error and no JSON, a rerun of the build refused (review). The column is lost: damage."""
+    build(tmp_path / "c.zarr", 6)
+    assert zarr.open_group(tmp_path / "c.zarr", mode="r").attrs["format_version"] == 1  # no keys: as before
+    table = zarr.open_group(tmp_path / "c.zarr", mode="r+")["manifest"]
+    table.attrs["keys"] = {"dom": "../features", "label": "![t](https://evil.example/t.png)"}
+    cache = open_cache(tmp_path / "c.zarr")
+    assert cache.check().lost_columns == ["label", "dom"] == cache.lost_columns()
+    with pytest.raises(CacheError, match="column\\(s\\) 'label', 'dom' are missing on disk"):
+        cache.manifest
 
 
 def test_a_cache_whose_creation_fails_leaves_nothing_on_disk(tmp_path, monkeypatch):

@@ -93,12 +93,10 @@ local caches' latest stamps."""
 
 
 def _url_stamp(location: str) -> int:
-    """The cache behind a URL as this server has seen it: one more each time it was found rebuilt
-    or finished since it was opened (`ReplacementWatch`), asked at most every `REMOTE_CHECK_S`,
-    waited for at most `REMOTE_WAIT_S`. A URL's stamp was 0 for good: a cache rebuilt behind it was
-    searched as it was (features in memory) until the server restarted, or, with shards, not at
-    all (review); and asked in the page's own run, a server that hung held every run for its 60 s
-    timeout."""
+    """The cache behind a URL as this server has seen it: one more each time its `ReplacementWatch`
+    found it rebuilt or finished since it was opened. A URL's stamp was 0 for good: a cache rebuilt
+    behind it was searched as it was (features in memory) until the server restarted, or, with
+    shards, not at all (review)."""
     with _state_lock:
         generation = _url_generations.get(location, 0)
     try:

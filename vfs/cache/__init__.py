@@ -7,7 +7,7 @@ at an open one's place, asked in the background), `writer` (`CacheWriter`: appen
 resumable) and `lock` (one build per cache).
 """
 
-from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, CacheError, CacheSpec
+from .format import CHUNK_BYTES, FORMAT, FORMAT_VERSION, FORMAT_VERSIONS, CacheError, CacheSpec
 from .lock import BuildLock
 from .reader import CacheCheck, FeatureCache, cache_name, cache_row, list_caches, open_cache
 from .watch import ReplacementWatch
@@ -23,6 +23,7 @@ __all__ = [
     "CacheWriter",
     "FORMAT",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "FeatureCache",
     "ReplacementWatch",
     "cache_name",

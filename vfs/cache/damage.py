@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +98,15 @@ def _chunk_damage(
     """`damaged_rows`'s look at one features chunk's rows."""
     read = {}
     for words, reader in readers.items():
-        try:
-            read[words] = reader.read(start, stop)
-        except raised:
-            raise
-        except CacheError:  # `ZarrRows`: a chunk the writer stored is not there
-            return Damage(start, stop, f"a chunk of its {words} is missing", missing=True)
-        except (MemoryError, OSError) as e:
-            if isinstance(e, MemoryError) or e.errno is not None:
-                raise
-            return Damage(start, stop, f"a chunk of its {words} does not decode")  # a codec's error
-        except Exception:  # noqa: BLE001 - zarr's and the codecs' many kinds: a chunk that does not decode
-            return Damage(start, stop, f"a chunk of its {words} does not decode")
+        fault, read[words] = _stored_read(partial(reader.read, start, stop), raised)
+        if fault is not None:
+            missing = fault == "missing"
+            return Damage(
+                start,
+                stop,
+                f"a chunk of its {words} {'is missing' if missing else 'does not decode'}",
+                missing,
+            )
     bad = rows_disagreeing(read["features"], read["norms"], True)
     if not len(bad):
         return None
@@ -122,7 +120,28 @@ def _chunk_damage(
     )
 
 
-def missing_columns(group: zarr.Group, name: str) -> list[str]:
+def _stored_read(
+    read: Callable[[], np.ndarray], raised: tuple[type[BaseException], ...]
+) -> tuple[str | None, Any]:
+    """`read()`'s rows, or what kept them: "missing" (a chunk the writer stored is not there:
+    `ZarrRows`'s CacheError, or a column that names no array) or "garbled" (zarr's and the codecs'
+    many errors). The machine's faults (memory, a read that failed: an OSError with an errno) and
+    `raised` (a remote store's server failing) are raised: no damage of the cache's."""
+    try:
+        return None, read()
+    except raised:
+        raise
+    except CacheError:
+        return "missing", None
+    except (MemoryError, OSError) as e:
+        if isinstance(e, MemoryError) or e.errno is not None:
+            raise
+        return "garbled", None  # a codec's error
+    except Exception:  # noqa: BLE001 - zarr's and the codecs' many kinds: a chunk that does not decode
+        return "garbled", None
+
+
+def missing_columns(group: zarr.Group, name: str, raised: tuple[type[BaseException], ...] = ()) -> list[str]:
     """The columns of a cache's table (`manifest`, `candidates`) whose data is gone from the store,
     local or remote, where the writer stored every chunk (zarr reads a gone one as all missing), or
     does not decode (a chunk garbled on disk: it escaped `check` as a codec's error, and a rerun
@@ -131,36 +150,31 @@ def missing_columns(group: zarr.Group, name: str) -> list[str]:
     attrs: dict[str, Any] = dict(table.attrs)
     if not isinstance(table, zarr.Group) or not attrs.get("all_chunks_stored"):
         return []
-    lost = []
-    for column in map(str, attrs.get("columns", [])):
-        arr = table.get(column_key(attrs, column, location_of(group)))
-        try:
-            if not isinstance(arr, zarr.Array):
-                raise CacheError(f"column {column!r} is gone")
-            ZarrRows(arr, location_of(group), True).read(0, arr.shape[0])
-        except (MemoryError, OSError) as e:
-            if isinstance(e, MemoryError) or e.errno is not None:
-                raise
-            lost.append(column)  # a codec's error
-        except Exception:  # noqa: BLE001 - CacheError, zarr's and the codecs' many kinds, as `_chunk_damage`
-            lost.append(column)
-    return lost
+    location = location_of(group)
+
+    def read(column: str) -> np.ndarray:
+        arr = table.get(column_key(attrs, column, location))  # a crafted key: a CacheError, the column lost
+        if not isinstance(arr, zarr.Array):
+            raise CacheError(f"column {column!r} is gone")
+        return ZarrRows(arr, location, True).read(0, arr.shape[0])
+
+    return [c for c in map(str, attrs.get("columns", [])) if _stored_read(partial(read, c), raised)[0]]
 
 
 def without_checksum(group: zarr.Group) -> list[str]:
     """The arrays of thumbnails, source indices and manifest columns stored without `COMPRESSOR`'s
     checksum (caches written before it): a chunk of them garbled on disk decodes unnoticed."""
-    names = ["thumbs", "source_index"]
+    arrays = {name: group.get(name) for name in ("thumbs", "source_index")}
     table = group.get("manifest") or group.get("candidates")
     if isinstance(table, zarr.Group):
         attrs: dict[str, Any] = dict(table.attrs)
-        names += [
-            f"{table.basename}/{column_key(attrs, c, location_of(group))}"
-            for c in map(str, attrs.get("columns", []))
-        ]
+        for c in map(str, attrs.get("columns", [])):
+            try:
+                arrays[f"{table.basename}/{c}"] = table.get(column_key(attrs, c, location_of(group)))
+            except CacheError:  # its key damaged: a lost column (`missing_columns`)
+                continue
     found = []
-    for name in names:
-        arr = group.get(name)
+    for name, arr in arrays.items():
         codecs = getattr(arr.metadata, "codecs", ()) if isinstance(arr, zarr.Array) else ()
         if any(getattr(c, "checksum", None) is False for c in codecs):
             found.append(name)

@@ -23,7 +23,12 @@ from ..data import DataSpec
 from ..models import PROBE_TOLERANCE, Preprocess, probe_difference
 
 FORMAT = "vfs-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format version this VFS reads and writes (`FORMAT_VERSIONS`): 2 (since 2026-12-01)
+stores a table's columns whose names zarr cannot take under its `keys`. A cache is written as the
+oldest version that holds it (`format_version`): 1, which every VFS reads, unless it has such a
+column — then an older VFS says the version is not one it reads, where it called the cache damaged."""
+FORMAT_VERSIONS = (1, 2)
 CHUNK_BYTES = 16 << 20  # features per chunk: large enough to stream well, small enough to resume often
 CHUNK_MAX_IMAGES = 256
 THUMB_CHUNK = 16  # thumbnails are read a page of results at a time: small chunks, few wasted decodes
@@ -208,9 +213,17 @@ def check_chunk_size(arr: zarr.Array, location: str) -> None:
 
 
 def _is_node_name(name: str) -> bool:
-    """Whether zarr stores an array under `name` in a group as it is: no `/` (a path), not only
-    dots, no `__` prefix (zarr's own)."""
-    return bool(name) and "/" not in name and name.strip(".") != "" and not name.startswith("__")
+    """Whether zarr stores an array under `name` in a group as it is, a folder of that name: no `/`
+    or NUL, not only dots, no `__` prefix (zarr's own), not `zarr.json` (the group's metadata), at
+    most 200 bytes (file systems take 255)."""
+    return (
+        bool(name)
+        and not set(name) & {"/", "\0"}
+        and name.strip(".") != ""
+        and not name.startswith("__")
+        and name != "zarr.json"
+        and len(name.encode("utf-8", "surrogatepass")) <= 200
+    )
 
 
 def _column_keys(columns: Sequence[str]) -> dict[str, str]:
@@ -226,6 +239,11 @@ def _column_keys(columns: Sequence[str]) -> dict[str, str]:
                 key += "_"
             keys[c] = key
     return keys
+
+
+def format_version(columns: Sequence[str]) -> int:
+    """The format version a cache of a table with these columns is written as (`FORMAT_VERSION`)."""
+    return 2 if _column_keys(columns) else 1
 
 
 def column_key(attrs: dict[str, Any], column: str, location: str) -> str:
@@ -281,7 +299,10 @@ def lost_columns(group: zarr.Group, name: str) -> list[str]:
         return []
     lost = []
     for c in map(str, attrs.get("columns", [])):
-        arr = g.get(column_key(attrs, c, location_of(group)))
+        try:
+            arr = g.get(column_key(attrs, c, location_of(group)))
+        except CacheError:  # its key damaged: the column is as good as gone
+            arr = None
         if not isinstance(arr, zarr.Array) or (arr.shape[0] and arr.nchunks_initialized < arr.nchunks):
             lost.append(c)  # its folder gone, or its chunk
     return lost

@@ -46,7 +46,7 @@ from .damage import (
 from .files import CacheStore, RemoteCacheStore
 from .format import (
     FORMAT,
-    FORMAT_VERSION,
+    FORMAT_VERSIONS,
     CacheError,
     CacheSpec,
     check_array,
@@ -172,10 +172,12 @@ class FeatureCache:
         attrs: dict[str, Any] = dict(group.attrs)
         if attrs.get("format") != FORMAT:
             raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in FORMAT_VERSIONS or isinstance(
+            attrs.get("format_version"), bool
+        ):
             raise CacheError(
-                f"{location} has format version {attrs.get('format_version')!r}; "
-                f"this VFS reads version {FORMAT_VERSION!r}"
+                f"{location} has format version {attrs.get('format_version')!r}; this VFS reads versions "
+                f"{', '.join(map(str, FORMAT_VERSIONS))} (a newer VFS made it?)"
             )
         self.attrs = attrs
         self.allow_partial = allow_partial
@@ -371,7 +373,7 @@ class FeatureCache:
             columns = None
         return {
             "location": self.location,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.attrs["format_version"],
             "complete": self.complete,
             "n": self.n,
             "stored": self.stored,
@@ -418,17 +420,16 @@ class FeatureCache:
         table = "manifest" if self.complete else "candidates"
         remote = is_url(self.location)
         manifest_error, lost_columns = None, None
+        raised = _network_errors() if remote else ()  # a server failing: no damage of the cache's
         with self._reading(f"its {table}") if remote else nullcontext():
             if table in self.group:
-                lost_columns = missing_columns(self.group, table)
+                lost_columns = missing_columns(self.group, table, raised)
                 try:
                     with self._reading(f"its {table}"):
                         read_table(self.group, table)
                 except CacheError as e:
                     manifest_error = str(e)
-            damaged = list(
-                damaged_rows(self.group, self.stored, progress, _network_errors() if remote else ())
-            )
+            damaged = list(damaged_rows(self.group, self.stored, progress, raised))
         if self.replaced_on_disk():
             raise CacheError(
                 f"the cache at {self.location} changed while it was checked (rebuilt, or its build "

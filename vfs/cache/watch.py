@@ -29,7 +29,8 @@ class ReplacementWatch:
 
     def replaced(self, every_s: float = 0.0, wait_s: float | None = None) -> bool:
         """Asks the disk (or the URL's server) unless a question is out or the last one went out
-        less than `every_s` ago, and waits for its answer at most `wait_s` (None: until it comes)."""
+        less than `every_s` ago, and waits for the answer of a question it asks at most `wait_s`
+        (None: until it comes)."""
         with self._lock:
             out = self._asking if self._asking is not None and self._asking.is_alive() else None
             due = not self._replaced and out is None and time.monotonic() - self._asked >= every_s
@@ -40,8 +41,8 @@ class ReplacementWatch:
                     out.start()
         if due and wait_s is None:
             self._ask()  # waited for in any case: no thread
-        elif out is not None:
-            out.join(wait_s)
+        elif due and out is not None:  # a question out since an earlier call is not waited for again:
+            out.join(wait_s)  # a server that hangs cost every call its wait (review)
         return self._replaced
 
     def _ask(self) -> None:

@@ -24,11 +24,12 @@ from .format import (
     CHUNK_MAX_IMAGES,
     COMPRESSOR,
     FORMAT,
-    FORMAT_VERSION,
+    FORMAT_VERSIONS,
     ROW_ARRAYS,
     THUMB_CHUNK,
     CacheError,
     CacheSpec,
+    format_version,
     library_versions,
     member_array,
     paths_digest,
@@ -187,7 +188,7 @@ class CacheWriter:
         g.attrs.update(
             {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version([str(c) for c in candidates.columns]),
                 "spec": spec.to_dict(),
                 "n": 0,
                 "complete": False,
@@ -221,10 +222,13 @@ class CacheWriter:
             raise CacheError(
                 f"{path} exists and is no VFS cache (a zarr group of another kind); choose another output"
             )
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in FORMAT_VERSIONS or isinstance(
+            attrs.get("format_version"), bool
+        ):
             raise CacheError(
                 f"{path} is a VFS cache of format version {attrs.get('format_version')!r}, this VFS writes "
-                f"version {FORMAT_VERSION}: build into another output, or resume it with the VFS that made it"
+                f"versions {', '.join(map(str, FORMAT_VERSIONS))}: build into another output, or resume it "
+                "with the VFS that made it"
             )
         recorded = CacheSpec.from_dict(attrs["spec"])
         # Where the dataset or a checkpoint is may change (another folder, another machine; a path
