@@ -87,7 +87,7 @@ with user_errors():
     s.check_model_spec(spec)
     found = {info.name: info for info in layers(spec.strip(), size)}
 if not found:
-    st.error(f"{spec} has no layer with a spatial output at {size or 'its own'} px input.")
+    st.error(f"{as_written(spec)} has no layer with a spatial output at {size or 'its own'} px input.")
     st.stop()
 note = input_shape_note(spec.strip())
 if note:

@@ -39,12 +39,12 @@ with pick_right:
 with user_errors():  # a damaged cache, said in words
     reason = comparison_refusal(left, right)
 if reason is not None:
-    st.error(f"These caches cannot be compared: {reason}" + ("" if reason.endswith("?") else "."))
+    st.error(f"These caches cannot be compared: {as_written(reason)}" + ("" if reason.endswith("?") else "."))
     st.stop()
 if left.location == right.location:
     st.warning("Both sides are the same cache: pick another one on the right.")
 elif (note := comparison_note(left, right)) is not None:
-    st.info(f"Compared: {note}.")
+    st.info(f"Compared: {as_written(note)}.")
 for cache in (left, right):
     warm_up(cache)  # the caches' features load while the user picks a query and draws
 

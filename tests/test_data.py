@@ -185,10 +185,13 @@ def test_a_csv_manifest_keeps_its_values_as_written(tmp_path: Path) -> None:
     assert records["patient"].tolist() == [" 0012", "0013", "14"]
     assert records["age"].tolist()[::2] == [3.0, 5.5] and pd.isna(records["age"][1])
     assert records["weight"].isna().tolist() == [True, True, False]  # R's NA, numpy's nan: no number
-    assert (
-        str(records["weight"].dtype) == "Int64"
-    )  # whole numbers with gaps stay whole: not "70.0" (data review)
+    assert str(records["weight"].dtype) == "Int64"  # whole numbers with gaps: not "70.0" (data review)
     assert records["sick"].tolist() == [True, False, True]
+    # a missing value written with spaces, and a number past int64: they read, as before (review)
+    (tmp_path / "n.csv").write_text("path,a,b\na.png, NA ,12345678901234567890\nb.png,,\nc.png,3,1\n")
+    records = open_dataset(str(tmp_path / "n.csv")).records
+    assert str(records["a"].dtype) == "Int64" and records["a"].isna().tolist() == [True, True, False]
+    assert records["b"].tolist()[0] == "12345678901234567890"
 
 
 @pytest.mark.parametrize("bad", ["../outside.png", "img/../../outside.png", "/etc/passwd"])
@@ -543,6 +546,10 @@ def test_a_folder_dataset_goes_through_linked_folders_once(tmp_path: Path) -> No
     assert ds.records["path"].tolist() == ["photo/p.png", "sketch/s.png"]
     assert ds.records["label"].tolist() == ["photo", "sketch"]
     assert ds.load(1).size == (12, 10)
+    # a link to a folder of the dataset itself is an alias: the folder is listed where it is, under
+    # its own name (the alias met first in the listing's order took its images: review)
+    (tmp_path / "data" / "aaa").symlink_to(tmp_path / "data" / "photo")
+    assert open_dataset(str(tmp_path / "data")).records["path"].tolist() == ["photo/p.png", "sketch/s.png"]
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:

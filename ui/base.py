@@ -32,10 +32,11 @@ def user_errors() -> Iterator[None]:
         yield
     except (ValueError, RuntimeError, OSError) as e:
         layers = sys.modules.get("vfs.models.layers")  # a LayerError comes from there, once it is loaded
+        # its words as written: an error quotes paths, labels and a cache's attributes, anyone's text
         if layers is not None and isinstance(e, layers.LayerError):  # names the page's layer list
-            st.error(e.message("the Build page's layer list"))
+            st.error(as_written(e.message("the Build page's layer list")))
         else:
-            st.error(str(e) or type(e).__name__)
+            st.error(as_written(str(e) or type(e).__name__))
         st.stop()
 
 

@@ -154,7 +154,7 @@ def pick_cache(
         st.caption(as_written(choices[location or default]))
     if chosen is not None and chosen not in choices and chosen != location:  # the page went on silently
         st.warning(
-            f"The cache chosen before, {chosen}, is gone (deleted or moved?): "
+            f"The cache chosen before, {as_written(chosen)}, is gone (deleted or moved?): "
             f"{label.lower()} is now this one."
         )
     with user_errors():

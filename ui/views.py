@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -244,16 +243,11 @@ def _code(text: str) -> str:
     return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
 
 
-def _plain(text: str) -> str:
-    """A name or date without markdown's characters (letters, digits, `_ . : + -` and spaces kept)."""
-    return re.sub(r"[^\w.:+\- ]", "_", text)
-
-
 def cache_provenance(cache: FeatureCache) -> str:
     """How a cache was built, from what its build recorded in it: a server's visitors did not build it."""
     s, skipped = cache.spec, len(cache.report.get("skipped", []))
     parts = [
-        f"**{_plain(cache_name(cache.location))}**: {_code(s.model)} at layer {_code(s.layer)} "
+        f"**{as_written(cache_name(cache.location))}**: {_code(s.model)} at layer {_code(s.layer)} "
         f"({s.grid[0]}×{s.grid[1]} cells × {s.channels} channels) over {_code(s.data.source)}, "
         f"each image's {s.preprocess.describe()}",
         f"{cache.n} images"
@@ -271,7 +265,7 @@ def cache_provenance(cache: FeatureCache) -> str:
     recorded = [name for name in ("vfs", "torch", "timm") if name in versions]
     tools = ", ".join(f"{name} {_code(versions[name])}" for name in recorded)
     built = " ".join(
-        ([f"on {_plain(cache.attrs['created'][:10])}"] if cache.attrs.get("created") else [])
+        ([f"on {as_written(cache.attrs['created'][:10])}"] if cache.attrs.get("created") else [])
         + ([f"with {tools}"] if tools else [])
     )
     return "; ".join(parts + ([f"built {built}"] if built else [])) + "."
@@ -338,7 +332,7 @@ def build_panel() -> None:
             out, error = refused
             build = registry.get(out)
             if build is not None and build.status().running:
-                st.error(error)
+                st.error(as_written(error))
             else:
                 del st.session_state[START_ERROR]
         now = time.time()

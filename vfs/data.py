@@ -187,6 +187,7 @@ def _image_files(root: Path) -> Iterator[str]:
     linked and unreadable folders without a word)."""
     seen: set[tuple[int, int]] = set()
     unlisted: list[OSError] = []
+    inside = root.resolve()
     for folder, subfolders, files in os.walk(root, onerror=unlisted.append, followlinks=True):
         if unlisted:
             break
@@ -195,7 +196,17 @@ def _image_files(root: Path) -> Iterator[str]:
             subfolders.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        # in order, a link into the dataset itself left out: its folder is listed where it is (a link
+        # met first in the listing's order took its images, named and labelled by the link: review)
+        subfolders[:] = sorted(
+            d
+            for d in subfolders
+            if not d.startswith(".")
+            and not (
+                os.path.islink(link := os.path.join(folder, d))
+                and Path(link).resolve().is_relative_to(inside)
+            )
+        )
         relative = Path(folder).relative_to(root)
         for name in files:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -250,19 +261,21 @@ def _read_csv(manifest: Path) -> pd.DataFrame:
     "NA", "nan" and the like are missing too (R writes NA); a column with a number written with a
     leading zero ("0012": an ID) stays text."""
     text = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    types: dict[str, str] = {}
-    numbers = []
+    ids, numbers, whole = [], [], {}
     for column in text.columns:
         values = text[column].str.strip()
         written = values[(values != "") & ~values.isin(_NUMBERS_MISSING)]
         if values.str.match(_LEADING_ZERO).any():
-            types[column] = "str"
+            ids.append(column)
         elif len(written) and pd.to_numeric(written, errors="coerce").notna().all():
             numbers.append(column)
-            if len(written) < len(values) and written.str.fullmatch(_WHOLE_NUMBER).all():
-                types[column] = "Int64"  # whole numbers with gaps: pandas read them as floats ("2.0")
+            parsed = pd.to_numeric(written) if written.str.fullmatch(_WHOLE_NUMBER).all() else None
+            if len(written) < len(values) and parsed is not None and parsed.dtype == np.int64:
+                # whole numbers with gaps: pandas read them as floats ("2.0"); none past int64
+                whole[column] = pd.Series(parsed, index=values.index, dtype="Int64")
     missing = {c: ["", *(_NUMBERS_MISSING if c in numbers else ())] for c in text.columns}
-    return pd.read_csv(manifest, keep_default_na=False, na_values=missing, dtype=types)
+    records = pd.read_csv(manifest, keep_default_na=False, na_values=missing, dtype=dict.fromkeys(ids, str))
+    return records.assign(**whole)
 
 
 def _manifest_records(manifest: Path) -> tuple[pd.DataFrame, FileReader]:

@@ -100,6 +100,10 @@ def column_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
     base = column.removesuffix(QUARTILES)
     if base != column and base in records.columns:
         return quartile_groups(records[base])
+    if column not in records.columns:  # a spec's label column its manifest lacks: a KeyError's traceback
+        raise ValueError(
+            f"the manifest has no column {column!r} (columns: {', '.join(map(str, records.columns))})"
+        )
     return label_groups(records, column)
 
 

@@ -307,6 +307,21 @@ def test_a_manifests_text_is_shown_as_written_not_as_markdown(tmp_path, monkeypa
     assert re.sub(r"\\(.)", r"\1", header) == f"Groups by {view}" and "\\[v\\]\\(" in header
 
 
+def test_an_errors_quoted_text_is_shown_as_written(caches, tmp_path, monkeypatch):
+    """An error quotes paths, labels and a cache's attributes — anyone's text: a crafted column key
+    rendered its remote image in the page's error (review). Errors are shown as written."""
+    shutil.copytree(caches / "small.zarr", tmp_path / "c" / "small.zarr")
+    group = zarr.open_group(tmp_path / "c" / "small.zarr", mode="r+")
+    spec = dict(group.attrs["spec"])
+    spec["data"] = dict(spec["data"]) | {"label_col": "![t](https://evil.example/t.png)"}  # no such column
+    group.attrs["spec"] = spec
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path / "c"))
+    at = page(start_app(), "search")
+    raw = [e.value for e in at.error]
+    assert any("evil.example" in t for t in texts(at.error)), raw  # said, as written once unescaped
+    assert not any(re.search(r"(?<!\\)[\[\]()!]", t) for t in raw), raw  # and inert
+
+
 def test_a_damaged_manifest_is_a_message_at_the_query_picker(tmp_path, monkeypatch):
     """The query's caption reads the manifest: a cache that lost it showed a traceback there (a
     review of the caption's commit), where the search said it in words."""
@@ -1190,7 +1205,7 @@ def test_hosted_home_says_which_caches_it_offers_and_how_they_were_built(caches,
     assert at.header[0].value == "Caches this server offers"
     assert list(at.dataframe[0].value["cache"]) == ["findings", "small", "small_b4"]
     built = next(m.value for m in at.markdown if m.value.startswith("How they were built")).split("\n- ")[1:]
-    assert [b.split("**")[1] for b in built] == ["findings", "small", "small_b4"]
+    assert [b.split("**")[1].replace("\\_", "_") for b in built] == ["findings", "small", "small_b4"]
     small = built[1]
     for fact in (
         "`embedded:efficientnet_lite0` at layer `blocks.5` (7×7 cells × 192 channels)",

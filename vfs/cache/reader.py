@@ -587,7 +587,10 @@ class FeatureCache:
         """The images its build started on (stored, skipped or to come): a finished cache's
         stored images and those its build skipped, a partial one's rows to be."""
         if self.complete:
-            return int(self.report.get("candidates", self.n + len(self.report.get("skipped", []))))
+            recorded = self.report.get("candidates")  # anyone's attribute: a number, or the count
+            if isinstance(recorded, int) and not isinstance(recorded, bool):
+                return recorded
+            return self.n + len(self.report.get("skipped", []))
         return int(self.features.shape[0])
 
     def check_searchable(self) -> None:

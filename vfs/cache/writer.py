@@ -113,6 +113,10 @@ class CacheWriter:
         `job` (the build's settings) is recorded so that the app can resume the build as it was asked.
         """
         path = Path(path)
+        if not path.name or path.resolve() == Path.cwd():  # ".": its staging folder has no name, and
+            raise CacheError(  # it could not be renamed onto the folder a process works in (review)
+                f"{path} is the current folder: build into a folder of the cache's own, e.g. --out demo.zarr"
+            )
         if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()  # made for it (mkdir, then a build): refused as "not a VFS cache" (CLI review)
         if path.exists() and resume:
