@@ -1202,8 +1202,12 @@ def test_cli_names_a_manifest_column_lost_on_disk_and_its_rerun_writes_it_again(
     assert main(["info", str(out)]) == 0
     assert "DAMAGED: manifest column 'label' missing on disk — rerun its build" in capsys.readouterr().out
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert f"warning: {out}: its manifest's column(s) 'label' are missing or garbled on disk" in err
+    assert (
+        "(repaired: what it had lost or garbled on disk was written again" in said.out
+    )  # not as a fresh build's
     assert "UserWarning" not in err and "CacheWriter.open" not in err
     assert open_cache(out).manifest["label"].tolist() == ["a", "b", "a"]
 

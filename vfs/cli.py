@@ -202,12 +202,20 @@ def _cmd_build(args: argparse.Namespace) -> None:
     finally:
         show.close()
     untouched = finished_before and not computed  # complete before, and nothing computed now
+    repaired = finished_before and bool(
+        computed
+    )  # complete before, damaged since: its summary said as a fresh build's
     assert cache is not None  # None means cancelled, and the CLI never cancels
     report = cache.report
     print(
         f"{cache.location}: {cache.n} images, grid {cache.spec.grid}, {cache.spec.channels} channels; "
         f"{len(report.get('skipped', []))} skipped"
         + (" (as when it was built: it was complete, nothing was built now)" if untouched else "")
+        + (
+            " (repaired: what it had lost or garbled on disk was written again, as the warnings above say)"
+            if repaired
+            else ""
+        )
     )
     for s in report.get("skipped", []):
         print(f"  skipped {s['path']}: {s['reason']}")
