@@ -80,9 +80,8 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
 
     for column, side, (cache, result) in zip(st.columns(2, gap="large"), ("left", "right"), sides):
         with column:
-            st.header(
-                as_written(cache_name(cache.location))
-            )  # under the page's title: no heading level skipped
+            # a header under the page's title: no heading level skipped
+            st.header(as_written(cache_name(cache.location)))
             st.caption(
                 f"{as_written(cache.spec.model)} (weights {as_written(short_weights(cache.spec))}) · "
                 f"{as_written(cache.spec.layer)} · "

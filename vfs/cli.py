@@ -202,9 +202,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
     finally:
         show.close()
     untouched = finished_before and not computed  # complete before, and nothing computed now
-    repaired = finished_before and bool(
-        computed
-    )  # complete before, damaged since: its summary said as a fresh build's
+    # complete before, damaged since and written again: its summary read as a fresh build's
+    repaired = finished_before and bool(computed)
     assert cache is not None  # None means cancelled, and the CLI never cancels
     report = cache.report
     print(

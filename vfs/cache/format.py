@@ -241,6 +241,11 @@ def _column_keys(columns: Sequence[str]) -> dict[str, str]:
     return keys
 
 
+def known_version(value: object) -> bool:
+    """Whether a cache's `format_version` attribute is one this VFS reads (`True` is no 1)."""
+    return value in FORMAT_VERSIONS and not isinstance(value, bool)
+
+
 def format_version(columns: Sequence[str]) -> int:
     """The format version a cache of a table with these columns is written as (`FORMAT_VERSION`)."""
     return 2 if _column_keys(columns) else 1

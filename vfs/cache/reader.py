@@ -51,6 +51,7 @@ from .format import (
     CacheSpec,
     check_array,
     check_chunk_size,
+    known_version,
     lost_columns,
     member_array,
     read_table,
@@ -130,7 +131,8 @@ class CacheCheck:
     lost_from: int | None
     """`FeatureCache.lost_from`: the first image whose chunk file is missing."""
     lost_columns: list[str] | None
-    """`FeatureCache.lost_columns`; None: the whole manifest is missing."""
+    """The manifest's columns whose chunks are missing or do not decode (`missing_columns`); None:
+    the whole manifest is missing."""
     damaged: list[Damage]
     manifest_error: str | None
     """Why the manifest (a partial cache's candidates) could not be read, where it could not."""
@@ -172,9 +174,7 @@ class FeatureCache:
         attrs: dict[str, Any] = dict(group.attrs)
         if attrs.get("format") != FORMAT:
             raise CacheError(f"{location} is not a VFS feature cache (no '{FORMAT}' attribute)")
-        if attrs.get("format_version") not in FORMAT_VERSIONS or isinstance(
-            attrs.get("format_version"), bool
-        ):
+        if not known_version(attrs.get("format_version")):
             raise CacheError(
                 f"{location} has format version {attrs.get('format_version')!r}; this VFS reads versions "
                 f"{', '.join(map(str, FORMAT_VERSIONS))} (a newer VFS made it?)"

@@ -30,6 +30,7 @@ from .format import (
     CacheError,
     CacheSpec,
     format_version,
+    known_version,
     library_versions,
     member_array,
     paths_digest,
@@ -226,9 +227,7 @@ class CacheWriter:
             raise CacheError(
                 f"{path} exists and is no VFS cache (a zarr group of another kind); choose another output"
             )
-        if attrs.get("format_version") not in FORMAT_VERSIONS or isinstance(
-            attrs.get("format_version"), bool
-        ):
+        if not known_version(attrs.get("format_version")):
             raise CacheError(
                 f"{path} is a VFS cache of format version {attrs.get('format_version')!r}, this VFS writes "
                 f"versions {', '.join(map(str, FORMAT_VERSIONS))}: build into another output, or resume it "
