@@ -1080,8 +1080,34 @@ def test_a_garbled_manifest_chunk_is_damage_check_finds_and_a_rerun_repairs(tmp_
     chunk.write_bytes(bytes(data))
     found = open_cache(out).check()
     assert found.lost_columns == ["dom"] and not found.ok
-    assert "its manifest's column 'dom' is missing or garbled" in found.problems()
-    with pytest.warns(UserWarning, match=r"column\(s\) 'dom' are missing or garbled on disk"):
+    assert "its manifest's column 'dom' is missing, garbled or cut short" in found.problems()
+    with pytest.warns(UserWarning, match=r"column\(s\) 'dom' are missing, garbled or cut short on disk"):
+        resumed = CacheWriter.open(out, SPEC, candidates(12), 32)
+    resumed.finish(candidates(12))
+    assert open_cache(out).check().ok
+    pd.testing.assert_frame_equal(open_cache(out).manifest, open_cache(tmp_path / "clean.zarr").manifest)
+
+
+@pytest.mark.parametrize("short", [["label"], None])  # one column, or every one (then n disagrees)
+def test_a_manifest_column_cut_short_is_damage_check_finds_and_a_rerun_repairs(tmp_path, short):
+    """A manifest column shorter than the cache's images read its last images' labels as missing,
+    and `check` said the cache was whole (code review): now reading it is refused with the reason,
+    `check` names it, and the rerun of the same build writes it again."""
+    import shutil
+
+    import zarr
+
+    build(tmp_path / "clean.zarr", 12)
+    shutil.copytree(tmp_path / "clean.zarr", out := tmp_path / "c.zarr")
+    manifest = zarr.open_group(out / "manifest", mode="r+")
+    for column in short or list(manifest.attrs["columns"]):
+        manifest[column].resize((9,))
+    with pytest.raises(CacheError, match=r"damaged: its manifest table's column '\w+' holds 9 rows, not 12"):
+        open_cache(out).manifest
+    found = open_cache(out).check()
+    assert not found.ok and found.lost_columns == (short or list(manifest.attrs["columns"]))
+    assert any("cut short" in p for p in found.problems())
+    with pytest.warns(UserWarning, match=r"column\(s\) .* are missing, garbled or cut short on disk"):
         resumed = CacheWriter.open(out, SPEC, candidates(12), 32)
     resumed.finish(candidates(12))
     assert open_cache(out).check().ok
@@ -1136,7 +1162,7 @@ def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_pat
     with pytest.raises(CacheError, match="built from other images"):
         CacheWriter.open(out, SPEC, shuffled, 32)
     assert open_cache(out).complete  # refused without a change
-    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing or garbled on disk"):
+    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing, garbled or cut short on disk"):
         resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
     assert resumed.rows == 29 and resumed.next_item == 30  # nothing to compute
     resumed.finish(candidates(30))

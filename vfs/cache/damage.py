@@ -120,9 +120,7 @@ def _chunk_damage(
     )
 
 
-def _stored_read(
-    read: Callable[[], np.ndarray], raised: tuple[type[BaseException], ...]
-) -> tuple[str | None, Any]:
+def _stored_read(read: Callable[[], Any], raised: tuple[type[BaseException], ...]) -> tuple[str | None, Any]:
     """`read()`'s rows, or what kept them: "missing" (a chunk the writer stored is not there:
     `ZarrRows`'s CacheError, or a column that names no array) or "garbled" (zarr's and the codecs'
     many errors). The machine's faults (memory, a read that failed: an OSError with an errno) and
@@ -141,24 +139,43 @@ def _stored_read(
         return "garbled", None
 
 
-def missing_columns(group: zarr.Group, name: str, raised: tuple[type[BaseException], ...] = ()) -> list[str]:
+def missing_columns(
+    group: zarr.Group, name: str, raised: tuple[type[BaseException], ...] = (), rows: int | None = None
+) -> list[str]:
     """The columns of a cache's table (`manifest`, `candidates`) whose data is gone from the store,
-    local or remote, where the writer stored every chunk (zarr reads a gone one as all missing), or
+    local or remote, where the writer stored every chunk (zarr reads a gone one as all missing),
     does not decode (a chunk garbled on disk: it escaped `check` as a codec's error, and a rerun
-    of the build, which looked for files only, left it — CLI review)."""
+    of the build, which looked for files only, left it — CLI review), or has another length than
+    `rows` (a finished cache's manifest: its images) or, without it, than the table's longest
+    column (pandas would read the rows a short one lacks as missing values — code review)."""
     table = group[name]
     attrs: dict[str, Any] = dict(table.attrs)
     if not isinstance(table, zarr.Group) or not attrs.get("all_chunks_stored"):
         return []
     location = location_of(group)
+    columns = list(map(str, attrs.get("columns", [])))
 
-    def read(column: str) -> np.ndarray:
+    def array(column: str) -> zarr.Array:
         arr = table.get(column_key(attrs, column, location))  # a crafted key: a CacheError, the column lost
         if not isinstance(arr, zarr.Array):
             raise CacheError(f"column {column!r} is gone")
-        return ZarrRows(arr, location, True).read(0, arr.shape[0])
+        return arr
 
-    return [c for c in map(str, attrs.get("columns", [])) if _stored_read(partial(read, c), raised)[0]]
+    def length(column: str) -> int:
+        return int(array(column).shape[0])
+
+    if rows is None:  # the longest column's (a lost one's is None)
+        rows = max(
+            (n for c in columns if (n := _stored_read(partial(length, c), raised)[1]) is not None), default=0
+        )
+
+    def read(column: str) -> np.ndarray:
+        arr = array(column)
+        if arr.shape[0] != rows:
+            raise CacheError(f"column {column!r} holds {arr.shape[0]} rows, not {rows}")
+        return ZarrRows(arr, location, True).read(0, rows)
+
+    return [c for c in columns if _stored_read(partial(read, c), raised)[0]]
 
 
 def without_checksum(group: zarr.Group) -> list[str]:

@@ -323,7 +323,8 @@ def read_table(
     group: zarr.Group, name: str, n: int | None = None, columns: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """Back to a DataFrame (all its columns, or `columns`), numbers and booleans restored from
-    their stored kind; a column lost on disk is refused."""
+    their stored kind; a column lost on disk, or of another length than `n` (without it, than the
+    others), is refused: pandas would fill a short one's rows with missing values."""
     g = group[name]
     attrs: dict[str, Any] = dict(g.attrs)
     kinds = attrs.get("kinds", {})
@@ -344,7 +345,14 @@ def read_table(
         if arr.dtype.kind not in "TUO":  # VFS writes variable-length strings
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} holds {arr.dtype}, not text")
         check_chunk_size(arr, str(group.store_path))
-        col = pd.Series(arr[:n], dtype=object)
+        n = arr.shape[0] if n is None else n
+        if arr.shape[0] != n:
+            raise CacheError(
+                f"the cache at {location_of(group)} is damaged: its {name} table's column {c!r} holds "
+                f"{arr.shape[0]} rows, not {n}; rerun the build that made it (the same command writes "
+                "it again) or build it anew"
+            )
+        col = pd.Series(arr[:], dtype=object)
         kind = kinds.get(c)
         missing = _READ_AS_MISSING + (_WRITTEN_AS_TEXT if kind in _TYPED_KINDS else ())
         col = col.where(~col.isin(missing), None)

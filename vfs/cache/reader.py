@@ -149,7 +149,7 @@ class CacheCheck:
         found = [] if lost is None else [f"chunk files are missing or cut short on disk from image {lost}"]
         if self.lost_columns is None:
             found.append("its manifest is missing")
-        found += [f"its manifest's column {c!r} is missing or garbled" for c in self.lost_columns or []]
+        found += [f"its manifest's column {c!r} is missing, garbled or cut short" for c in self.lost_columns or []]
         if self.manifest_error and self.lost_columns == []:  # a missing column is said above
             found.append(self.manifest_error)
         found += [f"images {d.first}..{d.stop - 1}: {d.what}" for d in self.damaged]
@@ -423,10 +423,11 @@ class FeatureCache:
         raised = _network_errors() if remote else ()  # a server failing: no damage of the cache's
         with self._reading(f"its {table}") if remote else nullcontext():
             if table in self.group:
-                lost_columns = missing_columns(self.group, table, raised)
+                rows = self.n if self.complete else None  # a manifest holds the cache's images
+                lost_columns = missing_columns(self.group, table, raised, rows)
                 try:
                     with self._reading(f"its {table}"):
-                        read_table(self.group, table)
+                        read_table(self.group, table, rows)
                 except CacheError as e:
                     manifest_error = str(e)
             damaged = list(damaged_rows(self.group, self.stored, progress, raised))

@@ -248,8 +248,8 @@ class CacheWriter:
         damaged, complete = None, bool(attrs.get("complete"))
         if complete:
             _check_finished_on(path, g, attrs, candidates)
-            lost_manifest = _manifest_lost(g)
             n = int(attrs["n"])
+            lost_manifest = _manifest_lost(g, n)
             damaged = _first_garbled(g, n)
             # arrays of another length than n: its n edited, or a repair killed before its first step
             resized = any(member_array(g, name).shape[0] != n for name in ROW_ARRAYS)
@@ -512,13 +512,17 @@ def _lost_from(path: Path, group: zarr.Group, attrs: dict[str, Any], rows: int) 
     return first_lost_row(path, group, rows) if attrs.get("all_chunks_stored") else None
 
 
-def _manifest_lost(group: zarr.Group) -> str | None:
-    """What a finished cache lost of its manifest ("its manifest is missing", "its manifest's
-    column(s) 'label' are missing"); None where it is whole."""
+def _manifest_lost(group: zarr.Group, n: int) -> str | None:
+    """What a finished cache of `n` images lost of its manifest ("its manifest is missing", "its
+    manifest's column(s) 'label' are missing"); None where it is whole."""
     if "manifest" not in group:
         return "its manifest is missing"
-    lost = missing_columns(group, "manifest")  # every chunk decoded: a garbled one is lost too
-    return f"its manifest's column(s) {', '.join(map(repr, lost))} are missing or garbled" if lost else None
+    lost = missing_columns(group, "manifest", rows=n)  # every chunk decoded: a garbled one is lost too
+    return (
+        f"its manifest's column(s) {', '.join(map(repr, lost))} are missing, garbled or cut short"
+        if lost
+        else None
+    )
 
 
 def _reopen(group: zarr.Group, candidates: pd.DataFrame) -> None:
@@ -556,7 +560,7 @@ def _check_finished_on(
         )
     skipped = {s["path"] for s in report.get("skipped", [])}
     wanted = [p for p in candidates["path"].astype(str) if p not in skipped]
-    if "manifest" not in group or "path" in missing_columns(group, "manifest"):
+    if "manifest" not in group or "path" in missing_columns(group, "manifest", rows=int(attrs["n"])):
         if "paths_digest" not in attrs:
             raise CacheError(
                 f"{path} is damaged: its manifest's paths are missing on disk, and it was built before VFS "
@@ -565,7 +569,7 @@ def _check_finished_on(
             )
         same = attrs["paths_digest"] == paths_digest(wanted)
     else:
-        same = read_table(group, "manifest", columns=["path"])["path"].astype(str).tolist() == wanted
+        same = read_table(group, "manifest", int(attrs["n"]), ["path"])["path"].astype(str).tolist() == wanted
     if not same:
         raise CacheError(f"{path} is complete, built from other images than these; choose another output")
 
