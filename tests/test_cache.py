@@ -595,7 +595,7 @@ def test_whole_numbers_with_gaps_come_back_whole(tmp_path):
 
 def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     """The Distributions page's per-image export: the rows its table used (the query left out),
-    each with its score and best window, without clobbering a manifest column named `score`."""
+    each with its score and best window; a manifest column named `score` kept as `manifest_score`."""
     from vfs.export import image_scores, search_json
 
     rows = candidates(12).assign(score=np.arange(12) * 10.0)  # e.g. a severity score in the manifest
@@ -612,11 +612,11 @@ def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):
     keep[result.excluded] = False
     table = image_scores(cache, result, keep)
     assert table.index.name == "index" and table.index.tolist() == [i for i in range(12) if i not in (3, 7)]
-    assert table["score"].tolist() == [i * 10.0 for i in table.index]  # the manifest's, kept
-    np.testing.assert_array_equal(table["vfs_score"], result.scores[keep])
+    assert table["manifest_score"].tolist() == [i * 10.0 for i in table.index]  # the manifest's, kept
+    np.testing.assert_array_equal(table["score"], result.scores[keep])
     assert table["grid_box"].tolist() == [result.grid_box(i) for i in table.index]
     plain = image_scores(open_cache(tmp_path / "c.zarr"), result)
-    assert len(plain) == 12 and "vfs_score" in plain  # every image without `keep`
+    assert len(plain) == 12 and "manifest_score" in plain  # every image without `keep`
 
 
 def test_the_search_csv_holds_each_ranked_images_manifest_row(tmp_path):
@@ -682,7 +682,7 @@ def test_the_pages_csv_opens_in_a_spreadsheet_as_values_not_formulas(tmp_path):
         back = pd.read_csv(io.StringIO(text))
         if "delta" in back:
             np.testing.assert_array_equal(np.sort(back["delta"]), np.arange(8) - 4.5)  # numbers stay numbers
-        assert back["score" if "score" in back else "vfs_score"].dtype == float
+        assert back["score"].dtype == float
     assert (
         spreadsheet_csv(pd.DataFrame({"a": [1.5], "b": ["x"]})).splitlines()[1] == '0,1.5,"x"'
     )  # numbers bare
@@ -708,6 +708,12 @@ def test_compared_scores_are_both_sides_rows_the_agreement_is_computed_from(tmp_
         order = table.index[np.argsort(-result.scores[keep], kind="stable")]
         assert table.loc[order, f"{side}_rank"].tolist() == list(range(1, 12)), side
     assert table["left_rank"].dtype == np.int64
+    clashing = cache.manifest.assign(left_score="radiologist A", manifest_left_score=1)
+    cache._manifest = clashing  # a manifest column named as the export's (code review: overwritten)
+    table = compared_scores(cache, a, b, keep)
+    np.testing.assert_array_equal(table["left_score"], a.scores[keep])
+    assert (table["manifest_manifest_left_score"] == "radiologist A").all()  # its name taken: once more
+    assert (table["manifest_left_score"] == 1).all()
     # … and the JSON: each side as the CLI writes a search, with its weights, and the agreement
     from vfs.export import comparison_json, search_json
 
@@ -1162,7 +1168,9 @@ def test_a_rerun_of_a_finished_build_writes_a_manifest_column_lost_since(tmp_pat
     with pytest.raises(CacheError, match="built from other images"):
         CacheWriter.open(out, SPEC, shuffled, 32)
     assert open_cache(out).complete  # refused without a change
-    with pytest.warns(UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing, garbled or cut short on disk"):
+    with pytest.warns(
+        UserWarning, match=f"manifest's column\\(s\\) '{lost}' are missing, garbled or cut short on disk"
+    ):
         resumed = CacheWriter.open(out, SPEC, candidates(30), 32)
     assert resumed.rows == 29 and resumed.next_item == 30  # nothing to compute
     resumed.finish(candidates(30))

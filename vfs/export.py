@@ -53,13 +53,27 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
     }
 
 
+def _with_columns(manifest: pd.DataFrame, added: dict[str, Any]) -> pd.DataFrame:
+    """`manifest` with VFS's `added` columns, which keep their names in every export; a manifest
+    column of the same name gets `manifest_` before it (as often as it takes to name no other)."""
+    taken = set(map(str, manifest.columns)) | set(added)
+
+    def renamed(column: Any) -> Any:
+        if column not in added:
+            return column
+        name = f"manifest_{column}"
+        while name in taken:
+            name = f"manifest_{name}"
+        taken.add(name)
+        return name
+
+    return manifest.rename(columns=renamed).assign(**added)
+
+
 def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | None = None) -> pd.DataFrame:
-    """Each kept image's manifest row (indexed by image) with its best score and that window's grid
-    box: the per-image export, the rows a Distributions table is computed from. A manifest column
-    already named `score` or `grid_box` keeps its name; VFS's then reads `vfs_score`, `vfs_grid_box`."""
-    manifest = cache.manifest
-    added = {"score": result.scores, "grid_box": result.grid_boxes()}
-    table = manifest.assign(**{(f"vfs_{k}" if k in manifest.columns else k): v for k, v in added.items()})
+    """Each kept image's manifest row (indexed by image) with its best `score` and that window's
+    `grid_box`: the per-image export, the rows a Distributions table is computed from."""
+    table = _with_columns(cache.manifest, {"score": result.scores, "grid_box": result.grid_boxes()})
     table = table.rename_axis("index")
     return table if keep is None else table[np.asarray(keep, dtype=bool)]
 
@@ -67,12 +81,13 @@ def image_scores(cache: FeatureCache, result: SearchResult, keep: np.ndarray | N
 def ranked_rows(cache: FeatureCache, result: SearchResult, columns: list[str]) -> pd.DataFrame:
     """The ranked table's `columns` with the rest of each ranked image's manifest row (a patient id,
     a study, a site): the Search page's CSV, in which a leave-out can be checked (it held the table
-    alone). A manifest column named as a table column keeps its name with `manifest_` before it."""
+    alone)."""
     table = result.top[columns].reset_index(drop=True)
     rows = cache.manifest.iloc[result.top_indices].reset_index(drop=True)
     shown = {"path", cache.label_col, cache.domain_col}  # already in the table, as path, label and domain
     more = rows[[c for c in rows.columns if c not in shown]]
-    return table.join(more.rename(columns=lambda c: f"manifest_{c}" if c in table.columns else c))
+    joined = _with_columns(more, dict(table.items()))  # the table's columns last, as `assign` puts them
+    return joined[[*table.columns, *joined.columns[: -len(table.columns)]]]
 
 
 def compared_scores(
@@ -81,7 +96,7 @@ def compared_scores(
     """Two searches of caches of the same images side by side: each kept image's manifest row
     (`cache`'s) with each side's best score, its rank among the kept images (1: the best; ties share
     the best rank) and its window — the Compare page's export, the rows its agreement figures are
-    computed from."""
+    computed from. A manifest column named as one of these gets `manifest_` before it."""
     kept = np.ones(len(left.scores), bool) if keep is None else np.asarray(keep, dtype=bool)
     added: dict[str, Any] = {}
     for side, result in (("left", left), ("right", right)):
@@ -91,7 +106,7 @@ def compared_scores(
         )
         added[f"{side}_rank"] = ranks.to_numpy(dtype=np.int64)
         added[f"{side}_grid_box"] = result.grid_boxes()
-    return cache.manifest.assign(**added).rename_axis("index")[kept]
+    return _with_columns(cache.manifest, added).rename_axis("index")[kept]
 
 
 def comparison_json(
