@@ -344,7 +344,7 @@ class SkimageReader:
         if group == "samples" and name in _SKIMAGE_PHOTOS:
             return to_rgb(Image.fromarray(getattr(skimage.data, name)()))
         kind, _, number = name.partition("_")
-        if group == "lfw" and kind in ("face", "nonface") and number.isdigit() and int(number) < _LFW_FACES:
+        if group == "lfw" and kind in ("face", "nonface") and number.isdecimal() and int(number) < _LFW_FACES:
             row = int(number) + (_LFW_FACES if kind == "nonface" else 0)
             return to_rgb(Image.fromarray(_lfw_subset()[row]))
         raise ImageError(f"no embedded image {path!r}")

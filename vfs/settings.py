@@ -97,7 +97,7 @@ class Settings:
                 raise ValueError(f"VFS_REMOTE_CACHES: {url!r} is not an {'/'.join(REMOTE_SCHEMES)} URL")
         address = env.get("VFS_RAY_ADDRESS", "").strip() or None
         shards = env.get("VFS_RAY_SHARDS", "").strip() or "0"
-        if not shards.isdigit():
+        if not shards.isdecimal():  # "²" is a digit, not a number int() reads
             raise ValueError(f"VFS_RAY_SHARDS={shards!r}: expected a whole number of shards")
         if int(shards) and address is None:
             raise ValueError("VFS_RAY_SHARDS needs VFS_RAY_ADDRESS: the Ray cluster the shards run on")

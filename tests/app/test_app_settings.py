@@ -39,6 +39,7 @@ def test_hosted_never_builds():
         ({"VFS_MAX_UPLOAD_MB": "0"}, "VFS_MAX_UPLOAD_MB"),
         ({"VFS_REMOTE_CACHES": "/etc/passwd"}, "VFS_REMOTE_CACHES"),
         ({"VFS_REMOTE_CACHES": "file:///etc/x.zarr"}, "VFS_REMOTE_CACHES"),
+        ({"VFS_RAY_SHARDS": "²", "VFS_RAY_ADDRESS": "auto"}, "VFS_RAY_SHARDS"),  # a digit int() refuses
     ],
 )
 def test_malformed_values_name_the_variable(env, name):

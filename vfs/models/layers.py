@@ -235,7 +235,7 @@ def _in_order(layout: _Layout, modules: dict[str, nn.Module], layer: str, tokens
     rest = parts[depth:]
     if rest == ["unroll"]:
         block = 0
-    elif len(rest) > 1 and rest[0] == "blocks" and rest[1].isdigit():
+    elif len(rest) > 1 and rest[0] == "blocks" and rest[1].isdecimal():
         block = int(rest[1])
     else:  # before the tokens are unrolled (the patch embedding), or after (the head)
         return layout
