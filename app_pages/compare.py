@@ -24,7 +24,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         require_region,
         run_search,
     )
-    from ui.views import TILE_PX, result_table, result_tiles, search_summary
+    from ui.views import TILE_PX, result_table, result_tiles
     from vfs.cache import FeatureCache, cache_name
     from vfs.compare import comparison_note, comparison_refusal, short_weights
     from vfs.export import compared_scores, comparison_json, spreadsheet_csv
@@ -86,7 +86,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
                 f"{as_written(cache.spec.model)} (weights {as_written(short_weights(cache.spec))}) · "
                 f"{as_written(cache.spec.layer)} · "
                 f"grid {cache.spec.grid[0]}×{cache.spec.grid[1]} — "
-                f"{search_summary(result, k)}"
+                f"{result.caption()}"
             )
             with st.expander("The region on this side's cells"):  # placed through the image on the right
                 mask = region.mask(cache, drawn_on=left)

@@ -22,7 +22,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         require_region,
         run_search,
     )
-    from ui.views import downloads, result_table, result_tiles, search_summary
+    from ui.views import downloads, result_table, result_tiles
     from vfs.cache import FeatureCache
     from vfs.render import jpeg_data_url, mask_overlay, mask_summary
 
@@ -80,7 +80,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
             caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
             alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
-    summary = search_summary(result, k, domains)
+    summary = result.caption()
     with said:
         announce(f"Search done: {summary}")
 

@@ -322,7 +322,12 @@ def test_per_domain_keeps_at_most_n_per_domain(device):
     result = search_regions(src, 0, mask, k=6, per_domain=1, device=device)
     assert len(result.top) == 4
     assert sorted(src.domains[result.top["index"]]) == ["a", "b", "c", "d"]
+    assert result.caption().endswith(" — 4 of the 6 asked: at most 1 per domain")  # not a lost result
     full = search_regions(src, 0, mask, k=40, device=device)
+    assert full.caption().startswith("40 results from 40 images in ") and " left out" not in full.caption()
+    short = search_regions(src, 0, mask, k=41, exclude=[0, 5], device=device)
+    assert short.caption().endswith("; 2 images left out — 38 of the 41 asked: no more images to rank")
+    assert search_regions(src, 0, mask, k=1, exclude=0, device=device).caption().startswith("1 result from")
     # each domain's kept image is that domain's best
     for i in result.top["index"]:
         same = np.flatnonzero(src.domains == src.domains[i])

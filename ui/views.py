@@ -123,24 +123,6 @@ def result_table(cache: FeatureCache, result: SearchResult, key: str) -> None:
     )
 
 
-def search_summary(result: SearchResult, k: int | None = None, per_domain: int | None = None) -> str:
-    """E.g. "10 results from 213 images in 23 ms (cells, cpu); 1 image left out", "… from 83 of 300
-    images …" under a label filter; and why, where fewer than the `k` asked came back (4 of 5 at
-    one per domain read as a search that lost one)."""
-    found = len(result.top)
-    why = ""
-    if k is not None and found < k:
-        capped = per_domain is not None and result.ranked > found  # images were left: the cap held them
-        limit = f"at most {per_domain} per domain" if capped else "no more images to rank"
-        why = f" — {found} of the {k} asked: {limit}"
-    left_out = len(result.excluded)  # the query, the images sharing its patient, …: ranked nowhere
-    out = f"; {left_out} image{'' if left_out == 1 else 's'} left out" if left_out else ""
-    return (
-        f"{found} results from {result.images_ranked()} in {result.elapsed_ms:.0f} ms "
-        f"({result.method}, {result.device}){out}{why}"
-    )
-
-
 def downloads(
     cache: FeatureCache,
     result: SearchResult,

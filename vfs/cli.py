@@ -449,10 +449,7 @@ def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json:
     if as_json:
         print(json.dumps(search_json(cache, result, desc), indent=1, default=str), file=out)
         return
-    print(
-        f"{len(result.top)} results in {result.elapsed_ms:.1f} ms ({result.method}, {result.device})",
-        file=out,
-    )
+    print(result.caption(), file=out)
     roles = {"label": cache.label_col, "domain": cache.domain_col}  # none in the cache: not shown
     names = ("rank", "index", "score", "label", "domain", "path", "grid_box")
     cols = [c for c in names if roles.get(c, c in result.top)]

@@ -104,6 +104,8 @@ class SearchResult:
     excluded: np.ndarray  # (sorted) the images `exclude` kept out of the ranking, e.g. the query
     ranked: int  # the images that could be returned: `candidates` (e.g. a label filter) less `exclude`
     filtered: bool  # whether `candidates` limited them
+    asked: int  # k
+    per_domain: int | None  # the cap on results per domain, if any
     source: FeatureSource = field(repr=False)
 
     @cached_property
@@ -138,6 +140,24 @@ class SearchResult:
             f"{h}×{w} grid ({self.method}, {self.device}, {self.elapsed_ms:.1f} ms, "
             f"{self.rescored} re-scored exactly)"
         )
+
+    def caption(self) -> str:
+        """The line a page, the notebook widget and the CLI show over the ranked results: e.g. "10
+        results from 213 images in 23 ms (pairs, cpu); 1 image left out", "… from 83 of 300 images
+        …" under `candidates`; and why, where fewer than the k asked came back (4 of 5 at one per
+        domain read as a search that lost one)."""
+        found = len(self.top_indices)
+        why = ""
+        if found < self.asked:
+            capped = (
+                self.per_domain is not None and self.ranked > found
+            )  # images were left: the cap held them
+            limit = f"at most {self.per_domain} per domain" if capped else "no more images to rank"
+            why = f" — {found} of the {self.asked} asked: {limit}"
+        left_out = len(self.excluded)  # the query, the images sharing its patient, …: ranked nowhere
+        out = f"; {left_out} image{'' if left_out == 1 else 's'} left out" if left_out else ""
+        results = f"{found} result{'' if found == 1 else 's'} from {self.images_ranked()}"
+        return f"{results} in {self.elapsed_ms:.0f} ms ({self.method}, {self.device}){out}{why}"
 
     def __repr__(self) -> str:  # not the arrays: a notebook cell ending in a search printed pages of them
         return f"SearchResult: {self.summary()}\n{self.top.to_string(index=False)}"
@@ -467,6 +487,8 @@ def _search(
         excluded_images(n, exclude),
         int(eligible.sum()),
         candidates is not None,
+        k,
+        per_domain,
         source,
     )
 

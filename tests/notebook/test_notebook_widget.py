@@ -77,7 +77,7 @@ def test_paint_in_result_out(demo_cache):
     assert [(m["label"], m["domain"]) for m in w.matches] == list(zip(top["label"], top["domain"]))
     assert all(m["image"].startswith("data:image/jpeg;base64,") for m in w.matches)
     assert w.mask_view.startswith("data:image/jpeg") and "of 49 feature cells" in w.mask_caption
-    assert w.status.startswith(f"10 matches among {demo_cache.n} images")
+    assert w.status.startswith(f"10 results from {demo_cache.n} images")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -130,7 +130,7 @@ def test_another_query_searches_the_same_region(demo_cache):
     assert views and w.query_index == FACE and w.result is result and w.shapes  # the drawing stays
     assert_same(result, search_regions(demo_cache, FACE, mask, k=5, exclude=FACE))
     np.testing.assert_array_equal(w.mask, mask)
-    assert w.status.startswith("5 matches") and w.matches[0]["index"] == result.top["index"].iloc[0]
+    assert w.status.startswith("5 results") and w.matches[0]["index"] == result.top["index"].iloc[0]
     with pytest.raises(ValueError, match="outside 0..39"):
         w.set_query(40)
     assert (w.query_index, w.result, w.view) == (FACE, result, views[-1])  # as it was

@@ -149,7 +149,9 @@ class CacheCheck:
         found = [] if lost is None else [f"chunk files are missing or cut short on disk from image {lost}"]
         if self.lost_columns is None:
             found.append("its manifest is missing")
-        found += [f"its manifest's column {c!r} is missing, garbled or cut short" for c in self.lost_columns or []]
+        found += [
+            f"its manifest's column {c!r} is missing, garbled or cut short" for c in self.lost_columns or []
+        ]
         if self.manifest_error and self.lost_columns == []:  # a missing column is said above
             found.append(self.manifest_error)
         found += [f"images {d.first}..{d.stop - 1}: {d.what}" for d in self.damaged]

@@ -289,6 +289,8 @@ class ShardedSearch:
             excluded_images(n, exclude),
             int(eligible.sum()),
             candidates is not None,
+            int(k),
+            per_domain,
             self.cache,
         )
 

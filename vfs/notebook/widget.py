@@ -319,11 +319,7 @@ class SearchWidget(anywidget.AnyWidget):
                 self.matches = self._tiles(result)
                 self.mask_view = jpeg_data_url(mask_overlay(self._query.view, mask))
                 self.mask_caption = f"{mask_summary(mask)}: the share of each cell painted"
-                found = len(result.top)
-                self.status = (
-                    f"{found} {'match' if found == 1 else 'matches'} among {self.cache.n} images in "
-                    f"{result.elapsed_ms:.0f} ms ({result.method}, {result.device})"
-                ) + self._recognized()
+                self.status = result.caption() + self._recognized()
             self.error = ""
             self.revision += 1
         self.mask = mask
