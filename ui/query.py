@@ -337,7 +337,7 @@ def _image_uploaded(cache: FeatureCache, upload: Query) -> int | None:
     def find() -> int | None:
         sharded = sharded_search(cache)
         search = partial(search_regions, cache) if sharded is None else sharded.search
-        return image_searched(search(query_features(cache, upload), np.ones(cache.spec.grid), k=1))
+        return image_searched(search, query_features(cache, upload), cache.spec.grid)
 
     with user_errors():
         # the cache as built: rebuilt over changed files with the same spec, its rows are other images

@@ -399,13 +399,12 @@ def _image_query(
     """An --image's features by the cache's model, or, where it is one of the cache's images (the same
     features: a file of its dataset), that image's index, said on stderr: searched as a query image it
     ranked among the others, about 1, where --include-query, --exclude-same apply to an index."""
-    import numpy as np
 
     from .images import load_image
     from .search import image_searched
 
     features = cache.extractor(args.model).features(load_image(args.image))
-    index = image_searched(search(features, np.ones(cache.spec.grid), k=1))
+    index = image_searched(search, features, cache.spec.grid)
     if index is None:
         return features
     left = "" if args.include_query else " (left out of the results unless --include-query)"

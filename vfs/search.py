@@ -246,13 +246,15 @@ file gives the same features up to their fp16 rounding and another machine's ari
 another picture, or the same one saved again as a JPEG, lies well below."""
 
 
-def image_searched(result: SearchResult) -> int | None:
-    """The searched image that a whole-grid search's query image is, if any (an upload, or a file of
-    the dataset, named by its path): searched as a query image, it ranked among the others with a
-    score of about 1 — and was counted in statistics said to leave the query out. None too where
-    nothing was ranked (a cache of no images)."""
-    if result.query.mask.shape != tuple(result.grid):
-        raise ValueError("image_searched takes a search whose region is the whole grid (np.ones(grid))")
+def image_searched(
+    search: Callable[..., SearchResult], query: QueryLike, grid: tuple[int, int]
+) -> int | None:
+    """The searched image a query image is, if any (an upload, or a file of the dataset, named by
+    its path), found by `search` (`search_regions` on a source, a sharded search's) of the whole
+    grid for its features: searched as a query image, it ranked among the others with a score of
+    about 1 — and was counted in statistics said to leave the query out. None too where nothing was
+    ranked (a cache of no images)."""
+    result = search(query, np.ones(grid), k=1)
     if not len(result.top_indices):
         return None
     best = int(result.top_indices[0])

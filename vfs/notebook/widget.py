@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anywidget
@@ -68,7 +69,7 @@ def resolve_query(
     else:
         cache.check_extractor(extractor.describe())
     features = extractor.features(query)
-    copy = image_searched(search_regions(cache, features, np.ones(cache.spec.grid), k=1))
+    copy = image_searched(partial(search_regions, cache), features, cache.spec.grid)
     if copy is not None:
         return Query(cache.thumb(copy), copy, copy, recognized=True)
     return Query(view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1]), features, None)
