@@ -368,8 +368,8 @@ def test_image_indices_outside_the_source_are_refused(query, exclude, message, d
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"k": 0}, "k must be at least 1"),
-        ({"k": 2.5}, "k must be a whole number of results, not 2.5"),
+        ({"k": 0}, "k must be a whole number of results ≥ 1, not 0"),
+        ({"k": 2.5}, "k must be a whole number of results ≥ 1, not 2.5"),
         ({"per_domain": 0}, "per_domain must be a whole number ≥ 1"),
         ({"per_domain": -1}, "per_domain must be a whole number ≥ 1"),
     ],
@@ -379,6 +379,11 @@ def test_bad_options_are_refused_with_a_reason(options, message, device):
     src.domains = np.array(["a", "b", "a", "b"])
     with pytest.raises(ValueError, match=message):
         search_regions(src, 0, np.ones((5, 5)), device=device, **options)
+    src.domains = None  # before the features' pass, named as a source (the notebook widget's own words)
+    with pytest.raises(
+        ValueError, match="per_domain needs a dataset with a domain column; this source has none"
+    ):
+        search_regions(src, 0, np.ones((5, 5)), device=device, per_domain=1)
 
 
 def test_the_query_is_checked_against_the_datasets_grid_and_may_be_a_grad_tensor(device):

@@ -349,21 +349,15 @@ def search_regions(
     placement. The top-k's scores are exact.
     """
     t0 = time.perf_counter()
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be a whole number of results, not {k!r}")
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    if per_domain is not None and (
-        isinstance(per_domain, bool) or not isinstance(per_domain, (int, np.integer)) or per_domain < 1
-    ):
-        raise ValueError(f"per_domain must be a whole number ≥ 1 (or None for no limit), not {per_domain!r}")
+    k = checked_k(k)
     if not hasattr(source, "chunks") and not isinstance(source, (np.ndarray, torch.Tensor)):
         raise TypeError(
             "source must be a feature cache (vfs.open_cache), a FeatureSource or an (N, h, w, C) numpy "
             f"array or torch tensor, not {type(source).__name__}"
         )
+    per_domain = checked_per_domain(per_domain, source)
     budget = None if memory_budget is None else memory_bytes(memory_budget)
-    options = _Options(int(k), exclude, per_domain, candidates, budget, all_exact)
+    options = _Options(k, exclude, per_domain, candidates, budget, all_exact)
     dev = resolve_device(device)
     dtype = fast_dtype(dev, source.shape[-1])
     if dtype == torch.float32 and not _ieee_fp32(dev):
@@ -392,6 +386,28 @@ def search_regions(
             dtype = array.cpu_dtype
         source = array
     return _search(source, dtype, dev, query, mask, options, t0)
+
+
+def checked_k(k: object) -> int:
+    """`k` as a number of results, or a ValueError that says what it is instead."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a whole number of results ≥ 1, not {k!r}")
+    return int(k)
+
+
+def checked_per_domain(per_domain: object, source: object) -> int | None:
+    """`per_domain` as the most results a domain may have (None: no limit) in a search of `source`,
+    or a ValueError: not a whole number ≥ 1, or a source without domains (a cache without a domain
+    column, an array)."""
+    if per_domain is None:
+        return None
+    if isinstance(per_domain, bool) or not isinstance(per_domain, (int, np.integer)) or per_domain < 1:
+        raise ValueError(f"per_domain must be a whole number ≥ 1 (or None for no limit), not {per_domain!r}")
+    if getattr(source, "domains", None) is None:
+        location = getattr(source, "location", None)
+        where = f"the cache at {location}" if location else "this source"
+        raise ValueError(f"per_domain needs a dataset with a domain column; {where} has none")
+    return int(per_domain)
 
 
 @dataclass(frozen=True)
@@ -437,8 +453,6 @@ def _search(
     scores, upper = found.scores, found.upper
     eligible = eligible_images(n, candidates, exclude)
     domains = source.domains
-    if per_domain is not None and domains is None:
-        raise ValueError("per_domain needs a dataset with a domain column")
     picked = select_top(scores, eligible, k, domains, per_domain)
     if sqnorm is not None and len(picked):
         # A bf16 bound is 2⁵ wider than fp16's: the images it cannot rule out get fp16 scores and

@@ -70,7 +70,7 @@ def test_filters_exclusions_and_domains(sharded, reference):
 
 
 def test_user_errors_come_back_as_themselves(sharded, reference):
-    with pytest.raises(ValueError, match="k must be at least 1"):
+    with pytest.raises(ValueError, match="k must be a whole number of results ≥ 1, not 0"):
         sharded.search(0, MASKS["block"], k=0)
     with pytest.raises(ValueError, match="outside 0..34"):
         sharded.search(35, MASKS["block"])

@@ -43,6 +43,8 @@ from ..search import (
     QueryLike,
     RegionQuery,
     SearchResult,
+    checked_k,
+    checked_per_domain,
     eligible_images,
     excluded_images,
     region_query,
@@ -246,6 +248,7 @@ class ShardedSearch:
         for i in sorted(self._down):  # shards a previous query found dead
             self._shards[i] = self._start(i)
         self._down.clear()
+        k, per_domain = checked_k(k), checked_per_domain(per_domain, self.cache)  # here, not once per shard
         n, h, w, _ = self.cache.shape
         rq = region_query(self.cache, query, mask)
         eligible = eligible_images(n, candidates, exclude)

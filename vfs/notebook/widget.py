@@ -25,7 +25,14 @@ from ..jobs import view_thumbnail
 from ..masks import crop_mask, grid_mask, grid_mask_values
 from ..models import Extractor
 from ..render import jpeg_data_url, mask_overlay, mask_summary, outlined_match, window_text
-from ..search import SearchResult, image_indices, image_searched, search_regions
+from ..search import (
+    SearchResult,
+    checked_k,
+    checked_per_domain,
+    image_indices,
+    image_searched,
+    search_regions,
+)
 from ..settings import is_url
 
 HERE = Path(__file__).parent
@@ -133,24 +140,17 @@ class SearchWidget(anywidget.AnyWidget):
     @traitlets.validate("k")
     def _k_is_a_count(self, proposal: dict) -> int:
         """Refused where it is set (a cell, the constructor), not at the next stroke's search."""
-        k = proposal["value"]
-        if isinstance(k, bool) or k < 1:
-            raise traitlets.TraitError(f"k must be a whole number of results ≥ 1, not {k!r}")
-        return k
+        try:
+            return checked_k(proposal["value"])
+        except ValueError as e:
+            raise traitlets.TraitError(str(e)) from None
 
     @traitlets.validate("per_domain")
     def _per_domain_is_a_count(self, proposal: dict) -> int | None:
-        n = proposal["value"]
-        if n is not None and (isinstance(n, bool) or n < 1):
-            raise traitlets.TraitError(
-                f"per_domain must be a whole number ≥ 1 (or None for no limit), not {n!r}"
-            )
-        if n is not None and self.cache.domains is None:
-            raise traitlets.TraitError(
-                f"per_domain needs a dataset with a domain column; the cache at {self.cache.location} "
-                "has none"
-            )
-        return n
+        try:
+            return checked_per_domain(proposal["value"], self.cache)
+        except ValueError as e:
+            raise traitlets.TraitError(str(e)) from None
 
     @traitlets.validate("brush")
     def _brush_is_a_size(self, proposal: dict) -> int:
