@@ -992,6 +992,10 @@ def test_check_of_a_partial_and_of_a_remote_cache(tmp_path, capsys):
     assert open_cache(tmp_path / "p.zarr", allow_partial=True).check().images == 14
     assert main(["check", str(tmp_path / "p.zarr")]) == 0
     assert "OK (PARTIAL: its images stored so far) — 14 images read" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "p.zarr", tmp_path / "q.zarr")
+    shutil.rmtree(tmp_path / "q.zarr" / "candidates" / "label")  # named as what it is, not "its manifest"
+    found = open_cache(tmp_path / "q.zarr", allow_partial=True).check()
+    assert "its candidates table's column 'label' is missing, garbled or cut short" in found.problems()
 
     build(tmp_path / "c.zarr", 30)
     sqnorm = chunk_file(tmp_path / "c.zarr", "sqnorm", 22)

@@ -1,4 +1,4 @@
-"""Feature cache format v1: a zarr v3 group holding one layer's feature maps for a dataset.
+"""The feature cache (format versions 1 and 2): a zarr v3 group of one layer's feature maps of a dataset.
 
 The rooms: `format` (what a cache is of, its limits and tables), `rows` (how an array's rows are
 read: through zarr or straight from chunk files), `damage` (what a cache lost or has garbled since

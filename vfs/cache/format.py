@@ -1,7 +1,8 @@
-"""Cache format v1 (docs/cache-format.md): what a cache is of, its limits, and its tables.
+"""The cache format, versions 1 and 2 (docs/cache-format.md): what a cache is of, its limits, and its tables.
 
 A zarr v3 group: `features` float16 (N, h, w, C), `sqnorm` float32 (N, h, w), `thumbs` uint8
-(N, S, S, 3), `manifest/<column>` strings (N,), and JSON attributes: the `CacheSpec`, the build
+(N, S, S, 3), `manifest/<column>` strings (N,; a name zarr cannot take under its key, version 2),
+and JSON attributes: the `CacheSpec`, the build
 report and progress.
 """
 
@@ -248,7 +249,7 @@ def known_version(value: object) -> bool:
 
 def format_version(columns: Sequence[str]) -> int:
     """The format version a cache of a table with these columns is written as (`FORMAT_VERSION`)."""
-    return 2 if _column_keys(columns) else 1
+    return FORMAT_VERSION if _column_keys(columns) else 1
 
 
 def column_key(attrs: dict[str, Any], column: str, location: str) -> str:

@@ -131,8 +131,8 @@ class CacheCheck:
     lost_from: int | None
     """`FeatureCache.lost_from`: the first image whose chunk file is missing."""
     lost_columns: list[str] | None
-    """The manifest's columns whose chunks are missing or do not decode (`missing_columns`); None:
-    the whole manifest is missing."""
+    """The manifest's (a partial cache's candidates') columns whose chunks are missing, do not
+    decode or were cut short (`missing_columns`); None: the whole table is missing."""
     damaged: list[Damage]
     manifest_error: str | None
     """Why the manifest (a partial cache's candidates) could not be read, where it could not."""
@@ -147,10 +147,11 @@ class CacheCheck:
         """Each problem found, in words."""
         lost = self.lost_from
         found = [] if lost is None else [f"chunk files are missing or cut short on disk from image {lost}"]
+        table = "manifest" if self.complete else "candidates table"  # a partial cache's images to build
         if self.lost_columns is None:
-            found.append("its manifest is missing")
+            found.append(f"its {table} is missing")
         found += [
-            f"its manifest's column {c!r} is missing, garbled or cut short" for c in self.lost_columns or []
+            f"its {table}'s column {c!r} is missing, garbled or cut short" for c in self.lost_columns or []
         ]
         if self.manifest_error and self.lost_columns == []:  # a missing column is said above
             found.append(self.manifest_error)
@@ -450,9 +451,10 @@ class FeatureCache:
         )
 
     def lost_columns(self) -> list[str] | None:
-        """The manifest columns whose data is gone from the store ([] where none is, or where that
-        cannot be told: tables written before every chunk was stored); None where a complete
-        cache's whole manifest is gone. A rerun of the build writes it again."""
+        """The manifest columns whose files are gone from a local store ([] where none is, or where
+        that cannot be told: a remote store, tables written before every chunk was stored); None
+        where a complete cache's whole manifest is gone. A rerun of the build writes it again.
+        Files only, no chunk read (`info`); `check` also decodes them (`CacheCheck.lost_columns`)."""
         if "manifest" in self.group:
             return lost_columns(self.group, "manifest")
         return None if self.complete else []
