@@ -40,7 +40,7 @@ PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle
 
 
 @dataclass(frozen=True)
-class Query:
+class ResolvedQuery:
     """The query image as the model saw it, and what the search takes for it."""
 
     view: np.ndarray  # (S, S, 3) uint8: the thumbnail of the model-input crop, as the cache's images'
@@ -51,7 +51,7 @@ class Query:
 
 def resolve_query(
     cache: FeatureCache, query: int | Image.Image | str | Path, extractor: Extractor | None = None
-) -> Query:
+) -> ResolvedQuery:
     """A dataset index as is; an image (or its file) through `extractor`, by default the cache's own
     model and layer, refused (CacheError) when its features cannot be compared with the cache's.
     An image's view is made into a thumbnail as the cache's images' are, so that a drawing keeps its
@@ -64,7 +64,7 @@ def resolve_query(
                 "extractor= is for a query image; a dataset index uses the cache's stored features"
             )
         index = int(image_indices(query, cache.n, "query index")[0])
-        return Query(cache.thumb(index), index, index)
+        return ResolvedQuery(cache.thumb(index), index, index)
     if isinstance(query, (str, Path)):
         query = load_image(query)
     if not isinstance(query, Image.Image):
@@ -78,8 +78,9 @@ def resolve_query(
     features = extractor.features(query)
     copy = image_searched(partial(search_regions, cache), features, cache.spec.grid)
     if copy is not None:
-        return Query(cache.thumb(copy), copy, copy, recognized=True)
-    return Query(view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1]), features, None)
+        return ResolvedQuery(cache.thumb(copy), copy, copy, recognized=True)
+    view = view_thumbnail(extractor.preprocess.view(query), cache.thumbs.shape[1])
+    return ResolvedQuery(view, features, None)
 
 
 def _text(value: object) -> str | None:
