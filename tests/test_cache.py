@@ -570,7 +570,9 @@ def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
 
 def test_whole_numbers_with_gaps_come_back_whole(tmp_path):
     """A label column of whole numbers with one blank read back as floats: groups "2.0", JSON 2.0
-    (data review). Stored and read as pandas' nullable integers; a search's labels are ints and None."""
+    (data review). Stored and read as pandas' nullable integers, in a search's ranked table too
+    (object ints and None lost Int64's arithmetic: app review); its JSON's labels are ints and null,
+    its tiles' captions the numbers or nothing."""
     from vfs.export import search_json
     from vfs.stats import label_groups
 
@@ -588,9 +590,19 @@ def test_whole_numbers_with_gaps_come_back_whole(tmp_path):
         "2",
         "3",
     ]
-    doc = search_json(cache, search_regions(cache, 0, np.ones((4, 5)), k=6, exclude=None), {"index": 0})
+    result = search_regions(cache, 0, np.ones((4, 5)), k=6, exclude=None)
+    top = result.top.set_index("index")
+    assert top["label"].dtype == "Int64" and top["label"].isna().tolist() == [i == 2 for i in top.index]
+    pd.testing.assert_series_equal(
+        top["label"].sort_index(), rows["grade"], check_names=False, check_index=False
+    )
+    doc = search_json(cache, result, {"index": 0})
     labels = {r["index"]: r["label"] for r in json.loads(json.dumps(doc, allow_nan=False))["results"]}
     assert labels == {0: 1, 1: 2, 2: None, 3: 1, 4: 3, 5: 2**60}
+    from vfs.render import match_tags
+
+    tags = {r["index"]: match_tags(r) for r in result.top.to_dict("records")}
+    assert tags[2] == ["d0"] and tags[5] == ["1152921504606846976", "d1"], tags  # no "<NA>", no "nan"
 
 
 def test_image_scores_are_the_kept_images_rows_with_their_best_window(tmp_path):

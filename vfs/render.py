@@ -162,7 +162,12 @@ def _fit_text(
 
 def match_tags(row: dict) -> list[str]:
     """A ranked row's label and domain, where it has them: what its caption adds to its score."""
-    return [str(row[c]) for c in ("label", "domain") if row.get(c) is not None]
+    return [str(v) for c in ("label", "domain") if not _missing(v := row.get(c))]
+
+
+def _missing(value: object) -> bool:
+    """None, NaN or pandas' NA: a manifest's blank however its column's type holds it."""
+    return value is None or bool(pd.api.types.is_scalar(value) and pd.isna(value))
 
 
 def ranked_matches(top: pd.DataFrame, thumbs: Sequence[np.ndarray]) -> list[dict]:

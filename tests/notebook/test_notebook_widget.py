@@ -510,3 +510,10 @@ def test_an_image_query_on_a_cache_of_no_images_is_no_error(demo_cache, tmp_path
     writer.finish(images)
     w = SearchWidget(open_cache(tmp_path / "e.zarr"), query=outside_image())
     assert w.query_index is None and w.search(np.ones((7, 7))).top.empty
+
+
+def test_a_tiles_blank_label_is_none_however_its_column_holds_it():
+    """pandas' NA (a whole-number column with gaps, `Int64`) read "<NA>" on a tile (app review)."""
+    from vfs.notebook.widget import _text
+
+    assert [_text(v) for v in (None, np.nan, pd.NA, 3, "a")] == [None, None, None, "3", "a"]

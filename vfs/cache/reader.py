@@ -733,9 +733,17 @@ class FeatureCache:
         return {
             "path": self._column("path")[idx],
             "pixel_box": [grid_box_to_pixels(box, self.spec.grid, (s, s)) for box in grid_boxes],
-            "label": self._column(self.label_col)[idx] if self.label_col else [None] * len(idx),
-            "domain": self._column(self.domain_col)[idx] if self.domain_col else [None] * len(idx),
+            "label": self._rows_of(self.label_col, idx) if self.label_col else [None] * len(idx),
+            "domain": self._rows_of(self.domain_col, idx) if self.domain_col else [None] * len(idx),
         }
+
+    def _rows_of(self, name: str, idx: np.ndarray) -> np.ndarray | pd.api.extensions.ExtensionArray:
+        """A manifest column's values at `idx` in the manifest's own type: whole numbers with gaps
+        stay pandas' nullable integers in a ranked table (as object ints and None they lost
+        `Int64`'s arithmetic; app review)."""
+        values = self._column(name)[idx]
+        dtype = self.manifest[name].dtype
+        return pd.array(values, dtype=dtype) if pd.api.types.is_extension_array_dtype(dtype) else values
 
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """fp16 features and fp32 squared norms (checked) of the contiguous rows start..stop-1, read

@@ -85,7 +85,7 @@ def resolve_query(
 
 def _text(value: object) -> str | None:
     """A label or domain as JSON text; None where the manifest has none."""
-    return None if value is None or (np.isscalar(value) and pd.isna(value)) else str(value)
+    return None if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)) else str(value)
 
 
 class _ObserverFailed(Exception):
