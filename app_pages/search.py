@@ -3,7 +3,7 @@
 import numpy as np
 import streamlit as st
 
-from ui.base import as_written, loading
+from ui.base import in_label, loading
 
 st.title("Search")
 with loading():  # the title is on screen while a fresh server loads PyTorch
@@ -44,7 +44,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         exclude = leave_out_query("Leave out the query image", "search.exclude", query)
         sharing = leave_out_sharing(cache, query, "search.sharing")
         per_domain = st.number_input(
-            f"At most n per domain ({as_written(cache.domain_col or 'no domain column')})",
+            f"At most n per domain ({in_label(cache.domain_col or 'no domain column')})",
             1,
             None,
             value=None,  # cleared, it is None again (its default), not the minimum
@@ -55,7 +55,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         )
         label_options = list(groups(cache, cache.label_col).columns) if cache.label_col else []
         labels = st.multiselect(
-            f"Only these labels ({as_written(cache.label_col or 'no label column')})",
+            f"Only these labels ({in_label(cache.label_col or 'no label column')})",
             label_options,
             key=bind(f"search.labels.{cache.location}", []),
             disabled=not label_options,

@@ -53,6 +53,17 @@ def as_written(text: object) -> str:
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
+_INLINE_MARKDOWN = re.compile(r"([\\`*_~\[\]<>&$:])")
+
+
+def in_label(text: object) -> str:
+    """`text` within a widget's label, after its first words: only what markdown reads inline
+    there escaped (emphasis, code, links and images, HTML, entities, LaTeX, Streamlit's `:…:`
+    directives), its whitespace one space. The label is also the widget's accessible name, as
+    given: a screen reader read `as_written`'s every backslash ("finding\\/label": app review)."""
+    return _INLINE_MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def settings() -> Settings:
     """This instance's settings, read on every run (cheap) so a changed environment applies at once."""
     with user_errors():

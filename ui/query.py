@@ -249,8 +249,9 @@ def _browser(cache: FeatureCache, candidates: np.ndarray, key: str, index_key: s
         f"Thumbnail page (of {pages})", 1, pages, key=bind(f"{key}.page", 1, options=range(1, pages + 1))
     )
     shown = candidates[(page - 1) * BROWSE_PAGE : page * BROWSE_PAGE]
-    columns = st.columns(6)
     for n, (i, thumb) in enumerate(zip(shown, thumbs(cache, shown))):
+        if n % 6 == 0:  # a row of columns at a time: the keyboard's order is then the reading order
+            columns = st.columns(6)  # (one row of six columns filled down went #0, #18, #3, …: app review)
         with columns[n % 6]:
             st.image(thumb, caption=f"#{i}", width="stretch", output_format="JPEG", alt=f"Image #{i}")
             st.button(  # its number in its name: a screen reader lists the buttons, not the captions

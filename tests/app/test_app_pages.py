@@ -298,13 +298,26 @@ def test_a_manifests_text_is_shown_as_written_not_as_markdown(tmp_path, monkeypa
     assert len(said) > 3, shown
     for text in (label, domain):
         assert any(text in re.sub(r"\\(.)", r"\1", t) for t in said), said  # as written, once unescaped
-    said.append(at.number_input(key="search.per_domain").label.split(" (", 1)[1][:-1])  # the domain column
     for t in said:  # and inert: no markdown character of theirs left unescaped
         assert not re.search(r"(?<!\\)[\[\]()*$:]", t), t
+    # a widget's label is its accessible name too: only what reads as markdown inline is escaped
+    named = at.number_input(key="search.per_domain").label
+    assert named == r"At most n per domain (view\_\[v\](https\://evil.example))", named
     at = no_exceptions(page(at, "distributions"))
     at.selectbox(key="dist.column").set_value(view).run()
     header = next(h.value for h in at.header if h.value.startswith("Groups by"))
     assert re.sub(r"\\(.)", r"\1", header) == f"Groups by {view}" and "\\[v\\]\\(" in header
+
+
+def test_a_widget_labels_column_name_is_escaped_only_where_markdown_reads_it():
+    """A widget's label is also its accessible name, as given: "Only these labels (finding\\/label)"
+    was read out with its backslash, and found by no label (app review)."""
+    from ui.base import in_label
+
+    assert in_label("finding/label") == "finding/label" and in_label("zarr.json (v2)") == "zarr.json (v2)"
+    assert in_label("a_b *x* [l](u) $y$ :red[z] <b>&amp; `c`") == (
+        r"a\_b \*x\* \[l\](u) \$y\$ \:red\[z\] \<b\>\&amp; \`c\`"
+    )
 
 
 def test_an_errors_quoted_text_is_shown_as_written(caches, tmp_path, monkeypatch):
@@ -341,6 +354,8 @@ def test_query_by_index_thumbnails_random_and_label(app, caches):
     at.number_input(key="search.index").set_value(5).run()
     assert any("Draw on the query image" in t for t in texts(at.info))  # a new image, a new drawing
     at.toggle(key="search.browse").set_value(True).run()
+    uses = [int(b.key.rsplit(".", 1)[1]) for b in at.button if b.key and b.key.startswith("search.use.")]
+    assert len(uses) > 6 and uses == sorted(uses), uses  # in reading order: the keyboard's (app review)
     at.button(key="search.use.7").click().run()
     assert at.number_input(key="search.index").value == 7
     assert any(t.startswith("#7 · ") for t in texts(at.caption))  # the query's label, domain and file
