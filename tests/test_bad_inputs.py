@@ -1204,7 +1204,9 @@ def test_cli_names_a_manifest_column_lost_on_disk_and_its_rerun_writes_it_again(
     assert main(argv) == 0
     said = capsys.readouterr()
     err = said.err
-    assert f"warning: {out}: its manifest's column(s) 'label' are missing, garbled or cut short on disk" in err
+    assert (
+        f"warning: {out}: its manifest's column(s) 'label' are missing, garbled or cut short on disk" in err
+    )
     assert (
         "(repaired: what it had lost or garbled on disk was written again" in said.out
     )  # not as a fresh build's

@@ -399,8 +399,12 @@ def test_quartile_groups_of_a_numeric_column():
         {"age": [20, 30, 40, 50, 60, 70, 80, 90, 100, None], "sick": [True, False] * 5, "n": [1] * 10}
     )
     groups = quartile_groups(records["age"])
-    assert list(groups.columns) == ["20–40", "50–60", "70–80", "90–100"]  # each group's least and most
-    assert groups.sum().tolist() == [3, 2, 2, 2] and not groups.iloc[9].any()  # no age: in no group
+    # each group's least and most; no age: the missing group, as grouping by the column has it (app review)
+    assert list(groups.columns) == ["(missing)", "20–40", "50–60", "70–80", "90–100"]
+    assert groups.sum().tolist() == [1, 3, 2, 2, 2] and groups.iloc[9].tolist() == [True] + [False] * 4
+    ages = records["age"].astype("Int64")  # whole numbers with gaps, as a manifest reads them
+    pd.testing.assert_frame_equal(quartile_groups(ages), groups)
+    assert stats.tested_groups(groups).sum().tolist() == [3, 2, 2, 2]  # described, not tested
     assert binnable_columns(records) == ["age"]  # not a boolean, not a column of one value
     pd.testing.assert_frame_equal(column_groups(records, "age" + QUARTILES), groups)
     grouped, title = score_groups(records, "age" + QUARTILES)  # the page's and the notebook's

@@ -62,12 +62,15 @@ def quartile_groups(values: pd.Series) -> pd.DataFrame:
     """Four groups of about as many images each by a numeric column's quartiles (fewer where values
     repeat across a boundary, or are few), each named by its least and greatest value ("20–38"
     holds every image with 20 ≤ age ≤ 38: names say what is in a group, not the cut between
-    groups); a row without a number is in none, an infinite one in the first or last group (its
-    name then says "inf": quantiles of infinities would leave whole groups out)."""
-    numbers = pd.to_numeric(values, errors="coerce")
+    groups); the rows without a number are the group `MISSING`, first, as `label_groups` has
+    them (described, not tested: they were in no group, unlike the column's own grouping, which
+    shows them; app review), an infinite one in the first or last group (its name then says "inf":
+    quantiles of infinities would leave whole groups out)."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)  # Int64's NA as NaN
+    missing = {MISSING: numbers.isna().to_numpy()} if numbers.isna().any() else {}
     finite = numbers[np.isfinite(numbers)]
     if finite.empty:
-        return pd.DataFrame(index=values.index)
+        return pd.DataFrame(missing, index=values.index)
     bins = pd.qcut(numbers.clip(finite.min(), finite.max()), 4, labels=False, duplicates="drop")
     members = [(bins == code).to_numpy(bool) for code in sorted(bins.dropna().unique())]
     ranges = [(float(numbers[m].min()), float(numbers[m].max())) for m in members]
@@ -80,7 +83,7 @@ def quartile_groups(values: pd.Series) -> pd.DataFrame:
     while len({shown(e, digits) for e in ends}) < len(ends) and digits < 17:
         digits += 1
     names = [shown(a, digits) if a == b else f"{shown(a, digits)}–{shown(b, digits)}" for a, b in ranges]
-    return pd.DataFrame(dict(zip(names, members)), index=values.index)
+    return pd.DataFrame(missing | dict(zip(names, members)), index=values.index)
 
 
 def binnable_columns(records: pd.DataFrame, fewest: int = 9) -> list[str]:
