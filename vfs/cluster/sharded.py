@@ -225,7 +225,9 @@ class ShardedSearch:
         all_scores: bool = True,
         all_exact: bool = False,
     ) -> SearchResult:
-        """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc).
+        """As `vfs.search_regions(cache, ...)`: the same top-k, ranks and scores (see the module's doc;
+        other images' scores may differ in the last bit without `all_exact`: each shard re-scores
+        exactly the images its own bound cannot rule out).
 
         `all_scores=False` brings back only the shards' top-ks: every other image's score is NaN and
         its placement (-1, -1). At 1.28 M images the scores and placements are 26 MB a query, the
