@@ -161,7 +161,7 @@ def test_paint_in_jupyterlab(page, lab):
     assert len(first) >= 5 and page.locator(".vfs-error").is_hidden()
     scores = [s for _, s in first]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
-    assert "matches among" in page.locator(".vfs-status").inner_text()
+    assert " results from " in page.locator(".vfs-status").inner_text()  # SearchResult.caption
     assert page.locator(".vfs-mask img").is_visible()
 
     page.get_by_role("button", name="Rectangle", exact=True).click()
