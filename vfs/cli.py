@@ -399,7 +399,6 @@ def _image_query(
     """An --image's features by the cache's model, or, where it is one of the cache's images (the same
     features: a file of its dataset), that image's index, said on stderr: searched as a query image it
     ranked among the others, about 1, where --include-query, --exclude-same apply to an index."""
-
     from .images import load_image
     from .search import image_searched
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .cache import FeatureCache
 from .search import SearchResult
+from .stats import is_missing
 
 JSON_SCHEMA_VERSION = 1
 
@@ -158,7 +159,7 @@ def spreadsheet_csv(table: pd.DataFrame, index: bool = True) -> str:
 def _json_value(value: Any) -> Any:
     """A manifest value as JSON has it: a missing one (NaN, NA, None) or an infinite one is null,
     since `json.dumps` would write NaN / Infinity, which strict parsers refuse."""
-    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+    if is_missing(value):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return None

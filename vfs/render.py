@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .masks import PAINTED_ON_VIEW, Box, grid_box_to_pixels, grid_edges
+from .stats import is_missing
 
 __all__ = ["grid_box_to_pixels"]  # the boxes' pixels, for the pages that outline them
 Color = tuple[int, int, int]
@@ -162,12 +163,7 @@ def _fit_text(
 
 def match_tags(row: dict) -> list[str]:
     """A ranked row's label and domain, where it has them: what its caption adds to its score."""
-    return [str(v) for c in ("label", "domain") if not _missing(v := row.get(c))]
-
-
-def _missing(value: object) -> bool:
-    """None, NaN or pandas' NA: a manifest's blank however its column's type holds it."""
-    return value is None or bool(pd.api.types.is_scalar(value) and pd.isna(value))
+    return [str(v) for c in ("label", "domain") if not is_missing(v := row.get(c))]
 
 
 def ranked_matches(top: pd.DataFrame, thumbs: Sequence[np.ndarray]) -> list[dict]:

@@ -149,9 +149,8 @@ class SearchResult:
         found = len(self.top_indices)
         why = ""
         if found < self.asked:
-            capped = (
-                self.per_domain is not None and self.ranked > found
-            )  # images were left: the cap held them
+            # images were left unranked: the cap held them
+            capped = self.per_domain is not None and self.ranked > found
             limit = f"at most {self.per_domain} per domain" if capped else "no more images to rank"
             why = f" — {found} of the {self.asked} asked: {limit}"
         left_out = len(self.excluded)  # the query, the images sharing its patient, …: ranked nowhere

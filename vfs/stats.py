@@ -12,6 +12,15 @@ import numpy as np
 import pandas as pd
 
 MISSING = "(missing)"
+"""The group of the images without a value in a column (`is_missing`)."""
+
+
+def is_missing(value: object) -> bool:
+    """None, NaN, pd.NA and NaT: what a manifest's nullable, float and time columns hold for a gap —
+    what the cache stores as missing, the group `MISSING` holds, and no caption, tile or JSON shows."""
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
 SEPARATOR = "|"
 GROUP_TABLE_COLUMNS = (
     "group",

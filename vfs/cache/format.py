@@ -22,6 +22,7 @@ from zarr.codecs import ZstdCodec
 
 from ..data import DataSpec
 from ..models import PROBE_TOLERANCE, Preprocess, probe_difference
+from ..stats import is_missing
 
 FORMAT = "vfs-feature-cache"
 FORMAT_VERSION = 2
@@ -51,14 +52,9 @@ CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 _MISSING = ""  # how a table stores a missing value (an empty value is one: statistics group it so)
 _READ_AS_MISSING = ("", "\x00")  # "\0" too: the format's first description named it
 _WRITTEN_AS_TEXT = ("<NA>", "NaT", "nan")
-"""How caches written before `_is_missing` stored pandas' own missing values (pd.NA of a nullable
+"""How caches written before `is_missing` stored pandas' own missing values (pd.NA of a nullable
 column, NaT): missing where the column's kind says numbers, booleans or times, text elsewhere."""
 _TYPED_KINDS = ("i", "u", "f", "b", "M", "m")
-
-
-def _is_missing(value: object) -> bool:
-    """None, NaN, pd.NA and NaT: what a manifest's nullable, float and time columns hold for a gap."""
-    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
 class CacheError(ValueError):
@@ -271,7 +267,7 @@ def write_table(group: zarr.Group, name: str, table: pd.DataFrame) -> None:
     columns = [str(c) for c in table.columns]
     keys = _column_keys(columns)
     for col, column in zip(table.columns, columns):
-        values = table[col].map(lambda v: _MISSING if _is_missing(v) else str(v))
+        values = table[col].map(lambda v: _MISSING if is_missing(v) else str(v))
         arr = g.create_array(
             keys.get(column, column),
             shape=(len(table),),
@@ -346,7 +342,7 @@ def read_table(
         if arr.dtype.kind not in "TUO":  # VFS writes variable-length strings
             raise CacheError(f"{group.store_path}: table {name!r} column {c!r} holds {arr.dtype}, not text")
         check_chunk_size(arr, str(group.store_path))
-        n = arr.shape[0] if n is None else n
+        n = arr.shape[0] if n is None else n  # without `n`, the first column's length is every one's
         if arr.shape[0] != n:
             raise CacheError(
                 f"the cache at {location_of(group)} is damaged: its {name} table's column {c!r} holds "

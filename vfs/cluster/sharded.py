@@ -273,7 +273,7 @@ class ShardedSearch:
         tops = pd.concat(found, ignore_index=True).sort_values("index", ignore_index=True)
         domains = tops["domain"].to_numpy() if per_domain is not None else None
         every = np.ones(len(tops), dtype=bool)
-        picked = select_top(tops["score"].to_numpy(), every, int(k), domains, per_domain)
+        picked = select_top(tops["score"].to_numpy(), every, k, domains, per_domain)
         if all_scores:
             scores = np.concatenate([a.scores for a in answers])
             placements = np.concatenate([a.placements for a in answers])
@@ -294,7 +294,7 @@ class ShardedSearch:
             excluded_images(n, exclude),
             int(eligible.sum()),
             candidates is not None,
-            int(k),
+            k,
             per_domain,
             self.cache,
         )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import anywidget
 import numpy as np
-import pandas as pd
 import traitlets
 from PIL import Image
 
@@ -34,6 +33,7 @@ from ..search import (
     search_regions,
 )
 from ..settings import is_url
+from ..stats import is_missing
 
 HERE = Path(__file__).parent
 PAINT_HINT = "Paint over the part of the query to search for (brush or rectangle)."
@@ -85,7 +85,7 @@ def resolve_query(
 
 def _text(value: object) -> str | None:
     """A label or domain as JSON text; None where the manifest has none."""
-    return None if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)) else str(value)
+    return None if is_missing(value) else str(value)
 
 
 class _ObserverFailed(Exception):
