@@ -1,6 +1,7 @@
 """Compare: one query on two caches of the same dataset (two models, two layers, or two checkpoints)."""
 
 import json
+from functools import partial
 
 import numpy as np
 import streamlit as st
@@ -19,7 +20,6 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         leave_out_sharing,
         pick_cache,
         pick_query,
-        query_size,
         query_view,
         require_region,
         run_search,
@@ -108,8 +108,9 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
     agreement = rank_agreement(a.scores[compared], b.scores[compared], k)
     metrics = st.columns(3)
     metrics[0].metric(f"Top-{k} overlap", f"{agreement['topk_overlap']:.0%}")
-    metrics[1].metric("Spearman ρ (all images)", f"{agreement['spearman']:.2f}")
-    metrics[2].metric("Kendall τ (all images)", f"{agreement['kendall']:.2f}")
+    ranked = f"{int(compared.sum()):,} images"  # every compared one: the query and its sharers left out
+    metrics[1].metric(f"Spearman ρ ({ranked})", f"{agreement['spearman']:.2f}")
+    metrics[2].metric(f"Kendall τ ({ranked})", f"{agreement['kendall']:.2f}")
     with said:
         announce(
             f"Compared: top-{k} overlap {agreement['topk_overlap']:.0%}, "
@@ -147,23 +148,30 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         help="Both sides' searches as the CLI writes them (cache, model, weights, layer, mask, top "
         "results) and their agreement.",
     )
-    if (size := query_size(left, query)) is not None:
-
-        def region_png() -> bytes:
-            on_image = left.spec.preprocess.image_coverage(region.drawing.paint, size)
-            if on_image is None:  # an image too thin to place: the view's
-                return region_mask_png(region.drawing.paint)
-            return region_mask_png(on_image, on_view=False)
-
+    left_paint, right_paint = (region.view_paint(cache, drawn_on=left) for cache in (left, right))
+    if np.array_equal(left_paint, right_paint):  # one view: one file gives both sides' searches
         downloads.download_button(
-            "Download region (PNG mask, on the image)",
-            region_png,
+            "Download region (PNG mask)",
+            lambda: region_mask_png(left_paint),
             f"{stem}-region.png",
             "image/png",
             key="compare.region",
             on_click="ignore",
-            help="The region as painted on the query image: `python -m vfs search CACHE --mask` places "
-            "it through either cache's crop, as this page does.",
+            help="The painted region on the view both models share: `python -m vfs search CACHE "
+            "--mask` reads it and gives either side's results above.",
+        )
+        return
+    for side, cache, paint in (("left", left, left_paint), ("right", right, right_paint)):
+        downloads.download_button(
+            f"Download the {side} side's region (PNG mask)",
+            partial(region_mask_png, paint),
+            f"{stem}-region-{side}.png",
+            "image/png",
+            key=f"compare.region.{side}",
+            on_click="ignore",
+            help=f"The region as placed on {cache_name(cache.location)}'s view (its model crops the "
+            f"image otherwise than the other's): `python -m vfs search {cache_name(cache.location)} "
+            "--mask` reads it and gives this side's results above.",
         )
 
 

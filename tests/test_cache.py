@@ -568,6 +568,28 @@ def test_search_json_is_strict_json_with_missing_labels_as_null(tmp_path):
     assert {r["domain"] for r in parsed["results"]} == {"d0", "d1"}
 
 
+def test_search_json_carries_the_mask_that_repeats_the_search(tmp_path):
+    """The JSON's mask was its box and cell count only: a soft region's weights were not in it, so a
+    saved comparison could not be searched again from its files (Compare review)."""
+    from vfs.export import search_json
+    from vfs.masks import load_mask
+
+    w = CacheWriter.open(tmp_path / "c.zarr", SPEC, candidates(8), 32)
+    fill(w, range(8))
+    w.finish(candidates(8))
+    cache = open_cache(tmp_path / "c.zarr")
+    soft = np.zeros(cache.spec.grid)
+    soft[1:3, 0:3] = [[0.2, 1.0, 0.4], [0.0, 0.7, 0.1]]
+    result = search_regions(cache, 2, soft, k=8)
+    doc = json.loads(json.dumps(search_json(cache, result, {"index": 2})))
+    np.save(tmp_path / "region.npy", np.array(doc["mask"]["weights"]))
+    mask = load_mask(tmp_path / "region.npy", cache.spec.grid)
+    np.testing.assert_allclose(mask, soft, rtol=1e-6)  # peak 1 already: the same weights
+    again = search_regions(cache, 2, mask, k=8)
+    assert list(again.top["index"]) == list(result.top["index"])
+    np.testing.assert_array_equal(again.top["score"].to_numpy(), result.top["score"].to_numpy())
+
+
 def test_whole_numbers_with_gaps_come_back_whole(tmp_path):
     """A label column of whole numbers with one blank read back as floats: groups "2.0", JSON 2.0
     (data review). Stored and read as pandas' nullable integers, in a search's ranked table too

@@ -88,15 +88,19 @@ class Region:
     def empty(self) -> bool:
         return not self.drawing.shapes
 
-    def mask(self, cache: FeatureCache, drawn_on: FeatureCache | None = None) -> np.ndarray:
-        """The region on `cache`'s grid. Drawn on another cache's view (`drawn_on`: the Compare page's
-        left), it is placed through the image: the same part of it, as `cache`'s model crops it (an
-        image whose size is not at hand is taken as square)."""
+    def view_paint(self, cache: FeatureCache, drawn_on: FeatureCache | None = None) -> np.ndarray:
+        """The drawing on `cache`'s view, at the canvas's size. Drawn on another cache's view
+        (`drawn_on`: the Compare page's left), it is placed through the image: the same part of it,
+        as `cache`'s model crops it (an image whose size is not at hand is taken as square)."""
         paint = self.drawing.paint
         if drawn_on is not None:
             size = query_size(drawn_on, self.query) or (CANVAS_PX, CANVAS_PX)
             paint = drawn_on.spec.preprocess.reframe(paint, cache.spec.preprocess, size)
-        return grid_mask(paint, cache.spec.grid)
+        return paint
+
+    def mask(self, cache: FeatureCache, drawn_on: FeatureCache | None = None) -> np.ndarray:
+        """The region on `cache`'s grid (`view_paint` averaged onto it)."""
+        return grid_mask(self.view_paint(cache, drawn_on), cache.spec.grid)
 
 
 # --- which cache ------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "mask": {
             "box": list(result.query.mask.query_box()),
             "cells": int((result.query.mask.weights > 0).sum()),
+            "weights": result.grid_mask().tolist(),  # repeats the search: np.save, then --mask
         },
         "method": result.method,
         "device": result.device,

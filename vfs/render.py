@@ -251,19 +251,16 @@ def results_figure(
     return figure
 
 
-def region_mask_png(paint: np.ndarray, on_view: bool = True) -> bytes:
+def region_mask_png(paint: np.ndarray) -> bytes:
     """A region painted on a canvas over the model's view as a PNG mask that a paint program edits
     (blue and opaque where painted) and `vfs.masks.load_mask` (the CLI's --mask) reads back to the
     same grid mask: marked as painted on the view (`PAINTED_ON_VIEW`), so that it is never taken
-    for one painted on a query photo that happens to have the canvas's size. `on_view=False`: the
-    region as painted on the query image (`Preprocess.image_coverage`), unmarked, which each cache
-    places through its own crop."""
+    for one painted on a query photo that happens to have the canvas's size."""
     rgba = np.zeros((*np.shape(paint), 4), dtype=np.uint8)
     rgba[..., 2] = 255
     rgba[..., 3] = np.where(np.asarray(paint) > 0, 255, 0)
     info = PngInfo()
-    if on_view:
-        info.add_text(*PAINTED_ON_VIEW)
+    info.add_text(*PAINTED_ON_VIEW)
     buffer = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

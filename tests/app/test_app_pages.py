@@ -871,14 +871,16 @@ def test_compare_two_layers_of_the_same_images(app, caches):
     assert at.metric[0].value == f"{len(set(left['index']) & set(right['index'])) / 10:.0%}"
     assert [m.label for m in at.metric] == [
         "Top-10 overlap",
-        "Spearman ρ (all images)",
-        "Kendall τ (all images)",
+        f"Spearman ρ ({open_cache(caches / 'small.zarr').n - 1:,} images)",  # the compared: the query out
+        f"Kendall τ ({open_cache(caches / 'small.zarr').n - 1:,} images)",
     ]
     assert at.metric[0].value.endswith("%") and len(at.get("plotly_chart")) == 1
     assert texts(at.header)[:2] == ["small", "small_b4"]  # h2 under the title: no level skipped
-    assert {"Download both sides' scores (CSV)", "Download the comparison (JSON)"} <= {
-        b.label for b in at.get("download_button")
-    }
+    assert {  # one view (one model's two layers): one region file serves both sides
+        "Download both sides' scores (CSV)",
+        "Download the comparison (JSON)",
+        "Download region (PNG mask)",
+    } <= {b.label for b in at.get("download_button")}
     digest = open_cache(caches / "small.zarr").spec.weights.removeprefix("sha256:")[:8]
     assert sum(f"(weights {digest})" in c for c in texts(at.caption)) == 2  # which weights each side holds
     # each picker's choice in full under it: a half-width box cut the model and layer of a long name
@@ -925,20 +927,25 @@ def test_compare_searches_the_same_part_of_the_image_where_the_right_model_crops
     np.testing.assert_allclose(at.dataframe[0].value["score"], scores(left, paint), rtol=0, atol=1e-6)
     np.testing.assert_allclose(at.dataframe[1].value["score"], scores(right, placed), rtol=0, atol=1e-6)
     assert not np.allclose(at.dataframe[1].value["score"], scores(right, paint), rtol=0, atol=1e-6)
-    # the region as painted on the image: the CLI's --mask places it on each cache as the page does
+    # each side's region file, as on its view: the CLI's --mask gives that side's search exactly (the
+    # one file painted on the image, at the image's 64 px, moved edge weights by 0.03 and swapped ranks)
     from vfs.masks import load_mask
     from vfs.render import region_mask_png
 
-    assert "Download region (PNG mask, on the image)" in [b.label for b in at.get("download_button")]
-    size = left.image_size(index)
-    (tmp_path / "region.png").write_bytes(
-        region_mask_png(left.spec.preprocess.image_coverage(paint, size), on_view=False)
-    )
-    for cache, drawn in ((left, paint), (right, placed)):
+    labels = [b.label for b in at.get("download_button")]
+    assert {
+        "Download the left side's region (PNG mask)",
+        "Download the right side's region (PNG mask)",
+    } <= set(labels) and "Download region (PNG mask)" not in labels
+    for cache, drawn, shown in ((left, paint, at.dataframe[0]), (right, placed, at.dataframe[1])):
+        (tmp_path / "region.png").write_bytes(region_mask_png(drawn))  # what the side's button gives
         cli = load_mask(
-            tmp_path / "region.png", cache.spec.grid, cache.spec.preprocess.painted_on(lambda: size)
+            tmp_path / "region.png", cache.spec.grid, cache.spec.preprocess.painted_on(lambda: None)
         )
-        np.testing.assert_allclose(cli, grid_mask(drawn, cache.spec.grid), atol=0.06)
+        np.testing.assert_array_equal(cli, grid_mask(drawn, cache.spec.grid))
+        again = search_regions(cache, index, cli, exclude=index, all_exact=True).top
+        assert list(again["index"]) == list(shown.value["index"])
+        np.testing.assert_array_equal(again["score"].to_numpy(), shown.value["score"].to_numpy())
     shown = [e.label for e in at.expander]  # where the region lies on each side's cells, to look at
     assert shown.count("The region on this side's cells") == 2
     from vfs.render import mask_summary

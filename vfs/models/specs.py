@@ -129,25 +129,6 @@ class Preprocess:
             return cover
         return _picked(cover, rows, cols)
 
-    def image_coverage(self, cover: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
-        """A coverage painted on this view (any square size) as painted on the image of `size` (H, W)
-        it shows, at that size or, for a larger image, at 1,024 px on its longer side (its shape: a
-        mask file of the image's shape is placed as one of its size): each pixel takes the paint of
-        the point of the view it lands on (nearest), none outside the view. None where the view shows
-        too little of the image to place it. What `view_coverage` crops back onto the view."""
-        axes = _view_axes(self, size)
-        if axes is None:
-            return None
-        scale = min(1.0, 1024 / max(size))
-        shape = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        side = cover.shape[0]
-        picks = []
-        for (a, b), length, n in zip(axes, size, shape):
-            point = (np.arange(n) + 0.5) * length / n  # pixel centres, on the image
-            pick = np.floor((point - b) / (a * self.input_size) * side).astype(np.int64)
-            picks.append(np.where((0 <= pick) & (pick < side), pick, -1))
-        return _picked(cover, *picks)
-
     def painted_on(self, query_size: Callable[[], tuple[int, int] | None]) -> PaintedOn:
         """Where a mask file for a query of size `query_size()` (H, W; None: not at hand) may have
         been painted, for `vfs.masks.load_mask`: on that image, cropped as this view crops it, or on
