@@ -28,7 +28,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         layers,
         user_errors,
     )
-    from ui.views import build_panel, cache_table, megabytes, skipped_images, start_build
+    from ui.views import build_panel, cache_table, held_elsewhere, megabytes, skipped_images, start_build
     from vfs.background import resume_job
     from vfs.cache import BuildLock
     from vfs.data import EMBEDDED_DATASET
@@ -212,11 +212,18 @@ elif existing is not None and existing["complete"]:
     st.warning(
         f"A complete cache called {name} exists in {s.cache_dir}/: choose another name, or delete it below."
     )
+elif existing is not None and (held := held_elsewhere(out)) is not None:  # the CLI's build, say
+    st.info(f"A partial cache called {name} is being built by another process: {held}.")
 elif existing is not None:  # a partial cache goes on as it was started, whatever is chosen above
     with user_errors():
         started = resume_job(get_cache(str(out)), moved_to=job.data)
+    unset = {"image_size": "the model's own", "limit": "all images"}  # what None means, as the form says
+
+    def setting(value: object, field: str) -> str:
+        return unset.get(field, "none") if value is None else str(value)
+
     differ = [
-        f"{what} {getattr(started, field)!r}, not {getattr(job, field)!r}"
+        f"{what} {setting(getattr(started, field), field)}, not {setting(getattr(job, field), field)}"
         for field, what in (
             ("model", "model"),
             ("layer", "layer"),
@@ -251,7 +258,7 @@ target = st.selectbox(
     "Manage a cache", list(local), key=bind("build.manage", next(iter(local)), options=local)
 )
 path = s.cache_path(target)
-building = (b := registry.get(path)) is not None and b.status().running
+building = (b := registry.get(path)) is not None and b.status().running or held_elsewhere(path) is not None
 if not local[target]["error"]:
     with user_errors():
         skipped_images(get_cache(str(path)), "build.manage.skipped")

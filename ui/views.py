@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from vfs.background import BackgroundBuild
-from vfs.cache import CacheError, FeatureCache, cache_name
+from vfs.cache import BuildLock, CacheError, FeatureCache, cache_name
 from vfs.export import ranked_rows, search_json, spreadsheet_csv
 from vfs.jobs import BuildJob, duration
 from vfs.render import (
@@ -284,6 +284,9 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
             except CacheError:  # deleted since: the list below says so
                 pass
     elif status.state in ("cancelled", "failed"):
+        if (since := _finished_or_held(status.job.out)) is not None:  # by another process since
+            st.info(f"{name}: this server's build {status.state}; {since}")
+            return
         where = f" at {p.done} / {p.total} images" if p else ""
         chunks = " (a failed build keeps whole chunks only)" if status.state == "failed" else ""
         kept = (
@@ -300,6 +303,28 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
         st.button(
             "Resume build", key=f"build.resume.{status.job.out}", on_click=start_build, args=(status.job,)
         )
+
+
+def held_elsewhere(out: str | Path) -> str | None:
+    """Why another process's build (the CLI's, another server's) is writing `out` now, or None: its
+    cache is then no partial one to resume here (review)."""
+    try:
+        BuildLock(out).refuse_if_held()
+    except CacheError as e:
+        return str(e)
+    return None
+
+
+def _finished_or_held(out: str) -> str | None:
+    """What became of a stopped build's cache since, where another process took it over: complete
+    now, or being written; None where it waits for a resume."""
+    if (held := held_elsewhere(out)) is not None:
+        return f"{held}."
+    try:
+        cache = get_cache(out)
+    except CacheError:
+        return None
+    return f"the cache is complete now, with {cache.n} images." if cache.complete else None
 
 
 def build_panel() -> None:

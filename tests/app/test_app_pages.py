@@ -1164,12 +1164,39 @@ def test_a_partial_cache_resumes_as_it_was_started_whatever_the_page_shows(tmp_p
     at.text_input(key="build.name").set_value("halfway").run()
     assert at.selectbox(key="build.layer").value == "blocks.5"
     (note,) = [t for t in texts(at.info) if "A partial cache called halfway exists" in t]
-    assert "layer 'blocks.4', not 'blocks.5'" in note and "limit 12, not None" in note
+    assert "layer blocks.4, not blocks.5" in note and "limit 12, not all images" in note  # as the form says
     assert "choose another name" in note
     no_exceptions(at.button(key="build.start").click().run())
     wait_until(lambda: open_cache(tmp_path / "halfway.zarr", allow_partial=True).complete)
     done = open_cache(tmp_path / "halfway.zarr")
     assert done.spec.layer == "blocks.4" and done.n == 12
+
+
+def test_a_partial_cache_another_process_is_building_offers_no_resume(tmp_path, monkeypatch):
+    """A CLI build writing the cache: the page offered Resume build (twice), which failed on the lock
+    and then kept saying "a resume goes on from there" with a Resume button after the CLI's build had
+    completed the cache (Build review)."""
+    from vfs.cache import BuildLock
+
+    stop = threading.Event()
+    job = BuildJob(
+        layer="blocks.5", data=EMBEDDED_DATASET, out=str(tmp_path / "busy.zarr"), limit=8, batch_size=4
+    )
+    assert build_cache(replace(job, chunk_images=4), progress=lambda p: stop.set(), cancel=stop) is None
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    with BuildLock(job.out):  # as `python -m vfs build` holds it while it writes
+        at = page(start_app(), "build")
+        at.text_input(key="build.name").set_value("busy").run()
+        (note,) = [t for t in texts(at.info) if "A partial cache called busy" in t]
+        assert "is being built by another process" in note and "another build is writing" in note
+        assert "build.start" not in {b.key for b in at.button}
+        at.selectbox(key="build.manage").set_value("busy").run()
+        assert "build.resume" not in {b.key for b in at.button}
+        assert at.button(key="build.delete").disabled
+    assert build_cache(job) is not None  # the other process finishes it
+    at.run()
+    assert not any("A partial cache called busy" in t for t in texts(at.info))
+    assert any("A complete cache called busy exists" in t for t in texts(at.warning))
 
 
 def test_a_partial_cache_of_a_moved_dataset_resumes_from_where_the_page_points(
