@@ -601,3 +601,24 @@ def test_cli_refuses_model_code_named_by_a_cache(demo, tmp_path, capsys):
         == 2
     )
     assert "--trust-model-code" in capsys.readouterr().err
+
+
+def test_a_resume_with_one_setting_forgotten_says_the_settings_it_was_started_with(tmp_path):
+    """Rerun without its --limit, a partial build was refused with "choose another output" alone:
+    the way to lose its stored images (Build review). The refusal names the recorded settings."""
+    import threading
+
+    from vfs.cache import CacheError
+    from vfs.data import EMBEDDED_DATASET
+
+    stop = threading.Event()
+    job = BuildJob(
+        layer="blocks.5", data=EMBEDDED_DATASET, out=str(tmp_path / "c.zarr"), limit=12, batch_size=4
+    )
+    assert build_cache(replace(job, chunk_images=4), progress=lambda p: stop.set(), cancel=stop) is None
+    with pytest.raises(CacheError, match="started on a dataset of 12 images") as refused:
+        build_cache(replace(job, limit=None))
+    said = str(refused.value)
+    assert "or resume it with the settings it was started with (" in said and "limit 12" in said
+    assert "layer blocks.5" in said
+    assert build_cache(job) is not None and open_cache(job.out).n == 12  # as it says: nothing lost

@@ -244,7 +244,9 @@ class CacheWriter:
             replace(spec, model=model, data=replace(spec.data, source=recorded.data.source))
         )
         if reason:
-            raise CacheError(f"{path} was built with another setting ({reason}); choose another output")
+            raise CacheError(
+                f"{path} was built with another setting ({reason}); {_elsewhere_or_resume(attrs)}"
+            )
         damaged, complete = None, bool(attrs.get("complete"))
         if complete:
             _check_finished_on(path, g, attrs, candidates)
@@ -266,9 +268,11 @@ class CacheWriter:
             attrs = dict(g.attrs)
         started = _candidates_table(path, g)
         if started is not None:
-            _check_same_images(path, started, candidates)
+            _check_same_images(path, started, candidates, _elsewhere_or_resume(attrs))
         elif "manifest" in g:  # killed in `finish` after the candidates went: the stored rows say it
-            _check_stored_images(path, g, candidates, int(attrs["progress"]["next_item"]))
+            _check_stored_images(
+                path, g, candidates, int(attrs["progress"]["next_item"]), _elsewhere_or_resume(attrs)
+            )
         shutil.rmtree(path / _DELETED_CANDIDATES, ignore_errors=True)  # what such a kill left
         if recorded.data.source != spec.data.source or moved:  # a resume reruns where they are now
             now = {"data": spec.data.to_dict()} | ({"model": spec.model} if moved else {})
@@ -467,36 +471,55 @@ def _candidates_table(path: Path, group: zarr.Group) -> pd.DataFrame | None:
     return None
 
 
-def _check_stored_images(path: Path, group: zarr.Group, candidates: pd.DataFrame, handled: int) -> None:
+_JOB_SETTINGS = ("model", "layer", "data", "image_size", "limit", "label_col", "domain_col")
+"""The recorded job's settings a refused resume names (`_elsewhere_or_resume`)."""
+
+
+def _elsewhere_or_resume(attrs: dict) -> str:
+    """What to do when a build's settings do not fit its output: another output, or — for a partial
+    cache that records its job — that job again, whose settings the user may have forgotten one of
+    (a limit: "choose another output" alone threw the stored images away; review)."""
+    job = attrs.get("job")
+    if attrs.get("complete") or not job:
+        return "choose another output"
+    started = ", ".join(f"{key} {job[key]}" for key in _JOB_SETTINGS if job.get(key) not in (None, ""))
+    return (
+        f"choose another output, or resume it with the settings it was started with ({started}; "
+        "the Build page's Resume build does)"
+    )
+
+
+def _check_stored_images(
+    path: Path, group: zarr.Group, candidates: pd.DataFrame, handled: int, instead: str
+) -> None:
     """Refuse to finish on other images than those stored: as many candidates as the build
     handled (`finish` runs once every one is stored or skipped), and the manifest it wrote equal to
-    the candidates at the stored rows' source indices."""
+    the candidates at the stored rows' source indices. `instead`: what to do then."""
     if len(candidates) != handled:
         raise CacheError(
-            f"{path} was started on a dataset of {handled} images, this one has {len(candidates)}; "
-            "choose another output"
+            f"{path} was started on a dataset of {handled} images, this one has {len(candidates)}; {instead}"
         )
     stored = read_table(group, "manifest", columns=["path"])["path"].astype(str).to_numpy()
     index = np.asarray(member_array(group, "source_index")[: len(stored)], dtype=np.int64)
     now = candidates["path"].astype(str).to_numpy()
     if len(index) != len(stored) or (len(index) and index.max() >= len(now)) or (now[index] != stored).any():
-        raise CacheError(f"{path} was started on other images than these; choose another output")
+        raise CacheError(f"{path} was started on other images than these; {instead}")
 
 
-def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFrame) -> None:
-    """Refuse a resume on other images than the build started on (same paths, in order)."""
+def _check_same_images(path: Path, started: pd.DataFrame, candidates: pd.DataFrame, instead: str) -> None:
+    """Refuse a resume on other images than the build started on (same paths, in order); `instead`:
+    what to do then."""
     if len(started) != len(candidates):
         raise CacheError(
-            f"{path} was started on a dataset of {len(started)} images, this one has {len(candidates)}; "
-            "choose another output"
+            f"{path} was started on a dataset of {len(started)} images, this one has "
+            f"{len(candidates)}; {instead}"
         )
     before, now = started["path"].astype(str).to_numpy(), candidates["path"].astype(str).to_numpy()
     differ = np.flatnonzero(before != now)
     if differ.size:
         i = int(differ[0])
         raise CacheError(
-            f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); "
-            "choose another output"
+            f"{path} was started on other images (image {i}: {before[i]!r} there, {now[i]!r} here); {instead}"
         )
 
 
