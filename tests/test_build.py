@@ -622,3 +622,20 @@ def test_a_resume_with_one_setting_forgotten_says_the_settings_it_was_started_wi
     assert "or resume it with the settings it was started with (" in said and "limit 12" in said
     assert "layer blocks.5" in said
     assert build_cache(job) is not None and open_cache(job.out).n == 12  # as it says: nothing lost
+
+
+@pytest.mark.parametrize("under", ["c.zarr", "sub/c.zarr"])
+def test_an_output_under_a_file_is_refused_in_words_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, under
+):
+    """`--out afile/c.zarr` gave "error: [Errno 17] File exists" (or Errno 20 a folder deeper) after
+    the model had loaded for seconds (Build review)."""
+    import vfs.jobs
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(vfs.jobs, "load_extractor", lambda *a, **k: pytest.fail("the model loaded first"))
+    out = tmp_path / "afile" / under
+    assert main(["build", "--layer", "blocks.5", "--data", "embedded:skimage", "--out", str(out)]) != 0
+    said = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'} is a file, not a folder; choose another output" in said, said
+    assert "Errno" not in said

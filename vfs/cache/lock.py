@@ -73,9 +73,21 @@ class BuildLock:
                 "written, or build into another folder"
             ) from e
 
+    def _refuse_a_file_above(self) -> None:
+        """Refuse, in words, an output under a file: mkdir's bare "[Errno 17] File exists" or
+        "[Errno 20] Not a directory" came after the model had loaded (review)."""
+        above = next((folder for folder in self.path.parents if folder.exists()), None)
+        if above is not None and not above.is_dir():
+            raise CacheError(
+                f"cannot build {self.path.with_suffix('')}: {above} is a file, not a folder; "
+                "choose another output"
+            )
+
     def refuse_if_held(self) -> None:
-        """Refuse now where another build holds the lock, before a build spends seconds loading its
-        model only to be refused (review); the lock itself is taken later, by `with`."""
+        """Refuse now where another build holds the lock, or where no folder can hold the output,
+        before a build spends seconds loading its model only to be refused (review); the lock itself
+        is taken later, by `with`."""
+        self._refuse_a_file_above()
         if fcntl is None:
             if self.path.exists() and self._owner_alive():
                 raise self._refuse(self.path.read_text())
@@ -92,6 +104,7 @@ class BuildLock:
             os.close(fd)  # a shared lock, if taken, goes with it
 
     def __enter__(self) -> BuildLock:
+        self._refuse_a_file_above()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
