@@ -92,9 +92,10 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
                 "Count one image per",
                 options,
                 key=bind(f"dist.one_per.{cache.location}", NO_COLUMN, options=options),
-                help="Each value's first image in the manifest only (of those not left out), e.g. a "
-                "patient's first X-ray: the statistics take the images as independent, and a patient's "
-                "X-rays are not.",
+                help="One image of each value (of those not left out), e.g. one X-ray a patient: the "
+                "statistics take the images as independent, and a patient's X-rays are not. The one kept "
+                "is picked by a hash of its path: as if at random, the same every time, and whatever "
+                "order the manifest lists the images in.",
             )
             one_per = None if chosen == NO_COLUMN else chosen
     keep = cache.counted(left_out, one_per)
@@ -111,6 +112,8 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
         groups_said = f"{len(table.columns)} groups, plot and table below"
         announce(f"Scores of {int(grouped.sum())} images by {title}: {groups_said}")
     st.header(f"Groups by {as_written(title)}")
+    tested = tested_groups(table)
+    empty = [str(group) for group in tested.columns if not tested[group].any()]  # all left out, say
     st.caption(
         "Each group against the other images: AUROC of the score as a detector of the group, with "
         "its 95% DeLong interval (logit scale; none for fewer than 10 images a side, or an AUROC of 0 "
@@ -128,9 +131,15 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
             else ""
         )
         + (
+            f" No image counted here is in {as_written(', '.join(empty))} (those left out and those "
+            "not counted, one per value, are not): nothing to test."
+            if empty
+            else ""
+        )
+        + (
             " Two groups that split the images are one test, read from either side: one's AUROC is 1 − "
             "the other's, and their p-value is the same."
-            if len((tested := tested_groups(table)).columns) == 2 and not tested.all(axis=1).any()
+            if len(tested.columns) == 2 and not tested.all(axis=1).any() and not empty
             else ""
         )
     )

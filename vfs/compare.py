@@ -50,8 +50,8 @@ def comparison_refusal(a: _Cache, b: _Cache) -> str | None:
     if differ.size:
         i = int(differ[0])
         if sorted(paths_a) == sorted(paths_b):
-            why = (
-                "they hold the same images in another order (ranks compare image by image): "
+            why = (  # the same paths: of other datasets the pixels may differ too (review)
+                "they list the same paths in another order (ranks compare image by image): "
                 "build both from one order"
             )
         else:

@@ -94,7 +94,7 @@ def test_same_names_with_other_pixels_under_one_view_are_refused():
 def test_the_same_images_in_another_order_are_refused_saying_so():
     """A trial's shuffled manifest of the same 500 paths was refused as "differently named datasets"."""
     reason = comparison_refusal(cache(), cache(source="shuffled.csv", paths=("c.png", "a.png", "b.png")))
-    assert "image 0 differs ('a.png' and 'c.png')" in reason and "the same images in another order" in reason
+    assert "image 0 differs ('a.png' and 'c.png')" in reason and "the same paths in another order" in reason
 
 
 def test_one_checkpoint_rewritten_between_two_builds_is_said():

@@ -774,8 +774,8 @@ def test_distributions_and_search_leave_out_the_images_sharing_the_querys_value(
 
 
 def test_distributions_count_one_image_per_value_of_a_column(app, caches):
-    """Statistics take the images as independent: "Count one image per" keeps each value's first
-    image (a patient's first X-ray), whatever query is drawn on (the stats review)."""
+    """Statistics take the images as independent: "Count one image per" keeps one image of each value
+    (one X-ray a patient), whatever query is drawn on (the stats review)."""
     at = use_cache(page(app, "distributions"), "dist.cache", caches, "findings")
     no_exceptions(draw(at))
     at.checkbox(key="dist.leave_out").uncheck().run()
@@ -832,6 +832,31 @@ def test_distributions_test_only_the_groups_of_a_value(app, caches, tmp_path):
     assert table.loc[["F", "M"], "p_value"].notna().all() and np.isnan(table.loc["(missing)", "p_value"])
     caption = next(t for t in texts(at.caption) if t.startswith("Each group against"))
     assert "Two groups that split the images are one test" in caption and "described, not tested" in caption
+
+
+def test_a_group_with_no_image_counted_says_so(app, caches, tmp_path):
+    """A group whose images were all left out showed "n 0" and blanks under a caption that called
+    the two groups "one test" (Compare review): it now says nothing was tested."""
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+
+    at = no_exceptions(draw(use_cache(page(app, "distributions"), "dist.cache", caches, "small")))
+    query = at.number_input(key="dist.index").value  # the page's, kept for the next cache
+    shutil.copytree(caches / "small.zarr", tmp_path / "rare.zarr")
+    group = zarr.open_group(tmp_path / "rare.zarr", mode="r+")
+    manifest = read_table(group, "manifest")
+    rare = ["yes" if i == query else "no" for i in range(len(manifest))]  # only the query, left out
+    write_table(group, "manifest", manifest.assign(rare=rare))
+    at.session_state["vfs.opened"] = [str(tmp_path / "rare.zarr")]
+    at = no_exceptions(draw(use_cache(at.run(), "dist.cache", tmp_path, "rare")))
+    assert at.number_input(key="dist.index").value == query
+    at = no_exceptions(at.selectbox(key="dist.column").set_value("rare").run())
+    table = at.dataframe[0].value.set_index("group")
+    assert table.loc["yes", "n"] == 0
+    caption = next(t for t in texts(at.caption) if t.startswith("Each group against"))
+    assert "No image counted here is in yes" in caption and "nothing to test" in caption
+    assert "Two groups that split the images are one test" not in caption
 
 
 def test_a_cache_deleted_while_its_page_is_open_is_a_message(app, caches, tmp_path):

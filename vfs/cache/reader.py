@@ -3,6 +3,7 @@ its features (resident on a device, or streamed from storage with one range pref
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -229,6 +230,7 @@ class FeatureCache:
         self._thumbs_lock = threading.Lock()  # the recent thumbnails: never waits on that load
         self._manifest: pd.DataFrame | None = None
         self._columns: dict[str, np.ndarray] = {}
+        self._picks: np.ndarray | None = None  # `_pick_order`
         self._recent_thumbs: OrderedDict[int, np.ndarray] = OrderedDict()
         self._extractors: dict[str, Extractor] = {}  # by model spec: loaded once, checked once
 
@@ -345,17 +347,29 @@ class FeatureCache:
         return same[same != i].astype(np.int64)
 
     def repeats(self, column: str, among: np.ndarray | None = None) -> np.ndarray:
-        """(sorted) the images whose `column` value an earlier image in the manifest holds, among the
-        images `among` keeps (a boolean mask; all by default: a subject whose first image was left
-        out counts by its next one), none without a value (missing or blank): left out, each subject
-        counts once — as statistics that take the images as independent need (a patient's X-rays
-        are alike in ways no finding explains)."""
+        """(sorted) the images whose `column` value another image holds, all but one of each value's
+        among the images `among` keeps (a boolean mask; all by default: a subject whose kept image
+        was left out counts by another), none without a value (missing or blank): left out, each
+        subject counts once — as statistics that take the images as independent need (a patient's
+        X-rays are alike in ways no finding explains). The one kept is the image whose path hashes
+        lowest (`_pick_order`): the same every time, and not the manifest's first, which followed
+        however the manifest was sorted — normal X-rays before abnormal ones kept a patient's normal
+        one, and emptied a finding's group (review)."""
         values = pd.Series(self._column(column))
         known = values.notna() & values.astype(str).str.strip().ne("")
         if among is not None:
             known &= np.asarray(among, dtype=bool)
-        held = values[known]
-        return held.index[held.duplicated()].to_numpy(np.int64)
+        order = self._pick_order()
+        held = values.iloc[order[known.to_numpy()[order]]]  # each value's first here is the one kept
+        return np.sort(held.index[held.duplicated()].to_numpy(np.int64))
+
+    def _pick_order(self) -> np.ndarray:
+        """The images ordered by a hash of their paths: which of a subject's images `repeats` keeps,
+        as if drawn at random, but the same on every machine and whatever the manifest's order."""
+        if self._picks is None:
+            digests = [hashlib.blake2b(str(p).encode(), digest_size=8).digest() for p in self._column("path")]
+            self._picks = np.argsort(np.array(digests, dtype="S8"), kind="stable").astype(np.int64)
+        return self._picks
 
     def counted(self, left_out: Sequence[int] | np.ndarray = (), one_per: str | None = None) -> np.ndarray:
         """(n,) bool: the images a statistic over the cache counts — all but the indices `left_out`
