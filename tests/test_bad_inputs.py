@@ -1233,6 +1233,13 @@ def test_bad_arguments_are_one_error_line_naming_the_usage(capsys):
     )
     assert main([]) == 2  # no command: the commands, not an error
     assert "{models,layers,build,info,check,search}" in capsys.readouterr().err
+    # an option the command does not have: its usage, not the top one's, which lists no options (review)
+    with pytest.raises(SystemExit) as stopped:
+        main(["search", "c.zarr", "--query-index", "0", "--mask", "m.npy", "--layer", "x"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m vfs search: error: unrecognized arguments: --layer x (usage: python -m vfs search --help)\n"
+    )
 
 
 def test_an_input_size_at_which_no_layer_is_spatial_says_so():

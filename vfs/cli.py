@@ -577,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (sys.argv[1:] if argv is None else argv):  # no command at all: what the commands are
         parser.print_help(sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser: argparse's own named the top one's usage (review)
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subcommands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with _warnings_in_words(), sigterm_stops_builds() if args.command == "build" else nullcontext():
             status = COMMANDS[args.command](args)
