@@ -269,9 +269,17 @@ def _show_build(build: BackgroundBuild, now: float) -> None:
     name, p = Path(status.job.out).stem, status.progress
     if status.running:
         text = f"{name}: {p.summary()}" if p else f"{name}: starting (loading the model and the dataset)…"
+        if build.cancelling:  # said at once: the stop comes after the batch in flight, or the model's load
+            text = f"{name}: cancelling — it stops after the batch in flight; what is stored stays"
         bar, cancel = st.columns([5, 1], vertical_alignment="bottom")
         bar.progress(status.fraction, text=text)
-        cancel.button("Cancel", key=f"build.cancel.{status.job.out}", on_click=build.cancel, width="stretch")
+        cancel.button(
+            "Cancel",
+            key=f"build.cancel.{status.job.out}",
+            on_click=build.cancel,
+            width="stretch",
+            disabled=build.cancelling,
+        )
     elif status.state == "done" and status.finished is not None and now - status.finished < DONE_SHOWN_S:
         skipped = f", {p.skipped} unreadable images skipped" if p and p.skipped else ""
         st.success(

@@ -74,6 +74,11 @@ class BackgroundBuild:
         """Ask the build to stop after the batch in flight; what is stored stays for a resume."""
         self._cancel.set()
 
+    @property
+    def cancelling(self) -> bool:
+        """Cancel was asked and the build has not stopped yet (the model may still be loading)."""
+        return self._cancel.is_set() and self.status().running
+
     def status(self) -> BuildStatus:
         with self._lock:
             return self._status

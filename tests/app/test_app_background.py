@@ -25,9 +25,12 @@ def test_progress_cancel_and_resume(tmp_path):
         registry.start(job(out))
     seen = build.status().progress
     assert seen.total == 24 and seen.images_per_s > 0 and seen.eta_s is not None and build.status().running
+    assert not build.cancelling
     build.cancel()
+    assert build.cancelling or not build.status().running  # said at once (the page: "cancelling")
     status = build.wait(60)
     assert status.state == "cancelled" and status.finished is not None and status.progress.done < 24
+    assert not build.cancelling
     partial = open_cache(out)
     # every image computed is kept, though far short of a chunk (24 images fit one)
     assert not partial.complete and partial.stored == status.stored == status.progress.stored > 0

@@ -81,6 +81,8 @@ def test_demo_build_runs_in_the_background_and_can_be_cancelled(tmp_path, monkey
     cancel = at.button(key=f"build.cancel.{out}")
     assert at.get("progress") and "demo" in at.get("progress")[0].proto.text
     cancel.click().run()
+    if progress := at.get("progress"):  # still stopping (the model loads for seconds): said at once
+        assert "cancelling" in progress[0].proto.text and at.button(key=f"build.cancel.{out}").disabled
     wait_until(lambda: any("cancelled" in t for t in texts(at.run().warning)))
     stored = open_cache(out).stored  # what the cancelled build left: every image it computed
     assert any(f"{stored} images are stored" in t and "a resume goes on" in t for t in texts(at.warning))
