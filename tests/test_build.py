@@ -639,3 +639,29 @@ def test_an_output_under_a_file_is_refused_in_words_before_the_model_loads(
     said = capsys.readouterr().err
     assert f"{tmp_path / 'afile'} is a file, not a folder; choose another output" in said, said
     assert "Errno" not in said
+
+
+def test_a_complete_cache_of_other_images_says_so_before_a_setting_that_follows_from_them(tmp_path):
+    """Another dataset with a domain column was refused for "data.domain_col: None ≠ 'domain'"; only
+    with that setting matched did the real reason come: other images (Build review)."""
+    from vfs.cache import CacheError
+
+    for name, seed in (("a", 0), ("b", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            pixels = np.random.default_rng([seed, i]).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{name}{i}.png")
+        rows = "".join(f"{name}/{name}{i}.png,d{i % 2}\n" for i in range(3))
+        (tmp_path / f"{name}.csv").write_text("path,domain\n" + rows)
+    out = str(tmp_path / "c.zarr")
+    assert (
+        build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "a.csv"), out=out, domain_col=""))
+        is not None
+    )
+    with pytest.raises(CacheError, match="built from other images than these") as refused:
+        build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "b.csv"), out=out, domain_col="domain"))
+    assert "domain_col" not in str(refused.value)
+    with pytest.raises(
+        CacheError, match="another setting \\(data.domain_col"
+    ):  # the same images: the setting
+        build_cache(BuildJob(layer="blocks.5", data=str(tmp_path / "a.csv"), out=out, domain_col="domain"))

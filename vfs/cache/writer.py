@@ -243,8 +243,8 @@ class CacheWriter:
         reason = recorded.mismatch(
             replace(spec, model=model, data=replace(spec.data, source=recorded.data.source))
         )
-        if reason:
-            raise CacheError(
+        if reason:  # other images first: a setting's difference (a domain column) may follow from them
+            raise _other_images(path, g, attrs, candidates) or CacheError(
                 f"{path} was built with another setting ({reason}); {_elsewhere_or_resume(attrs)}"
             )
         damaged, complete = None, bool(attrs.get("complete"))
@@ -595,6 +595,20 @@ def _check_finished_on(
         same = read_table(group, "manifest", int(attrs["n"]), ["path"])["path"].astype(str).tolist() == wanted
     if not same:
         raise CacheError(f"{path} is complete, built from other images than these; choose another output")
+
+
+def _other_images(path: Path, group: zarr.Group, attrs: dict, candidates: pd.DataFrame) -> CacheError | None:
+    """Why the cache at `path` holds other images than `candidates`, or None where it holds these
+    (or cannot tell): said before another setting, which named a dataset's domain column where the
+    dataset itself was another (review)."""
+    try:
+        if attrs.get("complete"):
+            _check_finished_on(path, group, attrs, candidates)
+        elif (started := _candidates_table(path, group)) is not None:
+            _check_same_images(path, started, candidates, _elsewhere_or_resume(attrs))
+    except CacheError as e:
+        return e
+    return None
 
 
 def _fsync(paths: Iterable[Path]) -> None:
