@@ -91,6 +91,30 @@ def test_demo_build_runs_in_the_background_and_can_be_cancelled(tmp_path, monkey
     assert at.dataframe[0].value["status"][0].startswith("partial: ") and not open_cache(out).complete
 
 
+def test_a_stopped_build_whose_cache_another_process_finished_offers_no_resume(tmp_path, monkeypatch):
+    """The page's build failed on the lock of a CLI build of the same cache; after that one completed
+    it, the panel still said "a resume goes on from there" with a Resume button (Build review)."""
+    from ui.core import DEMO_JOB
+    from vfs.cache import BuildLock
+    from vfs.jobs import BuildJob, build_cache
+
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    out = str(tmp_path / "demo.zarr")
+    job = replace(BuildJob.from_toml(DEMO_JOB, out=out), limit=8)
+    at = start_app()
+    with BuildLock(out):  # the CLI's build holds it
+        at.button(key="home.demo").click().run()
+        said = "demo: this server's build failed; another build is writing"
+        wait_until(lambda: any(t.startswith(said) for t in texts(at.run().info)))
+        assert f"build.resume.{out}" not in {b.key for b in at.button}  # held: no resume offered
+    assert build_cache(job) is not None  # the other process's build completes it
+    at.run()
+    assert any(
+        "this server's build failed; the cache is complete now, with 8 images" in t for t in texts(at.info)
+    )
+    assert f"build.resume.{out}" not in {b.key for b in at.button}
+
+
 def test_a_cache_whose_every_image_was_skipped_is_not_offered_for_search(caches, tmp_path, monkeypatch):
     """A complete cache of no image (builds before 2026-11-29 made one of only unreadable files; they
     now fail instead): the search pages skip it (picking it crashed the index input, whose range
