@@ -32,6 +32,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
     from vfs.background import resume_job
     from vfs.cache import BuildLock
     from vfs.data import EMBEDDED_DATASET
+    from vfs.devices import device_choices
     from vfs.jobs import BuildJob
     from vfs.models import EMBEDDED_MODELS, input_shape_note
 
@@ -191,6 +192,32 @@ if through_client:
         "but not builds (Ray Data's pipeline needs its driver on the cluster: run the app on one of its "
         "nodes with VFS_RAY_ADDRESS=auto to build there; docs/cluster.md)."
     )
+on_cluster = where == cluster
+with st.expander("Performance: device, batch size, workers"):
+    devices = ["auto", "cpu", "cuda"] if on_cluster else device_choices()  # a cluster's GPUs are its nodes'
+    device = st.selectbox(
+        "Device",
+        devices,
+        key=bind("build.device", DEMO.device, options=devices),
+        help="auto: a GPU where there is one (cuda, then mps), else the CPU.",
+    )
+    batch_size = st.number_input(
+        "Batch size",
+        1,
+        4096,
+        key=bind("build.batch_size", DEMO.batch_size),
+        help="Images per forward pass: larger batches keep a GPU busier, up to its memory.",
+    )
+    workers = st.number_input(
+        "Extractor actors" if on_cluster else "Decoding workers",
+        0,
+        None,
+        key=bind("build.workers", DEMO.workers),
+        help="0: one per GPU of the cluster, or one."
+        if on_cluster
+        else "Processes that decode and resize images while the model runs (0: the build's own). "
+        "Decoding is what limits a build on a GPU: give it about as many as the machine has cores.",
+    )
 job = BuildJob(
     layer=layer,
     data=source,
@@ -200,8 +227,11 @@ job = BuildJob(
     domain_col="" if domain == NONE else domain,
     image_size=size,
     limit=limit,
-    engine="ray" if where == cluster else "local",
-    address=s.ray_address if where == cluster else None,
+    batch_size=int(batch_size),
+    device=device,
+    workers=int(workers),
+    engine="ray" if on_cluster else "local",
+    address=s.ray_address if on_cluster else None,
 )
 rows = cache_rows()
 existing = next((r for r in rows if Path(r["path"]) == out), None)
@@ -230,6 +260,9 @@ elif existing is not None:  # a partial cache goes on as it was started, whateve
             ("image_size", "image size"),
             ("data", "dataset"),
             ("limit", "limit"),
+            ("batch_size", "batch size"),
+            ("device", "device"),
+            ("workers", "workers"),
         )
         if getattr(started, field) != getattr(job, field)
     ]

@@ -31,6 +31,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def device_choices() -> list[str]:
+    """What `resolve_device` takes on this machine, as a form lists it: auto, cpu, each accelerator found."""
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    return ["auto", "cpu", *(name for name, present in found.items() if present)]
+
+
 def cuda_free_bytes(device: torch.device) -> int:
     """Memory a GPU can still give this process: what the driver reports free, plus what PyTorch's
     caching allocator holds but no tensor uses (the driver counts that as taken). Read from the

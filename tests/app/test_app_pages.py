@@ -1152,6 +1152,29 @@ def test_build_page_builds_a_manifest_dataset_in_the_background(findings_manifes
     assert (open_cache(done).label_col, open_cache(done).domain_col) == (None, None)  # as the page showed
 
 
+def test_build_page_runs_the_device_batch_size_and_workers_chosen(findings_manifest, tmp_path, monkeypatch):
+    """The Build page ran every build with 32 images a batch, decoding in the build's own thread and on
+    the device `auto` found: a GPU box's user could not give decoding more processes (what limits a
+    GPU build) from the page, as `--workers` does (review of the left-undone list)."""
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    assert at.selectbox(key="build.device").options[:2] == ["auto", "cpu"]
+    batch_size, workers = at.number_input(key="build.batch_size"), at.number_input(key="build.workers")
+    assert (batch_size.value, workers.value) == (32, 0)
+    at.radio(key="build.source").set_value("Manifest (CSV / Parquet)").run()
+    at.text_input(key="build.manifest").set_value(str(findings_manifest)).run()
+    at.selectbox(key="build.device").set_value("cpu")
+    at.number_input(key="build.batch_size").set_value(4)
+    at.number_input(key="build.workers").set_value(1)
+    at.text_input(key="build.name").set_value("tuned").run()
+    no_exceptions(at.button(key="build.start").click().run())
+    done = tmp_path / "tuned.zarr"
+    wait_until(lambda: done.exists() and open_cache(done, allow_partial=True).complete)
+    job = open_cache(done).attrs["job"]
+    assert (job["device"], job["batch_size"], job["workers"]) == ("cpu", 4, 1)
+    assert open_cache(done).n == 6
+
+
 def test_a_refused_build_stays_said_until_the_next_start(findings_manifest, tmp_path, monkeypatch):
     """A second user's Build click on an output another's build was writing was refused in words
     that the build panel's next second took away, leaving the other build's progress shown as if
