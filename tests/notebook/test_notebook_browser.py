@@ -102,18 +102,24 @@ def page(lab, browser):  # the session's Chromium (tests/conftest.py)
 
 
 def revision(page) -> int:
-    return int(page.locator(".vfs-matches").get_attribute("data-revision"))
+    return int(page.locator(".vfs-matches").first.get_attribute("data-revision"))
 
 
-def stroke(page, points: list[tuple[float, float]]) -> float:
-    """Drag the mouse through `points` (fractions of the canvas); seconds from mouse-up to Python's answer."""
-    box = page.locator(".vfs-paint").bounding_box()
+def drag(page, box: dict, points: list[tuple[float, float]], release: bool = True) -> None:
+    """Press, drag the mouse through `points` (fractions of `box`, a canvas's), release."""
     xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
-    before = revision(page)
     page.mouse.move(*xy[0])
     page.mouse.down()
     for x, y in xy[1:]:
         page.mouse.move(x, y, steps=12)
+    if release:
+        page.mouse.up()
+
+
+def stroke(page, points: list[tuple[float, float]]) -> float:
+    """Drag the mouse through `points` (fractions of the canvas); seconds from mouse-up to Python's answer."""
+    before = revision(page)
+    drag(page, page.locator(".vfs-paint").first.bounding_box(), points, release=False)
     t0 = time.perf_counter()
     page.mouse.up()
     page.wait_for_function(
@@ -123,10 +129,10 @@ def stroke(page, points: list[tuple[float, float]]) -> float:
 
 
 def matches(page) -> list[tuple[int, float]]:
-    """(image index, score) of every match shown, in rank order."""
-    tiles = page.locator(".vfs-match")
-    indices = [int(i) for i in tiles.evaluate_all("ts => ts.map(t => t.dataset.index)")]
-    return list(zip(indices, map(float, page.locator(".vfs-score").all_inner_texts())))
+    """(image index, score) of every match the first view shows, in rank order."""
+    view = page.locator(".vfs-matches").first
+    indices = [int(i) for i in view.locator(".vfs-match").evaluate_all("ts => ts.map(t => t.dataset.index)")]
+    return list(zip(indices, map(float, view.locator(".vfs-score").all_inner_texts())))
 
 
 def answered(page, act) -> None:
@@ -228,6 +234,23 @@ def test_paint_in_jupyterlab(page, lab):
     assert len(matches(page)) == 3 and page.locator(".vfs-error").is_hidden()
     assert page.locator(".vfs-mask figcaption").inner_text().startswith("2 of 49 feature cells selected")
 
+    # A second view of the widget (its variable shown by another cell): a stroke there is this view's
+    # too, and Undo here takes it back — this view's history was reset by another view's change.
+    shown = matches(page)
+    page.locator(".jp-CodeCell .jp-InputArea-editor").nth(2).click()
+    page.keyboard.press("Shift+Enter")
+    second_view = page.locator(".vfs-paint").nth(1)
+    second_view.wait_for(state="visible", timeout=WIDGET_S * 1000)
+    second_view.scroll_into_view_if_needed()
+    box = second_view.bounding_box()
+    answered(page, lambda: drag(page, box, [(0.1, 0.1), (0.3, 0.2)]))
+    page.locator(".vfs-matches").first.scroll_into_view_if_needed()
+    assert matches(page) != shown
+    undo = page.get_by_role("button", name="Undo", exact=True).first
+    assert undo.is_enabled()
+    answered(page, undo.click)
+    assert matches(page) == shown
+
     # A restarted kernel leaves the widget without its Python: a stroke says so, not "Searching…" for ever.
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -235,16 +258,12 @@ def test_paint_in_jupyterlab(page, lab):
     page.get_by_role("menuitem", name="Restart Kernel…").click()
     page.locator(".jp-Dialog .jp-mod-accept").click()  # "Restart"
     page.locator(".jp-StatusBar-TextItem", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
-    page.locator(".vfs-paint").scroll_into_view_if_needed()
-    box = page.locator(".vfs-paint").bounding_box()
-    page.mouse.move(box["x"] + 0.4 * box["width"], box["y"] + 0.4 * box["height"])
-    page.mouse.down()
-    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.5 * box["height"], steps=8)
-    page.mouse.up()
-    error = page.locator(".vfs-error")
+    page.locator(".vfs-paint").first.scroll_into_view_if_needed()
+    drag(page, page.locator(".vfs-paint").first.bounding_box(), [(0.4, 0.4), (0.6, 0.5)])
+    error = page.locator(".vfs-error").first
     error.wait_for(state="visible", timeout=10_000)
     assert "lost its kernel" in error.inner_text() and "run its cell again" in error.inner_text()
-    assert "Searching" not in page.locator(".vfs-status").inner_text() and errors == []
+    assert "Searching" not in page.locator(".vfs-status").first.inner_text() and errors == []
 
     figures = {"first_stroke_s": round(first_s, 3), "second_stroke_s": round(second_s, 3)}
     artifact("notebook-latency.json").write_text(json.dumps(figures) + "\n")

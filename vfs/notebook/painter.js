@@ -310,6 +310,14 @@ function createPainter(canvas, { settings, changed, bar, keys, buttonClass = "" 
       current = null;
       show(next.slice(), [undoTo ? [undoTo] : [], []]);
     },
+    // A drawing changed elsewhere (another view of the same widget, or Python), taken as a change of
+    // this view's own: Undo here goes back to what this view showed before it (after `set` it had no
+    // history left, and its Undo went grey while the other view's stroke could be undone there only).
+    adopt(next) {
+      if (JSON.stringify(next) === JSON.stringify(shapes)) return;
+      current = null;
+      show(next.slice(), [[...past, shapes], []]);
+    },
     redraw,
     alpha() {
       const rgba = ctx.getImageData(0, 0, canvas.width, canvas.height).data;

@@ -122,9 +122,6 @@ function render({ model, el }) {
     sizeText.textContent = `${model.get("brush")} px`;
     k.value = model.get("k");
   }
-  function showShapes() {
-    if (model.get("shapes") !== painter.shapes) painter.set(model.get("shapes"));
-  }
   function showAnswer() {
     pending = Math.max(0, pending - 1);
     root.classList.toggle("vfs-busy", pending > 0);
@@ -153,11 +150,11 @@ function render({ model, el }) {
 
   model.on("change:view change:view_size change:grid", showView);
   model.on("change:tool change:brush change:k", showTools);
-  model.on("change:shapes", showShapes);
+  model.on("change:shapes", () => painter.adopt(model.get("shapes")));
   model.on("change:revision", showAnswer);
   showView();
   showTools();
-  showShapes();
+  painter.set(model.get("shapes"));
   showAnswer();
 }
 
