@@ -739,7 +739,7 @@ def features(seed=0, n=12, grid=(5, 6), c=8):
     "mask,message",
     [
         (np.zeros((5, 6)), "region is empty"),
-        (np.ones((4, 6)), "does not match the feature grid"),
+        (np.ones((4, 6)), r"feature grid \(5, 6\): a mask holds one weight per feature cell, a 5×6 array"),
         (np.ones((5, 6, 1)), "a mask must be 2-D"),
         (np.full((5, 6), np.nan), "NaN or inf"),
         (np.where(np.eye(5, 6) > 0, np.inf, 0), "NaN or inf"),

@@ -241,7 +241,12 @@ def grid_mask_values(mask: object, grid: tuple[int, int]) -> np.ndarray:
     m = mask_values(mask)
     if m.shape != tuple(grid):
         finer = all(a >= g for a, g in zip(m.shape, grid))
-        hint = f": vfs.grid_mask(drawing, {tuple(grid)}) averages a drawing onto it" if finer else ""
+        hint = (
+            f": vfs.grid_mask(drawing, {tuple(grid)}) averages a drawing onto it"
+            if finer
+            else f": a mask holds one weight per feature cell, a {grid[0]}×{grid[1]} array (or a finer "
+            "drawing that vfs.grid_mask averages onto it)"
+        )
         raise ValueError(f"the mask's shape {m.shape} does not match the feature grid {tuple(grid)}{hint}")
     return m
 
@@ -251,7 +256,7 @@ def crop_mask(mask: np.ndarray) -> CroppedMask:
     refuse masks that select nothing, with a reason."""
     m = mask_values(mask)
     if not np.isfinite(m).all():
-        raise ValueError("the mask contains NaN or inf")
+        raise ValueError("the mask contains NaN or inf: its weights are numbers from 0 (outside) to 1")
     if (m < 0).any():
         raise ValueError("mask weights must be ≥ 0")
     rows, cols = np.nonzero(m > 0)
