@@ -77,7 +77,8 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         st.image(
             jpeg_data_url(mask_overlay(view, mask)),
             width="stretch",
-            caption=f"{mask_summary(mask)} (the share of each cell painted; stronger blue = more weight)",
+            caption=f"{mask_summary(mask)} (the share of each cell painted, the fullest counting 1; "
+            "stronger blue = more weight)",
             alt=f"The region searched, on the grid over the query: {mask_summary(mask)}",
         )
     summary = result.caption()

@@ -118,8 +118,22 @@ def test_results_figure_and_png_bytes():
     assert render.match_caption(1, 0.8734, ["face", "lfw"]) == "1. score 0.87 · face · lfw"
     assert (
         render.mask_summary(mask)
-        == f"{int((mask > 0).sum())} of 16 feature cells selected (4×4), weight up to 1.00"
+        == f"{int((mask > 0).sum())} of 16 feature cells selected (4×4), each weighed alike"
     )
+
+
+def test_the_region_shows_and_says_the_weights_as_searched():
+    """A thin stroke paints a tenth of each cell it crosses: the overlay blended that tenth (a change of
+    4/255, invisible) and the caption said "weight up to 0.11", where the search weighs those cells
+    fully (crop_mask scales to a peak of 1; search review)."""
+    thumb = np.full((70, 70, 3), 128, dtype=np.uint8)
+    thin = np.zeros((7, 7))
+    thin[1:6, 3] = [0.07, 0.11, 0.11, 0.11, 0.07]
+    assert render.mask_summary(thin) == "5 of 49 feature cells selected (7×7), weights 0.64 to 1 as searched"
+    np.testing.assert_array_equal(render.mask_overlay(thumb, thin), render.mask_overlay(thumb, thin / 0.11))
+    centre = np.asarray(render.mask_overlay(thumb, thin)).astype(int)[35, 35]
+    assert np.abs(centre - 128).max() > 60  # half the blue: plain to see
+    assert render.mask_summary(np.zeros((7, 7))) == "0 of 49 feature cells selected (7×7)"
 
 
 @pytest.mark.parametrize("kind", ["box", "violin", "strip"])

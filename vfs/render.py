@@ -77,11 +77,11 @@ def _grid_lines(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def mask_overlay(
     thumb: np.ndarray, mask: np.ndarray, color: Color = (0, 160, 255), alpha: float = 0.5
 ) -> Image.Image:
-    """Blend the soft grid mask (h, w) in [0, 1] over the thumbnail.
+    """Blend the soft grid mask (h, w) over the thumbnail, its weights as the search weighs them.
 
     Shows which feature cells the drawn region selects and with what weight; faint grid lines mark the cells.
     """
-    weight = alpha * _upsample(np.clip(np.asarray(mask, dtype=float), 0, 1), thumb.shape[:2])[..., None]
+    weight = alpha * _upsample(searched_weights(mask), thumb.shape[:2])[..., None]
     blended = (1 - weight) * thumb[..., :3] + weight * np.asarray(color, dtype=float)
     lined = _grid_lines(blended, mask.shape)
     return Image.fromarray(np.clip(lined, 0, 255).round().astype(np.uint8))
@@ -190,10 +190,23 @@ def window_text(grid_box: Box, grid: tuple[int, int]) -> str:
     return f"{span('row', y0, y1)}, {span('column', x0, x1)} of {grid[0]}×{grid[1]}"
 
 
+def searched_weights(mask: np.ndarray) -> np.ndarray:
+    """A grid mask's weights as the search weighs them: scaled to a peak of 1 (only their ratios
+    change a score), so that a thin stroke's cells, each a tenth painted, show as weighed fully."""
+    m = np.clip(np.nan_to_num(np.asarray(mask, dtype=float)), 0, None)
+    peak = m.max(initial=0.0)
+    return m / peak if peak > 0 else m
+
+
 def mask_summary(mask: np.ndarray) -> str:
-    """What a grid mask selects, e.g. "9 of 49 feature cells selected (7×7), weight up to 1.00"."""
-    (h, w), selected = mask.shape, int((mask > 0).sum())
-    return f"{selected} of {h * w} feature cells selected ({h}×{w}), weight up to {mask.max():.2f}"
+    """What a grid mask selects and how the search weighs it, e.g. "9 of 49 feature cells selected
+    (7×7), weights 0.25 to 1 as searched"."""
+    (h, w), selected = mask.shape, np.asarray(mask) > 0
+    said = f"{int(selected.sum())} of {h * w} feature cells selected ({h}×{w})"
+    if not selected.any():
+        return said
+    lowest = searched_weights(mask)[selected].min()
+    return f"{said}, " + ("each weighed alike" if lowest == 1 else f"weights {lowest:.2f} to 1 as searched")
 
 
 def results_figure(

@@ -320,7 +320,9 @@ class SearchWidget(anywidget.AnyWidget):
             else:
                 self.matches = self._tiles(result)
                 self.mask_view = jpeg_data_url(mask_overlay(self._query.view, mask))
-                self.mask_caption = f"{mask_summary(mask)}: the share of each cell painted"
+                self.mask_caption = (
+                    f"{mask_summary(mask)}: the share of each cell painted, the fullest counting 1"
+                )
                 self.status = result.caption() + self._recognized()
             self.error = ""
             self.revision += 1
