@@ -89,7 +89,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     st.caption(summary)
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
-    downloads(cache, result, query, view, region.drawing.paint, "search")
+    downloads(cache, result, query, view, region.drawing.paint, "search", tuple(labels))
 
 
 region_and_results(cache, query, view)

@@ -546,6 +546,33 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
         assert f"{option[0]} is for an --image query" in capsys.readouterr().err
 
 
+def test_cli_label_filter_ranks_only_those_labels_and_the_json_records_the_options(tmp_path, capsys):
+    """The Search page's "Only these labels" had no CLI equivalent, and no export recorded k, the per-domain
+    limit or the labels: a filtered search could not be repeated from its downloads (search review)."""
+    import zarr
+
+    from vfs.cache.format import read_table, write_table
+    from vfs.cli import main
+
+    build(tmp_path / "c.zarr", 12)
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    labels = ["a|b", "a", "b", None, "c", "b|c", "a", "c", "b", "a|c", "c", None]
+    write_table(group, "manifest", read_table(group, "manifest").assign(label=labels))
+    np.save(tmp_path / "m.npy", np.ones((4, 5), np.float32))
+    argv = ["search", str(tmp_path / "c.zarr"), "--query-index", "4", "--mask", str(tmp_path / "m.npy")]
+    assert main([*argv, "--k", "12", "--label", "a", "--label", "b", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert sorted(r["index"] for r in found["results"]) == [0, 1, 2, 5, 6, 8, 9]  # any of a, b; not 4 (query)
+    assert found["options"] == {"k": 12, "per_domain": None, "labels": ["a", "b"]}
+    result = search_regions(open_cache(tmp_path / "c.zarr"), 4, np.ones((4, 5)), k=12, exclude=4)
+    expected = [i for i in result.top["index"] if labels[i] and {"a", "b"} & set(labels[i].split("|"))]
+    assert [r["index"] for r in found["results"]] == expected  # the same ranks as unfiltered, in order
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["options"] == {"k": 10, "per_domain": None, "labels": None}
+    assert main([*argv, "--label", "d"]) == 2
+    assert "no image of" in (err := capsys.readouterr().err) and "'d' (its labels: (missing), a, b, c)" in err
+
+
 def test_a_label_column_its_manifest_lacks_is_named_not_a_key_error(tmp_path):
     """A spec edited by hand (or a manifest damaged) naming a column the manifest lacks: a search
     raised KeyError with a trace (helper trial). Its scores need no label: the ranked table, where

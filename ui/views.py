@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,11 @@ def downloads(
     view: np.ndarray,
     paint: np.ndarray,
     key: str,
+    labels: Sequence[str] = (),
 ) -> None:
-    """Export the ranked results (CSV, JSON as the CLI writes it), a paper-style figure (PNG, made on
-    click) and the painted region (a PNG mask the CLI's --mask reads: the search again, elsewhere)."""
+    """Export the ranked results (CSV, JSON as the CLI writes it, with the options that chose them:
+    `labels`, the label filter), a paper-style figure (PNG, made on click) and the painted region (a
+    PNG mask the CLI's --mask reads: the search again, elsewhere)."""
     stem = f"vfs-{cache_name(cache.location)}-{query.key}"
 
     def figure() -> bytes:
@@ -152,7 +155,7 @@ def downloads(
     )
     row.download_button(
         "Download results (JSON)",
-        json.dumps(search_json(cache, result, query.describe()), indent=1, default=str),
+        json.dumps(search_json(cache, result, query.describe(), labels), indent=1, default=str),
         f"{stem}.json",
         "application/json",
         key=f"{key}.json",

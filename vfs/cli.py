@@ -21,7 +21,7 @@ from .errors import error_line, out_of_memory
 from .interrupts import Terminated, sigterm_stops_builds
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     import numpy as np
     from tqdm import tqdm
@@ -389,8 +389,26 @@ def _cmd_search(args: argparse.Namespace) -> None:
         exclude: list[int] = [] if args.include_query or index is None else [index]
         if args.exclude_same and index is not None:
             exclude += cache.images_sharing(args.exclude_same, index).tolist()
-        result = search(query, mask, k=args.k, exclude=exclude or None, per_domain=args.per_domain)
-        _show_result(cache, result, desc, args.json, out)
+        candidates = _labelled(cache, args.label) if args.label else None
+        result = search(
+            query, mask, k=args.k, exclude=exclude or None, per_domain=args.per_domain, candidates=candidates
+        )
+        _show_result(cache, result, desc, args.json, out, args.label or ())
+
+
+def _labelled(cache: FeatureCache, labels: list[str]) -> np.ndarray:
+    """The images with any of `labels` (a '|'-joined label counts for each of its values), as the
+    Search page's "Only these labels" picks them."""
+    from .stats import column_groups
+
+    if not cache.label_col:
+        raise ValueError(f"--label needs a cache with a label column; {cache.location} has none")
+    groups = column_groups(cache.manifest, cache.label_col)
+    unknown = [label for label in labels if label not in groups.columns]
+    if unknown:
+        known = ", ".join(map(str, groups.columns[:20])) + (", …" if len(groups.columns) > 20 else "")
+        raise ValueError(f"no image of {cache.location} has the label {unknown[0]!r} (its labels: {known})")
+    return groups[labels].any(axis=1).to_numpy()
 
 
 def _image_query(
@@ -440,12 +458,19 @@ def _searcher(
         yield partial(sharded.search, all_scores=False), out  # the CLI prints the ranked table only
 
 
-def _show_result(cache: FeatureCache, result: SearchResult, desc: dict, as_json: bool, out: TextIO) -> None:
+def _show_result(
+    cache: FeatureCache,
+    result: SearchResult,
+    desc: dict,
+    as_json: bool,
+    out: TextIO,
+    labels: Sequence[str] = (),
+) -> None:
     """The search's answer on `out`: its JSON (docs/cli.md), or a summary line and the ranked table."""
     from .export import search_json
 
     if as_json:
-        print(json.dumps(search_json(cache, result, desc), indent=1, default=str), file=out)
+        print(json.dumps(search_json(cache, result, desc, labels), indent=1, default=str), file=out)
         return
     print(result.caption(), file=out)
     roles = {"label": cache.label_col, "domain": cache.domain_col}  # none in the cache: not shown
@@ -533,6 +558,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--per-domain",
         type=_at_least_one,
         help="at most N results from any one domain (N ≥ 1; default: no limit)",
+    )
+    sp.add_argument(
+        "--label",
+        action="append",
+        metavar="LABEL",
+        help="rank only the images with this label ('|'-joined labels count for each value); repeat for any "
+        "of several",
     )
     sp.add_argument("--include-query", action="store_true", help="keep the query image in the results")
     sp.add_argument(

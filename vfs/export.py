@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,11 @@ from .stats import is_missing
 JSON_SCHEMA_VERSION = 1
 
 
-def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str, Any]) -> dict[str, Any]:
-    """The stable JSON form of a search; `query_desc` says what the query was (index or image)."""
+def search_json(
+    cache: FeatureCache, result: SearchResult, query_desc: dict[str, Any], labels: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The stable JSON form of a search; `query_desc` says what the query was (index or image),
+    `labels` the label filter the candidates came from (the CLI's --label, the Search page's)."""
     rows = []
     for r in result.top.to_dict("records"):
         rows.append(
@@ -43,6 +47,8 @@ def search_json(cache: FeatureCache, result: SearchResult, query_desc: dict[str,
         "grid": list(result.grid),
         "query": query_desc,
         "excluded": result.excluded.tolist(),
+        # what else chose the results: with the mask, the search again (`--k`, `--per-domain`, `--label`)
+        "options": {"k": result.asked, "per_domain": result.per_domain, "labels": list(labels) or None},
         "mask": {
             "box": list(result.query.mask.query_box()),
             "cells": int((result.query.mask.weights > 0).sum()),
