@@ -50,6 +50,8 @@ from .core import (
 CANVAS_PX = 320  # the drawing canvas; its background is shrunk to this (sent inline on every rerun)
 DATASET, UPLOAD = "Dataset image", "Upload"
 FROM, INDEX, UPLOADED, REGION = "vfs.query.from", "vfs.query.index", "vfs.upload", "vfs.region"
+DRAWN = "vfs.regions"  # each query's last region, the most recent last: a query picked again finds it
+KEPT_REGIONS = 32
 BROWSE_PAGE = 12
 ALL = "(all)"
 
@@ -441,9 +443,9 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
     stored = st.session_state.get(REGION)
     if stored is not None and stored.query != query:
         if keep:  # the drawing, on this query's view
-            stored = st.session_state[REGION] = Region(query, stored.drawing)
-        else:  # this query's canvas starts blank; the other's drawing comes back with it
-            stored = None
+            stored = _remember(Region(query, stored.drawing))
+        else:  # this query's own last drawing (of this cache or another), or a blank canvas
+            stored = st.session_state.get(DRAWN, {}).get(query)
     try:
         with canvas:
             drawing = paint_canvas(
@@ -460,9 +462,20 @@ def draw_region(cache: FeatureCache, view: np.ndarray, query: Query, key: str) -
         st.error(f"The drawing could not be read ({e}): clear the canvas and draw again.")
         st.stop()
     if drawing is not None:
-        stored = Region(query, drawing)
-        st.session_state[REGION] = stored
+        stored = _remember(Region(query, drawing))
     return stored
+
+
+def _remember(region: Region) -> Region:
+    """`region` as the session's current one and as its query's last (the other pages' canvases, a
+    query picked again — after another cache's, say — open on it)."""
+    st.session_state[REGION] = region
+    drawn = st.session_state.setdefault(DRAWN, {})
+    drawn.pop(region.query, None)
+    drawn[region.query] = region
+    while len(drawn) > KEPT_REGIONS:
+        drawn.pop(next(iter(drawn)))
+    return region
 
 
 def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
@@ -480,7 +493,7 @@ def _load_region(cache: FeatureCache, query: Query, key: str) -> None:
         if replaced is not None and replaced.query == query:
             opens = (query.key, st.session_state[f"{key}.loads"] + 1)  # the canvas's, below
             st.session_state[f"{key}.replaced"] = (opens, replaced.drawing.shapes)
-        st.session_state[REGION] = Region(query, Drawing([mask_shape(paint)], paint))
+        _remember(Region(query, Drawing([mask_shape(paint)], paint)))
         if faint > FAINT_SHARE:
             st.session_state[f"{key}.mask_warning"] = (
                 f"{file.name}: {faint:.0%} of the pixels it paints are faint (under 10% opaque, or "

@@ -227,6 +227,23 @@ def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_
     assert (data["tool"], data["brush"], at.radio(key="dist.tool").value) == ("rectangle", 50, "Rectangle")
 
 
+def test_each_querys_drawing_comes_back_when_it_is_picked_again(app, caches):
+    """One drawing a session: painting on another cache's image, then switching back, left the first
+    cache's query with a blank canvas (search review)."""
+    at = use_cache(page(app, "search"), "search.cache", caches, "small")
+    at = no_exceptions(draw(at))
+    other = {"kind": "rect", "box": [10, 10, 60, 60]}
+    at = use_cache(at, "search.cache", caches, "findings")
+    assert canvas_data(at)["shapes"] is None  # its own query: blank
+    at = no_exceptions(
+        send_drawing(at, {"shapes": [other], "paint": png_url(box_paint(0.03, 0.03, 0.19, 0.19))})
+    )
+    at = use_cache(at, "search.cache", caches, "small")
+    assert canvas_data(at)["shapes"] == [BOX_SHAPE]
+    assert any(t.startswith("10 results from") for t in texts(at.caption))  # searched again at once
+    assert canvas_data(use_cache(at, "search.cache", caches, "findings"))["shapes"] == [other]
+
+
 @pytest.mark.parametrize(
     "drawing, says",
     [
