@@ -14,6 +14,7 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         Query,
         canvas_row,
         draw_region,
+        follow_link,
         leave_out_query,
         leave_out_sharing,
         pick_cache,
@@ -21,14 +22,17 @@ with loading():  # the title is on screen while a fresh server loads PyTorch
         query_view,
         require_region,
         run_search,
+        show_in_link,
     )
     from ui.views import downloads, result_table, result_tiles
     from vfs.cache import FeatureCache
     from vfs.render import jpeg_data_url, mask_overlay, mask_summary
 
+follow_link()  # a reload or a copied link opens on the cache and query it names
 cache = pick_cache("search.cache")
 warm_up(cache)  # the cache's features load while the user picks a query and draws
 query = pick_query(cache, "search")
+show_in_link(cache, query)
 view = query_view(cache, query)
 
 

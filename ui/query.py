@@ -19,7 +19,7 @@ import streamlit as st
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
 
-from vfs.cache import CacheError, FeatureCache
+from vfs.cache import CacheError, FeatureCache, cache_name
 from vfs.compare import comparison_refusal
 from vfs.images import IMAGE_EXTENSIONS, load_image, upright_size
 from vfs.jobs import view_thumbnail
@@ -165,6 +165,36 @@ def pick_cache(
         )
     with user_errors():
         return get_cache(location or default)  # never None: the options are not empty
+
+
+LINKED = "vfs.linked"  # the session has taken its address's cache and query (once: later, its own choices)
+
+
+def follow_link() -> None:
+    """A session opened on a page's address with `?cache=NAME&query=I` (what `show_in_link` writes: a
+    reload, a bookmark, a link sent to a colleague) starts on that cache and query image, where they
+    exist; the widgets' own choices rule from then on."""
+    if st.session_state.get(LINKED):
+        return
+    st.session_state[LINKED] = True
+    name, index = st.query_params.get("cache"), st.query_params.get("query")
+    row = next((r for r in cache_rows() if r["complete"] and r["n"] and r["name"] == name), None)
+    if row is None:
+        return
+    st.session_state[CACHE] = row["path"]
+    if index is not None and index.isdecimal() and int(index) < row["n"]:
+        st.session_state[INDEX] = int(index)
+        st.session_state[FROM] = DATASET
+
+
+def show_in_link(cache: FeatureCache, query: Query) -> None:
+    """The page's address names its cache and query image (an upload: the cache only), so that a
+    reload or a copied link opens on them (`follow_link`)."""
+    link = {"cache": cache_name(cache.location)}
+    if query.index is not None:
+        link["query"] = str(query.index)
+    if st.query_params.to_dict() != link:
+        st.query_params.from_dict(link)
 
 
 def _comparable(partner: FeatureCache, locations: tuple[str, ...]) -> str | None:

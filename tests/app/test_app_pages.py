@@ -227,6 +227,30 @@ def test_the_canvas_takes_the_tool_and_brush_and_its_drawing_follows_to_another_
     assert (data["tool"], data["brush"], at.radio(key="dist.tool").value) == ("rectangle", 50, "Rectangle")
 
 
+def link(at) -> dict[str, str]:
+    """The page's address's parameters (AppTest keeps a value as a string or a list of one)."""
+    return {k: v if isinstance(v, str) else v[-1] for k, v in at.query_params.items()}
+
+
+def test_the_search_pages_address_names_its_cache_and_query_and_a_reload_opens_on_them(app, caches):
+    """A reload (a new session) of the Search page came back on the first cache and image #0: nothing
+    of the choice was in its address (search review). It now holds ?cache=NAME&query=I."""
+    at = use_cache(page(app, "search"), "search.cache", caches, "small_b4")
+    at = no_exceptions(at.number_input(key="search.index").set_value(7).run())
+    assert link(at) == {"cache": "small_b4", "query": "7"}
+    reloaded = start_app()
+    reloaded.query_params.update(cache="small_b4", query="7")
+    reloaded = page(reloaded, "search")
+    assert reloaded.selectbox(key="search.cache").value == str(caches / "small_b4.zarr")
+    assert reloaded.number_input(key="search.index").value == 7
+    assert link(no_exceptions(reloaded.number_input(key="search.index").set_value(3).run()))["query"] == "3"
+    for cache, query in (("gone", "7"), ("small", "4000"), ("small", "-1")):  # a stale link: the defaults
+        stale = start_app()
+        stale.query_params.update(cache=cache, query=query)
+        stale = page(stale, "search")
+        assert stale.number_input(key="search.index").value == 0
+
+
 def test_each_querys_drawing_comes_back_when_it_is_picked_again(app, caches):
     """One drawing a session: painting on another cache's image, then switching back, left the first
     cache's query with a blank canvas (search review)."""
