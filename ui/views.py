@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -78,8 +79,12 @@ def result_tiles(
             window = grid_box_to_pixels(row["grid_box"], result.grid, heated.shape[:2])
             images.append(jpeg_data_url(outline(heated, window)))
             low, high = placement_heat_range(scores, result.query.mask.shape)
-            captions[i] += f" · heat {low:.2f} to {high:.2f}"
-            alts[i] += f"; its heat map runs from {low:.2f} (dark purple) to {high:.2f} (yellow)"
+            if low == high:  # one placement (a region as large as the grid), or all alike: one colour
+                captions[i] += f" · heat {high:.2f} throughout"
+                alts[i] += f"; its heat map is one colour: every cell's best placement scores {high:.2f}"
+            else:
+                captions[i] += f" · heat {low:.2f} to {high:.2f}"
+                alts[i] += f"; its heat map runs from {low:.2f} (dark purple) to {high:.2f} (yellow)"
         heat_legend()
     else:
         images = outlined_tiles(cache, [(int(r["index"]), tuple(r["grid_box"])) for r in rows])
@@ -136,7 +141,11 @@ def downloads(
     """Export the ranked results (CSV, JSON as the CLI writes it, with the options that chose them:
     `labels`, the label filter), a paper-style figure (PNG, made on click) and the painted region (a
     PNG mask the CLI's --mask reads: the search again, elsewhere)."""
-    stem = f"vfs-{cache_name(cache.location)}-{query.key}"
+    # one search's files share a name; another region or option of the same query gets another
+    mask, excluded = result.grid_mask().tobytes(), result.excluded.tobytes()
+    chose = (mask, excluded, result.asked, result.per_domain, tuple(labels))
+    digest = hashlib.sha1(repr(chose).encode()).hexdigest()[:6]
+    stem = f"vfs-{cache_name(cache.location)}-{query.key}-{digest}"
 
     def figure() -> bytes:
         title = f"{cache_name(cache.location)}: {cache.spec.model} {cache.spec.layer}"

@@ -325,6 +325,17 @@ def test_search_options_k_exclude_per_domain_labels_and_heat_maps(app, caches):
     assert any(t.endswith(" — 2 of the 10 asked: at most 1 per domain") for t in texts(at.caption))
 
 
+def test_a_heat_map_of_one_colour_says_so(app, caches):
+    """A region as large as the grid has one placement: its tiles' captions read "heat 0.45 to 0.45"
+    (search review)."""
+    at = searched(app, caches, y0=0, x0=0, y1=1, x1=1)
+    no_exceptions(at.toggle(key="search.heat").set_value(True).run())
+    captions = [c for image in at.image for c in image.captions if ". score " in c]
+    assert len(captions) == 10 and all(re.search(r" · heat -?[\d.]+ throughout$", c) for c in captions), (
+        captions
+    )
+
+
 def test_fewer_results_than_asked_say_why(app, caches):
     """The per-domain cap is named only where it held images back (it was blamed for a dataset that
     had no more images: a review)."""

@@ -287,7 +287,8 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
     with page.expect_download() as info:
         page.get_by_role("button", name="Download results (CSV)").click()
     download = info.value
-    assert download.suggested_filename.endswith(".csv"), download.suggested_filename
+    # the search's own name (a digest of its region and options): another search's files are told apart
+    assert re.fullmatch(r"vfs-.+-[0-9a-f]{6}\.csv", download.suggested_filename), download.suggested_filename
     path = tmp_path / download.suggested_filename
     download.save_as(path)
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
