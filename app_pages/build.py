@@ -2,6 +2,7 @@
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -218,6 +219,16 @@ with st.expander("Performance: device, batch size, workers"):
         else "Processes that decode and resize images while the model runs (0: the build's own). "
         "Decoding is what limits a build on a GPU: give it about as many as the machine has cores.",
     )
+
+
+def performing(started: BuildJob) -> BuildJob:
+    """A partial cache's job resumed on the device and with the workers chosen under Performance:
+    the ones it was started with may be another machine's (a GPU box's `cuda` failed here), and
+    neither decides which images are stored. Its batch size stays (batches bounded as the
+    uninterrupted build's were)."""
+    return replace(started, device=device, workers=int(workers))
+
+
 job = BuildJob(
     layer=layer,
     data=source,
@@ -261,8 +272,6 @@ elif existing is not None:  # a partial cache goes on as it was started, whateve
             ("data", "dataset"),
             ("limit", "limit"),
             ("batch_size", "batch size"),
-            ("device", "device"),
-            ("workers", "workers"),
         )
         if getattr(started, field) != getattr(job, field)
     ]
@@ -270,8 +279,11 @@ elif existing is not None:  # a partial cache goes on as it was started, whateve
         f"A partial cache called {name} exists ({existing.get('stored', 0)} images stored): Resume build "
         f"continues it with the settings it was started with"
         + (f" ({'; '.join(differ)}). For the settings above, choose another name." if differ else ".")
+        + " Device and workers are the ones chosen under Performance."
     )
-    st.button("Resume build", type="primary", key="build.start", on_click=start_build, args=(started,))
+    st.button(
+        "Resume build", type="primary", key="build.start", on_click=start_build, args=(performing(started),)
+    )
 else:
     st.button("Build cache", type="primary", key="build.start", on_click=start_build, args=(job,))
     st.caption(f"Writes {out}. A cancelled or interrupted build resumes where it stopped.")
@@ -298,7 +310,9 @@ if not local[target]["error"]:
 actions = st.container(horizontal=True)
 if not local[target]["complete"] and not local[target]["error"] and not building:
     actions.button(
-        "Resume build", key="build.resume", on_click=lambda: start_build(resume_job(get_cache(str(path))))
+        "Resume build",
+        key="build.resume",
+        on_click=lambda: start_build(performing(resume_job(get_cache(str(path))))),
     )
 if actions.button("Delete…", key="build.delete", disabled=building):
     st.session_state["build.confirm"] = target
