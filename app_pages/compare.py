@@ -66,7 +66,7 @@ def region_and_comparison(left: FeatureCache, right: FeatureCache, query: Query)
         )
         k = st.slider("Results per side (k)", 1, 30, key=bind("compare.k", 10))
         exclude = leave_out_query("Leave out the query image", "compare.exclude", query)
-        sharing = leave_out_sharing(left, query, "compare.sharing")  # the same images on both sides
+        sharing = leave_out_sharing(left, query, "compare.sharing").images  # the same images on both sides
         said = st.empty()  # for a screen reader (ui.announce)
     region = require_region(region, said)
     # every image's score exact, as on Distributions: the correlations below read alike on every machine

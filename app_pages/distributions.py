@@ -82,7 +82,7 @@ def region_and_distributions(cache: FeatureCache, query: Query) -> None:
                 table, title = score_groups(cache.manifest, column, finding)
         kind = st.radio("Plot", ["box", "violin", "strip"], horizontal=True, key=bind("dist.kind", "box"))
         leave_query = leave_out_query("Leave out the query image", "dist.leave_out", query)
-        left_out = [*leave_out_sharing(cache, query, "dist.sharing")]
+        left_out = [*leave_out_sharing(cache, query, "dist.sharing").images]
         if leave_query and query.index is not None:  # an upload is none of the cache's images
             left_out.append(query.index)
         one_per = None

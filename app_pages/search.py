@@ -75,7 +75,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
         said = st.empty()  # for a screen reader: one element, kept whether a region is drawn or not
     region = require_region(region, said)
     domains = per_domain if cache.domain_col else None
-    result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing)
+    result = run_search(cache, query, region, k, exclude, domains, tuple(labels), leave_out=sharing.images)
     mask = region.mask(cache)
     with side.container(width=CANVAS_PX):  # the canvas's size, or the column's on a narrow screen
         st.image(
@@ -93,7 +93,7 @@ def region_and_results(cache: FeatureCache, query: Query, view: np.ndarray) -> N
     st.caption(summary)
     result_tiles(cache, result, heat=heat)
     result_table(cache, result, key="search.table")
-    downloads(cache, result, query, view, region.drawing.paint, "search", tuple(labels))
+    downloads(cache, result, query, view, region.drawing.paint, "search", tuple(labels), sharing.column)
 
 
 region_and_results(cache, query, view)

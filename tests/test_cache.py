@@ -535,7 +535,7 @@ def test_images_sharing_the_querys_value_and_the_columns_that_repeat(tmp_path, c
     argv = ["search", str(tmp_path / "c.zarr"), "--query-index", "4", "--mask", str(tmp_path / "m.npy")]
     assert main([*argv, "--k", "12", "--exclude-same", "dom", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert found["excluded"] == [0, 2, 4, 6, 8, 10]
+    assert found["excluded"] == [0, 2, 4, 6, 8, 10] and found["options"]["exclude_same"] == "dom"
     assert sorted(r["index"] for r in found["results"]) == [1, 3, 5, 7, 9, 11]
     assert main([*argv, "--exclude-same", "dom", "--include-query", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["excluded"] == [0, 2, 6, 8, 10]
@@ -563,12 +563,17 @@ def test_cli_label_filter_ranks_only_those_labels_and_the_json_records_the_optio
     assert main([*argv, "--k", "12", "--label", "a", "--label", "b", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert sorted(r["index"] for r in found["results"]) == [0, 1, 2, 5, 6, 8, 9]  # any of a, b; not 4 (query)
-    assert found["options"] == {"k": 12, "per_domain": None, "labels": ["a", "b"]}
+    assert found["options"] == {"k": 12, "per_domain": None, "labels": ["a", "b"], "exclude_same": None}
     result = search_regions(open_cache(tmp_path / "c.zarr"), 4, np.ones((4, 5)), k=12, exclude=4)
     expected = [i for i in result.top["index"] if labels[i] and {"a", "b"} & set(labels[i].split("|"))]
     assert [r["index"] for r in found["results"]] == expected  # the same ranks as unfiltered, in order
     assert main([*argv, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["options"] == {"k": 10, "per_domain": None, "labels": None}
+    assert json.loads(capsys.readouterr().out)["options"] == {
+        "k": 10,
+        "per_domain": None,
+        "labels": None,
+        "exclude_same": None,
+    }
     assert main([*argv, "--label", "d"]) == 2
     assert "no image of" in (err := capsys.readouterr().err) and "'d' (its labels: (missing), a, b, c)" in err
 

@@ -11,6 +11,7 @@ import io
 import random
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -177,8 +178,8 @@ def follow_link() -> None:
     if st.session_state.get(LINKED):
         return
     st.session_state[LINKED] = True
-    name, index = st.query_params.get("cache"), st.query_params.get("query")
-    row = next((r for r in cache_rows() if r["complete"] and r["n"] and r["name"] == name), None)
+    named, index = st.query_params.get("cache"), st.query_params.get("query")
+    row = next((r for r in cache_rows() if r["complete"] and r["n"] and _link_name(r["path"]) == named), None)
     if row is None:
         return
     st.session_state[CACHE] = row["path"]
@@ -187,10 +188,17 @@ def follow_link() -> None:
         st.session_state[FROM] = DATASET
 
 
+def _link_name(location: str) -> str:
+    """A cache as a link names it: its name in the caches folder; elsewhere (a URL, a cache opened by
+    path) its location — a remote cache may bear a local one's name."""
+    in_folder = not is_url(location) and Path(location).resolve().parent == settings().cache_dir.resolve()
+    return cache_name(location) if in_folder else location
+
+
 def show_in_link(cache: FeatureCache, query: Query) -> None:
     """The page's address names its cache and query image (an upload: the cache only), so that a
     reload or a copied link opens on them (`follow_link`)."""
-    link = {"cache": cache_name(cache.location)}
+    link = {"cache": _link_name(cache.location)}
     if query.index is not None:
         link["query"] = str(query.index)
     if st.query_params.to_dict() != link:
@@ -591,12 +599,22 @@ def leave_out_query(label: str, key: str, query: Query) -> bool:
 NO_COLUMN = "(none)"
 
 
-def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int, ...]:
+@dataclass(frozen=True)
+class LeftOut:
+    """The images sharing the query's value of a manifest `column` (the CLI's --exclude-same), left
+    out of the ranking; none where no column is chosen."""
+
+    column: str | None = None
+    images: tuple[int, ...] = ()
+
+
+def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> LeftOut:
     """A page's "also leave out the images sharing the query's <column>" choice (e.g. a patient's
-    other X-rays), over the manifest columns whose values repeat; the images it leaves out."""
+    other X-rays), over the manifest columns whose values repeat: the column and the images it leaves
+    out."""
     columns = sharing_columns(cache)
     if query.index is None or not columns:
-        return ()
+        return LeftOut()
     options = [NO_COLUMN, *columns]
     column = st.selectbox(
         "Also leave out the images sharing the query's",
@@ -610,8 +628,8 @@ def leave_out_sharing(cache: FeatureCache, query: Query, key: str) -> tuple[int,
         "take every image as independent of the others.",
     )
     if column == NO_COLUMN:
-        return ()
-    return tuple(cache.images_sharing(column, query.index).tolist())
+        return LeftOut()
+    return LeftOut(column, tuple(cache.images_sharing(column, query.index).tolist()))
 
 
 def require_region(region: Region | None, said: DeltaGenerator) -> Region:

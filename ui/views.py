@@ -137,10 +137,12 @@ def downloads(
     paint: np.ndarray,
     key: str,
     labels: Sequence[str] = (),
+    exclude_same: str | None = None,
 ) -> None:
     """Export the ranked results (CSV, JSON as the CLI writes it, with the options that chose them:
-    `labels`, the label filter), a paper-style figure (PNG, made on click) and the painted region (a
-    PNG mask the CLI's --mask reads: the search again, elsewhere)."""
+    `labels`, the label filter, and `exclude_same`, the column whose shared value left images out),
+    a paper-style figure (PNG, made on click) and the painted region (a PNG mask the CLI's --mask
+    reads: the search again, elsewhere)."""
     # one search's files share a name; another region or option of the same query gets another
     mask, excluded = result.grid_mask().tobytes(), result.excluded.tobytes()
     chose = (mask, excluded, result.asked, result.per_domain, tuple(labels))
@@ -164,7 +166,7 @@ def downloads(
     )
     row.download_button(
         "Download results (JSON)",
-        json.dumps(search_json(cache, result, query.describe(), labels), indent=1, default=str),
+        json.dumps(search_json(cache, result, query.describe(), labels, exclude_same), indent=1, default=str),
         f"{stem}.json",
         "application/json",
         key=f"{key}.json",

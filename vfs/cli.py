@@ -393,7 +393,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         result = search(
             query, mask, k=args.k, exclude=exclude or None, per_domain=args.per_domain, candidates=candidates
         )
-        _show_result(cache, result, desc, args.json, out, args.label or ())
+        _show_result(cache, result, desc, args.json, out, args.label or (), args.exclude_same)
 
 
 def _labelled(cache: FeatureCache, labels: list[str]) -> np.ndarray:
@@ -465,12 +465,14 @@ def _show_result(
     as_json: bool,
     out: TextIO,
     labels: Sequence[str] = (),
+    exclude_same: str | None = None,
 ) -> None:
     """The search's answer on `out`: its JSON (docs/cli.md), or a summary line and the ranked table."""
     from .export import search_json
 
     if as_json:
-        print(json.dumps(search_json(cache, result, desc, labels), indent=1, default=str), file=out)
+        document = search_json(cache, result, desc, labels, exclude_same)
+        print(json.dumps(document, indent=1, default=str), file=out)
         return
     print(result.caption(), file=out)
     roles = {"label": cache.label_col, "domain": cache.domain_col}  # none in the cache: not shown

@@ -20,10 +20,15 @@ JSON_SCHEMA_VERSION = 1
 
 
 def search_json(
-    cache: FeatureCache, result: SearchResult, query_desc: dict[str, Any], labels: Sequence[str] = ()
+    cache: FeatureCache,
+    result: SearchResult,
+    query_desc: dict[str, Any],
+    labels: Sequence[str] = (),
+    exclude_same: str | None = None,
 ) -> dict[str, Any]:
     """The stable JSON form of a search; `query_desc` says what the query was (index or image),
-    `labels` the label filter the candidates came from (the CLI's --label, the Search page's)."""
+    `labels` the label filter the candidates came from (the CLI's --label, the Search page's),
+    `exclude_same` the column whose value, shared with the query, left images out (--exclude-same)."""
     rows = []
     for r in result.top.to_dict("records"):
         rows.append(
@@ -47,8 +52,14 @@ def search_json(
         "grid": list(result.grid),
         "query": query_desc,
         "excluded": result.excluded.tolist(),
-        # what else chose the results: with the mask, the search again (`--k`, `--per-domain`, `--label`)
-        "options": {"k": result.asked, "per_domain": result.per_domain, "labels": list(labels) or None},
+        # what else chose the results: with the mask, the search again (--k, --per-domain, --label,
+        # --exclude-same)
+        "options": {
+            "k": result.asked,
+            "per_domain": result.per_domain,
+            "labels": list(labels) or None,
+            "exclude_same": exclude_same,
+        },
         "mask": {
             "box": list(result.query.mask.query_box()),
             "cells": int((result.query.mask.weights > 0).sum()),

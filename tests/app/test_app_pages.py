@@ -232,7 +232,7 @@ def link(at) -> dict[str, str]:
     return {k: v if isinstance(v, str) else v[-1] for k, v in at.query_params.items()}
 
 
-def test_the_search_pages_address_names_its_cache_and_query_and_a_reload_opens_on_them(app, caches):
+def test_the_search_pages_address_names_its_cache_and_query_and_a_reload_opens_on_them(app, caches, tmp_path):
     """A reload (a new session) of the Search page came back on the first cache and image #0: nothing
     of the choice was in its address (search review). It now holds ?cache=NAME&query=I."""
     at = use_cache(page(app, "search"), "search.cache", caches, "small_b4")
@@ -244,6 +244,17 @@ def test_the_search_pages_address_names_its_cache_and_query_and_a_reload_opens_o
     assert reloaded.selectbox(key="search.cache").value == str(caches / "small_b4.zarr")
     assert reloaded.number_input(key="search.index").value == 7
     assert link(no_exceptions(reloaded.number_input(key="search.index").set_value(3).run()))["query"] == "3"
+    # a cache of the same name elsewhere (opened by path, or a remote one) is linked by its location:
+    # the name alone opened the caches folder's "small" on another dataset's image (diff review)
+    elsewhere = tmp_path / "other" / "small.zarr"
+    shutil.copytree(caches / "small_b4.zarr", elsewhere)
+    opened = start_app()
+    opened.session_state["vfs.opened"] = [str(elsewhere)]
+    opened = use_cache(page(opened, "search"), "search.cache", tmp_path / "other", "small")
+    assert link(opened)["cache"] == str(elsewhere)
+    fresh = start_app()
+    fresh.query_params.update(cache="small", query="7")
+    assert page(fresh, "search").selectbox(key="search.cache").value == str(caches / "small.zarr")
     for cache, query in (("gone", "7"), ("small", "4000"), ("small", "-1")):  # a stale link: the defaults
         stale = start_app()
         stale.query_params.update(cache=cache, query=query)
@@ -1296,6 +1307,33 @@ def test_a_partial_cache_resumes_as_it_was_started_whatever_the_page_shows(tmp_p
     wait_until(lambda: open_cache(tmp_path / "halfway.zarr", allow_partial=True).complete)
     done = open_cache(tmp_path / "halfway.zarr")
     assert done.spec.layer == "blocks.4" and done.n == 12
+
+
+def test_a_partial_cache_started_on_a_gpu_resumes_here_on_the_device_chosen(tmp_path, monkeypatch):
+    """A cache started on a GPU box records device cuda: Resume build failed here ("device 'cuda' is
+    not available"), and the note told the user to choose another name (diff review)."""
+    import zarr
+
+    stop = threading.Event()
+    started = BuildJob(
+        layer="blocks.5", data=EMBEDDED_DATASET, out=str(tmp_path / "gpu.zarr"), limit=12, batch_size=4
+    )
+    assert build_cache(replace(started, chunk_images=4), progress=lambda p: stop.set(), cancel=stop) is None
+    group = zarr.open_group(tmp_path / "gpu.zarr", mode="r+")
+    group.attrs["job"] = dict(group.attrs["job"]) | {"device": "cuda", "workers": 8}
+    monkeypatch.setenv("VFS_CACHE_DIR", str(tmp_path))
+    at = page(start_app(), "build")
+    at.number_input(key="build.limit").set_value(12)
+    at.number_input(key="build.batch_size").set_value(4)
+    at.text_input(key="build.name").set_value("gpu").run()
+    (note,) = [t for t in texts(at.info) if "A partial cache called gpu exists" in t]
+    assert (
+        "choose another name" not in note
+        and "Device and workers are the ones chosen under Performance" in note
+    )
+    no_exceptions(at.button(key="build.start").click().run())
+    wait_until(lambda: open_cache(tmp_path / "gpu.zarr", allow_partial=True).complete)
+    assert open_cache(tmp_path / "gpu.zarr").n == 12
 
 
 def test_a_partial_cache_another_process_is_building_offers_no_resume(tmp_path, monkeypatch):

@@ -304,7 +304,7 @@ def test_export_results(page, server, demo_cache, tmp_path, capsys):
         page.get_by_role("button", name="Download results (JSON)").click()
     data = json.loads(Path(info.value.path()).read_text())
     assert len(data["results"]) == k and data["results"][0]["rank"] == 1, data
-    assert data["options"] == {"k": k, "per_domain": None, "labels": None}  # the flags that repeat it
+    assert data["options"] == {"k": k, "per_domain": None, "labels": None, "exclude_same": None}  # its flags
 
     with page.expect_download() as info:
         page.get_by_role("button", name="Download figure (PNG)").click()
