@@ -28,6 +28,7 @@ from vfs.masks import grid_mask, mask_image_coverage
 from vfs.render import jpeg_data_url
 from vfs.search import SearchResult, image_searched, search_regions
 from vfs.settings import is_url
+from vfs.stats import in_any_group
 
 from .announce import announce
 from .base import as_written
@@ -669,7 +670,7 @@ def run_search(
     def search() -> SearchResult:
         candidates = None
         if labels and cache.label_col:
-            candidates = groups(cache, cache.label_col)[list(labels)].any(axis=1).to_numpy()
+            candidates = in_any_group(groups(cache, cache.label_col), labels, cache.location)
         sharded = sharded_search(cache)  # on a Ray cluster when the app is configured so
         search = partial(search_regions, cache) if sharded is None else sharded.search
         result = search(

@@ -397,18 +397,12 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _labelled(cache: FeatureCache, labels: list[str]) -> np.ndarray:
-    """The images with any of `labels` (a '|'-joined label counts for each of its values), as the
-    Search page's "Only these labels" picks them."""
-    from .stats import column_groups
+    """The images with any of `labels` (a '|'-joined label counts for each of its values)."""
+    from .stats import column_groups, in_any_group
 
     if not cache.label_col:
         raise ValueError(f"--label needs a cache with a label column; {cache.location} has none")
-    groups = column_groups(cache.manifest, cache.label_col)
-    unknown = [label for label in labels if label not in groups.columns]
-    if unknown:
-        known = ", ".join(map(str, groups.columns[:20])) + (", …" if len(groups.columns) > 20 else "")
-        raise ValueError(f"no image of {cache.location} has the label {unknown[0]!r} (its labels: {known})")
-    return groups[labels].any(axis=1).to_numpy()
+    return in_any_group(column_groups(cache.manifest, cache.label_col), labels, cache.location)
 
 
 def _image_query(

@@ -7,6 +7,7 @@ Used for the paper's distribution study (e.g. the best-region score of every che
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,16 @@ def column_groups(records: pd.DataFrame, column: str) -> pd.DataFrame:
             f"the manifest has no column {column!r} (columns: {', '.join(map(str, records.columns))})"
         )
     return label_groups(records, column)
+
+
+def in_any_group(groups: pd.DataFrame, names: Sequence[str], where: str) -> np.ndarray:
+    """Which images belong to any of the groups `names` (a label filter: the CLI's --label, the Search
+    page's "Only these labels"); a name no group has is refused with the ones `where` has."""
+    unknown = [name for name in names if name not in groups.columns]
+    if unknown:
+        known = ", ".join(map(str, groups.columns[:20])) + (", …" if len(groups.columns) > 20 else "")
+        raise ValueError(f"no image of {where} has the label {unknown[0]!r} (its labels: {known})")
+    return groups[list(names)].any(axis=1).to_numpy()
 
 
 MOST_GROUPS = 50
